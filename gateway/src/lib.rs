@@ -1,0 +1,1 @@
+//! herd-gateway library.

@@ -1,0 +1,2 @@
+//! herd-gateway binary.
+fn main() {}

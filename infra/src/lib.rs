@@ -1,0 +1,1 @@
+//! The herd operator library.

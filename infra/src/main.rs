@@ -1,0 +1,2 @@
+//! The herd CLI.
+fn main() {}

@@ -1,0 +1,18 @@
+//! Pieces that more than one herd crate needs, and nothing else.
+//!
+//! Layout:
+//! - [`config`]: load a process's settings from a TOML file plus `HERD_…` environment overrides,
+//!   then validate them once; a bad value becomes one line naming the key ([`config::ConfigError`]).
+//! - [`redis`]: the Redis connection settings and pool every process uses.
+//! - [`keys`]: the Redis key schema (sessions, registry, events, gateway lease).
+//! - [`registry`]: the worker registry entry and the `events` notices, as written by workers and
+//!   read by gateways.
+//! - [`telemetry`]: logging set-up (pretty on a terminal, JSON otherwise).
+//! - [`cli`]: the command-line flags every herd binary shares.
+
+pub mod cli;
+pub mod config;
+pub mod keys;
+pub mod redis;
+pub mod registry;
+pub mod telemetry;

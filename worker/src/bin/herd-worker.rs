@@ -1,0 +1,2 @@
+//! The demo app.
+fn main() {}

@@ -1,0 +1,1 @@
+//! herd-worker: see the crate README.
