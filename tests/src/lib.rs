@@ -1,1 +1,73 @@
-//! Test harness.
+//! The end-to-end test harness: real `redis-server`, `herd-worker` and `herd-gateway` processes
+//! on free loopback ports, each stopped when its handle is dropped, also when a test panics.
+//!
+//! Layout:
+//! - [`redis`]: [`redis::TestRedis`], a private redis-server in a temp dir.
+//! - [`worker`]: [`worker::TestWorker`], one herd-worker process.
+//! - [`gateway`]: [`gateway::TestGateway`], one herd-gateway process.
+//! - [`cluster`]: [`cluster::Cluster`], Redis + N workers + a gateway in one call.
+//! - [`wait_until`], [`unique_prefix`], [`client`]: small helpers every test needs.
+//!
+//! Tests find the binaries next to their own executable (`target/<profile>/`); build them first
+//! with `cargo build --bins` (the README's test command does). Every cluster gets its own Redis key
+//! prefix, so tests never see each other's keys.
+
+pub mod cluster;
+pub mod gateway;
+pub mod redis;
+pub mod worker;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub use herd::load;
+
+/// Polls `condition` every 20 ms until it returns true; panics with `what` after `timeout`.
+/// Returns how long it took.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if condition().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A Redis key prefix no other test uses: `t{pid}-{n}:`.
+pub fn unique_prefix() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "t{}-{}:",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// An HTTP client with a cookie store (one per simulated user), short timeouts and no proxy.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .expect("client builds")
+}
+
+/// A fresh temp dir for one process set's data and logs (removed when dropped).
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("herd-test-")
+        .tempdir()
+        .expect("temp dir")
+}

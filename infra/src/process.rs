@@ -1,0 +1,399 @@
+//! One herd process (or redis-server) started by `herd` or a test: spawn, wait until it listens,
+//! signal it, stop it, and never leave it behind.
+//!
+//! Each process runs in its own process group (so a Ctrl-C on `herd up` reaches herd, which then
+//! stops everything in order), with stdout and stderr in files under a log directory. herd servers
+//! print one JSON line per listener on stdout once bound —
+//! `{"event":"listening","role":"public","addr":"127.0.0.1:PORT"}` — which is how callers learn the
+//! ports of processes started on port 0. A [`Process`] that is dropped while still running is
+//! killed, also when a test panics; its log tail is printed then, to explain the failure.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::Deserialize;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Short name for logs and file names, e.g. `worker-1`.
+    pub name: String,
+    /// The executable.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Directory for `{name}.out` (stdout) and `{name}.log` (stderr).
+    pub log_dir: PathBuf,
+}
+
+impl Spec {
+    /// A spec with no arguments or environment.
+    pub fn new(name: impl Into<String>, program: impl Into<PathBuf>, log_dir: &Path) -> Self {
+        Spec {
+            name: name.into(),
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            log_dir: log_dir.to_path_buf(),
+        }
+    }
+
+    /// Adds an argument.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// One listener a herd process announced on stdout.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Listening {
+    /// `public` or `admin`.
+    pub role: String,
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The worker id, for workers.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// Why a process could not be started or did not come up.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The executable could not be started.
+    #[error("cannot start {name} ({program}): {source}")]
+    Spawn {
+        /// Process name.
+        name: String,
+        /// Executable path.
+        program: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A log file could not be created.
+    #[error("cannot create log file {path}: {source}")]
+    Log {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// It exited before it was ready.
+    #[error("{name} exited with {status} before it was ready; last log lines:\n{log}")]
+    Exited {
+        /// Process name.
+        name: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// The tail of its stderr.
+        log: String,
+    },
+    /// It did not become ready in time.
+    #[error("{name} was not ready after {waited:?}; last log lines:\n{log}")]
+    NotReady {
+        /// Process name.
+        name: String,
+        /// How long we waited.
+        waited: Duration,
+        /// The tail of its stderr.
+        log: String,
+    },
+}
+
+/// A running process that is killed when dropped (unless [`Process::detach`]ed).
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Child,
+    out_path: PathBuf,
+    log_path: PathBuf,
+    listening: Vec<Listening>,
+    detached: bool,
+}
+
+impl Process {
+    /// Starts `spec` in its own process group, stdout and stderr to files.
+    pub fn spawn(spec: &Spec) -> Result<Process, ProcessError> {
+        let out_path = spec.log_dir.join(format!("{}.out", spec.name));
+        let log_path = spec.log_dir.join(format!("{}.log", spec.name));
+        let create = |path: &Path| {
+            File::create(path).map_err(|source| ProcessError::Log {
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let stdout = create(&out_path)?;
+        let stderr = create(&log_path)?;
+        let child = Command::new(&spec.program)
+            .args(&spec.args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .spawn()
+            .map_err(|source| ProcessError::Spawn {
+                name: spec.name.clone(),
+                program: spec.program.display().to_string(),
+                source,
+            })?;
+        Ok(Process {
+            name: spec.name.clone(),
+            child,
+            out_path,
+            log_path,
+            listening: Vec::new(),
+            detached: false,
+        })
+    }
+
+    /// Starts `spec` and waits until it has announced a listener for every role in `roles`.
+    pub fn spawn_and_wait(
+        spec: &Spec,
+        roles: &[&str],
+        timeout: Duration,
+    ) -> Result<Process, ProcessError> {
+        let mut process = Process::spawn(spec)?;
+        process.wait_listening(roles, timeout)?;
+        Ok(process)
+    }
+
+    /// Waits until the process has printed a listening line for each role in `roles`.
+    pub fn wait_listening(
+        &mut self,
+        roles: &[&str],
+        timeout: Duration,
+    ) -> Result<(), ProcessError> {
+        self.wait_until(timeout, |process| {
+            process.listening = read_listening(&process.out_path);
+            roles
+                .iter()
+                .all(|role| process.listening.iter().any(|l| l.role == *role))
+        })
+    }
+
+    /// Polls `ready` every 10 ms until it holds, the process exits, or `timeout` passes.
+    pub fn wait_until(
+        &mut self,
+        timeout: Duration,
+        mut ready: impl FnMut(&mut Process) -> bool,
+    ) -> Result<(), ProcessError> {
+        let started = Instant::now();
+        loop {
+            if ready(self) {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(ProcessError::Exited {
+                    name: self.name.clone(),
+                    status,
+                    log: self.log_tail(20),
+                });
+            }
+            if started.elapsed() > timeout {
+                return Err(ProcessError::NotReady {
+                    name: self.name.clone(),
+                    waited: timeout,
+                    log: self.log_tail(20),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The address announced for `role`.
+    pub fn addr(&self, role: &str) -> Option<SocketAddr> {
+        self.listening
+            .iter()
+            .find(|l| l.role == role)
+            .map(|l| l.addr)
+    }
+
+    /// Every listener announced so far.
+    pub fn listening(&self) -> &[Listening] {
+        &self.listening
+    }
+
+    /// Process name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Path of the stderr log.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Sends `signal` (e.g. SIGSTOP, SIGCONT, SIGTERM, SIGKILL).
+    pub fn signal(&self, signal: Signal) -> nix::Result<()> {
+        kill(pid(self.child.id()), signal)
+    }
+
+    /// The exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if started.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, wait up to `grace` for a clean exit, then SIGKILL. Returns the exit status and
+    /// whether the exit was clean (without the SIGKILL).
+    pub fn terminate(&mut self, grace: Duration) -> (Option<ExitStatus>, bool) {
+        if let Some(status) = self.try_wait() {
+            return (Some(status), true);
+        }
+        let _ = self.signal(Signal::SIGCONT);
+        let _ = self.signal(Signal::SIGTERM);
+        if let Some(status) = self.wait_exit(grace) {
+            return (Some(status), true);
+        }
+        self.kill();
+        (self.try_wait(), false)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Leaves the process running after this handle is gone (for `herd up --detach`).
+    pub fn detach(mut self) -> u32 {
+        self.detached = true;
+        self.child.id()
+    }
+
+    /// The last `lines` lines of the process's stderr.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log_path, lines)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last log lines of {} ({}) ---\n{}",
+                self.name,
+                self.log_path.display(),
+                self.log_tail(30)
+            );
+        }
+        self.kill();
+    }
+}
+
+/// The listening lines in a stdout file; lines that are not listening events are skipped.
+pub fn read_listening(out_path: &Path) -> Vec<Listening> {
+    #[derive(Deserialize)]
+    struct Line {
+        event: String,
+        #[serde(flatten)]
+        listening: Listening,
+    }
+    std::fs::read_to_string(out_path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Line>(line).ok())
+        .filter(|line| line.event == "listening")
+        .map(|line| line.listening)
+        .collect()
+}
+
+/// Whether a process with this pid exists (and is not a zombie we reaped).
+pub fn is_alive(pid_number: u32) -> bool {
+    kill(pid(pid_number), None).is_ok()
+}
+
+/// Sends `signal` to a process by pid (for processes started by an earlier `herd up`).
+pub fn signal_pid(pid_number: u32, signal: Signal) -> nix::Result<()> {
+    kill(pid(pid_number), signal)
+}
+
+fn pid(number: u32) -> Pid {
+    Pid::from_raw(i32::try_from(number).unwrap_or(i32::MAX))
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_listening_lines_and_skips_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.out");
+        std::fs::write(
+            &path,
+            "noise\n{\"event\":\"listening\",\"role\":\"public\",\"addr\":\"127.0.0.1:5\",\"id\":\"w1\"}\n{\"event\":\"other\"}\n",
+        )
+        .unwrap();
+        let listening = read_listening(&path);
+        assert_eq!(listening.len(), 1);
+        assert_eq!(listening[0].role, "public");
+        assert_eq!(listening[0].id.as_deref(), Some("w1"));
+    }
+
+    #[test]
+    fn a_dropped_process_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let process = Process::spawn(&Spec::new("sleeper", "sleep", dir.path()).arg("30")).unwrap();
+        let pid = process.pid();
+        assert!(is_alive(pid));
+        drop(process);
+        assert!(!is_alive(pid));
+    }
+
+    #[test]
+    fn early_exit_is_reported_with_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = Spec::new("failing", "sh", dir.path())
+            .arg("-c")
+            .arg("echo 'config error: listen: bad' >&2; exit 2");
+        let error =
+            Process::spawn_and_wait(&spec, &["public"], Duration::from_secs(5)).unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("config error: listen: bad"), "{text}");
+    }
+}
