@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# herd's whole test suite: installs what the tests need when it is missing (redis-server, and
+# iproute2 + iputils-ping for the network-namespace tests), builds the binaries the end-to-end tests start, and
+# runs every test in the workspace. Extra arguments go to `cargo test` (e.g. a test name filter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
+
+missing=()
+have redis-server || missing+=(redis-server)
+have ip || missing+=(iproute2)
+have ping || missing+=(iputils-ping)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && have apt-get; then
+    echo "installing: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "the tests need: ${missing[*]}; install with: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+# The end-to-end tests start the real binaries from target/debug; build them first.
+cargo build --workspace --bins
+cargo test --workspace "$@"
