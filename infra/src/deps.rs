@@ -20,6 +20,24 @@ pub const REDIS_SERVER: Program = Program {
     package: "redis-server",
 };
 
+/// HAProxy, the reference proxy of the comparisons.
+pub const HAPROXY: Program = Program {
+    command: "haproxy",
+    package: "haproxy",
+};
+
+/// keepalived, the reference failover of the comparisons.
+pub const KEEPALIVED: Program = Program {
+    command: "keepalived",
+    package: "keepalived",
+};
+
+/// curl, which keepalived's health script runs.
+pub const CURL: Program = Program {
+    command: "curl",
+    package: "curl",
+};
+
 /// Why a program is not available.
 #[derive(Debug, thiserror::Error)]
 pub enum DepsError {

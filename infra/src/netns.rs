@@ -68,6 +68,9 @@ pub enum NetnsError {
     /// `ip` could not be run at all.
     #[error("cannot run `ip` (install iproute2; network namespaces also need root): {0}")]
     Spawn(std::io::Error),
+    /// The calling thread could not enter a host's namespace.
+    #[error("cannot enter the host's network namespace: {0}")]
+    Enter(std::io::Error),
     /// No such host in this topology.
     #[error("no host named {0} in this topology")]
     UnknownHost(String),
@@ -157,19 +160,7 @@ impl Topology {
 
     /// `spec`, run inside host `name` (wrapped in `ip netns exec`).
     pub fn spec_in(&self, name: &str, spec: Spec) -> Result<Spec, NetnsError> {
-        let host = self.host(name)?;
-        let mut args = vec![
-            "netns".to_string(),
-            "exec".to_string(),
-            host.netns.clone(),
-            spec.program.display().to_string(),
-        ];
-        args.extend(spec.args);
-        Ok(Spec {
-            program: "ip".into(),
-            args,
-            ..spec
-        })
+        Ok(spec.in_netns(&self.host(name)?.netns))
     }
 
     /// A command to run inside host `name`.
@@ -178,6 +169,32 @@ impl Topology {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &host.netns, program]);
         Ok(command)
+    }
+
+    /// Runs `work` inside host `name`: on a thread of its own that has entered the host's network
+    /// namespace, with a single-threaded tokio runtime, so every socket it opens belongs to that
+    /// host. Blocks until `work` finishes and returns its output.
+    pub fn run_in<F, Fut, T>(&self, name: &str, work: F) -> Result<T, NetnsError>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        let path = format!("/var/run/netns/{}", self.host(name)?.netns);
+        let thread = std::thread::spawn(move || -> Result<T, NetnsError> {
+            let namespace = std::fs::File::open(&path).map_err(NetnsError::Enter)?;
+            nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|errno| NetnsError::Enter(errno.into()))?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(NetnsError::Enter)?;
+            Ok(runtime.block_on(work()))
+        });
+        match thread.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     /// Takes host `name`'s link down: to everyone else the machine is gone.
@@ -347,6 +364,27 @@ mod tests {
         assert!(!ping(&topology, "a", c), "a downed host is gone");
         assert!(topology.holds("a", a).unwrap());
         assert!(!topology.holds("a", topology.address(10)).unwrap());
+        let b_port = topology
+            .run_in("b", || async {
+                let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+                listener.local_addr().unwrap().port()
+            })
+            .unwrap();
+        assert!(b_port > 0);
+        // A socket made inside host a reaches host b's address, which the root namespace can't.
+        let reached = topology
+            .run_in("a", move || async move {
+                tokio::net::TcpStream::connect((b, 1))
+                    .await
+                    .err()
+                    .map(|e| e.kind())
+            })
+            .unwrap();
+        assert_eq!(
+            reached,
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "b answered (RST) from inside a"
+        );
         drop(topology);
         let left = ip_output(&["netns", "list"]).unwrap();
         for name in names {

@@ -52,6 +52,29 @@ impl Spec {
         self
     }
 
+    /// Adds several arguments.
+    pub fn args_from<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// The same command, run inside network namespace `netns` (`ip netns exec` execs it, so the
+    /// pid is still the program's own).
+    pub fn in_netns(self, netns: &str) -> Self {
+        let mut args = vec![
+            "netns".to_string(),
+            "exec".to_string(),
+            netns.to_string(),
+            self.program.display().to_string(),
+        ];
+        args.extend(self.args);
+        Spec {
+            program: "ip".into(),
+            args,
+            ..self
+        }
+    }
+
     /// Adds an environment variable.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
@@ -282,8 +305,11 @@ impl Process {
         (self.try_wait(), false)
     }
 
-    /// SIGKILL and reap.
+    /// SIGKILL to the process and everything it started (its process group: keepalived's
+    /// children, a gateway's `arping`), and reap it.
     pub fn kill(&mut self) {
+        // The group outlives its leader, so kill it even when the leader already exited.
+        let _ = nix::sys::signal::killpg(pid(self.child.id()), Signal::SIGKILL);
         if self.try_wait().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();

@@ -32,6 +32,9 @@ pub enum RedisServerError {
 pub struct RedisServer {
     process: Option<Process>,
     program: PathBuf,
+    bind: Ipv4Addr,
+    /// Network namespace to run in (a host of a [`crate::netns::Topology`]), if any.
+    netns: Option<String>,
     port: u16,
     data_dir: PathBuf,
     log_dir: PathBuf,
@@ -56,6 +59,8 @@ impl RedisServer {
             let mut server = RedisServer {
                 process: None,
                 program: program.clone(),
+                bind: Ipv4Addr::LOCALHOST,
+                netns: None,
                 port: chosen,
                 data_dir: data_dir.to_path_buf(),
                 log_dir: log_dir.to_path_buf(),
@@ -69,6 +74,29 @@ impl RedisServer {
         }
     }
 
+    /// Starts redis-server inside network namespace `netns`, listening on `bind:port`. Readiness
+    /// is read from its log ("Ready to accept connections"), since this process can't reach the
+    /// namespace's addresses.
+    pub fn start_in_netns(
+        netns: &str,
+        bind: Ipv4Addr,
+        port: u16,
+        data_dir: &Path,
+        log_dir: &Path,
+    ) -> Result<Self, RedisServerError> {
+        let mut server = RedisServer {
+            process: None,
+            program: deps::ensure(REDIS_SERVER)?,
+            bind,
+            netns: Some(netns.to_string()),
+            port,
+            data_dir: data_dir.to_path_buf(),
+            log_dir: log_dir.to_path_buf(),
+        };
+        server.start_again()?;
+        Ok(server)
+    }
+
     /// Starts the server again after [`stop`](Self::stop) or [`kill`](Self::kill), on the same
     /// port and data directory.
     pub fn start_again(&mut self) -> Result<(), RedisServerError> {
@@ -76,7 +104,7 @@ impl RedisServer {
             .arg("--port")
             .arg(self.port.to_string())
             .arg("--bind")
-            .arg("127.0.0.1")
+            .arg(self.bind.to_string())
             .arg("--dir")
             .arg(self.data_dir.display().to_string())
             .arg("--save")
@@ -87,9 +115,24 @@ impl RedisServer {
             .arg("")
             .arg("--daemonize")
             .arg("no");
+        let spec = match &self.netns {
+            // Inside a lab namespace clients come from other hosts of the isolated segment, which
+            // protected mode (no password, non-loopback client) would turn away.
+            Some(netns) => spec.arg("--protected-mode").arg("no").in_netns(netns),
+            None => spec,
+        };
         let mut process = Process::spawn(&spec)?;
         let addr = self.addr();
-        process.wait_until(START_TIMEOUT, |_| ping(addr))?;
+        let out_path = self.log_path();
+        let in_netns = self.netns.is_some();
+        process.wait_until(START_TIMEOUT, |_| {
+            if in_netns {
+                std::fs::read_to_string(&out_path)
+                    .is_ok_and(|log| log.contains("Ready to accept connections"))
+            } else {
+                ping(addr)
+            }
+        })?;
         self.process = Some(process);
         Ok(())
     }
@@ -120,12 +163,23 @@ impl RedisServer {
 
     /// Its address.
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+        SocketAddr::from((self.bind, self.port))
+    }
+
+    /// Its pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Process::pid)
+    }
+
+    /// Its log file. Redis logs to stdout here (`--logfile ""`), which goes to
+    /// `redis-{port}.out` in the log directory.
+    pub fn log_path(&self) -> PathBuf {
+        self.log_dir.join(format!("redis-{}.out", self.port))
     }
 
     /// A `redis://` URL for database 0.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        format!("redis://{}:{}/0", self.bind, self.port)
     }
 
     /// Leaves the server running after this handle is gone (for `herd up --detach`); returns
