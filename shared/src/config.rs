@@ -84,10 +84,14 @@ pub fn load_with_env<T: DeserializeOwned + Validate>(
         .prefix_separator("_")
         .separator("__")
         .try_parsing(true)
-        .list_separator(",")
         .source(env);
-    for key in source.env_list_keys {
-        environment = environment.with_list_parse_key(key);
+    // With a separator but no list keys, the config crate splits *every* value on commas, so a
+    // plain string like an id would arrive as a list: only set it when there are list keys.
+    if !source.env_list_keys.is_empty() {
+        environment = environment.list_separator(",");
+        for key in source.env_list_keys {
+            environment = environment.with_list_parse_key(key);
+        }
     }
     let settings = builder
         .add_source(environment)
@@ -299,6 +303,30 @@ mod tests {
         assert_eq!(sample.health.interval, Duration::from_millis(250));
         assert_eq!(sample.health.rise, 3);
         assert_eq!(sample.workers, vec!["a:1", "b:2"]);
+    }
+
+    #[test]
+    fn without_list_keys_strings_stay_strings() {
+        #[derive(Debug, Deserialize)]
+        struct Plain {
+            id: String,
+        }
+        impl Validate for Plain {
+            fn validate(&self) -> Result<(), ConfigError> {
+                Ok(())
+            }
+        }
+        let env = HashMap::from([("HERD_PLAIN_ID".to_string(), "w1".to_string())]);
+        let plain: Plain = load_with_env(
+            &Source {
+                file: None,
+                env_prefix: "HERD_PLAIN",
+                env_list_keys: &[],
+            },
+            Some(env),
+        )
+        .unwrap();
+        assert_eq!(plain.id, "w1");
     }
 
     #[test]

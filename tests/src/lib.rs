@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod gateway;
 pub mod redis;
 pub mod worker;
+pub mod worker_support;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +41,25 @@ where
             "timed out after {timeout:?} waiting until {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Like [`wait_until`], for plain threads: polls `condition` every 20 ms, panics after `timeout`.
+pub fn wait_blocking(
+    timeout: Duration,
+    what: &str,
+    mut condition: impl FnMut() -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        if condition() {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -1,2 +1,59 @@
-//! The demo app.
-fn main() {}
+//! The herd demo app as a worker process: reads its configuration, binds, prints the `listening`
+//! line on stdout, and serves until SIGTERM / SIGINT, then drains and exits 0.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::Parser;
+use herd_shared::cli::CommonArgs;
+use herd_shared::config::{self, Source};
+use herd_worker::config::{ENV_LIST_KEYS, ENV_PREFIX, WorkerConfig};
+use herd_worker::{demo, server};
+
+/// herd worker running the demo app.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config: WorkerConfig = config::exit_on_error(config::load(&Source {
+        file: args.common.config.as_deref(),
+        env_prefix: ENV_PREFIX,
+        env_list_keys: ENV_LIST_KEYS,
+    }));
+    herd_shared::telemetry::init(args.common.log_format);
+    tokio::runtime::Runtime::new()
+        .context("starting the runtime")?
+        .block_on(async {
+            let shutdown = shutdown_signal().context("installing signal handlers")?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("binding listen = {}", config.listen))?;
+            let addr = listener.local_addr()?;
+            let identity = config.identity(addr);
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "{}", server::listening_line(addr, &identity))?;
+            stdout.flush()?;
+            drop(stdout);
+            demo::run(listener, config, shutdown).await?;
+            Ok(())
+        })
+}
+
+/// A future that resolves on SIGTERM or SIGINT. The handlers are installed now, before the
+/// listening line is printed, so a signal sent right after it is never lost (or fatal).
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "shutdown requested"),
+        }
+    })
+}

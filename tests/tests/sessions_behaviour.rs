@@ -1,0 +1,468 @@
+//! Sessions with real workers and a real Redis: no lost updates across workers, ids regenerated
+//! on login with a short grace for the old one, fresh sessions for unknown or garbage cookies,
+//! idle and absolute timeouts, a size limit that leaves the stored session untouched, and logouts
+//! that stay logged out.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use herd_tests::redis::TestRedis;
+use herd_tests::worker::{TestWorker, WorkerOptions};
+use herd_tests::worker_support::{cookie, plain_client, set_cookie_header, set_session_cookie};
+use herd_tests::{temp_dir, unique_prefix};
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+
+/// Redis, `n` workers sharing it (unregistered: the tests talk to them directly), and the prefix.
+struct Setup {
+    workers: Vec<TestWorker>,
+    redis: TestRedis,
+    prefix: String,
+    _dir: tempfile::TempDir,
+}
+
+fn setup(n: usize, env: &[(&str, &str)]) -> Setup {
+    let dir = temp_dir();
+    let redis = TestRedis::start();
+    let prefix = unique_prefix();
+    let workers = (1..=n)
+        .map(|i| {
+            let mut options = WorkerOptions::new(format!("w{i}"), redis.url(), &prefix);
+            options.registry = false;
+            for (key, value) in env {
+                options = options.env(*key, *value);
+            }
+            TestWorker::start(&options, dir.path())
+        })
+        .collect();
+    Setup {
+        workers,
+        redis,
+        prefix,
+        _dir: dir,
+    }
+}
+
+async fn login(
+    client: &reqwest::Client,
+    worker: &TestWorker,
+    user: &str,
+    id: Option<&str>,
+) -> String {
+    let mut request = client
+        .post(worker.url("/login"))
+        .json(&json!({ "user": user }));
+    if let Some(id) = id {
+        request = request.header("cookie", cookie(id));
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    set_session_cookie(&response).expect("login sets the session cookie")
+}
+
+async fn get_json(
+    client: &reqwest::Client,
+    worker: &TestWorker,
+    path: &str,
+    id: &str,
+) -> (u16, Value) {
+    let response = client
+        .get(worker.url(path))
+        .header("cookie", cookie(id))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn add_item(
+    client: &reqwest::Client,
+    worker: &TestWorker,
+    id: &str,
+    item: &str,
+) -> (u16, Value) {
+    let response = client
+        .post(worker.url("/cart/items"))
+        .header("cookie", cookie(id))
+        .json(&json!({ "item": item, "qty": 1 }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn item_names(cart: &Value) -> Vec<String> {
+    cart["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|line| line["item"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cart_additions_over_three_workers_are_all_kept() {
+    const ADDITIONS: usize = 240;
+    const IN_FLIGHT: usize = 60;
+    let setup = setup(3, &[]);
+    let client = plain_client();
+    let id = login(&client, &setup.workers[0], "ann", None).await;
+
+    let started = Instant::now();
+    let workers: Vec<String> = setup.workers.iter().map(|w| w.url("/cart/items")).collect();
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let mut tasks = Vec::new();
+    for n in 0..ADDITIONS {
+        let permit = semaphore.clone().acquire_owned().await.unwrap();
+        let client = client.clone();
+        let url = workers[n % workers.len()].clone();
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            let response = client
+                .post(url)
+                .header("cookie", cookie(&id))
+                .json(&json!({ "item": format!("item-{n}"), "qty": 1 }))
+                .send()
+                .await
+                .unwrap();
+            drop(permit);
+            let worker = response.headers()["x-herd-worker"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            (response.status().as_u16(), worker)
+        }));
+    }
+    let mut served_by = BTreeSet::new();
+    for task in tasks {
+        let (status, worker) = task.await.unwrap();
+        assert_eq!(status, 200);
+        served_by.insert(worker);
+    }
+    assert_eq!(served_by.len(), 3, "{served_by:?}");
+    let (status, cart) = get_json(&client, &setup.workers[1], "/cart", &id).await;
+    assert_eq!(status, 200);
+    let names: BTreeSet<String> = item_names(&cart).into_iter().collect();
+    let expected: BTreeSet<String> = (0..ADDITIONS).map(|n| format!("item-{n}")).collect();
+    assert_eq!(
+        names.len(),
+        ADDITIONS,
+        "missing: {:?}",
+        expected.difference(&names).collect::<Vec<_>>()
+    );
+    assert_eq!(names, expected);
+    eprintln!(
+        "{ADDITIONS} concurrent additions over 3 workers in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_regenerates_the_id_keeps_the_data_and_the_old_id_dies_after_the_grace() {
+    let setup = setup(2, &[("HERD_WORKER_SESSION__REGENERATE_GRACE", "2s")]);
+    let (w1, w2) = (&setup.workers[0], &setup.workers[1]);
+    let client = plain_client();
+    let first = login(&client, w1, "ann", None).await;
+    assert_eq!(add_item(&client, w2, &first, "apple").await.0, 200);
+
+    let second = login(&client, w2, "ann", Some(&first)).await;
+    assert_ne!(second, first, "login gives a new id");
+    let (status, cart) = get_json(&client, w1, "/cart", &second).await;
+    assert_eq!(
+        (status, item_names(&cart)),
+        (200, vec!["apple".to_string()]),
+        "data kept"
+    );
+    // Within the grace, the old id still works (a request of the same user already in flight).
+    let (status, me) = get_json(&client, w1, "/me", &first).await;
+    assert_eq!((status, me["user"].as_str()), (200, Some("ann")));
+    // …and a change made through it lands in the new session, not lost, without handing the
+    // new id to whoever holds the old one.
+    let response = client
+        .post(w2.url("/cart/items"))
+        .header("cookie", cookie(&first))
+        .json(&json!({ "item": "pear" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        set_session_cookie(&response),
+        None,
+        "no cookie for an alias"
+    );
+    let (_, cart) = get_json(&client, w1, "/cart", &second).await;
+    assert_eq!(item_names(&cart), vec!["apple", "pear"]);
+
+    // After the grace the old id is dead: it gets a fresh, empty session.
+    // (measured from the regeneration, which came before the checks above)
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    let (status, body) = get_json(&client, w2, "/me", &first).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("not_logged_in"))
+    );
+    let mut con = setup.redis.connection().await;
+    let exists: bool = con
+        .exists(format!("{}session:{first}", setup.prefix))
+        .await
+        .unwrap();
+    assert!(!exists);
+    let (status, _) = get_json(&client, w2, "/me", &second).await;
+    assert_eq!(status, 200, "the new id lives on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_expired_or_garbage_cookies_get_a_fresh_session_never_the_chosen_id() {
+    let setup = setup(1, &[]);
+    let worker = &setup.workers[0];
+    let client = plain_client();
+    let chosen = "ab".repeat(24); // well-formed, but never issued
+    for value in ["garbage", "", "../../x", &"z".repeat(4_000), &chosen] {
+        let response = client
+            .get(worker.url("/me"))
+            .header("cookie", cookie(value))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "cookie {value:.20}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "not_logged_in");
+    }
+    // Logging in with a client-chosen id never stores a session under it.
+    let id = login(&client, worker, "ann", Some(&chosen)).await;
+    assert_ne!(id, chosen);
+    assert_eq!(id.len(), 48, "192-bit hex id");
+    let mut con = setup.redis.connection().await;
+    let keys: Vec<String> = con
+        .keys(format!("{}session:*", setup.prefix))
+        .await
+        .unwrap();
+    assert_eq!(keys, vec![format!("{}session:{id}", setup.prefix)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cookie_is_http_only_lax_and_secure_behind_https() {
+    let setup = setup(1, &[]);
+    let worker = &setup.workers[0];
+    let client = plain_client();
+    let response = client
+        .post(worker.url("/login"))
+        .header("x-forwarded-proto", "https")
+        .json(&json!({"user": "ann"}))
+        .send()
+        .await
+        .unwrap();
+    let header = set_cookie_header(&response).expect("cookie");
+    for attribute in ["HttpOnly", "SameSite=Lax", "Path=/", "Secure"] {
+        assert!(header.contains(attribute), "{header}");
+    }
+    let response = client
+        .post(worker.url("/login"))
+        .json(&json!({"user": "ann"}))
+        .send()
+        .await
+        .unwrap();
+    let header = set_cookie_header(&response).expect("cookie");
+    assert!(!header.contains("Secure"), "plain http: {header}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_absolute_timeouts_end_sessions() {
+    let setup = setup(
+        1,
+        &[
+            ("HERD_WORKER_SESSION__IDLE_TIMEOUT", "1500ms"),
+            ("HERD_WORKER_SESSION__TOUCH_INTERVAL", "200ms"),
+            ("HERD_WORKER_SESSION__ABSOLUTE_TIMEOUT", "3s"),
+        ],
+    );
+    let worker = &setup.workers[0];
+    let client = plain_client();
+
+    // Idle: untouched for longer than the idle timeout → gone.
+    let idle = login(&client, worker, "ann", None).await;
+    // Sliding: reads every 400 ms keep the other session alive past its idle timeout…
+    let busy = login(&client, worker, "bob", None).await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2_400) {
+        assert_eq!(
+            get_json(&client, worker, "/me", &busy).await.0,
+            200,
+            "at {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(
+        get_json(&client, worker, "/me", &idle).await.0,
+        401,
+        "idle session expired"
+    );
+    // …but not past the absolute timeout.
+    while started.elapsed() < Duration::from_millis(3_300) {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let _ = get_json(&client, worker, "/me", &busy).await;
+    }
+    assert_eq!(
+        get_json(&client, worker, "/me", &busy).await.0,
+        401,
+        "absolute timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_over_the_size_limit_is_a_413_and_leaves_the_session_untouched() {
+    let setup = setup(1, &[("HERD_WORKER_SESSION__MAX_BYTES", "600")]);
+    let worker = &setup.workers[0];
+    let client = plain_client();
+    let id = login(&client, worker, "ann", None).await;
+    let key = format!("{}session:{id}", setup.prefix);
+    let mut con = setup.redis.connection().await;
+    let mut added = Vec::new();
+    let (status, body) = loop {
+        assert!(added.len() < 100, "the limit must bite before 100 items");
+        let item = format!("a-rather-long-item-name-{:03}", added.len());
+        let before: HashMap<String, String> = con.hgetall(&key).await.unwrap();
+        let (status, body) = add_item(&client, worker, &id, &item).await;
+        if status != 200 {
+            let after: HashMap<String, String> = con.hgetall(&key).await.unwrap();
+            assert_eq!(after["v"], before["v"], "version untouched");
+            assert_eq!(after["data"], before["data"], "data untouched");
+            break (status, body);
+        }
+        added.push(item);
+    };
+    assert_eq!(status, 413);
+    assert_eq!(body["error"], "session_too_large");
+    assert!(!added.is_empty());
+    let (status, cart) = get_json(&client, worker, "/cart", &id).await;
+    assert_eq!(status, 200, "the session still works");
+    assert_eq!(item_names(&cart), added);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_is_not_undone_by_concurrent_saves() {
+    let setup = setup(2, &[]);
+    let client = plain_client();
+    for round in 0..5 {
+        let id = login(&client, &setup.workers[0], "ann", None).await;
+        let mut tasks = Vec::new();
+        for n in 0..20 {
+            let client = client.clone();
+            let url = setup.workers[n % 2].url("/cart/items");
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                client
+                    .post(url)
+                    .header("cookie", cookie(&id))
+                    .json(&json!({ "item": format!("i{n}") }))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let response = client
+            .post(setup.workers[1].url("/logout"))
+            .header("cookie", cookie(&id))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            set_session_cookie(&response).as_deref(),
+            Some(""),
+            "cookie cleared"
+        );
+        for task in tasks {
+            let status = task.await.unwrap();
+            // Before the logout: 200; after it: 401 (no session) or 409 (ended meanwhile).
+            assert!(matches!(status, 200 | 401 | 409), "round {round}: {status}");
+        }
+        let mut con = setup.redis.connection().await;
+        let exists: bool = con
+            .exists(format!("{}session:{id}", setup.prefix))
+            .await
+            .unwrap();
+        assert!(
+            !exists,
+            "round {round}: a save after the logout resurrected the session"
+        );
+        assert_eq!(
+            get_json(&client, &setup.workers[0], "/me", &id).await.0,
+            401
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_everywhere_ends_every_session_of_the_user() {
+    let setup = setup(2, &[]);
+    let client = plain_client();
+    let phone = login(&client, &setup.workers[0], "ann", None).await;
+    let laptop = login(&client, &setup.workers[1], "ann", None).await;
+    let other = login(&client, &setup.workers[1], "bob", None).await;
+    let mut con = setup.redis.connection().await;
+    let index = format!("{}user-sessions:ann", setup.prefix);
+    let members: BTreeSet<String> = con.smembers(&index).await.unwrap();
+    assert_eq!(members, BTreeSet::from([phone.clone(), laptop.clone()]));
+
+    let response = client
+        .post(setup.workers[0].url("/logout-everywhere"))
+        .header("cookie", cookie(&laptop))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    for id in [&phone, &laptop] {
+        assert_eq!(get_json(&client, &setup.workers[1], "/me", id).await.0, 401);
+    }
+    assert_eq!(
+        get_json(&client, &setup.workers[1], "/me", &other).await.0,
+        200,
+        "bob unaffected"
+    );
+    let exists: bool = con.exists(&index).await.unwrap();
+    assert!(!exists, "index removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_refresh_the_idle_ttl_at_most_once_per_touch_interval() {
+    let setup = setup(
+        1,
+        &[
+            ("HERD_WORKER_SESSION__IDLE_TIMEOUT", "2h"),
+            ("HERD_WORKER_SESSION__TOUCH_INTERVAL", "1h"),
+        ],
+    );
+    let worker = &setup.workers[0];
+    let client = plain_client();
+    let id = login(&client, worker, "ann", None).await;
+    let key = format!("{}session:{id}", setup.prefix);
+    let mut con = setup.redis.connection().await;
+    let seen: String = con.hget(&key, "seen").await.unwrap();
+    let ttl_before: i64 = con.pttl(&key).await.unwrap();
+    assert!(
+        ttl_before > 7_000_000 && ttl_before <= 7_200_000,
+        "idle TTL set: {ttl_before}"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..5 {
+        assert_eq!(get_json(&client, worker, "/me", &id).await.0, 200);
+    }
+    let seen_after: String = con.hget(&key, "seen").await.unwrap();
+    let ttl_after: i64 = con.pttl(&key).await.unwrap();
+    assert_eq!(
+        seen_after, seen,
+        "reads within the touch interval write nothing"
+    );
+    assert!(
+        ttl_after < ttl_before,
+        "TTL not refreshed: {ttl_before} -> {ttl_after}"
+    );
+}

@@ -1,0 +1,204 @@
+//! The worker's way to Redis: a connection pool that follows the master through Redis Sentinel
+//! when `[sentinel]` is configured.
+//!
+//! Without Sentinel it is just the pool for `redis.url`. With Sentinel, a background task asks the
+//! sentinels (`SENTINEL get-master-addr-by-name`) every `sentinel.poll`; when the master moves, a
+//! new pool for the new address replaces the old one (in-flight calls finish on the old one, new
+//! calls use the new one). `redis.url` still supplies the password and database; its host and port
+//! are replaced by the master's.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use deadpool_redis::Pool;
+use herd_shared::redis::RedisConfig;
+use redis::AsyncConnectionConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SentinelConfig;
+
+/// A shared, swappable Redis pool.
+#[derive(Clone)]
+pub struct RedisLink {
+    pool: Arc<ArcSwap<Pool>>,
+    /// `host:port` the pool connects to.
+    address: Arc<ArcSwap<String>>,
+    config: RedisConfig,
+}
+
+impl std::fmt::Debug for RedisLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLink")
+            .field("address", &**self.address.load())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLink {
+    /// A link to `config.url` (connections are made lazily; this succeeds while Redis is down).
+    pub fn new(config: &RedisConfig) -> Result<Self, redis::RedisError> {
+        Ok(RedisLink {
+            pool: Arc::new(ArcSwap::from_pointee(config.pool()?)),
+            address: Arc::new(ArcSwap::from_pointee(
+                address_of(&config.url).unwrap_or_default(),
+            )),
+            config: config.clone(),
+        })
+    }
+
+    /// The current pool (a cheap handle).
+    pub fn pool(&self) -> Pool {
+        Pool::clone(&self.pool.load())
+    }
+
+    /// `host:port` of the Redis in use.
+    pub fn address(&self) -> String {
+        String::clone(&self.address.load())
+    }
+
+    /// Points the link at `address` (`host:port`) if it is not there already. Returns whether
+    /// it moved.
+    fn point_at(&self, address: &str) -> bool {
+        if *self.address.load_full() == address {
+            return false;
+        }
+        let config = RedisConfig {
+            url: with_address(&self.config.url, address),
+            ..self.config.clone()
+        };
+        match config.pool() {
+            Ok(pool) => {
+                self.pool.store(Arc::new(pool));
+                self.address.store(Arc::new(address.to_string()));
+                true
+            }
+            Err(error) => {
+                tracing::warn!(master = address, error = %error, "sentinel: cannot build a pool");
+                false
+            }
+        }
+    }
+
+    /// Asks the sentinels, in order, for the master's address; `None` when none answers.
+    pub async fn ask_sentinels(&self, sentinel: &SentinelConfig) -> Option<String> {
+        let connection = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.config.connect_timeout))
+            .set_response_timeout(Some(self.config.command_timeout));
+        for addr in &sentinel.addrs {
+            let ask = async {
+                let client = redis::Client::open(format!("redis://{addr}/")).ok()?;
+                let mut con = client
+                    .get_multiplexed_async_connection_with_config(&connection)
+                    .await
+                    .ok()?;
+                let reply: Option<(String, String)> = redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&sentinel.master)
+                    .query_async(&mut con)
+                    .await
+                    .ok()?;
+                reply.map(|(host, port)| format!("{host}:{port}"))
+            };
+            let bound = self.config.connect_timeout + self.config.command_timeout;
+            if let Ok(Some(master)) = tokio::time::timeout(bound, ask).await {
+                return Some(master);
+            }
+        }
+        None
+    }
+
+    /// Finds the master once (at start-up).
+    pub async fn resolve(&self, sentinel: &SentinelConfig) -> bool {
+        match self.ask_sentinels(sentinel).await {
+            Some(master) => {
+                self.point_at(&master);
+                tracing::info!(master = %master, name = %sentinel.master, "sentinel: master found");
+                true
+            }
+            None => {
+                tracing::warn!(name = %sentinel.master, "sentinel: no sentinel answered; will keep asking");
+                false
+            }
+        }
+    }
+
+    /// Follows the master every `sentinel.poll` until `stop`.
+    pub async fn follow(self, sentinel: SentinelConfig, stop: CancellationToken) {
+        let mut silent = false;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(sentinel.poll) => {}
+                () = stop.cancelled() => return,
+            }
+            let asked = tokio::select! {
+                asked = self.ask_sentinels(&sentinel) => asked,
+                () = stop.cancelled() => return,
+            };
+            match asked {
+                Some(master) => {
+                    silent = false;
+                    let from = self.address();
+                    if self.point_at(&master) {
+                        tracing::warn!(from = %from, to = %master, name = %sentinel.master, "sentinel: master moved; switched");
+                    }
+                }
+                None if !silent => {
+                    silent = true;
+                    tracing::warn!(name = %sentinel.master, "sentinel: no sentinel answered");
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// `host:port` of a `redis://[user:pass@]host:port[/db]` URL.
+fn address_of(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    Some(rest.split('/').next()?.to_string())
+}
+
+/// `url` with its `host:port` replaced by `address`.
+fn with_address(url: &str, address: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return format!("redis://{address}/");
+    };
+    let (auth, host_and_path) = match rest.rsplit_once('@') {
+        Some((auth, host)) => (format!("{auth}@"), host),
+        None => (String::new(), rest),
+    };
+    let path = host_and_path
+        .find('/')
+        .map_or("", |index| &host_and_path[index..]);
+    format!("{scheme}://{auth}{address}{path}")
+}
+
+/// How long the first resolution may take before serving anyway.
+pub const FIRST_RESOLVE: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_keep_auth_and_database() {
+        assert_eq!(
+            with_address("redis://:secret@10.0.0.1:6379/3", "10.0.0.9:7000"),
+            "redis://:secret@10.0.0.9:7000/3"
+        );
+        assert_eq!(with_address("redis://h:1", "x:2"), "redis://x:2");
+        assert_eq!(address_of("redis://u:p@h:1/0").as_deref(), Some("h:1"));
+        assert_eq!(address_of("redis://h:1").as_deref(), Some("h:1"));
+    }
+
+    #[tokio::test]
+    async fn the_pool_is_swapped_when_the_master_moves() {
+        let link = RedisLink::new(&RedisConfig::default()).unwrap();
+        assert_eq!(link.address(), "127.0.0.1:6379");
+        assert!(!link.point_at("127.0.0.1:6379"));
+        assert!(link.point_at("127.0.0.1:7000"));
+        assert_eq!(link.address(), "127.0.0.1:7000");
+    }
+}
