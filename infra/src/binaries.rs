@@ -1,4 +1,4 @@
-//! Finding the `herd-gateway` and `herd-worker` executables.
+//! Finding the `herd-gateway`, `herd-worker` and `herd` executables.
 //!
 //! Order: the directory in `HERD_BIN_DIR`, then the directory of the running executable and its
 //! parent (cargo puts test executables in `target/<profile>/deps/`, binaries one level up).
@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 pub const GATEWAY: &str = "herd-gateway";
 /// The worker (demo app) executable's name.
 pub const WORKER: &str = "herd-worker";
+/// The operator CLI's executable name (for tests that run it).
+pub const HERD: &str = "herd";
 
 /// A herd executable that could not be found.
 #[derive(Debug, thiserror::Error)]

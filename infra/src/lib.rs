@@ -5,16 +5,26 @@
 //! - [`binaries`]: find the `herd-gateway` and `herd-worker` executables.
 //! - [`process`]: start a herd process, wait for its "listening" line, signal it, stop it.
 //! - [`redis_server`]: run a private `redis-server` on a free port.
+//! - [`lab`]: the gateway pair's multi-host lab (client, gw1, gw2, redis, worker machines).
 //! - [`load`]: a bounded request load that records what every request saw.
 //! - [`netns`]: several "machines" on one box (network namespaces on a bridge), with faults.
 //! - [`ports`]: pick free loopback ports.
+//! - [`probe`]: the failover prober (a new connection per request, on a fixed schedule).
+//! - [`pid`]: processes known only by pid (from an earlier `herd up`): alive? stop them.
+//! - [`state`]: the state directory and state file of a local cluster.
+//! - [`cli`]: the `herd` commands (`up`, `status`, `down`).
 //!
-//! The CLI's flow starts in `main.rs`, which parses the command and calls into `cli`.
+//! The CLI's flow starts in `main.rs`, which parses the command and calls [`cli::run`].
 
 pub mod binaries;
+pub mod cli;
 pub mod deps;
+pub mod lab;
 pub mod load;
 pub mod netns;
+pub mod pid;
 pub mod ports;
+pub mod probe;
 pub mod process;
 pub mod redis_server;
+pub mod state;

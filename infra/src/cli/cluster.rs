@@ -1,0 +1,388 @@
+//! The processes of a cluster that `herd up` holds while it runs: starting them in order and
+//! waiting until they are ready, watching them, stopping them in order, or letting them go.
+//!
+//! Order matters both ways. Up: Redis (everyone needs it), the workers (on port 0; their
+//! listening lines tell their addresses), then the gateway listing them, and last a wait for
+//! every worker's and the gateway's `/readyz`. Down: the gateway first (no new requests), the
+//! workers together (SIGTERM, they drain in parallel), Redis last (draining workers still write
+//! sessions).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::CliError;
+use super::error::NotReady;
+use super::signals::StopSignal;
+use crate::pid::ProcessId;
+use crate::process::{self, Process, ProcessError, Spec};
+use crate::redis_server::RedisServer;
+use crate::state::{Kind, Member, State, StateDir, VERSION};
+
+/// How long a worker or the gateway gets to print its listening lines.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long, from the gateway's start, everything gets to answer `/readyz` with 200.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the gateway gets to exit after SIGTERM.
+pub(crate) const GATEWAY_GRACE: Duration = Duration::from_secs(10);
+/// How long workers get to drain and exit after SIGTERM (their drain lasts ~2.5 s when no
+/// request arrives, which is the case once the gateway has stopped).
+pub(crate) const WORKER_GRACE: Duration = Duration::from_secs(15);
+/// How long Redis gets to flush and exit after SIGTERM.
+pub(crate) const REDIS_GRACE: Duration = Duration::from_secs(10);
+/// Lines of a process's log shown when it fails.
+const TAIL_LINES: usize = 20;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    /// Number of workers.
+    pub(crate) workers: u16,
+    /// Gateway public listener.
+    pub(crate) public: SocketAddr,
+    /// Gateway admin listener.
+    pub(crate) admin: SocketAddr,
+    /// Fixed Redis port, or `None` for a free one.
+    pub(crate) redis_port: Option<u16>,
+    /// Where logs, Redis data and state go.
+    pub(crate) dir: StateDir,
+    /// The gateway's admin token.
+    pub(crate) token: String,
+    /// Redis key prefix.
+    pub(crate) prefix: String,
+    /// The herd-worker executable.
+    pub(crate) worker_program: PathBuf,
+    /// The herd-gateway executable.
+    pub(crate) gateway_program: PathBuf,
+}
+
+/// A started worker or gateway.
+#[derive(Debug)]
+struct Server {
+    process: Process,
+    /// Public listener.
+    addr: SocketAddr,
+    /// Admin listener (gateway only).
+    admin: Option<SocketAddr>,
+    /// Whether its unexpected exit has been reported already.
+    exit_reported: bool,
+}
+
+/// The running processes (each killed if dropped; [`Cluster::stop`] stops them cleanly).
+#[derive(Debug, Default)]
+pub(crate) struct Cluster {
+    redis: Option<RedisServer>,
+    redis_exit_reported: bool,
+    workers: Vec<Server>,
+    gateway: Option<Server>,
+}
+
+impl Cluster {
+    /// Starts everything in `plan` and waits until it is ready. On error, what has started
+    /// stays in `self`, for the caller to [`stop`](Self::stop).
+    pub(crate) async fn start(&mut self, plan: &Plan, stop: &StopSignal) -> Result<(), CliError> {
+        let (port, data_dir, log_dir) = (plan.redis_port, plan.dir.redis_dir(), plan.dir.log_dir());
+        let redis = blocking(move || RedisServer::start(port, &data_dir, &log_dir)).await?;
+        let redis_url = redis.url();
+        super::warn(format!("herd: redis-server is up on {}", redis.addr()));
+        self.redis = Some(redis);
+        interrupted(stop)?;
+
+        let specs = (1..=plan.workers)
+            .map(|n| worker_spec(plan, n, &redis_url))
+            .collect();
+        let watch = stop.clone();
+        self.workers = blocking(move || start_servers(specs, &["public"], &watch)).await?;
+        super::warn(format!(
+            "herd: {} workers listen on {}",
+            self.workers.len(),
+            self.worker_addrs().join(", ")
+        ));
+
+        let spec = gateway_spec(plan, &self.worker_addrs(), &redis_url);
+        let watch = stop.clone();
+        let mut gateway =
+            blocking(move || start_servers(vec![spec], &["public", "admin"], &watch)).await?;
+        self.gateway = gateway.pop();
+        super::warn("herd: the gateway listens; waiting until it is ready");
+        self.wait_ready(stop).await
+    }
+
+    /// Waits until every worker's `/readyz` and the gateway's admin `/readyz` answer 200.
+    async fn wait_ready(&mut self, stop: &StopSignal) -> Result<(), CliError> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(1))
+            .build()
+            .map_err(|error| CliError::Os {
+                what: "build an HTTP client",
+                source: std::io::Error::other(error),
+            })?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let servers = self.workers.iter_mut().map(|w| (w, false));
+        let gateway = self.gateway.iter_mut().map(|g| (g, true));
+        for (server, is_gateway) in servers.chain(gateway) {
+            let addr = if is_gateway {
+                server.admin.unwrap_or(server.addr)
+            } else {
+                server.addr
+            };
+            let url = format!("http://{addr}/readyz");
+            loop {
+                let last = match client.get(&url).send().await {
+                    Ok(response) if response.status().is_success() => break,
+                    Ok(response) => format!("status {}", response.status().as_u16()),
+                    Err(error) => error.to_string(),
+                };
+                interrupted(stop)?;
+                if let Some(status) = server.process.try_wait() {
+                    return Err(ProcessError::Exited {
+                        name: server.process.name().to_string(),
+                        status,
+                        log: server.process.log_tail(TAIL_LINES),
+                    }
+                    .into());
+                }
+                if Instant::now() > deadline {
+                    return Err(CliError::NotReady(Box::new(NotReady {
+                        name: server.process.name().to_string(),
+                        url,
+                        last,
+                        waited: READY_TIMEOUT,
+                        log: server.process.log_path().to_path_buf(),
+                        tail: server.process.log_tail(TAIL_LINES),
+                    })));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn worker_addrs(&self) -> Vec<String> {
+        self.workers.iter().map(|w| w.addr.to_string()).collect()
+    }
+
+    /// The state file's view of this cluster; `supervisor` is the pid of a foreground `herd up`.
+    pub(crate) fn state(&self, plan: &Plan, supervisor: Option<u32>) -> State {
+        let mut members = Vec::new();
+        if let Some(pid) = supervisor {
+            members.push(Member {
+                name: "herd".into(),
+                kind: Kind::Supervisor,
+                process: ProcessId::of(pid),
+                addr: None,
+                admin_addr: None,
+                log: None,
+            });
+        }
+        if let Some(redis) = &self.redis {
+            members.push(Member {
+                name: "redis".into(),
+                kind: Kind::Redis,
+                process: ProcessId::of(redis.pid().unwrap_or_default()),
+                addr: Some(redis.addr()),
+                admin_addr: None,
+                log: Some(redis.log_path()),
+            });
+        }
+        let servers = self.workers.iter().map(|w| (w, Kind::Worker));
+        for (server, kind) in servers.chain(self.gateway.iter().map(|g| (g, Kind::Gateway))) {
+            members.push(Member {
+                name: server.process.name().to_string(),
+                kind,
+                process: ProcessId::of(server.process.pid()),
+                addr: Some(server.addr),
+                admin_addr: server.admin,
+                log: Some(server.process.log_path().to_path_buf()),
+            });
+        }
+        let public = self.gateway.as_ref().map_or(plan.public, |g| g.addr);
+        let admin = self
+            .gateway
+            .as_ref()
+            .and_then(|g| g.admin)
+            .unwrap_or(plan.admin);
+        State {
+            version: VERSION,
+            started_at: crate::state::now_unix(),
+            detached: supervisor.is_none(),
+            public_url: format!("http://{public}"),
+            admin_url: format!("http://{admin}"),
+            admin_token: plan.token.clone(),
+            redis_url: self
+                .redis
+                .as_ref()
+                .map(RedisServer::url)
+                .unwrap_or_default(),
+            redis_prefix: plan.prefix.clone(),
+            members,
+        }
+    }
+
+    /// One line for each process that has exited since the last call (while it should run).
+    pub(crate) fn newly_exited(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let servers = self.workers.iter_mut().chain(self.gateway.iter_mut());
+        for server in servers.filter(|s| !s.exit_reported) {
+            if let Some(status) = server.process.try_wait() {
+                server.exit_reported = true;
+                lines.push(format!(
+                    "{} (pid {}) exited unexpectedly ({status}); last lines of {}:\n{}",
+                    server.process.name(),
+                    server.process.pid(),
+                    server.process.log_path().display(),
+                    server.process.log_tail(TAIL_LINES)
+                ));
+            }
+        }
+        if let Some(redis) = &self.redis
+            && !self.redis_exit_reported
+            && !redis
+                .pid()
+                .is_some_and(|pid| ProcessId::of(pid).is_running())
+        {
+            self.redis_exit_reported = true;
+            lines.push(format!(
+                "redis-server (pid {}) exited unexpectedly; see {}",
+                redis.pid().unwrap_or_default(),
+                redis.log_path().display()
+            ));
+        }
+        lines
+    }
+
+    /// Stops everything in order (gateway, workers, Redis), printing a line per process.
+    pub(crate) fn stop(mut self) {
+        if let Some(mut gateway) = self.gateway.take() {
+            let outcome = gateway.process.terminate(GATEWAY_GRACE);
+            super::say(describe(&gateway.process, outcome, GATEWAY_GRACE));
+        }
+        // SIGTERM to all first, so they drain at the same time rather than one after the other.
+        for worker in &self.workers {
+            let _ = worker.process.signal(Signal::SIGTERM);
+        }
+        for mut worker in std::mem::take(&mut self.workers) {
+            let outcome = worker.process.terminate(WORKER_GRACE);
+            super::say(describe(&worker.process, outcome, WORKER_GRACE));
+        }
+        if let Some(mut redis) = self.redis.take() {
+            let pid = redis.pid().unwrap_or_default();
+            redis.stop();
+            super::say(format!("stopped redis (pid {pid})"));
+        }
+    }
+
+    /// Lets every process run on after herd exits (`--detach`).
+    pub(crate) fn detach(mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.process.detach();
+        }
+        for worker in std::mem::take(&mut self.workers) {
+            worker.process.detach();
+        }
+        if let Some(redis) = self.redis.take() {
+            redis.detach();
+        }
+    }
+}
+
+/// One line saying how a process stopped.
+fn describe(
+    process: &Process,
+    (status, clean): (Option<std::process::ExitStatus>, bool),
+    grace: Duration,
+) -> String {
+    let (name, pid) = (process.name(), process.pid());
+    match status {
+        _ if !clean => format!(
+            "killed {name} (pid {pid}): it did not exit within {}s of SIGTERM",
+            grace.as_secs()
+        ),
+        Some(status) if status.success() => format!("stopped {name} (pid {pid})"),
+        Some(status) => format!("stopped {name} (pid {pid}): {status}"),
+        None => format!("stopped {name} (pid {pid})"),
+    }
+}
+
+/// Errors with [`CliError::Interrupted`] once a stop signal has arrived.
+fn interrupted(stop: &StopSignal) -> Result<(), CliError> {
+    match stop.received() {
+        Some(signal) => Err(CliError::Interrupted(signal)),
+        None => Ok(()),
+    }
+}
+
+/// Runs blocking `work` (process start-up polls and sleeps) off the async thread.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(error) => std::panic::resume_unwind(error.into_panic()),
+    }
+}
+
+/// Starts all `specs` at once, then waits for each one's listening lines for `roles`. If one
+/// fails (or a stop signal arrives), those already started are killed as they are dropped.
+fn start_servers(
+    specs: Vec<Spec>,
+    roles: &[&str],
+    stop: &StopSignal,
+) -> Result<Vec<Server>, CliError> {
+    let mut started = Vec::with_capacity(specs.len());
+    for spec in &specs {
+        started.push((Process::spawn(spec)?, spec));
+    }
+    let mut servers = Vec::with_capacity(started.len());
+    for (mut process, spec) in started {
+        // `Process::wait_listening` can't be cut short by a signal; this wait can.
+        let out = spec.log_dir.join(format!("{}.out", spec.name));
+        let mut listening = Vec::new();
+        process.wait_until(LISTEN_TIMEOUT, |_| {
+            listening = process::read_listening(&out);
+            stop.received().is_some()
+                || roles.iter().all(|r| listening.iter().any(|l| l.role == *r))
+        })?;
+        interrupted(stop)?;
+        let addr_of = |role: &str| listening.iter().find(|l| l.role == role).map(|l| l.addr);
+        servers.push(Server {
+            addr: addr_of("public").expect("waited for the public listener"),
+            admin: addr_of("admin"),
+            process,
+            exit_reported: false,
+        });
+    }
+    Ok(servers)
+}
+
+fn worker_spec(plan: &Plan, n: u16, redis_url: &str) -> Spec {
+    let id = format!("w{n}");
+    Spec::new(
+        format!("worker-{id}"),
+        &plan.worker_program,
+        &plan.dir.log_dir(),
+    )
+    .arg("--log-format")
+    .arg("pretty")
+    .env("HERD_WORKER_LISTEN", "127.0.0.1:0")
+    .env("HERD_WORKER_ID", id)
+    .env("HERD_WORKER_REDIS__URL", redis_url)
+    .env("HERD_WORKER_REDIS__PREFIX", &plan.prefix)
+    .env("HERD_WORKER_REGISTRY__ENABLED", "true")
+}
+
+fn gateway_spec(plan: &Plan, workers: &[String], redis_url: &str) -> Spec {
+    // Workers are listed statically (traffic flows at once) and also found through the registry
+    // (so workers added later, e.g. by `herd scale`, join without a restart).
+    Spec::new("gateway", &plan.gateway_program, &plan.dir.log_dir())
+        .arg("--log-format")
+        .arg("pretty")
+        .env("HERD_GATEWAY_LISTEN", plan.public.to_string())
+        .env("HERD_GATEWAY_ADMIN__LISTEN", plan.admin.to_string())
+        .env("HERD_GATEWAY_ADMIN__TOKEN", &plan.token)
+        .env("HERD_GATEWAY_WORKERS", workers.join(","))
+        .env("HERD_GATEWAY_REGISTRY__ENABLED", "true")
+        .env("HERD_GATEWAY_REDIS__URL", redis_url)
+        .env("HERD_GATEWAY_REDIS__PREFIX", &plan.prefix)
+}
