@@ -1,1 +1,29 @@
-//! herd-gateway library.
+//! herd-gateway: a health-checking, retrying HTTP load balancer in front of herd workers.
+//!
+//! Layout — where the flow starts and what each module is for:
+//! - [`server`]: [`server::run`] binds nothing itself; it takes the listeners, the configuration
+//!   and a shutdown future, starts membership and health checks, accepts connections and shuts
+//!   down gracefully. `main.rs` only parses flags, sets up logging and loads the configuration.
+//! - [`proxy`]: the request path — pick a worker, forward, retry when safe, stream the answer.
+//! - [`balancer`]: membership (static list + Redis registry), health (active checks and passive
+//!   ejection) and selection (p2c over peak-EWMA, round robin, weighted).
+//! - [`retry`]: the retry budget.
+//! - [`error`]: upstream and gateway errors, and the one place that turns them into responses.
+//! - [`headers`], [`body`]: header rules and request/response bodies of the request path.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the `/api/*` operator endpoints.
+//! - [`metrics`]: Prometheus metrics, lock-free on the request path.
+//! - [`config`]: the typed configuration with its documented defaults (see `gateway/README.md`).
+
+pub mod admin;
+pub mod balancer;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod metrics;
+pub mod proxy;
+pub mod retry;
+pub mod server;
+
+pub use config::GatewayConfig;
+pub use server::{Listeners, run};

@@ -1,2 +1,43 @@
-//! herd-gateway binary.
-fn main() {}
+//! herd-gateway binary: flags, logging, configuration (exit 2 when invalid), then [`run`].
+
+use anyhow::Context;
+use clap::Parser;
+use herd_gateway::{GatewayConfig, Listeners, run};
+use herd_shared::cli::CommonArgs;
+use herd_shared::config::exit_on_error;
+
+/// The herd gateway: balances HTTP traffic over healthy workers.
+#[derive(Debug, Parser)]
+#[command(name = "herd-gateway", version, about)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    herd_shared::telemetry::init(args.common.log_format);
+    let config = exit_on_error(GatewayConfig::load(args.common.config.as_deref()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listeners = Listeners::bind(&config).await?;
+        listeners
+            .announce()
+            .context("cannot write the listening lines to stdout")?;
+        run(listeners, config, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "shutdown requested"),
+    }
+}

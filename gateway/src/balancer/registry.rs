@@ -1,0 +1,472 @@
+//! Membership from Redis: workers that register themselves, and their join / drain / leave notices.
+//!
+//! Two sources, because each covers the other's gap:
+//! - the `{prefix}events` channel tells us at once when a worker joins, drains or leaves;
+//! - a full read of the `{prefix}worker:*` entries every `poll_interval` catches missed notices
+//!   (the subscription was down) and entries that expired (a worker killed without a goodbye).
+//!
+//! An entry missing from a read is removed only after it has stayed missing for
+//! `missing_grace`, so a Redis restart that lost every entry (workers re-register at their next
+//! heartbeat) does not empty the table. When Redis is unreachable, nothing is removed: the gateway
+//! keeps the membership it knows and keeps serving.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use herd_shared::keys::Keys;
+use herd_shared::redis::RedisConfig;
+use herd_shared::registry::{Event, WorkerRecord, WorkerState};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::worker::{Origin, WorkerSpec};
+use super::{Balancer, ChangeSource};
+use crate::config::RegistryConfig;
+
+/// Why reading the registry failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No pooled connection (Redis down or too slow).
+    #[error("no Redis connection: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    /// A command failed.
+    #[error("Redis command failed: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The whole read took too long.
+    #[error("Redis did not answer in time")]
+    Timeout,
+}
+
+/// Reads every registry entry (SCAN + HGETALL in one pipeline). Unreadable entries are skipped.
+pub async fn fetch(
+    pool: &deadpool_redis::Pool,
+    keys: &Keys,
+) -> Result<Vec<WorkerRecord>, RegistryError> {
+    let mut conn = pool.get().await?;
+    let mut cursor: u64 = 0;
+    let mut names: Vec<String> = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(keys.worker_pattern())
+            .arg("COUNT")
+            .arg(200)
+            .query_async(&mut conn)
+            .await?;
+        names.extend(batch);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for name in &names {
+        pipe.cmd("HGETALL").arg(name);
+    }
+    let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+    let mut records = Vec::with_capacity(hashes.len());
+    for (name, fields) in names.iter().zip(hashes) {
+        if fields.is_empty() {
+            continue; // expired between SCAN and HGETALL
+        }
+        match WorkerRecord::from_fields(&fields) {
+            Ok(record) => records.push(record),
+            Err(error) => warn!(key = %name, error = %error, "unreadable registry entry skipped"),
+        }
+    }
+    Ok(records)
+}
+
+/// Applies registry knowledge to the balancer; keeps what it needs between reads.
+#[derive(Debug)]
+pub struct Reconciler {
+    balancer: Arc<Balancer>,
+    missing_grace: Duration,
+    /// When a registered worker was first seen missing from a full read.
+    missing_since: HashMap<String, Instant>,
+    /// Address of each id seen, so notices about a worker that is also listed statically (by
+    /// address) reach its entry.
+    addr_of: HashMap<String, String>,
+}
+
+impl Reconciler {
+    /// A reconciler for `balancer`.
+    pub fn new(balancer: Arc<Balancer>, missing_grace: Duration) -> Self {
+        Reconciler {
+            balancer,
+            missing_grace,
+            missing_since: HashMap::new(),
+            addr_of: HashMap::new(),
+        }
+    }
+
+    /// Brings the table in line with a full read of the registry.
+    pub fn sync(&mut self, records: &[WorkerRecord]) {
+        let present: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        for record in records {
+            self.missing_since.remove(&record.id);
+            self.apply(record);
+        }
+        let now = Instant::now();
+        for worker in self.balancer.workers().workers.iter() {
+            if !matches!(worker.spec.origin, Origin::Registry { .. })
+                || present.contains(worker.id())
+            {
+                continue;
+            }
+            let since = *self
+                .missing_since
+                .entry(worker.id().to_string())
+                .or_insert(now);
+            if now.duration_since(since) >= self.missing_grace {
+                self.missing_since.remove(worker.id());
+                let _ = self.balancer.remove(
+                    worker.id(),
+                    ChangeSource::Registry,
+                    "registry entry expired",
+                );
+            }
+        }
+        self.missing_since
+            .retain(|id, _| self.balancer.find(id).is_some());
+    }
+
+    /// Applies one notice.
+    pub fn event(&mut self, event: Event) {
+        match event {
+            Event::Join { worker } => {
+                self.missing_since.remove(&worker.id);
+                self.apply(&worker);
+            }
+            Event::Drain { id } => {
+                if let Some(worker) = self.lookup(&id) {
+                    self.balancer
+                        .registry_drain(&worker, true, "worker announced draining");
+                }
+            }
+            Event::Leave { id } => {
+                if let Some(worker) = self.balancer.find(&id)
+                    && matches!(worker.spec.origin, Origin::Registry { .. })
+                {
+                    let _ = self
+                        .balancer
+                        .remove(&id, ChangeSource::Registry, "worker left");
+                } else if let Some(worker) = self.lookup(&id) {
+                    // A statically listed worker leaving: stop sending; active checks take over.
+                    self.balancer.registry_drain(&worker, true, "worker left");
+                }
+            }
+        }
+    }
+
+    /// The worker an id refers to: by id, or the static entry with its address.
+    fn lookup(&self, id: &str) -> Option<Arc<super::Worker>> {
+        self.balancer.find(id).or_else(|| {
+            let addr = self.addr_of.get(id)?;
+            self.balancer.find(addr)
+        })
+    }
+
+    fn apply(&mut self, record: &WorkerRecord) {
+        self.addr_of.insert(record.id.clone(), record.addr.clone());
+        let draining = record.state == WorkerState::Draining;
+        let origin = Origin::Registry {
+            started_ms: record.started_ms,
+        };
+        if let Some(worker) = self.balancer.find(&record.id) {
+            let same = worker.spec.origin == origin && worker.spec.addr == record.addr;
+            if same || worker.spec.origin == Origin::Static {
+                worker.set_weight(record.weight);
+                let reason = if draining {
+                    "registry entry says draining"
+                } else {
+                    "registry entry says ready"
+                };
+                self.balancer.registry_drain(&worker, draining, reason);
+                return;
+            }
+            // Same id, new incarnation (restarted, maybe elsewhere): replace the entry.
+            let _ = self.balancer.remove(
+                &record.id,
+                ChangeSource::Registry,
+                "re-registered as a new incarnation",
+            );
+        }
+        if let Some(worker) = self.balancer.find(&record.addr)
+            && worker.spec.origin == Origin::Static
+        {
+            // Listed statically too: the registry only adds its drain notices.
+            let reason = if draining {
+                "registry entry says draining"
+            } else {
+                "registry entry says ready"
+            };
+            self.balancer.registry_drain(&worker, draining, reason);
+            return;
+        }
+        if draining {
+            return; // never add a worker that is on its way out
+        }
+        let spec = WorkerSpec {
+            id: record.id.clone(),
+            addr: record.addr.clone(),
+            machine: record.machine.clone(),
+            weight: record.weight,
+            origin,
+        };
+        match self.balancer.add(spec) {
+            Ok(_) => {}
+            Err(super::MembershipError::Removed(id)) => {
+                debug!(worker = %id, "registered worker ignored: removed by an operator");
+            }
+            Err(error) => warn!(worker = %record.id, error = %error, "registered worker not added"),
+        }
+    }
+}
+
+/// Follows the registry until `shutdown` fires. Never gives up: Redis outages are logged once and
+/// retried every `reconnect_delay`.
+pub async fn run(
+    balancer: Arc<Balancer>,
+    redis_config: RedisConfig,
+    config: RegistryConfig,
+    shutdown: CancellationToken,
+) {
+    let keys = redis_config.keys();
+    let channel = keys.events();
+    let pool = match redis_config.pool() {
+        Ok(pool) => pool,
+        Err(error) => {
+            warn!(error = %error, "registry disabled: bad Redis settings");
+            return;
+        }
+    };
+    let client = match redis::Client::open(redis_config.url.as_str()) {
+        Ok(client) => client,
+        Err(error) => {
+            warn!(error = %error, "registry disabled: bad Redis URL");
+            return;
+        }
+    };
+    let read_timeout = redis_config.connect_timeout + redis_config.command_timeout * 2;
+    let mut reconciler = Reconciler::new(balancer, config.missing_grace);
+    let mut outage = false;
+    let poll = async |reconciler: &mut Reconciler, outage: &mut bool| match tokio::time::timeout(
+        read_timeout,
+        fetch(&pool, &keys),
+    )
+    .await
+    {
+        Ok(Ok(records)) => {
+            if *outage {
+                info!(workers = records.len(), "registry reachable again");
+                *outage = false;
+            }
+            reconciler.sync(&records);
+        }
+        Ok(Err(error)) => note_outage(outage, &error),
+        Err(_) => note_outage(outage, &RegistryError::Timeout),
+    };
+
+    while !shutdown.is_cancelled() {
+        let subscribed = tokio::time::timeout(read_timeout, async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        let mut pubsub = match subscribed {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(error)) => {
+                note_outage(&mut outage, &RegistryError::Redis(error));
+                poll(&mut reconciler, &mut outage).await;
+                wait(&shutdown, config.reconnect_delay).await;
+                continue;
+            }
+            Err(_) => {
+                note_outage(&mut outage, &RegistryError::Timeout);
+                wait(&shutdown, config.reconnect_delay).await;
+                continue;
+            }
+        };
+        debug!(channel = %channel, "subscribed to registry events");
+        // Subscribed first, read second: nothing announced in between is lost.
+        poll(&mut reconciler, &mut outage).await;
+        let mut ticker = tokio::time::interval(config.poll_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        let mut messages = pubsub.on_message();
+        loop {
+            tokio::select! {
+                message = messages.next() => {
+                    let Some(message) = message else {
+                        warn!("registry events subscription lost; reconnecting");
+                        break;
+                    };
+                    let payload: String = match message.get_payload() {
+                        Ok(payload) => payload,
+                        Err(error) => {
+                            warn!(error = %error, "unreadable registry event skipped");
+                            continue;
+                        }
+                    };
+                    match Event::from_json(&payload) {
+                        Ok(event) => {
+                            debug!(event = %payload, "registry event");
+                            reconciler.event(event);
+                        }
+                        Err(error) => warn!(error = %error, payload = %payload, "unknown registry event skipped"),
+                    }
+                }
+                _ = ticker.tick() => poll(&mut reconciler, &mut outage).await,
+                _ = shutdown.cancelled() => return,
+            }
+        }
+        drop(messages);
+        wait(&shutdown, config.reconnect_delay).await;
+    }
+}
+
+fn note_outage(outage: &mut bool, error: &RegistryError) {
+    if !*outage {
+        warn!(error = %error, "registry unreachable; keeping the known workers");
+        *outage = true;
+    } else {
+        debug!(error = %error, "registry still unreachable");
+    }
+}
+
+async fn wait(shutdown: &CancellationToken, delay: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::Status;
+    use crate::config::GatewayConfig;
+    use crate::metrics::Metrics;
+
+    fn record(id: &str, port: u16, state: WorkerState) -> WorkerRecord {
+        WorkerRecord {
+            id: id.into(),
+            addr: format!("127.0.0.1:{port}"),
+            machine: "m".into(),
+            weight: 100,
+            version: "1".into(),
+            started_ms: 1,
+            state,
+        }
+    }
+
+    fn reconciler(statics: &[&str]) -> Reconciler {
+        let balancer = Arc::new(Balancer::new(
+            &GatewayConfig::default(),
+            Arc::new(Metrics::new()),
+            Box::new(|_, _| {}),
+        ));
+        for addr in statics {
+            balancer.add(balancer.static_spec(addr)).unwrap();
+        }
+        Reconciler::new(balancer, Duration::from_secs(2))
+    }
+
+    fn ids(r: &Reconciler) -> Vec<String> {
+        r.balancer
+            .workers()
+            .workers
+            .iter()
+            .map(|w| w.id().to_string())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn join_drain_leave() {
+        let mut r = reconciler(&[]);
+        r.event(Event::Join {
+            worker: record("w1", 1, WorkerState::Ready),
+        });
+        assert_eq!(ids(&r), vec!["w1"]);
+        r.event(Event::Drain { id: "w1".into() });
+        let w1 = r.balancer.find("w1").unwrap();
+        assert_eq!(w1.status(r.balancer.clock().now(), 0), Status::Draining);
+        r.event(Event::Leave { id: "w1".into() });
+        assert!(ids(&r).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_go_after_the_grace_only() {
+        let mut r = reconciler(&["127.0.0.1:9"]);
+        r.sync(&[
+            record("w1", 1, WorkerState::Ready),
+            record("w2", 2, WorkerState::Ready),
+        ]);
+        assert_eq!(ids(&r), vec!["127.0.0.1:9", "w1", "w2"]);
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        assert_eq!(ids(&r).len(), 3, "missing once is not gone");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        assert_eq!(ids(&r), vec!["127.0.0.1:9", "w1"], "static workers stay");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reappearing_entry_cancels_the_removal() {
+        let mut r = reconciler(&[]);
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        r.sync(&[]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        assert_eq!(ids(&r), vec!["w1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_entries_are_flagged_and_never_added() {
+        let mut r = reconciler(&[]);
+        r.sync(&[record("w1", 1, WorkerState::Draining)]);
+        assert!(ids(&r).is_empty());
+        r.sync(&[record("w2", 2, WorkerState::Ready)]);
+        r.sync(&[record("w2", 2, WorkerState::Draining)]);
+        let w2 = r.balancer.find("w2").unwrap();
+        assert_eq!(w2.status(r.balancer.clock().now(), 0), Status::Draining);
+        r.sync(&[record("w2", 2, WorkerState::Ready)]);
+        assert_ne!(w2.status(r.balancer.clock().now(), 0), Status::Draining);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_statically_listed_worker_gets_registry_drain_notices() {
+        let mut r = reconciler(&["127.0.0.1:5"]);
+        r.sync(&[record("w5", 5, WorkerState::Ready)]);
+        assert_eq!(ids(&r), vec!["127.0.0.1:5"], "no duplicate entry");
+        r.event(Event::Drain { id: "w5".into() });
+        let w = r.balancer.find("127.0.0.1:5").unwrap();
+        assert_eq!(w.status(r.balancer.clock().now(), 0), Status::Draining);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_incarnation_replaces_the_old_entry() {
+        let mut r = reconciler(&[]);
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        let old = r.balancer.find("w1").unwrap();
+        let mut again = record("w1", 7, WorkerState::Ready);
+        again.started_ms = 2;
+        r.event(Event::Join { worker: again });
+        let new = r.balancer.find("w1").unwrap();
+        assert!(!Arc::ptr_eq(&old, &new));
+        assert_eq!(new.spec.addr, "127.0.0.1:7");
+        assert!(old.cancel.is_cancelled());
+    }
+}

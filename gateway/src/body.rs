@@ -1,0 +1,293 @@
+//! Bodies on both sides of the gateway.
+//!
+//! Request bodies up to `retry.buffer_body_bytes` are read fully before the first attempt, so a
+//! failed attempt can be replayed elsewhere (cloning [`Bytes`] is a reference count). Larger
+//! bodies stream straight through: the first attempt is the only one. A body with no declared
+//! length is buffered up to the same size and streams from there. The size limit
+//! (`limits.max_body_bytes`) is checked on the declared length up front and counted while
+//! streaming.
+//!
+//! Response bodies stream from the worker to the client as they come; the worker's in-flight
+//! count is held until the body ends.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::balancer::InFlight;
+use crate::error::GatewayError;
+
+/// Why a request body stopped while streaming to a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The body grew over `limits.max_body_bytes`.
+    #[error("request body over the size limit")]
+    TooLarge,
+    /// Reading from the client failed.
+    #[error("reading the request body failed: {0}")]
+    Client(#[from] hyper::Error),
+}
+
+/// What a streaming request body did, seen from the proxy after a failed attempt.
+#[derive(Debug, Default)]
+pub struct StreamWatch {
+    finished: AtomicBool,
+    too_large: AtomicBool,
+}
+
+impl StreamWatch {
+    /// The client sent the whole body.
+    pub fn finished(&self) -> bool {
+        self.finished.load(Ordering::Relaxed)
+    }
+
+    /// The body went over the size limit.
+    pub fn too_large(&self) -> bool {
+        self.too_large.load(Ordering::Relaxed)
+    }
+}
+
+/// A request body on its way to a worker.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// Fully buffered (or empty): can be sent again.
+    Full(Option<Bytes>),
+    /// Streaming from the client, after an already read prefix.
+    Stream {
+        /// Bytes read before streaming began.
+        prefix: Option<Bytes>,
+        /// The rest, from the client.
+        inner: Incoming,
+        /// Bytes seen so far, prefix included.
+        seen: u64,
+        /// Size limit.
+        limit: u64,
+        /// Shared with the proxy.
+        watch: Arc<StreamWatch>,
+    },
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            UpstreamBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            UpstreamBody::Stream {
+                prefix,
+                inner,
+                seen,
+                limit,
+                watch,
+            } => {
+                if let Some(prefix) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(prefix))));
+                }
+                match ready!(Pin::new(inner).poll_frame(cx)) {
+                    None => {
+                        watch.finished.store(true, Ordering::Relaxed);
+                        Poll::Ready(None)
+                    }
+                    Some(Err(error)) => Poll::Ready(Some(Err(BodyError::Client(error)))),
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            *seen += data.len() as u64;
+                            if *seen > *limit {
+                                watch.too_large.store(true, Ordering::Relaxed);
+                                return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                            }
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Full(data) => data.is_none(),
+            UpstreamBody::Stream { prefix, inner, .. } => prefix.is_none() && inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Full(None) => SizeHint::with_exact(0),
+            UpstreamBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
+            UpstreamBody::Stream { prefix, inner, .. } => {
+                let extra = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let hint = inner.size_hint();
+                let mut out = SizeHint::new();
+                out.set_lower(hint.lower() + extra);
+                if let Some(upper) = hint.upper() {
+                    out.set_upper(upper + extra);
+                }
+                out
+            }
+        }
+    }
+}
+
+/// A request body after the first read: replayable, or streaming (one attempt only).
+#[derive(Debug)]
+pub enum Prepared {
+    /// Buffered or empty; each attempt gets a copy.
+    Replayable(Option<Bytes>),
+    /// Streaming; taken by the first attempt.
+    Streaming(Option<UpstreamBody>, Arc<StreamWatch>),
+}
+
+impl Prepared {
+    /// The body for the next attempt, if one can still be made.
+    pub fn attempt(&mut self) -> Option<UpstreamBody> {
+        match self {
+            Prepared::Replayable(data) => Some(UpstreamBody::Full(data.clone())),
+            Prepared::Streaming(body, _) => body.take(),
+        }
+    }
+
+    /// Whether the body can be sent more than once.
+    pub fn replayable(&self) -> bool {
+        matches!(self, Prepared::Replayable(_))
+    }
+
+    /// The stream's watch, for a streaming body.
+    pub fn watch(&self) -> Option<&StreamWatch> {
+        match self {
+            Prepared::Streaming(_, watch) => Some(watch),
+            Prepared::Replayable(_) => None,
+        }
+    }
+}
+
+/// Reads the start of a request body: all of it up to `buffer_limit`, then streams.
+pub async fn prepare(
+    mut body: Incoming,
+    content_length: Option<u64>,
+    buffer_limit: u64,
+    max_body: u64,
+) -> Result<Prepared, GatewayError> {
+    if let Some(length) = content_length {
+        if length > max_body {
+            return Err(GatewayError::BodyTooLarge);
+        }
+        if length == 0 {
+            return Ok(Prepared::Replayable(None));
+        }
+        if length > buffer_limit {
+            return Ok(streaming(None, body, 0, max_body));
+        }
+    } else if body.is_end_stream() {
+        return Ok(Prepared::Replayable(None));
+    }
+    let mut buffer = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => {
+                let data = (!buffer.is_empty()).then(|| buffer.freeze());
+                return Ok(Prepared::Replayable(data));
+            }
+            Some(Err(error)) => return Err(GatewayError::ClientBody(error.to_string())),
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue; // trailers are not forwarded
+                };
+                buffer.extend_from_slice(&data);
+                let seen = buffer.len() as u64;
+                if seen > max_body {
+                    return Err(GatewayError::BodyTooLarge);
+                }
+                if seen > buffer_limit {
+                    return Ok(streaming(Some(buffer.freeze()), body, seen, max_body));
+                }
+            }
+        }
+    }
+}
+
+fn streaming(prefix: Option<Bytes>, inner: Incoming, seen: u64, limit: u64) -> Prepared {
+    let watch = Arc::new(StreamWatch::default());
+    Prepared::Streaming(
+        Some(UpstreamBody::Stream {
+            prefix,
+            inner,
+            seen,
+            limit,
+            watch: watch.clone(),
+        }),
+        watch,
+    )
+}
+
+/// A response body to the client: the worker's stream, or the gateway's own bytes.
+#[derive(Debug)]
+pub enum ResponseBody {
+    /// Made by the gateway (errors, admin).
+    Full(Option<Bytes>),
+    /// Streaming from a worker; holds the worker's in-flight count until it ends.
+    Upstream {
+        /// The worker's body.
+        inner: Incoming,
+        /// Released at the end of the body.
+        guard: Option<InFlight>,
+    },
+}
+
+impl ResponseBody {
+    /// A body of fixed bytes.
+    pub fn full(data: Bytes) -> Self {
+        ResponseBody::Full((!data.is_empty()).then_some(data))
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        ResponseBody::Full(None)
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseBody::Upstream { inner, guard } => {
+                let frame = ready!(Pin::new(inner).poll_frame(cx));
+                if !matches!(frame, Some(Ok(_))) {
+                    guard.take();
+                }
+                Poll::Ready(frame)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full(data) => data.is_none(),
+            ResponseBody::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(None) => SizeHint::with_exact(0),
+            ResponseBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
+            ResponseBody::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Errors of the request path, and the one place where they become responses.
+//!
+//! [`UpstreamError`] is what went wrong with one attempt at one worker. It carries the two facts
+//! the retry decision needs — did the request reach the worker, and is another attempt safe —
+//! as fields, never as string matching. [`GatewayError`] is why the gateway answers a request
+//! itself; [`GatewayError::to_response`] maps every kind to a status and a short JSON body, so
+//! the mapping lives here and nowhere else.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::ResponseBody;
+
+/// What happened to one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// TCP connect refused, unreachable or timed out: the worker never saw the request.
+    Connect,
+    /// The connection broke (reset, closed) after the request may have been sent.
+    Reset,
+    /// No response headers within `timeouts.response_header`.
+    Timeout,
+    /// The worker answered something that is not HTTP, or broke the protocol.
+    Protocol,
+}
+
+/// One failed attempt at one worker.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind:?} error from worker: {detail}")]
+pub struct UpstreamError {
+    /// What happened.
+    pub kind: UpstreamErrorKind,
+    /// Whether the request may have reached the worker (false only when provably not).
+    pub reached: bool,
+    /// The underlying error, in words (for logs).
+    pub detail: String,
+}
+
+impl UpstreamError {
+    /// Classifies an error of the pooled client.
+    pub fn from_client(error: &hyper_util::client::legacy::Error) -> Self {
+        let detail = chain(error);
+        if error.is_connect() {
+            // The legacy client reports connect failures (refused, timed out) as such; a reused
+            // idle connection that was closed before any byte was written is retried by the
+            // client itself (retry_canceled_requests), so it never shows up here.
+            return UpstreamError {
+                kind: UpstreamErrorKind::Connect,
+                reached: false,
+                detail,
+            };
+        }
+        let hyper_error = find::<hyper::Error>(error);
+        let kind = match hyper_error {
+            Some(e) if e.is_parse() || e.is_parse_status() => UpstreamErrorKind::Protocol,
+            _ => UpstreamErrorKind::Reset,
+        };
+        UpstreamError {
+            kind,
+            reached: true,
+            detail,
+        }
+    }
+
+    /// The attempt ran out of time waiting for response headers.
+    pub fn timeout() -> Self {
+        UpstreamError {
+            kind: UpstreamErrorKind::Timeout,
+            reached: true,
+            detail: "no response headers in time".into(),
+        }
+    }
+
+    /// Whether another attempt elsewhere is safe: always when the worker never saw the request;
+    /// for idempotent requests also after a reset (or a timeout, when `retry_timeouts`).
+    pub fn retry_safe(&self, idempotent: bool, retry_timeouts: bool) -> bool {
+        match self.kind {
+            _ if !self.reached => true,
+            UpstreamErrorKind::Reset => idempotent,
+            UpstreamErrorKind::Timeout => idempotent && retry_timeouts,
+            UpstreamErrorKind::Connect | UpstreamErrorKind::Protocol => false,
+        }
+    }
+
+    /// The retry reason label.
+    pub fn reason(&self) -> &'static str {
+        match self.kind {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Protocol => "protocol",
+        }
+    }
+}
+
+/// The innermost source of type `T` in an error chain.
+fn find<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(error);
+    let mut found = None;
+    while let Some(e) = current {
+        if let Some(t) = e.downcast_ref::<T>() {
+            found = Some(t);
+        }
+        current = e.source();
+    }
+    found
+}
+
+/// The whole chain of an error, `a: b: c`.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut current = error.source();
+    while let Some(e) = current {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        current = e.source();
+    }
+    text
+}
+
+/// Why the gateway answers a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No worker can take new requests (none healthy and routable, or all tried).
+    #[error("no worker available")]
+    NoWorker,
+    /// Every candidate is at its in-flight limit.
+    #[error("all workers at their in-flight limit")]
+    AllBusy,
+    /// The open-connection limit is reached.
+    #[error("too many client connections")]
+    TooManyConnections,
+    /// The last attempt failed and no retry was possible.
+    #[error("worker failed: {0}")]
+    Upstream(UpstreamError),
+    /// The whole-request deadline passed while waiting for a worker.
+    #[error("timed out waiting for a worker")]
+    UpstreamTimeout,
+    /// The client was too slow sending its request.
+    #[error("client too slow sending the request")]
+    ClientTimeout,
+    /// The request body is over `limits.max_body_bytes`.
+    #[error("request body too large")]
+    BodyTooLarge,
+    /// The request head is over `limits.max_header_bytes`.
+    #[error("request headers too large")]
+    HeadersTooLarge,
+    /// The request body could not be read from the client.
+    #[error("could not read the request body: {0}")]
+    ClientBody(String),
+    /// The request is not something the gateway can forward.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+}
+
+impl GatewayError {
+    /// Status, snake_case kind and a short message for the client.
+    pub fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            GatewayError::NoWorker => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_worker_available",
+                "no worker can take this request right now",
+            ),
+            GatewayError::AllBusy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "workers_busy",
+                "every worker is at its in-flight limit",
+            ),
+            GatewayError::TooManyConnections => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                "the gateway is at its connection limit",
+            ),
+            GatewayError::Upstream(error) if !error.reached => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_worker_available",
+                "no worker could be reached",
+            ),
+            GatewayError::Upstream(error) if error.kind == UpstreamErrorKind::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the worker did not answer in time",
+            ),
+            GatewayError::Upstream(_) => (
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                "the worker failed to answer",
+            ),
+            GatewayError::UpstreamTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "no worker answered in time",
+            ),
+            GatewayError::ClientTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request was not received in time",
+            ),
+            GatewayError::BodyTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the request body is too large",
+            ),
+            GatewayError::HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                "the request headers are too large",
+            ),
+            GatewayError::ClientBody(_) => (
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the request body could not be read",
+            ),
+            GatewayError::BadRequest(message) => (StatusCode::BAD_REQUEST, "bad_request", message),
+        }
+    }
+
+    /// The client's response: status plus `{"error","message","request_id"}`.
+    pub fn to_response(&self, request_id: &str) -> Response<ResponseBody> {
+        let (status, kind, message) = self.parts();
+        json_error(status, kind, message, request_id)
+    }
+}
+
+/// A JSON error response (also used by the admin API).
+pub fn json_error(
+    status: StatusCode,
+    kind: &str,
+    message: &str,
+    request_id: &str,
+) -> Response<ResponseBody> {
+    let body = serde_json::json!({
+        "error": kind,
+        "message": message,
+        "request_id": request_id,
+    });
+    let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        headers.insert(crate::headers::REQUEST_ID, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(kind: UpstreamErrorKind, reached: bool) -> UpstreamError {
+        UpstreamError {
+            kind,
+            reached,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn retry_safety_depends_on_reach_and_method() {
+        let connect = err(UpstreamErrorKind::Connect, false);
+        assert!(
+            connect.retry_safe(false, false),
+            "never reached: any method"
+        );
+        let reset = err(UpstreamErrorKind::Reset, true);
+        assert!(reset.retry_safe(true, false));
+        assert!(
+            !reset.retry_safe(false, true),
+            "POST after a reset: not safe"
+        );
+        let timeout = UpstreamError::timeout();
+        assert!(timeout.retry_safe(true, true));
+        assert!(!timeout.retry_safe(true, false));
+        assert!(!timeout.retry_safe(false, true));
+        assert!(!err(UpstreamErrorKind::Protocol, true).retry_safe(true, true));
+    }
+
+    #[test]
+    fn each_kind_has_its_status() {
+        let cases = [
+            (GatewayError::NoWorker, 503),
+            (GatewayError::AllBusy, 503),
+            (GatewayError::TooManyConnections, 503),
+            (
+                GatewayError::Upstream(err(UpstreamErrorKind::Connect, false)),
+                503,
+            ),
+            (
+                GatewayError::Upstream(err(UpstreamErrorKind::Reset, true)),
+                502,
+            ),
+            (GatewayError::Upstream(UpstreamError::timeout()), 504),
+            (GatewayError::UpstreamTimeout, 504),
+            (GatewayError::ClientTimeout, 408),
+            (GatewayError::BodyTooLarge, 413),
+            (GatewayError::HeadersTooLarge, 431),
+            (GatewayError::BadRequest("x"), 400),
+        ];
+        for (error, status) in cases {
+            assert_eq!(error.parts().0.as_u16(), status, "{error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn error_body_is_json_with_the_request_id() {
+        use http_body_util::BodyExt;
+        let response = GatewayError::NoWorker.to_response("abc-1");
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        assert_eq!(response.headers()["x-request-id"], "abc-1");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"], "no_worker_available");
+        assert_eq!(json["request_id"], "abc-1");
+        assert!(json["message"].as_str().unwrap().len() > 5);
+    }
+}

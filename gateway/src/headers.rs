@@ -1,0 +1,199 @@
+//! Header handling of the request path: hop-by-hop removal, request ids, forwarding headers, size.
+//!
+//! Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection, not the message, so a proxy
+//! must drop them — the fixed list plus every name listed in `Connection`. The request id is
+//! kept when the client sent a sane one (≤ 128 characters of `[A-Za-z0-9._-]`), else generated:
+//! a random per-process prefix and a counter, unique and cheap.
+
+use std::net::IpAddr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `x-request-id`.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `x-forwarded-for`.
+pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `x-forwarded-proto`.
+pub const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Hop-by-hop headers always removed.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including those named in `Connection`, and `Upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Names listed in Connection go too; collect them before Connection itself is removed.
+    // (An empty Vec does not allocate, so the common case costs nothing.)
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP.iter() {
+        headers.remove(name);
+    }
+    // Upgrades (WebSocket) are not proxied; pass the request on as plain HTTP.
+    headers.remove(header::UPGRADE);
+}
+
+/// Whether a client-sent request id may be kept.
+pub fn is_sane_request_id(value: &[u8]) -> bool {
+    !value.is_empty()
+        && value.len() <= 128
+        && value
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The request's id: the client's when sane, otherwise a new one (also set in `headers`).
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(value) = headers.get(&REQUEST_ID)
+        && is_sane_request_id(value.as_bytes())
+    {
+        return value.clone();
+    }
+    let value = new_request_id();
+    headers.insert(REQUEST_ID, value.clone());
+    value
+}
+
+/// A new request id: 16 hex digits of per-process randomness, a dash, a counter.
+pub fn new_request_id() -> HeaderValue {
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(rand::random::<u64>);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let text = format!("{prefix:016x}-{n:x}");
+    HeaderValue::from_str(&text).expect("hex digits are a valid header value")
+}
+
+/// Appends the client's address to `X-Forwarded-For` and sets `X-Forwarded-Proto`.
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
+    let ip = client.to_string();
+    let value = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(previous) if !previous.trim().is_empty() => format!("{previous}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(FORWARDED_FOR, value);
+    }
+    // We are the edge: what the client claims about the scheme is not trusted.
+    headers.insert(FORWARDED_PROTO, HeaderValue::from_static(proto));
+}
+
+/// Size of the request head as the limit counts it: target plus every `name: value\r\n`.
+pub fn head_size(uri: &http::Uri, headers: &HeaderMap) -> usize {
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len());
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + target
+}
+
+/// Whether retrying this method is safe by definition (RFC 9110 §9.2.2).
+pub fn is_idempotent(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::OPTIONS
+            | http::Method::TRACE
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_listed_ones_go() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert("x-secret", "1".parse().unwrap());
+        headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        headers.insert(header::TE, "trailers".parse().unwrap());
+        headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+        headers.insert("proxy-authorization", "Basic x".parse().unwrap());
+        headers.insert("x-herd-worker", "w1".parse().unwrap());
+        headers.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-herd-worker", "content-type"]);
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane() {
+        assert!(is_sane_request_id(b"abc-123_x.y"));
+        assert!(!is_sane_request_id(b""));
+        assert!(!is_sane_request_id(b"has space"));
+        assert!(!is_sane_request_id(b"semi;colon"));
+        assert!(!is_sane_request_id(&[b'a'; 129]));
+        assert!(is_sane_request_id(&[b'a'; 128]));
+
+        let mut headers = HeaderMap::new();
+        headers.insert(REQUEST_ID, "client-id-1".parse().unwrap());
+        assert_eq!(ensure_request_id(&mut headers), "client-id-1");
+
+        let mut headers = HeaderMap::new();
+        headers.insert(REQUEST_ID, "bad id!".parse().unwrap());
+        let id = ensure_request_id(&mut headers);
+        assert_ne!(id, "bad id!");
+        assert!(is_sane_request_id(id.as_bytes()));
+        assert_eq!(headers[&REQUEST_ID], id);
+    }
+
+    #[test]
+    fn generated_ids_are_unique() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert!(is_sane_request_id(a.as_bytes()));
+    }
+
+    #[test]
+    fn forwarded_for_appends_and_proto_is_overwritten() {
+        let mut headers = HeaderMap::new();
+        add_forwarded(&mut headers, "10.0.0.1".parse().unwrap(), "http");
+        assert_eq!(headers[&FORWARDED_FOR], "10.0.0.1");
+        headers.insert(FORWARDED_PROTO, "https".parse().unwrap());
+        add_forwarded(&mut headers, "127.0.0.1".parse().unwrap(), "http");
+        assert_eq!(headers[&FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+        assert_eq!(headers[&FORWARDED_PROTO], "http");
+    }
+
+    #[test]
+    fn idempotent_methods() {
+        assert!(is_idempotent(&http::Method::GET));
+        assert!(is_idempotent(&http::Method::PUT));
+        assert!(is_idempotent(&http::Method::DELETE));
+        assert!(!is_idempotent(&http::Method::POST));
+        assert!(!is_idempotent(&http::Method::PATCH));
+    }
+
+    #[test]
+    fn head_size_counts_target_and_headers() {
+        let uri: http::Uri = "/abc?d=1".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-a", "12345".parse().unwrap());
+        assert_eq!(head_size(&uri, &headers), 8 + 3 + 5 + 4);
+    }
+}

@@ -1,0 +1,385 @@
+//! Prometheus metrics of the gateway, served as text on the admin port's `/metrics`.
+//!
+//! What changes on every request (per-worker response counts, in-flight, the latency histogram)
+//! lives in plain atomics — in [`crate::balancer::Worker`] or in [`LatencyHistogram`] — and is read
+//! only when scraped, through a [`Collector`]; the request path never takes a lock for metrics.
+//! Rare events (retries, state changes, the gateway's own error responses) use
+//! prometheus-client's label families.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::Exemplar;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::balancer::worker::{CLASSES, Status};
+use crate::balancer::{Clock, Table};
+
+/// Labels of one label: `[(name, value)]`.
+type One = [(&'static str, String); 1];
+
+/// Labels of a state change.
+type ChangeLabels = [(&'static str, String); 3];
+
+/// The gateway's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// Latency from a request's arrival to its response headers, all attempts included.
+    pub latency: Arc<LatencyHistogram>,
+    retries: Family<One, Counter>,
+    retries_refused: Family<One, Counter>,
+    errors: Family<One, Counter>,
+    changes: Family<ChangeLabels, Counter>,
+    /// Client connections refused because `limits.max_connections` was reached.
+    pub connections_refused: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every gateway-wide metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("herd_gateway");
+        let retries = Family::<One, Counter>::default();
+        registry.register(
+            "retries",
+            "Requests sent again to another worker, by reason",
+            retries.clone(),
+        );
+        let retries_refused = Family::<One, Counter>::default();
+        registry.register(
+            "retries_refused",
+            "Retries not made although safe, by limit (budget, max_attempts)",
+            retries_refused.clone(),
+        );
+        let errors = Family::<One, Counter>::default();
+        registry.register(
+            "errors",
+            "Error responses made by the gateway itself, by kind",
+            errors.clone(),
+        );
+        let changes = Family::<ChangeLabels, Counter>::default();
+        registry.register(
+            "worker_state_changes",
+            "Routing state changes of workers, by new state and source of the reason",
+            changes.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Client connections answered 503 because limits.max_connections was reached",
+            connections_refused.clone(),
+        );
+        let latency = Arc::new(LatencyHistogram::default());
+        Metrics {
+            registry: Mutex::new(registry),
+            latency,
+            retries,
+            retries_refused,
+            errors,
+            changes,
+            connections_refused,
+        }
+    }
+
+    /// Adds the per-worker metrics, read from the balancer's table at scrape time.
+    pub fn watch_workers(&self, table: Arc<ArcSwap<Table>>, clock: Clock, slow_start_ns: u64) {
+        let collector = WorkerCollector {
+            table,
+            clock,
+            slow_start_ns,
+            latency: self.latency.clone(),
+        };
+        self.registry
+            .lock()
+            .unwrap()
+            .register_collector(Box::new(collector));
+    }
+
+    /// Counts a retry.
+    pub fn retry(&self, reason: &'static str) {
+        self.retries
+            .get_or_create(&[("reason", reason.to_string())])
+            .inc();
+    }
+
+    /// Counts a safe retry that a limit refused.
+    pub fn retry_refused(&self, limit: &'static str) {
+        self.retries_refused
+            .get_or_create(&[("limit", limit.to_string())])
+            .inc();
+    }
+
+    /// Counts an error response made by the gateway.
+    pub fn error(&self, kind: &'static str) {
+        self.errors
+            .get_or_create(&[("kind", kind.to_string())])
+            .inc();
+    }
+
+    /// Counts a worker's state change; `source` is the kind of reason (admin, registry, active,
+    /// passive).
+    pub fn state_change(&self, worker: &str, to: &str, source: &str) {
+        self.changes
+            .get_or_create(&[
+                ("worker", worker.to_string()),
+                ("to", to.to_string()),
+                ("source", source.to_string()),
+            ])
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut text = String::with_capacity(8192);
+        let registry = self.registry.lock().unwrap();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text
+    }
+}
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A lock-free latency histogram (prometheus-client's own one takes a mutex per observation).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Non-cumulative counts; the last slot is +Inf.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one latency.
+    #[inline]
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let slot = BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(BUCKETS.len());
+        self.counts[slot].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count, per-bucket counts); the encoder makes the buckets cumulative.
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut total = 0;
+        let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
+        for (index, count) in self.counts.iter().enumerate() {
+            let count = count.load(Ordering::Relaxed);
+            total += count;
+            let bound = BUCKETS.get(index).copied().unwrap_or(f64::INFINITY);
+            buckets.push((bound, count));
+        }
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        (sum, total, buckets)
+    }
+}
+
+/// Reads per-worker values from the balancer's table on each scrape.
+#[derive(Debug)]
+struct WorkerCollector {
+    table: Arc<ArcSwap<Table>>,
+    clock: Clock,
+    slow_start_ns: u64,
+    latency: Arc<LatencyHistogram>,
+}
+
+const STATES: [Status; 7] = [
+    Status::Removed,
+    Status::Drained,
+    Status::Draining,
+    Status::Down,
+    Status::Ejected,
+    Status::SlowStart,
+    Status::Healthy,
+];
+
+impl Collector for WorkerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = self.latency.snapshot();
+        let mut metric = encoder.encode_descriptor(
+            "request_duration_seconds",
+            "Time from a request's arrival to its response headers, retries included",
+            None,
+            MetricType::Histogram,
+        )?;
+        metric.encode_histogram::<NoLabelSet>(
+            sum,
+            count,
+            &buckets,
+            None::<&HashMap<usize, Exemplar<NoLabelSet, f64>>>,
+        )?;
+
+        let table = self.table.load();
+        let now = self.clock.now();
+        let label = |w: &crate::balancer::Worker| [("worker", w.id().to_string())];
+
+        let mut metric = encoder.encode_descriptor(
+            "worker_responses",
+            "Responses from each worker by status class (error = no response)",
+            None,
+            MetricType::Counter,
+        )?;
+        for worker in table.workers.iter() {
+            for (index, class) in CLASSES.iter().enumerate() {
+                let labels = [
+                    ("worker", worker.id().to_string()),
+                    ("class", class.to_string()),
+                ];
+                let value = worker.counters.responses[index].load(Ordering::Relaxed);
+                metric
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+            }
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "worker_in_flight",
+            "Requests in flight to each worker",
+            None,
+            MetricType::Gauge,
+        )?;
+        for worker in table.workers.iter() {
+            metric
+                .encode_family(&label(worker))?
+                .encode_gauge(&(worker.in_flight() as i64))?;
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "worker_healthy",
+            "1 when the worker takes new requests (healthy or in slow start), else 0",
+            None,
+            MetricType::Gauge,
+        )?;
+        for worker in table.workers.iter() {
+            let status = worker.status(now, self.slow_start_ns);
+            let healthy = matches!(status, Status::Healthy | Status::SlowStart);
+            metric
+                .encode_family(&label(worker))?
+                .encode_gauge(&(healthy as i64))?;
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "worker_state",
+            "1 for each worker's current state, by precedence",
+            None,
+            MetricType::Gauge,
+        )?;
+        for worker in table.workers.iter() {
+            let status = worker.status(now, self.slow_start_ns);
+            for state in STATES {
+                let labels = [
+                    ("worker", worker.id().to_string()),
+                    ("state", state.as_str().to_string()),
+                ];
+                metric
+                    .encode_family(&labels)?
+                    .encode_gauge(&((state == status) as i64))?;
+            }
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "worker_ejections",
+            "Passive ejections of each worker",
+            None,
+            MetricType::Counter,
+        )?;
+        for worker in table.workers.iter() {
+            let value = worker.counters.ejections.load(Ordering::Relaxed);
+            metric
+                .encode_family(&label(worker))?
+                .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "worker_latency_ewma_seconds",
+            "Peak-EWMA latency estimate of each worker",
+            None,
+            MetricType::Gauge,
+        )?;
+        for worker in table.workers.iter() {
+            metric
+                .encode_family(&label(worker))?
+                .encode_gauge(&(worker.ewma.get(now) / 1e9))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_renders_cumulative_buckets() {
+        let histogram = LatencyHistogram::default();
+        histogram.observe(Duration::from_micros(100));
+        histogram.observe(Duration::from_millis(3));
+        histogram.observe(Duration::from_secs(60));
+        let (sum, count, buckets) = histogram.snapshot();
+        assert_eq!(count, 3);
+        assert!((sum - 60.0031).abs() < 1e-6);
+        assert_eq!(buckets[0], (0.0005, 1));
+        assert_eq!(buckets[3], (0.005, 1));
+        assert_eq!(buckets.last().unwrap().1, 1);
+        // Rendered through prometheus-client, the buckets add up.
+        let metrics = Metrics::new();
+        metrics.latency.observe(Duration::from_micros(100));
+        metrics.latency.observe(Duration::from_millis(3));
+        metrics.watch_workers(
+            Arc::new(ArcSwap::from_pointee(Table::default())),
+            Clock::new(),
+            0,
+        );
+        let text = metrics.render();
+        assert!(
+            text.contains("herd_gateway_request_duration_seconds_bucket{le=\"0.005\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("herd_gateway_request_duration_seconds_bucket{le=\"+Inf\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("herd_gateway_request_duration_seconds_count 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn render_has_the_gateway_families() {
+        let metrics = Metrics::new();
+        metrics.retry("connect");
+        metrics.error("no_worker_available");
+        metrics.state_change("w1", "down", "active");
+        let text = metrics.render();
+        assert!(
+            text.contains("herd_gateway_retries_total{reason=\"connect\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("herd_gateway_errors_total{kind=\"no_worker_available\"} 1"));
+        assert!(text.contains(
+            "herd_gateway_worker_state_changes_total{worker=\"w1\",to=\"down\",source=\"active\"} 1"
+        ));
+    }
+}

@@ -1,0 +1,277 @@
+//! Listeners, connections and the gateway's lifetime: start everything, serve, shut down.
+//!
+//! [`run`] takes bound listeners, the configuration and a shutdown future (mini-redis style), so
+//! tests run a whole gateway in-process on `127.0.0.1:0` with their own shutdown signal. On
+//! shutdown the listeners stop accepting, health checks and the registry stop, and open
+//! connections finish their in-flight requests (up to `timeouts.shutdown_grace`).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::admin::Admin;
+use crate::balancer::health::{self, HttpProbe};
+use crate::balancer::{Balancer, MembershipError, registry};
+use crate::config::GatewayConfig;
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+
+/// The two bound listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Clients' traffic.
+    pub public: TcpListener,
+    /// Admin API, health and metrics.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both listeners from the configuration.
+    pub async fn bind(config: &GatewayConfig) -> std::io::Result<Self> {
+        let public = TcpListener::bind(config.listen).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
+        })?;
+        let admin = TcpListener::bind(config.admin.listen).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {} (admin): {e}", config.admin.listen),
+            )
+        })?;
+        Ok(Listeners { public, admin })
+    }
+
+    /// Prints one `{"event":"listening",...}` line per listener on stdout, flushed, so scripts
+    /// and tests find ports chosen by the OS.
+    pub fn announce(&self) -> std::io::Result<()> {
+        let mut out = std::io::stdout().lock();
+        for (role, listener) in [("public", &self.public), ("admin", &self.admin)] {
+            // Written by hand to keep the documented key order (serde_json sorts keys).
+            let addr = listener.local_addr()?;
+            writeln!(
+                out,
+                r#"{{"event":"listening","role":"{role}","addr":"{addr}"}}"#
+            )?;
+        }
+        out.flush()
+    }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A configured worker could not be added.
+    #[error("worker list: {0}")]
+    Workers(#[from] MembershipError),
+}
+
+/// Runs the gateway until `shutdown` completes, then drains connections and returns.
+pub async fn run(
+    listeners: Listeners,
+    config: GatewayConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let metrics = Arc::new(Metrics::new());
+    let probe = Arc::new(HttpProbe::new(&config.health));
+    let health_config = config.health.clone();
+    let balancer = Arc::new(Balancer::new(
+        &config,
+        metrics.clone(),
+        Box::new(move |worker, notifier| {
+            tokio::spawn(health::run(
+                worker,
+                probe.clone(),
+                health_config.clone(),
+                notifier,
+            ));
+        }),
+    ));
+    balancer.watch_metrics(&metrics);
+    for addr in &config.workers {
+        balancer.add(balancer.static_spec(addr))?;
+    }
+    let stop = CancellationToken::new();
+    if config.registry.enabled {
+        tokio::spawn(registry::run(
+            balancer.clone(),
+            config.redis.clone(),
+            config.registry.clone(),
+            stop.clone(),
+        ));
+    }
+    let proxy = Arc::new(Proxy::new(&config, balancer.clone(), metrics.clone()));
+    let admin = Arc::new(Admin::new(
+        balancer.clone(),
+        metrics.clone(),
+        config.admin.token.clone(),
+    ));
+    let builder = connection_builder(&config);
+    let graceful = GracefulShutdown::new();
+    let open = Arc::new(AtomicUsize::new(0));
+    let max_connections = config.limits.max_connections;
+    info!(
+        public = %listeners.public.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        admin = %listeners.admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        workers = config.workers.len(),
+        registry = config.registry.enabled,
+        "gateway started"
+    );
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listeners.public.accept() => {
+                let Some((stream, peer)) = accepted_or_log(accepted) else { continue };
+                let guard = ConnectionSlot::take(&open);
+                if guard.count > max_connections {
+                    metrics.connections_refused.inc();
+                    serve_refusal(&builder, &graceful, stream, guard);
+                    continue;
+                }
+                let proxy = proxy.clone();
+                let service = service_fn(move |request: hyper::Request<Incoming>| {
+                    let proxy = proxy.clone();
+                    async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
+                });
+                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        debug!(peer = %peer, error = %error, "client connection ended with an error");
+                    }
+                    drop(guard);
+                });
+            }
+            accepted = listeners.admin.accept() => {
+                let Some((stream, _)) = accepted_or_log(accepted) else { continue };
+                let admin = admin.clone();
+                let service = service_fn(move |request: hyper::Request<Incoming>| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(&request)) }
+                });
+                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+
+    info!(
+        open_connections = graceful.count(),
+        "shutting down: finishing in-flight requests"
+    );
+    drop(listeners);
+    stop.cancel();
+    balancer.stop();
+    if tokio::time::timeout(config.timeouts.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            grace = %humantime_serde::re::humantime::format_duration(config.timeouts.shutdown_grace),
+            "shutdown grace over; closing the remaining connections"
+        );
+    }
+    info!("gateway stopped");
+    Ok(())
+}
+
+/// The HTTP/1.1 + HTTP/2 (cleartext) connection settings for clients.
+fn connection_builder(config: &GatewayConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper answers 431 (without a body) beyond its buffer; between our limit and that buffer we
+    // answer ourselves with the JSON error.
+    let buffer = (config.limits.max_header_bytes + 16 * 1024).max(8192);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.timeouts.client_idle)
+        .max_buf_size(buffer)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(buffer).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(config.timeouts.client_idle / 2))
+        .keep_alive_timeout(config.timeouts.client_idle / 2);
+    builder
+}
+
+fn accepted_or_log(
+    accepted: std::io::Result<(TcpStream, SocketAddr)>,
+) -> Option<(TcpStream, SocketAddr)> {
+    match accepted {
+        Ok((stream, peer)) => {
+            let _ = stream.set_nodelay(true);
+            Some((stream, peer))
+        }
+        Err(error) => {
+            // E.g. out of file descriptors: log and keep accepting.
+            warn!(error = %error, "accept failed");
+            None
+        }
+    }
+}
+
+/// Counts an open client connection for `limits.max_connections`.
+struct ConnectionSlot {
+    open: Arc<AtomicUsize>,
+    count: usize,
+}
+
+impl ConnectionSlot {
+    fn take(open: &Arc<AtomicUsize>) -> Self {
+        let count = open.fetch_add(1, Ordering::Relaxed) + 1;
+        ConnectionSlot {
+            open: open.clone(),
+            count,
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Answers every request of a connection over the limit with 503 and closes it.
+fn serve_refusal(
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    stream: TcpStream,
+    guard: ConnectionSlot,
+) {
+    let service = service_fn(|_request: hyper::Request<Incoming>| async {
+        let id = crate::headers::new_request_id();
+        let mut response = GatewayError::TooManyConnections.to_response(id.to_str().unwrap_or("-"));
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        Ok::<_, Infallible>(response)
+    });
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
+    let connection = graceful.watch(connection);
+    tokio::spawn(async move {
+        let _ = connection.await;
+        drop(guard);
+    });
+}
