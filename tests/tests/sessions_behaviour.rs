@@ -466,3 +466,62 @@ async fn reads_refresh_the_idle_ttl_at_most_once_per_touch_interval() {
         "TTL not refreshed: {ttl_before} -> {ttl_after}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_through_the_old_id_during_its_grace_never_gets_a_new_id() {
+    let setup = setup(2, &[("HERD_WORKER_SESSION__REGENERATE_GRACE", "10s")]);
+    let (w1, w2) = (&setup.workers[0], &setup.workers[1]);
+    let client = plain_client();
+    // Whoever planted or kept the pre-login id…
+    let planted = login(&client, w1, "ann", None).await;
+    assert_eq!(add_item(&client, w1, &planted, "apple").await.0, 200);
+    // …sees the user log in: the session moves to a new id, the old one is an alias for a while.
+    let current = login(&client, w2, "ann", Some(&planted)).await;
+    assert_ne!(current, planted);
+
+    // A login through the alias must not mint an id for the session it points to.
+    let response = client
+        .post(w1.url("/login"))
+        .header("cookie", cookie(&planted))
+        .json(&json!({ "user": "mallory" }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let set = set_session_cookie(&response);
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(
+        (status, body["error"].as_str(), set),
+        (409, Some("session_ended"), None),
+        "{body}"
+    );
+    // The user's session stays where it is, untouched.
+    let mut con = setup.redis.connection().await;
+    let fields: HashMap<String, String> = con
+        .hgetall(format!("{}session:{current}", setup.prefix))
+        .await
+        .unwrap();
+    assert!(!fields.contains_key("moved_to"), "{fields:?}");
+    let (status, me) = get_json(&client, w2, "/me", &current).await;
+    assert_eq!((status, me["user"].as_str()), (200, Some("ann")));
+    let (_, cart) = get_json(&client, w2, "/cart", &current).await;
+    assert_eq!(item_names(&cart), vec!["apple"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logging_in_as_another_user_does_not_inherit_the_previous_users_data() {
+    let setup = setup(1, &[]);
+    let worker = &setup.workers[0];
+    let client = plain_client();
+    let bob = login(&client, worker, "bob", None).await;
+    assert_eq!(add_item(&client, worker, &bob, "beer").await.0, 200);
+    // Same browser, no logout, ann logs in: she gets a session of her own, not bob's cart.
+    let ann = login(&client, worker, "ann", Some(&bob)).await;
+    let (status, cart) = get_json(&client, worker, "/cart", &ann).await;
+    assert_eq!((status, item_names(&cart)), (200, Vec::<String>::new()));
+    // Logging in again as the same user keeps the data.
+    assert_eq!(add_item(&client, worker, &ann, "tea").await.0, 200);
+    let again = login(&client, worker, "ann", Some(&ann)).await;
+    let (_, cart) = get_json(&client, worker, "/cart", &again).await;
+    assert_eq!(item_names(&cart), vec!["tea"]);
+}

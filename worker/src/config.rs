@@ -273,7 +273,12 @@ impl Validate for WorkerConfig {
             ));
         }
         if let Some(domain) = &s.cookie_domain
-            && (domain.is_empty() || domain.contains([';', ' ', ',']))
+            // Sent in every Set-Cookie header: only visible ASCII can be, and `;` `,` would split
+            // the attribute.
+            && (domain.is_empty()
+                || !domain
+                    .chars()
+                    .all(|c| c.is_ascii_graphic() && c != ';' && c != ','))
         {
             return Err(ConfigError::new("session.cookie_domain", "not a domain"));
         }
@@ -430,6 +435,16 @@ mod tests {
             ("HERD_WORKER_SENTINEL__ADDRS", "a:1,nope", "sentinel.addrs"),
             ("HERD_WORKER_ID", "w 1", "id"),
             ("HERD_WORKER_MACHINE", "mäschine", "machine"),
+            (
+                "HERD_WORKER_SESSION__COOKIE_DOMAIN",
+                "exa\u{1}mple.com",
+                "session.cookie_domain",
+            ),
+            (
+                "HERD_WORKER_SESSION__COOKIE_DOMAIN",
+                "exämple.com",
+                "session.cookie_domain",
+            ),
         ];
         for (var, value, key) in cases {
             let error = load_env(&[(var, value)]).unwrap_err();

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use axum::extract::{FromRequest, Query, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
@@ -28,6 +28,8 @@ pub const MAX_WORK_MS: u64 = 1_000;
 const MAX_USER_LEN: usize = 64;
 const MAX_ITEM_LEN: usize = 100;
 const MAX_QTY: u32 = 1_000;
+/// Largest request body the demo routes read (their JSON is tiny); more is a 413.
+const MAX_BODY_BYTES: usize = 16 * 1024;
 
 /// Serves the demo app on `listener` until `shutdown`, then drains (what the binary runs).
 pub async fn run<F>(
@@ -51,6 +53,7 @@ pub fn router() -> Router {
         .route("/logout", post(logout))
         .route("/logout-everywhere", post(logout_everywhere))
         .route("/work", get(work))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
 /// `Json<T>` whose rejections are herd's JSON errors (400 bad JSON, 422 wrong shape).
@@ -128,7 +131,11 @@ async fn login(
             "user must be 1–{MAX_USER_LEN} characters of letters, digits, _ - . @"
         )));
     }
-    // A new id on login (no fixation); the data (e.g. a cart filled before login) is kept.
+    // A new id on login (no fixation); the data (e.g. a cart filled before login) is kept —
+    // unless the session belonged to another user, whose data must not pass to this one.
+    if session.user().await?.is_some_and(|current| current != user) {
+        session.clear().await?;
+    }
     session.regenerate().await;
     session.set_user(Some(user)).await?;
     session.insert("user", user).await?;
@@ -301,6 +308,22 @@ mod tests {
         assert_eq!(body["error"], "invalid_body");
         let (status, _, body) = call(post("/login", r#"{"user":"a b"}"#)).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    }
+
+    #[tokio::test]
+    async fn huge_bodies_are_a_short_413_json() {
+        let huge = format!(r#"{{"user":"{}"}}"#, "a".repeat(3 * 1024 * 1024));
+        let (status, _, body) = call(post("/login", &huge)).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body:.200}");
+        assert_eq!(body["error"], "body_too_large");
+        // Under the limit, an error that quotes the input still stays short.
+        let field = "x".repeat(10_000);
+        let (status, _, body) = call(post("/login", &format!(r#"{{"{field}":1}}"#))).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            body["message"].as_str().unwrap().chars().count() <= 201,
+            "{body:.300}"
+        );
     }
 
     #[tokio::test]

@@ -14,6 +14,8 @@ use crate::session::SessionError;
 
 /// Seconds a client is told to wait when Redis is unavailable.
 const RETRY_AFTER_SECS: &str = "1";
+/// Longest `message` sent to a client, in characters.
+const MAX_MESSAGE_CHARS: usize = 200;
 
 /// A request that failed, with what the client should be told.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +28,9 @@ pub enum ApiError {
         /// Short explanation.
         message: String,
     },
+    /// The request body is larger than the route accepts: 413.
+    #[error("request body too large")]
+    BodyTooLarge,
     /// The body parsed but does not fit the expected shape: 422.
     #[error("{0}")]
     Unprocessable(String),
@@ -61,6 +66,11 @@ impl ApiError {
             ApiError::BadRequest { kind, message } => {
                 (StatusCode::BAD_REQUEST, kind, message.clone())
             }
+            ApiError::BodyTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "the request body is too large".into(),
+            ),
             ApiError::Unprocessable(message) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_body",
@@ -115,7 +125,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, kind, message) = self.parts();
+        let (status, kind, mut message) = self.parts();
+        // Parser messages can quote the client's input (an unknown field's name): keep it short.
+        if let Some((cut, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
+            message.truncate(cut);
+            message.push('…');
+        }
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), kind, error = %self, "request failed");
         } else {
@@ -135,6 +150,9 @@ impl IntoResponse for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::BodyTooLarge;
+        }
         match rejection {
             JsonRejection::JsonDataError(error) => ApiError::Unprocessable(error.body_text()),
             JsonRejection::MissingJsonContentType(_) => ApiError::bad_request(

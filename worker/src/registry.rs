@@ -188,10 +188,9 @@ impl Registry {
                 _ = ticker.tick() => {}
                 () = stop.cancelled() => return,
             }
-            tokio::select! {
-                _ = self.beat() => {}
-                () = stop.cancelled() => return,
-            }
+            // A beat already sent is finished, never dropped: dropped, it could still reach
+            // Redis after the `leave` that follows the stop and bring the entry back.
+            let _ = self.beat().await;
         }
     }
 
@@ -216,5 +215,90 @@ impl Registry {
             }
         }
         result.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// A stand-in for Redis that answers every command with `:1`, holding back the answer to
+    /// scripts (the heartbeat) for `delay`.
+    async fn slow_redis(delay: Duration) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    // RESP requests: `*N`, then `$len` + value for each of the N arguments.
+                    while let Ok(Some(head)) = lines.next_line().await {
+                        let count: usize = head.trim_start_matches('*').parse().unwrap_or(0);
+                        let mut args = Vec::new();
+                        for _ in 0..count * 2 {
+                            args.push(lines.next_line().await.unwrap().unwrap_or_default());
+                        }
+                        let command = args.get(1).cloned().unwrap_or_default().to_uppercase();
+                        if command.starts_with("EVAL") {
+                            tokio::time::sleep(delay).await;
+                        }
+                        if write.write_all(b":1\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn stopping_the_heartbeat_lets_a_beat_in_flight_finish() {
+        let addr = slow_redis(Duration::from_millis(400)).await;
+        let redis = herd_shared::redis::RedisConfig {
+            url: format!("redis://{addr}/0"),
+            ..Default::default()
+        };
+        let registry = Registry::new(
+            RedisLink::new(&redis).unwrap(),
+            redis.keys(),
+            RegistryConfig::default(),
+            Duration::from_secs(2),
+            WorkerRecord {
+                id: "w1".into(),
+                addr: "127.0.0.1:1".into(),
+                machine: "m".into(),
+                weight: 100,
+                version: "0".into(),
+                started_ms: 0,
+                state: WorkerState::Ready,
+            },
+        );
+        let stop = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        let heartbeat = async {
+            registry.heartbeat(stop.clone()).await;
+            started.elapsed()
+        };
+        let stopper = async {
+            // The first beat goes out at once; stop while Redis holds its answer.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            stop.cancel();
+        };
+        let (stopped_after, ()) = tokio::join!(heartbeat, stopper);
+        assert!(
+            stopped_after >= Duration::from_millis(400),
+            "the heartbeat returned with its beat still in flight: {stopped_after:?}"
+        );
+        assert_eq!(
+            registry.status.lock().unwrap().healthy,
+            Some(true),
+            "the beat completed"
+        );
     }
 }

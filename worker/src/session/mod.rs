@@ -61,7 +61,8 @@ pub enum SessionError {
     /// Concurrent changes kept winning for every retry (409).
     #[error("session changed concurrently too often")]
     Contended,
-    /// The session was logged out or expired while the request ran; it is not resurrected (409).
+    /// The session was logged out or expired while the request ran; it is not resurrected. Also
+    /// a regeneration asked through an old id during its grace, which is refused (409).
     #[error("session ended while the request ran")]
     Ended,
     /// A value could not be (de)serialized as the requested type.
@@ -99,6 +100,9 @@ struct View {
     stored: Option<(String, u64)>,
     data: Map<String, Value>,
     user: Option<String>,
+    /// Reached through a regeneration alias (an old id during its grace): such a request may
+    /// read and change the session but never regenerate it, or it would obtain the new id.
+    via_alias: bool,
 }
 
 /// What to do with the cookie in the response.
@@ -151,11 +155,16 @@ impl Session {
     /// Loads the session on first access.
     async fn loaded<'a>(&self, state: &'a mut State) -> Result<&'a mut View, SessionError> {
         if state.view.is_none() {
-            let record = match &self.inner.cookie_id {
-                Some(id) => self.inner.store.load(id).await?,
+            let view = match &self.inner.cookie_id {
+                Some(id) => self
+                    .inner
+                    .store
+                    .load(id)
+                    .await?
+                    .map(|record| View::loaded(record, id)),
                 None => None,
             };
-            state.view = Some(record.map(View::from).unwrap_or_default());
+            state.view = Some(view.unwrap_or_default());
         }
         Ok(state.view.as_mut().expect("just loaded"))
     }
@@ -238,7 +247,8 @@ impl Session {
     }
 
     /// Gives the session a new id at the next save, keeping its data (call it on login). The old
-    /// id keeps working for `session.regenerate_grace`, then dies.
+    /// id keeps working for `session.regenerate_grace`, then dies; a request made with the old id
+    /// meanwhile cannot regenerate (its save fails with [`SessionError::Ended`]).
     pub async fn regenerate(&self) {
         self.inner.state.lock().await.regenerate = true;
     }
@@ -322,6 +332,11 @@ impl Session {
         let mut busy = 0u32;
         loop {
             let view = state.view.as_ref().expect("loaded above");
+            if state.regenerate && view.via_alias {
+                // Whoever holds the old id must not get a fresh id for the session it was
+                // moved away from (the grace is for in-flight requests, not for logins).
+                return Err(SessionError::Ended);
+            }
             let data = Value::Object(view.data.clone()).to_string();
             let size = data.len() + view.user.as_ref().map_or(0, String::len);
             if size > config.max_bytes {
@@ -380,16 +395,19 @@ impl Session {
                     // With the fresh session in hand, retry at once: pausing would only let the
                     // other writers win again. Pause when a reload is needed or after many tries.
                     let pause = fresh.is_none() || conflicts >= QUICK_RETRIES;
+                    let via_alias = view.via_alias;
                     let fresh = match (fresh, &view.stored) {
                         (Some(record), _) => View::from(record),
+                        // Moved by a concurrent regeneration: now reached through an alias.
                         (None, Some((stored, _))) => match store.load(stored).await? {
-                            Some(record) => View::from(record),
+                            Some(record) => View::loaded(record, stored),
                             None => return Err(SessionError::Ended),
                         },
                         // A new session whose random id was taken: try another id.
                         (None, None) => View::default(),
                     };
                     let mut view = fresh;
+                    view.via_alias |= via_alias;
                     for op in &state.ops {
                         view.apply(op)?;
                     }
@@ -441,6 +459,17 @@ impl From<Record> for View {
             stored: Some((record.id, record.version)),
             data: record.data,
             user: record.user,
+            via_alias: false,
+        }
+    }
+}
+
+impl View {
+    /// The view of `record`, loaded by asking for `asked` (an alias when the ids differ).
+    fn loaded(record: Record, asked: &str) -> Self {
+        View {
+            via_alias: record.id != asked,
+            ..View::from(record)
         }
     }
 }

@@ -218,13 +218,16 @@ pub struct SessionStore {
 /// on this worker queue up instead of conflicting in Redis, so the compare-and-set only contends
 /// with other workers (a handful) and its bounded retry suffices.
 #[derive(Clone, Default)]
-struct SaveLocks(Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>);
+struct SaveLocks(Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>);
 
-/// Holds one session's save lock; forgets the lock when nobody else waits for it.
+/// Holds one session's save lock (a one-permit semaphore); forgets the lock when nobody else
+/// waits for it — also when its own wait is cancelled (the request was dropped).
 pub(crate) struct SaveGuard {
     locks: SaveLocks,
     id: String,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    lock: Option<Arc<tokio::sync::Semaphore>>,
+    /// Whether the permit is held (false while waiting).
+    held: bool,
 }
 
 impl SaveLocks {
@@ -234,20 +237,33 @@ impl SaveLocks {
             .lock()
             .expect("save locks")
             .entry(id.to_string())
-            .or_default()
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
             .clone();
-        SaveGuard {
+        let mut guard = SaveGuard {
             locks: self.clone(),
             id: id.to_string(),
-            guard: Some(lock.lock_owned().await),
-        }
+            lock: Some(lock),
+            held: false,
+        };
+        // Waits through a borrow: if this future is dropped meanwhile, the guard's drop (which
+        // runs after the wait's) still forgets the lock.
+        let semaphore = guard.lock.as_ref().expect("set above");
+        semaphore.acquire().await.expect("never closed").forget();
+        guard.held = true;
+        guard
     }
 }
 
 impl Drop for SaveGuard {
     fn drop(&mut self) {
         let mut map = self.locks.0.lock().expect("save locks");
-        self.guard = None;
+        let lock = self.lock.take();
+        if let Some(lock) = &lock
+            && self.held
+        {
+            lock.add_permits(1);
+        }
+        drop(lock);
         // Only the map holds it now: nobody waits, so forget it (keeps the map small).
         if map
             .get(&self.id)
@@ -482,6 +498,28 @@ mod tests {
         drop(first);
         waiting.await.unwrap();
         drop(other);
+        assert_eq!(store.locked(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_dropped_as_the_lock_frees_leaves_nothing_behind() {
+        // A request whose client went away is dropped while its save waits for the lock.
+        let store = store();
+        let first = store.lock("a").await;
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move {
+                let _second = store.lock("a").await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The lock passes to the waiter, which is dropped before it ever runs again.
+        drop(first);
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        assert_eq!(store.locked(), 0, "no lock left behind for `a`");
+        // And the session can still be locked.
+        drop(store.lock("a").await);
         assert_eq!(store.locked(), 0);
     }
 }
