@@ -8,6 +8,7 @@
 //! | `GET /api/workers` | bearer | JSON list of workers with state, load and counters |
 //! | `POST /api/workers/{id}/drain`, `/undrain` | bearer | operator drain |
 //! | `DELETE /api/workers/{id}` | bearer | remove a worker |
+//! | `GET /api/failover` | bearer | the pair: role, epoch, peer, last transition and why |
 //!
 //! With no `admin.token` configured, every `/api/*` call answers 401 saying so.
 
@@ -17,10 +18,12 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
 use crate::balancer::{Balancer, ChangeSource, MembershipError, Origin, Worker};
 use crate::body::ResponseBody;
 use crate::error::json_error;
+use crate::failover::FailoverStatus;
 use crate::headers;
 use crate::metrics::Metrics;
 
@@ -30,6 +33,7 @@ pub struct Admin {
     balancer: Arc<Balancer>,
     metrics: Arc<Metrics>,
     token: String,
+    failover: Option<watch::Receiver<FailoverStatus>>,
 }
 
 impl Admin {
@@ -39,7 +43,14 @@ impl Admin {
             balancer,
             metrics,
             token,
+            failover: None,
         }
+    }
+
+    /// Shows the failover node's status at `/api/failover` (when the gateway is one of a pair).
+    pub fn with_failover(mut self, status: Option<watch::Receiver<FailoverStatus>>) -> Self {
+        self.failover = status;
+        self
     }
 
     /// Answers one admin request.
@@ -126,6 +137,20 @@ impl Admin {
                 json_ok(StatusCode::OK, &Value::Array(list))
             } else {
                 method_not_allowed()
+            };
+        }
+        if rest == "failover" {
+            if method != Method::GET {
+                return method_not_allowed();
+            }
+            return match &self.failover {
+                Some(status) => {
+                    let status = status.borrow().clone();
+                    let mut body = serde_json::to_value(&status).unwrap_or(Value::Null);
+                    body["enabled"] = Value::Bool(true);
+                    json_ok(StatusCode::OK, &body)
+                }
+                None => json_ok(StatusCode::OK, &json!({"enabled": false})),
             };
         }
         let Some(rest) = rest.strip_prefix("workers/") else {
@@ -277,6 +302,16 @@ mod tests {
     async fn json(response: Response<ResponseBody>) -> Value {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         serde_json::from_slice(&body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn failover_status_needs_the_token_and_says_when_off() {
+        let a = admin("secret");
+        let response = a.handle(&request(Method::GET, "/api/failover", None));
+        assert_eq!(response.status(), 401);
+        let response = a.handle(&request(Method::GET, "/api/failover", Some("secret")));
+        assert_eq!(response.status(), 200);
+        assert_eq!(json(response).await["enabled"], false);
     }
 
     #[tokio::test]

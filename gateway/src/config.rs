@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use herd_shared::config::{ConfigError, Source, Validate, check};
 use herd_shared::redis::RedisConfig;
+
+use crate::failover::FailoverConfig;
 use serde::Deserialize;
 
 /// Environment prefix of the gateway's settings.
@@ -19,6 +21,9 @@ pub const ENV_PREFIX: &str = "HERD_GATEWAY";
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
+    /// This gateway's name: sent as `x-herd-gateway` on every response, and its name in the
+    /// active / standby pair. Default: the host name.
+    pub id: String,
     /// Public listener (clients' traffic).
     pub listen: SocketAddr,
     /// Static workers, `host:port` each; their id is that string.
@@ -39,11 +44,14 @@ pub struct GatewayConfig {
     pub timeouts: TimeoutsConfig,
     /// Sizes and counts the gateway refuses to exceed.
     pub limits: LimitsConfig,
+    /// The active / standby pair (off by default).
+    pub failover: FailoverConfig,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
+            id: default_id(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             workers: Vec::new(),
             admin: AdminConfig::default(),
@@ -54,8 +62,18 @@ impl Default for GatewayConfig {
             retry: RetryConfig::default(),
             timeouts: TimeoutsConfig::default(),
             limits: LimitsConfig::default(),
+            failover: FailoverConfig::default(),
         }
     }
+}
+
+/// The host name, or `gateway` when it can't be read.
+fn default_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "gateway".to_string())
 }
 
 impl GatewayConfig {
@@ -325,6 +343,21 @@ impl Default for LimitsConfig {
 
 impl Validate for GatewayConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        check::not_empty("id", &self.id)?;
+        let header_safe = self
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !header_safe || self.id.len() > 64 {
+            return Err(ConfigError::new(
+                "id",
+                "must be at most 64 characters of letters, digits, '-', '_' and '.'",
+            ));
+        }
+        self.failover.validate()?;
+        if self.failover.enabled {
+            self.redis.validate_in("redis")?;
+        }
         for (index, worker) in self.workers.iter().enumerate() {
             parse_worker_addr(worker)
                 .map_err(|problem| ConfigError::new(format!("workers[{index}]"), problem))?;

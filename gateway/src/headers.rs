@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+/// `x-herd-gateway`: the id of the gateway that answered.
+pub const GATEWAY: HeaderName = HeaderName::from_static("x-herd-gateway");
 /// `x-request-id`.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `x-forwarded-for`.

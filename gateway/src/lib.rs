@@ -7,6 +7,7 @@
 //! - [`proxy`]: the request path — pick a worker, forward, retry when safe, stream the answer.
 //! - [`balancer`]: membership (static list + Redis registry), health (active checks and passive
 //!   ejection) and selection (p2c over peak-EWMA, round robin, weighted).
+//! - [`failover`]: the active / standby pair (peer link, Redis lease, floating address).
 //! - [`retry`]: the retry budget.
 //! - [`error`]: upstream and gateway errors, and the one place that turns them into responses.
 //! - [`headers`], [`body`]: header rules and request/response bodies of the request path.
@@ -19,6 +20,7 @@ pub mod balancer;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod failover;
 pub mod headers;
 pub mod metrics;
 pub mod proxy;

@@ -109,6 +109,18 @@ impl Metrics {
             .register_collector(Box::new(collector));
     }
 
+    /// Adds the failover node's role, epoch and transitions, read from its status at scrape
+    /// time.
+    pub fn watch_failover(
+        &self,
+        status: tokio::sync::watch::Receiver<crate::failover::FailoverStatus>,
+    ) {
+        self.registry
+            .lock()
+            .unwrap()
+            .register_collector(Box::new(FailoverCollector { status }));
+    }
+
     /// Counts a retry.
     pub fn retry(&self, reason: &'static str) {
         self.retries
@@ -212,6 +224,60 @@ const STATES: [Status; 7] = [
     Status::SlowStart,
     Status::Healthy,
 ];
+
+/// Reads the failover node's status when scraped.
+#[derive(Debug)]
+struct FailoverCollector {
+    status: tokio::sync::watch::Receiver<crate::failover::FailoverStatus>,
+}
+
+impl Collector for FailoverCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let status = self.status.borrow().clone();
+        let mut metric = encoder.encode_descriptor(
+            "failover_role",
+            "1 for this gateway's current role in the pair (active or standby), 0 for the other",
+            None,
+            MetricType::Gauge,
+        )?;
+        for role in [
+            crate::failover::Role::Active,
+            crate::failover::Role::Standby,
+        ] {
+            let value = i64::from(status.role == role);
+            metric
+                .encode_family(&[("role", role.as_str())])?
+                .encode_gauge(&value)?;
+        }
+        let epoch = i64::try_from(status.epoch).unwrap_or(i64::MAX);
+        encoder
+            .encode_descriptor(
+                "failover_epoch",
+                "Fencing epoch of the lease this gateway holds or last saw",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&epoch)?;
+        encoder
+            .encode_descriptor(
+                "failover_transitions",
+                "Role changes since start",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, u64>(&status.transitions, None)?;
+        let peer = i64::from(status.peer.reachable);
+        encoder
+            .encode_descriptor(
+                "failover_peer_reachable",
+                "1 while heartbeats from the peer gateway arrive",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&peer)?;
+        Ok(())
+    }
+}
 
 impl Collector for WorkerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {

@@ -55,6 +55,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     budget: RetryBudget,
     settings: Settings,
+    /// `x-herd-gateway` on every response: which gateway of a pair answered.
+    gateway_id: HeaderValue,
 }
 
 /// How one attempt ended.
@@ -88,6 +90,8 @@ impl Proxy {
             .retry_canceled_requests(true)
             .build(connector);
         Proxy {
+            gateway_id: HeaderValue::from_str(&config.id)
+                .unwrap_or_else(|_| HeaderValue::from_static("gateway")),
             balancer,
             client,
             metrics,
@@ -114,7 +118,7 @@ impl Proxy {
         let started = Instant::now();
         let (mut parts, body) = request.into_parts();
         let request_id = headers::ensure_request_id(&mut parts.headers);
-        let response = match self
+        let mut response = match self
             .forward(parts, body, client, started, &request_id)
             .await
         {
@@ -132,6 +136,9 @@ impl Proxy {
             }
         };
         self.metrics.latency.observe(started.elapsed());
+        response
+            .headers_mut()
+            .insert(headers::GATEWAY, self.gateway_id.clone());
         response
     }
 

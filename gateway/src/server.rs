@@ -11,6 +11,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -26,6 +27,7 @@ use crate::balancer::health::{self, HttpProbe};
 use crate::balancer::{Balancer, MembershipError, registry};
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
+use crate::failover;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 
@@ -75,6 +77,12 @@ pub enum ServerError {
     /// A configured worker could not be added.
     #[error("worker list: {0}")]
     Workers(#[from] MembershipError),
+    /// The failover node could not start.
+    #[error(transparent)]
+    Failover(#[from] failover::FailoverError),
+    /// The Redis pool for the failover lease could not be built.
+    #[error("redis: {0}")]
+    Redis(redis::RedisError),
 }
 
 /// Runs the gateway until `shutdown` completes, then drains connections and returns.
@@ -111,12 +119,33 @@ pub async fn run(
             stop.clone(),
         ));
     }
+    let failover = if config.failover.enabled {
+        let pool = config.redis.pool().map_err(ServerError::Redis)?;
+        let counted = balancer.clone();
+        let healthy: failover::HealthyCount = Arc::new(move || counted.healthy_count());
+        let started = failover::start(
+            &config.id,
+            config.failover.clone(),
+            pool,
+            &config.redis.keys(),
+            healthy,
+            stop.clone().cancelled_owned(),
+        )
+        .await?;
+        metrics.watch_failover(started.status.clone());
+        Some(started)
+    } else {
+        None
+    };
     let proxy = Arc::new(Proxy::new(&config, balancer.clone(), metrics.clone()));
-    let admin = Arc::new(Admin::new(
-        balancer.clone(),
-        metrics.clone(),
-        config.admin.token.clone(),
-    ));
+    let admin = Arc::new(
+        Admin::new(
+            balancer.clone(),
+            metrics.clone(),
+            config.admin.token.clone(),
+        )
+        .with_failover(failover.as_ref().map(|started| started.status.clone())),
+    );
     let builder = connection_builder(&config);
     let graceful = GracefulShutdown::new();
     let open = Arc::new(AtomicUsize::new(0));
@@ -178,6 +207,10 @@ pub async fn run(
     drop(listeners);
     stop.cancel();
     balancer.stop();
+    if let Some(started) = failover {
+        // Give the address and the lease up before draining, so the standby takes over now.
+        let _ = tokio::time::timeout(Duration::from_secs(2), started.stopped).await;
+    }
     if tokio::time::timeout(config.timeouts.shutdown_grace, graceful.shutdown())
         .await
         .is_err()

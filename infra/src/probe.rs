@@ -104,11 +104,36 @@ async fn exchange(spec: &ProbeSpec) -> Result<(u16, String), String> {
         .await
         .map_err(|error| io_kind(&error))?;
     let mut response = Vec::with_capacity(1024);
-    stream
-        .read_to_end(&mut response)
-        .await
-        .map_err(|error| io_kind(&error))?;
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&chunk[..n]),
+            // A reset after the whole response arrived (by its Content-Length) loses nothing: a
+            // real client has its answer. A reset before that is a failure.
+            Err(error) if is_complete(&response) => {
+                let _ = error;
+                break;
+            }
+            Err(error) => return Err(io_kind(&error)),
+        }
+    }
     parse_head(&response, &spec.served_by_header).ok_or_else(|| "bad response".to_string())
+}
+
+/// Whether `response` holds a whole HTTP response according to its Content-Length.
+fn is_complete(response: &[u8]) -> bool {
+    let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let Ok(head) = std::str::from_utf8(&response[..end]) else {
+        return false;
+    };
+    head.split("\r\n")
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+        .is_some_and(|length| response.len() >= end + 4 + length)
 }
 
 /// The status code and the served-by header of a raw HTTP response.
@@ -250,6 +275,18 @@ mod tests {
             Some((503, "gw2".to_string()))
         );
         assert_eq!(parse_head(b"garbage", "x"), None);
+    }
+
+    #[test]
+    fn completeness_follows_content_length() {
+        assert!(is_complete(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        ));
+        assert!(!is_complete(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nok"
+        ));
+        assert!(!is_complete(b"HTTP/1.1 200 OK\r\n\r\nok"));
+        assert!(!is_complete(b"HTTP/1.1 200 OK\r\ncontent-"));
     }
 
     #[tokio::test]

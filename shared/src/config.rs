@@ -259,6 +259,7 @@ mod tests {
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Sample {
+        #[allow(dead_code)] // parsed to check its errors, never read
         listen: std::net::SocketAddr,
         #[serde(default)]
         workers: Vec<String>,

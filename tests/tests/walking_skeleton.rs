@@ -154,13 +154,16 @@ fn run_with_env(binary: &str, env: &[(&str, &str)], args: &[&str]) -> (Option<i3
     )
 }
 
+/// (binary, environment, arguments, the key the error must name).
+type BadConfigCase<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<&'a str>, &'a str);
+
 #[test]
 fn a_bad_config_value_exits_2_with_one_line_naming_the_key() {
     let dir = herd_tests::temp_dir();
     let typo = dir.path().join("typo.toml");
     std::fs::write(&typo, "listen = \"127.0.0.1:0\"\nlisten_port = 80\n").unwrap();
     let typo = typo.display().to_string();
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<&str>, &str)> = vec![
+    let cases: Vec<BadConfigCase> = vec![
         (
             "herd-gateway",
             vec![("HERD_GATEWAY_LISTEN", "not-an-address")],

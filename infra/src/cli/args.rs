@@ -32,6 +32,32 @@ pub enum Command {
     Status(StateDirArgs),
     /// Stop a cluster started with `herd up` (gateway, workers, Redis, in that order).
     Down(StateDirArgs),
+    /// Multi-host experiments in network namespaces on this machine (needs root).
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+/// `herd lab …`.
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Kill -9 the active proxy and take the active machine's link down, against herd's gateway
+    /// pair and against keepalived + HAProxy in the same topology, and print the figures side by
+    /// side (the table of docs/failover.md).
+    FailoverCompare(FailoverCompareArgs),
+}
+
+/// Flags of `herd lab failover-compare`.
+#[derive(Debug, Clone, Args)]
+pub struct FailoverCompareArgs {
+    /// How long each run probes (the fault comes 2 s in).
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub duration: std::time::Duration,
+    /// Also write the Markdown table to this file.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Keep every process's logs here (default: a temporary directory, removed afterwards).
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
 }
 
 /// Where a cluster's state lives.

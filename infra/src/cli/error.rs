@@ -26,6 +26,9 @@ pub enum CliError {
     /// Flags that don't fit together.
     #[error("{0}")]
     Usage(String),
+    /// A lab experiment could not run.
+    #[error("lab: {0}")]
+    Lab(String),
     /// The state directory could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),

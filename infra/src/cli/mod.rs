@@ -3,7 +3,7 @@
 //!
 //! Layout:
 //! - `args`: commands and flags (clap derive) and the checks clap can't do;
-//! - `up`, `status`, `down`: one module per command;
+//! - `up`, `status`, `down`, `lab`: one module per command;
 //! - `cluster`: the processes `herd up` holds (start in order, wait ready, stop in order);
 //! - `signals`: Ctrl-C / SIGTERM for the foreground `herd up`;
 //! - `token`: the gateway's admin token;
@@ -16,12 +16,13 @@ mod args;
 mod cluster;
 mod down;
 mod error;
+mod lab;
 mod signals;
 mod status;
 mod token;
 mod up;
 
-pub use args::{Cli, Command, MAX_WORKERS, StateDirArgs, UpArgs};
+pub use args::{Cli, Command, FailoverCompareArgs, LabCommand, MAX_WORKERS, StateDirArgs, UpArgs};
 pub use error::{CliError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE};
 
 use crate::state::State;
@@ -33,6 +34,7 @@ pub fn run(cli: &Cli) -> Result<u8, CliError> {
         Command::Up(args) => up::run(args),
         Command::Status(args) => status::run(args),
         Command::Down(args) => down::run(args),
+        Command::Lab(LabCommand::FailoverCompare(args)) => lab::failover_compare(args),
     }
 }
 

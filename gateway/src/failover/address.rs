@@ -1,0 +1,132 @@
+//! Taking the public address over: a floating IPv4 address on a Linux interface, announced with
+//! gratuitous ARP, and/or operator hook commands (cloud API, DNS…).
+//!
+//! The address is added with a short kernel lifetime (`valid_lft`) that the active keeps
+//! refreshing. A holder killed with -9 never removes its address; with a lifetime, the kernel
+//! removes it a few seconds later, so a dead host can't keep answering ARP for it (a race seen
+//! with keepalived in the team's lab).
+
+use std::time::Duration;
+
+use tokio::process::Command;
+use tracing::{info, warn};
+
+use super::config::FloatingAddressConfig;
+
+/// When gratuitous ARP is sent after claiming, from the claim: once at once, then again in case
+/// the first was lost or a neighbour re-resolved in between.
+const ANNOUNCE_AT: [Duration; 4] = [
+    Duration::ZERO,
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+];
+
+/// Puts the floating address on this host and takes it away.
+#[derive(Debug, Clone)]
+pub struct FloatingAddress {
+    config: FloatingAddressConfig,
+}
+
+impl FloatingAddress {
+    /// The address of `config`.
+    pub fn new(config: FloatingAddressConfig) -> Self {
+        FloatingAddress { config }
+    }
+
+    fn cidr(&self) -> String {
+        format!("{}/{}", self.config.ip, self.config.prefix_len)
+    }
+
+    /// Adds the address (or renews its lifetime) and announces it with gratuitous ARP.
+    pub async fn claim(&self) -> Result<(), String> {
+        self.refresh().await?;
+        let interface = self.config.interface.clone();
+        let ip = self.config.ip.to_string();
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            for at in ANNOUNCE_AT {
+                tokio::time::sleep_until(started + at).await;
+                let result = Command::new("arping")
+                    .args(["-q", "-U", "-c", "1", "-w", "1", "-I", &interface, &ip])
+                    .kill_on_drop(true)
+                    .status()
+                    .await;
+                if let Err(error) = result {
+                    warn!(%error, "gratuitous ARP failed (is iputils-arping installed?)");
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Renews the address's lifetime (adding it if it is gone).
+    pub async fn refresh(&self) -> Result<(), String> {
+        let lifetime = self.config.lifetime_secs.to_string();
+        run_ip(&[
+            "addr",
+            "replace",
+            &self.cidr(),
+            "dev",
+            &self.config.interface,
+            "valid_lft",
+            &lifetime,
+            "preferred_lft",
+            &lifetime,
+        ])
+        .await
+    }
+
+    /// Removes the address; not holding it is fine.
+    pub async fn release(&self) -> Result<(), String> {
+        match run_ip(&["addr", "del", &self.cidr(), "dev", &self.config.interface]).await {
+            Err(error) if error.contains("Cannot assign") || error.contains("not found") => Ok(()),
+            other => other,
+        }
+    }
+}
+
+async fn run_ip(args: &[&str]) -> Result<(), String> {
+    let output = Command::new("ip")
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|error| format!("cannot run ip: {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// Runs an operator hook with `sh -c` in the background, logging how it ended.
+pub fn run_hook(command: &str, role: &str, epoch: u64, gateway_id: &str) {
+    let command = command.to_string();
+    let role = role.to_string();
+    let gateway_id = gateway_id.to_string();
+    tokio::spawn(async move {
+        let status = Command::new("sh")
+            .args(["-c", &command])
+            .env("HERD_ROLE", &role)
+            .env("HERD_EPOCH", epoch.to_string())
+            .env("HERD_GATEWAY_ID", &gateway_id)
+            .kill_on_drop(true)
+            .status()
+            .await;
+        match status {
+            Ok(status) if status.success() => {
+                info!(role = %role, hook = %command, "failover hook ran")
+            }
+            Ok(status) => warn!(role = %role, hook = %command, %status, "failover hook failed"),
+            Err(error) => {
+                warn!(role = %role, hook = %command, %error, "failover hook could not run")
+            }
+        }
+    });
+}

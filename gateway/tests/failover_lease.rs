@@ -1,0 +1,92 @@
+//! The gateway pair's lease against a real redis-server: only one holder, take-over only of the
+//! exact lease of a peer seen dying, expiry frees it, release only by the holder, and a Redis
+//! outage is a quick error (so the active keeps serving), never a hang.
+
+use std::time::{Duration, Instant};
+
+use herd_gateway::failover::lease::{Lease, LeaseOutcome, LeaseStore};
+use herd_shared::keys::Keys;
+use herd_shared::redis::RedisConfig;
+
+fn held(outcome: LeaseOutcome) -> Lease {
+    match outcome {
+        LeaseOutcome::Held(lease) => lease,
+        other => panic!("expected to hold the lease, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_lease_has_one_holder_and_a_fencing_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = herd::redis_server::RedisServer::start(None, dir.path(), dir.path()).unwrap();
+    let config = RedisConfig {
+        url: server.url(),
+        ..RedisConfig::default()
+    };
+    let store = LeaseStore::new(
+        config.pool().unwrap(),
+        &Keys::new("lease-test:"),
+        Duration::from_millis(300),
+    );
+
+    let a = held(store.acquire("a", None).await.unwrap());
+    assert_eq!(a.epoch, 1);
+    assert_eq!(
+        store.acquire("b", None).await.unwrap(),
+        LeaseOutcome::HeldBy(a.clone()),
+        "nobody takes a held lease"
+    );
+    let stale = Lease {
+        holder: "a".into(),
+        epoch: 0,
+    };
+    assert_eq!(
+        store.acquire("b", Some(&stale)).await.unwrap(),
+        LeaseOutcome::HeldBy(a.clone()),
+        "a stale take-over value takes nothing"
+    );
+    assert_eq!(
+        store.renew(&a).await.unwrap(),
+        LeaseOutcome::Held(a.clone())
+    );
+
+    let b = held(store.acquire("b", Some(&a)).await.unwrap());
+    assert_eq!(
+        b,
+        Lease {
+            holder: "b".into(),
+            epoch: 2
+        },
+        "exact take-over, new epoch"
+    );
+    assert_eq!(
+        store.renew(&a).await.unwrap(),
+        LeaseOutcome::HeldBy(b.clone()),
+        "the old holder learns it lost"
+    );
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        store.renew(&b).await.unwrap(),
+        LeaseOutcome::Free,
+        "expired"
+    );
+    let a2 = held(store.acquire("a", None).await.unwrap());
+    assert_eq!(a2.epoch, 3);
+    store.release(&b).await.unwrap();
+    assert_eq!(
+        store.renew(&a2).await.unwrap(),
+        LeaseOutcome::Held(a2.clone()),
+        "only the holder releases"
+    );
+    store.release(&a2).await.unwrap();
+    assert_eq!(store.renew(&a2).await.unwrap(), LeaseOutcome::Free);
+
+    drop(server);
+    let started = Instant::now();
+    assert!(store.renew(&a2).await.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a Redis outage is a quick error"
+    );
+}

@@ -1,0 +1,177 @@
+//! The gateway pair, end to end on several "machines" (network namespaces, see `herd::lab`):
+//! real gateways, workers and Redis, a client probing the floating address, and real faults —
+//! kill -9, a machine's link down, a partition between the gateways, Redis unreachable, CPU
+//! starvation, and a failback.
+//!
+//! Users log in before each fault and every session is checked after it. The prober (a new
+//! connection per request every 10 ms, 1 s deadline) gives the time from the fault to the first
+//! success through the standby; a sampler checks both gateway hosts for the floating address
+//! throughout. Tests run one at a time: they time failovers on a shared 2-core box.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use herd::lab::{FaultRun, GATEWAYS, Lab, LabOptions};
+use nix::sys::signal::Signal;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Builds a lab (one at a time), waits until gw1 serves through the floating address.
+fn lab(options: LabOptions) -> (std::sync::MutexGuard<'static, ()>, Lab, tempfile::TempDir) {
+    let serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let dir = herd_tests::temp_dir();
+    let lab = Lab::start(options, dir.path()).unwrap_or_else(|error| panic!("lab: {error}"));
+    assert!(
+        lab.wait_serving("gw1", Duration::from_secs(20)),
+        "gw1 never served through the floating address"
+    );
+    (serial, lab, dir)
+}
+
+fn report(name: &str, run: &FaultRun) {
+    println!(
+        "{name}: {} max holders {}",
+        serde_json::to_string(&run.summary).unwrap_or_default(),
+        run.max_holders
+    );
+}
+
+fn transitions(lab: &Lab) -> (u64, u64) {
+    (lab.transitions(0), lab.transitions(1))
+}
+
+#[test]
+fn a_killed_active_gateway_is_replaced_within_500ms_with_no_session_lost() {
+    let (_serial, lab, _dir) = lab(LabOptions::default());
+    let cookies = lab.log_users_in(20).unwrap();
+    let run = lab.probe_through(Duration::from_secs(4), Duration::from_secs(1), |lab| {
+        lab.signal_gateway(0, Signal::SIGKILL);
+    });
+    report("kill -9 active", &run);
+    assert_eq!(run.summary.served_before, "gw1");
+    assert_eq!(run.summary.served_after, "gw2");
+    let recovery = run.summary.recovery_ms.expect("traffic came back");
+    assert!(recovery < 500.0, "takeover took {recovery:.0} ms");
+    assert_eq!(lab.sessions_lost(&cookies), 0, "sessions lost");
+}
+
+#[test]
+fn a_lost_active_machine_is_replaced_within_1s_with_no_session_lost() {
+    let (_serial, lab, _dir) = lab(LabOptions::default());
+    let cookies = lab.log_users_in(20).unwrap();
+    let run = lab.probe_through(Duration::from_secs(5), Duration::from_secs(1), |lab| {
+        lab.topology().link_down("gw1").unwrap();
+    });
+    report("active machine link down", &run);
+    assert_eq!(run.summary.served_after, "gw2");
+    let recovery = run.summary.recovery_ms.expect("traffic came back");
+    assert!(recovery < 1000.0, "takeover took {recovery:.0} ms");
+    assert_eq!(lab.sessions_lost(&cookies), 0, "sessions lost");
+    // The machine returns: it must see the newer epoch and step down, not fight for the address.
+    lab.topology().link_up("gw1").unwrap();
+    herd_tests::wait_blocking(Duration::from_secs(5), "gw1 stepped down", || {
+        lab.address_holders() == vec!["gw2"]
+            && lab
+                .failover_status(0)
+                .is_some_and(|status| status["role"] == "standby")
+    });
+}
+
+#[test]
+fn a_killed_standby_changes_nothing_for_users() {
+    let (_serial, lab, _dir) = lab(LabOptions::default());
+    let run = lab.probe_through(Duration::from_secs(3), Duration::from_secs(1), |lab| {
+        lab.signal_gateway(1, Signal::SIGKILL);
+    });
+    report("kill -9 standby", &run);
+    assert_eq!(run.summary.failed, 0, "{:?}", run.summary.failures);
+    assert_eq!(run.summary.served_after, "gw1");
+    assert_eq!(run.max_holders, 1);
+}
+
+#[test]
+fn gateways_cut_off_from_each_other_never_both_hold_the_address() {
+    let (_serial, lab, _dir) = lab(LabOptions::default());
+    let before = transitions(&lab);
+    let run = lab.probe_through(Duration::from_secs(4), Duration::from_millis(500), |lab| {
+        lab.topology().partition("gw1", "gw2").unwrap();
+    });
+    report("gateways partitioned", &run);
+    assert_eq!(run.max_holders, 1, "two holders of the address at once");
+    assert_eq!(run.summary.failed, 0, "{:?}", run.summary.failures);
+    assert_eq!(run.summary.served_after, "gw1");
+    assert_eq!(transitions(&lab), before, "no role changed");
+}
+
+#[test]
+fn with_redis_unreachable_the_active_keeps_serving() {
+    let (_serial, lab, _dir) = lab(LabOptions::default());
+    let before = transitions(&lab);
+    let run = lab.probe_through(Duration::from_secs(4), Duration::from_millis(500), |lab| {
+        lab.topology().link_down("redis").unwrap();
+    });
+    report("redis unreachable", &run);
+    assert_eq!(run.summary.failed, 0, "{:?}", run.summary.failures);
+    assert_eq!(run.summary.served_after, "gw1");
+    assert_eq!(run.max_holders, 1);
+    assert_eq!(transitions(&lab), before, "no role changed");
+}
+
+#[test]
+fn cpu_starved_gateway_hosts_cause_no_false_takeover() {
+    let (_serial, lab, _dir) = lab(LabOptions::default());
+    let before = transitions(&lab);
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut loops = Vec::new();
+    let run = lab.probe_through(Duration::from_secs(22), Duration::from_secs(1), |lab| {
+        // Busy loops on every core, on both gateway hosts, for 20 s (bounded by `timeout`).
+        for host in GATEWAYS {
+            for _ in 0..cores {
+                let busy = lab
+                    .topology()
+                    .command(host, "timeout")
+                    .unwrap()
+                    .args(["20", "sh", "-c", "while :; do :; done"])
+                    .spawn()
+                    .expect("busy loop starts");
+                loops.push(busy);
+            }
+        }
+    });
+    for mut busy in loops {
+        let _ = busy.kill();
+        let _ = busy.wait();
+    }
+    report("both gateway hosts CPU-starved", &run);
+    assert_eq!(run.max_holders, 1, "two holders of the address at once");
+    assert_eq!(transitions(&lab), before, "no takeover, no flapping");
+    assert_eq!(run.summary.served_after, "gw1");
+}
+
+#[test]
+fn failback_with_preempt_loses_no_request() {
+    let (_serial, mut lab, _dir) = lab(LabOptions {
+        preempt: true,
+        ..LabOptions::default()
+    });
+    lab.signal_gateway(0, Signal::SIGKILL);
+    assert!(lab.wait_serving("gw2", Duration::from_secs(5)));
+    let cookies = lab.log_users_in(10).unwrap();
+    // gw1 returns; it may take the role back only once its own health view has healthy workers.
+    lab.start_gateway(0).unwrap();
+    let run = lab.probe_through(Duration::from_secs(8), Duration::ZERO, |_| {});
+    report("failback to gw1", &run);
+    assert_eq!(
+        run.summary.failed, 0,
+        "failback lost requests: {:?}",
+        run.summary.failures
+    );
+    assert!(
+        lab.wait_serving("gw1", Duration::from_secs(1)),
+        "gw1 took the role back"
+    );
+    assert_eq!(lab.address_holders(), vec!["gw1"]);
+    assert_eq!(lab.sessions_lost(&cookies), 0);
+}
