@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# herd's whole test suite: installs what the tests need when it is missing (redis-server, and
-# iproute2 + iputils-ping for the network-namespace tests), builds the binaries the end-to-end tests start, and
-# runs every test in the workspace. Extra arguments go to `cargo test` (e.g. a test name filter).
+# herd's whole test suite: installs what the tests need when it is missing (redis-server; and for
+# the multi-host tests iproute2, iputils-ping, and iputils' arping, which the gateways use for
+# gratuitous ARP), builds the binaries the end-to-end tests start, and runs every test in the
+# workspace. Extra arguments go to `cargo test` (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ missing=()
 have redis-server || missing+=(redis-server)
 have ip || missing+=(iproute2)
 have ping || missing+=(iputils-ping)
+# The gateways call iputils' arping (-U -I); the other Debian `arping` takes other flags.
+arping -V 2>&1 | grep -q iputils || missing+=(iputils-arping)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && have apt-get; then
     echo "installing: ${missing[*]}"
