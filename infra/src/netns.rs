@@ -212,44 +212,21 @@ impl Topology {
     /// Hosts `a` and `b` stop reaching each other (blackhole routes on both), while both still
     /// reach every other host.
     pub fn partition(&self, a: &str, b: &str) -> Result<(), NetnsError> {
-        let (host_a, host_b) = (self.host(a)?, self.host(b)?);
-        ip(&[
-            "-n",
-            &host_a.netns,
-            "route",
-            "add",
-            "blackhole",
-            &format!("{}/32", host_b.addr),
-        ])?;
-        ip(&[
-            "-n",
-            &host_b.netns,
-            "route",
-            "add",
-            "blackhole",
-            &format!("{}/32", host_a.addr),
-        ])
+        self.blackhole("add", a, b)?;
+        self.blackhole("add", b, a)
     }
 
     /// Undoes [`partition`](Self::partition).
     pub fn heal(&self, a: &str, b: &str) -> Result<(), NetnsError> {
-        let (host_a, host_b) = (self.host(a)?, self.host(b)?);
-        ip(&[
-            "-n",
-            &host_a.netns,
-            "route",
-            "del",
-            "blackhole",
-            &format!("{}/32", host_b.addr),
-        ])?;
-        ip(&[
-            "-n",
-            &host_b.netns,
-            "route",
-            "del",
-            "blackhole",
-            &format!("{}/32", host_a.addr),
-        ])
+        self.blackhole("del", a, b)?;
+        self.blackhole("del", b, a)
+    }
+
+    /// Adds or deletes (`action`) a blackhole route on host `from` towards host `to`.
+    fn blackhole(&self, action: &str, from: &str, to: &str) -> Result<(), NetnsError> {
+        let (from, to) = (self.host(from)?, self.host(to)?);
+        let target = format!("{}/32", to.addr);
+        ip(&["-n", &from.netns, "route", action, "blackhole", &target])
     }
 
     /// Whether host `name` holds `addr` on its interface right now.

@@ -176,10 +176,36 @@ impl Drop for Spawned {
 
 /// A free loopback port (bound and released; the caller binds it right away).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("free port")
-        .port()
+    herd::ports::free_port().expect("free port")
+}
+
+/// A 3-worker cluster whose workers drain quickly on SIGTERM (1 s minimum, 500 ms quiet), so
+/// drain tests don't wait the default 2 s.
+pub fn quick_drain_cluster() -> crate::cluster::ClusterOptions {
+    crate::cluster::ClusterOptions {
+        workers: 3,
+        worker_env: vec![
+            ("HERD_WORKER_DRAIN__MIN".into(), "1s".into()),
+            ("HERD_WORKER_DRAIN__QUIET".into(), "500ms".into()),
+        ],
+        ..crate::cluster::ClusterOptions::default()
+    }
+}
+
+/// Logs `user` in through the cluster's gateway; returns the session id from the cookie.
+pub async fn login(
+    client: &reqwest::Client,
+    cluster: &crate::cluster::Cluster,
+    user: &str,
+) -> String {
+    let response = client
+        .post(cluster.gateway.url("/login"))
+        .json(&serde_json::json!({ "user": user }))
+        .send()
+        .await
+        .expect("login request");
+    assert_eq!(response.status(), 200);
+    set_session_cookie(&response).expect("session cookie")
 }
 
 /// Starts `redis-server` on a free port with `args` (e.g. `--replicaof`, or a config file and

@@ -4,37 +4,15 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use herd_tests::cluster::{Cluster, ClusterOptions};
-use herd_tests::worker_support::{cookie, plain_client, set_session_cookie};
+use herd_tests::cluster::Cluster;
+use herd_tests::worker_support::{cookie, login, plain_client, quick_drain_cluster};
 use serde_json::{Value, json};
-
-fn options() -> ClusterOptions {
-    ClusterOptions {
-        workers: 3,
-        worker_env: vec![
-            ("HERD_WORKER_DRAIN__MIN".into(), "1s".into()),
-            ("HERD_WORKER_DRAIN__QUIET".into(), "500ms".into()),
-        ],
-        ..ClusterOptions::default()
-    }
-}
-
-async fn login(client: &reqwest::Client, cluster: &Cluster, user: &str) -> String {
-    let response = client
-        .post(cluster.gateway.url("/login"))
-        .json(&json!({ "user": user }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    set_session_cookie(&response).expect("session cookie")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cart_additions_through_the_gateway_are_all_kept() {
     const ADDITIONS: usize = 240;
     const IN_FLIGHT: usize = 48;
-    let cluster = Cluster::start(options()).await;
+    let cluster = Cluster::start(quick_drain_cluster()).await;
     let client = plain_client();
     let id = login(&client, &cluster, "ann").await;
 

@@ -5,36 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use herd_tests::cluster::{Cluster, ClusterOptions};
-use herd_tests::worker_support::{cookie, plain_client, set_session_cookie};
+use herd_tests::cluster::Cluster;
+use herd_tests::worker_support::{cookie, login, plain_client, quick_drain_cluster};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
-fn options() -> ClusterOptions {
-    ClusterOptions {
-        workers: 3,
-        worker_env: vec![
-            ("HERD_WORKER_DRAIN__MIN".into(), "1s".into()),
-            ("HERD_WORKER_DRAIN__QUIET".into(), "500ms".into()),
-        ],
-        ..ClusterOptions::default()
-    }
-}
-
-async fn login(client: &reqwest::Client, cluster: &Cluster, user: &str) -> String {
-    let response = client
-        .post(cluster.gateway.url("/login"))
-        .json(&json!({ "user": user }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    set_session_cookie(&response).expect("session cookie")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_draining_under_load_fails_no_request() {
-    let mut cluster = Cluster::start(options()).await;
+    let mut cluster = Cluster::start(quick_drain_cluster()).await;
     let client = plain_client();
     let id = login(&client, &cluster, "ann").await;
     let stop = Arc::new(AtomicBool::new(false));
