@@ -275,6 +275,35 @@ impl Collector for FailoverCollector {
                 MetricType::Gauge,
             )?
             .encode_gauge(&peer)?;
+        for (name, help, value) in [
+            (
+                "failover_holds_address",
+                "1 while the floating address is on this host",
+                status.holds_address,
+            ),
+            (
+                "failover_redis_reachable",
+                "1 while the last lease call reached Redis",
+                status.redis_reachable,
+            ),
+        ] {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&i64::from(value))?;
+        }
+        // The reason stays on the admin API: free text makes a new series per transition.
+        if let Some(last) = &status.last_transition {
+            let seconds = last.at_unix_ms as f64 / 1000.0;
+            encoder
+                .encode_descriptor(
+                    "failover_last_transition_timestamp_seconds",
+                    "When this gateway's role last changed, and from which role to which",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_family(&[("from", last.from.as_str()), ("to", last.to.as_str())])?
+                .encode_gauge(&seconds)?;
+        }
         Ok(())
     }
 }
@@ -447,5 +476,39 @@ mod tests {
         assert!(text.contains(
             "herd_gateway_worker_state_changes_total{worker=\"w1\",to=\"down\",source=\"active\"} 1"
         ));
+    }
+
+    #[test]
+    fn render_has_the_failover_state() {
+        use crate::failover::{FailoverStatus, PeerStatus, Role, Transition};
+        let metrics = Metrics::new();
+        let (_tx, status) = tokio::sync::watch::channel(FailoverStatus {
+            id: "gw1".into(),
+            role: Role::Active,
+            epoch: 7,
+            holds_address: true,
+            redis_reachable: false,
+            peer: PeerStatus::default(),
+            transitions: 1,
+            last_transition: Some(Transition {
+                from: Role::Standby,
+                to: Role::Active,
+                reason: "peer silent and the lease is free".into(),
+                epoch: 7,
+                at_unix_ms: 1_500,
+            }),
+        });
+        metrics.watch_failover(status);
+        let text = metrics.render();
+        for line in [
+            "herd_gateway_failover_role{role=\"active\"} 1",
+            "herd_gateway_failover_epoch 7",
+            "herd_gateway_failover_transitions_total 1",
+            "herd_gateway_failover_holds_address 1",
+            "herd_gateway_failover_redis_reachable 0",
+            "herd_gateway_failover_last_transition_timestamp_seconds{from=\"standby\",to=\"active\"} 1.5",
+        ] {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
     }
 }

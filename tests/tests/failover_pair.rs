@@ -106,6 +106,24 @@ fn gateways_cut_off_from_each_other_never_both_hold_the_address() {
 }
 
 #[test]
+fn a_healed_partition_between_the_gateways_changes_no_role() {
+    let (_serial, lab, _dir) = lab(LabOptions::default());
+    let before = transitions(&lab);
+    // Long enough for the active's heartbeats to back up and its sender to give up on the
+    // connection; after the heal, nothing that connection left behind may pass for a death.
+    let run = lab.probe_through(Duration::from_secs(12), Duration::from_millis(500), |lab| {
+        lab.topology().partition("gw1", "gw2").unwrap();
+        std::thread::sleep(Duration::from_secs(4));
+        lab.topology().heal("gw1", "gw2").unwrap();
+    });
+    report("gateways partitioned, then healed", &run);
+    assert_eq!(run.max_holders, 1, "two holders of the address at once");
+    assert_eq!(run.summary.failed, 0, "{:?}", run.summary.failures);
+    assert_eq!(run.summary.served_after, "gw1");
+    assert_eq!(transitions(&lab), before, "no role changed");
+}
+
+#[test]
 fn with_redis_unreachable_the_active_keeps_serving() {
     let (_serial, lab, _dir) = lab(LabOptions::default());
     let before = transitions(&lab);

@@ -22,6 +22,10 @@ const ANNOUNCE_AT: [Duration; 4] = [
     Duration::from_secs(2),
 ];
 
+/// The longest an `ip` command may take. It runs inside the failover loop, so a hung one (the
+/// kernel's RTNL lock held, say) must not stop lease renewals and heartbeats for long.
+const IP_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Puts the floating address on this host and takes it away.
 #[derive(Debug, Clone)]
 pub struct FloatingAddress {
@@ -88,17 +92,21 @@ impl FloatingAddress {
 }
 
 async fn run_ip(args: &[&str]) -> Result<(), String> {
-    let output = Command::new("ip")
-        .args(args)
-        .kill_on_drop(true)
-        .output()
+    run_bounded("ip", args, IP_TIMEOUT).await
+}
+
+/// Runs `program` with `args`, killed (`kill_on_drop`) if it takes longer than `limit`.
+async fn run_bounded(program: &str, args: &[&str], limit: Duration) -> Result<(), String> {
+    let output = Command::new(program).args(args).kill_on_drop(true).output();
+    let output = tokio::time::timeout(limit, output)
         .await
-        .map_err(|error| format!("cannot run ip: {error}"))?;
+        .map_err(|_| format!("{program} {}: no answer within {limit:?}", args.join(" ")))?
+        .map_err(|error| format!("cannot run {program}: {error}"))?;
     if output.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "ip {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&output.stderr).trim()
         ))
@@ -129,4 +137,21 @@ pub fn run_hook(command: &str, role: &str, epoch: u64, gateway_id: &str) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_hung_command_is_cut_off() {
+        let started = std::time::Instant::now();
+        let result = run_bounded("sleep", &["10"], Duration::from_millis(200)).await;
+        assert!(result.is_err(), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(
+            run_bounded("true", &[], Duration::from_secs(5)).await,
+            Ok(())
+        );
+    }
 }

@@ -122,6 +122,13 @@ impl FailoverConfig {
                 "must be at least 3 × heartbeat_interval (the lease is renewed every heartbeat)",
             ));
         }
+        if self.address.is_none() && self.on_active.is_none() {
+            return Err(ConfigError::new(
+                "failover.address",
+                "required when failover is enabled, unless failover.on_active moves the address \
+                 (otherwise taking over moves nothing)",
+            ));
+        }
         if let Some(address) = &self.address {
             check::range("failover.address.prefix_len", address.prefix_len, 1, 32)?;
             check::not_empty("failover.address.interface", &address.interface)?;
@@ -144,6 +151,12 @@ mod tests {
         FailoverConfig {
             enabled: true,
             peer: Some(SocketAddr::from(([10, 0, 0, 2], 7946))),
+            address: Some(FloatingAddressConfig {
+                ip: Ipv4Addr::new(10, 0, 0, 10),
+                prefix_len: 24,
+                interface: "eth0".into(),
+                lifetime_secs: 3,
+            }),
             ..FailoverConfig::default()
         }
     }
@@ -163,5 +176,14 @@ mod tests {
         let mut config = enabled();
         config.peer_timeout = Duration::from_millis(150);
         assert_eq!(config.validate().unwrap_err().key, "failover.peer_timeout");
+    }
+
+    #[test]
+    fn a_pair_must_move_something() {
+        let mut config = enabled();
+        config.address = None;
+        assert_eq!(config.validate().unwrap_err().key, "failover.address");
+        config.on_active = Some("/usr/local/bin/move-dns".into());
+        config.validate().unwrap();
     }
 }

@@ -35,6 +35,9 @@ const HAND_OVER_YIELD: Duration = Duration::from_secs(2);
 /// client. Both gateways serve correctly meanwhile, so holding it twice briefly costs nothing,
 /// while dropping it before a client has moved loses that client's new connections.
 const HAND_OVER_LINGER: Duration = Duration::from_secs(1);
+/// How long a gateway whose hand-over failed (the preferred peer never took the role, e.g. it
+/// can't reach Redis) refuses to hand over again: else the role would bounce every yield.
+const HAND_OVER_BACKOFF: Duration = Duration::from_secs(30);
 
 /// A count of workers this gateway can send to right now (from its health view).
 pub type HealthyCount = std::sync::Arc<dyn Fn() -> usize + Send + Sync>;
@@ -117,11 +120,13 @@ fn standby_attempt(
     healthy: usize,
     yield_until: Option<Instant>,
 ) -> Option<Option<Lease>> {
-    if yield_until.is_some_and(|until| now < until) {
-        return None;
-    }
+    // A dead active's exact lease first, even while yielding: the yield lets a live preferred
+    // peer win the race, and that peer has just died holding the role.
     if let Some(lease) = &peer.died_holding {
         return Some(Some(lease.clone()));
+    }
+    if yield_until.is_some_and(|until| now < until) {
+        return None;
     }
     match peer.fresh(now, peer_timeout) {
         // A live active peer: never compete with it.
@@ -155,6 +160,10 @@ pub struct Node {
     yield_until: Option<Instant>,
     /// After a hand-over: when to take the address off this host.
     release_address_at: Option<Instant>,
+    /// A hand-over is under way: the preferred peer hasn't reported itself active yet.
+    handing_over: bool,
+    /// After a failed hand-over: no new one before then.
+    no_hand_over_until: Option<Instant>,
     healthy_since: Option<Instant>,
     last_refresh: Option<Instant>,
 }
@@ -195,6 +204,8 @@ impl Node {
             peer: PeerView::default(),
             yield_until: None,
             release_address_at: None,
+            handing_over: false,
+            no_hand_over_until: None,
             healthy_since: None,
             last_refresh: None,
         }
@@ -248,6 +259,10 @@ impl Node {
             PeerEvent::Heartbeat(heartbeat, at) => {
                 self.peer.died_holding = None;
                 let newer = heartbeat.role == Role::Active && heartbeat.epoch > self.last_epoch;
+                if newer {
+                    // A hand-over of ours, if any, is complete: the peer has the role.
+                    self.handing_over = false;
+                }
                 if newer && self.role == Role::Active {
                     let reason = format!(
                         "peer {} is active with newer epoch {}",
@@ -260,8 +275,14 @@ impl Node {
                     // client before the address leaves this host.
                     self.last_epoch = heartbeat.epoch;
                     self.release_address_at = Some(now + HAND_OVER_LINGER);
-                } else if self.role == Role::Active && should_hand_over(&self.config, &heartbeat) {
+                } else if self.role == Role::Active
+                    && should_hand_over(&self.config, &heartbeat)
+                    && self.no_hand_over_until.is_none_or(|until| now >= until)
+                {
                     self.hand_over(now).await;
+                } else if newer {
+                    // A standby shows (and tells its peer) the epoch it last saw.
+                    self.last_epoch = heartbeat.epoch;
                 }
                 self.peer.last = Some((heartbeat, at));
             }
@@ -390,6 +411,10 @@ impl Node {
     }
 
     async fn become_active(&mut self, lease: Lease, reason: String) {
+        if std::mem::take(&mut self.handing_over) {
+            warn!(gateway = %self.id, "failover: the preferred peer never took the role; no hand-over for a while");
+            self.no_hand_over_until = Some(Instant::now() + HAND_OVER_BACKOFF);
+        }
         self.release_address_at = None;
         self.last_epoch = lease.epoch;
         self.lease = Some(lease);
@@ -428,6 +453,7 @@ impl Node {
             return;
         }
         self.yield_until = Some(now + HAND_OVER_YIELD);
+        self.handing_over = true;
         self.transition(
             Role::Standby,
             "handing over to the preferred peer (preempt)".into(),
@@ -583,6 +609,12 @@ mod tests {
         };
         assert_eq!(
             standby_attempt(&peer, now, TIMEOUT, 0, None),
+            Some(Some(lease.clone()))
+        );
+        // Also right after handing the role over to it: it took the role and died.
+        let yielding = Some(now + Duration::from_secs(2));
+        assert_eq!(
+            standby_attempt(&peer, now, TIMEOUT, 1, yielding),
             Some(Some(lease))
         );
     }
@@ -609,6 +641,94 @@ mod tests {
             standby_attempt(&healthy_standby_peer, now, TIMEOUT, 1, None),
             Some(None)
         );
+    }
+
+    fn standby_node() -> (Node, watch::Receiver<Heartbeat>) {
+        let redis = herd_shared::redis::RedisConfig {
+            url: "redis://127.0.0.1:1/0".into(),
+            ..herd_shared::redis::RedisConfig::default()
+        };
+        let leases = LeaseStore::new(
+            redis.pool().unwrap(),
+            &herd_shared::keys::Keys::new("test:"),
+            Duration::from_millis(700),
+        );
+        let (status, _) = watch::channel(FailoverStatus {
+            id: "gw1".into(),
+            role: Role::Standby,
+            epoch: 0,
+            holds_address: false,
+            redis_reachable: true,
+            peer: PeerStatus::default(),
+            transitions: 0,
+            last_transition: None,
+        });
+        let (outgoing, outgoing_rx) = watch::channel(heartbeat(Role::Standby, 0));
+        let healthy: HealthyCount = std::sync::Arc::new(|| 1);
+        let node = Node::new(
+            "gw1".into(),
+            FailoverConfig::default(),
+            leases,
+            healthy,
+            status,
+            outgoing,
+        );
+        (node, outgoing_rx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_standby_shows_the_epoch_of_the_active_it_hears() {
+        let (mut node, outgoing) = standby_node();
+        let mut active = heartbeat(Role::Active, 2);
+        active.epoch = 9;
+        let now = Instant::now();
+        node.on_peer_event(PeerEvent::Heartbeat(active, now), now)
+            .await;
+        node.tick(now).await;
+        assert_eq!(node.role, Role::Standby);
+        assert_eq!(node.status.borrow().epoch, 9);
+        assert_eq!(outgoing.borrow().epoch, 9);
+    }
+
+    #[tokio::test]
+    async fn a_failed_hand_over_is_not_repeated_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = herd::redis_server::RedisServer::start(None, dir.path(), dir.path()).unwrap();
+        let redis = herd_shared::redis::RedisConfig {
+            url: server.url(),
+            ..herd_shared::redis::RedisConfig::default()
+        };
+        let config = FailoverConfig {
+            preempt: true,
+            ..FailoverConfig::default()
+        };
+        let leases = LeaseStore::new(
+            redis.pool().unwrap(),
+            &herd_shared::keys::Keys::new("hand-over-test:"),
+            config.lease_ttl,
+        );
+        let (mut node, _outgoing) = standby_node();
+        node.config = config;
+        node.leases = leases;
+        let standby = |wants_active| {
+            let mut peer = heartbeat(Role::Standby, 2);
+            peer.wants_active = wants_active;
+            PeerEvent::Heartbeat(peer, Instant::now())
+        };
+        node.tick(Instant::now()).await;
+        assert_eq!(node.role, Role::Active);
+        // The preferred peer asks; we hand over.
+        node.on_peer_event(standby(true), Instant::now()).await;
+        assert_eq!(node.role, Role::Standby);
+        // It never takes the role (it can't reach Redis, say): after the yield we take it back.
+        tokio::time::sleep(HAND_OVER_YIELD + Duration::from_millis(50)).await;
+        node.on_peer_event(standby(false), Instant::now()).await;
+        node.tick(Instant::now()).await;
+        assert_eq!(node.role, Role::Active);
+        // It asks again at once: no second round of the same.
+        node.on_peer_event(standby(true), Instant::now()).await;
+        assert_eq!(node.role, Role::Active, "the role bounces every yield");
+        assert_eq!(node.status.borrow().transitions, 3);
     }
 
     #[test]
