@@ -33,6 +33,13 @@ fn plan(seconds: u64) -> Plan {
     }
 }
 
+/// Starts the mixed load of `plan` through the cluster's gateway in the background.
+fn start_load(plan: &Plan, cluster: &Cluster) -> tokio::task::JoinHandle<Report> {
+    let plan = plan.clone();
+    let request = mixed(cluster.gateway.url(""));
+    tokio::spawn(async move { load::run(&plan, &client(), request).await })
+}
+
 fn mixed(gateway_url: String) -> impl Fn(&reqwest::Client, u64) -> reqwest::RequestBuilder {
     move |client, n| {
         if n % 10 == 9 {
@@ -119,12 +126,7 @@ async fn kill_9_under_load_fails_no_get() {
     let mut cluster = four_workers(&[]).await;
     wait_workers(&cluster, 4).await;
     let plan = plan(4);
-    let http = client();
-    let load = tokio::spawn({
-        let plan = plan.clone();
-        let request = mixed(cluster.gateway.url(""));
-        async move { load::run(&plan, &http, request).await }
-    });
+    let load = start_load(&plan, &cluster);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     cluster.worker("w2").kill9();
     let report = load.await.unwrap();
@@ -150,12 +152,7 @@ async fn sigstop_is_ejected_bounded_by_the_request_timeout_and_returns() {
     .await;
     wait_workers(&cluster, 4).await;
     let plan = plan(5);
-    let http = client();
-    let load = tokio::spawn({
-        let plan = plan.clone();
-        let request = mixed(cluster.gateway.url(""));
-        async move { load::run(&plan, &http, request).await }
-    });
+    let load = start_load(&plan, &cluster);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     cluster.worker("w3").signal(Signal::SIGSTOP);
     let stopped = Instant::now();
@@ -199,12 +196,7 @@ async fn sigterm_under_load_fails_no_request() {
     let mut cluster = four_workers(&[]).await;
     wait_workers(&cluster, 4).await;
     let plan = plan(5);
-    let http = client();
-    let load = tokio::spawn({
-        let plan = plan.clone();
-        let request = mixed(cluster.gateway.url(""));
-        async move { load::run(&plan, &http, request).await }
-    });
+    let load = start_load(&plan, &cluster);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     cluster.worker("w1").signal(Signal::SIGTERM);
     let report = load.await.unwrap();
@@ -236,12 +228,7 @@ async fn a_new_worker_gets_traffic_within_a_second() {
     wait_workers(&cluster, 3).await;
     let events = EventLog::subscribe(&cluster.redis.url(), &cluster.prefix);
     let plan = plan(6);
-    let http = client();
-    let load = tokio::spawn({
-        let plan = plan.clone();
-        let request = mixed(cluster.gateway.url(""));
-        async move { load::run(&plan, &http, request).await }
-    });
+    let load = start_load(&plan, &cluster);
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.add_worker("w9");
     events.wait_for("join", "w9", Duration::from_secs(10)).await;

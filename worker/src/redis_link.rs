@@ -47,6 +47,26 @@ impl RedisLink {
         })
     }
 
+    /// Runs one script invocation on a pooled connection of the current master, within
+    /// `timeout` (pool wait included). The error is a short text: callers wrap it in their own
+    /// "Redis unavailable" error.
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+        timeout: std::time::Duration,
+    ) -> Result<T, String> {
+        let work = async {
+            let mut connection = self.pool().get().await.map_err(|e| e.to_string())?;
+            invocation
+                .invoke_async::<T>(&mut connection)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| Err("redis call timed out".into()))
+    }
+
     /// The current pool (a cheap handle).
     pub fn pool(&self) -> Pool {
         Pool::clone(&self.pool.load())

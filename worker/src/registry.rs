@@ -106,21 +106,10 @@ impl Registry {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<i64, RegistryError> {
-        let work = async {
-            let mut connection = self
-                .link
-                .pool()
-                .get()
-                .await
-                .map_err(|error| RegistryError::Unavailable(error.to_string()))?;
-            invocation
-                .invoke_async::<i64>(&mut connection)
-                .await
-                .map_err(|error| RegistryError::Unavailable(error.to_string()))
-        };
-        tokio::time::timeout(self.call_timeout, work)
+        self.link
+            .invoke(invocation, self.call_timeout)
             .await
-            .unwrap_or_else(|_| Err(RegistryError::Unavailable("timed out".into())))
+            .map_err(RegistryError::Unavailable)
     }
 
     /// Writes the entry once; publishes the current notice if the entry was missing (or the

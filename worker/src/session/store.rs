@@ -326,22 +326,10 @@ impl SessionStore {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, SessionError> {
-        let work = async {
-            let mut connection = self
-                .link
-                .pool()
-                .get()
-                .await
-                .map_err(|error| SessionError::Unavailable(error.to_string()))?;
-            invocation
-                .invoke_async::<T>(&mut connection)
-                .await
-                .map_err(|error| SessionError::Unavailable(error.to_string()))
-        };
-        match tokio::time::timeout(self.call_timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(SessionError::Unavailable("redis call timed out".into())),
-        }
+        self.link
+            .invoke(invocation, self.call_timeout)
+            .await
+            .map_err(SessionError::Unavailable)
     }
 
     /// Waits for this process's save lock of session `id`.
