@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 
 use crate::balancer::InFlight;
 use crate::error::GatewayError;
+use crate::upstream::{WorkerBody, WorkerBodyError};
 
 /// Why a request body stopped while streaming to a worker.
 #[derive(Debug, thiserror::Error)]
@@ -238,7 +239,7 @@ pub enum ResponseBody {
     /// Streaming from a worker; holds the worker's in-flight count until it ends.
     Upstream {
         /// The worker's body.
-        inner: Incoming,
+        inner: WorkerBody,
         /// Released at the end of the body.
         guard: Option<InFlight>,
     },
@@ -258,12 +259,12 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = WorkerBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, WorkerBodyError>>> {
         match self.get_mut() {
             ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ResponseBody::Upstream { inner, guard } => {

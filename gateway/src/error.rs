@@ -37,31 +37,6 @@ pub struct UpstreamError {
 }
 
 impl UpstreamError {
-    /// Classifies an error of the pooled client.
-    pub fn from_client(error: &hyper_util::client::legacy::Error) -> Self {
-        let detail = chain(error);
-        if error.is_connect() {
-            // The legacy client reports connect failures (refused, timed out) as such; a reused
-            // idle connection that was closed before any byte was written is retried by the
-            // client itself (retry_canceled_requests), so it never shows up here.
-            return UpstreamError {
-                kind: UpstreamErrorKind::Connect,
-                reached: false,
-                detail,
-            };
-        }
-        let hyper_error = find::<hyper::Error>(error);
-        let kind = match hyper_error {
-            Some(e) if e.is_parse() || e.is_parse_status() => UpstreamErrorKind::Protocol,
-            _ => UpstreamErrorKind::Reset,
-        };
-        UpstreamError {
-            kind,
-            reached: true,
-            detail,
-        }
-    }
-
     /// The attempt ran out of time waiting for response headers.
     pub fn timeout() -> Self {
         UpstreamError {
@@ -91,33 +66,6 @@ impl UpstreamError {
             UpstreamErrorKind::Protocol => "protocol",
         }
     }
-}
-
-/// The innermost source of type `T` in an error chain.
-fn find<'a, T: std::error::Error + 'static>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a T> {
-    let mut current = Some(error);
-    let mut found = None;
-    while let Some(e) = current {
-        if let Some(t) = e.downcast_ref::<T>() {
-            found = Some(t);
-        }
-        current = e.source();
-    }
-    found
-}
-
-/// The whole chain of an error, `a: b: c`.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut current = error.source();
-    while let Some(e) = current {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        current = e.source();
-    }
-    text
 }
 
 /// Why the gateway answers a request itself.

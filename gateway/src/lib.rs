@@ -8,6 +8,8 @@
 //! - [`balancer`]: membership (static list + Redis registry), health (active checks and passive
 //!   ejection) and selection (p2c over peak-EWMA, round robin, weighted).
 //! - [`failover`]: the active / standby pair (peer link, Redis lease, floating address).
+//! - [`upstream`]: the HTTP/1.1 client to workers — per-worker keep-alive pools, driven by the
+//!   request's own task.
 //! - [`retry`]: the retry budget.
 //! - [`error`]: upstream and gateway errors, and the one place that turns them into responses.
 //! - [`headers`], [`body`]: header rules and request/response bodies of the request path.
@@ -26,6 +28,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod retry;
 pub mod server;
+pub mod upstream;
 
 pub use config::GatewayConfig;
 pub use server::{Listeners, run};

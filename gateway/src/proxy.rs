@@ -20,19 +20,17 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::balancer::{Balancer, Refusal, Worker};
-use crate::body::{self, Prepared, ResponseBody, UpstreamBody};
+use crate::body::{self, Prepared, ResponseBody};
 use crate::config::GatewayConfig;
 use crate::error::{GatewayError, UpstreamError, UpstreamErrorKind};
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
+use crate::upstream::{self, ClientSettings, Outgoing, PoolLimits};
 
 /// Limits and timeouts the request path applies, copied out of the configuration.
 #[derive(Debug, Clone)]
@@ -51,7 +49,7 @@ struct Settings {
 #[derive(Debug)]
 pub struct Proxy {
     balancer: Arc<Balancer>,
-    client: Client<HttpConnector, UpstreamBody>,
+    client: ClientSettings,
     metrics: Arc<Metrics>,
     budget: RetryBudget,
     settings: Settings,
@@ -79,16 +77,13 @@ enum Attempt {
 impl Proxy {
     /// A proxy over `balancer`'s workers.
     pub fn new(config: &GatewayConfig, balancer: Arc<Balancer>, metrics: Arc<Metrics>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.timeouts.connect));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.timeouts.upstream_idle)
-            .pool_max_idle_per_host(config.limits.max_idle_per_worker)
-            .retry_canceled_requests(true)
-            .build(connector);
+        let client = ClientSettings {
+            connect_timeout: config.timeouts.connect,
+            pool: PoolLimits {
+                max_idle: config.limits.max_idle_per_worker,
+                idle_timeout: config.timeouts.upstream_idle,
+            },
+        };
         Proxy {
             gateway_id: HeaderValue::from_str(&config.id)
                 .unwrap_or_else(|_| HeaderValue::from_static("gateway")),
@@ -192,7 +187,6 @@ impl Proxy {
 
         let mut tried: Vec<Arc<Worker>> = Vec::new();
         let mut last: Option<GatewayError> = None;
-        let mut headers_left = Some(parts.headers);
         for attempt in 1..=settings.max_attempts {
             let pick = match self.balancer.pick(&tried) {
                 Ok(pick) => pick,
@@ -206,24 +200,13 @@ impl Proxy {
             let Some(body) = prepared.attempt() else {
                 break;
             };
-            let last_chance = attempt == settings.max_attempts || !prepared.replayable();
-            let headers = if last_chance {
-                headers_left.take().unwrap_or_default()
-            } else {
-                headers_left.clone().unwrap_or_default()
+            let request = Outgoing {
+                method: &parts.method,
+                path: path.as_str(),
+                headers: &parts.headers,
+                declared_length: content_length,
+                body,
             };
-            let uri = http::Uri::from_parts({
-                let mut uri = http::uri::Parts::default();
-                uri.scheme = Some(http::uri::Scheme::HTTP);
-                uri.authority = Some(pick.worker.authority.clone());
-                uri.path_and_query = Some(path.clone());
-                uri
-            })
-            .map_err(|_| GatewayError::BadRequest("bad request target"))?;
-            let mut request = Request::new(body);
-            *request.method_mut() = parts.method.clone();
-            *request.uri_mut() = uri;
-            *request.headers_mut() = headers;
 
             let outcome = self
                 .attempt(
@@ -329,7 +312,7 @@ impl Proxy {
     async fn attempt(
         &self,
         worker: &Arc<Worker>,
-        request: Request<UpstreamBody>,
+        request: Outgoing<'_>,
         idempotent: bool,
         deadline: Instant,
         prepared: &Prepared,
@@ -338,10 +321,11 @@ impl Proxy {
         let guard = worker.begin();
         let sent = Instant::now();
         let per_try = deadline.min(sent + self.settings.response_header);
-        let result = tokio::time::timeout_at(per_try, self.client.request(request)).await;
+        let exchange = upstream::exchange(worker, request, &self.client);
+        let result = tokio::time::timeout_at(per_try, exchange).await;
         match result {
-            Ok(Ok(response)) => {
-                let status = response.status();
+            Ok(Ok((head, worker_body))) => {
+                let status = head.status;
                 let clock = self.balancer.clock().now();
                 worker.ewma.observe(sent.elapsed().as_nanos() as f64, clock);
                 worker.count_response(Some(status));
@@ -352,20 +336,17 @@ impl Proxy {
                         status,
                         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
                     );
-                let (mut parts, incoming) = response.into_parts();
-                headers::strip_hop_by_hop(&mut parts.headers);
-                if !parts.headers.contains_key(headers::REQUEST_ID) {
-                    parts
-                        .headers
-                        .insert(headers::REQUEST_ID, request_id.clone());
+                let mut response_headers = head.headers;
+                headers::strip_hop_by_hop(&mut response_headers);
+                if !response_headers.contains_key(headers::REQUEST_ID) {
+                    response_headers.insert(headers::REQUEST_ID, request_id.clone());
                 }
-                let response = Response::from_parts(
-                    parts,
-                    ResponseBody::Upstream {
-                        inner: incoming,
-                        guard: Some(guard),
-                    },
-                );
+                let mut response = Response::new(ResponseBody::Upstream {
+                    inner: worker_body,
+                    guard: Some(guard),
+                });
+                *response.status_mut() = status;
+                *response.headers_mut() = response_headers;
                 if retryable {
                     Attempt::Retryable(response)
                 } else {
@@ -381,7 +362,6 @@ impl Proxy {
                         reason: "body",
                     };
                 }
-                let error = UpstreamError::from_client(&error);
                 self.balancer.report(worker, false);
                 Attempt::Failed {
                     retry_safe: error.retry_safe(idempotent, self.settings.retry_on_timeout),

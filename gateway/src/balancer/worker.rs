@@ -145,6 +145,8 @@ pub struct Worker {
     pub counters: Counters,
     /// Cancels this worker's health-check task when it is removed.
     pub cancel: CancellationToken,
+    /// Idle keep-alive connections of the request path.
+    pub pool: crate::upstream::Pool,
 }
 
 impl Worker {
@@ -175,6 +177,7 @@ impl Worker {
             }),
             counters: Counters::default(),
             cancel: CancellationToken::new(),
+            pool: crate::upstream::Pool::default(),
         }
     }
 

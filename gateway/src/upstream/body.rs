@@ -1,0 +1,221 @@
+//! A worker's response body on its way to the client, read straight from the worker's
+//! connection by the task that writes it to the client.
+//!
+//! When the whole body arrived with the head — the common case for small responses — it is
+//! handed over as one piece and the connection goes back to the pool before the client sees a
+//! byte. Otherwise the body holds the connection and returns it once the body is complete; a
+//! body dropped half-way (the client left) closes it, since the rest would still be in flight.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use super::codec::{Chunk, ChunkedDecoder, ProtocolError, ResponseFraming};
+use super::connection::Connection;
+use super::pool::PoolLimits;
+use crate::balancer::Worker;
+
+/// Reading a worker's response body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerBodyError {
+    /// The connection broke mid-body.
+    #[error("worker connection broke mid-body: {0}")]
+    Io(#[from] std::io::Error),
+    /// The worker closed the connection before the declared end of the body.
+    #[error("worker closed the connection mid-body")]
+    Truncated,
+    /// The body's framing is broken.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// Where a connection goes when its response is complete.
+#[derive(Debug)]
+pub struct Home {
+    /// The worker whose pool takes it back.
+    pub worker: Arc<Worker>,
+    /// The pool's limits.
+    pub limits: PoolLimits,
+}
+
+/// A worker's response body.
+#[derive(Debug)]
+pub struct WorkerBody {
+    state: State,
+    /// Present while the body is still being read from it.
+    connection: Option<Connection>,
+    /// Whether the connection may carry another request afterwards.
+    keep_alive: bool,
+    home: Option<Home>,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Everything is here (or there is nothing); the connection is back in the pool.
+    Buffered(Option<Bytes>),
+    /// This many bytes still to come.
+    Length(u64),
+    /// Chunked.
+    Chunked(ChunkedDecoder),
+    /// Until the worker closes.
+    UntilClose,
+    /// Finished.
+    Done,
+}
+
+impl WorkerBody {
+    /// The body of a response framed by `framing`, whose start is in `connection`'s buffer.
+    /// Returns the connection to `home` at once when the whole body is already there.
+    pub fn new(
+        framing: ResponseFraming,
+        keep_alive: bool,
+        connection: Connection,
+        home: Home,
+    ) -> Self {
+        let mut body = WorkerBody {
+            state: match framing {
+                ResponseFraming::Empty => State::Buffered(None),
+                ResponseFraming::Length(length) => State::Length(length),
+                ResponseFraming::Chunked => State::Chunked(ChunkedDecoder::new()),
+                ResponseFraming::UntilClose => State::UntilClose,
+            },
+            connection: Some(connection),
+            keep_alive,
+            home: Some(home),
+        };
+        body.complete_from_buffer();
+        body
+    }
+
+    /// Turns a body that already sits whole in the buffer into one piece.
+    fn complete_from_buffer(&mut self) {
+        let Some(connection) = self.connection.as_mut() else {
+            return;
+        };
+        match &mut self.state {
+            State::Buffered(_) => self.release(),
+            State::Length(length) if (connection.read.len() as u64) >= *length => {
+                let data = connection.read.split_to(*length as usize).freeze();
+                self.state = State::Buffered(Some(data));
+                self.release();
+            }
+            State::Chunked(decoder) => {
+                // Only when the whole body is there; otherwise stream it.
+                let mut probe = connection.read.clone();
+                let mut scratch = decoder.clone();
+                let mut pieces = Vec::new();
+                loop {
+                    match scratch.next(&mut probe) {
+                        Ok(Chunk::Data(data)) => pieces.push(data),
+                        Ok(Chunk::End) => break,
+                        Ok(Chunk::NeedMore) | Err(_) => return,
+                    }
+                }
+                connection.read = probe;
+                let data = match pieces.len() {
+                    0 => None,
+                    1 => pieces.pop(),
+                    _ => Some(Bytes::from(pieces.concat())),
+                };
+                self.state = State::Buffered(data);
+                self.release();
+            }
+            _ => {}
+        }
+    }
+
+    /// The body is complete: give the connection back when it can carry another request.
+    fn release(&mut self) {
+        if let State::Length(_) | State::Chunked(_) | State::UntilClose = self.state {
+            self.state = State::Done;
+        }
+        let connection = self.connection.take();
+        let home = self.home.take();
+        if let (Some(connection), Some(home)) = (connection, home)
+            && self.keep_alive
+            && connection.read.is_empty()
+        {
+            home.worker.pool.put(connection, &home.limits);
+        }
+    }
+
+    fn fail(
+        &mut self,
+        error: WorkerBodyError,
+    ) -> Poll<Option<Result<Frame<Bytes>, WorkerBodyError>>> {
+        self.state = State::Done;
+        self.connection = None;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl Body for WorkerBody {
+    type Data = Bytes;
+    type Error = WorkerBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, WorkerBodyError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(connection) = this.connection.as_mut() else {
+                return Poll::Ready(match &mut this.state {
+                    State::Buffered(data) => data.take().map(|d| Ok(Frame::data(d))),
+                    _ => None,
+                });
+            };
+            match &mut this.state {
+                State::Length(left) if !connection.read.is_empty() => {
+                    let take = (*left).min(connection.read.len() as u64);
+                    let data = connection.read.split_to(take as usize).freeze();
+                    *left -= take;
+                    if *left == 0 {
+                        this.release();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::Chunked(decoder) => match decoder.next(&mut connection.read) {
+                    Ok(Chunk::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Chunk::End) => {
+                        this.release();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Chunk::NeedMore) => {}
+                    Err(error) => return this.fail(error.into()),
+                },
+                State::UntilClose if !connection.read.is_empty() => {
+                    let data = connection.read.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                _ => {}
+            }
+            match ready!(connection.poll_read_more(cx)) {
+                Ok(0) if matches!(this.state, State::UntilClose) => {
+                    this.state = State::Done;
+                    this.connection = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(WorkerBodyError::Truncated),
+                Ok(_) => {}
+                Err(error) => return this.fail(error.into()),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Buffered(None) | State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            State::Buffered(None) | State::Done => SizeHint::with_exact(0),
+            State::Buffered(Some(data)) => SizeHint::with_exact(data.len() as u64),
+            State::Length(left) => SizeHint::with_exact(*left),
+            State::Chunked(_) | State::UntilClose => SizeHint::default(),
+        }
+    }
+}

@@ -1,0 +1,631 @@
+//! HTTP/1.1 on the wire to workers: the request head the gateway writes, the response head it
+//! parses, and the chunked-body decoder.
+//!
+//! Pure functions over byte buffers, so every framing rule is unit-tested without a socket. The
+//! rules are RFC 9112's: a response to HEAD, a 1xx, 204 or 304 has no body; otherwise
+//! `Transfer-Encoding: chunked` wins over `Content-Length`; otherwise `Content-Length`; otherwise
+//! the body runs until the worker closes the connection.
+
+use std::fmt::Write as _;
+use std::ops::Range;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
+use http::{Method, StatusCode, Version};
+
+/// Largest response head accepted from a worker.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Most response headers accepted from a worker.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size or trailer line accepted.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+
+/// The worker broke HTTP/1.1 (or sent something else).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid response from worker: {0}")]
+pub struct ProtocolError(pub &'static str);
+
+/// How a request body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body, no framing header.
+    None,
+    /// `Content-Length: n` (also `0` for an empty body the client declared).
+    Length(u64),
+    /// `Transfer-Encoding: chunked` (streaming body of unknown length).
+    Chunked,
+}
+
+/// Writes the request head into `out` (which is cleared first).
+///
+/// `Content-Length`, `Transfer-Encoding` and `Expect` from `headers` are replaced by `framing`:
+/// the gateway has read the client's body itself and re-frames it, and any `100-continue` was
+/// answered to the client already. Without a `Host` header, `fallback_host` is sent.
+pub fn encode_request_head(
+    out: &mut BytesMut,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    framing: RequestFraming,
+    fallback_host: &Authority,
+) {
+    out.clear();
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !headers.contains_key(header::HOST) {
+        put_header(out, b"host", fallback_host.as_str().as_bytes());
+    }
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::EXPECT
+        {
+            continue;
+        }
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    match framing {
+        RequestFraming::None => {}
+        RequestFraming::Length(length) => {
+            out.extend_from_slice(b"content-length: ");
+            // Writing to a BytesMut cannot fail.
+            let _ = write!(out, "{length}");
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the chunk-size line of a data chunk of `length` bytes.
+pub fn encode_chunk_start(out: &mut BytesMut, length: usize) {
+    let _ = write!(out, "{length:x}\r\n");
+}
+
+/// The end of a chunked body (no trailers).
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// How the body of a response is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    /// No body at all.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the worker closes the connection.
+    UntilClose,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// Status code.
+    pub status: StatusCode,
+    /// HTTP/1.0 or HTTP/1.1.
+    pub version: Version,
+    /// The worker's headers (hop-by-hop ones still included).
+    pub headers: HeaderMap,
+    /// How the body is delimited.
+    pub framing: ResponseFraming,
+    /// Whether the connection may carry another request after this response.
+    pub keep_alive: bool,
+}
+
+/// The result of looking at the start of the read buffer.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Not a whole head yet: read more.
+    Partial,
+    /// A 1xx interim response of this many bytes: skip it, the final response follows.
+    Interim(usize),
+    /// A final response head, taken off the buffer.
+    Complete(ResponseHead),
+}
+
+/// Parses the response head at the start of `buffer`; on [`Parsed::Complete`] the head's bytes
+/// are removed from `buffer` (header values share its memory, nothing is copied).
+pub fn parse_response(buffer: &mut BytesMut, method: &Method) -> Result<Parsed, ProtocolError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut slots);
+    let head_length = match response.parse(buffer) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if buffer.len() > MAX_RESPONSE_HEAD => {
+            return Err(ProtocolError("response head too large"));
+        }
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Err(ProtocolError("too many headers")),
+        Err(_) => return Err(ProtocolError("malformed response head")),
+    };
+    let code = response.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| ProtocolError("status code out of range"))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ProtocolError("unexpected protocol switch"));
+    }
+    if status.is_informational() {
+        return Ok(Parsed::Interim(head_length));
+    }
+    let version = if response.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let base = buffer.as_ptr() as usize;
+    let spans: Vec<(Range<usize>, Range<usize>)> = response
+        .headers
+        .iter()
+        .map(|h| {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            (name..name + h.name.len(), value..value + h.value.len())
+        })
+        .collect();
+    let head = buffer.split_to(head_length).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, value) in spans {
+        let name = HeaderName::from_bytes(&head[name])
+            .map_err(|_| ProtocolError("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value))
+            .map_err(|_| ProtocolError("invalid header value"))?;
+        headers.append(name, value);
+    }
+    let framing = framing(&headers, status, method)?;
+    let keep_alive = framing != ResponseFraming::UntilClose && keeps_alive(&headers, version);
+    if framing == ResponseFraming::Chunked {
+        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); drop the stale length.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    Ok(Parsed::Complete(ResponseHead {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    }))
+}
+
+fn framing(
+    headers: &HeaderMap,
+    status: StatusCode,
+    method: &Method,
+) -> Result<ResponseFraming, ProtocolError> {
+    if method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(ResponseFraming::Empty);
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|coding| !coding.is_empty());
+        return Ok(match last {
+            Some(coding) if coding.eq_ignore_ascii_case("chunked") => ResponseFraming::Chunked,
+            _ => ResponseFraming::UntilClose,
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|b| *b == b',') {
+            let parsed = std::str::from_utf8(part)
+                .ok()
+                .map(str::trim)
+                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|p| p.parse::<u64>().ok())
+                .ok_or(ProtocolError("invalid content-length"))?;
+            if length.is_some_and(|l| l != parsed) {
+                return Err(ProtocolError("conflicting content-length"));
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(match length {
+        Some(0) => ResponseFraming::Empty,
+        Some(length) => ResponseFraming::Length(length),
+        None => ResponseFraming::UntilClose,
+    })
+}
+
+fn keeps_alive(headers: &HeaderMap, version: Version) -> bool {
+    let mut close = false;
+    let mut keep_alive = false;
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            close |= token.eq_ignore_ascii_case(b"close");
+            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    match version {
+        Version::HTTP_10 => keep_alive && !close,
+        _ => !close,
+    }
+}
+
+/// Decodes a chunked body incrementally from a read buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+/// One step of the chunked decoder.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Chunk {
+    /// Body bytes.
+    Data(Bytes),
+    /// The buffer ends mid-frame: read more.
+    NeedMore,
+    /// The body (trailers included) is complete.
+    End,
+}
+
+impl Default for ChunkedDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ChunkedDecoder {
+    /// A decoder at the start of a body.
+    pub fn new() -> Self {
+        ChunkedDecoder {
+            state: ChunkState::Size,
+        }
+    }
+
+    /// Whether the whole body has been decoded.
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Takes the next piece of body off `buffer`. Trailers are read and dropped.
+    pub fn next(&mut self, buffer: &mut BytesMut) -> Result<Chunk, ProtocolError> {
+        loop {
+            match self.state {
+                ChunkState::Done => return Ok(Chunk::End),
+                ChunkState::Size => {
+                    let Some(line) = take_line(buffer)? else {
+                        return Ok(Chunk::NeedMore);
+                    };
+                    let size = parse_chunk_size(&line)?;
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buffer.is_empty() {
+                        return Ok(Chunk::NeedMore);
+                    }
+                    let take = usize::try_from(left)
+                        .unwrap_or(usize::MAX)
+                        .min(buffer.len());
+                    let data = buffer.split_to(take).freeze();
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                    return Ok(Chunk::Data(data));
+                }
+                ChunkState::DataEnd => {
+                    if buffer.len() < 2 {
+                        return Ok(Chunk::NeedMore);
+                    }
+                    if &buffer[..2] != b"\r\n" {
+                        return Err(ProtocolError("chunk not followed by CRLF"));
+                    }
+                    buffer.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let Some(line) = take_line(buffer)? else {
+                        return Ok(Chunk::NeedMore);
+                    };
+                    if line.is_empty() {
+                        self.state = ChunkState::Done;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes one CRLF-terminated line off `buffer` (without the CRLF), if a whole one is there.
+fn take_line(buffer: &mut BytesMut) -> Result<Option<BytesMut>, ProtocolError> {
+    match buffer.windows(2).position(|w| w == b"\r\n") {
+        Some(end) if end > MAX_CHUNK_LINE => Err(ProtocolError("chunk line too long")),
+        Some(end) => {
+            let line = buffer.split_to(end);
+            buffer.advance(2);
+            Ok(Some(line))
+        }
+        None if buffer.len() > MAX_CHUNK_LINE => Err(ProtocolError("chunk line too long")),
+        None => Ok(None),
+    }
+}
+
+fn parse_chunk_size(line: &[u8]) -> Result<u64, ProtocolError> {
+    // Chunk extensions (`;name=value`) are allowed and ignored.
+    let digits = line
+        .split(|b| *b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(ProtocolError("invalid chunk size"));
+    }
+    let text = std::str::from_utf8(digits).map_err(|_| ProtocolError("invalid chunk size"))?;
+    u64::from_str_radix(text, 16).map_err(|_| ProtocolError("invalid chunk size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authority() -> Authority {
+        Authority::from_static("10.0.0.1:8081")
+    }
+
+    fn parse(text: &str, method: &Method) -> (Result<Parsed, ProtocolError>, BytesMut) {
+        let mut buffer = BytesMut::from(text.as_bytes());
+        let parsed = parse_response(&mut buffer, method);
+        (parsed, buffer)
+    }
+
+    fn complete(text: &str) -> (ResponseHead, BytesMut) {
+        match parse(text, &Method::GET) {
+            (Ok(Parsed::Complete(head)), rest) => (head, rest),
+            (other, _) => panic!("expected a complete head, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn request_head_reframes_the_body_and_keeps_other_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("shop.example"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        headers.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("2"));
+        let mut out = BytesMut::new();
+        encode_request_head(
+            &mut out,
+            &Method::POST,
+            "/cart?x=1",
+            &headers,
+            RequestFraming::Length(5),
+            &authority(),
+        );
+        assert_eq!(
+            &out[..],
+            b"POST /cart?x=1 HTTP/1.1\r\nhost: shop.example\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 5\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn request_head_without_host_names_the_worker_and_chunks_unknown_lengths() {
+        let mut out = BytesMut::from(&b"stale"[..]);
+        encode_request_head(
+            &mut out,
+            &Method::PUT,
+            "/",
+            &HeaderMap::new(),
+            RequestFraming::Chunked,
+            &authority(),
+        );
+        assert_eq!(
+            &out[..],
+            b"PUT / HTTP/1.1\r\nhost: 10.0.0.1:8081\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let mut chunk = BytesMut::new();
+        encode_chunk_start(&mut chunk, 255);
+        assert_eq!(&chunk[..], b"ff\r\n");
+    }
+
+    #[test]
+    fn a_small_response_is_parsed_and_its_body_left_in_the_buffer() {
+        let (head, rest) = complete(
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-herd-worker: w1\r\nx-multi: a\r\nx-multi: b\r\n\r\nok\n",
+        );
+        assert_eq!(head.status, StatusCode::OK);
+        assert_eq!(head.framing, ResponseFraming::Length(3));
+        assert!(head.keep_alive);
+        assert_eq!(head.headers["x-herd-worker"], "w1");
+        assert_eq!(head.headers.get_all("x-multi").iter().count(), 2);
+        assert_eq!(&rest[..], b"ok\n");
+    }
+
+    #[test]
+    fn partial_heads_ask_for_more_and_oversized_ones_are_refused() {
+        let partial = "HTTP/1.1 200 OK\r\ncontent-len";
+        let (parsed, rest) = parse(partial, &Method::GET);
+        assert!(matches!(parsed, Ok(Parsed::Partial)));
+        assert_eq!(rest.len(), partial.len(), "nothing consumed");
+        let huge = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_RESPONSE_HEAD));
+        assert!(parse(&huge, &Method::GET).0.is_err());
+    }
+
+    #[test]
+    fn garbage_and_bad_lengths_are_protocol_errors() {
+        for text in [
+            "SSH-2.0-OpenSSH_9.2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 3x\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+        ] {
+            assert!(
+                parse(text, &Method::GET).0.is_err(),
+                "{text:?} must be refused"
+            );
+        }
+        let (head, _) = complete("HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n");
+        assert_eq!(head.framing, ResponseFraming::Length(3));
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_by_length() {
+        let text = "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n";
+        let (parsed, _) = parse(text, &Method::POST);
+        match parsed {
+            Ok(Parsed::Interim(length)) => assert_eq!(length, 25),
+            other => panic!("expected an interim response, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let cases = [
+            (
+                "HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n",
+                Method::GET,
+                ResponseFraming::Empty,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\n\r\n",
+                Method::GET,
+                ResponseFraming::Empty,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
+                Method::HEAD,
+                ResponseFraming::Empty,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                Method::GET,
+                ResponseFraming::Empty,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 9\r\n\r\n",
+                Method::GET,
+                ResponseFraming::Chunked,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                Method::GET,
+                ResponseFraming::UntilClose,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\n\r\n",
+                Method::GET,
+                ResponseFraming::UntilClose,
+            ),
+        ];
+        for (text, method, expected) in cases {
+            let (parsed, _) = parse(text, &method);
+            let Ok(Parsed::Complete(head)) = parsed else {
+                panic!("{text:?} did not parse");
+            };
+            assert_eq!(head.framing, expected, "{text:?}");
+            if expected == ResponseFraming::Chunked {
+                assert!(!head.headers.contains_key(header::CONTENT_LENGTH));
+            }
+            if expected == ResponseFraming::UntilClose {
+                assert!(!head.keep_alive, "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection_header() {
+        let cases = [
+            ("HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n", true),
+            (
+                "HTTP/1.1 200 OK\r\nconnection: Close\r\ncontent-length: 1\r\n\r\n",
+                false,
+            ),
+            ("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false),
+            (
+                "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n",
+                true,
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(complete(text).0.keep_alive, expected, "{text:?}");
+        }
+    }
+
+    fn decode_all(decoder: &mut ChunkedDecoder, buffer: &mut BytesMut) -> (Vec<u8>, Chunk) {
+        let mut body = Vec::new();
+        loop {
+            match decoder.next(buffer).expect("valid chunked body") {
+                Chunk::Data(data) => body.extend_from_slice(&data),
+                other => return (body, other),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_and_trailers() {
+        let mut buffer = BytesMut::from(
+            &b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\nNEXT"[..],
+        );
+        let mut decoder = ChunkedDecoder::new();
+        let (body, last) = decode_all(&mut decoder, &mut buffer);
+        assert_eq!(body, b"hello world");
+        assert_eq!(last, Chunk::End);
+        assert!(decoder.is_done());
+        assert_eq!(&buffer[..], b"NEXT", "bytes after the body stay");
+    }
+
+    #[test]
+    fn chunked_bodies_decode_when_split_at_every_byte() {
+        let wire = b"3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n";
+        let mut decoder = ChunkedDecoder::new();
+        let mut buffer = BytesMut::new();
+        let mut body = Vec::new();
+        for byte in wire {
+            buffer.extend_from_slice(&[*byte]);
+            let (data, _) = decode_all(&mut decoder, &mut buffer);
+            body.extend_from_slice(&data);
+        }
+        assert!(decoder.is_done());
+        assert_eq!(body, b"abc0123456789abcdef");
+    }
+
+    #[test]
+    fn broken_chunked_bodies_are_protocol_errors() {
+        for wire in [
+            &b"zz\r\n"[..],
+            b"3\r\nabcXY",
+            b"\r\n",
+            b"fffffffffffffffff\r\n",
+        ] {
+            let mut buffer = BytesMut::from(wire);
+            let mut decoder = ChunkedDecoder::new();
+            let result = (0..4).try_for_each(|_| decoder.next(&mut buffer).map(|_| ()));
+            assert!(result.is_err(), "{wire:?} must be refused");
+        }
+        let mut endless = BytesMut::from(&vec![b'1'; MAX_CHUNK_LINE + 2][..]);
+        assert!(ChunkedDecoder::new().next(&mut endless).is_err());
+    }
+}

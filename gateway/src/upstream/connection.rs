@@ -1,0 +1,276 @@
+//! One keep-alive TCP connection to a worker: connect, write a request, read the response head.
+//!
+//! The connection is driven by the task of the client's request itself — no connection task,
+//! no channel between the two — so a request costs two writes and two reads on the sockets and
+//! no wake-up of another task. Its buffers live as long as the connection and are reused.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::uri::Authority;
+use http::{HeaderMap, Method};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::codec::{self, Parsed, RequestFraming, ResponseHead};
+use crate::body::UpstreamBody;
+use crate::error::{UpstreamError, UpstreamErrorKind};
+
+/// Bytes asked of the kernel per read.
+const READ_CHUNK: usize = 8 * 1024;
+/// Bodies up to this size are copied behind the head and go out in one write.
+const COALESCE_BODY: usize = 16 * 1024;
+
+/// A connection to a worker, idle or carrying one request.
+#[derive(Debug)]
+pub struct Connection {
+    stream: TcpStream,
+    /// Bytes read from the worker and not consumed yet.
+    pub(super) read: BytesMut,
+    write: BytesMut,
+    /// Whether it carried a request before (a failure on it may be the worker's idle close).
+    reused: bool,
+}
+
+/// What to send: the parts of the request the worker sees.
+#[derive(Debug)]
+pub struct Outgoing<'a> {
+    /// Method.
+    pub method: &'a Method,
+    /// Path and query.
+    pub path: &'a str,
+    /// Headers, hop-by-hop ones already removed.
+    pub headers: &'a HeaderMap,
+    /// Whether the client declared a length (an empty declared body is sent as length 0).
+    pub declared_length: Option<u64>,
+    /// The body.
+    pub body: UpstreamBody,
+}
+
+impl Connection {
+    /// Connects to `authority` within `timeout`.
+    pub async fn open(authority: &Authority, timeout: Duration) -> Result<Self, UpstreamError> {
+        let connect = TcpStream::connect(authority.as_str());
+        let stream = match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(not_reached(UpstreamErrorKind::Connect, error)),
+            Err(_) => {
+                return Err(UpstreamError {
+                    kind: UpstreamErrorKind::Connect,
+                    reached: false,
+                    detail: format!("connect timed out after {timeout:?}"),
+                });
+            }
+        };
+        // Requests and responses are small and complete when written: send them at once.
+        let _ = stream.set_nodelay(true);
+        Ok(Connection {
+            stream,
+            read: BytesMut::with_capacity(READ_CHUNK),
+            write: BytesMut::with_capacity(1024),
+            reused: false,
+        })
+    }
+
+    /// Whether an idle connection can take a request: not closed by the worker, nothing unasked
+    /// for in it. Costs no system call unless the socket has become readable.
+    pub fn is_usable(&self) -> bool {
+        if !self.read.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Sends `request` and reads the response head; the body (or its start) stays in
+    /// [`Connection::read`].
+    pub async fn send(
+        &mut self,
+        request: Outgoing<'_>,
+        fallback_host: &Authority,
+    ) -> Result<ResponseHead, UpstreamError> {
+        let was_reused = self.reused;
+        self.reused = true;
+        let method = request.method.clone();
+        self.write_request(request, fallback_host)
+            .await
+            .map_err(|error| error.into_upstream(was_reused))?;
+        self.read_head(&method).await
+    }
+
+    async fn write_request(
+        &mut self,
+        request: Outgoing<'_>,
+        fallback_host: &Authority,
+    ) -> Result<(), WriteError> {
+        let Outgoing {
+            method,
+            path,
+            headers,
+            declared_length,
+            body,
+        } = request;
+        match body {
+            UpstreamBody::Full(data) => {
+                let length = data.as_ref().map_or(0, Bytes::len) as u64;
+                let framing = if length > 0 || declared_length.is_some() {
+                    RequestFraming::Length(length)
+                } else {
+                    RequestFraming::None
+                };
+                codec::encode_request_head(
+                    &mut self.write,
+                    method,
+                    path,
+                    headers,
+                    framing,
+                    fallback_host,
+                );
+                match data {
+                    Some(data) if data.len() <= COALESCE_BODY => {
+                        self.write.extend_from_slice(&data);
+                        self.stream.write_all(&self.write).await?;
+                    }
+                    Some(data) => {
+                        self.stream.write_all(&self.write).await?;
+                        self.stream.write_all(&data).await?;
+                    }
+                    None => self.stream.write_all(&self.write).await?,
+                }
+            }
+            mut body @ UpstreamBody::Stream { .. } => {
+                let framing = match declared_length {
+                    Some(length) => RequestFraming::Length(length),
+                    None => RequestFraming::Chunked,
+                };
+                codec::encode_request_head(
+                    &mut self.write,
+                    method,
+                    path,
+                    headers,
+                    framing,
+                    fallback_host,
+                );
+                self.stream.write_all(&self.write).await?;
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| WriteError::Body(e.to_string()))?;
+                    let Ok(data) = frame.into_data() else {
+                        continue; // trailers are not forwarded
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if framing == RequestFraming::Chunked {
+                        self.write.clear();
+                        codec::encode_chunk_start(&mut self.write, data.len());
+                        self.write.extend_from_slice(&data);
+                        self.write.extend_from_slice(b"\r\n");
+                        self.stream.write_all(&self.write).await?;
+                    } else {
+                        self.stream.write_all(&data).await?;
+                    }
+                }
+                if framing == RequestFraming::Chunked {
+                    self.stream.write_all(codec::LAST_CHUNK).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_head(&mut self, method: &Method) -> Result<ResponseHead, UpstreamError> {
+        loop {
+            match codec::parse_response(&mut self.read, method) {
+                Ok(Parsed::Complete(head)) => return Ok(head),
+                Ok(Parsed::Interim(length)) => {
+                    let _ = self.read.split_to(length);
+                    continue;
+                }
+                Ok(Parsed::Partial) => {}
+                Err(error) => return Err(protocol(error)),
+            }
+            self.read.reserve(READ_CHUNK);
+            match self.stream.read_buf(&mut self.read).await {
+                Ok(0) if self.read.is_empty() => {
+                    return Err(reached(
+                        UpstreamErrorKind::Reset,
+                        "connection closed before a response",
+                    ));
+                }
+                Ok(0) => return Err(protocol(codec::ProtocolError("response head cut off"))),
+                Ok(_) => {}
+                Err(error) => return Err(reached(UpstreamErrorKind::Reset, &error.to_string())),
+            }
+        }
+    }
+
+    /// Reads more of the response body into [`Connection::read`]; `Ok(0)` at end of stream.
+    pub(super) fn poll_read_more(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.read.reserve(READ_CHUNK);
+        tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut self.stream), cx, &mut self.read)
+    }
+}
+
+/// Why writing a request failed.
+#[derive(Debug)]
+enum WriteError {
+    /// The socket write failed: the worker did not get the whole request.
+    Io(std::io::Error),
+    /// Reading the client's streaming body failed.
+    Body(String),
+}
+
+impl From<std::io::Error> for WriteError {
+    fn from(error: std::io::Error) -> Self {
+        WriteError::Io(error)
+    }
+}
+
+impl WriteError {
+    fn into_upstream(self, reused: bool) -> UpstreamError {
+        match self {
+            WriteError::Io(error) => {
+                let what = if reused { "reused" } else { "new" };
+                UpstreamError {
+                    kind: UpstreamErrorKind::Reset,
+                    // The worker cannot act on a request it did not fully receive.
+                    reached: false,
+                    detail: format!("writing the request on a {what} connection: {error}"),
+                }
+            }
+            WriteError::Body(detail) => UpstreamError {
+                kind: UpstreamErrorKind::Reset,
+                reached: true,
+                detail: format!("client body: {detail}"),
+            },
+        }
+    }
+}
+
+fn not_reached(kind: UpstreamErrorKind, error: std::io::Error) -> UpstreamError {
+    UpstreamError {
+        kind,
+        reached: false,
+        detail: error.to_string(),
+    }
+}
+
+fn reached(kind: UpstreamErrorKind, detail: &str) -> UpstreamError {
+    UpstreamError {
+        kind,
+        reached: true,
+        detail: detail.to_owned(),
+    }
+}
+
+fn protocol(error: codec::ProtocolError) -> UpstreamError {
+    UpstreamError {
+        kind: UpstreamErrorKind::Protocol,
+        reached: true,
+        detail: error.to_string(),
+    }
+}

@@ -1,0 +1,65 @@
+//! The gateway's HTTP/1.1 client to workers: per-worker pools of keep-alive connections, driven
+//! by the client request's own task.
+//!
+//! ```text
+//! proxy ─▶ exchange(worker, request)
+//!            ├ worker.pool.take()  (live idle connection, LIFO)   ─┐
+//!            └ or Connection::open (timeouts.connect)             ─┴▶ write head (+ body) ─▶ read head
+//!          ◀─ (head, WorkerBody)
+//!             WorkerBody: whole body already read → connection back in the pool at once;
+//!                         otherwise read on as the client takes it, then back in the pool
+//! ```
+//!
+//! Why not hyper's pooled client: it runs every connection in its own task and talks to it over
+//! channels, so each request paid a pool lock, two cross-task hand-offs and their wake-ups.
+//! Here the request's task writes and reads the worker's socket itself; see
+//! docs/performance.md for the measurements that led to it.
+
+mod body;
+pub mod codec;
+mod connection;
+mod pool;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use body::{Home, WorkerBody, WorkerBodyError};
+pub use codec::ResponseHead;
+pub use connection::{Connection, Outgoing};
+pub use pool::{Pool, PoolLimits};
+
+use crate::balancer::Worker;
+use crate::error::UpstreamError;
+
+/// How the gateway talks to workers.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientSettings {
+    /// Connect timeout (`timeouts.connect`).
+    pub connect_timeout: Duration,
+    /// Pool limits.
+    pub pool: PoolLimits,
+}
+
+/// Sends `request` to `worker` over a pooled (or new) connection; returns the response head and
+/// its body. The caller bounds the time this takes.
+pub async fn exchange(
+    worker: &Arc<Worker>,
+    request: Outgoing<'_>,
+    settings: &ClientSettings,
+) -> Result<(ResponseHead, WorkerBody), UpstreamError> {
+    let mut connection = match worker.pool.take(&settings.pool) {
+        Some(connection) => connection,
+        None => Connection::open(&worker.authority, settings.connect_timeout).await?,
+    };
+    let head = connection.send(request, &worker.authority).await?;
+    let body = WorkerBody::new(
+        head.framing,
+        head.keep_alive,
+        connection,
+        Home {
+            worker: worker.clone(),
+            limits: settings.pool,
+        },
+    );
+    Ok((head, body))
+}

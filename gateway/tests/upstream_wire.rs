@@ -1,0 +1,310 @@
+//! The gateway's HTTP/1.1 client against workers that answer with exact bytes: every framing a
+//! worker may use, keep-alive reuse, idle connections the worker closes, and broken answers.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use support::{Gateway, client, send};
+
+/// What a scripted worker does with one request (health checks are answered by the harness).
+#[derive(Clone, Copy)]
+enum Script {
+    /// Writes these pieces, with a pause between them, then keeps the connection.
+    Pieces(&'static [&'static [u8]]),
+    /// Writes these bytes and closes the connection.
+    ThenClose(&'static [u8]),
+}
+
+/// A worker speaking raw HTTP/1.1: `answer(path) -> Script`.
+struct RawWorker {
+    addr: std::net::SocketAddr,
+    /// Connections whose first request was not a health check.
+    request_connections: Arc<AtomicU64>,
+    /// Requests seen (health checks excluded), with their head and body.
+    seen: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RawWorker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+const READY: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+impl RawWorker {
+    async fn start(answer: fn(&str) -> Script) -> RawWorker {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let request_connections = Arc::new(AtomicU64::new(0));
+        let seen: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+        let (count, log) = (request_connections.clone(), seen.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (count, log) = (count.clone(), log.clone());
+                tokio::spawn(async move { serve(stream, answer, count, log).await });
+            }
+        });
+        RawWorker {
+            addr,
+            request_connections,
+            seen,
+            task,
+        }
+    }
+
+    fn requests(&self) -> Vec<(String, Vec<u8>)> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    answer: fn(&str) -> Script,
+    count: Arc<AtomicU64>,
+    log: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+) {
+    let mut buffer = Vec::new();
+    let mut first = true;
+    loop {
+        let Some((head, body)) = read_request(&mut stream, &mut buffer).await else {
+            return;
+        };
+        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+        if path == "/readyz" {
+            if stream.write_all(READY).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if first {
+            count.fetch_add(1, Ordering::SeqCst);
+            first = false;
+        }
+        log.lock().unwrap().push((head, body));
+        match answer(&path) {
+            Script::Pieces(pieces) => {
+                for piece in pieces {
+                    if stream.write_all(piece).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            Script::ThenClose(bytes) => {
+                let _ = stream.write_all(bytes).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Reads one request (head, and a content-length or chunked body) off the connection.
+async fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buffer[..end]).to_string();
+            buffer.drain(..end + 4);
+            let lower = head.to_ascii_lowercase();
+            let body = if let Some(length) = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+            {
+                let length: usize = length.trim().parse().unwrap();
+                while buffer.len() < length {
+                    read_more(stream, buffer).await?;
+                }
+                buffer.drain(..length).collect()
+            } else if lower.contains("transfer-encoding: chunked") {
+                while !buffer.windows(5).any(|w| w == b"0\r\n\r\n") {
+                    read_more(stream, buffer).await?;
+                }
+                let end = buffer.windows(5).position(|w| w == b"0\r\n\r\n").unwrap() + 5;
+                buffer.drain(..end).collect()
+            } else {
+                Vec::new()
+            };
+            return Some((head, body));
+        }
+        read_more(stream, buffer).await?;
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 16 * 1024];
+    match stream.read(&mut chunk).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => {
+            buffer.extend_from_slice(&chunk[..n]);
+            Some(())
+        }
+    }
+}
+
+async fn gateway_over(worker: &RawWorker) -> Gateway {
+    let addr = worker.addr.to_string();
+    Gateway::start(&[], move |c| {
+        c.workers = vec![addr];
+        c.retry.buffer_body_bytes = 1024;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn every_response_framing_reaches_the_client_whole() {
+    let worker = RawWorker::start(|path| match path {
+        "/chunked" => Script::Pieces(&[
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+            b"lo\r\n6;ext=1\r\n world\r\n",
+            b"0\r\nx-trailer: t\r\n\r\n",
+        ]),
+        "/length" => Script::Pieces(&[
+            b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello",
+            b" world",
+        ]),
+        "/close" => Script::ThenClose(b"HTTP/1.1 200 OK\r\nx-framing: close\r\n\r\nhello world"),
+        "/empty" => Script::Pieces(&[b"HTTP/1.1 204 No Content\r\n\r\n"]),
+        "/continue" => Script::Pieces(&[
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello world",
+        ]),
+        _ => Script::Pieces(&[b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"]),
+    })
+    .await;
+    let gw = gateway_over(&worker).await;
+    let c = client();
+    for path in ["/chunked", "/length", "/close", "/continue", "/length"] {
+        let answer = send(&c, "GET", &gw.url(path), &[], "").await;
+        assert_eq!(answer.status, 200, "{path}");
+        assert_eq!(answer.body.as_ref(), b"hello world", "{path}");
+    }
+    let answer = send(&c, "GET", &gw.url("/empty"), &[], "").await;
+    assert_eq!(answer.status, 204);
+    assert!(answer.body.is_empty());
+    // HEAD: a length but no body; the connection stays usable for the next request.
+    let answer = send(&c, "HEAD", &gw.url("/head"), &[], "").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.headers["content-length"], "5");
+    assert!(answer.body.is_empty());
+    let answer = send(&c, "GET", &gw.url("/after-head"), &[], "").await;
+    assert_eq!(answer.body.as_ref(), b"hello");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn keep_alive_connections_are_reused_across_requests() {
+    let worker = RawWorker::start(|_| {
+        Script::Pieces(&[b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"])
+    })
+    .await;
+    let gw = gateway_over(&worker).await;
+    let c = client();
+    for _ in 0..50 {
+        let answer = send(&c, "GET", &gw.url("/"), &[], "").await;
+        assert_eq!(answer.body.as_ref(), b"hello");
+    }
+    assert_eq!(worker.request_connections.load(Ordering::SeqCst), 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_closing_idle_connections_costs_no_request() {
+    // Answers without `connection: close` and then closes: the pooled connection is dead by the
+    // time the next request wants it.
+    let worker = RawWorker::start(|_| {
+        Script::ThenClose(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+    })
+    .await;
+    let gw = gateway_over(&worker).await;
+    let c = client();
+    for i in 0..40 {
+        let method = if i % 2 == 0 { "GET" } else { "POST" };
+        let answer = send(&c, method, &gw.url("/"), &[], "x").await;
+        assert_eq!(answer.status, 200, "request {i} ({method})");
+        assert_eq!(answer.body.as_ref(), b"hello");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(worker.request_connections.load(Ordering::SeqCst), 40);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_bodies_are_framed_for_the_worker() {
+    let worker =
+        RawWorker::start(|_| Script::Pieces(&[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]))
+            .await;
+    let gw = gateway_over(&worker).await;
+    let c = client();
+    // Buffered (under retry.buffer_body_bytes), streamed with a declared length, an empty POST
+    // that declared its length, a GET without a body.
+    send(&c, "POST", &gw.url("/small"), &[], "small").await;
+    let big = vec![b'b'; 5000];
+    send(&c, "PUT", &gw.url("/big"), &[], big.clone()).await;
+    send(
+        &c,
+        "POST",
+        &gw.url("/empty"),
+        &[("content-length", "0")],
+        "",
+    )
+    .await;
+    send(&c, "GET", &gw.url("/get"), &[], "").await;
+    let seen = worker.requests();
+    assert_eq!(seen.len(), 4);
+    assert!(seen[0].0.contains("content-length: 5"), "{}", seen[0].0);
+    assert_eq!(seen[0].1, b"small");
+    assert!(seen[1].0.contains("content-length: 5000"), "{}", seen[1].0);
+    assert_eq!(seen[1].1, big);
+    assert!(seen[2].0.contains("content-length: 0"), "{}", seen[2].0);
+    assert!(!seen[3].0.contains("content-length"), "{}", seen[3].0);
+    for (head, _) in &seen {
+        assert!(head.contains("\r\nhost: "), "{head}");
+        assert!(head.contains("\r\nx-forwarded-for: 127.0.0.1"), "{head}");
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn broken_answers_become_502_and_the_gateway_keeps_serving() {
+    let worker = RawWorker::start(|path| match path {
+        "/garbage" => Script::ThenClose(b"SSH-2.0-OpenSSH_9.2\r\n\r\n"),
+        "/nothing" => Script::ThenClose(b""),
+        "/bad-length" => Script::ThenClose(b"HTTP/1.1 200 OK\r\ncontent-length: nope\r\n\r\n"),
+        "/cut" => Script::ThenClose(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort"),
+        _ => Script::Pieces(&[b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"]),
+    })
+    .await;
+    let gw = gateway_over(&worker).await;
+    let c = client();
+    for path in ["/garbage", "/bad-length"] {
+        let answer = send(&c, "POST", &gw.url(path), &[], "").await;
+        assert_eq!(answer.status, 502, "{path}");
+        assert_eq!(answer.json()["error"], "bad_gateway", "{path}");
+    }
+    let answer = send(&c, "POST", &gw.url("/nothing"), &[], "").await;
+    assert_eq!(answer.status, 502);
+    // A body cut off after the head: the client's response breaks, it is not completed with
+    // made-up bytes.
+    let request = hyper::Request::get(gw.url("/cut"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    if let Ok(response) = c.request(request).await {
+        assert_eq!(response.status(), 200);
+        let body = http_body_util::BodyExt::collect(response.into_body()).await;
+        assert!(body.is_err(), "a truncated body must not look complete");
+    }
+    let answer = send(&c, "GET", &gw.url("/fine"), &[], "").await;
+    assert_eq!(answer.body.as_ref(), b"hello");
+    gw.shutdown().await;
+}
