@@ -32,25 +32,36 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Whether `name` is one of the always-removed hop-by-hop headers, or `Upgrade`.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::UPGRADE || HOP_BY_HOP.iter().any(|h| h == name)
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`, and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Names listed in Connection go too; collect them before Connection itself is removed.
-    // (An empty Vec does not allocate, so the common case costs nothing.)
+    // Runs twice per request. Most messages carry none, or only `Connection: keep-alive`: find
+    // the ones present in one pass instead of removing all ten names blindly.
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    if present.is_empty() {
+        return;
+    }
+    // Names listed in Connection go too (besides the `close` / `keep-alive` options).
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
-    for name in listed {
+    for name in listed.iter().chain(&present) {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP.iter() {
-        headers.remove(name);
-    }
-    // Upgrades (WebSocket) are not proxied; pass the request on as plain HTTP.
-    headers.remove(header::UPGRADE);
 }
 
 /// Whether a client-sent request id may be kept.
@@ -80,18 +91,39 @@ pub fn new_request_id() -> HeaderValue {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(rand::random::<u64>);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let text = format!("{prefix:016x}-{n:x}");
-    HeaderValue::from_str(&text).expect("hex digits are a valid header value")
+    // Hand-rolled hex: this runs for every request, and `format!` costs several times more.
+    let mut text = [0u8; 33];
+    put_hex(&mut text[..16], prefix);
+    text[16] = b'-';
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+    put_hex(&mut text[17..17 + digits], n);
+    HeaderValue::from_bytes(&text[..17 + digits]).expect("hex digits are a valid header value")
 }
 
-/// Appends the client's address to `X-Forwarded-For` and sets `X-Forwarded-Proto`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
-    let ip = client.to_string();
+/// Writes the low `out.len()` hex digits of `value` into `out`, most significant first.
+fn put_hex(out: &mut [u8], mut value: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(value & 0xf) as usize];
+        value >>= 4;
+    }
+}
+
+/// The client's address as an `X-Forwarded-For` entry; made once per client connection.
+pub fn forwarded_for(client: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&client.to_string()).expect("an IP address is a valid header value")
+}
+
+/// Appends `client` (see [`forwarded_for`]) to `X-Forwarded-For` and sets
+/// `X-Forwarded-Proto`.
+pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, proto: &'static str) {
     let value = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) if !previous.trim().is_empty() => format!("{previous}, {ip}"),
-        _ => ip,
+        Some(previous) if !previous.trim().is_empty() => {
+            HeaderValue::from_str(&format!("{previous}, {}", client.to_str().unwrap_or(""))).ok()
+        }
+        _ => Some(client.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    if let Some(value) = value {
         headers.insert(FORWARDED_FOR, value);
     }
     // We are the edge: what the client claims about the scheme is not trusted.
@@ -128,7 +160,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_connection_listed_ones_go() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        headers.insert(
+            header::CONNECTION,
+            "keep-alive, x-secret, Close".parse().unwrap(),
+        );
         headers.insert("keep-alive", "timeout=5".parse().unwrap());
         headers.insert("x-secret", "1".parse().unwrap());
         headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
@@ -169,15 +204,34 @@ mod tests {
         let b = new_request_id();
         assert_ne!(a, b);
         assert!(is_sane_request_id(a.as_bytes()));
+        let (prefix, counter) = a.to_str().unwrap().split_once('-').unwrap();
+        assert_eq!(prefix.len(), 16);
+        let next = u64::from_str_radix(counter, 16).unwrap() + 1;
+        assert_eq!(b.to_str().unwrap(), format!("{prefix}-{next:x}"));
+        let mut digits = [0u8; 4];
+        put_hex(&mut digits, 0xbeef);
+        assert_eq!(&digits, b"beef");
+    }
+
+    #[test]
+    fn messages_without_hop_by_hop_headers_are_left_alone() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, "a".parse().unwrap());
+        headers.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 2);
+        headers.insert("proxy-connection", "keep-alive".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 2);
     }
 
     #[test]
     fn forwarded_for_appends_and_proto_is_overwritten() {
         let mut headers = HeaderMap::new();
-        add_forwarded(&mut headers, "10.0.0.1".parse().unwrap(), "http");
+        add_forwarded(&mut headers, &forwarded_for([10, 0, 0, 1].into()), "http");
         assert_eq!(headers[&FORWARDED_FOR], "10.0.0.1");
         headers.insert(FORWARDED_PROTO, "https".parse().unwrap());
-        add_forwarded(&mut headers, "127.0.0.1".parse().unwrap(), "http");
+        add_forwarded(&mut headers, &forwarded_for([127, 0, 0, 1].into()), "http");
         assert_eq!(headers[&FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
         assert_eq!(headers[&FORWARDED_PROTO], "http");
     }

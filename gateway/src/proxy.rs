@@ -13,7 +13,6 @@
 //! The whole path up to the response headers is bounded by `timeouts.request`. Errors become
 //! responses in [`crate::error`] only.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,13 +107,13 @@ impl Proxy {
     pub async fn handle(
         &self,
         request: Request<Incoming>,
-        client: SocketAddr,
+        forwarded_for: &HeaderValue,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         let (mut parts, body) = request.into_parts();
         let request_id = headers::ensure_request_id(&mut parts.headers);
         let mut response = match self
-            .forward(parts, body, client, started, &request_id)
+            .forward(parts, body, forwarded_for, started, &request_id)
             .await
         {
             Ok(response) => response,
@@ -141,7 +140,7 @@ impl Proxy {
         &self,
         mut parts: http::request::Parts,
         body: Incoming,
-        client: SocketAddr,
+        forwarded_for: &HeaderValue,
         started: Instant,
         request_id: &HeaderValue,
     ) -> Result<Response<ResponseBody>, GatewayError> {
@@ -173,7 +172,7 @@ impl Proxy {
             parts.headers.insert(header::HOST, host);
         }
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::add_forwarded(&mut parts.headers, client.ip(), "http");
+        headers::add_forwarded(&mut parts.headers, forwarded_for, "http");
         self.budget.deposit();
 
         let deadline = started + settings.request;

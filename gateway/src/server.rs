@@ -170,9 +170,11 @@ pub async fn run(
                     continue;
                 }
                 let proxy = proxy.clone();
+                let forwarded_for = crate::headers::forwarded_for(peer.ip());
                 let service = service_fn(move |request: hyper::Request<Incoming>| {
                     let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
+                    let forwarded_for = forwarded_for.clone();
+                    async move { Ok::<_, Infallible>(proxy.handle(request, &forwarded_for).await) }
                 });
                 let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let connection = graceful.watch(connection);
