@@ -13,6 +13,9 @@ use tokio::task::JoinHandle;
 
 use support::{Gateway, client, send};
 
+/// Requests a scripted worker saw: head and body.
+type Seen = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// What a scripted worker does with one request (health checks are answered by the harness).
 #[derive(Clone, Copy)]
 enum Script {
@@ -28,7 +31,7 @@ struct RawWorker {
     /// Connections whose first request was not a health check.
     request_connections: Arc<AtomicU64>,
     /// Requests seen (health checks excluded), with their head and body.
-    seen: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    seen: Seen,
     task: JoinHandle<()>,
 }
 
@@ -45,7 +48,7 @@ impl RawWorker {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let request_connections = Arc::new(AtomicU64::new(0));
-        let seen: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+        let seen: Seen = Arc::default();
         let (count, log) = (request_connections.clone(), seen.clone());
         let task = tokio::spawn(async move {
             loop {
@@ -73,7 +76,7 @@ async fn serve(
     mut stream: TcpStream,
     answer: fn(&str) -> Script,
     count: Arc<AtomicU64>,
-    log: Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    log: Seen,
 ) {
     let mut buffer = Vec::new();
     let mut first = true;

@@ -11,7 +11,7 @@
 //! keeps the membership it knows and keeps serving.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::worker::{Origin, WorkerSpec};
-use super::{Balancer, ChangeSource};
+use super::{Balancer, ChangeSource, Table};
 use crate::config::RegistryConfig;
 
 /// Why reading the registry failed.
@@ -96,6 +96,14 @@ pub struct Reconciler {
     /// Address of each id seen, so notices about a worker that is also listed statically (by
     /// address) reach its entry.
     addr_of: HashMap<String, String>,
+    /// Records as the last full read applied them. Every worker rewrites its entry at each
+    /// heartbeat, so a full read finds the same thousand records again and again; applying one
+    /// again changes nothing as long as nothing else touched membership since. So an unchanged
+    /// record is skipped, unless an event arrived or the table changed (admin API, expiry) in
+    /// between, which empties this.
+    applied: HashMap<String, WorkerRecord>,
+    /// The table as the last full read left it (weak: only its identity is needed).
+    applied_to: Weak<Table>,
 }
 
 impl Reconciler {
@@ -106,15 +114,31 @@ impl Reconciler {
             missing_grace,
             missing_since: HashMap::new(),
             addr_of: HashMap::new(),
+            applied: HashMap::new(),
+            applied_to: Weak::new(),
         }
     }
 
     /// Brings the table in line with a full read of the registry.
     pub fn sync(&mut self, records: &[WorkerRecord]) {
         let present: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        if !std::ptr::eq(
+            self.applied_to.as_ptr(),
+            Arc::as_ptr(&self.balancer.workers()),
+        ) {
+            self.applied.clear();
+        }
+        // Records no longer present are forgotten, so one that comes back is applied again.
+        self.applied.retain(|id, _| present.contains(id.as_str()));
         for record in records {
-            self.missing_since.remove(&record.id);
+            if !self.missing_since.is_empty() {
+                self.missing_since.remove(&record.id);
+            }
+            if self.applied.get(&record.id) == Some(record) {
+                continue;
+            }
             self.apply(record);
+            self.applied.insert(record.id.clone(), record.clone());
         }
         let now = Instant::now();
         for worker in self.balancer.workers().workers.iter() {
@@ -138,10 +162,14 @@ impl Reconciler {
         }
         self.missing_since
             .retain(|id, _| self.balancer.find(id).is_some());
+        self.applied_to = Arc::downgrade(&self.balancer.workers());
     }
 
     /// Applies one notice.
     pub fn event(&mut self, event: Event) {
+        // A notice may change what a record would do (a drain flag, a worker gone): the next
+        // full read applies every record again.
+        self.applied.clear();
         match event {
             Event::Join { worker } => {
                 self.missing_since.remove(&worker.id);
@@ -468,5 +496,60 @@ mod tests {
         assert!(!Arc::ptr_eq(&old, &new));
         assert_eq!(new.spec.addr, "127.0.0.1:7");
         assert!(old.cancel.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unchanged_records_are_not_applied_again() {
+        let mut r = reconciler(&[]);
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        let w1 = r.balancer.find("w1").unwrap();
+        // A change no record made: a re-applied record would set the weight back to 100.
+        w1.set_weight(7);
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        assert_eq!(
+            w1.weight(),
+            7,
+            "skipped: same record, nothing happened in between"
+        );
+        let mut heavier = record("w1", 1, WorkerState::Ready);
+        heavier.weight = 300;
+        r.sync(&[heavier]);
+        assert_eq!(w1.weight(), 300, "a changed record is applied");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_event_in_between_makes_the_next_read_apply_everything() {
+        let mut r = reconciler(&[]);
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        r.event(Event::Drain { id: "w1".into() });
+        let w1 = r.balancer.find("w1").unwrap();
+        assert_eq!(w1.status(r.balancer.clock().now(), 0), Status::Draining);
+        // The entry still says ready (as before this change, the full read has the last word).
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        assert_ne!(w1.status(r.balancer.clock().now(), 0), Status::Draining);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_membership_change_in_between_makes_the_next_read_apply_everything() {
+        let mut r = reconciler(&[]);
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        // Removed by something other than the registry reader (not an operator: no tombstone).
+        r.balancer
+            .remove("w1", ChangeSource::Registry, "test")
+            .unwrap();
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        assert_eq!(ids(&r), vec!["w1"], "the unchanged record added it back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_that_went_and_came_back_is_applied_again() {
+        let mut r = reconciler(&[]);
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        r.sync(&[]);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        r.sync(&[]);
+        assert!(ids(&r).is_empty());
+        r.sync(&[record("w1", 1, WorkerState::Ready)]);
+        assert_eq!(ids(&r), vec!["w1"]);
     }
 }
