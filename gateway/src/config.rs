@@ -327,6 +327,9 @@ pub struct LimitsConfig {
     pub max_body_bytes: u64,
     /// Idle pooled connections kept per worker.
     pub max_idle_per_worker: usize,
+    /// Length of the public listener's accept queue (the kernel caps it at
+    /// `net.core.somaxconn`). Bursts of new connections beyond it wait for SYN retransmits.
+    pub listen_backlog: u32,
 }
 
 impl Default for LimitsConfig {
@@ -337,6 +340,7 @@ impl Default for LimitsConfig {
             max_header_bytes: 32 * 1024,
             max_body_bytes: 10 * 1024 * 1024,
             max_idle_per_worker: 256,
+            listen_backlog: 4096,
         }
     }
 }
@@ -473,6 +477,7 @@ impl Validate for GatewayConfig {
             0,
             100_000,
         )?;
+        check::range("limits.listen_backlog", l.listen_backlog, 1, 65_535)?;
         Ok(())
     }
 }
@@ -518,6 +523,7 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9090");
         assert_eq!(config.health.interval, Duration::from_millis(500));
+        assert_eq!(config.limits.listen_backlog, 4096);
     }
 
     #[test]
