@@ -14,6 +14,10 @@ have ip || missing+=(iproute2)
 have ping || missing+=(iputils-ping)
 # The gateways call iputils' arping (-U -I); the other Debian `arping` takes other flags.
 arping -V 2>&1 | grep -q iputils || missing+=(iputils-arping)
+have wrk || missing+=(wrk)
+have haproxy || missing+=(haproxy)
+have nginx || missing+=(nginx)
+have h2load || missing+=(nghttp2-client)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && have apt-get; then
     echo "installing: ${missing[*]}"

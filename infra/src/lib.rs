@@ -1,6 +1,7 @@
 //! The herd operator library: what the `herd` CLI and the end-to-end tests share.
 //!
 //! Layout:
+//! - [`bench`]: `herd bench proxy` (herd-gateway vs HAProxy vs nginx) and `herd bench health`.
 //! - [`deps`]: make sure outside programs (redis-server, haproxy…) are installed, or say how.
 //! - [`binaries`]: find the `herd-gateway` and `herd-worker` executables.
 //! - [`process`]: start a herd process, wait for its "listening" line, signal it, stop it.
@@ -12,10 +13,11 @@
 //! - [`probe`]: the failover prober (a new connection per request, on a fixed schedule).
 //! - [`pid`]: processes known only by pid (from an earlier `herd up`): alive? stop them.
 //! - [`state`]: the state directory and state file of a local cluster.
-//! - [`cli`]: the `herd` commands (`up`, `status`, `down`).
+//! - [`cli`]: the `herd` commands (`up`, `status`, `down`, `lab`, `bench`).
 //!
 //! The CLI's flow starts in `main.rs`, which parses the command and calls [`cli::run`].
 
+pub mod bench;
 pub mod binaries;
 pub mod cli;
 pub mod deps;

@@ -18,10 +18,23 @@ pub const ENV_PREFIX: &str = "HERD_WORKER";
 /// into a list (`HERD_WORKER_ID=w1` would become `["w1"]`).
 pub const ENV_LIST_KEYS: &[&str] = &["sentinel.addrs"];
 
+/// Which app the `herd-worker` binary serves.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum App {
+    /// The demo app: login, cart, work — sessions and registry in Redis.
+    #[default]
+    Demo,
+    /// `200 hello` on every path, no Redis at all: the upstream of proxy benchmarks.
+    Hello,
+}
+
 /// Everything a worker process is configured with.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
+    /// Which app the binary serves (`demo` or `hello`).
+    pub app: App,
     /// Unique worker id; default `{machine}-{port}`.
     pub id: Option<String>,
     /// Name of the machine; default the host name.
@@ -49,6 +62,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
+            app: App::Demo,
             id: None,
             machine: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
@@ -251,6 +265,13 @@ impl Validate for WorkerConfig {
             Duration::from_millis(10),
         )?;
 
+        if self.app == App::Hello && self.registry.enabled {
+            // The hello app has no Redis link: it could never heartbeat.
+            return Err(ConfigError::new(
+                "registry.enabled",
+                "must be false with app = \"hello\", which uses no Redis (HERD_WORKER_REGISTRY__ENABLED=false)",
+            ));
+        }
         let ms = Duration::from_millis;
         check::at_least("registry.heartbeat", self.registry.heartbeat, ms(10))?;
         if self.registry.ttl <= self.registry.heartbeat {
@@ -450,6 +471,22 @@ mod tests {
             let error = load_env(&[(var, value)]).unwrap_err();
             assert_eq!(&error.key, key, "{var}={value}: {error}");
         }
+    }
+
+    #[test]
+    fn hello_app_needs_the_registry_off() {
+        let error = load_env(&[("HERD_WORKER_APP", "hello")]).unwrap_err();
+        assert_eq!(error.key, "registry.enabled", "{error}");
+        assert!(error.problem.contains("hello"), "{error}");
+        let config = load_env(&[
+            ("HERD_WORKER_APP", "hello"),
+            ("HERD_WORKER_REGISTRY__ENABLED", "false"),
+        ])
+        .unwrap();
+        assert_eq!(config.app, App::Hello);
+        assert_eq!(load_env(&[]).unwrap().app, App::Demo);
+        let error = load_env(&[("HERD_WORKER_APP", "hallo")]).unwrap_err();
+        assert_eq!(error.key, "app", "{error}");
     }
 
     #[test]

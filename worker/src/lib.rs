@@ -12,6 +12,7 @@
 //! - [`error`]: the one place where errors become statuses and JSON bodies.
 //! - [`config`]: the worker's configuration (keys documented in `worker/README.md`).
 //! - [`demo`]: the demo app (login, cart, work) that the `herd-worker` binary serves.
+//! - [`hello`]: the Redis-free hello app (`app = "hello"`), the upstream of proxy benchmarks.
 //!
 //! Using it in another app:
 //!
@@ -29,6 +30,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod health;
+pub mod hello;
 pub mod redis_link;
 pub mod registry;
 pub mod server;

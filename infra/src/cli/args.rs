@@ -1,11 +1,14 @@
 //! The command line of `herd`: commands and flags (clap derive), and the checks clap can't do.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use herd_shared::telemetry::LogFormat;
 
 use super::CliError;
+use crate::bench::proxy::Scenario;
+use crate::bench::targets::TargetKind;
 
 /// Most workers `herd up` starts on one machine; more only fight over its cores.
 pub const MAX_WORKERS: u16 = 64;
@@ -35,6 +38,152 @@ pub enum Command {
     /// Multi-host experiments in network namespaces on this machine (needs root).
     #[command(subcommand)]
     Lab(LabCommand),
+    /// Benchmarks on this machine, loopback only: the gateway against HAProxy and nginx, and the
+    /// cost of health-checking many workers.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `herd bench …`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Load herd-gateway, HAProxy, nginx and the upstream itself (direct) in one run and print
+    /// req/s, latency, the proxies' CPU per request and memory, median over rounds.
+    Proxy(BenchProxyArgs),
+    /// Register N workers and measure the CPU and memory an idle gateway spends checking them.
+    Health(BenchHealthArgs),
+}
+
+/// Where a benchmark writes its results and logs.
+#[derive(Debug, Clone, Args)]
+pub struct BenchOutputArgs {
+    /// Also write the Markdown tables to this file.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Write the raw per-run results as JSON here (default: beside --out, as .json).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Keep configs and every process's logs here (default: a temporary directory, removed
+    /// afterwards).
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
+}
+
+impl BenchOutputArgs {
+    /// Where the JSON goes: `--json`, else `--out` with the extension `.json`.
+    pub fn json_path(&self) -> Option<PathBuf> {
+        self.json
+            .clone()
+            .or_else(|| self.out.as_ref().map(|out| out.with_extension("json")))
+    }
+}
+
+/// Longest single run `herd bench` accepts.
+const MAX_BENCH_DURATION: Duration = Duration::from_secs(600);
+
+/// Flags of `herd bench proxy`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchProxyArgs {
+    /// Length of each load run (whole seconds, 1 s – 10 min).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub duration: Duration,
+    /// Rounds; every round loads every target at every concurrency, and the tables show the
+    /// median over the rounds.
+    #[arg(long, default_value_t = 3, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
+    /// Requests in flight (wrk connections), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "64,256", value_name = "C,…",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: Vec<u32>,
+    /// What to load: hello (HTTP/1.1, hello app), session (GET /me of the demo app with a
+    /// session cookie; Redis), h2 (HTTP/2 cleartext, hello app, with h2load).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_enum,
+        default_value = "hello,session,h2",
+        value_name = "S,…"
+    )]
+    pub scenarios: Vec<Scenario>,
+    /// Which targets to load, in the order each round visits them.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_enum,
+        default_value = "direct,herd,haproxy,nginx",
+        value_name = "T,…"
+    )]
+    pub targets: Vec<TargetKind>,
+    /// Warm-up load per target, at the highest concurrency, before the first round (0s: none).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub warmup: Duration,
+    /// Load generator threads (wrk -t, h2load -t).
+    #[arg(long, default_value_t = 2, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub threads: u32,
+    /// HTTP/2 streams per connection in the h2 scenario (connections = concurrency / streams).
+    #[arg(long, default_value_t = 8, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub h2_streams: u32,
+    /// Output files.
+    #[command(flatten)]
+    pub output: BenchOutputArgs,
+}
+
+impl BenchProxyArgs {
+    /// Checks what clap can't.
+    pub fn validate(&self) -> Result<(), CliError> {
+        check_duration("--duration", self.duration)?;
+        if self.warmup > MAX_BENCH_DURATION {
+            return Err(CliError::Usage(format!(
+                "--warmup must be at most {}",
+                humantime::format_duration(MAX_BENCH_DURATION)
+            )));
+        }
+        for (flag, empty) in [
+            ("--concurrency", self.concurrency.is_empty()),
+            ("--scenarios", self.scenarios.is_empty()),
+            ("--targets", self.targets.is_empty()),
+        ] {
+            if empty {
+                return Err(CliError::Usage(format!("{flag} needs at least one value")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Flags of `herd bench health`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchHealthArgs {
+    /// Workers to register (each with its own 127.0.x.y address).
+    #[arg(long, default_value_t = 1000, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::bench::health::MAX_WORKERS)))]
+    pub workers: u32,
+    /// How long to measure the idle gateway (1 s – 10 min).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub duration: Duration,
+    /// Output files.
+    #[command(flatten)]
+    pub output: BenchOutputArgs,
+}
+
+impl BenchHealthArgs {
+    /// Checks what clap can't.
+    pub fn validate(&self) -> Result<(), CliError> {
+        check_duration("--duration", self.duration)
+    }
+}
+
+fn check_duration(flag: &str, duration: Duration) -> Result<(), CliError> {
+    if duration < Duration::from_secs(1) || duration > MAX_BENCH_DURATION {
+        return Err(CliError::Usage(format!(
+            "{flag} must be between 1s and {}",
+            humantime::format_duration(MAX_BENCH_DURATION)
+        )));
+    }
+    Ok(())
 }
 
 /// `herd lab …`.
@@ -201,6 +350,76 @@ mod tests {
             assert!(error.to_string().contains("own port"), "{error}");
             assert_eq!(error.exit_code(), 2);
         }
+    }
+
+    #[test]
+    fn bench_proxy_defaults_and_lists() {
+        let Command::Bench(BenchCommand::Proxy(args)) = parse(&["bench", "proxy"]).unwrap().command
+        else {
+            panic!("not bench proxy")
+        };
+        assert_eq!(args.duration, Duration::from_secs(10));
+        assert_eq!(args.rounds, 3);
+        assert_eq!(args.concurrency, [64, 256]);
+        assert_eq!(
+            args.scenarios,
+            [Scenario::Hello, Scenario::Session, Scenario::H2]
+        );
+        assert_eq!(args.targets.len(), 4);
+        assert_eq!(args.output.json_path(), None);
+        args.validate().unwrap();
+
+        let Command::Bench(BenchCommand::Proxy(args)) = parse(&[
+            "bench",
+            "proxy",
+            "--duration",
+            "1s",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "8",
+            "--scenarios",
+            "hello",
+            "--targets",
+            "direct,herd",
+            "--out",
+            "/tmp/b.md",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not bench proxy")
+        };
+        assert_eq!(args.concurrency, [8]);
+        assert_eq!(args.scenarios, [Scenario::Hello]);
+        assert_eq!(args.targets, [TargetKind::Direct, TargetKind::Herd]);
+        assert_eq!(args.output.json_path(), Some(PathBuf::from("/tmp/b.json")));
+        args.validate().unwrap();
+
+        assert!(parse(&["bench", "proxy", "--scenarios", "nope"]).is_err());
+        assert!(parse(&["bench", "proxy", "--concurrency", "0"]).is_err());
+        let Command::Bench(BenchCommand::Proxy(args)) =
+            parse(&["bench", "proxy", "--duration", "200ms"])
+                .unwrap()
+                .command
+        else {
+            panic!("not bench proxy")
+        };
+        assert_eq!(args.validate().unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn bench_health_flags() {
+        let Command::Bench(BenchCommand::Health(args)) =
+            parse(&["bench", "health", "--workers", "20", "--duration", "2s"])
+                .unwrap()
+                .command
+        else {
+            panic!("not bench health")
+        };
+        assert_eq!((args.workers, args.duration), (20, Duration::from_secs(2)));
+        args.validate().unwrap();
+        assert!(parse(&["bench", "health", "--workers", "0"]).is_err());
     }
 
     #[test]

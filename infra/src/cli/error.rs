@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::bench::BenchError;
 use crate::binaries::NotFound;
 use crate::process::ProcessError;
 use crate::redis_server::RedisServerError;
@@ -79,6 +80,9 @@ pub enum CliError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A benchmark failed or was interrupted.
+    #[error("bench: {0}")]
+    Bench(#[from] BenchError),
     /// Some processes could not be stopped, not even with SIGKILL.
     #[error("could not stop {0}; the state file is kept so that `herd down` can try again")]
     Survivors(String),
@@ -109,7 +113,8 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => EXIT_USAGE,
-            CliError::Interrupted(_) => EXIT_INTERRUPTED,
+            CliError::Interrupted(_) | CliError::Bench(BenchError::Interrupted) => EXIT_INTERRUPTED,
+            CliError::Bench(BenchError::Usage(_)) => EXIT_USAGE,
             _ => EXIT_FAILED,
         }
     }

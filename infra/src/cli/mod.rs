@@ -3,7 +3,7 @@
 //!
 //! Layout:
 //! - `args`: commands and flags (clap derive) and the checks clap can't do;
-//! - `up`, `status`, `down`, `lab`: one module per command;
+//! - `up`, `status`, `down`, `lab`, `bench`: one module per command;
 //! - `cluster`: the processes `herd up` holds (start in order, wait ready, stop in order);
 //! - `signals`: Ctrl-C / SIGTERM for the foreground `herd up`;
 //! - `token`: the gateway's admin token;
@@ -13,6 +13,7 @@
 //! `down` work from that file alone.
 
 mod args;
+mod bench;
 mod cluster;
 mod down;
 mod error;
@@ -22,7 +23,10 @@ mod status;
 mod token;
 mod up;
 
-pub use args::{Cli, Command, FailoverCompareArgs, LabCommand, MAX_WORKERS, StateDirArgs, UpArgs};
+pub use args::{
+    BenchCommand, BenchHealthArgs, BenchOutputArgs, BenchProxyArgs, Cli, Command,
+    FailoverCompareArgs, LabCommand, MAX_WORKERS, StateDirArgs, UpArgs,
+};
 pub use error::{CliError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE};
 
 use crate::state::State;
@@ -35,6 +39,8 @@ pub fn run(cli: &Cli) -> Result<u8, CliError> {
         Command::Status(args) => status::run(args),
         Command::Down(args) => down::run(args),
         Command::Lab(LabCommand::FailoverCompare(args)) => lab::failover_compare(args),
+        Command::Bench(BenchCommand::Proxy(args)) => bench::proxy(args),
+        Command::Bench(BenchCommand::Health(args)) => bench::health(args),
     }
 }
 

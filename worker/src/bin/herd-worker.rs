@@ -1,5 +1,6 @@
-//! The herd demo app as a worker process: reads its configuration, binds, prints the `listening`
-//! line on stdout, and serves until SIGTERM / SIGINT, then drains and exits 0.
+//! The herd demo app (or, with `app = "hello"`, the Redis-free hello app) as a worker process:
+//! reads its configuration, binds, prints the `listening` line on stdout, and serves until
+//! SIGTERM / SIGINT, then drains and exits 0.
 
 use std::io::Write;
 
@@ -7,10 +8,10 @@ use anyhow::Context;
 use clap::Parser;
 use herd_shared::cli::CommonArgs;
 use herd_shared::config::{self, Source};
-use herd_worker::config::{ENV_LIST_KEYS, ENV_PREFIX, WorkerConfig};
-use herd_worker::{demo, server};
+use herd_worker::config::{App, ENV_LIST_KEYS, ENV_PREFIX, WorkerConfig};
+use herd_worker::{demo, hello, server};
 
-/// herd worker running the demo app.
+/// herd worker running the demo app (or the hello app).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -30,8 +31,7 @@ fn main() -> anyhow::Result<()> {
         .context("starting the runtime")?
         .block_on(async {
             let shutdown = shutdown_signal().context("installing signal handlers")?;
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
+            let listener = bind(config.listen)
                 .with_context(|| format!("binding listen = {}", config.listen))?;
             let addr = listener.local_addr()?;
             let identity = config.identity(addr);
@@ -39,9 +39,29 @@ fn main() -> anyhow::Result<()> {
             writeln!(stdout, "{}", server::listening_line(addr, &identity))?;
             stdout.flush()?;
             drop(stdout);
-            demo::run(listener, config, shutdown).await?;
+            match config.app {
+                App::Demo => demo::run(listener, config, shutdown).await?,
+                App::Hello => hello::run(listener, config, shutdown).await?,
+            }
             Ok(())
         })
+}
+
+/// Connections the kernel queues until the worker accepts them (capped by
+/// `net.core.somaxconn`). The default of 128 overflows when a proxy or load generator opens a few
+/// hundred connections at once; HAProxy and nginx listen with 4096 too.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (with SO_REUSEADDR, as std does) and listens with [`LISTEN_BACKLOG`].
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// A future that resolves on SIGTERM or SIGINT. The handlers are installed now, before the

@@ -1,0 +1,470 @@
+//! The load generators of `herd bench`: `wrk` (HTTP/1.1 keep-alive) and `h2load` (HTTP/2
+//! cleartext, prior knowledge), run as bounded child processes, and the parsers of their output.
+//!
+//! wrk prints its own latency percentiles (`--latency`). h2load prints none, so it writes one
+//! line per request to `--log-file` (start time, status, elapsed µs) and the percentiles are
+//! computed from that.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{BenchError, Stop};
+use crate::deps::{self, Program};
+use crate::process::{Process, Spec};
+
+/// wrk, the HTTP/1.1 load generator.
+pub const WRK: Program = Program {
+    command: "wrk",
+    package: "wrk",
+};
+
+/// h2load, the HTTP/2 load generator.
+pub const H2LOAD: Program = Program {
+    command: "h2load",
+    package: "nghttp2-client",
+};
+
+/// How long a load run may take beyond its duration before it is killed.
+const OVERRUN: Duration = Duration::from_secs(20);
+
+/// One load run to make.
+#[derive(Debug, Clone)]
+pub struct Load {
+    /// Full URL, e.g. `http://127.0.0.1:8080/`.
+    pub url: String,
+    /// Requests in flight at once (wrk connections; h2load connections × streams).
+    pub concurrency: u32,
+    /// How long to send.
+    pub duration: Duration,
+    /// Load generator threads.
+    pub threads: u32,
+    /// Extra request headers (`name: value`).
+    pub headers: Vec<String>,
+    /// HTTP/2 streams per connection (h2load only).
+    pub h2_streams: u32,
+}
+
+/// What a load generator reported for one run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LoadResult {
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests per second over the run.
+    pub rps: f64,
+    /// Median latency, milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile latency, milliseconds.
+    pub p99_ms: f64,
+    /// Responses that were not a success (wrk: status ≥ 400; h2load: not 2xx).
+    pub non_2xx: u64,
+    /// Connect, read, write errors and timeouts (h2load: failed + errored + timed out requests).
+    pub socket_errors: u64,
+}
+
+impl LoadResult {
+    /// Every error kind together.
+    pub fn errors(&self) -> u64 {
+        self.non_2xx + self.socket_errors
+    }
+}
+
+/// Which load generator runs the load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generator {
+    /// wrk over HTTP/1.1.
+    Wrk,
+    /// h2load over h2c.
+    H2load,
+}
+
+/// The load generators' executables, found (or installed) once.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    wrk: PathBuf,
+    h2load: Option<PathBuf>,
+}
+
+impl Tools {
+    /// Finds wrk, and h2load when `need_h2` (installing them with apt-get when missing).
+    pub fn ensure(need_h2: bool) -> Result<Self, BenchError> {
+        Ok(Tools {
+            wrk: deps::ensure(WRK)?,
+            h2load: if need_h2 {
+                Some(deps::ensure(H2LOAD)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Runs `load` with `generator`; `name` names its output files in `dir`. Bounded: killed
+    /// after the duration plus a margin, or at once when `stop` is raised.
+    pub fn run(
+        &self,
+        generator: Generator,
+        load: &Load,
+        name: &str,
+        dir: &Path,
+        stop: &Stop,
+    ) -> Result<LoadResult, BenchError> {
+        let seconds = load.duration.as_secs_f64().ceil().max(1.0) as u64;
+        match generator {
+            Generator::Wrk => {
+                let mut spec = Spec::new(name, &self.wrk, dir)
+                    .arg(format!("-t{}", load.threads.min(load.concurrency).max(1)))
+                    .arg(format!("-c{}", load.concurrency))
+                    .arg(format!("-d{seconds}s"))
+                    .arg("--latency")
+                    .arg("--timeout")
+                    .arg("5s");
+                for header in &load.headers {
+                    spec = spec.arg("-H").arg(header.clone());
+                }
+                let spec = spec.arg(&load.url);
+                let output = run_bounded(&spec, load.duration + OVERRUN, stop)?;
+                parse_wrk(&output).ok_or_else(|| BenchError::Output {
+                    tool: "wrk",
+                    output: output.chars().take(2000).collect(),
+                })
+            }
+            Generator::H2load => {
+                let program = self
+                    .h2load
+                    .as_ref()
+                    .ok_or_else(|| BenchError::Usage("h2load was not prepared".into()))?;
+                let streams = load.h2_streams.max(1);
+                let connections = (load.concurrency / streams).max(1);
+                let threads = load.threads.min(connections).max(1);
+                let log = dir.join(format!("{name}.requests"));
+                let mut spec = Spec::new(name, program, dir)
+                    .arg("-t")
+                    .arg(threads.to_string())
+                    .arg("-c")
+                    .arg(connections.to_string())
+                    .arg("-m")
+                    .arg(streams.to_string())
+                    .arg("-D")
+                    .arg(seconds.to_string())
+                    .arg("-T")
+                    .arg("5")
+                    .arg("--log-file")
+                    .arg(log.display().to_string());
+                for header in &load.headers {
+                    spec = spec.arg("-H").arg(header.clone());
+                }
+                let spec = spec.arg(&load.url);
+                let output = run_bounded(&spec, load.duration + OVERRUN, stop)?;
+                let mut result = parse_h2load(&output).ok_or_else(|| BenchError::Output {
+                    tool: "h2load",
+                    output: output.chars().take(2000).collect(),
+                })?;
+                let requests = std::fs::read_to_string(&log).unwrap_or_default();
+                let _ = std::fs::remove_file(&log);
+                let (p50, p99) = h2load_percentiles(&requests);
+                result.p50_ms = p50;
+                result.p99_ms = p99;
+                Ok(result)
+            }
+        }
+    }
+}
+
+/// Runs `spec` to completion within `bound` (its process group is killed otherwise, or when
+/// `stop` is raised) and returns its stdout.
+fn run_bounded(spec: &Spec, bound: Duration, stop: &Stop) -> Result<String, BenchError> {
+    let mut process = Process::spawn(spec)?;
+    let started = Instant::now();
+    let out = spec.log_dir.join(format!("{}.out", spec.name));
+    loop {
+        if let Some(status) = process.try_wait() {
+            let output = std::fs::read_to_string(&out).unwrap_or_default();
+            if !status.success() {
+                return Err(BenchError::Tool {
+                    tool: spec.name.clone(),
+                    status: status.to_string(),
+                    log: format!("{}\n{}", output.trim(), process.log_tail(10)),
+                });
+            }
+            return Ok(output);
+        }
+        if stop.raised() {
+            process.kill();
+            return Err(BenchError::Interrupted);
+        }
+        if started.elapsed() > bound {
+            process.kill();
+            return Err(BenchError::Tool {
+                tool: spec.name.clone(),
+                status: format!("still running after {bound:?}, killed"),
+                log: process.log_tail(10),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A wrk duration (`512.00us`, `1.23ms`, `2.00s`, `1.00m`) in milliseconds.
+fn wrk_time_ms(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    let factor = match unit {
+        "us" => 0.001,
+        "ms" => 1.0,
+        "s" => 1_000.0,
+        "m" => 60_000.0,
+        "h" => 3_600_000.0,
+        _ => return None,
+    };
+    Some(value * factor)
+}
+
+/// Parses wrk's report (run with `--latency`). `None` when a figure it always prints is missing.
+pub fn parse_wrk(output: &str) -> Option<LoadResult> {
+    let mut result = LoadResult::default();
+    let (mut have_rps, mut have_requests) = (false, false);
+    let mut in_distribution = false;
+    for line in output.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Latency", "Distribution", ..] => in_distribution = true,
+            [percent, value] if in_distribution && percent.ends_with('%') => match *percent {
+                "50%" => result.p50_ms = wrk_time_ms(value)?,
+                "99%" => result.p99_ms = wrk_time_ms(value)?,
+                _ => {}
+            },
+            [count, "requests", "in", ..] => {
+                result.requests = count.parse().ok()?;
+                have_requests = true;
+                in_distribution = false;
+            }
+            ["Requests/sec:", rps] => {
+                result.rps = rps.parse().ok()?;
+                have_rps = true;
+            }
+            ["Socket", "errors:", rest @ ..] => {
+                // "connect 0, read 0, write 0, timeout 12"
+                result.socket_errors = rest
+                    .iter()
+                    .filter_map(|word| word.trim_end_matches(',').parse::<u64>().ok())
+                    .sum();
+            }
+            ["Non-2xx", "or", "3xx", "responses:", count] => {
+                result.non_2xx = count.parse().ok()?;
+            }
+            _ => {}
+        }
+    }
+    (have_rps && have_requests).then_some(result)
+}
+
+/// Parses h2load's summary (req/s, request and status counts); the latency percentiles come
+/// from its request log ([`h2load_percentiles`]). `None` when a figure is missing.
+pub fn parse_h2load(output: &str) -> Option<LoadResult> {
+    let mut result = LoadResult::default();
+    let (mut have_rps, mut have_requests) = (false, false);
+    for line in output.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            // "finished in 2.00s, 12345.50 req/s, 1.23MB/s"
+            let rps = rest.split(", ").nth(1)?.strip_suffix(" req/s")?;
+            result.rps = rps.parse().ok()?;
+            have_rps = true;
+        } else if let Some(rest) = line.strip_prefix("requests: ") {
+            // "24691 total, 24755 started, 24691 done, 24691 succeeded, 0 failed, 0 errored, 0 timeout"
+            for part in rest.split(", ") {
+                let (count, what) = part.split_once(' ')?;
+                let count: u64 = count.parse().ok()?;
+                match what {
+                    "done" => {
+                        result.requests = count;
+                        have_requests = true;
+                    }
+                    "errored" | "timeout" => result.socket_errors += count,
+                    _ => {}
+                }
+            }
+        } else if let Some(rest) = line.strip_prefix("status codes: ") {
+            // "24691 2xx, 0 3xx, 0 4xx, 0 5xx"
+            for part in rest.split(", ") {
+                let (count, class) = part.split_once(' ')?;
+                if class != "2xx" {
+                    result.non_2xx += count.parse::<u64>().ok()?;
+                }
+            }
+        }
+    }
+    (have_rps && have_requests).then_some(result)
+}
+
+/// p50 and p99 (ms) from h2load's `--log-file`: one line per request, tab-separated start time
+/// (µs since the epoch), status code and elapsed µs.
+pub fn h2load_percentiles(log: &str) -> (f64, f64) {
+    let mut elapsed: Vec<u64> = log
+        .lines()
+        .filter_map(|line| line.split('\t').nth(2)?.trim().parse().ok())
+        .collect();
+    if elapsed.is_empty() {
+        return (0.0, 0.0);
+    }
+    elapsed.sort_unstable();
+    let at = |q: f64| {
+        let index = ((elapsed.len() - 1) as f64 * q).round() as usize;
+        elapsed[index] as f64 / 1_000.0
+    };
+    (at(0.50), at(0.99))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// wrk 4.1.0 against a hello worker (captured).
+    const WRK_OK: &str = r#"Running 1s test @ http://127.0.0.1:43557/
+  2 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   196.25us  442.66us   8.15ms   94.09%
+    Req/Sec    36.77k     3.08k   41.62k    68.18%
+  Latency Distribution
+     50%   97.00us
+     75%  138.00us
+     90%  373.00us
+     99%    2.59ms
+  80313 requests in 1.10s, 12.79MB read
+Requests/sec:  73035.06
+Transfer/sec:     11.63MB"#;
+
+    /// wrk against a gateway whose only worker is gone: every answer a 503 (captured).
+    const WRK_NON_2XX: &str = r#"Running 1s test @ http://127.0.0.1:37233/
+  2 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   313.94us  126.27us   3.26ms   79.38%
+    Req/Sec    12.84k   711.68    14.19k    72.73%
+  Latency Distribution
+     50%  297.00us
+     75%  366.00us
+     90%  448.00us
+     99%  748.00us
+  28080 requests in 1.10s, 8.43MB read
+  Non-2xx or 3xx responses: 28080
+Requests/sec:  25524.37
+Transfer/sec:      7.66MB"#;
+
+    /// wrk against a server that closes every other connection unanswered (captured).
+    const WRK_SOCKET_ERRORS: &str = r#"Running 1s test @ http://127.0.0.1:18977/
+  1 threads and 2 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    27.51us   25.06us   0.93ms   97.04%
+    Req/Sec    13.01k     1.13k   14.13k    81.82%
+  Latency Distribution
+     50%   23.00us
+     75%   27.00us
+     90%   33.00us
+     99%  114.00us
+  14219 requests in 1.10s, 555.43KB read
+  Socket errors: connect 0, read 28439, write 0, timeout 0
+Requests/sec:  12927.95
+Transfer/sec:    505.00KB"#;
+
+    /// h2load (nghttp2 1.52.0) against a hello worker, with its progress lines (captured).
+    const H2LOAD_OK: &str = r#"starting benchmark...
+spawning thread #0: 4 total client(s). Timing-based test with 0s of warm-up time and 1s of main duration for measurements.
+spawning thread #1: 4 total client(s). Timing-based test with 0s of warm-up time and 1s of main duration for measurements.
+Warm-up started for thread #1.
+Warm-up phase is over for thread #1.
+Main benchmark duration is started for thread #1.
+Warm-up started for thread #0.
+progress: 25% of clients started
+progress: 50% of clients started
+progress: 75% of clients started
+progress: 100% of clients started
+Warm-up phase is over for thread #0.
+Main benchmark duration is started for thread #0.
+Application protocol: h2c
+Main benchmark duration is over for thread #1. Stopping all clients.
+Stopped all clients for thread #1
+Main benchmark duration is over for thread #0. Stopping all clients.
+Stopped all clients for thread #0
+
+finished in 1.00s, 52385.00 req/s, 1.65MB/s
+requests: 52385 total, 52393 started, 52385 done, 52385 succeeded, 0 failed, 0 errored, 0 timeout
+status codes: 52385 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 1.65MB (1729977) total, 461.18KB (472249) headers (space savings 93.17%), 306.94KB (314310) data
+                     min         max         mean         sd        +/- sd
+time for request:       19us      8.29ms       139us       186us    96.44%
+time for connect:       58us       149us       107us        30us    62.50%
+time to 1st byte:      376us       927us       736us       200us    87.50%
+req/s           :    6439.40     6735.24     6547.36       86.85    75.00%"#;
+
+    /// The summary of h2load against a gateway whose only worker is gone: every answer a 503 (captured).
+    const H2LOAD_5XX: &str = r#"finished in 1.00s, 14458.00 req/s, 2.10MB/s
+requests: 14458 total, 14460 started, 14458 done, 0 succeeded, 14458 failed, 0 errored, 0 timeout
+status codes: 0 2xx, 0 3xx, 0 4xx, 14458 5xx
+traffic: 2.10MB (2205838) total, 393.40KB (402846) headers (space savings 82.33%), 1.47MB (1542638) data
+                     min         max         mean         sd        +/- sd
+time for request:       43us      2.74ms       134us        50us    84.37%
+time for connect:       88us       125us       106us        26us   100.00%
+time to 1st byte:      667us       681us       674us         9us   100.00%
+req/s           :    7220.11     7235.83     7227.97       11.12   100.00%"#;
+
+    #[test]
+    fn parses_wrk() {
+        let ok = parse_wrk(WRK_OK).unwrap();
+        assert_eq!(ok.requests, 80313);
+        assert_eq!(ok.rps, 73035.06);
+        assert_eq!(ok.p50_ms, 0.097);
+        assert_eq!(ok.p99_ms, 2.59);
+        assert_eq!(ok.errors(), 0);
+
+        let non_2xx = parse_wrk(WRK_NON_2XX).unwrap();
+        assert_eq!(
+            (non_2xx.requests, non_2xx.non_2xx, non_2xx.socket_errors),
+            (28080, 28080, 0)
+        );
+        assert_eq!(non_2xx.p99_ms, 0.748);
+
+        let socket = parse_wrk(WRK_SOCKET_ERRORS).unwrap();
+        assert_eq!((socket.non_2xx, socket.socket_errors), (0, 28439));
+        assert_eq!(socket.rps, 12927.95);
+
+        assert_eq!(
+            parse_wrk("unable to connect to 127.0.0.1:1 Connection refused"),
+            None
+        );
+    }
+
+    #[test]
+    fn parses_h2load() {
+        let ok = parse_h2load(H2LOAD_OK).unwrap();
+        assert_eq!((ok.requests, ok.rps), (52385, 52385.0));
+        assert_eq!(ok.errors(), 0);
+        let failed = parse_h2load(H2LOAD_5XX).unwrap();
+        assert_eq!(
+            (failed.requests, failed.non_2xx, failed.socket_errors),
+            (14458, 14458, 0)
+        );
+        assert_eq!(parse_h2load("starting benchmark...\n"), None);
+    }
+
+    #[test]
+    fn wrk_times_have_units() {
+        assert_eq!(wrk_time_ms("512.00us"), Some(0.512));
+        assert_eq!(wrk_time_ms("1.25ms"), Some(1.25));
+        assert_eq!(wrk_time_ms("2.00s"), Some(2000.0));
+        assert_eq!(wrk_time_ms("1.00m"), Some(60_000.0));
+        assert_eq!(wrk_time_ms("fast"), None);
+    }
+
+    #[test]
+    fn h2load_percentiles_come_from_the_request_log() {
+        let log: String = (1..=100)
+            .map(|i| format!("1763780000000000\t200\t{}\n", i * 1000))
+            .collect();
+        let (p50, p99) = h2load_percentiles(&log);
+        assert_eq!(p50, 51.0);
+        assert_eq!(p99, 99.0);
+        assert_eq!(h2load_percentiles(""), (0.0, 0.0));
+    }
+}

@@ -1,0 +1,331 @@
+//! `herd bench proxy`: herd-gateway, HAProxy and nginx in front of the same two upstreams, and
+//! the first upstream on its own ("direct", the baseline for added latency), in one run.
+//!
+//! For each scenario: start the upstreams and every target, read each proxy's idle memory, warm
+//! each target up, then for each round, for each concurrency, for each target in turn (so a slow
+//! patch of the shared machine hits every target alike), one bounded load run. Each run records
+//! the load generator's figures and the proxy's CPU seconds and memory (see [`super::sample`]).
+//! Everything is stopped before the next scenario starts.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::loadgen::{Generator, Load, LoadResult, Tools};
+use super::targets::{Target, TargetKind, UpstreamApp, Upstreams};
+use super::{BenchError, Stop};
+
+/// Upstream workers behind every proxy.
+pub const UPSTREAMS: usize = 2;
+
+/// What a scenario loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// HTTP/1.1 `GET /` of the hello app (no Redis).
+    Hello,
+    /// HTTP/1.1 `GET /me` of the demo app with a session cookie (a Redis read per request).
+    Session,
+    /// HTTP/2 cleartext (prior knowledge) `GET /` of the hello app, with h2load.
+    H2,
+}
+
+impl Scenario {
+    /// Its name in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Hello => "hello",
+            Scenario::Session => "session",
+            Scenario::H2 => "h2",
+        }
+    }
+
+    /// One line saying what is loaded, for the table's heading.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Scenario::Hello => "HTTP/1.1 `GET /` → hello app (wrk)",
+            Scenario::Session => {
+                "HTTP/1.1 `GET /me` with a session cookie → demo app, session read from Redis (wrk)"
+            }
+            Scenario::H2 => "HTTP/2 cleartext, prior knowledge, `GET /` → hello app (h2load)",
+        }
+    }
+
+    fn app(self) -> UpstreamApp {
+        match self {
+            Scenario::Session => UpstreamApp::Demo,
+            Scenario::Hello | Scenario::H2 => UpstreamApp::Hello,
+        }
+    }
+
+    fn generator(self) -> Generator {
+        match self {
+            Scenario::H2 => Generator::H2load,
+            Scenario::Hello | Scenario::Session => Generator::Wrk,
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Scenario::Session => "/me",
+            Scenario::Hello | Scenario::H2 => "/",
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyOptions {
+    /// Scenarios, in order.
+    pub scenarios: Vec<Scenario>,
+    /// Targets, in the order each round visits them.
+    pub targets: Vec<TargetKind>,
+    /// Requests in flight per run.
+    pub concurrency: Vec<u32>,
+    /// Length of one run.
+    #[serde(serialize_with = "as_seconds")]
+    pub duration: Duration,
+    /// Warm-up per target before the first round (0 = none).
+    #[serde(serialize_with = "as_seconds")]
+    pub warmup: Duration,
+    /// Rounds; the table shows the median over them.
+    pub rounds: u32,
+    /// Load generator threads.
+    pub threads: u32,
+    /// HTTP/2 streams per connection in the h2 scenario.
+    pub h2_streams: u32,
+}
+
+fn as_seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(duration.as_secs_f64())
+}
+
+/// One load run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Round number, from 1.
+    pub round: u32,
+    /// Requests in flight.
+    pub concurrency: u32,
+    /// The target.
+    pub target: TargetKind,
+    /// What the load generator reported.
+    #[serde(flatten)]
+    pub load: LoadResult,
+    /// The proxy's CPU seconds during the run (all its processes); `None` for direct.
+    pub cpu_seconds: Option<f64>,
+    /// The proxy's RSS right after the run, KiB.
+    pub rss_end_kib: Option<u64>,
+    /// The proxy's peak RSS so far (VmHWM), KiB.
+    pub rss_peak_kib: Option<u64>,
+    /// Why the run produced no figures (the load generator failed or overran its bound).
+    pub error: Option<String>,
+}
+
+impl Run {
+    /// Whether the run produced figures.
+    pub fn succeeded(&self) -> bool {
+        self.error.is_none()
+    }
+
+    /// CPU seconds per 10 000 requests.
+    pub fn cpu_per_10k(&self) -> Option<f64> {
+        let cpu = self.cpu_seconds?;
+        (self.load.requests > 0).then(|| cpu * 10_000.0 / self.load.requests as f64)
+    }
+}
+
+/// Everything one `herd bench proxy` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyResults {
+    /// The options it ran with.
+    pub options: ProxyOptions,
+    /// Each proxy's RSS after start, before any load, KiB, per scenario.
+    pub idle_rss_kib: BTreeMap<Scenario, BTreeMap<TargetKind, u64>>,
+    /// Every run, in the order they ran.
+    pub runs: Vec<Run>,
+}
+
+impl ProxyResults {
+    /// Runs that produced no figures.
+    pub fn failed_runs(&self) -> usize {
+        self.runs.iter().filter(|run| !run.succeeded()).count()
+    }
+}
+
+/// Runs every scenario of `options`, with configs and logs in `dir`; `progress` gets a line per
+/// step.
+pub fn run(
+    options: &ProxyOptions,
+    dir: &Path,
+    stop: &Stop,
+    progress: &mut dyn FnMut(String),
+) -> Result<ProxyResults, BenchError> {
+    if options.targets.is_empty() || options.concurrency.is_empty() || options.rounds == 0 {
+        return Err(BenchError::Usage(
+            "need at least one target, one concurrency and one round".into(),
+        ));
+    }
+    let tools = Tools::ensure(options.scenarios.contains(&Scenario::H2))?;
+    let mut results = ProxyResults {
+        options: options.clone(),
+        idle_rss_kib: BTreeMap::new(),
+        runs: Vec::new(),
+    };
+    for &scenario in &options.scenarios {
+        stop.check()?;
+        let scenario_dir = dir.join(scenario.name());
+        std::fs::create_dir_all(&scenario_dir)
+            .map_err(|source| BenchError::io("create", &scenario_dir, source))?;
+        run_scenario(
+            scenario,
+            options,
+            &tools,
+            &scenario_dir,
+            stop,
+            progress,
+            &mut results,
+        )?;
+    }
+    Ok(results)
+}
+
+fn run_scenario(
+    scenario: Scenario,
+    options: &ProxyOptions,
+    tools: &Tools,
+    dir: &Path,
+    stop: &Stop,
+    progress: &mut dyn FnMut(String),
+    results: &mut ProxyResults,
+) -> Result<(), BenchError> {
+    progress(format!(
+        "{}: starting upstreams and targets",
+        scenario.name()
+    ));
+    let upstreams = Upstreams::start(scenario.app(), UPSTREAMS, dir)?;
+    let headers = match scenario {
+        Scenario::Session => vec![format!("Cookie: {}", upstreams.login("bench")?)],
+        Scenario::Hello | Scenario::H2 => Vec::new(),
+    };
+    let mut targets = Vec::new();
+    for &kind in &options.targets {
+        stop.check()?;
+        targets.push(Target::start(kind, &upstreams, dir)?);
+    }
+    // Let the proxies' first health checks and connection set-up pass before reading memory.
+    stop.sleep(Duration::from_millis(500))?;
+    let idle = results.idle_rss_kib.entry(scenario).or_default();
+    for target in &targets {
+        if let Some(usage) = target.usage() {
+            idle.insert(target.kind, usage.rss_kib);
+        }
+    }
+    let load_for = |target: &Target, concurrency: u32, duration: Duration| {
+        let addr = match scenario {
+            Scenario::H2 => target.h2,
+            Scenario::Hello | Scenario::Session => target.h1,
+        };
+        Load {
+            url: format!("http://{addr}{}", scenario.path()),
+            concurrency,
+            duration,
+            threads: options.threads,
+            headers: headers.clone(),
+            h2_streams: options.h2_streams,
+        }
+    };
+    if !options.warmup.is_zero() {
+        let busiest = options.concurrency.iter().copied().max().unwrap_or(64);
+        for target in &targets {
+            progress(format!(
+                "{}: warming up {} ({:?})",
+                scenario.name(),
+                target.kind.name(),
+                options.warmup
+            ));
+            let name = format!("warmup-{}", target.kind.name());
+            match tools.run(
+                scenario.generator(),
+                &load_for(target, busiest, options.warmup),
+                &name,
+                dir,
+                stop,
+            ) {
+                Ok(_) => {}
+                Err(BenchError::Interrupted) => return Err(BenchError::Interrupted),
+                // Not measured: say so and go on; the measured runs will show the trouble.
+                Err(error) => progress(format!(
+                    "{}: warm-up of {} failed: {error}",
+                    scenario.name(),
+                    target.kind.name()
+                )),
+            }
+        }
+    }
+    for round in 1..=options.rounds {
+        for &concurrency in &options.concurrency {
+            for target in &mut targets {
+                stop.check()?;
+                let name = format!("r{round}-c{concurrency}-{}", target.kind.name());
+                let before = target.usage();
+                let outcome = tools.run(
+                    scenario.generator(),
+                    &load_for(target, concurrency, options.duration),
+                    &name,
+                    dir,
+                    stop,
+                );
+                let after = target.usage();
+                // One failed run (e.g. a load generator that hangs on a target) is recorded and
+                // reported; the other targets are still measured.
+                let (load, error) = match outcome {
+                    Ok(load) => (load, None),
+                    Err(BenchError::Interrupted) => return Err(BenchError::Interrupted),
+                    Err(error) => (LoadResult::default(), Some(error.to_string())),
+                };
+                if !target.is_running() {
+                    return Err(BenchError::Setup(format!(
+                        "{} exited during {name}; last log lines:\n{}",
+                        target.kind.name(),
+                        target.log_tail()
+                    )));
+                }
+                let run = Run {
+                    scenario,
+                    round,
+                    concurrency,
+                    target: target.kind,
+                    cpu_seconds: before
+                        .zip(after)
+                        .map(|(before, after)| (after.cpu_seconds - before.cpu_seconds).max(0.0)),
+                    rss_end_kib: after.map(|usage| usage.rss_kib),
+                    rss_peak_kib: after.map(|usage| usage.peak_kib),
+                    load,
+                    error,
+                };
+                match &run.error {
+                    None => progress(format!(
+                        "{} round {round} c={concurrency} {}: {:.0} req/s, p99 {:.2} ms, errors {}",
+                        scenario.name(),
+                        target.kind.name(),
+                        run.load.rps,
+                        run.load.p99_ms,
+                        run.load.errors()
+                    )),
+                    Some(error) => progress(format!(
+                        "{} round {round} c={concurrency} {}: FAILED: {error}",
+                        scenario.name(),
+                        target.kind.name()
+                    )),
+                }
+                results.runs.push(run);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,397 @@
+//! The Markdown tables of `herd bench`: per scenario, the median over rounds of every
+//! (target, concurrency), the latency herd adds over going direct, the proxies' CPU per request
+//! and memory, then herd's throughput as a ratio of HAProxy's and nginx's.
+
+use std::fmt::Write;
+
+use super::health::HealthResult;
+use super::proxy::{ProxyResults, Run, Scenario};
+use super::targets::TargetKind;
+
+/// The median of `values` (mean of the middle two for an even count); `None` when empty.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return None;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    Some(if sorted.len() % 2 == 1 {
+        sorted[middle]
+    } else {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    })
+}
+
+/// The medians of one (scenario, target, concurrency).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// The target.
+    pub target: TargetKind,
+    /// Requests in flight.
+    pub concurrency: u32,
+    /// Runs the medians are over (those that produced figures).
+    pub runs: usize,
+    /// Runs that produced no figures.
+    pub failed: usize,
+    /// Median req/s.
+    pub rps: f64,
+    /// Median p50, ms.
+    pub p50_ms: f64,
+    /// Median p99, ms.
+    pub p99_ms: f64,
+    /// Median CPU seconds per 10k requests (proxies only).
+    pub cpu_per_10k: Option<f64>,
+    /// Largest RSS at the end of a run, KiB.
+    pub rss_end_kib: Option<u64>,
+    /// Largest peak RSS (VmHWM), KiB.
+    pub rss_peak_kib: Option<u64>,
+    /// Non-2xx responses, summed over the runs.
+    pub non_2xx: u64,
+    /// Socket errors, summed over the runs.
+    pub socket_errors: u64,
+}
+
+/// The rows of `scenario`, in target order, then by concurrency.
+pub fn rows(results: &ProxyResults, scenario: Scenario) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for &target in &results.options.targets {
+        for &concurrency in &results.options.concurrency {
+            let all: Vec<&Run> = results
+                .runs
+                .iter()
+                .filter(|r| {
+                    r.scenario == scenario && r.target == target && r.concurrency == concurrency
+                })
+                .collect();
+            if all.is_empty() {
+                continue;
+            }
+            let runs: Vec<&Run> = all.iter().copied().filter(|r| r.succeeded()).collect();
+            let of =
+                |f: &dyn Fn(&Run) -> f64| median(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
+            let cpu: Vec<f64> = runs.iter().filter_map(|r| r.cpu_per_10k()).collect();
+            rows.push(Row {
+                target,
+                concurrency,
+                runs: runs.len(),
+                failed: all.len() - runs.len(),
+                rps: of(&|r| r.load.rps).unwrap_or(0.0),
+                p50_ms: of(&|r| r.load.p50_ms).unwrap_or(0.0),
+                p99_ms: of(&|r| r.load.p99_ms).unwrap_or(0.0),
+                cpu_per_10k: median(&cpu),
+                rss_end_kib: runs.iter().filter_map(|r| r.rss_end_kib).max(),
+                rss_peak_kib: runs.iter().filter_map(|r| r.rss_peak_kib).max(),
+                non_2xx: runs.iter().map(|r| r.load.non_2xx).sum(),
+                socket_errors: runs.iter().map(|r| r.load.socket_errors).sum(),
+            });
+        }
+    }
+    rows
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or_else(|| "—".into(), |kib| format!("{:.1}", kib as f64 / 1024.0))
+}
+
+fn thousands(value: f64) -> String {
+    let whole = value.round() as u64;
+    let digits = whole.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The whole proxy report: one table per scenario, then the ratios.
+pub fn proxy_markdown(results: &ProxyResults) -> String {
+    let options = &results.options;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "herd bench proxy: {} round(s) × {:?} per run, {} load threads, {} upstream workers; medians over rounds\n",
+        options.rounds,
+        options.duration,
+        options.threads,
+        super::proxy::UPSTREAMS
+    );
+    for &scenario in &options.scenarios {
+        let rows = rows(results, scenario);
+        if rows.is_empty() {
+            continue;
+        }
+        let idle = results.idle_rss_kib.get(&scenario);
+        let _ = writeln!(out, "### {} — {}\n", scenario.name(), scenario.describe());
+        let _ = writeln!(
+            out,
+            "| target | c | req/s | p50 ms | p99 ms | p99 added vs direct ms | CPU s / 10k req | CPU µs / req | RSS MiB idle / end / peak | non-2xx / socket errors |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for row in &rows {
+            let failed = match row.failed {
+                0 => String::new(),
+                n => format!(" ({n} run{} failed)", if n == 1 { "" } else { "s" }),
+            };
+            if row.runs == 0 {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | failed | — | — | — | — | — | — | —{failed} |",
+                    row.target.name(),
+                    row.concurrency
+                );
+                continue;
+            }
+            let direct = rows.iter().find(|r| {
+                r.target == TargetKind::Direct && r.concurrency == row.concurrency && r.runs > 0
+            });
+            let added = match (row.target, direct) {
+                (TargetKind::Direct, _) | (_, None) => "—".to_string(),
+                (_, Some(direct)) => format!("{:+.2}", row.p99_ms - direct.p99_ms),
+            };
+            let (cpu, us) = match row.cpu_per_10k {
+                Some(cpu) => (format!("{cpu:.3}"), format!("{:.1}", cpu * 100.0)),
+                None => ("—".into(), "—".into()),
+            };
+            let rss = if row.target == TargetKind::Direct {
+                "—".to_string()
+            } else {
+                format!(
+                    "{} / {} / {}",
+                    mib(idle.and_then(|idle| idle.get(&row.target)).copied()),
+                    mib(row.rss_end_kib),
+                    mib(row.rss_peak_kib)
+                )
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} / {}{failed} |",
+                row.target.name(),
+                row.concurrency,
+                thousands(row.rps),
+                row.p50_ms,
+                row.p99_ms,
+                added,
+                cpu,
+                us,
+                rss,
+                row.non_2xx,
+                row.socket_errors
+            );
+        }
+        let mut ratios = Vec::new();
+        for peer in [TargetKind::Haproxy, TargetKind::Nginx] {
+            let parts: Vec<String> = options
+                .concurrency
+                .iter()
+                .filter_map(|&c| {
+                    let rps = |target| {
+                        rows.iter()
+                            .find(|r| r.target == target && r.concurrency == c && r.runs > 0)
+                            .map(|r| r.rps)
+                    };
+                    let (herd, other) = (rps(TargetKind::Herd)?, rps(peer)?);
+                    (other > 0.0).then(|| format!("c={c} {:.2}×", herd / other))
+                })
+                .collect();
+            if !parts.is_empty() {
+                ratios.push(format!(
+                    "herd / {} req/s: {}",
+                    peer.name(),
+                    parts.join(", ")
+                ));
+            }
+        }
+        if !ratios.is_empty() {
+            let _ = writeln!(out, "\n{}", ratios.join("; "));
+        }
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(
+        out,
+        "c: requests in flight. CPU: the proxy's user+system time over all its processes during the run. RSS: summed over its processes, after start (idle), after the run (end), highest (peak, VmHWM). Non-2xx: wrk counts status ≥ 400, h2load anything but 2xx."
+    );
+    out
+}
+
+/// The health-check cost report.
+pub fn health_markdown(result: &HealthResult) -> String {
+    let mut out = String::new();
+    let checks = match (result.checks_per_sec, result.expected_checks_per_sec) {
+        (Some(observed), _) => format!("{observed:.0}"),
+        (None, expected) => format!("n/a (expected {expected:.0})"),
+    };
+    let _ = writeln!(
+        out,
+        "herd bench health: {} registered workers, {:?} without client traffic, default health settings\n",
+        result.workers, result.duration
+    );
+    let _ = writeln!(
+        out,
+        "| workers | up | checks/s | failed checks | gateway CPU % of one core | CPU s | RSS MiB (end / peak) |"
+    );
+    let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        out,
+        "| {} | {} | {} | {} | {:.2} | {:.2} | {} / {} |",
+        result.workers,
+        result.up,
+        checks,
+        result.check_failures,
+        result.cpu_percent,
+        result.cpu_seconds,
+        mib(Some(result.rss_kib)),
+        mib(Some(result.peak_kib))
+    );
+    let verdict = if result.cpu_percent < 5.0 {
+        "met"
+    } else {
+        "NOT met"
+    };
+    let _ = if result.workers == 1000 {
+        writeln!(
+            out,
+            "\ntarget (< 5 % of a core for 1000 workers): {verdict} ({:.2} %)",
+            result.cpu_percent
+        )
+    } else {
+        writeln!(
+            out,
+            "\ntarget: < 5 % of a core for 1000 workers; this run: {:.2} % for {} (≈ {:.2} % per 1000 if it grows linearly)",
+            result.cpu_percent,
+            result.workers,
+            result.cpu_percent * 1000.0 / f64::from(result.workers.max(1))
+        )
+    };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::loadgen::LoadResult;
+    use crate::bench::proxy::ProxyOptions;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    #[test]
+    fn health_table_and_verdict() {
+        let mut result = HealthResult {
+            workers: 1000,
+            up: 1000,
+            duration: Duration::from_secs(10),
+            cpu_seconds: 0.3,
+            cpu_percent: 3.0,
+            rss_kib: 20_480,
+            peak_kib: 30_720,
+            checks_per_sec: None,
+            expected_checks_per_sec: 2000.0,
+            check_failures: 0,
+        };
+        let table = health_markdown(&result);
+        assert!(
+            table.contains("| 1000 | 1000 | n/a (expected 2000) | 0 | 3.00 | 0.30 | 20.0 / 30.0 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("(< 5 % of a core for 1000 workers): met (3.00 %)"),
+            "{table}"
+        );
+        result.workers = 20;
+        result.checks_per_sec = Some(39.6);
+        result.cpu_percent = 0.5;
+        let table = health_markdown(&result);
+        assert!(table.contains("| 20 | 1000 | 40 |"), "{table}");
+        assert!(table.contains("≈ 25.00 % per 1000"), "{table}");
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(1234567.4), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+    }
+
+    fn run(target: TargetKind, round: u32, rps: f64, p99: f64) -> Run {
+        Run {
+            scenario: Scenario::Hello,
+            round,
+            concurrency: 64,
+            target,
+            load: LoadResult {
+                requests: (rps * 10.0) as u64,
+                rps,
+                p50_ms: 1.0,
+                p99_ms: p99,
+                non_2xx: 0,
+                socket_errors: 0,
+            },
+            cpu_seconds: (target != TargetKind::Direct).then_some(5.0),
+            rss_end_kib: (target != TargetKind::Direct).then_some(10_240),
+            rss_peak_kib: (target != TargetKind::Direct).then_some(20_480),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn table_has_medians_added_latency_and_ratios() {
+        let results = ProxyResults {
+            options: ProxyOptions {
+                scenarios: vec![Scenario::Hello],
+                targets: vec![
+                    TargetKind::Direct,
+                    TargetKind::Herd,
+                    TargetKind::Haproxy,
+                    TargetKind::Nginx,
+                ],
+                concurrency: vec![64],
+                duration: Duration::from_secs(10),
+                warmup: Duration::ZERO,
+                rounds: 3,
+                threads: 2,
+                h2_streams: 1,
+            },
+            idle_rss_kib: BTreeMap::from([(
+                Scenario::Hello,
+                BTreeMap::from([(TargetKind::Herd, 5120)]),
+            )]),
+            runs: vec![
+                run(TargetKind::Direct, 1, 50_000.0, 2.0),
+                run(TargetKind::Direct, 2, 40_000.0, 3.0),
+                run(TargetKind::Direct, 3, 60_000.0, 1.0),
+                run(TargetKind::Herd, 1, 20_000.0, 5.0),
+                run(TargetKind::Haproxy, 1, 25_000.0, 4.0),
+                Run {
+                    error: Some("h2load overran".into()),
+                    ..run(TargetKind::Nginx, 1, 0.0, 0.0)
+                },
+            ],
+        };
+        let rows = rows(&results, Scenario::Hello);
+        assert_eq!(rows.len(), 4);
+        assert_eq!((rows[3].runs, rows[3].failed), (0, 1));
+        assert_eq!(rows[0].rps, 50_000.0);
+        assert_eq!(rows[0].runs, 3);
+        let table = proxy_markdown(&results);
+        assert!(
+            table.contains("| direct | 64 | 50,000 | 1.00 | 2.00 | — | — | — | — | 0 / 0 |"),
+            "{table}"
+        );
+        // 5 CPU s for 200k requests = 0.25 s / 10k = 25 µs per request.
+        assert!(table.contains("| herd | 64 | 20,000 | 1.00 | 5.00 | +3.00 | 0.250 | 25.0 | 5.0 / 10.0 / 20.0 | 0 / 0 |"), "{table}");
+        assert!(
+            table.contains("herd / haproxy req/s: c=64 0.80×"),
+            "{table}"
+        );
+    }
+}

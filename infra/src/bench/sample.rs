@@ -1,0 +1,134 @@
+//! CPU time and memory of a process and everything it started, read from `/proc`.
+//!
+//! A measured program is every process in its process group (herd starts each program as the
+//! leader of its own group): nginx's master and worker, HAProxy, the gateway. CPU time is
+//! `utime + stime` of `/proc/PID/stat` (clock ticks, converted to seconds), summed over the group;
+//! RSS is `VmRSS` of `/proc/PID/status`, and the peak `VmHWM`, each summed over the group.
+//! A process that exits between two samples takes its CPU time with it; the programs measured
+//! here keep their processes for the whole run.
+
+use std::fs;
+
+/// Clock ticks per second of `/proc/PID/stat` times. Linux reports them in USER_HZ, which is 100
+/// on every architecture herd runs on (`getconf CLK_TCK`).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// One reading of a process group.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// User + system CPU seconds so far, summed over the group.
+    pub cpu_seconds: f64,
+    /// Resident memory now, KiB, summed over the group.
+    pub rss_kib: u64,
+    /// Peak resident memory, KiB, summed over the group (each process's own peak).
+    pub peak_kib: u64,
+    /// How many processes the group has.
+    pub processes: usize,
+}
+
+/// Reads the usage of process group `group` (the pid of its leader).
+pub fn group_usage(group: u32) -> Usage {
+    let mut usage = Usage::default();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return usage;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(fields) = parse_stat(&stat) else {
+            continue;
+        };
+        if fields.pgrp != group {
+            continue;
+        }
+        usage.processes += 1;
+        usage.cpu_seconds += fields.ticks as f64 / TICKS_PER_SECOND;
+        if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) {
+            usage.rss_kib += status_kib(&status, "VmRSS:").unwrap_or(0);
+            usage.peak_kib += status_kib(&status, "VmHWM:").unwrap_or(0);
+        }
+    }
+    usage
+}
+
+/// The fields of `/proc/PID/stat` herd needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StatFields {
+    /// Process group id (field 5).
+    pgrp: u32,
+    /// utime + stime (fields 14 and 15), clock ticks.
+    ticks: u64,
+}
+
+/// Parses `/proc/PID/stat`. The command name (field 2) is in parentheses and may itself contain
+/// spaces and parentheses, so fields are counted after its last `)`.
+fn parse_stat(stat: &str) -> Option<StatFields> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    // After the name: state (3), ppid (4), pgrp (5), …, utime (14), stime (15).
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |number: usize| fields.get(number - 3).and_then(|f| f.parse::<u64>().ok());
+    Some(StatFields {
+        pgrp: u32::try_from(field(5)?).ok()?,
+        ticks: field(14)? + field(15)?,
+    })
+}
+
+/// A `kB` line of `/proc/PID/status`, e.g. `VmRSS:   12345 kB` (a tab after the colon).
+fn status_kib(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_survive_odd_command_names() {
+        let stat = "4242 (nginx: worker (x) ) S 4241 4241 4241 0 -1 4194624 120 0 0 0 37 12 0 0 20 0 1 0 100 1000 50 18446744073709551615";
+        assert_eq!(
+            parse_stat(stat),
+            Some(StatFields {
+                pgrp: 4241,
+                ticks: 49
+            })
+        );
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn status_lines_in_kib() {
+        let status = "Name:\tnginx\nVmHWM:\t    9000 kB\nVmRSS:\t    8123 kB\n";
+        assert_eq!(status_kib(status, "VmRSS:"), Some(8123));
+        assert_eq!(status_kib(status, "VmHWM:"), Some(9000));
+        assert_eq!(status_kib(status, "VmSwap:"), None);
+    }
+
+    #[test]
+    fn own_group_is_measured() {
+        // The test runner is not necessarily a group leader; a child started in its own group is.
+        let dir = tempfile::tempdir().unwrap();
+        let process = crate::process::Process::spawn(
+            &crate::process::Spec::new("spin", "sh", dir.path())
+                .arg("-c")
+                .arg("i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; sleep 5"),
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let usage = group_usage(process.pid());
+        assert!(usage.processes >= 1, "{usage:?}");
+        assert!(usage.rss_kib > 0, "{usage:?}");
+        assert!(usage.peak_kib >= usage.rss_kib, "{usage:?}");
+    }
+}

@@ -1,0 +1,458 @@
+//! What `herd bench proxy` measures: the upstreams (herd-workers, plus Redis for the session
+//! scenario) and the targets in front of them — the upstream itself ("direct"), herd-gateway,
+//! HAProxy and nginx, all on free loopback ports.
+//!
+//! HAProxy and nginx run unprivileged-style from configs written into the work directory from the
+//! templates `infra/bench/haproxy.cfg.in` and `infra/bench/nginx.conf.in` (compiled in; the
+//! comments there say how they differ from herd's settings). Each target listens twice: HTTP/1.1
+//! and HTTP/2 cleartext with prior knowledge (herd-gateway and the workers take both on one port).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::sample::{self, Usage};
+use super::{BenchError, http, write_file};
+use crate::binaries;
+use crate::deps::{self, HAPROXY, Program};
+use crate::ports::free_port;
+use crate::process::{Process, Spec};
+use crate::redis_server::RedisServer;
+
+/// nginx, the other reference proxy.
+pub const NGINX: Program = Program {
+    command: "nginx",
+    package: "nginx",
+};
+
+/// How long a process gets to come up and answer.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// One readiness or setup request's bound.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Redis key prefix of the benchmark's sessions.
+const PREFIX: &str = "bench:";
+
+/// Which target a run loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    /// Straight to the first upstream: the baseline.
+    Direct,
+    /// herd-gateway with its defaults.
+    Herd,
+    /// HAProxy (anchor hapE).
+    Haproxy,
+    /// nginx (anchor ngx1ka512).
+    Nginx,
+}
+
+impl TargetKind {
+    /// Every target, in the order runs go.
+    pub const ALL: [TargetKind; 4] = [
+        TargetKind::Direct,
+        TargetKind::Herd,
+        TargetKind::Haproxy,
+        TargetKind::Nginx,
+    ];
+
+    /// Its name in tables and file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Direct => "direct",
+            TargetKind::Herd => "herd",
+            TargetKind::Haproxy => "haproxy",
+            TargetKind::Nginx => "nginx",
+        }
+    }
+}
+
+/// Which app the upstreams serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamApp {
+    /// herd-worker's hello app: no Redis.
+    Hello,
+    /// The demo app with sessions in a private Redis.
+    Demo,
+}
+
+/// The upstream workers (and Redis for the demo app), stopped when dropped.
+#[derive(Debug)]
+pub struct Upstreams {
+    workers: Vec<Process>,
+    /// Dropped after the workers (field order).
+    _redis: Option<RedisServer>,
+    addrs: Vec<SocketAddr>,
+}
+
+impl Upstreams {
+    /// Starts `count` workers serving `app` on free loopback ports; for the demo app first a
+    /// private redis-server with its data in `dir`.
+    pub fn start(app: UpstreamApp, count: usize, dir: &Path) -> Result<Self, BenchError> {
+        let program = binaries::locate(binaries::WORKER)?;
+        let redis = match app {
+            UpstreamApp::Hello => None,
+            UpstreamApp::Demo => Some(RedisServer::start(None, dir, dir)?),
+        };
+        let mut workers = Vec::with_capacity(count);
+        let mut addrs = Vec::with_capacity(count);
+        for index in 1..=count {
+            let id = format!("up{index}");
+            let mut spec = Spec::new(format!("worker-{id}"), &program, dir)
+                .env("HERD_WORKER_LISTEN", "127.0.0.1:0")
+                .env("HERD_WORKER_ID", &id)
+                .env("HERD_WORKER_MACHINE", "bench")
+                .env("HERD_WORKER_REGISTRY__ENABLED", "false")
+                .env("HERD_LOG", "warn")
+                .arg("--log-format")
+                .arg("json");
+            spec = match &redis {
+                None => spec.env("HERD_WORKER_APP", "hello"),
+                Some(redis) => spec
+                    .env("HERD_WORKER_APP", "demo")
+                    .env("HERD_WORKER_REDIS__URL", redis.url())
+                    .env("HERD_WORKER_REDIS__PREFIX", PREFIX),
+            };
+            let process = Process::spawn_and_wait(&spec, &["public"], START_TIMEOUT)?;
+            let addr = process
+                .addr("public")
+                .ok_or_else(|| BenchError::Setup(format!("{id} announced no address")))?;
+            addrs.push(addr);
+            workers.push(process);
+        }
+        let upstreams = Upstreams {
+            workers,
+            _redis: redis,
+            addrs,
+        };
+        for worker in 0..upstreams.workers.len() {
+            upstreams.wait_ready(worker)?;
+        }
+        Ok(upstreams)
+    }
+
+    fn wait_ready(&self, index: usize) -> Result<(), BenchError> {
+        let addr = self.addrs[index];
+        wait_for(START_TIMEOUT, &format!("worker {addr} /readyz"), || {
+            http::status(addr, "/readyz", REQUEST_TIMEOUT) == Some(200)
+        })
+    }
+
+    /// The workers' addresses.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Logs in as `user` on the first worker (`POST /login`) and returns the `Cookie` header
+    /// value of the new session.
+    pub fn login(&self, user: &str) -> Result<String, BenchError> {
+        let body = format!(r#"{{"user":"{user}"}}"#);
+        let reply = http::request(
+            self.addrs[0],
+            "POST",
+            "/login",
+            &[("content-type", "application/json")],
+            Some(&body),
+            REQUEST_TIMEOUT,
+        )
+        .map_err(|error| BenchError::Setup(format!("login failed: {error}")))?;
+        if reply.status != 200 {
+            return Err(BenchError::Setup(format!(
+                "login answered {}: {}",
+                reply.status, reply.body
+            )));
+        }
+        reply
+            .header_values("set-cookie")
+            .filter_map(|cookie| cookie.split(';').next())
+            .find(|pair| pair.contains('='))
+            .map(str::to_string)
+            .ok_or_else(|| BenchError::Setup("login set no cookie".into()))
+    }
+}
+
+/// A running target.
+#[derive(Debug)]
+pub struct Target {
+    /// Which one.
+    pub kind: TargetKind,
+    /// HTTP/1.1 address.
+    pub h1: SocketAddr,
+    /// HTTP/2 cleartext (prior knowledge) address.
+    pub h2: SocketAddr,
+    /// The proxy's process (group); `None` for direct.
+    process: Option<Process>,
+}
+
+impl Target {
+    /// The upstream itself.
+    pub fn direct(upstreams: &Upstreams) -> Target {
+        let addr = upstreams.addrs()[0];
+        Target {
+            kind: TargetKind::Direct,
+            h1: addr,
+            h2: addr,
+            process: None,
+        }
+    }
+
+    /// Starts `kind` in front of `upstreams`, with its config and logs in `dir`, and waits until
+    /// it forwards `GET /healthz` with a 200.
+    pub fn start(
+        kind: TargetKind,
+        upstreams: &Upstreams,
+        dir: &Path,
+    ) -> Result<Target, BenchError> {
+        let target = match kind {
+            TargetKind::Direct => return Ok(Target::direct(upstreams)),
+            TargetKind::Herd => start_gateway(upstreams, dir)?,
+            TargetKind::Haproxy | TargetKind::Nginx => {
+                // A free port can be taken before the proxy binds it: try again with others.
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    match start_reference(kind, upstreams, dir) {
+                        Ok(target) => break target,
+                        Err(BenchError::Process(error))
+                            if attempt < 3 && error.to_string().contains("in use") =>
+                        {
+                            continue;
+                        }
+                        Err(error) => return Err(error),
+                    }
+                }
+            }
+        };
+        Ok(target)
+    }
+
+    /// CPU and memory of the proxy's processes now; `None` for direct.
+    pub fn usage(&self) -> Option<Usage> {
+        self.process
+            .as_ref()
+            .map(|process| sample::group_usage(process.pid()))
+    }
+
+    /// Whether the proxy still runs (always true for direct).
+    pub fn is_running(&mut self) -> bool {
+        self.process
+            .as_mut()
+            .is_none_or(|process| process.try_wait().is_none())
+    }
+
+    /// The end of the proxy's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        self.process
+            .as_ref()
+            .map(|process| process.log_tail(10))
+            .unwrap_or_default()
+    }
+}
+
+fn start_gateway(upstreams: &Upstreams, dir: &Path) -> Result<Target, BenchError> {
+    let program = binaries::locate(binaries::GATEWAY)?;
+    let workers: Vec<String> = upstreams.addrs().iter().map(ToString::to_string).collect();
+    let spec = Spec::new("herd-gateway", program, dir)
+        .env("HERD_GATEWAY_LISTEN", "127.0.0.1:0")
+        .env("HERD_GATEWAY_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("HERD_GATEWAY_WORKERS", workers.join(","))
+        .env("HERD_GATEWAY_REGISTRY__ENABLED", "false")
+        .env("HERD_LOG", "warn")
+        .arg("--log-format")
+        .arg("json");
+    let mut process = Process::spawn_and_wait(&spec, &["public", "admin"], START_TIMEOUT)?;
+    let public = process.addr("public").expect("waited for public");
+    let admin = process.addr("admin").expect("waited for admin");
+    process.wait_until(START_TIMEOUT, |_| {
+        http::status(admin, "/readyz", REQUEST_TIMEOUT) == Some(200)
+            && http::status(public, "/healthz", REQUEST_TIMEOUT) == Some(200)
+    })?;
+    Ok(Target {
+        kind: TargetKind::Herd,
+        h1: public,
+        h2: public,
+        process: Some(process),
+    })
+}
+
+/// HAProxy or nginx from its template.
+fn start_reference(
+    kind: TargetKind,
+    upstreams: &Upstreams,
+    dir: &Path,
+) -> Result<Target, BenchError> {
+    let port_error = |source| BenchError::io("find a free port for", dir, source);
+    let h1 = SocketAddr::from(([127, 0, 0, 1], free_port().map_err(port_error)?));
+    let h2 = SocketAddr::from(([127, 0, 0, 1], free_port().map_err(port_error)?));
+    let spec = match kind {
+        TargetKind::Haproxy => {
+            let program = deps::ensure(HAPROXY)?;
+            let config = dir.join("haproxy.cfg");
+            write_file(
+                &config,
+                &haproxy_config(&dir.join("haproxy.pid"), h1, h2, upstreams.addrs()),
+            )?;
+            Spec::new("haproxy", program, dir)
+                .arg("-db")
+                .arg("-f")
+                .arg(config.display().to_string())
+        }
+        TargetKind::Nginx => {
+            let program = deps::ensure(NGINX)?;
+            let prefix = dir.join("nginx");
+            for sub in ["", "body", "proxy", "fcgi", "uwsgi", "scgi"] {
+                let path = prefix.join(sub);
+                std::fs::create_dir_all(&path)
+                    .map_err(|source| BenchError::io("create", &path, source))?;
+            }
+            let config = dir.join("nginx.conf");
+            write_file(&config, &nginx_config(&prefix, h1, h2, upstreams.addrs()))?;
+            Spec::new("nginx", program, dir)
+                .arg("-c")
+                .arg(config.display().to_string())
+                .arg("-p")
+                .arg(prefix.display().to_string())
+                .arg("-e")
+                .arg(prefix.join("startup-error.log").display().to_string())
+        }
+        TargetKind::Direct | TargetKind::Herd => {
+            return Err(BenchError::Setup(format!(
+                "{} is not started from a template",
+                kind.name()
+            )));
+        }
+    };
+    let mut process = Process::spawn(&spec)?;
+    process.wait_until(START_TIMEOUT, |_| {
+        http::status(h1, "/healthz", REQUEST_TIMEOUT) == Some(200)
+    })?;
+    Ok(Target {
+        kind,
+        h1,
+        h2,
+        process: Some(process),
+    })
+}
+
+/// HAProxy's configuration from `infra/bench/haproxy.cfg.in`.
+fn haproxy_config(pid: &Path, h1: SocketAddr, h2: SocketAddr, upstreams: &[SocketAddr]) -> String {
+    let servers: String = upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            format!(
+                "    server up{} {addr} check inter 500ms fall 2 rise 2\n",
+                i + 1
+            )
+        })
+        .collect();
+    include_str!("../../bench/haproxy.cfg.in")
+        .replace("{PID}", &pid.display().to_string())
+        .replace("{PORT}", &h1.port().to_string())
+        .replace("{H2PORT}", &h2.port().to_string())
+        .replace("{SERVERS}", servers.trim_end())
+}
+
+/// nginx's configuration from `infra/bench/nginx.conf.in`, with its files under `prefix`.
+fn nginx_config(prefix: &Path, h1: SocketAddr, h2: SocketAddr, upstreams: &[SocketAddr]) -> String {
+    let servers: String = upstreams
+        .iter()
+        .map(|addr| format!("        server {addr} max_fails=1 fail_timeout=10s;\n"))
+        .collect();
+    include_str!("../../bench/nginx.conf.in")
+        .replace("{DIR}", &prefix.display().to_string())
+        .replace("{PORT}", &h1.port().to_string())
+        .replace("{H2PORT}", &h2.port().to_string())
+        .replace("{SERVERS}", servers.trim_end())
+}
+
+/// Polls `ready` every 50 ms until it holds; an error naming `what` after `timeout`.
+fn wait_for(
+    timeout: Duration,
+    what: &str,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), BenchError> {
+    let started = std::time::Instant::now();
+    while !ready() {
+        if started.elapsed() > timeout {
+            return Err(BenchError::Setup(format!(
+                "{what} not ready after {timeout:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// Every placeholder is filled, and nowhere else (a placeholder in a comment would put
+    /// server lines into it).
+    fn assert_filled(config: &str) {
+        for placeholder in ["{PID}", "{PORT}", "{H2PORT}", "{SERVERS}", "{DIR}"] {
+            assert!(
+                !config.contains(placeholder),
+                "{placeholder} left in:\n{config}"
+            );
+        }
+        for line in config
+            .lines()
+            .filter(|line| line.trim_start().starts_with('#'))
+        {
+            assert!(!line.contains("127.0.0.1"), "filled into a comment: {line}");
+        }
+    }
+
+    #[test]
+    fn haproxy_config_lists_both_upstreams_and_listeners() {
+        let config = haproxy_config(
+            Path::new("/tmp/x/haproxy.pid"),
+            addr(8001),
+            addr(8002),
+            &[addr(9001), addr(9002)],
+        );
+        assert_filled(&config);
+        assert!(
+            config.contains("bind 127.0.0.1:8001 backlog 4096"),
+            "{config}"
+        );
+        assert!(
+            config.contains("bind 127.0.0.1:8002 proto h2 backlog 4096"),
+            "{config}"
+        );
+        assert!(config.contains("    server up1 127.0.0.1:9001 check inter 500ms fall 2 rise 2\n    server up2 127.0.0.1:9002 check"), "{config}");
+        assert!(config.contains("http-reuse always"));
+    }
+
+    #[test]
+    fn nginx_config_lists_both_upstreams_and_listeners() {
+        let config = nginx_config(
+            Path::new("/tmp/x/nginx"),
+            addr(8001),
+            addr(8002),
+            &[addr(9001), addr(9002)],
+        );
+        assert_filled(&config);
+        assert!(
+            config.contains("listen 127.0.0.1:8001 backlog=4096;"),
+            "{config}"
+        );
+        assert!(
+            config.contains("listen 127.0.0.1:8002 http2 backlog=4096;"),
+            "{config}"
+        );
+        assert!(
+            config.contains("server 127.0.0.1:9002 max_fails=1 fail_timeout=10s;"),
+            "{config}"
+        );
+        assert!(config.contains("pid /tmp/x/nginx/nginx.pid;"), "{config}");
+        assert!(config.contains("keepalive 512;"));
+    }
+}

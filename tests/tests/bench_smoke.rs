@@ -1,0 +1,199 @@
+//! `herd bench` end to end, through the real `herd` binary, kept short: `herd bench proxy` loads
+//! every target (direct, herd-gateway, HAProxy, nginx) once for 1 s, and `herd bench health`
+//! registers 20 workers. Both must print a table row for every target with traffic and without
+//! errors, leave no process behind, and remove their temporary directory.
+//!
+//! Needs wrk, haproxy and nginx (`infra/test.sh` installs them; as root `herd` installs them
+//! itself when missing).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use herd::binaries;
+use herd_tests::temp_dir;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// Longest a bench command may take here (start-up, warm-up, runs, stop).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn herd_binary() -> PathBuf {
+    binaries::locate(binaries::HERD).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// Runs `herd ARGS…` to completion within [`COMMAND_TIMEOUT`]. On a timeout herd gets SIGTERM
+/// (it then stops everything it started), and SIGKILL if that does not end it.
+fn herd(args: &[&str], tmp: &Path) -> Output {
+    let mut child: Child = Command::new(herd_binary())
+        .args(args)
+        .env("TMPDIR", tmp)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("herd starts");
+    // Drain the pipes on threads so a chatty run can't block on a full pipe.
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let out = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut text).map(|_| text)
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut stderr, &mut text).map(|_| text)
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > COMMAND_TIMEOUT {
+            let _ = herd::process::signal_pid(child.id(), Signal::SIGTERM);
+            std::thread::sleep(Duration::from_secs(15));
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`herd {}` did not finish in {COMMAND_TIMEOUT:?}",
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: out.join().expect("reader").unwrap_or_default(),
+        stderr: err.join().expect("reader").unwrap_or_default(),
+    }
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The cells of the Markdown table row whose first cell is `first`.
+fn row<'a>(table: &'a str, first: &str) -> Option<Vec<&'a str>> {
+    table.lines().find_map(|line| {
+        let cells: Vec<&str> = line
+            .trim()
+            .trim_matches('|')
+            .split('|')
+            .map(str::trim)
+            .collect();
+        (cells.first() == Some(&first)).then_some(cells)
+    })
+}
+
+/// No directory named `herd-bench-*` is left in `tmp`.
+fn assert_temp_dirs_removed(tmp: &Path) {
+    let left: Vec<String> = std::fs::read_dir(tmp)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("herd-bench-"))
+        .collect();
+    assert!(left.is_empty(), "temporary directories left: {left:?}");
+}
+
+/// No process started by the bench still runs: they all inherited `TMPDIR=tmp` from herd.
+fn assert_no_process_left(tmp: &Path) {
+    let needle = format!("TMPDIR={}\0", tmp.display());
+    let mut running = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&environ).contains(&needle) {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            running.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+        }
+    }
+    assert!(running.is_empty(), "still running: {running:?}");
+}
+
+#[test]
+fn bench_proxy_measures_every_target_without_errors() {
+    let dir = temp_dir();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let json = dir.path().join("proxy.json");
+    let out = dir.path().join("proxy.md");
+    let output = herd(
+        &[
+            "bench",
+            "proxy",
+            "--duration",
+            "1s",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "8",
+            "--scenarios",
+            "hello",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &tmp,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap().trim_end(),
+        table.trim_end()
+    );
+    for target in ["direct", "herd", "haproxy", "nginx"] {
+        let cells = row(&table, target).unwrap_or_else(|| panic!("no {target} row:\n{table}"));
+        assert_eq!(cells[1], "8", "{target}: concurrency\n{table}");
+        let rps: f64 = cells[2]
+            .replace(',', "")
+            .parse()
+            .expect("req/s is a number");
+        assert!(rps > 0.0, "{target}: no traffic\n{table}");
+        assert_eq!(cells.last(), Some(&"0 / 0"), "{target}: errors\n{table}");
+        if target != "direct" {
+            let cpu: f64 = cells[6].parse().expect("CPU s / 10k is a number");
+            assert!(cpu >= 0.0, "{target}: CPU\n{table}");
+        }
+    }
+    assert!(table.contains("herd / haproxy req/s: c=8 "), "{table}");
+    assert!(table.contains("herd / nginx req/s: c=8 "), "{table}");
+
+    let raw: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = raw["results"]["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 4, "{raw}");
+    for run in runs {
+        assert!(run["requests"].as_u64().unwrap() > 0, "{run}");
+        assert_eq!(run["non_2xx"], 0, "{run}");
+        assert_eq!(run["socket_errors"], 0, "{run}");
+    }
+    assert_temp_dirs_removed(&tmp);
+    assert_no_process_left(&tmp);
+}
+
+#[test]
+fn bench_health_checks_twenty_registered_workers() {
+    let dir = temp_dir();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let output = herd(
+        &["bench", "health", "--workers", "20", "--duration", "2s"],
+        &tmp,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    let cells = row(&table, "20").unwrap_or_else(|| panic!("no row for 20 workers:\n{table}"));
+    assert_eq!(cells[1], "20", "every worker up\n{table}");
+    assert_eq!(cells[3], "0", "no failed checks\n{table}");
+    let cpu: f64 = cells[4].parse().expect("CPU % is a number");
+    assert!((0.0..100.0).contains(&cpu), "{table}");
+    assert_temp_dirs_removed(&tmp);
+    assert_no_process_left(&tmp);
+}
