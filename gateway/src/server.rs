@@ -83,6 +83,9 @@ pub enum ServerError {
     /// The Redis pool for the failover lease could not be built.
     #[error("redis: {0}")]
     Redis(redis::RedisError),
+    /// The health-check thread could not start.
+    #[error("cannot start the health-check thread: {0}")]
+    HealthThread(std::io::Error),
 }
 
 /// Runs the gateway until `shutdown` completes, then drains connections and returns.
@@ -94,11 +97,13 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let probe = Arc::new(HttpProbe::new(&config.health));
     let health_config = config.health.clone();
+    let health_thread = HealthThread::start().map_err(ServerError::HealthThread)?;
+    let health_runtime = health_thread.handle.clone();
     let balancer = Arc::new(Balancer::new(
         &config,
         metrics.clone(),
         Box::new(move |worker, notifier| {
-            tokio::spawn(health::run(
+            health_runtime.spawn(health::run(
                 worker,
                 probe.clone(),
                 health_config.clone(),
@@ -245,6 +250,42 @@ fn connection_builder(config: &GatewayConfig) -> auto::Builder<TokioExecutor> {
         .keep_alive_interval(Some(config.timeouts.client_idle / 2))
         .keep_alive_timeout(config.timeouts.client_idle / 2);
     builder
+}
+
+/// The thread that runs the active health checks, on a single-threaded runtime of its own.
+///
+/// With a thousand workers the checks wake up thousands of times a second; on the request
+/// runtime each wake-up could unpark a second worker thread (a futex call and a context switch),
+/// and a busy request path could delay a check into a false timeout. Stops when dropped.
+struct HealthThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl HealthThread {
+    fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("herd-health".into())
+            .spawn(move || {
+                // Returns when the sender is dropped; dropping the runtime ends every check.
+                let _ = runtime.block_on(stopped);
+            })?;
+        Ok(HealthThread {
+            handle,
+            stop: Some(stop),
+        })
+    }
+}
+
+impl Drop for HealthThread {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+    }
 }
 
 /// A listener with an accept queue of `backlog` (tokio's `bind` uses 128, which a burst of a few
