@@ -43,9 +43,10 @@ pub struct Listeners {
 impl Listeners {
     /// Binds both listeners from the configuration.
     pub async fn bind(config: &GatewayConfig) -> std::io::Result<Self> {
-        let public = listen(config.listen, config.limits.listen_backlog).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
-        })?;
+        let public = herd_shared::net::listen(config.listen, config.limits.listen_backlog)
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
+            })?;
         let admin = TcpListener::bind(config.admin.listen).await.map_err(|e| {
             std::io::Error::new(
                 e.kind(),
@@ -286,19 +287,6 @@ impl Drop for HealthThread {
     fn drop(&mut self) {
         drop(self.stop.take());
     }
-}
-
-/// A listener with an accept queue of `backlog` (tokio's `bind` uses 128, which a burst of a few
-/// hundred new connections overflows).
-fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(backlog)
 }
 
 fn accepted_or_log(

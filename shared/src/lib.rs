@@ -9,10 +9,12 @@
 //!   read by gateways.
 //! - [`telemetry`]: logging set-up (pretty on a terminal, JSON otherwise).
 //! - [`cli`]: the command-line flags every herd binary shares.
+//! - [`net`]: listening sockets with a load-ready accept queue.
 
 pub mod cli;
 pub mod config;
 pub mod keys;
+pub mod net;
 pub mod redis;
 pub mod registry;
 pub mod telemetry;

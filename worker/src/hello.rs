@@ -13,9 +13,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Request, State};
-use axum::middleware::{self, Next};
-use axum::response::Response;
 use http::{HeaderValue, header};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -65,13 +62,7 @@ where
 
 /// The hello app's routes with the identity headers on every response.
 pub fn router(identity: &Identity, readiness: Arc<Readiness>) -> Result<Router, WorkerError> {
-    let headers = Arc::new(Headers {
-        worker: HeaderValue::from_str(&identity.id).map_err(|_| WorkerError::BadIdentity)?,
-        machine: HeaderValue::from_str(&identity.machine).map_err(|_| WorkerError::BadIdentity)?,
-    });
-    Ok(health::routes(readiness)
-        .fallback(hello)
-        .layer(middleware::from_fn_with_state(headers, identity_headers)))
+    crate::server::with_identity_headers(health::routes(readiness).fallback(hello), identity)
 }
 
 async fn hello() -> ([(header::HeaderName, HeaderValue); 1], &'static str) {
@@ -84,29 +75,13 @@ async fn hello() -> ([(header::HeaderName, HeaderValue); 1], &'static str) {
     )
 }
 
-struct Headers {
-    worker: HeaderValue,
-    machine: HeaderValue,
-}
-
-async fn identity_headers(
-    State(headers): State<Arc<Headers>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let mut response = next.run(request).await;
-    let map = response.headers_mut();
-    map.insert("x-herd-worker", headers.worker.clone());
-    map.insert("x-herd-machine", headers.machine.clone());
-    response
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::body::Body;
     use http::StatusCode;
     use http_body_util::BodyExt;
+    use axum::extract::Request;
     use tower::ServiceExt;
 
     fn app(readiness: Arc<Readiness>) -> Router {

@@ -175,18 +175,26 @@ fn wrap(
     traffic: Arc<Traffic>,
     identity: &Identity,
 ) -> Result<Router, WorkerError> {
-    let headers = Arc::new(IdentityHeaders {
-        worker: HeaderValue::from_str(&identity.id).map_err(|_| WorkerError::BadIdentity)?,
-        machine: HeaderValue::from_str(&identity.machine).map_err(|_| WorkerError::BadIdentity)?,
-    });
-    Ok(Router::new()
+    let app = Router::new()
         .merge(app.layer(SessionLayer::new(store)))
         .merge(health::routes(readiness))
         .fallback(error::not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(catch_panic))
-        .layer(middleware::from_fn_with_state(headers, identity_headers))
+        .layer(middleware::from_fn(catch_panic));
+    Ok(with_identity_headers(app, identity)?
         .layer(middleware::from_fn_with_state(traffic, traffic::track)))
+}
+
+/// `router` with `x-herd-worker` and `x-herd-machine` on every response.
+pub(crate) fn with_identity_headers(
+    router: Router,
+    identity: &Identity,
+) -> Result<Router, WorkerError> {
+    let headers = Arc::new(IdentityHeaders {
+        worker: HeaderValue::from_str(&identity.id).map_err(|_| WorkerError::BadIdentity)?,
+        machine: HeaderValue::from_str(&identity.machine).map_err(|_| WorkerError::BadIdentity)?,
+    });
+    Ok(router.layer(middleware::from_fn_with_state(headers, identity_headers)))
 }
 
 async fn method_not_allowed() -> error::ApiError {

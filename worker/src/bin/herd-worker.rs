@@ -31,8 +31,9 @@ fn main() -> anyhow::Result<()> {
         .context("starting the runtime")?
         .block_on(async {
             let shutdown = shutdown_signal().context("installing signal handlers")?;
-            let listener = bind(config.listen)
-                .with_context(|| format!("binding listen = {}", config.listen))?;
+            let listener =
+                herd_shared::net::listen(config.listen, herd_shared::net::LISTEN_BACKLOG)
+                    .with_context(|| format!("binding listen = {}", config.listen))?;
             let addr = listener.local_addr()?;
             let identity = config.identity(addr);
             let mut stdout = std::io::stdout().lock();
@@ -45,23 +46,6 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         })
-}
-
-/// Connections the kernel queues until the worker accepts them (capped by
-/// `net.core.somaxconn`). The default of 128 overflows when a proxy or load generator opens a few
-/// hundred connections at once; HAProxy and nginx listen with 4096 too.
-const LISTEN_BACKLOG: u32 = 4096;
-
-/// Binds `addr` (with SO_REUSEADDR, as std does) and listens with [`LISTEN_BACKLOG`].
-fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
 }
 
 /// A future that resolves on SIGTERM or SIGINT. The handlers are installed now, before the
