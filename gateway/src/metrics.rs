@@ -41,6 +41,10 @@ pub struct Metrics {
     changes: Family<ChangeLabels, Counter>,
     /// Client connections refused because `limits.max_connections` was reached.
     pub connections_refused: Counter,
+    /// Active health checks that passed / failed (handles into one family, made once: the
+    /// checks of a thousand workers run thousands of times a second).
+    checks_passed: Counter,
+    checks_failed: Counter,
 }
 
 impl Default for Metrics {
@@ -83,8 +87,18 @@ impl Metrics {
             "Client connections answered 503 because limits.max_connections was reached",
             connections_refused.clone(),
         );
+        let checks = Family::<One, Counter>::default();
+        registry.register(
+            "health_checks",
+            "Active health checks, by result (ok, failed)",
+            checks.clone(),
+        );
+        let checks_passed = checks.get_or_create(&[("result", "ok".into())]).clone();
+        let checks_failed = checks.get_or_create(&[("result", "failed".into())]).clone();
         let latency = Arc::new(LatencyHistogram::default());
         Metrics {
+            checks_passed,
+            checks_failed,
             registry: Mutex::new(registry),
             latency,
             retries,
@@ -126,6 +140,15 @@ impl Metrics {
         self.retries
             .get_or_create(&[("reason", reason.to_string())])
             .inc();
+    }
+
+    /// Counts one active health check.
+    pub fn health_check(&self, ok: bool) {
+        if ok {
+            self.checks_passed.inc();
+        } else {
+            self.checks_failed.inc();
+        }
     }
 
     /// Counts a safe retry that a limit refused.
@@ -467,7 +490,18 @@ mod tests {
         metrics.retry("connect");
         metrics.error("no_worker_available");
         metrics.state_change("w1", "down", "active");
+        metrics.health_check(true);
+        metrics.health_check(true);
+        metrics.health_check(false);
         let text = metrics.render();
+        assert!(
+            text.contains("herd_gateway_health_checks_total{result=\"ok\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("herd_gateway_health_checks_total{result=\"failed\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("herd_gateway_retries_total{reason=\"connect\"} 1"),
             "{text}"

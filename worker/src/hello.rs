@@ -79,9 +79,9 @@ async fn hello() -> ([(header::HeaderName, HeaderValue); 1], &'static str) {
 mod tests {
     use super::*;
     use axum::body::Body;
+    use axum::extract::Request;
     use http::StatusCode;
     use http_body_util::BodyExt;
-    use axum::extract::Request;
     use tower::ServiceExt;
 
     fn app(readiness: Arc<Readiness>) -> Router {

@@ -168,6 +168,7 @@ async fn checks<P: Probe>(
             // Dropping the check midway also drops its connection (see `Session`).
             _ = &mut timer => Err(timed_out.clone()),
         };
+        notifier.checked(result.is_ok());
         if let Err(reason) = &result {
             worker
                 .counters

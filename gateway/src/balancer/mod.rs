@@ -127,6 +127,11 @@ impl Notifier {
         Notifier { metrics, clock }
     }
 
+    /// Counts one active health check.
+    pub fn checked(&self, ok: bool) {
+        self.metrics.health_check(ok);
+    }
+
     /// Records one change: a log line (fields first), a counter, and the worker's last change.
     pub fn changed(&self, worker: &Worker, what: &str, source: ChangeSource, reason: &str) {
         worker.note_change(what, reason);
