@@ -4,7 +4,8 @@
 //! client ─▶ head checks (431) ─▶ request id, X-Forwarded-*, hop-by-hop stripped
 //!        ─▶ body: buffer ≤ retry.buffer_body_bytes (413 / 408), else stream
 //!        ─▶ ┌ pick a worker (selection; none → 503 at once)
-//!           │ send over the pooled keep-alive client, bounded by timeouts.response_header
+//!           │ send on the worker's pooled keep-alive connection (crate::upstream), bounded by
+//!           │ timeouts.response_header
 //!           │ outcome → latency EWMA, counters, passive health
 //!           └ failed and retry safe and budget left and attempts left → next worker
 //!        ─▶ response headers (hop-by-hop stripped, x-request-id added) and the body streamed back
@@ -48,7 +49,7 @@ struct Settings {
 #[derive(Debug)]
 pub struct Proxy {
     balancer: Arc<Balancer>,
-    client: ClientSettings,
+    upstream: ClientSettings,
     metrics: Arc<Metrics>,
     budget: RetryBudget,
     settings: Settings,
@@ -76,7 +77,7 @@ enum Attempt {
 impl Proxy {
     /// A proxy over `balancer`'s workers.
     pub fn new(config: &GatewayConfig, balancer: Arc<Balancer>, metrics: Arc<Metrics>) -> Self {
-        let client = ClientSettings {
+        let upstream = ClientSettings {
             connect_timeout: config.timeouts.connect,
             pool: PoolLimits {
                 max_idle: config.limits.max_idle_per_worker,
@@ -87,7 +88,7 @@ impl Proxy {
             gateway_id: HeaderValue::from_str(&config.id)
                 .unwrap_or_else(|_| HeaderValue::from_static("gateway")),
             balancer,
-            client,
+            upstream,
             metrics,
             budget: RetryBudget::new(&config.retry),
             settings: Settings {
@@ -162,8 +163,7 @@ impl Proxy {
         let path = parts
             .uri
             .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            .map_or("/", http::uri::PathAndQuery::as_str);
         if !parts.headers.contains_key(header::HOST)
             && let Some(authority) = parts.uri.authority()
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
@@ -201,7 +201,7 @@ impl Proxy {
             };
             let request = Outgoing {
                 method: &parts.method,
-                path: path.as_str(),
+                path,
                 headers: &parts.headers,
                 declared_length: content_length,
                 body,
@@ -320,7 +320,7 @@ impl Proxy {
         let guard = worker.begin();
         let sent = Instant::now();
         let per_try = deadline.min(sent + self.settings.response_header);
-        let exchange = upstream::exchange(worker, request, &self.client);
+        let exchange = upstream::exchange(worker, request, &self.upstream);
         let result = tokio::time::timeout_at(per_try, exchange).await;
         match result {
             Ok(Ok((head, worker_body))) => {

@@ -15,11 +15,10 @@ use std::sync::Arc;
 use axum::Router;
 use http::{HeaderValue, header};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{Identity, WorkerConfig};
 use crate::health::{self, Readiness};
-use crate::server::WorkerError;
+use crate::server::{Serving, WorkerError};
 
 /// The body of every answer.
 pub const BODY: &str = "hello\n";
@@ -39,22 +38,13 @@ where
     let app = router(&identity, readiness.clone())?;
     tracing::info!(worker = %identity.id, machine = %identity.machine, addr = %bound, app = "hello", "worker serving");
 
-    let stop_accepting = CancellationToken::new();
-    let server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
-            .into_future(),
-    );
+    let server = Serving::start(listener, app);
     shutdown.await;
     tracing::info!(worker = %identity.id, "draining");
     readiness.set_draining();
     tokio::time::sleep(config.drain.min).await;
-    stop_accepting.cancel();
-    match tokio::time::timeout(config.drain.in_flight_timeout, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(error))) => tracing::warn!(error = %error, "server ended with an error"),
-        Ok(Err(error)) => tracing::warn!(error = %error, "server task failed"),
-        Err(_) => tracing::warn!("drain: in-flight requests did not finish in time"),
+    if !server.stop(config.drain.in_flight_timeout).await {
+        tracing::warn!("drain: in-flight requests did not finish in time");
     }
     tracing::info!(worker = %identity.id, "worker stopped");
     Ok(())
@@ -82,6 +72,7 @@ mod tests {
     use axum::extract::Request;
     use http::StatusCode;
     use http_body_util::BodyExt;
+    use tokio_util::sync::CancellationToken;
     use tower::ServiceExt;
 
     fn app(readiness: Arc<Readiness>) -> Router {

@@ -131,12 +131,7 @@ where
     let router = wrap(app, store, readiness.clone(), traffic.clone(), &identity)?;
     tracing::info!(worker = %identity.id, machine = %identity.machine, addr = %bound, advertise = %identity.advertise, "worker serving");
 
-    let stop_accepting = CancellationToken::new();
-    let server = tokio::spawn(
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
-            .into_future(),
-    );
+    let server = Serving::start(listener, router);
     shutdown.await;
 
     let started = tokio::time::Instant::now();
@@ -147,15 +142,11 @@ where
     }
     traffic.wait_quiet(&config.drain, started).await;
     tracing::info!(worker = %identity.id, in_flight = traffic.in_flight(), "drain: no longer accepting");
-    stop_accepting.cancel();
-    match tokio::time::timeout(config.drain.in_flight_timeout, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(error))) => tracing::warn!(error = %error, "server ended with an error"),
-        Ok(Err(error)) => tracing::warn!(error = %error, "server task failed"),
-        Err(_) => tracing::warn!(
+    if !server.stop(config.drain.in_flight_timeout).await {
+        tracing::warn!(
             in_flight = traffic.in_flight(),
             "drain: in-flight requests did not finish in time"
-        ),
+        );
     }
     background.cancel();
     let _ = probe.await;
@@ -165,6 +156,41 @@ where
     }
     tracing::info!(worker = %identity.id, drained_ms = started.elapsed().as_millis() as u64, "worker stopped");
     Ok(())
+}
+
+/// An axum server on its own task, accepting until [`Serving::stop`].
+pub(crate) struct Serving {
+    stop_accepting: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Serving {
+    /// Starts serving `router` on `listener`.
+    pub(crate) fn start(listener: TcpListener, router: Router) -> Self {
+        let stop_accepting = CancellationToken::new();
+        let task = tokio::spawn(
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop_accepting.clone().cancelled_owned())
+                .into_future(),
+        );
+        Serving {
+            stop_accepting,
+            task,
+        }
+    }
+
+    /// Closes the listener and waits up to `grace` for in-flight requests; false when they did
+    /// not finish in time (errors of the server itself are logged here).
+    pub(crate) async fn stop(self, grace: std::time::Duration) -> bool {
+        self.stop_accepting.cancel();
+        match tokio::time::timeout(grace, self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(error = %error, "server ended with an error"),
+            Ok(Err(error)) => tracing::warn!(error = %error, "server task failed"),
+            Err(_) => return false,
+        }
+        true
+    }
 }
 
 /// The app with everything a herd worker adds around it.
