@@ -236,6 +236,17 @@ impl Topology {
         let needle = format!(" {addr}/");
         Ok(output.contains(&needle))
     }
+
+    /// The MAC address host `name` sends to for `addr` (its neighbour entry), if it has one.
+    pub fn neighbour(&self, name: &str, addr: Ipv4Addr) -> Result<Option<String>, NetnsError> {
+        let host = self.host(name)?;
+        let output = ip_output(&["-n", &host.netns, "neigh", "show", &addr.to_string()])?;
+        Ok(output
+            .split_whitespace()
+            .skip_while(|word| *word != "lladdr")
+            .nth(1)
+            .map(str::to_string))
+    }
 }
 
 impl Drop for Topology {

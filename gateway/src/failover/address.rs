@@ -26,6 +26,17 @@ const ANNOUNCE_AT: [Duration; 4] = [
 /// kernel's RTNL lock held, say) must not stop lease renewals and heartbeats for long.
 const IP_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The gratuitous ARP announcements of one claim; dropping it stops them (and kills a running
+/// `arping`).
+#[derive(Debug)]
+pub struct Announcement(tokio::task::AbortHandle);
+
+impl Drop for Announcement {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Puts the floating address on this host and takes it away.
 #[derive(Debug, Clone)]
 pub struct FloatingAddress {
@@ -42,27 +53,69 @@ impl FloatingAddress {
         format!("{}/{}", self.config.ip, self.config.prefix_len)
     }
 
-    /// Adds the address (or renews its lifetime) and announces it with gratuitous ARP.
-    pub async fn claim(&self) -> Result<(), String> {
+    /// Makes this host's ARP requests on the interface name its own primary address as sender,
+    /// never the floating one (`arp_announce = 2`).
+    ///
+    /// Without it, a gateway that handed the address over and still finishes a connection on
+    /// it may ask for the client's MAC *from the floating address* (the kernel takes the
+    /// packet's source by default); the client takes that as news that the address moved back,
+    /// and sends its next connections to a host about to drop the address. LVS and keepalived
+    /// setups recommend the same setting for the same reason.
+    pub fn prepare_host(&self) {
+        let path = format!(
+            "/proc/sys/net/ipv4/conf/{}/arp_announce",
+            self.config.interface
+        );
+        let current = std::fs::read_to_string(&path).unwrap_or_default();
+        if current.trim() == "2" {
+            return;
+        }
+        match std::fs::write(&path, "2") {
+            Ok(()) => info!(
+                interface = %self.config.interface,
+                "set arp_announce=2: ARP requests never name the floating address as sender"
+            ),
+            Err(error) => warn!(
+                %error,
+                path,
+                "cannot set arp_announce=2; a gateway handing the address over may pull clients back with its ARP requests (set it with sysctl)"
+            ),
+        }
+    }
+
+    /// Adds the address (or renews its lifetime) and starts announcing it with gratuitous ARP
+    /// (at the `ANNOUNCE_AT` times). The announcing stops when the returned [`Announcement`]
+    /// is dropped: a gateway that gives the address up must stop announcing it at once, or a
+    /// late announcement pulls clients back from the new holder (seen in the failback drill: an
+    /// announcement 3 s after the claim, just after the hand-over, reset a request).
+    pub async fn claim(&self) -> Result<Announcement, String> {
         self.refresh().await?;
         let interface = self.config.interface.clone();
         let ip = self.config.ip.to_string();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let started = tokio::time::Instant::now();
+            // Each `arping` waits a second before it exits: start each on its own schedule and
+            // keep the children (killed on drop) until the last is done.
+            let mut running = Vec::with_capacity(ANNOUNCE_AT.len());
             for at in ANNOUNCE_AT {
                 tokio::time::sleep_until(started + at).await;
-                let result = Command::new("arping")
+                match Command::new("arping")
                     .args(["-q", "-U", "-c", "1", "-w", "1", "-I", &interface, &ip])
                     .kill_on_drop(true)
-                    .status()
-                    .await;
-                if let Err(error) = result {
-                    warn!(%error, "gratuitous ARP failed (is iputils-arping installed?)");
-                    return;
+                    .spawn()
+                {
+                    Ok(child) => running.push(child),
+                    Err(error) => {
+                        warn!(%error, "gratuitous ARP failed (is iputils-arping installed?)");
+                        return;
+                    }
                 }
             }
+            for mut child in running {
+                let _ = child.wait().await;
+            }
         });
-        Ok(())
+        Ok(Announcement(task.abort_handle()))
     }
 
     /// Renews the address's lifetime (adding it if it is gone).

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::Role;
-use super::address::{FloatingAddress, run_hook};
+use super::address::{Announcement, FloatingAddress, run_hook};
 use super::config::FailoverConfig;
 use super::lease::{Lease, LeaseOutcome, LeaseStore};
 use super::peer::{Heartbeat, PeerEvent};
@@ -156,6 +156,8 @@ pub struct Node {
     lease: Option<Lease>,
     last_epoch: u64,
     holds_address: bool,
+    /// The gratuitous ARP of our latest claim, while it runs; dropped when we give the role up.
+    announcement: Option<Announcement>,
     peer: PeerView,
     yield_until: Option<Instant>,
     /// After a hand-over: when to take the address off this host.
@@ -199,6 +201,7 @@ impl Node {
             outgoing,
             role: Role::Standby,
             lease: None,
+            announcement: None,
             last_epoch: 0,
             holds_address: false,
             peer: PeerView::default(),
@@ -217,11 +220,12 @@ impl Node {
         mut events: mpsc::Receiver<PeerEvent>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        // An address left by an earlier run of ours that died must not linger.
-        if let Some(address) = &self.address
-            && let Err(error) = address.release().await
-        {
-            warn!(%error, "cannot remove a stale floating address");
+        if let Some(address) = &self.address {
+            address.prepare_host();
+            // An address left by an earlier run of ours that died must not linger.
+            if let Err(error) = address.release().await {
+                warn!(%error, "cannot remove a stale floating address");
+            }
         }
         let mut ticks = tokio::time::interval(self.config.heartbeat_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -422,7 +426,10 @@ impl Node {
         self.yield_until = None;
         if let Some(address) = &self.address {
             match address.claim().await {
-                Ok(()) => self.holds_address = true,
+                Ok(announcement) => {
+                    self.holds_address = true;
+                    self.announcement = Some(announcement);
+                }
                 Err(error) => warn!(%error, "failover: cannot claim the floating address"),
             }
             self.last_refresh = Some(Instant::now());
@@ -452,6 +459,9 @@ impl Node {
             self.lease = Some(lease);
             return;
         }
+        // The address stays (we serve on it until the peer's announcements moved every client),
+        // but our own announcements stop: a late one would pull clients back to us.
+        self.announcement = None;
         self.yield_until = Some(now + HAND_OVER_YIELD);
         self.handing_over = true;
         self.transition(
@@ -465,6 +475,7 @@ impl Node {
 
     async fn drop_address(&mut self) {
         self.release_address_at = None;
+        self.announcement = None;
         if let Some(address) = &self.address
             && let Err(error) = address.release().await
         {

@@ -20,6 +20,9 @@ pub struct FaultRun {
     pub summary: FaultSummary,
     /// The most gateway hosts seen holding the floating address at one moment.
     pub max_holders: usize,
+    /// How often the client's ARP entry for the floating address changed to another MAC (a
+    /// takeover moves it once; more means announcements pulled clients back and forth).
+    pub arp_moves: usize,
 }
 
 fn client() -> reqwest::Client {
@@ -172,8 +175,8 @@ impl Lab {
     }
 
     /// Probes the floating address (a new connection every 10 ms, 1 s deadline each) for
-    /// `duration`, injects `fault` after `fault_after`, and samples the address holders every
-    /// 20 ms meanwhile.
+    /// `duration`, injects `fault` after `fault_after`, and samples the address holders and the
+    /// client's ARP entry for the address every 20 ms meanwhile.
     pub fn probe_through(
         &self,
         duration: Duration,
@@ -189,7 +192,7 @@ impl Lab {
             served_by_header: SERVED_BY.into(),
         };
         let done = AtomicBool::new(false);
-        let (samples, max_holders, fault_at) = std::thread::scope(|scope| {
+        let (samples, sampled, fault_at) = std::thread::scope(|scope| {
             let prober = scope.spawn(|| {
                 let samples = self
                     .topology()
@@ -200,21 +203,31 @@ impl Lab {
             });
             let sampler = scope.spawn(|| {
                 let mut max = 0;
+                let mut moves = 0;
+                let mut mac = None;
                 while !done.load(Ordering::SeqCst) {
                     max = max.max(self.address_holders().len());
+                    if let Ok(Some(now)) = self.topology().neighbour("client", self.floating_ip()) {
+                        if mac.as_ref().is_some_and(|before| *before != now) {
+                            moves += 1;
+                        }
+                        mac = Some(now);
+                    }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                max
+                (max, moves)
             });
             std::thread::sleep(fault_after);
             let fault_at = unix_now();
             fault(self);
             let samples = prober.join().unwrap_or_default();
-            (samples, sampler.join().unwrap_or(0), fault_at)
+            (samples, sampler.join().unwrap_or((0, 0)), fault_at)
         });
+        let (max_holders, arp_moves) = sampled;
         FaultRun {
             summary: probe::summarize(&samples, fault_at),
             max_holders,
+            arp_moves,
         }
     }
 }
