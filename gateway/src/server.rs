@@ -89,6 +89,10 @@ pub enum ServerError {
     HealthThread(std::io::Error),
 }
 
+/// The longest a stopping gateway keeps accepting while its failover node hands the role over
+/// (the node's own bound is 3 s plus a 1 s linger).
+const HAND_OVER_BOUND: Duration = Duration::from_secs(5);
+
 /// Runs the gateway until `shutdown` completes, then drains connections and returns.
 pub async fn run(
     listeners: Listeners,
@@ -165,6 +169,17 @@ pub async fn run(
     );
 
     let mut shutdown = std::pin::pin!(shutdown);
+    // After the shutdown signal, an active gateway with a ready standby hands the address over
+    // first (the failback path); it keeps accepting until then, so no client's connection meets
+    // a closed port. `handed_over` completes when the failover node is done (at once without one).
+    let mut failover_done = failover.map(|started| started.stopped);
+    let mut handed_over = std::pin::pin!(async {
+        if let Some(done) = failover_done.as_mut() {
+            // Bounded: the node's hand-over gives up after a few seconds.
+            let _ = tokio::time::timeout(HAND_OVER_BOUND, done).await;
+        }
+    });
+    let mut stopping = false;
     loop {
         tokio::select! {
             accepted = listeners.public.accept() => {
@@ -204,7 +219,12 @@ pub async fn run(
                     let _ = connection.await;
                 });
             }
-            _ = &mut shutdown => break,
+            () = &mut shutdown, if !stopping => {
+                stopping = true;
+                info!("shutdown requested: giving up the role first if active");
+                stop.cancel();
+            }
+            () = &mut handed_over, if stopping => break,
         }
     }
 
@@ -213,12 +233,7 @@ pub async fn run(
         "shutting down: finishing in-flight requests"
     );
     drop(listeners);
-    stop.cancel();
     balancer.stop();
-    if let Some(started) = failover {
-        // Give the address and the lease up before draining, so the standby takes over now.
-        let _ = tokio::time::timeout(Duration::from_secs(2), started.stopped).await;
-    }
     if tokio::time::timeout(config.timeouts.shutdown_grace, graceful.shutdown())
         .await
         .is_err()

@@ -59,6 +59,29 @@ fn a_killed_active_gateway_is_replaced_within_500ms_with_no_session_lost() {
 }
 
 #[test]
+fn a_gracefully_stopped_active_hands_over_with_no_request_lost() {
+    let (_serial, _dir, lab) = lab(LabOptions::default());
+    let cookies = lab.log_users_in(10).unwrap();
+    let run = lab.probe_through(Duration::from_secs(5), Duration::from_secs(1), |lab| {
+        lab.signal_gateway(0, Signal::SIGTERM);
+    });
+    report("SIGTERM to the active", &run);
+    assert_eq!(run.summary.served_before, "gw1");
+    assert_eq!(run.summary.served_after, "gw2");
+    assert_eq!(
+        run.summary.failed, 0,
+        "a graceful stop lost requests: {:?}",
+        run.summary.failures
+    );
+    assert_eq!(
+        run.arp_moves, 1,
+        "the client's ARP entry moved back and forth"
+    );
+    assert_eq!(lab.address_holders(), vec!["gw2"]);
+    assert_eq!(lab.sessions_lost(&cookies), 0, "sessions lost");
+}
+
+#[test]
 fn a_lost_active_machine_is_replaced_within_1s_with_no_session_lost() {
     let (_serial, _dir, lab) = lab(LabOptions::default());
     let cookies = lab.log_users_in(20).unwrap();

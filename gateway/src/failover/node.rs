@@ -7,7 +7,8 @@
 //!   ┌─────────┐                                                        ┌────────┐
 //!   │ standby │                                                        │ active │
 //!   └─────────┘  ◀──────────────  a newer epoch seen (Redis or peer),
-//!                                 or hand-over to the preferred peer (preempt)
+//!                                 or hand-over (to the preferred peer with preempt, or to
+//!                                 a ready standby on a graceful stop)
 //! ```
 //!
 //! Redis unreachable: nothing changes. The active keeps serving (it can't renew, but nobody can
@@ -35,6 +36,9 @@ const HAND_OVER_YIELD: Duration = Duration::from_secs(2);
 /// client. Both gateways serve correctly meanwhile, so holding it twice briefly costs nothing,
 /// while dropping it before a client has moved loses that client's new connections.
 const HAND_OVER_LINGER: Duration = Duration::from_secs(1);
+/// How long a gateway stopping gracefully waits for its peer to take the role over before it
+/// drops the address anyway (the peer takes the free lease at its next tick: 100 ms at defaults).
+const SHUTDOWN_HAND_OVER: Duration = Duration::from_secs(3);
 /// How long a gateway whose hand-over failed (the preferred peer never took the role, e.g. it
 /// can't reach Redis) refuses to hand over again: else the role would bounce every yield.
 const HAND_OVER_BACKOFF: Duration = Duration::from_secs(30);
@@ -244,6 +248,9 @@ impl Node {
                 }
             }
         }
+        if self.role == Role::Active && self.peer_can_take_over(Instant::now()) {
+            self.hand_over_on_shutdown(&mut events).await;
+        }
         // Stepping down on shutdown: say so on the peer link first, so the standby stops
         // deferring to us at its next tick instead of when our process is gone.
         if self.role == Role::Active {
@@ -256,6 +263,52 @@ impl Node {
             let _ = self.leases.release(&lease).await;
         }
         info!(gateway = %self.id, "failover: stopped, address and lease released");
+    }
+
+    /// Whether the peer is heard, standby and able to serve (it has healthy workers).
+    fn peer_can_take_over(&self, now: Instant) -> bool {
+        self.peer
+            .fresh(now, self.config.peer_timeout)
+            .is_some_and(|heartbeat| {
+                heartbeat.role == Role::Standby && heartbeat.healthy_workers > 0
+            })
+    }
+
+    /// A graceful stop of the active, with a standby ready: the failback path. Release the lease,
+    /// keep serving on the address (the caller keeps accepting) until the peer says it is
+    /// active, then linger while its announcements move the clients. At most
+    /// [`SHUTDOWN_HAND_OVER`] plus the linger; without an answer the caller drops the address
+    /// as before.
+    async fn hand_over_on_shutdown(&mut self, events: &mut mpsc::Receiver<PeerEvent>) {
+        let started = Instant::now();
+        self.hand_over(started).await;
+        if self.role == Role::Active {
+            // The lease could not be released (Redis away): nobody can take over anyway.
+            return;
+        }
+        let deadline = started + SHUTDOWN_HAND_OVER;
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(PeerEvent::Heartbeat(heartbeat, at))) => {
+                    let took_over =
+                        heartbeat.role == Role::Active && heartbeat.epoch > self.last_epoch;
+                    if took_over {
+                        self.last_epoch = heartbeat.epoch;
+                    }
+                    self.peer.last = Some((heartbeat, at));
+                    self.publish(Instant::now());
+                    if took_over {
+                        info!(gateway = %self.id, "failover: the peer took the role over; lingering on the address");
+                        tokio::time::sleep(HAND_OVER_LINGER).await;
+                        return;
+                    }
+                }
+                Ok(Some(PeerEvent::Closed { .. }) | None) | Err(_) => {
+                    warn!(gateway = %self.id, "failover: the peer did not take the role over in time; dropping the address");
+                    return;
+                }
+            }
+        }
     }
 
     async fn on_peer_event(&mut self, event: PeerEvent, now: Instant) {
