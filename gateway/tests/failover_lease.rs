@@ -29,10 +29,10 @@ async fn the_lease_has_one_holder_and_a_fencing_epoch() {
         Duration::from_millis(300),
     );
 
-    let a = held(store.acquire("a", None).await.unwrap());
+    let a = held(store.acquire("a", None, 0).await.unwrap());
     assert_eq!(a.epoch, 1);
     assert_eq!(
-        store.acquire("b", None).await.unwrap(),
+        store.acquire("b", None, 0).await.unwrap(),
         LeaseOutcome::HeldBy(a.clone()),
         "nobody takes a held lease"
     );
@@ -41,7 +41,7 @@ async fn the_lease_has_one_holder_and_a_fencing_epoch() {
         epoch: 0,
     };
     assert_eq!(
-        store.acquire("b", Some(&stale)).await.unwrap(),
+        store.acquire("b", Some(&stale), 0).await.unwrap(),
         LeaseOutcome::HeldBy(a.clone()),
         "a stale take-over value takes nothing"
     );
@@ -50,7 +50,7 @@ async fn the_lease_has_one_holder_and_a_fencing_epoch() {
         LeaseOutcome::Held(a.clone())
     );
 
-    let b = held(store.acquire("b", Some(&a)).await.unwrap());
+    let b = held(store.acquire("b", Some(&a), 0).await.unwrap());
     assert_eq!(
         b,
         Lease {
@@ -71,7 +71,7 @@ async fn the_lease_has_one_holder_and_a_fencing_epoch() {
         LeaseOutcome::Free,
         "expired"
     );
-    let a2 = held(store.acquire("a", None).await.unwrap());
+    let a2 = held(store.acquire("a", None, 0).await.unwrap());
     assert_eq!(a2.epoch, 3);
     store.release(&b).await.unwrap();
     assert_eq!(
@@ -89,4 +89,39 @@ async fn the_lease_has_one_holder_and_a_fencing_epoch() {
         started.elapsed() < Duration::from_secs(3),
         "a Redis outage is a quick error"
     );
+}
+
+#[tokio::test]
+async fn a_redis_that_lost_its_data_never_hands_out_a_seen_epoch_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = herd::redis_server::RedisServer::start(None, dir.path(), dir.path()).unwrap();
+    let config = RedisConfig {
+        url: server.url(),
+        ..RedisConfig::default()
+    };
+    let pool = config.pool().unwrap();
+    let store = LeaseStore::new(
+        pool.clone(),
+        &Keys::new("lease-test:"),
+        Duration::from_millis(300),
+    );
+    let first = held(store.acquire("a", None, 0).await.unwrap());
+    store.release(&first).await.unwrap();
+    let second = held(store.acquire("a", None, first.epoch).await.unwrap());
+    assert_eq!(second.epoch, 2);
+    store.release(&second).await.unwrap();
+
+    // Redis restarts empty (no persistence): the counter is gone.
+    let mut connection = pool.get().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut *connection)
+        .await
+        .unwrap();
+    drop(connection);
+
+    let after = held(store.acquire("b", None, second.epoch).await.unwrap());
+    assert_eq!(after.epoch, 3, "above every epoch the gateway has seen");
+    store.release(&after).await.unwrap();
+    let next = held(store.acquire("a", None, 0).await.unwrap());
+    assert_eq!(next.epoch, 4, "and the counter goes on from there");
 }

@@ -166,30 +166,77 @@ async fn run_bounded(program: &str, args: &[&str], limit: Duration) -> Result<()
     }
 }
 
-/// Runs an operator hook with `sh -c` in the background, logging how it ended.
-pub fn run_hook(command: &str, role: &str, epoch: u64, gateway_id: &str) {
+/// Runs an operator hook with `sh -c` in the background (see [`run_hook_bounded`]).
+pub fn run_hook(command: &str, role: &str, epoch: u64, gateway_id: &str, limit: Duration) {
     let command = command.to_string();
     let role = role.to_string();
     let gateway_id = gateway_id.to_string();
-    tokio::spawn(async move {
-        let status = Command::new("sh")
-            .args(["-c", &command])
-            .env("HERD_ROLE", &role)
-            .env("HERD_EPOCH", epoch.to_string())
-            .env("HERD_GATEWAY_ID", &gateway_id)
-            .kill_on_drop(true)
-            .status()
-            .await;
-        match status {
-            Ok(status) if status.success() => {
-                info!(role = %role, hook = %command, "failover hook ran")
-            }
-            Ok(status) => warn!(role = %role, hook = %command, %status, "failover hook failed"),
-            Err(error) => {
-                warn!(role = %role, hook = %command, %error, "failover hook could not run")
-            }
+    tokio::spawn(async move { run_hook_bounded(&command, &role, epoch, &gateway_id, limit).await });
+}
+
+/// How a hook ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookOutcome {
+    /// It exited 0.
+    Succeeded,
+    /// It exited otherwise (the status, as text).
+    Failed(String),
+    /// It ran longer than its limit and was killed with its process group.
+    TimedOut,
+    /// It could not be started.
+    NotStarted(String),
+}
+
+/// Runs an operator hook with `sh -c` (with `HERD_ROLE`, `HERD_EPOCH`, `HERD_GATEWAY_ID`) in a
+/// process group of its own; past `limit` the whole group is killed, so a hung cloud CLI or
+/// whatever it started can't pile up with every role change. Logs how it ended.
+pub async fn run_hook_bounded(
+    command: &str,
+    role: &str,
+    epoch: u64,
+    gateway_id: &str,
+    limit: Duration,
+) -> HookOutcome {
+    let spawned = Command::new("sh")
+        .args(["-c", command])
+        .env("HERD_ROLE", role)
+        .env("HERD_EPOCH", epoch.to_string())
+        .env("HERD_GATEWAY_ID", gateway_id)
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            warn!(role, hook = command, %error, "failover hook could not run");
+            return HookOutcome::NotStarted(error.to_string());
         }
-    });
+    };
+    match tokio::time::timeout(limit, child.wait()).await {
+        Ok(Ok(status)) if status.success() => {
+            info!(role, hook = command, "failover hook ran");
+            HookOutcome::Succeeded
+        }
+        Ok(Ok(status)) => {
+            warn!(role, hook = command, %status, "failover hook failed");
+            HookOutcome::Failed(status.to_string())
+        }
+        Ok(Err(error)) => {
+            warn!(role, hook = command, %error, "failover hook could not be waited for");
+            HookOutcome::Failed(error.to_string())
+        }
+        Err(_) => {
+            if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.wait().await;
+            warn!(role, hook = command, limit = ?limit, "failover hook ran too long; killed (failover.hook_timeout)");
+            HookOutcome::TimedOut
+        }
+    }
 }
 
 #[cfg(test)]
@@ -206,5 +253,65 @@ mod tests {
             run_bounded("true", &[], Duration::from_secs(5)).await,
             Ok(())
         );
+    }
+
+    #[tokio::test]
+    async fn a_hook_gets_its_environment_and_its_exit_status_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env");
+        let command = format!(
+            "echo \"$HERD_ROLE $HERD_EPOCH $HERD_GATEWAY_ID\" > {}",
+            out.display()
+        );
+        let limit = Duration::from_secs(5);
+        assert_eq!(
+            run_hook_bounded(&command, "active", 7, "gw1", limit).await,
+            HookOutcome::Succeeded
+        );
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap().trim(),
+            "active 7 gw1"
+        );
+        assert!(matches!(
+            run_hook_bounded("exit 3", "standby", 7, "gw1", limit).await,
+            HookOutcome::Failed(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_hung_hook_is_killed_with_what_it_started() {
+        // A marker no other process on the box has in its command line.
+        let marker = format!(
+            "{}.{}",
+            40 + std::process::id() % 50,
+            std::process::id() % 997
+        );
+        let command = format!("sleep {marker} & sleep {marker}; wait");
+        let started = std::time::Instant::now();
+        let outcome =
+            run_hook_bounded(&command, "active", 1, "gw1", Duration::from_millis(300)).await;
+        assert_eq!(outcome, HookOutcome::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // The background sleep was in the hook's process group: gone too.
+        let running = |needle: &str| {
+            std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+                .any(|cmdline| {
+                    String::from_utf8_lossy(&cmdline).replace('\0', " ").trim() == needle
+                })
+        };
+        let needle = format!("sleep {marker}");
+        let mut left = true;
+        for _ in 0..20 {
+            left = running(&needle);
+            if !left {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!left, "left running: {needle}");
     }
 }

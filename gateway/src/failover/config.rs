@@ -42,6 +42,10 @@ pub struct FailoverConfig {
     pub on_active: Option<String>,
     /// Command run on stepping down to standby.
     pub on_standby: Option<String>,
+    /// The longest a hook may run; then it is killed (with everything it started) and the
+    /// failure logged.
+    #[serde(with = "humantime_serde")]
+    pub hook_timeout: Duration,
 }
 
 /// A floating IPv4 address on a local interface.
@@ -89,6 +93,7 @@ impl Default for FailoverConfig {
             address: None,
             on_active: None,
             on_standby: None,
+            hook_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -122,6 +127,11 @@ impl FailoverConfig {
                 "must be at least 3 × heartbeat_interval (the lease is renewed every heartbeat)",
             ));
         }
+        check::at_least(
+            "failover.hook_timeout",
+            self.hook_timeout,
+            Duration::from_millis(100),
+        )?;
         if self.address.is_none() && self.on_active.is_none() {
             return Err(ConfigError::new(
                 "failover.address",
@@ -176,6 +186,9 @@ mod tests {
         let mut config = enabled();
         config.peer_timeout = Duration::from_millis(150);
         assert_eq!(config.validate().unwrap_err().key, "failover.peer_timeout");
+        let mut config = enabled();
+        config.hook_timeout = Duration::from_millis(50);
+        assert_eq!(config.validate().unwrap_err().key, "failover.hook_timeout");
     }
 
     #[test]

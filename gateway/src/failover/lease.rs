@@ -1,7 +1,8 @@
 //! The lease in Redis that makes Redis the third voter of the gateway pair.
 //!
 //! `{prefix}gateway:lease` holds `{gateway_id}:{epoch}` with a PX TTL; `{prefix}gateway:epoch` is
-//! a counter incremented on every acquisition (the fencing epoch). Every change is one Lua script,
+//! a counter incremented on every acquisition (the fencing epoch), never below the highest epoch
+//! the acquiring gateway has seen (so a Redis that lost its data doesn't restart it at 1). Every change is one Lua script,
 //! so check-and-set is atomic: nobody takes a lease someone else holds, except that a gateway may
 //! take over the exact lease value of a peer whose process it saw die.
 
@@ -58,6 +59,12 @@ if current and current ~= ARGV[3] then
   return {0, current}
 end
 local epoch = redis.call('INCR', KEYS[2])
+local known = tonumber(ARGV[4]) or 0
+if epoch <= known then
+  -- The counter went back (Redis lost its data): never hand out an epoch seen before.
+  epoch = known + 1
+  redis.call('SET', KEYS[2], epoch)
+end
 local value = ARGV[1] .. ':' .. epoch
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return {1, value}
@@ -118,11 +125,13 @@ impl LeaseStore {
     }
 
     /// Takes the lease for `id` with a new epoch if it is free, or if it holds exactly
-    /// `take_over` (the lease of a peer whose process was seen to die).
+    /// `take_over` (the lease of a peer whose process was seen to die). The new epoch is above
+    /// `known_epoch` (the highest this gateway has seen) even if Redis lost its counter.
     pub async fn acquire(
         &self,
         id: &str,
         take_over: Option<&Lease>,
+        known_epoch: u64,
     ) -> Result<LeaseOutcome, LeaseError> {
         let steal = take_over.map(Lease::value).unwrap_or_default();
         let mut connection = self
@@ -137,6 +146,7 @@ impl LeaseStore {
             .arg(id)
             .arg(self.ttl_ms())
             .arg(steal)
+            .arg(known_epoch)
             .invoke_async(&mut *connection)
             .await
             .map_err(|e| LeaseError(e.to_string()))?;

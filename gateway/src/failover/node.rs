@@ -398,7 +398,7 @@ impl Node {
             Ok(LeaseOutcome::Free) => {
                 // Our lease lapsed (a stall longer than its TTL) and nobody took it: take it again.
                 self.set_redis(true);
-                match self.leases.acquire(&self.id, None).await {
+                match self.leases.acquire(&self.id, None, self.last_epoch).await {
                     Ok(LeaseOutcome::Held(fresh)) => {
                         warn!(gateway = %self.id, epoch = fresh.epoch, "failover: lease had lapsed; re-acquired");
                         self.last_epoch = fresh.epoch;
@@ -451,7 +451,11 @@ impl Node {
             }
             (None, false) => "peer silent and the lease is free".to_string(),
         };
-        match self.leases.acquire(&self.id, take_over.as_ref()).await {
+        match self
+            .leases
+            .acquire(&self.id, take_over.as_ref(), self.last_epoch)
+            .await
+        {
             Ok(LeaseOutcome::Held(lease)) => {
                 self.set_redis(true);
                 self.become_active(lease, reason).await;
@@ -489,7 +493,13 @@ impl Node {
         }
         self.transition(Role::Active, reason);
         if let Some(hook) = &self.config.on_active {
-            run_hook(hook, "active", self.last_epoch, &self.id);
+            run_hook(
+                hook,
+                "active",
+                self.last_epoch,
+                &self.id,
+                self.config.hook_timeout,
+            );
         }
     }
 
@@ -498,7 +508,13 @@ impl Node {
         self.drop_address().await;
         self.transition(Role::Standby, reason);
         if let Some(hook) = &self.config.on_standby {
-            run_hook(hook, "standby", self.last_epoch, &self.id);
+            run_hook(
+                hook,
+                "standby",
+                self.last_epoch,
+                &self.id,
+                self.config.hook_timeout,
+            );
         }
     }
 
@@ -522,7 +538,13 @@ impl Node {
             "handing over to the preferred peer (preempt)".into(),
         );
         if let Some(hook) = &self.config.on_standby {
-            run_hook(hook, "standby", self.last_epoch, &self.id);
+            run_hook(
+                hook,
+                "standby",
+                self.last_epoch,
+                &self.id,
+                self.config.hook_timeout,
+            );
         }
     }
 
