@@ -281,7 +281,8 @@ impl Node {
     /// as before.
     async fn hand_over_on_shutdown(&mut self, events: &mut mpsc::Receiver<PeerEvent>) {
         let started = Instant::now();
-        self.hand_over(started).await;
+        self.hand_over(started, "handing over to the standby (graceful stop)")
+            .await;
         if self.role == Role::Active {
             // The lease could not be released (Redis away): nobody can take over anyway.
             return;
@@ -336,7 +337,8 @@ impl Node {
                     && should_hand_over(&self.config, &heartbeat)
                     && self.no_hand_over_until.is_none_or(|until| now >= until)
                 {
-                    self.hand_over(now).await;
+                    self.hand_over(now, "handing over to the preferred peer (preempt)")
+                        .await;
                 } else if newer {
                     // A standby shows (and tells its peer) the epoch it last saw.
                     self.last_epoch = heartbeat.epoch;
@@ -492,35 +494,20 @@ impl Node {
             self.last_refresh = Some(Instant::now());
         }
         self.transition(Role::Active, reason);
-        if let Some(hook) = &self.config.on_active {
-            run_hook(
-                hook,
-                "active",
-                self.last_epoch,
-                &self.id,
-                self.config.hook_timeout,
-            );
-        }
+        self.run_role_hook();
     }
 
     async fn step_down(&mut self, reason: String) {
         self.lease = None;
         self.drop_address().await;
         self.transition(Role::Standby, reason);
-        if let Some(hook) = &self.config.on_standby {
-            run_hook(
-                hook,
-                "standby",
-                self.last_epoch,
-                &self.id,
-                self.config.hook_timeout,
-            );
-        }
+        self.run_role_hook();
     }
 
-    /// Gives the role to the preferred peer without a gap: release the lease, keep serving on
-    /// the address until the peer reports itself active, and stay out of the race meanwhile.
-    async fn hand_over(&mut self, now: Instant) {
+    /// Gives the role to the peer (the preferred one, or the standby on a graceful stop) without a
+    /// gap: release the lease, keep serving on the address until the peer reports itself active,
+    /// and stay out of the race meanwhile.
+    async fn hand_over(&mut self, now: Instant, reason: &str) {
         if let Some(lease) = self.lease.take()
             && let Err(error) = self.leases.release(&lease).await
         {
@@ -533,14 +520,20 @@ impl Node {
         self.announcement = None;
         self.yield_until = Some(now + HAND_OVER_YIELD);
         self.handing_over = true;
-        self.transition(
-            Role::Standby,
-            "handing over to the preferred peer (preempt)".into(),
-        );
-        if let Some(hook) = &self.config.on_standby {
+        self.transition(Role::Standby, reason.into());
+        self.run_role_hook();
+    }
+
+    /// Starts the operator hook of the role just taken (`on_active` / `on_standby`), if any.
+    fn run_role_hook(&self) {
+        let hook = match self.role {
+            Role::Active => &self.config.on_active,
+            Role::Standby => &self.config.on_standby,
+        };
+        if let Some(hook) = hook {
             run_hook(
                 hook,
-                "standby",
+                self.role.as_str(),
                 self.last_epoch,
                 &self.id,
                 self.config.hook_timeout,
