@@ -28,6 +28,9 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// Static workers, `host:port` each; their id is that string.
     pub workers: Vec<String>,
+    /// Threads serving client connections, each with its own event loop; 0: one per CPU the
+    /// process may run on.
+    pub threads: usize,
     /// Admin listener and its token.
     pub admin: AdminConfig,
     /// How to reach Redis (used by the registry).
@@ -54,6 +57,7 @@ impl Default for GatewayConfig {
             id: default_id(),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             workers: Vec::new(),
+            threads: 0,
             admin: AdminConfig::default(),
             redis: RedisConfig::default(),
             registry: RegistryConfig::default(),
@@ -77,6 +81,14 @@ fn default_id() -> String {
 }
 
 impl GatewayConfig {
+    /// The number of serving threads: `threads`, or one per CPU the process may run on.
+    pub fn serving_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            threads => threads,
+        }
+    }
+
     /// Loads the configuration from an optional file plus `HERD_GATEWAY_…` variables.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         herd_shared::config::load(&Source {
@@ -457,6 +469,7 @@ impl Validate for GatewayConfig {
         check::at_least("timeouts.upstream_idle", t.upstream_idle, ms(100))?;
 
         let l = &self.limits;
+        check::range("threads", self.threads, 0, 1024)?;
         check::range("limits.max_connections", l.max_connections, 1, 1_000_000)?;
         check::range(
             "limits.max_in_flight_per_worker",
@@ -570,6 +583,8 @@ mod tests {
                 "balancing.algorithm",
             ),
             ("HERD_GATEWAY_TIMEOUTS__CONNECT", "soon", "timeouts.connect"),
+            ("HERD_GATEWAY_THREADS", "5000", "threads"),
+            ("HERD_GATEWAY_THREADS", "-1", "threads"),
             (
                 "HERD_GATEWAY_LIMITS__MAX_HEADER_BYTES",
                 "10",
@@ -579,6 +594,16 @@ mod tests {
             let error = load(&[(var, value)]).unwrap_err();
             assert_eq!(error.key, key, "{var}={value}: {error}");
         }
+    }
+
+    #[test]
+    fn threads_default_to_one_per_cpu() {
+        let config = load(&[]).unwrap();
+        assert_eq!(config.threads, 0);
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(config.serving_threads(), cpus);
+        let config = load(&[("HERD_GATEWAY_THREADS", "3")]).unwrap();
+        assert_eq!(config.serving_threads(), 3);
     }
 
     #[test]

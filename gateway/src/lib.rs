@@ -2,8 +2,10 @@
 //!
 //! Layout — where the flow starts and what each module is for:
 //! - [`server`]: [`server::run`] binds nothing itself; it takes the listeners, the configuration
-//!   and a shutdown future, starts membership and health checks, accepts connections and shuts
-//!   down gracefully. `main.rs` only parses flags, sets up logging and loads the configuration.
+//!   and a shutdown future, starts membership and health checks, the serving threads and the
+//!   admin API, and shuts down gracefully. `main.rs` only parses flags, sets up logging and loads
+//!   the configuration.
+//! - [`serving`]: the threads that accept and serve clients, one event loop each.
 //! - [`proxy`]: the request path — pick a worker, forward, retry when safe, stream the answer.
 //! - [`balancer`]: membership (static list + Redis registry), health (active checks and passive
 //!   ejection) and selection (p2c over peak-EWMA, round robin, weighted).
@@ -28,6 +30,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod retry;
 pub mod server;
+pub mod serving;
 pub mod upstream;
 
 pub use config::GatewayConfig;

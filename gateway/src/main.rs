@@ -18,7 +18,8 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     herd_shared::telemetry::init(args.common.log_format);
     let config = exit_on_error(GatewayConfig::load(args.common.config.as_deref()));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Admin API, failover and registry; clients are served on threads of their own (`serving`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

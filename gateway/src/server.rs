@@ -10,7 +10,6 @@ use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -20,16 +19,16 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::admin::Admin;
 use crate::balancer::health::{self, HttpProbe};
 use crate::balancer::{Balancer, MembershipError, registry};
 use crate::config::GatewayConfig;
-use crate::error::GatewayError;
 use crate::failover;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::serving::{Clients, ServingThreads};
 
 /// The two bound listeners.
 #[derive(Debug)]
@@ -87,6 +86,9 @@ pub enum ServerError {
     /// The health-check thread could not start.
     #[error("cannot start the health-check thread: {0}")]
     HealthThread(std::io::Error),
+    /// The threads serving clients could not start.
+    #[error("cannot start the serving threads: {0}")]
+    ServingThreads(std::io::Error),
 }
 
 /// The longest a stopping gateway keeps accepting while its failover node hands the role over
@@ -157,12 +159,27 @@ pub async fn run(
         .with_failover(failover.as_ref().map(|started| started.status.clone())),
     );
     let builder = connection_builder(&config);
-    let graceful = GracefulShutdown::new();
-    let open = Arc::new(AtomicUsize::new(0));
-    let max_connections = config.limits.max_connections;
+    let public_addr = listeners.public.local_addr().ok();
+    let clients = Arc::new(Clients::new(
+        proxy,
+        builder.clone(),
+        metrics.clone(),
+        config.limits.max_connections,
+        config.timeouts.shutdown_grace,
+    ));
+    let threads = config.serving_threads();
+    let public = listeners
+        .public
+        .into_std()
+        .map_err(ServerError::ServingThreads)?;
+    let serving = ServingThreads::start(public, threads, clients.clone())
+        .map_err(ServerError::ServingThreads)?;
+    let admin_listener = listeners.admin;
+    let admin_connections = GracefulShutdown::new();
     info!(
-        public = %listeners.public.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        admin = %listeners.admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        public = %public_addr.map(|a| a.to_string()).unwrap_or_default(),
+        admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        threads,
         workers = config.workers.len(),
         registry = config.registry.enabled,
         "gateway started"
@@ -182,31 +199,7 @@ pub async fn run(
     let mut stopping = false;
     loop {
         tokio::select! {
-            accepted = listeners.public.accept() => {
-                let Some((stream, peer)) = accepted_or_log(accepted) else { continue };
-                let guard = ConnectionSlot::take(&open);
-                if guard.count > max_connections {
-                    metrics.connections_refused.inc();
-                    serve_refusal(&builder, &graceful, stream, guard);
-                    continue;
-                }
-                let proxy = proxy.clone();
-                let forwarded_for = crate::headers::forwarded_for(peer.ip());
-                let service = service_fn(move |request: hyper::Request<Incoming>| {
-                    let proxy = proxy.clone();
-                    let forwarded_for = forwarded_for.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(request, &forwarded_for).await) }
-                });
-                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        debug!(peer = %peer, error = %error, "client connection ended with an error");
-                    }
-                    drop(guard);
-                });
-            }
-            accepted = listeners.admin.accept() => {
+            accepted = admin_listener.accept() => {
                 let Some((stream, _)) = accepted_or_log(accepted) else { continue };
                 let admin = admin.clone();
                 let service = service_fn(move |request: hyper::Request<Incoming>| {
@@ -214,7 +207,7 @@ pub async fn run(
                     async move { Ok::<_, Infallible>(admin.handle(&request)) }
                 });
                 let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
+                let connection = admin_connections.watch(connection);
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });
@@ -229,20 +222,16 @@ pub async fn run(
     }
 
     info!(
-        open_connections = graceful.count(),
+        open_connections = clients.open(),
         "shutting down: finishing in-flight requests"
     );
-    drop(listeners);
+    drop(admin_listener);
     balancer.stop();
-    if tokio::time::timeout(config.timeouts.shutdown_grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!(
-            grace = %humantime_serde::re::humantime::format_duration(config.timeouts.shutdown_grace),
-            "shutdown grace over; closing the remaining connections"
-        );
-    }
+    let grace = config.timeouts.shutdown_grace;
+    let admin_drained = async {
+        let _ = tokio::time::timeout(grace, admin_connections.shutdown()).await;
+    };
+    tokio::join!(serving.stop(), admin_drained);
     info!("gateway stopped");
     Ok(())
 }
@@ -318,52 +307,4 @@ fn accepted_or_log(
             None
         }
     }
-}
-
-/// Counts an open client connection for `limits.max_connections`.
-struct ConnectionSlot {
-    open: Arc<AtomicUsize>,
-    count: usize,
-}
-
-impl ConnectionSlot {
-    fn take(open: &Arc<AtomicUsize>) -> Self {
-        let count = open.fetch_add(1, Ordering::Relaxed) + 1;
-        ConnectionSlot {
-            open: open.clone(),
-            count,
-        }
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Answers every request of a connection over the limit with 503 and closes it.
-fn serve_refusal(
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
-    stream: TcpStream,
-    guard: ConnectionSlot,
-) {
-    let service = service_fn(|_request: hyper::Request<Incoming>| async {
-        let id = crate::headers::new_request_id();
-        let mut response = GatewayError::TooManyConnections.to_response(id.to_str().unwrap_or("-"));
-        response.headers_mut().insert(
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("close"),
-        );
-        Ok::<_, Infallible>(response)
-    });
-    let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .into_owned();
-    let connection = graceful.watch(connection);
-    tokio::spawn(async move {
-        let _ = connection.await;
-        drop(guard);
-    });
 }

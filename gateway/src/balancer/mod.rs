@@ -27,6 +27,7 @@ use tracing::{info, warn};
 
 use crate::config::{GatewayConfig, PassiveConfig, parse_worker_addr};
 use crate::metrics::Metrics;
+use crate::upstream::Pool;
 use ewma::PeakEwma;
 use passive::{Breaker, Transition};
 pub use selection::{Pick, Refusal, Selector};
@@ -155,6 +156,8 @@ struct WorkerDefaults {
     passive: PassiveConfig,
     ewma_decay_ns: f64,
     static_weight: u32,
+    /// Serving threads: one idle-connection pool shard each.
+    serving_threads: usize,
 }
 
 /// The worker table plus selection, health bookkeeping and membership changes.
@@ -191,6 +194,7 @@ impl Balancer {
                 passive: config.health.passive.clone(),
                 ewma_decay_ns: config.balancing.ewma_decay.as_nanos() as f64,
                 static_weight: config.balancing.static_weight,
+                serving_threads: config.serving_threads(),
             },
             spawn_checks,
         }
@@ -294,13 +298,16 @@ impl Balancer {
         } else {
             estimates.iter().sum::<f64>() / estimates.len() as f64
         };
-        let worker = Arc::new(Worker::new(
-            spec,
-            authority,
-            Breaker::new(&self.defaults.passive),
-            PeakEwma::new(initial, self.defaults.ewma_decay_ns, now),
-            now,
-        ));
+        let worker = Arc::new(
+            Worker::new(
+                spec,
+                authority,
+                Breaker::new(&self.defaults.passive),
+                PeakEwma::new(initial, self.defaults.ewma_decay_ns, now),
+                now,
+            )
+            .with_pool(Pool::new(self.defaults.serving_threads)),
+        );
         let mut workers = current.workers.clone();
         workers.push(worker.clone());
         self.table.store(Arc::new(Table { workers }));

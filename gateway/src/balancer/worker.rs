@@ -181,6 +181,12 @@ impl Worker {
         }
     }
 
+    /// The same worker with `pool` for its idle connections (one shard per serving thread).
+    pub fn with_pool(mut self, pool: crate::upstream::Pool) -> Self {
+        self.pool = pool;
+        self
+    }
+
     /// The worker's id.
     pub fn id(&self) -> &str {
         &self.spec.id

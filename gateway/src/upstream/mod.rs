@@ -26,7 +26,7 @@ use std::time::Duration;
 pub use body::{Home, WorkerBody, WorkerBodyError};
 pub use codec::ResponseHead;
 pub use connection::{Connection, Outgoing};
-pub use pool::{Pool, PoolLimits};
+pub use pool::{Pool, PoolLimits, use_shard};
 
 use crate::balancer::Worker;
 use crate::error::UpstreamError;

@@ -3,7 +3,12 @@
 //! Last in, first out: the connection used most recently is the warmest and the least likely to
 //! have been closed by the worker. A connection is checked before it is handed out (closed by
 //! the worker, unexpected bytes, idle too long: dropped), so a request rarely meets a dead one.
+//!
+//! One shard per serving thread (see `crate::serving`): a socket is registered with the event
+//! loop of the thread that opened it, and a request on another thread would wait for that loop
+//! to pass the wake-up over. Each thread takes from and returns to its own shard only.
 
+use std::cell::Cell;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -14,16 +19,32 @@ use super::connection::Connection;
 /// How many idle connections to keep per worker, and for how long.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolLimits {
-    /// Idle connections kept per worker (`limits.max_idle_per_worker`).
+    /// Idle connections kept per worker and serving thread (`limits.max_idle_per_worker`).
     pub max_idle: usize,
     /// Idle time after which a connection is closed (`timeouts.upstream_idle`).
     pub idle_timeout: Duration,
 }
 
+thread_local! {
+    /// The serving thread's index; 0 on any other thread.
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Makes the calling thread use shard `index` of every pool (set once by each serving thread).
+pub fn use_shard(index: usize) {
+    SHARD.set(index);
+}
+
 /// A worker's idle connections.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Pool {
-    idle: Mutex<Vec<Idle>>,
+    shards: Box<[Mutex<Vec<Idle>>]>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool::new(1)
+    }
 }
 
 #[derive(Debug)]
@@ -33,11 +54,19 @@ struct Idle {
 }
 
 impl Pool {
+    /// An empty pool for `threads` serving threads.
+    pub fn new(threads: usize) -> Self {
+        Pool {
+            shards: (0..threads.max(1)).map(|_| Mutex::default()).collect(),
+        }
+    }
+
     /// A live idle connection, if there is one; dead and expired ones are dropped on the way.
     pub fn take(&self, limits: &PoolLimits) -> Option<Connection> {
         let now = Instant::now();
+        let shard = self.shard();
         loop {
-            let idle = self.lock().pop()?;
+            let idle = lock(shard).pop()?;
             if now.duration_since(idle.since) < limits.idle_timeout && idle.connection.is_usable() {
                 return Some(idle.connection);
             }
@@ -47,7 +76,7 @@ impl Pool {
     /// Keeps `connection` for the next request, unless the pool is full.
     pub fn put(&self, connection: Connection, limits: &PoolLimits) {
         let now = Instant::now();
-        let mut idle = self.lock();
+        let mut idle = lock(self.shard());
         // The oldest are at the front: drop the expired ones while we hold the lock anyway.
         let expired = idle
             .iter()
@@ -62,20 +91,85 @@ impl Pool {
         }
     }
 
-    /// Number of idle connections (for tests and the admin API).
+    /// Number of idle connections over all shards (for tests and the admin API).
     pub fn idle(&self) -> usize {
-        self.lock().len()
+        self.shards.iter().map(|shard| lock(shard).len()).sum()
     }
 
     /// Closes every idle connection (the worker left or went down).
     pub fn clear(&self) {
-        self.lock().clear();
+        for shard in &self.shards {
+            lock(shard).clear();
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        // A panic while holding this lock cannot leave the Vec inconsistent.
-        self.idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn shard(&self) -> &Mutex<Vec<Idle>> {
+        &self.shards[SHARD.get() % self.shards.len()]
+    }
+}
+
+fn lock(shard: &Mutex<Vec<Idle>>) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+    // A panic while holding this lock cannot leave the Vec inconsistent.
+    shard
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn connection(listener: &tokio::net::TcpListener) -> Connection {
+        let authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        Connection::open(&authority, Duration::from_secs(1))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_thread_takes_only_the_connections_of_its_own_shard() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let limits = PoolLimits {
+            max_idle: 4,
+            idle_timeout: Duration::from_secs(60),
+        };
+        let pool = Pool::new(2);
+        pool.put(connection(&listener).await, &limits); // this thread: shard 0
+        let (_accepted, _) = listener.accept().await.unwrap();
+        assert_eq!(pool.idle(), 1);
+
+        let taken_on_shard_1 = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    use_shard(1);
+                    pool.take(&limits).is_some()
+                })
+                .join()
+                .unwrap()
+        });
+        assert!(
+            !taken_on_shard_1,
+            "shard 1 must not hand out shard 0's socket"
+        );
+        assert!(pool.take(&limits).is_some());
+        assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn clear_empties_every_shard() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let limits = PoolLimits {
+            max_idle: 4,
+            idle_timeout: Duration::from_secs(60),
+        };
+        let pool = Pool::new(3);
+        for shard in [0, 2] {
+            use_shard(shard);
+            pool.put(connection(&listener).await, &limits);
+        }
+        use_shard(0);
+        assert_eq!(pool.idle(), 2);
+        pool.clear();
+        assert_eq!(pool.idle(), 0);
     }
 }
