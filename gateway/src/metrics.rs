@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use prometheus_client::collector::Collector;
@@ -135,6 +135,14 @@ impl Metrics {
             .register_collector(Box::new(FailoverCollector { status }));
     }
 
+    /// Adds the open client connections of each serving thread, read at scrape time.
+    pub fn watch_client_connections(&self, per_thread: Arc<[AtomicUsize]>) {
+        self.registry
+            .lock()
+            .unwrap()
+            .register_collector(Box::new(ConnectionsCollector { per_thread }));
+    }
+
     /// Counts a retry.
     pub fn retry(&self, reason: &'static str) {
         self.retries
@@ -252,6 +260,30 @@ const STATES: [Status; 7] = [
 #[derive(Debug)]
 struct FailoverCollector {
     status: tokio::sync::watch::Receiver<crate::failover::FailoverStatus>,
+}
+
+/// Open client connections per serving thread.
+#[derive(Debug)]
+struct ConnectionsCollector {
+    per_thread: Arc<[AtomicUsize]>,
+}
+
+impl Collector for ConnectionsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut metric = encoder.encode_descriptor(
+            "client_connections",
+            "Open client connections, by the serving thread that serves them",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (thread, open) in self.per_thread.iter().enumerate() {
+            let open = i64::try_from(open.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+            metric
+                .encode_family(&[("thread", thread.to_string())])?
+                .encode_gauge(&open)?;
+        }
+        Ok(())
+    }
 }
 
 impl Collector for FailoverCollector {

@@ -159,6 +159,7 @@ pub async fn run(
         .with_failover(failover.as_ref().map(|started| started.status.clone())),
     );
     let builder = connection_builder(&config);
+    let threads = config.serving_threads();
     let public_addr = listeners.public.local_addr().ok();
     let clients = Arc::new(Clients::new(
         proxy,
@@ -166,14 +167,15 @@ pub async fn run(
         metrics.clone(),
         config.limits.max_connections,
         config.timeouts.shutdown_grace,
+        threads,
     ));
-    let threads = config.serving_threads();
+    metrics.watch_client_connections(clients.open_per_thread());
     let public = listeners
         .public
         .into_std()
         .map_err(ServerError::ServingThreads)?;
-    let serving = ServingThreads::start(public, threads, clients.clone())
-        .map_err(ServerError::ServingThreads)?;
+    let serving =
+        ServingThreads::start(public, clients.clone()).map_err(ServerError::ServingThreads)?;
     let admin_listener = listeners.admin;
     let admin_connections = GracefulShutdown::new();
     info!(

@@ -1,0 +1,129 @@
+//! The serving threads, in-process: connections spread evenly over them, and the connection
+//! limit holds over all of them.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Gateway, Upstream, client, get};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends one keep-alive GET on `stream` and returns the whole response as text.
+async fn request(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+            .await
+            .expect("a response within 5 s")
+            .unwrap();
+        response.extend_from_slice(&buffer[..read]);
+        let text = String::from_utf8_lossy(&response).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|line| {
+                    line.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|value| value.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= length {
+                return text;
+            }
+        }
+        if read == 0 {
+            return text;
+        }
+    }
+}
+
+/// Open keep-alive connections, each having had one answered request.
+async fn open_connections(gateway: &Gateway, count: usize) -> Vec<TcpStream> {
+    let connecting = (0..count).map(|_| async {
+        let mut stream = TcpStream::connect(gateway.public).await.unwrap();
+        let response = request(&mut stream).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        stream
+    });
+    futures_util::future::join_all(connecting).await
+}
+
+/// `client_connections{thread="N"}` of every serving thread, from `/metrics`.
+async fn connections_per_thread(gateway: &Gateway) -> Vec<u64> {
+    let metrics = get(&client(), &gateway.admin_url("/metrics")).await;
+    let text = String::from_utf8_lossy(&metrics.body).to_string();
+    text.lines()
+        .filter(|line| line.starts_with("herd_gateway_client_connections{"))
+        .map(|line| line.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_burst_of_connections_is_spread_evenly_over_the_threads() {
+    let upstream = Upstream::start("a").await;
+    let gateway = Gateway::start(&[&upstream], |config| config.threads = 4).await;
+
+    let connections = open_connections(&gateway, 40).await;
+    let per_thread = connections_per_thread(&gateway).await;
+    assert_eq!(per_thread.len(), 4, "{per_thread:?}");
+    assert_eq!(per_thread.iter().sum::<u64>(), 40, "{per_thread:?}");
+    let (least, most) = (
+        per_thread.iter().min().unwrap(),
+        per_thread.iter().max().unwrap(),
+    );
+    // Placement keeps threads within 2 of each other; concurrent accepts may add one or two.
+    assert!(most - least <= 4, "uneven: {per_thread:?}");
+
+    drop(connections);
+    support::wait_until(Duration::from_secs(5), "connections closed", || async {
+        connections_per_thread(&gateway).await.iter().sum::<u64>() == 0
+    })
+    .await;
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_over_the_limit_gets_503_json_and_is_closed() {
+    let upstream = Upstream::start("a").await;
+    let gateway = Gateway::start(&[&upstream], |config| {
+        config.threads = 2;
+        config.limits.max_connections = 3;
+    })
+    .await;
+    let mut held = open_connections(&gateway, 3).await;
+
+    let mut over = TcpStream::connect(gateway.public).await.unwrap();
+    let response = request(&mut over).await;
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(
+        response.to_ascii_lowercase().contains("connection: close"),
+        "{response}"
+    );
+    assert!(
+        response.contains(r#""error":"too_many_connections""#),
+        "{response}"
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), over.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the refused connection is closed"
+    );
+
+    // The held connections still work, and a freed slot is taken again.
+    assert!(request(&mut held[0]).await.starts_with("HTTP/1.1 200"));
+    drop(held.pop());
+    support::wait_until(Duration::from_secs(5), "a slot freed", || async {
+        let mut stream = TcpStream::connect(gateway.public).await.unwrap();
+        request(&mut stream).await.starts_with("HTTP/1.1 200")
+    })
+    .await;
+    gateway.shutdown().await;
+}
