@@ -155,15 +155,18 @@ impl ServingThreads {
         let (inboxes, receivers): (Vec<_>, Vec<_>) =
             (0..count).map(|_| mpsc::unbounded_channel()).unzip();
         let inboxes: Arc<[Inbox]> = inboxes.into();
-        let stop = CancellationToken::new();
-        let mut finished = Vec::new();
+        // Built first, so that if a later thread cannot start, dropping it stops the earlier ones.
+        let mut threads = ServingThreads {
+            stop: CancellationToken::new(),
+            finished: Vec::new(),
+        };
         for (index, receiver) in receivers.into_iter().enumerate() {
             let listener = listener.try_clone()?;
             let thread = ServingThread {
                 index,
                 clients: clients.clone(),
                 inboxes: inboxes.clone(),
-                stop: stop.clone(),
+                stop: threads.stop.clone(),
             };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -178,9 +181,9 @@ impl ServingThreads {
                     drop(runtime);
                     let _ = done.send(());
                 })?;
-            finished.push(done_rx);
+            threads.finished.push(done_rx);
         }
-        Ok(ServingThreads { stop, finished })
+        Ok(threads)
     }
 
     /// Stops accepting on every thread, lets open connections finish their requests (each
@@ -268,8 +271,9 @@ impl ServingThread {
     fn place(&self, stream: TcpStream, peer: SocketAddr, graceful: &GracefulShutdown) {
         let clients = &self.clients;
         let target = clients.occupancy.place(self.index);
-        let slot = ConnectionSlot::take(&clients.occupancy, target);
+        let mut slot = ConnectionSlot::take(&clients.occupancy, target);
         if slot.total > clients.max_connections {
+            slot.move_to(self.index);
             clients.metrics.connections_refused.inc();
             clients.serve_refusal(stream, slot, graceful);
             return;
