@@ -8,7 +8,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,9 +16,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::admin::Admin;
 use crate::balancer::health::{self, HttpProbe};
@@ -202,7 +201,16 @@ pub async fn run(
     loop {
         tokio::select! {
             accepted = admin_listener.accept() => {
-                let Some((stream, _)) = accepted_or_log(accepted) else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nodelay(true);
+                        stream
+                    }
+                    Err(error) => {
+                        crate::serving::accept_failed(&error).await;
+                        continue;
+                    }
+                };
                 let admin = admin.clone();
                 let service = service_fn(move |request: hyper::Request<Incoming>| {
                     let admin = admin.clone();
@@ -292,21 +300,5 @@ impl HealthThread {
 impl Drop for HealthThread {
     fn drop(&mut self) {
         drop(self.stop.take());
-    }
-}
-
-fn accepted_or_log(
-    accepted: std::io::Result<(TcpStream, SocketAddr)>,
-) -> Option<(TcpStream, SocketAddr)> {
-    match accepted {
-        Ok((stream, peer)) => {
-            let _ = stream.set_nodelay(true);
-            Some((stream, peer))
-        }
-        Err(error) => {
-            // E.g. out of file descriptors: log and keep accepting.
-            warn!(error = %error, "accept failed");
-            None
-        }
     }
 }

@@ -243,8 +243,7 @@ impl ServingThread {
                 Some(handed) = inbox.recv() => self.serve_handed(handed, &graceful),
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => self.place(stream, peer, &graceful),
-                    // E.g. out of file descriptors: log and keep accepting.
-                    Err(error) => warn!(error = %error, "accept failed"),
+                    Err(error) => accept_failed(&error).await,
                 },
             }
         }
@@ -311,6 +310,28 @@ impl ServingThread {
             }
         }
     }
+}
+
+/// How long a thread stops accepting after running out of file descriptors or memory.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
+/// Logs a failed accept; after running out of file descriptors or memory, also waits a moment:
+/// the connection stays queued and accepting again at once would fail the same way, spinning a
+/// core and starving the connections this thread serves.
+pub(crate) async fn accept_failed(error: &std::io::Error) {
+    warn!(error = %error, "accept failed");
+    if is_resource_shortage(error) {
+        tokio::time::sleep(ACCEPT_PAUSE).await;
+    }
+}
+
+/// Whether an accept failed for lack of a resource that only freeing something brings back.
+fn is_resource_shortage(error: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    error.raw_os_error().is_some_and(|code| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM]
+            .contains(&Errno::from_raw(code))
+    })
 }
 
 /// Open client connections, in all (for `limits.max_connections`) and per serving thread (to
@@ -399,6 +420,17 @@ mod tests {
         assert_eq!(occupancy(&[4, 2]).place(0), 1);
         assert_eq!(occupancy(&[2, 9, 5]).place(1), 0);
         assert_eq!(occupancy(&[2, 2, 2]).place(2), 2);
+    }
+
+    #[test]
+    fn only_running_out_of_resources_pauses_accepting() {
+        let errno = |code: nix::errno::Errno| std::io::Error::from_raw_os_error(code as i32);
+        assert!(is_resource_shortage(&errno(nix::errno::Errno::EMFILE)));
+        assert!(is_resource_shortage(&errno(nix::errno::Errno::ENFILE)));
+        assert!(!is_resource_shortage(&errno(
+            nix::errno::Errno::ECONNABORTED
+        )));
+        assert!(!is_resource_shortage(&std::io::Error::other("other")));
     }
 
     #[test]
