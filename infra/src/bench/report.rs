@@ -113,11 +113,12 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "herd bench proxy: {} round(s) × {:?} per run, {} load threads, {} upstream workers; medians over rounds\n",
+        "herd bench proxy: {} round(s) × {:?} per run, {} load threads, {} upstream workers, {} CPUs (herd-gateway: one serving thread each); medians over rounds\n",
         options.rounds,
         options.duration,
         options.threads,
-        super::proxy::UPSTREAMS
+        super::proxy::UPSTREAMS,
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
     );
     for &scenario in &options.scenarios {
         let rows = rows(results, scenario);
