@@ -198,6 +198,7 @@ pub async fn run(
         }
     });
     let mut stopping = false;
+    let mut admin_accept_failures = crate::serving::AcceptFailures::default();
     loop {
         tokio::select! {
             accepted = admin_listener.accept() => {
@@ -207,7 +208,7 @@ pub async fn run(
                         stream
                     }
                     Err(error) => {
-                        crate::serving::accept_failed(&error).await;
+                        admin_accept_failures.failed(&error).await;
                         continue;
                     }
                 };

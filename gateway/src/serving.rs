@@ -237,13 +237,14 @@ impl ServingThread {
             }
         };
         let graceful = GracefulShutdown::new();
+        let mut failures = AcceptFailures::default();
         loop {
             tokio::select! {
                 () = self.stop.cancelled() => break,
                 Some(handed) = inbox.recv() => self.serve_handed(handed, &graceful),
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => self.place(stream, peer, &graceful),
-                    Err(error) => accept_failed(&error).await,
+                    Err(error) => failures.failed(&error).await,
                 },
             }
         }
@@ -315,13 +316,36 @@ impl ServingThread {
 /// How long a thread stops accepting after running out of file descriptors or memory.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 
-/// Logs a failed accept; after running out of file descriptors or memory, also waits a moment:
-/// the connection stays queued and accepting again at once would fail the same way, spinning a
-/// core and starving the connections this thread serves.
-pub(crate) async fn accept_failed(error: &std::io::Error) {
-    warn!(error = %error, "accept failed");
-    if is_resource_shortage(error) {
-        tokio::time::sleep(ACCEPT_PAUSE).await;
+/// How often a thread logs failed accepts while they go on.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Failed accepts of one accept loop: logged at most every [`ACCEPT_LOG_EVERY`] (out of file
+/// descriptors, a gateway with many threads would otherwise write hundreds of lines a second).
+#[derive(Debug, Default)]
+pub(crate) struct AcceptFailures {
+    last_logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    /// Counts (and now and then logs) a failed accept; after running out of file descriptors or
+    /// memory, also waits a moment: the connection stays queued and accepting again at once
+    /// would fail the same way, spinning a core and starving the connections already open.
+    pub(crate) async fn failed(&mut self, error: &std::io::Error) {
+        let now = std::time::Instant::now();
+        if self
+            .last_logged
+            .is_none_or(|last| now.duration_since(last) >= ACCEPT_LOG_EVERY)
+        {
+            warn!(error = %error, failed_since_last_line = self.unlogged, "accept failed");
+            self.last_logged = Some(now);
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+        if is_resource_shortage(error) {
+            tokio::time::sleep(ACCEPT_PAUSE).await;
+        }
     }
 }
 
@@ -431,6 +455,17 @@ mod tests {
             nix::errno::Errno::ECONNABORTED
         )));
         assert!(!is_resource_shortage(&std::io::Error::other("other")));
+    }
+
+    #[tokio::test]
+    async fn failed_accepts_are_logged_once_per_period_and_counted_between() {
+        let mut failures = AcceptFailures::default();
+        let aborted = std::io::Error::from_raw_os_error(nix::errno::Errno::ECONNABORTED as i32);
+        for _ in 0..3 {
+            failures.failed(&aborted).await;
+        }
+        assert!(failures.last_logged.is_some());
+        assert_eq!(failures.unlogged, 2);
     }
 
     #[test]

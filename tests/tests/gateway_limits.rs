@@ -95,6 +95,15 @@ async fn a_gateway_out_of_file_descriptors_waits_and_serves_the_queue_when_some_
         "the gateway spun at {:.0} % of a core",
         busy * 100.0
     );
+    // And it says so without flooding its log: a line per accept loop (each serving thread and
+    // the admin listener) every few seconds, not one per try.
+    let log = std::fs::read_to_string(cluster.gateway.process.log_path()).unwrap();
+    let lines = log.matches("accept failed").count();
+    let loops = std::thread::available_parallelism().unwrap().get() + 1;
+    assert!(
+        (1..=2 * loops).contains(&lines),
+        "{lines} 'accept failed' lines for {loops} accept loops"
+    );
 
     // The connections it has still work.
     let head = answered(&mut held[1], Duration::from_secs(5)).expect("a held connection works");
