@@ -64,6 +64,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol an HTTP/1.1 message asks to switch to: its `Upgrade` value when `Connection`
+/// lists `upgrade` (RFC 9110 §7.8); `None` for an ordinary message.
+pub fn upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let upgrade = headers.get(header::UPGRADE)?;
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+        .then(|| upgrade.clone())
+}
+
+/// Puts back the two hop-by-hop headers of a protocol switch (after [`strip_hop_by_hop`]), so
+/// the next hop sees the same request or answer to switch.
+pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::UPGRADE, protocol);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+}
+
 /// Whether a client-sent request id may be kept.
 pub fn is_sane_request_id(value: &[u8]) -> bool {
     !value.is_empty()
@@ -156,6 +176,28 @@ pub fn is_idempotent(method: &http::Method) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upgrade_needs_both_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(
+            upgrade(&headers),
+            None,
+            "Upgrade without Connection: upgrade"
+        );
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert_eq!(upgrade(&headers).unwrap(), "websocket");
+        headers.remove(header::UPGRADE);
+        assert_eq!(
+            upgrade(&headers),
+            None,
+            "Connection: upgrade without Upgrade"
+        );
+    }
 
     #[test]
     fn hop_by_hop_headers_and_connection_listed_ones_go() {

@@ -6,6 +6,7 @@
 //!   admin API, and shuts down gracefully. `main.rs` only parses flags, sets up logging and loads
 //!   the configuration.
 //! - [`serving`]: the threads that accept and serve clients, one event loop each.
+//! - [`tunnel`]: switched protocols (WebSocket upgrades), bytes copied both ways.
 //! - [`proxy`]: the request path — pick a worker, forward, retry when safe, stream the answer.
 //! - [`balancer`]: membership (static list + Redis registry), health (active checks and passive
 //!   ejection) and selection (p2c over peak-EWMA, round robin, weighted).
@@ -31,6 +32,7 @@ pub mod proxy;
 pub mod retry;
 pub mod server;
 pub mod serving;
+pub mod tunnel;
 pub mod upstream;
 
 pub use config::GatewayConfig;

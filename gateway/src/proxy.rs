@@ -30,7 +30,8 @@ use crate::error::{GatewayError, UpstreamError, UpstreamErrorKind};
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
-use crate::upstream::{self, ClientSettings, Outgoing, PoolLimits};
+use crate::tunnel::WorkerTunnel;
+use crate::upstream::{self, ClientSettings, Outgoing, PoolLimits, Reply};
 
 /// Limits and timeouts the request path applies, copied out of the configuration.
 #[derive(Debug, Clone)]
@@ -61,6 +62,8 @@ pub struct Proxy {
 enum Attempt {
     /// A response to pass on.
     Response(Response<ResponseBody>),
+    /// The worker switched protocols: its 101, and its side of the tunnel.
+    Switched(Response<ResponseBody>, WorkerTunnel),
     /// A 502/503 to an idempotent request: retried elsewhere if possible, else passed on.
     Retryable(Response<ResponseBody>),
     /// Failed.
@@ -107,18 +110,30 @@ impl Proxy {
     /// Handles one client request; never fails (errors become JSON responses).
     pub async fn handle(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         forwarded_for: &HeaderValue,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
+        // A protocol switch (WebSocket) is an HTTP/1.1 affair; HTTP/2 has no Upgrade.
+        let upgrade = (request.version() == http::Version::HTTP_11)
+            .then(|| headers::upgrade(request.headers()))
+            .flatten();
+        let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         let version = parts.version;
         let request_id = headers::ensure_request_id(&mut parts.headers);
         let mut response = match self
-            .forward(parts, body, forwarded_for, started, &request_id)
+            .forward(parts, body, forwarded_for, started, &request_id, upgrade)
             .await
         {
-            Ok(response) => response,
+            Ok((response, None)) => response,
+            Ok((response, Some(worker_side))) => {
+                if let Some(client_side) = client_side {
+                    let id = request_id.to_str().unwrap_or("-").to_owned();
+                    worker_side.spawn(client_side, id);
+                }
+                response
+            }
             Err(error) => {
                 let (status, kind, _) = error.parts();
                 self.metrics.error(kind);
@@ -145,6 +160,7 @@ impl Proxy {
         response
     }
 
+    /// The response to pass on, and the worker's side of a tunnel when it switched protocols.
     async fn forward(
         &self,
         mut parts: http::request::Parts,
@@ -152,7 +168,8 @@ impl Proxy {
         forwarded_for: &HeaderValue,
         started: Instant,
         request_id: &HeaderValue,
-    ) -> Result<Response<ResponseBody>, GatewayError> {
+        upgrade: Option<HeaderValue>,
+    ) -> Result<(Response<ResponseBody>, Option<WorkerTunnel>), GatewayError> {
         let settings = &self.settings;
         if headers::head_size(&parts.uri, &parts.headers) > settings.max_header {
             return Err(GatewayError::HeadersTooLarge);
@@ -180,6 +197,9 @@ impl Proxy {
             parts.headers.insert(header::HOST, host);
         }
         headers::strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = upgrade {
+            headers::set_upgrade(&mut parts.headers, protocol);
+        }
         headers::add_forwarded(&mut parts.headers, forwarded_for, "http");
         self.budget.deposit();
 
@@ -226,11 +246,12 @@ impl Proxy {
                 )
                 .await;
             let (error, reason) = match outcome {
-                Attempt::Response(response) => return Ok(response),
+                Attempt::Response(response) => return Ok((response, None)),
+                Attempt::Switched(response, tunnel) => return Ok((response, Some(tunnel))),
                 Attempt::Retryable(response) => {
                     tried.push(pick.worker.clone());
                     if !self.may_retry(attempt, "status", &prepared, deadline, &tried) {
-                        return Ok(response);
+                        return Ok((response, None));
                     }
                     let error = GatewayError::Upstream(UpstreamError {
                         kind: UpstreamErrorKind::Reset,
@@ -331,7 +352,7 @@ impl Proxy {
         let exchange = upstream::exchange(worker, request, &self.upstream);
         let result = tokio::time::timeout_at(per_try, exchange).await;
         match result {
-            Ok(Ok((head, worker_body))) => {
+            Ok(Ok((head, reply))) => {
                 let status = head.status;
                 let clock = self.balancer.clock().now();
                 worker.ewma.observe(sent.elapsed().as_nanos() as f64, clock);
@@ -344,10 +365,23 @@ impl Proxy {
                         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
                     );
                 let mut response_headers = head.headers;
+                let switched_to = response_headers.get(header::UPGRADE).cloned();
                 headers::strip_hop_by_hop(&mut response_headers);
                 if !response_headers.contains_key(headers::REQUEST_ID) {
                     response_headers.insert(headers::REQUEST_ID, request_id.clone());
                 }
+                let worker_body = match reply {
+                    Reply::Body(worker_body) => worker_body,
+                    Reply::Switched(connection) => {
+                        if let Some(protocol) = switched_to {
+                            headers::set_upgrade(&mut response_headers, protocol);
+                        }
+                        let mut response = Response::new(ResponseBody::empty());
+                        *response.status_mut() = status;
+                        *response.headers_mut() = response_headers;
+                        return Attempt::Switched(response, WorkerTunnel::new(connection));
+                    }
+                };
                 let mut response = Response::new(ResponseBody::Upstream {
                     inner: worker_body,
                     guard: Some(guard),

@@ -104,9 +104,10 @@ impl Clients {
             let forwarded_for = forwarded_for.clone();
             async move { Ok::<_, Infallible>(proxy.handle(request, &forwarded_for).await) }
         });
+        // With upgrades: a WebSocket request's connection is handed to `crate::tunnel`.
         let connection = self
             .builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

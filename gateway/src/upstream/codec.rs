@@ -136,8 +136,14 @@ pub enum Parsed {
 }
 
 /// Parses the response head at the start of `buffer`; on [`Parsed::Complete`] the head's bytes
-/// are removed from `buffer` (header values share its memory, nothing is copied).
-pub fn parse_response(buffer: &mut BytesMut, method: &Method) -> Result<Parsed, ProtocolError> {
+/// are removed from `buffer` (header values share its memory, nothing is copied). A 101 is the
+/// final answer when the request asked for a protocol switch (`upgrade`; what follows it is the
+/// new protocol, left in `buffer`), and a protocol error otherwise.
+pub fn parse_response(
+    buffer: &mut BytesMut,
+    method: &Method,
+    upgrade: bool,
+) -> Result<Parsed, ProtocolError> {
     // Uninitialised slots: zeroing 128 headers for every response costs more than parsing it.
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
@@ -158,10 +164,11 @@ pub fn parse_response(buffer: &mut BytesMut, method: &Method) -> Result<Parsed, 
     let code = response.code.unwrap_or(0);
     let status =
         StatusCode::from_u16(code).map_err(|_| ProtocolError("status code out of range"))?;
-    if status == StatusCode::SWITCHING_PROTOCOLS {
+    let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+    if switched && !upgrade {
         return Err(ProtocolError("unexpected protocol switch"));
     }
-    if status.is_informational() {
+    if status.is_informational() && !switched {
         return Ok(Parsed::Interim(head_length));
     }
     let version = if response.version == Some(0) {
@@ -187,6 +194,15 @@ pub fn parse_response(buffer: &mut BytesMut, method: &Method) -> Result<Parsed, 
         let value = HeaderValue::from_maybe_shared(head.slice(value))
             .map_err(|_| ProtocolError("invalid header value"))?;
         headers.append(name, value);
+    }
+    if switched {
+        return Ok(Parsed::Complete(ResponseHead {
+            status,
+            version,
+            headers,
+            framing: ResponseFraming::Empty,
+            keep_alive: false,
+        }));
     }
     let framing = framing(&headers, status, method)?;
     let keep_alive = framing != ResponseFraming::UntilClose && keeps_alive(&headers, version);
@@ -403,8 +419,27 @@ mod tests {
 
     fn parse(text: &str, method: &Method) -> (Result<Parsed, ProtocolError>, BytesMut) {
         let mut buffer = BytesMut::from(text.as_bytes());
-        let parsed = parse_response(&mut buffer, method);
+        let parsed = parse_response(&mut buffer, method, false);
         (parsed, buffer)
+    }
+
+    #[test]
+    fn a_101_ends_the_head_when_a_switch_was_asked_for() {
+        let text = "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nframes";
+        let mut buffer = BytesMut::from(text.as_bytes());
+        match parse_response(&mut buffer, &Method::GET, true) {
+            Ok(Parsed::Complete(head)) => {
+                assert_eq!(head.status, StatusCode::SWITCHING_PROTOCOLS);
+                assert_eq!(head.headers[header::UPGRADE], "websocket");
+                assert!(!head.keep_alive);
+            }
+            other => panic!("expected the 101 as final answer, got {other:?}"),
+        }
+        assert_eq!(
+            &buffer[..],
+            b"frames",
+            "the new protocol's bytes stay in the buffer"
+        );
     }
 
     fn complete(text: &str) -> (ResponseHead, BytesMut) {

@@ -93,10 +93,17 @@ impl Connection {
         let was_reused = self.reused;
         self.reused = true;
         let method = request.method.clone();
+        let upgrade = request.headers.contains_key(http::header::UPGRADE);
         self.write_request(request, fallback_host)
             .await
             .map_err(|error| error.into_upstream(was_reused))?;
-        self.read_head(&method).await
+        self.read_head(&method, upgrade).await
+    }
+
+    /// The socket and what was read from it beyond the response head: after a 101, the start
+    /// of the new protocol.
+    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+        (self.stream, self.read)
     }
 
     async fn write_request(
@@ -179,9 +186,13 @@ impl Connection {
         Ok(())
     }
 
-    async fn read_head(&mut self, method: &Method) -> Result<ResponseHead, UpstreamError> {
+    async fn read_head(
+        &mut self,
+        method: &Method,
+        upgrade: bool,
+    ) -> Result<ResponseHead, UpstreamError> {
         loop {
-            match codec::parse_response(&mut self.read, method) {
+            match codec::parse_response(&mut self.read, method, upgrade) {
                 Ok(Parsed::Complete(head)) => return Ok(head),
                 Ok(Parsed::Interim(length)) => {
                     let _ = self.read.split_to(length);

@@ -40,18 +40,31 @@ pub struct ClientSettings {
     pub pool: PoolLimits,
 }
 
+/// What follows a response head.
+#[derive(Debug)]
+pub enum Reply {
+    /// The body, read from the connection as the client takes it.
+    Body(WorkerBody),
+    /// The worker switched protocols (101, to a request that asked for it): the connection now
+    /// speaks the new protocol, and is never pooled again.
+    Switched(Connection),
+}
+
 /// Sends `request` to `worker` over a pooled (or new) connection; returns the response head and
-/// its body. The caller bounds the time this takes.
+/// what follows it. The caller bounds the time this takes.
 pub async fn exchange(
     worker: &Arc<Worker>,
     request: Outgoing<'_>,
     settings: &ClientSettings,
-) -> Result<(ResponseHead, WorkerBody), UpstreamError> {
+) -> Result<(ResponseHead, Reply), UpstreamError> {
     let mut connection = match worker.pool.take(&settings.pool) {
         Some(connection) => connection,
         None => Connection::open(&worker.authority, settings.connect_timeout).await?,
     };
     let head = connection.send(request, &worker.authority).await?;
+    if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        return Ok((head, Reply::Switched(connection)));
+    }
     let body = WorkerBody::new(
         head.framing,
         head.keep_alive,
@@ -61,5 +74,5 @@ pub async fn exchange(
             limits: settings.pool,
         },
     );
-    Ok((head, body))
+    Ok((head, Reply::Body(body)))
 }
