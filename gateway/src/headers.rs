@@ -50,12 +50,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     // Names listed in Connection go too (besides the `close` / `keep-alive` options).
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+    let listed: Vec<HeaderName> = connection_options(headers)
         .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
@@ -68,13 +63,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// lists `upgrade` (RFC 9110 §7.8); `None` for an ordinary message.
 pub fn upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     let upgrade = headers.get(header::UPGRADE)?;
+    connection_options(headers)
+        .any(|option| option.eq_ignore_ascii_case("upgrade"))
+        .then(|| upgrade.clone())
+}
+
+/// The comma-separated options of every `Connection` header, trimmed.
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
-        .then(|| upgrade.clone())
+        .map(str::trim)
 }
 
 /// Puts back the two hop-by-hop headers of a protocol switch (after [`strip_hop_by_hop`]), so

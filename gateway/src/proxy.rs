@@ -370,25 +370,27 @@ impl Proxy {
                 if !response_headers.contains_key(headers::REQUEST_ID) {
                     response_headers.insert(headers::REQUEST_ID, request_id.clone());
                 }
-                let worker_body = match reply {
-                    Reply::Body(worker_body) => worker_body,
+                let (body, tunnel) = match reply {
+                    Reply::Body(worker_body) => {
+                        let body = ResponseBody::Upstream {
+                            inner: worker_body,
+                            guard: Some(guard),
+                        };
+                        (body, None)
+                    }
                     Reply::Switched(connection) => {
                         if let Some(protocol) = switched_to {
                             headers::set_upgrade(&mut response_headers, protocol);
                         }
-                        let mut response = Response::new(ResponseBody::empty());
-                        *response.status_mut() = status;
-                        *response.headers_mut() = response_headers;
-                        return Attempt::Switched(response, WorkerTunnel::new(connection));
+                        (ResponseBody::empty(), Some(WorkerTunnel::new(connection)))
                     }
                 };
-                let mut response = Response::new(ResponseBody::Upstream {
-                    inner: worker_body,
-                    guard: Some(guard),
-                });
+                let mut response = Response::new(body);
                 *response.status_mut() = status;
                 *response.headers_mut() = response_headers;
-                if retryable {
+                if let Some(tunnel) = tunnel {
+                    Attempt::Switched(response, tunnel)
+                } else if retryable {
                     Attempt::Retryable(response)
                 } else {
                     Attempt::Response(response)

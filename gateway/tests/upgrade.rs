@@ -101,10 +101,8 @@ async fn serve(mut stream: TcpStream) {
     }
 }
 
-const SWITCH: &str = "host: gateway\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
-
-#[tokio::test]
-async fn a_websocket_switch_is_tunnelled_both_ways() {
+/// A gateway in front of one [`raw_worker`], once it answers through it.
+async fn gateway_over_raw_worker() -> Gateway {
     let worker = raw_worker().await;
     let gateway = Gateway::start(&[], |config| config.workers = vec![worker.to_string()]).await;
     support::wait_until(LIMIT, "the worker is up", || async {
@@ -114,6 +112,14 @@ async fn a_websocket_switch_is_tunnelled_both_ways() {
             == 200
     })
     .await;
+    gateway
+}
+
+const SWITCH: &str = "host: gateway\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+#[tokio::test]
+async fn a_websocket_switch_is_tunnelled_both_ways() {
+    let gateway = gateway_over_raw_worker().await;
 
     let mut client = TcpStream::connect(gateway.public).await.unwrap();
     client
@@ -147,15 +153,7 @@ async fn a_websocket_switch_is_tunnelled_both_ways() {
 
 #[tokio::test]
 async fn a_declined_switch_is_an_ordinary_answer_and_the_connection_stays_http() {
-    let worker = raw_worker().await;
-    let gateway = Gateway::start(&[], |config| config.workers = vec![worker.to_string()]).await;
-    support::wait_until(LIMIT, "the worker is up", || async {
-        support::get(&support::client(), &gateway.url("/"))
-            .await
-            .status
-            == 200
-    })
-    .await;
+    let gateway = gateway_over_raw_worker().await;
 
     let mut client = TcpStream::connect(gateway.public).await.unwrap();
     let mut buffer = Vec::new();
