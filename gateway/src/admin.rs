@@ -3,7 +3,7 @@
 //! | route | auth | what |
 //! |---|---|---|
 //! | `GET /healthz` | none | 200: the process is alive |
-//! | `GET /readyz` | none | 200 when a healthy routable worker exists, else 503 |
+//! | `GET /readyz` | none | 200 when a healthy, reachable, routable worker exists, else 503; says how many workers serve |
 //! | `GET /metrics` | none | Prometheus text |
 //! | `GET /api/workers` | bearer | JSON list of workers with state, load and counters |
 //! | `POST /api/workers/{id}/drain`, `/undrain` | bearer | operator drain |
@@ -66,9 +66,16 @@ impl Admin {
                 } else {
                     StatusCode::SERVICE_UNAVAILABLE
                 };
+                let (serving, panic) = self.balancer.serving();
                 json_ok(
                     status,
-                    &json!({"ready": ready, "workers": self.balancer.workers().workers.len()}),
+                    &json!({
+                        "ready": ready,
+                        "workers": self.balancer.workers().workers.len(),
+                        "healthy": self.balancer.healthy_count(),
+                        "serving": serving,
+                        "panic": panic,
+                    }),
                 )
             }
             (&Method::GET, "/metrics") => {
@@ -199,7 +206,7 @@ fn worker_json(worker: &Worker, now: u64, slow_start_ns: u64) -> Value {
         .zip(worker.counters.responses.iter())
         .map(|(class, count)| (class.to_string(), json!(count.load(Ordering::Relaxed))))
         .collect();
-    use crate::balancer::worker::{ACTIVE_DOWN, ADMIN_DRAIN, EJECTED, REGISTRY_DRAIN};
+    use crate::balancer::worker::{ACTIVE_DOWN, ADMIN_DRAIN, EJECTED, REGISTRY_DRAIN, UNREACHABLE};
     json!({
         "id": worker.id(),
         "addr": worker.spec.addr,
@@ -217,6 +224,7 @@ fn worker_json(worker: &Worker, now: u64, slow_start_ns: u64) -> Value {
             "registry_draining": flags & REGISTRY_DRAIN != 0,
             "active_down": flags & ACTIVE_DOWN != 0,
             "ejected": flags & EJECTED != 0,
+            "unreachable": flags & UNREACHABLE != 0,
         },
         "last_change": worker.last_change(),
     })

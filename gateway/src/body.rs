@@ -35,6 +35,28 @@ pub enum BodyError {
     Client(#[from] hyper::Error),
 }
 
+/// Whether a body read failed because the client closed or reset its connection midway (as
+/// opposed to sending something broken): nobody is left to answer.
+pub fn client_went_away(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() || error.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// What a streaming request body did, seen from the proxy after a failed attempt.
 #[derive(Debug, Default)]
 pub struct StreamWatch {
@@ -163,6 +185,15 @@ impl Prepared {
         matches!(self, Prepared::Replayable(_))
     }
 
+    /// Whether [`Prepared::attempt`] has a body to give: always when replayable, and for a
+    /// stream until it was handed to a worker (a refused connect leaves it untouched).
+    pub fn available(&self) -> bool {
+        match self {
+            Prepared::Replayable(_) => true,
+            Prepared::Streaming(body, _) => body.is_some(),
+        }
+    }
+
     /// The stream's watch, for a streaming body.
     pub fn watch(&self) -> Option<&StreamWatch> {
         match self {
@@ -198,6 +229,9 @@ pub async fn prepare(
             None => {
                 let data = (!buffer.is_empty()).then(|| buffer.freeze());
                 return Ok(Prepared::Replayable(data));
+            }
+            Some(Err(error)) if client_went_away(&error) => {
+                return Err(GatewayError::ClientGone(error.to_string()));
             }
             Some(Err(error)) => return Err(GatewayError::ClientBody(error.to_string())),
             Some(Ok(frame)) => {

@@ -14,7 +14,9 @@ use crate::body::ResponseBody;
 /// What happened to one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamErrorKind {
-    /// TCP connect refused, unreachable or timed out: the worker never saw the request.
+    /// TCP connect refused, or no route to the worker: nothing serves there.
+    Refused,
+    /// TCP connect timed out (or failed otherwise): the worker never saw the request.
     Connect,
     /// The connection broke (reset, closed) after the request may have been sent.
     Reset,
@@ -22,6 +24,10 @@ pub enum UpstreamErrorKind {
     Timeout,
     /// The worker answered something that is not HTTP, or broke the protocol.
     Protocol,
+    /// The client went away while its body was being streamed to the worker: its fault.
+    ClientGone,
+    /// The client's streamed body was broken (bad chunking, over the size limit): its fault.
+    ClientBody,
 }
 
 /// One failed attempt at one worker.
@@ -46,26 +52,51 @@ impl UpstreamError {
         }
     }
 
-    /// Whether another attempt elsewhere is safe: always when the worker never saw the request;
-    /// for idempotent requests also after a reset (or a timeout, when `retry_timeouts`).
+    /// Whether another attempt elsewhere is safe: always when the worker never saw the request
+    /// (unless the client broke off); for idempotent requests also after a reset (or a timeout,
+    /// when `retry_timeouts`).
     pub fn retry_safe(&self, idempotent: bool, retry_timeouts: bool) -> bool {
         match self.kind {
+            UpstreamErrorKind::ClientGone | UpstreamErrorKind::ClientBody => false,
             _ if !self.reached => true,
             UpstreamErrorKind::Reset => idempotent,
             UpstreamErrorKind::Timeout => idempotent && retry_timeouts,
-            UpstreamErrorKind::Connect | UpstreamErrorKind::Protocol => false,
+            UpstreamErrorKind::Refused
+            | UpstreamErrorKind::Connect
+            | UpstreamErrorKind::Protocol => false,
+        }
+    }
+
+    /// Whether the failure counts against the worker's passive health. The client's faults never
+    /// do; a refused connect doesn't either, it makes the worker unreachable at once instead.
+    pub fn blames_worker(&self) -> bool {
+        match self.kind {
+            UpstreamErrorKind::Connect
+            | UpstreamErrorKind::Reset
+            | UpstreamErrorKind::Timeout
+            | UpstreamErrorKind::Protocol => true,
+            UpstreamErrorKind::Refused
+            | UpstreamErrorKind::ClientGone
+            | UpstreamErrorKind::ClientBody => false,
         }
     }
 
     /// The retry reason label.
     pub fn reason(&self) -> &'static str {
         match self.kind {
+            UpstreamErrorKind::Refused => "refused",
             UpstreamErrorKind::Connect => "connect",
             UpstreamErrorKind::Reset => "reset",
             UpstreamErrorKind::Timeout => "timeout",
             UpstreamErrorKind::Protocol => "protocol",
+            UpstreamErrorKind::ClientGone | UpstreamErrorKind::ClientBody => "client",
         }
     }
+}
+
+/// nginx's non-standard status for a client that went away first, used in logs and metrics.
+pub fn client_closed_request() -> StatusCode {
+    StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
 }
 
 /// Why the gateway answers a request itself.
@@ -89,6 +120,10 @@ pub enum GatewayError {
     /// The client was too slow sending its request.
     #[error("client too slow sending the request")]
     ClientTimeout,
+    /// The client closed its connection before its request was complete (nginx's 499); logged
+    /// and counted, the answer goes nowhere.
+    #[error("client closed the request: {0}")]
+    ClientGone(String),
     /// The request body is over `limits.max_body_bytes`.
     #[error("request body too large")]
     BodyTooLarge,
@@ -121,6 +156,11 @@ impl GatewayError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too_many_connections",
                 "the gateway is at its connection limit",
+            ),
+            GatewayError::ClientGone(_) => (
+                client_closed_request(),
+                "client_closed_request",
+                "the client closed the request",
             ),
             GatewayError::Upstream(error) if !error.reached => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -229,6 +269,18 @@ mod tests {
         assert!(!timeout.retry_safe(true, false));
         assert!(!timeout.retry_safe(false, true));
         assert!(!err(UpstreamErrorKind::Protocol, true).retry_safe(true, true));
+        let refused = err(UpstreamErrorKind::Refused, false);
+        assert!(refused.retry_safe(false, false));
+        assert!(
+            !refused.blames_worker(),
+            "refused: unreachable, not a streak"
+        );
+        // A client that broke off is never replayed, even before a byte went out.
+        for kind in [UpstreamErrorKind::ClientGone, UpstreamErrorKind::ClientBody] {
+            assert!(!err(kind, false).retry_safe(true, true));
+            assert!(!err(kind, true).blames_worker());
+        }
+        assert!(err(UpstreamErrorKind::Timeout, true).blames_worker());
     }
 
     #[test]
@@ -248,6 +300,7 @@ mod tests {
             (GatewayError::Upstream(UpstreamError::timeout()), 504),
             (GatewayError::UpstreamTimeout, 504),
             (GatewayError::ClientTimeout, 408),
+            (GatewayError::ClientGone("eof".into()), 499),
             (GatewayError::BodyTooLarge, 413),
             (GatewayError::HeadersTooLarge, 431),
             (GatewayError::BadRequest("x"), 400),

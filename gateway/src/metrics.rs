@@ -20,6 +20,7 @@ use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use crate::balancer::selection::serving;
 use crate::balancer::worker::{CLASSES, Status};
 use crate::balancer::{Clock, Table};
 
@@ -110,11 +111,18 @@ impl Metrics {
     }
 
     /// Adds the per-worker metrics, read from the balancer's table at scrape time.
-    pub fn watch_workers(&self, table: Arc<ArcSwap<Table>>, clock: Clock, slow_start_ns: u64) {
+    pub fn watch_workers(
+        &self,
+        table: Arc<ArcSwap<Table>>,
+        clock: Clock,
+        slow_start_ns: u64,
+        panic_threshold: f64,
+    ) {
         let collector = WorkerCollector {
             table,
             clock,
             slow_start_ns,
+            panic_threshold,
             latency: self.latency.clone(),
         };
         self.registry
@@ -243,13 +251,15 @@ struct WorkerCollector {
     table: Arc<ArcSwap<Table>>,
     clock: Clock,
     slow_start_ns: u64,
+    panic_threshold: f64,
     latency: Arc<LatencyHistogram>,
 }
 
-const STATES: [Status; 7] = [
+const STATES: [Status; 8] = [
     Status::Removed,
     Status::Drained,
     Status::Draining,
+    Status::Unreachable,
     Status::Down,
     Status::Ejected,
     Status::SlowStart,
@@ -383,6 +393,24 @@ impl Collector for WorkerCollector {
         let now = self.clock.now();
         let label = |w: &crate::balancer::Worker| [("worker", w.id().to_string())];
 
+        let (serving, panic) = serving(&table.workers, self.panic_threshold);
+        encoder
+            .encode_descriptor(
+                "workers_serving",
+                "Workers new requests go to right now (in panic mode: every reachable one)",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&(serving as i64))?;
+        encoder
+            .encode_descriptor(
+                "panic_mode",
+                "1 while fewer than balancing.panic_threshold of the reachable workers are healthy",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&(panic as i64))?;
+
         let mut metric = encoder.encode_descriptor(
             "worker_responses",
             "Responses from each worker by status class (error = no response)",
@@ -500,6 +528,7 @@ mod tests {
             Arc::new(ArcSwap::from_pointee(Table::default())),
             Clock::new(),
             0,
+            0.5,
         );
         let text = metrics.render();
         assert!(

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::balancer::{Balancer, Refusal, Worker};
+use crate::balancer::{Balancer, ChangeSource, Refusal, Worker};
 use crate::body::{self, Prepared, ResponseBody};
 use crate::config::GatewayConfig;
 use crate::error::{GatewayError, UpstreamError, UpstreamErrorKind};
@@ -31,7 +31,7 @@ use crate::headers;
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::tunnel::WorkerTunnel;
-use crate::upstream::{self, ClientSettings, Outgoing, PoolLimits, Reply};
+use crate::upstream::{self, ClientSettings, Connection, Outgoing, PoolLimits, Reply};
 
 /// Limits and timeouts the request path applies, copied out of the configuration.
 #[derive(Debug, Clone)]
@@ -41,7 +41,6 @@ struct Settings {
     buffer_body: u64,
     max_body: u64,
     max_header: usize,
-    response_header: Duration,
     request: Duration,
     count_5xx: bool,
 }
@@ -82,6 +81,7 @@ impl Proxy {
     pub fn new(config: &GatewayConfig, balancer: Arc<Balancer>, metrics: Arc<Metrics>) -> Self {
         let upstream = ClientSettings {
             connect_timeout: config.timeouts.connect,
+            response_header: config.timeouts.response_header,
             pool: PoolLimits {
                 max_idle: config.limits.max_idle_per_worker,
                 idle_timeout: config.timeouts.upstream_idle,
@@ -100,7 +100,6 @@ impl Proxy {
                 buffer_body: config.retry.buffer_body_bytes,
                 max_body: config.limits.max_body_bytes,
                 max_header: config.limits.max_header_bytes,
-                response_header: config.timeouts.response_header,
                 request: config.timeouts.request,
                 count_5xx: config.health.passive.count_5xx,
             },
@@ -214,7 +213,11 @@ impl Proxy {
 
         let mut tried: Vec<Arc<Worker>> = Vec::new();
         let mut last: Option<GatewayError> = None;
-        for attempt in 1..=settings.max_attempts {
+        // Attempts that may have reached a worker; `retry.max_attempts` bounds these. Attempts
+        // that provably did not (refused, or not one byte written) cost no worker anything: they
+        // are bounded by the workers left untried and the deadline, not by attempts or budget.
+        let mut reached = 0;
+        loop {
             let pick = match self.balancer.pick(&tried) {
                 Ok(pick) => pick,
                 Err(refusal) => {
@@ -224,33 +227,35 @@ impl Proxy {
                     }));
                 }
             };
-            let Some(body) = prepared.attempt() else {
-                break;
+            let worker = pick.worker;
+            tried.push(worker.clone());
+            let connected = upstream::connect(&worker, &self.upstream);
+            let outcome = match tokio::time::timeout_at(deadline, connected).await {
+                Err(_) => return Err(last.unwrap_or(GatewayError::UpstreamTimeout)),
+                Ok(Err(error)) => self.connect_failed(&worker, error, idempotent),
+                Ok(Ok(connection)) => {
+                    let Some(body) = prepared.attempt() else {
+                        break;
+                    };
+                    let request = Outgoing {
+                        method: &parts.method,
+                        path,
+                        headers: &parts.headers,
+                        declared_length: content_length,
+                        body,
+                    };
+                    self.attempt(
+                        &worker, connection, request, idempotent, deadline, &prepared, request_id,
+                    )
+                    .await
+                }
             };
-            let request = Outgoing {
-                method: &parts.method,
-                path,
-                headers: &parts.headers,
-                declared_length: content_length,
-                body,
-            };
-
-            let outcome = self
-                .attempt(
-                    &pick.worker,
-                    request,
-                    idempotent,
-                    deadline,
-                    &prepared,
-                    request_id,
-                )
-                .await;
             let (error, reason) = match outcome {
                 Attempt::Response(response) => return Ok((response, None)),
                 Attempt::Switched(response, tunnel) => return Ok((response, Some(tunnel))),
                 Attempt::Retryable(response) => {
-                    tried.push(pick.worker.clone());
-                    if !self.may_retry(attempt, "status", &prepared, deadline, &tried) {
+                    reached += 1;
+                    if !self.may_retry(reached, "status", false, &prepared, deadline, &tried) {
                         return Ok((response, None));
                     }
                     let error = GatewayError::Upstream(UpstreamError {
@@ -265,8 +270,12 @@ impl Proxy {
                     retry_safe,
                     reason,
                 } => {
-                    tried.push(pick.worker.clone());
-                    if !retry_safe || !self.may_retry(attempt, reason, &prepared, deadline, &tried)
+                    let free = matches!(&error, GatewayError::Upstream(e) if !e.reached);
+                    if !free {
+                        reached += 1;
+                    }
+                    if !retry_safe
+                        || !self.may_retry(reached, reason, free, &prepared, deadline, &tried)
                     {
                         return Err(error);
                     }
@@ -275,8 +284,8 @@ impl Proxy {
             };
             debug!(
                 request_id = request_id.to_str().unwrap_or("-"),
-                worker = %pick.worker.id(),
-                attempt,
+                worker = %worker.id(),
+                attempts = tried.len(),
                 reason,
                 error = %error,
                 "retrying on another worker"
@@ -284,6 +293,23 @@ impl Proxy {
             last = Some(error);
         }
         Err(last.unwrap_or(GatewayError::NoWorker))
+    }
+
+    /// A connect that failed: the worker never saw the request, so any method may go elsewhere.
+    /// Refused means nothing serves there: unreachable at once, no passive streak needed.
+    fn connect_failed(&self, worker: &Worker, error: UpstreamError, idempotent: bool) -> Attempt {
+        worker.count_response(None);
+        if error.kind == UpstreamErrorKind::Refused {
+            self.balancer
+                .unreachable(worker, ChangeSource::Passive, &error.detail);
+        } else if error.blames_worker() {
+            self.balancer.report(worker, false);
+        }
+        Attempt::Failed {
+            retry_safe: error.retry_safe(idempotent, self.settings.retry_on_timeout),
+            reason: error.reason(),
+            error: GatewayError::Upstream(error),
+        }
     }
 
     /// Reads the start of the request body within the request deadline (408 when the client is
@@ -307,20 +333,22 @@ impl Proxy {
         }
     }
 
-    /// Whether a retry-safe failure may be retried: body replayable, time left, attempts left,
-    /// another worker to go to, and budget. Counts the retry or the limit that refused it.
+    /// Whether a retry-safe failure may be retried: body still at hand, time left, another
+    /// worker to go to, and — unless the failed attempt provably never reached its worker
+    /// (`free`) — attempts and budget left. Counts the retry or the limit that refused it.
     fn may_retry(
         &self,
-        attempt: u32,
+        reached: u32,
         reason: &'static str,
+        free: bool,
         prepared: &Prepared,
         deadline: Instant,
         tried: &[Arc<Worker>],
     ) -> bool {
-        if !prepared.replayable() || Instant::now() >= deadline {
+        if !prepared.available() || Instant::now() >= deadline {
             return false;
         }
-        if attempt >= self.settings.max_attempts {
+        if !free && reached >= self.settings.max_attempts {
             self.metrics.retry_refused("max_attempts");
             return false;
         }
@@ -328,7 +356,7 @@ impl Proxy {
             return false;
         }
         let second = self.balancer.clock().now() / 1_000_000_000;
-        if !self.budget.try_withdraw(second) {
+        if !free && !self.budget.try_withdraw(second) {
             self.metrics.retry_refused("budget");
             return false;
         }
@@ -336,10 +364,13 @@ impl Proxy {
         true
     }
 
-    /// Sends one attempt to `worker` and classifies the result.
+    /// Sends one attempt to `worker` and classifies the result. Only the worker's own failures
+    /// count against its passive health; a refused connect makes it unreachable at once.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         worker: &Arc<Worker>,
+        connection: Connection,
         request: Outgoing<'_>,
         idempotent: bool,
         deadline: Instant,
@@ -348,9 +379,8 @@ impl Proxy {
     ) -> Attempt {
         let guard = worker.begin();
         let sent = Instant::now();
-        let per_try = deadline.min(sent + self.settings.response_header);
-        let exchange = upstream::exchange(worker, request, &self.upstream);
-        let result = tokio::time::timeout_at(per_try, exchange).await;
+        let exchange = upstream::exchange(worker, connection, request, &self.upstream);
+        let result = tokio::time::timeout_at(deadline, exchange).await;
         match result {
             Ok(Ok((head, reply))) => {
                 let status = head.status;
@@ -397,7 +427,6 @@ impl Proxy {
                 }
             }
             Ok(Err(error)) => {
-                worker.count_response(None);
                 if prepared.watch().is_some_and(|w| w.too_large()) {
                     return Attempt::Failed {
                         error: GatewayError::BodyTooLarge,
@@ -405,7 +434,31 @@ impl Proxy {
                         reason: "body",
                     };
                 }
-                self.balancer.report(worker, false);
+                match error.kind {
+                    UpstreamErrorKind::ClientGone => {
+                        return Attempt::Failed {
+                            error: GatewayError::ClientGone(error.detail),
+                            retry_safe: false,
+                            reason: "client",
+                        };
+                    }
+                    UpstreamErrorKind::ClientBody => {
+                        return Attempt::Failed {
+                            error: GatewayError::ClientBody(error.detail),
+                            retry_safe: false,
+                            reason: "client",
+                        };
+                    }
+                    UpstreamErrorKind::Refused => {
+                        self.balancer
+                            .unreachable(worker, ChangeSource::Passive, &error.detail);
+                    }
+                    _ => {}
+                }
+                worker.count_response(None);
+                if error.blames_worker() {
+                    self.balancer.report(worker, false);
+                }
                 Attempt::Failed {
                     retry_safe: error.retry_safe(idempotent, self.settings.retry_on_timeout),
                     reason: error.reason(),
@@ -413,26 +466,21 @@ impl Proxy {
                 }
             }
             Err(_) => {
-                worker.count_response(None);
-                self.balancer.report(worker, false);
-                if Instant::now() >= deadline {
-                    let client_slow = prepared.watch().is_some_and(|w| !w.finished());
-                    let error = if client_slow {
-                        GatewayError::ClientTimeout
-                    } else {
-                        GatewayError::UpstreamTimeout
-                    };
+                // The whole request's time is up. Waiting for the client's body: its fault, and
+                // the worker is not blamed. Otherwise the worker took the time.
+                if prepared.watch().is_some_and(|w| !w.finished()) {
                     return Attempt::Failed {
-                        error,
+                        error: GatewayError::ClientTimeout,
                         retry_safe: false,
-                        reason: "timeout",
+                        reason: "client",
                     };
                 }
-                let error = UpstreamError::timeout();
+                worker.count_response(None);
+                self.balancer.report(worker, false);
                 Attempt::Failed {
-                    retry_safe: error.retry_safe(idempotent, self.settings.retry_on_timeout),
+                    error: GatewayError::UpstreamTimeout,
+                    retry_safe: false,
                     reason: "timeout",
-                    error: GatewayError::Upstream(error),
                 }
             }
         }

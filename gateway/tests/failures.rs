@@ -42,7 +42,7 @@ async fn a_dead_worker_costs_no_request_of_any_method() {
     let metrics = get(&c, &gw.admin_url("/metrics")).await;
     let text = String::from_utf8(metrics.body.to_vec()).unwrap();
     assert!(
-        text.contains("herd_gateway_retries_total{reason=\"connect\"}"),
+        text.contains("herd_gateway_retries_total{reason=\"refused\"}"),
         "{text}"
     );
     gw.shutdown().await;
@@ -240,8 +240,8 @@ async fn all_workers_dead_gives_503_json_at_once() {
         let id = w1.addr.to_string();
         wait_until(
             Duration::from_secs(2),
-            "the dead worker is down",
-            || async { worker_state(&gw, &id).await == "down" },
+            "the dead worker is unreachable",
+            || async { worker_state(&gw, &id).await == "unreachable" },
         )
         .await;
     }

@@ -29,6 +29,45 @@ use super::{ChangeSource, Notifier};
 use crate::config::HealthConfig;
 pub use conn::Session;
 
+/// Why a check did not pass: in a few words, and whether the connect was refused (nothing
+/// listens there, so the worker is unreachable at once, without waiting for `fall` checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckFailure {
+    /// What went wrong, for logs and the admin API.
+    pub reason: String,
+    /// The connection was refused or had no route.
+    pub refused: bool,
+}
+
+impl From<String> for CheckFailure {
+    fn from(reason: String) -> Self {
+        CheckFailure {
+            reason,
+            refused: false,
+        }
+    }
+}
+
+impl From<&str> for CheckFailure {
+    fn from(reason: &str) -> Self {
+        reason.to_string().into()
+    }
+}
+
+impl std::fmt::Display for CheckFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::ops::Deref for CheckFailure {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.reason
+    }
+}
+
 /// One health check of a worker.
 pub trait Probe: Send + Sync + 'static {
     /// What one worker's checks keep from one check to the next (e.g. an open connection).
@@ -43,7 +82,7 @@ pub trait Probe: Send + Sync + 'static {
         &self,
         session: &mut Self::Session,
         worker: &Worker,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), CheckFailure>> + Send;
 }
 
 /// Counts results in a row and flips only at `rise` successes or `fall` failures.
@@ -117,7 +156,7 @@ impl Probe for HttpProbe {
         Session::new(worker.authority.as_str(), &self.path)
     }
 
-    async fn check(&self, session: &mut Session, _: &Worker) -> Result<(), String> {
+    async fn check(&self, session: &mut Session, _: &Worker) -> Result<(), CheckFailure> {
         session.check().await
     }
 }
@@ -166,9 +205,15 @@ async fn checks<P: Probe>(
             biased;
             result = probe.check(&mut session, &worker) => result,
             // Dropping the check midway also drops its connection (see `Session`).
-            _ = &mut timer => Err(timed_out.clone()),
+            _ = &mut timer => Err(CheckFailure::from(timed_out.clone())),
         };
         notifier.checked(result.is_ok());
+        // Reachability is a fact, not a judgement: it follows every single check.
+        match &result {
+            Err(failure) if failure.refused => notifier.unreachable(&worker, &failure.reason),
+            Ok(()) => notifier.reachable(&worker),
+            Err(_) => {}
+        }
         if let Err(reason) = &result {
             worker
                 .counters
@@ -192,7 +237,7 @@ async fn checks<P: Probe>(
                 let reason = format!(
                     "{} checks failed in a row, last: {}",
                     config.fall,
-                    result.err().unwrap_or_default()
+                    result.err().map(|f| f.reason).unwrap_or_default()
                 );
                 notifier.changed(&worker, "down", ChangeSource::Active, &reason);
             }
@@ -308,7 +353,7 @@ mod tests {
 
         fn session(&self, _: &Worker) {}
 
-        async fn check(&self, _: &mut (), _: &Worker) -> Result<(), String> {
+        async fn check(&self, _: &mut (), _: &Worker) -> Result<(), CheckFailure> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if self.healthy.load(Ordering::SeqCst) {
                 Ok(())

@@ -133,6 +133,27 @@ impl Notifier {
         self.metrics.health_check(ok);
     }
 
+    /// An active check's connect was refused: the worker is unreachable from now on.
+    pub fn unreachable(&self, worker: &Worker, reason: &str) {
+        if worker.set_flag(worker::UNREACHABLE, true) {
+            self.changed(worker, "unreachable", ChangeSource::Active, reason);
+        }
+    }
+
+    /// An active check passed: an unreachable worker accepts connections again (and starts
+    /// slow, like any worker coming back).
+    pub fn reachable(&self, worker: &Worker) {
+        if worker.set_flag(worker::UNREACHABLE, false) {
+            worker.start_slow_start(self.clock.now());
+            self.changed(
+                worker,
+                "reachable",
+                ChangeSource::Active,
+                "a health check passed",
+            );
+        }
+    }
+
     /// Records one change: a log line (fields first), a counter, and the worker's last change.
     pub fn changed(&self, worker: &Worker, what: &str, source: ChangeSource, reason: &str) {
         worker.note_change(what, reason);
@@ -140,7 +161,7 @@ impl Notifier {
             .state_change(worker.id(), what, source.as_str());
         let routing = matches!(
             what,
-            "healthy" | "added" | "undrained" | "recovered" | "ready"
+            "healthy" | "added" | "undrained" | "recovered" | "ready" | "reachable"
         );
         if routing {
             info!(worker = %worker.id(), addr = %worker.spec.addr, state = what, source = source.as_str(), reason, "worker state changed");
@@ -156,6 +177,7 @@ struct WorkerDefaults {
     passive: PassiveConfig,
     ewma_decay_ns: f64,
     static_weight: u32,
+    panic_threshold: f64,
     /// Serving threads: one idle-connection pool shard each.
     serving_threads: usize,
 }
@@ -194,6 +216,7 @@ impl Balancer {
                 passive: config.health.passive.clone(),
                 ewma_decay_ns: config.balancing.ewma_decay.as_nanos() as f64,
                 static_weight: config.balancing.static_weight,
+                panic_threshold: config.balancing.panic_threshold,
                 serving_threads: config.serving_threads(),
             },
             spawn_checks,
@@ -247,14 +270,28 @@ impl Balancer {
         self.healthy_count() > 0
     }
 
-    /// Workers that take new requests and are healthy (not drained, down or ejected).
+    /// Workers that take new requests and are healthy (not drained, unreachable, down or
+    /// ejected).
     pub fn healthy_count(&self) -> usize {
         self.table
             .load()
             .workers
             .iter()
-            .filter(|w| w.flags() & (worker::NOT_ROUTABLE | worker::UNHEALTHY) == 0)
+            .filter(|w| w.flags() & (worker::NEVER_ROUTED | worker::UNHEALTHY) == 0)
             .count()
+    }
+
+    /// How many workers new requests go to right now, and whether that is panic mode.
+    pub fn serving(&self) -> (usize, bool) {
+        self.selector.serving(&self.table.load().workers)
+    }
+
+    /// Marks a worker unreachable after a request's connect was refused: no request goes there
+    /// until one of its health checks connects again.
+    pub fn unreachable(&self, worker: &Worker, source: ChangeSource, reason: &str) {
+        if worker.set_flag(worker::UNREACHABLE, true) {
+            self.notifier.changed(worker, "unreachable", source, reason);
+        }
     }
 
     /// Finds a worker by id.
@@ -427,6 +464,7 @@ impl Balancer {
             self.table.clone(),
             self.clock(),
             self.selector.slow_start_ns(),
+            self.defaults.panic_threshold,
         );
     }
 }
@@ -514,6 +552,28 @@ mod tests {
             .set_flag(worker::ACTIVE_DOWN, true);
         assert!(!b.is_ready());
         assert!(!balancer(&[]).is_ready());
+    }
+
+    #[test]
+    fn a_refused_worker_is_out_until_it_accepts_again() {
+        let b = balancer(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        let dead: Vec<_> = ["127.0.0.1:1", "127.0.0.1:2"]
+            .iter()
+            .map(|id| b.find(id).unwrap())
+            .collect();
+        for w in &dead {
+            b.unreachable(w, ChangeSource::Passive, "connection refused");
+        }
+        assert_eq!(b.healthy_count(), 1);
+        assert_eq!(b.serving(), (1, false));
+        assert_eq!(dead[0].status(b.clock().now(), 0), Status::Unreachable);
+        assert_eq!(dead[0].last_change().what, "unreachable");
+        for _ in 0..50 {
+            assert_eq!(b.pick(&[]).unwrap().worker.id(), "127.0.0.1:3");
+        }
+        b.notifier().reachable(&dead[0]);
+        assert_eq!(b.serving(), (2, false));
+        assert_eq!(dead[0].last_change().what, "reachable");
     }
 
     #[test]

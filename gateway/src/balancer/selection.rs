@@ -1,12 +1,20 @@
 //! Selection: which worker gets this request.
 //!
 //! Filtering comes first, by the precedence order of [`super::worker`]: workers removed or drained
-//! (by an operator or by their own announcement) never get new requests; workers that are down
+//! (by an operator or by their own announcement) never get new requests, and neither do workers
+//! that refused the last connection (unreachable: nothing listens there). Workers that are down
 //! (active checks) or ejected (passive checks) don't either, unless fewer than `panic_threshold`
-//! of the routable workers are healthy, in which case health is ignored ("panic mode": a wrong
-//! health signal across the board must not turn into a total outage). Workers already tried for
-//! this request and workers at their in-flight limit are skipped. An ejected worker whose backoff
-//! is over gets exactly one probe request before anything else.
+//! of the reachable, routable workers are healthy, in which case those two judgements are
+//! ignored ("panic mode": a health signal wrong across the board, say a readiness endpoint that
+//! times out under load, must not turn into a total outage).
+//!
+//! Panic mode never overrides a refused connection. Envoy's panic threshold does, and that is a
+//! known outage: kill 2 of 3 workers and half the traffic goes to the dead ones, the retries it
+//! needs exhaust the budget, and users see 503s while a healthy survivor idles. Here the dead
+//! workers are not reachable, so they count neither as routable nor as healthy: one survivor of
+//! three is 100 % of the reachable workers, not 33 %, and takes all the traffic. Workers already
+//! tried for this request and workers at their in-flight limit are skipped. An ejected worker
+//! whose backoff is over gets exactly one probe request before anything else.
 //!
 //! Then the algorithm picks among the candidates:
 //! - `p2c` (default): two random candidates, the one with the lower peak-EWMA latency ×
@@ -22,7 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rand::Rng;
 
-use super::worker::{EJECTED, NOT_ROUTABLE, UNHEALTHY, Worker};
+use super::worker::{EJECTED, NEVER_ROUTED, UNHEALTHY, Worker};
 use crate::config::{Algorithm, BalancingConfig};
 
 /// Why no worker was picked.
@@ -83,17 +91,23 @@ impl Selector {
         self.panics(routable, healthy)
     }
 
+    /// How many workers new requests go to right now (healthy ones; in panic mode also the down
+    /// and ejected ones that are still reachable), and whether that is panic mode.
+    pub fn serving(&self, workers: &[Arc<Worker>]) -> (usize, bool) {
+        serving(workers, self.panic_threshold)
+    }
+
     fn panics(&self, routable: usize, healthy: usize) -> bool {
-        routable > 0 && (healthy as f64) < self.panic_threshold * routable as f64
+        panics(routable, healthy, self.panic_threshold)
     }
 
     /// Whether [`Selector::pick`] would find a worker (without claiming a probe).
     pub fn has_candidate(&self, workers: &[Arc<Worker>], tried: &[Arc<Worker>], now: u64) -> bool {
         let (routable, healthy) = count(workers);
         let excluded = if self.panics(routable, healthy) {
-            NOT_ROUTABLE
+            NEVER_ROUTED
         } else {
-            NOT_ROUTABLE | UNHEALTHY
+            NEVER_ROUTED | UNHEALTHY
         };
         workers.iter().any(|w| {
             let flags = w.flags();
@@ -129,9 +143,9 @@ impl Selector {
             }
         }
         let excluded = if panic {
-            NOT_ROUTABLE
+            NEVER_ROUTED
         } else {
-            NOT_ROUTABLE | UNHEALTHY
+            NEVER_ROUTED | UNHEALTHY
         };
         CANDIDATES.with(|cell| {
             let mut candidates = cell.borrow_mut();
@@ -227,13 +241,28 @@ impl Selector {
     }
 }
 
-/// Routable workers, and how many of them are healthy.
+fn panics(routable: usize, healthy: usize, threshold: f64) -> bool {
+    routable > 0 && (healthy as f64) < threshold * routable as f64
+}
+
+/// How many of `workers` new requests go to under `panic_threshold`, and whether that is panic
+/// mode (see [`Selector::serving`]).
+pub fn serving(workers: &[Arc<Worker>], panic_threshold: f64) -> (usize, bool) {
+    let (routable, healthy) = count(workers);
+    if panics(routable, healthy, panic_threshold) {
+        (routable, true)
+    } else {
+        (healthy, false)
+    }
+}
+
+/// Routable, reachable workers, and how many of them are healthy.
 fn count(workers: &[Arc<Worker>]) -> (usize, usize) {
     let mut routable = 0;
     let mut healthy = 0;
     for worker in workers {
         let flags = worker.flags();
-        if flags & NOT_ROUTABLE == 0 {
+        if flags & NEVER_ROUTED == 0 {
             routable += 1;
             if flags & UNHEALTHY == 0 {
                 healthy += 1;
@@ -248,7 +277,9 @@ mod tests {
     use super::*;
     use crate::balancer::ewma::PeakEwma;
     use crate::balancer::passive::Breaker;
-    use crate::balancer::worker::{ACTIVE_DOWN, ADMIN_DRAIN, Origin, REGISTRY_DRAIN, WorkerSpec};
+    use crate::balancer::worker::{
+        ACTIVE_DOWN, ADMIN_DRAIN, Origin, REGISTRY_DRAIN, UNREACHABLE, WorkerSpec,
+    };
     use crate::config::PassiveConfig;
     use std::collections::HashMap;
     use std::time::Duration;
@@ -370,6 +401,32 @@ mod tests {
         assert!(!s.in_panic(&workers));
         let counts = spread(&s, &workers, 30, LATE);
         assert_eq!(counts.len(), 2, "{counts:?}");
+    }
+
+    #[test]
+    fn unreachable_workers_are_never_picked_and_do_not_cause_panic() {
+        let s = selector(Algorithm::RoundRobin);
+        // Two of three refuse connections: the survivor is all of the reachable workers, so
+        // this is not panic mode, and even a panic never sends to a refused worker.
+        let workers: Vec<_> = (0..3).map(|i| worker(&format!("w{i}"), 1, 1.0)).collect();
+        workers[0].set_flag(UNREACHABLE, true);
+        workers[1].set_flag(UNREACHABLE | EJECTED, true);
+        assert!(!s.in_panic(&workers));
+        assert_eq!(s.serving(&workers), (1, false));
+        let counts = spread(&s, &workers, 30, LATE);
+        assert_eq!(counts.get("w2"), Some(&30), "{counts:?}");
+        // The survivor is judged down as well: panic mode, yet still only reachable workers.
+        workers[2].set_flag(ACTIVE_DOWN, true);
+        assert!(s.in_panic(&workers));
+        assert_eq!(s.serving(&workers), (1, true));
+        let counts = spread(&s, &workers, 30, LATE);
+        assert_eq!(counts.get("w2"), Some(&30), "{counts:?}");
+        assert!(s.has_candidate(&workers, &[], LATE));
+        assert!(!s.has_candidate(&workers, &[workers[2].clone()], LATE));
+        // Nothing reachable at all: no worker, not a refused one.
+        workers[2].set_flag(UNREACHABLE, true);
+        assert_eq!(s.pick(&workers, &[], LATE).unwrap_err(), Refusal::NoWorker);
+        assert_eq!(s.serving(&workers), (0, false));
     }
 
     #[test]

@@ -5,9 +5,14 @@
 //!
 //! Whether a worker may take a new request is a set of independent flags, one per source of
 //! truth, combined in one documented precedence order (see [`Worker::status`] and the README):
-//! admin remove > admin drain > registry draining > active health down > passive ejection.
-//! Sources never overwrite each other; undraining a worker brings back whatever the lower layers
-//! say.
+//! admin remove > admin drain > registry draining > unreachable > active health down > passive
+//! ejection. Sources never overwrite each other; undraining a worker brings back whatever the
+//! lower layers say.
+//!
+//! Two kinds of "not healthy" are kept apart on purpose. *Unreachable* is a hard fact: the last
+//! connection attempt was refused (nothing listens on the port) or had no route, so a request sent
+//! there cannot be served. *Down* and *ejected* are judgements from checks and traffic (timeouts,
+//! 5xx) that can be wrong across the board; only those may be overridden by panic mode.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -29,9 +34,15 @@ pub const REGISTRY_DRAIN: u32 = 1 << 2;
 pub const ACTIVE_DOWN: u32 = 1 << 3;
 /// Passive checks ejected the worker.
 pub const EJECTED: u32 = 1 << 4;
+/// The last connect (a request's or a health check's) was refused or had no route: nothing
+/// serves there. Cleared by the next successful connect of a health check.
+pub const UNREACHABLE: u32 = 1 << 5;
 /// Flags that keep new requests away whatever else holds.
 pub const NOT_ROUTABLE: u32 = REMOVED | ADMIN_DRAIN | REGISTRY_DRAIN;
-/// Flags that the panic threshold may override.
+/// Flags that keep new requests away even in panic mode: an operator's or the worker's own word,
+/// or a refused connection.
+pub const NEVER_ROUTED: u32 = NOT_ROUTABLE | UNREACHABLE;
+/// Flags that the panic threshold may override (judgements, not facts).
 pub const UNHEALTHY: u32 = ACTIVE_DOWN | EJECTED;
 
 /// Where a worker's entry came from.
@@ -56,6 +67,8 @@ pub enum Status {
     Drained,
     /// Draining by its own announcement.
     Draining,
+    /// Refusing connections (or no route to it).
+    Unreachable,
     /// Failing active checks.
     Down,
     /// Ejected by passive checks.
@@ -73,6 +86,7 @@ impl Status {
             Status::Removed => "removed",
             Status::Drained => "drained",
             Status::Draining => "draining",
+            Status::Unreachable => "unreachable",
             Status::Down => "down",
             Status::Ejected => "ejected",
             Status::SlowStart => "slow_start",
@@ -332,6 +346,8 @@ impl Worker {
             Status::Drained
         } else if flags & REGISTRY_DRAIN != 0 {
             Status::Draining
+        } else if flags & UNREACHABLE != 0 {
+            Status::Unreachable
         } else if flags & ACTIVE_DOWN != 0 {
             Status::Down
         } else if flags & EJECTED != 0 {
@@ -413,6 +429,8 @@ mod tests {
         assert_eq!(w.status(late, 1), Status::Ejected);
         w.set_flag(ACTIVE_DOWN, true);
         assert_eq!(w.status(late, 1), Status::Down);
+        w.set_flag(UNREACHABLE, true);
+        assert_eq!(w.status(late, 1), Status::Unreachable);
         w.set_flag(REGISTRY_DRAIN, true);
         assert_eq!(w.status(late, 1), Status::Draining);
         w.set_flag(ADMIN_DRAIN, true);

@@ -3,6 +3,15 @@
 //! The connection is driven by the task of the client's request itself — no connection task,
 //! no channel between the two — so a request costs two writes and two reads on the sockets and
 //! no wake-up of another task. Its buffers live as long as the connection and are reused.
+//!
+//! This is where an attempt's failure gets its two facts ([`UpstreamError`]):
+//! - **reached or not**: "not reached" means provably not — the connect failed, or the kernel
+//!   took not one byte of the request. Once a byte went out the worker may act on it, so a
+//!   broken write after that is "reached" (a POST is then not replayed elsewhere).
+//! - **whose fault**: a client body that breaks off or stalls is the client's
+//!   ([`UpstreamErrorKind::ClientBody`]); a worker that takes no bytes, or gives no response head,
+//!   within `timeouts.response_header` is the worker's. The response-header clock starts once the
+//!   request is fully written, so a slow upload never counts against the worker.
 
 use std::time::Duration;
 
@@ -14,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::codec::{self, Parsed, RequestFraming, ResponseHead};
-use crate::body::UpstreamBody;
+use crate::body::{BodyError, UpstreamBody};
 use crate::error::{UpstreamError, UpstreamErrorKind};
 
 /// Bytes asked of the kernel per read.
@@ -54,7 +63,16 @@ impl Connection {
         let connect = TcpStream::connect(authority.as_str());
         let stream = match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Err(not_reached(UpstreamErrorKind::Connect, error)),
+            Ok(Err(error)) => {
+                // Refused or no route: nothing serves there (a timeout may be a full backlog).
+                let kind = match error.kind() {
+                    std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable => UpstreamErrorKind::Refused,
+                    _ => UpstreamErrorKind::Connect,
+                };
+                return Err(not_reached(kind, error));
+            }
             Err(_) => {
                 return Err(UpstreamError {
                     kind: UpstreamErrorKind::Connect,
@@ -84,20 +102,27 @@ impl Connection {
     }
 
     /// Sends `request` and reads the response head; the body (or its start) stays in
-    /// [`Connection::read`].
+    /// [`Connection::read`]. The worker gets `response_header` for each write to make progress
+    /// and, once the request is written, for its response head; waiting for the client's body
+    /// is not bounded here (the caller's request deadline is).
     pub async fn send(
         &mut self,
         request: Outgoing<'_>,
         fallback_host: &Authority,
+        response_header: Duration,
     ) -> Result<ResponseHead, UpstreamError> {
         let was_reused = self.reused;
         self.reused = true;
         let method = request.method.clone();
         let upgrade = request.headers.contains_key(http::header::UPGRADE);
-        self.write_request(request, fallback_host)
+        let mut written = 0;
+        self.write_request(request, fallback_host, response_header, &mut written)
             .await
-            .map_err(|error| error.into_upstream(was_reused))?;
-        self.read_head(&method, upgrade).await
+            .map_err(|error| error.into_upstream(was_reused, written))?;
+        match tokio::time::timeout(response_header, self.read_head(&method, upgrade)).await {
+            Ok(head) => head,
+            Err(_) => Err(UpstreamError::timeout()),
+        }
     }
 
     /// The socket and what was read from it beyond the response head: after a 101, the start
@@ -110,6 +135,8 @@ impl Connection {
         &mut self,
         request: Outgoing<'_>,
         fallback_host: &Authority,
+        stall: Duration,
+        written: &mut u64,
     ) -> Result<(), WriteError> {
         let Outgoing {
             method,
@@ -134,16 +161,17 @@ impl Connection {
                     framing,
                     fallback_host,
                 );
+                let stream = &mut self.stream;
                 match data {
                     Some(data) if data.len() <= COALESCE_BODY => {
                         self.write.extend_from_slice(&data);
-                        self.stream.write_all(&self.write).await?;
+                        send_all(stream, &self.write, stall, written).await?;
                     }
                     Some(data) => {
-                        self.stream.write_all(&self.write).await?;
-                        self.stream.write_all(&data).await?;
+                        send_all(stream, &self.write, stall, written).await?;
+                        send_all(stream, &data, stall, written).await?;
                     }
-                    None => self.stream.write_all(&self.write).await?,
+                    None => send_all(stream, &self.write, stall, written).await?,
                 }
             }
             mut body @ UpstreamBody::Stream { .. } => {
@@ -159,9 +187,9 @@ impl Connection {
                     framing,
                     fallback_host,
                 );
-                self.stream.write_all(&self.write).await?;
+                send_all(&mut self.stream, &self.write, stall, written).await?;
                 while let Some(frame) = body.frame().await {
-                    let frame = frame.map_err(|e| WriteError::Body(e.to_string()))?;
+                    let frame = frame.map_err(WriteError::Body)?;
                     let Ok(data) = frame.into_data() else {
                         continue; // trailers are not forwarded
                     };
@@ -173,13 +201,13 @@ impl Connection {
                         codec::encode_chunk_start(&mut self.write, data.len());
                         self.write.extend_from_slice(&data);
                         self.write.extend_from_slice(b"\r\n");
-                        self.stream.write_all(&self.write).await?;
+                        send_all(&mut self.stream, &self.write, stall, written).await?;
                     } else {
-                        self.stream.write_all(&data).await?;
+                        send_all(&mut self.stream, &data, stall, written).await?;
                     }
                 }
                 if framing == RequestFraming::Chunked {
-                    self.stream.write_all(codec::LAST_CHUNK).await?;
+                    send_all(&mut self.stream, codec::LAST_CHUNK, stall, written).await?;
                 }
             }
         }
@@ -229,10 +257,12 @@ impl Connection {
 /// Why writing a request failed.
 #[derive(Debug)]
 enum WriteError {
-    /// The socket write failed: the worker did not get the whole request.
+    /// The socket write failed.
     Io(std::io::Error),
+    /// The worker took no bytes for a whole `response_header` (hung, or not reading).
+    Stalled,
     /// Reading the client's streaming body failed.
-    Body(String),
+    Body(BodyError),
 }
 
 impl From<std::io::Error> for WriteError {
@@ -242,24 +272,70 @@ impl From<std::io::Error> for WriteError {
 }
 
 impl WriteError {
-    fn into_upstream(self, reused: bool) -> UpstreamError {
+    /// The attempt's error, given how many bytes of the request the kernel took.
+    fn into_upstream(self, reused: bool, written: u64) -> UpstreamError {
+        // Not one byte left: the worker cannot have acted on the request.
+        let reached = written > 0;
         match self {
             WriteError::Io(error) => {
                 let what = if reused { "reused" } else { "new" };
                 UpstreamError {
                     kind: UpstreamErrorKind::Reset,
-                    // The worker cannot act on a request it did not fully receive.
-                    reached: false,
-                    detail: format!("writing the request on a {what} connection: {error}"),
+                    reached,
+                    detail: format!(
+                        "writing the request on a {what} connection after {written} bytes: {error}"
+                    ),
                 }
             }
-            WriteError::Body(detail) => UpstreamError {
-                kind: UpstreamErrorKind::Reset,
-                reached: true,
-                detail: format!("client body: {detail}"),
+            WriteError::Stalled => UpstreamError {
+                kind: UpstreamErrorKind::Timeout,
+                reached,
+                detail: format!("the worker took no request bytes in time after {written}"),
+            },
+            WriteError::Body(BodyError::TooLarge) => UpstreamError {
+                kind: UpstreamErrorKind::ClientBody,
+                reached,
+                detail: "request body over the size limit".into(),
+            },
+            WriteError::Body(BodyError::Client(error)) => UpstreamError {
+                kind: if crate::body::client_went_away(&error) {
+                    UpstreamErrorKind::ClientGone
+                } else {
+                    UpstreamErrorKind::ClientBody
+                },
+                reached,
+                detail: format!("client body: {error}"),
             },
         }
     }
+}
+
+/// Writes all of `data`, counting in `written` what the kernel took; each write gets `stall` to
+/// make progress. (`write_all` would not say how much went out before an error.)
+async fn send_all(
+    stream: &mut TcpStream,
+    mut data: &[u8],
+    stall: Duration,
+    written: &mut u64,
+) -> Result<(), WriteError> {
+    while !data.is_empty() {
+        let n = match stream.try_write(data) {
+            Ok(n) => n,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                match tokio::time::timeout(stall, stream.write(data)).await {
+                    Ok(result) => result?,
+                    Err(_) => return Err(WriteError::Stalled),
+                }
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+        }
+        *written += n as u64;
+        data = &data[n..];
+    }
+    Ok(())
 }
 
 fn not_reached(kind: UpstreamErrorKind, error: std::io::Error) -> UpstreamError {

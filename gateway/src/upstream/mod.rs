@@ -2,9 +2,10 @@
 //! by the client request's own task.
 //!
 //! ```text
-//! proxy ─▶ exchange(worker, request)
+//! proxy ─▶ connect(worker)
 //!            ├ worker.pool.take()  (live idle connection, LIFO)   ─┐
-//!            └ or Connection::open (timeouts.connect)             ─┴▶ write head (+ body) ─▶ read head
+//!            └ or Connection::open (timeouts.connect)             ─┘
+//!       ─▶ exchange(worker, connection, request) ─▶ write head (+ body) ─▶ read head
 //!          ◀─ (head, WorkerBody)
 //!             WorkerBody: whole body already read → connection back in the pool at once;
 //!                         otherwise read on as the client takes it, then back in the pool
@@ -36,6 +37,9 @@ use crate::error::UpstreamError;
 pub struct ClientSettings {
     /// Connect timeout (`timeouts.connect`).
     pub connect_timeout: Duration,
+    /// How long the worker gets to take request bytes, and then to send its response head
+    /// (`timeouts.response_header`).
+    pub response_header: Duration,
     /// Pool limits.
     pub pool: PoolLimits,
 }
@@ -50,18 +54,30 @@ pub enum Reply {
     Switched(Connection),
 }
 
-/// Sends `request` to `worker` over a pooled (or new) connection; returns the response head and
-/// what follows it. The caller bounds the time this takes.
+/// A connection to `worker`: a live idle one from its pool, or a new one (within
+/// `timeouts.connect`). A failure here means the worker never saw the request.
+pub async fn connect(
+    worker: &Arc<Worker>,
+    settings: &ClientSettings,
+) -> Result<Connection, UpstreamError> {
+    match worker.pool.take(&settings.pool) {
+        Some(connection) => Ok(connection),
+        None => Connection::open(&worker.authority, settings.connect_timeout).await,
+    }
+}
+
+/// Sends `request` to `worker` over `connection`; returns the response head and what follows
+/// it. The worker's side is bounded here (`response_header` for each write and for the head);
+/// the caller bounds the whole, the client's body included.
 pub async fn exchange(
     worker: &Arc<Worker>,
+    mut connection: Connection,
     request: Outgoing<'_>,
     settings: &ClientSettings,
 ) -> Result<(ResponseHead, Reply), UpstreamError> {
-    let mut connection = match worker.pool.take(&settings.pool) {
-        Some(connection) => connection,
-        None => Connection::open(&worker.authority, settings.connect_timeout).await?,
-    };
-    let head = connection.send(request, &worker.authority).await?;
+    let head = connection
+        .send(request, &worker.authority, settings.response_header)
+        .await?;
     if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
         return Ok((head, Reply::Switched(connection)));
     }

@@ -24,6 +24,8 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::CheckFailure;
+
 /// Longest response head read before giving up (hyper's default limit is of this order too).
 const MAX_HEAD: usize = 16 * 1024;
 /// Largest body skipped to keep a connection; anything bigger costs a reconnect, not a failure.
@@ -67,6 +69,20 @@ enum Failure {
 }
 
 impl Failure {
+    /// The failure as the health machine sees it: in words, and whether the connect was refused.
+    fn into_check(self) -> CheckFailure {
+        let refused = matches!(&self, Failure::Connect(e) if matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::HostUnreachable
+                | io::ErrorKind::NetworkUnreachable
+        ));
+        CheckFailure {
+            reason: self.describe(),
+            refused,
+        }
+    }
+
     fn describe(self) -> String {
         match self {
             Failure::Connect(e) => format!("connection failed: {e}"),
@@ -108,27 +124,27 @@ impl Session {
 
     /// One check: Ok on a 2xx answer, otherwise why not. Cancel-safe in the sense the caller
     /// needs: dropped midway, it leaves no connection behind.
-    pub async fn check(&mut self) -> Result<(), String> {
+    pub async fn check(&mut self) -> Result<(), CheckFailure> {
         let kept = self.conn.take().and_then(Conn::still_open);
         let reused = kept.is_some();
         let mut conn = match kept {
             Some(conn) => conn,
-            None => self.connect().await.map_err(Failure::describe)?,
+            None => self.connect().await.map_err(Failure::into_check)?,
         };
         let mut outcome = self.exchange(&mut conn).await;
         if reused && matches!(outcome, Err(Failure::NoAnswer(_))) {
             // The worker closed the idle connection as we wrote: one try on a new one.
-            conn = self.connect().await.map_err(Failure::describe)?;
+            conn = self.connect().await.map_err(Failure::into_check)?;
             outcome = self.exchange(&mut conn).await;
         }
-        let answer = outcome.map_err(Failure::describe)?;
+        let answer = outcome.map_err(Failure::into_check)?;
         if answer.reusable {
             self.conn = Some(conn);
         }
         if (200..300).contains(&answer.status) {
             Ok(())
         } else {
-            Err(Failure::Status(answer.status).describe())
+            Err(Failure::Status(answer.status).into_check())
         }
     }
 
@@ -588,6 +604,7 @@ pub(super) mod tests {
         let mut session = Session::new(&addr.to_string(), "/readyz");
         let error = session.check().await.unwrap_err();
         assert!(error.starts_with("connection failed"), "{error}");
+        assert!(error.refused, "a refusal is told apart from other failures");
     }
 
     #[tokio::test]

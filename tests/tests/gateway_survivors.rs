@@ -1,0 +1,160 @@
+//! Survivors take the load (issue 14, item 0): real redis-server, herd-worker and herd-gateway
+//! processes; under steady GET load through the gateway, kill -9 most of the workers at once:
+//! - 2 of 3, then 4 of 5 → 0 failed requests; the survivor's p99 is printed;
+//! - the gateway's `/readyz` and `/metrics` say how many workers really serve (1), and that this
+//!   is not panic mode: the dead workers are unreachable, not merely unhealthy.
+//!
+//! Before the fix, panic mode (fewer than half healthy) sent traffic back to the dead workers and
+//! the retries that needed ran the budget dry: 192 of 300 requests failed with 503.
+//!
+//! Loads are bounded in rate, count and time and go to 127.0.0.1 only.
+
+use std::time::Duration;
+
+use herd::load::{self, Plan, Report};
+use herd_tests::cluster::{Cluster, ClusterOptions};
+use herd_tests::gateway::ADMIN_TOKEN;
+use herd_tests::{client, wait_until};
+use serde_json::Value;
+
+/// Each test drives 300 req/s through 4–6 processes: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn cluster(workers: usize) -> Cluster {
+    let cluster = Cluster::start(ClusterOptions {
+        workers,
+        static_workers: false,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let url = cluster.gateway.admin_url("/readyz");
+    let http = client();
+    wait_until(
+        Duration::from_secs(10),
+        "the gateway routes to every worker",
+        || {
+            let request = http.get(&url).send();
+            async move {
+                let Ok(response) = request.await else {
+                    return false;
+                };
+                let ready: Value = response.json().await.unwrap_or_default();
+                ready["healthy"].as_u64() == Some(workers as u64)
+            }
+        },
+    )
+    .await;
+    cluster
+}
+
+/// Kills the workers `victims` with SIGKILL a second into 5 s of 300 GET/s, returns the load's
+/// report.
+async fn kill_under_load(cluster: &mut Cluster, victims: &[&str]) -> Report {
+    let plan = Plan {
+        rate: 300,
+        duration: Duration::from_secs(5),
+        concurrency: 16,
+        timeout: Duration::from_secs(10),
+    };
+    let url = cluster.gateway.url("/work?ms=1");
+    let load = tokio::spawn(async move {
+        load::run(&plan, &client(), move |client, _| client.get(&url)).await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for victim in victims {
+        cluster.worker(victim).kill9();
+    }
+    load.await.unwrap()
+}
+
+/// What `/readyz` and `/metrics` say once the dust has settled.
+async fn serving_after(cluster: &Cluster) -> (Value, String) {
+    let http = client();
+    let ready: Value = http
+        .get(cluster.gateway.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let metrics = http
+        .get(cluster.gateway.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    (ready, metrics)
+}
+
+async fn states(cluster: &Cluster) -> Vec<(String, String)> {
+    let list: Value = client()
+        .get(cluster.gateway.admin_url("/api/workers"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["id"].as_str().unwrap_or("").to_string(),
+                w["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+async fn drill(workers: usize, victims: &[&str]) {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = cluster(workers).await;
+    let report = kill_under_load(&mut cluster, victims).await;
+    println!(
+        "kill -9 {} of {workers}: {}; p99 {:?}, max {:?}",
+        victims.len(),
+        report.summary(),
+        report.latency_quantile(0.99),
+        report.max_latency()
+    );
+    assert!(report.sent() >= 1200, "{}", report.summary());
+    assert_eq!(report.failed(), 0, "{}", report.summary());
+    let (ready, metrics) = serving_after(&cluster).await;
+    println!(
+        "readyz after: {ready}; workers: {:?}",
+        states(&cluster).await
+    );
+    assert_eq!(ready["ready"], true, "{ready}");
+    assert_eq!(ready["serving"], 1, "{ready}");
+    assert_eq!(ready["panic"], false, "{ready}");
+    assert!(
+        metrics.contains("herd_gateway_workers_serving 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("herd_gateway_panic_mode 0\n"), "{metrics}");
+    // Every victim is out as unreachable (or already gone from the registry), never "ejected"
+    // into panic-mode rotation.
+    for (id, state) in states(&cluster).await {
+        if victims.contains(&id.as_str()) {
+            assert!(
+                matches!(state.as_str(), "unreachable" | "removed"),
+                "{id}: {state}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_two_of_three_workers_fails_no_request() {
+    drill(3, &["w1", "w2"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_four_of_five_workers_fails_no_request() {
+    drill(5, &["w1", "w2", "w3", "w4"]).await;
+}
