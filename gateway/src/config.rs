@@ -43,6 +43,8 @@ pub struct GatewayConfig {
     pub balancing: BalancingConfig,
     /// When a failed attempt is tried again on another worker.
     pub retry: RetryConfig,
+    /// When a slow attempt is doubled on another worker.
+    pub hedging: HedgingConfig,
     /// Every wait the gateway bounds.
     pub timeouts: TimeoutsConfig,
     /// Sizes and counts the gateway refuses to exceed.
@@ -64,6 +66,7 @@ impl Default for GatewayConfig {
             health: HealthConfig::default(),
             balancing: BalancingConfig::default(),
             retry: RetryConfig::default(),
+            hedging: HedgingConfig::default(),
             timeouts: TimeoutsConfig::default(),
             limits: LimitsConfig::default(),
             failover: FailoverConfig::default(),
@@ -286,6 +289,38 @@ impl Default for RetryConfig {
     }
 }
 
+/// `[hedging]`: an idempotent request whose worker has not answered within the hedge delay also
+/// goes to another worker; the first answer wins (see `crate::hedge`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HedgingConfig {
+    /// Turn hedging on.
+    pub enabled: bool,
+    /// A fixed hedge delay; zero: derived from measured latency (`factor` × p99).
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
+    /// The derived delay is this many times the p99 of the time to a worker's response head.
+    pub factor: f64,
+    /// The derived delay is never shorter (hedging normal tail latency would double traffic).
+    #[serde(with = "humantime_serde")]
+    pub min_delay: Duration,
+    /// The derived delay is never longer; also the delay until enough answers were measured.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+impl Default for HedgingConfig {
+    fn default() -> Self {
+        HedgingConfig {
+            enabled: true,
+            delay: Duration::ZERO,
+            factor: 2.0,
+            min_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(1),
+        }
+    }
+}
+
 /// `[timeouts]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -461,6 +496,19 @@ impl Validate for GatewayConfig {
             ));
         }
 
+        let hedging = &self.hedging;
+        check::range("hedging.factor", hedging.factor, 1.0, 100.0)?;
+        check::at_least("hedging.min_delay", hedging.min_delay, ms(1))?;
+        if hedging.max_delay < hedging.min_delay {
+            return Err(ConfigError::new(
+                "hedging.max_delay",
+                "must be at least hedging.min_delay",
+            ));
+        }
+        if !hedging.delay.is_zero() {
+            check::at_least("hedging.delay", hedging.delay, ms(1))?;
+        }
+
         let t = &self.timeouts;
         check::at_least("timeouts.connect", t.connect, ms(1))?;
         check::at_least("timeouts.response_header", t.response_header, ms(1))?;
@@ -583,6 +631,13 @@ mod tests {
                 "balancing.algorithm",
             ),
             ("HERD_GATEWAY_TIMEOUTS__CONNECT", "soon", "timeouts.connect"),
+            ("HERD_GATEWAY_HEDGING__FACTOR", "0.5", "hedging.factor"),
+            (
+                "HERD_GATEWAY_HEDGING__MAX_DELAY",
+                "10ms",
+                "hedging.max_delay",
+            ),
+            ("HERD_GATEWAY_HEDGING__DELAY", "1ns", "hedging.delay"),
             ("HERD_GATEWAY_THREADS", "5000", "threads"),
             ("HERD_GATEWAY_THREADS", "-1", "threads"),
             (

@@ -14,6 +14,7 @@
 //! - [`upstream`]: the HTTP/1.1 client to workers — per-worker keep-alive pools, driven by the
 //!   request's own task.
 //! - [`retry`]: the retry budget.
+//! - [`hedge`]: when a slow attempt is doubled on another worker (delay learnt from latency).
 //! - [`error`]: upstream and gateway errors, and the one place that turns them into responses.
 //! - [`headers`], [`body`]: header rules and request/response bodies of the request path.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the `/api/*` operator endpoints.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod error;
 pub mod failover;
 pub mod headers;
+pub mod hedge;
 pub mod metrics;
 pub mod proxy;
 pub mod retry;

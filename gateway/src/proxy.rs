@@ -14,6 +14,7 @@
 //! The whole path up to the response headers is bounded by `timeouts.request`. Errors become
 //! responses in [`crate::error`] only.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use crate::body::{self, Prepared, ResponseBody};
 use crate::config::GatewayConfig;
 use crate::error::{GatewayError, UpstreamError, UpstreamErrorKind};
 use crate::headers;
+use crate::hedge::Hedging;
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::tunnel::WorkerTunnel;
@@ -52,6 +54,7 @@ pub struct Proxy {
     upstream: ClientSettings,
     metrics: Arc<Metrics>,
     budget: RetryBudget,
+    hedging: Hedging,
     settings: Settings,
     /// `x-herd-gateway` on every response: which gateway of a pair answered.
     gateway_id: HeaderValue,
@@ -94,6 +97,7 @@ impl Proxy {
             upstream,
             metrics,
             budget: RetryBudget::new(&config.retry),
+            hedging: Hedging::new(&config.hedging),
             settings: Settings {
                 max_attempts: config.retry.max_attempts,
                 retry_on_timeout: config.retry.on_timeout,
@@ -196,6 +200,10 @@ impl Proxy {
             parts.headers.insert(header::HOST, host);
         }
         headers::strip_hop_by_hop(&mut parts.headers);
+        // Hedging doubles a request: only for idempotent ones that are no protocol switch.
+        let hedge_delay = (idempotent && upgrade.is_none())
+            .then(|| self.hedging.delay())
+            .flatten();
         if let Some(protocol) = upgrade {
             headers::set_upgrade(&mut parts.headers, protocol);
         }
@@ -237,17 +245,55 @@ impl Proxy {
                     let Some(body) = prepared.attempt() else {
                         break;
                     };
-                    let request = Outgoing {
+                    // Hedging: once per request, on a body that can be sent twice.
+                    let hedge = match hedge_delay {
+                        Some(delay) if tried.len() == 1 && prepared.replayable() => {
+                            prepared.attempt().map(|spare| (delay, spare))
+                        }
+                        _ => None,
+                    };
+                    let outgoing = |body| Outgoing {
                         method: &parts.method,
                         path,
                         headers: &parts.headers,
                         declared_length: content_length,
                         body,
                     };
-                    self.attempt(
-                        &worker, connection, request, idempotent, deadline, &prepared, request_id,
-                    )
-                    .await
+                    let first = self.attempt(
+                        &worker,
+                        connection,
+                        outgoing(body),
+                        idempotent,
+                        deadline,
+                        &prepared,
+                        request_id,
+                    );
+                    match hedge {
+                        Some((delay, spare)) => {
+                            let prepared = &prepared;
+                            let second = move |worker: Arc<Worker>| async move {
+                                let connection =
+                                    match upstream::connect(&worker, &self.upstream).await {
+                                        Ok(connection) => connection,
+                                        Err(error) => {
+                                            return self.connect_failed(&worker, error, true);
+                                        }
+                                    };
+                                self.attempt(
+                                    &worker,
+                                    connection,
+                                    outgoing(spare),
+                                    true,
+                                    deadline,
+                                    prepared,
+                                    request_id,
+                                )
+                                .await
+                            };
+                            self.hedged(first, &worker, delay, &mut tried, second).await
+                        }
+                        None => first.await,
+                    }
                 }
             };
             let (error, reason) = match outcome {
@@ -364,6 +410,76 @@ impl Proxy {
         true
     }
 
+    /// Runs `first` (an attempt at `worker`); if it has no answer within `delay`, also sends the
+    /// request to another worker (`second`, spending a retry-budget token) and takes the first
+    /// answer. The slower attempt is dropped with its connection; its wait so far goes into its
+    /// worker's latency estimate, so p2c steers new requests away from a worker that hangs.
+    async fn hedged<F, S, Fut>(
+        &self,
+        first: F,
+        worker: &Arc<Worker>,
+        delay: Duration,
+        tried: &mut Vec<Arc<Worker>>,
+        second: S,
+    ) -> Attempt
+    where
+        F: Future<Output = Attempt>,
+        S: FnOnce(Arc<Worker>) -> Fut,
+        Fut: Future<Output = Attempt>,
+    {
+        let started = Instant::now();
+        let mut first = std::pin::pin!(first);
+        tokio::select! {
+            biased;
+            outcome = &mut first => return outcome,
+            () = tokio::time::sleep(delay) => {}
+        }
+        let Ok(pick) = self.balancer.pick(tried) else {
+            return first.await;
+        };
+        let second_worker = pick.worker;
+        let now = self.balancer.clock().now();
+        if !self.budget.try_withdraw(now / 1_000_000_000) {
+            self.metrics.retry_refused("budget");
+            return first.await;
+        }
+        self.metrics.retry("hedge");
+        tried.push(second_worker.clone());
+        let hedge_started = Instant::now();
+        let mut second = std::pin::pin!(second(second_worker.clone()));
+        let (outcome, winner_is_first) = tokio::select! {
+            outcome = &mut first => (outcome, true),
+            outcome = &mut second => (outcome, false),
+        };
+        let succeeded = matches!(outcome, Attempt::Response(_) | Attempt::Switched(..));
+        let (outcome, first_won) = if succeeded {
+            (outcome, winner_is_first)
+        } else if winner_is_first {
+            // The first failed: the hedge is the answer now (the retry loop goes on from it).
+            (second.await, false)
+        } else {
+            (first.await, true)
+        };
+        // The loser was dropped mid-way (or failed, and was counted then).
+        let clock = self.balancer.clock().now();
+        if first_won {
+            let waited = hedge_started.elapsed().as_nanos() as f64;
+            second_worker.ewma.observe(waited, clock);
+        } else {
+            worker
+                .ewma
+                .observe(started.elapsed().as_nanos() as f64, clock);
+        }
+        debug!(
+            worker = %worker.id(),
+            hedge = %second_worker.id(),
+            first_won,
+            delay_ms = delay.as_millis() as u64,
+            "hedged request"
+        );
+        outcome
+    }
+
     /// Sends one attempt to `worker` and classifies the result. Only the worker's own failures
     /// count against its passive health; a refused connect makes it unreachable at once.
     #[allow(clippy::too_many_arguments)]
@@ -385,7 +501,9 @@ impl Proxy {
             Ok(Ok((head, reply))) => {
                 let status = head.status;
                 let clock = self.balancer.clock().now();
-                worker.ewma.observe(sent.elapsed().as_nanos() as f64, clock);
+                let waited = sent.elapsed();
+                worker.ewma.observe(waited.as_nanos() as f64, clock);
+                self.hedging.observe(waited);
                 worker.count_response(Some(status));
                 let failed = self.settings.count_5xx && status.is_server_error();
                 self.balancer.report(worker, !failed);

@@ -4,6 +4,9 @@
 //! - the gateway's `/readyz` and `/metrics` say how many workers really serve (1), and that this
 //!   is not panic mode: the dead workers are unreachable, not merely unhealthy.
 //!
+//! - SIGSTOP 1 of 3 under GET load, default settings → 0 failed, and no request slower than the
+//!   hedge delay (learnt: 2 × the measured p99, ≥ 50 ms) plus a normal answer (issue 14, item 3).
+//!
 //! Before the fix, panic mode (fewer than half healthy) sent traffic back to the dead workers and
 //! the retries that needed ran the budget dry: 192 of 300 requests failed with 503.
 //!
@@ -15,6 +18,7 @@ use herd::load::{self, Plan, Report};
 use herd_tests::cluster::{Cluster, ClusterOptions};
 use herd_tests::gateway::ADMIN_TOKEN;
 use herd_tests::{client, wait_until};
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 /// Each test drives 300 req/s through 4–6 processes: one at a time.
@@ -157,4 +161,44 @@ async fn kill_9_two_of_three_workers_fails_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_four_of_five_workers_fails_no_request() {
     drill(5, &["w1", "w2", "w3", "w4"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_one_of_three_costs_a_get_the_hedge_delay_only() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = cluster(3).await;
+    let plan = Plan {
+        rate: 300,
+        duration: Duration::from_secs(5),
+        concurrency: 16,
+        timeout: Duration::from_secs(10),
+    };
+    let url = cluster.gateway.url("/work?ms=1");
+    let load = tokio::spawn(async move {
+        load::run(&plan, &client(), move |client, _| client.get(&url)).await
+    });
+    // A second of traffic first: the gateway learns the workers' normal latency.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.worker("w2").signal(Signal::SIGSTOP);
+    let report = load.await.unwrap();
+    cluster.worker("w2").signal(Signal::SIGCONT);
+    let metrics = serving_after(&cluster).await.1;
+    let hedges = metrics
+        .lines()
+        .find(|l| l.starts_with("herd_gateway_retries_total{reason=\"hedge\"}"))
+        .unwrap_or("none")
+        .to_string();
+    println!(
+        "SIGSTOP 1 of 3: {}; p99 {:?}, max {:?}; {hedges}",
+        report.summary(),
+        report.latency_quantile(0.99),
+        report.max_latency()
+    );
+    assert_eq!(report.failed(), 0, "{}", report.summary());
+    // Before hedging, requests caught by the hung worker waited timeouts.response_header (5 s).
+    assert!(
+        report.max_latency() < Duration::from_millis(600),
+        "{}",
+        report.summary()
+    );
 }

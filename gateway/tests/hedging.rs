@@ -1,0 +1,120 @@
+//! Hedging (issue 14, item 3), in-process against small upstreams: a worker that hangs costs an
+//! idempotent request the hedge delay, not `timeouts.response_header`; POSTs are never hedged;
+//! hedges spend the retry budget.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use support::{Gateway, Upstream, client, get, send};
+
+const DELAY: Duration = Duration::from_millis(100);
+
+async fn hedge_count(gw: &Gateway) -> u64 {
+    let text = get(&client(), &gw.admin_url("/metrics")).await;
+    String::from_utf8(text.body.to_vec())
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("herd_gateway_retries_total{reason=\"hedge\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[tokio::test]
+async fn a_hung_worker_costs_a_get_the_hedge_delay_only() {
+    let workers = [
+        Upstream::start("w1").await,
+        Upstream::start("w2").await,
+        Upstream::start("w3").await,
+    ];
+    let gw = Gateway::start(&[&workers[0], &workers[1], &workers[2]], |c| {
+        c.hedging.delay = DELAY;
+        c.timeouts.response_header = Duration::from_secs(5);
+        // Neither checks nor passive ejection take the hung worker out during the test: only
+        // hedging stands between the users and a 5 s wait.
+        c.health.interval = Duration::from_secs(60);
+        c.health.passive.enabled = false;
+        c.balancing.slow_start = Duration::ZERO;
+        c.balancing.algorithm = herd_gateway::config::Algorithm::RoundRobin;
+        c.retry.budget_min_per_sec = 1000;
+    })
+    .await;
+    let c = client();
+    for _ in 0..6 {
+        assert_eq!(get(&c, &gw.url("/")).await.status, 200);
+    }
+    workers[1].behavior.hang.store(true, Ordering::SeqCst);
+    let mut slowest = Duration::ZERO;
+    for i in 0..30 {
+        let sent = Instant::now();
+        let answer = get(&c, &gw.url("/")).await;
+        slowest = slowest.max(sent.elapsed());
+        assert_eq!(answer.status, 200, "GET {i}");
+        assert_ne!(answer.worker(), "w2");
+    }
+    println!("slowest GET with a hung worker: {slowest:?}");
+    assert!(slowest < DELAY + Duration::from_millis(400), "{slowest:?}");
+    let hedges = hedge_count(&gw).await;
+    assert!(
+        hedges >= 5,
+        "about a third of 30 met the hung worker: {hedges}"
+    );
+
+    // A POST is never sent twice: it waits for its worker (or its timeout).
+    let before = workers[0].hits() + workers[2].hits();
+    let posts: Vec<_> = (0..3)
+        .map(|_| {
+            let url = gw.url("/");
+            tokio::spawn(async move {
+                let c = client();
+                tokio::time::timeout(
+                    Duration::from_millis(700),
+                    send(&c, "POST", &url, &[], Bytes::from_static(b"{}")),
+                )
+                .await
+                .is_ok()
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for post in posts {
+        answered += post.await.unwrap() as u64;
+    }
+    assert_eq!(hedge_count(&gw).await, hedges, "no POST hedged");
+    assert_eq!(
+        workers[0].hits() + workers[2].hits() - before,
+        answered,
+        "each answered POST reached exactly one worker"
+    );
+    workers[1].behavior.hang.store(false, Ordering::SeqCst);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn hedging_off_waits_for_the_worker() {
+    let workers = [Upstream::start("w1").await, Upstream::start("w2").await];
+    let gw = Gateway::start(&[&workers[0], &workers[1]], |c| {
+        c.hedging.enabled = false;
+        c.timeouts.response_header = Duration::from_millis(600);
+        c.health.interval = Duration::from_secs(60);
+        c.health.passive.enabled = false;
+        c.balancing.slow_start = Duration::ZERO;
+        c.balancing.algorithm = herd_gateway::config::Algorithm::RoundRobin;
+    })
+    .await;
+    workers[0].behavior.hang.store(true, Ordering::SeqCst);
+    let c = client();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..4 {
+        let sent = Instant::now();
+        assert_eq!(get(&c, &gw.url("/")).await.status, 200);
+        slowest = slowest.max(sent.elapsed());
+    }
+    // The hung worker's requests waited out response_header, then were retried.
+    assert!(slowest >= Duration::from_millis(600), "{slowest:?}");
+    assert_eq!(hedge_count(&gw).await, 0);
+    workers[0].behavior.hang.store(false, Ordering::SeqCst);
+    gw.shutdown().await;
+}
