@@ -495,8 +495,14 @@ impl Proxy {
     ) -> Attempt {
         let guard = worker.begin();
         let sent = Instant::now();
-        let exchange = upstream::exchange(worker, connection, request, &self.upstream);
-        let result = tokio::time::timeout_at(deadline, exchange).await;
+        let exchange = upstream::exchange(worker, connection, request, &self.upstream, deadline);
+        // The exchange bounds the worker's waits itself; only a streamed body waits for the
+        // client, and that wait needs the request deadline on top (one timer fewer otherwise).
+        let result = if prepared.watch().is_some() {
+            tokio::time::timeout_at(deadline, exchange).await
+        } else {
+            Ok(exchange.await)
+        };
         match result {
             Ok(Ok((head, reply))) => {
                 let status = head.status;

@@ -21,6 +21,7 @@ use http::{HeaderMap, Method};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::codec::{self, Parsed, RequestFraming, ResponseHead};
 use crate::body::{BodyError, UpstreamBody};
@@ -103,23 +104,29 @@ impl Connection {
 
     /// Sends `request` and reads the response head; the body (or its start) stays in
     /// [`Connection::read`]. The worker gets `response_header` for each write to make progress
-    /// and, once the request is written, for its response head; waiting for the client's body
-    /// is not bounded here (the caller's request deadline is).
+    /// and, once the request is written, for its response head, never past `deadline`; waiting
+    /// for the client's body is not bounded here (the caller bounds it by the deadline).
     pub async fn send(
         &mut self,
         request: Outgoing<'_>,
         fallback_host: &Authority,
         response_header: Duration,
+        deadline: Instant,
     ) -> Result<ResponseHead, UpstreamError> {
         let was_reused = self.reused;
         self.reused = true;
         let method = request.method.clone();
         let upgrade = request.headers.contains_key(http::header::UPGRADE);
         let mut written = 0;
-        self.write_request(request, fallback_host, response_header, &mut written)
+        let stall = Stall {
+            each: response_header,
+            deadline,
+        };
+        self.write_request(request, fallback_host, stall, &mut written)
             .await
             .map_err(|error| error.into_upstream(was_reused, written))?;
-        match tokio::time::timeout(response_header, self.read_head(&method, upgrade)).await {
+        let head_by = deadline.min(Instant::now() + response_header);
+        match tokio::time::timeout_at(head_by, self.read_head(&method, upgrade)).await {
             Ok(head) => head,
             Err(_) => Err(UpstreamError::timeout()),
         }
@@ -135,7 +142,7 @@ impl Connection {
         &mut self,
         request: Outgoing<'_>,
         fallback_host: &Authority,
-        stall: Duration,
+        stall: Stall,
         written: &mut u64,
     ) -> Result<(), WriteError> {
         let Outgoing {
@@ -310,19 +317,28 @@ impl WriteError {
     }
 }
 
-/// Writes all of `data`, counting in `written` what the kernel took; each write gets `stall` to
-/// make progress. (`write_all` would not say how much went out before an error.)
+/// How long a write to the worker may wait for room: `each` time, never past `deadline`.
+#[derive(Debug, Clone, Copy)]
+struct Stall {
+    each: Duration,
+    deadline: Instant,
+}
+
+/// Writes all of `data`, counting in `written` what the kernel took; a write that finds no room
+/// waits as long as `stall` allows (no timer otherwise). (`write_all` would not say how much
+/// went out before an error.)
 async fn send_all(
     stream: &mut TcpStream,
     mut data: &[u8],
-    stall: Duration,
+    stall: Stall,
     written: &mut u64,
 ) -> Result<(), WriteError> {
     while !data.is_empty() {
         let n = match stream.try_write(data) {
             Ok(n) => n,
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                match tokio::time::timeout(stall, stream.write(data)).await {
+                let by = stall.deadline.min(Instant::now() + stall.each);
+                match tokio::time::timeout_at(by, stream.write(data)).await {
                     Ok(result) => result?,
                     Err(_) => return Err(WriteError::Stalled),
                 }

@@ -67,16 +67,22 @@ pub async fn connect(
 }
 
 /// Sends `request` to `worker` over `connection`; returns the response head and what follows
-/// it. The worker's side is bounded here (`response_header` for each write and for the head);
-/// the caller bounds the whole, the client's body included.
+/// it. The worker's side is bounded here (`response_header` for each write and for the head,
+/// never past `deadline`); waits for a streamed client body are the caller's to bound.
 pub async fn exchange(
     worker: &Arc<Worker>,
     mut connection: Connection,
     request: Outgoing<'_>,
     settings: &ClientSettings,
+    deadline: tokio::time::Instant,
 ) -> Result<(ResponseHead, Reply), UpstreamError> {
     let head = connection
-        .send(request, &worker.authority, settings.response_header)
+        .send(
+            request,
+            &worker.authority,
+            settings.response_header,
+            deadline,
+        )
         .await?;
     if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
         return Ok((head, Reply::Switched(connection)));
