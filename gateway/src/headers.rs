@@ -51,8 +51,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // Names listed in Connection go too (besides the `close` / `keep-alive` options).
     let listed: Vec<HeaderName> = connection_options(headers)
-        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .filter(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
+        .filter_map(|name| HeaderName::from_bytes(name).ok())
         .collect();
     for name in listed.iter().chain(&present) {
         headers.remove(name);
@@ -64,18 +64,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     let upgrade = headers.get(header::UPGRADE)?;
     connection_options(headers)
-        .any(|option| option.eq_ignore_ascii_case("upgrade"))
+        .any(|option| option.eq_ignore_ascii_case(b"upgrade"))
         .then(|| upgrade.clone())
 }
 
-/// The comma-separated options of every `Connection` header, trimmed.
-fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+/// The comma-separated options of every `Connection` header, trimmed. Split as bytes: a value
+/// with a non-ASCII byte anywhere still lists its other options (read as text, the whole value
+/// was skipped and the names it listed were forwarded).
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
 }
 
 /// Puts back the two hop-by-hop headers of a protocol switch (after [`strip_hop_by_hop`]), so
@@ -138,11 +139,21 @@ pub fn forwarded_for(client: IpAddr) -> HeaderValue {
 /// Appends `client` (see [`forwarded_for`]) to `X-Forwarded-For` and sets
 /// `X-Forwarded-Proto`.
 pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, proto: &'static str) {
-    let value = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) if !previous.trim().is_empty() => {
-            HeaderValue::from_str(&format!("{previous}, {}", client.to_str().unwrap_or(""))).ok()
+    // Every earlier line counts (a list may arrive split over several), as bytes: one odd byte
+    // must not drop the hops before ours.
+    let mut chain = Vec::new();
+    for previous in headers.get_all(&FORWARDED_FOR) {
+        let previous = previous.as_bytes().trim_ascii();
+        if !previous.is_empty() {
+            chain.extend_from_slice(previous);
+            chain.extend_from_slice(b", ");
         }
-        _ => Some(client.clone()),
+    }
+    let value = if chain.is_empty() {
+        Some(client.clone())
+    } else {
+        chain.extend_from_slice(client.as_bytes());
+        HeaderValue::from_bytes(&chain).ok()
     };
     if let Some(value) = value {
         headers.insert(FORWARDED_FOR, value);
@@ -220,6 +231,22 @@ mod tests {
         assert_eq!(left, vec!["x-herd-worker", "content-type"]);
     }
 
+    /// Found by the property tests: a `Connection` value with a non-ASCII byte was skipped
+    /// whole, so the names it listed were forwarded and its `upgrade` was not seen.
+    #[test]
+    fn connection_options_are_read_past_non_ascii_bytes() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-secret, caf\xe9, Upgrade").unwrap(),
+        );
+        headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+        headers.insert("x-secret", "1".parse().unwrap());
+        assert_eq!(upgrade(&headers).unwrap(), "websocket");
+        strip_hop_by_hop(&mut headers);
+        assert!(headers.is_empty(), "{headers:?}");
+    }
+
     #[test]
     fn request_ids_are_kept_when_sane() {
         assert!(is_sane_request_id(b"abc-123_x.y"));
@@ -277,6 +304,17 @@ mod tests {
         add_forwarded(&mut headers, &forwarded_for([127, 0, 0, 1].into()), "http");
         assert_eq!(headers[&FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
         assert_eq!(headers[&FORWARDED_PROTO], "http");
+        // Found by the property tests: only the first of several lines was kept, and a line with
+        // a non-ASCII byte was dropped with all hops before ours.
+        let mut headers = HeaderMap::new();
+        headers.append(&FORWARDED_FOR, "10.0.0.1".parse().unwrap());
+        headers.append(
+            &FORWARDED_FOR,
+            HeaderValue::from_bytes(b"10.0.0.2, \xff").unwrap(),
+        );
+        add_forwarded(&mut headers, &forwarded_for([127, 0, 0, 1].into()), "http");
+        let chain: Vec<_> = headers.get_all(&FORWARDED_FOR).iter().collect();
+        assert_eq!(chain, [&b"10.0.0.1, 10.0.0.2, \xff, 127.0.0.1"[..]]);
     }
 
     #[test]

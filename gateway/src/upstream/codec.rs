@@ -205,7 +205,13 @@ pub fn parse_response(
         }));
     }
     let framing = framing(&headers, status, method)?;
-    let keep_alive = framing != ResponseFraming::UntilClose && keeps_alive(&headers, version);
+    // A Transfer-Encoding beside a Content-Length, or in an HTTP/1.0 answer, is how smuggling and
+    // response splitting look: the body is read by the Transfer-Encoding, then the connection
+    // closed (RFC 9112 §6.1, §6.3 item 3) rather than trusted with another request.
+    let suspect = headers.contains_key(header::TRANSFER_ENCODING)
+        && (headers.contains_key(header::CONTENT_LENGTH) || version == Version::HTTP_10);
+    let keep_alive =
+        framing != ResponseFraming::UntilClose && !suspect && keeps_alive(&headers, version);
     if framing == ResponseFraming::Chunked {
         // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); drop the stale length.
         headers.remove(header::CONTENT_LENGTH);
@@ -382,10 +388,19 @@ impl ChunkedDecoder {
 }
 
 /// Takes one CRLF-terminated line off `buffer` (without the CRLF), if a whole one is there.
+///
+/// A control character other than HTAB in the line — a bare LF or CR above all — is an error:
+/// a parser that ends lines at a bare LF would frame the body differently (RFC 9112 §2.2).
 fn take_line(buffer: &mut BytesMut) -> Result<Option<BytesMut>, ProtocolError> {
     match buffer.windows(2).position(|w| w == b"\r\n") {
         Some(end) if end > MAX_CHUNK_LINE => Err(ProtocolError("chunk line too long")),
         Some(end) => {
+            if buffer[..end]
+                .iter()
+                .any(|&b| b != b'\t' && b.is_ascii_control())
+            {
+                return Err(ProtocolError("control character in chunk line"));
+            }
             let line = buffer.split_to(end);
             buffer.advance(2);
             Ok(Some(line))
@@ -395,18 +410,32 @@ fn take_line(buffer: &mut BytesMut) -> Result<Option<BytesMut>, ProtocolError> {
     }
 }
 
+/// Parses `chunk-size [ BWS chunk-ext ]` (RFC 9112 §7.1): hex digits only (no sign, no leading
+/// white space), then optional SP/HTAB and extensions, which are ignored.
 fn parse_chunk_size(line: &[u8]) -> Result<u64, ProtocolError> {
-    // Chunk extensions (`;name=value`) are allowed and ignored.
-    let digits = line
-        .split(|b| *b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    if digits.is_empty() || digits.len() > 15 {
+    let end = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let (digits, rest) = line.split_at(end);
+    let after_space = rest
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(&[][..], |at| &rest[at..]);
+    if digits.is_empty() || !(after_space.is_empty() || after_space[0] == b';') {
         return Err(ProtocolError("invalid chunk size"));
     }
-    let text = std::str::from_utf8(digits).map_err(|_| ProtocolError("invalid chunk size"))?;
-    u64::from_str_radix(text, 16).map_err(|_| ProtocolError("invalid chunk size"))
+    // At most 15 significant digits (< 2^60): no size near u64::MAX reaches the arithmetic.
+    let significant = digits.iter().skip_while(|b| **b == b'0').count();
+    if significant > 15 {
+        return Err(ProtocolError("chunk size too large"));
+    }
+    let size = digits[digits.len() - significant..]
+        .iter()
+        .fold(0, |size, &b| {
+            size << 4 | u64::from(char::from(b).to_digit(16).unwrap_or(0))
+        });
+    Ok(size)
 }
 
 #[cfg(test)]
@@ -669,5 +698,66 @@ mod tests {
         }
         let mut endless = BytesMut::from(&vec![b'1'; MAX_CHUNK_LINE + 2][..]);
         assert!(ChunkedDecoder::new().next(&mut endless).is_err());
+    }
+
+    /// Found by the property tests (gateway/tests/properties): size lines RFC 9112 §7.1 does not
+    /// allow were taken (`+` and white space by `from_str_radix` and a trim, a bare LF or CR in
+    /// an extension), so the gateway and a stricter parser could frame one body differently.
+    #[test]
+    fn chunk_size_lines_follow_the_grammar() {
+        let first = |line: &[u8]| {
+            let mut buffer = BytesMut::from(line);
+            ChunkedDecoder::new().next(&mut buffer)
+        };
+        for bad in [
+            &b"+5\r\n"[..],
+            b" 5\r\n",
+            b"5\r\r\n",
+            b"5;a\nb\r\n",
+            b"5;\x00\r\n",
+            b"5 x\r\n",
+            b"0x5\r\n",
+            b"1000000000000000\r\n",
+        ] {
+            assert!(first(bad).is_err(), "{bad:?} must be refused");
+        }
+        for (good, size) in [
+            (&b"5 ;\tname=\"v;x\"\r\n"[..], 5usize),
+            (b"0000000000000000005\r\n", 5),
+            (b"A\t\r\n", 10),
+        ] {
+            let mut buffer = BytesMut::from(good);
+            buffer.extend_from_slice(&vec![b'x'; size]);
+            assert_eq!(
+                ChunkedDecoder::new().next(&mut buffer),
+                Ok(Chunk::Data(Bytes::from(vec![b'x'; size]))),
+                "{good:?}"
+            );
+        }
+        // The largest size accepted: 15 hex digits, counted down without overflow.
+        let mut buffer = BytesMut::from(&b"fffffffffffffff\r\nabc"[..]);
+        let mut decoder = ChunkedDecoder::new();
+        assert_eq!(
+            decoder.next(&mut buffer),
+            Ok(Chunk::Data(Bytes::from_static(b"abc")))
+        );
+        assert_eq!(decoder.state, ChunkState::Data((1 << 60) - 1 - 3));
+    }
+
+    #[test]
+    fn suspect_framing_closes_the_connection() {
+        // RFC 9112 §6.3 item 3 / §6.1: Transfer-Encoding frames the body, but the connection is
+        // not trusted with another exchange.
+        let (head, _) =
+            complete("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert_eq!(head.framing, ResponseFraming::Chunked);
+        assert!(!head.keep_alive);
+        let (head, _) = complete(
+            "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n",
+        );
+        assert_eq!(head.framing, ResponseFraming::Chunked);
+        assert!(!head.keep_alive);
+        let (head, _) = complete("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert!(head.keep_alive, "chunked alone is fine");
     }
 }

@@ -1,5 +1,7 @@
 //! One worker's health-check connection: a long-lived HTTP/1.1 keep-alive connection owned by the
-//! worker's check task, a request built once, and the answer's status line read with `httparse`.
+//! worker's check task, a request built once, and the answer read with the proxy's own HTTP/1
+//! parser ([`crate::upstream::codec`]), so a check and a proxied request frame a worker's answer
+//! by the same rules (RFC 9112 §6.3).
 //!
 //! Why not the pooled hyper client: with a thousand workers checked twice a second, the client's
 //! per-check work (URI and request building, the pool's lookup and bookkeeping, a connection task
@@ -12,7 +14,9 @@
 //! mistaken for the next one's).
 //!
 //! The connection is kept only while it is known to be clean: the whole answer — head and a
-//! `Content-Length` or chunked body — arrived, nothing more, and neither side asked to close.
+//! `Content-Length` or chunked body of at most 64 KiB — arrived with the head, nothing more, and
+//! the codec says the connection may carry another exchange (no `close`, HTTP/1.0 only with
+//! `keep-alive`, no suspect framing such as both `Content-Length` and `Transfer-Encoding`).
 //! Otherwise the next check connects afresh. A kept connection the worker closed while idle is
 //! noticed before the request is written (or, racing with it, when nothing at all came back) and
 //! replaced by a new one within the same check, as the pooled client did: an idle close is not a
@@ -21,17 +25,18 @@
 use std::io;
 use std::net::SocketAddr;
 
+use bytes::{Buf, BytesMut};
+use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::CheckFailure;
+use crate::upstream::codec::{self, Chunk, ChunkedDecoder, Parsed, ResponseFraming};
 
 /// Longest response head read before giving up (hyper's default limit is of this order too).
 const MAX_HEAD: usize = 16 * 1024;
 /// Largest body skipped to keep a connection; anything bigger costs a reconnect, not a failure.
 const MAX_KEPT_BODY: usize = 64 * 1024;
-/// Most headers a check answer may carry.
-const MAX_HEADERS: usize = 64;
 
 /// A worker's check state: its prepared request and, between checks, its open connection.
 #[derive(Debug)]
@@ -43,7 +48,7 @@ pub struct Session {
     /// The open connection, taken out during a check and put back only when it ended cleanly.
     conn: Option<Conn>,
     /// Response bytes; reused across checks and connections.
-    buf: Vec<u8>,
+    buf: BytesMut,
     /// Connections opened so far (tests and diagnostics).
     connects: u64,
 }
@@ -112,7 +117,7 @@ impl Session {
             authority: authority.to_string(),
             request: request.into_bytes().into_boxed_slice(),
             conn: None,
-            buf: Vec::with_capacity(512),
+            buf: BytesMut::with_capacity(512),
             connects: 0,
         }
     }
@@ -169,34 +174,35 @@ impl Session {
             .await
             .map_err(Failure::NoAnswer)?;
         self.buf.clear();
-        let mut start = 0; // where the current response head begins (after skipped 1xx heads)
+        // Whether any byte of an answer came (skipped 1xx heads included): a close before that
+        // is `NoAnswer` (retried once on a reused connection), after it `Broken`.
+        let mut answered = false;
         loop {
-            if self.buf.len() > start {
-                match parse(&self.buf[start..])? {
-                    Parsed::Partial => {}
-                    Parsed::Informational(head_len) => {
-                        start += head_len;
+            if !self.buf.is_empty() {
+                match codec::parse_response(&mut self.buf, &Method::GET, false) {
+                    Ok(Parsed::Partial) if self.buf.len() > MAX_HEAD => {
+                        return Err(Failure::Garbage("response head too large".into()));
+                    }
+                    Ok(Parsed::Partial) => {}
+                    Ok(Parsed::Interim(head_len)) => {
+                        self.buf.advance(head_len);
                         continue;
                     }
-                    Parsed::Final {
-                        status,
-                        head_len,
-                        framing,
-                        keep_alive,
-                    } => {
-                        let rest = &self.buf[start + head_len..];
-                        let reusable = keep_alive && framing.is_complete(rest);
-                        return Ok(Answer { status, reusable });
+                    Ok(Parsed::Complete(head)) => {
+                        // `buf` now holds what came after the head.
+                        let reusable = head.keep_alive && whole_body(head.framing, &mut self.buf);
+                        return Ok(Answer {
+                            status: head.status.as_u16(),
+                            reusable,
+                        });
                     }
-                }
-                if self.buf.len() - start > MAX_HEAD {
-                    return Err(Failure::Garbage("response head too large".into()));
+                    Err(e) => return Err(Failure::Garbage(e.0.to_string())),
                 }
             }
             self.buf.reserve(512);
             let read = conn.stream.read_buf(&mut self.buf).await;
             match read {
-                Ok(0) if self.buf.is_empty() => {
+                Ok(0) if !answered => {
                     return Err(Failure::NoAnswer(io::ErrorKind::UnexpectedEof.into()));
                 }
                 Ok(0) => {
@@ -205,8 +211,8 @@ impl Session {
                         "connection closed in the middle of the answer",
                     )));
                 }
-                Ok(_) => {}
-                Err(e) if self.buf.is_empty() => return Err(Failure::NoAnswer(e)),
+                Ok(_) => answered = true,
+                Err(e) if !answered => return Err(Failure::NoAnswer(e)),
                 Err(e) => return Err(Failure::Broken(e)),
             }
         }
@@ -225,146 +231,31 @@ impl Conn {
     }
 }
 
-/// How the body after a final head is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// No body (1xx, 204, 304).
-    Empty,
-    /// `Content-Length`.
-    Length(usize),
-    /// `Transfer-Encoding: chunked`.
-    Chunked,
-    /// Until the connection closes (or a framing we don't follow): never reusable.
-    UntilClose,
-}
-
-impl Framing {
-    /// Whether `rest` is exactly the whole body: then the connection is clean for the next check.
-    fn is_complete(self, rest: &[u8]) -> bool {
-        match self {
-            Framing::Empty => rest.is_empty(),
-            Framing::Length(n) => rest.len() == n,
-            Framing::Chunked => chunked_len(rest) == Some(rest.len()),
-            Framing::UntilClose => false,
-        }
-    }
-}
-
-#[derive(Debug)]
-enum Parsed {
-    Partial,
-    /// A 1xx head (not 101) of this length; the final answer follows.
-    Informational(usize),
-    Final {
-        status: u16,
-        head_len: usize,
-        framing: Framing,
-        keep_alive: bool,
-    },
-}
-
-/// Parses one response head at the start of `bytes`.
-fn parse(bytes: &[u8]) -> Result<Parsed, Failure> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
-    let head_len = match response.parse(bytes) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
-        Err(e) => return Err(Failure::Garbage(e.to_string())),
-    };
-    let status = response.code.unwrap_or(0);
-    if (100..200).contains(&status) && status != 101 {
-        return Ok(Parsed::Informational(head_len));
-    }
-    // HTTP/1.0 answers close unless told otherwise; we simply don't keep them.
-    let mut keep_alive = response.version == Some(1);
-    let mut framing = if status == 204 || status == 304 {
-        Framing::Empty
-    } else {
-        Framing::UntilClose
-    };
-    let mut length: Option<usize> = None;
-    let mut chunked = false;
-    let mut other_coding = false;
-    for header in response.headers.iter() {
-        if header.name.eq_ignore_ascii_case("content-length") {
-            let parsed = std::str::from_utf8(header.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok());
-            match (parsed, length) {
-                (Some(n), None) => length = Some(n),
-                (Some(n), Some(m)) if n == m => {}
-                _ => return Err(Failure::Garbage("bad content-length".into())),
-            }
-        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            // Chunked must be the last coding; anything else we can't delimit.
-            let value = String::from_utf8_lossy(header.value);
-            let last = value.rsplit(',').next().unwrap_or("").trim();
-            chunked = last.eq_ignore_ascii_case("chunked");
-            other_coding = !chunked;
-        } else if header.name.eq_ignore_ascii_case("connection") {
-            let value = String::from_utf8_lossy(header.value);
-            if value
-                .split(',')
-                .any(|token| token.trim().eq_ignore_ascii_case("close"))
-            {
-                keep_alive = false;
+/// Whether `rest`, the bytes that came with the head, is exactly the whole body framed as
+/// `framing` and at most [`MAX_KEPT_BODY`]: then the connection is clean for the next check.
+/// A body still on its way, a malformed one or extra bytes only cost a new connection (the check
+/// is decided by the status); `rest` may be consumed.
+fn whole_body(framing: ResponseFraming, rest: &mut BytesMut) -> bool {
+    match framing {
+        ResponseFraming::Empty => rest.is_empty(),
+        ResponseFraming::Length(n) => n <= MAX_KEPT_BODY as u64 && rest.len() as u64 == n,
+        ResponseFraming::Chunked => {
+            let mut decoder = ChunkedDecoder::new();
+            let mut body = 0;
+            loop {
+                match decoder.next(rest) {
+                    Ok(Chunk::Data(data)) => {
+                        body += data.len();
+                        if body > MAX_KEPT_BODY {
+                            return false;
+                        }
+                    }
+                    Ok(Chunk::End) => return rest.is_empty(),
+                    Ok(Chunk::NeedMore) | Err(_) => return false,
+                }
             }
         }
-    }
-    if framing != Framing::Empty {
-        framing = if other_coding {
-            Framing::UntilClose
-        } else if chunked {
-            Framing::Chunked
-        } else {
-            match length {
-                Some(n) if n <= MAX_KEPT_BODY => Framing::Length(n),
-                Some(_) => Framing::UntilClose,
-                None => Framing::UntilClose,
-            }
-        };
-    }
-    if status == 101 {
-        keep_alive = false; // the connection is no longer HTTP
-    }
-    Ok(Parsed::Final {
-        status,
-        head_len,
-        framing,
-        keep_alive,
-    })
-}
-
-/// Length of a complete chunked body (chunks, last chunk, trailers, final CRLF) at the start of
-/// `bytes`, or None when it is incomplete, malformed or larger than we skip.
-fn chunked_len(bytes: &[u8]) -> Option<usize> {
-    let mut at = 0;
-    loop {
-        let (size_len, size) = match httparse::parse_chunk_size(&bytes[at..]) {
-            Ok(httparse::Status::Complete(found)) => found,
-            _ => return None,
-        };
-        at += size_len;
-        if size == 0 {
-            break;
-        }
-        let size = usize::try_from(size).ok().filter(|&s| s <= MAX_KEPT_BODY)?;
-        if bytes.len() < at + size + 2 || &bytes[at + size..at + size + 2] != b"\r\n" {
-            return None;
-        }
-        at += size + 2;
-        if at > MAX_KEPT_BODY {
-            return None;
-        }
-    }
-    // Trailer fields, then an empty line.
-    loop {
-        let line_end = bytes[at..].windows(2).position(|w| w == b"\r\n")?;
-        at += line_end + 2;
-        if line_end == 0 {
-            return Some(at);
-        }
+        ResponseFraming::UntilClose => false,
     }
 }
 
@@ -626,11 +517,87 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn chunked_bodies_are_measured() {
-        assert_eq!(chunked_len(b"0\r\n\r\n"), Some(5));
-        assert_eq!(chunked_len(b"2\r\nok\r\n0\r\n\r\n"), Some(12));
-        assert_eq!(chunked_len(b"2\r\nok\r\n0\r\nx-t: 1\r\n\r\n"), Some(20));
-        assert_eq!(chunked_len(b"2\r\nok\r\n0\r\n"), None, "incomplete");
-        assert_eq!(chunked_len(b"2\r\nokxx0\r\n\r\n"), None, "malformed");
+    fn whole_bodies_are_recognised() {
+        let whole = |framing, bytes: &[u8]| whole_body(framing, &mut BytesMut::from(bytes));
+        assert!(whole(ResponseFraming::Chunked, b"0\r\n\r\n"));
+        assert!(whole(ResponseFraming::Chunked, b"2\r\nok\r\n0\r\n\r\n"));
+        assert!(whole(
+            ResponseFraming::Chunked,
+            b"2\r\nok\r\n0\r\nx-t: 1\r\n\r\n"
+        ));
+        assert!(
+            !whole(ResponseFraming::Chunked, b"2\r\nok\r\n0\r\n"),
+            "incomplete"
+        );
+        assert!(
+            !whole(ResponseFraming::Chunked, b"2\r\nokxx0\r\n\r\n"),
+            "malformed"
+        );
+        assert!(
+            !whole(ResponseFraming::Chunked, b"0\r\n\r\nX"),
+            "extra bytes"
+        );
+        assert!(whole(ResponseFraming::Length(2), b"ok"));
+        assert!(!whole(ResponseFraming::Length(3), b"ok"));
+        assert!(whole(ResponseFraming::Empty, b""));
+        assert!(!whole(ResponseFraming::UntilClose, b""));
+        let big = MAX_KEPT_BODY + 1;
+        let mut chunked = format!("{big:x}\r\n").into_bytes();
+        chunked.extend(std::iter::repeat_n(b'a', big));
+        chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+        assert!(
+            !whole(ResponseFraming::Chunked, &chunked),
+            "too large to skip"
+        );
+        assert!(!whole(ResponseFraming::Length(big as u64), &chunked[..big]));
+    }
+
+    /// Where the checker's old parser and the proxy's disagreed, the check now follows RFC 9112
+    /// §6.3 as the proxy does.
+    #[tokio::test]
+    async fn content_length_follows_rfc_9112() {
+        // `+3` is not `1*DIGIT`: the old `usize` parse took it (the check passed).
+        let fake =
+            Fake::start(|_| Reply::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: +3\r\n\r\nok\n"))
+                .await;
+        let error = fake.session().check().await.unwrap_err();
+        assert!(error.contains("invalid HTTP answer"), "{error}");
+
+        // A list of identical values is that value (§6.3 item 5): the old parser refused it.
+        let fake =
+            Fake::start(|_| Reply::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\nok\n"))
+                .await;
+        let mut session = fake.session();
+        for _ in 0..3 {
+            assert_eq!(session.check().await, Ok(()));
+        }
+        assert_eq!(session.connects(), 1, "a whole body keeps the connection");
+
+        // Transfer-Encoding overrides Content-Length, and such an answer "ought to be handled as
+        // an error" (§6.3 item 3): it counts, but its connection is not kept (the old parser
+        // kept it).
+        let fake = Fake::start(|_| {
+            Reply::Answer(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n3\r\nok\n\r\n0\r\n\r\n",
+            )
+        })
+        .await;
+        let mut session = fake.session();
+        for _ in 0..3 {
+            assert_eq!(session.check().await, Ok(()));
+        }
+        assert_eq!(session.connects(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_unasked_protocol_switch_fails() {
+        let fake = Fake::start(|_| {
+            Reply::Answer(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n")
+        })
+        .await;
+        let mut session = fake.session();
+        let error = session.check().await.unwrap_err();
+        assert!(error.contains("unexpected protocol switch"), "{error}");
+        assert!(session.conn.is_none());
     }
 }

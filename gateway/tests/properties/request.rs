@@ -1,0 +1,155 @@
+//! The request-head encoder (`codec::encode_request_head`): what it writes, read back by
+//! `httparse`, is the method, target, headers and framing it was given; after `headers.rs`
+//! stripping, no hop-by-hop or `Connection`-listed header reaches a worker.
+
+use bytes::BytesMut;
+use herd_gateway::headers::strip_hop_by_hop;
+use herd_gateway::upstream::codec::{RequestFraming, encode_request_head};
+use http::Method;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
+use proptest::prelude::*;
+
+use super::{config, field_value, plain_name};
+
+fn method() -> impl Strategy<Value = Method> {
+    prop_oneof![
+        prop::sample::select(vec![
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+            Method::PATCH
+        ]),
+        "[A-Z]{1,10}".prop_map(|m| Method::from_bytes(m.as_bytes()).unwrap()),
+    ]
+}
+
+fn framing() -> impl Strategy<Value = RequestFraming> {
+    prop_oneof![
+        Just(RequestFraming::None),
+        any::<u64>().prop_map(RequestFraming::Length),
+        Just(RequestFraming::Chunked),
+    ]
+}
+
+/// Headers a client may send, framing and `Host` ones included.
+fn client_headers() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
+    let name = prop_oneof![
+        6 => plain_name(),
+        1 => prop::sample::select(vec!["host", "content-length", "transfer-encoding", "expect", "cookie"]).prop_map(String::from),
+    ];
+    prop::collection::vec((name, field_value()), 0..10)
+}
+
+fn header_map(headers: &[(String, Vec<u8>)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        map.append(
+            HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            HeaderValue::from_bytes(value).unwrap(),
+        );
+    }
+    map
+}
+
+/// The head's method, target and `(name, value)` lines, read by `httparse`.
+fn read_back(wire: &[u8]) -> (String, String, Vec<(String, Vec<u8>)>) {
+    let mut slots = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut slots);
+    let status = request.parse(wire).expect("httparse reads what we wrote");
+    assert_eq!(
+        status,
+        httparse::Status::Complete(wire.len()),
+        "one whole head, nothing after"
+    );
+    assert_eq!(request.version, Some(1));
+    let headers = request
+        .headers
+        .iter()
+        .map(|h| (h.name.to_string(), h.value.to_vec()))
+        .collect();
+    (
+        request.method.unwrap().to_string(),
+        request.path.unwrap().to_string(),
+        headers,
+    )
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn an_encoded_head_reads_back_the_same(
+        method in method(),
+        path in "/[a-zA-Z0-9/._~%!$&'()*+,;=:@?-]{0,40}",
+        headers in client_headers(),
+        framing in framing(),
+    ) {
+        let map = header_map(&headers);
+        let fallback = Authority::from_static("10.0.0.1:8081");
+        let mut out = BytesMut::from(&b"stale bytes"[..]);
+        encode_request_head(&mut out, &method, &path, &map, framing, &fallback);
+        let (read_method, read_path, read_headers) = read_back(&out);
+        prop_assert_eq!(read_method, method.as_str());
+        prop_assert_eq!(read_path, path);
+
+        // Expected: Host (the client's, else the worker's), every other header but the framing
+        // ones in the map's order, then the gateway's own framing.
+        let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
+        if !map.contains_key("host") {
+            expected.push(("host".into(), b"10.0.0.1:8081".to_vec()));
+        }
+        for (name, value) in &map {
+            if !matches!(name.as_str(), "content-length" | "transfer-encoding" | "expect") {
+                expected.push((name.to_string(), value.as_bytes().to_vec()));
+            }
+        }
+        match framing {
+            RequestFraming::None => {}
+            RequestFraming::Length(n) => expected.push(("content-length".into(), n.to_string().into_bytes())),
+            RequestFraming::Chunked => expected.push(("transfer-encoding".into(), b"chunked".to_vec())),
+        }
+        prop_assert_eq!(read_headers, expected);
+    }
+
+    #[test]
+    fn no_hop_by_hop_or_connection_listed_header_is_forwarded(
+        headers in client_headers(),
+        hop in prop::collection::vec(
+            prop::sample::select(vec!["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization", "proxy-authenticate"]),
+            0..4,
+        ),
+        listed in prop::collection::vec((plain_name(), any::<bool>()), 0..4),
+        junk in prop::sample::select(vec![&b""[..], b"close", b" \xff\xfe", b"keep-alive", b""]),
+    ) {
+        let mut headers = headers;
+        // Some listed names are also sent (those must go), some only listed.
+        for (name, sent) in &listed {
+            if *sent {
+                headers.push((name.clone(), b"1".to_vec()));
+            }
+        }
+        for name in &hop {
+            headers.push((name.to_string(), b"x".to_vec()));
+        }
+        let mut options: Vec<Vec<u8>> = listed.iter().map(|(n, _)| n.to_ascii_uppercase().into_bytes()).collect();
+        options.push(junk.to_vec());
+        headers.push(("connection".into(), options.join(&b", "[..])));
+        let mut map = header_map(&headers);
+        strip_hop_by_hop(&mut map);
+        let mut out = BytesMut::new();
+        encode_request_head(&mut out, &Method::POST, "/", &map, RequestFraming::Length(1), &Authority::from_static("w:1"));
+        let (_, _, forwarded) = read_back(&out);
+        for (name, _) in &forwarded {
+            prop_assert!(!hop.contains(&name.as_str()) || name == "transfer-encoding", "{name} forwarded");
+            prop_assert!(name != "connection" && name != "upgrade" && name != "te");
+            prop_assert!(!listed.iter().any(|(l, _)| l == name), "listed {name} forwarded");
+        }
+        // The gateway's own framing is the only transfer-encoding / content-length.
+        prop_assert_eq!(forwarded.iter().filter(|(n, _)| n == "content-length").count(), 1);
+        prop_assert!(!forwarded.iter().any(|(n, _)| n == "transfer-encoding"));
+    }
+}

@@ -1,0 +1,263 @@
+//! The response-head parser (`codec::parse_response`): no input panics it, a head parses the
+//! same however it is split across reads, and generated heads give back their status, headers,
+//! framing and keep-alive as RFC 9112 §6.3 and §9.3 say.
+
+use bytes::BytesMut;
+use herd_gateway::upstream::codec::{Parsed, ResponseFraming, parse_response};
+use http::Method;
+use proptest::prelude::*;
+
+use super::{config, field_value, plain_name};
+
+/// How a generated response frames its body.
+#[derive(Debug, Clone)]
+enum Framing {
+    None,
+    /// `Content-Length` on one or more lines (the same value), or as the list `n, n`.
+    Length {
+        length: u64,
+        lines: usize,
+        as_list: bool,
+    },
+    /// `Transfer-Encoding` codings (the last one decides), perhaps with a `Content-Length`.
+    Codings {
+        codings: Vec<&'static str>,
+        with_length: Option<u64>,
+    },
+}
+
+/// A generated response head and what RFC 9112 says about it.
+#[derive(Debug, Clone)]
+struct Head {
+    http10: bool,
+    status: u16,
+    reason: String,
+    method: Method,
+    headers: Vec<(String, Vec<u8>)>,
+    framing: Framing,
+    /// `Connection` options sent, if any.
+    connection: Option<&'static str>,
+}
+
+impl Head {
+    fn wire(&self) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.{} {} {}\r\n",
+            u8::from(!self.http10),
+            self.status,
+            self.reason
+        )
+        .into_bytes();
+        let mut put = |name: &str, value: &[u8]| {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        };
+        for (name, value) in &self.headers {
+            put(name, value);
+        }
+        match &self.framing {
+            Framing::None => {}
+            Framing::Length {
+                length,
+                lines,
+                as_list,
+            } => {
+                if *as_list {
+                    put("Content-Length", format!("{length}, {length}").as_bytes());
+                }
+                for _ in 0..*lines {
+                    put("content-length", length.to_string().as_bytes());
+                }
+            }
+            Framing::Codings {
+                codings,
+                with_length,
+            } => {
+                put("Transfer-Encoding", codings.join(", ").as_bytes());
+                if let Some(length) = with_length {
+                    put("content-length", length.to_string().as_bytes());
+                }
+            }
+        }
+        if let Some(options) = self.connection {
+            put("connection", options.as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    /// The framing RFC 9112 §6.3 gives this answer.
+    fn expected_framing(&self) -> ResponseFraming {
+        if self.method == Method::HEAD || self.status == 204 || self.status == 304 {
+            return ResponseFraming::Empty;
+        }
+        match &self.framing {
+            Framing::Codings { codings, .. } if codings.last() == Some(&"chunked") => {
+                ResponseFraming::Chunked
+            }
+            Framing::Codings { .. } | Framing::None => ResponseFraming::UntilClose,
+            Framing::Length { length: 0, .. } => ResponseFraming::Empty,
+            Framing::Length { length, .. } => ResponseFraming::Length(*length),
+        }
+    }
+
+    /// Whether the connection may carry another request (RFC 9112 §9.3, §6.1, §6.3 item 3).
+    fn expected_keep_alive(&self) -> bool {
+        let options = self.connection.unwrap_or("").to_ascii_lowercase();
+        let close = options.split(',').any(|o| o.trim() == "close");
+        let keep = options.split(',').any(|o| o.trim() == "keep-alive");
+        let suspect = matches!(
+            &self.framing,
+            Framing::Codings { with_length, .. } if with_length.is_some() || self.http10
+        );
+        self.expected_framing() != ResponseFraming::UntilClose
+            && !suspect
+            && !close
+            && (!self.http10 || keep)
+    }
+}
+
+fn head() -> impl Strategy<Value = Head> {
+    let status = prop_oneof![
+        4 => 200u16..=599,
+        1 => prop::sample::select(vec![100u16, 102, 103, 204, 304]),
+    ];
+    let framing = prop_oneof![
+        Just(Framing::None),
+        (0u64..=u64::MAX, 1usize..=3, any::<bool>()).prop_map(|(length, lines, as_list)| {
+            Framing::Length {
+                length,
+                lines,
+                as_list,
+            }
+        }),
+        (
+            prop::collection::vec(prop::sample::select(vec!["gzip", "chunked", "br"]), 1..=3),
+            prop::option::of(0u64..1000),
+        )
+            .prop_map(|(codings, with_length)| Framing::Codings {
+                codings,
+                with_length
+            }),
+    ];
+    (
+        any::<bool>(),
+        status,
+        "[A-Za-z ]{0,12}",
+        prop::sample::select(vec![Method::GET, Method::HEAD, Method::POST]),
+        prop::collection::vec((plain_name(), field_value()), 0..8),
+        framing,
+        prop::sample::select(vec![
+            None,
+            Some("close"),
+            Some("keep-alive"),
+            Some("Keep-Alive, x-a"),
+            Some("x-a , CLOSE"),
+        ]),
+    )
+        .prop_map(
+            |(http10, status, reason, method, headers, framing, connection)| Head {
+                http10,
+                status,
+                reason,
+                method,
+                headers,
+                framing,
+                connection,
+            },
+        )
+}
+
+/// Bytes that look enough like a response head to reach past the status line.
+fn near_head() -> impl Strategy<Value = Vec<u8>> {
+    let start = prop::sample::select(vec![
+        &b""[..],
+        b"HTTP/1.1 ",
+        b"HTTP/1.1 200 OK\r\n",
+        b"HTTP/1.0 101 x\r\n",
+        b"HTTP/1.1 204 \r\ncontent-length: ",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: ",
+    ]);
+    let byte = prop_oneof![
+        4 => prop::sample::select(b"HTP/1.0 \r\n:,;-=ckdehlnorstu\t".to_vec()),
+        1 => any::<u8>(),
+    ];
+    (start, prop::collection::vec(byte, 0..200)).prop_map(|(start, rest)| {
+        let mut bytes = start.to_vec();
+        bytes.extend(rest);
+        bytes
+    })
+}
+
+/// One parse of `bytes`; the buffer's state afterwards must match the outcome.
+fn parse(bytes: &[u8], method: &Method, upgrade: bool) -> Result<Parsed, ()> {
+    let mut buffer = BytesMut::from(bytes);
+    let parsed = parse_response(&mut buffer, method, upgrade).map_err(|_| ());
+    match &parsed {
+        Ok(Parsed::Complete(_)) => assert!(bytes.ends_with(&buffer), "only the head is taken"),
+        Ok(Parsed::Interim(length)) => {
+            assert!(*length <= bytes.len());
+            assert_eq!(&buffer[..], bytes, "an interim head is left for the caller");
+        }
+        _ => assert_eq!(&buffer[..], bytes, "nothing taken"),
+    }
+    parsed
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(
+        bytes in prop_oneof![near_head(), prop::collection::vec(any::<u8>(), 0..300)],
+        method in prop::sample::select(vec![Method::GET, Method::HEAD]),
+        upgrade in any::<bool>(),
+    ) {
+        let _ = parse(&bytes, &method, upgrade);
+    }
+
+    #[test]
+    fn generated_heads_round_trip(head in head(), body in prop::collection::vec(any::<u8>(), 0..16)) {
+        let wire = head.wire();
+        let mut bytes = wire.clone();
+        bytes.extend_from_slice(&body);
+        let parsed = parse(&bytes, &head.method, false);
+        if (100..200).contains(&head.status) {
+            prop_assert!(matches!(parsed, Ok(Parsed::Interim(n)) if n == wire.len()), "{parsed:?}");
+            return Ok(());
+        }
+        let Ok(Parsed::Complete(parsed)) = parsed else {
+            return Err(TestCaseError::fail(format!("{parsed:?}")));
+        };
+        prop_assert_eq!(parsed.status.as_u16(), head.status);
+        prop_assert_eq!(parsed.version == http::Version::HTTP_10, head.http10);
+        prop_assert_eq!(parsed.framing, head.expected_framing());
+        prop_assert_eq!(parsed.keep_alive, head.expected_keep_alive());
+        for (name, value) in &head.headers {
+            prop_assert!(
+                parsed.headers.get_all(name.as_str()).iter().any(|v| v.as_bytes() == &value[..]),
+                "{name} lost"
+            );
+        }
+        let plain = parsed.headers.keys().filter(|n| n.as_str().starts_with("x-")).count();
+        let distinct: std::collections::HashSet<_> = head.headers.iter().map(|(n, _)| n).collect();
+        prop_assert_eq!(plain, distinct.len());
+        if parsed.framing == ResponseFraming::Chunked {
+            prop_assert!(!parsed.headers.contains_key("content-length"), "stale length dropped");
+        }
+    }
+
+    #[test]
+    fn a_head_split_anywhere_parses_as_the_whole(head in head()) {
+        let wire = head.wire();
+        let whole = format!("{:?}", parse(&wire, &head.method, false));
+        // Read in two pieces, cut anywhere: every prefix shorter than the head asks for more and
+        // takes nothing, so the head then parses exactly as in one piece.
+        for cut in 0..wire.len() {
+            prop_assert!(matches!(parse(&wire[..cut], &head.method, false), Ok(Parsed::Partial)), "cut at {cut}");
+        }
+        prop_assert_eq!(format!("{:?}", parse(&wire, &head.method, false)), whole);
+    }
+}
