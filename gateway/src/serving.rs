@@ -20,6 +20,13 @@
 //! landed mostly on the thread that woke first: 49 / 15 instead of 32 / 32, and 17 % fewer
 //! requests per second for the life of those connections. Admin traffic, the failover node and the registry run elsewhere (the caller's
 //! runtime), health checks on their own thread, so neither waits behind client traffic.
+//!
+//! Limits on clients (docs/security.md): a new connection over `limits.max_connections` gets one
+//! 503, one over `limits.max_connections_per_client` from its address one 429, both JSON with
+//! `Connection: close`. The per-address count is one map over all threads (`PerClient`), since
+//! a client's connections land on any thread. Every client socket is a
+//! [`crate::client_io::ClientIo`]: head, idle and send timeouts, and the framing check whose
+//! finding the service answers here with a 400.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
