@@ -504,3 +504,46 @@ async fn a_client_that_stops_reading_is_cut_and_its_worker_connection_freed() {
     assert!(received.len() < 32 << 20, "{} bytes", received.len());
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn http2_connections_are_served_then_closed_when_idle_and_never_scanned_as_heads() {
+    use http_body_util::{BodyExt, Full};
+    let upstream = Upstream::start("a").await;
+    let gateway = Gateway::start(&[&upstream], |config| {
+        config.timeouts.request_head = Duration::from_millis(500);
+        config.timeouts.client_idle = Duration::from_secs(2);
+    })
+    .await;
+    let stream = TcpStream::connect(gateway.public).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    // A body that looks like a conflicting HTTP/1.1 head must not matter on HTTP/2.
+    let lookalike = "x\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
+    for round in 0..4 {
+        let request = http::Request::post(format!("http://{}/echo", gateway.public))
+            .body(Full::new(bytes::Bytes::from(lookalike)))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200, "round {round}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, lookalike.as_bytes());
+        // Longer than request_head between requests: an HTTP/2 connection waits for client_idle.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let quiet = Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(6), connection)
+        .await
+        .expect("the idle HTTP/2 connection is closed");
+    let after = quiet.elapsed();
+    assert!(
+        after >= Duration::from_millis(1000),
+        "closed after {after:?} idle, well before client_idle (2 s)"
+    );
+    assert_eq!(upstream.hits(), 4);
+    gateway.shutdown().await;
+}

@@ -293,3 +293,21 @@ async fn a_stopping_gateway_waits_for_its_tunnels_up_to_the_grace() {
         "stopped after {took:?}, not at the 2 s grace"
     );
 }
+
+#[tokio::test]
+async fn a_tunnel_is_not_timed_as_an_http_connection() {
+    // Tunnel bytes are not a request head: the client connection's head and idle timers stop at
+    // the switch; only tunnel_idle applies.
+    let (gateway, _) = tweaked_gateway_over_raw_worker(|config| {
+        config.timeouts.request_head = Duration::from_millis(500);
+        config.timeouts.client_idle = Duration::from_millis(500);
+    })
+    .await;
+    let (mut client, mut buffer) = open_tunnel(&gateway).await;
+    for round in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        echo(&mut client, &mut buffer, &format!("message {round}")).await;
+    }
+    drop(client);
+    gateway.shutdown().await;
+}
