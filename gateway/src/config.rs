@@ -334,9 +334,23 @@ pub struct TimeoutsConfig {
     /// Whole request: from its arrival until response headers go to the client, all attempts.
     #[serde(with = "humantime_serde")]
     pub request: Duration,
-    /// An idle client keep-alive connection (HTTP/1.1) is closed after this.
+    /// A client connection with no request in progress (HTTP/1.1 keep-alive between requests,
+    /// HTTP/2 with no open stream) is closed after this.
     #[serde(with = "humantime_serde")]
     pub client_idle: Duration,
+    /// A request head (request line and headers) must arrive whole within this, counted from the
+    /// connection's accept for its first request and from the first byte for later ones; a
+    /// client that trickles its head (slowloris) is cut.
+    #[serde(with = "humantime_serde")]
+    pub request_head: Duration,
+    /// A client that accepts no byte of the response for this long (its socket buffer stays
+    /// full) is cut, and the worker connection feeding it freed.
+    #[serde(with = "humantime_serde")]
+    pub client_send: Duration,
+    /// A switched-protocol tunnel (WebSocket) with no byte either way for this long is closed on
+    /// both sides.
+    #[serde(with = "humantime_serde")]
+    pub tunnel_idle: Duration,
     /// Idle pooled connection to a worker is closed after this.
     #[serde(with = "humantime_serde")]
     pub upstream_idle: Duration,
@@ -354,6 +368,18 @@ impl Default for TimeoutsConfig {
             response_header: Duration::from_secs(5),
             request: Duration::from_secs(15),
             client_idle: Duration::from_secs(60),
+            // A real client sends its head in one or two packets; 10 s covers a slow mobile link
+            // and its retransmits while keeping a slowloris connection cheap (HAProxy's advice
+            // for `timeout http-request`).
+            request_head: Duration::from_secs(10),
+            // No byte accepted for 30 s is not a slow reader but a stalled one: a mobile handover
+            // or a lost route recovers within seconds, and the kernel's buffers (MBs) absorb
+            // every pause shorter than that. Half of nginx's `send_timeout` (60 s): a stalled
+            // reader holds a worker connection the whole time.
+            client_send: Duration::from_secs(30),
+            // WebSocket applications that want long-lived quiet connections ping (browsers don't
+            // by themselves); 5 min keeps those and frees tunnels both ends forgot.
+            tunnel_idle: Duration::from_secs(300),
             upstream_idle: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
         }
@@ -366,6 +392,9 @@ impl Default for TimeoutsConfig {
 pub struct LimitsConfig {
     /// Open client connections; one more gets a 503 and is closed.
     pub max_connections: usize,
+    /// Open connections from one client address (IPv4 address, IPv6 /64); one more gets a 429
+    /// and is closed. 0 turns the limit off (trusted networks, benchmarks from one host).
+    pub max_connections_per_client: usize,
     /// Requests in flight to one worker; a full worker is skipped, all full gives 503.
     pub max_in_flight_per_worker: u32,
     /// Request line plus headers, in bytes (431 above).
@@ -383,6 +412,9 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: 10_000,
+            // One address may hold at most 1/40 of `max_connections`, and a NAT with 40 users
+            // each at a browser's 6 connections per host still fits.
+            max_connections_per_client: 256,
             max_in_flight_per_worker: 1_000,
             max_header_bytes: 32 * 1024,
             max_body_bytes: 10 * 1024 * 1024,
@@ -515,10 +547,19 @@ impl Validate for GatewayConfig {
         check::at_least("timeouts.request", t.request, ms(1))?;
         check::at_least("timeouts.client_idle", t.client_idle, ms(100))?;
         check::at_least("timeouts.upstream_idle", t.upstream_idle, ms(100))?;
+        check::at_least("timeouts.request_head", t.request_head, ms(100))?;
+        check::at_least("timeouts.client_send", t.client_send, ms(100))?;
+        check::at_least("timeouts.tunnel_idle", t.tunnel_idle, ms(100))?;
 
         let l = &self.limits;
         check::range("threads", self.threads, 0, 1024)?;
         check::range("limits.max_connections", l.max_connections, 1, 1_000_000)?;
+        check::range(
+            "limits.max_connections_per_client",
+            l.max_connections_per_client,
+            0,
+            1_000_000,
+        )?;
         check::range(
             "limits.max_in_flight_per_worker",
             l.max_in_flight_per_worker,
@@ -585,6 +626,10 @@ mod tests {
         assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9090");
         assert_eq!(config.health.interval, Duration::from_millis(500));
         assert_eq!(config.limits.listen_backlog, 4096);
+        assert_eq!(config.timeouts.request_head, Duration::from_secs(10));
+        assert_eq!(config.timeouts.client_send, Duration::from_secs(30));
+        assert_eq!(config.timeouts.tunnel_idle, Duration::from_secs(300));
+        assert_eq!(config.limits.max_connections_per_client, 256);
     }
 
     #[test]
@@ -644,6 +689,26 @@ mod tests {
                 "HERD_GATEWAY_LIMITS__MAX_HEADER_BYTES",
                 "10",
                 "limits.max_header_bytes",
+            ),
+            (
+                "HERD_GATEWAY_TIMEOUTS__REQUEST_HEAD",
+                "10ms",
+                "timeouts.request_head",
+            ),
+            (
+                "HERD_GATEWAY_TIMEOUTS__CLIENT_SEND",
+                "0s",
+                "timeouts.client_send",
+            ),
+            (
+                "HERD_GATEWAY_TIMEOUTS__TUNNEL_IDLE",
+                "1ms",
+                "timeouts.tunnel_idle",
+            ),
+            (
+                "HERD_GATEWAY_LIMITS__MAX_CONNECTIONS_PER_CLIENT",
+                "-1",
+                "limits.max_connections_per_client",
             ),
         ] {
             let error = load(&[(var, value)]).unwrap_err();

@@ -111,6 +111,9 @@ pub enum GatewayError {
     /// The open-connection limit is reached.
     #[error("too many client connections")]
     TooManyConnections,
+    /// The client's address is at `limits.max_connections_per_client`.
+    #[error("too many connections from this client address")]
+    TooManyClientConnections,
     /// The last attempt failed and no retry was possible.
     #[error("worker failed: {0}")]
     Upstream(UpstreamError),
@@ -161,6 +164,11 @@ impl GatewayError {
                 client_closed_request(),
                 "client_closed_request",
                 "the client closed the request",
+            ),
+            GatewayError::TooManyClientConnections => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections_from_client",
+                "this client address has too many open connections",
             ),
             GatewayError::Upstream(error) if !error.reached => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -289,6 +297,7 @@ mod tests {
             (GatewayError::NoWorker, 503),
             (GatewayError::AllBusy, 503),
             (GatewayError::TooManyConnections, 503),
+            (GatewayError::TooManyClientConnections, 429),
             (
                 GatewayError::Upstream(err(UpstreamErrorKind::Connect, false)),
                 503,

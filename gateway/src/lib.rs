@@ -5,7 +5,9 @@
 //!   and a shutdown future, starts membership and health checks, the serving threads and the
 //!   admin API, and shuts down gracefully. `main.rs` only parses flags, sets up logging and loads
 //!   the configuration.
-//! - [`serving`]: the threads that accept and serve clients, one event loop each.
+//! - [`serving`]: the threads that accept and serve clients, one event loop each, and the
+//!   connection limits (in all, per client address).
+//! - [`client_io`]: a client's socket with the head, idle and send timeouts.
 //! - [`tunnel`]: switched protocols (WebSocket upgrades), bytes copied both ways.
 //! - [`proxy`]: the request path — pick a worker, forward, retry when safe, stream the answer.
 //! - [`balancer`]: membership (static list + Redis registry), health (active checks and passive
@@ -24,6 +26,7 @@
 pub mod admin;
 pub mod balancer;
 pub mod body;
+pub mod client_io;
 pub mod config;
 pub mod error;
 pub mod failover;

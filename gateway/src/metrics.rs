@@ -3,13 +3,17 @@
 //! What changes on every request (per-worker response counts, in-flight, the latency histogram)
 //! lives in plain atomics — in [`crate::balancer::Worker`] or in [`LatencyHistogram`] — and is read
 //! only when scraped, through a [`Collector`]; the request path never takes a lock for metrics.
-//! Rare events (retries, state changes, the gateway's own error responses) use
-//! prometheus-client's label families.
+//! Rare events (retries, the gateway's own error responses) use prometheus-client's label
+//! families.
+//!
+//! Label sets stay bounded: every label value is a fixed word, except the worker's id, and
+//! per-worker series show only the workers in the balancer's table — a removed worker's series
+//! leave `/metrics` with it (the registry may bring and take workers all day).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use prometheus_client::collector::Collector;
@@ -27,8 +31,8 @@ use crate::balancer::{Clock, Table};
 /// Labels of one label: `[(name, value)]`.
 type One = [(&'static str, String); 1];
 
-/// Labels of a state change.
-type ChangeLabels = [(&'static str, String); 3];
+/// State changes by worker id, then by (new state, source of the reason).
+type Changes = BTreeMap<String, BTreeMap<(String, String), u64>>;
 
 /// The gateway's metrics.
 #[derive(Debug)]
@@ -39,9 +43,15 @@ pub struct Metrics {
     retries: Family<One, Counter>,
     retries_refused: Family<One, Counter>,
     errors: Family<One, Counter>,
-    changes: Family<ChangeLabels, Counter>,
+    /// Worker state changes; shown for the workers in the table only (see [`ChangesCollector`]).
+    changes: Arc<Mutex<Changes>>,
+    /// The balancer's table, once known.
+    table: Arc<OnceLock<Arc<ArcSwap<Table>>>>,
     /// Client connections refused because `limits.max_connections` was reached.
     pub connections_refused: Counter,
+    /// Client connections refused because their address was at
+    /// `limits.max_connections_per_client`.
+    pub connections_refused_per_client: Counter,
     /// Active health checks that passed / failed (handles into one family, made once: the
     /// checks of a thousand workers run thousands of times a second).
     checks_passed: Counter,
@@ -76,17 +86,23 @@ impl Metrics {
             "Error responses made by the gateway itself, by kind",
             errors.clone(),
         );
-        let changes = Family::<ChangeLabels, Counter>::default();
-        registry.register(
-            "worker_state_changes",
-            "Routing state changes of workers, by new state and source of the reason",
-            changes.clone(),
-        );
+        let changes = Arc::new(Mutex::new(Changes::new()));
+        let table = Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(ChangesCollector {
+            changes: changes.clone(),
+            table: table.clone(),
+        }));
         let connections_refused = Counter::default();
         registry.register(
             "connections_refused",
             "Client connections answered 503 because limits.max_connections was reached",
             connections_refused.clone(),
+        );
+        let connections_refused_per_client = Counter::default();
+        registry.register(
+            "connections_refused_per_client",
+            "Client connections answered 429 because their address had limits.max_connections_per_client open",
+            connections_refused_per_client.clone(),
         );
         let checks = Family::<One, Counter>::default();
         registry.register(
@@ -106,7 +122,9 @@ impl Metrics {
             retries_refused,
             errors,
             changes,
+            table,
             connections_refused,
+            connections_refused_per_client,
         }
     }
 
@@ -118,6 +136,7 @@ impl Metrics {
         slow_start_ns: u64,
         panic_threshold: f64,
     ) {
+        let _ = self.table.set(table.clone());
         let collector = WorkerCollector {
             table,
             clock,
@@ -182,15 +201,18 @@ impl Metrics {
     }
 
     /// Counts a worker's state change; `source` is the kind of reason (admin, registry, active,
-    /// passive).
+    /// passive). A removal drops the worker's series instead: it leaves `/metrics`.
     pub fn state_change(&self, worker: &str, to: &str, source: &str) {
-        self.changes
-            .get_or_create(&[
-                ("worker", worker.to_string()),
-                ("to", to.to_string()),
-                ("source", source.to_string()),
-            ])
-            .inc();
+        let mut changes = self.changes.lock().unwrap();
+        if to == Status::Removed.as_str() {
+            changes.remove(worker);
+            return;
+        }
+        *changes
+            .entry(worker.to_string())
+            .or_default()
+            .entry((to.to_string(), source.to_string()))
+            .or_default() += 1;
     }
 
     /// The Prometheus text exposition.
@@ -265,6 +287,44 @@ const STATES: [Status; 8] = [
     Status::SlowStart,
     Status::Healthy,
 ];
+
+/// Worker state changes, for the workers in the balancer's table (all of them before the table
+/// is known). A change that races a removal (a health check finishing just after it) is dropped
+/// at the next scrape, so the map never keeps workers that are gone.
+#[derive(Debug)]
+struct ChangesCollector {
+    changes: Arc<Mutex<Changes>>,
+    table: Arc<OnceLock<Arc<ArcSwap<Table>>>>,
+}
+
+impl Collector for ChangesCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut changes = self.changes.lock().unwrap();
+        if let Some(table) = self.table.get() {
+            let table = table.load();
+            changes.retain(|id, _| table.workers.iter().any(|w| w.id() == id));
+        }
+        let mut metric = encoder.encode_descriptor(
+            "worker_state_changes",
+            "Routing state changes of workers, by new state and source of the reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (worker, counts) in changes.iter() {
+            for ((to, source), count) in counts {
+                let labels = [
+                    ("worker", worker.as_str()),
+                    ("to", to.as_str()),
+                    ("source", source.as_str()),
+                ];
+                metric
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(count, None)?;
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Reads the failover node's status when scraped.
 #[derive(Debug)]
@@ -571,6 +631,38 @@ mod tests {
         assert!(text.contains(
             "herd_gateway_worker_state_changes_total{worker=\"w1\",to=\"down\",source=\"active\"} 1"
         ));
+    }
+
+    #[test]
+    fn removed_workers_leave_the_metrics() {
+        use crate::balancer::{Balancer, ChangeSource};
+        let metrics = Arc::new(Metrics::new());
+        let config = crate::GatewayConfig::default();
+        let balancer = Balancer::new(&config, metrics.clone(), Box::new(|_, _| {}));
+        balancer.watch_metrics(&metrics);
+        balancer.add(balancer.static_spec("127.0.0.1:1")).unwrap();
+        let before = metrics.render();
+        assert!(before.contains("worker=\"127.0.0.1:1\""), "{before}");
+
+        for round in 0..3 {
+            for port in 1000..1200 {
+                let id = format!("127.0.0.1:{port}");
+                balancer.add(balancer.static_spec(&id)).unwrap();
+                balancer.admin_drain(&id, true).unwrap();
+                balancer.admin_drain(&id, false).unwrap();
+                if round == 0 {
+                    assert!(metrics.render().contains(&format!("worker=\"{id}\"")));
+                }
+                balancer
+                    .remove(&id, ChangeSource::Registry, "gone")
+                    .unwrap();
+                // A health check that finishes just after the removal.
+                metrics.state_change(&id, "down", "active");
+            }
+        }
+        let after = metrics.render();
+        assert_eq!(after, before, "/metrics grew with removed workers");
+        assert_eq!(metrics.changes.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -177,6 +177,14 @@ impl Proxy {
         if headers::head_size(&parts.uri, &parts.headers) > settings.max_header {
             return Err(GatewayError::HeadersTooLarge);
         }
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host, or with more than one, gets a 400.
+        if parts.version == http::Version::HTTP_11
+            && parts.headers.get_all(header::HOST).iter().count() != 1
+        {
+            return Err(GatewayError::BadRequest(
+                "an HTTP/1.1 request needs exactly one Host header",
+            ));
+        }
         let content_length = match parts.headers.get(header::CONTENT_LENGTH) {
             None => None,
             Some(value) => Some(
@@ -536,7 +544,9 @@ impl Proxy {
                         if let Some(protocol) = switched_to {
                             headers::set_upgrade(&mut response_headers, protocol);
                         }
-                        (ResponseBody::empty(), Some(WorkerTunnel::new(connection)))
+                        // The tunnel counts as in flight on its worker until it closes.
+                        let tunnel = WorkerTunnel::new(connection, guard);
+                        (ResponseBody::empty(), Some(tunnel))
                     }
                 };
                 let mut response = Response::new(body);

@@ -158,14 +158,14 @@ pub async fn run(
         .with_failover(failover.as_ref().map(|started| started.status.clone())),
     );
     let builder = connection_builder(&config);
+    let admin_builder = admin_connection_builder(&builder, &config);
     let threads = config.serving_threads();
     let public_addr = listeners.public.local_addr().ok();
     let clients = Arc::new(Clients::new(
         proxy,
-        builder.clone(),
+        builder,
         metrics.clone(),
-        config.limits.max_connections,
-        config.timeouts.shutdown_grace,
+        &config,
         threads,
     ));
     metrics.watch_client_connections(clients.open_per_thread());
@@ -217,7 +217,7 @@ pub async fn run(
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.handle(&request)) }
                 });
-                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let connection = admin_builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let connection = admin_connections.watch(connection);
                 tokio::spawn(async move {
                     let _ = connection.await;
@@ -253,10 +253,11 @@ fn connection_builder(config: &GatewayConfig) -> auto::Builder<TokioExecutor> {
     // hyper answers 431 (without a body) beyond its buffer; between our limit and that buffer we
     // answer ourselves with the JSON error.
     let buffer = (config.limits.max_header_bytes + 16 * 1024).max(8192);
+    // No `header_read_timeout`: `crate::client_io` times heads and idle connections apart
+    // (hyper's one timer covers both at once; see there).
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.timeouts.client_idle)
         .max_buf_size(buffer)
         .keep_alive(true);
     builder
@@ -265,6 +266,20 @@ fn connection_builder(config: &GatewayConfig) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(u32::try_from(buffer).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(config.timeouts.client_idle / 2))
         .keep_alive_timeout(config.timeouts.client_idle / 2);
+    builder
+}
+
+/// The admin listener's connection settings: the clients' ones, with hyper's header read timeout
+/// (`timeouts.client_idle`, idle time and head together) instead of `crate::client_io`'s timers:
+/// the admin API faces operators and scrapers, not the public.
+fn admin_connection_builder(
+    public: &auto::Builder<TokioExecutor>,
+    config: &GatewayConfig,
+) -> auto::Builder<TokioExecutor> {
+    let mut builder = public.clone();
+    builder
+        .http1()
+        .header_read_timeout(config.timeouts.client_idle);
     builder
 }
 

@@ -20,13 +20,26 @@
 //! landed mostly on the thread that woke first: 49 / 15 instead of 32 / 32, and 17 % fewer
 //! requests per second for the life of those connections. Admin traffic, the failover node and the registry run elsewhere (the caller's
 //! runtime), health checks on their own thread, so neither waits behind client traffic.
+//!
+//! Limits on clients (docs/security.md): a new connection over `limits.max_connections` gets one
+//! 503, one over `limits.max_connections_per_client` from its address one 429, both JSON with
+//! `Connection: close`. The per-address count is one map over all threads (`PerClient`), since
+//! a client's connections land on any thread. Every client socket is a
+//! [`crate::client_io::ClientIo`]: head, idle and send timeouts, and the framing check whose
+//! finding the service answers here with a 400.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -37,10 +50,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use crate::body::ResponseBody;
+use crate::client_io::{ClientIo, ClientTimeouts, ConnectionState, RequestGuard};
+use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::upstream;
+use crate::upstream::WorkerBodyError;
 
 /// What every serving thread shares: how to serve a client connection, and the limits on them.
 pub struct Clients {
@@ -54,8 +71,14 @@ pub struct Clients {
     pub max_connections: usize,
     /// `timeouts.shutdown_grace`.
     pub shutdown_grace: Duration,
+    /// `timeouts.tunnel_idle`.
+    pub tunnel_idle: Duration,
+    /// Head, idle and send timeouts of every client connection.
+    timeouts: ClientTimeouts,
     /// Open client connections, in all and per thread.
     occupancy: Arc<Occupancy>,
+    /// Open connections per client address (`None`: no limit).
+    per_client: Option<Arc<PerClient>>,
 }
 
 impl Clients {
@@ -64,17 +87,24 @@ impl Clients {
         proxy: Arc<Proxy>,
         builder: auto::Builder<TokioExecutor>,
         metrics: Arc<Metrics>,
-        max_connections: usize,
-        shutdown_grace: Duration,
+        config: &GatewayConfig,
         threads: usize,
     ) -> Self {
+        let per_client = config.limits.max_connections_per_client;
         Clients {
             proxy,
             builder,
             metrics,
-            max_connections,
-            shutdown_grace,
+            max_connections: config.limits.max_connections,
+            shutdown_grace: config.timeouts.shutdown_grace,
+            tunnel_idle: config.timeouts.tunnel_idle,
+            timeouts: ClientTimeouts {
+                head: config.timeouts.request_head,
+                idle: config.timeouts.client_idle,
+                send: config.timeouts.client_send,
+            },
             occupancy: Arc::new(Occupancy::new(threads.max(1))),
+            per_client: (per_client > 0).then(|| Arc::new(PerClient::new(per_client))),
         }
     }
 
@@ -98,16 +128,43 @@ impl Clients {
     ) {
         let _ = stream.set_nodelay(true);
         let proxy = self.proxy.clone();
+        let metrics = self.metrics.clone();
         let forwarded_for = crate::headers::forwarded_for(peer.ip());
+        let state = Arc::new(ConnectionState::default());
+        let io = ClientIo::new(stream, state.clone(), self.timeouts);
         let service = service_fn(move |request: hyper::Request<Incoming>| {
             let proxy = proxy.clone();
+            let metrics = metrics.clone();
             let forwarded_for = forwarded_for.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(request, &forwarded_for).await) }
+            let state = state.clone();
+            // Called as soon as the head is read: the connection is busy from here.
+            let request_guard = state.begin(request.version());
+            async move {
+                if state.conflicting_framing() {
+                    // Not forwarded; hyper closes the connection after this answer (it does
+                    // after any request with both headers).
+                    let error = GatewayError::BadRequest(
+                        "both Content-Length and Transfer-Encoding in one request",
+                    );
+                    return Ok::<_, Infallible>(refusal(&error, &metrics).map(|body| Served {
+                        inner: body,
+                        _request: request_guard,
+                    }));
+                }
+                let response = proxy.handle(request, &forwarded_for).await;
+                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    state.switched();
+                }
+                Ok(response.map(|body| Served {
+                    inner: body,
+                    _request: request_guard,
+                }))
+            }
         });
         // With upgrades: a WebSocket request's connection is handed to `crate::tunnel`.
         let connection = self
             .builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -118,27 +175,152 @@ impl Clients {
         });
     }
 
-    /// Answers every request of a connection over the limit with 503 and closes it.
-    fn serve_refusal(&self, stream: TcpStream, slot: ConnectionSlot, graceful: &GracefulShutdown) {
-        let service = service_fn(|_request: hyper::Request<Incoming>| async {
-            let id = crate::headers::new_request_id();
-            let mut response =
-                GatewayError::TooManyConnections.to_response(id.to_str().unwrap_or("-"));
-            response.headers_mut().insert(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("close"),
-            );
-            Ok::<_, Infallible>(response)
+    /// Answers every request of a connection over a limit with `error` (503 or 429) and closes
+    /// it.
+    fn serve_refusal(
+        &self,
+        stream: TcpStream,
+        slot: ConnectionSlot,
+        graceful: &GracefulShutdown,
+        error: fn() -> GatewayError,
+    ) {
+        let metrics = self.metrics.clone();
+        let service = service_fn(move |_request: hyper::Request<Incoming>| {
+            let response = refusal(&error(), &metrics);
+            async move { Ok::<_, Infallible>(response) }
         });
+        // The head timeout holds here too: a refused client can't keep the connection.
+        let io = ClientIo::new(stream, Arc::default(), self.timeouts);
         let connection = self
             .builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(io), service)
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             let _ = connection.await;
             drop(slot);
         });
+    }
+}
+
+/// The gateway's answer to a request it refuses before the request path: the JSON error,
+/// counted, with `Connection: close`.
+fn refusal(error: &GatewayError, metrics: &Metrics) -> hyper::Response<ResponseBody> {
+    metrics.error(error.parts().1);
+    let id = crate::headers::new_request_id();
+    let mut response = error.to_response(id.to_str().unwrap_or("-"));
+    response.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    response
+}
+
+/// A response body that tells the connection its request is over when it ends (or is dropped
+/// unfinished): the idle timeout starts then.
+#[derive(Debug)]
+pub struct Served {
+    inner: ResponseBody,
+    _request: RequestGuard,
+}
+
+impl Body for Served {
+    type Data = Bytes;
+    type Error = WorkerBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, WorkerBodyError>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Open connections per client address, over all serving threads, for
+/// `limits.max_connections_per_client`: a map in shards, each behind its own lock (taken once
+/// when a connection opens and once when it closes), an entry removed when its count drops to 0.
+pub(crate) struct PerClient {
+    limit: usize,
+    hasher: std::collections::hash_map::RandomState,
+    shards: Box<[Mutex<HashMap<IpAddr, usize>>]>,
+}
+
+/// Shards of [`PerClient`]: enough that serving threads rarely meet on one lock.
+const PER_CLIENT_SHARDS: usize = 64;
+
+impl PerClient {
+    pub(crate) fn new(limit: usize) -> Self {
+        PerClient {
+            limit,
+            hasher: std::collections::hash_map::RandomState::new(),
+            shards: (0..PER_CLIENT_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+
+    /// Who a connection counts against: its IPv4 address, or its IPv6 /64 (one subscriber's
+    /// network, which hands out as many addresses as it likes).
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+            v4 => v4,
+        }
+    }
+
+    fn shard(&self, key: &IpAddr) -> &Mutex<HashMap<IpAddr, usize>> {
+        let index = self.hasher.hash_one(key) as usize % self.shards.len();
+        &self.shards[index]
+    }
+
+    /// Counts a connection from `ip`, or `None` when that client is at the limit.
+    pub(crate) fn take(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let key = Self::key(ip);
+        let mut shard = self.shard(&key).lock().unwrap();
+        let open = shard.entry(key).or_insert(0);
+        if *open >= self.limit {
+            return None;
+        }
+        *open += 1;
+        Some(ClientSlot {
+            owner: self.clone(),
+            key,
+        })
+    }
+
+    /// Client addresses with open connections.
+    #[cfg(test)]
+    fn clients(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap().len()).sum()
+    }
+}
+
+/// One connection counted against its client address until dropped.
+pub(crate) struct ClientSlot {
+    owner: Arc<PerClient>,
+    key: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut shard = self.owner.shard(&self.key).lock().unwrap();
+        if let Some(open) = shard.get_mut(&self.key) {
+            *open -= 1;
+            if *open == 0 {
+                shard.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -238,6 +420,7 @@ impl ServingThread {
             }
         };
         let graceful = GracefulShutdown::new();
+        let tunnels = crate::tunnel::track_on_this_thread(self.clients.tunnel_idle);
         let mut failures = AcceptFailures::default();
         loop {
             tokio::select! {
@@ -256,10 +439,14 @@ impl ServingThread {
             self.serve_handed(handed, &graceful);
         }
         let grace = self.clients.shutdown_grace;
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        // Tunnels too: their HTTP connections ended at the switch, so `graceful` no longer sees
+        // them.
+        tunnels.close();
+        let drained = async {
+            graceful.shutdown().await;
+            tunnels.wait().await;
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
             warn!(
                 grace = %humantime_serde::re::humantime::format_duration(grace),
                 "shutdown grace over; closing the remaining connections"
@@ -276,8 +463,20 @@ impl ServingThread {
         if slot.total > clients.max_connections {
             slot.move_to(self.index);
             clients.metrics.connections_refused.inc();
-            clients.serve_refusal(stream, slot, graceful);
+            clients.serve_refusal(stream, slot, graceful, || GatewayError::TooManyConnections);
             return;
+        }
+        if let Some(per_client) = &clients.per_client {
+            match per_client.take(peer.ip()) {
+                Some(client) => slot.client = Some(client),
+                None => {
+                    slot.move_to(self.index);
+                    clients.metrics.connections_refused_per_client.inc();
+                    let error = || GatewayError::TooManyClientConnections;
+                    clients.serve_refusal(stream, slot, graceful, error);
+                    return;
+                }
+            }
         }
         if target == self.index {
             clients.serve(stream, peer, slot, graceful);
@@ -396,6 +595,8 @@ struct ConnectionSlot {
     thread: usize,
     /// Open connections in all, this one included, when it was taken.
     total: usize,
+    /// Its count against its client address, when that is limited.
+    client: Option<ClientSlot>,
 }
 
 impl ConnectionSlot {
@@ -406,6 +607,7 @@ impl ConnectionSlot {
             occupancy: occupancy.clone(),
             thread,
             total,
+            client: None,
         }
     }
 
@@ -467,6 +669,48 @@ mod tests {
         }
         assert!(failures.last_logged.is_some());
         assert_eq!(failures.unlogged, 2);
+    }
+
+    #[test]
+    fn per_client_counts_hold_the_limit_and_leave_no_entry_behind() {
+        let per_client = Arc::new(PerClient::new(2));
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let first = per_client.take(v4).expect("first");
+        let second = per_client.take(v4).expect("second");
+        assert!(per_client.take(v4).is_none(), "third over the limit");
+        // The same address as IPv4-mapped IPv6 is the same client.
+        assert!(
+            per_client
+                .take("::ffff:192.0.2.1".parse().unwrap())
+                .is_none()
+        );
+        let other = per_client
+            .take("192.0.2.2".parse().unwrap())
+            .expect("another client");
+        drop(first);
+        let again = per_client.take(v4).expect("a freed slot is taken again");
+        // One IPv6 /64 is one client, whatever its last 64 bits.
+        let a = per_client.take("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        let b = per_client
+            .take("2001:db8:1:2:ffff::9".parse().unwrap())
+            .unwrap();
+        assert!(
+            per_client
+                .take("2001:db8:1:2::3".parse().unwrap())
+                .is_none()
+        );
+        assert!(
+            per_client
+                .take("2001:db8:1:3::1".parse().unwrap())
+                .is_some()
+        );
+        assert_eq!(per_client.clients(), 3);
+        drop((second, other, again, a, b));
+        assert_eq!(
+            per_client.clients(),
+            0,
+            "entries go when their count drops to 0"
+        );
     }
 
     #[test]

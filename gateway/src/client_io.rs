@@ -1,0 +1,511 @@
+//! A client's socket as hyper sees it: the timeouts a public gateway needs on a client
+//! connection, and the one framing check hyper leaves out.
+//!
+//! ```text
+//!  accept ──▶ Head ── head complete (the service is called) ──▶ Busy ── response done ──▶ Idle
+//!             │ timeouts.request_head                                                  │ timeouts.client_idle
+//!             ▲                                                                        │
+//!             └──────────────────── first byte of the next request (HTTP/1.1) ◀────────┘
+//!  any phase: a write that makes no progress for timeouts.client_send cuts the connection
+//!  after a 101: no read timer (the tunnel has its own idle timeout, `crate::tunnel`)
+//! ```
+//!
+//! A timer that runs out makes the next read (or write) fail with `TimedOut`; hyper then closes
+//! the connection, dropping the request in progress and with it the worker connection that fed
+//! it. The timers are armed only when a read or write would wait, so a busy connection pays a
+//! few atomic loads per read and nothing else.
+//!
+//! Why not hyper's `header_read_timeout`: in hyper 1.12 (`proto/h1/conn.rs`,
+//! `Conn::poll_read_head`) its timer starts when an HTTP/1 connection is ready to read a head —
+//! at its first poll and again right after each response is written — so one value bounds the
+//! idle keep-alive time and the head's arrival together: 10 s would close idle keep-alive
+//! connections, 60 s lets a slowloris client hold a connection a minute per request. And
+//! hyper-util's auto builder first reads up to 24 bytes to tell HTTP/2's preface from HTTP/1,
+//! with no timer at all: a client that connected and sent nothing stayed forever (measured with
+//! the previous code: still open after 3 s with `client_idle` = 1 s).
+//!
+//! The framing check: hyper reads a request with both `Content-Length` and `Transfer-Encoding`
+//! by the latter alone and closes the connection after it (RFC 9112 §6.1 allows that), but it
+//! removes `Content-Length` before the request reaches the service, so the gateway could not
+//! refuse such a request. [`HeadScan`] watches the header names of heads as they are read.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+/// The client-side timeouts, copied out of the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTimeouts {
+    /// `timeouts.request_head`.
+    pub head: Duration,
+    /// `timeouts.client_idle`.
+    pub idle: Duration,
+    /// `timeouts.client_send`.
+    pub send: Duration,
+}
+
+/// What the request path tells the socket about the connection (shared: the service and the
+/// socket run on the same thread, but hyper wants both `Send`).
+#[derive(Debug, Default)]
+pub struct ConnectionState {
+    /// Requests whose response is not done.
+    open: AtomicU32,
+    /// Requests begun, so the socket sees one that came and went between two reads.
+    begun: AtomicU64,
+    /// The connection switched protocols: no more HTTP on it.
+    switched: AtomicBool,
+    /// HTTP/2: no head phases after the first request (pings arrive while idle).
+    http2: AtomicBool,
+    /// A head with both `Content-Length` and `Transfer-Encoding` was read.
+    conflicting_framing: AtomicBool,
+}
+
+impl ConnectionState {
+    /// A request's head has been read; the guard marks its response done when dropped (put it
+    /// in the response body).
+    pub fn begin(self: &Arc<Self>, version: http::Version) -> RequestGuard {
+        if version == http::Version::HTTP_2 {
+            self.http2.store(true, Ordering::Relaxed);
+        }
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.begun.fetch_add(1, Ordering::Relaxed);
+        RequestGuard {
+            state: self.clone(),
+        }
+    }
+
+    /// The connection switched protocols (a 101 went out).
+    pub fn switched(&self) {
+        self.switched.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a head read so far had both `Content-Length` and `Transfer-Encoding`.
+    pub fn conflicting_framing(&self) -> bool {
+        self.conflicting_framing.load(Ordering::Relaxed)
+    }
+}
+
+/// One request in progress on a connection; see [`ConnectionState::begin`].
+#[derive(Debug)]
+pub struct RequestGuard {
+    state: Arc<ConnectionState>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.state.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where the connection is, as the socket sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for (the rest of) a request head, until then.
+    Head(Instant),
+    /// A request in progress.
+    Busy,
+    /// Nothing in progress, until then.
+    Idle(Instant),
+    /// Switched protocols.
+    Tunnel,
+}
+
+/// A client's TCP stream with the connection's timeouts (see the module doc).
+#[derive(Debug)]
+pub struct ClientIo {
+    stream: TcpStream,
+    state: Arc<ConnectionState>,
+    timeouts: ClientTimeouts,
+    phase: Phase,
+    /// `state.begun` when the phase was last updated.
+    seen: u64,
+    read_timer: Option<Pin<Box<Sleep>>>,
+    /// When a stuck write gives up; `None` while writes make progress.
+    write_deadline: Option<Instant>,
+    write_timer: Option<Pin<Box<Sleep>>>,
+    scan: HeadScan,
+}
+
+impl ClientIo {
+    /// A freshly accepted connection: its first head is due within `timeouts.head` from now.
+    pub fn new(stream: TcpStream, state: Arc<ConnectionState>, timeouts: ClientTimeouts) -> Self {
+        ClientIo {
+            stream,
+            state,
+            timeouts,
+            phase: Phase::Head(Instant::now() + timeouts.head),
+            seen: 0,
+            read_timer: None,
+            write_deadline: None,
+            write_timer: None,
+            scan: HeadScan::default(),
+        }
+    }
+
+    /// Catches up with what the request path did since the last read.
+    fn update_phase(&mut self) {
+        let state = &self.state;
+        if state.switched.load(Ordering::Relaxed) {
+            self.phase = Phase::Tunnel;
+            return;
+        }
+        let begun = state.begun.load(Ordering::Relaxed);
+        if state.open.load(Ordering::Relaxed) > 0 {
+            self.phase = Phase::Busy;
+            self.seen = begun;
+        } else if self.phase == Phase::Busy || begun != self.seen {
+            self.phase = Phase::Idle(Instant::now() + self.timeouts.idle);
+            self.seen = begun;
+        }
+    }
+
+    /// Bytes arrived: the first ones after an idle spell start a head (HTTP/1.1).
+    fn received(&mut self, bytes: &[u8]) {
+        let http1 = !self.state.http2.load(Ordering::Relaxed);
+        if matches!(self.phase, Phase::Idle(_)) && http1 {
+            self.phase = Phase::Head(Instant::now() + self.timeouts.head);
+            self.scan.next_head();
+        }
+        if matches!(self.phase, Phase::Head(_)) && self.scan.feed(bytes) {
+            self.state
+                .conflicting_framing
+                .store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Polls `timer` set to `until` (made on first use); true when it has run out.
+fn ran_out(timer: &mut Option<Pin<Box<Sleep>>>, until: Instant, cx: &mut Context<'_>) -> bool {
+    let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+    if sleep.deadline() != until {
+        sleep.as_mut().reset(until);
+    }
+    sleep.as_mut().poll(cx).is_ready()
+}
+
+fn timed_out(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what)
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.update_phase();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.received(&buf.filled()[before..]);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let (until, what) = match this.phase {
+                    Phase::Head(until) => (until, "request head not received in time"),
+                    Phase::Idle(until) => (until, "idle client connection"),
+                    Phase::Busy | Phase::Tunnel => return Poll::Pending,
+                };
+                if ran_out(&mut this.read_timer, until, cx) {
+                    return Poll::Ready(Err(timed_out(what)));
+                }
+                Poll::Pending
+            }
+            ready => ready,
+        }
+    }
+}
+
+impl ClientIo {
+    /// Arms the send timer when a write waits, clears it when one makes progress.
+    fn watch_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match result {
+            Poll::Pending => {
+                let until = *self
+                    .write_deadline
+                    .get_or_insert_with(|| Instant::now() + self.timeouts.send);
+                if ran_out(&mut self.write_timer, until, cx) {
+                    return Poll::Ready(Err(timed_out("client accepted no data in time")));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Ok(written)) if written > 0 => {
+                self.write_deadline = None;
+                Poll::Ready(Ok(written))
+            }
+            ready => ready,
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.watch_write(cx, result)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.watch_write(cx, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// The HTTP/2 preface's first line; a connection starting with it is not scanned.
+const H2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0";
+
+/// Watches the header names of HTTP/1.1 request heads as their bytes are read, for
+/// `Content-Length` together with `Transfer-Encoding`. Not a parser: hyper parses (and rejects
+/// what is malformed); this only looks at the first bytes of each header line, up to the blank
+/// line. After a head without a body (neither header) it goes on into the next head read with
+/// it (pipelining); after a head with a body it stops until the next head starts after an idle
+/// spell — a body can hold any bytes. A pipelined head behind a request with a body is left to
+/// hyper, which reads such a request by `Transfer-Encoding` alone and closes the connection after
+/// it; the gateway re-frames every body it sends a worker, so the worker sees no ambiguity.
+#[derive(Debug, Default)]
+pub(crate) struct HeadScan {
+    at: ScanAt,
+    content_length: bool,
+    transfer_encoding: bool,
+    /// Bytes of the connection's first line that matched the HTTP/2 preface's so far.
+    preface: usize,
+    /// The first line was not the HTTP/2 preface's (or a head was seen).
+    http1: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ScanAt {
+    /// In the request line.
+    #[default]
+    RequestLine,
+    /// At the start of a header line.
+    LineStart,
+    /// In a header name: bytes so far, and whether they still match each of the two names.
+    Name {
+        length: usize,
+        content_length: bool,
+        transfer_encoding: bool,
+    },
+    /// In a header value (or a line to skip).
+    Value,
+    /// After the `\r` of the blank line.
+    BlankLine,
+    /// Not looking (in a body, or an HTTP/2 connection).
+    Off,
+}
+
+const CONTENT_LENGTH: &[u8] = b"content-length";
+const TRANSFER_ENCODING: &[u8] = b"transfer-encoding";
+
+impl HeadScan {
+    /// A new head starts with the next byte (unless this is an HTTP/2 connection).
+    pub(crate) fn next_head(&mut self) {
+        if self.http1 {
+            self.start_head();
+        }
+    }
+
+    fn start_head(&mut self) {
+        self.at = ScanAt::RequestLine;
+        self.content_length = false;
+        self.transfer_encoding = false;
+    }
+
+    /// Scans `bytes`; true when a head with both framing headers ended in them.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> bool {
+        let mut conflict = false;
+        for &byte in bytes {
+            if self.at == ScanAt::Off {
+                break;
+            }
+            conflict |= self.step(byte);
+        }
+        conflict
+    }
+
+    fn step(&mut self, byte: u8) -> bool {
+        match self.at {
+            ScanAt::RequestLine => {
+                if !self.http1 {
+                    if H2_PREFACE_LINE.get(self.preface) == Some(&byte) {
+                        self.preface += 1;
+                        if self.preface == H2_PREFACE_LINE.len() {
+                            // An HTTP/2 connection: frames, not heads.
+                            self.at = ScanAt::Off;
+                        }
+                        return false;
+                    }
+                    self.http1 = true;
+                }
+                if byte == b'\n' {
+                    self.at = ScanAt::LineStart;
+                }
+            }
+            ScanAt::LineStart => {
+                self.at = match byte {
+                    b'\r' => ScanAt::BlankLine,
+                    b'\n' => return self.end_of_head(),
+                    _ => ScanAt::Name {
+                        length: 0,
+                        content_length: true,
+                        transfer_encoding: true,
+                    },
+                };
+                if matches!(self.at, ScanAt::Name { .. }) {
+                    return self.step(byte);
+                }
+            }
+            ScanAt::Name {
+                length,
+                content_length,
+                transfer_encoding,
+            } => {
+                self.at = match byte {
+                    b':' => {
+                        self.content_length |= content_length && length == CONTENT_LENGTH.len();
+                        self.transfer_encoding |=
+                            transfer_encoding && length == TRANSFER_ENCODING.len();
+                        ScanAt::Value
+                    }
+                    b'\n' => ScanAt::LineStart,
+                    _ => {
+                        let lower = byte.to_ascii_lowercase();
+                        ScanAt::Name {
+                            length: length.saturating_add(1),
+                            content_length: content_length
+                                && CONTENT_LENGTH.get(length) == Some(&lower),
+                            transfer_encoding: transfer_encoding
+                                && TRANSFER_ENCODING.get(length) == Some(&lower),
+                        }
+                    }
+                };
+            }
+            ScanAt::Value => {
+                if byte == b'\n' {
+                    self.at = ScanAt::LineStart;
+                }
+            }
+            ScanAt::BlankLine => {
+                if byte == b'\n' {
+                    return self.end_of_head();
+                }
+                // Malformed; hyper rejects it.
+                self.at = ScanAt::Off;
+            }
+            ScanAt::Off => {}
+        }
+        false
+    }
+
+    fn end_of_head(&mut self) -> bool {
+        let conflict = self.content_length && self.transfer_encoding;
+        if self.content_length || self.transfer_encoding {
+            self.at = ScanAt::Off;
+        } else {
+            // No body: what follows is the next head.
+            self.start_head();
+        }
+        conflict
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(chunks: &[&[u8]]) -> bool {
+        let mut scan = HeadScan::default();
+        chunks
+            .iter()
+            .fold(false, |found, chunk| found | scan.feed(chunk))
+    }
+
+    #[test]
+    fn both_framing_headers_are_found_in_any_case_and_split() {
+        let head: &[u8] =
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(scan(&[head]));
+        for split in 1..head.len() {
+            assert!(scan(&[&head[..split], &head[split..]]), "split at {split}");
+        }
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"
+        ]));
+    }
+
+    #[test]
+    fn one_framing_header_or_lookalikes_are_fine() {
+        assert!(!scan(&[b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc"]));
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\ncontent-length: 1\r\n"
+        ]));
+        assert!(!scan(&[
+            b"GET / HTTP/1.1\r\nx-content-length: 3\r\ntransfer-encoding-x: chunked\r\n\r\n"
+        ]));
+        assert!(!scan(&[
+            b"GET / HTTP/1.1\r\nx: content-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+        ]));
+    }
+
+    #[test]
+    fn a_pipelined_head_behind_a_bodiless_one_is_scanned() {
+        assert!(scan(&[
+            b"GET / HTTP/1.1\r\nhost: a\r\n\r\nPOST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+        ]));
+    }
+
+    #[test]
+    fn http2_connections_are_not_scanned() {
+        assert!(!scan(&[
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\ncontent-length: 1\ntransfer-encoding: x\n\n"
+        ]));
+    }
+
+    #[test]
+    fn the_next_head_is_scanned_again_after_a_body() {
+        let mut scan = HeadScan::default();
+        assert!(!scan.feed(b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc"));
+        scan.next_head();
+        assert!(
+            scan.feed(
+                b"POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+            )
+        );
+    }
+}
