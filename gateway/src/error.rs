@@ -214,6 +214,20 @@ impl GatewayError {
         }
     }
 
+    /// Whether the gateway answers before reading the client's whole request body, so the
+    /// connection cannot carry another request.
+    pub fn body_left_unread(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::BodyTooLarge
+                | GatewayError::HeadersTooLarge
+                | GatewayError::ClientTimeout
+                | GatewayError::ClientBody(_)
+                | GatewayError::ClientGone(_)
+                | GatewayError::BadRequest(_)
+        )
+    }
+
     /// The client's response: status plus `{"error","message","request_id"}`.
     pub fn to_response(&self, request_id: &str) -> Response<ResponseBody> {
         let (status, kind, message) = self.parts();

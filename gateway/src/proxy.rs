@@ -146,7 +146,15 @@ impl Proxy {
                 } else {
                     debug!(request_id = id, status = status.as_u16(), error = %error, "request refused");
                 }
-                error.to_response(id)
+                let mut response = error.to_response(id);
+                if error.body_left_unread() && version < http::Version::HTTP_2 {
+                    // The rest of the request is still on its way: a client that reused the
+                    // connection would meet it closed under its next request.
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                response
             }
         };
         self.metrics.latency.observe(started.elapsed());
