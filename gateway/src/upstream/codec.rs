@@ -187,6 +187,29 @@ pub fn parse_response(
         })
         .collect();
     let head = buffer.split_to(head_length).freeze();
+    match finish_head(&head, spans, status, version, method) {
+        Ok(head) => Ok(Parsed::Complete(head)),
+        Err(error) => {
+            // The head is only taken with a `Complete`: put it back (a copy, on this rare path
+            // only) so that an error leaves the buffer as it was, like `Partial`. Found by the
+            // fuzz target `response_head` (gateway/fuzz).
+            let mut whole = BytesMut::with_capacity(head.len() + buffer.len());
+            whole.extend_from_slice(&head);
+            whole.extend_from_slice(buffer);
+            *buffer = whole;
+            Err(error)
+        }
+    }
+}
+
+/// Builds the final head from the taken head bytes and the header spans `httparse` found.
+fn finish_head(
+    head: &Bytes,
+    spans: Vec<(Range<usize>, Range<usize>)>,
+    status: StatusCode,
+    version: Version,
+    method: &Method,
+) -> Result<ResponseHead, ProtocolError> {
     let mut headers = HeaderMap::with_capacity(spans.len());
     for (name, value) in spans {
         let name = HeaderName::from_bytes(&head[name])
@@ -195,14 +218,14 @@ pub fn parse_response(
             .map_err(|_| ProtocolError("invalid header value"))?;
         headers.append(name, value);
     }
-    if switched {
-        return Ok(Parsed::Complete(ResponseHead {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(ResponseHead {
             status,
             version,
             headers,
             framing: ResponseFraming::Empty,
             keep_alive: false,
-        }));
+        });
     }
     let framing = framing(&headers, status, method)?;
     // A Transfer-Encoding beside a Content-Length, or in an HTTP/1.0 answer, is how smuggling and
@@ -216,13 +239,13 @@ pub fn parse_response(
         // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); drop the stale length.
         headers.remove(header::CONTENT_LENGTH);
     }
-    Ok(Parsed::Complete(ResponseHead {
+    Ok(ResponseHead {
         status,
         version,
         headers,
         framing,
         keep_alive,
-    }))
+    })
 }
 
 fn framing(
@@ -560,6 +583,16 @@ mod tests {
         }
         let (head, _) = complete("HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n");
         assert_eq!(head.framing, ResponseFraming::Length(3));
+    }
+
+    /// Found by the fuzz target `response_head`: a head refused after it was read whole (here
+    /// for its empty Content-Length) was taken off the buffer although nothing was returned.
+    #[test]
+    fn a_refused_head_is_left_in_the_buffer() {
+        let text = "HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\nok\n";
+        let (parsed, rest) = parse(text, &Method::GET);
+        assert!(parsed.is_err());
+        assert_eq!(&rest[..], text.as_bytes());
     }
 
     #[test]

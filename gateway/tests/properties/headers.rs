@@ -6,10 +6,10 @@ use herd_gateway::headers::{
     FORWARDED_FOR, REQUEST_ID, add_forwarded, ensure_request_id, forwarded_for, is_sane_request_id,
     strip_hop_by_hop, upgrade,
 };
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 use proptest::prelude::*;
 
-use super::{config, field_value, plain_name};
+use super::{config, field_value, header_map, plain_name};
 
 /// Always hop-by-hop (RFC 9110 §7.6.1), plus `Upgrade`, which the gateway re-adds only for a
 /// protocol switch.
@@ -84,17 +84,6 @@ fn headers() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
         })
 }
 
-fn map(headers: &[(String, Vec<u8>)]) -> HeaderMap {
-    let mut map = HeaderMap::new();
-    for (name, value) in headers {
-        map.append(
-            HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            HeaderValue::from_bytes(value).unwrap(),
-        );
-    }
-    map
-}
-
 /// The map's lines by name; the order of lines with different names carries no meaning (RFC
 /// 9110 §5.3) and `HeaderMap::remove` does not keep it, that of one name's lines does.
 fn lines(map: &HeaderMap) -> Vec<(String, Vec<u8>)> {
@@ -112,10 +101,10 @@ proptest! {
     #[test]
     fn stripping_keeps_exactly_the_end_to_end_headers(headers in headers()) {
         let listed = options(&headers);
-        let mut stripped = map(&headers);
+        let mut stripped = header_map(&headers);
         strip_hop_by_hop(&mut stripped);
         // What RFC 9110 §7.6.1 says stays.
-        let expected: Vec<(String, Vec<u8>)> = lines(&map(&headers))
+        let expected: Vec<(String, Vec<u8>)> = lines(&header_map(&headers))
             .into_iter()
             .filter(|(n, _)| !HOP_BY_HOP.contains(&n.as_str()))
             .filter(|(n, _)| !listed.iter().any(|o| o == n.as_bytes()))
@@ -128,7 +117,7 @@ proptest! {
         headers in headers(),
         protocol in prop::option::of("[a-z0-9/.]{1,12}"),
     ) {
-        let mut map = map(&headers);
+        let mut map = header_map(&headers);
         map.remove("upgrade");
         if let Some(protocol) = &protocol {
             map.insert("upgrade", HeaderValue::from_str(protocol).unwrap());

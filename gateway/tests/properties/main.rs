@@ -12,6 +12,7 @@ mod headers;
 mod request;
 mod response;
 
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
 
 /// Cases per property when `PROPTEST_CASES` is not set: keeps `cargo test` fast.
@@ -53,6 +54,16 @@ fn field_value() -> impl Strategy<Value = Vec<u8>> {
         value.truncate(trimmed);
         value
     })
+}
+
+/// A header map of these lines, in order.
+fn header_map(headers: &[(String, Vec<u8>)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+        map.append(name, HeaderValue::from_bytes(value).unwrap());
+    }
+    map
 }
 
 /// Splits `bytes` at the given fractions of its length (sorted, deduplicated).

@@ -6,11 +6,10 @@ use bytes::BytesMut;
 use herd_gateway::headers::strip_hop_by_hop;
 use herd_gateway::upstream::codec::{RequestFraming, encode_request_head};
 use http::Method;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use proptest::prelude::*;
 
-use super::{config, field_value, plain_name};
+use super::{config, field_value, header_map, plain_name};
 
 fn method() -> impl Strategy<Value = Method> {
     prop_oneof![
@@ -42,17 +41,6 @@ fn client_headers() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
         1 => prop::sample::select(vec!["host", "content-length", "transfer-encoding", "expect", "cookie"]).prop_map(String::from),
     ];
     prop::collection::vec((name, field_value()), 0..10)
-}
-
-fn header_map(headers: &[(String, Vec<u8>)]) -> HeaderMap {
-    let mut map = HeaderMap::new();
-    for (name, value) in headers {
-        map.append(
-            HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            HeaderValue::from_bytes(value).unwrap(),
-        );
-    }
-    map
 }
 
 /// The head's method, target and `(name, value)` lines, read by `httparse`.

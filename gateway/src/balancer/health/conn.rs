@@ -420,17 +420,21 @@ pub(super) mod tests {
         assert_eq!(fake.accepted.load(Ordering::SeqCst), 2);
     }
 
-    #[tokio::test]
-    async fn connection_close_is_honoured() {
-        let fake = Fake::start(|_| {
-            Reply::Answer(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
-        })
-        .await;
+    /// Three checks against a worker that always answers `answer`, each passing: how many
+    /// connections they took.
+    async fn connects_for_three_passes(answer: &'static [u8]) -> u64 {
+        let fake = Fake::start(move |_| Reply::Answer(answer)).await;
         let mut session = fake.session();
         for _ in 0..3 {
             assert_eq!(session.check().await, Ok(()));
         }
-        assert_eq!(session.connects(), 3);
+        session.connects()
+    }
+
+    #[tokio::test]
+    async fn connection_close_is_honoured() {
+        let answer = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(connects_for_three_passes(answer).await, 3);
     }
 
     #[tokio::test]
@@ -564,29 +568,18 @@ pub(super) mod tests {
         assert!(error.contains("invalid HTTP answer"), "{error}");
 
         // A list of identical values is that value (§6.3 item 5): the old parser refused it.
-        let fake =
-            Fake::start(|_| Reply::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\nok\n"))
-                .await;
-        let mut session = fake.session();
-        for _ in 0..3 {
-            assert_eq!(session.check().await, Ok(()));
-        }
-        assert_eq!(session.connects(), 1, "a whole body keeps the connection");
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\nok\n";
+        assert_eq!(
+            connects_for_three_passes(answer).await,
+            1,
+            "whole body: kept"
+        );
 
         // Transfer-Encoding overrides Content-Length, and such an answer "ought to be handled as
         // an error" (§6.3 item 3): it counts, but its connection is not kept (the old parser
         // kept it).
-        let fake = Fake::start(|_| {
-            Reply::Answer(
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n3\r\nok\n\r\n0\r\n\r\n",
-            )
-        })
-        .await;
-        let mut session = fake.session();
-        for _ in 0..3 {
-            assert_eq!(session.check().await, Ok(()));
-        }
-        assert_eq!(session.connects(), 3);
+        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n3\r\nok\n\r\n0\r\n\r\n";
+        assert_eq!(connects_for_three_passes(answer).await, 3);
     }
 
     #[tokio::test]
