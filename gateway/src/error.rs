@@ -20,6 +20,10 @@ pub enum UpstreamErrorKind {
     Connect,
     /// The connection broke (reset, closed) after the request may have been sent.
     Reset,
+    /// A kept-alive connection was closed or reset before the first byte of an answer: most
+    /// likely the worker closed it idle (or exited) as the request went out. It may have read
+    /// the request, so only an idempotent one is sent again; the worker is not blamed.
+    Closed,
     /// No response headers within `timeouts.response_header`.
     Timeout,
     /// The worker answered something that is not HTTP, or broke the protocol.
@@ -59,7 +63,7 @@ impl UpstreamError {
         match self.kind {
             UpstreamErrorKind::ClientGone | UpstreamErrorKind::ClientBody => false,
             _ if !self.reached => true,
-            UpstreamErrorKind::Reset => idempotent,
+            UpstreamErrorKind::Reset | UpstreamErrorKind::Closed => idempotent,
             UpstreamErrorKind::Timeout => idempotent && retry_timeouts,
             UpstreamErrorKind::Refused
             | UpstreamErrorKind::Connect
@@ -76,6 +80,7 @@ impl UpstreamError {
             | UpstreamErrorKind::Timeout
             | UpstreamErrorKind::Protocol => true,
             UpstreamErrorKind::Refused
+            | UpstreamErrorKind::Closed
             | UpstreamErrorKind::ClientGone
             | UpstreamErrorKind::ClientBody => false,
         }
@@ -87,6 +92,7 @@ impl UpstreamError {
             UpstreamErrorKind::Refused => "refused",
             UpstreamErrorKind::Connect => "connect",
             UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::Closed => "stale_connection",
             UpstreamErrorKind::Timeout => "timeout",
             UpstreamErrorKind::Protocol => "protocol",
             UpstreamErrorKind::ClientGone | UpstreamErrorKind::ClientBody => "client",
@@ -303,6 +309,9 @@ mod tests {
             assert!(!err(kind, true).blames_worker());
         }
         assert!(err(UpstreamErrorKind::Timeout, true).blames_worker());
+        let stale = err(UpstreamErrorKind::Closed, true);
+        assert!(stale.retry_safe(true, false) && !stale.retry_safe(false, true));
+        assert!(!stale.blames_worker(), "an idle close is no failure");
     }
 
     #[test]

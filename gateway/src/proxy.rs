@@ -241,6 +241,8 @@ impl Proxy {
         // that provably did not (refused, or not one byte written) cost no worker anything: they
         // are bounded by the workers left untried and the deadline, not by attempts or budget.
         let mut reached = 0;
+        // One free retry after a kept-alive connection turned out closed (see below).
+        let mut stale_retry_left = true;
         loop {
             let pick = match self.balancer.pick(&tried) {
                 Ok(pick) => pick,
@@ -332,6 +334,19 @@ impl Proxy {
                     retry_safe,
                     reason,
                 } => {
+                    // A pooled connection the worker closed as we reused it says nothing about
+                    // the worker: an idempotent request goes again, on a fresh connection, and
+                    // may go to the same worker (a dead one then refuses, which is free).
+                    let stale = retry_safe
+                        && stale_retry_left
+                        && matches!(&error, GatewayError::Upstream(e) if e.kind == UpstreamErrorKind::Closed);
+                    if stale {
+                        stale_retry_left = false;
+                        tried.pop();
+                        self.metrics.retry(reason);
+                        last = Some(error);
+                        continue;
+                    }
                     let free = matches!(&error, GatewayError::Upstream(e) if !e.reached);
                     if !free {
                         reached += 1;

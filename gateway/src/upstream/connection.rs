@@ -126,7 +126,8 @@ impl Connection {
             .await
             .map_err(|error| error.into_upstream(was_reused, written))?;
         let head_by = deadline.min(Instant::now() + response_header);
-        match tokio::time::timeout_at(head_by, self.read_head(&method, upgrade)).await {
+        let head = self.read_head(&method, upgrade, was_reused);
+        match tokio::time::timeout_at(head_by, head).await {
             Ok(head) => head,
             Err(_) => Err(UpstreamError::timeout()),
         }
@@ -225,7 +226,15 @@ impl Connection {
         &mut self,
         method: &Method,
         upgrade: bool,
+        reused: bool,
     ) -> Result<ResponseHead, UpstreamError> {
+        // Closed or reset before the first byte of an answer: on a kept-alive connection, most
+        // likely the worker closing it idle (or exiting) just as the request went out.
+        let before_any_answer = if reused {
+            UpstreamErrorKind::Closed
+        } else {
+            UpstreamErrorKind::Reset
+        };
         loop {
             match codec::parse_response(&mut self.read, method, upgrade) {
                 Ok(Parsed::Complete(head)) => return Ok(head),
@@ -240,12 +249,15 @@ impl Connection {
             match self.stream.read_buf(&mut self.read).await {
                 Ok(0) if self.read.is_empty() => {
                     return Err(reached(
-                        UpstreamErrorKind::Reset,
+                        before_any_answer,
                         "connection closed before a response",
                     ));
                 }
                 Ok(0) => return Err(protocol(codec::ProtocolError("response head cut off"))),
                 Ok(_) => {}
+                Err(error) if self.read.is_empty() => {
+                    return Err(reached(before_any_answer, &error.to_string()));
+                }
                 Err(error) => return Err(reached(UpstreamErrorKind::Reset, &error.to_string())),
             }
         }
