@@ -12,7 +12,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
@@ -22,145 +21,8 @@ use hyper::body::Incoming;
 
 use crate::balancer::InFlight;
 use crate::error::GatewayError;
+pub use crate::upstream::{BodyError, StreamWatch, UpstreamBody, client_went_away};
 use crate::upstream::{WorkerBody, WorkerBodyError};
-
-/// Why a request body stopped while streaming to a worker.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    /// The body grew over `limits.max_body_bytes`.
-    #[error("request body over the size limit")]
-    TooLarge,
-    /// Reading from the client failed.
-    #[error("reading the request body failed: {0}")]
-    Client(#[from] hyper::Error),
-}
-
-/// Whether a body read failed because the client closed or reset its connection midway (as
-/// opposed to sending something broken): nobody is left to answer.
-pub fn client_went_away(error: &hyper::Error) -> bool {
-    if error.is_incomplete_message() || error.is_canceled() {
-        return true;
-    }
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::UnexpectedEof
-                    | std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-            );
-        }
-        source = cause.source();
-    }
-    false
-}
-
-/// What a streaming request body did, seen from the proxy after a failed attempt.
-#[derive(Debug, Default)]
-pub struct StreamWatch {
-    finished: AtomicBool,
-    too_large: AtomicBool,
-}
-
-impl StreamWatch {
-    /// The client sent the whole body.
-    pub fn finished(&self) -> bool {
-        self.finished.load(Ordering::Relaxed)
-    }
-
-    /// The body went over the size limit.
-    pub fn too_large(&self) -> bool {
-        self.too_large.load(Ordering::Relaxed)
-    }
-}
-
-/// A request body on its way to a worker.
-#[derive(Debug)]
-pub enum UpstreamBody {
-    /// Fully buffered (or empty): can be sent again.
-    Full(Option<Bytes>),
-    /// Streaming from the client, after an already read prefix.
-    Stream {
-        /// Bytes read before streaming began.
-        prefix: Option<Bytes>,
-        /// The rest, from the client.
-        inner: Incoming,
-        /// Bytes seen so far, prefix included.
-        seen: u64,
-        /// Size limit.
-        limit: u64,
-        /// Shared with the proxy.
-        watch: Arc<StreamWatch>,
-    },
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            UpstreamBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            UpstreamBody::Stream {
-                prefix,
-                inner,
-                seen,
-                limit,
-                watch,
-            } => {
-                if let Some(prefix) = prefix.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(prefix))));
-                }
-                match ready!(Pin::new(inner).poll_frame(cx)) {
-                    None => {
-                        watch.finished.store(true, Ordering::Relaxed);
-                        Poll::Ready(None)
-                    }
-                    Some(Err(error)) => Poll::Ready(Some(Err(BodyError::Client(error)))),
-                    Some(Ok(frame)) => {
-                        if let Some(data) = frame.data_ref() {
-                            *seen += data.len() as u64;
-                            if *seen > *limit {
-                                watch.too_large.store(true, Ordering::Relaxed);
-                                return Poll::Ready(Some(Err(BodyError::TooLarge)));
-                            }
-                        }
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Full(data) => data.is_none(),
-            UpstreamBody::Stream { prefix, inner, .. } => prefix.is_none() && inner.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Full(None) => SizeHint::with_exact(0),
-            UpstreamBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
-            UpstreamBody::Stream { prefix, inner, .. } => {
-                let extra = prefix.as_ref().map_or(0, |p| p.len() as u64);
-                let hint = inner.size_hint();
-                let mut out = SizeHint::new();
-                out.set_lower(hint.lower() + extra);
-                if let Some(upper) = hint.upper() {
-                    out.set_upper(upper + extra);
-                }
-                out
-            }
-        }
-    }
-}
 
 /// A request body after the first read: replayable, or streaming (one attempt only).
 #[derive(Debug)]

@@ -14,7 +14,8 @@
 //!   ejection) and selection (p2c over peak-EWMA, round robin, weighted).
 //! - [`failover`]: the active / standby pair (peer link, Redis lease, floating address).
 //! - [`upstream`]: the HTTP/1.1 client to workers — per-worker keep-alive pools, driven by the
-//!   request's own task.
+//!   request's own task; a leaf (imports nothing else of the gateway) that decides whether an
+//!   attempt reached its worker and whose fault a failure was.
 //! - [`retry`]: the retry budget.
 //! - [`hedge`]: when a slow attempt is doubled on another worker (delay learnt from latency).
 //! - [`error`]: upstream and gateway errors, and the one place that turns them into responses.

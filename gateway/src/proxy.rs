@@ -255,7 +255,7 @@ impl Proxy {
             };
             let worker = pick.worker;
             tried.push(worker.clone());
-            let connected = upstream::connect(&worker, &self.upstream);
+            let connected = upstream::connect(&worker.pool, &worker.authority, &self.upstream);
             let outcome = match tokio::time::timeout_at(deadline, connected).await {
                 Err(_) => return Err(last.unwrap_or(GatewayError::UpstreamTimeout)),
                 Ok(Err(error)) => self.connect_failed(&worker, error, idempotent),
@@ -290,13 +290,18 @@ impl Proxy {
                         Some((delay, spare)) => {
                             let prepared = &prepared;
                             let second = move |worker: Arc<Worker>| async move {
-                                let connection =
-                                    match upstream::connect(&worker, &self.upstream).await {
-                                        Ok(connection) => connection,
-                                        Err(error) => {
-                                            return self.connect_failed(&worker, error, true);
-                                        }
-                                    };
+                                let connection = match upstream::connect(
+                                    &worker.pool,
+                                    &worker.authority,
+                                    &self.upstream,
+                                )
+                                .await
+                                {
+                                    Ok(connection) => connection,
+                                    Err(error) => {
+                                        return self.connect_failed(&worker, error, true);
+                                    }
+                                };
                                 self.attempt(
                                     &worker,
                                     connection,
@@ -526,7 +531,14 @@ impl Proxy {
     ) -> Attempt {
         let guard = worker.begin();
         let sent = Instant::now();
-        let exchange = upstream::exchange(worker, connection, request, &self.upstream, deadline);
+        let exchange = upstream::exchange(
+            connection,
+            &worker.authority,
+            &worker.pool,
+            request,
+            &self.upstream,
+            deadline,
+        );
         // The exchange bounds the worker's waits itself; only a streamed body waits for the
         // client, and that wait needs the request deadline on top (one timer fewer otherwise).
         let result = if prepared.watch().is_some() {

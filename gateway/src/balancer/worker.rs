@@ -160,7 +160,7 @@ pub struct Worker {
     /// Cancels this worker's health-check task when it is removed.
     pub cancel: CancellationToken,
     /// Idle keep-alive connections of the request path.
-    pub pool: crate::upstream::Pool,
+    pub pool: std::sync::Arc<crate::upstream::Pool>,
 }
 
 impl Worker {
@@ -191,13 +191,13 @@ impl Worker {
             }),
             counters: Counters::default(),
             cancel: CancellationToken::new(),
-            pool: crate::upstream::Pool::default(),
+            pool: std::sync::Arc::default(),
         }
     }
 
     /// The same worker with `pool` for its idle connections (one shard per serving thread).
     pub fn with_pool(mut self, pool: crate::upstream::Pool) -> Self {
-        self.pool = pool;
+        self.pool = std::sync::Arc::new(pool);
         self
     }
 

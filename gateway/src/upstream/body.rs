@@ -16,7 +16,6 @@ use http_body::{Body, Frame, SizeHint};
 use super::codec::{Chunk, ChunkedDecoder, ProtocolError, ResponseFraming};
 use super::connection::Connection;
 use super::pool::PoolLimits;
-use crate::balancer::Worker;
 
 /// Reading a worker's response body failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +34,8 @@ pub enum WorkerBodyError {
 /// Where a connection goes when its response is complete.
 #[derive(Debug)]
 pub struct Home {
-    /// The worker whose pool takes it back.
-    pub worker: Arc<Worker>,
+    /// The worker's pool, which takes it back.
+    pub pool: Arc<super::Pool>,
     /// The pool's limits.
     pub limits: PoolLimits,
 }
@@ -138,7 +137,7 @@ impl WorkerBody {
             && self.keep_alive
             && connection.read.is_empty()
         {
-            home.worker.pool.put(connection, &home.limits);
+            home.pool.put(connection, &home.limits);
         }
     }
 

@@ -24,8 +24,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::codec::{self, Parsed, RequestFraming, ResponseHead};
-use crate::body::{BodyError, UpstreamBody};
-use crate::error::{UpstreamError, UpstreamErrorKind};
+use super::error::{UpstreamError, UpstreamErrorKind};
+use super::request_body::{BodyError, UpstreamBody, client_went_away};
 
 /// Bytes asked of the kernel per read.
 const READ_CHUNK: usize = 8 * 1024;
@@ -317,7 +317,7 @@ impl WriteError {
                 detail: "request body over the size limit".into(),
             },
             WriteError::Body(BodyError::Client(error)) => UpstreamError {
-                kind: if crate::body::client_went_away(&error) {
+                kind: if client_went_away(&error) {
                     UpstreamErrorKind::ClientGone
                 } else {
                     UpstreamErrorKind::ClientBody

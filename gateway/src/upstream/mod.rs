@@ -11,6 +11,11 @@
 //!                         otherwise read on as the client takes it, then back in the pool
 //! ```
 //!
+//! A leaf of the gateway: it knows addresses, pools and bytes, nothing of workers' health,
+//! selection or metrics, and nothing else in the gateway is imported here. It is where each
+//! attempt's failure gets its facts ([`UpstreamError`]: reached or not, whose fault); the proxy
+//! decides what to do with them.
+//!
 //! Why not hyper's pooled client: it runs every connection in its own task and talks to it over
 //! channels, so each request paid a pool lock, two cross-task hand-offs and their wake-ups.
 //! Here the request's task writes and reads the worker's socket itself; see
@@ -19,7 +24,9 @@
 mod body;
 pub mod codec;
 mod connection;
+mod error;
 mod pool;
+mod request_body;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,10 +34,11 @@ use std::time::Duration;
 pub use body::{Home, WorkerBody, WorkerBodyError};
 pub use codec::ResponseHead;
 pub use connection::{Connection, Outgoing};
+pub use error::{UpstreamError, UpstreamErrorKind};
 pub use pool::{Pool, PoolLimits, use_shard};
+pub use request_body::{BodyError, StreamWatch, UpstreamBody, client_went_away};
 
-use crate::balancer::Worker;
-use crate::error::UpstreamError;
+use http::uri::Authority;
 
 /// How the gateway talks to workers.
 #[derive(Debug, Clone, Copy)]
@@ -54,35 +62,33 @@ pub enum Reply {
     Switched(Connection),
 }
 
-/// A connection to `worker`: a live idle one from its pool, or a new one (within
-/// `timeouts.connect`). A failure here means the worker never saw the request.
+/// A connection to the worker at `authority`: a live idle one from its `pool`, or a new one
+/// (within `timeouts.connect`). A failure here means the worker never saw the request.
 pub async fn connect(
-    worker: &Arc<Worker>,
+    pool: &Pool,
+    authority: &Authority,
     settings: &ClientSettings,
 ) -> Result<Connection, UpstreamError> {
-    match worker.pool.take(&settings.pool) {
+    match pool.take(&settings.pool) {
         Some(connection) => Ok(connection),
-        None => Connection::open(&worker.authority, settings.connect_timeout).await,
+        None => Connection::open(authority, settings.connect_timeout).await,
     }
 }
 
-/// Sends `request` to `worker` over `connection`; returns the response head and what follows
-/// it. The worker's side is bounded here (`response_header` for each write and for the head,
-/// never past `deadline`); waits for a streamed client body are the caller's to bound.
+/// Sends `request` over `connection` to the worker at `authority`; returns the response head
+/// and what follows it (the body hands the connection back to `pool` when it is done). The
+/// worker's side is bounded here (`response_header` for each write and for the head, never past
+/// `deadline`); waits for a streamed client body are the caller's to bound.
 pub async fn exchange(
-    worker: &Arc<Worker>,
     mut connection: Connection,
+    authority: &Authority,
+    pool: &Arc<Pool>,
     request: Outgoing<'_>,
     settings: &ClientSettings,
     deadline: tokio::time::Instant,
 ) -> Result<(ResponseHead, Reply), UpstreamError> {
     let head = connection
-        .send(
-            request,
-            &worker.authority,
-            settings.response_header,
-            deadline,
-        )
+        .send(request, authority, settings.response_header, deadline)
         .await?;
     if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
         return Ok((head, Reply::Switched(connection)));
@@ -92,7 +98,7 @@ pub async fn exchange(
         head.keep_alive,
         connection,
         Home {
-            worker: worker.clone(),
+            pool: pool.clone(),
             limits: settings.pool,
         },
     );
