@@ -86,9 +86,15 @@ pub struct SoakOptions {
 }
 
 impl SoakOptions {
-    /// The warm-up after which the steady RSS is read: a quarter of the run, at most a minute.
+    /// The warm-up after which the steady RSS is read: a quarter of the run, at most a minute,
+    /// but at least until every idle connection has sent its first request and two samples
+    /// more (the gateway's buffers of a connection are allocated at its first request: RSS
+    /// climbs for one `idle_every`); never more than half the run.
     pub fn warmup(&self) -> Duration {
-        (self.duration / 4).min(MAX_WARMUP)
+        (self.duration / 4)
+            .min(MAX_WARMUP)
+            .max(self.idle_every + self.sample_every * 2)
+            .min(self.duration / 2)
     }
 
     /// Open files this process and the gateway each need.
@@ -841,7 +847,7 @@ mod tests {
             duration: Duration::from_secs(100),
             kill_every: Some(Duration::from_secs(30)),
             workers: 3,
-            idle_every: Duration::from_secs(45),
+            idle_every: Duration::from_secs(5),
             sample_every: Duration::from_secs(5),
         }
     }
@@ -955,14 +961,27 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert_eq!(options().warmup(), Duration::from_secs(25));
+        assert_eq!(options().warmup(), Duration::from_secs(25), "a quarter");
+        // Idle requests every 30 s: until 30 s + two 5 s samples.
+        let slow_idle = SoakOptions {
+            idle_every: Duration::from_secs(30),
+            ..options()
+        };
+        assert_eq!(slow_idle.warmup(), Duration::from_secs(40));
+        let long = SoakOptions {
+            duration: Duration::from_secs(600),
+            ..options()
+        };
+        assert_eq!(long.warmup(), MAX_WARMUP);
+        let short = SoakOptions {
+            duration: Duration::from_secs(60),
+            idle_every: Duration::from_secs(45),
+            ..options()
+        };
         assert_eq!(
-            SoakOptions {
-                duration: Duration::from_secs(600),
-                ..options()
-            }
-            .warmup(),
-            MAX_WARMUP
+            short.warmup(),
+            Duration::from_secs(30),
+            "at most half the run"
         );
     }
 }
