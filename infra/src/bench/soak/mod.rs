@@ -184,6 +184,9 @@ pub struct Verdict {
     pub rss_peak_kib: u64,
     /// End minus steady, in percent of steady.
     pub rss_growth_percent: f64,
+    /// Least-squares slope of RSS over the samples after the warm-up, MiB per minute: a slow
+    /// creep the end-vs-steady check lets through on a short run shows here (not judged).
+    pub rss_slope_mib_per_min: f64,
     /// What failed, one line each (empty when it passed).
     pub reasons: Vec<String>,
 }
@@ -490,8 +493,14 @@ pub fn judge(
             start.other_fds()
         ));
     }
+    let after_warmup: Vec<(f64, f64)> = samples
+        .iter()
+        .filter(|sample| sample.t >= warmup)
+        .map(|sample| (sample.t / 60.0, mib(sample.gateway.rss_kib)))
+        .collect();
     Verdict {
         pass: reasons.is_empty(),
+        rss_slope_mib_per_min: slope(&after_warmup),
         rss_steady_kib,
         rss_end_kib,
         rss_peak_kib,
@@ -502,6 +511,19 @@ pub fn judge(
         },
         reasons,
     }
+}
+
+/// Least-squares slope of `(x, y)` points; 0 with fewer than two distinct x.
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    let mean_x = points.iter().map(|(x, _)| x).sum::<f64>() / n;
+    let mean_y = points.iter().map(|(_, y)| y).sum::<f64>() / n;
+    let (mut num, mut den) = (0.0, 0.0);
+    for (x, y) in points {
+        num += (x - mean_x) * (y - mean_y);
+        den += (x - mean_x) * (x - mean_x);
+    }
+    if den > 0.0 { num / den } else { 0.0 }
 }
 
 fn median(values: &mut [u64]) -> u64 {
@@ -777,12 +799,13 @@ pub fn markdown(result: &SoakResult) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "- RSS MiB: start {start_rss:.1}, all connections open {open_rss:.1}, steady (after {} warm-up) {:.1}, peak {:.1}, end {:.1} ({:+.1} % vs steady), after closing {:.1}",
+        "- RSS MiB: start {start_rss:.1}, all connections open {open_rss:.1}, steady (after {} warm-up) {:.1}, peak {:.1}, end {:.1} ({:+.1} % vs steady; slope after warm-up {:+.2} MiB/min), after closing {:.1}",
         humantime::format_duration(options.warmup()),
         mib(verdict.rss_steady_kib),
         mib(verdict.rss_peak_kib),
         mib(verdict.rss_end_kib),
         verdict.rss_growth_percent,
+        verdict.rss_slope_mib_per_min,
         mib(result.end.rss_kib),
     );
     let peak_fds = result
@@ -890,6 +913,12 @@ mod tests {
         assert_eq!(verdict.rss_end_kib, 108 * 1024);
         assert_eq!(verdict.rss_peak_kib, 108 * 1024);
         assert!((verdict.rss_growth_percent - 8.0).abs() < 0.01);
+        // From 25 s on: 100 MiB until 80 s, then 108: a positive slope.
+        assert!(verdict.rss_slope_mib_per_min > 1.0, "{verdict:?}");
+        let flat = judge(&options(), &start, &samples(0.0, 100), &end, &(0, 0));
+        assert!(flat.rss_slope_mib_per_min.abs() < 1e-9, "{flat:?}");
+        assert!((slope(&[(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)]) - 2.0).abs() < 1e-9);
+        assert!(slope(&[(1.0, 1.0)]).abs() < 1e-9);
     }
 
     #[test]
