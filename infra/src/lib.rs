@@ -1,7 +1,8 @@
 //! The herd operator library: what the `herd` CLI and the end-to-end tests share.
 //!
 //! Layout:
-//! - [`bench`]: `herd bench proxy` (herd-gateway vs HAProxy vs nginx) and `herd bench health`.
+//! - [`bench`]: `herd bench proxy` (herd-gateway vs HAProxy vs nginx), `herd bench health` and
+//!   `herd bench soak`.
 //! - [`deps`]: make sure outside programs (redis-server, haproxy…) are installed, or say how.
 //! - [`binaries`]: find the `herd-gateway` and `herd-worker` executables.
 //! - [`process`]: start a herd process, wait for its "listening" line, signal it, stop it.

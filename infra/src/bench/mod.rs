@@ -4,6 +4,9 @@
 //!   upstream itself as the baseline ("direct"): req/s, latency, the proxy's CPU per request and
 //!   its memory, runs interleaved over several rounds and reported as medians.
 //! - [`health`]: what health-checking N registered workers costs an idle gateway.
+//! - [`soak`]: thousands of keep-alive connections through the gateway for minutes while workers
+//!   are killed and restarted: does its memory stay flat, does it leak descriptors, does any
+//!   request fail.
 //!
 //! Parts:
 //! - [`targets`]: the upstreams (hello or demo workers, Redis) and the proxies under test
@@ -23,6 +26,7 @@ pub mod loadgen;
 pub mod proxy;
 pub mod report;
 pub mod sample;
+pub mod soak;
 pub mod targets;
 
 use std::sync::Arc;

@@ -52,6 +52,9 @@ pub enum BenchCommand {
     Proxy(BenchProxyArgs),
     /// Register N workers and measure the CPU and memory an idle gateway spends checking them.
     Health(BenchHealthArgs),
+    /// Hold many keep-alive connections through the gateway for a long time while workers are
+    /// killed and restarted; sample its RSS and descriptors; PASS (exit 0) or FAIL (exit 1).
+    Soak(BenchSoakArgs),
 }
 
 /// Where a benchmark writes its results and logs.
@@ -173,6 +176,94 @@ impl BenchHealthArgs {
     /// Checks what clap can't.
     pub fn validate(&self) -> Result<(), CliError> {
         check_duration("--duration", self.duration)
+    }
+}
+
+/// Longest soak.
+const MAX_SOAK_DURATION: Duration = Duration::from_secs(6 * 3600);
+
+/// Flags of `herd bench soak`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchSoakArgs {
+    /// Client connections to hold open (keep-alive) through the gateway.
+    #[arg(long, default_value_t = 10_000, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::bench::soak::MAX_CONNECTIONS)))]
+    pub connections: u32,
+    /// How long to hold them once all are open (5 s – 6 h).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub duration: Duration,
+    /// How many of the connections send the active load (GET /work?ms=1).
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub active: u32,
+    /// Requests per second over all active connections.
+    #[arg(long, default_value_t = 200, value_name = "R",
+          value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub rate: u32,
+    /// SIGKILL one worker (in turn) this often and start it again 2 s later; 0s: no kills.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub kill_every: Duration,
+    /// Workers behind the gateway (demo app).
+    #[arg(long, default_value_t = 3, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(2..=16))]
+    pub workers: u32,
+    /// How often each idle connection sends one GET /work?ms=0 (1 s – 55 s: below the
+    /// gateway's 60 s client_idle, so it stays a live keep-alive connection).
+    #[arg(long, default_value = "45s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub idle_every: Duration,
+    /// How often the gateway's RSS and descriptors are read.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub sample_every: Duration,
+    /// Output files.
+    #[command(flatten)]
+    pub output: BenchOutputArgs,
+}
+
+impl BenchSoakArgs {
+    /// Checks what clap can't (the soak checks the rest, see [`crate::bench::soak::validate`]).
+    pub fn validate(&self) -> Result<(), CliError> {
+        let between = |flag: &str, value: Duration, low: Duration, high: Duration| {
+            if value < low || value > high {
+                Err(CliError::Usage(format!(
+                    "{flag} must be between {} and {}",
+                    humantime::format_duration(low),
+                    humantime::format_duration(high)
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        between(
+            "--duration",
+            self.duration,
+            Duration::from_secs(5),
+            MAX_SOAK_DURATION,
+        )?;
+        between(
+            "--idle-every",
+            self.idle_every,
+            Duration::from_secs(1),
+            Duration::from_secs(55),
+        )?;
+        between(
+            "--sample-every",
+            self.sample_every,
+            Duration::from_millis(200),
+            Duration::from_secs(60),
+        )
+    }
+
+    /// The soak's options.
+    pub fn options(&self) -> crate::bench::soak::SoakOptions {
+        crate::bench::soak::SoakOptions {
+            connections: self.connections,
+            active: self.active,
+            rate: self.rate,
+            duration: self.duration,
+            kill_every: (!self.kill_every.is_zero()).then_some(self.kill_every),
+            workers: self.workers,
+            idle_every: self.idle_every,
+            sample_every: self.sample_every,
+        }
     }
 }
 
@@ -420,6 +511,47 @@ mod tests {
         assert_eq!((args.workers, args.duration), (20, Duration::from_secs(2)));
         args.validate().unwrap();
         assert!(parse(&["bench", "health", "--workers", "0"]).is_err());
+    }
+
+    #[test]
+    fn bench_soak_flags() {
+        let Command::Bench(BenchCommand::Soak(args)) = parse(&["bench", "soak"]).unwrap().command
+        else {
+            panic!("not bench soak")
+        };
+        args.validate().unwrap();
+        let options = args.options();
+        assert_eq!(
+            (options.connections, options.active, options.rate),
+            (10_000, 200, 200)
+        );
+        assert_eq!(options.duration, Duration::from_secs(600));
+        assert_eq!(options.kill_every, Some(Duration::from_secs(30)));
+        let Command::Bench(BenchCommand::Soak(args)) = parse(&[
+            "bench",
+            "soak",
+            "--connections",
+            "500",
+            "--duration",
+            "15s",
+            "--kill-every",
+            "0s",
+            "--idle-every",
+            "60s",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not bench soak")
+        };
+        assert_eq!(args.options().kill_every, None);
+        assert_eq!(
+            args.validate().unwrap_err().exit_code(),
+            2,
+            "idle above 55 s"
+        );
+        assert!(parse(&["bench", "soak", "--connections", "0"]).is_err());
+        assert!(parse(&["bench", "soak", "--workers", "1"]).is_err());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `herd bench proxy` and `herd bench health`: run the benchmark (see [`crate::bench`]) on a
+//! `herd bench proxy`, `herd bench health` and `herd bench soak`: run the benchmark (see [`crate::bench`]) on a
 //! blocking thread while Ctrl-C / SIGTERM / SIGHUP are caught, print the Markdown table, write
 //! `--out` and the JSON.
 //!
@@ -13,10 +13,12 @@ use serde_json::json;
 
 use super::signals::StopSignal;
 use super::{
-    BenchHealthArgs, BenchOutputArgs, BenchProxyArgs, CliError, EXIT_FAILED, EXIT_OK, say, warn,
+    BenchHealthArgs, BenchOutputArgs, BenchProxyArgs, BenchSoakArgs, CliError, EXIT_FAILED,
+    EXIT_OK, say, warn,
 };
 use crate::bench::health::{self, HealthOptions};
 use crate::bench::proxy::{self, ProxyOptions};
+use crate::bench::soak;
 use crate::bench::{BenchError, Stop, WorkDir, report};
 
 /// Runs `herd bench proxy`.
@@ -99,6 +101,42 @@ pub(super) fn health(args: &BenchHealthArgs) -> Result<u8, CliError> {
         }),
     )?;
     Ok(EXIT_OK)
+}
+
+/// Runs `herd bench soak`: exit 0 on PASS, 1 on FAIL.
+pub(super) fn soak(args: &BenchSoakArgs) -> Result<u8, CliError> {
+    args.validate()?;
+    let options = args.options();
+    soak::validate(&options)?;
+    let dir = WorkDir::new(args.output.log_dir.as_deref())?;
+    let path = dir.path().to_path_buf();
+    warn(format!(
+        "herd bench soak: {} connections for {}; work directory {}",
+        options.connections,
+        humantime::format_duration(options.duration),
+        path.display()
+    ));
+    let machine = machine();
+    let result = with_stop({
+        let options = options.clone();
+        move |stop| soak::run(&options, &path, stop, &mut |line| warn(line))
+    })?;
+    let table = soak::markdown(&result);
+    say(&table);
+    write_outputs(
+        &args.output,
+        &table,
+        &json!({
+            "command": "bench soak",
+            "machine": machine,
+            "result": result,
+        }),
+    )?;
+    Ok(if result.verdict.pass {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    })
 }
 
 /// Runs `work` on a blocking thread; a stop signal raises its [`Stop`] and waits for it to wind

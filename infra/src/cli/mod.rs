@@ -24,7 +24,7 @@ mod token;
 mod up;
 
 pub use args::{
-    BenchCommand, BenchHealthArgs, BenchOutputArgs, BenchProxyArgs, Cli, Command,
+    BenchCommand, BenchHealthArgs, BenchOutputArgs, BenchProxyArgs, BenchSoakArgs, Cli, Command,
     FailoverCompareArgs, LabCommand, MAX_WORKERS, StateDirArgs, UpArgs,
 };
 pub use error::{CliError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE};
@@ -41,6 +41,7 @@ pub fn run(cli: &Cli) -> Result<u8, CliError> {
         Command::Lab(LabCommand::FailoverCompare(args)) => lab::failover_compare(args),
         Command::Bench(BenchCommand::Proxy(args)) => bench::proxy(args),
         Command::Bench(BenchCommand::Health(args)) => bench::health(args),
+        Command::Bench(BenchCommand::Soak(args)) => bench::soak(args),
     }
 }
 
