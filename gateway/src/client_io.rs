@@ -350,11 +350,26 @@ impl HeadScan {
     /// Scans `bytes`; true when a head with both framing headers ended in them.
     pub(crate) fn feed(&mut self, bytes: &[u8]) -> bool {
         let mut conflict = false;
-        for &byte in bytes {
-            if self.at == ScanAt::Off {
-                break;
+        let mut at = 0;
+        while at < bytes.len() {
+            let skip_line = match self.at {
+                ScanAt::Off => break,
+                // Within a request line (once known not to be HTTP/2's) or a header value only
+                // the line's end matters: jump to it rather than stepping byte by byte (this
+                // scan runs over every request head; byte steps cost 0.65 % of the gateway's
+                // CPU under wrk).
+                ScanAt::Value => true,
+                ScanAt::RequestLine => self.http1,
+                _ => false,
+            };
+            if skip_line {
+                match bytes[at..].iter().position(|&b| b == b'\n') {
+                    Some(offset) => at += offset,
+                    None => break,
+                }
             }
-            conflict |= self.step(byte);
+            conflict |= self.step(bytes[at]);
+            at += 1;
         }
         conflict
     }

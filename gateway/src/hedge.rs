@@ -23,11 +23,20 @@ const STEPS_PER_DOUBLING: f64 = 4.0;
 const FIRST_BOUND_NS: f64 = 100_000.0;
 /// 100 µs × 2^(80/4) ≈ 105 s: everything slower lands in the last bucket.
 const BUCKETS: usize = 80;
-/// Answers a window needs before its p99 is trusted.
-const MIN_WINDOW: u64 = 200;
-/// A window closes after this many answers, or after `WINDOW_TIME` with at least `MIN_WINDOW`.
+/// Sampled answers a window needs before its p99 is trusted.
+const MIN_WINDOW: u64 = 64;
+/// A window closes after this many sampled answers, or after `WINDOW_TIME` with at least
+/// `MIN_WINDOW`.
 const MAX_WINDOW: u64 = 5_000;
 const WINDOW_TIME: Duration = Duration::from_secs(1);
+
+/// One answer in this many is sampled, per thread.
+const SAMPLE_EVERY: u32 = 4;
+
+thread_local! {
+    /// Answers since this thread last sampled one.
+    static SKIPPED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
 
 /// When to hedge, learnt from answer latencies. One per gateway.
 #[derive(Debug)]
@@ -87,10 +96,20 @@ impl Hedging {
         )
     }
 
-    /// Records the time from sending a request to its response head.
+    /// Records the time from sending a request to its response head: one answer in
+    /// [`SAMPLE_EVERY`] per serving thread, so the shared counters are not written by every
+    /// request of every thread (cache lines bouncing between cores cost more than the count).
     #[inline]
     pub fn observe(&self, latency: Duration) {
         if !self.enabled || self.fixed.is_some() {
+            return;
+        }
+        let sampled = SKIPPED.with(|skipped| {
+            let next = skipped.get() + 1;
+            skipped.set(next % SAMPLE_EVERY);
+            next == SAMPLE_EVERY
+        });
+        if !sampled {
             return;
         }
         self.buckets[bucket(latency)].fetch_add(1, Ordering::Relaxed);
@@ -186,10 +205,12 @@ mod tests {
         let hedging = Hedging::new(&config());
         assert_eq!(hedging.delay(), Some(Duration::from_secs(1)), "cold: max");
         // 5000 answers: 98 % at 10 ms, 2 % at 40 ms → p99 ≈ 40 ms, delay ≈ 80 ms.
-        for i in 0..5_000 {
-            let ms = if i % 50 == 0 { 40 } else { 10 };
+        for i in 0..5_000 * SAMPLE_EVERY {
+            // Whole sampling rounds alike, so sampling keeps the 2 %.
+            let round = i / SAMPLE_EVERY;
+            let ms = if round % 50 < 2 { 40 } else { 10 };
             hedging.observe(Duration::from_millis(ms));
-            hedging.observe(Duration::from_millis(if i % 50 == 1 { 40 } else { 10 }));
+            hedging.observe(Duration::from_millis(ms));
         }
         let delay = hedging.delay().unwrap();
         assert!(
@@ -197,7 +218,7 @@ mod tests {
             "{delay:?}"
         );
         // Fast answers: the floor holds.
-        for _ in 0..10_000 {
+        for _ in 0..10_000 * SAMPLE_EVERY {
             hedging.observe(Duration::from_micros(300));
         }
         assert_eq!(hedging.delay(), Some(Duration::from_millis(20)));

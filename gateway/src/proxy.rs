@@ -277,7 +277,9 @@ impl Proxy {
                         declared_length: content_length,
                         body,
                     };
-                    let first = self.attempt(
+                    // Pinned where it is made: the attempt's future is large, and moving it into
+                    // `hedged` cost measurable memcpy per request.
+                    let mut first = std::pin::pin!(self.attempt(
                         &worker,
                         connection,
                         outgoing(body),
@@ -285,7 +287,7 @@ impl Proxy {
                         deadline,
                         &prepared,
                         request_id,
-                    );
+                    ));
                     match hedge {
                         Some((delay, spare)) => {
                             let prepared = &prepared;
@@ -313,7 +315,8 @@ impl Proxy {
                                 )
                                 .await
                             };
-                            self.hedged(first, &worker, delay, &mut tried, second).await
+                            self.hedged(first.as_mut(), &worker, delay, &mut tried, second)
+                                .await
                         }
                         None => first.await,
                     }
@@ -452,7 +455,7 @@ impl Proxy {
     /// worker's latency estimate, so p2c steers new requests away from a worker that hangs.
     async fn hedged<F, S, Fut>(
         &self,
-        first: F,
+        mut first: std::pin::Pin<&mut F>,
         worker: &Arc<Worker>,
         delay: Duration,
         tried: &mut Vec<Arc<Worker>>,
@@ -463,8 +466,6 @@ impl Proxy {
         S: FnOnce(Arc<Worker>) -> Fut,
         Fut: Future<Output = Attempt>,
     {
-        let started = Instant::now();
-        let mut first = std::pin::pin!(first);
         tokio::select! {
             biased;
             outcome = &mut first => return outcome,
@@ -482,7 +483,8 @@ impl Proxy {
         self.metrics.retry("hedge");
         tried.push(second_worker.clone());
         let hedge_started = Instant::now();
-        let mut second = std::pin::pin!(second(second_worker.clone()));
+        // Boxed: only hedged requests pay for the second attempt's room.
+        let mut second = Box::pin(second(second_worker.clone()));
         let (outcome, winner_is_first) = tokio::select! {
             outcome = &mut first => (outcome, true),
             outcome = &mut second => (outcome, false),
@@ -502,9 +504,8 @@ impl Proxy {
             let waited = hedge_started.elapsed().as_nanos() as f64;
             second_worker.ewma.observe(waited, clock);
         } else {
-            worker
-                .ewma
-                .observe(started.elapsed().as_nanos() as f64, clock);
+            let waited = delay + hedge_started.elapsed();
+            worker.ewma.observe(waited.as_nanos() as f64, clock);
         }
         debug!(
             worker = %worker.id(),
