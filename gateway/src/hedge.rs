@@ -11,8 +11,8 @@
 //! Cost on the request path: one relaxed atomic add per answer (its latency bucket), and once per
 //! window a pass over the buckets by whichever request closes it.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::HedgingConfig;
@@ -49,8 +49,8 @@ pub struct Hedging {
     /// Answers per latency bucket since the gateway started.
     buckets: [AtomicU64; BUCKETS],
     answers: AtomicU64,
-    /// The current delay in nanoseconds.
-    delay_ns: AtomicU64,
+    /// The current delay in nanoseconds (shared with the metrics; 0 when hedging is off).
+    delay_ns: Arc<AtomicU64>,
     /// The bucket counts and time at the start of the current window.
     window: Mutex<Window>,
 }
@@ -74,13 +74,24 @@ impl Hedging {
             max,
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             answers: AtomicU64::new(0),
-            delay_ns: AtomicU64::new(max.as_nanos() as u64),
+            delay_ns: Arc::new(AtomicU64::new(if !config.enabled {
+                0
+            } else if !config.delay.is_zero() {
+                config.delay.as_nanos() as u64
+            } else {
+                max.as_nanos() as u64
+            })),
             window: Mutex::new(Window {
                 start: [0; BUCKETS],
                 answers: 0,
                 since: tokio::time::Instant::now(),
             }),
         }
+    }
+
+    /// The current delay in nanoseconds, for `herd_gateway_hedge_delay_seconds`.
+    pub fn delay_handle(&self) -> Arc<AtomicU64> {
+        self.delay_ns.clone()
     }
 
     /// The delay after which a request still waiting for its worker is hedged; `None` when
@@ -114,7 +125,7 @@ impl Hedging {
         }
         self.buckets[bucket(latency)].fetch_add(1, Ordering::Relaxed);
         let answers = self.answers.fetch_add(1, Ordering::Relaxed) + 1;
-        if answers.is_multiple_of(64) {
+        if answers.is_multiple_of(16) {
             self.maybe_close_window(answers);
         }
     }

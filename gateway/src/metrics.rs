@@ -170,6 +170,14 @@ impl Metrics {
             .register_collector(Box::new(ConnectionsCollector { per_thread }));
     }
 
+    /// Adds the current hedge delay (nanoseconds; 0 when hedging is off), read at scrape time.
+    pub fn watch_hedge_delay(&self, delay_ns: Arc<AtomicU64>) {
+        self.registry
+            .lock()
+            .unwrap()
+            .register_collector(Box::new(HedgeCollector { delay_ns }));
+    }
+
     /// Counts a retry.
     pub fn retry(&self, reason: &'static str) {
         self.retries
@@ -352,6 +360,27 @@ impl Collector for ConnectionsCollector {
                 .encode_family(&[("thread", thread.to_string())])?
                 .encode_gauge(&open)?;
         }
+        Ok(())
+    }
+}
+
+/// Reads the hedge delay when scraped.
+#[derive(Debug)]
+struct HedgeCollector {
+    delay_ns: Arc<AtomicU64>,
+}
+
+impl Collector for HedgeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let seconds = self.delay_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder
+            .encode_descriptor(
+                "hedge_delay_seconds",
+                "How long an idempotent request waits for its worker before it is hedged (0: off)",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&seconds)?;
         Ok(())
     }
 }

@@ -82,6 +82,8 @@ enum Attempt {
 impl Proxy {
     /// A proxy over `balancer`'s workers.
     pub fn new(config: &GatewayConfig, balancer: Arc<Balancer>, metrics: Arc<Metrics>) -> Self {
+        let hedging = Hedging::new(&config.hedging);
+        metrics.watch_hedge_delay(hedging.delay_handle());
         let upstream = ClientSettings {
             connect_timeout: config.timeouts.connect,
             response_header: config.timeouts.response_header,
@@ -97,7 +99,7 @@ impl Proxy {
             upstream,
             metrics,
             budget: RetryBudget::new(&config.retry),
-            hedging: Hedging::new(&config.hedging),
+            hedging,
             settings: Settings {
                 max_attempts: config.retry.max_attempts,
                 retry_on_timeout: config.retry.on_timeout,

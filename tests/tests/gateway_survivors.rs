@@ -93,6 +93,15 @@ async fn serving_after(cluster: &Cluster) -> (Value, String) {
     (ready, metrics)
 }
 
+/// `herd_gateway_hedge_delay_seconds` in a metrics text.
+fn hedge_delay(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("herd_gateway_hedge_delay_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::MAX)
+}
+
 async fn states(cluster: &Cluster) -> Vec<(String, String)> {
     let list: Value = client()
         .get(cluster.gateway.admin_url("/api/workers"))
@@ -177,8 +186,15 @@ async fn sigstop_one_of_three_costs_a_get_the_hedge_delay_only() {
     let load = tokio::spawn(async move {
         load::run(&plan, &client(), move |client, _| client.get(&url)).await
     });
-    // A second of traffic first: the gateway learns the workers' normal latency.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Traffic first, until the gateway has learnt the workers' normal latency (the delay starts
+    // at hedging.max_delay, 1 s, until a window of answers is measured).
+    let learnt = wait_until(Duration::from_secs(4), "a learnt hedge delay", || async {
+        let metrics = serving_after(&cluster).await.1;
+        hedge_delay(&metrics) < 0.5
+    })
+    .await;
+    let delay = hedge_delay(&serving_after(&cluster).await.1);
+    println!("hedge delay learnt after {learnt:?}: {delay} s");
     cluster.worker("w2").signal(Signal::SIGSTOP);
     let report = load.await.unwrap();
     cluster.worker("w2").signal(Signal::SIGCONT);
