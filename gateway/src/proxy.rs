@@ -505,9 +505,15 @@ impl Proxy {
         if first_won {
             let waited = hedge_started.elapsed().as_nanos() as f64;
             second_worker.ewma.observe(waited, clock);
-        } else {
+        } else if succeeded {
             let waited = delay + hedge_started.elapsed();
             worker.ewma.observe(waited.as_nanos() as f64, clock);
+            // Another worker answered while this one had not in twice its p99: a failure for
+            // passive health, so a hung worker is ejected after a few hedges instead of drawing
+            // requests (its in-flight count drops with each abandoned attempt, which makes it
+            // look idle to p2c) until the active checks time out.
+            worker.count_response(None);
+            self.balancer.report(worker, false);
         }
         debug!(
             worker = %worker.id(),
