@@ -228,7 +228,15 @@ async fn connection(
     loop {
         if sender.is_none() {
             match open(&plan, index, &counters).await {
-                Ok(opened) => sender = Some(opened),
+                Ok(opened) => {
+                    sender = Some(opened);
+                    // A real client sends its request as soon as it has connected: a connection
+                    // that stays silent is cut by the gateway's `timeouts.request_head` (10 s
+                    // from accept), by design. Idle connections idle after their first request.
+                    if class == "idle" {
+                        next = Instant::now();
+                    }
+                }
                 Err(()) => {
                     tokio::select! {
                         () = tokio::time::sleep(RECONNECT_AFTER) => continue,
