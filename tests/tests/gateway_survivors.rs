@@ -51,9 +51,8 @@ async fn cluster(workers: usize) -> Cluster {
     cluster
 }
 
-/// Kills the workers `victims` with SIGKILL a second into 5 s of 300 GET/s, returns the load's
-/// report.
-async fn kill_under_load(cluster: &mut Cluster, victims: &[&str]) -> Report {
+/// Starts 5 s of 300 GET/s (16 connections) through the cluster's gateway in the background.
+fn start_get_load(cluster: &Cluster) -> tokio::task::JoinHandle<Report> {
     let plan = Plan {
         rate: 300,
         duration: Duration::from_secs(5),
@@ -61,9 +60,15 @@ async fn kill_under_load(cluster: &mut Cluster, victims: &[&str]) -> Report {
         timeout: Duration::from_secs(10),
     };
     let url = cluster.gateway.url("/work?ms=1");
-    let load = tokio::spawn(async move {
-        load::run(&plan, &client(), move |client, _| client.get(&url)).await
-    });
+    tokio::spawn(
+        async move { load::run(&plan, &client(), move |client, _| client.get(&url)).await },
+    )
+}
+
+/// Kills the workers `victims` with SIGKILL a second into 5 s of 300 GET/s, returns the load's
+/// report.
+async fn kill_under_load(cluster: &mut Cluster, victims: &[&str]) -> Report {
+    let load = start_get_load(cluster);
     tokio::time::sleep(Duration::from_secs(1)).await;
     for victim in victims {
         cluster.worker(victim).kill9();
@@ -176,16 +181,7 @@ async fn kill_9_four_of_five_workers_fails_no_request() {
 async fn sigstop_one_of_three_costs_a_get_the_hedge_delay_only() {
     let _serial = SERIAL.lock().await;
     let mut cluster = cluster(3).await;
-    let plan = Plan {
-        rate: 300,
-        duration: Duration::from_secs(5),
-        concurrency: 16,
-        timeout: Duration::from_secs(10),
-    };
-    let url = cluster.gateway.url("/work?ms=1");
-    let load = tokio::spawn(async move {
-        load::run(&plan, &client(), move |client, _| client.get(&url)).await
-    });
+    let load = start_get_load(&cluster);
     // Traffic first, until the gateway has learnt the workers' normal latency (the delay starts
     // at hedging.max_delay, 1 s, until a window of answers is measured).
     let learnt = wait_until(Duration::from_secs(4), "a learnt hedge delay", || async {
