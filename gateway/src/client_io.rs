@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -66,6 +67,9 @@ pub struct ConnectionState {
     http2: AtomicBool,
     /// A head with both `Content-Length` and `Transfer-Encoding` was read.
     conflicting_framing: AtomicBool,
+    /// The connection's task, parked in a read while a request was in progress: woken when the
+    /// last request ends, so the idle timer starts then (hyper does not read again by itself).
+    reader: AtomicWaker,
 }
 
 impl ConnectionState {
@@ -101,7 +105,9 @@ pub struct RequestGuard {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.state.open.fetch_sub(1, Ordering::Relaxed);
+        if self.state.open.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.state.reader.wake();
+        }
     }
 }
 
@@ -215,7 +221,15 @@ impl AsyncRead for ClientIo {
                 let (until, what) = match this.phase {
                     Phase::Head(until) => (until, "request head not received in time"),
                     Phase::Idle(until) => (until, "idle client connection"),
-                    Phase::Busy | Phase::Tunnel => return Poll::Pending,
+                    Phase::Busy => {
+                        this.state.reader.register(cx.waker());
+                        // The request may have ended between `update_phase` and `register`.
+                        if this.state.open.load(Ordering::Relaxed) == 0 {
+                            cx.waker().wake_by_ref();
+                        }
+                        return Poll::Pending;
+                    }
+                    Phase::Tunnel => return Poll::Pending,
                 };
                 if ran_out(&mut this.read_timer, until, cx) {
                     return Poll::Ready(Err(timed_out(what)));

@@ -253,16 +253,12 @@ fn connection_builder(config: &GatewayConfig) -> auto::Builder<TokioExecutor> {
     // hyper answers 431 (without a body) beyond its buffer; between our limit and that buffer we
     // answer ourselves with the JSON error.
     let buffer = (config.limits.max_header_bytes + 16 * 1024).max(8192);
-    // No `header_read_timeout` of ours: `crate::client_io` times heads and idle connections
-    // apart (hyper's one timer covers both at once; see there). KNOWN BUG: left unset, hyper's
-    // default of 30 s still applies and cuts an idle keep-alive connection after 30 s, before
-    // `timeouts.client_idle` (found by `herd bench soak`). Switching it off is not enough yet:
-    // `client_io`'s idle timer is only armed when hyper polls the socket again after a request
-    // ends, which it then no longer does (the idle connection stays open for ever). The fix is
-    // to wake the connection when its last request ends; until then the 30 s cut stays.
+    // hyper's `header_read_timeout` is switched off (its default is 30 s): `crate::client_io`
+    // times heads and idle connections apart, where hyper's one timer covers both at once.
     builder
         .http1()
         .timer(TokioTimer::new())
+        .header_read_timeout(None)
         .max_buf_size(buffer)
         .keep_alive(true);
     builder

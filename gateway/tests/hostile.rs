@@ -547,3 +547,22 @@ async fn http2_connections_are_served_then_closed_when_idle_and_never_scanned_as
     assert_eq!(upstream.hits(), 4);
     gateway.shutdown().await;
 }
+
+/// hyper's own header read timer (30 s by default) once cut every idle keep-alive connection
+/// after 30 s, whatever `timeouts.client_idle` said (found by `herd bench soak`).
+#[tokio::test]
+async fn an_idle_keep_alive_connection_lives_for_client_idle_not_hypers_30_s() {
+    let upstream = Upstream::start("a").await;
+    let gateway = Gateway::start(&[&upstream], |config| {
+        config.timeouts.client_idle = Duration::from_secs(40);
+    })
+    .await;
+    let mut keep_alive = TcpStream::connect(gateway.public).await.unwrap();
+    assert!(request(&mut keep_alive).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_secs(32)).await;
+    assert!(
+        request(&mut keep_alive).await.starts_with("HTTP/1.1 200"),
+        "the connection was cut after 32 s idle, before client_idle (40 s)"
+    );
+    gateway.shutdown().await;
+}
