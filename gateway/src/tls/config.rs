@@ -42,6 +42,10 @@ pub struct TlsConfig {
     /// The cleartext listener answers every request with a 308 redirect to the same URL over
     /// https instead of proxying it.
     pub redirect_http: bool,
+    /// Let clients resume earlier sessions (TLS 1.2 session ids, TLS 1.3 tickets backed by a
+    /// 256-entry in-memory cache per process): a resumed handshake skips the certificate
+    /// signature. Off forces a full handshake every time (the benchmark's handshake scenario).
+    pub session_resumption: bool,
     /// `Strict-Transport-Security` value added to every response sent over TLS (e.g.
     /// `max-age=31536000`); empty: none.
     pub hsts: String,
@@ -59,6 +63,7 @@ impl Default for TlsConfig {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 256,
             redirect_http: false,
+            session_resumption: true,
             hsts: String::new(),
         }
     }

@@ -110,6 +110,10 @@ impl Terminator {
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         // 0-RTT stays off (rustls' default, said here so nobody turns it on by accident).
         server.max_early_data_size = 0;
+        if !config.session_resumption {
+            server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            server.send_tls13_tickets = 0;
+        }
         // The server picks the cipher suite from its own order (AES-GCM first: AES-NI).
         server.ignore_client_order = true;
         Ok(Terminator {
