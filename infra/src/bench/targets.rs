@@ -470,8 +470,7 @@ fn nginx_tls((tls, addr): (&TlsFiles, SocketAddr)) -> String {
     };
     format!(
         "    server {{
-        listen {addr} ssl backlog=4096;
-        http2 on;
+        listen {addr} ssl http2 backlog=4096;
         ssl_certificate {};
         ssl_certificate_key {};
         ssl_protocols TLSv1.2 TLSv1.3;
