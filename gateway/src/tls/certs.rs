@@ -299,6 +299,67 @@ mod tests {
         assert_eq!(der_any_time(&bad), None);
     }
 
+    /// A self-signed certificate for `names`, written to `dir` as `<file>.pem` / `.key`.
+    fn write_cert(
+        dir: &Path,
+        file: &str,
+        names: &[&str],
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (
+            dir.join(format!("{file}.pem")),
+            dir.join(format!("{file}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
+    #[test]
+    fn names_pick_exact_then_one_label_wildcard_then_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = write_cert(dir.path(), "default", &["default.test"]);
+        let (a_cert, a_key) = write_cert(dir.path(), "a", &["a.test"]);
+        let (w_cert, w_key) = write_cert(dir.path(), "w", &["*.b.test"]);
+        let config = TlsConfig {
+            enabled: true,
+            cert,
+            key,
+            sni: vec![
+                crate::tls::SniCertificate {
+                    names: vec!["A.test".into()],
+                    cert: a_cert,
+                    key: a_key,
+                },
+                crate::tls::SniCertificate {
+                    names: vec!["*.b.test".into()],
+                    cert: w_cert,
+                    key: w_key,
+                },
+            ],
+            ..TlsConfig::default()
+        };
+        let set = CertSet::load(&config, &crate::tls::provider()).unwrap();
+        let pick = |name: Option<&str>| set.pick(name).name.clone();
+        assert_eq!(pick(Some("a.test")), "A.test");
+        assert_eq!(pick(Some("A.TEST.")), "A.test", "case and a trailing dot");
+        assert_eq!(pick(Some("x.b.test")), "*.b.test");
+        assert_eq!(
+            pick(Some("b.test")),
+            "default",
+            "a wildcard does not match its apex"
+        );
+        assert_eq!(pick(Some("y.x.b.test")), "default", "nor two labels deep");
+        assert_eq!(pick(None), "default");
+        assert_eq!(set.all.len(), 3);
+        // rcgen's default validity ends in 4096 (GeneralizedTime).
+        assert_eq!(set.default.not_after, 67_090_118_400);
+    }
+
     #[test]
     fn garbage_is_no_certificate() {
         assert_eq!(
