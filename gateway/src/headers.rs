@@ -346,6 +346,31 @@ mod tests {
     }
 
     #[test]
+    fn over_tls_the_scheme_is_https_and_forwarded_is_ours() {
+        let client = forwarded_for([10, 0, 0, 1].into());
+        let mut extensions = http::Extensions::new();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::FORWARDED, HeaderValue::from_static("proto=https"));
+        forward_client(&mut headers, &extensions, &client);
+        assert_eq!(headers[FORWARDED_PROTO], "http");
+        assert!(
+            headers.get(header::FORWARDED).is_none(),
+            "a client's claim is dropped"
+        );
+
+        extensions.insert(OverTls::new("2001:db8::1".parse().unwrap()));
+        headers.insert(header::FORWARDED, HeaderValue::from_static("proto=http"));
+        forward_client(&mut headers, &extensions, &client);
+        assert_eq!(headers[FORWARDED_PROTO], "https");
+        assert_eq!(
+            headers[header::FORWARDED],
+            r#"for="[2001:db8::1]";proto=https"#
+        );
+        let mapped = OverTls::new("::ffff:192.0.2.7".parse().unwrap());
+        assert_eq!(mapped.forwarded, "for=192.0.2.7;proto=https");
+    }
+
+    #[test]
     fn forwarded_for_appends_and_proto_is_overwritten() {
         let mut headers = HeaderMap::new();
         add_forwarded(&mut headers, &forwarded_for([10, 0, 0, 1].into()), "http");
