@@ -562,6 +562,38 @@ mod tests {
     }
 
     #[test]
+    fn tls_listeners_use_the_certificate_and_resumption_setting() {
+        let files = |resumption| TlsFiles {
+            cert: "/tmp/x/c.pem".into(),
+            key: "/tmp/x/k.pem".into(),
+            combined: "/tmp/x/ck.pem".into(),
+            resumption,
+        };
+        let off = files(false);
+        let haproxy = haproxy_config(Path::new("/p"), addr(1), addr(2), &[addr(3)])
+            .replace("{TLS}", &haproxy_tls((&off, addr(8443))));
+        assert!(
+            haproxy.contains(
+                "bind 127.0.0.1:8443 ssl crt /tmp/x/ck.pem alpn h2,http/1.1 ssl-min-ver TLSv1.2 no-tls-tickets"
+            ),
+            "{haproxy}"
+        );
+        let nginx = nginx_config(Path::new("/n"), addr(1), addr(2), &[addr(3)])
+            .replace("{TLS}", &nginx_tls((&off, addr(8443))));
+        for line in [
+            "listen 127.0.0.1:8443 ssl http2",
+            "ssl_certificate /tmp/x/c.pem;",
+            "ssl_certificate_key /tmp/x/k.pem;",
+            "ssl_session_cache off; ssl_session_tickets off;",
+            "proxy_set_header Connection \"\";",
+        ] {
+            assert!(nginx.contains(line), "{line} missing:\n{nginx}");
+        }
+        assert!(nginx_tls((&files(true), addr(8443))).contains("ssl_session_cache shared"));
+        assert!(!nginx.contains("{TLS}") && !haproxy.contains("{TLS}"));
+    }
+
+    #[test]
     fn haproxy_config_lists_both_upstreams_and_listeners() {
         let config = haproxy_config(
             Path::new("/tmp/x/haproxy.pid"),
