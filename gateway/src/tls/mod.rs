@@ -85,6 +85,9 @@ pub struct Terminator {
     counts: Arc<HandshakeCounts>,
     reloads: Arc<ReloadCounts>,
     config: TlsConfig,
+    /// The files' fingerprint when the first set was loaded (a change before the reload task
+    /// first runs is still seen).
+    loaded: u64,
 }
 
 impl std::fmt::Debug for Terminator {
@@ -100,6 +103,7 @@ impl Terminator {
     /// Loads the certificates and builds the server configuration; the error names the key.
     pub fn new(config: &TlsConfig) -> Result<Self, ConfigError> {
         let provider = provider();
+        let loaded = reload::fingerprint(config);
         let set = CertSet::load(config, &provider)?;
         let resolver = Arc::new(Resolver::new(set));
         let mut server = ServerConfig::builder_with_provider(provider.clone())
@@ -128,6 +132,7 @@ impl Terminator {
             counts: Arc::default(),
             reloads: Arc::default(),
             config: config.clone(),
+            loaded,
         })
     }
 
@@ -173,6 +178,7 @@ impl Terminator {
             self.provider.clone(),
             self.reloads.clone(),
             reload::watch_hangup(),
+            self.loaded,
             stop,
         )
     }

@@ -46,16 +46,17 @@ pub fn watch_hangup() -> Option<tokio::signal::unix::Signal> {
     }
 }
 
-/// Watches the files and `hangup` until `stop`; runs on the caller's runtime.
+/// Watches the files and `hangup` until `stop`; runs on the caller's runtime. `last`: the
+/// files' [`fingerprint`] when the current set was loaded.
 pub async fn run(
     config: TlsConfig,
     resolver: Arc<Resolver>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     counts: Arc<ReloadCounts>,
     mut hangup: Option<tokio::signal::unix::Signal>,
+    mut last: u64,
     stop: CancellationToken,
 ) {
-    let mut last = fingerprint(&config);
     let poll = !config.reload_interval.is_zero();
     let mut ticks = tokio::time::interval(if poll {
         config.reload_interval
@@ -103,7 +104,7 @@ pub async fn run(
 }
 
 /// A hash of every certificate and key file's bytes (unreadable files hash as absent).
-fn fingerprint(config: &TlsConfig) -> u64 {
+pub fn fingerprint(config: &TlsConfig) -> u64 {
     let mut hasher = DefaultHasher::new();
     let files = [(&config.cert, &config.key)]
         .into_iter()
