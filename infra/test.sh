@@ -18,6 +18,9 @@ have wrk || missing+=(wrk)
 have haproxy || missing+=(haproxy)
 have nginx || missing+=(nginx)
 have h2load || missing+=(nghttp2-client)
+# The TLS tests drive real clients (gateway/tests/tls.rs).
+have curl || missing+=(curl)
+have openssl || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && have apt-get; then
     echo "installing: ${missing[*]}"

@@ -124,10 +124,12 @@ enum Phase {
     Tunnel,
 }
 
-/// A client's TCP stream with the connection's timeouts (see the module doc).
+/// A client's stream — its TCP socket, or the TLS session over it (`crate::tls`) — with the
+/// connection's timeouts (see the module doc). Generic so the cleartext path stays a plain
+/// `TcpStream` with no indirection.
 #[derive(Debug)]
-pub struct ClientIo {
-    stream: TcpStream,
+pub struct ClientIo<S = TcpStream> {
+    stream: S,
     state: Arc<ConnectionState>,
     timeouts: ClientTimeouts,
     phase: Phase,
@@ -140,9 +142,10 @@ pub struct ClientIo {
     scan: HeadScan,
 }
 
-impl ClientIo {
-    /// A freshly accepted connection: its first head is due within `timeouts.head` from now.
-    pub fn new(stream: TcpStream, state: Arc<ConnectionState>, timeouts: ClientTimeouts) -> Self {
+impl<S> ClientIo<S> {
+    /// A freshly accepted connection (after its TLS handshake, if any): its first head is due
+    /// within `timeouts.head` from now.
+    pub fn new(stream: S, state: Arc<ConnectionState>, timeouts: ClientTimeouts) -> Self {
         ClientIo {
             stream,
             state,
@@ -201,7 +204,7 @@ fn timed_out(what: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, what)
 }
 
-impl AsyncRead for ClientIo {
+impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -241,7 +244,7 @@ impl AsyncRead for ClientIo {
     }
 }
 
-impl ClientIo {
+impl<S> ClientIo<S> {
     /// Arms the send timer when a write waits, clears it when one makes progress.
     fn watch_write(
         &mut self,
@@ -267,7 +270,7 @@ impl ClientIo {
     }
 }
 
-impl AsyncWrite for ClientIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -51,6 +51,8 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
     /// The active / standby pair (off by default).
     pub failover: FailoverConfig,
+    /// TLS termination on a listener of its own (off by default; docs/tls.md).
+    pub tls: crate::tls::TlsConfig,
 }
 
 impl Default for GatewayConfig {
@@ -70,6 +72,7 @@ impl Default for GatewayConfig {
             timeouts: TimeoutsConfig::default(),
             limits: LimitsConfig::default(),
             failover: FailoverConfig::default(),
+            tls: crate::tls::TlsConfig::default(),
         }
     }
 }
@@ -580,6 +583,13 @@ impl Validate for GatewayConfig {
             100_000,
         )?;
         check::range("limits.listen_backlog", l.listen_backlog, 1, 65_535)?;
+
+        self.tls.validate(self.listen)?;
+        if self.tls.enabled {
+            // The files too, so that a missing, unreadable, mismatched or expired one stops
+            // the start with its key named (exit 2), like any other bad value.
+            crate::tls::certs::CertSet::load(&self.tls, &crate::tls::provider())?;
+        }
         Ok(())
     }
 }

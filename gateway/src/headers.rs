@@ -136,6 +136,56 @@ pub fn forwarded_for(client: IpAddr) -> HeaderValue {
     HeaderValue::from_str(&client.to_string()).expect("an IP address is a valid header value")
 }
 
+/// Set on a request's extensions by the TLS listener (`crate::tls`): the request came over
+/// https. Holds the connection's `Forwarded` element, made once per connection.
+#[derive(Debug, Clone)]
+pub struct OverTls {
+    /// `for="<client>";proto=https`.
+    pub forwarded: HeaderValue,
+}
+
+impl OverTls {
+    /// The marker for a TLS connection from `client`.
+    pub fn new(client: IpAddr) -> Self {
+        let element = match client.to_canonical() {
+            IpAddr::V4(v4) => format!("for={v4};proto=https"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=https"),
+        };
+        OverTls {
+            forwarded: HeaderValue::from_str(&element).expect("an address is a valid header value"),
+        }
+    }
+}
+
+/// `Forwarded` (RFC 7239), set only on requests that came over TLS; one sent by a client is
+/// dropped either way (the gateway is the edge: workers may trust the scheme they see).
+pub fn set_forwarded(headers: &mut HeaderMap, over_tls: Option<&OverTls>) {
+    match over_tls {
+        Some(tls) => {
+            headers.insert(header::FORWARDED, tls.forwarded.clone());
+        }
+        None => {
+            headers.remove(header::FORWARDED);
+        }
+    }
+}
+
+/// Everything a worker learns about the client: `X-Forwarded-For`, `X-Forwarded-Proto` and,
+/// over TLS, `Forwarded` ([`add_forwarded`], [`set_forwarded`]).
+pub fn forward_client(
+    headers: &mut HeaderMap,
+    extensions: &http::Extensions,
+    client: &HeaderValue,
+) {
+    let over_tls = extensions.get::<OverTls>();
+    add_forwarded(
+        headers,
+        client,
+        if over_tls.is_some() { "https" } else { "http" },
+    );
+    set_forwarded(headers, over_tls);
+}
+
 /// Appends `client` (see [`forwarded_for`]) to `X-Forwarded-For` and sets
 /// `X-Forwarded-Proto`.
 pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, proto: &'static str) {
@@ -293,6 +343,31 @@ mod tests {
         headers.insert("proxy-connection", "keep-alive".parse().unwrap());
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 2);
+    }
+
+    #[test]
+    fn over_tls_the_scheme_is_https_and_forwarded_is_ours() {
+        let client = forwarded_for([10, 0, 0, 1].into());
+        let mut extensions = http::Extensions::new();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::FORWARDED, HeaderValue::from_static("proto=https"));
+        forward_client(&mut headers, &extensions, &client);
+        assert_eq!(headers[FORWARDED_PROTO], "http");
+        assert!(
+            headers.get(header::FORWARDED).is_none(),
+            "a client's claim is dropped"
+        );
+
+        extensions.insert(OverTls::new("2001:db8::1".parse().unwrap()));
+        headers.insert(header::FORWARDED, HeaderValue::from_static("proto=http"));
+        forward_client(&mut headers, &extensions, &client);
+        assert_eq!(headers[FORWARDED_PROTO], "https");
+        assert_eq!(
+            headers[header::FORWARDED],
+            r#"for="[2001:db8::1]";proto=https"#
+        );
+        let mapped = OverTls::new("::ffff:192.0.2.7".parse().unwrap());
+        assert_eq!(mapped.forwarded, "for=192.0.2.7;proto=https");
     }
 
     #[test]

@@ -22,6 +22,8 @@
 //! - [`headers`], [`body`]: header rules and request/response bodies of the request path.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the `/api/*` operator endpoints.
 //! - [`metrics`]: Prometheus metrics, lock-free on the request path.
+//! - [`tls`]: TLS termination on its own listener — certificates by SNI, hot reload, handshake
+//!   limits (docs/tls.md).
 //! - [`config`]: the typed configuration with its documented defaults (see `gateway/README.md`).
 
 pub mod admin;
@@ -38,6 +40,7 @@ pub mod proxy;
 pub mod retry;
 pub mod server;
 pub mod serving;
+pub mod tls;
 pub mod tunnel;
 pub mod upstream;
 

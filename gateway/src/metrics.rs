@@ -178,6 +178,11 @@ impl Metrics {
             .register_collector(Box::new(HedgeCollector { delay_ns }));
     }
 
+    /// Adds a collector read at scrape time (e.g. the TLS metrics, `crate::tls`).
+    pub fn add_collector(&self, collector: Box<dyn Collector>) {
+        self.registry.lock().unwrap().register_collector(collector);
+    }
+
     /// Counts a retry.
     pub fn retry(&self, reason: &'static str) {
         self.retries

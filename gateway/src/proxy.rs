@@ -225,7 +225,7 @@ impl Proxy {
         if let Some(protocol) = upgrade {
             headers::set_upgrade(&mut parts.headers, protocol);
         }
-        headers::add_forwarded(&mut parts.headers, forwarded_for, "http");
+        headers::forward_client(&mut parts.headers, &parts.extensions, forwarded_for);
         self.budget.deposit();
 
         let deadline = started + settings.request;

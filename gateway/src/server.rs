@@ -28,14 +28,18 @@ use crate::failover;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::serving::{Clients, ServingThreads};
+use crate::tls::Terminator;
+use crate::tls::redirect::Redirect;
 
-/// The two bound listeners.
+/// The bound listeners.
 #[derive(Debug)]
 pub struct Listeners {
     /// Clients' traffic.
     pub public: TcpListener,
     /// Admin API, health and metrics.
     pub admin: TcpListener,
+    /// Clients' traffic over TLS (`tls.listen`), when `[tls]` is on.
+    pub tls: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -51,14 +55,28 @@ impl Listeners {
                 format!("cannot listen on {} (admin): {e}", config.admin.listen),
             )
         })?;
-        Ok(Listeners { public, admin })
+        let tls = if config.tls.enabled {
+            let listen = config.tls.listen;
+            Some(
+                herd_shared::net::listen(listen, config.limits.listen_backlog).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot listen on {listen} (tls): {e}"))
+                })?,
+            )
+        } else {
+            None
+        };
+        Ok(Listeners { public, admin, tls })
     }
 
     /// Prints one `{"event":"listening",...}` line per listener on stdout, flushed, so scripts
     /// and tests find ports chosen by the OS.
     pub fn announce(&self) -> std::io::Result<()> {
         let mut out = std::io::stdout().lock();
-        for (role, listener) in [("public", &self.public), ("admin", &self.admin)] {
+        let tls = self.tls.as_ref().map(|listener| ("tls", listener));
+        for (role, listener) in [("public", &self.public), ("admin", &self.admin)]
+            .into_iter()
+            .chain(tls)
+        {
             // Written by hand to keep the documented key order (serde_json sorts keys).
             let addr = listener.local_addr()?;
             writeln!(
@@ -88,6 +106,9 @@ pub enum ServerError {
     /// The threads serving clients could not start.
     #[error("cannot start the serving threads: {0}")]
     ServingThreads(std::io::Error),
+    /// The TLS certificates could not be loaded.
+    #[error("{0}")]
+    Tls(herd_shared::config::ConfigError),
 }
 
 /// The longest a stopping gateway keeps accepting while its failover node hands the role over
@@ -161,20 +182,32 @@ pub async fn run(
     let admin_builder = admin_connection_builder(&builder, &config);
     let threads = config.serving_threads();
     let public_addr = listeners.public.local_addr().ok();
-    let clients = Arc::new(Clients::new(
-        proxy,
-        builder,
-        metrics.clone(),
-        &config,
-        threads,
-    ));
+    let mut clients = Clients::new(proxy, builder, metrics.clone(), &config, threads);
+    if config.tls.enabled {
+        let tls = Arc::new(Terminator::new(&config.tls).map_err(ServerError::Tls)?);
+        metrics.add_collector(tls.collector());
+        tokio::spawn(tls.reloader(stop.clone()));
+        let https_port = listeners
+            .tls
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
+            .map_or(config.tls.listen.port(), |addr| addr.port());
+        let redirect = config.tls.redirect_http.then_some(Redirect { https_port });
+        clients = clients.with_tls(tls, redirect);
+    }
+    let clients = Arc::new(clients);
     metrics.watch_client_connections(clients.open_per_thread());
     let public = listeners
         .public
         .into_std()
         .map_err(ServerError::ServingThreads)?;
-    let serving =
-        ServingThreads::start(public, clients.clone()).map_err(ServerError::ServingThreads)?;
+    let tls_listener = listeners
+        .tls
+        .map(TcpListener::into_std)
+        .transpose()
+        .map_err(ServerError::ServingThreads)?;
+    let serving = ServingThreads::start(public, tls_listener, clients.clone())
+        .map_err(ServerError::ServingThreads)?;
     let admin_listener = listeners.admin;
     let admin_connections = GracefulShutdown::new();
     info!(

@@ -44,7 +44,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -56,6 +56,8 @@ use crate::config::GatewayConfig;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::tls::Terminator;
+use crate::tls::redirect::Redirect;
 use crate::upstream;
 use crate::upstream::WorkerBodyError;
 
@@ -79,6 +81,10 @@ pub struct Clients {
     occupancy: Arc<Occupancy>,
     /// Open connections per client address (`None`: no limit).
     per_client: Option<Arc<PerClient>>,
+    /// TLS termination for connections from `tls.listen` (`None`: `[tls]` is off).
+    tls: Option<Arc<Terminator>>,
+    /// `tls.redirect_http`: cleartext requests are answered with a redirect to https.
+    redirect: Option<Redirect>,
 }
 
 impl Clients {
@@ -105,7 +111,17 @@ impl Clients {
             },
             occupancy: Arc::new(Occupancy::new(threads.max(1))),
             per_client: (per_client > 0).then(|| Arc::new(PerClient::new(per_client))),
+            tls: None,
+            redirect: None,
         }
+    }
+
+    /// Terminates TLS on the connections of the TLS listener with `tls`; with `redirect`, the
+    /// cleartext listener only redirects to https.
+    pub fn with_tls(mut self, tls: Arc<Terminator>, redirect: Option<Redirect>) -> Self {
+        self.tls = Some(tls);
+        self.redirect = redirect;
+        self
     }
 
     /// Open connections of each serving thread (for the metrics).
@@ -118,28 +134,80 @@ impl Clients {
         self.occupancy.total.load(Ordering::Relaxed)
     }
 
-    /// Serves a connection on the current thread until it ends.
+    /// Serves a connection on the current thread until it ends; `secure`: it came from the
+    /// TLS listener and is served after its handshake.
     fn serve(
-        &self,
+        self: &Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
         slot: ConnectionSlot,
         graceful: &GracefulShutdown,
+        secure: bool,
     ) {
         let _ = stream.set_nodelay(true);
+        let Some(tls) = self.tls.as_ref().filter(|_| secure) else {
+            let connection = graceful.watch(self.connection(stream, peer, None));
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    debug!(peer = %peer, error = %error, "client connection ended with an error");
+                }
+                drop(slot);
+            });
+            return;
+        };
+        let (tls, clients, watcher) = (tls.clone(), self.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            match tls.handshake(stream).await {
+                Ok(stream) => {
+                    let connection = clients.connection(stream, peer, Some(&tls));
+                    if let Err(error) = watcher.watch(connection).await {
+                        debug!(peer = %peer, error = %error, "TLS client connection ended with an error");
+                    }
+                }
+                Err(error) => debug!(peer = %peer, error = %error, "TLS handshake failed"),
+            }
+            drop(slot);
+        });
+    }
+
+    /// The HTTP connection (h1 or h2, with upgrades) over a client's stream; `tls` when the
+    /// stream is a TLS session (the scheme for workers, HSTS).
+    fn connection<S>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+        tls: Option<&Terminator>,
+    ) -> impl GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>> + Send + 'static
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let proxy = self.proxy.clone();
         let metrics = self.metrics.clone();
         let forwarded_for = crate::headers::forwarded_for(peer.ip());
+        let over_tls = tls.map(|_| crate::headers::OverTls::new(peer.ip()));
+        let hsts = tls.and_then(|tls| tls.hsts().cloned());
+        let redirect = if tls.is_none() { self.redirect } else { None };
         let state = Arc::new(ConnectionState::default());
         let io = ClientIo::new(stream, state.clone(), self.timeouts);
-        let service = service_fn(move |request: hyper::Request<Incoming>| {
+        let service = service_fn(move |mut request: hyper::Request<Incoming>| {
             let proxy = proxy.clone();
             let metrics = metrics.clone();
             let forwarded_for = forwarded_for.clone();
             let state = state.clone();
             // Called as soon as the head is read: the connection is busy from here.
             let request_guard = state.begin(request.version());
+            if let Some(over_tls) = &over_tls {
+                request.extensions_mut().insert(over_tls.clone());
+            }
+            let hsts = hsts.clone();
+            let redirected = redirect.map(|redirect| redirect.respond(&request));
             async move {
+                if let Some(response) = redirected {
+                    return Ok::<_, Infallible>(response.map(|body| Served {
+                        inner: body,
+                        _request: request_guard,
+                    }));
+                }
                 if state.conflicting_framing() {
                     // Not forwarded; hyper closes the connection after this answer (it does
                     // after any request with both headers).
@@ -151,9 +219,14 @@ impl Clients {
                         _request: request_guard,
                     }));
                 }
-                let response = proxy.handle(request, &forwarded_for).await;
+                let mut response = proxy.handle(request, &forwarded_for).await;
                 if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                     state.switched();
+                }
+                if let Some(hsts) = hsts {
+                    response
+                        .headers_mut()
+                        .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
                 }
                 Ok(response.map(|body| Served {
                     inner: body,
@@ -162,17 +235,9 @@ impl Clients {
             }
         });
         // With upgrades: a WebSocket request's connection is handed to `crate::tunnel`.
-        let connection = self
-            .builder
+        self.builder
             .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(peer = %peer, error = %error, "client connection ended with an error");
-            }
-            drop(slot);
-        });
+            .into_owned()
     }
 
     /// Answers every request of a connection over a limit with `error` (503 or 429) and closes
@@ -331,9 +396,17 @@ pub struct ServingThreads {
 }
 
 impl ServingThreads {
-    /// Starts one thread per shard of `clients` (at least one), serving from `listener`.
-    pub fn start(listener: std::net::TcpListener, clients: Arc<Clients>) -> std::io::Result<Self> {
+    /// Starts one thread per shard of `clients` (at least one), serving from `listener` and,
+    /// when `[tls]` is on, from `tls_listener` (TLS connections).
+    pub fn start(
+        listener: std::net::TcpListener,
+        tls_listener: Option<std::net::TcpListener>,
+        clients: Arc<Clients>,
+    ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
+        if let Some(tls_listener) = &tls_listener {
+            tls_listener.set_nonblocking(true)?;
+        }
         let count = clients.occupancy.per_thread.len();
         let (inboxes, receivers): (Vec<_>, Vec<_>) =
             (0..count).map(|_| mpsc::unbounded_channel()).unzip();
@@ -345,6 +418,10 @@ impl ServingThreads {
         };
         for (index, receiver) in receivers.into_iter().enumerate() {
             let listener = listener.try_clone()?;
+            let tls_listener = tls_listener
+                .as_ref()
+                .map(std::net::TcpListener::try_clone)
+                .transpose()?;
             let thread = ServingThread {
                 index,
                 clients: clients.clone(),
@@ -359,7 +436,7 @@ impl ServingThreads {
                 .name(format!("herd-serve-{index}"))
                 .spawn(move || {
                     upstream::use_shard(index);
-                    runtime.block_on(thread.run(listener, receiver));
+                    runtime.block_on(thread.run(listener, tls_listener, receiver));
                     // Dropping the runtime ends the connections still open after the grace.
                     drop(runtime);
                     let _ = done.send(());
@@ -392,6 +469,8 @@ struct HandedOver {
     stream: std::net::TcpStream,
     peer: SocketAddr,
     slot: ConnectionSlot,
+    /// From the TLS listener: the handshake is still to do.
+    secure: bool,
 }
 
 type Inbox = mpsc::UnboundedSender<HandedOver>;
@@ -410,12 +489,20 @@ impl ServingThread {
     async fn run(
         self,
         listener: std::net::TcpListener,
+        tls_listener: Option<std::net::TcpListener>,
         mut inbox: mpsc::UnboundedReceiver<HandedOver>,
     ) {
         let listener = match TcpListener::from_std(listener) {
             Ok(listener) => listener,
             Err(error) => {
                 error!(error = %error, "serving thread cannot use the public listener");
+                return;
+            }
+        };
+        let tls_listener = match tls_listener.map(TcpListener::from_std).transpose() {
+            Ok(tls_listener) => tls_listener,
+            Err(error) => {
+                error!(error = %error, "serving thread cannot use the TLS listener");
                 return;
             }
         };
@@ -427,12 +514,20 @@ impl ServingThread {
                 () = self.stop.cancelled() => break,
                 Some(handed) = inbox.recv() => self.serve_handed(handed, &graceful),
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => self.place(stream, peer, &graceful),
+                    Ok((stream, peer)) => self.place(stream, peer, &graceful, false),
                     Err(error) => failures.failed(&error).await,
                 },
+                // Disabled (never polled) when `[tls]` is off.
+                accepted = accept_on(tls_listener.as_ref()), if tls_listener.is_some() => {
+                    match accepted {
+                        Ok((stream, peer)) => self.place(stream, peer, &graceful, true),
+                        Err(error) => failures.failed(&error).await,
+                    }
+                }
             }
         }
         drop(listener);
+        drop(tls_listener);
         // Serve what other threads handed over before they stopped too.
         inbox.close();
         while let Some(handed) = inbox.recv().await {
@@ -456,14 +551,23 @@ impl ServingThread {
 
     /// Serves a new connection here, or hands it to a thread with fewer connections (a burst of
     /// connections woken on one thread would otherwise stay there for their whole life).
-    fn place(&self, stream: TcpStream, peer: SocketAddr, graceful: &GracefulShutdown) {
+    fn place(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        graceful: &GracefulShutdown,
+        secure: bool,
+    ) {
         let clients = &self.clients;
         let target = clients.occupancy.place(self.index);
         let mut slot = ConnectionSlot::take(&clients.occupancy, target);
         if slot.total > clients.max_connections {
             slot.move_to(self.index);
             clients.metrics.connections_refused.inc();
-            clients.serve_refusal(stream, slot, graceful, || GatewayError::TooManyConnections);
+            // A TLS client can't read a cleartext 503: it is closed before its handshake.
+            if !secure {
+                clients.serve_refusal(stream, slot, graceful, || GatewayError::TooManyConnections);
+            }
             return;
         }
         if let Some(per_client) = &clients.per_client {
@@ -472,14 +576,16 @@ impl ServingThread {
                 None => {
                     slot.move_to(self.index);
                     clients.metrics.connections_refused_per_client.inc();
-                    let error = || GatewayError::TooManyClientConnections;
-                    clients.serve_refusal(stream, slot, graceful, error);
+                    if !secure {
+                        let error = || GatewayError::TooManyClientConnections;
+                        clients.serve_refusal(stream, slot, graceful, error);
+                    }
                     return;
                 }
             }
         }
         if target == self.index {
-            clients.serve(stream, peer, slot, graceful);
+            clients.serve(stream, peer, slot, graceful, secure);
             return;
         }
         let stream = match stream.into_std() {
@@ -489,9 +595,12 @@ impl ServingThread {
                 return;
             }
         };
-        if let Err(mpsc::error::SendError(handed)) =
-            self.inboxes[target].send(HandedOver { stream, peer, slot })
-        {
+        if let Err(mpsc::error::SendError(handed)) = self.inboxes[target].send(HandedOver {
+            stream,
+            peer,
+            slot,
+            secure,
+        }) {
             // The other thread is stopping: serve it here after all.
             self.serve_handed(handed, graceful);
         }
@@ -502,14 +611,23 @@ impl ServingThread {
             stream,
             peer,
             mut slot,
+            secure,
         } = handed;
         slot.move_to(self.index);
         match TcpStream::from_std(stream) {
-            Ok(stream) => self.clients.serve(stream, peer, slot, graceful),
+            Ok(stream) => self.clients.serve(stream, peer, slot, graceful, secure),
             Err(error) => {
                 debug!(peer = %peer, error = %error, "cannot take a connection over; closed")
             }
         }
+    }
+}
+
+/// Accepts on `listener`; never completes without one.
+async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -41,6 +41,8 @@ pub struct TestGateway {
     pub public: SocketAddr,
     /// Admin listener.
     pub admin: SocketAddr,
+    /// HTTPS listener, when `HERD_GATEWAY_TLS__ENABLED=true` is among the options' variables.
+    pub tls: Option<SocketAddr>,
 }
 
 impl TestGateway {
@@ -72,14 +74,25 @@ impl TestGateway {
         for (key, value) in &options.env {
             spec = spec.env(key, value);
         }
-        let process = Process::spawn_and_wait(&spec, &["public", "admin"], START_TIMEOUT)
+        let tls = options
+            .env
+            .iter()
+            .any(|(key, value)| key == "HERD_GATEWAY_TLS__ENABLED" && value == "true");
+        let roles: &[&str] = if tls {
+            &["public", "admin", "tls"]
+        } else {
+            &["public", "admin"]
+        };
+        let process = Process::spawn_and_wait(&spec, roles, START_TIMEOUT)
             .unwrap_or_else(|error| panic!("gateway did not start: {error}"));
         let public = process.addr("public").expect("waited for public");
         let admin = process.addr("admin").expect("waited for admin");
+        let tls = process.addr("tls");
         TestGateway {
             process,
             public,
             admin,
+            tls,
         }
     }
 

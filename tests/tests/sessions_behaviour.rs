@@ -6,6 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use herd_tests::gateway::{GatewayOptions, TestGateway};
 use herd_tests::redis::TestRedis;
 use herd_tests::worker::{TestWorker, WorkerOptions};
 use herd_tests::worker_support::{cookie, plain_client, set_cookie_header, set_session_cookie};
@@ -267,6 +268,76 @@ async fn the_cookie_is_http_only_lax_and_secure_behind_https() {
         .unwrap();
     let header = set_cookie_header(&response).expect("cookie");
     assert!(!header.contains("Secure"), "plain http: {header}");
+}
+
+/// Through a gateway with TLS on: the worker learns the scheme from the gateway's
+/// `X-Forwarded-Proto` and marks the cookie `Secure` over https only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cookie_is_secure_when_the_client_came_over_tls_to_the_gateway() {
+    let setup = setup(1, &[]);
+    let dir = temp_dir();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=shop.test", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let options = GatewayOptions {
+        workers: vec![setup.workers[0].addr],
+        ..GatewayOptions::default()
+    }
+    .env("HERD_GATEWAY_TLS__ENABLED", "true")
+    .env("HERD_GATEWAY_TLS__LISTEN", "127.0.0.1:0")
+    .env("HERD_GATEWAY_TLS__CERT", cert.display().to_string())
+    .env("HERD_GATEWAY_TLS__KEY", key.display().to_string());
+    let gateway = TestGateway::start(&options, dir.path());
+    let tls = gateway.tls.expect("TLS listener");
+    let login = |url: String| {
+        let output = std::process::Command::new("curl")
+            .args(["-sk", "-i", "--max-time", "5", "-X", "POST"])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-d",
+                r#"{"user":"ann"}"#,
+            ])
+            .arg(url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    // The gateway answers once its health check found the worker.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let over_tls = loop {
+        let answer = login(format!("https://{tls}/login"));
+        if answer.to_ascii_lowercase().contains("set-cookie") {
+            break answer;
+        }
+        assert!(std::time::Instant::now() < deadline, "{answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let cookie_line = |answer: &str| {
+        answer
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("set-cookie"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(cookie_line(&over_tls).contains("; Secure"), "{over_tls}");
+    let plain = login(gateway.url("/login"));
+    let line = cookie_line(&plain);
+    assert!(!line.is_empty() && !line.contains("Secure"), "{plain}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

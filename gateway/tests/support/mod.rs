@@ -155,6 +155,8 @@ async fn answer(
 pub struct Gateway {
     pub public: SocketAddr,
     pub admin: SocketAddr,
+    /// The TLS listener, when `[tls]` is on.
+    pub tls: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -176,6 +178,7 @@ impl Gateway {
         let listeners = Listeners::bind(&config).await.unwrap();
         let public = listeners.public.local_addr().unwrap();
         let admin = listeners.admin.local_addr().unwrap();
+        let tls = listeners.tls.as_ref().map(|l| l.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             herd_gateway::run(listeners, config, async {
@@ -187,6 +190,7 @@ impl Gateway {
         Gateway {
             public,
             admin,
+            tls,
             stop: Some(stop),
             task: Some(task),
         }

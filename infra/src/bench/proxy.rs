@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::loadgen::{Generator, Load, LoadResult, Tools};
-use super::targets::{Target, TargetKind, UpstreamApp, Upstreams};
+use super::targets::{KeyKind, Target, TargetKind, TlsFiles, UpstreamApp, Upstreams};
 use super::{BenchError, Stop};
 
 /// Upstream workers behind every proxy.
@@ -30,6 +30,14 @@ pub enum Scenario {
     Session,
     /// HTTP/2 cleartext (prior knowledge) `GET /` of the hello app, with h2load.
     H2,
+    /// HTTPS keep-alive `GET /` of the hello app, ECDSA P-256 certificate (wrk).
+    TlsEcdsa,
+    /// HTTPS keep-alive `GET /` of the hello app, RSA 2048 certificate (wrk).
+    TlsRsa,
+    /// A new HTTPS connection per request (full handshake, no resumption), ECDSA P-256.
+    TlsEcdsaHandshake,
+    /// A new HTTPS connection per request (full handshake, no resumption), RSA 2048.
+    TlsRsaHandshake,
 }
 
 impl Scenario {
@@ -39,6 +47,21 @@ impl Scenario {
             Scenario::Hello => "hello",
             Scenario::Session => "session",
             Scenario::H2 => "h2",
+            Scenario::TlsEcdsa => "tls-ecdsa",
+            Scenario::TlsRsa => "tls-rsa",
+            Scenario::TlsEcdsaHandshake => "tls-ecdsa-handshake",
+            Scenario::TlsRsaHandshake => "tls-rsa-handshake",
+        }
+    }
+
+    /// The certificate key of a TLS scenario, and whether each request makes a new connection.
+    pub fn tls(self) -> Option<(KeyKind, bool)> {
+        match self {
+            Scenario::Hello | Scenario::Session | Scenario::H2 => None,
+            Scenario::TlsEcdsa => Some((KeyKind::EcdsaP256, false)),
+            Scenario::TlsRsa => Some((KeyKind::Rsa2048, false)),
+            Scenario::TlsEcdsaHandshake => Some((KeyKind::EcdsaP256, true)),
+            Scenario::TlsRsaHandshake => Some((KeyKind::Rsa2048, true)),
         }
     }
 
@@ -50,27 +73,35 @@ impl Scenario {
                 "HTTP/1.1 `GET /me` with a session cookie → demo app, session read from Redis (wrk)"
             }
             Scenario::H2 => "HTTP/2 cleartext, prior knowledge, `GET /` → hello app (h2load)",
+            Scenario::TlsEcdsa => "HTTPS keep-alive `GET /` → hello app, ECDSA P-256 (wrk)",
+            Scenario::TlsRsa => "HTTPS keep-alive `GET /` → hello app, RSA 2048 (wrk)",
+            Scenario::TlsEcdsaHandshake => {
+                "HTTPS, new connection + full handshake per request, ECDSA P-256 (wrk)"
+            }
+            Scenario::TlsRsaHandshake => {
+                "HTTPS, new connection + full handshake per request, RSA 2048 (wrk)"
+            }
         }
     }
 
     fn app(self) -> UpstreamApp {
         match self {
             Scenario::Session => UpstreamApp::Demo,
-            Scenario::Hello | Scenario::H2 => UpstreamApp::Hello,
+            _ => UpstreamApp::Hello,
         }
     }
 
     fn generator(self) -> Generator {
         match self {
             Scenario::H2 => Generator::H2load,
-            Scenario::Hello | Scenario::Session => Generator::Wrk,
+            _ => Generator::Wrk,
         }
     }
 
     fn path(self) -> &'static str {
         match self {
             Scenario::Session => "/me",
-            Scenario::Hello | Scenario::H2 => "/",
+            _ => "/",
         }
     }
 }
@@ -208,14 +239,25 @@ fn run_scenario(
         scenario.name()
     ));
     let upstreams = Upstreams::start(scenario.app(), UPSTREAMS, dir)?;
-    let headers = match scenario {
+    let mut headers = match scenario {
         Scenario::Session => vec![format!("Cookie: {}", upstreams.login("bench")?)],
-        Scenario::Hello | Scenario::H2 => Vec::new(),
+        _ => Vec::new(),
+    };
+    // One certificate for all three proxies; a handshake scenario closes every connection
+    // after its response (wrk then reconnects) and turns session resumption off everywhere.
+    let tls = match scenario.tls() {
+        Some((key, handshake)) => {
+            if handshake {
+                headers.push("Connection: close".into());
+            }
+            Some(TlsFiles::make(key, !handshake, dir)?)
+        }
+        None => None,
     };
     let mut targets = Vec::new();
     for &kind in &options.targets {
         stop.check()?;
-        targets.push(Target::start(kind, &upstreams, dir)?);
+        targets.push(Target::start(kind, &upstreams, dir, tls.as_ref())?);
     }
     // Let the proxies' first health checks and connection set-up pass before reading memory.
     stop.sleep(Duration::from_millis(500))?;
@@ -226,12 +268,13 @@ fn run_scenario(
         }
     }
     let load_for = |target: &Target, concurrency: u32, duration: Duration| {
-        let addr = match scenario {
-            Scenario::H2 => target.h2,
-            Scenario::Hello | Scenario::Session => target.h1,
+        let (scheme, addr) = match (scenario, target.tls) {
+            (Scenario::H2, _) => ("http", target.h2),
+            (_, Some(tls)) if scenario.tls().is_some() => ("https", tls),
+            _ => ("http", target.h1),
         };
         Load {
-            url: format!("http://{addr}{}", scenario.path()),
+            url: format!("{scheme}://{addr}{}", scenario.path()),
             concurrency,
             duration,
             threads: options.threads,

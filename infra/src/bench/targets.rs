@@ -181,6 +181,8 @@ pub struct Target {
     pub h1: SocketAddr,
     /// HTTP/2 cleartext (prior knowledge) address.
     pub h2: SocketAddr,
+    /// HTTPS address, in a TLS scenario (not for direct).
+    pub tls: Option<SocketAddr>,
     /// The proxy's process (group); `None` for direct.
     process: Option<Process>,
 }
@@ -193,26 +195,28 @@ impl Target {
             kind: TargetKind::Direct,
             h1: addr,
             h2: addr,
+            tls: None,
             process: None,
         }
     }
 
-    /// Starts `kind` in front of `upstreams`, with its config and logs in `dir`, and waits until
-    /// it forwards `GET /healthz` with a 200.
+    /// Starts `kind` in front of `upstreams`, with its config and logs in `dir` (and an HTTPS
+    /// listener with `tls`), and waits until it forwards `GET /healthz` with a 200.
     pub fn start(
         kind: TargetKind,
         upstreams: &Upstreams,
         dir: &Path,
+        tls: Option<&TlsFiles>,
     ) -> Result<Target, BenchError> {
         let target = match kind {
             TargetKind::Direct => return Ok(Target::direct(upstreams)),
-            TargetKind::Herd => start_gateway(upstreams, dir)?,
+            TargetKind::Herd => start_gateway(upstreams, dir, tls)?,
             TargetKind::Haproxy | TargetKind::Nginx => {
                 // A free port can be taken before the proxy binds it: try again with others.
                 let mut attempt = 0;
                 loop {
                     attempt += 1;
-                    match start_reference(kind, upstreams, dir) {
+                    match start_reference(kind, upstreams, dir, tls) {
                         Ok(target) => break target,
                         Err(BenchError::Process(error))
                             if attempt < 3 && error.to_string().contains("in use") =>
@@ -250,10 +254,30 @@ impl Target {
     }
 }
 
-fn start_gateway(upstreams: &Upstreams, dir: &Path) -> Result<Target, BenchError> {
+fn start_gateway(
+    upstreams: &Upstreams,
+    dir: &Path,
+    tls: Option<&TlsFiles>,
+) -> Result<Target, BenchError> {
     let program = binaries::locate(binaries::GATEWAY)?;
     let workers: Vec<String> = upstreams.addrs().iter().map(ToString::to_string).collect();
-    let spec = Spec::new("herd-gateway", program, dir)
+    let mut spec = Spec::new("herd-gateway", program, dir);
+    let mut roles = vec!["public", "admin"];
+    if let Some(tls) = tls {
+        spec = spec
+            .env("HERD_GATEWAY_TLS__ENABLED", "true")
+            .env("HERD_GATEWAY_TLS__LISTEN", "127.0.0.1:0")
+            .env("HERD_GATEWAY_TLS__CERT", tls.cert.display().to_string())
+            .env("HERD_GATEWAY_TLS__KEY", tls.key.display().to_string())
+            .env(
+                "HERD_GATEWAY_TLS__SESSION_RESUMPTION",
+                tls.resumption.to_string(),
+            )
+            // wrk opens c connections at once; don't let the cap queue them.
+            .env("HERD_GATEWAY_TLS__MAX_HANDSHAKES", "1024");
+        roles.push("tls");
+    }
+    let spec = spec
         .env("HERD_GATEWAY_LISTEN", "127.0.0.1:0")
         .env("HERD_GATEWAY_ADMIN__LISTEN", "127.0.0.1:0")
         .env("HERD_GATEWAY_WORKERS", workers.join(","))
@@ -261,8 +285,9 @@ fn start_gateway(upstreams: &Upstreams, dir: &Path) -> Result<Target, BenchError
         .env("HERD_LOG", "warn")
         .arg("--log-format")
         .arg("json");
-    let mut process = Process::spawn_and_wait(&spec, &["public", "admin"], START_TIMEOUT)?;
+    let mut process = Process::spawn_and_wait(&spec, &roles, START_TIMEOUT)?;
     let public = process.addr("public").expect("waited for public");
+    let tls_addr = tls.and_then(|_| process.addr("tls"));
     let admin = process.addr("admin").expect("waited for admin");
     process.wait_until(START_TIMEOUT, |_| {
         http::status(admin, "/readyz", REQUEST_TIMEOUT) == Some(200)
@@ -272,6 +297,7 @@ fn start_gateway(upstreams: &Upstreams, dir: &Path) -> Result<Target, BenchError
         kind: TargetKind::Herd,
         h1: public,
         h2: public,
+        tls: tls_addr,
         process: Some(process),
     })
 }
@@ -281,17 +307,36 @@ fn start_reference(
     kind: TargetKind,
     upstreams: &Upstreams,
     dir: &Path,
+    tls: Option<&TlsFiles>,
 ) -> Result<Target, BenchError> {
     let port_error = |source| BenchError::io("find a free port for", dir, source);
     let h1 = SocketAddr::from(([127, 0, 0, 1], free_port().map_err(port_error)?));
     let h2 = SocketAddr::from(([127, 0, 0, 1], free_port().map_err(port_error)?));
+    let tls_addr = match tls {
+        Some(_) => Some(SocketAddr::from((
+            [127, 0, 0, 1],
+            free_port().map_err(port_error)?,
+        ))),
+        None => None,
+    };
+    let tls_listener = tls.zip(tls_addr);
     let spec = match kind {
         TargetKind::Haproxy => {
             let program = deps::ensure(HAPROXY)?;
             let config = dir.join("haproxy.cfg");
             write_file(
                 &config,
-                &haproxy_config(&dir.join("haproxy.pid"), h1, h2, upstreams.addrs()),
+                &haproxy_config(&dir.join("haproxy.pid"), h1, h2, upstreams.addrs())
+                    .replace("{TLS}", &tls_listener.map(haproxy_tls).unwrap_or_default())
+                    // No session cache either when resumption is off (TLS 1.2 ids, 1.3 tickets).
+                    .replace(
+                        "tune.ssl.cachesize 20000",
+                        if tls.is_some_and(|tls| !tls.resumption) {
+                            "tune.ssl.cachesize 0"
+                        } else {
+                            "tune.ssl.cachesize 20000"
+                        },
+                    ),
             )?;
             Spec::new("haproxy", program, dir)
                 .arg("-db")
@@ -307,7 +352,9 @@ fn start_reference(
                     .map_err(|source| BenchError::io("create", &path, source))?;
             }
             let config = dir.join("nginx.conf");
-            write_file(&config, &nginx_config(&prefix, h1, h2, upstreams.addrs()))?;
+            let nginx = nginx_config(&prefix, h1, h2, upstreams.addrs())
+                .replace("{TLS}", &tls_listener.map(nginx_tls).unwrap_or_default());
+            write_file(&config, &nginx)?;
             Spec::new("nginx", program, dir)
                 .arg("-c")
                 .arg(config.display().to_string())
@@ -331,8 +378,112 @@ fn start_reference(
         kind,
         h1,
         h2,
+        tls: tls_addr,
         process: Some(process),
     })
+}
+
+/// The certificate key type of a TLS scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// ECDSA over P-256.
+    EcdsaP256,
+    /// RSA, 2048 bits.
+    Rsa2048,
+}
+
+/// One self-signed certificate and its key, served by every proxy of a TLS scenario.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate.
+    pub cert: std::path::PathBuf,
+    /// PEM private key (PKCS#8).
+    pub key: std::path::PathBuf,
+    /// Certificate then key in one file (HAProxy's `crt`).
+    pub combined: std::path::PathBuf,
+    /// Whether servers may resume sessions (off in the handshake scenarios).
+    pub resumption: bool,
+}
+
+impl TlsFiles {
+    /// Makes a certificate for `bench.test` with `openssl req` in `dir`.
+    pub fn make(key: KeyKind, resumption: bool, dir: &Path) -> Result<Self, BenchError> {
+        let cert = dir.join("tls-cert.pem");
+        let key_file = dir.join("tls-key.pem");
+        let new_key: &[&str] = match key {
+            KeyKind::EcdsaP256 => &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"],
+            KeyKind::Rsa2048 => &["-newkey", "rsa:2048"],
+        };
+        let output = std::process::Command::new("openssl")
+            .arg("req")
+            .arg("-x509")
+            .args(new_key)
+            .args(["-nodes", "-days", "2", "-subj", "/CN=bench.test"])
+            .args(["-addext", "subjectAltName=DNS:bench.test"])
+            .arg("-keyout")
+            .arg(&key_file)
+            .arg("-out")
+            .arg(&cert)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|source| BenchError::io("run openssl req in", dir, source))?;
+        if !output.status.success() {
+            return Err(BenchError::Setup(format!(
+                "openssl req failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        let combined = dir.join("tls-combined.pem");
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| BenchError::io("read", path, source))
+        };
+        write_file(&combined, &(read(&cert)? + &read(&key_file)?))?;
+        Ok(TlsFiles {
+            cert,
+            key: key_file,
+            combined,
+            resumption,
+        })
+    }
+}
+
+/// HAProxy's HTTPS listener: TLS 1.2+ with OpenSSL's defaults, ALPN as herd's, resumption as
+/// asked.
+fn haproxy_tls((tls, addr): (&TlsFiles, SocketAddr)) -> String {
+    let no_resumption = if tls.resumption {
+        ""
+    } else {
+        " no-tls-tickets"
+    };
+    format!(
+        "    bind {addr} ssl crt {} alpn h2,http/1.1 ssl-min-ver TLSv1.2{no_resumption} backlog 4096",
+        tls.combined.display()
+    )
+}
+
+/// nginx's HTTPS server: TLS 1.2+ with OpenSSL's defaults, resumption as asked.
+fn nginx_tls((tls, addr): (&TlsFiles, SocketAddr)) -> String {
+    let resumption = if tls.resumption {
+        "ssl_session_cache shared:SSL:10m;"
+    } else {
+        "ssl_session_cache off; ssl_session_tickets off;"
+    };
+    format!(
+        "    server {{
+        listen {addr} ssl http2 backlog=4096;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        {resumption}
+        location / {{
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }}
+    }}",
+        tls.cert.display(),
+        tls.key.display()
+    )
 }
 
 /// HAProxy's configuration from `infra/bench/haproxy.cfg.in`.
@@ -408,6 +559,38 @@ mod tests {
         {
             assert!(!line.contains("127.0.0.1"), "filled into a comment: {line}");
         }
+    }
+
+    #[test]
+    fn tls_listeners_use_the_certificate_and_resumption_setting() {
+        let files = |resumption| TlsFiles {
+            cert: "/tmp/x/c.pem".into(),
+            key: "/tmp/x/k.pem".into(),
+            combined: "/tmp/x/ck.pem".into(),
+            resumption,
+        };
+        let off = files(false);
+        let haproxy = haproxy_config(Path::new("/p"), addr(1), addr(2), &[addr(3)])
+            .replace("{TLS}", &haproxy_tls((&off, addr(8443))));
+        assert!(
+            haproxy.contains(
+                "bind 127.0.0.1:8443 ssl crt /tmp/x/ck.pem alpn h2,http/1.1 ssl-min-ver TLSv1.2 no-tls-tickets"
+            ),
+            "{haproxy}"
+        );
+        let nginx = nginx_config(Path::new("/n"), addr(1), addr(2), &[addr(3)])
+            .replace("{TLS}", &nginx_tls((&off, addr(8443))));
+        for line in [
+            "listen 127.0.0.1:8443 ssl http2",
+            "ssl_certificate /tmp/x/c.pem;",
+            "ssl_certificate_key /tmp/x/k.pem;",
+            "ssl_session_cache off; ssl_session_tickets off;",
+            "proxy_set_header Connection \"\";",
+        ] {
+            assert!(nginx.contains(line), "{line} missing:\n{nginx}");
+        }
+        assert!(nginx_tls((&files(true), addr(8443))).contains("ssl_session_cache shared"));
+        assert!(!nginx.contains("{TLS}") && !haproxy.contains("{TLS}"));
     }
 
     #[test]

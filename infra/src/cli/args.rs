@@ -100,7 +100,9 @@ pub struct BenchProxyArgs {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: Vec<u32>,
     /// What to load: hello (HTTP/1.1, hello app), session (GET /me of the demo app with a
-    /// session cookie; Redis), h2 (HTTP/2 cleartext, hello app, with h2load).
+    /// session cookie; Redis), h2 (HTTP/2 cleartext, hello app, with h2load); over TLS (not by
+    /// default; docs/tls.md): tls-ecdsa / tls-rsa (keep-alive), tls-ecdsa-handshake /
+    /// tls-rsa-handshake (a new connection and full handshake per request).
     #[arg(
         long,
         value_delimiter = ',',
