@@ -102,9 +102,11 @@ function renderWorkers(d) {
         el("td", { class: "num" }, w.weight),
         el("td", { class: "why" }, change.what + " " + fmt.ago(change.at_ms, d.now_ms) + ": " + change.reason));
     });
-    return el("table", { "data-machine": m.machine },
+    const cols = el("colgroup", {}, el("col", { class: "id" }), el("col", { class: "addr" }), el("col", { class: "state" }),
+      ...Array.from({ length: 8 }, () => el("col", { class: "n" })), el("col", { class: "why" }));
+    return el("table", { class: "workers", "data-machine": m.machine },
       el("caption", {}, "machine " + m.machine + " — " + m.workers.length + " worker" + (m.workers.length === 1 ? "" : "s")),
-      el("thead", {}, head), el("tbody", {}, ...rows));
+      cols, el("thead", {}, head), el("tbody", {}, ...rows));
   });
   if (tables.length === 0) tables.push(el("p", { class: "bad" }, "no workers known"));
   box.replaceChildren(...tables);
