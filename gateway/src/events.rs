@@ -8,9 +8,12 @@
 //! history; the ring only answers "what just happened?" without a log search.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -140,13 +143,17 @@ impl Events {
         }
     }
 
+    /// `herd_gateway_registry_redis_reachable` for `/metrics`, read at scrape time.
+    pub fn collector(self: &Arc<Self>) -> RegistryCollector {
+        RegistryCollector {
+            events: self.clone(),
+        }
+    }
+
     /// Records every role change of the failover node from now on (a task that ends with the
     /// node's status channel). Changes coalesced by the watch channel are still counted: the
     /// event says how many transitions it stands for.
-    pub fn follow_failover(
-        self: &std::sync::Arc<Self>,
-        mut status: watch::Receiver<FailoverStatus>,
-    ) {
+    pub fn follow_failover(self: &Arc<Self>, mut status: watch::Receiver<FailoverStatus>) {
         let events = self.clone();
         let mut seen = status.borrow().transitions;
         tokio::spawn(async move {
@@ -182,6 +189,32 @@ impl Events {
     }
 }
 
+/// Shows whether the registry reaches Redis: 1 or 0, absent until the registry has tried (or
+/// when it is off), so an alert on `== 0` stays quiet for gateways without a registry.
+#[derive(Debug)]
+pub struct RegistryCollector {
+    events: Arc<Events>,
+}
+
+impl Collector for RegistryCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let value = match self.events.registry_reachability() {
+            Reachability::Unknown => return Ok(()),
+            Reachability::Reachable => 1,
+            Reachability::Unreachable => 0,
+        };
+        encoder
+            .encode_descriptor(
+                "registry_redis_reachable",
+                "1 while the worker registry's last Redis call answered",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&value)?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +245,26 @@ mod tests {
         assert_eq!(events.registry_reachability(), Reachability::Unreachable);
         let whats: Vec<String> = events.recent(10).into_iter().map(|e| e.what).collect();
         assert_eq!(whats, ["unreachable", "reachable"]);
+    }
+
+    #[test]
+    fn redis_reachability_is_a_metric_once_known() {
+        let events = Arc::new(Events::default());
+        let metrics = crate::metrics::Metrics::new();
+        metrics.register_collector(Box::new(events.collector()));
+        assert!(!metrics.render().contains("registry_redis_reachable"));
+        events.registry_redis(false, "refused");
+        let text = metrics.render();
+        assert!(
+            text.contains("herd_gateway_registry_redis_reachable 0"),
+            "{text}"
+        );
+        events.registry_redis(true, "answered");
+        assert!(
+            metrics
+                .render()
+                .contains("herd_gateway_registry_redis_reachable 1")
+        );
     }
 
     #[test]

@@ -178,6 +178,12 @@ impl Metrics {
             .register_collector(Box::new(HedgeCollector { delay_ns }));
     }
 
+    /// Adds a collector read at scrape time (for state kept by another module, such as the
+    /// registry's Redis reachability in [`crate::events`]).
+    pub fn register_collector(&self, collector: Box<dyn Collector>) {
+        self.registry.lock().unwrap().register_collector(collector);
+    }
+
     /// Counts a retry.
     pub fn retry(&self, reason: &'static str) {
         self.retries

@@ -481,6 +481,7 @@ impl Balancer {
             self.selector.slow_start_ns(),
             self.defaults.panic_threshold,
         );
+        metrics.register_collector(Box::new(self.notifier.events().collector()));
     }
 }
 

@@ -27,6 +27,15 @@ pub const WINDOW: Duration = Duration::from_secs(5);
 const MIN_STEP: Duration = Duration::from_secs(1);
 /// Events sent with each poll.
 const EVENTS_SHOWN: usize = 50;
+/// The kinds of `herd_gateway_errors_total` answered with a 5xx (see `crate::error`): the others
+/// (400, 408, 413, 429, 431, 499) are the client's doing and no sign of a sick cluster.
+pub const SERVER_ERROR_KINDS: [&str; 5] = [
+    "no_worker_available",
+    "workers_busy",
+    "too_many_connections",
+    "bad_gateway",
+    "upstream_timeout",
+];
 
 /// Counter readings at one instant.
 #[derive(Debug, Clone)]
@@ -77,7 +86,16 @@ pub fn read(balancer: &Balancer, metrics: &Metrics) -> Reading {
     Reading {
         at: Instant::now(),
         requests: sum_of(&text, "herd_gateway_request_duration_seconds_count", None),
-        gateway_errors: sum_of(&text, "herd_gateway_errors_total", None),
+        gateway_errors: SERVER_ERROR_KINDS
+            .iter()
+            .map(|kind| {
+                sum_of(
+                    &text,
+                    "herd_gateway_errors_total",
+                    Some(&format!("kind=\"{kind}\"")),
+                )
+            })
+            .sum(),
         retries: sum_of(&text, "herd_gateway_retries_total", None),
         budget_refused: sum_of(
             &text,
