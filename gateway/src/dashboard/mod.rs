@@ -480,6 +480,72 @@ mod tests {
         assert_eq!(body["events"][0]["what"], "drained");
     }
 
+    #[tokio::test]
+    async fn the_pair_and_its_role_changes_are_shown() {
+        use crate::failover::{PeerStatus, Role, Transition};
+        let mut d = dashboard("t");
+        let mut status = FailoverStatus {
+            id: "gw1".into(),
+            role: Role::Standby,
+            epoch: 4,
+            holds_address: false,
+            redis_reachable: true,
+            peer: PeerStatus {
+                id: Some("gw2".into()),
+                role: Some(Role::Active),
+                reachable: true,
+                last_heard_ms: Some(10),
+                healthy_workers: 1,
+            },
+            transitions: 0,
+            last_transition: None,
+        };
+        let (tx, rx) = watch::channel(status.clone());
+        d.set_failover(Some(rx));
+        let body = |d: &Dashboard| {
+            let response = d
+                .handle(&get("/api/dashboard", &[("authorization", "Bearer t")]))
+                .unwrap();
+            async move { serde_json::from_str::<serde_json::Value>(&text(response).await).unwrap() }
+        };
+        let json = body(&d).await;
+        assert_eq!(json["pair"]["enabled"], true);
+        assert_eq!(json["pair"]["role"], "standby");
+        assert_eq!(json["pair"]["peer"]["reachable"], true);
+        assert_eq!(json["redis"]["lease"], true);
+        // The peer goes silent; this gateway takes over.
+        status.role = Role::Active;
+        status.epoch = 5;
+        status.transitions = 1;
+        status.redis_reachable = false;
+        status.last_transition = Some(Transition {
+            from: Role::Standby,
+            to: Role::Active,
+            reason: "peer silent and the lease is free".into(),
+            epoch: 5,
+            at_unix_ms: 1_000,
+        });
+        tx.send(status).unwrap();
+        let mut seen = false;
+        for _ in 0..1000 {
+            let json = body(&d).await;
+            if json["events"][0]["subject"] == "failover" {
+                assert_eq!(json["events"][0]["what"], "standby -> active");
+                assert_eq!(
+                    json["events"][0]["reason"],
+                    "peer silent and the lease is free"
+                );
+                assert_eq!(json["pair"]["role"], "active");
+                assert_eq!(json["pair"]["last_transition"]["epoch"], 5);
+                assert_eq!(json["redis"]["lease"], false);
+                seen = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(seen, "the role change never became an event");
+    }
+
     #[test]
     fn other_routes_are_left_to_the_admin_api() {
         let d = dashboard("t");
