@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # herd's whole test suite: installs what the tests need when it is missing (redis-server; and for
 # the multi-host tests iproute2, iputils-ping, and iputils' arping, which the gateways use for
-# gratuitous ARP), builds the binaries the end-to-end tests start, and runs every test in the
+# gratuitous ARP; chromium for the dashboard test; prometheus for promtool), builds the binaries
+# the end-to-end tests start, and runs every test in the
 # workspace. Extra arguments go to `cargo test` (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,9 @@ have h2load || missing+=(nghttp2-client)
 # The TLS tests drive real clients (gateway/tests/tls.rs).
 have curl || missing+=(curl)
 have openssl || missing+=(openssl)
+# The dashboard test drives a real headless Chromium; promtool checks the alerting rules.
+have chromium || have chromium-browser || missing+=(chromium)
+have promtool || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && have apt-get; then
     echo "installing: ${missing[*]}"

@@ -9,6 +9,7 @@
 //! | `POST /api/workers/{id}/drain`, `/undrain` | bearer | operator drain |
 //! | `DELETE /api/workers/{id}` | bearer | remove a worker |
 //! | `GET /api/failover` | bearer | the pair: role, epoch, peer, last transition and why |
+//! | `GET /dashboard`, `GET /api/dashboard` | token → cookie, or bearer | the live dashboard (see [`crate::dashboard`]) |
 //!
 //! With no `admin.token` configured, every `/api/*` call answers 401 saying so.
 
@@ -22,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::balancer::{Balancer, ChangeSource, MembershipError, Origin, Worker};
 use crate::body::ResponseBody;
+use crate::dashboard::Dashboard;
 use crate::error::json_error;
 use crate::failover::FailoverStatus;
 use crate::headers;
@@ -34,12 +36,14 @@ pub struct Admin {
     metrics: Arc<Metrics>,
     token: String,
     failover: Option<watch::Receiver<FailoverStatus>>,
+    dashboard: Dashboard,
 }
 
 impl Admin {
     /// An admin API over `balancer`; an empty `token` disables `/api/*`.
     pub fn new(balancer: Arc<Balancer>, metrics: Arc<Metrics>, token: String) -> Self {
         Admin {
+            dashboard: Dashboard::new(balancer.clone(), metrics.clone(), token.clone()),
             balancer,
             metrics,
             token,
@@ -49,6 +53,7 @@ impl Admin {
 
     /// Shows the failover node's status at `/api/failover` (when the gateway is one of a pair).
     pub fn with_failover(mut self, status: Option<watch::Receiver<FailoverStatus>>) -> Self {
+        self.dashboard.set_failover(status.clone());
         self.failover = status;
         self
     }
@@ -57,6 +62,9 @@ impl Admin {
     pub fn handle<B>(&self, request: &Request<B>) -> Response<ResponseBody> {
         let path = request.uri().path();
         let method = request.method();
+        if let Some(response) = self.dashboard.handle(request) {
+            return response;
+        }
         match (method, path) {
             (&Method::GET, "/healthz") => json_ok(StatusCode::OK, &json!({"status": "alive"})),
             (&Method::GET, "/readyz") => {

@@ -21,6 +21,8 @@
 //! - [`error`]: upstream and gateway errors, and the one place that turns them into responses.
 //! - [`headers`], [`body`]: header rules and request/response bodies of the request path.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the `/api/*` operator endpoints.
+//! - [`dashboard`]: the live dashboard page at `/dashboard` and the JSON it polls.
+//! - [`events`]: the bounded ring of recent events (joins, drains, ejections, role changes).
 //! - [`metrics`]: Prometheus metrics, lock-free on the request path.
 //! - [`tls`]: TLS termination on its own listener — certificates by SNI, hot reload, handshake
 //!   limits (docs/tls.md).
@@ -31,7 +33,9 @@ pub mod balancer;
 pub mod body;
 pub mod client_io;
 pub mod config;
+pub mod dashboard;
 pub mod error;
+pub mod events;
 pub mod failover;
 pub mod headers;
 pub mod hedge;

@@ -178,8 +178,9 @@ impl Metrics {
             .register_collector(Box::new(HedgeCollector { delay_ns }));
     }
 
-    /// Adds a collector read at scrape time (e.g. the TLS metrics, `crate::tls`).
-    pub fn add_collector(&self, collector: Box<dyn Collector>) {
+    /// Adds a collector read at scrape time (for state kept by another module, such as the
+    /// registry's Redis reachability in [`crate::events`], the TLS metrics in `crate::tls`).
+    pub fn register_collector(&self, collector: Box<dyn Collector>) {
         self.registry.lock().unwrap().register_collector(collector);
     }
 

@@ -561,6 +561,7 @@ impl Proxy {
                 let clock = self.balancer.clock().now();
                 let waited = sent.elapsed();
                 worker.ewma.observe(waited.as_nanos() as f64, clock);
+                worker.latency.observe(waited);
                 self.hedging.observe(waited);
                 worker.count_response(Some(status));
                 let failed = self.settings.count_5xx && status.is_server_error();

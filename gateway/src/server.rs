@@ -185,7 +185,7 @@ pub async fn run(
     let mut clients = Clients::new(proxy, builder, metrics.clone(), &config, threads);
     if config.tls.enabled {
         let tls = Arc::new(Terminator::new(&config.tls).map_err(ServerError::Tls)?);
-        metrics.add_collector(tls.collector());
+        metrics.register_collector(tls.collector());
         tokio::spawn(tls.reloader(stop.clone()));
         let https_port = listeners
             .tls

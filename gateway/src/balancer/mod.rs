@@ -6,6 +6,7 @@
 //! - [`health`]: active checks (a task per worker), flipping only after `rise`/`fall` in a row.
 //! - [`passive`]: ejection after consecutive request failures, with growing backoff and a probe.
 //! - [`ewma`]: the peak-EWMA latency estimate used by p2c.
+//! - [`latency`]: sampled per-worker latency buckets for the dashboard's p50/p99.
 //! - [`registry`]: membership from Redis (registry entries plus the events channel).
 //!
 //! [`Balancer`] ties them together. The table of workers is read-mostly and lives behind an
@@ -14,6 +15,7 @@
 
 pub mod ewma;
 pub mod health;
+pub mod latency;
 pub mod passive;
 pub mod registry;
 pub mod selection;
@@ -26,6 +28,7 @@ use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
 use crate::config::{GatewayConfig, PassiveConfig, parse_worker_addr};
+use crate::events::{Events, Subject};
 use crate::metrics::Metrics;
 use crate::upstream::Pool;
 use ewma::PeakEwma;
@@ -120,12 +123,23 @@ pub struct Notifier {
     metrics: Arc<Metrics>,
     /// The clock every timestamp in the balancer uses.
     pub clock: Clock,
+    /// Recent changes, for the dashboard.
+    events: Arc<Events>,
 }
 
 impl Notifier {
     /// A notifier counting into `metrics`.
     pub fn new(metrics: Arc<Metrics>, clock: Clock) -> Self {
-        Notifier { metrics, clock }
+        Notifier {
+            metrics,
+            clock,
+            events: Arc::default(),
+        }
+    }
+
+    /// The ring of recent events every change is also written to.
+    pub fn events(&self) -> &Arc<Events> {
+        &self.events
     }
 
     /// Counts one active health check.
@@ -157,6 +171,7 @@ impl Notifier {
     /// Records one change: a log line (fields first), a counter, and the worker's last change.
     pub fn changed(&self, worker: &Worker, what: &str, source: ChangeSource, reason: &str) {
         worker.note_change(what, reason);
+        self.events.push(Subject::Worker, worker.id(), what, reason);
         self.metrics
             .state_change(worker.id(), what, source.as_str());
         let routing = matches!(
@@ -466,6 +481,7 @@ impl Balancer {
             self.selector.slow_start_ns(),
             self.defaults.panic_threshold,
         );
+        metrics.register_collector(Box::new(self.notifier.events().collector()));
     }
 }
 

@@ -295,14 +295,19 @@ pub async fn run(
     .await
     {
         Ok(Ok(records)) => {
+            reconciler
+                .balancer
+                .notifier()
+                .events()
+                .registry_redis(true, "the registry answered");
             if *outage {
                 info!(workers = records.len(), "registry reachable again");
                 *outage = false;
             }
             reconciler.sync(&records);
         }
-        Ok(Err(error)) => note_outage(outage, &error),
-        Err(_) => note_outage(outage, &RegistryError::Timeout),
+        Ok(Err(error)) => note_outage(&reconciler.balancer, outage, &error),
+        Err(_) => note_outage(&reconciler.balancer, outage, &RegistryError::Timeout),
     };
 
     while !shutdown.is_cancelled() {
@@ -315,13 +320,17 @@ pub async fn run(
         let mut pubsub = match subscribed {
             Ok(Ok(pubsub)) => pubsub,
             Ok(Err(error)) => {
-                note_outage(&mut outage, &RegistryError::Redis(error));
+                note_outage(
+                    &reconciler.balancer,
+                    &mut outage,
+                    &RegistryError::Redis(error),
+                );
                 poll(&mut reconciler, &mut outage).await;
                 wait(&shutdown, config.reconnect_delay).await;
                 continue;
             }
             Err(_) => {
-                note_outage(&mut outage, &RegistryError::Timeout);
+                note_outage(&reconciler.balancer, &mut outage, &RegistryError::Timeout);
                 wait(&shutdown, config.reconnect_delay).await;
                 continue;
             }
@@ -364,7 +373,11 @@ pub async fn run(
     }
 }
 
-fn note_outage(outage: &mut bool, error: &RegistryError) {
+fn note_outage(balancer: &Balancer, outage: &mut bool, error: &RegistryError) {
+    balancer
+        .notifier()
+        .events()
+        .registry_redis(false, &error.to_string());
     if !*outage {
         warn!(error = %error, "registry unreachable; keeping the known workers");
         *outage = true;

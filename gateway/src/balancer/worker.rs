@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::ewma::PeakEwma;
+use super::latency::WorkerLatency;
 use super::passive::{Breaker, BreakerState, Transition};
 
 /// Removed by an operator (or gone from the registry): never routed again.
@@ -147,6 +148,8 @@ pub struct Worker {
     weight: AtomicU32,
     /// Latency estimate.
     pub ewma: PeakEwma,
+    /// Sampled answer latencies, for the dashboard's p50/p99.
+    pub latency: WorkerLatency,
     /// Start of the current slow start (clock nanoseconds); 0 when none.
     slow_start_since: AtomicU64,
     /// Failures in a row, mirrored from the breaker so successes skip the lock.
@@ -180,6 +183,7 @@ impl Worker {
             in_flight: AtomicU32::new(0),
             weight: AtomicU32::new(weight),
             ewma,
+            latency: WorkerLatency::default(),
             slow_start_since: AtomicU64::new(now.max(1)),
             failure_streak: AtomicU32::new(0),
             probe_at: AtomicU64::new(u64::MAX),
