@@ -5,6 +5,8 @@
 //!   `herd bench soak`.
 //! - [`deps`]: make sure outside programs (redis-server, haproxy…) are installed, or say how.
 //! - [`binaries`]: find the `herd-gateway` and `herd-worker` executables.
+//! - [`inventory`]: the inventory file (machines, images, gateway pair, Redis), its checks and
+//!   where each process goes.
 //! - [`process`]: start a herd process, wait for its "listening" line, signal it, stop it.
 //! - [`redis_server`]: run a private `redis-server` on a free port.
 //! - [`lab`]: the gateway pair's multi-host lab (client, gw1, gw2, redis, worker machines).
@@ -22,6 +24,7 @@ pub mod bench;
 pub mod binaries;
 pub mod cli;
 pub mod deps;
+pub mod inventory;
 pub mod lab;
 pub mod load;
 pub mod netns;
