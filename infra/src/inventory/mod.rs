@@ -11,7 +11,7 @@
 mod plan;
 mod validate;
 
-pub use plan::{Kind, Unit, plan};
+pub use plan::{Kind, Unit, placement, plan};
 pub use validate::validate;
 
 use std::collections::BTreeMap;

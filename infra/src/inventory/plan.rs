@@ -112,8 +112,6 @@ pub fn plan(inventory: &Inventory, token: &str) -> Vec<Unit> {
             "no",
             "--appendonly",
             "yes",
-            "--save",
-            "",
             "--daemonize",
             "no",
         ]

@@ -1,0 +1,94 @@
+//! `herd up|down|status --inventory FILE`: the thin layer between the command line and
+//! [`crate::deploy`]. The file is read and checked first: a bad inventory is refused before
+//! anything starts, with exit 2 and one line naming the entry and the problem.
+
+use std::path::{Path, PathBuf};
+
+use super::{
+    CliError, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, StateDirArgs, StatusArgs, UpArgs, token,
+};
+use crate::deploy::{self, Options};
+use crate::inventory::{self, Inventory};
+
+/// Loads the inventory named by `--inventory`, or a usage error (exit 2).
+fn load(state: &StateDirArgs) -> Result<(Inventory, PathBuf), CliError> {
+    let file = state
+        .inventory
+        .as_deref()
+        .expect("dispatched on --inventory");
+    let inventory = inventory::load(file).map_err(|error| CliError::Usage(error.to_string()))?;
+    let root = std::path::absolute(&state.state_dir)
+        .unwrap_or_else(|_| state.state_dir.clone())
+        .join(format!("inventory-{}", inventory.name));
+    Ok((inventory, root))
+}
+
+fn file_flag(state: &StateDirArgs) -> String {
+    let file = state.inventory.as_deref().unwrap_or(Path::new("FILE"));
+    let dir = if state.state_dir == Path::new(".herd") {
+        String::new()
+    } else {
+        format!(" --state-dir {}", state.state_dir.display())
+    };
+    format!("--inventory {}{dir}", file.display())
+}
+
+/// `herd up --inventory FILE`.
+pub(crate) fn up(args: &UpArgs) -> Result<u8, CliError> {
+    let (inventory, state_root) = load(&args.state)?;
+    let options = Options {
+        state_root: state_root.clone(),
+        token: token::generate()?,
+    };
+    let report = deploy::up(&inventory, &options, &mut |line| {
+        super::warn(format!("herd: {line}"))
+    })?;
+    let token_file = state_root.join("admin-token");
+    deploy::write_private(&token_file, &format!("{}\n", options.token))?;
+    let flag = file_flag(&args.state);
+    super::say(format!(
+        "herd is up: {url}  (active gateway on {active}, {workers} workers healthy, up in {took:.1}s; admin token in {token})\n\n  herd status {flag}\n  herd down {flag}",
+        url = report.public_url,
+        active = report.active,
+        workers = report.workers,
+        took = report.took.as_secs_f64(),
+        token = token_file.display(),
+    ));
+    Ok(EXIT_OK)
+}
+
+/// `herd down --inventory FILE`.
+pub(crate) fn down(args: &StateDirArgs) -> Result<u8, CliError> {
+    let (inventory, state_root) = load(args)?;
+    let options = Options {
+        state_root: state_root.clone(),
+        token: String::new(),
+    };
+    deploy::down(&inventory, &options, &mut |line| super::say(line))?;
+    let _ = std::fs::remove_file(state_root.join("admin-token"));
+    super::say(format!("herd: inventory {} is down", inventory.name));
+    Ok(EXIT_OK)
+}
+
+/// `herd status --inventory FILE [--json]`: exit 0 all healthy, 1 something down, 3 nothing
+/// runs.
+pub(crate) fn status(args: &StatusArgs) -> Result<u8, CliError> {
+    let (inventory, state_root) = load(&args.state)?;
+    let options = Options {
+        state_root,
+        token: String::new(),
+    };
+    let status = deploy::status::collect(&inventory, &options);
+    if args.json {
+        super::say(serde_json::to_string_pretty(&status).expect("a Status always serializes"));
+    } else {
+        super::say(status.table());
+    }
+    Ok(if status.nothing_runs() {
+        EXIT_NOT_RUNNING
+    } else if status.healthy() {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    })
+}
