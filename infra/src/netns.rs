@@ -194,21 +194,7 @@ impl Topology {
         Fut: std::future::Future<Output = T>,
         T: Send + 'static,
     {
-        let path = format!("/var/run/netns/{}", self.host(name)?.netns);
-        let thread = std::thread::spawn(move || -> Result<T, NetnsError> {
-            let namespace = std::fs::File::open(&path).map_err(NetnsError::Enter)?;
-            nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|errno| NetnsError::Enter(errno.into()))?;
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(NetnsError::Enter)?;
-            Ok(runtime.block_on(work()))
-        });
-        match thread.join() {
-            Ok(result) => result,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
+        run_in_netns(&self.host(name)?.netns, work)
     }
 
     /// Takes host `name`'s link down: to everyone else the machine is gone.
@@ -290,6 +276,31 @@ impl Topology {
             }
         }
         Ok(removed)
+    }
+}
+
+/// Runs `work` inside network namespace `netns` (see [`Topology::run_in`]), for namespaces
+/// made elsewhere (`herd up --inventory`).
+pub fn run_in_netns<F, Fut, T>(netns: &str, work: F) -> Result<T, NetnsError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let path = format!("/var/run/netns/{netns}");
+    let thread = std::thread::spawn(move || -> Result<T, NetnsError> {
+        let namespace = std::fs::File::open(&path).map_err(NetnsError::Enter)?;
+        nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|errno| NetnsError::Enter(errno.into()))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(NetnsError::Enter)?;
+        Ok(runtime.block_on(work()))
+    });
+    match thread.join() {
+        Ok(result) => result,
+        Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 
