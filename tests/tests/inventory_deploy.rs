@@ -58,14 +58,16 @@ fn herd(netns: Option<&str>, args: &[&str]) -> Output {
         }
         None => Command::new(&program),
     };
+    let began = Instant::now();
     let output = command
         .args(args)
         .env_remove("HERD_STATE_DIR")
         .output()
         .expect("run herd");
     println!(
-        "$ herd {}\n{}{}",
+        "$ herd {}  ({:.2} s)\n{}{}",
         args.join(" "),
+        began.elapsed().as_secs_f64(),
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
@@ -409,4 +411,303 @@ fn a_bad_inventory_is_refused_with_exit_2_and_one_line_before_anything_starts() 
     }
     assert!(!state.exists(), "nothing was started or written");
     assert!(namespaces_with("herdinv-lab6-").is_empty());
+}
+
+/// Runs `program args`, panicking with its stderr when it fails.
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Starts sshd inside `host` of `topology`, on port 22 of its address, with host key and
+/// authorized keys from `dir`.
+fn start_sshd(topology: &Topology, host: &str, dir: &Path) -> Process {
+    let addr = topology.host(host).unwrap().addr;
+    let config = dir.join(format!("sshd_config-{host}"));
+    std::fs::write(
+        &config,
+        format!(
+            "Port 22\nListenAddress {addr}\nHostKey {d}/host_key\nPidFile {d}/sshd-{host}.pid\n\
+             AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             StrictModes no\nSubsystem sftp internal-sftp\nLogLevel ERROR\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    // Privilege separation needs this directory (the package's service would create it).
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let spec = Spec::new(format!("sshd-{host}"), "/usr/sbin/sshd", dir)
+        .args_from(["-D", "-e", "-f"])
+        .arg(config.display().to_string());
+    Process::spawn(&topology.spec_in(host, spec).unwrap()).expect("start sshd")
+}
+
+#[test]
+fn the_ssh_transport_deploys_to_real_sshd_hosts_and_removes_everything() {
+    let _serial = serial();
+    require_root();
+    assert!(
+        Path::new("/usr/sbin/sshd").exists(),
+        "sshd is missing: apt-get install openssh-server (infra/test.sh does)"
+    );
+    let dir = herd_tests::temp_dir();
+    let d = dir.path();
+    run(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            d.join("id").to_str().unwrap(),
+        ],
+    );
+    run(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            d.join("host_key").to_str().unwrap(),
+        ],
+    );
+    std::fs::copy(d.join("id.pub"), d.join("authorized_keys")).unwrap();
+    let ssh_config = d.join("ssh_config");
+    std::fs::write(
+        &ssh_config,
+        format!(
+            "Host *\n  User root\n  IdentityFile {}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  \
+             UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+            d.join("id").display()
+        ),
+    )
+    .unwrap();
+    // Drop order is the reverse: cleanup (herd down over ssh), then sshd, then the namespaces.
+    let topology = Topology::create(
+        [10, 212, 0],
+        &[
+            HostSpec::new("ctl", 100),
+            HostSpec::new("s1", 11),
+            HostSpec::new("s2", 12),
+        ],
+    )
+    .expect("namespaces");
+    let _sshd = [
+        start_sshd(&topology, "s1", d),
+        start_sshd(&topology, "s2", d),
+    ];
+    let ctl = topology.host("ctl").unwrap().netns.clone();
+    for host in ["s1", "s2"] {
+        let addr = topology.host(host).unwrap().addr;
+        let listening = herd::netns::run_in_netns(&ctl, move || async move {
+            for _ in 0..100 {
+                if tokio::net::TcpStream::connect((addr, 22)).await.is_ok() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        })
+        .unwrap();
+        assert!(listening, "sshd on {host} never listened");
+    }
+
+    let name = unique_name("s");
+    let remote = |host: &str| d.join(format!("remote-{host}"));
+    let inventory = format!(
+        r#"
+name = "{name}"
+[ssh]
+config_file = "{config}"
+[[machines]]
+name = "s1"
+address = "10.212.0.11"
+transport = "ssh"
+dir = "{r1}"
+[[machines]]
+name = "s2"
+address = "10.212.0.12"
+transport = "ssh"
+ssh_host = "root@10.212.0.12"
+dir = "{r2}"
+[redis]
+machine = "s1"
+[gateways]
+machines = ["s1", "s2"]
+floating_address = "10.212.0.10"
+[[images]]
+name = "demo"
+per_machine = 1
+machines = ["s1", "s2"]
+"#,
+        config = ssh_config.display(),
+        r1 = remote("s1").display(),
+        r2 = remote("s2").display(),
+    );
+    let file = d.join("inventory.toml");
+    std::fs::write(&file, inventory).unwrap();
+    let state = d.join("state");
+    let (file, state) = (file.to_str().unwrap(), state.to_str().unwrap());
+    let mut cleanup = Cleanup {
+        netns: Some(ctl.clone()),
+        args: ["down", "--inventory", file, "--state-dir", state]
+            .map(String::from)
+            .to_vec(),
+        roots: vec![remote("s1").parent().unwrap().to_path_buf()],
+        pids: BTreeSet::new(),
+        prefix: format!("herdinv-{name}-"),
+    };
+    // The machine directories are remote-s1 and remote-s2 side by side in the temp dir.
+    cleanup.roots = vec![d.to_path_buf()];
+
+    let up = herd(
+        Some(&ctl),
+        &["up", "--inventory", file, "--state-dir", state],
+    );
+    cleanup.remember();
+    assert!(up.status.success(), "herd up over ssh failed");
+    assert!(
+        String::from_utf8_lossy(&up.stdout).contains("herd is up: http://10.212.0.10:8080"),
+        "{}",
+        String::from_utf8_lossy(&up.stdout)
+    );
+    // The binaries were copied (real files of the same size, not links to this box's build).
+    for (host, binary) in [
+        ("s1", "herd-worker"),
+        ("s1", "herd-gateway"),
+        ("s2", "herd-worker"),
+    ] {
+        let copied = remote(host).join("bin").join(binary);
+        let meta = std::fs::symlink_metadata(&copied).unwrap_or_else(|e| panic!("{copied:?}: {e}"));
+        assert!(meta.is_file(), "{copied:?} is a copied file");
+        let local = binaries::locate(binary).unwrap();
+        assert_eq!(
+            meta.len(),
+            std::fs::metadata(local).unwrap().len(),
+            "{copied:?}"
+        );
+    }
+    let answers = requests_from(&ctl, "http://10.212.0.10:8080/work?ms=1".into(), 20);
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+
+    let status = herd(
+        Some(&ctl),
+        &[
+            "status",
+            "--inventory",
+            file,
+            "--state-dir",
+            state,
+            "--json",
+        ],
+    );
+    assert_eq!(status.status.code(), Some(0), "status says healthy");
+    let json: Value = serde_json::from_slice(&status.stdout).unwrap();
+    for machine in json["machines"].as_array().unwrap() {
+        assert_eq!(machine["reachable"], true, "{machine}");
+        assert_eq!(
+            machine["supervisor"], "fallback",
+            "no systemd in a namespace"
+        );
+    }
+    let units = json["units"].as_array().unwrap();
+    assert_eq!(units.len(), 5, "redis, 2 workers, 2 gateways");
+    assert!(units.iter().all(|u| u["running"] == true), "{units:?}");
+    let workers: BTreeSet<&str> = json["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(workers, BTreeSet::from(["demo-s1-1", "demo-s2-1"]));
+
+    let pids = recorded_pids(d);
+    assert_eq!(pids.len(), 2 * 5, "a supervisor and a child per unit");
+    let down = herd(
+        Some(&ctl),
+        &["down", "--inventory", file, "--state-dir", state],
+    );
+    assert!(down.status.success(), "herd down over ssh failed");
+    let left: Vec<_> = pids.iter().filter(|p| alive(**p)).collect();
+    assert!(left.is_empty(), "still running after down: {left:?}");
+    let after = herd(
+        Some(&ctl),
+        &["status", "--inventory", file, "--state-dir", state],
+    );
+    assert_eq!(after.status.code(), Some(3), "nothing runs");
+}
+
+#[test]
+fn the_systemd_units_pass_systemd_analyze_verify() {
+    use herd::inventory::Kind;
+    use herd::machine::systemd::unit_file;
+    let verify = Command::new("systemd-analyze").arg("--version").output();
+    if !verify.is_ok_and(|o| o.status.success()) {
+        println!(
+            "SKIPPED: systemd-analyze is not installed (infra/test.sh installs the systemd package)"
+        );
+        return;
+    }
+    let dir = herd_tests::temp_dir();
+    let d = dir.path();
+    let base = d.display().to_string();
+    for sub in ["etc", "link", "log"] {
+        std::fs::create_dir_all(d.join(sub)).unwrap();
+    }
+    // Each unit as an instance file next to the links and environment files it names.
+    let cases = [
+        (
+            Kind::Worker,
+            "worker-demo-m1-1",
+            "herd-worker@demo-m1-1.service",
+            binaries::WORKER,
+        ),
+        (
+            Kind::Gateway,
+            "gateway-gw1",
+            "herd-gateway.service",
+            binaries::GATEWAY,
+        ),
+        (Kind::Redis, "redis", "herd-redis.service", binaries::WORKER),
+    ];
+    let units = d.join("units");
+    std::fs::create_dir_all(&units).unwrap();
+    let mut paths = Vec::new();
+    for (kind, unit, file, binary) in cases {
+        let (template, text) = unit_file(kind, &base, unit);
+        assert!(template.ends_with(".service"));
+        std::os::unix::fs::symlink(binaries::locate(binary).unwrap(), d.join("link").join(unit))
+            .unwrap();
+        std::fs::write(d.join("etc").join(format!("{unit}.env")), "HERD_ARGS=''\n").unwrap();
+        let path = units.join(file);
+        std::fs::write(&path, text).unwrap();
+        paths.push(path);
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&paths)
+        .env("SYSTEMD_LOG_LEVEL", "warning")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("Failed to initialize manager") || stderr.contains("Failed to setup") {
+        println!("SKIPPED: systemd-analyze verify cannot run in this container: {stderr}");
+        return;
+    }
+    assert!(out.status.success(), "verify failed: {stderr}");
+    // Unknown keys and bad values are only warnings: any line is a failure here.
+    assert_eq!(stderr.trim(), "", "verify warned");
 }

@@ -2,6 +2,11 @@
 //! keys and agent; `BatchMode`, so a missing key fails instead of asking for a password). Units
 //! run under systemd when the host runs it and herd logs in as root; otherwise under herd's
 //! fallback supervisor ([`super::supervise`]).
+//!
+//! One herd command sends many short commands to a host; they share one ssh connection
+//! (`ControlMaster`, a socket private to this herd process), which the [`Ssh`] closes when it
+//! is dropped. Measured in the ssh test (two hosts in netns, a busy 2-core box): `herd status`
+//! took 11.6 s with a new connection per command.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +21,8 @@ pub struct Ssh {
     config_file: Option<PathBuf>,
     dir: String,
     supervisor: Supervisor,
+    /// The shared connection's socket.
+    control_path: PathBuf,
 }
 
 impl Ssh {
@@ -29,6 +36,8 @@ impl Ssh {
             config_file: config_file.map(Path::to_path_buf),
             dir: dir.into(),
             supervisor: Supervisor::Fallback,
+            control_path: std::env::temp_dir()
+                .join(format!("herd-ssh-{}-{name}", std::process::id())),
         }
     }
 
@@ -52,6 +61,28 @@ impl Ssh {
             command.arg("-F").arg(file);
         }
         command.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]);
+        // The master lingers at most 2 minutes if herd dies before closing it.
+        command
+            .args(["-o", "ControlMaster=auto", "-o", "ControlPersist=120"])
+            .arg("-o")
+            .arg(format!("ControlPath={}", self.control_path.display()));
+    }
+}
+
+impl Drop for Ssh {
+    fn drop(&mut self) {
+        if !self.control_path.exists() {
+            return;
+        }
+        let mut command = Command::new("ssh");
+        self.options(&mut command);
+        let _ = command
+            .args(["-O", "exit"])
+            .arg(&self.destination)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
