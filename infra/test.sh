@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # herd's whole test suite: installs what the tests need when it is missing (redis-server; and for
 # the multi-host tests iproute2, iputils-ping, and iputils' arping, which the gateways use for
-# gratuitous ARP), builds the binaries the end-to-end tests start, and runs every test in the
+# gratuitous ARP; for the inventory tests openssh-server and openssh-client (real sshd in netns
+# hosts), curl (herd asks the gateways' admin API from their machine) and systemd
+# (`systemd-analyze verify` of the units herd writes)), builds the binaries the end-to-end tests start, and runs every test in the
 # workspace. Extra arguments go to `cargo test` (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +20,10 @@ have wrk || missing+=(wrk)
 have haproxy || missing+=(haproxy)
 have nginx || missing+=(nginx)
 have h2load || missing+=(nghttp2-client)
+have sshd || missing+=(openssh-server)
+have ssh || missing+=(openssh-client)
+have curl || missing+=(curl)
+have systemd-analyze || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && have apt-get; then
     echo "installing: ${missing[*]}"
