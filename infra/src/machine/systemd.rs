@@ -1,6 +1,7 @@
 //! systemd units for `ssh` machines, the product path: herd writes `herd-redis.service`,
 //! `herd-gateway.service` and the template `herd-worker@.service` (one instance per worker id)
-//! to `/etc/systemd/system/`, then starts, stops and asks them with `systemctl`.
+//! to `/etc/systemd/system/`, then enables and starts, stops and disables, and asks them with
+//! `systemctl`.
 //!
 //! Every unit restarts on failure (`RestartSec`, with `StartLimitBurst` in
 //! `StartLimitIntervalSec` turning a crash loop into a failed unit that `systemctl status` and
@@ -103,7 +104,12 @@ pub fn start<M: Machine + ?Sized>(machine: &M, launch: &Launch) -> Result<(), Ma
         quote(&path),
         quote(&path)
     ))?;
-    run_systemctl(machine, &format!("start {}", quote(&unit_name(launch)))).map(drop)
+    // Enabled as well as started: a rebooted machine brings its units back by itself.
+    run_systemctl(
+        machine,
+        &format!("enable --now {}", quote(&unit_name(launch))),
+    )
+    .map(drop)
 }
 
 /// Stops `launch`'s unit (systemd waits up to `TimeoutStopSec`, then SIGKILLs) and removes its
@@ -114,7 +120,7 @@ pub fn stop<M: Machine + ?Sized>(machine: &M, launch: &Launch) -> Result<Stopped
     let path = quote(&format!("{UNIT_DIR}/{file}"));
     let answer = machine.run(&format!(
         "if systemctl is-active --quiet {unit}; then systemctl stop {unit}; echo exited; else echo absent; fi; \
-         systemctl reset-failed {unit} 2>/dev/null; \
+         systemctl disable {unit} 2>/dev/null; systemctl reset-failed {unit} 2>/dev/null; \
          if [ -z \"$(systemctl list-units --no-legend {glob} 2>/dev/null)\" ]; then rm -f {path}; systemctl daemon-reload; fi",
         glob = quote(&match launch.kind {
             Kind::Worker => "herd-worker@*".to_string(),
