@@ -143,7 +143,87 @@ pub fn alive<M: Machine + ?Sized>(machine: &M, launch: &Launch) -> Result<bool, 
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use super::super::Supervisor;
     use super::*;
+
+    /// A machine that records the scripts it is given and answers each with `answer`.
+    #[derive(Debug)]
+    struct Recorder {
+        scripts: Mutex<Vec<String>>,
+        answer: String,
+    }
+
+    impl Machine for Recorder {
+        fn name(&self) -> &str {
+            "rec"
+        }
+        fn dir(&self) -> &str {
+            "/opt/herd/t"
+        }
+        fn run(&self, script: &str) -> Result<String, MachineError> {
+            self.scripts.lock().unwrap().push(script.to_string());
+            Ok(self.answer.clone())
+        }
+        fn copy(&self, _: &Path, _: &str) -> Result<(), MachineError> {
+            Ok(())
+        }
+        fn supervisor(&self) -> Supervisor {
+            Supervisor::Systemd
+        }
+    }
+
+    fn recorder(answer: &str) -> Recorder {
+        Recorder {
+            scripts: Mutex::new(Vec::new()),
+            answer: answer.into(),
+        }
+    }
+
+    #[test]
+    fn a_systemd_machine_installs_enables_stops_and_disables_the_units() {
+        let launch = Launch {
+            name: "worker-demo-m1-1".into(),
+            kind: Kind::Worker,
+            id: "demo-m1-1".into(),
+        };
+        let machine = recorder("");
+        machine.start(&launch).unwrap();
+        let scripts = machine.scripts.lock().unwrap().clone();
+        assert_eq!(scripts.len(), 2, "{scripts:?}");
+        assert!(scripts[0].contains("/etc/systemd/system/herd-worker@.service"));
+        assert!(scripts[0].contains("ExecStart=/opt/herd/t/link/worker-%i $HERD_ARGS"));
+        assert!(scripts[0].ends_with("systemctl daemon-reload"));
+        assert_eq!(
+            scripts[1],
+            "systemctl enable --now 'herd-worker@demo-m1-1.service'"
+        );
+
+        let machine = recorder("exited\n");
+        let stopped = machine
+            .stop(&launch, std::time::Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(stopped, Stopped::Exited);
+        let scripts = machine.scripts.lock().unwrap().clone();
+        let last = scripts.last().unwrap();
+        assert!(
+            last.contains("systemctl stop 'herd-worker@demo-m1-1.service'"),
+            "{last}"
+        );
+        assert!(
+            last.contains("systemctl disable 'herd-worker@demo-m1-1.service'"),
+            "{last}"
+        );
+        assert!(
+            last.contains("rm -f '/etc/systemd/system/herd-worker@.service'"),
+            "{last}"
+        );
+
+        assert!(recorder("active\n").alive(&launch).unwrap());
+        assert!(!recorder("failed\n").alive(&launch).unwrap());
+    }
 
     #[test]
     fn units_carry_the_restart_policy_drain_timeout_and_capabilities() {
