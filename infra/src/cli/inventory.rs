@@ -35,6 +35,7 @@ fn file_flag(state: &StateDirArgs) -> String {
 
 /// `herd up --inventory FILE`.
 pub(crate) fn up(args: &UpArgs) -> Result<u8, CliError> {
+    refuse_local_flags(args)?;
     let (inventory, state_root) = load(&args.state)?;
     let options = Options {
         state_root: state_root.clone(),
@@ -55,6 +56,29 @@ pub(crate) fn up(args: &UpArgs) -> Result<u8, CliError> {
         token = token_file.display(),
     ));
     Ok(EXIT_OK)
+}
+
+/// The flags of a local `herd up` say what the inventory says; given with `--inventory` they
+/// would be ignored, so they are refused (a value equal to the default can't be told apart and
+/// passes).
+fn refuse_local_flags(args: &UpArgs) -> Result<(), CliError> {
+    let defaults = <UpArgs as clap::FromArgMatches>::from_arg_matches(
+        &<UpArgs as clap::Args>::augment_args(clap::Command::new("up")).get_matches_from(["up"]),
+    )
+    .expect("the defaults parse");
+    let given = [
+        ("--workers", args.workers != defaults.workers),
+        ("--port", args.port != defaults.port),
+        ("--admin-port", args.admin_port != defaults.admin_port),
+        ("--redis-port", args.redis_port.is_some()),
+        ("--detach", args.detach),
+    ];
+    if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+        return Err(CliError::Usage(format!(
+            "{flag} does not go with --inventory: the inventory says what runs where (and `herd up --inventory` always returns once the cluster is up)"
+        )));
+    }
+    Ok(())
 }
 
 /// `herd down --inventory FILE`.
@@ -91,4 +115,36 @@ pub(crate) fn status(args: &StatusArgs) -> Result<u8, CliError> {
     } else {
         EXIT_FAILED
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+    use super::*;
+
+    fn up(args: &[&str]) -> UpArgs {
+        let all = ["herd", "up", "--inventory", "i.toml"].iter().chain(args);
+        match Cli::try_parse_from(all).unwrap().command {
+            Command::Up(up) => up,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn local_up_flags_are_refused_with_an_inventory() {
+        refuse_local_flags(&up(&[])).unwrap();
+        refuse_local_flags(&up(&["--state-dir", "/tmp/s"])).unwrap();
+        for flags in [
+            &["--workers", "5"][..],
+            &["--port", "0"],
+            &["--detach"],
+            &["--redis-port", "7"],
+        ] {
+            let error = refuse_local_flags(&up(flags)).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{flags:?}");
+            assert!(error.to_string().starts_with(flags[0]), "{error}");
+        }
+    }
 }
