@@ -711,3 +711,98 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
     // Unknown keys and bad values are only warnings: any line is a failure here.
     assert_eq!(stderr.trim(), "", "verify warned");
 }
+
+#[test]
+fn two_local_machines_on_loopback_run_a_gateway_pair_without_root() {
+    let _serial = serial();
+    let dir = herd_tests::temp_dir();
+    let name = unique_name("l");
+    // Fixed ports would clash with other tests: every listener gets a free one.
+    let port = || herd::ports::free_port().unwrap();
+    let text = format!(
+        r#"
+name = "{name}"
+[[machines]]
+name = "a"
+address = "127.0.0.1"
+transport = "local"
+[[machines]]
+name = "b"
+address = "127.0.0.2"
+transport = "local"
+[redis]
+machine = "a"
+port = {redis}
+[gateways]
+machines = ["a", "b"]
+preferred = "b"
+on_active = "echo active"
+port = {public}
+admin_port = {admin}
+peer_port = {peer}
+[[images]]
+name = "demo"
+total = 3
+port = {worker}
+machines = ["a", "b"]
+"#,
+        redis = port(),
+        public = port(),
+        admin = port(),
+        peer = port(),
+        worker = port(),
+    );
+    let file = dir.path().join("inventory.toml");
+    std::fs::write(&file, text).unwrap();
+    let state = dir.path().join("state");
+    let (file, state) = (file.to_str().unwrap(), state.to_str().unwrap());
+    let mut cleanup = Cleanup {
+        netns: None,
+        args: ["down", "--inventory", file, "--state-dir", state]
+            .map(String::from)
+            .to_vec(),
+        roots: vec![Path::new(state).join(format!("inventory-{name}"))],
+        pids: BTreeSet::new(),
+        prefix: format!("herdinv-{name}-"),
+    };
+    let up = herd(None, &["up", "--inventory", file, "--state-dir", state]);
+    cleanup.remember();
+    assert!(up.status.success(), "herd up failed");
+    let stdout = String::from_utf8_lossy(&up.stdout);
+    // The preferred gateway is active; with no floating address users reach its own address.
+    let url = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("http://127.0.0.2:"))
+        .unwrap_or_else(|| panic!("no URL on b: {stdout}"))
+        .to_string();
+    assert!(
+        stdout.contains("active gateway on b, 3 workers healthy"),
+        "{stdout}"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let machines: BTreeSet<String> = runtime.block_on(async {
+        let client = herd_tests::client();
+        let mut seen = BTreeSet::new();
+        for _ in 0..20 {
+            let response = client.get(format!("{url}/work?ms=1")).send().await.unwrap();
+            assert!(response.status().is_success());
+            seen.insert(
+                response.headers()["x-herd-machine"]
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        seen
+    });
+    assert_eq!(machines, BTreeSet::from(["a".to_string(), "b".to_string()]));
+    let pids = recorded_pids(&cleanup.roots[0]);
+    assert_eq!(pids.len(), 2 * 6, "redis, 3 workers, 2 gateways");
+    let down = herd(None, &["down", "--inventory", file, "--state-dir", state]);
+    assert!(down.status.success());
+    let left: Vec<_> = pids.iter().filter(|p| alive(**p)).collect();
+    assert!(left.is_empty(), "still running after down: {left:?}");
+}
