@@ -7,8 +7,9 @@
 //! `StartLimitIntervalSec` turning a crash loop into a failed unit that `systemctl status` and
 //! `herd status` report), gets `TimeoutStopSec` long enough for the drain, and writes stdout and
 //! stderr to the same files as herd's fallback supervisor. The gateway keeps only
-//! `CAP_NET_ADMIN` (to add and drop the floating address) and `CAP_NET_RAW` (gratuitous ARP);
-//! workers and Redis keep no capability.
+//! `CAP_NET_ADMIN` (to add and drop the floating address), `CAP_NET_RAW` (gratuitous ARP) and
+//! `CAP_NET_BIND_SERVICE` (a public port below 1024, e.g. 80); workers and Redis keep no
+//! capability.
 
 use super::{Launch, Machine, MachineError, Stopped, quote};
 use crate::inventory::Kind;
@@ -50,7 +51,7 @@ pub fn unit_file(kind: Kind, dir: &str, unit: &str) -> (String, String) {
             "herd gateway (one of the active / standby pair)",
             unit.to_string(),
             GATEWAY_STOP_SECS,
-            "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW\nCapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW\n",
+            "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE\nCapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE\n",
         ),
         Kind::Redis => (
             "herd-redis.service".into(),
@@ -237,7 +238,10 @@ mod tests {
         assert!(!worker.contains("CAP_NET_ADMIN"));
         let (file, gateway) = unit_file(Kind::Gateway, "/opt/herd/lab", "gateway-gw1");
         assert_eq!(file, "herd-gateway.service");
-        assert!(gateway.contains("AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW\n"));
+        assert!(
+            gateway
+                .contains("AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE\n")
+        );
         assert!(gateway.contains("ExecStart=/opt/herd/lab/link/gateway-gw1 $HERD_ARGS\n"));
         let launch = Launch {
             name: "worker-demo-m1-1".into(),
