@@ -227,7 +227,7 @@ fn the_six_host_netns_inventory_comes_up_serves_from_every_machine_and_goes_away
     let answers = requests_from(
         &format!("{prefix}client"),
         "http://10.211.0.10:8080/work?ms=1".into(),
-        30,
+        60,
     );
     let failed: Vec<_> = answers.iter().filter(|a| a.is_err()).collect();
     assert!(failed.is_empty(), "failed requests: {failed:?}");
@@ -786,7 +786,8 @@ machines = ["a", "b"]
     let machines: BTreeSet<String> = runtime.block_on(async {
         let client = herd_tests::client();
         let mut seen = BTreeSet::new();
-        for _ in 0..20 {
+        // New workers start with a small share (slow start): ask until both machines answered.
+        for _ in 0..200 {
             let response = client.get(format!("{url}/work?ms=1")).send().await.unwrap();
             assert!(response.status().is_success());
             seen.insert(
@@ -795,6 +796,9 @@ machines = ["a", "b"]
                     .unwrap()
                     .to_string(),
             );
+            if seen.len() == 2 {
+                break;
+            }
         }
         seen
     });

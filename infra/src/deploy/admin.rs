@@ -89,16 +89,23 @@ pub fn active<'a>(machines: &Machines, units: &'a [Unit]) -> Option<(String, &'a
         .map(|gateway| (gateway.machine.clone(), gateway))
 }
 
-/// Waits up to `timeout` until `gateway` answers on its admin API; the last error otherwise.
+/// Waits up to `timeout` until `gateway` answers on its admin API (with `role`, when given);
+/// the last error otherwise.
 pub fn wait_answers(
     machine: &dyn Machine,
     gateway: &Unit,
+    role: Option<&str>,
     timeout: Duration,
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         let last = match failover(machine, gateway) {
-            Ok(_) => return Ok(()),
+            Ok(seen) if role.is_none() || seen.role.as_deref() == role => return Ok(()),
+            Ok(seen) => format!(
+                "its role is {}, not {}",
+                seen.role.as_deref().unwrap_or("unknown"),
+                role.unwrap_or_default()
+            ),
             Err(error) => error,
         };
         if !machine.alive(&launch(gateway)).unwrap_or(true) {

@@ -298,12 +298,14 @@ pub fn up(
     }
     let workers: Vec<&Unit> = units.iter().filter(|u| u.kind == Kind::Worker).collect();
     say(format!("{} workers started", workers.len()));
-    for unit in units.iter().filter(|u| u.kind == Kind::Gateway) {
+    for (index, unit) in units.iter().filter(|u| u.kind == Kind::Gateway).enumerate() {
         let machine = deployment.machines.get(&unit.machine).expect("connected");
         machine.start(&launch(unit))?;
         deployment.started.push(unit.clone());
-        // The preferred gateway gets to be active before its peer starts.
-        admin::wait_answers(machine, unit, Duration::from_secs(20)).map_err(|last| {
+        // The preferred gateway (first) gets to be active before its peer starts: otherwise
+        // the peer could take the lease first and the pair start the wrong way round.
+        let role = (index == 0).then_some("active");
+        admin::wait_answers(machine, unit, role, Duration::from_secs(20)).map_err(|last| {
             DeployError::Unit {
                 what: format!(
                     "gateway {} did not answer on its admin API ({last})",
