@@ -717,8 +717,20 @@ fn two_local_machines_on_loopback_run_a_gateway_pair_without_root() {
     let _serial = serial();
     let dir = herd_tests::temp_dir();
     let name = unique_name("l");
-    // Fixed ports would clash with other tests: every listener gets a free one.
+    // Fixed ports would clash with other tests: every listener gets a free one; machine a's
+    // two workers take `worker` and `worker + 1`, so both must be free.
     let port = || herd::ports::free_port().unwrap();
+    let two_ports = || {
+        (0..100)
+            .find_map(|_| {
+                let first = port();
+                let next = first.checked_add(1)?;
+                std::net::TcpListener::bind(("127.0.0.1", next))
+                    .ok()
+                    .map(|_| first)
+            })
+            .expect("two free ports in a row")
+    };
     let text = format!(
         r#"
 name = "{name}"
@@ -750,7 +762,7 @@ machines = ["a", "b"]
         public = port(),
         admin = port(),
         peer = port(),
-        worker = port(),
+        worker = two_ports(),
     );
     let file = dir.path().join("inventory.toml");
     std::fs::write(&file, text).unwrap();

@@ -145,11 +145,12 @@ pub trait Machine: Send + Sync + std::fmt::Debug {
         }
     }
 
-    /// The last `lines` lines of unit `name`'s stderr (empty when unreadable).
+    /// The last `lines` lines of unit `name`'s stderr (empty when unreadable), after the first
+    /// panic message if there is one (a backtrace would push it out of the tail).
     fn log_tail(&self, name: &str, lines: usize) -> String {
+        let log = quote(&format!("{}/log/{name}.log", self.dir()));
         self.run(&format!(
-            "tail -n {lines} {} 2>/dev/null || true",
-            quote(&format!("{}/log/{name}.log", self.dir()))
+            "grep -m1 -A1 'panicked at' {log} 2>/dev/null; tail -n {lines} {log} 2>/dev/null || true"
         ))
         .unwrap_or_default()
     }
