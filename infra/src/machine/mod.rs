@@ -146,11 +146,11 @@ pub trait Machine: Send + Sync + std::fmt::Debug {
     }
 
     /// The last `lines` lines of unit `name`'s stderr (empty when unreadable), after the first
-    /// panic message if there is one (a backtrace would push it out of the tail).
+    /// panic or `main` error message if there is one (a backtrace would push it out of the tail).
     fn log_tail(&self, name: &str, lines: usize) -> String {
         let log = quote(&format!("{}/log/{name}.log", self.dir()));
         self.run(&format!(
-            "grep -m1 -A1 'panicked at' {log} 2>/dev/null; tail -n {lines} {log} 2>/dev/null || true"
+            "grep -m1 -A1 -e 'panicked at' -e '^Error: ' {log} 2>/dev/null; tail -n {lines} {log} 2>/dev/null || true"
         ))
         .unwrap_or_default()
     }
