@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # herd's whole test suite: installs what the tests need when it is missing (redis-server; and for
 # the multi-host tests iproute2, iputils-ping, and iputils' arping, which the gateways use for
-# gratuitous ARP; chromium for the dashboard test; prometheus for promtool), builds the binaries
-# the end-to-end tests start, and runs every test in the
+# gratuitous ARP; chromium for the dashboard test; prometheus for promtool; curl and openssl for
+# the TLS tests; for the inventory tests openssh-server and openssh-client (real sshd in netns
+# hosts), curl (herd asks the gateways' admin API from their machine) and systemd
+# (`systemd-analyze verify` of the units herd writes)), builds the binaries the end-to-end tests
+# start, and runs every test in the
 # workspace. Extra arguments go to `cargo test` (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,12 +22,17 @@ have wrk || missing+=(wrk)
 have haproxy || missing+=(haproxy)
 have nginx || missing+=(nginx)
 have h2load || missing+=(nghttp2-client)
-# The TLS tests drive real clients (gateway/tests/tls.rs).
+# The TLS tests drive real clients (gateway/tests/tls.rs); herd's inventory asks the gateways'
+# admin API with curl.
 have curl || missing+=(curl)
 have openssl || missing+=(openssl)
 # The dashboard test drives a real headless Chromium; promtool checks the alerting rules.
 have chromium || have chromium-browser || missing+=(chromium)
 have promtool || missing+=(prometheus)
+# The inventory tests run real sshd in netns hosts and verify the systemd units herd writes.
+have sshd || missing+=(openssh-server)
+have ssh || missing+=(openssh-client)
+have systemd-analyze || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && have apt-get; then
     echo "installing: ${missing[*]}"

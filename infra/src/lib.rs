@@ -3,11 +3,17 @@
 //! Layout:
 //! - [`bench`]: `herd bench proxy` (herd-gateway vs HAProxy vs nginx), `herd bench health` and
 //!   `herd bench soak`.
+//! - [`deploy`]: `herd up|down|status --inventory`: an inventory's processes placed, started
+//!   in order, waited for, stopped in order.
 //! - [`deps`]: make sure outside programs (redis-server, haproxy…) are installed, or say how.
 //! - [`binaries`]: find the `herd-gateway` and `herd-worker` executables.
+//! - [`inventory`]: the inventory file (machines, images, gateway pair, Redis), its checks and
+//!   where each process goes.
 //! - [`process`]: start a herd process, wait for its "listening" line, signal it, stop it.
 //! - [`redis_server`]: run a private `redis-server` on a free port.
 //! - [`lab`]: the gateway pair's multi-host lab (client, gw1, gw2, redis, worker machines).
+//! - [`machine`]: machines behind one trait (local, netns, ssh) and their supervisors (systemd
+//!   units, or herd's fallback supervisor).
 //! - [`load`]: a bounded request load that records what every request saw.
 //! - [`netns`]: several "machines" on one box (network namespaces on a bridge), with faults.
 //! - [`ports`]: pick free loopback ports.
@@ -21,9 +27,12 @@
 pub mod bench;
 pub mod binaries;
 pub mod cli;
+pub mod deploy;
 pub mod deps;
+pub mod inventory;
 pub mod lab;
 pub mod load;
+pub mod machine;
 pub mod netns;
 pub mod pid;
 pub mod ports;

@@ -82,6 +82,8 @@ pub struct Topology {
     bridge_netns: String,
     subnet: [u8; 3],
     hosts: Vec<Host>,
+    /// Set by [`Topology::keep`]: the namespaces outlive this handle.
+    kept: bool,
 }
 
 impl Topology {
@@ -94,10 +96,22 @@ impl Topology {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
+        Topology::create_named(&tag, subnet, hosts)
+    }
+
+    /// Like [`create`](Self::create), with namespace names `{tag}-{host}` and `{tag}-br`
+    /// chosen by the caller — for a topology that [`keep`](Self::keep) leaves in place and a
+    /// later process removes with [`remove_named`](Self::remove_named) (`herd down`).
+    pub fn create_named(
+        tag: &str,
+        subnet: [u8; 3],
+        hosts: &[HostSpec],
+    ) -> Result<Topology, NetnsError> {
         let mut topology = Topology {
             bridge_netns: format!("{tag}-br"),
             subnet,
             hosts: Vec::new(),
+            kept: false,
         };
         // From here on, a failure drops `topology`, which removes whatever was built.
         let br = topology.bridge_netns.clone();
@@ -180,21 +194,7 @@ impl Topology {
         Fut: std::future::Future<Output = T>,
         T: Send + 'static,
     {
-        let path = format!("/var/run/netns/{}", self.host(name)?.netns);
-        let thread = std::thread::spawn(move || -> Result<T, NetnsError> {
-            let namespace = std::fs::File::open(&path).map_err(NetnsError::Enter)?;
-            nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|errno| NetnsError::Enter(errno.into()))?;
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(NetnsError::Enter)?;
-            Ok(runtime.block_on(work()))
-        });
-        match thread.join() {
-            Ok(result) => result,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
+        run_in_netns(&self.host(name)?.netns, work)
     }
 
     /// Takes host `name`'s link down: to everyone else the machine is gone.
@@ -249,8 +249,74 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// Leaves every namespace in place when this handle goes (`herd up --inventory` returns
+    /// while the cluster runs on).
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+
+    /// Removes the namespaces of the topology `tag` with hosts `hosts` that exist; returns the
+    /// names removed.
+    pub fn remove_named(tag: &str, hosts: &[&str]) -> Result<Vec<String>, NetnsError> {
+        let existing = ip_output(&["netns", "list"])?;
+        let existing: Vec<&str> = existing
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .collect();
+        let mut removed = Vec::new();
+        let names = hosts
+            .iter()
+            .map(|host| format!("{tag}-{host}"))
+            .chain([format!("{tag}-br")]);
+        for name in names {
+            if existing.contains(&name.as_str()) {
+                ip(&["netns", "del", &name])?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Runs `work` inside network namespace `netns` (see [`Topology::run_in`]), for namespaces
+/// made elsewhere (`herd up --inventory`).
+pub fn run_in_netns<F, Fut, T>(netns: &str, work: F) -> Result<T, NetnsError>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let path = format!("/var/run/netns/{netns}");
+    let thread = std::thread::spawn(move || -> Result<T, NetnsError> {
+        let namespace = std::fs::File::open(&path).map_err(NetnsError::Enter)?;
+        nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|errno| NetnsError::Enter(errno.into()))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(NetnsError::Enter)?;
+        Ok(runtime.block_on(work()))
+    });
+    match thread.join() {
+        Ok(result) => result,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Whether network namespace `name` exists.
+pub fn exists(name: &str) -> bool {
+    ip_output(&["netns", "list"])
+        .unwrap_or_default()
+        .lines()
+        .any(|line| line.split_whitespace().next() == Some(name))
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         // Deleting a namespace deletes its interfaces; the veth pairs go with either end.
         for host in &self.hosts {
             let _ = ip(&["netns", "del", &host.netns]);

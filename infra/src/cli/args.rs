@@ -32,7 +32,7 @@ pub enum Command {
     Up(UpArgs),
     /// Show whether every process of the cluster runs and answers; exit 0 all healthy, 1 some
     /// down, 3 no cluster.
-    Status(StateDirArgs),
+    Status(StatusArgs),
     /// Stop a cluster started with `herd up` (gateway, workers, Redis, in that order).
     Down(StateDirArgs),
     /// Multi-host experiments in network namespaces on this machine (needs root).
@@ -302,9 +302,24 @@ pub struct FailoverCompareArgs {
     pub log_dir: Option<PathBuf>,
 }
 
+/// Flags of `herd status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of the table (with --inventory).
+    #[arg(long)]
+    pub json: bool,
+    /// Where the cluster's state lives.
+    #[command(flatten)]
+    pub state: StateDirArgs,
+}
+
 /// Where a cluster's state lives.
 #[derive(Debug, Clone, Args)]
 pub struct StateDirArgs {
+    /// Run on the machines of this inventory file instead of this machine alone (format:
+    /// infra/README.md, examples in infra/examples/).
+    #[arg(long, value_name = "FILE")]
+    pub inventory: Option<PathBuf>,
     /// State directory: state file, admin token, logs, Redis data.
     #[arg(
         long,
@@ -559,7 +574,14 @@ mod tests {
     #[test]
     fn status_and_down_take_a_state_dir() {
         let cli = parse(&["status", "--state-dir", "/tmp/s"]).unwrap();
-        assert!(matches!(cli.command, Command::Status(s) if s.state_dir == Path::new("/tmp/s")));
+        assert!(
+            matches!(cli.command, Command::Status(s) if s.state.state_dir == Path::new("/tmp/s"))
+        );
+        let cli = parse(&["status", "--inventory", "i.toml", "--json"]).unwrap();
+        assert!(matches!(cli.command, Command::Status(s)
+            if s.json && s.state.inventory.as_deref() == Some(Path::new("i.toml"))));
+        let cli = parse(&["up", "--inventory", "i.toml"]).unwrap();
+        assert!(matches!(cli.command, Command::Up(u) if u.state.inventory.is_some()));
         let cli = parse(&["down", "--log-format", "json"]).unwrap();
         assert!(matches!(cli.command, Command::Down(_)));
         assert_eq!(cli.log_format, LogFormat::Json);

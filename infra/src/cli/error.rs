@@ -83,6 +83,9 @@ pub enum CliError {
     /// A benchmark failed or was interrupted.
     #[error("bench: {0}")]
     Bench(#[from] BenchError),
+    /// `herd up|down|status --inventory` failed on the machines.
+    #[error(transparent)]
+    Deploy(#[from] crate::deploy::DeployError),
     /// Some processes could not be stopped, not even with SIGKILL.
     #[error("could not stop {0}; the state file is kept so that `herd down` can try again")]
     Survivors(String),

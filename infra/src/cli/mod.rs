@@ -4,6 +4,7 @@
 //! Layout:
 //! - `args`: commands and flags (clap derive) and the checks clap can't do;
 //! - `up`, `status`, `down`, `lab`, `bench`: one module per command;
+//! - `inventory`: `up`, `down` and `status` with `--inventory FILE` (several machines);
 //! - `cluster`: the processes `herd up` holds (start in order, wait ready, stop in order);
 //! - `signals`: Ctrl-C / SIGTERM for the foreground `herd up`;
 //! - `token`: the gateway's admin token;
@@ -17,6 +18,7 @@ mod bench;
 mod cluster;
 mod down;
 mod error;
+mod inventory;
 mod lab;
 mod signals;
 mod status;
@@ -25,7 +27,7 @@ mod up;
 
 pub use args::{
     BenchCommand, BenchHealthArgs, BenchOutputArgs, BenchProxyArgs, BenchSoakArgs, Cli, Command,
-    FailoverCompareArgs, LabCommand, MAX_WORKERS, StateDirArgs, UpArgs,
+    FailoverCompareArgs, LabCommand, MAX_WORKERS, StateDirArgs, StatusArgs, UpArgs,
 };
 pub use error::{CliError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE};
 
@@ -35,8 +37,11 @@ use crate::state::State;
 /// [`CliError::exit_code`]).
 pub fn run(cli: &Cli) -> Result<u8, CliError> {
     match &cli.command {
+        Command::Up(args) if args.state.inventory.is_some() => inventory::up(args),
         Command::Up(args) => up::run(args),
-        Command::Status(args) => status::run(args),
+        Command::Status(args) if args.state.inventory.is_some() => inventory::status(args),
+        Command::Status(args) => status::run(&args.state),
+        Command::Down(args) if args.inventory.is_some() => inventory::down(args),
         Command::Down(args) => down::run(args),
         Command::Lab(LabCommand::FailoverCompare(args)) => lab::failover_compare(args),
         Command::Bench(BenchCommand::Proxy(args)) => bench::proxy(args),
