@@ -3,6 +3,7 @@
 //! Layout:
 //! - [`bench`]: `herd bench proxy` (herd-gateway vs HAProxy vs nginx), `herd bench health` and
 //!   `herd bench soak`.
+//! - [`drill`]: `herd drill`, failover drills under load with a verdict.
 //! - [`deps`]: make sure outside programs (redis-server, haproxy…) are installed, or say how.
 //! - [`binaries`]: find the `herd-gateway` and `herd-worker` executables.
 //! - [`process`]: start a herd process, wait for its "listening" line, signal it, stop it.
@@ -22,6 +23,7 @@ pub mod bench;
 pub mod binaries;
 pub mod cli;
 pub mod deps;
+pub mod drill;
 pub mod lab;
 pub mod load;
 pub mod netns;
