@@ -41,6 +41,11 @@ const UNDO_AT: f64 = 0.6;
 /// How long a drained worker gets to exit after SIGTERM before it is killed (and the drill
 /// fails): the worker's own drain takes ~2.5 s when nothing arrives.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// Slow requests sent just before a worker is killed, so that it dies with requests in flight
+/// (spread over the workers, a few land on the victim).
+const SLOW_BURST: u32 = 12;
+/// How long before the kill they are sent (well inside their 400 ms).
+const SLOW_LEAD: Duration = Duration::from_millis(150);
 /// How long the cluster gets to be healthy again (before and after a drill).
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -339,6 +344,12 @@ pub fn run(
         Ok(())
     };
 
+    wait(fault_at.saturating_sub(SLOW_LEAD), "load running, fault next")?;
+    if kind == Kind::WorkerKill {
+        counters
+            .slow_wanted
+            .store(SLOW_BURST, Ordering::SeqCst);
+    }
     wait(fault_at, "load running, fault next")?;
     let fault_time = origin.elapsed();
     let (fault, faulted_gateway, undo_mid, added) =

@@ -33,13 +33,16 @@ pub enum Op {
     GetWork,
     /// `POST /cart/items` (a session write; not idempotent, so never retried by the gateway).
     AddItem,
+    /// `GET /work?ms=400`: a slow idempotent request, sent in a burst just before a worker is
+    /// killed so that the kill catches requests in flight, as a crash under real load does.
+    GetSlow,
 }
 
 impl Op {
     /// The HTTP method.
     pub fn method(self) -> &'static str {
         match self {
-            Op::GetCart | Op::GetWork => "GET",
+            Op::GetCart | Op::GetWork | Op::GetSlow => "GET",
             Op::AddItem => "POST",
         }
     }
@@ -119,9 +122,11 @@ pub struct User {
     busy: AtomicBool,
 }
 
-/// Live counters for the progress line.
+/// Live counters for the progress line, and the drill's request for a burst of slow requests.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Slow requests ([`Op::GetSlow`]) the load should send at once.
+    pub slow_wanted: std::sync::atomic::AtomicU32,
     /// Requests finished.
     pub done: AtomicU64,
     /// Of which failed.
@@ -265,6 +270,19 @@ pub async fn run_load(
         if sent_at >= plan.duration || stop.load(Ordering::SeqCst) {
             break;
         }
+        for _ in 0..counters.slow_wanted.swap(0, Ordering::SeqCst) {
+            let (client, users, counters) =
+                (client.clone(), Arc::clone(&users), Arc::clone(&counters));
+            let target = plan.target;
+            tasks.spawn(async move {
+                let sample = send(&client, target, Op::GetSlow, &users[0], 0, origin).await;
+                counters.done.fetch_add(1, Ordering::Relaxed);
+                if sample.failure.is_some() {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                sample
+            });
+        }
         let user_index = ((n / 4) as usize) % users.len().max(1);
         let mut op = match n % 4 {
             0 => Op::AddItem,
@@ -314,6 +332,7 @@ async fn send(
             .get(format!("http://{target}/cart"))
             .header("cookie", &user.cookie),
         Op::GetWork => client.get(format!("http://{target}/work?ms=1")),
+        Op::GetSlow => client.get(format!("http://{target}/work?ms=400")),
         Op::AddItem => client
             .post(format!("http://{target}/cart/items"))
             .header("cookie", &user.cookie)
