@@ -249,7 +249,7 @@ fn every_drill_passes_on_the_netns_lab() {
 }
 
 #[test]
-fn retries_off_fail_worker_kill_on_the_lab() {
+fn retries_and_hedging_off_fail_worker_kill_on_the_lab() {
     if !herd::deps::is_root() {
         eprintln!("skipped: the lab needs root (network namespaces)");
         return;
@@ -262,6 +262,9 @@ fn retries_off_fail_worker_kill_on_the_lab() {
         DURATION,
         "--lab-gateway-env",
         "HERD_GATEWAY_RETRY__MAX_ATTEMPTS=1",
+        // A hedge is a retry too (it answered for the killed worker's requests otherwise).
+        "--lab-gateway-env",
+        "HERD_GATEWAY_HEDGING__ENABLED=false",
     ]);
     assert_fail("worker-kill", &result, "idempotent requests failed");
 }

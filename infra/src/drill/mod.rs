@@ -565,10 +565,12 @@ fn inject(
             let gw = active_name()?;
             cluster.signal_gateway(&gw.name, Signal::SIGTERM)?;
             guard.pending.push(Undo::RestartGateway(gw.name.clone()));
+            // Started again only after the load: its graceful stop (hand-over, linger, drain
+            // of its connections) takes seconds, and a restart kills what is left of it.
             (
-                format!("SIGTERM active gateway {}, then start it again", gw.name),
+                format!("SIGTERM active gateway {}; started again after the load", gw.name),
                 Some(gw.name),
-                true,
+                false,
             )
         }
         Kind::RedisRestart => {
