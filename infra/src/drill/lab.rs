@@ -7,7 +7,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use serde_json::Value;
 
 use super::target::{ClusterHandle, GatewayInfo, Stopped, TargetError, WorkerInfo};
 use crate::lab::{ADMIN_PORT, GATEWAYS, Lab, LabError, LabOptions};
@@ -201,13 +200,14 @@ impl ClusterHandle for LabCluster {
         Ok(stopped)
     }
 
-    fn all_healthy(&mut self) -> bool {
+    fn all_healthy(&mut self) -> Result<(), String> {
         let holders = self.lab.address_holders();
         let [active] = holders.as_slice() else {
-            return false;
+            return Err(format!("floating address held by {holders:?}"));
         };
-        self.admin_get(active, "/readyz")
-            .and_then(|body| serde_json::from_str::<Value>(&body).ok())
-            .is_some_and(|r| r["ready"] == true && r["healthy"] == r["workers"])
+        let body = self
+            .admin_get(active, "/readyz")
+            .ok_or_else(|| format!("{active}'s /readyz did not answer 200"))?;
+        super::local::healthy(&body)
     }
 }

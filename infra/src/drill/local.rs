@@ -398,7 +398,7 @@ impl ClusterHandle for LocalCluster {
         Ok(stopped)
     }
 
-    fn all_healthy(&mut self) -> bool {
+    fn all_healthy(&mut self) -> Result<(), String> {
         let Some(admin) = self
             .state
             .members
@@ -406,12 +406,23 @@ impl ClusterHandle for LocalCluster {
             .filter(|m| m.kind == Kind::Gateway)
             .find_map(|m| m.admin_addr)
         else {
-            return false;
+            return Err("no gateway admin address in the state file".into());
         };
-        let ready: Option<Value> =
-            get(format!("http://{admin}/readyz")).and_then(|body| serde_json::from_str(&body).ok());
-        ready.is_some_and(|r| {
-            r["ready"] == true && r["healthy"].as_u64().is_some() && r["healthy"] == r["workers"]
-        })
+        let body = get(format!("http://{admin}/readyz"))
+            .ok_or_else(|| format!("the gateway's /readyz on {admin} did not answer 200"))?;
+        healthy(&body)
+    }
+}
+
+/// Whether a gateway's `/readyz` body says every worker it knows is healthy.
+pub(super) fn healthy(body: &str) -> Result<(), String> {
+    let ready: Value = serde_json::from_str(body).map_err(|e| format!("/readyz: {e}"))?;
+    if ready["ready"] == true
+        && ready["healthy"].as_u64().is_some()
+        && ready["healthy"] == ready["workers"]
+    {
+        Ok(())
+    } else {
+        Err(format!("/readyz said {body}"))
     }
 }

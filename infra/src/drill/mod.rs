@@ -276,9 +276,9 @@ pub fn run(
     }
     let bar = progress_bar(kind);
     bar.set_message("waiting until every worker is healthy");
-    if !wait_healthy(cluster, SETTLE_TIMEOUT) {
+    if let Err(last) = wait_healthy(cluster, SETTLE_TIMEOUT) {
         return Err(DrillError::Setup(format!(
-            "the cluster is not healthy (the active gateway does not see every worker healthy after {} s); fix that before drilling",
+            "the cluster is not healthy (the active gateway does not see every worker healthy after {} s; {last}); fix that before drilling",
             SETTLE_TIMEOUT.as_secs()
         )));
     }
@@ -344,11 +344,12 @@ pub fn run(
         Ok(())
     };
 
-    wait(fault_at.saturating_sub(SLOW_LEAD), "load running, fault next")?;
+    wait(
+        fault_at.saturating_sub(SLOW_LEAD),
+        "load running, fault next",
+    )?;
     if kind == Kind::WorkerKill {
-        counters
-            .slow_wanted
-            .store(SLOW_BURST, Ordering::SeqCst);
+        counters.slow_wanted.store(SLOW_BURST, Ordering::SeqCst);
     }
     wait(fault_at, "load running, fault next")?;
     let fault_time = origin.elapsed();
@@ -399,9 +400,9 @@ pub fn run(
     }
     drop(guard);
     bar.set_message("waiting until every worker is healthy again");
-    if !wait_healthy(cluster, SETTLE_TIMEOUT) {
+    if let Err(last) = wait_healthy(cluster, SETTLE_TIMEOUT) {
         extra_failures.push(format!(
-            "the cluster was not healthy again {} s after the fault was undone",
+            "the cluster was not healthy again {} s after the fault was undone ({last})",
             SETTLE_TIMEOUT.as_secs()
         ));
     }
@@ -568,7 +569,10 @@ fn inject(
             // Started again only after the load: its graceful stop (hand-over, linger, drain
             // of its connections) takes seconds, and a restart kills what is left of it.
             (
-                format!("SIGTERM active gateway {}; started again after the load", gw.name),
+                format!(
+                    "SIGTERM active gateway {}; started again after the load",
+                    gw.name
+                ),
                 Some(gw.name),
                 false,
             )
@@ -610,15 +614,16 @@ fn inject(
     Ok((fault, gateway, mid, side))
 }
 
-/// Waits (bounded) until the active gateway sees every worker healthy.
-fn wait_healthy(cluster: &mut dyn ClusterHandle, timeout: Duration) -> bool {
+/// Waits (bounded) until the active gateway sees every worker healthy; else what it said last.
+fn wait_healthy(cluster: &mut dyn ClusterHandle, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
-        if cluster.all_healthy() {
-            return true;
-        }
+        let last = match cluster.all_healthy() {
+            Ok(()) => return Ok(()),
+            Err(last) => last,
+        };
         if Instant::now() > deadline || interrupted() {
-            return false;
+            return Err(last);
         }
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -97,6 +97,7 @@ pub trait ClusterHandle {
     /// Removes a worker [`add_worker`](Self::add_worker) started (drained like
     /// [`drain_worker`](Self::drain_worker)) and forgets it.
     fn remove_added_worker(&mut self, id: &str, grace: Duration) -> Result<Stopped, TargetError>;
-    /// Whether the active gateway sees every worker it knows healthy (its `/readyz`).
-    fn all_healthy(&mut self) -> bool;
+    /// Whether the active gateway sees every worker it knows healthy (its `/readyz`); when
+    /// not, what it said instead.
+    fn all_healthy(&mut self) -> Result<(), String>;
 }
