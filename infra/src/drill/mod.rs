@@ -46,6 +46,9 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 const SLOW_BURST: u32 = 12;
 /// How long before the kill they are sent (well inside their 400 ms).
 const SLOW_LEAD: Duration = Duration::from_millis(150);
+/// Requests sent through the public address per health poll while waiting for the cluster to
+/// be healthy.
+const NUDGE_REQUESTS: usize = 8;
 /// How long the cluster gets to be healthy again (before and after a drill).
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -615,8 +618,12 @@ fn inject(
 }
 
 /// Waits (bounded) until the active gateway sees every worker healthy; else what it said last.
+/// Meanwhile a trickle of requests goes through the public address: a worker the gateway ejected
+/// comes back through a probe request, which only real traffic brings (after the load has ended
+/// there would be none, and the worker would wait for it indefinitely).
 fn wait_healthy(cluster: &mut dyn ClusterHandle, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
+    let (target, netns) = (cluster.public_addr(), cluster.client_netns());
     loop {
         let last = match cluster.all_healthy() {
             Ok(()) => return Ok(()),
@@ -625,6 +632,9 @@ fn wait_healthy(cluster: &mut dyn ClusterHandle, timeout: Duration) -> Result<()
         if Instant::now() > deadline || interrupted() {
             return Err(last);
         }
+        let _ = traffic::run_in(netns.clone(), move || {
+            traffic::trickle(target, NUDGE_REQUESTS)
+        });
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -386,6 +386,17 @@ fn classify(error: &reqwest::Error) -> Failure {
     }
 }
 
+/// Sends `count` quick `GET /work?ms=0` to `target`, one after the other, ignoring the answers.
+pub async fn trickle(target: SocketAddr, count: usize) {
+    let client = client(Duration::from_secs(1));
+    for _ in 0..count {
+        let _ = client
+            .get(format!("http://{target}/work?ms=0"))
+            .send()
+            .await;
+    }
+}
+
 /// Reads every user's cart and counts the acknowledged writes that are missing.
 pub async fn check_sessions(target: SocketAddr, users: Arc<Vec<User>>) -> SessionCheck {
     let client = client(Duration::from_secs(5));
