@@ -5,6 +5,7 @@
 //!   `herd bench soak`.
 //! - [`deploy`]: `herd up|down|status --inventory`: an inventory's processes placed, started
 //!   in order, waited for, stopped in order.
+//! - [`drill`]: `herd drill`, failover drills under load with a verdict.
 //! - [`deps`]: make sure outside programs (redis-server, haproxy…) are installed, or say how.
 //! - [`binaries`]: find the `herd-gateway` and `herd-worker` executables.
 //! - [`inventory`]: the inventory file (machines, images, gateway pair, Redis), its checks and
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod deploy;
 pub mod deps;
 pub mod inventory;
+pub mod drill;
 pub mod lab;
 pub mod load;
 pub mod machine;

@@ -18,6 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::SentinelConfig;
 
+/// First pause before asking the pool again for a connection Redis refused.
+const RECONNECT_PAUSE_MIN: Duration = Duration::from_millis(10);
+/// Longest pause between those attempts (the call's timeout bounds them all).
+const RECONNECT_PAUSE_MAX: Duration = Duration::from_millis(100);
+
 /// A shared, swappable Redis pool.
 #[derive(Clone)]
 pub struct RedisLink {
@@ -50,21 +55,40 @@ impl RedisLink {
     /// Runs one script invocation on a pooled connection of the current master, within
     /// `timeout` (pool wait included). The error is a short text: callers wrap it in their own
     /// "Redis unavailable" error.
+    ///
+    /// When no connection can be had (Redis refuses, e.g. while it restarts), it tries again
+    /// after a short pause until `timeout`: nothing was sent, so trying again is safe, and a
+    /// restart (~100 ms, `herd drill redis-restart`) then costs users a slower request instead
+    /// of a 503. A failure after the script was sent is returned at once: it may have run.
     pub async fn invoke<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
         timeout: std::time::Duration,
     ) -> Result<T, String> {
+        let mut last = String::new();
         let work = async {
-            let mut connection = self.pool().get().await.map_err(|e| e.to_string())?;
-            invocation
-                .invoke_async::<T>(&mut connection)
-                .await
-                .map_err(|e| e.to_string())
+            let mut pause = RECONNECT_PAUSE_MIN;
+            loop {
+                match self.pool().get().await {
+                    Ok(mut connection) => {
+                        return invocation
+                            .invoke_async::<T>(&mut connection)
+                            .await
+                            .map_err(|e| e.to_string());
+                    }
+                    Err(error) => {
+                        last = error.to_string();
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
+                    }
+                }
+            }
         };
-        tokio::time::timeout(timeout, work)
-            .await
-            .unwrap_or_else(|_| Err("redis call timed out".into()))
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => result,
+            Err(_) if last.is_empty() => Err("redis call timed out".into()),
+            Err(_) => Err(format!("redis unreachable: {last}")),
+        }
     }
 
     /// The current pool (a cheap handle).

@@ -42,6 +42,80 @@ pub enum Command {
     /// cost of health-checking many workers.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Inject a fault under load (a worker or gateway killed, hung or cut off, Redis restarted,
+    /// workers added or drained), undo it, check every session, and judge: PASS (exit 0) or
+    /// FAIL (exit 1) against the targets of docs/drills.md.
+    Drill(DrillArgs),
+}
+
+/// Longest load `herd drill` runs per drill.
+const MAX_DRILL_DURATION: Duration = Duration::from_secs(600);
+
+/// Flags of `herd drill`.
+#[derive(Debug, Clone, Args)]
+pub struct DrillArgs {
+    /// Which drill (`all`: every one in turn, one summary).
+    #[arg(value_enum)]
+    pub kind: crate::drill::Kind,
+    /// Load length per drill (the fault comes at 30 %, is undone at 60 %); 2 s – 10 min.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub duration: Duration,
+    /// Requests per second through the public address (a quarter are cart writes).
+    #[arg(long, default_value_t = 100, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=5000))]
+    pub rate: u32,
+    /// Users logged in before the fault; every one's cart is checked afterwards.
+    #[arg(long, default_value_t = 20, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub users: u32,
+    /// Print the report as one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the report as Markdown to this file.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Build the netns lab (client, gw1, gw2, redis, m1, m2; needs root), drill it, remove it,
+    /// instead of drilling the local cluster of --state-dir.
+    #[arg(long)]
+    pub lab: bool,
+    /// Extra environment for the lab's gateways, KEY=VALUE, repeatable (e.g.
+    /// HERD_GATEWAY_RETRY__MAX_ATTEMPTS=1 to watch worker-kill fail). Only with --lab.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub lab_gateway_env: Vec<String>,
+    /// Keep the lab's logs here (default: a temporary directory, removed afterwards).
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
+    /// The local cluster to drill (without --lab).
+    #[command(flatten)]
+    pub state: StateDirArgs,
+}
+
+impl DrillArgs {
+    /// Checks what clap can't; returns the lab's extra gateway environment.
+    pub fn validate(&self) -> Result<Vec<(String, String)>, CliError> {
+        if self.duration < Duration::from_secs(2) || self.duration > MAX_DRILL_DURATION {
+            return Err(CliError::Usage(format!(
+                "--duration must be between 2s and {}",
+                humantime::format_duration(MAX_DRILL_DURATION)
+            )));
+        }
+        if !self.lab && (!self.lab_gateway_env.is_empty() || self.log_dir.is_some()) {
+            return Err(CliError::Usage(
+                "--lab-gateway-env and --log-dir need --lab".into(),
+            ));
+        }
+        self.lab_gateway_env
+            .iter()
+            .map(|pair| match pair.split_once('=') {
+                Some((key, value)) if key.starts_with("HERD_GATEWAY_") => {
+                    Ok((key.to_string(), value.to_string()))
+                }
+                _ => Err(CliError::Usage(format!(
+                    "--lab-gateway-env {pair}: expected HERD_GATEWAY_…=VALUE"
+                ))),
+            })
+            .collect()
+    }
 }
 
 /// `herd bench …`.

@@ -86,6 +86,12 @@ pub enum CliError {
     /// `herd up|down|status --inventory` failed on the machines.
     #[error(transparent)]
     Deploy(#[from] crate::deploy::DeployError),
+    /// A drill could not start (no cluster, lab not built…).
+    #[error("drill: {0}")]
+    Drill(String),
+    /// Ctrl-C or SIGTERM ended a drill; its fault was undone.
+    #[error("drill interrupted; the fault was undone and the cluster left as it was")]
+    DrillInterrupted,
     /// Some processes could not be stopped, not even with SIGKILL.
     #[error("could not stop {0}; the state file is kept so that `herd down` can try again")]
     Survivors(String),
@@ -116,7 +122,9 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => EXIT_USAGE,
-            CliError::Interrupted(_) | CliError::Bench(BenchError::Interrupted) => EXIT_INTERRUPTED,
+            CliError::Interrupted(_)
+            | CliError::DrillInterrupted
+            | CliError::Bench(BenchError::Interrupted) => EXIT_INTERRUPTED,
             CliError::Bench(BenchError::Usage(_)) => EXIT_USAGE,
             _ => EXIT_FAILED,
         }

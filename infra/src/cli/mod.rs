@@ -3,7 +3,7 @@
 //!
 //! Layout:
 //! - `args`: commands and flags (clap derive) and the checks clap can't do;
-//! - `up`, `status`, `down`, `lab`, `bench`: one module per command;
+//! - `up`, `status`, `down`, `lab`, `bench`, `drill`: one module per command;
 //! - `inventory`: `up`, `down` and `status` with `--inventory FILE` (several machines);
 //! - `cluster`: the processes `herd up` holds (start in order, wait ready, stop in order);
 //! - `signals`: Ctrl-C / SIGTERM for the foreground `herd up`;
@@ -17,6 +17,7 @@ mod args;
 mod bench;
 mod cluster;
 mod down;
+mod drill;
 mod error;
 mod inventory;
 mod lab;
@@ -27,7 +28,7 @@ mod up;
 
 pub use args::{
     BenchCommand, BenchHealthArgs, BenchOutputArgs, BenchProxyArgs, BenchSoakArgs, Cli, Command,
-    FailoverCompareArgs, LabCommand, MAX_WORKERS, StateDirArgs, StatusArgs, UpArgs,
+    DrillArgs, FailoverCompareArgs, LabCommand, MAX_WORKERS, StateDirArgs, StatusArgs, UpArgs,
 };
 pub use error::{CliError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE};
 
@@ -47,6 +48,7 @@ pub fn run(cli: &Cli) -> Result<u8, CliError> {
         Command::Bench(BenchCommand::Proxy(args)) => bench::proxy(args),
         Command::Bench(BenchCommand::Health(args)) => bench::health(args),
         Command::Bench(BenchCommand::Soak(args)) => bench::soak(args),
+        Command::Drill(args) => drill::run(args),
     }
 }
 

@@ -124,6 +124,8 @@ pub struct Lab {
     /// Per gateway host: the proxy first (herd-gateway or haproxy), then keepalived if any.
     gateways: [Vec<Process>; 2],
     workers: Vec<Process>,
+    /// How each worker was started (same index as `workers`), to start it again.
+    worker_specs: Vec<Spec>,
     redis: RedisServer,
     topology: Topology,
     options: LabOptions,
@@ -159,26 +161,19 @@ impl Lab {
         )?;
         let worker_program = binaries::locate(binaries::WORKER)?;
         let mut workers = Vec::new();
+        let mut worker_specs = Vec::new();
         for machine in 1..=options.machines {
             let host = topology.host(&format!("m{machine}"))?.clone();
             for n in 0..options.workers_per_machine {
-                let port = FIRST_WORKER_PORT + n as u16;
-                let id = format!("m{machine}-w{}", n + 1);
-                let spec = Spec::new(format!("worker-{id}"), &worker_program, log_dir)
-                    .env("HERD_WORKER_ID", &id)
-                    .env("HERD_WORKER_MACHINE", &host.name)
-                    .env("HERD_WORKER_LISTEN", format!("{}:{port}", host.addr))
-                    .env("HERD_WORKER_REDIS__URL", redis.url())
-                    .env("HERD_LOG", "info")
-                    .arg("--log-format")
-                    .arg("json")
-                    .in_netns(&host.netns);
+                let spec = worker_spec(&worker_program, &host, n + 1, &redis.url(), log_dir);
                 workers.push(Process::spawn_and_wait(&spec, &["public"], START_TIMEOUT)?);
+                worker_specs.push(spec);
             }
         }
         let mut lab = Lab {
             gateways: [Vec::new(), Vec::new()],
             workers,
+            worker_specs,
             redis,
             topology,
             options,
@@ -327,6 +322,62 @@ impl Lab {
         Ok(vec![proxy, vrrp])
     }
 
+    /// Starts worker `index` again (same id, machine and address), e.g. after it was killed;
+    /// the old process is killed first if it still runs.
+    pub fn restart_worker(&mut self, index: usize) -> Result<(), LabError> {
+        self.workers[index].kill();
+        let spec = self.worker_specs[index].clone();
+        self.workers[index] = Process::spawn_and_wait(&spec, &["public"], START_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// Starts one more worker on machine `machine` (`m1`, …) on the next free worker port; it
+    /// joins through the Redis registry. Returns its index.
+    pub fn add_worker(&mut self, machine: &str) -> Result<usize, LabError> {
+        let host = self.topology.host(machine)?.clone();
+        let on_machine = self
+            .worker_specs
+            .iter()
+            .filter(|spec| {
+                spec.env
+                    .iter()
+                    .any(|(k, v)| k == "HERD_WORKER_MACHINE" && *v == host.name)
+            })
+            .count();
+        let program = binaries::locate(binaries::WORKER)?;
+        let spec = worker_spec(
+            &program,
+            &host,
+            on_machine + 1,
+            &self.redis.url(),
+            &self.log_dir,
+        );
+        self.workers
+            .push(Process::spawn_and_wait(&spec, &["public"], START_TIMEOUT)?);
+        self.worker_specs.push(spec);
+        Ok(self.workers.len() - 1)
+    }
+
+    /// Forgets worker `index` (killed if it still runs): undoes [`add_worker`](Self::add_worker).
+    pub fn forget_worker(&mut self, index: usize) {
+        let mut process = self.workers.remove(index);
+        process.kill();
+        self.worker_specs.remove(index);
+    }
+
+    /// Worker `index`'s id (`m1-w1`) and machine (`m1`).
+    pub fn worker_identity(&self, index: usize) -> (String, String) {
+        let value = |key: &str| {
+            self.worker_specs[index]
+                .env
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        (value("HERD_WORKER_ID"), value("HERD_WORKER_MACHINE"))
+    }
+
     /// Sends `signal` to gateway `index` (kill -9 is `SIGKILL`); its handle stays, so this needs
     /// only a shared borrow — a test can inject it while other threads probe.
     pub fn signal_gateway(&self, index: usize, signal: nix::sys::signal::Signal) {
@@ -371,6 +422,27 @@ impl Lab {
             })
             .collect()
     }
+}
+
+/// Worker number `n` of machine `host`: id `{machine}-w{n}`, port `8080 + n`.
+fn worker_spec(
+    program: &Path,
+    host: &crate::netns::Host,
+    n: usize,
+    redis_url: &str,
+    log_dir: &Path,
+) -> Spec {
+    let port = FIRST_WORKER_PORT + (n - 1) as u16;
+    let id = format!("{}-w{n}", host.name);
+    Spec::new(format!("worker-{id}"), program, log_dir)
+        .env("HERD_WORKER_ID", &id)
+        .env("HERD_WORKER_MACHINE", &host.name)
+        .env("HERD_WORKER_LISTEN", format!("{}:{port}", host.addr))
+        .env("HERD_WORKER_REDIS__URL", redis_url)
+        .env("HERD_LOG", "info")
+        .arg("--log-format")
+        .arg("json")
+        .in_netns(&host.netns)
 }
 
 fn write(path: &Path, text: &str) -> Result<(), LabError> {

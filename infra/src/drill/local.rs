@@ -1,0 +1,428 @@
+//! [`ClusterHandle`] for the local cluster of `herd up`, known from its state file alone.
+//!
+//! `herd up` does not restart what dies, so the drill brings back what it took down itself: it
+//! records how each process was started (its command line and environment, from `/proc`) before
+//! any fault, and starts a killed worker, a stopped gateway or Redis again exactly so — a worker
+//! on the address the gateway knows it by. Every process it starts is detached (it outlives the
+//! drill, like the rest of the cluster) and written into the state file, so `herd status` and
+//! `herd down` see it. Scaling starts or drains extra workers that join through the Redis
+//! registry, which the gateway follows; `herd scale` can take this job over later.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use super::target::{ClusterHandle, GatewayInfo, Stopped, TargetError, WorkerInfo};
+use crate::pid::{self, ProcessId};
+use crate::process::{self, Process, Spec};
+use crate::redis_server::RedisServer;
+use crate::state::{Kind, Member, State, StateDir};
+
+/// How long a restarted process gets to listen again.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long Redis gets to write its data and exit after SIGTERM.
+const REDIS_GRACE: Duration = Duration::from_secs(10);
+/// The gateway's default whole-request timeout (`timeouts.request`).
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How a process was started: enough to start it again.
+#[derive(Debug, Clone)]
+struct Launch {
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Launch {
+    /// Reads `/proc/{pid}/cmdline` and `/proc/{pid}/environ`.
+    fn of(pid: u32) -> Option<Launch> {
+        let split = |bytes: Vec<u8>| -> Vec<String> {
+            bytes
+                .split(|b| *b == 0)
+                .filter(|part| !part.is_empty())
+                .map(|part| String::from_utf8_lossy(part).into_owned())
+                .collect()
+        };
+        let cmdline = split(std::fs::read(format!("/proc/{pid}/cmdline")).ok()?);
+        let environ = split(std::fs::read(format!("/proc/{pid}/environ")).ok()?);
+        let (program, args) = cmdline.split_first()?;
+        Some(Launch {
+            program: program.into(),
+            args: args.to_vec(),
+            env: environ
+                .iter()
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    fn env(&self, key: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The spec that starts it again as `name`, with `overrides` on top of its environment.
+    fn spec(&self, name: &str, log_dir: &std::path::Path, overrides: &[(&str, String)]) -> Spec {
+        let mut spec = Spec::new(name, &self.program, log_dir).args_from(self.args.clone());
+        for (key, value) in &self.env {
+            if !overrides.iter().any(|(k, _)| k == key) {
+                spec = spec.env(key, value);
+            }
+        }
+        for (key, value) in overrides {
+            spec = spec.env(*key, value);
+        }
+        spec
+    }
+}
+
+/// The local cluster of one state directory.
+#[derive(Debug)]
+pub struct LocalCluster {
+    dir: StateDir,
+    state: State,
+    /// How each member was started, by member name.
+    launches: HashMap<String, Launch>,
+    /// Workers the drill added (by id).
+    added: Vec<String>,
+}
+
+/// `GET url` (2 s at most); the body when it answered 2xx.
+fn get(url: String) -> Option<String> {
+    super::traffic::run_in(None, move || async move {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .ok()?;
+        let response = client.get(url).send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.text().await.ok()
+    })
+    .ok()
+    .flatten()
+}
+
+fn failed(what: impl std::fmt::Display) -> TargetError {
+    TargetError::failed(what)
+}
+
+impl LocalCluster {
+    /// Opens the cluster recorded in `dir`; errors if none runs there.
+    pub fn open(dir: StateDir) -> Result<LocalCluster, TargetError> {
+        let state = dir
+            .load()
+            .map_err(failed)?
+            .filter(|state| !state.is_stale())
+            .ok_or_else(|| {
+                failed(format!(
+                    "no herd cluster runs from {}; start one with `herd up --detach`",
+                    dir.root().display()
+                ))
+            })?;
+        let mut launches = HashMap::new();
+        for member in &state.members {
+            if member.kind != Kind::Supervisor
+                && let Some(launch) = Launch::of(member.process.pid)
+            {
+                launches.insert(member.name.clone(), launch);
+            }
+        }
+        Ok(LocalCluster {
+            dir,
+            state,
+            launches,
+            added: Vec::new(),
+        })
+    }
+
+    fn member(&self, name: &str) -> Result<&Member, TargetError> {
+        self.state
+            .members
+            .iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| failed(format!("no member {name} in the state file")))
+    }
+
+    fn worker_name(id: &str) -> String {
+        format!("worker-{id}")
+    }
+
+    /// Starts member `name` again from its recorded launch, on its recorded address when
+    /// `listen_key` names the variable that sets it; records the new pid.
+    fn respawn(
+        &mut self,
+        name: &str,
+        roles: &[&str],
+        listen_key: Option<&str>,
+    ) -> Result<(), TargetError> {
+        let member = self.member(name)?.clone();
+        let launch = self
+            .launches
+            .get(name)
+            .ok_or_else(|| failed(format!("how {name} was started is unknown")))?
+            .clone();
+        // The old process must be gone (a restart after SIGKILL/SIGTERM; kill what lingers).
+        member.process.signal(Signal::SIGKILL);
+        pid::wait(Duration::from_secs(5), || !member.process.is_running());
+        let log_dir = self.dir.log_dir();
+        for ext in ["log", "out"] {
+            let path = log_dir.join(format!("{name}.{ext}"));
+            let _ = std::fs::rename(&path, log_dir.join(format!("{name}.{ext}.prev")));
+        }
+        let overrides: Vec<(&str, String)> = match (listen_key, member.addr) {
+            (Some(key), Some(addr)) => vec![(key, addr.to_string())],
+            _ => Vec::new(),
+        };
+        let spec = launch.spec(name, &log_dir, &overrides);
+        let process = Process::spawn_and_wait(&spec, roles, START_TIMEOUT).map_err(failed)?;
+        let new_pid = process.detach();
+        self.update(name, |m| m.process = ProcessId::of(new_pid))
+    }
+
+    fn update(&mut self, name: &str, change: impl FnOnce(&mut Member)) -> Result<(), TargetError> {
+        if let Some(member) = self.state.members.iter_mut().find(|m| m.name == name) {
+            change(member);
+        }
+        self.dir.save(&self.state).map_err(failed)
+    }
+
+    fn redis(&self) -> Result<Member, TargetError> {
+        self.state
+            .members
+            .iter()
+            .find(|m| m.kind == Kind::Redis)
+            .cloned()
+            .ok_or_else(|| failed("the cluster has no Redis member"))
+    }
+
+    fn gateway_launch(&self) -> Option<&Launch> {
+        self.state
+            .members
+            .iter()
+            .find(|m| m.kind == Kind::Gateway)
+            .and_then(|m| self.launches.get(&m.name))
+    }
+}
+
+impl ClusterHandle for LocalCluster {
+    fn describe(&self) -> String {
+        format!("local cluster in {}", self.dir.root().display())
+    }
+
+    fn public_addr(&self) -> SocketAddr {
+        self.state
+            .public_url
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    fn client_netns(&self) -> Option<String> {
+        None
+    }
+
+    fn request_timeout(&self) -> Duration {
+        self.gateway_launch()
+            .and_then(|l| l.env("HERD_GATEWAY_TIMEOUTS__REQUEST"))
+            .and_then(|v| humantime::parse_duration(v).ok())
+            .unwrap_or(DEFAULT_REQUEST_TIMEOUT)
+    }
+
+    fn workers(&mut self) -> Vec<WorkerInfo> {
+        self.state
+            .members
+            .iter()
+            .filter(|m| m.kind == Kind::Worker)
+            .map(|m| WorkerInfo {
+                id: m.name.trim_start_matches("worker-").to_string(),
+                pid: m.process.pid,
+                machine: "local".into(),
+            })
+            .collect()
+    }
+
+    fn signal_worker(&mut self, id: &str, signal: Signal) -> Result<(), TargetError> {
+        let member = self.member(&Self::worker_name(id))?;
+        process::signal_pid(member.process.pid, signal).map_err(failed)
+    }
+
+    fn restart_worker(&mut self, id: &str) -> Result<(), TargetError> {
+        self.respawn(
+            &Self::worker_name(id),
+            &["public"],
+            Some("HERD_WORKER_LISTEN"),
+        )
+    }
+
+    fn set_link(&mut self, _machine: &str, _up: bool) -> Result<(), TargetError> {
+        Err(TargetError::NotApplicable(
+            "the local cluster runs on one machine".into(),
+        ))
+    }
+
+    fn gateways(&mut self) -> Vec<GatewayInfo> {
+        let gateways: Vec<Member> = self
+            .state
+            .members
+            .iter()
+            .filter(|m| m.kind == Kind::Gateway)
+            .cloned()
+            .collect();
+        let single = gateways.len() == 1;
+        gateways
+            .into_iter()
+            .map(|m| {
+                let metrics = m
+                    .admin_addr
+                    .and_then(|admin| get(format!("http://{admin}/metrics")));
+                let active = single
+                    || metrics.as_deref().is_some_and(|t| {
+                        t.contains("herd_gateway_failover_role{role=\"active\"} 1")
+                    });
+                GatewayInfo {
+                    name: m.name.clone(),
+                    machine: "local".into(),
+                    active,
+                    metrics,
+                }
+            })
+            .collect()
+    }
+
+    fn signal_gateway(&mut self, name: &str, signal: Signal) -> Result<(), TargetError> {
+        let member = self.member(name)?;
+        process::signal_pid(member.process.pid, signal).map_err(failed)
+    }
+
+    fn restart_gateway(&mut self, name: &str) -> Result<(), TargetError> {
+        self.respawn(name, &["public", "admin"], None)
+    }
+
+    fn restart_redis(&mut self) -> Result<(), TargetError> {
+        let redis = self.redis()?;
+        let outcome = pid::stop_all(&[redis.process], REDIS_GRACE);
+        if outcome.first() == Some(&pid::Stopped::Killed) {
+            return Err(failed(format!(
+                "redis-server did not exit within {} s of SIGTERM",
+                REDIS_GRACE.as_secs()
+            )));
+        }
+        self.ensure_redis()
+    }
+
+    fn ensure_redis(&mut self) -> Result<(), TargetError> {
+        let redis = self.redis()?;
+        if redis.process.is_running() {
+            return Ok(());
+        }
+        // redis-server rewrites its command line (`redis-server 127.0.0.1:6400`), so it is started
+        // as `herd up` starts it: same port, same data directory, append-only.
+        let port = redis
+            .addr
+            .map(|a| a.port())
+            .ok_or_else(|| failed("the state file has no Redis address"))?;
+        let server = RedisServer::start(Some(port), &self.dir.redis_dir(), &self.dir.log_dir())
+            .map_err(failed)?;
+        let new_pid = server.detach().unwrap_or_default();
+        self.update(&redis.name, |m| m.process = ProcessId::of(new_pid))
+    }
+
+    fn add_worker(&mut self) -> Result<String, TargetError> {
+        let template = self
+            .state
+            .members
+            .iter()
+            .find(|m| m.kind == Kind::Worker)
+            .and_then(|m| self.launches.get(&m.name))
+            .cloned()
+            .ok_or_else(|| failed("no worker to copy the launch of"))?;
+        let taken: Vec<String> = self.workers().into_iter().map(|w| w.id).collect();
+        let id = (1..)
+            .map(|n| format!("w{n}"))
+            .find(|id| !taken.contains(id))
+            .expect("an unbounded range has a free id");
+        let name = Self::worker_name(&id);
+        let log_dir = self.dir.log_dir();
+        let spec = template.spec(
+            &name,
+            &log_dir,
+            &[
+                ("HERD_WORKER_ID", id.clone()),
+                ("HERD_WORKER_LISTEN", "127.0.0.1:0".into()),
+            ],
+        );
+        let process = Process::spawn_and_wait(&spec, &["public"], START_TIMEOUT).map_err(failed)?;
+        let addr = process.addr("public");
+        let log = process.log_path().to_path_buf();
+        let new_pid = process.detach();
+        self.launches.insert(name.clone(), template.clone());
+        self.added.push(id.clone());
+        // Workers stay together in the member list (stop order groups by kind anyway).
+        self.state.members.push(Member {
+            name,
+            kind: Kind::Worker,
+            process: ProcessId::of(new_pid),
+            addr,
+            admin_addr: None,
+            log: Some(log),
+        });
+        self.dir.save(&self.state).map_err(failed)?;
+        Ok(id)
+    }
+
+    fn drain_worker(&mut self, id: &str, grace: Duration) -> Result<Stopped, TargetError> {
+        let process = self.member(&Self::worker_name(id))?.process;
+        Ok(match pid::stop_all(&[process], grace).first() {
+            Some(pid::Stopped::Killed) | Some(pid::Stopped::Survived) => Stopped::Killed,
+            _ => Stopped::Drained,
+        })
+    }
+
+    fn remove_added_worker(&mut self, id: &str, grace: Duration) -> Result<Stopped, TargetError> {
+        let stopped = self.drain_worker(id, grace)?;
+        let name = Self::worker_name(id);
+        self.state.members.retain(|m| m.name != name);
+        self.added.retain(|a| a != id);
+        self.launches.remove(&name);
+        self.dir.save(&self.state).map_err(failed)?;
+        Ok(stopped)
+    }
+
+    fn all_healthy(&mut self) -> Result<(), String> {
+        let Some(admin) = self
+            .state
+            .members
+            .iter()
+            .filter(|m| m.kind == Kind::Gateway)
+            .find_map(|m| m.admin_addr)
+        else {
+            return Err("no gateway admin address in the state file".into());
+        };
+        let body = get(format!("http://{admin}/readyz"))
+            .ok_or_else(|| format!("the gateway's /readyz on {admin} did not answer 200"))?;
+        healthy(&body)
+    }
+}
+
+/// Whether a gateway's `/readyz` body says every worker it knows is healthy.
+pub(super) fn healthy(body: &str) -> Result<(), String> {
+    let ready: Value = serde_json::from_str(body).map_err(|e| format!("/readyz: {e}"))?;
+    if ready["ready"] == true
+        && ready["healthy"].as_u64().is_some()
+        && ready["healthy"] == ready["workers"]
+    {
+        Ok(())
+    } else {
+        Err(format!("/readyz said {body}"))
+    }
+}

@@ -1,0 +1,640 @@
+//! A drill's report: the figures drawn from the samples, what the gateways counted, the verdict
+//! against the documented targets, and its three renderings (terminal, Markdown, JSON).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::Kind;
+use super::target::GatewayInfo;
+use super::traffic::{Failure, Sample, SessionCheck};
+
+/// PASS, FAIL, or not applicable to this cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Every target met.
+    Pass,
+    /// A target missed (or the drill could not run as it should).
+    Fail,
+    /// The cluster can't have this fault (e.g. no standby gateway).
+    NotApplicable,
+}
+
+impl Outcome {
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Pass => "PASS",
+            Outcome::Fail => "FAIL",
+            Outcome::NotApplicable => "N/A",
+        }
+    }
+}
+
+/// Requests sent and failed, by failure kind.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counts {
+    /// Requests sent.
+    pub sent: usize,
+    /// Requests that failed.
+    pub failed: usize,
+    /// Failed, by kind (`refused`, `timeout`, `5xx`, `other`).
+    pub by_kind: BTreeMap<&'static str, usize>,
+}
+
+impl Counts {
+    fn of<'a>(samples: impl Iterator<Item = &'a Sample>) -> Counts {
+        let mut counts = Counts::default();
+        for sample in samples {
+            counts.sent += 1;
+            if let Some(failure) = sample.failure {
+                counts.failed += 1;
+                *counts.by_kind.entry(failure.name()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    fn kinds(&self) -> String {
+        if self.by_kind.is_empty() {
+            return String::new();
+        }
+        let kinds: Vec<String> = Failure::ALL
+            .iter()
+            .filter_map(|k| {
+                self.by_kind
+                    .get(k.name())
+                    .map(|n| format!("{} {n}", k.name()))
+            })
+            .collect();
+        format!(" ({})", kinds.join(", "))
+    }
+}
+
+/// What one gateway counted during the drill (after minus before; a gateway that restarted
+/// counts from its restart).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GatewaySaw {
+    /// Its name.
+    pub name: String,
+    /// Its role at the end (`active`, `standby`, … or `unknown`).
+    pub role: String,
+    /// Its failover epoch before and after.
+    pub epoch: (Option<u64>, Option<u64>),
+    /// Role changes.
+    pub role_changes: u64,
+    /// Retries to another worker.
+    pub retries: u64,
+    /// Workers taken out of service (down, ejected, unreachable).
+    pub ejections: u64,
+    /// Whether its admin API answered after the drill.
+    pub answered: bool,
+}
+
+/// The sum of every sample of `family` in Prometheus text whose labels contain all of `labels`.
+fn metric_sum(text: &str, family: &str, labels: &[&str]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(family) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if !labels.iter().all(|label| rest.contains(label)) {
+            continue;
+        }
+        if let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += value;
+        }
+    }
+    found
+}
+
+fn role_of(text: &str) -> Option<String> {
+    text.lines()
+        .filter(|l| l.starts_with("herd_gateway_failover_role{"))
+        .find(|l| l.ends_with(" 1"))
+        .and_then(|l| l.split('"').nth(1))
+        .map(str::to_string)
+}
+
+/// Counters read from one `/metrics` text.
+#[derive(Debug, Clone, Copy, Default)]
+struct Snapshot {
+    epoch: Option<u64>,
+    transitions: u64,
+    retries: u64,
+    ejections: u64,
+}
+
+fn snapshot(text: &str) -> Snapshot {
+    let count = |family, labels: &[&str]| metric_sum(text, family, labels).unwrap_or(0.0) as u64;
+    let ejections = ["to=\"down\"", "to=\"ejected\"", "to=\"unreachable\""]
+        .iter()
+        .map(|to| count("herd_gateway_worker_state_changes_total", &[to]))
+        .sum();
+    Snapshot {
+        epoch: metric_sum(text, "herd_gateway_failover_epoch", &[]).map(|v| v as u64),
+        transitions: count("herd_gateway_failover_transitions_total", &[]),
+        retries: count("herd_gateway_retries_total", &[]),
+        ejections,
+    }
+}
+
+/// What each gateway saw between `before` and `after`.
+pub fn gateways_saw(before: &[GatewayInfo], after: &[GatewayInfo]) -> Vec<GatewaySaw> {
+    after
+        .iter()
+        .map(|now| {
+            let old = before
+                .iter()
+                .find(|b| b.name == now.name)
+                .and_then(|b| b.metrics.as_deref())
+                .map(snapshot)
+                .unwrap_or_default();
+            let new = now.metrics.as_deref().map(snapshot).unwrap_or_default();
+            // A counter lower than before means the gateway restarted: it counted from zero.
+            let delta = |a: u64, b: u64| if b >= a { b - a } else { b };
+            GatewaySaw {
+                name: now.name.clone(),
+                role: now
+                    .metrics
+                    .as_deref()
+                    .and_then(role_of)
+                    .unwrap_or_else(|| if now.active { "active" } else { "unknown" }.into()),
+                epoch: (old.epoch, new.epoch),
+                role_changes: delta(old.transitions, new.transitions),
+                retries: delta(old.retries, new.retries),
+                ejections: delta(old.ejections, new.ejections),
+                answered: now.metrics.is_some(),
+            }
+        })
+        .collect()
+}
+
+/// A drill's full report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The drill.
+    pub drill: Kind,
+    /// The cluster it ran on.
+    pub cluster: String,
+    /// What it set out to show.
+    pub hypothesis: String,
+    /// The fault, as injected (`SIGKILL worker w1 (pid 123)`), and how it was undone.
+    pub fault: String,
+    /// Seconds from the load's start to the fault.
+    pub fault_at_s: f64,
+    /// Seconds from the load's start to the undoing (if it was undone during the load).
+    pub undone_at_s: Option<f64>,
+    /// Load length in seconds and rate.
+    pub duration_s: f64,
+    /// Requests per second.
+    pub rate: u32,
+    /// All requests.
+    pub requests: Counts,
+    /// By method (`GET`, `POST`).
+    pub by_method: BTreeMap<&'static str, Counts>,
+    /// Failed idempotent requests (GETs).
+    pub idempotent_failed: usize,
+    /// Milliseconds from the fault to the first success of a request sent after it (via
+    /// another gateway for the gateway drills).
+    pub first_success_ms: Option<f64>,
+    /// Milliseconds from the fault until every request succeeds again.
+    pub recovery_ms: Option<f64>,
+    /// Longest request, in milliseconds.
+    pub max_latency_ms: f64,
+    /// p99 latency in milliseconds.
+    pub p99_ms: f64,
+    /// The gateway's request timeout, in milliseconds (no request may wait longer).
+    pub request_timeout_ms: f64,
+    /// Sessions checked / lost.
+    pub sessions: SessionCheck,
+    /// What the gateways counted.
+    pub gateways: Vec<GatewaySaw>,
+    /// Requests answered per worker.
+    pub by_worker: BTreeMap<String, usize>,
+    /// Other facts (a drained worker that had to be killed, a restore that failed…).
+    pub notes: Vec<String>,
+    /// PASS / FAIL / N/A.
+    pub verdict: Outcome,
+    /// Why (every missed target), or what was met.
+    pub reason: String,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+/// Figures of the samples around a fault at `fault_at`.
+pub struct Figures {
+    /// All requests.
+    pub requests: Counts,
+    /// By method.
+    pub by_method: BTreeMap<&'static str, Counts>,
+    /// Failed idempotent requests.
+    pub idempotent_failed: usize,
+    /// Fault → first success (sent after it), from `other_than`'s gateway when given.
+    pub first_success: Option<Duration>,
+    /// Fault → every request succeeds from then on.
+    pub recovery: Option<Duration>,
+    /// Slowest request.
+    pub max_latency: Duration,
+    /// p99.
+    pub p99: Duration,
+    /// Answers per worker.
+    pub by_worker: BTreeMap<String, usize>,
+}
+
+/// Computes the figures; `other_than` is the gateway that was faulted (a success only counts
+/// as recovery when another one answered it).
+pub fn figures(samples: &[Sample], fault_at: Duration, other_than: Option<&str>) -> Figures {
+    let mut by_method = BTreeMap::new();
+    for method in ["GET", "POST"] {
+        let counts = Counts::of(samples.iter().filter(|s| s.op.method() == method));
+        if counts.sent > 0 {
+            by_method.insert(method, counts);
+        }
+    }
+    let ok_after = |s: &&Sample| {
+        s.failure.is_none()
+            && s.sent_at >= fault_at
+            && other_than.is_none_or(|g| s.gateway.as_deref() != Some(g))
+    };
+    let first_success = samples
+        .iter()
+        .filter(ok_after)
+        .map(|s| s.done_at().saturating_sub(fault_at))
+        .min();
+    // The last failure touching the fault's time; recovery is the first success sent after it.
+    let last_failure = samples
+        .iter()
+        .filter(|s| s.failure.is_some() && s.done_at() >= fault_at)
+        .map(|s| s.sent_at)
+        .max();
+    let recovery = match last_failure {
+        None => first_success,
+        Some(last) => samples
+            .iter()
+            .filter(ok_after)
+            .filter(|s| s.sent_at > last)
+            .map(|s| s.done_at().saturating_sub(fault_at))
+            .min(),
+    };
+    let mut latencies: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
+    latencies.sort();
+    let p99 = latencies
+        .get(((latencies.len().saturating_sub(1)) as f64 * 0.99).round() as usize)
+        .copied()
+        .unwrap_or_default();
+    let mut by_worker = BTreeMap::new();
+    for sample in samples.iter().filter(|s| s.failure.is_none()) {
+        let worker = sample.worker.clone().unwrap_or_else(|| "-".into());
+        *by_worker.entry(worker).or_insert(0) += 1;
+    }
+    Figures {
+        requests: Counts::of(samples.iter()),
+        by_method,
+        idempotent_failed: samples
+            .iter()
+            .filter(|s| s.op.idempotent() && s.failure.is_some())
+            .count(),
+        first_success,
+        recovery,
+        max_latency: latencies.last().copied().unwrap_or_default(),
+        p99,
+        by_worker,
+    }
+}
+
+/// The targets of issue 12 (docs/drills.md), as numbers.
+pub mod targets {
+    use std::time::Duration;
+    /// gateway-kill: first success via the standby within this.
+    pub const GATEWAY_KILL_FIRST_SUCCESS: Duration = Duration::from_millis(500);
+    /// gateway-machine-loss: first success via the standby within this.
+    pub const GATEWAY_MACHINE_LOSS_FIRST_SUCCESS: Duration = Duration::from_secs(1);
+}
+
+/// Judges the figures against `kind`'s targets; returns the verdict and its reason.
+pub fn judge(
+    kind: Kind,
+    figures: &Figures,
+    sessions: &SessionCheck,
+    request_timeout: Duration,
+    extra_failures: &[String],
+) -> (Outcome, String) {
+    let mut missed: Vec<String> = extra_failures.to_vec();
+    // Every idempotent request is a GET.
+    let get_kinds = figures
+        .by_method
+        .get("GET")
+        .map(Counts::kinds)
+        .unwrap_or_default();
+    let first_success_target = match kind {
+        Kind::GatewayKill => Some(targets::GATEWAY_KILL_FIRST_SUCCESS),
+        Kind::GatewayMachineLoss => Some(targets::GATEWAY_MACHINE_LOSS_FIRST_SUCCESS),
+        _ => None,
+    };
+    match first_success_target {
+        Some(target) => match figures.first_success {
+            Some(first) if first <= target => {}
+            Some(first) => missed.push(format!(
+                "first success via the standby after {:.0} ms (target < {} ms)",
+                ms(first),
+                target.as_millis()
+            )),
+            None => missed.push("no request succeeded via the standby after the fault".into()),
+        },
+        None if figures.idempotent_failed > 0 => missed.push(format!(
+            "{} idempotent requests failed{} (target 0)",
+            figures.idempotent_failed, get_kinds
+        )),
+        None => {}
+    }
+    if figures.first_success.is_none() && first_success_target.is_none() {
+        missed.push("no request succeeded after the fault".into());
+    }
+    if sessions.lost > 0 {
+        missed.push(format!(
+            "{} of {} sessions lost ({} acknowledged cart writes missing; target 0)",
+            sessions.lost, sessions.checked, sessions.writes_missing
+        ));
+    }
+    if figures.max_latency > request_timeout {
+        missed.push(format!(
+            "a request waited {:.0} ms, longer than the gateway's request timeout ({} ms)",
+            ms(figures.max_latency),
+            request_timeout.as_millis()
+        ));
+    }
+    if missed.is_empty() {
+        let met = match first_success_target {
+            Some(target) => format!(
+                "first success via the standby {:.0} ms after the fault (< {} ms), {} sessions intact",
+                figures.first_success.map(ms).unwrap_or_default(),
+                target.as_millis(),
+                sessions.checked
+            ),
+            None => format!(
+                "0 failed idempotent requests, {} sessions intact, no request over {} ms",
+                sessions.checked,
+                request_timeout.as_millis()
+            ),
+        };
+        (Outcome::Pass, met)
+    } else {
+        (Outcome::Fail, missed.join("; "))
+    }
+}
+
+impl Report {
+    /// The report for a drill that could not apply to this cluster.
+    pub fn not_applicable(kind: Kind, cluster: String, why: String) -> Report {
+        Report {
+            drill: kind,
+            cluster,
+            hypothesis: kind.hypothesis(),
+            fault: "none (not applicable)".into(),
+            fault_at_s: 0.0,
+            undone_at_s: None,
+            duration_s: 0.0,
+            rate: 0,
+            requests: Counts::default(),
+            by_method: BTreeMap::new(),
+            idempotent_failed: 0,
+            first_success_ms: None,
+            recovery_ms: None,
+            max_latency_ms: 0.0,
+            p99_ms: 0.0,
+            request_timeout_ms: 0.0,
+            sessions: SessionCheck::default(),
+            gateways: Vec::new(),
+            by_worker: BTreeMap::new(),
+            notes: Vec::new(),
+            verdict: Outcome::NotApplicable,
+            reason: format!("not applicable: {why}"),
+        }
+    }
+
+    /// Fills the figures in.
+    pub fn set_figures(&mut self, figures: &Figures) {
+        self.requests = figures.requests.clone();
+        self.by_method = figures.by_method.clone();
+        self.idempotent_failed = figures.idempotent_failed;
+        self.first_success_ms = figures.first_success.map(ms);
+        self.recovery_ms = figures.recovery.map(ms);
+        self.max_latency_ms = ms(figures.max_latency);
+        self.p99_ms = ms(figures.p99);
+        self.by_worker = figures.by_worker.clone();
+    }
+
+    /// The report for a terminal: one screen, the verdict last.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "herd drill {} — {}", self.drill.name(), self.cluster);
+        let _ = writeln!(out, "hypothesis: {}", self.hypothesis);
+        if self.requests.sent > 0 {
+            let undone = self
+                .undone_at_s
+                .map(|u| format!(", undone at {u:.1} s"))
+                .unwrap_or_default();
+            let _ = writeln!(out, "fault:      {}", self.fault);
+            let _ = writeln!(
+                out,
+                "            at {:.1} s{undone}, into {:.0} s of load at {} req/s",
+                self.fault_at_s, self.duration_s, self.rate
+            );
+            let _ = writeln!(
+                out,
+                "requests:   {} sent, {} failed{}",
+                self.requests.sent,
+                self.requests.failed,
+                self.requests.kinds()
+            );
+            for (method, counts) in &self.by_method {
+                let _ = writeln!(
+                    out,
+                    "  {method:<4}      {} sent, {} failed{}",
+                    counts.sent,
+                    counts.failed,
+                    counts.kinds()
+                );
+            }
+            let shown = |v: Option<f64>| v.map_or("never".to_string(), |v| format!("{v:.0} ms"));
+            let _ = writeln!(
+                out,
+                "recovery:   first success {} after the fault, all succeeding after {}",
+                shown(self.first_success_ms),
+                shown(self.recovery_ms)
+            );
+            let _ = writeln!(
+                out,
+                "latency:    max {:.0} ms, p99 {:.0} ms (gateway request timeout {:.0} ms)",
+                self.max_latency_ms, self.p99_ms, self.request_timeout_ms
+            );
+            let _ = writeln!(
+                out,
+                "sessions:   {} checked, {} lost ({} of {} acknowledged writes missing)",
+                self.sessions.checked,
+                self.sessions.lost,
+                self.sessions.writes_missing,
+                self.sessions.writes_acknowledged
+            );
+            for gateway in &self.gateways {
+                let epoch = |e: Option<u64>| e.map_or("-".into(), |e| e.to_string());
+                let _ = writeln!(
+                    out,
+                    "gateway {}: {}{}, ejections {}, retries {}, role changes {}, epoch {} → {}",
+                    gateway.name,
+                    gateway.role,
+                    if gateway.answered {
+                        ""
+                    } else {
+                        " (admin API silent)"
+                    },
+                    gateway.ejections,
+                    gateway.retries,
+                    gateway.role_changes,
+                    epoch(gateway.epoch.0),
+                    epoch(gateway.epoch.1)
+                );
+            }
+            if !self.by_worker.is_empty() {
+                let workers: Vec<String> = self
+                    .by_worker
+                    .iter()
+                    .map(|(w, n)| format!("{w} {n}"))
+                    .collect();
+                let _ = writeln!(out, "answered by: {}", workers.join(", "));
+            }
+        }
+        for note in &self.notes {
+            let _ = writeln!(out, "note:       {note}");
+        }
+        let _ = writeln!(out, "VERDICT: {} — {}", self.verdict.name(), self.reason);
+        out
+    }
+
+    /// The same as Markdown (`--out`).
+    pub fn markdown(&self) -> String {
+        format!(
+            "## herd drill {}: {}\n\n```text\n{}```\n",
+            self.drill.name(),
+            self.verdict.name(),
+            self.text()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drill::traffic::Op;
+
+    fn sample(
+        sent_ms: u64,
+        latency_ms: u64,
+        op: Op,
+        failure: Option<Failure>,
+        gateway: &str,
+    ) -> Sample {
+        Sample {
+            sent_at: Duration::from_millis(sent_ms),
+            latency: Duration::from_millis(latency_ms),
+            op,
+            failure,
+            gateway: Some(gateway.into()),
+            worker: Some("w1".into()),
+        }
+    }
+
+    #[test]
+    fn recovery_is_measured_from_the_fault_to_the_first_success_after_the_last_failure() {
+        let samples = vec![
+            sample(900, 10, Op::GetWork, None, "gw1"),
+            sample(1000, 50, Op::GetCart, Some(Failure::Other), "gw1"),
+            sample(1100, 10, Op::GetWork, None, "gw1"),
+            sample(1200, 10, Op::GetCart, Some(Failure::Refused), "gw1"),
+            sample(1300, 20, Op::AddItem, None, "gw2"),
+        ];
+        let f = figures(&samples, Duration::from_millis(1000), None);
+        assert_eq!(f.first_success, Some(Duration::from_millis(110)));
+        assert_eq!(f.recovery, Some(Duration::from_millis(320)));
+        assert_eq!(f.idempotent_failed, 2);
+        assert_eq!(f.requests.by_kind["refused"], 1);
+        assert_eq!(f.by_method["POST"].sent, 1);
+        // Only another gateway's answers count as recovery for a gateway drill.
+        let f = figures(&samples, Duration::from_millis(1000), Some("gw1"));
+        assert_eq!(f.first_success, Some(Duration::from_millis(320)));
+    }
+
+    #[test]
+    fn verdicts_name_the_missed_target() {
+        let samples = vec![
+            sample(1000, 10, Op::GetCart, Some(Failure::Status5xx), "gw1"),
+            sample(1100, 10, Op::GetWork, None, "gw1"),
+        ];
+        let f = figures(&samples, Duration::from_millis(1000), None);
+        let sessions = SessionCheck {
+            checked: 5,
+            ..Default::default()
+        };
+        let (outcome, reason) = judge(
+            Kind::WorkerKill,
+            &f,
+            &sessions,
+            Duration::from_secs(15),
+            &[],
+        );
+        assert_eq!(outcome, Outcome::Fail);
+        assert!(
+            reason.contains("1 idempotent requests failed (5xx 1)"),
+            "{reason}"
+        );
+        let lost = SessionCheck {
+            checked: 5,
+            lost: 2,
+            writes_acknowledged: 9,
+            writes_missing: 3,
+        };
+        let ok = vec![sample(1100, 10, Op::GetWork, None, "gw1")];
+        let f = figures(&ok, Duration::from_millis(1000), None);
+        let (outcome, reason) = judge(Kind::RedisRestart, &f, &lost, Duration::from_secs(15), &[]);
+        assert_eq!(outcome, Outcome::Fail);
+        assert!(reason.contains("2 of 5 sessions lost"), "{reason}");
+        let (outcome, _) = judge(
+            Kind::WorkerHang,
+            &f,
+            &sessions,
+            Duration::from_secs(15),
+            &[],
+        );
+        assert_eq!(outcome, Outcome::Pass);
+    }
+
+    #[test]
+    fn gateway_counters_come_from_the_metrics_text() {
+        let before =
+            "herd_gateway_retries_total{reason=\"connect\"} 2\nherd_gateway_failover_epoch 3\n";
+        let after = "herd_gateway_retries_total{reason=\"connect\"} 5\nherd_gateway_retries_total{reason=\"timeout\"} 1\n\
+            herd_gateway_worker_state_changes_total{worker=\"w1\",to=\"down\",source=\"active\"} 1\n\
+            herd_gateway_failover_role{role=\"active\"} 1\nherd_gateway_failover_role{role=\"standby\"} 0\n\
+            herd_gateway_failover_epoch 4\nherd_gateway_failover_transitions_total 1\n";
+        let info = |text: &str| GatewayInfo {
+            name: "gw1".into(),
+            metrics: Some(text.into()),
+            ..Default::default()
+        };
+        let saw = gateways_saw(&[info(before)], &[info(after)]);
+        assert_eq!(saw[0].retries, 4);
+        assert_eq!(saw[0].ejections, 1);
+        assert_eq!(saw[0].role, "active");
+        assert_eq!(saw[0].epoch, (Some(3), Some(4)));
+        assert_eq!(saw[0].role_changes, 1);
+    }
+}

@@ -1,0 +1,449 @@
+//! The users of a drill and what they see: log users in, run an open-loop load of idempotent GETs
+//! and session writes through the public address while the fault is injected, then check that
+//! every acknowledged cart write is still in its session.
+//!
+//! The load is open-loop (a request is sent on every tick whether or not earlier ones have
+//! answered), as real users are: a hung connection does not slow the load down and hide the
+//! fault. Writes to one session never overlap (a user with a write in flight gets a GET
+//! instead), so a missing item can only mean a lost write, not a race between two of ours.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+/// The header that names the gateway that answered.
+const SERVED_BY: &str = "x-herd-gateway";
+/// The header that names the worker that answered.
+const WORKER: &str = "x-herd-worker";
+/// Attempts per session check (a check that can't reach the cluster is retried a little: the
+/// cluster has been given time to settle, but a check is not the drill's measurement).
+const CHECK_ATTEMPTS: usize = 3;
+
+/// What a request was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// `GET /cart` with the session cookie (idempotent, reads the session).
+    GetCart,
+    /// `GET /work?ms=1` (idempotent, no session).
+    GetWork,
+    /// `POST /cart/items` (a session write; not idempotent, so never retried by the gateway).
+    AddItem,
+    /// `GET /work?ms=400`: a slow idempotent request, sent in a burst just before a worker is
+    /// killed so that the kill catches requests in flight, as a crash under real load does.
+    GetSlow,
+}
+
+impl Op {
+    /// The HTTP method.
+    pub fn method(self) -> &'static str {
+        match self {
+            Op::GetCart | Op::GetWork | Op::GetSlow => "GET",
+            Op::AddItem => "POST",
+        }
+    }
+
+    /// Whether a gateway may retry it (and users may expect it never to fail).
+    pub fn idempotent(self) -> bool {
+        self != Op::AddItem
+    }
+}
+
+/// How a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Failure {
+    /// The connection was refused or the host unreachable.
+    Refused,
+    /// No complete response within the client's timeout.
+    Timeout,
+    /// A 5xx status.
+    Status5xx,
+    /// Any other transport failure (connection reset, response cut short).
+    Other,
+}
+
+impl Failure {
+    /// Every kind, in report order.
+    pub const ALL: [Failure; 4] = [
+        Failure::Refused,
+        Failure::Timeout,
+        Failure::Status5xx,
+        Failure::Other,
+    ];
+
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::Refused => "refused",
+            Failure::Timeout => "timeout",
+            Failure::Status5xx => "5xx",
+            Failure::Other => "other",
+        }
+    }
+}
+
+/// One request's outcome.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// When it was sent, from the load's start.
+    pub sent_at: Duration,
+    /// How long until the whole response (or the failure).
+    pub latency: Duration,
+    /// What it was.
+    pub op: Op,
+    /// `None` when it succeeded.
+    pub failure: Option<Failure>,
+    /// The gateway that answered (`x-herd-gateway`).
+    pub gateway: Option<String>,
+    /// The worker that answered (`x-herd-worker`).
+    pub worker: Option<String>,
+}
+
+impl Sample {
+    /// When it finished, from the load's start.
+    pub fn done_at(&self) -> Duration {
+        self.sent_at + self.latency
+    }
+}
+
+/// A logged-in user and the cart writes the cluster acknowledged for it.
+#[derive(Debug)]
+pub struct User {
+    /// `name=value` of the session cookie.
+    pub cookie: String,
+    /// Items whose `POST /cart/items` was answered 2xx.
+    pub acknowledged: Mutex<Vec<String>>,
+    /// Whether a write of this user is in flight.
+    busy: AtomicBool,
+}
+
+/// Live counters for the progress line, and the drill's request for a burst of slow requests.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Slow requests ([`Op::GetSlow`]) the load should send at once.
+    pub slow_wanted: std::sync::atomic::AtomicU32,
+    /// Requests finished.
+    pub done: AtomicU64,
+    /// Of which failed.
+    pub failed: AtomicU64,
+}
+
+/// What the session check found.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct SessionCheck {
+    /// Sessions checked.
+    pub checked: usize,
+    /// Sessions missing at least one acknowledged write (or gone altogether).
+    pub lost: usize,
+    /// Acknowledged writes over all sessions.
+    pub writes_acknowledged: usize,
+    /// Acknowledged writes not found.
+    pub writes_missing: usize,
+}
+
+/// The load's shape.
+#[derive(Debug, Clone)]
+pub struct LoadPlan {
+    /// Where users send requests.
+    pub target: SocketAddr,
+    /// Requests per second.
+    pub rate: u32,
+    /// How long to send.
+    pub duration: Duration,
+    /// Longest wait for one response before it counts as a timeout.
+    pub timeout: Duration,
+}
+
+/// Runs `work` on a thread of its own with a tokio runtime, inside network namespace `netns`
+/// when given (so its sockets belong to the lab's client host).
+pub fn spawn_in<F, Fut, T>(
+    netns: Option<String>,
+    work: F,
+) -> std::thread::JoinHandle<Result<T, String>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    std::thread::spawn(move || {
+        if let Some(netns) = netns {
+            let path = format!("/var/run/netns/{netns}");
+            let namespace =
+                std::fs::File::open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
+            nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("cannot enter {netns}: {e}"))?;
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start a runtime: {e}"))?;
+        Ok(runtime.block_on(work()))
+    })
+}
+
+/// [`spawn_in`] and wait for it.
+pub fn run_in<F, Fut, T>(netns: Option<String>, work: F) -> Result<T, String>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    match spawn_in(netns, work).join() {
+        Ok(result) => result,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+fn client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .build()
+        .expect("a reqwest client with plain options builds")
+}
+
+/// Logs `count` users in (`POST /login`), each adding one item to its cart; returns them.
+pub async fn log_in(target: SocketAddr, count: usize, tag: String) -> Result<Vec<User>, String> {
+    let client = client(Duration::from_secs(5));
+    let mut users = Vec::with_capacity(count);
+    for n in 0..count {
+        let login = client
+            .post(format!("http://{target}/login"))
+            .json(&json!({"user": format!("drill-{tag}-{n}")}))
+            .send()
+            .await
+            .map_err(|e| format!("login through {target}: {e}"))?;
+        let cookie = login
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .ok_or_else(|| format!("login answered {} without a cookie", login.status()))?
+            .to_string();
+        let item = format!("login-{n}");
+        let added = client
+            .post(format!("http://{target}/cart/items"))
+            .header("cookie", &cookie)
+            .json(&json!({"item": item, "qty": 1}))
+            .send()
+            .await
+            .map_err(|e| format!("first cart write: {e}"))?;
+        if !added.status().is_success() {
+            return Err(format!("first cart write answered {}", added.status()));
+        }
+        users.push(User {
+            cookie,
+            acknowledged: Mutex::new(vec![item]),
+            busy: AtomicBool::new(false),
+        });
+    }
+    Ok(users)
+}
+
+/// Sends the load of `plan` from `origin` on, until its duration is over or `stop` is set;
+/// returns every request's outcome once the last one has finished.
+pub async fn run_load(
+    plan: LoadPlan,
+    users: Arc<Vec<User>>,
+    origin: Instant,
+    stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+) -> Vec<Sample> {
+    let client = client(plan.timeout);
+    let gap = Duration::from_secs_f64(1.0 / f64::from(plan.rate.max(1)));
+    let mut ticks = tokio::time::interval(gap);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut n: u64 = 0;
+    // The bound: one request per tick, for `duration` at most.
+    let max_requests = (f64::from(plan.rate) * plan.duration.as_secs_f64()).ceil() as u64;
+    while n < max_requests {
+        ticks.tick().await;
+        let sent_at = origin.elapsed();
+        if sent_at >= plan.duration || stop.load(Ordering::SeqCst) {
+            break;
+        }
+        for _ in 0..counters.slow_wanted.swap(0, Ordering::SeqCst) {
+            let (client, users, counters) =
+                (client.clone(), Arc::clone(&users), Arc::clone(&counters));
+            let target = plan.target;
+            tasks.spawn(async move {
+                let sample = send(&client, target, Op::GetSlow, &users[0], 0, origin).await;
+                counters.done.fetch_add(1, Ordering::Relaxed);
+                if sample.failure.is_some() {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                sample
+            });
+        }
+        let user_index = ((n / 4) as usize) % users.len().max(1);
+        let mut op = match n % 4 {
+            0 => Op::AddItem,
+            1 | 3 => Op::GetCart,
+            _ => Op::GetWork,
+        };
+        if op == Op::AddItem && users[user_index].busy.swap(true, Ordering::SeqCst) {
+            op = Op::GetWork;
+        }
+        let (client, users, counters) = (client.clone(), Arc::clone(&users), Arc::clone(&counters));
+        let target = plan.target;
+        tasks.spawn(async move {
+            let sample = send(&client, target, op, &users[user_index], n, origin).await;
+            if op == Op::AddItem {
+                users[user_index].busy.store(false, Ordering::SeqCst);
+            }
+            counters.done.fetch_add(1, Ordering::Relaxed);
+            if sample.failure.is_some() {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            sample
+        });
+        n += 1;
+    }
+    let mut samples = Vec::with_capacity(n as usize);
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(sample) = done {
+            samples.push(sample);
+        }
+    }
+    samples.sort_by_key(|s| s.sent_at);
+    samples
+}
+
+async fn send(
+    client: &reqwest::Client,
+    target: SocketAddr,
+    op: Op,
+    user: &User,
+    n: u64,
+    origin: Instant,
+) -> Sample {
+    let sent_at = origin.elapsed();
+    let item = format!("item-{n}");
+    let request = match op {
+        Op::GetCart => client
+            .get(format!("http://{target}/cart"))
+            .header("cookie", &user.cookie),
+        Op::GetWork => client.get(format!("http://{target}/work?ms=1")),
+        Op::GetSlow => client.get(format!("http://{target}/work?ms=400")),
+        Op::AddItem => client
+            .post(format!("http://{target}/cart/items"))
+            .header("cookie", &user.cookie)
+            .json(&json!({"item": item, "qty": 1})),
+    };
+    let (failure, gateway, worker) = match request.send().await {
+        Ok(response) => {
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let (gateway, worker) = (header(SERVED_BY), header(WORKER));
+            let status = response.status();
+            // Read the whole body: a response cut mid-body is a failure users would see.
+            let failure = match response.bytes().await {
+                Err(error) => Some(classify(&error)),
+                Ok(_) if status.is_server_error() => Some(Failure::Status5xx),
+                Ok(_) if !status.is_success() => Some(Failure::Other),
+                Ok(_) => None,
+            };
+            (failure, gateway, worker)
+        }
+        Err(error) => (Some(classify(&error)), None, None),
+    };
+    if op == Op::AddItem && failure.is_none() {
+        user.acknowledged
+            .lock()
+            .expect("acknowledged lock")
+            .push(item);
+    }
+    Sample {
+        sent_at,
+        latency: origin.elapsed().saturating_sub(sent_at),
+        op,
+        failure,
+        gateway,
+        worker,
+    }
+}
+
+fn classify(error: &reqwest::Error) -> Failure {
+    if error.is_timeout() {
+        Failure::Timeout
+    } else if error.is_connect() {
+        Failure::Refused
+    } else {
+        Failure::Other
+    }
+}
+
+/// Sends `count` quick `GET /work?ms=0` to `target`, one after the other, ignoring the answers.
+pub async fn trickle(target: SocketAddr, count: usize) {
+    let client = client(Duration::from_secs(1));
+    for _ in 0..count {
+        let _ = client
+            .get(format!("http://{target}/work?ms=0"))
+            .send()
+            .await;
+    }
+}
+
+/// Reads every user's cart and counts the acknowledged writes that are missing.
+pub async fn check_sessions(target: SocketAddr, users: Arc<Vec<User>>) -> SessionCheck {
+    let client = client(Duration::from_secs(5));
+    let mut check = SessionCheck::default();
+    for user in users.iter() {
+        let expected = user.acknowledged.lock().expect("acknowledged lock").clone();
+        let mut cart = None;
+        for _ in 0..CHECK_ATTEMPTS {
+            cart = read_cart(&client, target, &user.cookie).await;
+            if cart.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let present: Vec<String> = cart
+            .as_ref()
+            .and_then(|cart| cart["items"].as_array())
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|item| item["item"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let missing = expected
+            .iter()
+            .filter(|item| !present.contains(item))
+            .count();
+        check.checked += 1;
+        check.writes_acknowledged += expected.len();
+        check.writes_missing += missing;
+        if missing > 0 {
+            check.lost += 1;
+        }
+    }
+    check
+}
+
+async fn read_cart(client: &reqwest::Client, target: SocketAddr, cookie: &str) -> Option<Value> {
+    let response = client
+        .get(format!("http://{target}/cart"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    response.json().await.ok()
+}
