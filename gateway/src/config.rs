@@ -12,6 +12,7 @@ use herd_shared::config::{ConfigError, Source, Validate, check};
 use herd_shared::redis::RedisConfig;
 
 use crate::failover::FailoverConfig;
+use herd_shared::telemetry::TracingConfig;
 use serde::Deserialize;
 
 /// Environment prefix of the gateway's settings.
@@ -51,6 +52,8 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
     /// The active / standby pair (off by default).
     pub failover: FailoverConfig,
+    /// OpenTelemetry trace export (`[tracing]`; off by default; see `docs/observability.md`).
+    pub tracing: TracingConfig,
 }
 
 impl Default for GatewayConfig {
@@ -70,6 +73,7 @@ impl Default for GatewayConfig {
             timeouts: TimeoutsConfig::default(),
             limits: LimitsConfig::default(),
             failover: FailoverConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }
@@ -438,6 +442,7 @@ impl Validate for GatewayConfig {
             ));
         }
         self.failover.validate()?;
+        self.tracing.validate_in("tracing")?;
         if self.failover.enabled {
             self.redis.validate_in("redis")?;
         }

@@ -22,6 +22,7 @@
 //! - [`headers`], [`body`]: header rules and request/response bodies of the request path.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the `/api/*` operator endpoints.
 //! - [`metrics`]: Prometheus metrics, lock-free on the request path.
+//! - [`trace`]: OpenTelemetry spans of a request and its attempts (only when tracing is on).
 //! - [`config`]: the typed configuration with its documented defaults (see `gateway/README.md`).
 
 pub mod admin;
@@ -38,6 +39,7 @@ pub mod proxy;
 pub mod retry;
 pub mod server;
 pub mod serving;
+pub mod trace;
 pub mod tunnel;
 pub mod upstream;
 

@@ -306,8 +306,7 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
 /// trace starts) when absent or malformed.
 pub fn extract(headers: &http::HeaderMap) -> opentelemetry::Context {
     use opentelemetry::propagation::TextMapPropagator as _;
-    opentelemetry_sdk::propagation::TraceContextPropagator::new()
-        .extract(&HeaderExtractor(headers))
+    opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&HeaderExtractor(headers))
 }
 
 /// Makes `span` a child of the caller's context in `headers` (a no-op for an empty context).
@@ -320,7 +319,9 @@ pub fn set_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
 
 /// The `traceparent` (and `tracestate`, if any) naming `span` as the parent, for a request sent
 /// on its behalf; `None` when the span is not traced.
-pub fn trace_headers(span: &tracing::Span) -> Option<(http::HeaderValue, Option<http::HeaderValue>)> {
+pub fn trace_headers(
+    span: &tracing::Span,
+) -> Option<(http::HeaderValue, Option<http::HeaderValue>)> {
     use opentelemetry::trace::TraceContextExt as _;
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
     let context = span.context();

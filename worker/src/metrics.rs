@@ -222,7 +222,10 @@ pub async fn track(
         .observe(started.elapsed().as_secs_f64());
     metrics
         .requests
-        .get_or_create(&[("route", route), ("status", response.status().as_str().to_owned())])
+        .get_or_create(&[
+            ("route", route),
+            ("status", response.status().as_str().to_owned()),
+        ])
         .inc();
     response
 }

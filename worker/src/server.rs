@@ -107,14 +107,16 @@ where
     ));
 
     let registry = if config.registry.enabled {
-        let registry = Arc::new(Registry::new(
-            link.clone(),
-            config.redis.keys(),
-            config.registry.clone(),
-            config.redis.connect_timeout + config.redis.command_timeout,
-            record(&identity, &config),
-        )
-        .with_metrics(metrics.clone()));
+        let registry = Arc::new(
+            Registry::new(
+                link.clone(),
+                config.redis.keys(),
+                config.registry.clone(),
+                config.redis.connect_timeout + config.redis.command_timeout,
+                record(&identity, &config),
+            )
+            .with_metrics(metrics.clone()),
+        );
         let heartbeat = tokio::spawn({
             let registry = registry.clone();
             let stop = background.clone();

@@ -313,8 +313,7 @@ impl Session {
                 conflicts = tracing::field::Empty,
             )
         });
-        let result =
-            herd_shared::telemetry::in_span(span, self.save_locked(&mut state)).await;
+        let result = herd_shared::telemetry::in_span(span, self.save_locked(&mut state)).await;
         if result.is_err() {
             // Drop the unsaved changes: a retry of the request starts from what is stored.
             state.ops.clear();
