@@ -135,8 +135,9 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         let version = parts.version;
         let request_id = headers::ensure_request_id(&mut parts.headers);
-        let span = self
-            .tracing
+        // Sampling is decided here, before any span exists: an unsampled request costs a draw
+        // and one header (so the workers do not trace it either), no span.
+        let span = (self.tracing && herd_shared::telemetry::decide(&mut parts.headers))
             .then(|| trace::request_span(&parts, &request_id));
         let forwarded = self.forward(
             parts,

@@ -13,7 +13,7 @@
 //! config key that is set wins over its variable. See `docs/observability.md`.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
@@ -33,6 +33,9 @@ pub const TRACE_TARGET: &str = "herd::trace";
 /// Set once trace export is installed: the request paths check it (one relaxed load) and open
 /// no span at all when it is off.
 static TRACING: AtomicBool = AtomicBool::new(false);
+
+/// The share of new traces kept (bits of an `f64`), decided at the edge by [`should_trace`].
+static RATIO: AtomicU64 = AtomicU64::new(0x3FF0_0000_0000_0000); // 1.0
 
 /// Whether spans are exported (set by [`init_with_tracing`]). The request paths test this before
 /// doing any trace work, so tracing off costs one load of a boolean per request.
@@ -226,15 +229,16 @@ pub fn init_with_tracing(
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service_name)
         .build();
-    let mut provider = SdkTracerProvider::builder()
+    // Sampling is decided before any span exists ([`should_trace`]): an unsampled request then
+    // costs no span at all, which the SDK's own samplers cannot offer (they run once the span
+    // is being built). Every span that is created is therefore kept.
+    let ratio = config.sample_ratio.unwrap_or_else(ratio_from_env);
+    RATIO.store(ratio.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+    let provider = SdkTracerProvider::builder()
         .with_resource(resource)
-        .with_batch_exporter(exporter);
-    if let Some(ratio) = config.sample_ratio {
-        provider = provider.with_sampler(Sampler::ParentBased(Box::new(
-            Sampler::TraceIdRatioBased(ratio),
-        )));
-    }
-    let provider = provider.build();
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
+        .build();
     let tracer = provider.tracer("herd");
     install(format, Some(tracer));
     TRACING.store(true, Ordering::Relaxed);
@@ -242,6 +246,85 @@ pub fn init_with_tracing(
         provider: Some(provider),
         runtime,
     })
+}
+
+/// The ratio `OTEL_TRACES_SAMPLER(_ARG)` ask for (the ratio and always/never samplers; parent
+/// based or not, herd always follows a caller's decision); 1.0 when unset or unknown.
+fn ratio_from_env() -> f64 {
+    let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG")
+        .ok()
+        .and_then(|value| value.trim().parse::<f64>().ok());
+    match std::env::var("OTEL_TRACES_SAMPLER")
+        .ok()
+        .as_deref()
+        .map(str::trim)
+    {
+        Some("always_off" | "parentbased_always_off") => 0.0,
+        Some("traceidratio" | "parentbased_traceidratio") => arg.unwrap_or(1.0),
+        _ => 1.0,
+    }
+}
+
+/// Whether the request with these headers is traced (call only when [`tracing_enabled`]): a
+/// valid W3C `traceparent` decides by its sampled flag; otherwise a draw at the configured ratio.
+pub fn should_trace(headers: &http::HeaderMap) -> bool {
+    match headers.get("traceparent").map(http::HeaderValue::as_bytes) {
+        Some(value) if is_traceparent(value) => std::str::from_utf8(&value[53..55])
+            .ok()
+            .and_then(|flags| u8::from_str_radix(flags, 16).ok())
+            .is_some_and(|flags| flags & 1 == 1),
+        _ => {
+            let ratio = f64::from_bits(RATIO.load(Ordering::Relaxed));
+            ratio >= 1.0 || (ratio > 0.0 && rand::random::<f64>() < ratio)
+        }
+    }
+}
+
+/// The edge's decision (the gateway's): whether this request is traced ([`should_trace`]).
+/// When it is not, the request leaves with a `traceparent` that says so — the caller's, or a
+/// fresh unsampled one — so the workers behind do not trace it either.
+pub fn decide(headers: &mut http::HeaderMap) -> bool {
+    if should_trace(headers) {
+        return true;
+    }
+    let valid = headers
+        .get("traceparent")
+        .is_some_and(|value| is_traceparent(value.as_bytes()));
+    if !valid {
+        headers.insert("traceparent", unsampled_traceparent());
+    }
+    false
+}
+
+/// Whether the code runs inside a traced request (a herd span is current): the spans of
+/// inner work (Redis calls) are made only then, never as roots of their own.
+pub fn in_traced_request() -> bool {
+    tracing_enabled()
+        && tracing::Span::current()
+            .metadata()
+            .is_some_and(|metadata| metadata.target() == TRACE_TARGET)
+}
+
+/// `00-<32 hex>-<16 hex>-<2 hex>` with non-zero ids.
+fn is_traceparent(value: &[u8]) -> bool {
+    let hex = |range: std::ops::Range<usize>| value[range].iter().all(u8::is_ascii_hexdigit);
+    value.len() == 55
+        && value.starts_with(b"00-")
+        && value[35] == b'-'
+        && value[52] == b'-'
+        && hex(3..35)
+        && hex(36..52)
+        && hex(53..55)
+        && value[3..35].iter().any(|&b| b != b'0')
+        && value[36..52].iter().any(|&b| b != b'0')
+}
+
+/// A fresh `traceparent` that is *not* sampled, for a request the gateway does not trace, so the
+/// workers behind it do not start traces of their own for it.
+pub fn unsampled_traceparent() -> http::HeaderValue {
+    let (trace, span): (u128, u64) = (rand::random::<u128>() | 1, rand::random::<u64>() | 1);
+    let text = format!("00-{trace:032x}-{span:016x}-00");
+    http::HeaderValue::from_str(&text).expect("hex digits and dashes")
 }
 
 fn install(format: LogFormat, tracer: Option<opentelemetry_sdk::trace::Tracer>) {
@@ -363,5 +446,42 @@ pub async fn in_span<F: std::future::Future>(span: Option<tracing::Span>, future
     match span {
         Some(span) => future.instrument(span).await,
         None => future.await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(traceparent: &str) -> http::HeaderMap {
+        let mut map = http::HeaderMap::new();
+        map.insert("traceparent", traceparent.parse().unwrap());
+        map
+    }
+
+    #[test]
+    fn a_valid_traceparent_decides_by_its_sampled_flag() {
+        let id = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7";
+        assert!(should_trace(&headers(&format!("{id}-01"))));
+        assert!(should_trace(&headers(&format!("{id}-0b"))));
+        // RATIO is 1.0 in unit tests: a false here can only come from the flag.
+        assert!(!should_trace(&headers(&format!("{id}-00"))));
+        assert!(!should_trace(&headers(&format!("{id}-0a"))));
+    }
+
+    #[test]
+    fn malformed_traceparents_are_ignored() {
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-00",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-00",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            "00-4bf92f3577b34da6a3ce929d0e0e473x-00f067aa0ba902b7-00",
+            "garbage",
+        ] {
+            assert!(!is_traceparent(bad.as_bytes()), "{bad}");
+        }
+        let fresh = unsampled_traceparent();
+        assert!(is_traceparent(fresh.as_bytes()));
+        assert!(!should_trace(&headers(fresh.to_str().unwrap())));
     }
 }

@@ -8,10 +8,11 @@ use axum::response::Response;
 use herd_shared::telemetry::{self, TRACE_TARGET};
 use tracing::Instrument as _;
 
-/// Middleware: a server span per request, child of the caller's `traceparent` if any. With
-/// tracing off it only forwards (one boolean load).
+/// Middleware: a server span per traced request, child of the caller's `traceparent` if any
+/// (whose sampled flag decides; without one, a draw at the configured ratio). With tracing off
+/// it only forwards (one boolean load).
 pub async fn request_span(request: Request, next: Next) -> Response {
-    if !telemetry::tracing_enabled() {
+    if !telemetry::tracing_enabled() || !telemetry::should_trace(request.headers()) {
         return next.run(request).await;
     }
     let route = request

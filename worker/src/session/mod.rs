@@ -306,7 +306,7 @@ impl Session {
         }
         // One span around the whole save: its compare-and-set attempts are its children, and
         // each conflict is an event on it.
-        let span = herd_shared::telemetry::tracing_enabled().then(|| {
+        let span = herd_shared::telemetry::in_traced_request().then(|| {
             tracing::info_span!(
                 target: herd_shared::telemetry::TRACE_TARGET,
                 "session save",
@@ -400,7 +400,7 @@ impl Session {
                 SaveOutcome::Conflict(fresh) => {
                     conflicts += 1;
                     store.metrics().session_conflict();
-                    if herd_shared::telemetry::tracing_enabled() {
+                    if herd_shared::telemetry::in_traced_request() {
                         let span = tracing::Span::current();
                         span.record("conflicts", conflicts);
                         tracing::debug!(target: herd_shared::telemetry::TRACE_TARGET, conflicts, "compare-and-set conflict: retrying on fresh data");

@@ -329,7 +329,7 @@ impl SessionStore {
         F: std::future::Future<Output = Result<T, SessionError>>,
         T: Outcome,
     {
-        let span = herd_shared::telemetry::tracing_enabled().then(|| {
+        let span = herd_shared::telemetry::in_traced_request().then(|| {
             tracing::info_span!(
                 target: herd_shared::telemetry::TRACE_TARGET,
                 "redis session",
