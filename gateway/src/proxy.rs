@@ -198,6 +198,8 @@ impl Proxy {
     }
 
     /// The response to pass on, and the worker's side of a tunnel when it switched protocols.
+    /// `traced`: the request has a span, so each attempt gets one too.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         mut parts: http::request::Parts,

@@ -67,8 +67,8 @@ pub enum Protocol {
     Grpc,
 }
 
-/// The `[tracing]` section of the gateway's and the worker's configuration.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// The `[tracing]` section of the gateway's and the worker's configuration (default: off).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TracingConfig {
     /// Export spans over OTLP. Default false: no span is even created.
@@ -81,17 +81,6 @@ pub struct TracingConfig {
     /// Share of new traces sampled, 0.0 to 1.0 (parent-based: a request that arrives with a
     /// `traceparent` follows its caller's decision). Unset: `OTEL_TRACES_SAMPLER(_ARG)`, else 1.0.
     pub sample_ratio: Option<f64>,
-}
-
-impl Default for TracingConfig {
-    fn default() -> Self {
-        TracingConfig {
-            enabled: false,
-            endpoint: None,
-            protocol: None,
-            sample_ratio: None,
-        }
-    }
 }
 
 impl TracingConfig {

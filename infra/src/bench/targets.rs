@@ -418,6 +418,61 @@ fn wait_for(
     Ok(())
 }
 
+/// An OTLP/HTTP sink on a free loopback port: reads each export request and answers 200 without
+/// decoding it, so the traced gateway pays for making and sending its spans, as with a real
+/// collector, and the sink costs next to nothing. Its threads end with the benchmark process.
+fn otlp_sink() -> std::io::Result<SocketAddr> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("otlp-sink".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let _ = std::thread::Builder::new().spawn(move || {
+                    let Ok(mut writer) = stream.try_clone() else {
+                        return;
+                    };
+                    let mut reader = BufReader::new(stream);
+                    let mut line = String::new();
+                    // One export request per loop; the connection is kept alive.
+                    loop {
+                        let mut length = 0usize;
+                        loop {
+                            line.clear();
+                            match reader.read_line(&mut line) {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) => {}
+                            }
+                            let header = line.trim_end();
+                            if header.is_empty() {
+                                break;
+                            }
+                            if let Some((name, value)) = header.split_once(':')
+                                && name.eq_ignore_ascii_case("content-length")
+                            {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        if std::io::copy(
+                            &mut (&mut reader).take(length as u64),
+                            &mut std::io::sink(),
+                        )
+                        .is_err()
+                            || writer
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                                .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        })?;
+    Ok(addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,59 +543,4 @@ mod tests {
         assert!(config.contains("pid /tmp/x/nginx/nginx.pid;"), "{config}");
         assert!(config.contains("keepalive 512;"));
     }
-}
-
-/// An OTLP/HTTP sink on a free loopback port: reads each export request and answers 200 without
-/// decoding it, so the traced gateway pays for making and sending its spans, as with a real
-/// collector, and the sink costs next to nothing. Its threads end with the benchmark process.
-fn otlp_sink() -> std::io::Result<SocketAddr> {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    std::thread::Builder::new()
-        .name("otlp-sink".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let _ = std::thread::Builder::new().spawn(move || {
-                    let Ok(mut writer) = stream.try_clone() else {
-                        return;
-                    };
-                    let mut reader = BufReader::new(stream);
-                    let mut line = String::new();
-                    // One export request per loop; the connection is kept alive.
-                    loop {
-                        let mut length = 0usize;
-                        loop {
-                            line.clear();
-                            match reader.read_line(&mut line) {
-                                Ok(0) | Err(_) => return,
-                                Ok(_) => {}
-                            }
-                            let header = line.trim_end();
-                            if header.is_empty() {
-                                break;
-                            }
-                            if let Some((name, value)) = header.split_once(':')
-                                && name.eq_ignore_ascii_case("content-length")
-                            {
-                                length = value.trim().parse().unwrap_or(0);
-                            }
-                        }
-                        if std::io::copy(
-                            &mut (&mut reader).take(length as u64),
-                            &mut std::io::sink(),
-                        )
-                        .is_err()
-                            || writer
-                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                                .is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
-            }
-        })?;
-    Ok(addr)
 }

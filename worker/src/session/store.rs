@@ -517,6 +517,34 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// What a span records as the outcome of a store operation.
+trait Outcome {
+    fn outcome(&self) -> &'static str;
+}
+
+impl Outcome for Option<Record> {
+    fn outcome(&self) -> &'static str {
+        if self.is_some() { "found" } else { "missing" }
+    }
+}
+
+impl Outcome for SaveOutcome {
+    fn outcome(&self) -> &'static str {
+        match self {
+            SaveOutcome::Saved(_) => "saved",
+            SaveOutcome::Conflict(_) => "conflict",
+            SaveOutcome::Gone => "gone",
+            SaveOutcome::Busy => "busy",
+        }
+    }
+}
+
+impl Outcome for i64 {
+    fn outcome(&self) -> &'static str {
+        "done"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,33 +599,5 @@ mod tests {
         // And the session can still be locked.
         drop(store.lock("a").await);
         assert_eq!(store.locked(), 0);
-    }
-}
-
-/// What a span records as the outcome of a store operation.
-trait Outcome {
-    fn outcome(&self) -> &'static str;
-}
-
-impl Outcome for Option<Record> {
-    fn outcome(&self) -> &'static str {
-        if self.is_some() { "found" } else { "missing" }
-    }
-}
-
-impl Outcome for SaveOutcome {
-    fn outcome(&self) -> &'static str {
-        match self {
-            SaveOutcome::Saved(_) => "saved",
-            SaveOutcome::Conflict(_) => "conflict",
-            SaveOutcome::Gone => "gone",
-            SaveOutcome::Busy => "busy",
-        }
-    }
-}
-
-impl Outcome for i64 {
-    fn outcome(&self) -> &'static str {
-        "done"
     }
 }
