@@ -459,6 +459,23 @@ mod tests {
     }
 
     #[test]
+    fn bad_tracing_keys_are_named() {
+        let ratio = TracingConfig {
+            sample_ratio: Some(1.5),
+            ..TracingConfig::default()
+        };
+        let error = ratio.validate_in("tracing").unwrap_err().to_string();
+        assert!(error.contains("tracing.sample_ratio"), "{error}");
+        let endpoint = TracingConfig {
+            endpoint: Some("collector:4318".into()),
+            ..TracingConfig::default()
+        };
+        let error = endpoint.validate_in("tracing").unwrap_err().to_string();
+        assert!(error.contains("tracing.endpoint"), "{error}");
+        assert!(TracingConfig::default().validate_in("tracing").is_ok());
+    }
+
+    #[test]
     fn malformed_traceparents_are_ignored() {
         for bad in [
             "00-00000000000000000000000000000000-00f067aa0ba902b7-00",

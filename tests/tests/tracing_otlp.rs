@@ -235,6 +235,10 @@ async fn with_the_collector_down_spans_are_lost_but_no_request() {
     let mut options = WorkerOptions::new("w1", redis.url(), &prefix);
     options.registry = false;
     options.env.extend(tracing_env("HERD_WORKER", &endpoint));
+    // The worker exports over gRPC, the gateway over HTTP: neither transport may hold a request.
+    options
+        .env
+        .push(("HERD_WORKER_TRACING__PROTOCOL".into(), "grpc".into()));
     let worker = TestWorker::start(&options, dir.path());
     let mut gateway_options = GatewayOptions {
         workers: vec![worker.addr],
