@@ -80,7 +80,9 @@ async fn one_trace_crosses_gateway_worker_and_redis_with_a_retried_attempt() {
         workers: vec![resetter, worker.addr],
         ..GatewayOptions::default()
     }
-    .env("HERD_GATEWAY_BALANCING__ALGORITHM", "round_robin");
+    .env("HERD_GATEWAY_BALANCING__ALGORITHM", "round_robin")
+    // The retry's log line ("retrying on another worker") is a debug line.
+    .env("HERD_LOG", "info,herd_gateway::proxy=debug");
     gateway_options
         .env
         .extend(tracing_env("HERD_GATEWAY", &receiver.endpoint()));
@@ -196,6 +198,23 @@ async fn one_trace_crosses_gateway_worker_and_redis_with_a_retried_attempt() {
     assert_eq!(load.parent_span_id, served.span_id);
     assert_eq!(load.attribute("outcome"), Some("found"));
     assert!(ids.contains_key(load.parent_span_id.as_str()));
+
+    // The gateway's log line about the retry leads to the trace: it carries the trace id and
+    // the request id.
+    let log = std::fs::read_to_string(gateway.process.log_path()).unwrap();
+    let line = log
+        .lines()
+        .find(|line| {
+            line.contains("retrying on another worker") && line.contains(&request.trace_id)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no retry log line with trace id {} in:\n{log}",
+                request.trace_id
+            )
+        });
+    let request_id = request.attribute("request_id").unwrap();
+    assert!(line.contains(request_id), "{line}");
 
     // The login's trace (started at the worker): the save and its compare-and-set attempt.
     let all = receiver.spans();
