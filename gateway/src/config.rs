@@ -12,6 +12,7 @@ use herd_shared::config::{ConfigError, Source, Validate, check};
 use herd_shared::redis::RedisConfig;
 
 use crate::failover::FailoverConfig;
+use herd_shared::telemetry::TracingConfig;
 use serde::Deserialize;
 
 /// Environment prefix of the gateway's settings.
@@ -53,6 +54,8 @@ pub struct GatewayConfig {
     pub failover: FailoverConfig,
     /// TLS termination on a listener of its own (off by default; docs/tls.md).
     pub tls: crate::tls::TlsConfig,
+    /// OpenTelemetry trace export (`[tracing]`; off by default; see `docs/observability.md`).
+    pub tracing: TracingConfig,
 }
 
 impl Default for GatewayConfig {
@@ -73,6 +76,7 @@ impl Default for GatewayConfig {
             limits: LimitsConfig::default(),
             failover: FailoverConfig::default(),
             tls: crate::tls::TlsConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }
@@ -441,6 +445,7 @@ impl Validate for GatewayConfig {
             ));
         }
         self.failover.validate()?;
+        self.tracing.validate_in("tracing")?;
         if self.failover.enabled {
             self.redis.validate_in("redis")?;
         }

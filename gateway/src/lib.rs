@@ -26,6 +26,7 @@
 //! - [`metrics`]: Prometheus metrics, lock-free on the request path.
 //! - [`tls`]: TLS termination on its own listener — certificates by SNI, hot reload, handshake
 //!   limits (docs/tls.md).
+//! - [`trace`]: OpenTelemetry spans of a request and its attempts (only when tracing is on).
 //! - [`config`]: the typed configuration with its documented defaults (see `gateway/README.md`).
 
 pub mod admin;
@@ -45,6 +46,7 @@ pub mod retry;
 pub mod server;
 pub mod serving;
 pub mod tls;
+pub mod trace;
 pub mod tunnel;
 pub mod upstream;
 

@@ -16,8 +16,14 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    herd_shared::telemetry::init(args.common.log_format);
     let config = exit_on_error(GatewayConfig::load(args.common.config.as_deref()));
+    // Kept to the end of `main`: dropping it flushes the spans still queued.
+    let _telemetry = herd_shared::telemetry::init_with_tracing(
+        args.common.log_format,
+        &config.tracing,
+        "herd-gateway",
+    )
+    .context("setting up trace export")?;
     // Admin API, failover and registry; clients are served on threads of their own (`serving`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

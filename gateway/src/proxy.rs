@@ -32,6 +32,7 @@ use crate::headers;
 use crate::hedge::Hedging;
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
+use crate::trace::{self, Choice};
 use crate::tunnel::WorkerTunnel;
 use crate::upstream::{self, ClientSettings, Connection, Outgoing, PoolLimits, Reply};
 
@@ -58,6 +59,11 @@ pub struct Proxy {
     settings: Settings,
     /// `x-herd-gateway` on every response: which gateway of a pair answered.
     gateway_id: HeaderValue,
+    /// Trace export is on: spans per request and attempt. Off, the request path does no trace
+    /// work at all beyond testing this.
+    tracing: bool,
+    /// The balancing algorithm's name, for the attempt spans.
+    algorithm: String,
 }
 
 /// How one attempt ended.
@@ -93,6 +99,8 @@ impl Proxy {
             },
         };
         Proxy {
+            tracing: herd_shared::telemetry::tracing_enabled(),
+            algorithm: format!("{:?}", config.balancing.algorithm).to_lowercase(),
             gateway_id: HeaderValue::from_str(&config.id)
                 .unwrap_or_else(|_| HeaderValue::from_static("gateway")),
             balancer,
@@ -127,10 +135,21 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         let version = parts.version;
         let request_id = headers::ensure_request_id(&mut parts.headers);
-        let mut response = match self
-            .forward(parts, body, forwarded_for, started, &request_id, upgrade)
-            .await
-        {
+        // Sampling is decided here, before any span exists: an unsampled request costs a draw
+        // and one header (so the workers do not trace it either), no span.
+        let span = (self.tracing && herd_shared::telemetry::decide(&mut parts.headers))
+            .then(|| trace::request_span(&parts, &request_id));
+        let forwarded = self.forward(
+            parts,
+            body,
+            forwarded_for,
+            started,
+            &request_id,
+            upgrade,
+            span.is_some(),
+        );
+        let forwarded = herd_shared::telemetry::in_span(span.clone(), forwarded).await;
+        let mut response = match forwarded {
             Ok((response, None)) => response,
             Ok((response, Some(worker_side))) => {
                 if let Some(client_side) = client_side {
@@ -142,6 +161,8 @@ impl Proxy {
             Err(error) => {
                 let (status, kind, _) = error.parts();
                 self.metrics.error(kind);
+                // The log line below carries the request's trace id.
+                let _entered = span.as_ref().map(tracing::Span::enter);
                 let id = request_id.to_str().unwrap_or("-");
                 if status.is_server_error() {
                     warn!(request_id = id, status = status.as_u16(), error = %error, "request failed");
@@ -160,6 +181,9 @@ impl Proxy {
             }
         };
         self.metrics.latency.observe(started.elapsed());
+        if let Some(span) = &span {
+            trace::record_status(span, response.status());
+        }
         let response_headers = response.headers_mut();
         response_headers.insert(headers::GATEWAY, self.gateway_id.clone());
         if version == http::Version::HTTP_2
@@ -174,6 +198,8 @@ impl Proxy {
     }
 
     /// The response to pass on, and the worker's side of a tunnel when it switched protocols.
+    /// `traced`: the request has a span, so each attempt gets one too.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         mut parts: http::request::Parts,
@@ -182,6 +208,7 @@ impl Proxy {
         started: Instant,
         request_id: &HeaderValue,
         upgrade: Option<HeaderValue>,
+        traced: bool,
     ) -> Result<(Response<ResponseBody>, Option<WorkerTunnel>), GatewayError> {
         let settings = &self.settings;
         if headers::head_size(&parts.uri, &parts.headers) > settings.max_header {
@@ -245,6 +272,8 @@ impl Proxy {
         let mut reached = 0;
         // One free retry after a kept-alive connection turned out closed (see below).
         let mut stale_retry_left = true;
+        // Why the next attempt is a retry (for its span).
+        let mut retry_reason: Option<&'static str> = None;
         loop {
             let pick = match self.balancer.pick(&tried) {
                 Ok(pick) => pick,
@@ -257,6 +286,17 @@ impl Proxy {
             };
             let worker = pick.worker;
             tried.push(worker.clone());
+            let attempt_span = traced.then(|| {
+                let choice = Choice {
+                    algorithm: &self.algorithm,
+                    probe: pick.probe,
+                    retry_reason,
+                    hedge: false,
+                };
+                let span = trace::attempt_span(worker.id(), tried.len(), choice);
+                trace::inject(&span, &mut parts.headers);
+                span
+            });
             let connected = upstream::connect(&worker.pool, &worker.authority, &self.upstream);
             let outcome = match tokio::time::timeout_at(deadline, connected).await {
                 Err(_) => return Err(last.unwrap_or(GatewayError::UpstreamTimeout)),
@@ -281,19 +321,49 @@ impl Proxy {
                     };
                     // Pinned where it is made: the attempt's future is large, and moving it into
                     // `hedged` cost measurable memcpy per request.
-                    let mut first = std::pin::pin!(self.attempt(
-                        &worker,
-                        connection,
-                        outgoing(body),
-                        idempotent,
-                        deadline,
-                        &prepared,
-                        request_id,
+                    let mut first = std::pin::pin!(herd_shared::telemetry::in_span(
+                        attempt_span.clone(),
+                        self.attempt(
+                            &worker,
+                            connection,
+                            outgoing(body),
+                            idempotent,
+                            deadline,
+                            &prepared,
+                            request_id,
+                        )
                     ));
                     match hedge {
                         Some((delay, spare)) => {
                             let prepared = &prepared;
+                            let parts = &parts;
+                            let algorithm = self.algorithm.as_str();
                             let second = move |worker: Arc<Worker>| async move {
+                                // The hedge has a span (and a traceparent) of its own.
+                                let hedge_span = traced.then(|| {
+                                    let choice = Choice {
+                                        algorithm,
+                                        probe: false,
+                                        retry_reason: None,
+                                        hedge: true,
+                                    };
+                                    trace::attempt_span(worker.id(), 2, choice)
+                                });
+                                let mut hedge_headers = None;
+                                if let Some(span) = &hedge_span {
+                                    let mut copy = parts.headers.clone();
+                                    trace::inject(span, &mut copy);
+                                    hedge_headers = Some(copy);
+                                }
+                                let request_headers =
+                                    hedge_headers.as_ref().unwrap_or(&parts.headers);
+                                let outgoing = Outgoing {
+                                    method: &parts.method,
+                                    path,
+                                    headers: request_headers,
+                                    declared_length: content_length,
+                                    body: spare,
+                                };
                                 let connection = match upstream::connect(
                                     &worker.pool,
                                     &worker.authority,
@@ -306,16 +376,18 @@ impl Proxy {
                                         return self.connect_failed(&worker, error, true);
                                     }
                                 };
-                                self.attempt(
-                                    &worker,
-                                    connection,
-                                    outgoing(spare),
-                                    true,
-                                    deadline,
-                                    prepared,
-                                    request_id,
+                                let outcome = herd_shared::telemetry::in_span(
+                                    hedge_span.clone(),
+                                    self.attempt(
+                                        &worker, connection, outgoing, true, deadline, prepared,
+                                        request_id,
+                                    ),
                                 )
-                                .await
+                                .await;
+                                if let Some(span) = &hedge_span {
+                                    record_attempt(span, &outcome);
+                                }
+                                outcome
                             };
                             self.hedged(first.as_mut(), &worker, delay, &mut tried, second)
                                 .await
@@ -324,6 +396,9 @@ impl Proxy {
                     }
                 }
             };
+            if let Some(span) = &attempt_span {
+                record_attempt(span, &outcome);
+            }
             let (error, reason) = match outcome {
                 Attempt::Response(response) => return Ok((response, None)),
                 Attempt::Switched(response, tunnel) => return Ok((response, Some(tunnel))),
@@ -354,6 +429,7 @@ impl Proxy {
                         stale_retry_left = false;
                         tried.pop();
                         self.metrics.retry(reason);
+                        retry_reason = Some(reason);
                         last = Some(error);
                         continue;
                     }
@@ -377,6 +453,7 @@ impl Proxy {
                 error = %error,
                 "retrying on another worker"
             );
+            retry_reason = Some(reason);
             last = Some(error);
         }
         Err(last.unwrap_or(GatewayError::NoWorker))
@@ -663,5 +740,17 @@ impl Proxy {
                 }
             }
         }
+    }
+}
+
+/// Records how an attempt ended on its span.
+fn record_attempt(span: &tracing::Span, outcome: &Attempt) {
+    match outcome {
+        Attempt::Response(response)
+        | Attempt::Retryable(response)
+        | Attempt::Switched(response, _) => {
+            trace::record_status(span, response.status());
+        }
+        Attempt::Failed { error, reason, .. } => trace::record_failure(span, reason, error),
     }
 }

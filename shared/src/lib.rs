@@ -7,7 +7,7 @@
 //! - [`keys`]: the Redis key schema (sessions, registry, events, gateway lease).
 //! - [`registry`]: the worker registry entry and the `events` notices, as written by workers and
 //!   read by gateways.
-//! - [`telemetry`]: logging set-up (pretty on a terminal, JSON otherwise).
+//! - [`telemetry`]: logging set-up (pretty on a terminal, JSON otherwise) and OTLP trace export.
 //! - [`cli`]: the command-line flags every herd binary shares.
 //! - [`net`]: listening sockets with a load-ready accept queue.
 

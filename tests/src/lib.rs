@@ -5,6 +5,7 @@
 //! - [`redis`]: [`redis::TestRedis`], a private redis-server in a temp dir.
 //! - [`worker`]: [`worker::TestWorker`], one herd-worker process.
 //! - [`gateway`]: [`gateway::TestGateway`], one herd-gateway process.
+//! - [`otlp`]: [`otlp::Receiver`], an OTLP/HTTP trace receiver that decodes what it is sent.
 //! - [`cluster`]: [`cluster::Cluster`], Redis + N workers + a gateway in one call.
 //! - [`wait_until`], [`unique_prefix`], [`client`]: small helpers every test needs.
 //!
@@ -14,6 +15,7 @@
 
 pub mod cluster;
 pub mod gateway;
+pub mod otlp;
 pub mod redis;
 pub mod worker;
 pub mod worker_support;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use herd_shared::config::{ConfigError, Validate, check};
 use herd_shared::redis::RedisConfig;
+use herd_shared::telemetry::TracingConfig;
 use serde::Deserialize;
 
 /// Environment prefix of the worker's settings.
@@ -57,6 +58,8 @@ pub struct WorkerConfig {
     pub drain: DrainConfig,
     /// Readiness checking.
     pub health: HealthConfig,
+    /// OpenTelemetry trace export (`[tracing]`; off by default).
+    pub tracing: TracingConfig,
 }
 
 impl Default for WorkerConfig {
@@ -74,6 +77,7 @@ impl Default for WorkerConfig {
             session: SessionConfig::default(),
             drain: DrainConfig::default(),
             health: HealthConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }
@@ -246,6 +250,7 @@ impl Validate for WorkerConfig {
         }
         check::range("weight", self.weight, 1, 10_000)?;
         self.redis.validate_in("redis")?;
+        self.tracing.validate_in("tracing")?;
         for addr in &self.sentinel.addrs {
             if addr
                 .rsplit_once(':')

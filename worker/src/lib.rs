@@ -9,6 +9,9 @@
 //! - [`health`]: readiness state and the health routes.
 //! - [`redis_link`]: the Redis pool, following the master through Sentinel when configured.
 //! - [`traffic`]: in-flight counting and the "quiet for a while" wait of the drain.
+//! - [`metrics`]: `/metrics` (Prometheus text): requests, latency, in flight, session store
+//!   operations, the Redis pool and registry heartbeats — every app gets them.
+//! - [`trace`]: the request span of OpenTelemetry tracing (off unless `[tracing] enabled`).
 //! - [`error`]: the one place where errors become statuses and JSON bodies.
 //! - [`config`]: the worker's configuration (keys documented in `worker/README.md`).
 //! - [`demo`]: the demo app (login, cart, work) that the `herd-worker` binary serves.
@@ -31,10 +34,12 @@ pub mod demo;
 pub mod error;
 pub mod health;
 pub mod hello;
+pub mod metrics;
 pub mod redis_link;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod trace;
 pub mod traffic;
 
 pub use error::ApiError;

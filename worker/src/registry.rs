@@ -6,7 +6,7 @@
 //! (restart, expiry during an outage). So gateways hear about the worker at once in every case.
 //! While Redis is down the worker keeps serving and keeps trying.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herd_shared::keys::Keys;
@@ -15,6 +15,7 @@ use redis::Script;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RegistryConfig;
+use crate::metrics::WorkerMetrics;
 use crate::redis_link::RedisLink;
 
 /// KEYS[1] entry. ARGV: ttl ms, channel, notice, '1' to publish even if the entry existed,
@@ -63,6 +64,7 @@ pub struct Registry {
     status: Mutex<Status>,
     beat: Script,
     leave: Script,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -94,7 +96,14 @@ impl Registry {
             }),
             beat: Script::new(BEAT),
             leave: Script::new(LEAVE),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The registry, counting its heartbeats in `metrics` (the worker's `/metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<WorkerMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn key(&self) -> String {
@@ -144,6 +153,7 @@ impl Registry {
             invocation.arg(field).arg(value);
         }
         let result = self.run_script(&invocation).await;
+        self.metrics.heartbeat(result.is_ok());
         let mut status = self.status.lock().expect("registry lock");
         match &result {
             Ok(published) => {

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Identity, WorkerConfig};
 use crate::error;
 use crate::health::{self, Readiness};
+use crate::metrics::{self, WorkerMetrics};
 use crate::redis_link::{self, RedisLink};
 use crate::registry::Registry;
 use crate::session::{SessionLayer, SessionStore};
@@ -91,7 +92,9 @@ where
                 .follow(config.sentinel.clone(), background.clone()),
         );
     }
-    let store = store_on(link.clone(), &config);
+    let metrics = Arc::new(WorkerMetrics::new());
+    metrics.watch_pool(link.clone());
+    let store = store_on(link.clone(), &config).with_metrics(metrics.clone());
     let readiness = Arc::new(Readiness::default());
     let traffic = Arc::new(Traffic::default());
 
@@ -104,13 +107,16 @@ where
     ));
 
     let registry = if config.registry.enabled {
-        let registry = Arc::new(Registry::new(
-            link.clone(),
-            config.redis.keys(),
-            config.registry.clone(),
-            config.redis.connect_timeout + config.redis.command_timeout,
-            record(&identity, &config),
-        ));
+        let registry = Arc::new(
+            Registry::new(
+                link.clone(),
+                config.redis.keys(),
+                config.registry.clone(),
+                config.redis.connect_timeout + config.redis.command_timeout,
+                record(&identity, &config),
+            )
+            .with_metrics(metrics.clone()),
+        );
         let heartbeat = tokio::spawn({
             let registry = registry.clone();
             let stop = background.clone();
@@ -128,7 +134,14 @@ where
     {
         tracing::warn!(advertise = %identity.advertise, "advertised address is unspecified; set `advertise` so gateways can reach this worker");
     }
-    let router = wrap(app, store, readiness.clone(), traffic.clone(), &identity)?;
+    let router = wrap(
+        app,
+        store,
+        readiness.clone(),
+        traffic.clone(),
+        metrics,
+        &identity,
+    )?;
     tracing::info!(worker = %identity.id, machine = %identity.machine, addr = %bound, advertise = %identity.advertise, "worker serving");
 
     let server = Serving::start(listener, router);
@@ -193,22 +206,32 @@ impl Serving {
     }
 }
 
-/// The app with everything a herd worker adds around it.
+/// The app with everything a herd worker adds around it (`/metrics` too: an app must not
+/// define that route itself).
 fn wrap(
     app: Router,
     store: SessionStore,
     readiness: Arc<Readiness>,
     traffic: Arc<Traffic>,
+    metrics: Arc<WorkerMetrics>,
     identity: &Identity,
 ) -> Result<Router, WorkerError> {
     let app = Router::new()
         .merge(app.layer(SessionLayer::new(store)))
         .merge(health::routes(readiness))
+        .merge(
+            Router::new()
+                .route("/metrics", axum::routing::get(metrics::serve))
+                .with_state(metrics.clone()),
+        )
         .fallback(error::not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(catch_panic));
+    // Outermost last: the span covers everything, the metrics everything but the span.
     Ok(with_identity_headers(app, identity)?
-        .layer(middleware::from_fn_with_state(traffic, traffic::track)))
+        .layer(middleware::from_fn_with_state(traffic, traffic::track))
+        .layer(middleware::from_fn_with_state(metrics, metrics::track))
+        .layer(middleware::from_fn(crate::trace::request_span)))
 }
 
 /// `router` with `x-herd-worker` and `x-herd-machine` on every response.
@@ -304,6 +327,7 @@ mod tests {
             store,
             Arc::new(Readiness::default()),
             Arc::new(Traffic::default()),
+            Arc::new(WorkerMetrics::new()),
             &identity,
         )
         .unwrap()

@@ -42,6 +42,15 @@ pub enum TargetKind {
     Direct,
     /// herd-gateway with its defaults.
     Herd,
+    /// herd-gateway exporting OpenTelemetry traces, 1 % of requests sampled, to an OTLP/HTTP sink
+    /// the benchmark runs (not in the default targets).
+    #[value(name = "herd-trace-1")]
+    #[serde(rename = "herd-trace-1")]
+    HerdTrace1,
+    /// herd-gateway exporting every request's spans (100 % sampling) to the same sink.
+    #[value(name = "herd-trace-100")]
+    #[serde(rename = "herd-trace-100")]
+    HerdTrace100,
     /// HAProxy (anchor hapE).
     Haproxy,
     /// nginx (anchor ngx1ka512).
@@ -62,6 +71,8 @@ impl TargetKind {
         match self {
             TargetKind::Direct => "direct",
             TargetKind::Herd => "herd",
+            TargetKind::HerdTrace1 => "herd-trace-1",
+            TargetKind::HerdTrace100 => "herd-trace-100",
             TargetKind::Haproxy => "haproxy",
             TargetKind::Nginx => "nginx",
         }
@@ -210,7 +221,9 @@ impl Target {
     ) -> Result<Target, BenchError> {
         let target = match kind {
             TargetKind::Direct => return Ok(Target::direct(upstreams)),
-            TargetKind::Herd => start_gateway(upstreams, dir, tls)?,
+            TargetKind::Herd => start_gateway(upstreams, dir, tls, None)?,
+            TargetKind::HerdTrace1 => start_gateway(upstreams, dir, tls, Some((kind, "0.01")))?,
+            TargetKind::HerdTrace100 => start_gateway(upstreams, dir, tls, Some((kind, "1.0")))?,
             TargetKind::Haproxy | TargetKind::Nginx => {
                 // A free port can be taken before the proxy binds it: try again with others.
                 let mut attempt = 0;
@@ -254,14 +267,18 @@ impl Target {
     }
 }
 
+/// herd-gateway over the upstreams; with `tls`, also on an HTTPS listener; with `tracing`,
+/// exporting spans at that sample ratio to an OTLP sink of the benchmark's own.
 fn start_gateway(
     upstreams: &Upstreams,
     dir: &Path,
     tls: Option<&TlsFiles>,
+    tracing: Option<(TargetKind, &str)>,
 ) -> Result<Target, BenchError> {
     let program = binaries::locate(binaries::GATEWAY)?;
     let workers: Vec<String> = upstreams.addrs().iter().map(ToString::to_string).collect();
-    let mut spec = Spec::new("herd-gateway", program, dir);
+    let name = tracing.map_or("herd-gateway", |(kind, _)| kind.name());
+    let mut spec = Spec::new(name, program, dir);
     let mut roles = vec!["public", "admin"];
     if let Some(tls) = tls {
         spec = spec
@@ -277,7 +294,7 @@ fn start_gateway(
             .env("HERD_GATEWAY_TLS__MAX_HANDSHAKES", "1024");
         roles.push("tls");
     }
-    let spec = spec
+    let mut spec = spec
         .env("HERD_GATEWAY_LISTEN", "127.0.0.1:0")
         .env("HERD_GATEWAY_ADMIN__LISTEN", "127.0.0.1:0")
         .env("HERD_GATEWAY_WORKERS", workers.join(","))
@@ -285,6 +302,16 @@ fn start_gateway(
         .env("HERD_LOG", "warn")
         .arg("--log-format")
         .arg("json");
+    let mut kind = TargetKind::Herd;
+    if let Some((traced, ratio)) = tracing {
+        kind = traced;
+        let sink =
+            otlp_sink().map_err(|source| BenchError::io("start the OTLP sink in", dir, source))?;
+        spec = spec
+            .env("HERD_GATEWAY_TRACING__ENABLED", "true")
+            .env("HERD_GATEWAY_TRACING__ENDPOINT", format!("http://{sink}"))
+            .env("HERD_GATEWAY_TRACING__SAMPLE_RATIO", ratio);
+    }
     let mut process = Process::spawn_and_wait(&spec, &roles, START_TIMEOUT)?;
     let public = process.addr("public").expect("waited for public");
     let tls_addr = tls.and_then(|_| process.addr("tls"));
@@ -294,7 +321,7 @@ fn start_gateway(
             && http::status(public, "/healthz", REQUEST_TIMEOUT) == Some(200)
     })?;
     Ok(Target {
-        kind: TargetKind::Herd,
+        kind,
         h1: public,
         h2: public,
         tls: tls_addr,
@@ -363,7 +390,10 @@ fn start_reference(
                 .arg("-e")
                 .arg(prefix.join("startup-error.log").display().to_string())
         }
-        TargetKind::Direct | TargetKind::Herd => {
+        TargetKind::Direct
+        | TargetKind::Herd
+        | TargetKind::HerdTrace1
+        | TargetKind::HerdTrace100 => {
             return Err(BenchError::Setup(format!(
                 "{} is not started from a template",
                 kind.name()
@@ -534,6 +564,61 @@ fn wait_for(
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// An OTLP/HTTP sink on a free loopback port: reads each export request and answers 200 without
+/// decoding it, so the traced gateway pays for making and sending its spans, as with a real
+/// collector, and the sink costs next to nothing. Its threads end with the benchmark process.
+fn otlp_sink() -> std::io::Result<SocketAddr> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("otlp-sink".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let _ = std::thread::Builder::new().spawn(move || {
+                    let Ok(mut writer) = stream.try_clone() else {
+                        return;
+                    };
+                    let mut reader = BufReader::new(stream);
+                    let mut line = String::new();
+                    // One export request per loop; the connection is kept alive.
+                    loop {
+                        let mut length = 0usize;
+                        loop {
+                            line.clear();
+                            match reader.read_line(&mut line) {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) => {}
+                            }
+                            let header = line.trim_end();
+                            if header.is_empty() {
+                                break;
+                            }
+                            if let Some((name, value)) = header.split_once(':')
+                                && name.eq_ignore_ascii_case("content-length")
+                            {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        if std::io::copy(
+                            &mut (&mut reader).take(length as u64),
+                            &mut std::io::sink(),
+                        )
+                        .is_err()
+                            || writer
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                                .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        })?;
+    Ok(addr)
 }
 
 #[cfg(test)]

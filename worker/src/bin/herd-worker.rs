@@ -26,7 +26,12 @@ fn main() -> anyhow::Result<()> {
         env_prefix: ENV_PREFIX,
         env_list_keys: ENV_LIST_KEYS,
     }));
-    herd_shared::telemetry::init(args.common.log_format);
+    let _telemetry = herd_shared::telemetry::init_with_tracing(
+        args.common.log_format,
+        &config.tracing,
+        "herd-worker",
+    )
+    .context("setting up trace export")?;
     tokio::runtime::Runtime::new()
         .context("starting the runtime")?
         .block_on(async {

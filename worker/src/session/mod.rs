@@ -304,7 +304,16 @@ impl Session {
         if state.ops.is_empty() && !state.regenerate {
             return Ok(());
         }
-        let result = self.save_locked(&mut state).await;
+        // One span around the whole save: its compare-and-set attempts are its children, and
+        // each conflict is an event on it.
+        let span = herd_shared::telemetry::in_traced_request().then(|| {
+            tracing::info_span!(
+                target: herd_shared::telemetry::TRACE_TARGET,
+                "session save",
+                conflicts = tracing::field::Empty,
+            )
+        });
+        let result = herd_shared::telemetry::in_span(span, self.save_locked(&mut state)).await;
         if result.is_err() {
             // Drop the unsaved changes: a retry of the request starts from what is stored.
             state.ops.clear();
@@ -379,6 +388,7 @@ impl Session {
                 }
                 SaveOutcome::Gone => return Err(SessionError::Ended),
                 SaveOutcome::Busy => {
+                    store.metrics().session_busy();
                     // Another writer that kept losing has priority; it saves within a round trip
                     // or two. Wait for it, within a time budget.
                     if started.elapsed() >= BUSY_BUDGET {
@@ -389,6 +399,12 @@ impl Session {
                 }
                 SaveOutcome::Conflict(fresh) => {
                     conflicts += 1;
+                    store.metrics().session_conflict();
+                    if herd_shared::telemetry::in_traced_request() {
+                        let span = tracing::Span::current();
+                        span.record("conflicts", conflicts);
+                        tracing::debug!(target: herd_shared::telemetry::TRACE_TARGET, conflicts, "compare-and-set conflict: retrying on fresh data");
+                    }
                     if conflicts >= config.max_retries {
                         break;
                     }

@@ -20,6 +20,7 @@ use redis::Script;
 
 use super::SessionError;
 use crate::config::SessionConfig;
+use crate::metrics::{SessionOp, WorkerMetrics};
 use crate::redis_link::RedisLink;
 
 /// How long a write lease lasts if its holder never saves (crashed, stalled).
@@ -212,6 +213,7 @@ pub struct SessionStore {
     call_timeout: Duration,
     scripts: Arc<Scripts>,
     locks: SaveLocks,
+    metrics: Arc<WorkerMetrics>,
 }
 
 /// Per-session locks inside this process, held while saving: concurrent requests of one session
@@ -305,7 +307,53 @@ impl SessionStore {
                 destroy_user: Script::new(DESTROY_USER),
             }),
             locks: SaveLocks::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The store, counting its operations in `metrics` (the worker's `/metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<WorkerMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Where the store counts its operations.
+    pub(crate) fn metrics(&self) -> &WorkerMetrics {
+        &self.metrics
+    }
+
+    /// Runs one Redis operation: timed and counted in the metrics, and inside a client span
+    /// (with the outcome) when tracing is on.
+    async fn measured<T, F>(&self, op: SessionOp, work: F) -> Result<T, SessionError>
+    where
+        F: std::future::Future<Output = Result<T, SessionError>>,
+        T: Outcome,
+    {
+        let span = herd_shared::telemetry::in_traced_request().then(|| {
+            tracing::info_span!(
+                target: herd_shared::telemetry::TRACE_TARGET,
+                "redis session",
+                otel.name = op.span_name(),
+                otel.kind = "client",
+                db.system = "redis",
+                outcome = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        });
+        let started = tokio::time::Instant::now();
+        let result = herd_shared::telemetry::in_span(span.clone(), work).await;
+        self.metrics
+            .session_op(op, result.is_ok(), started.elapsed());
+        if let Some(span) = span {
+            match &result {
+                Ok(value) => span.record("outcome", value.outcome()),
+                Err(error) => {
+                    span.record("otel.status_code", "ERROR");
+                    span.record("outcome", tracing::field::display(error))
+                }
+            };
+        }
+        result
     }
 
     /// The session settings.
@@ -345,6 +393,11 @@ impl SessionStore {
 
     /// The live session stored under `id`, if any (touching its idle TTL when due).
     pub(crate) async fn load(&self, id: &str) -> Result<Option<Record>, SessionError> {
+        self.measured(SessionOp::Load, self.load_from_redis(id))
+            .await
+    }
+
+    async fn load_from_redis(&self, id: &str) -> Result<Option<Record>, SessionError> {
         let mut invocation = self.scripts.load.key(self.keys.session(id));
         invocation
             .arg(id)
@@ -363,6 +416,11 @@ impl SessionStore {
 
     /// One compare-and-set attempt.
     pub(crate) async fn save(&self, write: &Write<'_>) -> Result<SaveOutcome, SessionError> {
+        self.measured(SessionOp::Save, self.save_to_redis(write))
+            .await
+    }
+
+    async fn save_to_redis(&self, write: &Write<'_>) -> Result<SaveOutcome, SessionError> {
         let (current_id, expected) = write.current.unwrap_or((write.target, 0));
         let mut invocation = self.scripts.save.key(self.keys.session(current_id));
         invocation
@@ -407,14 +465,18 @@ impl SessionStore {
             .arg(id)
             .arg(self.session_prefix())
             .arg(self.user_prefix());
-        self.call::<i64>(&invocation).await.map(drop)
+        self.measured(SessionOp::Destroy, self.call::<i64>(&invocation))
+            .await
+            .map(drop)
     }
 
     /// Log out everywhere: deletes every session of `user`; returns how many there were.
     pub async fn destroy_user(&self, user: &str) -> Result<usize, SessionError> {
         let mut invocation = self.scripts.destroy_user.key(self.keys.user_sessions(user));
         invocation.arg(self.session_prefix());
-        let count: i64 = self.call(&invocation).await?;
+        let count: i64 = self
+            .measured(SessionOp::Destroy, self.call(&invocation))
+            .await?;
         Ok(usize::try_from(count).unwrap_or(0))
     }
 
@@ -453,6 +515,34 @@ fn record(id: &str, version: &str, data: &str, user: &str) -> Result<Record, Ses
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What a span records as the outcome of a store operation.
+trait Outcome {
+    fn outcome(&self) -> &'static str;
+}
+
+impl Outcome for Option<Record> {
+    fn outcome(&self) -> &'static str {
+        if self.is_some() { "found" } else { "missing" }
+    }
+}
+
+impl Outcome for SaveOutcome {
+    fn outcome(&self) -> &'static str {
+        match self {
+            SaveOutcome::Saved(_) => "saved",
+            SaveOutcome::Conflict(_) => "conflict",
+            SaveOutcome::Gone => "gone",
+            SaveOutcome::Busy => "busy",
+        }
+    }
+}
+
+impl Outcome for i64 {
+    fn outcome(&self) -> &'static str {
+        "done"
+    }
 }
 
 #[cfg(test)]
