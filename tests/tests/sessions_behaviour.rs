@@ -538,10 +538,11 @@ async fn sessions_of_the_old_key_layout_survive_the_upgrade() {
     let keys = Keys::new(&setup.prefix);
     let mut con = setup.redis.connection().await;
     // Written as the old SAVE script wrote them.
-    let now_ms: u64 = 1_000 * std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now_ms: u64 = 1_000
+        * std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
     let old = |n: u8| format!("{:02x}", n).repeat(24);
     for (n, user) in [(1u8, "ann"), (2, "ann"), (3, "")] {
         let key = keys.legacy_session(&old(n));
@@ -604,10 +605,7 @@ async fn sessions_of_the_old_key_layout_survive_the_upgrade() {
     for n in [1u8, 2] {
         assert_eq!(get_json(&client, worker, "/me", &old(n)).await.0, 401);
     }
-    let index: bool = con
-        .exists(keys.legacy_user_sessions("ann"))
-        .await
-        .unwrap();
+    let index: bool = con.exists(keys.legacy_user_sessions("ann")).await.unwrap();
     assert!(!index, "old index removed");
     assert_eq!(get_json(&client, worker, "/cart", &old(3)).await.0, 200);
 }
