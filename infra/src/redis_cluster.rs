@@ -87,6 +87,11 @@ impl RedisCluster {
                 // failover, and the loss window is stated (docs/sessions.md).
                 "--cluster-replica-validity-factor",
                 "0",
+                // Without this, every shard refuses commands (CLUSTERDOWN) from the moment a
+                // master is marked failed until its replica is promoted: other shards' sessions
+                // must not notice one shard's failure.
+                "--cluster-require-full-coverage",
+                "no",
             ]
             .map(String::from);
             nodes.push(RedisServer::start_with(Some(port), &node_dir, dir, &extra)?);

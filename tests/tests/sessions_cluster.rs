@@ -68,11 +68,8 @@ impl Setup {
 
     fn master_of(&self, slot: u16) -> u16 {
         for (port, _, ranges) in self.cluster.masters().unwrap() {
-            for range in ranges {
-                let (start, end) = range.split_once('-').unwrap_or((&range, &range));
-                if (start.parse().unwrap()..=end.parse().unwrap()).contains(&slot) {
-                    return port;
-                }
+            if in_ranges(&ranges, slot) {
+                return port;
             }
         }
         panic!("slot {slot} has no master")
@@ -87,6 +84,14 @@ impl Setup {
             .map(|(_, id, _)| id)
             .expect("a master on that port")
     }
+}
+
+/// Whether `slot` is in one of `ranges` (`CLUSTER NODES` form: `0-5460`, `7`).
+fn in_ranges(ranges: &[String], slot: u16) -> bool {
+    ranges.iter().any(|range| {
+        let (start, end) = range.split_once('-').unwrap_or((range, range));
+        (start.parse().unwrap_or(u16::MAX)..=end.parse().unwrap_or(0)).contains(&slot)
+    })
 }
 
 async fn login(
@@ -323,7 +328,12 @@ async fn sessions_on_every_master(setup: &Setup, client: &reqwest::Client, n: us
 async fn wait_replicated(setup: &Setup) {
     for (port, _, ranges) in setup.cluster.masters().unwrap() {
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
-        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(5)));
+        let mut con = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .unwrap();
         let first: u16 = ranges[0].split('-').next().unwrap().parse().unwrap();
         // A key in this master's slots.
         let mut key = None;
@@ -335,7 +345,7 @@ async fn wait_replicated(setup: &Setup) {
                 .query_async(&mut con)
                 .await
                 .unwrap();
-            if setup.master_of(slot) == port && (slot >= first || n > 50_000) {
+            if in_ranges(&ranges, slot) {
                 key = Some(candidate);
                 break;
             }
@@ -347,13 +357,20 @@ async fn wait_replicated(setup: &Setup) {
             .query_async(&mut con)
             .await
             .unwrap();
-        let acked: i64 = redis::cmd("WAIT")
-            .arg(1)
-            .arg(2_000)
-            .query_async(&mut con)
-            .await
-            .unwrap();
-        assert_eq!(acked, 1, "master {port}: replica acknowledged");
+        // Right after `--cluster create` a replica may still be syncing: ask again.
+        let mut acked = 0;
+        for _ in 0..10 {
+            acked = redis::cmd("WAIT")
+                .arg(1)
+                .arg(1_000)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            if acked == 1 {
+                break;
+            }
+        }
+        assert_eq!(acked, 1i64, "master {port}: replica acknowledged");
     }
 }
 
@@ -437,6 +454,7 @@ async fn a_master_killed_under_load_loses_only_unreplicated_writes_of_its_shard(
                     failed_window.1 = Some(failed_window.1.map_or(*at, |e: Duration| e.max(*at)));
                 } else {
                     failures_elsewhere += 1;
+                    println!("other shard, session {i}: {status} at {at:?}");
                 }
                 continue;
             }
