@@ -1,12 +1,13 @@
 //! The sessions' Redis side: one hash per session and the Lua scripts that read and change it
 //! atomically.
 //!
-//! `{prefix}session:{id}` holds `v` (version, +1 per save), `data` (JSON object), `user`,
+//! `{prefix}session:{tag}:{id}` holds `v` (version, +1 per save), `data` (JSON object), `user`,
 //! `created`, `deadline` (absolute timeout, ms) and `seen` (last idle-TTL refresh, ms). Its TTL is
 //! the idle timeout, capped by the deadline. After a regeneration the old key holds only
 //! `moved_to` with a short TTL (the grace period). Scripts take time from Redis (`TIME`), so
-//! workers with skewed clocks agree. They build the alias and user-index keys from the prefix
-//! passed in, which is fine on one Redis (or Sentinel) but not on Redis Cluster.
+//! workers with skewed clocks agree. Every key a script touches shares the session's hash tag
+//! (see `herd_shared::keys`), so the scripts run on a Redis Cluster as on one Redis; the user
+//! index lives in the user's slot and is kept in step around the scripts.
 //!
 //! Every call is bounded by the pool's timeouts plus an outer timeout, so a dead Redis is a quick
 //! [`SessionError::Unavailable`].
