@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use herd::redis_cluster::RedisCluster;
 use herd_shared::keys::Keys;
+use herd_tests::gateway::{GatewayOptions, TestGateway};
 use herd_tests::worker::{TestWorker, WorkerOptions};
 use herd_tests::worker_support::{cookie, plain_client, set_session_cookie};
 use herd_tests::{temp_dir, unique_prefix};
@@ -252,6 +253,37 @@ async fn additions_rotation_and_log_out_everywhere_on_a_cluster() {
         200,
         "bob untouched"
     );
+
+    // A gateway with no static workers finds all three through the registry on the cluster
+    // (entries spread over the masters, scanned on each).
+    let dir = temp_dir();
+    let gateway = TestGateway::start(
+        &GatewayOptions::default()
+            .env("HERD_GATEWAY_REGISTRY__ENABLED", "true")
+            .env(
+                "HERD_GATEWAY_REDIS__CLUSTER",
+                setup.cluster.seeds().join(","),
+            )
+            .env("HERD_GATEWAY_REDIS__PREFIX", setup.keys.prefix()),
+        dir.path(),
+    );
+    let mut seen = BTreeSet::new();
+    for _ in 0..200 {
+        if let Ok(response) = client.get(gateway.url("/healthz")).send().await
+            && let Some(worker) = response.headers().get("x-herd-worker")
+        {
+            seen.insert(worker.to_str().unwrap_or_default().to_string());
+        }
+        if seen.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "workers reached through the gateway: {seen:?}"
+    );
 }
 
 /// One loader: adds items to its session in a loop until `stop`; records (item, status, when).
@@ -334,7 +366,6 @@ async fn wait_replicated(setup: &Setup) {
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .unwrap();
-        let first: u16 = ranges[0].split('-').next().unwrap().parse().unwrap();
         // A key in this master's slots.
         let mut key = None;
         for n in 0..100_000 {
