@@ -5,7 +5,7 @@
 //! The tests run one at a time (each starts 6 redis-servers and 3 workers on a 2-core box).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herd::redis_cluster::RedisCluster;
@@ -16,7 +16,7 @@ use herd_tests::worker_support::{cookie, plain_client, set_session_cookie};
 use herd_tests::{temp_dir, unique_prefix};
 use serde_json::{Value, json};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Setup {
     workers: Vec<TestWorker>,
@@ -150,9 +150,7 @@ fn items(cart: &Value) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn additions_rotation_and_log_out_everywhere_on_a_cluster() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = SERIAL.lock().await;
     let setup = setup(3);
     let client = plain_client();
     let workers = &setup.workers;
@@ -407,9 +405,7 @@ async fn wait_replicated(setup: &Setup) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_under_load_loses_only_unreplicated_writes_of_its_shard() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = SERIAL.lock().await;
     let mut setup = setup(3);
     let client = plain_client();
     let loaded = sessions_on_every_master(&setup, &client, 9).await;
@@ -524,9 +520,7 @@ async fn a_master_killed_under_load_loses_only_unreplicated_writes_of_its_shard(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_moved_under_load_loses_no_acknowledged_write() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = SERIAL.lock().await;
     let setup = setup(3);
     let client = plain_client();
     let loaded = sessions_on_every_master(&setup, &client, 6).await;
