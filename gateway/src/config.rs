@@ -17,6 +17,8 @@ use serde::Deserialize;
 
 /// Environment prefix of the gateway's settings.
 pub const ENV_PREFIX: &str = "HERD_GATEWAY";
+/// Keys whose environment value is a comma-separated list.
+pub const ENV_LIST_KEYS: &[&str] = &["workers", "redis.cluster"];
 
 /// The whole configuration of one gateway process.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -104,7 +106,7 @@ impl GatewayConfig {
         herd_shared::config::load(&Source {
             file,
             env_prefix: ENV_PREFIX,
-            env_list_keys: &["workers"],
+            env_list_keys: ENV_LIST_KEYS,
         })
     }
 }
@@ -627,7 +629,7 @@ mod tests {
             &Source {
                 file: None,
                 env_prefix: ENV_PREFIX,
-                env_list_keys: &["workers"],
+                env_list_keys: ENV_LIST_KEYS,
             },
             Some(env),
         )

@@ -114,7 +114,7 @@ async fn a_redis_that_lost_its_data_never_hands_out_a_seen_epoch_again() {
     // Redis restarts empty (no persistence): the counter is gone.
     let mut connection = pool.get().await.unwrap();
     let _: () = redis::cmd("FLUSHALL")
-        .query_async(&mut *connection)
+        .query_async(&mut connection)
         .await
         .unwrap();
     drop(connection);
@@ -124,4 +124,100 @@ async fn a_redis_that_lost_its_data_never_hands_out_a_seen_epoch_again() {
     store.release(&after).await.unwrap();
     let next = held(store.acquire("a", None, 0).await.unwrap());
     assert_eq!(next.epoch, 4, "and the counter goes on from there");
+}
+
+/// On a Redis Cluster the lease and the epoch share the `{gateway}` slot. The master of that
+/// slot is killed: while its replica is not yet promoted nobody can renew (the active keeps
+/// serving on its own, see DESIGN.md); after the promotion a lease and epoch that had reached
+/// the replica (`WAIT`) are still there, so the holder renews and the next epoch is above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_lease_survives_a_failover_of_its_cluster_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster =
+        herd::redis_cluster::RedisCluster::start(3, 1, dir.path(), Duration::from_millis(1_000))
+            .unwrap();
+    let config = RedisConfig {
+        cluster: cluster.seeds(),
+        command_timeout: Duration::from_millis(300),
+        ..RedisConfig::default()
+    };
+    let keys = Keys::new("lease-test:");
+    let store = LeaseStore::new(config.pool().unwrap(), &keys, Duration::from_secs(10));
+    let first = held(store.acquire("a", None, 0).await.unwrap());
+    assert_eq!(first.epoch, 1);
+
+    // The master of the `{gateway}` slot, and a write of ours there confirmed by its replica
+    // (replication is ordered: the lease went first).
+    let any = cluster.nodes()[0].port();
+    let slot: u16 = cluster
+        .node_cli(any, &["cluster", "keyslot", &keys.gateway_lease()])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let master = cluster
+        .masters()
+        .unwrap()
+        .into_iter()
+        .find(|(_, _, ranges)| {
+            ranges.iter().any(|range| {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                (a.parse::<u16>().unwrap()..=b.parse().unwrap()).contains(&slot)
+            })
+        })
+        .map(|(port, _, _)| port)
+        .unwrap();
+    let probe = format!("{}probe", keys.gateway_epoch());
+    let mut acked = 0;
+    for _ in 0..10 {
+        let reply = cluster
+            .node_cli(
+                master,
+                &[
+                    "eval",
+                    "redis.call('SET', KEYS[1], 1) return 1",
+                    "1",
+                    &probe,
+                ],
+            )
+            .unwrap();
+        assert_eq!(reply.trim(), "1");
+        acked = cluster
+            .node_cli(master, &["wait", "1", "1000"])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        if acked == 1 {
+            break;
+        }
+    }
+    assert_eq!(acked, 1, "the replica has the lease");
+
+    cluster.kill(master);
+    let killed = Instant::now();
+    let mut failed = 0;
+    let renewed = loop {
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "no promotion within 15 s"
+        );
+        match store.renew(&first).await {
+            Ok(outcome) => break outcome,
+            Err(_) => failed += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "lease shard failover: renewals failed for {:?} ({failed} attempts), then {renewed:?}",
+        killed.elapsed()
+    );
+    assert_eq!(
+        renewed,
+        LeaseOutcome::Held(first.clone()),
+        "the replicated lease survived"
+    );
+    store.release(&first).await.unwrap();
+    let next = held(store.acquire("b", None, 0).await.unwrap());
+    assert_eq!(next.epoch, 2, "the replicated epoch survived");
 }

@@ -20,6 +20,12 @@ pub const REDIS_SERVER: Program = Program {
     package: "redis-server",
 };
 
+/// redis-cli (package redis-tools, pulled in by redis-server): `--cluster create` and reshard.
+pub const REDIS_CLI: Program = Program {
+    command: "redis-cli",
+    package: "redis-tools",
+};
+
 /// HAProxy, the reference proxy of the comparisons.
 pub const HAPROXY: Program = Program {
     command: "haproxy",

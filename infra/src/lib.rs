@@ -40,5 +40,6 @@ pub mod pid;
 pub mod ports;
 pub mod probe;
 pub mod process;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod state;

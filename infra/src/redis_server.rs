@@ -38,6 +38,8 @@ pub struct RedisServer {
     port: u16,
     data_dir: PathBuf,
     log_dir: PathBuf,
+    /// More `redis-server` arguments (cluster mode).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -47,6 +49,16 @@ impl RedisServer {
         port: Option<u16>,
         data_dir: &Path,
         log_dir: &Path,
+    ) -> Result<Self, RedisServerError> {
+        Self::start_with(port, data_dir, log_dir, &[])
+    }
+
+    /// [`start`](Self::start) with more `redis-server` arguments (e.g. `--cluster-enabled yes`).
+    pub fn start_with(
+        port: Option<u16>,
+        data_dir: &Path,
+        log_dir: &Path,
+        extra: &[String],
     ) -> Result<Self, RedisServerError> {
         let program = deps::ensure(REDIS_SERVER)?;
         let mut attempt = 0;
@@ -64,6 +76,7 @@ impl RedisServer {
                 port: chosen,
                 data_dir: data_dir.to_path_buf(),
                 log_dir: log_dir.to_path_buf(),
+                extra: extra.to_vec(),
             };
             match server.start_again() {
                 Ok(()) => return Ok(server),
@@ -92,6 +105,7 @@ impl RedisServer {
             port,
             data_dir: data_dir.to_path_buf(),
             log_dir: log_dir.to_path_buf(),
+            extra: Vec::new(),
         };
         server.start_again()?;
         Ok(server)
@@ -115,6 +129,10 @@ impl RedisServer {
             .arg("")
             .arg("--daemonize")
             .arg("no");
+        let spec = self
+            .extra
+            .iter()
+            .fold(spec, |spec, arg| spec.arg(arg.clone()));
         let spec = match &self.netns {
             // Inside a lab namespace clients come from other hosts of the isolated segment, which
             // protected mode (no password, non-loopback client) would turn away.

@@ -1,13 +1,23 @@
-//! Redis connection settings and the pooled client every herd process uses.
+//! Redis connection settings and the client every herd process uses: one Redis (`redis.url`,
+//! possibly found through Sentinel by the worker) or a Redis Cluster (`redis.cluster`).
 //!
 //! Every call to Redis is bounded: connecting, waiting for a pooled connection and waiting for a
 //! reply each have a timeout, so a Redis outage turns into a quick error (and a 503 for users)
 //! instead of a hang.
+//!
+//! On a cluster the client is the `redis` crate's `cluster_async` connection: it learns the slot
+//! map from the seeds, follows `MOVED` (and refreshes the map) and `ASK` redirects, and
+//! reconnects to promoted replicas. It is one multiplexed handle to every master, shared by all
+//! callers (the crate says cluster connections need no pooling; deadpool-redis' cluster pool
+//! cannot set the connect and response timeouts herd bounds every call with).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::AsyncConnectionConfig;
+use redis::aio::ConnectionLike;
+use redis::cluster_async::ClusterConnection;
 use serde::Deserialize;
 
 use crate::config::{ConfigError, Validate, check};
@@ -18,7 +28,11 @@ use crate::keys::Keys;
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// Redis URL, e.g. `redis://127.0.0.1:6379/0` (password as `redis://:secret@host:port`).
+    /// Leave at the default when `cluster` is set.
     pub url: String,
+    /// Redis Cluster seed nodes (`redis://host:port`, a few masters suffice: the rest of the
+    /// cluster is learned from them). Empty (default): no cluster, use `url`.
+    pub cluster: Vec<String>,
     /// Prefix of every key herd writes, so clusters sharing one Redis never meet.
     pub prefix: String,
     /// Largest number of pooled connections (each is multiplexed, so a few go a long way).
@@ -31,10 +45,14 @@ pub struct RedisConfig {
     pub command_timeout: Duration,
 }
 
+/// `redis.url`'s default.
+pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379/0";
+
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
-            url: "redis://127.0.0.1:6379/0".into(),
+            url: DEFAULT_URL.into(),
+            cluster: Vec::new(),
             prefix: "herd:".into(),
             pool_size: 16,
             connect_timeout: Duration::from_millis(500),
@@ -51,6 +69,38 @@ impl RedisConfig {
             return Err(ConfigError::new(
                 key("url"),
                 format!("not a valid Redis URL: {error}"),
+            ));
+        }
+        if !self.cluster.is_empty() && self.url != DEFAULT_URL {
+            return Err(ConfigError::new(
+                key("cluster"),
+                format!(
+                    "set either {} (one Redis) or {} (Redis Cluster), not both",
+                    key("url"),
+                    key("cluster")
+                ),
+            ));
+        }
+        for (index, seed) in self.cluster.iter().enumerate() {
+            let problem = match redis::Client::open(seed.as_str()) {
+                Err(error) => Some(format!("not a valid Redis URL: {error}")),
+                // A cluster has only database 0.
+                Ok(client) if client.get_connection_info().redis_settings().db() != 0 => {
+                    Some("a cluster has only database 0".to_string())
+                }
+                Ok(_) => None,
+            };
+            if let Some(problem) = problem {
+                return Err(ConfigError::new(
+                    format!("{}[{index}]", key("cluster")),
+                    format!("{seed:?}: {problem}"),
+                ));
+            }
+        }
+        if self.prefix.contains(['{', '}']) {
+            return Err(ConfigError::new(
+                key("prefix"),
+                "must not contain `{` or `}`: herd's keys carry their own Redis Cluster hash tags",
             ));
         }
         check::range(&key("pool_size"), self.pool_size, 1, 1024)?;
@@ -72,9 +122,36 @@ impl RedisConfig {
         Keys::new(self.prefix.clone())
     }
 
-    /// Builds the connection pool. Connections are made lazily, so this succeeds while Redis is
-    /// down; calls then fail within the configured timeouts until it is back.
-    pub fn pool(&self) -> Result<Pool, redis::RedisError> {
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster.is_empty()
+    }
+
+    /// Builds the client: a pool for one Redis, or the cluster client. Connections are made
+    /// lazily, so this succeeds while Redis is down; calls then fail within the configured
+    /// timeouts until it is back.
+    pub fn pool(&self) -> Result<RedisPool, redis::RedisError> {
+        if self.is_cluster() {
+            let client = redis::cluster::ClusterClientBuilder::new(self.cluster.clone())
+                .connection_timeout(self.connect_timeout)
+                .response_timeout(self.command_timeout)
+                // Redirects and reconnects after a failover fit in the outer call bound.
+                .overall_response_timeout(Some(self.connect_timeout + self.command_timeout))
+                .retries(4)
+                .min_retry_wait(10)
+                .max_retry_wait(100)
+                .build()?;
+            return Ok(RedisPool::Cluster(Arc::new(ClusterPool {
+                client,
+                connection: tokio::sync::Mutex::new(None),
+                connect_timeout: self.connect_timeout,
+            })));
+        }
+        self.single_pool().map(RedisPool::Single)
+    }
+
+    /// The pool for `url` (one Redis).
+    pub fn single_pool(&self) -> Result<Pool, redis::RedisError> {
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.command_timeout));
@@ -88,6 +165,128 @@ impl RedisConfig {
             .build()
             .expect("a pool with a runtime and timeouts always builds");
         Ok(pool)
+    }
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// No pooled connection to the one Redis (down or too slow).
+    #[error("no Redis connection: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    /// The cluster could not be reached (no seed answered, or no slot map yet).
+    #[error("no Redis Cluster connection: {0}")]
+    Cluster(#[from] redis::RedisError),
+    /// Connecting took longer than `connect_timeout`.
+    #[error("no Redis Cluster connection within the connect timeout")]
+    Timeout,
+}
+
+/// The cluster client and its one shared connection, made on first use (and again after a
+/// failed attempt), so a process starts while the cluster is down.
+pub struct ClusterPool {
+    client: redis::cluster::ClusterClient,
+    connection: tokio::sync::Mutex<Option<ClusterConnection>>,
+    connect_timeout: Duration,
+}
+
+/// How a process reaches Redis: a pool of connections to one server, or a cluster client.
+#[derive(Clone)]
+pub enum RedisPool {
+    /// One Redis (or the master Sentinel points at).
+    Single(Pool),
+    /// A Redis Cluster.
+    Cluster(Arc<ClusterPool>),
+}
+
+impl std::fmt::Debug for RedisPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisPool::Single(_) => f.write_str("RedisPool::Single"),
+            RedisPool::Cluster(_) => f.write_str("RedisPool::Cluster"),
+        }
+    }
+}
+
+impl RedisPool {
+    /// The pool's connections and waiters, for metrics; `None` on a cluster, which has one
+    /// shared multiplexed connection and no pool.
+    pub fn status(&self) -> Option<deadpool_redis::Status> {
+        match self {
+            RedisPool::Single(pool) => Some(pool.status()),
+            RedisPool::Cluster(_) => None,
+        }
+    }
+
+    /// A connection: pooled for one Redis, the shared multiplexed handle for a cluster.
+    pub async fn get(&self) -> Result<RedisConnection, ConnectError> {
+        match self {
+            RedisPool::Single(pool) => Ok(RedisConnection::Single(pool.get().await?)),
+            RedisPool::Cluster(cluster) => {
+                let mut slot = cluster.connection.lock().await;
+                if let Some(connection) = slot.as_ref() {
+                    return Ok(RedisConnection::Cluster(connection.clone()));
+                }
+                let connection = tokio::time::timeout(
+                    cluster.connect_timeout * 2,
+                    cluster.client.get_async_connection(),
+                )
+                .await
+                .map_err(|_| ConnectError::Timeout)??;
+                *slot = Some(connection.clone());
+                Ok(RedisConnection::Cluster(connection))
+            }
+        }
+    }
+
+    /// Whether this is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisPool::Cluster(_))
+    }
+}
+
+/// One connection from a [`RedisPool`]; runs commands, pipelines and scripts on either kind.
+/// On a cluster, a command or script goes to the master of its (first) key's slot; a pipeline
+/// must keep to one slot.
+pub enum RedisConnection {
+    /// Pooled connection to one Redis.
+    Single(deadpool_redis::Connection),
+    /// The cluster handle.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RedisConnection::Single(connection) => connection.req_packed_command(cmd),
+            RedisConnection::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RedisConnection::Single(connection) => {
+                connection.req_packed_commands(cmd, offset, count)
+            }
+            RedisConnection::Cluster(connection) => {
+                connection.req_packed_commands(cmd, offset, count)
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Single(connection) => connection.get_db(),
+            RedisConnection::Cluster(connection) => connection.get_db(),
+        }
     }
 }
 
@@ -114,6 +313,50 @@ mod tests {
         };
         let error = config.validate_in("redis").unwrap_err();
         assert_eq!(error.key, "redis.url");
+    }
+
+    #[test]
+    fn url_and_cluster_together_name_the_key() {
+        let config = RedisConfig {
+            url: "redis://10.0.0.1:6379/0".into(),
+            cluster: vec!["redis://10.0.0.2:7000".into()],
+            ..RedisConfig::default()
+        };
+        let error = config.validate_in("redis").unwrap_err();
+        assert_eq!(error.key, "redis.cluster");
+        assert!(error.to_string().contains("redis.url"), "{error}");
+    }
+
+    #[test]
+    fn bad_cluster_seeds_name_the_entry() {
+        let mut config = RedisConfig {
+            cluster: vec!["redis://10.0.0.2:7000".into(), "http://x".into()],
+            ..RedisConfig::default()
+        };
+        assert_eq!(
+            config.validate_in("redis").unwrap_err().key,
+            "redis.cluster[1]"
+        );
+        config.cluster[1] = "redis://10.0.0.3:7000/2".into();
+        assert_eq!(
+            config.validate_in("redis").unwrap_err().key,
+            "redis.cluster[1]"
+        );
+        config.cluster[1] = "redis://10.0.0.3:7000".into();
+        config.validate_in("redis").unwrap();
+        assert!(config.is_cluster());
+    }
+
+    #[tokio::test]
+    async fn cluster_client_builds_without_redis_and_fails_fast() {
+        let config = RedisConfig {
+            cluster: vec!["redis://127.0.0.1:1".into()],
+            ..RedisConfig::default()
+        };
+        let pool = config.pool().unwrap();
+        let started = std::time::Instant::now();
+        assert!(pool.get().await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ pub struct WorkerOptions {
     pub id: String,
     /// Machine name (`x-herd-machine`).
     pub machine: String,
-    /// Redis URL.
+    /// Redis URL (empty: not set, e.g. when `HERD_WORKER_REDIS__CLUSTER` is given in `env`).
     pub redis_url: String,
     /// Redis key prefix.
     pub prefix: String,
@@ -71,7 +71,6 @@ impl TestWorker {
             .env("HERD_WORKER_LISTEN", "127.0.0.1:0")
             .env("HERD_WORKER_ID", &options.id)
             .env("HERD_WORKER_MACHINE", &options.machine)
-            .env("HERD_WORKER_REDIS__URL", &options.redis_url)
             .env("HERD_WORKER_REDIS__PREFIX", &options.prefix)
             .env(
                 "HERD_WORKER_REGISTRY__ENABLED",
@@ -80,6 +79,9 @@ impl TestWorker {
             .env("HERD_LOG", "info")
             .arg("--log-format")
             .arg("json");
+        if !options.redis_url.is_empty() {
+            spec = spec.env("HERD_WORKER_REDIS__URL", &options.redis_url);
+        }
         for (key, value) in &options.env {
             spec = spec.env(key, value);
         }

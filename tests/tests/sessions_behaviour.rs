@@ -6,6 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use herd_shared::keys::Keys;
 use herd_tests::gateway::{GatewayOptions, TestGateway};
 use herd_tests::redis::TestRedis;
 use herd_tests::worker::{TestWorker, WorkerOptions};
@@ -207,7 +208,7 @@ async fn login_regenerates_the_id_keeps_the_data_and_the_old_id_dies_after_the_g
     );
     let mut con = setup.redis.connection().await;
     let exists: bool = con
-        .exists(format!("{}session:{first}", setup.prefix))
+        .exists(Keys::new(&setup.prefix).session(&first))
         .await
         .unwrap();
     assert!(!exists);
@@ -241,7 +242,7 @@ async fn unknown_expired_or_garbage_cookies_get_a_fresh_session_never_the_chosen
         .keys(format!("{}session:*", setup.prefix))
         .await
         .unwrap();
-    assert_eq!(keys, vec![format!("{}session:{id}", setup.prefix)]);
+    assert_eq!(keys, vec![Keys::new(&setup.prefix).session(&id)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,7 +391,7 @@ async fn a_change_over_the_size_limit_is_a_413_and_leaves_the_session_untouched(
     let worker = &setup.workers[0];
     let client = plain_client();
     let id = login(&client, worker, "ann", None).await;
-    let key = format!("{}session:{id}", setup.prefix);
+    let key = Keys::new(&setup.prefix).session(&id);
     let mut con = setup.redis.connection().await;
     let mut added = Vec::new();
     let (status, body) = loop {
@@ -457,7 +458,7 @@ async fn logout_is_not_undone_by_concurrent_saves() {
         }
         let mut con = setup.redis.connection().await;
         let exists: bool = con
-            .exists(format!("{}session:{id}", setup.prefix))
+            .exists(Keys::new(&setup.prefix).session(&id))
             .await
             .unwrap();
         assert!(
@@ -479,8 +480,8 @@ async fn logout_everywhere_ends_every_session_of_the_user() {
     let laptop = login(&client, &setup.workers[1], "ann", None).await;
     let other = login(&client, &setup.workers[1], "bob", None).await;
     let mut con = setup.redis.connection().await;
-    let index = format!("{}user-sessions:ann", setup.prefix);
-    let members: BTreeSet<String> = con.smembers(&index).await.unwrap();
+    let index = Keys::new(&setup.prefix).user_sessions("ann");
+    let members: BTreeSet<String> = con.zrange(&index, 0, -1).await.unwrap();
     assert_eq!(members, BTreeSet::from([phone.clone(), laptop.clone()]));
 
     let response = client
@@ -514,7 +515,7 @@ async fn reads_refresh_the_idle_ttl_at_most_once_per_touch_interval() {
     let worker = &setup.workers[0];
     let client = plain_client();
     let id = login(&client, worker, "ann", None).await;
-    let key = format!("{}session:{id}", setup.prefix);
+    let key = Keys::new(&setup.prefix).session(&id);
     let mut con = setup.redis.connection().await;
     let seen: String = con.hget(&key, "seen").await.unwrap();
     let ttl_before: i64 = con.pttl(&key).await.unwrap();
@@ -569,7 +570,7 @@ async fn a_login_through_the_old_id_during_its_grace_never_gets_a_new_id() {
     // The user's session stays where it is, untouched.
     let mut con = setup.redis.connection().await;
     let fields: HashMap<String, String> = con
-        .hgetall(format!("{}session:{current}", setup.prefix))
+        .hgetall(Keys::new(&setup.prefix).session(&current))
         .await
         .unwrap();
     assert!(!fields.contains_key("moved_to"), "{fields:?}");
@@ -595,4 +596,87 @@ async fn logging_in_as_another_user_does_not_inherit_the_previous_users_data() {
     let again = login(&client, worker, "ann", Some(&ann)).await;
     let (_, cart) = get_json(&client, worker, "/cart", &again).await;
     assert_eq!(item_names(&cart), vec!["tea"]);
+}
+
+/// Sessions written by the release before the hash-tag layout (`{prefix}session:{id}`, user
+/// index a plain set) are read, moved to the new key, and still end with "log out everywhere":
+/// an upgrade loses no session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_the_old_key_layout_survive_the_upgrade() {
+    let setup = setup(1, &[]);
+    let worker = &setup.workers[0];
+    let client = plain_client();
+    let keys = Keys::new(&setup.prefix);
+    let mut con = setup.redis.connection().await;
+    // Written as the old SAVE script wrote them.
+    let now_ms: u64 = 1_000
+        * std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+    let old = |n: u8| format!("{:02x}", n).repeat(24);
+    for (n, user) in [(1u8, "ann"), (2, "ann"), (3, "")] {
+        let key = keys.legacy_session(&old(n));
+        let name = if user.is_empty() { "guest" } else { user };
+        let data = json!({
+            "user": name,
+            "cart": { "items": [{ "item": format!("old-{n}"), "qty": 1 }] },
+        });
+        let mut fields = vec![
+            ("v", "3".to_string()),
+            ("data", data.to_string()),
+            ("created", now_ms.to_string()),
+            ("deadline", (now_ms + 3_600_000).to_string()),
+            ("seen", now_ms.to_string()),
+        ];
+        if !user.is_empty() {
+            fields.push(("user", user.to_string()));
+            let _: i64 = con
+                .sadd(keys.legacy_user_sessions(user), old(n))
+                .await
+                .unwrap();
+        }
+        let _: () = con.hset_multiple(&key, &fields).await.unwrap();
+        let _: bool = con.pexpire(&key, 3_600_000).await.unwrap();
+    }
+    // An old-layout alias left by a login just before the upgrade points at session 1.
+    let alias = "0a".repeat(24);
+    let _: () = con
+        .hset(keys.legacy_session(&alias), "moved_to", old(1))
+        .await
+        .unwrap();
+
+    // Read with the new layout: every session is there, through the alias too.
+    for n in [1u8, 2, 3] {
+        let (status, cart) = get_json(&client, worker, "/cart", &old(n)).await;
+        assert_eq!(status, 200, "session {n}: {cart}");
+        assert_eq!(item_names(&cart), vec![format!("old-{n}")]);
+    }
+    let (_, cart) = get_json(&client, worker, "/cart", &alias).await;
+    assert_eq!(item_names(&cart), vec!["old-1"], "old alias followed");
+    // Moved to the new keys, TTL kept; a write lands there.
+    let moved: bool = con.exists(keys.session(&old(1))).await.unwrap();
+    let left: bool = con.exists(keys.legacy_session(&old(1))).await.unwrap();
+    assert!(moved && !left);
+    let ttl: i64 = con.pttl(keys.session(&old(1))).await.unwrap();
+    assert!(ttl > 0, "TTL kept: {ttl}");
+    let (status, _) = add_item(&client, worker, &old(3), "new").await;
+    assert_eq!(status, 200);
+    let (_, cart) = get_json(&client, worker, "/cart", &old(3)).await;
+    assert_eq!(item_names(&cart), vec!["old-3", "new"]);
+
+    // "Log out everywhere" still finds ann's old sessions through the old index.
+    let response = client
+        .post(worker.url("/logout-everywhere"))
+        .header("cookie", cookie(&old(2)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    for n in [1u8, 2] {
+        assert_eq!(get_json(&client, worker, "/me", &old(n)).await.0, 401);
+    }
+    let index: bool = con.exists(keys.legacy_user_sessions("ann")).await.unwrap();
+    assert!(!index, "old index removed");
+    assert_eq!(get_json(&client, worker, "/cart", &old(3)).await.0, 200);
 }

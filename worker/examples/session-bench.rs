@@ -7,7 +7,9 @@
 //! 2. requests per second over HTTP (keep-alive, 64 connections) of the same route with and
 //!    without a session.
 //!
-//! `HERD_BENCH_SECS` sets the seconds per HTTP run (default 5).
+//! `HERD_BENCH_SECS` sets the seconds per HTTP run (default 5). `HERD_BENCH_REDIS_CLUSTER`
+//! (comma-separated seed URLs) runs it on a Redis Cluster instead, and prints how many commands
+//! each master served during the in-process runs (the per-shard spread).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -190,6 +192,34 @@ async fn http_rate(
     (rate, failed.load(Ordering::Relaxed))
 }
 
+/// `total_commands_processed` of every master among `seeds` (nothing without a cluster).
+async fn commands_per_master(seeds: &[String]) -> Vec<(String, u64)> {
+    let mut counts = Vec::new();
+    for seed in seeds {
+        let Ok(client) = redis::Client::open(seed.as_str()) else {
+            continue;
+        };
+        let Ok(mut con) = client.get_multiplexed_async_connection().await else {
+            continue;
+        };
+        let info: String = redis::cmd("INFO")
+            .arg("all")
+            .query_async(&mut con)
+            .await
+            .unwrap_or_default();
+        if !info.contains("role:master") {
+            continue;
+        }
+        let count = info
+            .lines()
+            .find_map(|line| line.strip_prefix("total_commands_processed:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        counts.push((seed.clone(), count));
+    }
+    counts
+}
+
 #[tokio::main]
 async fn main() {
     let (_redis, url) = start_redis();
@@ -202,7 +232,16 @@ async fn main() {
         id: Some("bench".into()),
         ..WorkerConfig::default()
     };
-    config.redis.url = url.clone();
+    let cluster: Vec<String> = std::env::var("HERD_BENCH_REDIS_CLUSTER")
+        .map(|seeds| seeds.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    let url = if cluster.is_empty() {
+        config.redis.url = url.clone();
+        url
+    } else {
+        config.redis.cluster = cluster.clone();
+        format!("cluster {}", cluster.join(","))
+    };
     config.redis.prefix = format!("bench{}:", std::process::id());
     config.redis.pool_size = 16;
     config.registry.enabled = false;
@@ -220,6 +259,7 @@ async fn main() {
 
     // Warm up (connections, script cache).
     let _ = load_save(app.clone(), 4, 200).await;
+    let before = commands_per_master(&cluster).await;
     println!("\nsession load + save per request (in-process, no HTTP)");
     println!(
         "{:>8} {:>10} {:>10} {:>10} {:>12}",
@@ -235,6 +275,18 @@ async fn main() {
             percentile(&latencies, 0.99),
             latencies.len() as f64 / elapsed.as_secs_f64()
         );
+    }
+
+    if !cluster.is_empty() {
+        let after = commands_per_master(&cluster).await;
+        println!("\ncommands served per master during the runs above");
+        for (node, count) in &after {
+            let start = before
+                .iter()
+                .find(|(n, _)| n == node)
+                .map_or(0, |(_, c)| *c);
+            println!("{node:>28} {:>10}", count - start);
+        }
     }
 
     let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();

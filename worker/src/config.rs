@@ -17,7 +17,7 @@ pub const ENV_PREFIX: &str = "HERD_WORKER";
 /// Keys whose environment value is a comma-separated list (`HERD_WORKER_SENTINEL__ADDRS=a:1,b:2`).
 /// Never leave this empty: with an empty list the `config` crate splits *every* string value
 /// into a list (`HERD_WORKER_ID=w1` would become `["w1"]`).
-pub const ENV_LIST_KEYS: &[&str] = &["sentinel.addrs"];
+pub const ENV_LIST_KEYS: &[&str] = &["sentinel.addrs", "redis.cluster"];
 
 /// Which app the `herd-worker` binary serves.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -263,6 +263,12 @@ impl Validate for WorkerConfig {
                 ));
             }
         }
+        if self.sentinel.enabled() && self.redis.is_cluster() {
+            return Err(ConfigError::new(
+                "sentinel.addrs",
+                "set either sentinel.addrs (Sentinel) or redis.cluster (Redis Cluster), not both",
+            ));
+        }
         check::not_empty("sentinel.master", &self.sentinel.master)?;
         check::at_least(
             "sentinel.poll",
@@ -433,6 +439,28 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_excludes_sentinel_and_url() {
+        let config = load_env(&[(
+            "HERD_WORKER_REDIS__CLUSTER",
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+        )])
+        .unwrap();
+        assert_eq!(config.redis.cluster.len(), 2);
+        let both = load_env(&[
+            ("HERD_WORKER_REDIS__CLUSTER", "redis://127.0.0.1:7000"),
+            ("HERD_WORKER_SENTINEL__ADDRS", "127.0.0.1:26379"),
+        ])
+        .unwrap_err();
+        assert_eq!(both.key, "sentinel.addrs");
+        let both = load_env(&[
+            ("HERD_WORKER_REDIS__CLUSTER", "redis://127.0.0.1:7000"),
+            ("HERD_WORKER_REDIS__URL", "redis://127.0.0.1:6390/0"),
+        ])
+        .unwrap_err();
+        assert_eq!(both.key, "redis.cluster");
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let cases: &[(&str, &str, &str)] = &[
             ("HERD_WORKER_LISTEN", "nowhere", "listen"),
@@ -459,6 +487,12 @@ mod tests {
             ("HERD_WORKER_ADVERTISE", "nohost", "advertise"),
             ("HERD_WORKER_SESSION__BOGUS", "1", "session.bogus"),
             ("HERD_WORKER_SENTINEL__ADDRS", "a:1,nope", "sentinel.addrs"),
+            (
+                "HERD_WORKER_REDIS__CLUSTER",
+                "redis://a:1,ftp://b",
+                "redis.cluster[1]",
+            ),
+            ("HERD_WORKER_REDIS__PREFIX", "h{x}:", "redis.prefix"),
             ("HERD_WORKER_ID", "w 1", "id"),
             ("HERD_WORKER_MACHINE", "mäschine", "machine"),
             (

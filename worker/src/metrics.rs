@@ -269,7 +269,10 @@ impl Collector for PoolCollector {
         let Some(link) = self.link.get() else {
             return Ok(());
         };
-        let status = link.pool().status();
+        // A cluster has no pool (one shared multiplexed connection): nothing to show.
+        let Some(status) = link.pool().status() else {
+            return Ok(());
+        };
         let mut metric = encoder.encode_descriptor(
             "redis_pool_connections",
             "Redis pool: connections by state (open, idle, max) and tasks waiting for one",

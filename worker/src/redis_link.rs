@@ -1,18 +1,24 @@
 //! The worker's way to Redis: a connection pool that follows the master through Redis Sentinel
-//! when `[sentinel]` is configured.
+//! when `[sentinel]` is configured, or the cluster client when `redis.cluster` is.
 //!
-//! Without Sentinel it is just the pool for `redis.url`. With Sentinel, a background task asks the
+//! Without Sentinel it is just the pool for `redis.url` (or the cluster client, which follows
+//! failovers and resharding itself). With Sentinel, a background task asks the
 //! sentinels (`SENTINEL get-master-addr-by-name`) every `sentinel.poll`; when the master moves, a
 //! new pool for the new address replaces the old one (in-flight calls finish on the old one, new
 //! calls use the new one). `redis.url` still supplies the password and database; its host and port
 //! are replaced by the master's.
+//!
+//! Why our own polling rather than the `redis` crate's Sentinel client (or deadpool-redis'
+//! Sentinel pool): those ask the sentinels when a connection is *made*; pooled connections to the
+//! old master stay in the pool, and a demoted master still answers the pool's PING check, so
+//! writes keep failing (READONLY) until each connection breaks. Swapping the whole pool when the
+//! answer changes moves every new call at once, and the poll doubles as a health signal.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use deadpool_redis::Pool;
-use herd_shared::redis::RedisConfig;
+use herd_shared::redis::{RedisConfig, RedisPool};
 use redis::AsyncConnectionConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +32,7 @@ const RECONNECT_PAUSE_MAX: Duration = Duration::from_millis(100);
 /// A shared, swappable Redis pool.
 #[derive(Clone)]
 pub struct RedisLink {
-    pool: Arc<ArcSwap<Pool>>,
+    pool: Arc<ArcSwap<RedisPool>>,
     /// `host:port` the pool connects to.
     address: Arc<ArcSwap<String>>,
     config: RedisConfig,
@@ -92,8 +98,13 @@ impl RedisLink {
     }
 
     /// The current pool (a cheap handle).
-    pub fn pool(&self) -> Pool {
-        Pool::clone(&self.pool.load())
+    pub fn pool(&self) -> RedisPool {
+        RedisPool::clone(&self.pool.load())
+    }
+
+    /// Whether this link is to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.config.is_cluster()
     }
 
     /// `host:port` of the Redis in use.
@@ -111,9 +122,9 @@ impl RedisLink {
             url: with_address(&self.config.url, address),
             ..self.config.clone()
         };
-        match config.pool() {
+        match config.single_pool() {
             Ok(pool) => {
-                self.pool.store(Arc::new(pool));
+                self.pool.store(Arc::new(RedisPool::Single(pool)));
                 self.address.store(Arc::new(address.to_string()));
                 true
             }

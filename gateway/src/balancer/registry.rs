@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use herd_shared::keys::Keys;
-use herd_shared::redis::RedisConfig;
+use herd_shared::redis::{RedisConfig, RedisConnection, RedisPool};
 use herd_shared::registry::{Event, WorkerRecord, WorkerState};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -29,9 +31,9 @@ use crate::config::RegistryConfig;
 /// Why reading the registry failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    /// No pooled connection (Redis down or too slow).
-    #[error("no Redis connection: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    /// No connection (Redis down or too slow).
+    #[error("{0}")]
+    Connect(#[from] herd_shared::redis::ConnectError),
     /// A command failed.
     #[error("Redis command failed: {0}")]
     Redis(#[from] redis::RedisError),
@@ -41,26 +43,23 @@ pub enum RegistryError {
 }
 
 /// Reads every registry entry (SCAN + HGETALL in one pipeline). Unreadable entries are skipped.
-pub async fn fetch(
-    pool: &deadpool_redis::Pool,
-    keys: &Keys,
-) -> Result<Vec<WorkerRecord>, RegistryError> {
+/// On a cluster the entries are spread over the masters: each master is scanned, and each entry
+/// read from its own slot.
+pub async fn fetch(pool: &RedisPool, keys: &Keys) -> Result<Vec<WorkerRecord>, RegistryError> {
     let mut conn = pool.get().await?;
-    let mut cursor: u64 = 0;
     let mut names: Vec<String> = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(keys.worker_pattern())
-            .arg("COUNT")
-            .arg(200)
-            .query_async(&mut conn)
-            .await?;
-        names.extend(batch);
-        cursor = next;
-        if cursor == 0 {
-            break;
+    let cluster = match &mut conn {
+        RedisConnection::Cluster(cluster) => Some(cluster.clone()),
+        RedisConnection::Single(_) => None,
+    };
+    match cluster {
+        None => scan(Target::Single(&mut conn), keys, &mut names).await?,
+        Some(mut cluster) => {
+            for (host, port) in masters(&mut cluster).await? {
+                let route =
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+                scan(Target::Node(&mut cluster, route), keys, &mut names).await?;
+            }
         }
     }
     names.sort();
@@ -68,11 +67,26 @@ pub async fn fetch(
     if names.is_empty() {
         return Ok(Vec::new());
     }
-    let mut pipe = redis::pipe();
-    for name in &names {
-        pipe.cmd("HGETALL").arg(name);
-    }
-    let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+    let hashes: Vec<HashMap<String, String>> = if pool.is_cluster() {
+        // One slot per entry: the cluster client sends these concurrently on its multiplexed
+        // connections.
+        let reads = names.iter().map(|name| {
+            let mut conn = conn_clone(&conn);
+            async move {
+                redis::cmd("HGETALL")
+                    .arg(name)
+                    .query_async::<HashMap<String, String>>(&mut conn)
+                    .await
+            }
+        });
+        futures_util::future::try_join_all(reads).await?
+    } else {
+        let mut pipe = redis::pipe();
+        for name in &names {
+            pipe.cmd("HGETALL").arg(name);
+        }
+        pipe.query_async(&mut conn).await?
+    };
     let mut records = Vec::with_capacity(hashes.len());
     for (name, fields) in names.iter().zip(hashes) {
         if fields.is_empty() {
@@ -84,6 +98,78 @@ pub async fn fetch(
         }
     }
     Ok(records)
+}
+
+/// A second handle on the same connection (cluster handles are cheap clones).
+fn conn_clone(conn: &RedisConnection) -> ClusterConnection {
+    match conn {
+        RedisConnection::Cluster(cluster) => cluster.clone(),
+        RedisConnection::Single(_) => unreachable!("only called on a cluster"),
+    }
+}
+
+/// Where a SCAN runs: the one Redis, or one node of a cluster.
+enum Target<'a> {
+    Single(&'a mut RedisConnection),
+    Node(&'a mut ClusterConnection, RoutingInfo),
+}
+
+/// SCANs one server for registry entries.
+async fn scan(
+    mut target: Target<'_>,
+    keys: &Keys,
+    names: &mut Vec<String>,
+) -> Result<(), RegistryError> {
+    let mut cursor: u64 = 0;
+    // Bounded: a SCAN over a keyspace of any size ends; the cap only guards a broken server.
+    for _ in 0..100_000 {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(keys.worker_pattern())
+            .arg("COUNT")
+            .arg(200);
+        let reply = match &mut target {
+            Target::Single(conn) => cmd.query_async::<redis::Value>(&mut **conn).await?,
+            Target::Node(cluster, route) => cluster.route_command(cmd, route.clone()).await?,
+        };
+        let (next, batch): (u64, Vec<String>) =
+            redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+        names.extend(batch);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// `(host, port)` of every master, from `CLUSTER SLOTS`.
+async fn masters(cluster: &mut ClusterConnection) -> Result<Vec<(String, u16)>, RegistryError> {
+    let slots: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(cluster)
+        .await?;
+    let mut masters = Vec::new();
+    for range in slots {
+        // [start, end, [host, port, id, ...], replicas...]
+        let Some(master) = range.into_iter().nth(2) else {
+            continue;
+        };
+        let Ok((host, port)): Result<(String, u16), _> = redis::from_redis_value(match master {
+            redis::Value::Array(mut fields) if fields.len() >= 2 => {
+                fields.truncate(2);
+                redis::Value::Array(fields)
+            }
+            other => other,
+        }) else {
+            continue;
+        };
+        if !masters.contains(&(host.clone(), port)) {
+            masters.push((host, port));
+        }
+    }
+    Ok(masters)
 }
 
 /// Applies registry knowledge to the balancer; keeps what it needs between reads.
@@ -278,13 +364,25 @@ pub async fn run(
             return;
         }
     };
-    let client = match redis::Client::open(redis_config.url.as_str()) {
-        Ok(client) => client,
-        Err(error) => {
-            warn!(error = %error, "registry disabled: bad Redis URL");
-            return;
-        }
+    // Notices are plain PUBLISHes, which a Redis Cluster forwards to every node: subscribing on
+    // any one node hears them all. On a cluster the subscription moves to the next seed
+    // whenever it breaks (that node died or was cut off).
+    let urls = if redis_config.is_cluster() {
+        redis_config.cluster.clone()
+    } else {
+        vec![redis_config.url.clone()]
     };
+    let mut clients = Vec::with_capacity(urls.len());
+    for url in &urls {
+        match redis::Client::open(url.as_str()) {
+            Ok(client) => clients.push(client),
+            Err(error) => {
+                warn!(error = %error, "registry disabled: bad Redis URL");
+                return;
+            }
+        }
+    }
+    let mut attempt = 0usize;
     let read_timeout = redis_config.connect_timeout + redis_config.command_timeout * 2;
     let mut reconciler = Reconciler::new(balancer, config.missing_grace);
     let mut outage = false;
@@ -311,6 +409,8 @@ pub async fn run(
     };
 
     while !shutdown.is_cancelled() {
+        let client = &clients[attempt % clients.len()];
+        attempt = attempt.wrapping_add(1);
         let subscribed = tokio::time::timeout(read_timeout, async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use deadpool_redis::Pool;
 use herd_shared::keys::Keys;
+use herd_shared::redis::RedisPool as Pool;
 use redis::Script;
 
 /// A lease value: who holds it, under which epoch.
@@ -147,7 +147,7 @@ impl LeaseStore {
             .arg(self.ttl_ms())
             .arg(steal)
             .arg(known_epoch)
-            .invoke_async(&mut *connection)
+            .invoke_async(&mut connection)
             .await
             .map_err(|e| LeaseError(e.to_string()))?;
         Ok(outcome(won == 1, &value))
@@ -165,7 +165,7 @@ impl LeaseStore {
             .key(&self.lease_key)
             .arg(lease.value())
             .arg(self.ttl_ms())
-            .invoke_async(&mut *connection)
+            .invoke_async(&mut connection)
             .await
             .map_err(|e| LeaseError(e.to_string()))?;
         Ok(outcome(held == 1, &value))
@@ -182,7 +182,7 @@ impl LeaseStore {
             .release
             .key(&self.lease_key)
             .arg(lease.value())
-            .invoke_async(&mut *connection)
+            .invoke_async(&mut connection)
             .await
             .map_err(|e| LeaseError(e.to_string()))?;
         Ok(())

@@ -22,8 +22,8 @@ pub mod peer;
 
 use std::future::Future;
 
-use deadpool_redis::Pool;
 use herd_shared::keys::Keys;
+use herd_shared::redis::RedisPool as Pool;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};

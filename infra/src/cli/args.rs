@@ -420,6 +420,10 @@ pub struct UpArgs {
     /// Port of the private redis-server (default or 0: a free one).
     #[arg(long, value_name = "PORT")]
     pub redis_port: Option<u16>,
+    /// Start a local Redis Cluster (3 masters + 3 replicas on free ports) instead of one
+    /// redis-server; workers and gateway get `redis.cluster`.
+    #[arg(long, conflicts_with = "redis_port")]
+    pub redis_cluster: bool,
     /// Start the cluster, record it in the state file and return, leaving it running.
     #[arg(long)]
     pub detach: bool,

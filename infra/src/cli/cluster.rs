@@ -18,6 +18,7 @@ use super::error::NotReady;
 use super::signals::StopSignal;
 use crate::pid::ProcessId;
 use crate::process::{self, Process, ProcessError, Spec};
+use crate::redis_cluster::RedisCluster;
 use crate::redis_server::RedisServer;
 use crate::state::{Kind, Member, State, StateDir, VERSION};
 
@@ -46,6 +47,8 @@ pub(crate) struct Plan {
     pub(crate) admin: SocketAddr,
     /// Fixed Redis port, or `None` for a free one.
     pub(crate) redis_port: Option<u16>,
+    /// Start a local Redis Cluster (3 masters + 3 replicas) instead of one redis-server.
+    pub(crate) redis_cluster: bool,
     /// Where logs, Redis data and state go.
     pub(crate) dir: StateDir,
     /// The gateway's admin token.
@@ -75,6 +78,7 @@ struct Server {
 pub(crate) struct Cluster {
     redis: Option<RedisServer>,
     redis_exit_reported: bool,
+    redis_cluster: Option<RedisCluster>,
     workers: Vec<Server>,
     gateway: Option<Server>,
 }
@@ -84,10 +88,27 @@ impl Cluster {
     /// stays in `self`, for the caller to [`stop`](Self::stop).
     pub(crate) async fn start(&mut self, plan: &Plan, stop: &StopSignal) -> Result<(), CliError> {
         let (port, data_dir, log_dir) = (plan.redis_port, plan.dir.redis_dir(), plan.dir.log_dir());
-        let redis = blocking(move || RedisServer::start(port, &data_dir, &log_dir)).await?;
-        let redis_url = redis.url();
-        super::warn(format!("herd: redis-server is up on {}", redis.addr()));
-        self.redis = Some(redis);
+        let redis_url = if plan.redis_cluster {
+            let cluster = blocking(move || {
+                RedisCluster::start(3, 1, &data_dir, Duration::from_secs(2)).map_err(|error| {
+                    CliError::Os {
+                        what: "start the local Redis Cluster",
+                        source: std::io::Error::other(error),
+                    }
+                })
+            })
+            .await?;
+            let seeds = cluster.seeds().join(",");
+            super::warn(format!("herd: Redis Cluster is up: {seeds}"));
+            self.redis_cluster = Some(cluster);
+            seeds
+        } else {
+            let redis = blocking(move || RedisServer::start(port, &data_dir, &log_dir)).await?;
+            super::warn(format!("herd: redis-server is up on {}", redis.addr()));
+            let url = redis.url();
+            self.redis = Some(redis);
+            url
+        };
         interrupted(stop)?;
 
         let specs = (1..=plan.workers)
@@ -178,6 +199,16 @@ impl Cluster {
                 log: None,
             });
         }
+        for node in self.redis_cluster.iter().flat_map(RedisCluster::nodes) {
+            members.push(Member {
+                name: format!("redis-{}", node.port()),
+                kind: Kind::Redis,
+                process: ProcessId::of(node.pid().unwrap_or_default()),
+                addr: Some(node.addr()),
+                admin_addr: None,
+                log: Some(node.log_path()),
+            });
+        }
         if let Some(redis) = &self.redis {
             members.push(Member {
                 name: "redis".into(),
@@ -216,6 +247,7 @@ impl Cluster {
                 .redis
                 .as_ref()
                 .map(RedisServer::url)
+                .or_else(|| self.redis_cluster.as_ref().map(|c| c.seeds().join(",")))
                 .unwrap_or_default(),
             redis_prefix: plan.prefix.clone(),
             members,
@@ -273,6 +305,10 @@ impl Cluster {
             redis.stop();
             super::say(format!("stopped redis (pid {pid})"));
         }
+        if let Some(cluster) = self.redis_cluster.take() {
+            drop(cluster);
+            super::say("stopped the Redis Cluster");
+        }
     }
 
     /// Lets every process run on after herd exits (`--detach`).
@@ -285,6 +321,9 @@ impl Cluster {
         }
         if let Some(redis) = self.redis.take() {
             redis.detach();
+        }
+        if let Some(cluster) = self.redis_cluster.take() {
+            cluster.detach();
         }
     }
 }
@@ -356,6 +395,12 @@ fn start_servers(
     Ok(servers)
 }
 
+/// The variable that points a process at Redis: the URL, or the cluster's seed list.
+fn redis_key(prefix: &str, plan: &Plan) -> String {
+    let key = if plan.redis_cluster { "CLUSTER" } else { "URL" };
+    format!("{prefix}_REDIS__{key}")
+}
+
 fn worker_spec(plan: &Plan, n: u16, redis_url: &str) -> Spec {
     let id = format!("w{n}");
     Spec::new(
@@ -367,7 +412,7 @@ fn worker_spec(plan: &Plan, n: u16, redis_url: &str) -> Spec {
     .arg("pretty")
     .env("HERD_WORKER_LISTEN", "127.0.0.1:0")
     .env("HERD_WORKER_ID", id)
-    .env("HERD_WORKER_REDIS__URL", redis_url)
+    .env(redis_key("HERD_WORKER", plan), redis_url)
     .env("HERD_WORKER_REDIS__PREFIX", &plan.prefix)
     .env("HERD_WORKER_REGISTRY__ENABLED", "true")
 }
@@ -383,6 +428,6 @@ fn gateway_spec(plan: &Plan, workers: &[String], redis_url: &str) -> Spec {
         .env("HERD_GATEWAY_ADMIN__TOKEN", &plan.token)
         .env("HERD_GATEWAY_WORKERS", workers.join(","))
         .env("HERD_GATEWAY_REGISTRY__ENABLED", "true")
-        .env("HERD_GATEWAY_REDIS__URL", redis_url)
+        .env(redis_key("HERD_GATEWAY", plan), redis_url)
         .env("HERD_GATEWAY_REDIS__PREFIX", &plan.prefix)
 }

@@ -38,6 +38,7 @@ pub(crate) fn run(args: &UpArgs) -> Result<u8, CliError> {
         public: loopback(args.port),
         admin: loopback(args.admin_port),
         redis_port: args.fixed_redis_port(),
+        redis_cluster: args.redis_cluster,
         dir,
         token: String::new(),
         prefix: PREFIX.into(),

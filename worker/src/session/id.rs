@@ -3,6 +3,7 @@
 //! Ids are opaque. A cookie value that is not exactly this shape is ignored (the request gets a
 //! fresh session), so a malformed or oversized cookie never reaches Redis.
 
+use herd_shared::keys::SESSION_TAG_LEN;
 use rand::RngCore;
 
 /// Random bytes in an id (192 bits; the floor is 128).
@@ -23,6 +24,20 @@ pub(crate) fn generate() -> String {
     id
 }
 
+/// A new id for a session moving away from `old` (login): fresh random characters after the
+/// first [`SESSION_TAG_LEN`] of `old`, its Redis Cluster hash tag, so the new key and the alias
+/// at the old one live in one slot (one script moves the session). 176 bits stay random.
+pub(crate) fn regenerate(old: &str) -> String {
+    let fresh = generate();
+    match (old.get(..SESSION_TAG_LEN), fresh.get(SESSION_TAG_LEN..)) {
+        (Some(tag), Some(rest)) => format!("{tag}{rest}"),
+        _ => fresh,
+    }
+}
+
+// A regenerated id keeps the tag: the rest must still be at least 128 random bits.
+const _: () = assert!((ID_LEN - SESSION_TAG_LEN) * 4 >= 128);
+
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Whether `value` has the shape of an id this module generates.
@@ -37,6 +52,15 @@ pub(crate) fn is_well_formed(value: &str) -> bool {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn a_regenerated_id_keeps_the_tag_and_nothing_else() {
+        let old = generate();
+        let new = regenerate(&old);
+        assert!(is_well_formed(&new), "{new}");
+        assert_eq!(new[..SESSION_TAG_LEN], old[..SESSION_TAG_LEN]);
+        assert_ne!(new[SESSION_TAG_LEN..], old[SESSION_TAG_LEN..]);
+    }
 
     #[test]
     fn ids_are_long_hex_and_unique() {

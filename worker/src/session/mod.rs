@@ -100,6 +100,8 @@ struct View {
     stored: Option<(String, u64)>,
     data: Map<String, Value>,
     user: Option<String>,
+    /// The user as stored when loaded (None for a new session).
+    stored_user: Option<String>,
     /// Reached through a regeneration alias (an old id during its grace): such a request may
     /// read and change the session but never regenerate it, or it would obtain the new id.
     via_alias: bool,
@@ -356,7 +358,9 @@ impl Session {
             }
             let target = match (&view.stored, state.regenerate) {
                 (Some((stored, _)), false) => stored.clone(),
-                _ => id::generate(),
+                // A new id keeps the old one's hash tag: the alias left behind shares its slot.
+                (Some((stored, _)), true) => id::regenerate(stored),
+                (None, _) => id::generate(),
             };
             let write = Write {
                 current: view
@@ -366,6 +370,7 @@ impl Session {
                 target: &target,
                 data: &data,
                 user: view.user.as_deref(),
+                bound: view.stored_user.as_deref(),
                 token: &token,
                 claim: conflicts >= CLAIM_AFTER,
             };
@@ -474,6 +479,7 @@ impl From<Record> for View {
         View {
             stored: Some((record.id, record.version)),
             data: record.data,
+            stored_user: record.user.clone(),
             user: record.user,
             via_alias: false,
         }

@@ -1,12 +1,13 @@
 //! The sessions' Redis side: one hash per session and the Lua scripts that read and change it
 //! atomically.
 //!
-//! `{prefix}session:{id}` holds `v` (version, +1 per save), `data` (JSON object), `user`,
+//! `{prefix}session:{tag}:{id}` holds `v` (version, +1 per save), `data` (JSON object), `user`,
 //! `created`, `deadline` (absolute timeout, ms) and `seen` (last idle-TTL refresh, ms). Its TTL is
 //! the idle timeout, capped by the deadline. After a regeneration the old key holds only
 //! `moved_to` with a short TTL (the grace period). Scripts take time from Redis (`TIME`), so
-//! workers with skewed clocks agree. They build the alias and user-index keys from the prefix
-//! passed in, which is fine on one Redis (or Sentinel) but not on Redis Cluster.
+//! workers with skewed clocks agree. Every key a script touches shares the session's hash tag
+//! (see `herd_shared::keys`), so the scripts run on a Redis Cluster as on one Redis; the user
+//! index lives in the user's slot and is kept in step around the scripts.
 //!
 //! Every call is bounded by the pool's timeouts plus an outer timeout, so a dead Redis is a quick
 //! [`SessionError::Unavailable`].
@@ -26,18 +27,44 @@ use crate::redis_link::RedisLink;
 /// How long a write lease lasts if its holder never saves (crashed, stalled).
 const LEASE: Duration = Duration::from_millis(300);
 
+/// How long an id stays in a user's index before the index may drop it as dead: longer than
+/// any save takes (a login adds the id first, then writes the session).
+const INDEX_SETTLE: Duration = Duration::from_secs(60);
+
+/// Shared by the scripts that follow an alias. ARGV[2] session key prefix, ARGV[3] hash-tag
+/// length, ARGV[4] legacy key prefix ('' on a cluster: nothing to adopt there).
+/// `skey` builds a session key like `Keys::session`; `adopt` moves a session stored under the
+/// old layout (no hash tag) to its new key on first access (one Redis only, same server).
+macro_rules! prelude {
+    () => {
+        r#"
+local sprefix, taglen, legacy = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local function skey(id) return sprefix .. '{' .. string.sub(id, 1, taglen) .. '}:' .. id end
+local function adopt(key, id)
+  if legacy ~= '' and redis.call('EXISTS', key) == 0 and redis.call('EXISTS', legacy .. id) == 1 then
+    redis.call('RENAME', legacy .. id, key)
+  end
+end
+"#
+    };
+}
+
 /// Reads a session, following a regeneration alias, enforcing the absolute timeout and
 /// refreshing the idle TTL at most once per touch interval.
-/// KEYS[1] session key. ARGV: id, session key prefix, touch ms, idle ms.
+/// KEYS[1] session key. ARGV: id, (prelude: 2-4), touch ms, idle ms.
 /// Returns {} when there is no live session, else {id, v, data, user, created}.
-const LOAD: &str = r#"
+const LOAD: &str = concat!(
+    prelude!(),
+    r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local key, id = KEYS[1], ARGV[1]
+adopt(key, id)
 local moved = redis.call('HGET', key, 'moved_to')
 if moved then
   id = moved
-  key = ARGV[2] .. moved
+  key = skey(moved)
+  adopt(key, id)
 end
 local f = redis.call('HMGET', key, 'v', 'data', 'user', 'created', 'deadline', 'seen')
 if not f[1] then return {} end
@@ -46,24 +73,26 @@ if now >= deadline then
   redis.call('DEL', key)
   return {}
 end
-if now - tonumber(f[6]) >= tonumber(ARGV[3]) then
+if now - tonumber(f[6]) >= tonumber(ARGV[5]) then
   redis.call('HSET', key, 'seen', now)
-  redis.call('PEXPIRE', key, math.min(tonumber(ARGV[4]), deadline - now))
+  redis.call('PEXPIRE', key, math.min(tonumber(ARGV[6]), deadline - now))
 end
 return {id, f[1], f[2], f[3] or '', f[4]}
-"#;
+"#
+);
 
 /// Compare-and-set save, optionally moving the session to a new id (regeneration).
-/// KEYS[1] current key, KEYS[2] target key (= KEYS[1] unless regenerating), KEYS[3] the current
-/// key's write lease.
+/// KEYS[1] current key, KEYS[2] target key (= KEYS[1] unless regenerating; a regenerated id
+/// keeps the hash tag, so both are in one slot), KEYS[3] the current key's write lease.
 /// ARGV: expected version (0 = create), data, user ('' = none), idle ms, absolute ms, grace ms,
-///       current id, target id, session key prefix, user index key prefix, writer token,
-///       '1' to claim the lease on a conflict, lease ms.
-/// Returns {'1', version} saved; {'-1'} conflict (moved or id taken) or {'-1', id, v, data, user}
-/// (changed: the fresh session); {'-2'} gone; {'-3'} another writer holds the lease. All strings.
+///       current id, target id, writer token, '1' to claim the lease on a conflict, lease ms.
+/// Returns {'1', version, previous user} saved; {'-1'} conflict (moved or id taken) or
+/// {'-1', id, v, data, user} (changed: the fresh session); {'-2'} gone; {'-3'} another writer
+/// holds the lease. All strings.
 ///
 /// The lease makes the retry fair: a writer that keeps losing claims it, other writers are
-/// refused until it has saved (or the lease expired), so no writer starves.
+/// refused until it has saved (or the lease expired), so no writer starves. The user index is
+/// not touched here (it lives in the user's slot): the store keeps it in step around the save.
 const SAVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -71,18 +100,17 @@ local expected = tonumber(ARGV[1])
 local cur, target = KEYS[1], KEYS[2]
 local idle, absolute, grace = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local cur_id, target_id = ARGV[7], ARGV[8]
-local sprefix, uprefix = ARGV[9], ARGV[10]
-local created, deadline, old_user = now, now + absolute, false
+local created, deadline, old_user = now, now + absolute, ''
 if expected == 0 then
   if redis.call('EXISTS', target) == 1 then return {'-1'} end
 else
   local holder = redis.call('GET', KEYS[3])
-  if holder and holder ~= ARGV[11] then return {'-3'} end
+  if holder and holder ~= ARGV[9] then return {'-3'} end
   local f = redis.call('HMGET', cur, 'v', 'created', 'deadline', 'user', 'moved_to', 'data')
   if f[5] then return {'-1'} end
   if not f[1] then return {'-2'} end
   if tonumber(f[1]) ~= expected then
-    if ARGV[12] == '1' then redis.call('SET', KEYS[3], ARGV[11], 'PX', ARGV[13]) end
+    if ARGV[10] == '1' then redis.call('SET', KEYS[3], ARGV[9], 'PX', ARGV[11]) end
     -- Hand back the fresh session, saving the caller a reload before it retries.
     return {'-1', cur_id, f[1], f[6], f[4] or ''}
   end
@@ -93,7 +121,7 @@ else
     return {'-2'}
   end
   created = tonumber(f[2])
-  old_user = f[4]
+  old_user = f[4] or ''
   if cur ~= target then
     if redis.call('EXISTS', target) == 1 then return {'-1'} end
     -- A regenerated id starts a new absolute lifetime.
@@ -114,49 +142,40 @@ else
   redis.call('HSET', target, 'user', user)
 end
 redis.call('PEXPIRE', target, math.min(idle, deadline - now))
-if old_user and (old_user ~= user or cur ~= target) then
-  redis.call('SREM', uprefix .. old_user, cur_id)
-end
-if user ~= '' then
-  local index = uprefix .. user
-  -- Clean the index of ids that died (expired or destroyed) while adding this one.
-  local members
-  if redis.call('SCARD', index) <= 64 then
-    members = redis.call('SMEMBERS', index)
-  else
-    members = redis.call('SRANDMEMBER', index, 64)
-  end
-  for _, m in ipairs(members) do
-    if redis.call('EXISTS', sprefix .. m) == 0 then redis.call('SREM', index, m) end
-  end
-  redis.call('SADD', index, target_id)
-  if redis.call('PTTL', index) < absolute then redis.call('PEXPIRE', index, absolute) end
-end
-return {'1', tostring(v)}
+return {'1', tostring(v), old_user}
 "#;
 
-/// Destroys a session (and the one an alias points to), removing it from its user's index.
-/// KEYS[1] session key. ARGV: id, session key prefix, user index key prefix.
-const DESTROY: &str = r#"
+/// Destroys a session (and the one an alias points to).
+/// KEYS[1] session key. ARGV: id, (prelude: 2-4).
+/// Returns {id, user} of the session deleted (user '' when unbound), {} when there was none.
+const DESTROY: &str = concat!(
+    prelude!(),
+    r#"
 local key, id = KEYS[1], ARGV[1]
+adopt(key, id)
 local moved = redis.call('HGET', key, 'moved_to')
 if moved then
   redis.call('DEL', key)
   id = moved
-  key = ARGV[2] .. moved
+  key = skey(moved)
+  adopt(key, id)
 end
 local user = redis.call('HGET', key, 'user')
-redis.call('DEL', key)
-if user then redis.call('SREM', ARGV[3] .. user, id) end
-return 1
-"#;
+if redis.call('DEL', key) == 0 then return {} end
+return {id, user or ''}
+"#
+);
 
-/// Destroys every session of a user. KEYS[1] user index key. ARGV: session key prefix.
-const DESTROY_USER: &str = r#"
-local ids = redis.call('SMEMBERS', KEYS[1])
-for _, id in ipairs(ids) do redis.call('DEL', ARGV[1] .. id) end
-redis.call('DEL', KEYS[1])
-return #ids
+/// Adds a session id to a user's index (a sorted set scored by the time it was added) before
+/// the session is bound, and lists ids old enough to be checked for life.
+/// KEYS[1] index. ARGV: id, absolute ms, settle ms. Returns up to 64 ids added before
+/// `now - settle`.
+const INDEX_ADD: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]), 'LIMIT', 0, 64)
 "#;
 
 /// A session as stored.
@@ -197,6 +216,8 @@ pub(crate) struct Write<'a> {
     pub(crate) data: &'a str,
     /// Bound user, if any.
     pub(crate) user: Option<&'a str>,
+    /// The user it was bound to as loaded (decides whether the user's index needs the id).
+    pub(crate) bound: Option<&'a str>,
     /// Identifies this save across its retries (for the write lease).
     pub(crate) token: &'a str,
     /// Claim the write lease if this attempt conflicts.
@@ -280,7 +301,7 @@ struct Scripts {
     load: Script,
     save: Script,
     destroy: Script,
-    destroy_user: Script,
+    index_add: Script,
 }
 
 impl std::fmt::Debug for SessionStore {
@@ -304,7 +325,7 @@ impl SessionStore {
                 load: Script::new(LOAD),
                 save: Script::new(SAVE),
                 destroy: Script::new(DESTROY),
-                destroy_user: Script::new(DESTROY_USER),
+                index_add: Script::new(INDEX_ADD),
             }),
             locks: SaveLocks::default(),
             metrics: Arc::default(),
@@ -361,12 +382,19 @@ impl SessionStore {
         &self.config
     }
 
-    fn session_prefix(&self) -> String {
-        self.keys.session("")
-    }
-
-    fn user_prefix(&self) -> String {
-        self.keys.user_sessions("")
+    /// The arguments every alias-following script starts with after the id (see `prelude!`).
+    fn prelude_args(&self, invocation: &mut redis::ScriptInvocation<'_>) {
+        // Sessions of the old layout exist only on one Redis (cluster support came with the
+        // new one), and only there can a script reach a key outside its slot to adopt it.
+        let legacy = if self.link.is_cluster() {
+            String::new()
+        } else {
+            self.keys.legacy_session("")
+        };
+        invocation
+            .arg(self.keys.session_prefix())
+            .arg(herd_shared::keys::SESSION_TAG_LEN)
+            .arg(legacy);
     }
 
     /// Runs one script invocation within the time bound.
@@ -399,9 +427,9 @@ impl SessionStore {
 
     async fn load_from_redis(&self, id: &str) -> Result<Option<Record>, SessionError> {
         let mut invocation = self.scripts.load.key(self.keys.session(id));
+        invocation.arg(id);
+        self.prelude_args(&mut invocation);
         invocation
-            .arg(id)
-            .arg(self.session_prefix())
             .arg(millis(self.config.touch_interval))
             .arg(millis(self.config.idle_timeout));
         let fields: Vec<String> = self.call(&invocation).await?;
@@ -414,7 +442,10 @@ impl SessionStore {
         record(&id, &version, &data, &user).map(Some)
     }
 
-    /// One compare-and-set attempt.
+    /// One compare-and-set attempt, keeping the user's index in step: an id is added to its
+    /// user's index *before* the session is bound to the user (so every bound session is
+    /// indexed, even if this process dies half-way), and removed from the previous user's index
+    /// after (a stale id there is harmless: it names a dead or unbound session).
     pub(crate) async fn save(&self, write: &Write<'_>) -> Result<SaveOutcome, SessionError> {
         self.measured(SessionOp::Save, self.save_to_redis(write))
             .await
@@ -422,9 +453,17 @@ impl SessionStore {
 
     async fn save_to_redis(&self, write: &Write<'_>) -> Result<SaveOutcome, SessionError> {
         let (current_id, expected) = write.current.unwrap_or((write.target, 0));
+        let moves = current_id != write.target;
+        let indexed = match write.user {
+            Some(user) if expected == 0 || moves || write.bound != Some(user) => {
+                Some(self.index_add(user, write.target).await?)
+            }
+            _ => None,
+        };
         let mut invocation = self.scripts.save.key(self.keys.session(current_id));
         invocation
             .key(self.keys.session(write.target))
+            .key(self.keys.session_lease(current_id))
             .arg(expected)
             .arg(write.data)
             .arg(write.user.unwrap_or(""))
@@ -433,51 +472,177 @@ impl SessionStore {
             .arg(millis(self.config.regenerate_grace))
             .arg(current_id)
             .arg(write.target)
-            .key(format!("{}:lease", self.keys.session(current_id)))
-            .arg(self.session_prefix())
-            .arg(self.user_prefix())
             .arg(write.token)
             .arg(if write.claim { "1" } else { "0" })
             .arg(millis(LEASE));
         let reply: Vec<String> = self.call(&invocation).await?;
         let corrupt = || SessionError::Corrupt(format!("save reply of {} fields", reply.len()));
-        match reply
+        let outcome = match reply
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>()
             .as_slice()
         {
-            ["1", version] => Ok(SaveOutcome::Saved(version.parse().map_err(|_| corrupt())?)),
-            ["-1"] => Ok(SaveOutcome::Conflict(None)),
-            ["-1", id, version, data, user] => Ok(SaveOutcome::Conflict(Some(record(
-                id, version, data, user,
-            )?))),
-            ["-2"] => Ok(SaveOutcome::Gone),
-            ["-3"] => Ok(SaveOutcome::Busy),
-            _ => Err(corrupt()),
+            ["1", version, previous] => {
+                let version = version.parse().map_err(|_| corrupt())?;
+                let previous = Some(*previous).filter(|user| !user.is_empty());
+                self.after_save(write, current_id, previous, indexed).await;
+                SaveOutcome::Saved(version)
+            }
+            ["-1"] => SaveOutcome::Conflict(None),
+            ["-1", id, version, data, user] => {
+                SaveOutcome::Conflict(Some(record(id, version, data, user)?))
+            }
+            ["-2"] => SaveOutcome::Gone,
+            ["-3"] => SaveOutcome::Busy,
+            _ => return Err(corrupt()),
+        };
+        Ok(outcome)
+    }
+
+    /// Index upkeep after a save: the previous user's index forgets the id, a binding that
+    /// changed under us (the script saw another user than we loaded) is indexed now, and dead
+    /// ids that settled are dropped. Best effort: a failure leaves only stale ids behind.
+    async fn after_save(
+        &self,
+        write: &Write<'_>,
+        current_id: &str,
+        previous: Option<&str>,
+        indexed: Option<Vec<String>>,
+    ) {
+        let moves = current_id != write.target;
+        if let Some(previous) = previous
+            && (moves || write.user != Some(previous))
+        {
+            let _ = self
+                .command::<i64>(
+                    redis::cmd("ZREM")
+                        .arg(self.keys.user_sessions(previous))
+                        .arg(current_id),
+                )
+                .await;
+        }
+        let settled = match (indexed, write.user) {
+            (Some(settled), _) => settled,
+            (None, Some(user)) if previous != Some(user) => {
+                self.index_add(user, write.target).await.unwrap_or_default()
+            }
+            _ => return,
+        };
+        let Some(user) = write.user else { return };
+        for id in settled {
+            let alive: Result<bool, _> = self
+                .command(redis::cmd("EXISTS").arg(self.keys.session(&id)))
+                .await;
+            if matches!(alive, Ok(false)) {
+                let _ = self
+                    .command::<i64>(
+                        redis::cmd("ZREM")
+                            .arg(self.keys.user_sessions(user))
+                            .arg(&id),
+                    )
+                    .await;
+            }
         }
     }
 
-    /// Deletes the session stored under `id` (and the session an alias at `id` points to).
-    pub(crate) async fn destroy(&self, id: &str) -> Result<(), SessionError> {
-        let mut invocation = self.scripts.destroy.key(self.keys.session(id));
+    /// Adds `id` to `user`'s index; returns ids that settled long enough to be checked.
+    async fn index_add(&self, user: &str, id: &str) -> Result<Vec<String>, SessionError> {
+        let mut invocation = self.scripts.index_add.key(self.keys.user_sessions(user));
         invocation
             .arg(id)
-            .arg(self.session_prefix())
-            .arg(self.user_prefix());
-        self.measured(SessionOp::Destroy, self.call::<i64>(&invocation))
-            .await
-            .map(drop)
+            .arg(millis(self.config.absolute_timeout))
+            .arg(millis(INDEX_SETTLE));
+        self.call(&invocation).await
     }
 
-    /// Log out everywhere: deletes every session of `user`; returns how many there were.
-    pub async fn destroy_user(&self, user: &str) -> Result<usize, SessionError> {
-        let mut invocation = self.scripts.destroy_user.key(self.keys.user_sessions(user));
-        invocation.arg(self.session_prefix());
-        let count: i64 = self
-            .measured(SessionOp::Destroy, self.call(&invocation))
+    /// One plain command within the time bound.
+    async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, SessionError> {
+        let work = async {
+            let mut connection = self
+                .link
+                .pool()
+                .get()
+                .await
+                .map_err(|e| SessionError::Unavailable(e.to_string()))?;
+            cmd.query_async::<T>(&mut connection)
+                .await
+                .map_err(|e| SessionError::Unavailable(e.to_string()))
+        };
+        tokio::time::timeout(self.call_timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(SessionError::Unavailable("redis call timed out".into())))
+    }
+
+    /// Deletes the session stored under `id` (and the session an alias at `id` points to), and
+    /// its id from its user's index.
+    pub(crate) async fn destroy(&self, id: &str) -> Result<(), SessionError> {
+        self.measured(SessionOp::Destroy, self.destroy_in_redis(id))
+            .await
+    }
+
+    async fn destroy_in_redis(&self, id: &str) -> Result<(), SessionError> {
+        if let Some((id, user)) = self.destroy_one(id).await? {
+            self.command::<i64>(
+                redis::cmd("ZREM")
+                    .arg(self.keys.user_sessions(&user))
+                    .arg(&id),
+            )
             .await?;
-        Ok(usize::try_from(count).unwrap_or(0))
+        }
+        Ok(())
+    }
+
+    /// Runs DESTROY; the id and user of the session it deleted, if it was bound.
+    async fn destroy_one(&self, id: &str) -> Result<Option<(String, String)>, SessionError> {
+        let mut invocation = self.scripts.destroy.key(self.keys.session(id));
+        invocation.arg(id);
+        self.prelude_args(&mut invocation);
+        let reply: Vec<String> = self.call(&invocation).await?;
+        Ok(match <[String; 2]>::try_from(reply) {
+            Ok([id, user]) if !user.is_empty() => Some((id, user)),
+            _ => None,
+        })
+    }
+
+    /// Log out everywhere: deletes every session of `user`; returns how many ids its index
+    /// held.
+    ///
+    /// The index and the sessions live in different slots on a cluster, so this is not one
+    /// script: it reads the index, destroys each session (following a regeneration alias, in
+    /// the session's own slot), then removes exactly those ids from the index. Every session
+    /// bound to `user` before this call began is in the index (ids are indexed before they are
+    /// bound) and ends; a session cannot come back (a later save of it finds it gone). A login
+    /// that runs concurrently with this call may survive it, as if it came just after.
+    pub async fn destroy_user(&self, user: &str) -> Result<usize, SessionError> {
+        self.measured(SessionOp::Destroy, self.destroy_user_in_redis(user))
+            .await
+    }
+
+    async fn destroy_user_in_redis(&self, user: &str) -> Result<usize, SessionError> {
+        let index = self.keys.user_sessions(user);
+        let mut ids: Vec<String> = self
+            .command(redis::cmd("ZRANGE").arg(&index).arg(0).arg(-1))
+            .await?;
+        let legacy = (!self.link.is_cluster()).then(|| self.keys.legacy_user_sessions(user));
+        if let Some(legacy) = &legacy {
+            // The set of the layout before hash tags, on one Redis.
+            let old: Vec<String> = self.command(redis::cmd("SMEMBERS").arg(legacy)).await?;
+            ids.extend(old);
+        }
+        ids.sort();
+        ids.dedup();
+        for id in &ids {
+            self.destroy_one(id).await?;
+        }
+        if !ids.is_empty() {
+            self.command::<i64>(redis::cmd("ZREM").arg(&index).arg(&ids))
+                .await?;
+        }
+        if let Some(legacy) = &legacy {
+            self.command::<i64>(redis::cmd("DEL").arg(legacy)).await?;
+        }
+        Ok(ids.len())
     }
 
     /// Whether Redis answers a PING within the time bound.
@@ -539,7 +704,13 @@ impl Outcome for SaveOutcome {
     }
 }
 
-impl Outcome for i64 {
+impl Outcome for () {
+    fn outcome(&self) -> &'static str {
+        "done"
+    }
+}
+
+impl Outcome for usize {
     fn outcome(&self) -> &'static str {
         "done"
     }
