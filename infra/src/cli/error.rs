@@ -83,6 +83,13 @@ pub enum CliError {
     /// A benchmark failed or was interrupted.
     #[error("bench: {0}")]
     Bench(#[from] BenchError),
+    /// `herd scale` or `herd rollout` could not do what was asked (what it did instead is in
+    /// the message: new workers stopped again, a rollout rolled back).
+    #[error("{0}")]
+    Change(String),
+    /// No cluster is recorded in the state directory.
+    #[error("{0}")]
+    NotRunning(String),
     /// Some processes could not be stopped, not even with SIGKILL.
     #[error("could not stop {0}; the state file is kept so that `herd down` can try again")]
     Survivors(String),
@@ -113,6 +120,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => EXIT_USAGE,
+            CliError::NotRunning(_) => EXIT_NOT_RUNNING,
             CliError::Interrupted(_) | CliError::Bench(BenchError::Interrupted) => EXIT_INTERRUPTED,
             CliError::Bench(BenchError::Usage(_)) => EXIT_USAGE,
             _ => EXIT_FAILED,
