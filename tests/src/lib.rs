@@ -6,6 +6,7 @@
 //! - [`worker`]: [`worker::TestWorker`], one herd-worker process.
 //! - [`gateway`]: [`gateway::TestGateway`], one herd-gateway process.
 //! - [`cluster`]: [`cluster::Cluster`], Redis + N workers + a gateway in one call.
+//! - [`herd_cli`]: [`herd_cli::HerdCluster`], a cluster run by the `herd` binary itself.
 //! - [`wait_until`], [`unique_prefix`], [`client`]: small helpers every test needs.
 //!
 //! Tests find the binaries next to their own executable (`target/<profile>/`); build them first
@@ -14,6 +15,7 @@
 
 pub mod cluster;
 pub mod gateway;
+pub mod herd_cli;
 pub mod redis;
 pub mod worker;
 pub mod worker_support;
