@@ -660,11 +660,51 @@ mod tests {
     #[test]
     fn status_and_down_take_a_state_dir() {
         let cli = parse(&["status", "--state-dir", "/tmp/s"]).unwrap();
-        assert!(matches!(cli.command, Command::Status(s) if s.state_dir == Path::new("/tmp/s")));
+        assert!(
+            matches!(cli.command, Command::Status(s) if s.state.state_dir == Path::new("/tmp/s"))
+        );
         let cli = parse(&["down", "--log-format", "json"]).unwrap();
         assert!(matches!(cli.command, Command::Down(_)));
         assert_eq!(cli.log_format, LogFormat::Json);
         assert!(parse(&["sideways"]).is_err());
         assert!(parse(&["up", "--port", "70000"]).is_err());
+    }
+
+    #[test]
+    fn scale_takes_an_optional_image_and_a_count() {
+        let scale = |args: &[&str]| {
+            let mut all = vec!["scale"];
+            all.extend(args);
+            match parse(&all).map(|cli| cli.command) {
+                Ok(Command::Scale(args)) => args.image_and_count().map_err(|e| e.to_string()),
+                other => Err(format!("{other:?}")),
+            }
+        };
+        assert_eq!(scale(&["8"]).unwrap(), ("web".to_string(), 8));
+        assert_eq!(scale(&["api", "2"]).unwrap(), ("api".to_string(), 2));
+        assert!(scale(&["0"]).unwrap_err().contains("between 1 and 64"));
+        assert!(scale(&["many"]).unwrap_err().contains("\"many\""));
+        assert!(scale(&[]).is_err());
+    }
+
+    #[test]
+    fn rollout_env_pairs_are_checked() {
+        let Command::Rollout(args) = parse(&["rollout", "--env", "A=1", "--env", "B=x=y"])
+            .unwrap()
+            .command
+        else {
+            panic!("not rollout")
+        };
+        assert_eq!(args.image, None);
+        assert_eq!(
+            args.env_pairs().unwrap(),
+            [("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
+        let Command::Rollout(args) = parse(&["rollout", "web", "--env", "=1"]).unwrap().command
+        else {
+            panic!("not rollout")
+        };
+        assert_eq!(args.env_pairs().unwrap_err().exit_code(), 2);
+        assert!(parse(&["status", "--json", "--watch"]).is_err());
     }
 }
