@@ -156,8 +156,9 @@ impl StateDir {
         Ok(out)
     }
 
-    /// Holds the state directory's lock until the returned file is dropped.
-    pub fn lock(&self) -> Result<fs::File, StateError> {
+    /// Holds the state directory's lock (`flock` on `state.lock`) until the returned guard is
+    /// dropped.
+    pub fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>, StateError> {
         let path = self.root.join("state.lock");
         let io_error = |source| StateError::Io {
             action: "lock",
@@ -171,8 +172,8 @@ impl StateDir {
             .mode(0o600)
             .open(&path)
             .map_err(io_error)?;
-        file.lock().map_err(io_error)?;
-        Ok(file)
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io_error(std::io::Error::from(errno)))
     }
 
     /// Removes the state file and the token file (logs and Redis data stay, for a look after
