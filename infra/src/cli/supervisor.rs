@@ -38,6 +38,8 @@ pub(crate) const CRASH_LOOP_RESTARTS: usize = 3;
 pub(crate) const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(60);
 /// How often the supervisor looks at its members.
 const TICK: Duration = Duration::from_millis(200);
+/// How long the supervisor goes on without a state file before it exits.
+const ORPHAN_AFTER: Duration = Duration::from_secs(5);
 /// Log lines quoted when a crash loop is reported.
 const TAIL_LINES: usize = 10;
 
@@ -146,15 +148,26 @@ impl Supervisor {
         }
     }
 
-    /// Supervises until a stop signal arrives; returns its name.
+    /// Supervises until a stop signal arrives, or the state file has been gone for
+    /// [`ORPHAN_AFTER`] (its cluster was stopped or never recorded: nothing left to watch);
+    /// returns why it stopped.
     pub(crate) async fn run(&mut self, stop: &mut StopSignal) -> &'static str {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut missing_since: Option<Instant> = None;
         loop {
             tokio::select! {
                 signal = stop.wait() => return signal,
                 _ = tick.tick() => {
-                    if let Err(error) = self.check(Instant::now()) {
+                    let now = Instant::now();
+                    if !self.dir.state_file().exists() {
+                        if now.duration_since(*missing_since.get_or_insert(now)) >= ORPHAN_AFTER {
+                            return "the state file's removal";
+                        }
+                        continue;
+                    }
+                    missing_since = None;
+                    if let Err(error) = self.check(now) {
                         super::warn(format!("herd: supervisor: {error}"));
                     }
                 }

@@ -151,8 +151,8 @@ pub(crate) fn supervise_detached(args: &super::StateDirArgs) -> Result<u8, CliEr
     })
 }
 
-/// Starts `herd supervise` for `dir` in the background (its own session, so the terminal's
-/// Ctrl-C and hang-up don't reach it; output in `logs/supervisor.log`); returns its pid.
+/// Starts `herd supervise` for `dir` in the background (its own process group, so the
+/// terminal's Ctrl-C doesn't reach it; output in `logs/supervisor.log`); returns its pid.
 ///
 /// Why a background supervisor rather than none: users expect a detached cluster to behave
 /// like a foreground one (a dead worker comes back), as `docker compose up -d` does.
