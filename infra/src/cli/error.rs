@@ -35,9 +35,11 @@ pub enum CliError {
     State(#[from] StateError),
     /// `herd up` while a cluster from the same state directory still runs.
     #[error(
-        "a herd cluster started at {started} is still running from {dir} ({running}); stop it with `herd down --state-dir {dir}`, or use another --state-dir"
+        "a herd cluster started at {started} is still running from {dir} ({running}); stop it with `{herd} down --state-dir {dir}`, or use another --state-dir"
     )]
     AlreadyRunning {
+        /// How the user runs herd (`./infra/herd` from a checkout).
+        herd: String,
         /// The state directory.
         dir: PathBuf,
         /// When that cluster came up.
@@ -91,7 +93,7 @@ pub enum CliError {
     #[error("{0}")]
     NotRunning(String),
     /// Some processes could not be stopped, not even with SIGKILL.
-    #[error("could not stop {0}; the state file is kept so that `herd down` can try again")]
+    #[error("could not stop {0}; the state file is kept so that `down` can try again")]
     Survivors(String),
 }
 

@@ -177,6 +177,7 @@ fn refuse_if_running(dir: &StateDir) -> Result<(), CliError> {
     let running = state.running();
     if !running.is_empty() {
         return Err(CliError::AlreadyRunning {
+            herd: herd_command(),
             dir: dir.root().to_path_buf(),
             started: super::timestamp(&state),
             running: running
@@ -276,8 +277,13 @@ fn print_banner(state: &State, dir: &StateDir, detach: bool) {
 /// How to run herd again as the user ran it: `./infra/herd` from a checkout (the wrapper script
 /// that builds and runs it; `herd` is not on PATH there), else `herd`.
 pub(crate) fn herd_command() -> String {
-    if let Ok(wrapper) = std::env::var("HERD_WRAPPER") {
-        let path = PathBuf::from(&wrapper);
+    herd_command_from(std::env::var("HERD_WRAPPER").ok().as_deref())
+}
+
+/// [`herd_command`] given the wrapper's `$0` (set by `infra/herd`).
+fn herd_command_from(wrapper: Option<&str>) -> String {
+    if let Some(wrapper) = wrapper {
+        let path = PathBuf::from(wrapper);
         let shown = shown(&path);
         if shown.contains('/') {
             return if shown.starts_with('/') || shown.starts_with('.') {
@@ -302,6 +308,26 @@ mod tests {
         assert!(error.contains(&format!("port {port}")), "{error}");
         assert!(error.contains("--admin-port"), "{error}");
         ensure_free(0, "--port").unwrap();
+    }
+
+    #[test]
+    fn hints_name_the_wrapper_as_it_was_run() {
+        assert_eq!(herd_command_from(None), "herd");
+        assert_eq!(herd_command_from(Some("./infra/herd")), "./infra/herd");
+        assert_eq!(
+            herd_command_from(Some("../x/infra/herd")),
+            "../x/infra/herd"
+        );
+        let cwd = std::env::current_dir().unwrap();
+        let below = cwd.join("infra/herd");
+        assert_eq!(
+            herd_command_from(Some(below.to_str().unwrap())),
+            "./infra/herd"
+        );
+        assert_eq!(
+            herd_command_from(Some("/opt/h/infra/herd")),
+            "/opt/h/infra/herd"
+        );
     }
 
     #[test]
