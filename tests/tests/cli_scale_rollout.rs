@@ -1,10 +1,12 @@
 //! The local operator plane end to end, through the real `herd` binary and real processes:
 //! `herd scale` 2 → 8 → 2 and `herd rollout` under load through the gateway with 0 failed
-//! requests and no session lost, a rollout to a broken binary rolled back, and the supervisor
-//! restarting a killed worker and reporting a crash loop.
+//! requests and no session lost, a rollout to a broken binary rolled back, the supervisor
+//! restarting a killed worker and reporting a crash loop, and the default cluster's standby
+//! gateway taking the active role while the killed active is restarted.
 //!
 //! Load is a few seconds at 150 req/s through gw1 (the bounded generator in `herd::load`).
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use herd::load::{self, Plan, Report};
@@ -257,4 +259,76 @@ async fn the_supervisor_restarts_a_killed_worker_and_reports_a_crash_loop() {
     let w2_log = cluster.log("worker-w2.log");
     assert!(w2_log.contains("Address already in use"), "{w2_log}");
     drop(squatter);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_cluster_has_a_standby_that_takes_over_while_the_active_is_restarted() {
+    let cluster = HerdCluster::up(1).await;
+    let roles = || async {
+        let status = cluster.herd(&["status", "--json"]).await;
+        let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        report["gateways"]
+            .as_array()
+            .expect("gateways")
+            .iter()
+            .map(|g| {
+                (
+                    g["name"].as_str().unwrap_or("?").to_string(),
+                    g["role"].as_str().unwrap_or("-").to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let active_gw1 = vec![
+        ("gateway-gw1".to_string(), "active".to_string()),
+        ("gateway-gw2".to_string(), "standby".to_string()),
+    ];
+    wait_until(
+        Duration::from_secs(10),
+        "gw1 is active, gw2 standby",
+        || async { roles().await == active_gw1 },
+    )
+    .await;
+    let state = cluster.state();
+    if nix::unistd::geteuid().is_root() {
+        let ip = state
+            .floating_ip
+            .clone()
+            .expect("a floating address as root");
+        let lo = Command::new("ip")
+            .args(["-4", "addr", "show", "lo"])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&lo.stdout).contains(&ip),
+            "{ip} on lo"
+        );
+    } else {
+        assert_eq!(state.floating_ip, None);
+    }
+
+    // kill -9 the active: the standby takes the role; the supervisor restarts gw1, which takes
+    // it back (preferred, preempt).
+    let gw1 = cluster.member("gateway-gw1");
+    herd::process::signal_pid(gw1.process.pid, Signal::SIGKILL).unwrap();
+    wait_until(Duration::from_secs(10), "gw2 takes over", || async {
+        roles()
+            .await
+            .iter()
+            .any(|(name, role)| name == "gateway-gw2" && role == "active")
+    })
+    .await;
+    wait_until(
+        Duration::from_secs(20),
+        "gw1 is restarted and active again",
+        || async { roles().await == active_gw1 },
+    )
+    .await;
+    assert_eq!(cluster.member("gateway-gw1").supervision.restarts, 1);
+    let served = client()
+        .get(cluster.url("/work?ms=0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
 }
