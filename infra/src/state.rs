@@ -142,7 +142,7 @@ impl StateDir {
     }
 
     /// Runs `change` on the state file under an exclusive lock (`state.lock`) and saves the
-    /// result: the supervisor, `herd scale` and `herd rollout` all edit the file, and none may
+    /// result if it differs: the supervisor, `herd scale` and `herd rollout` all edit the file, and none may
     /// lose another's change. Errors when there is no state file.
     pub fn update<T>(&self, change: impl FnOnce(&mut State) -> T) -> Result<T, StateError> {
         let _lock = self.lock()?;
@@ -151,8 +151,12 @@ impl StateDir {
             path: self.state_file(),
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         })?;
+        let before = state.clone();
         let out = change(&mut state);
-        self.save(&state)?;
+        // The supervisor looks five times a second; rewrite the file only when something changed.
+        if state != before {
+            self.save(&state)?;
+        }
         Ok(out)
     }
 
@@ -430,6 +434,32 @@ mod tests {
         assert!(!dir.token_file().exists());
         // Clearing twice is fine.
         dir.clear().unwrap();
+    }
+
+    #[test]
+    fn update_changes_the_file_under_the_lock() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(temp.path()).unwrap();
+        assert!(dir.update(|_| ()).is_err(), "no state file yet");
+        dir.save(&state(vec![])).unwrap();
+        let count = dir
+            .update(|s| {
+                s.members
+                    .push(member("worker-w1", Kind::Worker, dead_process()));
+                s.members.len()
+            })
+            .unwrap();
+        assert_eq!(count, 1);
+        let loaded = dir.load().unwrap().unwrap();
+        assert_eq!(loaded.members[0].id(), "w1");
+        // The lock is free again, and exclusive while held.
+        let held = dir.lock().unwrap();
+        let again = std::fs::File::open(temp.path().join("state.lock")).unwrap();
+        assert!(
+            nix::fcntl::Flock::lock(again, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
+        );
+        drop(held);
+        dir.update(|_| ()).unwrap();
     }
 
     #[test]
