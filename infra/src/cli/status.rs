@@ -84,7 +84,7 @@ pub(crate) fn run(args: &StatusArgs) -> Result<u8, CliError> {
         let mut stop = super::signals::StopSignal::install()?;
         loop {
             // Clear the screen and go home, like `watch`.
-            print!("\x1b[2J\x1b[H");
+            emit("\x1b[2J\x1b[H");
             let code = once(&dir, false).await?;
             if code == EXIT_NOT_RUNNING {
                 return Ok(code);
@@ -116,15 +116,22 @@ async fn once(dir: &StateDir, json: bool) -> Result<u8, CliError> {
     }
     let report = report(&state).await?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("a report always serializes")
-        );
+        let json = serde_json::to_string_pretty(&report).expect("a report always serializes");
+        emit(&format!("{json}\n"));
     } else {
-        print!("{}", render(&state, dir, &report.processes));
-        print!("{}", render_gateway_view(&report));
+        emit(&render(&state, dir, &report.processes));
+        emit(&render_gateway_view(&report));
     }
     Ok(if report.healthy { EXIT_OK } else { EXIT_FAILED })
+}
+
+/// Writes `text` on stdout, ignoring errors: `herd status --json | head` closes the pipe early,
+/// and that is no reason to panic.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
 }
 
 async fn report(state: &State) -> Result<Report, CliError> {
