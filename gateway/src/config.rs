@@ -29,7 +29,9 @@ pub struct GatewayConfig {
     pub id: String,
     /// Public listener (clients' traffic).
     pub listen: SocketAddr,
-    /// Static workers, `host:port` each; their id is that string.
+    /// Static workers: `host:port` (its id is that string) or `id=host:port` (e.g.
+    /// `w1=127.0.0.1:45101`), so the admin API, metrics and logs name a static worker as the
+    /// worker names itself (`x-herd-worker`, the registry).
     pub workers: Vec<String>,
     /// Threads serving client connections, each with its own event loop; 0: one per CPU the
     /// process may run on.
@@ -84,6 +86,11 @@ impl Default for GatewayConfig {
 }
 
 /// The host name, or `gateway` when it can't be read.
+/// A `workers` entry as (id, address): `id=host:port`, or `host:port` standing for both.
+pub fn split_static_worker(entry: &str) -> (&str, &str) {
+    entry.split_once('=').unwrap_or((entry, entry))
+}
+
 fn default_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_string())
@@ -451,9 +458,25 @@ impl Validate for GatewayConfig {
         if self.failover.enabled {
             self.redis.validate_in("redis")?;
         }
+        let mut ids = std::collections::HashSet::new();
         for (index, worker) in self.workers.iter().enumerate() {
-            parse_worker_addr(worker)
-                .map_err(|problem| ConfigError::new(format!("workers[{index}]"), problem))?;
+            let key = || format!("workers[{index}]");
+            let (id, addr) = split_static_worker(worker);
+            parse_worker_addr(addr).map_err(|problem| ConfigError::new(key(), problem))?;
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+            {
+                return Err(ConfigError::new(
+                    key(),
+                    "the id before '=' must be 1-64 letters, digits, '-', '_', '.' or ':'",
+                ));
+            }
+            if !ids.insert(id) {
+                return Err(ConfigError::new(key(), format!("id {id} is listed twice")));
+            }
         }
         if self.registry.enabled {
             self.redis.validate_in("redis")?;
@@ -668,6 +691,30 @@ mod tests {
         assert_eq!(config.health.passive.consecutive_failures, 5);
         assert_eq!(config.balancing.algorithm, Algorithm::RoundRobin);
         assert!(config.registry.enabled);
+    }
+
+    #[test]
+    fn static_workers_may_be_named() {
+        let config = load(&[("HERD_GATEWAY_WORKERS", "w1=127.0.0.1:8081,127.0.0.1:8082")]).unwrap();
+        let split: Vec<_> = config
+            .workers
+            .iter()
+            .map(|w| split_static_worker(w))
+            .collect();
+        assert_eq!(
+            split,
+            [
+                ("w1", "127.0.0.1:8081"),
+                ("127.0.0.1:8082", "127.0.0.1:8082")
+            ]
+        );
+        for bad in ["=127.0.0.1:1", "w 1=127.0.0.1:1", "w1=nowhere"] {
+            let error = load(&[("HERD_GATEWAY_WORKERS", bad)]).unwrap_err();
+            assert_eq!(error.key, "workers[0]", "{bad}: {error}");
+        }
+        let error = load(&[("HERD_GATEWAY_WORKERS", "w1=127.0.0.1:1,w1=127.0.0.1:2")]).unwrap_err();
+        assert_eq!(error.key, "workers[1]", "{error}");
+        assert!(error.to_string().contains("twice"), "{error}");
     }
 
     #[test]

@@ -21,7 +21,8 @@
 //! - [`probe`]: the failover prober (a new connection per request, on a fixed schedule).
 //! - [`pid`]: processes known only by pid (from an earlier `herd up`): alive? stop them.
 //! - [`state`]: the state directory and state file of a local cluster.
-//! - [`cli`]: the `herd` commands (`up`, `status`, `down`, `lab`, `bench`).
+//! - [`cli`]: the `herd` commands (`up`, `status`, `scale`, `rollout`, `down`, `lab`, `bench`)
+//!   and the local supervisor.
 //!
 //! The CLI's flow starts in `main.rs`, which parses the command and calls [`cli::run`].
 
@@ -30,8 +31,8 @@ pub mod binaries;
 pub mod cli;
 pub mod deploy;
 pub mod deps;
-pub mod inventory;
 pub mod drill;
+pub mod inventory;
 pub mod lab;
 pub mod load;
 pub mod machine;

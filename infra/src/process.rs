@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// What to start.
-#[derive(Debug, Clone)]
+/// What to start. Serializable, so the state file can record how to start a process again (the
+/// supervisor's restarts, `herd rollout`'s roll-back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spec {
     /// Short name for logs and file names, e.g. `worker-1`.
     pub name: String,
@@ -79,6 +80,22 @@ impl Spec {
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
         self
+    }
+
+    /// Sets an environment variable, replacing an earlier value of the same key.
+    pub fn set_env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.into()));
+        self
+    }
+
+    /// The value of an environment variable of this spec.
+    pub fn env_value(&self, key: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -151,10 +168,28 @@ pub struct Process {
 impl Process {
     /// Starts `spec` in its own process group, stdout and stderr to files.
     pub fn spawn(spec: &Spec) -> Result<Process, ProcessError> {
+        Self::spawn_with(spec, false)
+    }
+
+    /// Like [`Process::spawn`], but appends to the log files instead of truncating them: a
+    /// restarted process must not wipe the lines that say why its predecessor died.
+    pub fn spawn_appending(spec: &Spec) -> Result<Process, ProcessError> {
+        Self::spawn_with(spec, true)
+    }
+
+    fn spawn_with(spec: &Spec, append: bool) -> Result<Process, ProcessError> {
         let out_path = spec.log_dir.join(format!("{}.out", spec.name));
         let log_path = spec.log_dir.join(format!("{}.log", spec.name));
         let create = |path: &Path| {
-            File::create(path).map_err(|source| ProcessError::Log {
+            let opened = if append {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+            } else {
+                File::create(path)
+            };
+            opened.map_err(|source| ProcessError::Log {
                 path: path.display().to_string(),
                 source,
             })

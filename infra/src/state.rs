@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::pid::ProcessId;
+use crate::process::Spec;
 
 /// Version of the state file's format; bumped when a field changes meaning.
 pub const VERSION: u32 = 1;
@@ -140,6 +141,45 @@ impl StateDir {
         write_private(&self.token_file(), &format!("{token}\n"))
     }
 
+    /// Runs `change` on the state file under an exclusive lock (`state.lock`) and saves the
+    /// result if it differs: the supervisor, `herd scale` and `herd rollout` all edit the file, and none may
+    /// lose another's change. Errors when there is no state file.
+    pub fn update<T>(&self, change: impl FnOnce(&mut State) -> T) -> Result<T, StateError> {
+        let _lock = self.lock()?;
+        let mut state = self.load()?.ok_or_else(|| StateError::Io {
+            action: "read",
+            path: self.state_file(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
+        let before = state.clone();
+        let out = change(&mut state);
+        // The supervisor looks five times a second; rewrite the file only when something changed.
+        if state != before {
+            self.save(&state)?;
+        }
+        Ok(out)
+    }
+
+    /// Holds the state directory's lock (`flock` on `state.lock`) until the returned guard is
+    /// dropped.
+    pub fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>, StateError> {
+        let path = self.root.join("state.lock");
+        let io_error = |source| StateError::Io {
+            action: "lock",
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_error)?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io_error(std::io::Error::from(errno)))
+    }
+
     /// Removes the state file and the token file (logs and Redis data stay, for a look after
     /// the fact and for the next `herd up`).
     pub fn clear(&self) -> Result<(), StateError> {
@@ -184,7 +224,8 @@ fn write_private(path: &Path, contents: &str) -> Result<(), StateError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
-    /// The foreground `herd up` that supervises the others (absent with `--detach`).
+    /// The `herd` process that supervises the others: the foreground `herd up`, or the
+    /// background `herd supervise` that `herd up --detach` leaves.
     Supervisor,
     /// The private redis-server.
     Redis,
@@ -213,6 +254,40 @@ pub struct Member {
     /// Its stderr log.
     #[serde(default)]
     pub log: Option<PathBuf>,
+    /// How to start it again (workers and gateways): the supervisor restarts it from this, on
+    /// the same addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<Spec>,
+    /// The image (worker app) of a worker, e.g. `web`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// What the supervisor did to it.
+    #[serde(default)]
+    pub supervision: Supervision,
+}
+
+impl Member {
+    /// The worker id of a worker (`w1` for `worker-w1`), the gateway id of a gateway.
+    pub fn id(&self) -> &str {
+        self.name
+            .strip_prefix("worker-")
+            .or_else(|| self.name.strip_prefix("gateway-"))
+            .unwrap_or(&self.name)
+    }
+}
+
+/// The supervisor's record of one member's restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Supervision {
+    /// Restarts since the cluster came up.
+    pub restarts: u32,
+    /// When it was last restarted (seconds since the Unix epoch).
+    #[serde(default)]
+    pub last_restart_at: Option<u64>,
+    /// Set while it restarts too often (see `cli::supervisor`): it keeps being restarted, with
+    /// the longest backoff, and `herd status` shows it.
+    #[serde(default)]
+    pub crash_loop: bool,
 }
 
 /// Everything recorded about a running local cluster.
@@ -236,6 +311,10 @@ pub struct State {
     pub redis_prefix: String,
     /// Every process, in start order.
     pub members: Vec<Member>,
+    /// The gateway pair's floating address on the loopback interface, when there is one (root
+    /// only), e.g. `127.77.3.9`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floating_ip: Option<String>,
 }
 
 impl State {
@@ -260,6 +339,11 @@ impl State {
     /// Whether the file describes a cluster that is gone: not one of its processes still runs.
     pub fn is_stale(&self) -> bool {
         self.running().is_empty()
+    }
+
+    /// The workers, in start order.
+    pub fn workers(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().filter(|m| m.kind == Kind::Worker)
     }
 
     /// The cluster's servers in the order they must stop, grouped: gateways first (no new
@@ -298,6 +382,9 @@ mod tests {
             addr: Some("127.0.0.1:4000".parse().unwrap()),
             admin_addr: None,
             log: Some(PathBuf::from(format!("/tmp/{name}.log"))),
+            spec: None,
+            image: None,
+            supervision: Supervision::default(),
         }
     }
 
@@ -312,6 +399,7 @@ mod tests {
             redis_url: "redis://127.0.0.1:6400/0".into(),
             redis_prefix: "herd:".into(),
             members,
+            floating_ip: None,
         }
     }
 
@@ -346,6 +434,32 @@ mod tests {
         assert!(!dir.token_file().exists());
         // Clearing twice is fine.
         dir.clear().unwrap();
+    }
+
+    #[test]
+    fn update_changes_the_file_under_the_lock() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(temp.path()).unwrap();
+        assert!(dir.update(|_| ()).is_err(), "no state file yet");
+        dir.save(&state(vec![])).unwrap();
+        let count = dir
+            .update(|s| {
+                s.members
+                    .push(member("worker-w1", Kind::Worker, dead_process()));
+                s.members.len()
+            })
+            .unwrap();
+        assert_eq!(count, 1);
+        let loaded = dir.load().unwrap().unwrap();
+        assert_eq!(loaded.members[0].id(), "w1");
+        // The lock is free again, and exclusive while held.
+        let held = dir.lock().unwrap();
+        let again = std::fs::File::open(temp.path().join("state.lock")).unwrap();
+        assert!(
+            nix::fcntl::Flock::lock(again, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
+        );
+        drop(held);
+        dir.update(|_| ()).unwrap();
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`gateway`]: [`gateway::TestGateway`], one herd-gateway process.
 //! - [`otlp`]: [`otlp::Receiver`], an OTLP/HTTP trace receiver that decodes what it is sent.
 //! - [`cluster`]: [`cluster::Cluster`], Redis + N workers + a gateway in one call.
+//! - [`herd_cli`]: [`herd_cli::HerdCluster`], a cluster run by the `herd` binary itself.
 //! - [`wait_until`], [`unique_prefix`], [`client`]: small helpers every test needs.
 //!
 //! Tests find the binaries next to their own executable (`target/<profile>/`); build them first
@@ -15,6 +16,7 @@
 
 pub mod cluster;
 pub mod gateway;
+pub mod herd_cli;
 pub mod otlp;
 pub mod redis;
 pub mod worker;

@@ -190,7 +190,11 @@ async fn detached_up_serves_then_down_leaves_no_process() {
     }
     assert!(up.status.success(), "herd up --detach: {}", describe(&up));
     let state = state.expect("herd up --detach wrote the state file");
-    assert_eq!(state.members.len(), 5, "redis + 3 workers + gateway");
+    assert_eq!(
+        state.members.len(),
+        7,
+        "supervisor + redis + 3 workers + 2 gateways"
+    );
     assert!(state.detached);
     let stdout = String::from_utf8_lossy(&up.stdout);
     assert!(
@@ -206,7 +210,7 @@ async fn detached_up_serves_then_down_leaves_no_process() {
 
     let status = herd(&["status", "--state-dir", state_arg]).await;
     assert_eq!(status.status.code(), Some(0), "{}", describe(&status));
-    assert!(String::from_utf8_lossy(&status.stdout).contains("all 5 processes are healthy"));
+    assert!(String::from_utf8_lossy(&status.stdout).contains("all 7 processes are healthy"));
 
     // A second `herd up` on the same state directory is refused while the first one runs.
     let again = herd(&[

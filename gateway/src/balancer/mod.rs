@@ -319,10 +319,11 @@ impl Balancer {
             .cloned()
     }
 
-    /// A static worker's spec from its `host:port`.
-    pub fn static_spec(&self, addr: &str) -> WorkerSpec {
+    /// A static worker's spec from its `workers` entry: `host:port`, or `id=host:port`.
+    pub fn static_spec(&self, entry: &str) -> WorkerSpec {
+        let (id, addr) = crate::config::split_static_worker(entry);
         WorkerSpec {
-            id: addr.to_string(),
+            id: id.to_string(),
             addr: addr.to_string(),
             machine: String::new(),
             weight: self.defaults.static_weight,
@@ -506,6 +507,14 @@ mod tests {
             b.add(b.static_spec(addr)).unwrap();
         }
         b
+    }
+
+    #[test]
+    fn a_named_static_worker_goes_by_its_name() {
+        let b = balancer(&["w1=127.0.0.1:1"]);
+        let worker = b.find("w1").expect("found by name");
+        assert_eq!(worker.spec.addr, "127.0.0.1:1");
+        assert!(b.find("127.0.0.1:1").is_none());
     }
 
     #[test]

@@ -30,9 +30,18 @@ pub struct Cli {
 pub enum Command {
     /// Start Redis, the workers and a gateway on this machine; stay until Ctrl-C (or --detach).
     Up(UpArgs),
-    /// Show whether every process of the cluster runs and answers; exit 0 all healthy, 1 some
-    /// down, 3 no cluster.
+    /// Show the cluster: every process, the workers as the active gateway sees them, both
+    /// gateways' roles, Redis; exit 0 all healthy, 1 some down, 3 no cluster.
     Status(StatusArgs),
+    /// Set the number of workers of an image: add workers (returns once the gateway sees them
+    /// healthy) or drain and stop some.
+    Scale(ScaleArgs),
+    /// Replace the workers of an image one batch at a time with a new binary or environment;
+    /// roll back when a new worker fails its readiness check.
+    Rollout(RolloutArgs),
+    /// The background supervisor that `herd up --detach` leaves (restarts dead processes).
+    #[command(hide = true)]
+    Supervise(StateDirArgs),
     /// Stop a cluster started with `herd up` (gateway, workers, Redis, in that order).
     Down(StateDirArgs),
     /// Multi-host experiments in network namespaces on this machine (needs root).
@@ -376,17 +385,6 @@ pub struct FailoverCompareArgs {
     pub log_dir: Option<PathBuf>,
 }
 
-/// Flags of `herd status`.
-#[derive(Debug, Clone, Args)]
-pub struct StatusArgs {
-    /// Print JSON instead of the table (with --inventory).
-    #[arg(long)]
-    pub json: bool,
-    /// Where the cluster's state lives.
-    #[command(flatten)]
-    pub state: StateDirArgs,
-}
-
 /// Where a cluster's state lives.
 #[derive(Debug, Clone, Args)]
 pub struct StateDirArgs {
@@ -402,6 +400,100 @@ pub struct StateDirArgs {
         value_name = "DIR"
     )]
     pub state_dir: PathBuf,
+}
+
+/// Flags of `herd status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Print one JSON document instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every 2 s until Ctrl-C.
+    #[arg(long, conflicts_with = "json")]
+    pub watch: bool,
+    /// Where the cluster's state lives.
+    #[command(flatten)]
+    pub state: StateDirArgs,
+}
+
+/// Most workers `herd scale` runs.
+pub const MAX_SCALE: u32 = 64;
+
+/// Flags of `herd scale`.
+#[derive(Debug, Clone, Args)]
+pub struct ScaleArgs {
+    /// `[IMAGE] N`: the image (default: the local cluster's only one, `web`) and the number of
+    /// workers wanted.
+    #[arg(value_name = "[IMAGE] N", num_args = 1..=2, required = true)]
+    pub target: Vec<String>,
+    /// Longest wait for new workers to be healthy in the gateway.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
+    /// Where the cluster's state lives.
+    #[command(flatten)]
+    pub state: StateDirArgs,
+}
+
+impl ScaleArgs {
+    /// The image and the count.
+    pub fn image_and_count(&self) -> Result<(String, u32), CliError> {
+        let (image, count) = match self.target.as_slice() {
+            [count] => ("web".to_string(), count),
+            [image, count] => (image.clone(), count),
+            _ => return Err(CliError::Usage("usage: herd scale [IMAGE] N".into())),
+        };
+        let count: u32 = count.parse().map_err(|_| {
+            CliError::Usage(format!(
+                "herd scale: N must be a number of workers, got {count:?}"
+            ))
+        })?;
+        if !(1..=MAX_SCALE).contains(&count) {
+            return Err(CliError::Usage(format!(
+                "herd scale: N must be between 1 and {MAX_SCALE}, got {count}"
+            )));
+        }
+        Ok((image, count))
+    }
+}
+
+/// Flags of `herd rollout`.
+#[derive(Debug, Clone, Args)]
+pub struct RolloutArgs {
+    /// The image to upgrade (default: the local cluster's only one, `web`).
+    #[arg(value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// The new worker executable (default: the current one, e.g. for an environment change).
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+    /// Environment of the new workers, on top of the current one (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Workers replaced at a time.
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub batch: u32,
+    /// Longest wait for a new worker to be healthy in the gateway before the rollout is rolled
+    /// back.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
+    /// Where the cluster's state lives.
+    #[command(flatten)]
+    pub state: StateDirArgs,
+}
+
+impl RolloutArgs {
+    /// The `--env` pairs, checked.
+    pub fn env_pairs(&self) -> Result<Vec<(String, String)>, CliError> {
+        self.env
+            .iter()
+            .map(|pair| match pair.split_once('=') {
+                Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+                _ => Err(CliError::Usage(format!(
+                    "--env takes KEY=VALUE, got {pair:?}"
+                ))),
+            })
+            .collect()
+    }
 }
 
 /// Flags of `herd up`.
@@ -665,5 +757,43 @@ mod tests {
         assert_eq!(cli.log_format, LogFormat::Json);
         assert!(parse(&["sideways"]).is_err());
         assert!(parse(&["up", "--port", "70000"]).is_err());
+    }
+
+    #[test]
+    fn scale_takes_an_optional_image_and_a_count() {
+        let scale = |args: &[&str]| {
+            let mut all = vec!["scale"];
+            all.extend(args);
+            match parse(&all).map(|cli| cli.command) {
+                Ok(Command::Scale(args)) => args.image_and_count().map_err(|e| e.to_string()),
+                other => Err(format!("{other:?}")),
+            }
+        };
+        assert_eq!(scale(&["8"]).unwrap(), ("web".to_string(), 8));
+        assert_eq!(scale(&["api", "2"]).unwrap(), ("api".to_string(), 2));
+        assert!(scale(&["0"]).unwrap_err().contains("between 1 and 64"));
+        assert!(scale(&["many"]).unwrap_err().contains("\"many\""));
+        assert!(scale(&[]).is_err());
+    }
+
+    #[test]
+    fn rollout_env_pairs_are_checked() {
+        let Command::Rollout(args) = parse(&["rollout", "--env", "A=1", "--env", "B=x=y"])
+            .unwrap()
+            .command
+        else {
+            panic!("not rollout")
+        };
+        assert_eq!(args.image, None);
+        assert_eq!(
+            args.env_pairs().unwrap(),
+            [("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
+        let Command::Rollout(args) = parse(&["rollout", "web", "--env", "=1"]).unwrap().command
+        else {
+            panic!("not rollout")
+        };
+        assert_eq!(args.env_pairs().unwrap_err().exit_code(), 2);
+        assert!(parse(&["status", "--json", "--watch"]).is_err());
     }
 }

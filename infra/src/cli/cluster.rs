@@ -59,28 +59,33 @@ pub(crate) struct Plan {
     pub(crate) worker_program: PathBuf,
     /// The herd-gateway executable.
     pub(crate) gateway_program: PathBuf,
+    /// The gateway pair's floating address on `lo`, when herd may add one (root).
+    pub(crate) floating_ip: Option<std::net::Ipv4Addr>,
 }
+
+/// The image (worker app) of a local cluster: the demo web app that herd-worker serves.
+pub(crate) const IMAGE: &str = "web";
 
 /// A started worker or gateway.
 #[derive(Debug)]
 struct Server {
     process: Process,
+    /// How it was started (with its listeners' real addresses, so a restart binds them again).
+    spec: Spec,
     /// Public listener.
     addr: SocketAddr,
     /// Admin listener (gateway only).
     admin: Option<SocketAddr>,
-    /// Whether its unexpected exit has been reported already.
-    exit_reported: bool,
 }
 
 /// The running processes (each killed if dropped; [`Cluster::stop`] stops them cleanly).
 #[derive(Debug, Default)]
 pub(crate) struct Cluster {
     redis: Option<RedisServer>,
-    redis_exit_reported: bool,
     redis_cluster: Option<RedisCluster>,
     workers: Vec<Server>,
-    gateway: Option<Server>,
+    /// The pair: the preferred gateway (`gateway-gw1`, on the public port) first.
+    gateways: Vec<Server>,
 }
 
 impl Cluster {
@@ -112,7 +117,7 @@ impl Cluster {
         interrupted(stop)?;
 
         let specs = (1..=plan.workers)
-            .map(|n| worker_spec(plan, n, &redis_url))
+            .map(|n| worker_spec_of(plan, n, &redis_url))
             .collect();
         let watch = stop.clone();
         self.workers = blocking(move || start_servers(specs, &["public"], &watch)).await?;
@@ -122,12 +127,15 @@ impl Cluster {
             self.worker_addrs().join(", ")
         ));
 
-        let spec = gateway_spec(plan, &self.worker_addrs(), &redis_url);
+        let peer_ports = (free_port()?, free_port()?);
+        let specs = vec![
+            gateway_spec(plan, 1, peer_ports, &redis_url),
+            gateway_spec(plan, 2, peer_ports, &redis_url),
+        ];
         let watch = stop.clone();
-        let mut gateway =
-            blocking(move || start_servers(vec![spec], &["public", "admin"], &watch)).await?;
-        self.gateway = gateway.pop();
-        super::warn("herd: the gateway listens; waiting until it is ready");
+        self.gateways =
+            blocking(move || start_servers(specs, &["public", "admin"], &watch)).await?;
+        super::warn("herd: the gateway pair listens; waiting until it is ready");
         self.wait_ready(stop).await
     }
 
@@ -143,7 +151,7 @@ impl Cluster {
             })?;
         let deadline = Instant::now() + READY_TIMEOUT;
         let servers = self.workers.iter_mut().map(|w| (w, false));
-        let gateway = self.gateway.iter_mut().map(|g| (g, true));
+        let gateway = self.gateways.iter_mut().map(|g| (g, true));
         for (server, is_gateway) in servers.chain(gateway) {
             let addr = if is_gateway {
                 server.admin.unwrap_or(server.addr)
@@ -197,6 +205,9 @@ impl Cluster {
                 addr: None,
                 admin_addr: None,
                 log: None,
+                spec: None,
+                image: None,
+                supervision: Default::default(),
             });
         }
         for node in self.redis_cluster.iter().flat_map(RedisCluster::nodes) {
@@ -207,6 +218,9 @@ impl Cluster {
                 addr: Some(node.addr()),
                 admin_addr: None,
                 log: Some(node.log_path()),
+                spec: None,
+                image: None,
+                supervision: Default::default(),
             });
         }
         if let Some(redis) = &self.redis {
@@ -217,10 +231,13 @@ impl Cluster {
                 addr: Some(redis.addr()),
                 admin_addr: None,
                 log: Some(redis.log_path()),
+                spec: None,
+                image: None,
+                supervision: Default::default(),
             });
         }
         let servers = self.workers.iter().map(|w| (w, Kind::Worker));
-        for (server, kind) in servers.chain(self.gateway.iter().map(|g| (g, Kind::Gateway))) {
+        for (server, kind) in servers.chain(self.gateways.iter().map(|g| (g, Kind::Gateway))) {
             members.push(Member {
                 name: server.process.name().to_string(),
                 kind,
@@ -228,12 +245,15 @@ impl Cluster {
                 addr: Some(server.addr),
                 admin_addr: server.admin,
                 log: Some(server.process.log_path().to_path_buf()),
+                spec: Some(server.spec.clone()),
+                image: (kind == Kind::Worker).then(|| IMAGE.to_string()),
+                supervision: Default::default(),
             });
         }
-        let public = self.gateway.as_ref().map_or(plan.public, |g| g.addr);
+        let public = self.gateways.first().map_or(plan.public, |g| g.addr);
         let admin = self
-            .gateway
-            .as_ref()
+            .gateways
+            .first()
             .and_then(|g| g.admin)
             .unwrap_or(plan.admin);
         State {
@@ -251,44 +271,13 @@ impl Cluster {
                 .unwrap_or_default(),
             redis_prefix: plan.prefix.clone(),
             members,
+            floating_ip: plan.floating_ip.map(|ip| ip.to_string()),
         }
-    }
-
-    /// One line for each process that has exited since the last call (while it should run).
-    pub(crate) fn newly_exited(&mut self) -> Vec<String> {
-        let mut lines = Vec::new();
-        let servers = self.workers.iter_mut().chain(self.gateway.iter_mut());
-        for server in servers.filter(|s| !s.exit_reported) {
-            if let Some(status) = server.process.try_wait() {
-                server.exit_reported = true;
-                lines.push(format!(
-                    "{} (pid {}) exited unexpectedly ({status}); last lines of {}:\n{}",
-                    server.process.name(),
-                    server.process.pid(),
-                    server.process.log_path().display(),
-                    server.process.log_tail(TAIL_LINES)
-                ));
-            }
-        }
-        if let Some(redis) = &self.redis
-            && !self.redis_exit_reported
-            && !redis
-                .pid()
-                .is_some_and(|pid| ProcessId::of(pid).is_running())
-        {
-            self.redis_exit_reported = true;
-            lines.push(format!(
-                "redis-server (pid {}) exited unexpectedly; see {}",
-                redis.pid().unwrap_or_default(),
-                redis.log_path().display()
-            ));
-        }
-        lines
     }
 
     /// Stops everything in order (gateway, workers, Redis), printing a line per process.
     pub(crate) fn stop(mut self) {
-        if let Some(mut gateway) = self.gateway.take() {
+        for mut gateway in std::mem::take(&mut self.gateways) {
             let outcome = gateway.process.terminate(GATEWAY_GRACE);
             super::say(describe(&gateway.process, outcome, GATEWAY_GRACE));
         }
@@ -313,7 +302,7 @@ impl Cluster {
 
     /// Lets every process run on after herd exits (`--detach`).
     pub(crate) fn detach(mut self) {
-        if let Some(gateway) = self.gateway.take() {
+        for gateway in std::mem::take(&mut self.gateways) {
             gateway.process.detach();
         }
         for worker in std::mem::take(&mut self.workers) {
@@ -385,49 +374,136 @@ fn start_servers(
         })?;
         interrupted(stop)?;
         let addr_of = |role: &str| listening.iter().find(|l| l.role == role).map(|l| l.addr);
+        let addr = addr_of("public").expect("waited for the public listener");
+        let admin = addr_of("admin");
         servers.push(Server {
-            addr: addr_of("public").expect("waited for the public listener"),
-            admin: addr_of("admin"),
+            spec: pin_addresses(spec.clone(), addr, admin),
+            addr,
+            admin,
             process,
-            exit_reported: false,
         });
     }
     Ok(servers)
 }
 
-/// The variable that points a process at Redis: the URL, or the cluster's seed list.
-fn redis_key(prefix: &str, plan: &Plan) -> String {
-    let key = if plan.redis_cluster { "CLUSTER" } else { "URL" };
+/// `spec` with the addresses its listeners got (it may have asked for port 0), so that a
+/// restart binds the same ones: the gateway finds a restarted worker where it was, and users
+/// find the gateway where the banner said.
+fn pin_addresses(spec: Spec, public: SocketAddr, admin: Option<SocketAddr>) -> Spec {
+    if spec.env_value("HERD_WORKER_LISTEN").is_some() {
+        return spec.set_env("HERD_WORKER_LISTEN", public.to_string());
+    }
+    let spec = spec.set_env("HERD_GATEWAY_LISTEN", public.to_string());
+    match admin {
+        Some(admin) => spec.set_env("HERD_GATEWAY_ADMIN__LISTEN", admin.to_string()),
+        None => spec,
+    }
+}
+
+fn free_port() -> Result<u16, CliError> {
+    crate::ports::free_port().map_err(|source| CliError::Os {
+        what: "find a free port for the gateways' peer link",
+        source,
+    })
+}
+
+/// The variable that points a process at Redis: `…_REDIS__URL` for one server, or
+/// `…_REDIS__CLUSTER` for a Redis Cluster's seed list (the state file records it comma-separated).
+fn redis_variable(prefix: &str, redis_url: &str) -> String {
+    let key = if redis_url.contains(',') {
+        "CLUSTER"
+    } else {
+        "URL"
+    };
     format!("{prefix}_REDIS__{key}")
 }
 
-fn worker_spec(plan: &Plan, n: u16, redis_url: &str) -> Spec {
+/// A worker of the local image, `w{n}`, on a free loopback port.
+pub(crate) fn worker_spec(
+    program: &std::path::Path,
+    log_dir: &std::path::Path,
+    n: u32,
+    redis_url: &str,
+    prefix: &str,
+) -> Spec {
     let id = format!("w{n}");
-    Spec::new(
-        format!("worker-{id}"),
+    Spec::new(format!("worker-{id}"), program, log_dir)
+        .arg("--log-format")
+        .arg("pretty")
+        .env("HERD_WORKER_LISTEN", "127.0.0.1:0")
+        .env("HERD_WORKER_ID", id)
+        .env("HERD_WORKER_MACHINE", "local")
+        .env(redis_variable("HERD_WORKER", redis_url), redis_url)
+        .env("HERD_WORKER_REDIS__PREFIX", prefix)
+        .env("HERD_WORKER_REGISTRY__ENABLED", "true")
+}
+
+/// Starts a worker from `spec` and waits for its public listening line; returns the process and
+/// the spec pinned to the address it got.
+pub(crate) fn start_worker(spec: &Spec) -> Result<(Process, Spec, SocketAddr), CliError> {
+    let process = Process::spawn_and_wait(spec, &["public"], LISTEN_TIMEOUT)?;
+    let addr = process
+        .addr("public")
+        .expect("waited for the public listener");
+    Ok((process, pin_addresses(spec.clone(), addr, None), addr))
+}
+
+fn worker_spec_of(plan: &Plan, n: u16, redis_url: &str) -> Spec {
+    worker_spec(
         &plan.worker_program,
+        &plan.dir.log_dir(),
+        u32::from(n),
+        redis_url,
+        &plan.prefix,
+    )
+}
+
+/// Gateway `n` (1 or 2) of the pair. `gw1` is preferred and takes the public port; `gw2` is the
+/// standby on a free port. Both run failover over a peer link on loopback; with
+/// `plan.floating_ip`, the active holds that address on `lo`.
+///
+/// Workers are not listed statically: every worker registers in Redis under its id (`w1`…), so
+/// the gateway, `herd status` and the `x-herd-worker` header all name it the same way, and
+/// workers started later (`herd scale`, `herd rollout`) join without a restart.
+fn gateway_spec(plan: &Plan, n: u8, peer_ports: (u16, u16), redis_url: &str) -> Spec {
+    let (own, peer) = if n == 1 {
+        peer_ports
+    } else {
+        (peer_ports.1, peer_ports.0)
+    };
+    let (public, admin) = if n == 1 {
+        (plan.public, plan.admin)
+    } else {
+        (
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        )
+    };
+    let id = format!("gw{n}");
+    let mut spec = Spec::new(
+        format!("gateway-{id}"),
+        &plan.gateway_program,
         &plan.dir.log_dir(),
     )
     .arg("--log-format")
     .arg("pretty")
-    .env("HERD_WORKER_LISTEN", "127.0.0.1:0")
-    .env("HERD_WORKER_ID", id)
-    .env(redis_key("HERD_WORKER", plan), redis_url)
-    .env("HERD_WORKER_REDIS__PREFIX", &plan.prefix)
-    .env("HERD_WORKER_REGISTRY__ENABLED", "true")
-}
-
-fn gateway_spec(plan: &Plan, workers: &[String], redis_url: &str) -> Spec {
-    // Workers are listed statically (traffic flows at once) and also found through the registry
-    // (so workers added later, e.g. by `herd scale`, join without a restart).
-    Spec::new("gateway", &plan.gateway_program, &plan.dir.log_dir())
-        .arg("--log-format")
-        .arg("pretty")
-        .env("HERD_GATEWAY_LISTEN", plan.public.to_string())
-        .env("HERD_GATEWAY_ADMIN__LISTEN", plan.admin.to_string())
-        .env("HERD_GATEWAY_ADMIN__TOKEN", &plan.token)
-        .env("HERD_GATEWAY_WORKERS", workers.join(","))
-        .env("HERD_GATEWAY_REGISTRY__ENABLED", "true")
-        .env(redis_key("HERD_GATEWAY", plan), redis_url)
-        .env("HERD_GATEWAY_REDIS__PREFIX", &plan.prefix)
+    .env("HERD_GATEWAY_ID", &id)
+    .env("HERD_GATEWAY_LISTEN", public.to_string())
+    .env("HERD_GATEWAY_ADMIN__LISTEN", admin.to_string())
+    .env("HERD_GATEWAY_ADMIN__TOKEN", &plan.token)
+    .env("HERD_GATEWAY_REGISTRY__ENABLED", "true")
+    .env(redis_variable("HERD_GATEWAY", redis_url), redis_url)
+    .env("HERD_GATEWAY_REDIS__PREFIX", &plan.prefix)
+    .env("HERD_GATEWAY_FAILOVER__ENABLED", "true")
+    .env("HERD_GATEWAY_FAILOVER__LISTEN", format!("127.0.0.1:{own}"))
+    .env("HERD_GATEWAY_FAILOVER__PEER", format!("127.0.0.1:{peer}"))
+    .env("HERD_GATEWAY_FAILOVER__PREFERRED", (n == 1).to_string())
+    .env("HERD_GATEWAY_FAILOVER__PREEMPT", "true");
+    if let Some(ip) = plan.floating_ip {
+        spec = spec
+            .env("HERD_GATEWAY_FAILOVER__ADDRESS__IP", ip.to_string())
+            .env("HERD_GATEWAY_FAILOVER__ADDRESS__PREFIX_LEN", "32")
+            .env("HERD_GATEWAY_FAILOVER__ADDRESS__INTERFACE", "lo");
+    }
+    spec
 }

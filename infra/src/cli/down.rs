@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::cluster::{GATEWAY_GRACE, REDIS_GRACE, WORKER_GRACE};
 use super::{CliError, EXIT_OK, StateDirArgs};
 use crate::pid::{self, Stopped};
-use crate::state::{Kind, StateDir};
+use crate::state::{Kind, State, StateDir};
 
 /// How long a foreground `herd up` gets to stop its cluster: every grace period in a row, plus
 /// some slack.
@@ -34,20 +34,40 @@ pub(crate) fn run(args: &StateDirArgs) -> Result<u8, CliError> {
     let mut supervisor_stopped = false;
     if let Some(supervisor) = state.supervisor().filter(|s| s.process.is_running()) {
         let pid = supervisor.process.pid;
-        super::say(format!(
-            "asking the foreground `herd up` (pid {pid}) to stop its cluster"
-        ));
+        let who = if state.detached {
+            "the background supervisor (`herd supervise`)"
+        } else {
+            "the foreground `herd up`"
+        };
+        super::say(format!("asking {who} (pid {pid}) to stop its cluster"));
         match pid::stop_all(&[supervisor.process], SUPERVISOR_GRACE)[0] {
-            Stopped::Exited => super::say(format!(
-                "the foreground `herd up` (pid {pid}) stopped its cluster"
-            )),
+            Stopped::Exited => super::say(format!("{who} (pid {pid}) stopped its cluster")),
             other => super::say(format!(
-                "the foreground `herd up` (pid {pid}) did not stop in time ({other:?}); stopping its cluster here"
+                "{who} (pid {pid}) did not stop in time ({other:?}); stopping its cluster here"
             )),
         }
         stopped += 1;
         supervisor_stopped = true;
     }
+    let (count, survivors) = stop_servers(&state, supervisor_stopped);
+    stopped += count;
+    if !survivors.is_empty() {
+        return Err(CliError::Survivors(survivors.join(", ")));
+    }
+    dir.clear()?;
+    if stopped == 0 {
+        super::say("nothing was running any more; removed the stale state file");
+    } else {
+        super::say(format!("herd cluster in {} stopped", dir.root().display()));
+    }
+    Ok(EXIT_OK)
+}
+
+/// Stops the servers recorded in `state` in order (gateways, workers, Redis), a line per
+/// process; returns how many were stopped and the ones that survived even SIGKILL. With `quiet`,
+/// members that are already gone are not mentioned.
+pub(crate) fn stop_servers(state: &State, quiet: bool) -> (usize, Vec<String>) {
+    let mut stopped = 0;
     let mut survivors = Vec::new();
     for (kind, members) in state.stop_groups() {
         let grace = match kind {
@@ -59,7 +79,7 @@ pub(crate) fn run(args: &StateDirArgs) -> Result<u8, CliError> {
         for (member, outcome) in members.iter().zip(pid::stop_all(&ids, grace)) {
             let (name, pid) = (&member.name, member.process.pid);
             match outcome {
-                Stopped::NotRunning if supervisor_stopped => {}
+                Stopped::NotRunning if quiet => {}
                 Stopped::NotRunning => super::say(format!("{name} (pid {pid}) was not running")),
                 Stopped::Exited => super::say(format!("stopped {name} (pid {pid})")),
                 Stopped::Killed => super::say(format!(
@@ -73,14 +93,5 @@ pub(crate) fn run(args: &StateDirArgs) -> Result<u8, CliError> {
             }
         }
     }
-    if !survivors.is_empty() {
-        return Err(CliError::Survivors(survivors.join(", ")));
-    }
-    dir.clear()?;
-    if stopped == 0 {
-        super::say("nothing was running any more; removed the stale state file");
-    } else {
-        super::say(format!("herd cluster in {} stopped", dir.root().display()));
-    }
-    Ok(EXIT_OK)
+    (stopped, survivors)
 }

@@ -35,9 +35,11 @@ pub enum CliError {
     State(#[from] StateError),
     /// `herd up` while a cluster from the same state directory still runs.
     #[error(
-        "a herd cluster started at {started} is still running from {dir} ({running}); stop it with `herd down --state-dir {dir}`, or use another --state-dir"
+        "a herd cluster started at {started} is still running from {dir} ({running}); stop it with `{herd} down --state-dir {dir}`, or use another --state-dir"
     )]
     AlreadyRunning {
+        /// How the user runs herd (`./infra/herd` from a checkout).
+        herd: String,
         /// The state directory.
         dir: PathBuf,
         /// When that cluster came up.
@@ -92,8 +94,15 @@ pub enum CliError {
     /// Ctrl-C or SIGTERM ended a drill; its fault was undone.
     #[error("drill interrupted; the fault was undone and the cluster left as it was")]
     DrillInterrupted,
+    /// `herd scale` or `herd rollout` could not do what was asked (what it did instead is in
+    /// the message: new workers stopped again, a rollout rolled back).
+    #[error("{0}")]
+    Change(String),
+    /// No cluster is recorded in the state directory.
+    #[error("{0}")]
+    NotRunning(String),
     /// Some processes could not be stopped, not even with SIGKILL.
-    #[error("could not stop {0}; the state file is kept so that `herd down` can try again")]
+    #[error("could not stop {0}; the state file is kept so that `down` can try again")]
     Survivors(String),
 }
 
@@ -122,6 +131,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => EXIT_USAGE,
+            CliError::NotRunning(_) => EXIT_NOT_RUNNING,
             CliError::Interrupted(_)
             | CliError::DrillInterrupted
             | CliError::Bench(BenchError::Interrupted) => EXIT_INTERRUPTED,

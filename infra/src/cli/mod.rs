@@ -3,9 +3,12 @@
 //!
 //! Layout:
 //! - `args`: commands and flags (clap derive) and the checks clap can't do;
-//! - `up`, `status`, `down`, `lab`, `bench`, `drill`: one module per command;
+//! - `up`, `status`, `down`, `scale`, `rollout`, `lab`, `bench`, `drill`: one module per command;
 //! - `inventory`: `up`, `down` and `status` with `--inventory FILE` (several machines);
 //! - `cluster`: the processes `herd up` holds (start in order, wait ready, stop in order);
+//! - `supervisor`: restarts dead workers and gateways with backoff, reports crash loops;
+//! - `workers`: where workers run ([`workers::Placement`]) and the gateway's view of them,
+//!   shared by `scale` and `rollout`;
 //! - `signals`: Ctrl-C / SIGTERM for the foreground `herd up`;
 //! - `token`: the gateway's admin token;
 //! - `error`: [`CliError`] and the exit codes.
@@ -15,20 +18,25 @@
 
 mod args;
 mod bench;
-mod cluster;
+pub(crate) mod cluster;
 mod down;
 mod drill;
 mod error;
 mod inventory;
 mod lab;
+pub(crate) mod rollout;
+mod scale;
 mod signals;
 mod status;
+mod supervisor;
 mod token;
 mod up;
+pub(crate) mod workers;
 
 pub use args::{
     BenchCommand, BenchHealthArgs, BenchOutputArgs, BenchProxyArgs, BenchSoakArgs, Cli, Command,
-    DrillArgs, FailoverCompareArgs, LabCommand, MAX_WORKERS, StateDirArgs, StatusArgs, UpArgs,
+    DrillArgs, FailoverCompareArgs, LabCommand, MAX_SCALE, MAX_WORKERS, RolloutArgs, ScaleArgs,
+    StateDirArgs, StatusArgs, UpArgs,
 };
 pub use error::{CliError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE};
 
@@ -41,9 +49,12 @@ pub fn run(cli: &Cli) -> Result<u8, CliError> {
         Command::Up(args) if args.state.inventory.is_some() => inventory::up(args),
         Command::Up(args) => up::run(args),
         Command::Status(args) if args.state.inventory.is_some() => inventory::status(args),
-        Command::Status(args) => status::run(&args.state),
+        Command::Status(args) => status::run(args),
         Command::Down(args) if args.inventory.is_some() => inventory::down(args),
         Command::Down(args) => down::run(args),
+        Command::Scale(args) => scale::run(args),
+        Command::Rollout(args) => rollout::run(args),
+        Command::Supervise(args) => up::supervise_detached(args),
         Command::Lab(LabCommand::FailoverCompare(args)) => lab::failover_compare(args),
         Command::Bench(BenchCommand::Proxy(args)) => bench::proxy(args),
         Command::Bench(BenchCommand::Health(args)) => bench::health(args),

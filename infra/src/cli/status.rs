@@ -1,19 +1,32 @@
-//! `herd status`: is every process of the recorded cluster running, and does it answer? Prints
-//! one row per process; exit 0 when all are healthy, 1 when something is down, 3 when no
-//! cluster is running.
+//! `herd status`: is every process of the recorded cluster running, and does it answer? Then
+//! the workers as the active gateway sees them (state, in-flight, req/s, latency, ejections,
+//! flags), both gateways' failover roles, and Redis. A table for people, `--json` for scripts,
+//! `--watch` to refresh every 2 s until Ctrl-C. Exit 0 when all are healthy, 1 when something
+//! is down, 3 when no cluster is running.
+//!
+//! Workers are named by their id (`w1`) everywhere: in the gateway's admin API, in the
+//! `x-herd-worker` response header and here.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
-use super::{CliError, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, StateDirArgs};
+use serde::Serialize;
+
+use super::workers::{GatewayFailover, GatewayView, GatewayWorker};
+use super::{CliError, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, StatusArgs};
 use crate::redis_server;
 use crate::state::{Kind, Member, State, StateDir};
 
 /// Longest wait for one health check's answer.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often `--watch` refreshes.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
+/// The window over which one `herd status` measures req/s (two reads of the counters).
+const RATE_WINDOW: Duration = Duration::from_millis(500);
+
 /// One process's health.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 struct Row {
     name: String,
     pid: u32,
@@ -21,32 +34,245 @@ struct Row {
     addr: String,
     checks: String,
     healthy: bool,
+    /// Restarts by the supervisor.
+    restarts: u32,
+    /// In a crash loop (see `cli::supervisor`).
+    crash_loop: bool,
 }
 
+/// One worker as the active gateway sees it, with its request rate.
+#[derive(Debug, Clone, Serialize)]
+struct WorkerRow {
+    #[serde(flatten)]
+    worker: GatewayWorker,
+    /// Responses per second over the measuring window.
+    req_per_sec: f64,
+}
+
+/// Everything `herd status` shows.
+#[derive(Debug, Clone, Serialize)]
+struct Report {
+    public_url: String,
+    admin_url: String,
+    floating_ip: Option<String>,
+    processes: Vec<Row>,
+    /// Which gateway's view `workers` is.
+    seen_by: Option<String>,
+    workers: Vec<WorkerRow>,
+    /// Why `workers` is empty, when the gateways could not be asked.
+    workers_error: Option<String>,
+    gateways: Vec<GatewayRow>,
+    healthy: bool,
+}
+
+/// One gateway's failover view.
+#[derive(Debug, Clone, Serialize)]
+struct GatewayRow {
+    name: String,
+    #[serde(flatten)]
+    failover: Option<GatewayFailover>,
+    error: Option<String>,
+}
 /// Runs `herd status`; returns the exit code.
-pub(crate) fn run(args: &StateDirArgs) -> Result<u8, CliError> {
-    let dir = StateDir::new(&args.state_dir)?;
+pub(crate) fn run(args: &StatusArgs) -> Result<u8, CliError> {
+    let dir = StateDir::new(&args.state.state_dir)?;
+    let runtime = super::runtime()?;
+    if !args.watch {
+        return runtime.block_on(once(&dir, args.json));
+    }
+    runtime.block_on(async {
+        let mut stop = super::signals::StopSignal::install()?;
+        loop {
+            // Clear the screen and go home, like `watch`.
+            emit("\x1b[2J\x1b[H");
+            let code = once(&dir, false).await?;
+            if code == EXIT_NOT_RUNNING {
+                return Ok(code);
+            }
+            tokio::select! {
+                _ = stop.wait() => return Ok(code),
+                _ = tokio::time::sleep(WATCH_EVERY) => {}
+            }
+        }
+    })
+}
+
+/// One look at the cluster, printed; returns the exit code.
+async fn once(dir: &StateDir, json: bool) -> Result<u8, CliError> {
+    let herd = super::up::herd_command();
     let Some(state) = dir.load()? else {
         eprintln!(
-            "herd: no herd cluster is running (no state file at {}); start one with `herd up`",
+            "herd: no herd cluster is running (no state file at {}); start one with `{herd} up`",
             dir.state_file().display()
         );
         return Ok(EXIT_NOT_RUNNING);
     };
     if state.is_stale() {
         eprintln!(
-            "herd: no herd cluster is running: none of the processes recorded in {} runs any more; `herd down` clears the file, `herd up` replaces it",
+            "herd: no herd cluster is running: none of the processes recorded in {} runs any more; `{herd} down` clears the file, `{herd} up` replaces it",
             dir.state_file().display()
         );
         return Ok(EXIT_NOT_RUNNING);
     }
-    let rows = super::runtime()?.block_on(check_all(&state))?;
-    print!("{}", render(&state, &dir, &rows));
-    Ok(if rows.iter().all(|row| row.healthy) {
-        EXIT_OK
+    let report = report(&state).await?;
+    if json {
+        let json = serde_json::to_string_pretty(&report).expect("a report always serializes");
+        emit(&format!("{json}\n"));
     } else {
-        EXIT_FAILED
+        emit(&render(&state, dir, &report.processes));
+        emit(&render_gateway_view(&report));
+    }
+    Ok(if report.healthy { EXIT_OK } else { EXIT_FAILED })
+}
+
+/// Writes `text` on stdout, ignoring errors: `herd status --json | head` closes the pipe early,
+/// and that is no reason to panic.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+async fn report(state: &State) -> Result<Report, CliError> {
+    let processes = check_all(state).await?;
+    let view = GatewayView::new(state)?;
+    let gateways = view
+        .failover()
+        .await
+        .into_iter()
+        .map(|(name, answer)| match answer {
+            Ok(failover) => GatewayRow {
+                name,
+                failover: Some(failover),
+                error: None,
+            },
+            Err(error) => GatewayRow {
+                name,
+                failover: None,
+                error: Some(error),
+            },
+        })
+        .collect();
+    let (seen_by, workers, workers_error) = match view.workers().await {
+        Ok((name, before)) => {
+            tokio::time::sleep(RATE_WINDOW).await;
+            let after = view.workers().await.map(|(_, w)| w).unwrap_or_default();
+            (Some(name), rates(&before, after, RATE_WINDOW), None)
+        }
+        Err(error) => (None, Vec::new(), Some(error)),
+    };
+    let healthy = processes.iter().all(|row| row.healthy);
+    Ok(Report {
+        public_url: state.public_url.clone(),
+        admin_url: state.admin_url.clone(),
+        floating_ip: state.floating_ip.clone(),
+        processes,
+        seen_by,
+        workers,
+        workers_error,
+        gateways,
+        healthy,
     })
+}
+
+/// The workers of `after`, each with its responses per second since `before`.
+fn rates(before: &[GatewayWorker], after: Vec<GatewayWorker>, window: Duration) -> Vec<WorkerRow> {
+    after
+        .into_iter()
+        .map(|worker| {
+            let earlier = before
+                .iter()
+                .find(|w| w.id == worker.id)
+                .map_or(worker.answered(), GatewayWorker::answered);
+            let req_per_sec =
+                worker.answered().saturating_sub(earlier) as f64 / window.as_secs_f64();
+            WorkerRow {
+                worker,
+                req_per_sec,
+            }
+        })
+        .collect()
+}
+
+fn render_gateway_view(report: &Report) -> String {
+    let mut out = String::new();
+    match (&report.seen_by, &report.workers_error) {
+        (Some(name), _) => {
+            out.push_str(&format!("\nworkers as {name} sees them:\n"));
+            out.push_str(&format!(
+                "{:6}  {:22}  {:12}  {:>9}  {:>7}  {:>8}  {:>10}  FLAGS\n",
+                "ID", "ADDRESS", "STATE", "IN-FLIGHT", "REQ/S", "EWMA", "EJECTIONS"
+            ));
+            for row in &report.workers {
+                let w = &row.worker;
+                let flags: Vec<&str> = w
+                    .flags
+                    .iter()
+                    .filter(|(_, on)| **on)
+                    .map(|(flag, _)| flag.as_str())
+                    .collect();
+                out.push_str(&format!(
+                    "{:6}  {:22}  {:12}  {:>9}  {:>7.1}  {:>6.1}ms  {:>10}  {}\n",
+                    w.id,
+                    w.addr,
+                    w.state,
+                    w.in_flight,
+                    row.req_per_sec,
+                    w.ewma_ms,
+                    w.ejections,
+                    if flags.is_empty() {
+                        "-".to_string()
+                    } else {
+                        flags.join(",")
+                    }
+                ));
+            }
+        }
+        (None, Some(error)) => {
+            out.push_str(&format!("\nworkers: cannot ask a gateway ({error})\n"))
+        }
+        (None, None) => {}
+    }
+    out.push_str("\ngateways:\n");
+    for gateway in &report.gateways {
+        match (&gateway.failover, &gateway.error) {
+            (Some(f), _) if f.enabled => {
+                let last = f
+                    .last_transition
+                    .as_ref()
+                    .map(|t| {
+                        format!(
+                            "last transition {} -> {} ({})",
+                            t["from"].as_str().unwrap_or("?"),
+                            t["to"].as_str().unwrap_or("?"),
+                            t["reason"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .unwrap_or_else(|| "no transition yet".into());
+                let address = match f.holds_address {
+                    Some(true) => ", holds the floating address",
+                    _ => "",
+                };
+                out.push_str(&format!(
+                    "  {}: {} epoch {}{address}; {last}\n",
+                    gateway.name,
+                    f.role.as_deref().unwrap_or("?"),
+                    f.epoch.unwrap_or_default()
+                ));
+            }
+            (Some(_), _) => out.push_str(&format!("  {}: failover off\n", gateway.name)),
+            (None, error) => out.push_str(&format!(
+                "  {}: admin API does not answer ({})\n",
+                gateway.name,
+                error.as_deref().unwrap_or("?")
+            )),
+        }
+    }
+    if let Some(ip) = &report.floating_ip {
+        out.push_str(&format!("  floating address {ip} on lo\n"));
+    }
+    out
 }
 
 async fn check_all(state: &State) -> Result<Vec<Row>, CliError> {
@@ -89,7 +315,7 @@ async fn check(client: &reqwest::Client, member: &Member) -> Row {
         ("not running".to_string(), false)
     } else {
         match (member.kind, member.addr) {
-            (Kind::Supervisor, _) => ("supervising (foreground herd up)".to_string(), true),
+            (Kind::Supervisor, _) => ("supervising (restarts what dies)".to_string(), true),
             (Kind::Redis, Some(addr)) => {
                 let pong = tokio::task::spawn_blocking(move || redis_server::ping(addr))
                     .await
@@ -107,13 +333,23 @@ async fn check(client: &reqwest::Client, member: &Member) -> Row {
             (_, None) => ("no address recorded".to_string(), false),
         }
     };
+    let checks = if member.supervision.crash_loop {
+        format!(
+            "CRASH LOOP ({} restarts); {checks}",
+            member.supervision.restarts
+        )
+    } else {
+        checks
+    };
     Row {
         name: member.name.clone(),
         pid: member.process.pid,
         running,
         addr,
         checks,
-        healthy: running && ok,
+        healthy: running && ok && !member.supervision.crash_loop,
+        restarts: member.supervision.restarts,
+        crash_loop: member.supervision.crash_loop,
     }
 }
 
@@ -170,6 +406,8 @@ fn render(state: &State, dir: &StateDir, rows: &[Row]) -> String {
         addr: "ADDRESS".into(),
         checks: "CHECKS".into(),
         healthy: true,
+        restarts: 0,
+        crash_loop: false,
     };
     let name_width = rows
         .iter()
@@ -184,16 +422,17 @@ fn render(state: &State, dir: &StateDir, rows: &[Row]) -> String {
         .max()
         .unwrap_or(7);
     out.push_str(&format!(
-        "{:name_width$}  {:>8}  {:8}  {:addr_width$}  CHECKS\n",
-        "NAME", "PID", "PROCESS", "ADDRESS"
+        "{:name_width$}  {:>8}  {:8}  {:addr_width$}  {:>8}  CHECKS\n",
+        "NAME", "PID", "PROCESS", "ADDRESS", "RESTARTS"
     ));
     for row in rows {
         out.push_str(&format!(
-            "{:name_width$}  {:>8}  {:8}  {:addr_width$}  {}\n",
+            "{:name_width$}  {:>8}  {:8}  {:addr_width$}  {:>8}  {}\n",
             row.name,
             row.pid,
             if row.running { "running" } else { "exited" },
             row.addr,
+            row.restarts,
             row.checks
         ));
     }
@@ -233,6 +472,7 @@ mod tests {
             redis_url: "redis://127.0.0.1:6400/0".into(),
             redis_prefix: "herd:".into(),
             members: Vec::new(),
+            floating_ip: None,
         };
         let rows = vec![
             Row {
@@ -242,6 +482,8 @@ mod tests {
                 addr: "127.0.0.1:6400".into(),
                 checks: "PING ok".into(),
                 healthy: true,
+                restarts: 0,
+                crash_loop: false,
             },
             Row {
                 name: "worker-w1".into(),
@@ -250,14 +492,17 @@ mod tests {
                 addr: "127.0.0.1:4001".into(),
                 checks: "not running".into(),
                 healthy: false,
+                restarts: 2,
+                crash_loop: false,
             },
         ];
         let dir = StateDir::new(std::path::Path::new("/tmp/h")).unwrap();
         let text = render(&state, &dir, &rows);
         assert!(text.contains("up 1m 5s"), "{text}");
         assert!(
-            text.lines()
-                .any(|l| l.starts_with("worker-w1 ") && l.contains(" 11  exited ")),
+            text.lines().any(|l| l.starts_with("worker-w1 ")
+                && l.contains(" 11  exited ")
+                && l.contains(" 2  not running")),
             "{text}"
         );
         assert!(

@@ -1,12 +1,15 @@
 //! [`ClusterHandle`] for the local cluster of `herd up`, known from its state file alone.
 //!
-//! `herd up` does not restart what dies, so the drill brings back what it took down itself: it
-//! records how each process was started (its command line and environment, from `/proc`) before
-//! any fault, and starts a killed worker, a stopped gateway or Redis again exactly so — a worker
-//! on the address the gateway knows it by. Every process it starts is detached (it outlives the
-//! drill, like the rest of the cluster) and written into the state file, so `herd status` and
-//! `herd down` see it. Scaling starts or drains extra workers that join through the Redis
-//! registry, which the gateway follows; `herd scale` can take this job over later.
+//! A cluster `herd up` supervises (the foreground `herd up`, or `herd supervise` of a detached
+//! one) gets a killed worker or gateway back from its supervisor: the drill waits for that, as
+//! it would happen without a drill. Redis is not supervised, and a cluster may run without a
+//! supervisor: then the drill brings back what it took down itself, from how each process was
+//! started (its command line and environment, read from `/proc` before any fault) — a worker on
+//! the address the gateway knows it by. Scaling starts workers like `herd scale` (from a worker's
+//! recorded spec, registered in the state file so the supervisor watches them) and drains them
+//! after taking them out of the state file first (so the supervisor does not bring them back).
+//! Every change to the state file is a locked read-modify-write ([`StateDir::update`]): the
+//! supervisor edits it too.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,11 +20,14 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use super::target::{ClusterHandle, GatewayInfo, Stopped, TargetError, WorkerInfo};
+use crate::cli::workers::{self, LocalMachine, Placement};
 use crate::pid::{self, ProcessId};
 use crate::process::{self, Process, Spec};
 use crate::redis_server::RedisServer;
 use crate::state::{Kind, Member, State, StateDir};
 
+/// How long the supervisor gets to bring a dead process back (its first restart waits 0.5 s).
+const SUPERVISOR_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a restarted process gets to listen again.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long Redis gets to write its data and exit after SIGTERM.
@@ -92,6 +98,8 @@ pub struct LocalCluster {
     launches: HashMap<String, Launch>,
     /// Workers the drill added (by id).
     added: Vec<String>,
+    /// Workers the drill drained and took out of the state file, by member name.
+    retired: HashMap<String, Member>,
 }
 
 /// `GET url` (2 s at most); the body when it answered 2xx.
@@ -142,6 +150,7 @@ impl LocalCluster {
             state,
             launches,
             added: Vec::new(),
+            retired: HashMap::new(),
         })
     }
 
@@ -165,6 +174,24 @@ impl LocalCluster {
         roles: &[&str],
         listen_key: Option<&str>,
     ) -> Result<(), TargetError> {
+        self.refresh();
+        if let Some(member) = self.retired.remove(name) {
+            // Drained by the drill (and so out of the state file): start it again like `herd scale`.
+            let spec = member
+                .spec
+                .clone()
+                .ok_or_else(|| failed(format!("{name} has no recorded command")))?;
+            let image = member.image.clone().unwrap_or_else(|| "web".into());
+            let started = LocalMachine.start(&spec, &image).map_err(failed)?;
+            self.dir
+                .update(|state| state.members.push(started))
+                .map_err(failed)?;
+            self.refresh();
+            return Ok(());
+        }
+        if self.supervised() {
+            return self.wait_for_supervisor(name);
+        }
         let member = self.member(name)?.clone();
         let launch = self
             .launches
@@ -190,10 +217,48 @@ impl LocalCluster {
     }
 
     fn update(&mut self, name: &str, change: impl FnOnce(&mut Member)) -> Result<(), TargetError> {
-        if let Some(member) = self.state.members.iter_mut().find(|m| m.name == name) {
-            change(member);
+        self.dir
+            .update(|state| {
+                if let Some(member) = state.members.iter_mut().find(|m| m.name == name) {
+                    change(member);
+                }
+            })
+            .map_err(failed)?;
+        self.refresh();
+        Ok(())
+    }
+
+    /// Reads the state file again (the supervisor records the processes it restarts).
+    fn refresh(&mut self) {
+        if let Ok(Some(state)) = self.dir.load() {
+            self.state = state;
         }
-        self.dir.save(&self.state).map_err(failed)
+    }
+
+    /// Whether a supervisor restarts the cluster's dead workers and gateways.
+    fn supervised(&self) -> bool {
+        self.state
+            .members
+            .iter()
+            .any(|m| m.kind == Kind::Supervisor && m.process.is_running())
+    }
+
+    /// Waits until the supervisor has `name` running again.
+    fn wait_for_supervisor(&mut self, name: &str) -> Result<(), TargetError> {
+        let deadline = std::time::Instant::now() + SUPERVISOR_TIMEOUT;
+        loop {
+            self.refresh();
+            if self.member(name)?.process.is_running() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(failed(format!(
+                    "the supervisor did not start {name} again within {} s",
+                    SUPERVISOR_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn redis(&self) -> Result<Member, TargetError> {
@@ -239,6 +304,7 @@ impl ClusterHandle for LocalCluster {
     }
 
     fn workers(&mut self) -> Vec<WorkerInfo> {
+        self.refresh();
         self.state
             .members
             .iter()
@@ -252,6 +318,7 @@ impl ClusterHandle for LocalCluster {
     }
 
     fn signal_worker(&mut self, id: &str, signal: Signal) -> Result<(), TargetError> {
+        self.refresh();
         let member = self.member(&Self::worker_name(id))?;
         process::signal_pid(member.process.pid, signal).map_err(failed)
     }
@@ -271,6 +338,7 @@ impl ClusterHandle for LocalCluster {
     }
 
     fn gateways(&mut self) -> Vec<GatewayInfo> {
+        self.refresh();
         let gateways: Vec<Member> = self
             .state
             .members
@@ -300,6 +368,7 @@ impl ClusterHandle for LocalCluster {
     }
 
     fn signal_gateway(&mut self, name: &str, signal: Signal) -> Result<(), TargetError> {
+        self.refresh();
         let member = self.member(name)?;
         process::signal_pid(member.process.pid, signal).map_err(failed)
     }
@@ -338,50 +407,39 @@ impl ClusterHandle for LocalCluster {
     }
 
     fn add_worker(&mut self) -> Result<String, TargetError> {
+        self.refresh();
         let template = self
             .state
             .members
             .iter()
-            .find(|m| m.kind == Kind::Worker)
-            .and_then(|m| self.launches.get(&m.name))
-            .cloned()
-            .ok_or_else(|| failed("no worker to copy the launch of"))?;
-        let taken: Vec<String> = self.workers().into_iter().map(|w| w.id).collect();
-        let id = (1..)
-            .map(|n| format!("w{n}"))
-            .find(|id| !taken.contains(id))
-            .expect("an unbounded range has a free id");
-        let name = Self::worker_name(&id);
-        let log_dir = self.dir.log_dir();
-        let spec = template.spec(
-            &name,
-            &log_dir,
-            &[
-                ("HERD_WORKER_ID", id.clone()),
-                ("HERD_WORKER_LISTEN", "127.0.0.1:0".into()),
-            ],
-        );
-        let process = Process::spawn_and_wait(&spec, &["public"], START_TIMEOUT).map_err(failed)?;
-        let addr = process.addr("public");
-        let log = process.log_path().to_path_buf();
-        let new_pid = process.detach();
-        self.launches.insert(name.clone(), template.clone());
+            .filter(|m| m.kind == Kind::Worker)
+            .find_map(|m| m.spec.clone().map(|spec| (spec, m.image.clone())))
+            .ok_or_else(|| failed("no worker with a recorded command to copy"))?;
+        let (template, image) = template;
+        let image = image.unwrap_or_else(|| "web".into());
+        let n = workers::next_worker_number(&self.state);
+        let spec = crate::cli::rollout::respec(&template, n, None, &[]);
+        let member = LocalMachine.start(&spec, &image).map_err(failed)?;
+        let id = member.id().to_string();
+        self.dir
+            .update(|state| state.members.push(member))
+            .map_err(failed)?;
+        self.refresh();
         self.added.push(id.clone());
-        // Workers stay together in the member list (stop order groups by kind anyway).
-        self.state.members.push(Member {
-            name,
-            kind: Kind::Worker,
-            process: ProcessId::of(new_pid),
-            addr,
-            admin_addr: None,
-            log: Some(log),
-        });
-        self.dir.save(&self.state).map_err(failed)?;
         Ok(id)
     }
 
     fn drain_worker(&mut self, id: &str, grace: Duration) -> Result<Stopped, TargetError> {
-        let process = self.member(&Self::worker_name(id))?.process;
+        self.refresh();
+        let name = Self::worker_name(id);
+        let member = self.member(&name)?.clone();
+        let process = member.process;
+        // Out of the state file first, so the supervisor does not bring it back; kept here so
+        // the drill can start it again afterwards.
+        self.dir
+            .update(|state| state.members.retain(|m| m.name != name))
+            .map_err(failed)?;
+        self.retired.insert(name, member);
         Ok(match pid::stop_all(&[process], grace).first() {
             Some(pid::Stopped::Killed) | Some(pid::Stopped::Survived) => Stopped::Killed,
             _ => Stopped::Drained,
@@ -391,23 +449,31 @@ impl ClusterHandle for LocalCluster {
     fn remove_added_worker(&mut self, id: &str, grace: Duration) -> Result<Stopped, TargetError> {
         let stopped = self.drain_worker(id, grace)?;
         let name = Self::worker_name(id);
-        self.state.members.retain(|m| m.name != name);
+        self.retired.remove(&name);
         self.added.retain(|a| a != id);
         self.launches.remove(&name);
-        self.dir.save(&self.state).map_err(failed)?;
+        self.refresh();
         Ok(stopped)
     }
 
     fn all_healthy(&mut self) -> Result<(), String> {
-        let Some(admin) = self
+        // The active gateway's view (the pair's standby sees the same workers, but only the
+        // active one's traffic revives an ejected worker).
+        let gateways = self.gateways();
+        let admin = self
             .state
             .members
             .iter()
             .filter(|m| m.kind == Kind::Gateway)
+            .filter(|m| gateways.iter().any(|g| g.name == m.name && g.active))
+            .chain(
+                self.state
+                    .members
+                    .iter()
+                    .filter(|m| m.kind == Kind::Gateway),
+            )
             .find_map(|m| m.admin_addr)
-        else {
-            return Err("no gateway admin address in the state file".into());
-        };
+            .ok_or_else(|| "no gateway admin address in the state file".to_string())?;
         let body = get(format!("http://{admin}/readyz"))
             .ok_or_else(|| format!("the gateway's /readyz on {admin} did not answer 200"))?;
         healthy(&body)
