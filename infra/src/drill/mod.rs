@@ -450,8 +450,20 @@ pub fn run(
 
 /// Why `kind` can't run on `cluster`, if it can't.
 fn not_applicable(cluster: &mut dyn ClusterHandle, kind: Kind) -> Option<String> {
-    if kind.is_gateway_drill() && cluster.gateways().len() < 2 {
-        return Some("no standby gateway (this cluster runs one gateway)".into());
+    if kind.is_gateway_drill() {
+        let gateways = cluster.gateways();
+        if gateways.len() < 2 {
+            return Some("no standby gateway (this cluster runs one gateway)".into());
+        }
+        // Two processes on one machine cannot both listen on the public address and port: the
+        // standby there keeps the role warm but cannot take over the clients.
+        if gateways.iter().all(|g| g.machine == gateways[0].machine) {
+            return Some(format!(
+                "both gateways run on one machine ({}): the standby cannot take over the public \
+                 address there; drill the gateways on the netns lab (--lab) or several machines",
+                gateways[0].machine
+            ));
+        }
     }
     if kind == Kind::MachineLoss {
         let mut machines: Vec<String> = cluster.workers().into_iter().map(|w| w.machine).collect();
