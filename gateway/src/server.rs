@@ -258,7 +258,8 @@ pub async fn run(
             }
             () = &mut shutdown, if !stopping => {
                 stopping = true;
-                info!("shutdown requested: giving up the role first if active");
+                info!("shutdown requested: closing keep-alive connections, then giving up the role if active");
+                clients.drain();
                 stop.cancel();
             }
             () = &mut handed_over, if stopping => break,

@@ -85,6 +85,8 @@ pub struct Clients {
     tls: Option<Arc<Terminator>>,
     /// `tls.redirect_http`: cleartext requests are answered with a redirect to https.
     redirect: Option<Redirect>,
+    /// Set when the gateway starts to stop (see [`Clients::drain`]).
+    draining: CancellationToken,
 }
 
 impl Clients {
@@ -98,6 +100,7 @@ impl Clients {
     ) -> Self {
         let per_client = config.limits.max_connections_per_client;
         Clients {
+            draining: CancellationToken::new(),
             proxy,
             builder,
             metrics,
@@ -136,6 +139,18 @@ impl Clients {
 
     /// Serves a connection on the current thread until it ends; `secure`: it came from the
     /// TLS listener and is served after its handshake.
+    /// The gateway starts to stop: from now on every connection serves at most its request in
+    /// progress (or its first one) and closes (`Connection: close`; idle keep-alive connections
+    /// closed now, HTTP/2 gets GOAWAY), while the listeners keep accepting.
+    ///
+    /// Called before a graceful stop hands the floating address to the standby: a client that
+    /// kept a connection to this gateway would send its next request on it after the address
+    /// moved, reach the new holder, which knows no such connection, and be reset. Clients that
+    /// open a new connection for each request reach whoever holds the address.
+    pub fn drain(&self) {
+        self.draining.cancel();
+    }
+
     fn serve(
         self: &Arc<Self>,
         stream: TcpStream,
@@ -187,6 +202,7 @@ impl Clients {
         let over_tls = tls.map(|_| crate::headers::OverTls::new(peer.ip()));
         let hsts = tls.and_then(|tls| tls.hsts().cloned());
         let redirect = if tls.is_none() { self.redirect } else { None };
+        let draining = self.draining.clone();
         let state = Arc::new(ConnectionState::default());
         let io = ClientIo::new(stream, state.clone(), self.timeouts);
         let service = service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -200,6 +216,7 @@ impl Clients {
                 request.extensions_mut().insert(over_tls.clone());
             }
             let hsts = hsts.clone();
+            let close = draining.is_cancelled() && request.version() < http::Version::HTTP_2;
             let redirected = redirect.map(|redirect| redirect.respond(&request));
             async move {
                 if let Some(response) = redirected {
@@ -227,6 +244,12 @@ impl Clients {
                     response
                         .headers_mut()
                         .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
+                }
+                if close {
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
                 }
                 Ok(response.map(|body| Served {
                     inner: body,
@@ -506,12 +529,21 @@ impl ServingThread {
                 return;
             }
         };
-        let graceful = GracefulShutdown::new();
+        let mut graceful = GracefulShutdown::new();
         let tunnels = crate::tunnel::track_on_this_thread(self.clients.tunnel_idle);
         let mut failures = AcceptFailures::default();
+        // The connections open when draining began, told to close (see `Clients::drain`).
+        let mut closing = None;
         loop {
             tokio::select! {
                 () = self.stop.cancelled() => break,
+                () = self.clients.draining.cancelled(), if closing.is_none() => {
+                    // `shutdown` signals every connection it watches on its first poll (so it
+                    // runs as a task of its own); new connections are watched by a fresh one
+                    // (and close after one request, `serve`).
+                    let open = std::mem::replace(&mut graceful, GracefulShutdown::new());
+                    closing = Some(tokio::spawn(open.shutdown()));
+                }
                 Some(handed) = inbox.recv() => self.serve_handed(handed, &graceful),
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => self.place(stream, peer, &graceful, false),
@@ -538,6 +570,9 @@ impl ServingThread {
         // them.
         tunnels.close();
         let drained = async {
+            if let Some(closing) = closing {
+                let _ = closing.await;
+            }
             graceful.shutdown().await;
             tunnels.wait().await;
         };
