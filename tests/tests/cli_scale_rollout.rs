@@ -295,14 +295,21 @@ async fn the_default_cluster_has_a_standby_that_takes_over_while_the_active_is_r
             .floating_ip
             .clone()
             .expect("a floating address as root");
-        let lo = Command::new("ip")
-            .args(["-4", "addr", "show", "lo"])
-            .output()
-            .unwrap();
-        assert!(
-            String::from_utf8_lossy(&lo.stdout).contains(&ip),
-            "{ip} on lo"
-        );
+        // The active announces its role before its address is in place (`ip addr add`, then
+        // gratuitous ARP): wait for the address too.
+        let on_lo = || {
+            let lo = Command::new("ip")
+                .args(["-4", "addr", "show", "lo"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&lo.stdout).contains(&ip)
+        };
+        wait_until(
+            Duration::from_secs(5),
+            "the floating address on lo",
+            || async { on_lo() },
+        )
+        .await;
     } else {
         assert_eq!(state.floating_ip, None);
     }
