@@ -58,11 +58,13 @@ pub fn start<M: Machine + ?Sized>(machine: &M, launch: &Launch) -> Result<(), Ma
 cd {dir} || exit 1
 mkdir -p run log
 if alive "$(cat run/{unit}.pid 2>/dev/null)"; then exit 0; fi
-rm -f run/{unit}.child
+rm -f run/{unit}.child run/{unit}.state
 setsid nohup sh {dir}/herd-supervise.sh {dir} {unit} </dev/null >/dev/null 2>&1 &
+# Started: it runs a child, or it already gave up on one that crash-looped at once (its state
+# file and log say so, for `alive`, status and the caller's wait for health).
 i=0
-while [ ! -s run/{unit}.child ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
-[ -s run/{unit}.child ] || {{ echo "the supervisor of {name} did not start" >&2; exit 1; }}"#,
+while [ ! -s run/{unit}.child ] && [ ! -s run/{unit}.state ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+[ -s run/{unit}.child ] || [ -s run/{unit}.state ] || {{ echo "the supervisor of {name} did not start" >&2; exit 1; }}"#,
             name = launch.name
         ))
         .map(drop)
