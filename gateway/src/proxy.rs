@@ -270,8 +270,8 @@ impl Proxy {
         // that provably did not (refused, or not one byte written) cost no worker anything: they
         // are bounded by the workers left untried and the deadline, not by attempts or budget.
         let mut reached = 0;
-        // One free retry after a kept-alive connection turned out closed (see below).
-        let mut stale_retry_left = true;
+        // Workers whose kept-alive connection turned out closed: one free retry each (below).
+        let mut stale_from: Vec<Arc<Worker>> = Vec::new();
         // Why the next attempt is a retry (for its span).
         let mut retry_reason: Option<&'static str> = None;
         loop {
@@ -421,16 +421,18 @@ impl Proxy {
                 } => {
                     // A pooled connection the worker closed as we reused it says nothing about
                     // the worker: an idempotent request goes again, on a fresh connection, and
-                    // may go to the same worker (a dead one then refuses, which is free).
+                    // may go to the same worker (a dead one then refuses, which is free). Once
+                    // per worker, so that losing every worker at once still ends in a 503 (each
+                    // refuses), not in a 502 for the last stale connection. The stale error is
+                    // not kept as the last one: it says nothing about whether a worker is left.
                     let stale = retry_safe
-                        && stale_retry_left
+                        && !stale_from.iter().any(|w| Arc::ptr_eq(w, &worker))
                         && matches!(&error, GatewayError::Upstream(e) if e.kind == UpstreamErrorKind::Closed);
                     if stale {
-                        stale_retry_left = false;
+                        stale_from.push(worker);
                         tried.pop();
                         self.metrics.retry(reason);
                         retry_reason = Some(reason);
-                        last = Some(error);
                         continue;
                     }
                     let free = matches!(&error, GatewayError::Upstream(e) if !e.reached);

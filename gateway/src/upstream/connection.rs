@@ -27,6 +27,12 @@ use super::codec::{self, Parsed, RequestFraming, ResponseHead};
 use super::error::{UpstreamError, UpstreamErrorKind};
 use super::request_body::{BodyError, UpstreamBody, client_went_away};
 
+/// How soon after a request went out a close of a kept-alive connection still means the worker
+/// closed it idle (its FIN was already on the way: one network round trip, plus scheduling). A
+/// close later than this means the worker had the request and died with it: a reset, which
+/// counts as an attempt and against the worker.
+const STALE_WINDOW: Duration = Duration::from_millis(100);
+
 /// Bytes asked of the kernel per read.
 const READ_CHUNK: usize = 8 * 1024;
 /// Bodies up to this size are copied behind the head and go out in one write.
@@ -228,12 +234,16 @@ impl Connection {
         upgrade: bool,
         reused: bool,
     ) -> Result<ResponseHead, UpstreamError> {
-        // Closed or reset before the first byte of an answer: on a kept-alive connection, most
-        // likely the worker closing it idle (or exiting) just as the request went out.
-        let before_any_answer = if reused {
-            UpstreamErrorKind::Closed
-        } else {
-            UpstreamErrorKind::Reset
+        // Closed or reset before the first byte of an answer, at once on a kept-alive connection:
+        // the worker closed it idle (or exited) just as the request went out. Later, or on a new
+        // connection, the worker had the request and lost it.
+        let sent_at = Instant::now();
+        let before_any_answer = || {
+            if reused && sent_at.elapsed() <= STALE_WINDOW {
+                UpstreamErrorKind::Closed
+            } else {
+                UpstreamErrorKind::Reset
+            }
         };
         loop {
             match codec::parse_response(&mut self.read, method, upgrade) {
@@ -249,14 +259,14 @@ impl Connection {
             match self.stream.read_buf(&mut self.read).await {
                 Ok(0) if self.read.is_empty() => {
                     return Err(reached(
-                        before_any_answer,
+                        before_any_answer(),
                         "connection closed before a response",
                     ));
                 }
                 Ok(0) => return Err(protocol(codec::ProtocolError("response head cut off"))),
                 Ok(_) => {}
                 Err(error) if self.read.is_empty() => {
-                    return Err(reached(before_any_answer, &error.to_string()));
+                    return Err(reached(before_any_answer(), &error.to_string()));
                 }
                 Err(error) => return Err(reached(UpstreamErrorKind::Reset, &error.to_string())),
             }
@@ -387,5 +397,68 @@ fn protocol(error: codec::ProtocolError) -> UpstreamError {
         kind: UpstreamErrorKind::Protocol,
         reached: true,
         detail: error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A worker that answers its connection's first request, reads the second, waits
+    /// `before_close`, and closes without answering it.
+    async fn worker_that_dies_on_the_second_request(before_close: Duration) -> Authority {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buffer = vec![0u8; 4096];
+            let _ = stream.read(&mut buffer).await.unwrap();
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+            stream.write_all(answer).await.unwrap();
+            let _ = stream.read(&mut buffer).await.unwrap();
+            tokio::time::sleep(before_close).await;
+        });
+        authority
+    }
+
+    async fn second_request_fails_as(before_close: Duration) -> UpstreamErrorKind {
+        let authority = worker_that_dies_on_the_second_request(before_close).await;
+        let mut connection = Connection::open(&authority, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let headers = HeaderMap::new();
+        let get = |headers| Outgoing {
+            method: &Method::GET,
+            path: "/",
+            headers,
+            declared_length: None,
+            body: UpstreamBody::Full(None),
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let timeout = Duration::from_secs(5);
+        let first = connection.send(get(&headers), &authority, timeout, deadline);
+        assert_eq!(first.await.unwrap().status, http::StatusCode::OK);
+        let second = connection.send(get(&headers), &authority, timeout, deadline);
+        let error = second.await.unwrap_err();
+        assert!(error.reached, "{error:?}");
+        error.kind
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_closed_at_once_is_stale() {
+        assert_eq!(
+            second_request_fails_as(Duration::ZERO).await,
+            UpstreamErrorKind::Closed
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_closed_after_the_worker_had_the_request_is_a_reset() {
+        let later = STALE_WINDOW + Duration::from_millis(100);
+        assert_eq!(
+            second_request_fails_as(later).await,
+            UpstreamErrorKind::Reset
+        );
     }
 }

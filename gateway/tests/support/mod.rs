@@ -84,11 +84,22 @@ impl Upstream {
         }
     }
 
-    /// Like kill -9: the listener and every connection close at once.
-    pub fn kill(&self) {
-        for task in self.tasks.lock().unwrap().drain(..) {
+    /// Like kill -9: the listener and every connection close at once — returns once every
+    /// task is gone (an aborted task is dropped only when the runtime gets to it; until then
+    /// its listener still completes handshakes, which a killed process never does).
+    pub async fn kill(&self) {
+        let tasks = self.abort();
+        while !tasks.iter().all(AbortHandle::is_finished) {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn abort(&self) -> Vec<AbortHandle> {
+        let tasks: Vec<AbortHandle> = self.tasks.lock().unwrap().drain(..).collect();
+        for task in &tasks {
             task.abort();
         }
+        tasks
     }
 
     pub fn hits(&self) -> u64 {
@@ -98,7 +109,7 @@ impl Upstream {
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        self.kill();
+        self.abort();
     }
 }
 

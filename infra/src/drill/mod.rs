@@ -44,8 +44,10 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Slow requests sent just before a worker is killed, so that it dies with requests in flight
 /// (spread over the workers, a few land on the victim).
 const SLOW_BURST: u32 = 12;
-/// How long before the kill they are sent (well inside their 400 ms).
-const SLOW_LEAD: Duration = Duration::from_millis(150);
+/// How long before the kill they are sent: well inside their 1000 ms, and well past the
+/// gateway's stale-connection window (100 ms), so that the kill is, to the gateway, a worker
+/// that died with requests in flight — retried only when retries are on.
+const SLOW_LEAD: Duration = Duration::from_millis(400);
 /// Requests sent through the public address per health poll while waiting for the cluster to
 /// be healthy.
 const NUDGE_REQUESTS: usize = 8;

@@ -33,7 +33,7 @@ pub enum Op {
     GetWork,
     /// `POST /cart/items` (a session write; not idempotent, so never retried by the gateway).
     AddItem,
-    /// `GET /work?ms=400`: a slow idempotent request, sent in a burst just before a worker is
+    /// `GET /work?ms=1000`: a slow idempotent request, sent in a burst just before a worker is
     /// killed so that the kill catches requests in flight, as a crash under real load does.
     GetSlow,
 }
@@ -332,7 +332,7 @@ async fn send(
             .get(format!("http://{target}/cart"))
             .header("cookie", &user.cookie),
         Op::GetWork => client.get(format!("http://{target}/work?ms=1")),
-        Op::GetSlow => client.get(format!("http://{target}/work?ms=400")),
+        Op::GetSlow => client.get(format!("http://{target}/work?ms=1000")),
         Op::AddItem => client
             .post(format!("http://{target}/cart/items"))
             .header("cookie", &user.cookie)
