@@ -290,20 +290,10 @@ fn percent_decode(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::GatewayConfig;
     use http_body_util::BodyExt;
 
     fn admin(token: &str) -> Admin {
-        let metrics = Arc::new(Metrics::new());
-        let balancer = Arc::new(Balancer::new(
-            &GatewayConfig::default(),
-            metrics.clone(),
-            Box::new(|_, _| {}),
-        ));
-        balancer
-            .add(balancer.static_spec("127.0.0.1:8081"))
-            .unwrap();
-        balancer.watch_metrics(&metrics);
+        let (balancer, metrics) = crate::balancer::with_one_worker();
         Admin::new(balancer, metrics, token.into())
     }
 

@@ -6,6 +6,7 @@
 //! - [`worker`]: [`worker::TestWorker`], one herd-worker process.
 //! - [`gateway`]: [`gateway::TestGateway`], one herd-gateway process.
 //! - [`otlp`]: [`otlp::Receiver`], an OTLP/HTTP trace receiver that decodes what it is sent.
+//! - [`session_calls`]: the demo app's session calls straight to one worker.
 //! - [`cluster`]: [`cluster::Cluster`], Redis + N workers + a gateway in one call.
 //! - [`herd_cli`]: [`herd_cli::HerdCluster`], a cluster run by the `herd` binary itself.
 //! - [`wait_until`], [`unique_prefix`], [`client`]: small helpers every test needs.
@@ -19,6 +20,7 @@ pub mod gateway;
 pub mod herd_cli;
 pub mod otlp;
 pub mod redis;
+pub mod session_calls;
 pub mod worker;
 pub mod worker_support;
 

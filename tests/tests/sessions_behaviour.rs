@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use herd_shared::keys::Keys;
 use herd_tests::gateway::{GatewayOptions, TestGateway};
 use herd_tests::redis::TestRedis;
+use herd_tests::session_calls::{add_item, get_json, item_names, login};
 use herd_tests::worker::{TestWorker, WorkerOptions};
 use herd_tests::worker_support::{cookie, plain_client, set_cookie_header, set_session_cookie};
 use herd_tests::{temp_dir, unique_prefix};
@@ -43,65 +44,6 @@ fn setup(n: usize, env: &[(&str, &str)]) -> Setup {
         prefix,
         _dir: dir,
     }
-}
-
-async fn login(
-    client: &reqwest::Client,
-    worker: &TestWorker,
-    user: &str,
-    id: Option<&str>,
-) -> String {
-    let mut request = client
-        .post(worker.url("/login"))
-        .json(&json!({ "user": user }));
-    if let Some(id) = id {
-        request = request.header("cookie", cookie(id));
-    }
-    let response = request.send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    set_session_cookie(&response).expect("login sets the session cookie")
-}
-
-async fn get_json(
-    client: &reqwest::Client,
-    worker: &TestWorker,
-    path: &str,
-    id: &str,
-) -> (u16, Value) {
-    let response = client
-        .get(worker.url(path))
-        .header("cookie", cookie(id))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-async fn add_item(
-    client: &reqwest::Client,
-    worker: &TestWorker,
-    id: &str,
-    item: &str,
-) -> (u16, Value) {
-    let response = client
-        .post(worker.url("/cart/items"))
-        .header("cookie", cookie(id))
-        .json(&json!({ "item": item, "qty": 1 }))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-fn item_names(cart: &Value) -> Vec<String> {
-    cart["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .map(|line| line["item"].as_str().unwrap().to_string())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use herd::redis_cluster::RedisCluster;
 use herd_shared::keys::Keys;
 use herd_tests::gateway::{GatewayOptions, TestGateway};
+use herd_tests::session_calls::{add_item, get_json, item_names, login};
 use herd_tests::worker::{TestWorker, WorkerOptions};
-use herd_tests::worker_support::{cookie, plain_client, set_session_cookie};
+use herd_tests::worker_support::{cookie, plain_client};
 use herd_tests::{temp_dir, unique_prefix};
 use serde_json::{Value, json};
 
@@ -95,57 +96,9 @@ fn in_ranges(ranges: &[String], slot: u16) -> bool {
     })
 }
 
-async fn login(
-    client: &reqwest::Client,
-    worker: &TestWorker,
-    user: &str,
-    id: Option<&str>,
-) -> String {
-    let mut request = client
-        .post(worker.url("/login"))
-        .json(&json!({ "user": user }));
-    if let Some(id) = id {
-        request = request.header("cookie", cookie(id));
-    }
-    let response = request.send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    set_session_cookie(&response).expect("login sets the session cookie")
-}
-
-async fn add(client: &reqwest::Client, worker: &TestWorker, id: &str, item: &str) -> u16 {
-    match client
-        .post(worker.url("/cart/items"))
-        .header("cookie", cookie(id))
-        .json(&json!({ "item": item, "qty": 1 }))
-        .send()
-        .await
-    {
-        Ok(response) => response.status().as_u16(),
-        Err(_) => 0,
-    }
-}
-
-async fn get(client: &reqwest::Client, worker: &TestWorker, path: &str, id: &str) -> (u16, Value) {
-    let response = client
-        .get(worker.url(path))
-        .header("cookie", cookie(id))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-fn items(cart: &Value) -> BTreeSet<String> {
-    cart["items"]
-        .as_array()
-        .map(|lines| {
-            lines
-                .iter()
-                .map(|line| line["item"].as_str().unwrap_or_default().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
+/// The cart's item names as a set.
+fn cart_items(cart: &Value) -> BTreeSet<String> {
+    item_names(cart).into_iter().collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,8 +140,8 @@ async fn additions_rotation_and_log_out_everywhere_on_a_cluster() {
         started.elapsed()
     );
     assert_eq!(statuses.get(&200), Some(&200), "{statuses:?}");
-    let (_, cart) = get(&client, &workers[1], "/cart", &id).await;
-    assert_eq!(items(&cart).len(), 200, "no addition lost");
+    let (_, cart) = get_json(&client, &workers[1], "/cart", &id).await;
+    assert_eq!(cart_items(&cart).len(), 200, "no addition lost");
 
     // Rotation on login: the new id keeps the hash tag, so session, alias and lease share a slot.
     let rotated = login(&client, &workers[1], "ann", Some(&id)).await;
@@ -200,16 +153,19 @@ async fn additions_rotation_and_log_out_everywhere_on_a_cluster() {
         setup.placement(&setup.keys.session_lease(&rotated)).0,
         new_slot
     );
-    let (status, cart) = get(&client, &workers[2], "/cart", &id).await;
+    let (status, cart) = get_json(&client, &workers[2], "/cart", &id).await;
     assert_eq!(
-        (status, items(&cart).len()),
+        (status, cart_items(&cart).len()),
         (200, 200),
         "old id reaches the new session in its grace"
     );
-    assert_eq!(add(&client, &workers[2], &id, "via-alias").await, 200);
-    let (_, cart) = get(&client, &workers[0], "/cart", &rotated).await;
+    assert_eq!(
+        add_item(&client, &workers[2], &id, "via-alias").await.0,
+        200
+    );
+    let (_, cart) = get_json(&client, &workers[0], "/cart", &rotated).await;
     assert!(
-        items(&cart).contains("via-alias"),
+        cart_items(&cart).contains("via-alias"),
         "a change through the alias lands"
     );
 
@@ -241,13 +197,13 @@ async fn additions_rotation_and_log_out_everywhere_on_a_cluster() {
     assert_eq!(response.status(), 200);
     for ended in [&id, &rotated, &elsewhere] {
         assert_eq!(
-            get(&client, &workers[1], "/me", ended).await.0,
+            get_json(&client, &workers[1], "/me", ended).await.0,
             401,
             "{ended} ended"
         );
     }
     assert_eq!(
-        get(&client, &workers[1], "/me", &bob).await.0,
+        get_json(&client, &workers[1], "/me", &bob).await.0,
         200,
         "bob untouched"
     );
@@ -346,7 +302,12 @@ async fn sessions_on_every_master(setup: &Setup, client: &reqwest::Client, n: us
     let mut masters = Vec::new();
     for i in 0..n {
         let id = login(client, &setup.workers[i % 3], &format!("u{i}"), None).await;
-        assert_eq!(add(client, &setup.workers[i % 3], &id, "before").await, 200);
+        assert_eq!(
+            add_item(client, &setup.workers[i % 3], &id, "before")
+                .await
+                .0,
+            200
+        );
         masters.push(setup.placement(&setup.keys.session(&id)).1);
         ids.push(id);
     }
@@ -466,9 +427,9 @@ async fn a_master_killed_under_load_loses_only_unreplicated_writes_of_its_shard(
     let mut failed_window: (Option<Duration>, Option<Duration>) = (None, None);
     let mut failures_elsewhere = 0;
     for (i, id) in loaded.ids.iter().enumerate() {
-        let (status, cart) = get(&client, &setup.workers[0], "/cart", id).await;
+        let (status, cart) = get_json(&client, &setup.workers[0], "/cart", id).await;
         assert_eq!(status, 200, "session {i} back after the promotion");
-        let stored = items(&cart);
+        let stored = cart_items(&cart);
         assert!(
             stored.contains("before"),
             "session {i}: WAIT-confirmed write kept"
@@ -618,9 +579,9 @@ async fn a_slot_moved_under_load_loses_no_acknowledged_write() {
     let mut acked = 0;
     for (i, loader) in loaders.into_iter().enumerate() {
         let log = loader.await.unwrap();
-        let (status, cart) = get(&client, &setup.workers[1], "/cart", &loaded.ids[i]).await;
+        let (status, cart) = get_json(&client, &setup.workers[1], "/cart", &loaded.ids[i]).await;
         assert_eq!(status, 200);
-        let stored = items(&cart);
+        let stored = cart_items(&cart);
         for (item, status, _) in &log {
             if *status == 200 {
                 acked += 1;

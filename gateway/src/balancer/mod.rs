@@ -493,6 +493,23 @@ fn tombstone(id: &str, origin: &Origin) -> (String, Option<u64>) {
     }
 }
 
+/// A balancer with default settings and one static worker (127.0.0.1:8081), its metrics
+/// watched: what the admin API and dashboard tests serve.
+#[cfg(test)]
+pub(crate) fn with_one_worker() -> (Arc<Balancer>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let balancer = Arc::new(Balancer::new(
+        &GatewayConfig::default(),
+        metrics.clone(),
+        Box::new(|_, _| {}),
+    ));
+    balancer.watch_metrics(&metrics);
+    balancer
+        .add(balancer.static_spec("127.0.0.1:8081"))
+        .unwrap();
+    (balancer, metrics)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

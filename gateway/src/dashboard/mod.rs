@@ -329,20 +329,10 @@ fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Respo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::GatewayConfig;
     use http_body_util::BodyExt;
 
     fn dashboard(token: &str) -> Dashboard {
-        let metrics = Arc::new(Metrics::new());
-        let balancer = Arc::new(Balancer::new(
-            &GatewayConfig::default(),
-            metrics.clone(),
-            Box::new(|_, _| {}),
-        ));
-        balancer.watch_metrics(&metrics);
-        balancer
-            .add(balancer.static_spec("127.0.0.1:8081"))
-            .unwrap();
+        let (balancer, metrics) = crate::balancer::with_one_worker();
         Dashboard::new(balancer, metrics, token.into())
     }
 

@@ -495,6 +495,23 @@ struct Side {
 
 /// Injects `kind`'s fault; returns its description, the faulted gateway (gateway drills),
 /// whether it is undone mid-load, and what was added or drained.
+/// The worker with the most requests in flight as the active gateway sees it now (`None`: no
+/// gateway says). Ties go to the first in `workers`' order.
+fn busiest(cluster: &mut dyn ClusterHandle, workers: &[WorkerInfo]) -> Option<WorkerInfo> {
+    let gateways = cluster.gateways();
+    let text = gateways.iter().find(|g| g.active)?.metrics.as_deref()?;
+    let mut best: Option<(f64, &WorkerInfo)> = None;
+    for worker in workers {
+        let Some(count) = report::in_flight(text, &worker.id) else {
+            continue;
+        };
+        if best.is_none_or(|(most, _)| count > most) {
+            best = Some((count, worker));
+        }
+    }
+    best.map(|(_, worker)| worker.clone())
+}
+
 fn inject(
     guard: &mut Guard<'_>,
     kind: Kind,
@@ -515,6 +532,8 @@ fn inject(
     let mut side = Side::default();
     let (fault, gateway, mid) = match kind {
         Kind::WorkerKill => {
+            // The worker with the most requests in flight (the slow burst): a crash under load.
+            let worker = busiest(cluster, workers).unwrap_or(worker);
             cluster.signal_worker(&worker.id, Signal::SIGKILL)?;
             guard.pending.push(Undo::RestartWorker(worker.id.clone()));
             (

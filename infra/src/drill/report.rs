@@ -114,6 +114,12 @@ fn metric_sum(text: &str, family: &str, labels: &[&str]) -> Option<f64> {
     found
 }
 
+/// Requests in flight to worker `id`, as a gateway's `/metrics` text says.
+pub fn in_flight(text: &str, id: &str) -> Option<f64> {
+    let label = format!("worker=\"{id}\"");
+    metric_sum(text, "herd_gateway_worker_in_flight", &[&label])
+}
+
 fn role_of(text: &str) -> Option<String> {
     text.lines()
         .filter(|l| l.starts_with("herd_gateway_failover_role{"))
@@ -551,6 +557,17 @@ mod tests {
             gateway: Some(gateway.into()),
             worker: Some("w1".into()),
         }
+    }
+
+    #[test]
+    fn in_flight_reads_one_workers_gauge() {
+        let text = "# TYPE herd_gateway_worker_in_flight gauge\n\
+                    herd_gateway_worker_in_flight{worker=\"w1\"} 0\n\
+                    herd_gateway_worker_in_flight{worker=\"w12\"} 7\n\
+                    herd_gateway_worker_in_flight{worker=\"w2\"} 4\n";
+        assert_eq!(in_flight(text, "w2"), Some(4.0));
+        assert_eq!(in_flight(text, "w1"), Some(0.0));
+        assert_eq!(in_flight(text, "w3"), None);
     }
 
     #[test]
