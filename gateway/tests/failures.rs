@@ -216,6 +216,56 @@ async fn consecutive_5xx_eject_a_worker_until_a_probe_succeeds() {
 }
 
 #[tokio::test]
+async fn an_ejected_worker_comes_back_by_its_health_checks_without_traffic() {
+    let w1 = Upstream::start("w1").await;
+    let w2 = Upstream::start("w2").await;
+    w1.behavior.status.store(500, Ordering::SeqCst);
+    let gw = Gateway::start(&[&w1, &w2], |c| {
+        c.health.passive.base_ejection = Duration::from_millis(300);
+        c.balancing.algorithm = herd_gateway::config::Algorithm::RoundRobin;
+        c.balancing.slow_start = Duration::ZERO;
+    })
+    .await;
+    let c = client();
+    let id = w1.addr.to_string();
+    for _ in 0..10 {
+        get(&c, &gw.url("/")).await;
+    }
+    assert_eq!(worker_state(&gw, &id).await, "ejected");
+    // Fixed, and no request comes to probe it: its passing health checks bring it back.
+    w1.behavior.status.store(0, Ordering::SeqCst);
+    let hits = w1.hits();
+    wait_until(
+        Duration::from_secs(3),
+        "the health checks bring the worker back",
+        || async { worker_state(&gw, &id).await == "healthy" },
+    )
+    .await;
+    assert_eq!(w1.hits(), hits, "back without a request");
+    let change = support::worker_field(&gw, &id, "last_change").await;
+    assert_eq!(change["what"], "recovered", "{change}");
+    assert!(
+        change["reason"]
+            .as_str()
+            .unwrap()
+            .contains("health check passed"),
+        "{change}"
+    );
+    // On probation: if it still fails, the first failure ejects it again.
+    w1.behavior.status.store(500, Ordering::SeqCst);
+    let mut from_w1 = 0;
+    for _ in 0..4 {
+        if get(&c, &gw.url("/")).await.worker() == "w1" {
+            from_w1 += 1;
+        }
+    }
+    assert_eq!(from_w1, 1, "one failure, then ejected");
+    assert_eq!(worker_state(&gw, &id).await, "ejected");
+    assert_eq!(support::worker_field(&gw, &id, "ejections").await, 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn all_workers_dead_gives_503_json_at_once() {
     let w1 = Upstream::start("w1").await;
     let w2 = Upstream::start("w2").await;

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use super::passive::Transition;
 use super::worker::{ACTIVE_DOWN, Worker};
 use super::{ChangeSource, Notifier};
 use crate::config::HealthConfig;
@@ -207,7 +208,8 @@ async fn checks<P: Probe>(
             // Dropping the check midway also drops its connection (see `Session`).
             _ = &mut timer => Err(CheckFailure::from(timed_out.clone())),
         };
-        notifier.checked(result.is_ok());
+        let passed = result.is_ok();
+        notifier.checked(passed);
         // Reachability is a fact, not a judgement: it follows every single check.
         match &result {
             Err(failure) if failure.refused => notifier.unreachable(&worker, &failure.reason),
@@ -242,6 +244,14 @@ async fn checks<P: Probe>(
                 notifier.changed(&worker, "down", ChangeSource::Active, &reason);
             }
             None => {}
+        }
+        if passed {
+            let now = notifier.clock.now();
+            if let Some(Transition::Recovered) = worker.record_check_passed(now) {
+                worker.start_slow_start(now);
+                let reason = "ejection over and a health check passed (on probation)";
+                notifier.changed(&worker, "recovered", ChangeSource::Active, reason);
+            }
         }
         let delay = jittered(config.interval, config.jitter);
         timer

@@ -119,6 +119,20 @@ impl Breaker {
         }
     }
 
+    /// A health check passed. Once the ejection is over this brings the worker back without
+    /// waiting for a probe request, which may be long in coming when little traffic arrives —
+    /// on probation: the failure count stands one short of the threshold, so its next failure
+    /// ejects it again, for longer, as a failed probe would.
+    pub fn on_check_passed(&mut self, now: u64) -> Option<Transition> {
+        if !self.probe_due(now) {
+            return None;
+        }
+        self.state = BreakerState::Closed;
+        self.closed_at = now;
+        self.failures = self.threshold - 1;
+        Some(Transition::Recovered)
+    }
+
     /// Whether the ejection is over and a probe may go (without claiming it).
     pub fn probe_due(&self, now: u64) -> bool {
         matches!(self.state, BreakerState::Ejected { until } if now >= until)
@@ -185,6 +199,37 @@ mod tests {
         assert!(!b.start_probe(SEC), "only one probe at a time");
         assert_eq!(b.on_success(SEC + 5), Some(Transition::Recovered));
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_passed_health_check_ends_an_ejection_that_is_over_on_probation() {
+        let mut b = breaker();
+        for _ in 0..3 {
+            b.on_failure(0);
+        }
+        assert_eq!(
+            b.on_check_passed(SEC - 1),
+            None,
+            "not before the ejection ends"
+        );
+        assert_eq!(b.on_check_passed(SEC), Some(Transition::Recovered));
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.on_check_passed(SEC + 1), None, "already back");
+        // On probation: one failure ejects it again, for twice as long.
+        assert_eq!(
+            b.on_failure(SEC + 2),
+            Some(Transition::Ejected(Duration::from_secs(2)))
+        );
+        // A success first ends the probation: three failures again.
+        let mut b = breaker();
+        for _ in 0..3 {
+            b.on_failure(0);
+        }
+        b.on_check_passed(SEC);
+        assert_eq!(b.on_success(SEC + 1), None);
+        assert_eq!(b.on_failure(SEC + 2), None);
+        assert_eq!(b.on_failure(SEC + 2), None);
+        assert!(b.on_failure(SEC + 2).is_some());
     }
 
     #[test]

@@ -306,6 +306,24 @@ impl Worker {
         } else {
             breaker.on_failure(now)
         };
+        self.mirror(breaker);
+        transition
+    }
+
+    /// Feeds a passed health check to the passive breaker: an ejected worker whose ejection is
+    /// over comes back (see [`Breaker::on_check_passed`]).
+    pub fn record_check_passed(&self, now: u64) -> Option<Transition> {
+        if self.flags() & EJECTED == 0 {
+            return None;
+        }
+        let mut breaker = self.breaker.lock().unwrap();
+        let transition = breaker.on_check_passed(now);
+        self.mirror(breaker);
+        transition
+    }
+
+    /// Copies the breaker's state into the lock-free fields the request path reads.
+    fn mirror(&self, breaker: std::sync::MutexGuard<'_, Breaker>) {
         self.failure_streak
             .store(breaker.failures(), Ordering::Relaxed);
         let (ejected, probe_at) = match breaker.state() {
@@ -316,7 +334,6 @@ impl Worker {
         self.probe_at.store(probe_at, Ordering::Relaxed);
         drop(breaker);
         self.set_flag(EJECTED, ejected);
-        transition
     }
 
     /// Clears passive state (worker re-added, or passive checks turned off).
