@@ -4,7 +4,8 @@
 //!   CA) to both gateway machines; an HTTPS request from the client host to the floating address
 //!   is served with it, the client trusting only the test CA;
 //! - a renewed certificate goes live with `herd tls push --inventory` (files copied again,
-//!   SIGHUP), on both gateways;
+//!   SIGHUP), on both gateways; a broken one (key of another certificate) is refused by both,
+//!   which keep serving the renewed one, and push exits 1;
 //! - kill -9 of the active gateway: HTTPS through the floating address is served by the standby
 //!   with the same (renewed) certificate;
 //! - `herd down` leaves no process and no namespace;
@@ -361,6 +362,36 @@ fn both_gateways_serve_the_inventorys_certificate_renewals_are_pushed_and_the_st
             .iter()
             .all(|a| a.as_ref().is_ok_and(|s| s.certificate == renewed)),
         "the renewed certificate is served: {answers:?}"
+    );
+
+    // A broken renewal (a key that is not the certificate's) is refused by both gateways, which
+    // keep serving the renewed certificate; push says so and exits 1.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    pki.leaf(
+        "other",
+        &["other.test"],
+        &other.join("c.pem"),
+        &other.join("k.pem"),
+    );
+    std::fs::copy(other.join("k.pem"), &key).unwrap();
+    let push = herd(&["tls", "push", "--inventory", file, "--state-dir", state]);
+    assert_eq!(push.status.code(), Some(1), "a refused push fails");
+    let said = String::from_utf8_lossy(&push.stdout);
+    for gw in ["gw1", "gw2"] {
+        assert!(
+            said.contains(&format!(
+                "{gw}: files copied, but the gateway REFUSED them and keeps the old certificates: tls.key: "
+            )) && said.contains(&format!("{gw}/tls/default.key does not match the certificate")),
+            "{said}"
+        );
+    }
+    let answers = https_from(&client, ca.clone(), url.clone(), 2, |_| false);
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.as_ref().is_ok_and(|s| s.certificate == renewed)),
+        "still the renewed certificate: {answers:?}"
     );
 
     // kill -9 the active gateway (its supervisor first, so that it is not restarted).

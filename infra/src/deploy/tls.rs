@@ -96,6 +96,26 @@ fn reloads(machine: &dyn Machine, unit: &Unit) -> Result<(u64, u64), String> {
     }
 }
 
+/// Why the gateway refused the files, from its last log line about it: `key: problem` (the
+/// gateways log JSON lines), or the line itself.
+fn refusal(machine: &dyn Machine, unit: &Unit) -> String {
+    let log = quote(&format!("{}/log/{}.log", machine.dir(), unit.name));
+    let line = machine
+        .run(&format!(
+            "grep -F 'certificate refused' {log} 2>/dev/null | tail -n 1"
+        ))
+        .unwrap_or_default();
+    let line = line.trim();
+    match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(entry) if entry["problem"].is_string() => format!(
+            "{}: {}",
+            entry["key"].as_str().unwrap_or("tls"),
+            entry["problem"].as_str().unwrap_or_default()
+        ),
+        _ => line.to_string(),
+    }
+}
+
 /// How one gateway took a push.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pushed {
@@ -133,8 +153,8 @@ pub fn push(
                 unit.machine
             )));
         };
-        copy_files(machine, tls)?;
         if !machine.alive(&launch(&unit))? {
+            copy_files(machine, tls)?;
             say(format!(
                 "{}: files copied; the gateway does not run (it reads them when it starts)",
                 unit.machine
@@ -142,11 +162,14 @@ pub fn push(
             outcomes.push((unit.machine.clone(), Pushed::NotRunning));
             continue;
         }
+        // Counted before the copy: a reload the gateway's own file watch makes between the
+        // copy and the SIGHUP counts too.
         let before = reloads(machine, &unit).map_err(|last| DeployError::Unit {
             what: format!("gateway {} did not report its reloads ({last})", unit.name),
             machine: unit.machine.clone(),
             tail: machine.log_tail(&unit.name, super::TAIL),
         })?;
+        copy_files(machine, tls)?;
         hangup(machine, &unit)?;
         let deadline = Instant::now() + RELOADED;
         let outcome = loop {
@@ -169,9 +192,9 @@ pub fn push(
         say(match outcome {
             Pushed::Reloaded => format!("{}: files copied, certificates reloaded", unit.machine),
             _ => format!(
-                "{}: files copied, but the gateway REFUSED them and keeps the old certificates:\n{}",
+                "{}: files copied, but the gateway REFUSED them and keeps the old certificates: {}",
                 unit.machine,
-                machine.log_tail(&unit.name, 3)
+                refusal(machine, &unit)
             ),
         });
         outcomes.push((unit.machine.clone(), outcome));

@@ -193,6 +193,17 @@ pub(super) fn validate(inventory: &Inventory) -> Result<(), (String, String)> {
             );
         }
     }
+    // The environment would override the section the gateways get from [gateways.tls].
+    if let Some(key) = gateways
+        .env
+        .keys()
+        .find(|k| k.starts_with("HERD_GATEWAY_TLS__"))
+    {
+        return fail(
+            "gateways.env",
+            format!("{key} conflicts with [gateways.tls]: set it there"),
+        );
+    }
     if tls.port == 0 {
         return fail(entry, "port 0 is not allowed".into());
     }
@@ -448,6 +459,14 @@ machines = ["m1"]
         );
         let e = error("\"*.api.example.com\"", "\"api..example.com\"");
         assert!(e.contains("gateways.tls.sni[0]: `api..example.com`"), "{e}");
+        let e = error(
+            "floating_address = \"10.77.0.10\"",
+            "floating_address = \"10.77.0.10\"\nenv = { HERD_GATEWAY_TLS__HSTS = \"x\" }",
+        );
+        assert!(
+            e.contains("gateways.env: HERD_GATEWAY_TLS__HSTS conflicts with [gateways.tls]"),
+            "{e}"
+        );
         let e = error("hsts = \"max-age=600\"", "hst = \"x\"");
         assert!(e.contains("unknown field `hst`"), "{e}");
     }
