@@ -230,6 +230,84 @@ mod tests {
         }
     }
 
+    /// A systemd machine that records its scripts.
+    #[derive(Debug, Default)]
+    struct Recorder(std::sync::Mutex<Vec<String>>);
+
+    impl Machine for Recorder {
+        fn name(&self) -> &str {
+            "rec"
+        }
+        fn dir(&self) -> &str {
+            "/opt/herd/t"
+        }
+        fn run(&self, script: &str) -> Result<String, MachineError> {
+            self.0.lock().unwrap().push(script.to_string());
+            Ok(String::new())
+        }
+        fn copy(&self, _: &std::path::Path, _: &str) -> Result<(), MachineError> {
+            Ok(())
+        }
+        fn supervisor(&self) -> Supervisor {
+            Supervisor::Systemd
+        }
+    }
+
+    #[test]
+    fn sighup_goes_to_the_gateway_process_not_its_supervisor() {
+        let unit = Unit {
+            name: "gateway-gw1".into(),
+            entry: "gateways".into(),
+            kind: Kind::Gateway,
+            machine: "gw1".into(),
+            id: "gw1".into(),
+            listen: "0.0.0.0:8080".parse().unwrap(),
+            admin: None,
+            peer: None,
+            binary: "herd-gateway".into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            config: None,
+        };
+        let systemd = Recorder::default();
+        hangup(&systemd, &unit).unwrap();
+        assert_eq!(
+            systemd.0.lock().unwrap()[0],
+            "systemctl kill --signal=HUP --kill-who=main 'herd-gateway.service'"
+        );
+        // The fallback supervisor treats SIGHUP as stop: the signal goes to the child.
+        let here = tempfile::tempdir().unwrap();
+        std::fs::create_dir(here.path().join("run")).unwrap();
+        let got = here.path().join("got-hup");
+        let ready = here.path().join("ready");
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "trap 'echo hup > {}; exit 0' HUP; : > {}; i=0; while [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done",
+                got.display(),
+                ready.display()
+            ))
+            .spawn()
+            .unwrap();
+        // The trap is set once the shell has made `ready` (bounded: 10 s).
+        for _ in 0..1000 {
+            if ready.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::fs::write(
+            here.path().join("run/gateway-gw1.child"),
+            format!("{}\n", child.id()),
+        )
+        .unwrap();
+        let local = Local::new("m", here.path().to_str().unwrap());
+        hangup(&local, &unit).unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "the child took SIGHUP: {status}");
+        assert_eq!(std::fs::read_to_string(&got).unwrap(), "hup\n");
+    }
+
     #[test]
     fn files_are_copied_with_private_keys_0600_in_a_0700_directory() {
         use std::os::unix::fs::PermissionsExt;
