@@ -73,6 +73,24 @@ fn exported() -> BTreeSet<String> {
     metrics.state_change("127.0.0.1:1", "down", "active");
     metrics.connections_refused.inc();
     metrics.connections_refused_per_client.inc();
+    // TLS families (certificate expiry, handshakes, reloads) exist only with [tls] on.
+    let certs = tempfile::tempdir().unwrap();
+    let mut tls = herd_gateway::tls::TlsConfig {
+        enabled: true,
+        cert: certs.path().join("c.pem"),
+        key: certs.path().join("k.pem"),
+        ..Default::default()
+    };
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["gw.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(&tls.cert, cert.pem()).unwrap();
+    std::fs::write(&tls.key, key.serialize_pem()).unwrap();
+    tls.listen = "127.0.0.1:0".parse().unwrap();
+    let terminator = herd_gateway::tls::Terminator::new(&tls).expect("the test certificate loads");
+    metrics.register_collector(terminator.collector());
     metrics
         .render()
         .lines()
@@ -136,6 +154,7 @@ fn the_name_check_catches_a_metric_the_gateway_does_not_export() {
     );
     assert!(exported.contains("herd_gateway_request_duration_seconds_bucket"));
     assert!(exported.contains("herd_gateway_registry_redis_reachable"));
+    assert!(exported.contains("herd_gateway_tls_certificate_expiry_timestamp_seconds"));
     assert_eq!(
         unknown(
             "rate(herd_gateway_retries_total[5m]) / herd_gateway_requests_total",
@@ -149,6 +168,11 @@ fn the_name_check_catches_a_metric_the_gateway_does_not_export() {
 fn dashboard_and_rules_name_only_exported_metrics() {
     let exported = exported();
     let rules = read("infra/observability/alerts.yml");
+    assert!(
+        rules
+            .contains("herd_gateway_tls_certificate_expiry_timestamp_seconds - time() < 3 * 86400"),
+        "the certificate expiry alerts"
+    );
     assert_eq!(
         unknown(&rules, &exported),
         Vec::<String>::new(),

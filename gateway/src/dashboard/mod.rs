@@ -471,6 +471,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_tls_each_certificates_expiry_is_shown() {
+        let d = dashboard("t");
+        let body = |d: &Dashboard| {
+            let response = d
+                .handle(&get("/api/dashboard", &[("authorization", "Bearer t")]))
+                .unwrap();
+            async { serde_json::from_str::<serde_json::Value>(&text(response).await).unwrap() }
+        };
+        assert_eq!(body(&d).await["tls"]["certificates"], serde_json::json!([]));
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["gw.test".to_string()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2040, 1, 2);
+        let cert = params.self_signed(&key).unwrap();
+        let config = crate::tls::TlsConfig {
+            enabled: true,
+            cert: dir.path().join("c.pem"),
+            key: dir.path().join("k.pem"),
+            ..Default::default()
+        };
+        std::fs::write(&config.cert, cert.pem()).unwrap();
+        std::fs::write(&config.key, key.serialize_pem()).unwrap();
+        let terminator = crate::tls::Terminator::new(&config).unwrap();
+        d.metrics.register_collector(terminator.collector());
+        let body = body(&d).await;
+        let shown = &body["tls"]["certificates"][0];
+        assert_eq!(shown["name"], "default");
+        // 2 January 2040, 00:00 UTC.
+        assert_eq!(shown["expires_unix_s"], 2_209_075_200.0);
+        assert!(shown["days_left"].as_f64().unwrap() > 4000.0, "{shown}");
+    }
+
+    #[tokio::test]
     async fn the_pair_and_its_role_changes_are_shown() {
         use crate::failover::{PeerStatus, Role, Transition};
         let mut d = dashboard("t");

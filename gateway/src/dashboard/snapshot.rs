@@ -45,6 +45,8 @@ pub struct Reading {
     gateway_errors: f64,
     retries: f64,
     budget_refused: f64,
+    /// The served certificates' expiry (name, notAfter in Unix seconds); empty without TLS.
+    certificates: Vec<(String, f64)>,
     workers: HashMap<String, WorkerReading>,
 }
 
@@ -102,8 +104,22 @@ pub fn read(balancer: &Balancer, metrics: &Metrics) -> Reading {
             "herd_gateway_retries_refused_total",
             Some("limit=\"budget\""),
         ),
+        certificates: certificates(&text),
         workers,
     }
+}
+
+/// Every `herd_gateway_tls_certificate_expiry_timestamp_seconds{name="…"}` sample in
+/// Prometheus text: (name, notAfter).
+fn certificates(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|line| {
+            let rest =
+                line.strip_prefix("herd_gateway_tls_certificate_expiry_timestamp_seconds{name=\"")?;
+            let (name, value) = rest.split_once("\"} ")?;
+            Some((name.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 /// The sum of every sample of `name` in Prometheus text (whose labels contain `label`, when
@@ -262,6 +278,13 @@ pub fn document(
             "budget_refused_total": now.budget_refused,
             "budget": if refused > 0.0 { "exhausted" } else { "ok" },
         },
+        "tls": {
+            "certificates": now.certificates.iter().map(|(name, not_after)| json!({
+                "name": name,
+                "expires_unix_s": not_after,
+                "days_left": ((not_after - crate::balancer::worker::unix_ms() as f64 / 1e3) / 86_400.0 * 10.0).round() / 10.0,
+            })).collect::<Vec<_>>(),
+        },
         "machines": machines,
         "events": events.recent(EVENTS_SHOWN),
     })
@@ -303,8 +326,25 @@ mod tests {
             gateway_errors: 0.0,
             retries: 0.0,
             budget_refused: 0.0,
+            certificates: Vec::new(),
             workers: HashMap::new(),
         }
+    }
+
+    #[test]
+    fn reads_each_certificates_expiry_by_name() {
+        let text = "# HELP herd_gateway_tls_certificate_expiry_timestamp_seconds x\n\
+            herd_gateway_tls_certificate_expiry_timestamp_seconds{name=\"default\"} 1900000000\n\
+            herd_gateway_tls_certificate_expiry_timestamp_seconds{name=\"*.b.test\"} 1800000000\n\
+            herd_gateway_tls_handshakes_total{result=\"ok\"} 3\n";
+        assert_eq!(
+            certificates(text),
+            [
+                ("default".to_string(), 1.9e9),
+                ("*.b.test".to_string(), 1.8e9)
+            ]
+        );
+        assert!(certificates("herd_gateway_requests 1\n").is_empty());
     }
 
     #[test]

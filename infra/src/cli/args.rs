@@ -55,6 +55,33 @@ pub enum Command {
     /// workers added or drained), undo it, check every session, and judge: PASS (exit 0) or
     /// FAIL (exit 1) against the targets of docs/drills.md.
     Drill(DrillArgs),
+    /// The gateways' certificates of an inventory's `[gateways.tls]`.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+/// `herd tls …`.
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Copy the certificate and key files of `[gateways.tls]` to both gateway machines again
+    /// and have both gateways reload them (SIGHUP): how a renewed certificate goes live.
+    Push(TlsPushArgs),
+}
+
+/// Flags of `herd tls push`.
+#[derive(Debug, Clone, Args)]
+pub struct TlsPushArgs {
+    /// The inventory whose gateways get the files.
+    #[arg(long, value_name = "FILE")]
+    pub inventory: PathBuf,
+    /// State directory (where `herd up --inventory` keeps local and netns machines' files).
+    #[arg(
+        long,
+        env = "HERD_STATE_DIR",
+        default_value = ".herd",
+        value_name = "DIR"
+    )]
+    pub state_dir: PathBuf,
 }
 
 /// Longest load `herd drill` runs per drill.

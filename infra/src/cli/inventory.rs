@@ -1,11 +1,12 @@
-//! `herd up|down|status --inventory FILE`: the thin layer between the command line and
+//! `herd up|down|status --inventory FILE` (and `herd tls push --inventory FILE`): the thin layer between the command line and
 //! [`crate::deploy`]. The file is read and checked first: a bad inventory is refused before
 //! anything starts, with exit 2 and one line naming the entry and the problem.
 
 use std::path::{Path, PathBuf};
 
 use super::{
-    CliError, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, StateDirArgs, StatusArgs, UpArgs, token,
+    CliError, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, StateDirArgs, StatusArgs, TlsPushArgs,
+    UpArgs, token,
 };
 use crate::deploy::{self, Options};
 use crate::inventory::{self, Inventory};
@@ -115,6 +116,25 @@ pub(crate) fn status(args: &StatusArgs) -> Result<u8, CliError> {
     } else {
         EXIT_FAILED
     })
+}
+
+/// `herd tls push --inventory FILE`: exit 0 when both gateways reloaded (or don't run and
+/// read the files when they start), 1 when one refused the new files.
+pub(crate) fn tls_push(args: &TlsPushArgs) -> Result<u8, CliError> {
+    let state = StateDirArgs {
+        inventory: Some(args.inventory.clone()),
+        state_dir: args.state_dir.clone(),
+    };
+    let (inventory, state_root) = load(&state)?;
+    let options = Options {
+        state_root,
+        token: String::new(),
+    };
+    let outcomes = deploy::tls::push(&inventory, &options, &mut |line| super::say(line))?;
+    let refused = outcomes
+        .iter()
+        .any(|(_, outcome)| *outcome == deploy::tls::Pushed::Refused);
+    Ok(if refused { EXIT_FAILED } else { EXIT_OK })
 }
 
 #[cfg(test)]

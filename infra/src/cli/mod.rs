@@ -4,7 +4,8 @@
 //! Layout:
 //! - `args`: commands and flags (clap derive) and the checks clap can't do;
 //! - `up`, `status`, `down`, `scale`, `rollout`, `lab`, `bench`, `drill`: one module per command;
-//! - `inventory`: `up`, `down` and `status` with `--inventory FILE` (several machines);
+//! - `inventory`: `up`, `down` and `status` with `--inventory FILE` (several machines), and
+//!   `tls push --inventory FILE`;
 //! - `cluster`: the processes `herd up` holds (start in order, wait ready, stop in order);
 //! - `supervisor`: restarts dead workers and gateways with backoff, reports crash loops;
 //! - `workers`: where workers run ([`workers::Placement`]) and the gateway's view of them,
@@ -36,7 +37,7 @@ pub(crate) mod workers;
 pub use args::{
     BenchCommand, BenchHealthArgs, BenchOutputArgs, BenchProxyArgs, BenchSoakArgs, Cli, Command,
     DrillArgs, FailoverCompareArgs, LabCommand, MAX_SCALE, MAX_WORKERS, RolloutArgs, ScaleArgs,
-    StateDirArgs, StatusArgs, UpArgs,
+    StateDirArgs, StatusArgs, TlsCommand, TlsPushArgs, UpArgs,
 };
 pub use error::{CliError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE};
 
@@ -56,6 +57,7 @@ pub fn run(cli: &Cli) -> Result<u8, CliError> {
         Command::Rollout(args) => rollout::run(args),
         Command::Supervise(args) => up::supervise_detached(args),
         Command::Lab(LabCommand::FailoverCompare(args)) => lab::failover_compare(args),
+        Command::Tls(TlsCommand::Push(args)) => inventory::tls_push(args),
         Command::Bench(BenchCommand::Proxy(args)) => bench::proxy(args),
         Command::Bench(BenchCommand::Health(args)) => bench::health(args),
         Command::Bench(BenchCommand::Soak(args)) => bench::soak(args),

@@ -52,7 +52,7 @@ pub struct SeenGateway {
 }
 
 /// `GET {path}` on `gateway`'s admin API, from its machine.
-fn get(machine: &dyn Machine, gateway: &Unit, path: &str) -> Result<String, String> {
+pub(super) fn get(machine: &dyn Machine, gateway: &Unit, path: &str) -> Result<String, String> {
     let admin = gateway.admin.ok_or("no admin listener")?;
     machine
         .run(&format!(

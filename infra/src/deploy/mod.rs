@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod status;
+pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -74,6 +75,9 @@ pub enum DeployError {
         /// The end of its log.
         tail: String,
     },
+    /// `herd tls push` can't push.
+    #[error("{0}")]
+    TlsPush(String),
     /// The cluster did not become ready in time.
     #[error("the cluster was not ready after {waited:?}: {last}")]
     NotReady {
@@ -274,7 +278,14 @@ pub fn up(
             let program = install_binary(inventory, machine, unit, &local_binaries)?;
             programs.insert(key.clone(), program);
         }
-        write_unit(machine, unit, &programs[&key], &options.token)?;
+        match (&inventory.gateways.tls, unit.kind) {
+            (Some(tls), Kind::Gateway) => {
+                let mut unit = unit.clone();
+                unit.args.extend(tls::install(machine, tls, &unit)?);
+                write_unit(machine, &unit, &programs[&key], &options.token)?;
+            }
+            _ => write_unit(machine, unit, &programs[&key], &options.token)?,
+        }
     }
 
     // Redis first: everyone needs it.
@@ -320,6 +331,13 @@ pub fn up(
 
     let (active, healthy) = wait_healthy(&deployment.machines, &units, inventory)?;
     let public_url = public_url(inventory, &active);
+    if let Some(tls) = &inventory.gateways.tls {
+        say(format!(
+            "both gateways serve HTTPS on port {} with the same certificates: {}",
+            tls.port,
+            https_url(&public_url, tls.port)
+        ));
+    }
     deployment.finish();
     Ok(UpReport {
         public_url,
@@ -338,6 +356,15 @@ pub fn public_url(inventory: &Inventory, active: &str) -> String {
         .map(|ip| ip.to_string())
         .unwrap_or_default();
     format!("http://{ip}:{}", inventory.gateways.port)
+}
+
+/// `public_url` (`http://IP:PORT`) with the https scheme and port `port`.
+fn https_url(public_url: &str, port: u16) -> String {
+    let authority = public_url.trim_start_matches("http://");
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host);
+    format!("https://{host}:{port}")
 }
 
 /// The local path of every executable a local or netns machine runs, and of every herd

@@ -9,9 +9,11 @@
 //! refused before anything starts.
 
 mod plan;
+mod tls;
 mod validate;
 
 pub use plan::{Kind, Unit, placement, plan};
+pub use tls::{GatewayTls, TlsFile, TlsSni, tls_listener};
 pub use validate::validate;
 
 use std::collections::BTreeMap;
@@ -151,6 +153,10 @@ pub struct Gateways {
     /// Extra `HERD_GATEWAY_*` environment for both gateways.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// `[gateways.tls]`: HTTPS on both gateways with the same certificates (none: cleartext
+    /// only).
+    #[serde(default)]
+    pub tls: Option<GatewayTls>,
 }
 
 fn default_interface() -> String {
@@ -270,7 +276,7 @@ pub enum InventoryError {
 }
 
 /// Reads, parses and validates the inventory at `path`. Relative paths in it (`config`,
-/// `ssh.config_file`) are made absolute against the file's directory.
+/// `ssh.config_file`, the `[gateways.tls]` files) are made absolute against the file's directory.
 pub fn load(path: &Path) -> Result<Inventory, InventoryError> {
     let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
         path: path.to_path_buf(),
@@ -290,6 +296,9 @@ pub fn load(path: &Path) -> Result<Inventory, InventoryError> {
         if let Some(file) = image.config.as_mut() {
             absolute(file);
         }
+    }
+    if let Some(tls) = inventory.gateways.tls.as_mut() {
+        tls.absolute(base);
     }
     validate(&inventory).map_err(|(entry, problem)| InventoryError::Invalid {
         path: path.to_path_buf(),

@@ -21,6 +21,7 @@ pub fn validate(inventory: &Inventory) -> Check {
     gateways(inventory)?;
     images(inventory)?;
     capacity(inventory)?;
+    super::tls::validate(inventory)?;
     ports(inventory)
 }
 
@@ -338,7 +339,9 @@ fn ports(inventory: &Inventory) -> Check {
             Transport::Local => "this box".to_string(),
             _ => machine.name.clone(),
         };
-        for (role, addr) in unit.listeners() {
+        let mut listeners = unit.listeners();
+        listeners.extend(super::tls_listener(inventory, &unit).map(|a| ("https", a)));
+        for (role, addr) in listeners {
             let what = format!("{} {role} {addr}", unit.name);
             if addr.port() == 0 {
                 return fail(unit.entry.clone(), format!("{what}: port 0 is not allowed"));

@@ -53,6 +53,15 @@ function renderTotals(d) {
       down ? "bad" : registry === "unknown" && lease == null ? "" : "good");
   set("redis-detail", "registry: " + registry + (lease == null ? "" : ", lease: " + (lease ? "reachable" : "unreachable")));
 
+  // TLS on: the certificate that expires first, colored as the alerts (< 3 days, < 14 days).
+  const certs = (d.tls && d.tls.certificates) || [];
+  document.getElementById("tls-card").hidden = certs.length === 0;
+  if (certs.length > 0) {
+    const soonest = Math.min(...certs.map((c) => c.days_left));
+    set("tls", soonest.toFixed(soonest < 10 ? 1 : 0) + " days", soonest < 3 ? "bad" : soonest < 14 ? "warn" : "good");
+    set("tls-detail", "left; " + certs.map((c) => c.name + ": " + c.days_left.toFixed(0) + " d").join(", "));
+  }
+
   const status = document.getElementById("status");
   const ready = g.ready;
   status.textContent = ready ? (g.panic ? "panic mode" : "ready") : "not ready";
