@@ -6,6 +6,7 @@
 //! - [`deploy`]: `herd up|down|status --inventory`: an inventory's processes placed, started
 //!   in order, waited for, stopped in order.
 //! - [`drill`]: `herd drill`, failover drills under load with a verdict.
+//! - [`demo_user`]: a drill user's first steps with the demo app (log in, one cart item).
 //! - [`deps`]: make sure outside programs (redis-server, haproxy…) are installed, or say how.
 //! - [`binaries`]: find the `herd-gateway` and `herd-worker` executables.
 //! - [`inventory`]: the inventory file (machines, images, gateway pair, Redis), its checks and
@@ -29,6 +30,7 @@
 pub mod bench;
 pub mod binaries;
 pub mod cli;
+pub mod demo_user;
 pub mod deploy;
 pub mod deps;
 pub mod drill;

@@ -214,30 +214,9 @@ pub async fn log_in(target: SocketAddr, count: usize, tag: String) -> Result<Vec
     let client = client(Duration::from_secs(5));
     let mut users = Vec::with_capacity(count);
     for n in 0..count {
-        let login = client
-            .post(format!("http://{target}/login"))
-            .json(&json!({"user": format!("drill-{tag}-{n}")}))
-            .send()
-            .await
-            .map_err(|e| format!("login through {target}: {e}"))?;
-        let cookie = login
-            .headers()
-            .get("set-cookie")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .ok_or_else(|| format!("login answered {} without a cookie", login.status()))?
-            .to_string();
         let item = format!("login-{n}");
-        let added = client
-            .post(format!("http://{target}/cart/items"))
-            .header("cookie", &cookie)
-            .json(&json!({"item": item, "qty": 1}))
-            .send()
-            .await
-            .map_err(|e| format!("first cart write: {e}"))?;
-        if !added.status().is_success() {
-            return Err(format!("first cart write answered {}", added.status()));
-        }
+        let user = format!("drill-{tag}-{n}");
+        let cookie = crate::demo_user::log_in_with_item(&client, target, &user, &item).await?;
         users.push(User {
             cookie,
             acknowledged: Mutex::new(vec![item]),

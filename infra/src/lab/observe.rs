@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{ADMIN_PORT, GATEWAYS, Lab};
 use crate::probe::{self, FaultSummary, ProbeSpec};
@@ -82,31 +82,9 @@ impl Lab {
                 let client = client();
                 let mut cookies = Vec::new();
                 for n in 0..count {
-                    let login = client
-                        .post(format!("http://{target}/login"))
-                        .json(&json!({"user": format!("user-{n}")}))
-                        .send()
-                        .await
-                        .map_err(|e| format!("login: {e}"))?;
-                    let cookie = login
-                        .headers()
-                        .get("set-cookie")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.split(';').next())
-                        .ok_or_else(|| {
-                            format!("login answered {} without a cookie", login.status())
-                        })?
-                        .to_string();
-                    let added = client
-                        .post(format!("http://{target}/cart/items"))
-                        .header("cookie", &cookie)
-                        .json(&json!({"item": format!("item-{n}"), "qty": 1}))
-                        .send()
-                        .await
-                        .map_err(|e| format!("add to cart: {e}"))?;
-                    if !added.status().is_success() {
-                        return Err(format!("add to cart answered {}", added.status()));
-                    }
+                    let (user, item) = (format!("user-{n}"), format!("item-{n}"));
+                    let cookie =
+                        crate::demo_user::log_in_with_item(&client, target, &user, &item).await?;
                     cookies.push(cookie);
                 }
                 Ok(cookies)
