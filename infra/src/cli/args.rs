@@ -429,6 +429,10 @@ pub struct ScaleArgs {
     /// Longest wait for new workers to be healthy in the gateway.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub timeout: Duration,
+    /// With --inventory: add or remove workers on this machine only (default: spread over the
+    /// image's machines).
+    #[arg(long, value_name = "MACHINE", requires = "inventory")]
+    pub on: Option<String>,
     /// Where the cluster's state lives.
     #[command(flatten)]
     pub state: StateDirArgs,

@@ -1,11 +1,12 @@
-//! `herd up|down|status --inventory FILE`: the thin layer between the command line and
-//! [`crate::deploy`]. The file is read and checked first: a bad inventory is refused before
+//! `herd up|down|status|scale|rollout --inventory FILE`: the thin layer between the command
+//! line and [`crate::deploy`]. The file is read and checked first: a bad inventory is refused before
 //! anything starts, with exit 2 and one line naming the entry and the problem.
 
 use std::path::{Path, PathBuf};
 
 use super::{
-    CliError, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, StateDirArgs, StatusArgs, UpArgs, token,
+    CliError, EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, RolloutArgs, ScaleArgs, StateDirArgs,
+    StatusArgs, UpArgs, token,
 };
 use crate::deploy::{self, Options};
 use crate::inventory::{self, Inventory};
@@ -115,6 +116,93 @@ pub(crate) fn status(args: &StatusArgs) -> Result<u8, CliError> {
     } else {
         EXIT_FAILED
     })
+}
+
+/// The image a `scale` or `rollout` is about: the one named, or the inventory's only one.
+fn image(inventory: &Inventory, named: Option<&str>) -> Result<String, CliError> {
+    let all: Vec<&str> = inventory.images.iter().map(|i| i.name.as_str()).collect();
+    match (named, all.as_slice()) {
+        (Some(name), _) if all.contains(&name) => Ok(name.to_string()),
+        (None, [only]) => Ok(only.to_string()),
+        (Some(name), _) => Err(CliError::Usage(format!(
+            "no image {name:?} in inventory {} (it has: {})",
+            inventory.name,
+            all.join(", ")
+        ))),
+        (None, _) => Err(CliError::Usage(format!(
+            "inventory {} has several images ({}): name the one to change",
+            inventory.name,
+            all.join(", ")
+        ))),
+    }
+}
+
+/// `herd scale [IMAGE] N --inventory FILE [--on MACHINE]`.
+pub(crate) fn scale(args: &ScaleArgs) -> Result<u8, CliError> {
+    let (inventory, state_root) = load(&args.state)?;
+    let (_, wanted) = args.image_and_count()?;
+    let named = (args.target.len() == 2).then(|| args.target[0].as_str());
+    let image = image(&inventory, named)?;
+    if let Some(on) = &args.on
+        && inventory.machine(on).is_none()
+    {
+        return Err(CliError::Usage(format!(
+            "--on {on}: no such machine in inventory {}",
+            inventory.name
+        )));
+    }
+    let options = Options {
+        state_root,
+        token: String::new(),
+    };
+    deploy::scale::scale(
+        &inventory,
+        &options,
+        &image,
+        wanted as usize,
+        args.on.as_deref(),
+        args.timeout,
+        &mut |line| super::say(line),
+    )?;
+    Ok(EXIT_OK)
+}
+
+/// `herd rollout [IMAGE] --inventory FILE [--binary B] [--env K=V] [--batch N]`.
+pub(crate) fn rollout(args: &RolloutArgs) -> Result<u8, CliError> {
+    let (inventory, state_root) = load(&args.state)?;
+    let env = args.env_pairs()?;
+    let image = image(&inventory, args.image.as_deref())?;
+    let binary = match &args.binary {
+        Some(path) => {
+            let path = std::path::absolute(path).map_err(|source| CliError::Os {
+                what: "resolve --binary",
+                source,
+            })?;
+            if !path.is_file() {
+                return Err(CliError::Usage(format!(
+                    "--binary {}: no such file",
+                    path.display()
+                )));
+            }
+            Some(path)
+        }
+        None => None,
+    };
+    let options = Options {
+        state_root,
+        token: String::new(),
+    };
+    deploy::scale::rollout(
+        &inventory,
+        &options,
+        &image,
+        binary.as_deref(),
+        &env,
+        args.batch as usize,
+        args.timeout,
+        &mut |line| super::say(line),
+    )?;
+    Ok(EXIT_OK)
 }
 
 #[cfg(test)]

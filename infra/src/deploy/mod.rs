@@ -13,6 +13,7 @@
 //! from it ([`crate::inventory::plan`]).
 
 pub mod admin;
+pub mod scale;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -74,6 +75,10 @@ pub enum DeployError {
         /// The end of its log.
         tail: String,
     },
+    /// `herd scale` or `herd rollout` could not make the change (what was started for it is
+    /// stopped again).
+    #[error("{0}")]
+    Change(String),
     /// The cluster did not become ready in time.
     #[error("the cluster was not ready after {waited:?}: {last}")]
     NotReady {
@@ -265,6 +270,7 @@ pub fn up(
             machine.supervisor()
         ));
         prepare(machine)?;
+        scale::forget(machine);
     }
     let mut programs: BTreeMap<(String, String), String> = BTreeMap::new();
     for unit in &units {
@@ -664,8 +670,9 @@ pub fn down(
     options: &Options,
     say: &mut dyn FnMut(String),
 ) -> Result<DownReport, DeployError> {
-    let units = plan(inventory, "");
     let machines = connect(inventory, options);
+    // Workers `herd scale` / `herd rollout` added are in the machines' records.
+    let units = scale::units(inventory, "", &machines);
     for entry in &inventory.machines {
         if machines.get(&entry.name).is_some_and(|m| !m.reachable()) {
             say(format!(
@@ -675,6 +682,11 @@ pub fn down(
         }
     }
     stop_units(&machines, &units, say);
+    for entry in &inventory.machines {
+        if let Some(machine) = machines.get(&entry.name) {
+            scale::forget(machine);
+        }
+    }
     let tag = netns_tag(inventory);
     let hosts: Vec<&str> = inventory
         .machines

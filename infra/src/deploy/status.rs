@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::admin::{self, SeenGateway, SeenWorker};
 use super::{Options, connect, launch};
-use crate::inventory::{Inventory, Kind, plan};
+use crate::inventory::{Inventory, Kind};
 
 /// One machine.
 #[derive(Debug, Clone, Serialize)]
@@ -153,8 +153,9 @@ impl Status {
 
 /// Collects the status of `inventory`.
 pub fn collect(inventory: &Inventory, options: &Options) -> Status {
-    let units = plan(inventory, "");
     let machines = connect(inventory, options);
+    // With the workers `herd scale` / `herd rollout` recorded on the machines.
+    let units = super::scale::units(inventory, "", &machines);
     let mut reachable = std::collections::BTreeMap::new();
     let machine_status = inventory
         .machines

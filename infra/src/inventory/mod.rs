@@ -12,7 +12,7 @@ mod plan;
 mod validate;
 
 pub use plan::{Kind, Unit, placement, plan};
-pub use validate::validate;
+pub use validate::{listeners, validate};
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
