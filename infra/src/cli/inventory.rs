@@ -95,27 +95,66 @@ pub(crate) fn down(args: &StateDirArgs) -> Result<u8, CliError> {
     Ok(EXIT_OK)
 }
 
-/// `herd status --inventory FILE [--json]`: exit 0 all healthy, 1 something down, 3 nothing
-/// runs.
+/// `herd status --inventory FILE [--json | --watch]`: exit 0 all healthy, 1 something down, 3
+/// nothing runs. `--watch` redraws the table every 2 s (like the local `status --watch`) until
+/// Ctrl-C, or until nothing of the cluster runs any more.
 pub(crate) fn status(args: &StatusArgs) -> Result<u8, CliError> {
     let (inventory, state_root) = load(&args.state)?;
     let options = Options {
         state_root,
         token: String::new(),
     };
-    let status = deploy::status::collect(&inventory, &options);
-    if args.json {
-        super::say(serde_json::to_string_pretty(&status).expect("a Status always serializes"));
-    } else {
-        super::say(status.table());
+    if !args.watch {
+        let status = deploy::status::collect(&inventory, &options);
+        if args.json {
+            super::say(serde_json::to_string_pretty(&status).expect("a Status always serializes"));
+        } else {
+            super::say(status.table());
+        }
+        return Ok(exit_code(&status));
     }
-    Ok(if status.nothing_runs() {
+    super::runtime()?.block_on(async {
+        let mut stop = super::signals::StopSignal::install()?;
+        let shared = std::sync::Arc::new((inventory, options));
+        loop {
+            let task = shared.clone();
+            let status =
+                tokio::task::spawn_blocking(move || deploy::status::collect(&task.0, &task.1))
+                    .await
+                    .map_err(|error| CliError::Os {
+                        what: "collect the status",
+                        source: std::io::Error::other(error),
+                    })?;
+            // Clear the screen and go home, like `watch`.
+            super::say(format!(
+                "\x1b[2J\x1b[H{}  (every {}s, Ctrl-C to stop)\n{}",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+                WATCH_EVERY.as_secs(),
+                status.table()
+            ));
+            let code = exit_code(&status);
+            if code == EXIT_NOT_RUNNING {
+                return Ok(code);
+            }
+            tokio::select! {
+                _ = stop.wait() => return Ok(code),
+                _ = tokio::time::sleep(WATCH_EVERY) => {}
+            }
+        }
+    })
+}
+
+/// How often `status --inventory --watch` redraws.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn exit_code(status: &deploy::status::Status) -> u8 {
+    if status.nothing_runs() {
         EXIT_NOT_RUNNING
     } else if status.healthy() {
         EXIT_OK
     } else {
         EXIT_FAILED
-    })
+    }
 }
 
 /// The image a `scale` or `rollout` is about: the one named, or the inventory's only one.

@@ -8,11 +8,13 @@
 //! of the cluster; `down` removes the records (the next `up` starts from the inventory again).
 //! A machine without a record for an image runs what the plan says.
 //!
-//! A worker slot `n` on machine `m` is worker `{image}-{m}-{n}` listening on
-//! `image.port + n - 1`; a new worker takes the smallest free slot, so a machine's ports stay
-//! in `image.port ..` the most workers it ever ran at once, checked against every other
-//! listener with the inventory's port rule ([`crate::inventory::listeners`]) and against the
-//! machine's `max_workers` before anything starts.
+//! A worker is `{image}-{machine}-{n}` on a port of its own. A new worker takes the next
+//! number on its machine (one past the highest there: a replacement never reuses the id of the
+//! worker it replaces, which the gateway's per-worker counters would mix up) and the smallest
+//! free port from `image.port` up, so a machine's ports stay in `image.port ..` the most workers
+//! it ever ran at once; both are checked against every other listener with the inventory's port
+//! rule ([`crate::inventory::listeners`]) and against the machine's `max_workers` before
+//! anything starts.
 //!
 //! Scale up: new workers go to the image's machine with the fewest of its workers (or the one
 //! `--on` names), are started under the machine's supervisor, and the command returns once the
@@ -42,8 +44,10 @@ const POLL: Duration = Duration::from_millis(100);
 /// One worker herd runs on a machine.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Slot {
-    /// Its slot: id `{image}-{machine}-{n}`, port `image.port + n - 1`.
+    /// Its number: id `{image}-{machine}-{n}`.
     pub n: u16,
+    /// Its port (the plan's workers: `image.port + n - 1`).
+    pub port: u16,
     /// The executable a rollout gave it (a path on this box); none: the image's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binary: Option<String>,
@@ -83,9 +87,9 @@ pub fn units(inventory: &Inventory, token: &str, machines: &Machines) -> Vec<Uni
 fn units_with(inventory: &Inventory, token: &str, records: &BTreeMap<String, Record>) -> Vec<Unit> {
     let recorded = |unit: &Unit| {
         unit.kind == Kind::Worker
-            && records.get(&unit.machine).is_some_and(|record| {
-                record.contains_key(unit.entry.trim_start_matches("images."))
-            })
+            && records
+                .get(&unit.machine)
+                .is_some_and(|record| record.contains_key(unit.entry.trim_start_matches("images.")))
     };
     let mut units: Vec<Unit> = plan(inventory, token)
         .into_iter()
@@ -101,7 +105,11 @@ fn units_with(inventory: &Inventory, token: &str, records: &BTreeMap<String, Rec
             let Some(image) = inventory.images.iter().find(|i| &i.name == name) else {
                 continue;
             };
-            added.extend(slots.iter().map(|slot| slot_unit(inventory, image, machine, slot)));
+            added.extend(
+                slots
+                    .iter()
+                    .map(|slot| slot_unit(inventory, image, machine, slot)),
+            );
         }
     }
     units.splice(at..at, added);
@@ -125,10 +133,13 @@ fn slot_unit(inventory: &Inventory, image: &Image, machine: &str, slot: &Slot) -
         .find(|u| u.kind == Kind::Worker)
         .expect("one worker planned");
     let id = format!("{}-{machine}-{}", image.name, slot.n);
-    unit.listen
-        .set_port(image.port.saturating_add(slot.n.saturating_sub(1)));
+    unit.listen.set_port(slot.port);
     set(&mut unit.env, "HERD_WORKER_ID", &id);
-    set(&mut unit.env, "HERD_WORKER_LISTEN", &unit.listen.to_string());
+    set(
+        &mut unit.env,
+        "HERD_WORKER_LISTEN",
+        &unit.listen.to_string(),
+    );
     for (key, value) in &slot.env {
         set(&mut unit.env, key, value);
     }
@@ -162,6 +173,9 @@ struct Change<'a> {
     machines: Machines,
     /// The records, as written so far.
     records: BTreeMap<String, Record>,
+    /// Machines whose directory this change has made sure of (`up` prepares only the
+    /// machines its plan uses; `--on` or a spread may pick another).
+    prepared: BTreeSet<String>,
     timeout: Duration,
     say: &'a mut dyn FnMut(String),
 }
@@ -201,6 +215,7 @@ impl<'a> Change<'a> {
             image,
             machines,
             records,
+            prepared: BTreeSet::new(),
             timeout,
             say,
         })
@@ -228,6 +243,7 @@ impl<'a> Change<'a> {
                     None => (1..=planned.get(machine).copied().unwrap_or(0))
                         .map(|n| Slot {
                             n,
+                            port: self.image.port.saturating_add(n - 1),
                             ..Slot::default()
                         })
                         .collect(),
@@ -247,6 +263,9 @@ impl<'a> Change<'a> {
         let mut record = self.records.get(machine).cloned().unwrap_or_default();
         record.insert(self.image.name.clone(), slots);
         let target = self.machines.get(machine).expect("checked in new");
+        if self.prepared.insert(machine.to_string()) {
+            super::prepare(target)?;
+        }
         let path = format!("{}/{RECORD}", target.dir());
         let text = serde_json::to_string(&record).expect("a record serializes");
         // Written aside and renamed: a reader never sees half a record.
@@ -268,8 +287,8 @@ impl<'a> Change<'a> {
             .unwrap_or_default()
     }
 
-    /// A new slot on `machine` like `like` (executable, environment): the smallest free
-    /// number, checked against `max_workers` and every listener on the machine.
+    /// A new slot on `machine` like `like` (executable, environment): the next number and the
+    /// smallest free port, checked against `max_workers` and every listener on the machine.
     fn new_slot(&self, machine: &str, like: &Slot) -> Result<Slot, DeployError> {
         let entry = self.inventory.machine(machine).expect("validated");
         let units = self.units();
@@ -282,18 +301,25 @@ impl<'a> Change<'a> {
                 "machine {machine} runs {here} workers, its max_workers"
             )));
         }
-        let taken: BTreeSet<u16> = self.slots_on(machine).iter().map(|s| s.n).collect();
-        let n = (1..=u16::MAX)
-            .find(|n| !taken.contains(n))
-            .expect("fewer than 65535 slots");
-        if u32::from(self.image.port) + u32::from(n) - 1 > 65_535 {
+        let slots = self.slots_on(machine);
+        let n = slots
+            .iter()
+            .map(|s| s.n)
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1);
+        let taken: BTreeSet<u16> = slots.iter().map(|s| s.port).collect();
+        let Some(port) = (self.image.port..=u16::MAX).find(|p| !taken.contains(p)) else {
             return Err(DeployError::Change(format!(
-                "images.{}: worker {n} on {machine} would need port {}, above 65535",
-                self.image.name,
-                u32::from(self.image.port) + u32::from(n) - 1
+                "images.{}: no port left from {} up on {machine}",
+                self.image.name, self.image.port
             )));
-        }
-        let slot = Slot { n, ..like.clone() };
+        };
+        let slot = Slot {
+            n,
+            port,
+            ..like.clone()
+        };
         let mut all = units;
         all.push(slot_unit(self.inventory, self.image, machine, &slot));
         inventory::listeners(self.inventory, &all)
@@ -386,7 +412,11 @@ impl<'a> Change<'a> {
                         if missing.is_empty() {
                             return Ok(began.elapsed());
                         }
-                        last = format!("gateway on {} says: {}", gateway.machine, missing.join(", "));
+                        last = format!(
+                            "gateway on {} says: {}",
+                            gateway.machine,
+                            missing.join(", ")
+                        );
                     }
                     Err(error) => last = error,
                 }
@@ -528,7 +558,10 @@ pub fn scale(
         Some(machine) => {
             // Any machine with room may take workers; its listeners are checked as they are
             // added.
-            if !inventory.machine(machine).is_some_and(|m| m.max_workers > 0) {
+            if !inventory
+                .machine(machine)
+                .is_some_and(|m| m.max_workers > 0)
+            {
                 return Err(DeployError::Change(format!(
                     "--on {machine}: no machine of that name takes workers (machines: {})",
                     names(
@@ -553,7 +586,7 @@ pub fn scale(
             .flat_map(|(_, s)| s.last())
             .last()
             .cloned()
-            .map(|s| Slot { n: 0, ..s })
+            .map(|s| Slot { n: 0, port: 0, ..s })
             .unwrap_or_default();
         let mut placed: Vec<String> = Vec::new();
         let mut counts: BTreeMap<String, usize> = change
@@ -571,7 +604,9 @@ pub fn scale(
                         .filter(|u| u.kind == Kind::Worker && &u.machine == m)
                         .count()
                         + placed.iter().filter(|p| *p == m).count();
-                    let max = inventory.machine(m).map_or(0, |e| usize::from(e.max_workers));
+                    let max = inventory
+                        .machine(m)
+                        .map_or(0, |e| usize::from(e.max_workers));
                     (m.as_str(), counts.get(m).copied().unwrap_or(0), here < max)
                 })
                 .collect();
@@ -586,9 +621,11 @@ pub fn scale(
             *counts.entry(machine.clone()).or_default() += 1;
             placed.push(machine);
         }
-        change
-            .add(&placed, &like)
-            .map_err(|why| DeployError::Change(format!("new workers of {image} did not come up, stopped them again: {why}")))?;
+        change.add(&placed, &like).map_err(|why| {
+            DeployError::Change(format!(
+                "new workers of {image} did not come up, stopped them again: {why}"
+            ))
+        })?;
     } else if wanted < current {
         let candidates: Vec<&str> = candidates.iter().map(String::as_str).collect();
         let mut gone: Vec<(String, Slot)> = Vec::new();
@@ -617,10 +654,7 @@ pub fn scale(
         .filter(|(_, s)| !s.is_empty())
         .map(|(m, s)| format!("{m} {}", s.len()))
         .collect();
-    (change.say)(format!(
-        "{image}: {wanted} workers ({})",
-        now.join(", ")
-    ));
+    (change.say)(format!("{image}: {wanted} workers ({})", now.join(", ")));
     Ok(())
 }
 
@@ -666,9 +700,9 @@ pub fn rollout(
                 done.extend(group.iter().cloned().zip(new));
             }
             Err(why) => {
-                (change.say)(format!("batch {} failed: {why}; rolling back", index + 1));
+                (change.say)(format!("batch {} failed, rolling back: {why}", index + 1));
                 for (old, new) in done.iter().rev() {
-                    let back = |_: &Slot| Slot { n: 0, ..old.1.clone() };
+                    let back = |_: &Slot| old.1.clone();
                     match replace(&mut change, std::slice::from_ref(new), &back) {
                         Ok(_) => (change.say)(format!(
                             "rolled back {} to the old command",
@@ -703,7 +737,11 @@ fn replace(
     for (machine, slot) in group {
         match change.add(std::slice::from_ref(machine), &renew(slot)) {
             Ok(_) => {
-                let newest = change.slots_on(machine).last().cloned().expect("just added");
+                let newest = change
+                    .slots_on(machine)
+                    .last()
+                    .cloned()
+                    .expect("just added");
                 new.push((machine.clone(), newest));
             }
             Err(why) => {
@@ -769,6 +807,7 @@ machines = ["c"]
         let inv = inventory();
         let slot = |n: u16| Slot {
             n,
+            port: 9001,
             ..Slot::default()
         };
         let mut record = Record::new();
@@ -778,6 +817,7 @@ machines = ["c"]
                 slot(2),
                 Slot {
                     n: 3,
+                    port: 9000,
                     binary: Some("/new/worker".into()),
                     env: [("K".to_string(), "v".to_string())].into(),
                 },
@@ -793,7 +833,7 @@ machines = ["c"]
             workers,
             [
                 ("worker-x-c-2", "10.9.0.3:9001".to_string()),
-                ("worker-x-c-3", "10.9.0.3:9002".to_string())
+                ("worker-x-c-3", "10.9.0.3:9000".to_string())
             ]
         );
         let third = units.iter().find(|u| u.name == "worker-x-c-3").unwrap();
@@ -806,7 +846,7 @@ machines = ["c"]
                 .map(|(_, v)| v.clone())
         };
         assert_eq!(env("HERD_WORKER_ID").as_deref(), Some("x-c-3"));
-        assert_eq!(env("HERD_WORKER_LISTEN").as_deref(), Some("10.9.0.3:9002"));
+        assert_eq!(env("HERD_WORKER_LISTEN").as_deref(), Some("10.9.0.3:9000"));
         assert_eq!(env("K").as_deref(), Some("v"));
         assert!(env("HERD_WORKER_REDIS__URL").is_some());
         // Gateways still come last, after every worker.
@@ -817,11 +857,15 @@ machines = ["c"]
 
     #[test]
     fn growth_goes_to_the_fewest_and_removal_takes_the_newest_of_the_most() {
-        assert_eq!(fewest(&[("a", 2, true), ("b", 1, true), ("c", 1, true)]), Some("b"));
+        assert_eq!(
+            fewest(&[("a", 2, true), ("b", 1, true), ("c", 1, true)]),
+            Some("b")
+        );
         assert_eq!(fewest(&[("a", 2, true), ("b", 1, false)]), Some("a"));
         assert_eq!(fewest(&[("a", 2, false)]), None);
         let slot = |n: u16| Slot {
             n,
+            port: n,
             ..Slot::default()
         };
         let slots = vec![
