@@ -267,6 +267,20 @@ impl GatewayView {
         Ok((name, self.get(admin, "/api/workers").await?))
     }
 
+    /// Each worker's (p50, p99) latency in ms by id, from the active gateway's dashboard
+    /// document (`GET /api/dashboard`). The gateway computes them against its oldest reading of
+    /// the last 5 s: after a quiet while, ask once, wait, and ask again.
+    pub(crate) async fn latencies(
+        &self,
+    ) -> Result<BTreeMap<String, (Option<f64>, Option<f64>)>, String> {
+        let (_, admin) = self
+            .active()
+            .await
+            .ok_or_else(|| "no gateway answers its admin API".to_string())?;
+        let document: serde_json::Value = self.get(admin, "/api/dashboard").await?;
+        Ok(crate::deploy::admin::worker_latencies(&document))
+    }
+
     /// Waits until the active gateway sends traffic to every worker in `ids`, with a progress
     /// bar; errors naming the ones that did not make it by `timeout`. `gone` says whether a
     /// worker's process has died (then there is no point waiting).
