@@ -201,6 +201,8 @@ fn scale_and_rollout_over_a_netns_inventory_under_load_fail_no_request() {
     };
     let client = format!("{prefix}client");
 
+    let early = run(&["scale", "3"]);
+    assert_eq!(early.status.code(), Some(3), "no cluster yet: exit 3");
     let up = run(&["up"]);
     cleanup.remember();
     assert!(up.status.success(), "herd up failed");

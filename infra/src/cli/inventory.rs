@@ -176,6 +176,26 @@ fn image(inventory: &Inventory, named: Option<&str>) -> Result<String, CliError>
     }
 }
 
+/// Refuses a `scale` or `rollout` of an inventory whose netns machines have no namespace (it
+/// is not up): exit 3, as the local commands without a cluster.
+fn require_up(inventory: &Inventory, state: &StateDirArgs) -> Result<(), CliError> {
+    let missing = inventory
+        .machines
+        .iter()
+        .filter(|m| m.transport == inventory::Transport::Netns)
+        .map(|m| deploy::netns_name(inventory, &m.name))
+        .find(|ns| !crate::netns::exists(ns));
+    match missing {
+        Some(ns) => Err(CliError::NotRunning(format!(
+            "inventory {} is not up (no network namespace {ns}); start it with `{} up {}`",
+            inventory.name,
+            super::up::herd_command(),
+            file_flag(state)
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// `herd scale [IMAGE] N --inventory FILE [--on MACHINE]`.
 pub(crate) fn scale(args: &ScaleArgs) -> Result<u8, CliError> {
     let (inventory, state_root) = load(&args.state)?;
@@ -190,6 +210,7 @@ pub(crate) fn scale(args: &ScaleArgs) -> Result<u8, CliError> {
             inventory.name
         )));
     }
+    require_up(&inventory, &args.state)?;
     let options = Options {
         state_root,
         token: String::new(),
@@ -227,6 +248,7 @@ pub(crate) fn rollout(args: &RolloutArgs) -> Result<u8, CliError> {
         }
         None => None,
     };
+    require_up(&inventory, &args.state)?;
     let options = Options {
         state_root,
         token: String::new(),
@@ -235,9 +257,11 @@ pub(crate) fn rollout(args: &RolloutArgs) -> Result<u8, CliError> {
         &inventory,
         &options,
         &image,
-        binary.as_deref(),
-        &env,
-        args.batch as usize,
+        deploy::scale::Upgrade {
+            binary: binary.as_deref(),
+            env: &env,
+            batch: args.batch as usize,
+        },
         args.timeout,
         &mut |line| super::say(line),
     )?;
@@ -257,6 +281,22 @@ mod tests {
             Command::Up(up) => up,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn scale_and_rollout_name_an_image_or_take_the_only_one() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/netns-6.toml");
+        let mut inv = inventory::load(&file).unwrap();
+        assert_eq!(image(&inv, None).unwrap(), "demo");
+        assert_eq!(image(&inv, Some("demo")).unwrap(), "demo");
+        let error = image(&inv, Some("api")).unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+        assert!(error.to_string().contains("(it has: demo)"), "{error}");
+        let mut second = inv.images[0].clone();
+        second.name = "api".into();
+        inv.images.push(second);
+        let error = image(&inv, None).unwrap_err().to_string();
+        assert!(error.contains("several images (demo, api)"), "{error}");
     }
 
     #[test]

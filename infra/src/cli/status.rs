@@ -168,8 +168,8 @@ async fn report(state: &State) -> Result<Report, CliError> {
             let mut rows = rates(&before, after, RATE_WINDOW);
             if let Ok(latencies) = view.latencies().await {
                 for row in &mut rows {
-                    if let Some((p50, p99)) = latencies.get(&row.worker.id) {
-                        (row.p50_ms, row.p99_ms) = (*p50, *p99);
+                    if let Some(latency) = latencies.get(&row.worker.id) {
+                        (row.p50_ms, row.p99_ms) = (latency.p50_ms, latency.p99_ms);
                     }
                 }
             }

@@ -267,12 +267,12 @@ impl GatewayView {
         Ok((name, self.get(admin, "/api/workers").await?))
     }
 
-    /// Each worker's (p50, p99) latency in ms by id, from the active gateway's dashboard
+    /// Each worker's latency quantiles by id, from the active gateway's dashboard
     /// document (`GET /api/dashboard`). The gateway computes them against its oldest reading of
     /// the last 5 s: after a quiet while, ask once, wait, and ask again.
     pub(crate) async fn latencies(
         &self,
-    ) -> Result<BTreeMap<String, (Option<f64>, Option<f64>)>, String> {
+    ) -> Result<BTreeMap<String, crate::deploy::admin::Latency>, String> {
         let (_, admin) = self
             .active()
             .await

@@ -83,24 +83,31 @@ pub fn workers(machine: &dyn Machine, gateway: &Unit) -> Result<Vec<SeenWorker>,
     serde_json::from_str(&body).map_err(|error| format!("/api/workers: {error}"))
 }
 
-/// Each worker's (p50, p99) latency in ms by id, from the gateway's dashboard document
+/// A worker's latency quantiles in ms (none: no request in the gateway's window).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Latency {
+    /// Median.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile.
+    pub p99_ms: Option<f64>,
+}
+
+/// Each worker's latency quantiles by id, from the gateway's dashboard document
 /// (`GET /api/dashboard`, admin token). The gateway computes them from the difference to its
 /// oldest reading of the last 5 s, so the first ask after a quiet while has none: ask once,
 /// wait a few hundred ms, ask again.
 pub fn latencies(
     machine: &dyn Machine,
     gateway: &Unit,
-) -> Result<BTreeMap<String, (Option<f64>, Option<f64>)>, String> {
+) -> Result<BTreeMap<String, Latency>, String> {
     let body = get(machine, gateway, "/api/dashboard")?;
     let document: serde_json::Value =
         serde_json::from_str(&body).map_err(|error| format!("/api/dashboard: {error}"))?;
     Ok(worker_latencies(&document))
 }
 
-/// The (p50, p99) of every worker in a dashboard document (`machines[].workers[]`).
-pub fn worker_latencies(
-    document: &serde_json::Value,
-) -> BTreeMap<String, (Option<f64>, Option<f64>)> {
+/// The latency quantiles of every worker in a dashboard document (`machines[].workers[]`).
+pub fn worker_latencies(document: &serde_json::Value) -> BTreeMap<String, Latency> {
     document["machines"]
         .as_array()
         .into_iter()
@@ -109,7 +116,10 @@ pub fn worker_latencies(
         .filter_map(|worker| {
             Some((
                 worker["id"].as_str()?.to_string(),
-                (worker["p50_ms"].as_f64(), worker["p99_ms"].as_f64()),
+                Latency {
+                    p50_ms: worker["p50_ms"].as_f64(),
+                    p99_ms: worker["p99_ms"].as_f64(),
+                },
             ))
         })
         .collect()
@@ -170,8 +180,14 @@ mod tests {
         ]});
         let seen = worker_latencies(&document);
         assert_eq!(seen.len(), 2);
-        assert_eq!(seen["a"], (Some(1.5), Some(9.25)));
-        assert_eq!(seen["b"], (None, None));
+        assert_eq!(
+            seen["a"],
+            Latency {
+                p50_ms: Some(1.5),
+                p99_ms: Some(9.25)
+            }
+        );
+        assert_eq!(seen["b"], Latency::default());
         assert!(worker_latencies(&serde_json::json!({})).is_empty());
     }
 }

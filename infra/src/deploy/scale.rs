@@ -558,9 +558,9 @@ pub fn scale(
         Some(machine) => {
             // Any machine with room may take workers; its listeners are checked as they are
             // added.
-            if !inventory
+            if inventory
                 .machine(machine)
-                .is_some_and(|m| m.max_workers > 0)
+                .is_none_or(|m| m.max_workers == 0)
             {
                 return Err(DeployError::Change(format!(
                     "--on {machine}: no machine of that name takes workers (machines: {})",
@@ -658,20 +658,30 @@ pub fn scale(
     Ok(())
 }
 
+/// What a rollout changes.
+#[derive(Debug, Clone, Copy)]
+pub struct Upgrade<'a> {
+    /// The new worker executable (a file on this box); none: the current one.
+    pub binary: Option<&'a Path>,
+    /// Environment put on top of the current one.
+    pub env: &'a [(String, String)],
+    /// Workers replaced at a time (at least 1).
+    pub batch: usize,
+}
+
 /// `herd rollout IMAGE --inventory FILE [--binary B] [--env K=V]`: replaces every worker of
-/// `image`, `batch` at a time, by one running `binary` and/or with `env` on top, on the same
-/// machine. A batch whose new workers don't take traffic in `timeout` is stopped, and the
-/// batches already done are rolled back.
+/// `image`, `upgrade.batch` at a time, by one running the new executable and/or environment,
+/// on the same machine. A batch whose new workers don't take traffic in `timeout` is stopped,
+/// and the batches already done are rolled back.
 pub fn rollout(
     inventory: &Inventory,
     options: &Options,
     image: &str,
-    binary: Option<&Path>,
-    env: &[(String, String)],
-    batch: usize,
+    upgrade: Upgrade<'_>,
     timeout: Duration,
     say: &mut dyn FnMut(String),
 ) -> Result<(), DeployError> {
+    let Upgrade { binary, env, batch } = upgrade;
     let mut change = Change::new(inventory, options, image, timeout, say)?;
     let old: Vec<(String, Slot)> = change
         .slots()

@@ -226,8 +226,8 @@ pub fn collect(inventory: &Inventory, options: &Options) -> Status {
         std::thread::sleep(LATENCY_WINDOW.saturating_sub(began.elapsed()));
         if let Ok(latencies) = admin::latencies(machine, gateway) {
             for worker in &mut workers {
-                if let Some((p50, p99)) = latencies.get(&worker.id) {
-                    (worker.p50_ms, worker.p99_ms) = (*p50, *p99);
+                if let Some(latency) = latencies.get(&worker.id) {
+                    (worker.p50_ms, worker.p99_ms) = (latency.p50_ms, latency.p99_ms);
                 }
             }
         }
