@@ -196,6 +196,28 @@ fn require_up(inventory: &Inventory, state: &StateDirArgs) -> Result<(), CliErro
     }
 }
 
+/// Holds `{state_root}/change.lock` (`flock`) while a `scale` or `rollout` runs, so two from
+/// this box don't both write the machines' records; a second one is refused at once.
+fn lock_changes(state_root: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, CliError> {
+    let os = |source| CliError::Os {
+        what: "lock the inventory for a change",
+        source,
+    };
+    std::fs::create_dir_all(state_root).map_err(os)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state_root.join("change.lock"))
+        .map_err(os)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        CliError::Change(format!(
+            "another `herd scale` or `herd rollout` of this inventory runs (it holds {})",
+            state_root.join("change.lock").display()
+        ))
+    })
+}
+
 /// `herd scale [IMAGE] N --inventory FILE [--on MACHINE]`.
 pub(crate) fn scale(args: &ScaleArgs) -> Result<u8, CliError> {
     let (inventory, state_root) = load(&args.state)?;
@@ -211,6 +233,7 @@ pub(crate) fn scale(args: &ScaleArgs) -> Result<u8, CliError> {
         )));
     }
     require_up(&inventory, &args.state)?;
+    let _lock = lock_changes(&state_root)?;
     let options = Options {
         state_root,
         token: String::new(),
@@ -249,6 +272,7 @@ pub(crate) fn rollout(args: &RolloutArgs) -> Result<u8, CliError> {
         None => None,
     };
     require_up(&inventory, &args.state)?;
+    let _lock = lock_changes(&state_root)?;
     let options = Options {
         state_root,
         token: String::new(),
@@ -281,6 +305,20 @@ mod tests {
             Command::Up(up) => up,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn one_change_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("inventory-x");
+        let held = lock_changes(&root).unwrap();
+        let error = lock_changes(&root).unwrap_err();
+        assert!(
+            error.to_string().contains("another `herd scale`"),
+            "{error}"
+        );
+        drop(held);
+        lock_changes(&root).unwrap();
     }
 
     #[test]
