@@ -2,9 +2,12 @@
 //! active gateway's view of them ([`GatewayView`]), which decides when a new worker counts as
 //! taking traffic.
 //!
-//! [`Placement`] is deliberately small (start one worker, drain and stop one) so that a
-//! multi-machine inventory (machines reached over netns or ssh) can put its transports behind
-//! it; the local cluster's [`LocalMachine`] runs processes on this machine's loopback.
+//! [`Placement`] is deliberately small (start one worker, drain and stop one); the local
+//! cluster's [`LocalMachine`] runs processes on this machine's loopback. An inventory's machines
+//! have their sibling in [`crate::deploy::scale`]: the same steps (start, wait until the active
+//! gateway sends traffic, drain newest first, roll back a failed batch) over
+//! [`crate::machine::Machine`], with the count recorded on the machines instead of a local state
+//! file.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

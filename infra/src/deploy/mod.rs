@@ -1,4 +1,5 @@
-//! Making an inventory run, and stopping it: `herd up|down --inventory FILE`.
+//! Making an inventory run, and stopping it: `herd up|down --inventory FILE` (here), its status
+//! ([`status`]), and changing its workers while it runs ([`scale`]: `herd scale|rollout`).
 //!
 //! Up: connect to every machine (creating the network namespaces of `netns` machines), put
 //! the files in place (supervisor script, executables and configs for `ssh` machines, one
