@@ -221,7 +221,13 @@ fn lock_changes(state_root: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, C
 /// `herd scale [IMAGE] N --inventory FILE [--on MACHINE]`.
 pub(crate) fn scale(args: &ScaleArgs) -> Result<u8, CliError> {
     let (inventory, state_root) = load(&args.state)?;
-    let (_, wanted) = args.image_and_count()?;
+    // Each machine's max_workers is checked as workers are placed; this only bounds N.
+    let room: u32 = inventory
+        .machines
+        .iter()
+        .map(|m| u32::from(m.max_workers))
+        .sum();
+    let (_, wanted) = args.image_and_count_up_to(room.max(1))?;
     let named = (args.target.len() == 2).then(|| args.target[0].as_str());
     let image = image(&inventory, named)?;
     if let Some(on) = &args.on
