@@ -2,8 +2,8 @@
 //! netns inventory (2 gateway hosts, 3 worker machines, a Redis host, plus a client host the
 //! load comes from, through the floating address):
 //! up (2 workers) → `scale 6` spread over the machines and `scale 3` (newest of the fullest
-//! first) and `scale 4 --on m3`, under load with 0 failed requests → a rollout to a worker
-//! that can't start, rolled back → a rollout (new binary path and env) under load with 0
+//! first) and `scale 4 --on m3`, under load with 0 failed requests → a rollout whose second
+//! batch can't start, the first batch rolled back → a rollout (new binary path and env) under load with 0
 //! failed → `status` shows each worker's p99, `status --watch` refreshes → `down` leaves no
 //! process, namespace or record.
 //!
@@ -258,22 +258,43 @@ fn scale_and_rollout_over_a_netns_inventory_under_load_fail_no_request() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(workers, set(&["m1-1", "m2-1", "m3-1", "m3-2"]));
 
-    // A rollout to workers that exit at once (weight 0 is refused) is rolled back.
-    let broken = run(&[
-        "rollout",
-        "--env",
-        "HERD_WORKER_WEIGHT=0",
-        "--timeout",
-        "10s",
-    ]);
+    // A rollout whose second batch fails: the new "binary" runs the worker except on m2. The
+    // first batch (m1) is put back on the old command, the failing one stopped.
+    let worker = binaries::locate(binaries::WORKER).unwrap();
+    let wrapper = dir.path().join("not-on-m2.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n[ \"$HERD_WORKER_MACHINE\" = m2 ] && {{ echo 'm2 refuses to start' >&2; exit 3; }}\nexec {} \"$@\"\n",
+            worker.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let broken = run(&["rollout", "--binary", wrapper.to_str().unwrap()]);
     assert_eq!(broken.status.code(), Some(1), "a failed rollout exits 1");
-    assert!(String::from_utf8_lossy(&broken.stderr).contains("aborted and rolled back"));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&broken.stdout),
+        String::from_utf8_lossy(&broken.stderr)
+    );
+    assert!(
+        said.contains("m2 refuses to start"),
+        "the worker's log: {said}"
+    );
+    assert!(said.contains("rolled back demo-m1-2"), "{said}");
+    assert!(said.contains("aborted and rolled back"), "{said}");
     let (out, _, workers) = status(&flags);
     assert_eq!(out.status.code(), Some(0), "still healthy");
-    assert_eq!(workers, set(&["m1-1", "m2-1", "m3-1", "m3-2"]));
+    assert_eq!(workers, set(&["m1-3", "m2-1", "m3-1", "m3-2"]));
+    let link = std::fs::read_link(root.join("m1/link/worker-demo-m1-3")).unwrap();
+    assert_eq!(link, worker, "m1 is back on the old executable");
 
     // A rollout under load: a new binary path and an env var, one worker at a time.
-    let worker = binaries::locate(binaries::WORKER).unwrap();
     let copy = dir.path().join("herd-worker-next");
     std::fs::copy(&worker, &copy).unwrap();
     let load = load_from(&client, Duration::from_secs(16));
@@ -296,7 +317,7 @@ fn scale_and_rollout_over_a_netns_inventory_under_load_fail_no_request() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         workers,
-        set(&["m1-2", "m2-2", "m3-3", "m3-4"]),
+        set(&["m1-4", "m2-2", "m3-3", "m3-4"]),
         "replaced on the same machines, with new ids"
     );
     let p99: Vec<f64> = json["workers"]
