@@ -333,6 +333,12 @@ impl<'a> Change<'a> {
         let target = self.machines.get(machine).expect("checked in new");
         let program = self.program(target, &unit)?;
         write_unit(target, &unit, &program, "")?;
+        // An id can come back (scale down, then up): the earlier worker's logs move aside
+        // (`.1`), so the tail printed on a failure is this worker's own.
+        let log = quote(&format!("{}/log/{}", target.dir(), unit.name));
+        target.run(&format!(
+            "for f in {log}.log {log}.out; do [ -f \"$f\" ] && mv -f \"$f\" \"$f.1\"; done; true"
+        ))?;
         target.start(&launch(&unit))?;
         Ok(unit)
     }
