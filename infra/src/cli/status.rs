@@ -139,8 +139,13 @@ fn emit(text: &str) {
 }
 
 async fn report(state: &State) -> Result<Report, CliError> {
-    let processes = check_all(state).await?;
     let view = GatewayView::new(state)?;
+    // Latency quantiles are differences between two readings of the gateway's counters (one
+    // sampled answer in 4): this first ask gives it a reading to compare with (unless someone
+    // asked within its 5 s window), and the checks and the rate window below widen the window
+    // before the second.
+    let _ = view.latencies().await;
+    let processes = check_all(state).await?;
     let gateways = view
         .failover()
         .await
@@ -160,9 +165,6 @@ async fn report(state: &State) -> Result<Report, CliError> {
         .collect();
     let (seen_by, workers, workers_error) = match view.workers().await {
         Ok((name, before)) => {
-            // The first ask gives the gateway a reading to compute quantiles against (unless
-            // someone asked within its 5 s window); the second, after the rate window, has them.
-            let _ = view.latencies().await;
             tokio::time::sleep(RATE_WINDOW).await;
             let after = view.workers().await.map(|(_, w)| w).unwrap_or_default();
             let mut rows = rates(&before, after, RATE_WINDOW);

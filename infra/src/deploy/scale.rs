@@ -585,7 +585,8 @@ pub fn scale(
     };
     let current: usize = change.slots().iter().map(|(_, s)| s.len()).sum();
     if wanted > current {
-        // New workers are like the newest one (after a rollout: its executable and env).
+        // New workers run what the image's workers run now (after a rollout, every one has
+        // its executable and env; the last listed stands for them).
         let like = change
             .slots()
             .iter()
