@@ -3,8 +3,9 @@
 //! Layout:
 //! - [`bench`]: `herd bench proxy` (herd-gateway vs HAProxy vs nginx), `herd bench health` and
 //!   `herd bench soak`.
-//! - [`deploy`]: `herd up|down|status --inventory`: an inventory's processes placed, started
-//!   in order, waited for, stopped in order.
+//! - [`deploy`]: `herd up|down|status|scale|rollout --inventory`: an inventory's processes
+//!   placed, started in order, waited for, stopped in order; workers added, drained and
+//!   replaced on its machines.
 //! - [`drill`]: `herd drill`, failover drills under load with a verdict.
 //! - [`demo_user`]: a drill user's first steps with the demo app (log in, one cart item).
 //! - [`deps`]: make sure outside programs (redis-server, haproxy…) are installed, or say how.

@@ -1,8 +1,9 @@
 //! The local operator plane end to end, through the real `herd` binary and real processes:
-//! `herd scale` 2 → 8 → 2 and `herd rollout` under load through the gateway with 0 failed
-//! requests and no session lost, a rollout to a broken binary rolled back, the supervisor
-//! restarting a killed worker and reporting a crash loop, and the default cluster's standby
-//! gateway taking the active role while the killed active is restarted.
+//! `herd scale` 2 → 8 → 2 (with `herd status` showing every worker's p99) and `herd rollout`
+//! under load through the gateway with 0 failed requests and no session lost, a rollout to a
+//! broken binary rolled back, the supervisor restarting a killed worker and reporting a crash
+//! loop, and the default cluster's standby gateway taking the active role while the killed
+//! active is restarted.
 //!
 //! Load is a few seconds at 150 req/s through gw1 (the bounded generator in `herd::load`).
 
@@ -51,6 +52,21 @@ async fn scale_2_to_8_to_2_under_load_fails_no_request() {
         ["w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8"]
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // `herd status` shows each worker's p99 from the gateway's dashboard figures.
+    let status = cluster.herd(&["status", "--json"]).await;
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let p99: Vec<f64> = report["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["p99_ms"].as_f64())
+        .collect();
+    // One answer in 4 is sampled and the window can be as short as 0.5 s (a gateway that just
+    // took over has no older reading): a worker that answered a handful may show none.
+    assert!(p99.len() >= 4, "a p99 for the workers under load: {report}");
+    assert!(p99.iter().all(|ms| *ms > 0.0), "{p99:?}");
+    let table = cluster.herd(&["status"]).await;
+    assert!(String::from_utf8_lossy(&table.stdout).contains("P99"));
 
     let down = cluster.herd(&["scale", "web", "2"]).await;
     assert!(down.status.success(), "scale 2: {}", describe(&down));

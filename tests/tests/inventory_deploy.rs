@@ -7,7 +7,8 @@
 //!   namespaces;
 //! - the ssh transport against real sshd (Debian `openssh-server`) in netns hosts, with keys
 //!   generated here: binaries copied, processes started under the fallback supervisor (no
-//!   systemd in a namespace), status sees them, down removes them; the systemd units herd
+//!   systemd in a namespace), status sees them, `scale --on` adds a worker over ssh, down
+//!   removes them all; the systemd units herd
 //!   writes pass `systemd-analyze verify`;
 //! - a bad inventory is refused with exit 2 and one line.
 //!
@@ -634,8 +635,49 @@ machines = ["s1", "s2"]
         .collect();
     assert_eq!(workers, BTreeSet::from(["demo-s1-1", "demo-s2-1"]));
 
+    // `herd scale --on` over ssh: the worker copy up made is reused, the record is on s2.
+    let scale = herd(
+        Some(&ctl),
+        &[
+            "scale",
+            "3",
+            "--on",
+            "s2",
+            "--inventory",
+            file,
+            "--state-dir",
+            state,
+        ],
+    );
+    cleanup.remember();
+    assert!(scale.status.success(), "herd scale over ssh failed");
+    assert!(remote("s2").join("etc/workers.json").is_file());
+    let status = herd(
+        Some(&ctl),
+        &[
+            "status",
+            "--inventory",
+            file,
+            "--state-dir",
+            state,
+            "--json",
+        ],
+    );
+    assert_eq!(status.status.code(), Some(0), "healthy after scale");
+    let json: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let workers: BTreeSet<&str> = json["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        workers,
+        BTreeSet::from(["demo-s1-1", "demo-s2-1", "demo-s2-2"])
+    );
+
     let pids = recorded_pids(d);
-    assert_eq!(pids.len(), 2 * 5, "a supervisor and a child per unit");
+    assert_eq!(pids.len(), 2 * 6, "a supervisor and a child per unit");
     let down = herd(
         Some(&ctl),
         &["down", "--inventory", file, "--state-dir", state],
@@ -643,6 +685,10 @@ machines = ["s1", "s2"]
     assert!(down.status.success(), "herd down over ssh failed");
     let left: Vec<_> = pids.iter().filter(|p| alive(**p)).collect();
     assert!(left.is_empty(), "still running after down: {left:?}");
+    assert!(
+        !remote("s2").join("etc/workers.json").exists(),
+        "down forgets the record"
+    );
     let after = herd(
         Some(&ctl),
         &["status", "--inventory", file, "--state-dir", state],

@@ -456,14 +456,24 @@ pub struct ScaleArgs {
     /// Longest wait for new workers to be healthy in the gateway.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub timeout: Duration,
+    /// With --inventory: add or remove workers on this machine only (default: spread over the
+    /// image's machines).
+    #[arg(long, value_name = "MACHINE", requires = "inventory")]
+    pub on: Option<String>,
     /// Where the cluster's state lives.
     #[command(flatten)]
     pub state: StateDirArgs,
 }
 
 impl ScaleArgs {
-    /// The image and the count.
+    /// The image and the count (at most [`MAX_SCALE`], the local cluster's limit).
     pub fn image_and_count(&self) -> Result<(String, u32), CliError> {
+        self.image_and_count_up_to(MAX_SCALE)
+    }
+
+    /// The image and the count, at most `max` (an inventory: its machines' `max_workers`
+    /// together).
+    pub fn image_and_count_up_to(&self, max: u32) -> Result<(String, u32), CliError> {
         let (image, count) = match self.target.as_slice() {
             [count] => ("web".to_string(), count),
             [image, count] => (image.clone(), count),
@@ -474,9 +484,9 @@ impl ScaleArgs {
                 "herd scale: N must be a number of workers, got {count:?}"
             ))
         })?;
-        if !(1..=MAX_SCALE).contains(&count) {
+        if !(1..=max).contains(&count) {
             return Err(CliError::Usage(format!(
-                "herd scale: N must be between 1 and {MAX_SCALE}, got {count}"
+                "herd scale: N must be between 1 and {max}, got {count}"
             )));
         }
         Ok((image, count))

@@ -4,8 +4,8 @@
 //! Layout:
 //! - `args`: commands and flags (clap derive) and the checks clap can't do;
 //! - `up`, `status`, `down`, `scale`, `rollout`, `lab`, `bench`, `drill`: one module per command;
-//! - `inventory`: `up`, `down` and `status` with `--inventory FILE` (several machines), and
-//!   `tls push --inventory FILE`;
+//! - `inventory`: `up`, `down`, `status`, `scale` and `rollout` with `--inventory FILE`
+//!   (several machines), and `tls push --inventory FILE`;
 //! - `cluster`: the processes `herd up` holds (start in order, wait ready, stop in order);
 //! - `supervisor`: restarts dead workers and gateways with backoff, reports crash loops;
 //! - `workers`: where workers run ([`workers::Placement`]) and the gateway's view of them,
@@ -53,7 +53,9 @@ pub fn run(cli: &Cli) -> Result<u8, CliError> {
         Command::Status(args) => status::run(args),
         Command::Down(args) if args.inventory.is_some() => inventory::down(args),
         Command::Down(args) => down::run(args),
+        Command::Scale(args) if args.state.inventory.is_some() => inventory::scale(args),
         Command::Scale(args) => scale::run(args),
+        Command::Rollout(args) if args.state.inventory.is_some() => inventory::rollout(args),
         Command::Rollout(args) => rollout::run(args),
         Command::Supervise(args) => up::supervise_detached(args),
         Command::Lab(LabCommand::FailoverCompare(args)) => lab::failover_compare(args),

@@ -1,6 +1,6 @@
 //! `herd status`: is every process of the recorded cluster running, and does it answer? Then
-//! the workers as the active gateway sees them (state, in-flight, req/s, latency, ejections,
-//! flags), both gateways' failover roles, and Redis. A table for people, `--json` for scripts,
+//! the workers as the active gateway sees them (state, in-flight, req/s, EWMA latency, p50 and
+//! p99 from the gateway's dashboard document, ejections, flags), both gateways' failover roles, and Redis. A table for people, `--json` for scripts,
 //! `--watch` to refresh every 2 s until Ctrl-C. Exit 0 when all are healthy, 1 when something
 //! is down, 3 when no cluster is running.
 //!
@@ -47,6 +47,10 @@ struct WorkerRow {
     worker: GatewayWorker,
     /// Responses per second over the measuring window.
     req_per_sec: f64,
+    /// Median latency (ms) the gateway measured over its dashboard window (none: no requests).
+    p50_ms: Option<f64>,
+    /// 99th percentile latency (ms) over the same window.
+    p99_ms: Option<f64>,
 }
 
 /// Everything `herd status` shows.
@@ -135,8 +139,13 @@ fn emit(text: &str) {
 }
 
 async fn report(state: &State) -> Result<Report, CliError> {
-    let processes = check_all(state).await?;
     let view = GatewayView::new(state)?;
+    // Latency quantiles are differences between two readings of the gateway's counters (one
+    // sampled answer in 4): this first ask gives it a reading to compare with (unless someone
+    // asked within its 5 s window), and the checks and the rate window below widen the window
+    // before the second.
+    let _ = view.latencies().await;
+    let processes = check_all(state).await?;
     let gateways = view
         .failover()
         .await
@@ -158,7 +167,15 @@ async fn report(state: &State) -> Result<Report, CliError> {
         Ok((name, before)) => {
             tokio::time::sleep(RATE_WINDOW).await;
             let after = view.workers().await.map(|(_, w)| w).unwrap_or_default();
-            (Some(name), rates(&before, after, RATE_WINDOW), None)
+            let mut rows = rates(&before, after, RATE_WINDOW);
+            if let Ok(latencies) = view.latencies().await {
+                for row in &mut rows {
+                    if let Some(latency) = latencies.get(&row.worker.id) {
+                        (row.p50_ms, row.p99_ms) = (latency.p50_ms, latency.p99_ms);
+                    }
+                }
+            }
+            (Some(name), rows, None)
         }
         Err(error) => (None, Vec::new(), Some(error)),
     };
@@ -190,6 +207,8 @@ fn rates(before: &[GatewayWorker], after: Vec<GatewayWorker>, window: Duration) 
             WorkerRow {
                 worker,
                 req_per_sec,
+                p50_ms: None,
+                p99_ms: None,
             }
         })
         .collect()
@@ -201,9 +220,10 @@ fn render_gateway_view(report: &Report) -> String {
         (Some(name), _) => {
             out.push_str(&format!("\nworkers as {name} sees them:\n"));
             out.push_str(&format!(
-                "{:6}  {:22}  {:12}  {:>9}  {:>7}  {:>8}  {:>10}  FLAGS\n",
-                "ID", "ADDRESS", "STATE", "IN-FLIGHT", "REQ/S", "EWMA", "EJECTIONS"
+                "{:6}  {:22}  {:12}  {:>9}  {:>7}  {:>8}  {:>8}  {:>8}  {:>10}  FLAGS\n",
+                "ID", "ADDRESS", "STATE", "IN-FLIGHT", "REQ/S", "EWMA", "P50", "P99", "EJECTIONS"
             ));
+            let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}ms"));
             for row in &report.workers {
                 let w = &row.worker;
                 let flags: Vec<&str> = w
@@ -213,13 +233,15 @@ fn render_gateway_view(report: &Report) -> String {
                     .map(|(flag, _)| flag.as_str())
                     .collect();
                 out.push_str(&format!(
-                    "{:6}  {:22}  {:12}  {:>9}  {:>7.1}  {:>6.1}ms  {:>10}  {}\n",
+                    "{:6}  {:22}  {:12}  {:>9}  {:>7.1}  {:>6.1}ms  {:>8}  {:>8}  {:>10}  {}\n",
                     w.id,
                     w.addr,
                     w.state,
                     w.in_flight,
                     row.req_per_sec,
                     w.ewma_ms,
+                    ms(row.p50_ms),
+                    ms(row.p99_ms),
                     w.ejections,
                     if flags.is_empty() {
                         "-".to_string()

@@ -2,9 +2,12 @@
 //! active gateway's view of them ([`GatewayView`]), which decides when a new worker counts as
 //! taking traffic.
 //!
-//! [`Placement`] is deliberately small (start one worker, drain and stop one) so that a
-//! multi-machine inventory (machines reached over netns or ssh) can put its transports behind
-//! it; the local cluster's [`LocalMachine`] runs processes on this machine's loopback.
+//! [`Placement`] is deliberately small (start one worker, drain and stop one); the local
+//! cluster's [`LocalMachine`] runs processes on this machine's loopback. An inventory's machines
+//! have their sibling in [`crate::deploy::scale`]: the same steps (start, wait until the active
+//! gateway sends traffic, drain newest first, roll back a failed batch) over
+//! [`crate::machine::Machine`], with the count recorded on the machines instead of a local state
+//! file.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -265,6 +268,20 @@ impl GatewayView {
             .await
             .ok_or_else(|| "no gateway answers its admin API".to_string())?;
         Ok((name, self.get(admin, "/api/workers").await?))
+    }
+
+    /// Each worker's latency quantiles by id, from the active gateway's dashboard
+    /// document (`GET /api/dashboard`). The gateway computes them against its oldest reading of
+    /// the last 5 s: after a quiet while, ask once, wait, and ask again.
+    pub(crate) async fn latencies(
+        &self,
+    ) -> Result<BTreeMap<String, crate::deploy::admin::Latency>, String> {
+        let (_, admin) = self
+            .active()
+            .await
+            .ok_or_else(|| "no gateway answers its admin API".to_string())?;
+        let document: serde_json::Value = self.get(admin, "/api/dashboard").await?;
+        Ok(crate::deploy::admin::worker_latencies(&document))
     }
 
     /// Waits until the active gateway sends traffic to every worker in `ids`, with a progress

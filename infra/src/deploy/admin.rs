@@ -2,6 +2,7 @@
 //! admin header file `up` wrote): the API listens on the machine's loopback, and on netns and
 //! ssh machines herd has no route to it from here anyway.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,13 @@ pub struct SeenWorker {
     /// Times ejected by passive health.
     #[serde(default)]
     pub ejections: u64,
+    /// Median latency over the dashboard's window (`GET /api/dashboard`; none without requests
+    /// in the window).
+    #[serde(default)]
+    pub p50_ms: Option<f64>,
+    /// 99th percentile latency over the same window.
+    #[serde(default)]
+    pub p99_ms: Option<f64>,
 }
 
 /// A gateway's view of the pair (`GET /api/failover`).
@@ -75,6 +83,48 @@ pub fn workers(machine: &dyn Machine, gateway: &Unit) -> Result<Vec<SeenWorker>,
     serde_json::from_str(&body).map_err(|error| format!("/api/workers: {error}"))
 }
 
+/// A worker's latency quantiles in ms (none: no request in the gateway's window).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Latency {
+    /// Median.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile.
+    pub p99_ms: Option<f64>,
+}
+
+/// Each worker's latency quantiles by id, from the gateway's dashboard document
+/// (`GET /api/dashboard`, admin token). The gateway computes them from the difference to its
+/// oldest reading of the last 5 s, so the first ask after a quiet while has none: ask once,
+/// wait a few hundred ms, ask again.
+pub fn latencies(
+    machine: &dyn Machine,
+    gateway: &Unit,
+) -> Result<BTreeMap<String, Latency>, String> {
+    let body = get(machine, gateway, "/api/dashboard")?;
+    let document: serde_json::Value =
+        serde_json::from_str(&body).map_err(|error| format!("/api/dashboard: {error}"))?;
+    Ok(worker_latencies(&document))
+}
+
+/// The latency quantiles of every worker in a dashboard document (`machines[].workers[]`).
+pub fn worker_latencies(document: &serde_json::Value) -> BTreeMap<String, Latency> {
+    document["machines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|machine| machine["workers"].as_array().into_iter().flatten())
+        .filter_map(|worker| {
+            Some((
+                worker["id"].as_str()?.to_string(),
+                Latency {
+                    p50_ms: worker["p50_ms"].as_f64(),
+                    p99_ms: worker["p99_ms"].as_f64(),
+                },
+            ))
+        })
+        .collect()
+}
+
 /// The active gateway: its machine and unit (the first that says `active`).
 pub fn active<'a>(machines: &Machines, units: &'a [Unit]) -> Option<(String, &'a Unit)> {
     units
@@ -115,5 +165,29 @@ pub fn wait_answers(
             return Err(last);
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_are_read_per_worker_from_the_dashboard_document() {
+        let document = serde_json::json!({"machines": [
+            {"machine": "m1", "workers": [{"id": "a", "p50_ms": 1.5, "p99_ms": 9.25}]},
+            {"machine": "m2", "workers": [{"id": "b", "p50_ms": null, "p99_ms": null}, {"p99_ms": 1}]},
+        ]});
+        let seen = worker_latencies(&document);
+        assert_eq!(seen.len(), 2);
+        assert_eq!(
+            seen["a"],
+            Latency {
+                p50_ms: Some(1.5),
+                p99_ms: Some(9.25)
+            }
+        );
+        assert_eq!(seen["b"], Latency::default());
+        assert!(worker_latencies(&serde_json::json!({})).is_empty());
     }
 }

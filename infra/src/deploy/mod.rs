@@ -1,4 +1,5 @@
-//! Making an inventory run, and stopping it: `herd up|down --inventory FILE`.
+//! Making an inventory run, and stopping it: `herd up|down --inventory FILE` (here), its status
+//! ([`status`]), and changing its workers while it runs ([`scale`]: `herd scale|rollout`).
 //!
 //! Up: connect to every machine (creating the network namespaces of `netns` machines), put
 //! the files in place (supervisor script, executables and configs for `ssh` machines, one
@@ -13,6 +14,7 @@
 //! from it ([`crate::inventory::plan`]).
 
 pub mod admin;
+pub mod scale;
 pub mod status;
 pub mod tls;
 
@@ -78,6 +80,10 @@ pub enum DeployError {
     /// `herd tls push` can't push.
     #[error("{0}")]
     TlsPush(String),
+    /// `herd scale` or `herd rollout` could not make the change (what was started for it is
+    /// stopped again).
+    #[error("{0}")]
+    Change(String),
     /// The cluster did not become ready in time.
     #[error("the cluster was not ready after {waited:?}: {last}")]
     NotReady {
@@ -269,6 +275,7 @@ pub fn up(
             machine.supervisor()
         ));
         prepare(machine)?;
+        scale::forget(machine);
     }
     let mut programs: BTreeMap<(String, String), String> = BTreeMap::new();
     for unit in &units {
@@ -691,8 +698,9 @@ pub fn down(
     options: &Options,
     say: &mut dyn FnMut(String),
 ) -> Result<DownReport, DeployError> {
-    let units = plan(inventory, "");
     let machines = connect(inventory, options);
+    // Workers `herd scale` / `herd rollout` added are in the machines' records.
+    let units = scale::units(inventory, "", &machines);
     for entry in &inventory.machines {
         if machines.get(&entry.name).is_some_and(|m| !m.reachable()) {
             say(format!(
@@ -702,6 +710,11 @@ pub fn down(
         }
     }
     stop_units(&machines, &units, say);
+    for entry in &inventory.machines {
+        if let Some(machine) = machines.get(&entry.name) {
+            scale::forget(machine);
+        }
+    }
     let tag = netns_tag(inventory);
     let hosts: Vec<&str> = inventory
         .machines

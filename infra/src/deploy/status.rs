@@ -6,7 +6,10 @@ use serde::Serialize;
 
 use super::admin::{self, SeenGateway, SeenWorker};
 use super::{Options, connect, launch};
-use crate::inventory::{Inventory, Kind, plan};
+use crate::inventory::{Inventory, Kind};
+
+/// The shortest window the per-worker latency quantiles are measured over.
+const LATENCY_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One machine.
 #[derive(Debug, Clone, Serialize)]
@@ -123,14 +126,15 @@ impl Status {
                 }
             ));
         }
-        out.push_str("\nUNIT                      MACHINE         RUNNING  STATE (active gateway)  IN-FLIGHT  EJECTIONS\n");
+        out.push_str("\nUNIT                      MACHINE         RUNNING  STATE (active gateway)  IN-FLIGHT  EJECTIONS  P50      P99\n");
         for u in &self.units {
             let seen = self
                 .workers
                 .iter()
                 .find(|w| format!("worker-{}", w.id) == u.name);
+            let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}ms"));
             out.push_str(&format!(
-                "{:<25} {:<15} {:<8} {:<23} {:<10} {}\n",
+                "{:<25} {:<15} {:<8} {:<23} {:<10} {:<10} {:<8} {}\n",
                 u.name,
                 u.machine,
                 match u.running {
@@ -145,6 +149,8 @@ impl Status {
                 },
                 seen.map_or("-".into(), |w| w.in_flight.to_string()),
                 seen.map_or("-".into(), |w| w.ejections.to_string()),
+                ms(seen.and_then(|w| w.p50_ms)),
+                ms(seen.and_then(|w| w.p99_ms)),
             ));
         }
         out
@@ -153,8 +159,9 @@ impl Status {
 
 /// Collects the status of `inventory`.
 pub fn collect(inventory: &Inventory, options: &Options) -> Status {
-    let units = plan(inventory, "");
     let machines = connect(inventory, options);
+    // With the workers `herd scale` / `herd rollout` recorded on the machines.
+    let units = super::scale::units(inventory, "", &machines);
     let mut reachable = std::collections::BTreeMap::new();
     let machine_status = inventory
         .machines
@@ -199,15 +206,32 @@ pub fn collect(inventory: &Inventory, options: &Options) -> Status {
         .iter()
         .find(|g| g.seen.as_ref().and_then(|s| s.role.as_deref()) == Some("active"))
         .map(|g| g.machine.clone());
-    let workers = active
-        .as_ref()
-        .and_then(|name| {
-            let gateway = units
-                .iter()
-                .find(|u| u.kind == Kind::Gateway && &u.machine == name)?;
-            admin::workers(reach(name)?, gateway).ok()
-        })
+    let active_gateway = active.as_ref().and_then(|name| {
+        let gateway = units
+            .iter()
+            .find(|u| u.kind == Kind::Gateway && &u.machine == name)?;
+        Some((reach(name)?, gateway))
+    });
+    // Latency quantiles are differences between two readings of the gateway's counters: the
+    // first ask gives it a reading to compare with (unless someone asked within 5 s), the
+    // second, at least LATENCY_WINDOW later, has the figures.
+    let began = std::time::Instant::now();
+    if let Some((machine, gateway)) = active_gateway {
+        let _ = admin::latencies(machine, gateway);
+    }
+    let mut workers = active_gateway
+        .and_then(|(machine, gateway)| admin::workers(machine, gateway).ok())
         .unwrap_or_default();
+    if let Some((machine, gateway)) = active_gateway {
+        std::thread::sleep(LATENCY_WINDOW.saturating_sub(began.elapsed()));
+        if let Ok(latencies) = admin::latencies(machine, gateway) {
+            for worker in &mut workers {
+                if let Some(latency) = latencies.get(&worker.id) {
+                    (worker.p50_ms, worker.p99_ms) = (latency.p50_ms, latency.p99_ms);
+                }
+            }
+        }
+    }
     Status {
         name: inventory.name.clone(),
         public_url: active.as_ref().map(|a| super::public_url(inventory, a)),

@@ -14,7 +14,7 @@ mod validate;
 
 pub use plan::{Kind, Unit, placement, plan};
 pub use tls::{GatewayTls, TlsFile, TlsSni, tls_listener};
-pub use validate::validate;
+pub use validate::{listeners, validate};
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

@@ -332,8 +332,14 @@ fn capacity(inventory: &Inventory) -> Check {
 /// box's; each netns or ssh machine has its own), on one port, and on the same address or one
 /// of them on every address (0.0.0.0).
 fn ports(inventory: &Inventory) -> Check {
+    listeners(inventory, &plan(inventory, ""))
+}
+
+/// The port rule of [`validate`] over any set of units of `inventory` (`herd scale` checks the
+/// units it is about to add with the ones that run); `Err((entry, problem))` on a clash.
+pub fn listeners(inventory: &Inventory, units: &[super::Unit]) -> Check {
     let mut seen: Vec<(String, SocketAddr, String)> = Vec::new();
-    for unit in plan(inventory, "") {
+    for unit in units {
         let machine = inventory.machine(&unit.machine).expect("checked above");
         let stack = match machine.transport {
             Transport::Local => "this box".to_string(),
