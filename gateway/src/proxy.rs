@@ -139,16 +139,21 @@ impl Proxy {
         // and one header (so the workers do not trace it either), no span.
         let span = (self.tracing && herd_shared::telemetry::decide(&mut parts.headers))
             .then(|| trace::request_span(&parts, &request_id));
-        let forwarded = self.forward(
-            parts,
-            body,
-            forwarded_for,
-            started,
-            &request_id,
-            upgrade,
-            span.is_some(),
-        );
-        let forwarded = herd_shared::telemetry::in_span(span.clone(), forwarded).await;
+        // Made inside `in_span`'s argument, not bound first: a bound future and the wrapper
+        // that takes it would each get a slot in this future, which hyper moves per request.
+        let forwarded = herd_shared::telemetry::in_span(
+            span.clone(),
+            self.forward(
+                parts,
+                body,
+                forwarded_for,
+                started,
+                &request_id,
+                upgrade,
+                span.is_some(),
+            ),
+        )
+        .await;
         let mut response = match forwarded {
             Ok((response, None)) => response,
             Ok((response, Some(worker_side))) => {

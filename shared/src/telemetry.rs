@@ -430,12 +430,14 @@ pub fn trace_id(span: &tracing::Span) -> Option<String> {
 
 /// Runs `future` inside `span` when there is one (tracing on), as is otherwise: the request
 /// paths build their spans only when [`tracing_enabled`].
-pub async fn in_span<F: std::future::Future>(span: Option<tracing::Span>, future: F) -> F::Output {
+pub fn in_span<F: std::future::Future>(
+    span: Option<tracing::Span>,
+    future: F,
+) -> tracing::instrument::Instrumented<F> {
     use tracing::Instrument as _;
-    match span {
-        Some(span) => future.instrument(span).await,
-        None => future.await,
-    }
+    // Not an `async fn`: that would hold `future` twice (the argument and what awaits it), and
+    // the request's future — moved once per request by hyper — would double in size.
+    future.instrument(span.unwrap_or_else(tracing::Span::none))
 }
 
 #[cfg(test)]

@@ -131,8 +131,9 @@ impl Connection {
         self.write_request(request, fallback_host, stall, &mut written)
             .await
             .map_err(|error| error.into_upstream(was_reused, written))?;
-        let head_by = deadline.min(Instant::now() + response_header);
-        let head = self.read_head(&method, upgrade, was_reused);
+        let sent_at = Instant::now();
+        let head_by = deadline.min(sent_at + response_header);
+        let head = self.read_head(&method, upgrade, was_reused, sent_at);
         match tokio::time::timeout_at(head_by, head).await {
             Ok(head) => head,
             Err(_) => Err(UpstreamError::timeout()),
@@ -233,11 +234,11 @@ impl Connection {
         method: &Method,
         upgrade: bool,
         reused: bool,
+        sent_at: Instant,
     ) -> Result<ResponseHead, UpstreamError> {
         // Closed or reset before the first byte of an answer, at once on a kept-alive connection:
         // the worker closed it idle (or exited) just as the request went out. Later, or on a new
         // connection, the worker had the request and lost it.
-        let sent_at = Instant::now();
         let before_any_answer = || {
             if reused && sent_at.elapsed() <= STALE_WINDOW {
                 UpstreamErrorKind::Closed
