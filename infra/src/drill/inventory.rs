@@ -298,7 +298,12 @@ impl InventoryCluster {
             .chain(&self.added)
             .find(|u| u.kind == Kind::Worker && u.id == id)
             .cloned()
-            .ok_or_else(|| failed(format!("no worker {id} in inventory {}", self.inventory.name)))
+            .ok_or_else(|| {
+                failed(format!(
+                    "no worker {id} in inventory {}",
+                    self.inventory.name
+                ))
+            })
     }
 
     fn gateway(&self, name: &str) -> Result<Unit, TargetError> {
