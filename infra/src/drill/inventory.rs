@@ -119,6 +119,106 @@ fn answers(machine: &dyn Machine, addr: SocketAddr) -> bool {
         .is_ok()
 }
 
+/// The script that takes `machine`'s link down (`up = false`) or up, run on the machine: only
+/// netns machines have a link herd can cut and restore.
+fn link_script(inventory: &Inventory, machine: &str, up: bool) -> Result<String, TargetError> {
+    let entry = inventory
+        .machine(machine)
+        .ok_or_else(|| failed(format!("no machine {machine} in the inventory")))?;
+    match entry.transport {
+        Transport::Netns => Ok(format!(
+            "ip link set {NETNS_INTERFACE} {}",
+            if up { "up" } else { "down" }
+        )),
+        Transport::Ssh => Err(TargetError::NotApplicable(format!(
+            "machine {machine} is reached over ssh: taking its link down would cut herd off \
+             from it too, and nothing could bring it back; cut it from outside (switch port, \
+             cloud console) and watch with `herd status --inventory`"
+        ))),
+        Transport::Local => Err(TargetError::NotApplicable(format!(
+            "machine {machine} is an address on this box's loopback (transport local): it \
+             has no link of its own to cut"
+        ))),
+    }
+}
+
+/// One more worker of the image of the first worker in `all` (the plan's workers and those
+/// added so far), on that image's machine with the fewest of its workers (room permitting),
+/// named and placed exactly as `up` would place it: the plan of an inventory with one more
+/// worker there.
+fn plan_added_worker(inventory: &Inventory, all: &[Unit]) -> Result<Unit, TargetError> {
+    let first = all
+        .iter()
+        .find(|u| u.kind == Kind::Worker)
+        .ok_or_else(|| failed("the inventory has no worker to copy"))?;
+    let image_name = first.entry.strip_prefix("images.").unwrap_or_default();
+    let image_index = inventory
+        .images
+        .iter()
+        .position(|i| i.name == image_name)
+        .ok_or_else(|| failed(format!("no image {image_name} in the inventory")))?;
+    let count = |machine: &str| {
+        all.iter()
+            .filter(|u| u.entry == first.entry && u.machine == machine)
+            .count()
+    };
+    let room = |machine: &str| {
+        let max = inventory.machine(machine).map_or(0, |e| e.max_workers);
+        all.iter()
+            .filter(|u| u.kind == Kind::Worker && u.machine == machine)
+            .count()
+            < usize::from(max)
+    };
+    let machine = inventory.images[image_index]
+        .machines
+        .iter()
+        .filter(|m| room(m))
+        .min_by_key(|m| count(m))
+        .cloned()
+        .ok_or_else(|| failed(format!("image {image_name} has no machine with room")))?;
+    let n = count(&machine) + 1;
+    let mut bigger = inventory.clone();
+    let grown = &mut bigger.images[image_index];
+    grown.machines = vec![machine.clone()];
+    grown.per_machine = Some(n as u16);
+    grown.total = None;
+    let id = format!("{image_name}-{machine}-{n}");
+    let unit = plan(&bigger, "")
+        .into_iter()
+        .find(|u| u.kind == Kind::Worker && u.id == id)
+        .ok_or_else(|| failed(format!("could not plan worker {id}")))?;
+    if let Some(clash) = all
+        .iter()
+        .find(|u| u.listeners().iter().any(|(_, a)| *a == unit.listen))
+    {
+        return Err(failed(format!(
+            "worker {id} would listen on {}, which {} uses",
+            unit.listen, clash.name
+        )));
+    }
+    Ok(unit)
+}
+
+/// A free address for the drill's client on `inventory`'s netns segment (the /24 of its first
+/// netns machine): from .254 down, one no machine and not the floating address holds.
+fn free_address(inventory: &Inventory) -> Option<Ipv4Addr> {
+    let first = inventory
+        .machines
+        .iter()
+        .find(|m| m.transport == Transport::Netns)?;
+    let [a, b, c, _] = first.address.octets();
+    let taken: Vec<Ipv4Addr> = inventory
+        .machines
+        .iter()
+        .map(|m| m.address)
+        .chain(inventory.gateways.floating_address)
+        .collect();
+    (2..=254u8)
+        .rev()
+        .map(|d| Ipv4Addr::new(a, b, c, d))
+        .find(|ip| !taken.contains(ip))
+}
+
 /// The client namespace a drill sends users' requests from on a netns inventory: plugged into
 /// the inventory's bridge at a free address; removed when dropped.
 #[derive(Debug)]
@@ -129,11 +229,6 @@ pub struct ClientNetns {
 impl ClientNetns {
     /// Plugs `{tag}-drill-client` into `inventory`'s bridge.
     fn create(inventory: &Inventory) -> Result<ClientNetns, TargetError> {
-        let first = inventory
-            .machines
-            .iter()
-            .find(|m| m.transport == Transport::Netns)
-            .ok_or_else(|| failed("the inventory has no netns machine"))?;
         let tag = netns_tag(inventory);
         let name = format!("{tag}-{DRILL_CLIENT}");
         let bridge = format!("{tag}-br");
@@ -149,18 +244,8 @@ impl ClientNetns {
                  or one was killed (`herd down --inventory FILE` removes it)"
             )));
         }
-        let [a, b, c, _] = first.address.octets();
-        let taken: Vec<Ipv4Addr> = inventory
-            .machines
-            .iter()
-            .map(|m| m.address)
-            .chain(inventory.gateways.floating_address)
-            .collect();
-        let address = (2..=254u8)
-            .rev()
-            .map(|d| Ipv4Addr::new(a, b, c, d))
-            .find(|ip| !taken.contains(ip))
-            .ok_or_else(|| failed("no free address on the inventory's segment"))?;
+        let address = free_address(inventory)
+            .ok_or_else(|| failed("no free address on the inventory's netns segment"))?;
         ip(&["netns", "add", &name])?;
         // From here on a failure drops `client`, which removes the namespace (and the veth).
         let client = ClientNetns { name: name.clone() };
@@ -353,12 +438,9 @@ impl InventoryCluster {
         loop {
             let state = unit_state(machine, unit)?;
             match state.pid {
-                Some(pid) if Some(pid) != old => {
-                    if ready(machine) {
-                        return Ok(());
-                    }
-                }
-                // The old process still runs (a graceful stop still draining): wait for it.
+                Some(pid) if Some(pid) != old && ready(machine) => return Ok(()),
+                // Not serving yet, or the old process still runs (a graceful stop still
+                // draining): wait for it.
                 Some(_) => {}
                 None if !state.supervised => machine.start(&launch(unit)).map_err(failed)?,
                 // Its supervisor restarts it after its back-off.
@@ -528,28 +610,11 @@ impl ClusterHandle for InventoryCluster {
     }
 
     fn set_link(&mut self, machine: &str, up: bool) -> Result<(), TargetError> {
-        let entry = self
-            .inventory
-            .machine(machine)
-            .ok_or_else(|| failed(format!("no machine {machine} in the inventory")))?;
-        match entry.transport {
-            Transport::Netns => {
-                let state = if up { "up" } else { "down" };
-                self.machine(machine)?
-                    .run(&format!("ip link set {NETNS_INTERFACE} {state}"))
-                    .map(drop)
-                    .map_err(failed)
-            }
-            Transport::Ssh => Err(TargetError::NotApplicable(format!(
-                "machine {machine} is reached over ssh: taking its link down would cut herd off \
-                 from it too, and nothing could bring it back; cut it from outside (switch port, \
-                 cloud console) and watch with `herd status --inventory`"
-            ))),
-            Transport::Local => Err(TargetError::NotApplicable(format!(
-                "machine {machine} is an address on this box's loopback (transport local): it \
-                 has no link of its own to cut"
-            ))),
-        }
+        let script = link_script(&self.inventory, machine, up)?;
+        self.machine(machine)?
+            .run(&script)
+            .map(drop)
+            .map_err(failed)
     }
 
     fn gateways(&mut self) -> Vec<GatewayInfo> {
@@ -632,63 +697,8 @@ impl ClusterHandle for InventoryCluster {
 
     fn add_worker(&mut self) -> Result<String, TargetError> {
         let all: Vec<Unit> = self.units.iter().chain(&self.added).cloned().collect();
-        let first = all
-            .iter()
-            .find(|u| u.kind == Kind::Worker)
-            .ok_or_else(|| failed("the inventory has no worker to copy"))?;
-        let image_name = first
-            .entry
-            .strip_prefix("images.")
-            .unwrap_or_default()
-            .to_string();
-        let image_index = self
-            .inventory
-            .images
-            .iter()
-            .position(|i| i.name == image_name)
-            .ok_or_else(|| failed(format!("no image {image_name} in the inventory")))?;
-        let image = &self.inventory.images[image_index];
-        let count = |machine: &str| {
-            all.iter()
-                .filter(|u| u.entry == first.entry && u.machine == machine)
-                .count()
-        };
-        // The image's machine with the fewest of its workers, room permitting.
-        let machine = image
-            .machines
-            .iter()
-            .filter(|m| {
-                let max = self.inventory.machine(m).map_or(0, |e| e.max_workers);
-                all.iter()
-                    .filter(|u| u.kind == Kind::Worker && u.machine == **m)
-                    .count()
-                    < usize::from(max)
-            })
-            .min_by_key(|m| count(m))
-            .cloned()
-            .ok_or_else(|| failed(format!("image {image_name} has no machine with room")))?;
-        let n = count(&machine) + 1;
-        // The plan of an inventory with one more worker there names and places it exactly as
-        // `up` would.
-        let mut bigger = self.inventory.clone();
-        let grown = &mut bigger.images[image_index];
-        grown.machines = vec![machine.clone()];
-        grown.per_machine = Some(n as u16);
-        grown.total = None;
-        let id = format!("{image_name}-{machine}-{n}");
-        let unit = plan(&bigger, "")
-            .into_iter()
-            .find(|u| u.kind == Kind::Worker && u.id == id)
-            .ok_or_else(|| failed(format!("could not plan worker {id}")))?;
-        if let Some(clash) = all
-            .iter()
-            .find(|u| u.listeners().iter().any(|(_, a)| *a == unit.listen))
-        {
-            return Err(failed(format!(
-                "worker {id} would listen on {}, which {} uses",
-                unit.listen, clash.name
-            )));
-        }
+        let unit = plan_added_worker(&self.inventory, &all)?;
+        let id = unit.id.clone();
         deploy::start_unit(&self.inventory, &self.machines, &unit).map_err(failed)?;
         self.added.push(unit.clone());
         let listen = unit.listen;
@@ -734,5 +744,115 @@ impl ClusterHandle for InventoryCluster {
         let body = admin_get(machine, unit, "/readyz")
             .ok_or_else(|| format!("{}'s /readyz did not answer", unit.id))?;
         super::local::healthy(&body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::parse;
+
+    /// gw1, gw2 (netns, floating .10), m1 (netns, 2 workers), m2 (ssh, 1 worker), box (local).
+    fn inventory() -> Inventory {
+        parse(
+            Path::new("t.toml"),
+            r#"
+name = "t"
+[[machines]]
+name = "gw1"
+address = "10.9.0.11"
+transport = "netns"
+[[machines]]
+name = "gw2"
+address = "10.9.0.12"
+transport = "netns"
+[[machines]]
+name = "m1"
+address = "10.9.0.254"
+transport = "netns"
+max_workers = 3
+[[machines]]
+name = "m2"
+address = "10.9.0.253"
+transport = "ssh"
+[[machines]]
+name = "box"
+address = "127.0.0.9"
+transport = "local"
+[redis]
+machine = "gw1"
+[gateways]
+machines = ["gw1", "gw2"]
+floating_address = "10.9.0.252"
+[[images]]
+name = "demo"
+total = 3
+machines = ["m1", "m2"]
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn only_netns_links_are_cut_and_the_others_say_why_not() {
+        let inventory = inventory();
+        assert_eq!(
+            link_script(&inventory, "m1", false).unwrap(),
+            "ip link set eth0 down"
+        );
+        assert_eq!(
+            link_script(&inventory, "m1", true).unwrap(),
+            "ip link set eth0 up"
+        );
+        for (machine, why) in [("m2", "reached over ssh"), ("box", "loopback")] {
+            match link_script(&inventory, machine, false) {
+                Err(TargetError::NotApplicable(reason)) => {
+                    assert!(reason.contains(why), "{reason}")
+                }
+                other => panic!("{machine}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            link_script(&inventory, "nope", false),
+            Err(TargetError::Failed(_))
+        ));
+    }
+
+    #[test]
+    fn an_added_worker_goes_where_up_would_put_the_next_one() {
+        let inventory = inventory();
+        let units = plan(&inventory, "");
+        let ids: Vec<&str> = units
+            .iter()
+            .filter(|u| u.kind == Kind::Worker)
+            .map(|u| u.id.as_str())
+            .collect();
+        assert_eq!(ids, ["demo-m1-1", "demo-m1-2", "demo-m2-1"]);
+        // m2 has fewer: the next one goes there, on the next port.
+        let added = plan_added_worker(&inventory, &units).unwrap();
+        assert_eq!(added.id, "demo-m2-2");
+        assert_eq!(added.name, "worker-demo-m2-2");
+        assert_eq!(added.listen, "10.9.0.253:8082".parse().unwrap());
+        assert!(
+            added
+                .env
+                .contains(&("HERD_WORKER_ID".into(), "demo-m2-2".into()))
+        );
+        // Then m1 (2 each), then m2 again: m1 is full at its max_workers of 3.
+        let mut all = units.clone();
+        all.push(added);
+        let third = plan_added_worker(&inventory, &all).unwrap();
+        assert_eq!(third.id, "demo-m1-3");
+        all.push(third);
+        assert_eq!(plan_added_worker(&inventory, &all).unwrap().id, "demo-m2-3");
+    }
+
+    #[test]
+    fn the_drill_client_takes_an_address_nobody_holds() {
+        // .254 and .253 are machines, .252 the floating address.
+        assert_eq!(
+            free_address(&inventory()),
+            Some(Ipv4Addr::new(10, 9, 0, 251))
+        );
     }
 }
