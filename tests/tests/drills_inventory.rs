@@ -6,7 +6,8 @@
 //!   to the floating address — and leaves the cluster as it found it (`herd status` healthy);
 //!   `herd down` then leaves no namespace (the drill's client one included) and no process;
 //! - the same inventory with gateway retries and hedging off (`gateways.env`) makes
-//!   `worker-kill` FAIL with the right reason: a drill that cannot fail is worthless;
+//!   `worker-kill` FAIL with the right reason: a drill that cannot fail is worthless; and Ctrl-C
+//!   during a `worker-hang` exits 130 with the worker continued and the client namespace gone;
 //! - `--inventory` with `--lab`, and a bad inventory file, are refused with exit 2.
 //!
 //! Needs root (network namespaces), like CI. Every namespace and process is removed also when a
@@ -353,7 +354,58 @@ fn retries_and_hedging_off_fail_worker_kill_on_a_netns_inventory() {
     assert_eq!(code, 1, "{report:#}");
     let why = report["reason"].as_str().unwrap_or_default();
     assert!(why.contains("idempotent requests failed"), "{why}");
+    interrupt_a_hang(&cluster);
     cluster.down_leaves_nothing();
+}
+
+/// Whether process `pid` is stopped (SIGSTOP): state `T` in `/proc/PID/stat`.
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit(')')
+                .next()
+                .map(|rest| rest.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
+/// Runs a 20 s worker-hang, sends SIGINT while the worker is stopped (6 s into the load), and
+/// checks that herd exits 130 with no worker left stopped and its client namespace removed.
+fn interrupt_a_hang(cluster: &Cleanup) {
+    let program = binaries::locate(binaries::HERD).expect("herd is built");
+    let flags = cluster.flags();
+    let mut child = Command::new(program)
+        .args(["drill", "worker-hang", "--duration", "20s"])
+        .args(&flags)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let root = Path::new(&cluster.state()).join(format!("inventory-{}", cluster.name));
+    let stopped = herd::pid::wait(Duration::from_secs(20), || {
+        recorded_pids(&root).into_iter().any(is_stopped)
+    });
+    let _ = herd::process::signal_pid(child.id(), Signal::SIGINT);
+    let exited = herd::pid::wait(Duration::from_secs(30), || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    assert!(stopped, "the drill never stopped a worker");
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let left: Vec<u32> = recorded_pids(&root)
+        .into_iter()
+        .filter(|p| is_stopped(*p))
+        .collect();
+    assert!(left.is_empty(), "left stopped: {left:?}");
+    assert!(
+        !namespaces_with(&cluster.prefix()).contains(&format!("{}drill-client", cluster.prefix())),
+        "the drill's client namespace is removed on Ctrl-C"
+    );
 }
 
 #[test]
