@@ -749,10 +749,10 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), DeployError> {
     std::io::Write::write_all(&mut file, text.as_bytes()).map_err(io)
 }
 
-/// Starts one more unit on a running cluster (a worker `herd drill scale-up` adds): its
+/// Starts one more worker on a running cluster (one `herd drill scale-up` adds): its
 /// executable, environment file and link put in place as `up` does, then started under the
-/// machine's supervisor. `herd down` stops only what the plan names, so whoever adds a unit
-/// stops it again.
+/// machine's supervisor. Workers only: a gateway's TLS files and admin header are `up`'s.
+/// `herd down` stops only what the plan names, so whoever adds a worker stops it again.
 pub fn start_unit(
     inventory: &Inventory,
     machines: &Machines,
