@@ -579,13 +579,12 @@ impl InventoryCluster {
 
 impl ClusterHandle for InventoryCluster {
     fn describe(&self) -> String {
-        let mut worker_machines: Vec<&str> = self
-            .units
-            .iter()
-            .filter(|u| u.kind == Kind::Worker)
-            .map(|u| u.machine.as_str())
-            .collect();
-        worker_machines.dedup();
+        let mut worker_machines: Vec<&str> = Vec::new();
+        for unit in self.units.iter().filter(|u| u.kind == Kind::Worker) {
+            if !worker_machines.contains(&unit.machine.as_str()) {
+                worker_machines.push(&unit.machine);
+            }
+        }
         format!(
             "inventory {} ({}: gateways {}, Redis on {}, workers on {})",
             self.inventory.name,
