@@ -65,7 +65,9 @@ impl RedisLink {
     /// When no connection can be had (Redis refuses, e.g. while it restarts), it tries again
     /// after a short pause until `timeout`: nothing was sent, so trying again is safe, and a
     /// restart (~100 ms, `herd drill redis-restart`) then costs users a slower request instead
-    /// of a 503. A failure after the script was sent is returned at once: it may have run.
+    /// of a 503. So does a `LOADING` answer (a Redis just restarted accepts connections while
+    /// it reads its append-only file back, and runs nothing meanwhile). Any other failure after
+    /// the script was sent is returned at once: it may have run.
     pub async fn invoke<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
@@ -77,10 +79,12 @@ impl RedisLink {
             loop {
                 match self.pool().get().await {
                     Ok(mut connection) => {
-                        return invocation
-                            .invoke_async::<T>(&mut connection)
-                            .await
-                            .map_err(|e| e.to_string());
+                        match invocation.invoke_async::<T>(&mut connection).await {
+                            Err(error) if is_loading(&error) => last = error.to_string(),
+                            result => return result.map_err(|e| e.to_string()),
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
                     }
                     Err(error) => {
                         last = error.to_string();
@@ -233,6 +237,12 @@ fn with_address(url: &str, address: &str) -> String {
 /// How long the first resolution may take before serving anyway.
 pub const FIRST_RESOLVE: Duration = Duration::from_secs(2);
 
+/// Whether Redis answered `LOADING` (it is reading its data back after a start and ran
+/// nothing).
+fn is_loading(error: &redis::RedisError) -> bool {
+    error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +256,93 @@ mod tests {
         assert_eq!(with_address("redis://h:1", "x:2"), "redis://x:2");
         assert_eq!(address_of("redis://u:p@h:1/0").as_deref(), Some("h:1"));
         assert_eq!(address_of("redis://h:1").as_deref(), Some("h:1"));
+    }
+
+    /// A stand-in Redis on 127.0.0.1 that answers every script call `LOADING` `loading` times,
+    /// then `:7`; `PING x` with `x`, anything else `+OK`. Returns its address and the count of
+    /// script calls it saw.
+    async fn loading_redis(loading: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = socket.into_split();
+                    let mut read = BufReader::new(read);
+                    let mut line = String::new();
+                    loop {
+                        // `*N` then N × (`$len`, bytes).
+                        line.clear();
+                        if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let count: usize = line.trim()[1..].parse().unwrap_or(0);
+                        let mut args = Vec::new();
+                        for _ in 0..count {
+                            line.clear();
+                            read.read_line(&mut line).await.unwrap();
+                            let len: usize = line.trim()[1..].parse().unwrap();
+                            let mut bytes = vec![0; len + 2];
+                            read.read_exact(&mut bytes).await.unwrap();
+                            args.push(String::from_utf8_lossy(&bytes[..len]).into_owned());
+                        }
+                        let reply = match args.first().map(|a| a.to_uppercase()).as_deref() {
+                            Some("EVALSHA") | Some("EVAL") => {
+                                if seen.fetch_add(1, Ordering::SeqCst) < loading {
+                                    "-LOADING Redis is loading the dataset in memory\r\n".into()
+                                } else {
+                                    ":7\r\n".to_string()
+                                }
+                            }
+                            Some("PING") if args.len() > 1 => {
+                                format!("${}\r\n{}\r\n", args[1].len(), args[1])
+                            }
+                            _ => "+OK\r\n".to_string(),
+                        };
+                        if write.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (address, calls)
+    }
+
+    #[tokio::test]
+    async fn a_redis_still_loading_its_data_is_waited_for_within_the_timeout() {
+        let (address, calls) = loading_redis(3).await;
+        let config = RedisConfig {
+            url: format!("redis://{address}/0"),
+            ..RedisConfig::default()
+        };
+        let link = RedisLink::new(&config).unwrap();
+        let script = redis::Script::new("return 7");
+        let answer: Result<i64, String> = link
+            .invoke(&script.prepare_invoke(), Duration::from_secs(5))
+            .await;
+        assert_eq!(answer, Ok(7));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4);
+        // Still loading when the time is up: the LOADING answer is the error.
+        let (address, _) = loading_redis(usize::MAX).await;
+        let link = RedisLink::new(&RedisConfig {
+            url: format!("redis://{address}/0"),
+            ..RedisConfig::default()
+        })
+        .unwrap();
+        let answer: Result<i64, String> = link
+            .invoke(&script.prepare_invoke(), Duration::from_millis(300))
+            .await;
+        let error = answer.unwrap_err();
+        assert!(
+            error.contains("LOADING") || error.contains("loading"),
+            "{error}"
+        );
     }
 
     #[tokio::test]

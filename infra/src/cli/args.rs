@@ -121,7 +121,8 @@ pub struct DrillArgs {
     /// Keep the lab's logs here (default: a temporary directory, removed afterwards).
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
-    /// The local cluster to drill (without --lab).
+    /// The cluster to drill (without --lab): the local one of --state-dir, or with
+    /// --inventory FILE the one `herd up --inventory FILE` runs.
     #[command(flatten)]
     pub state: StateDirArgs,
 }
@@ -134,6 +135,11 @@ impl DrillArgs {
                 "--duration must be between 2s and {}",
                 humantime::format_duration(MAX_DRILL_DURATION)
             )));
+        }
+        if self.lab && self.state.inventory.is_some() {
+            return Err(CliError::Usage(
+                "--lab and --inventory do not go together: --lab builds a lab of its own, --inventory drills the cluster the file describes".into(),
+            ));
         }
         if !self.lab && (!self.lab_gateway_env.is_empty() || self.log_dir.is_some()) {
             return Err(CliError::Usage(

@@ -1,10 +1,11 @@
-//! `herd drill KIND`: runs one drill (or `all`) against the local cluster of `--state-dir` or a
-//! fresh netns lab (`--lab`), prints the report (text or `--json`), writes `--out`, and turns
+//! `herd drill KIND`: runs one drill (or `all`) against the local cluster of `--state-dir`, a
+//! fresh netns lab (`--lab`) or the cluster of an inventory (`--inventory FILE`), prints the report (text or `--json`), writes `--out`, and turns
 //! the verdict into the exit code: 0 PASS, 1 FAIL or not applicable, 2 bad flags.
 
 use std::fmt::Write as _;
 
 use super::{CliError, DrillArgs, EXIT_FAILED, EXIT_OK, say, warn};
+use crate::drill::inventory::InventoryCluster;
 use crate::drill::lab::LabCluster;
 use crate::drill::local::LocalCluster;
 use crate::drill::{self, ClusterHandle, DrillError, Kind, Options, Outcome, Report};
@@ -52,6 +53,17 @@ pub(super) fn run(args: &DrillArgs) -> Result<u8, CliError> {
         Box::new(
             LabCluster::start(&log_dir, lab_env)
                 .map_err(|e| CliError::Drill(format!("the lab did not come up: {e}")))?,
+        )
+    } else if let Some(file) = &args.state.inventory {
+        let (inventory, state_root) = super::inventory::load(&args.state)?;
+        if inventory.uses_netns() && !crate::deps::is_root() {
+            return Err(CliError::Drill(
+                "the inventory has netns machines, which need root (network namespaces); run it as root (e.g. sudo)".into(),
+            ));
+        }
+        Box::new(
+            InventoryCluster::open(inventory, file, state_root)
+                .map_err(|e| CliError::Drill(e.to_string()))?,
         )
     } else {
         let dir = StateDir::new(&args.state.state_dir)?;

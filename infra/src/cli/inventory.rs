@@ -13,7 +13,7 @@ use crate::deploy::{self, Options};
 use crate::inventory::{self, Inventory};
 
 /// Loads the inventory named by `--inventory`, or a usage error (exit 2).
-fn load(state: &StateDirArgs) -> Result<(Inventory, PathBuf), CliError> {
+pub(super) fn load(state: &StateDirArgs) -> Result<(Inventory, PathBuf), CliError> {
     let file = state
         .inventory
         .as_deref()

@@ -127,6 +127,11 @@ pub fn netns_name(inventory: &Inventory, machine: &str) -> String {
     format!("{}-{machine}", netns_tag(inventory))
 }
 
+/// The host name of the client namespace `herd drill --inventory` puts on a netns
+/// inventory's bridge to send users' requests from (`{tag}-drill-client`); `down` removes one
+/// a drill that was killed left behind.
+pub const DRILL_CLIENT: &str = "drill-client";
+
 /// A machine's herd directory.
 fn machine_dir(inventory: &Inventory, name: &str, options: &Options) -> String {
     let machine = inventory.machine(name).expect("validated");
@@ -157,7 +162,7 @@ impl Machines {
 
 /// Connects to every machine. netns namespaces are not created here: a missing one is
 /// recorded as missing.
-fn connect(inventory: &Inventory, options: &Options) -> Machines {
+pub fn connect(inventory: &Inventory, options: &Options) -> Machines {
     let mut machines = Machines {
         by_name: BTreeMap::new(),
         missing: BTreeSet::new(),
@@ -716,7 +721,7 @@ pub fn down(
         }
     }
     let tag = netns_tag(inventory);
-    let hosts: Vec<&str> = inventory
+    let mut hosts: Vec<&str> = inventory
         .machines
         .iter()
         .filter(|m| m.transport == Transport::Netns)
@@ -725,6 +730,7 @@ pub fn down(
     let namespaces = if hosts.is_empty() {
         Vec::new()
     } else {
+        hosts.push(DRILL_CLIENT);
         Topology::remove_named(&tag, &hosts)?
     };
     if !namespaces.is_empty() {
@@ -754,4 +760,29 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), DeployError> {
         .open(path)
         .map_err(io)?;
     std::io::Write::write_all(&mut file, text.as_bytes()).map_err(io)
+}
+
+/// Starts one more worker on a running cluster (one `herd drill scale-up` adds): its
+/// executable, environment file and link put in place as `up` does, then started under the
+/// machine's supervisor. Workers only: a gateway's TLS files and admin header are `up`'s.
+/// `herd down` stops only what the plan names, so whoever adds a worker stops it again.
+pub fn start_unit(
+    inventory: &Inventory,
+    machines: &Machines,
+    unit: &Unit,
+) -> Result<(), DeployError> {
+    let local = local_binaries(inventory, std::slice::from_ref(unit))?;
+    let machine = machines
+        .get(&unit.machine)
+        .ok_or_else(|| MachineError::Failed {
+            machine: unit.machine.clone(),
+            what: format!("start {}", unit.name),
+            status: "no such machine".into(),
+            stderr: "its network namespace does not exist".into(),
+        })?;
+    let program = install_binary(inventory, machine, unit, &local)?;
+    // Workers get no admin token (only a gateway's admin header holds one).
+    write_unit(machine, unit, &program, "")?;
+    machine.start(&launch(unit))?;
+    Ok(())
 }

@@ -9,6 +9,8 @@
 //! - [`target`]: the [`ClusterHandle`] trait — all a drill needs from a cluster;
 //! - [`local`]: it for the local cluster of `herd up` (its state file);
 //! - [`lab`]: it for the netns lab (client, gw1, gw2, redis, m1, m2);
+//! - [`inventory`]: it for a cluster `herd up --inventory FILE` runs (netns, ssh or local
+//!   machines);
 //! - [`traffic`]: users, load, session check;
 //! - [`report`]: figures, verdict, renderings.
 //!
@@ -16,6 +18,7 @@
 //! injected and undone when the guard is dropped — at the planned moment, when the drill fails
 //! halfway, or when Ctrl-C / SIGTERM ends it early ([`install_interrupt_handler`]).
 
+pub mod inventory;
 pub mod lab;
 pub mod local;
 pub mod report;
@@ -364,6 +367,11 @@ pub fn run(
             Err(error) => {
                 stop.store(true, Ordering::SeqCst);
                 let _ = load.join();
+                // Only trying tells (an ssh machine's link can't be cut from here).
+                if let TargetError::NotApplicable(why) = error {
+                    drop(guard);
+                    return Ok(Report::not_applicable(kind, cluster.describe(), why));
+                }
                 return Err(DrillError::Setup(format!(
                     "could not inject the fault: {error}"
                 )));
