@@ -353,7 +353,8 @@ impl InventoryCluster {
             token: String::new(),
         };
         let machines = deploy::connect(&inventory, &options);
-        let units = plan(&inventory, "");
+        // What runs now: the plan as `herd scale --inventory` has changed it.
+        let units = deploy::scale::units(&inventory, "", &machines);
         for unit in &units {
             if machines.get(&unit.machine).is_none() {
                 return Err(failed(format!(
