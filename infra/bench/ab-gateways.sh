@@ -32,7 +32,7 @@ for port in 18081 18082; do
 done
 servers='    server w1 127.0.0.1:18081 check inter 500ms\n    server w2 127.0.0.1:18082 check inter 500ms'
 sed -e "s|{PID}|$dir/haproxy.pid|" -e "s|{PORT}|18090|" -e "s|{H2PORT}|18091|" \
-  -e "s|{SERVERS}|$servers|" "$root/infra/bench/haproxy.cfg.in" >"$dir/haproxy.cfg"
+  -e "s|{SERVERS}|$servers|" -e "s|{TLS}||" "$root/infra/bench/haproxy.cfg.in" >"$dir/haproxy.cfg"
 haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.log" 2>&1 &
 pids+=($!)
 names=(haproxy) ports=(18090) targets=($!)
