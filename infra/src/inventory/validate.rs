@@ -22,6 +22,7 @@ pub fn validate(inventory: &Inventory) -> Check {
     images(inventory)?;
     capacity(inventory)?;
     super::tls::validate(inventory)?;
+    super::sentinel::validate(inventory)?;
     ports(inventory)
 }
 
