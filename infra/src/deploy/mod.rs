@@ -13,6 +13,7 @@
 //! from it ([`crate::inventory::plan`]).
 
 pub mod admin;
+pub mod sentinel;
 pub mod status;
 pub mod tls;
 
@@ -75,6 +76,9 @@ pub enum DeployError {
         /// The end of its log.
         tail: String,
     },
+    /// Redis with Sentinel refused or failed a request (e.g. `SENTINEL FAILOVER`).
+    #[error("redis sentinel: {0}")]
+    Sentinel(String),
     /// `herd tls push` can't push.
     #[error("{0}")]
     TlsPush(String),
@@ -301,6 +305,14 @@ pub fn up(
         "redis is up on {} ({})",
         redis.machine, redis.listen
     ));
+    // With Sentinel: the replicas and the sentinels, agreed on the master before anyone uses it.
+    sentinel::start(
+        inventory,
+        &deployment.machines,
+        &units,
+        &mut deployment.started,
+        say,
+    )?;
 
     for unit in units.iter().filter(|u| u.kind == Kind::Worker) {
         let machine = deployment.machines.get(&unit.machine).expect("connected");

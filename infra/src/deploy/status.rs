@@ -64,6 +64,9 @@ pub struct Status {
     pub gateways: Vec<GatewayStatus>,
     /// Workers as the active gateway sees them.
     pub workers: Vec<SeenWorker>,
+    /// With Sentinel: the master the sentinels agree on, each sentinel and each data node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_sentinel: Option<super::sentinel::SentinelStatus>,
 }
 
 impl Status {
@@ -147,6 +150,9 @@ impl Status {
                 seen.map_or("-".into(), |w| w.ejections.to_string()),
             ));
         }
+        if let Some(sentinel) = &self.redis_sentinel {
+            out.push_str(&sentinel.table());
+        }
         out
     }
 }
@@ -216,5 +222,6 @@ pub fn collect(inventory: &Inventory, options: &Options) -> Status {
         units: unit_status,
         gateways,
         workers,
+        redis_sentinel: super::sentinel::status(inventory, options),
     }
 }

@@ -11,8 +11,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use serde::Deserialize;
 
-use super::plan::{Kind, Unit};
 use super::Inventory;
+use super::plan::{Kind, Unit};
 
 /// Fewest sentinels: with fewer, one lost machine leaves no majority to authorise a failover.
 pub const MIN_SENTINELS: usize = 3;
@@ -77,7 +77,9 @@ pub fn validate(inventory: &Inventory) -> Check {
         if !seen.insert(machine) {
             return fail(
                 "redis.replicas",
-                format!("machine `{machine}` already runs a Redis of this inventory (the master or another replica)"),
+                format!(
+                    "machine `{machine}` already runs a Redis of this inventory (the master or another replica)"
+                ),
             );
         }
     }
@@ -196,10 +198,9 @@ pub fn extend_plan(inventory: &Inventory, units: &mut Vec<Unit>) {
     };
     let template = units[index].clone();
     units[index].args.extend(DATA_ARGS.map(String::from));
-    units[index].env.push((
-        "HERD_RESTART_DELAY".into(),
-        DATA_RESTART_DELAY_SECS.into(),
-    ));
+    units[index]
+        .env
+        .push(("HERD_RESTART_DELAY".into(), DATA_RESTART_DELAY_SECS.into()));
     let mut added = Vec::new();
     for machine in &inventory.redis.replicas {
         let listen = SocketAddr::from((address(inventory, machine), inventory.redis.port));
@@ -231,10 +232,7 @@ pub fn extend_plan(inventory: &Inventory, units: &mut Vec<Unit>) {
             peer: None,
             binary: template.binary.clone(),
             args,
-            env: vec![(
-                "HERD_RESTART_DELAY".into(),
-                DATA_RESTART_DELAY_SECS.into(),
-            )],
+            env: vec![("HERD_RESTART_DELAY".into(), DATA_RESTART_DELAY_SECS.into())],
             config: None,
         });
     }
@@ -280,7 +278,10 @@ pub fn extend_plan(inventory: &Inventory, units: &mut Vec<Unit>) {
             at..at,
             [
                 (format!("{prefix}_SENTINEL__ADDRS"), addrs.clone()),
-                (format!("{prefix}_SENTINEL__MASTER"), sentinel.master.clone()),
+                (
+                    format!("{prefix}_SENTINEL__MASTER"),
+                    sentinel.master.clone(),
+                ),
             ],
         );
     }
@@ -396,7 +397,10 @@ sentinel = { master = "herd", machines = ["r1", "r2", "r3"] }
         let replica = &units[1];
         assert!(
             replica.args.join(" ").contains("--bind 10.9.0.12")
-                && replica.args.join(" ").ends_with("--replicaof 10.9.0.11 6379"),
+                && replica
+                    .args
+                    .join(" ")
+                    .ends_with("--replicaof 10.9.0.11 6379"),
             "{:?}",
             replica.args
         );
@@ -412,7 +416,10 @@ sentinel = { master = "herd", machines = ["r1", "r2", "r3"] }
             )));
         }
         let conf = sentinel_conf(&inventory, units[4].listen).unwrap();
-        assert!(conf.contains("sentinel monitor herd 10.9.0.11 6379 2\n"), "{conf}");
+        assert!(
+            conf.contains("sentinel monitor herd 10.9.0.11 6379 2\n"),
+            "{conf}"
+        );
         assert!(conf.contains("bind 10.9.0.12\n"), "{conf}");
     }
 
@@ -428,12 +435,18 @@ sentinel = { master = "herd", machines = ["r1", "r2", "r3"] }
             error.contains("redis.sentinel: 2 sentinel machine(s); at least 3"),
             "{error}"
         );
-        let error = bad(r#"["r1", "r2", "r3"] }"#, r#"["r1", "r2", "r3"], quorum = 4 }"#);
+        let error = bad(
+            r#"["r1", "r2", "r3"] }"#,
+            r#"["r1", "r2", "r3"], quorum = 4 }"#,
+        );
         assert!(
             error.contains("redis.sentinel: quorum = 4 must be between 1 and"),
             "{error}"
         );
-        let error = bad(r#"["r1", "r2", "r3"] }"#, r#"["r1", "r2", "r3"], port = 6379 }"#);
+        let error = bad(
+            r#"["r1", "r2", "r3"] }"#,
+            r#"["r1", "r2", "r3"], port = 6379 }"#,
+        );
         assert!(
             error.contains("redis.sentinel: port clash on machine r1"),
             "{error}"
@@ -441,7 +454,10 @@ sentinel = { master = "herd", machines = ["r1", "r2", "r3"] }
         let error = bad(r#"replicas = ["r2", "r3"]"#, r#"replicas = ["r2", "zz"]"#);
         assert!(error.contains("redis.replicas: machine `zz`"), "{error}");
         let error = bad(r#"replicas = ["r2", "r3"]"#, r#"replicas = ["r2", "r1"]"#);
-        assert!(error.contains("redis.replicas: machine `r1` already"), "{error}");
+        assert!(
+            error.contains("redis.replicas: machine `r1` already"),
+            "{error}"
+        );
         let error = bad(
             r#"sentinel = { master = "herd", machines = ["r1", "r2", "r3"] }"#,
             "",
