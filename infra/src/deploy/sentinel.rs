@@ -431,7 +431,12 @@ pub fn failover(
     )
     .map_err(|e| DeployError::Sentinel(format!("CLIENT PAUSE on {}: {e}", old.machine)))?;
     let paused = Instant::now();
-    if let Err(error) = wait_caught_up(old_machine, old.listen) {
+    let replicas: Vec<&Unit> = nodes
+        .iter()
+        .filter(|u| u.listen != old.listen)
+        .copied()
+        .collect();
+    if let Err(error) = wait_caught_up(&machines, old, &replicas) {
         unpause();
         return Err(error);
     }
@@ -459,7 +464,7 @@ pub fn failover(
     // The promoted replica: the first other data node that says it is a master.
     let deadline = paused + Duration::from_millis(PAUSE_MS) - Duration::from_millis(300);
     let promoted = loop {
-        let found = nodes.iter().filter(|u| u.listen != old.listen).find(|u| {
+        let found = replicas.iter().find(|u| {
             machines
                 .get(&u.machine)
                 .and_then(|m| cli(m, u.listen, "INFO replication").ok())
@@ -475,7 +480,7 @@ pub fn failover(
                 old.machine
             )));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     };
     let demoted = cli(
         old_machine,
@@ -527,39 +532,49 @@ pub fn failover(
     }
 }
 
-/// Waits until every online replica of the (paused) master at `addr` has its replication
-/// offset.
-fn wait_caught_up(machine: &dyn Machine, addr: SocketAddr) -> Result<(), DeployError> {
+/// Waits until every replica linked to the (paused) master `old` has processed its last write,
+/// as each replica reports it (`slave_repl_offset`; the master's own view of its replicas'
+/// offsets is refreshed only once a second).
+fn wait_caught_up(machines: &Machines, old: &Unit, replicas: &[&Unit]) -> Result<(), DeployError> {
     let deadline = Instant::now() + CATCH_UP;
+    let master = machines.get(&old.machine).expect("checked");
     loop {
-        let text = cli(machine, addr, "INFO replication").map_err(DeployError::Sentinel)?;
-        let fields = info(&text);
-        let offset: Option<u64> = fields
+        let text = cli(master, old.listen, "INFO replication").map_err(DeployError::Sentinel)?;
+        let offset: u64 = info(&text)
             .get("master_repl_offset")
-            .and_then(|o| o.parse().ok());
-        // slaveN:ip=..,port=..,state=online,offset=N,lag=0
-        let behind: Vec<String> = fields
-            .iter()
-            .filter(|(k, _)| k.starts_with("slave") && k[5..].parse::<u32>().is_ok())
-            .filter(|(_, v)| {
-                let offset_of = v
-                    .split(',')
-                    .find_map(|kv| kv.strip_prefix("offset="))
-                    .and_then(|o| o.parse::<u64>().ok());
-                v.contains("state=online") && offset_of < offset
-            })
-            .map(|(_, v)| v.clone())
-            .collect();
-        if offset.is_some() && behind.is_empty() {
+            .and_then(|o| o.parse().ok())
+            .unwrap_or(u64::MAX);
+        let mut behind = Vec::new();
+        let mut caught_up = 0;
+        for replica in replicas {
+            let fields = machines
+                .get(&replica.machine)
+                .and_then(|m| cli(m, replica.listen, "INFO replication").ok())
+                .map(|t| info(&t))
+                .unwrap_or_default();
+            if fields.get("master_link_status").map(String::as_str) != Some("up") {
+                continue;
+            }
+            let at: u64 = fields
+                .get("slave_repl_offset")
+                .and_then(|o| o.parse().ok())
+                .unwrap_or(0);
+            if at >= offset {
+                caught_up += 1;
+            } else {
+                behind.push(format!("{} at {at} of {offset}", replica.machine));
+            }
+        }
+        if caught_up > 0 && behind.is_empty() {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(DeployError::Sentinel(format!(
-                "replicas did not catch up with the paused master within {CATCH_UP:?}: {}",
+                "no linked replica caught up with the paused master within {CATCH_UP:?}: {}",
                 behind.join("; ")
             )));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
