@@ -410,6 +410,30 @@ fn sentinel_failover_and_master_kill_under_load() {
     assert!(lost_f.is_empty(), "acknowledged writes lost: {lost_f:?}");
     assert!(outcome.gets > 50 && outcome.acked_at.len() > 20, "load ran");
     assert_ne!(report.from.1, report.to.1);
+    // The gateways follow the master too: the active one keeps renewing its lease (700 ms TTL)
+    // on the new master. One still on the demoted master could renew nothing, and the lease
+    // would lapse there for good.
+    let (new_ip, new_port) = report.to.0.split_once(':').unwrap();
+    let lease_on_new_master = || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &format!("{prefix}{}", report.to.1)])
+            .args(["redis-cli", "--raw", "-h", new_ip, "-p", new_port])
+            .args(["GET", "herd:{gateway}:lease"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut held = 0;
+    while held < 4 {
+        let lease = lease_on_new_master();
+        held = if lease.starts_with("gw1:") { held + 1 } else { 0 };
+        assert!(
+            Instant::now() < deadline,
+            "the active gateway does not hold its lease on the new master: {lease:?}"
+        );
+        std::thread::sleep(Duration::from_millis(400));
+    }
 
     // 2. The master's process killed (kill -9) under load: Sentinel fails over by itself.
     let master = sentinel::wait_agreement(&inventory, &options, Duration::from_secs(20))
