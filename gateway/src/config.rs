@@ -716,6 +716,32 @@ mod tests {
     }
 
     #[test]
+    fn sentinel_comes_from_the_environment_and_is_checked() {
+        let config = load(&[
+            (
+                "HERD_GATEWAY_SENTINEL__ADDRS",
+                "10.0.0.1:26379,10.0.0.2:26379",
+            ),
+            ("HERD_GATEWAY_SENTINEL__MASTER", "herd"),
+        ])
+        .unwrap();
+        assert_eq!(config.sentinel.addrs, ["10.0.0.1:26379", "10.0.0.2:26379"]);
+        assert_eq!(config.sentinel.master, "herd");
+        assert!(matches!(
+            config.redis_pool().unwrap(),
+            herd_shared::redis::RedisPool::Sentinel(_)
+        ));
+        let error = load(&[("HERD_GATEWAY_SENTINEL__ADDRS", "10.0.0.1")]).unwrap_err();
+        assert_eq!(error.key, "sentinel.addrs[0]");
+        let error = load(&[
+            ("HERD_GATEWAY_SENTINEL__ADDRS", "10.0.0.1:26379"),
+            ("HERD_GATEWAY_REDIS__CLUSTER", "redis://10.0.0.3:7000"),
+        ])
+        .unwrap_err();
+        assert_eq!(error.key, "sentinel.addrs");
+    }
+
+    #[test]
     fn static_workers_may_be_named() {
         let config = load(&[("HERD_GATEWAY_WORKERS", "w1=127.0.0.1:8081,127.0.0.1:8082")]).unwrap();
         let split: Vec<_> = config

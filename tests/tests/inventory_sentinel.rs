@@ -399,7 +399,9 @@ fn sentinel_failover_and_master_kill_under_load() {
         lost_f.len()
     );
     assert!(
-        after.iter().all(|c| c.as_ref().is_some_and(|c| c.contains("seed"))),
+        after
+            .iter()
+            .all(|c| c.as_ref().is_some_and(|c| c.contains("seed"))),
         "every session survives: {after:?}"
     );
     assert!(
@@ -427,7 +429,11 @@ fn sentinel_failover_and_master_kill_under_load() {
     let mut held = 0;
     while held < 4 {
         let lease = lease_on_new_master();
-        held = if lease.starts_with("gw1:") { held + 1 } else { 0 };
+        held = if lease.starts_with("gw1:") {
+            held + 1
+        } else {
+            0
+        };
         assert!(
             Instant::now() < deadline,
             "the active gateway does not hold its lease on the new master: {lease:?}"
@@ -490,13 +496,17 @@ fn sentinel_failover_and_master_kill_under_load() {
     );
     assert_ne!(new_master, master, "a replica was promoted");
     assert!(
-        after.iter().all(|c| c.as_ref().is_some_and(|c| c.contains("seed"))),
+        after
+            .iter()
+            .all(|c| c.as_ref().is_some_and(|c| c.contains("seed"))),
         "every session survives the kill: {after:?}"
     );
     // Only writes in flight around the kill can be lost (acknowledged by the master, not yet
     // replicated): none from before the kill's second.
     assert!(
-        lost_k.iter().all(|(_, at)| *at >= Duration::from_millis(900)),
+        lost_k
+            .iter()
+            .all(|(_, at)| *at >= Duration::from_millis(900)),
         "a write acknowledged well before the kill was lost: {lost_k:?}"
     );
     // Writes work again on the new master.
