@@ -163,7 +163,7 @@ async fn load(
                 while !stop.load(Ordering::Relaxed) && n < 20_000 {
                     let user = mine[n % mine.len()];
                     let cookie = &cookies[user];
-                    if n % 2 == 0 {
+                    if n.is_multiple_of(2) {
                         out.gets += 1;
                         match client
                             .get(format!("{url}/cart"))
