@@ -330,6 +330,11 @@ fn sentinel_failover_and_master_kill_under_load() {
         state_s,
         "--json",
     ]);
+    assert_eq!(
+        status.status.code(),
+        Some(0),
+        "healthy, Redis settled on one master"
+    );
     let json: Value = serde_json::from_slice(&status.stdout).unwrap();
     let redis = &json["redis_sentinel"];
     assert_eq!(redis["master"][1], "r1", "{redis}");

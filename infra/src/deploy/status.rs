@@ -70,11 +70,16 @@ pub struct Status {
 }
 
 impl Status {
-    /// Whether every unit runs, a gateway is active and sees every worker healthy.
+    /// Whether every unit runs, a gateway is active and sees every worker healthy, and (with
+    /// Sentinel) Redis is settled on one master that every node follows.
     pub fn healthy(&self) -> bool {
         let workers = self.units.iter().filter(|u| u.kind == Kind::Worker).count();
         self.units.iter().all(|u| u.running == Some(true))
             && self.active.is_some()
+            && self
+                .redis_sentinel
+                .as_ref()
+                .is_none_or(|s| s.settled().is_some())
             && self
                 .workers
                 .iter()
