@@ -137,8 +137,8 @@ struct Outcome {
     failed_writes: Vec<String>,
     /// Acknowledged cart writes: user index → items.
     acked: BTreeMap<usize, Vec<String>>,
-    /// When each acknowledged write was answered, from the load's start.
-    acked_at: BTreeMap<String, Duration>,
+    /// When each acknowledged write was answered.
+    acked_at: BTreeMap<String, Instant>,
 }
 
 /// Each of `LOOPS` loops takes its own users (`loop`, `loop + LOOPS`, ...) in turn and sends
@@ -149,7 +149,6 @@ async fn load(
     tag: &'static str,
     stop: Arc<AtomicBool>,
 ) -> Outcome {
-    let began = Instant::now();
     let client = plain_client();
     let tasks: Vec<_> = (0..LOOPS)
         .map(|lane| {
@@ -186,7 +185,7 @@ async fn load(
                             .await
                         {
                             Ok(r) if r.status().is_success() => {
-                                out.acked_at.insert(item.clone(), began.elapsed());
+                                out.acked_at.insert(item.clone(), Instant::now());
                                 out.acked.entry(user).or_default().push(item);
                             }
                             Ok(r) => out.failed_writes.push(format!("status {}", r.status())),
@@ -271,7 +270,7 @@ fn load_with<T>(
 }
 
 /// Acknowledged writes missing from the carts, with when each was acknowledged.
-fn lost(outcome: &Outcome, carts: &[Option<BTreeSet<String>>]) -> Vec<(String, Duration)> {
+fn lost(outcome: &Outcome, carts: &[Option<BTreeSet<String>>]) -> Vec<(String, Instant)> {
     let mut lost = Vec::new();
     for (user, items) in &outcome.acked {
         for item in items {
@@ -487,8 +486,16 @@ fn sentinel_failover_and_master_kill_under_load() {
     })
     .unwrap();
     let lost_k = lost(&outcome, &after);
+    // Acknowledged relative to the kill: negative before it.
+    let relative = |at: Instant| {
+        if at >= killed_at {
+            (at - killed_at).as_secs_f64()
+        } else {
+            -(killed_at - at).as_secs_f64()
+        }
+    };
     println!(
-        "kill -9 of the master on {master_machine} ({master}): new master {new_master}, all settled {:.1} s after the kill; load: {} GETs ({} failed: {:?}), {} writes ({} acknowledged, {} failed), {} acknowledged writes lost (acknowledged at {:?} into the load; the kill was at 1 s)",
+        "kill -9 of the master on {master_machine} ({master}): new master {new_master}, all settled {:.1} s after the kill; load: {} GETs ({} failed: {:?}), {} writes ({} acknowledged, {} failed), {} acknowledged writes lost (acknowledged at {:?} s from the kill)",
         settled.as_secs_f64(),
         outcome.gets,
         outcome.failed_gets.len(),
@@ -497,7 +504,10 @@ fn sentinel_failover_and_master_kill_under_load() {
         outcome.acked_at.len(),
         outcome.failed_writes.len(),
         lost_k.len(),
-        lost_k.iter().map(|(_, at)| *at).collect::<Vec<_>>(),
+        lost_k
+            .iter()
+            .map(|(_, at)| relative(*at))
+            .collect::<Vec<_>>(),
     );
     assert_ne!(new_master, master, "a replica was promoted");
     assert!(
@@ -506,13 +516,17 @@ fn sentinel_failover_and_master_kill_under_load() {
             .all(|c| c.as_ref().is_some_and(|c| c.contains("seed"))),
         "every session survives the kill: {after:?}"
     );
-    // Only writes in flight around the kill can be lost (acknowledged by the master, not yet
-    // replicated): none from before the kill's second.
+    // What a kill -9 can lose: writes the master acknowledged just before it died and had not
+    // yet sent to a replica (asynchronous replication; the lag is milliseconds here). Nothing
+    // acknowledged after the kill (by the new master) and nothing from long before may be lost.
+    let wrong: Vec<f64> = lost_k
+        .iter()
+        .map(|(_, at)| relative(*at))
+        .filter(|at| !(-0.5..=0.0).contains(at))
+        .collect();
     assert!(
-        lost_k
-            .iter()
-            .all(|(_, at)| *at >= Duration::from_millis(900)),
-        "a write acknowledged well before the kill was lost: {lost_k:?}"
+        wrong.is_empty(),
+        "acknowledged writes lost that were not in flight at the kill (s from the kill): {wrong:?}"
     );
     // Writes work again on the new master.
     let writes_again = herd::netns::run_in_netns(&client_ns, {

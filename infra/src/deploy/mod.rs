@@ -293,6 +293,7 @@ pub fn up(
     }
 
     // Redis first: everyone needs it.
+    sentinel::write_configs(inventory, &deployment.machines, &units)?;
     let redis = units
         .iter()
         .find(|u| u.kind == Kind::Redis)

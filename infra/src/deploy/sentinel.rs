@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{DeployError, Machines, Options, TAIL, connect, launch, wait_redis};
-use crate::inventory::sentinel::{SENTINEL_CONF, SENTINEL_UNIT, sentinel_conf};
+use crate::inventory::sentinel::{
+    DATA_CONF, SENTINEL_CONF, SENTINEL_UNIT, data_conf, sentinel_conf,
+};
 use crate::inventory::{Inventory, Unit, plan};
 use crate::machine::{Machine, quote};
 
@@ -85,6 +87,26 @@ fn pairs(text: &str) -> BTreeMap<String, String> {
         .filter(|c| c.len() == 2)
         .map(|c| (c[0].to_string(), c[1].to_string()))
         .collect()
+}
+
+/// Writes every data node's config file (with Sentinel; before the master starts).
+pub(super) fn write_configs(
+    inventory: &Inventory,
+    machines: &Machines,
+    units: &[Unit],
+) -> Result<(), DeployError> {
+    if inventory.redis.sentinel.is_none() {
+        return Ok(());
+    }
+    for unit in data_nodes(units) {
+        let machine = machines.get(&unit.machine).expect("connected");
+        machine.run(&format!(
+            "printf '%s' {} > {}",
+            quote(&data_conf(inventory, unit)),
+            quote(&format!("{}/{DATA_CONF}", machine.dir()))
+        ))?;
+    }
+    Ok(())
 }
 
 /// Starts the replicas (each ready before the next) and the sentinels, then waits until the

@@ -192,11 +192,14 @@ pub fn extend_plan(inventory: &Inventory, units: &mut Vec<Unit>) {
     let Some(sentinel) = &inventory.redis.sentinel else {
         return;
     };
-    let master = first_master(inventory);
     let Some(index) = units.iter().position(|u| u.kind == Kind::Redis) else {
         return;
     };
     let template = units[index].clone();
+    // A config file first, which the sentinels' `CONFIG REWRITE` keeps up to date with the
+    // node's role: a node that restarts comes back as what it last was, not as the plan started
+    // it (the command line's options would override the file, so `replicaof` is only in there).
+    units[index].args.insert(0, DATA_CONF.into());
     units[index].args.extend(DATA_ARGS.map(String::from));
     units[index]
         .env
@@ -215,12 +218,8 @@ pub fn extend_plan(inventory: &Inventory, units: &mut Vec<Unit>) {
                 }
             })
             .collect();
+        args.insert(0, DATA_CONF.into());
         args.extend(DATA_ARGS.map(String::from));
-        args.extend([
-            "--replicaof".into(),
-            master.ip().to_string(),
-            master.port().to_string(),
-        ]);
         added.push(Unit {
             name: "redis".into(),
             entry: "redis.replicas".into(),
@@ -285,6 +284,23 @@ pub fn extend_plan(inventory: &Inventory, units: &mut Vec<Unit>) {
             ],
         );
     }
+}
+
+/// A data node's config file, relative to its machine's directory: written by `herd up` (with
+/// `replicaof` for a replica), then rewritten by the node when a sentinel changes its role.
+pub const DATA_CONF: &str = "redis/redis.conf";
+
+/// The config file herd writes for the data node `unit` at `up`: `replicaof` the first master
+/// for a replica, nothing of its own for the master (its settings are on its command line).
+pub fn data_conf(inventory: &Inventory, unit: &Unit) -> String {
+    let mut text = String::from(
+        "# Written by `herd up --inventory`; Redis rewrites it when Sentinel changes this node's role.\n",
+    );
+    if unit.entry == "redis.replicas" {
+        let master = first_master(inventory);
+        text.push_str(&format!("replicaof {} {}\n", master.ip(), master.port()));
+    }
+    text
 }
 
 /// The unit name of a sentinel on its machine.
@@ -396,14 +412,14 @@ sentinel = { master = "herd", machines = ["r1", "r2", "r3"] }
         );
         let replica = &units[1];
         assert!(
-            replica.args.join(" ").contains("--bind 10.9.0.12")
-                && replica
-                    .args
-                    .join(" ")
-                    .ends_with("--replicaof 10.9.0.11 6379"),
+            replica.args[0] == DATA_CONF && replica.args.join(" ").contains("--bind 10.9.0.12"),
             "{:?}",
             replica.args
         );
+        assert!(!replica.args.contains(&"--replicaof".to_string()));
+        assert!(data_conf(&inventory, replica).contains("\nreplicaof 10.9.0.11 6379\n"));
+        assert!(!data_conf(&inventory, &units[0]).contains("replicaof"));
+        assert_eq!(units[0].args[0], DATA_CONF);
         for unit in units.iter().filter(|u| u.kind != Kind::Redis) {
             let prefix = if unit.kind == Kind::Worker {
                 "HERD_WORKER"
