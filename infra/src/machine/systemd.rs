@@ -251,4 +251,22 @@ mod tests {
         };
         assert_eq!(unit_name(&launch), "herd-worker@demo-m1-1.service");
     }
+
+    #[test]
+    fn each_redis_unit_of_a_machine_has_its_own_unit_file() {
+        for (name, expected) in [
+            ("redis", "herd-redis.service"),
+            ("redis-sentinel", "herd-redis-sentinel.service"),
+        ] {
+            let launch = Launch {
+                name: name.into(),
+                kind: Kind::Redis,
+                id: name.into(),
+            };
+            assert_eq!(unit_name(&launch), expected);
+            let (file, text) = unit_file(Kind::Redis, "/opt/herd/lab", name);
+            assert_eq!(file, expected);
+            assert!(text.contains(&format!("ExecStart=/opt/herd/lab/link/{name} $HERD_ARGS\n")));
+        }
+    }
 }
