@@ -256,34 +256,43 @@ pub fn extend_plan(inventory: &Inventory, units: &mut Vec<Unit>) {
         });
     }
     units.splice(index + 1..index + 1, added);
-    let addrs = sentinel_addrs(inventory)
-        .iter()
-        .map(SocketAddr::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
     for unit in units.iter_mut() {
-        let prefix = match unit.kind {
-            Kind::Worker => "HERD_WORKER",
-            Kind::Gateway => "HERD_GATEWAY",
-            Kind::Redis => continue,
-        };
+        let env = follow_env(inventory, unit.kind);
         // Before the inventory's own env, which was appended last and so still wins.
         let at = unit
             .env
             .iter()
             .position(|(k, _)| k.ends_with("REDIS__URL"))
             .map_or(unit.env.len(), |i| i + 1);
-        unit.env.splice(
-            at..at,
-            [
-                (format!("{prefix}_SENTINEL__ADDRS"), addrs.clone()),
-                (
-                    format!("{prefix}_SENTINEL__MASTER"),
-                    sentinel.master.clone(),
-                ),
-            ],
-        );
+        unit.env.splice(at..at, env);
     }
+}
+
+/// The environment that makes a worker or gateway follow the master through the sentinels
+/// (`HERD_WORKER_SENTINEL__ADDRS`, `..._MASTER`; `HERD_GATEWAY_...` for a gateway); empty
+/// without Sentinel and for Redis units. For code that starts workers outside [`super::plan`]
+/// (e.g. `herd scale`).
+pub fn follow_env(inventory: &Inventory, kind: Kind) -> Vec<(String, String)> {
+    let Some(sentinel) = &inventory.redis.sentinel else {
+        return Vec::new();
+    };
+    let prefix = match kind {
+        Kind::Worker => "HERD_WORKER",
+        Kind::Gateway => "HERD_GATEWAY",
+        Kind::Redis => return Vec::new(),
+    };
+    let addrs = sentinel_addrs(inventory)
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    vec![
+        (format!("{prefix}_SENTINEL__ADDRS"), addrs),
+        (
+            format!("{prefix}_SENTINEL__MASTER"),
+            sentinel.master.clone(),
+        ),
+    ]
 }
 
 /// A data node's config file, relative to its machine's directory: written by `herd up` (with
