@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use herd_shared::config::{ConfigError, Source, Validate, check};
-use herd_shared::redis::RedisConfig;
+use herd_shared::redis::{RedisConfig, RedisPool};
+use herd_shared::sentinel::SentinelConfig;
 
 use crate::failover::FailoverConfig;
 use herd_shared::telemetry::TracingConfig;
@@ -18,7 +19,7 @@ use serde::Deserialize;
 /// Environment prefix of the gateway's settings.
 pub const ENV_PREFIX: &str = "HERD_GATEWAY";
 /// Keys whose environment value is a comma-separated list.
-pub const ENV_LIST_KEYS: &[&str] = &["workers", "redis.cluster"];
+pub const ENV_LIST_KEYS: &[&str] = &["workers", "redis.cluster", "sentinel.addrs"];
 
 /// The whole configuration of one gateway process.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -38,8 +39,11 @@ pub struct GatewayConfig {
     pub threads: usize,
     /// Admin listener and its token.
     pub admin: AdminConfig,
-    /// How to reach Redis (used by the registry).
+    /// How to reach Redis (used by the registry and the failover lease).
     pub redis: RedisConfig,
+    /// `[sentinel]`: follow the Redis master through Sentinel (off when `addrs` is empty);
+    /// `redis.url` then gives the password, the database and the first address to try.
+    pub sentinel: SentinelConfig,
     /// Discovery of workers that register themselves in Redis.
     pub registry: RegistryConfig,
     /// Active and passive health checks.
@@ -71,6 +75,7 @@ impl Default for GatewayConfig {
             threads: 0,
             admin: AdminConfig::default(),
             redis: RedisConfig::default(),
+            sentinel: SentinelConfig::default(),
             registry: RegistryConfig::default(),
             health: HealthConfig::default(),
             balancing: BalancingConfig::default(),
@@ -100,6 +105,16 @@ fn default_id() -> String {
 }
 
 impl GatewayConfig {
+    /// The Redis pool for the registry and the failover lease: following the master through
+    /// Sentinel when `[sentinel]` lists sentinels, else `redis.url` (or `redis.cluster`).
+    pub fn redis_pool(&self) -> Result<RedisPool, redis::RedisError> {
+        if self.sentinel.enabled() {
+            herd_shared::sentinel::following_pool(&self.redis, &self.sentinel)
+        } else {
+            self.redis.pool()
+        }
+    }
+
     /// The number of serving threads: `threads`, or one per CPU the process may run on.
     pub fn serving_threads(&self) -> usize {
         match self.threads {
@@ -455,6 +470,13 @@ impl Validate for GatewayConfig {
         }
         self.failover.validate()?;
         self.tracing.validate_in("tracing")?;
+        self.sentinel.validate_in("sentinel")?;
+        if self.sentinel.enabled() && self.redis.is_cluster() {
+            return Err(ConfigError::new(
+                "sentinel.addrs",
+                "set either sentinel.addrs (one Redis found through Sentinel) or redis.cluster, not both",
+            ));
+        }
         if self.failover.enabled {
             self.redis.validate_in("redis")?;
         }
@@ -691,6 +713,32 @@ mod tests {
         assert_eq!(config.health.passive.consecutive_failures, 5);
         assert_eq!(config.balancing.algorithm, Algorithm::RoundRobin);
         assert!(config.registry.enabled);
+    }
+
+    #[test]
+    fn sentinel_comes_from_the_environment_and_is_checked() {
+        let config = load(&[
+            (
+                "HERD_GATEWAY_SENTINEL__ADDRS",
+                "10.0.0.1:26379,10.0.0.2:26379",
+            ),
+            ("HERD_GATEWAY_SENTINEL__MASTER", "herd"),
+        ])
+        .unwrap();
+        assert_eq!(config.sentinel.addrs, ["10.0.0.1:26379", "10.0.0.2:26379"]);
+        assert_eq!(config.sentinel.master, "herd");
+        assert!(matches!(
+            config.redis_pool().unwrap(),
+            herd_shared::redis::RedisPool::Sentinel(_)
+        ));
+        let error = load(&[("HERD_GATEWAY_SENTINEL__ADDRS", "10.0.0.1")]).unwrap_err();
+        assert_eq!(error.key, "sentinel.addrs[0]");
+        let error = load(&[
+            ("HERD_GATEWAY_SENTINEL__ADDRS", "10.0.0.1:26379"),
+            ("HERD_GATEWAY_REDIS__CLUSTER", "redis://10.0.0.3:7000"),
+        ])
+        .unwrap_err();
+        assert_eq!(error.key, "sentinel.addrs");
     }
 
     #[test]

@@ -146,13 +146,14 @@ pub async fn run(
     if config.registry.enabled {
         tokio::spawn(registry::run(
             balancer.clone(),
+            config.redis_pool(),
             config.redis.clone(),
             config.registry.clone(),
             stop.clone(),
         ));
     }
     let failover = if config.failover.enabled {
-        let pool = config.redis.pool().map_err(ServerError::Redis)?;
+        let pool = config.redis_pool().map_err(ServerError::Redis)?;
         let counted = balancer.clone();
         let healthy: failover::HealthyCount = Arc::new(move || counted.healthy_count());
         let started = failover::start(

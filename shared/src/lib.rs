@@ -4,6 +4,7 @@
 //! - [`config`]: load a process's settings from a TOML file plus `HERD_…` environment overrides,
 //!   then validate them once; a bad value becomes one line naming the key ([`config::ConfigError`]).
 //! - [`redis`]: the Redis connection settings and pool every process uses.
+//! - [`sentinel`]: a pool that follows the Redis master through Sentinel.
 //! - [`keys`]: the Redis key schema (sessions, registry, events, gateway lease).
 //! - [`registry`]: the worker registry entry and the `events` notices, as written by workers and
 //!   read by gateways.
@@ -17,4 +18,5 @@ pub mod keys;
 pub mod net;
 pub mod redis;
 pub mod registry;
+pub mod sentinel;
 pub mod telemetry;

@@ -197,6 +197,8 @@ pub enum RedisPool {
     Single(Pool),
     /// A Redis Cluster.
     Cluster(Arc<ClusterPool>),
+    /// The master the sentinels name, followed as it moves ([`crate::sentinel`]).
+    Sentinel(Arc<crate::sentinel::SentinelPool>),
 }
 
 impl std::fmt::Debug for RedisPool {
@@ -204,6 +206,7 @@ impl std::fmt::Debug for RedisPool {
         match self {
             RedisPool::Single(_) => f.write_str("RedisPool::Single"),
             RedisPool::Cluster(_) => f.write_str("RedisPool::Cluster"),
+            RedisPool::Sentinel(pool) => write!(f, "RedisPool::Sentinel({})", pool.address()),
         }
     }
 }
@@ -215,6 +218,7 @@ impl RedisPool {
         match self {
             RedisPool::Single(pool) => Some(pool.status()),
             RedisPool::Cluster(_) => None,
+            RedisPool::Sentinel(pool) => Some(pool.pool().status()),
         }
     }
 
@@ -222,6 +226,7 @@ impl RedisPool {
     pub async fn get(&self) -> Result<RedisConnection, ConnectError> {
         match self {
             RedisPool::Single(pool) => Ok(RedisConnection::Single(pool.get().await?)),
+            RedisPool::Sentinel(pool) => Ok(RedisConnection::Single(pool.pool().get().await?)),
             RedisPool::Cluster(cluster) => {
                 let mut slot = cluster.connection.lock().await;
                 if let Some(connection) = slot.as_ref() {

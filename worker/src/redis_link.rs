@@ -36,6 +36,9 @@ pub struct RedisLink {
     /// `host:port` the pool connects to.
     address: Arc<ArcSwap<String>>,
     config: RedisConfig,
+    /// Wakes [`RedisLink::follow`] before its next poll: a call met a replica (`READONLY`),
+    /// so the master has most likely moved.
+    ask_now: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for RedisLink {
@@ -55,6 +58,7 @@ impl RedisLink {
                 address_of(&config.url).unwrap_or_default(),
             )),
             config: config.clone(),
+            ask_now: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -66,8 +70,10 @@ impl RedisLink {
     /// after a short pause until `timeout`: nothing was sent, so trying again is safe, and a
     /// restart (~100 ms, `herd drill redis-restart`) then costs users a slower request instead
     /// of a 503. So does a `LOADING` answer (a Redis just restarted accepts connections while
-    /// it reads its append-only file back, and runs nothing meanwhile). Any other failure after
-    /// the script was sent is returned at once: it may have run.
+    /// it reads its append-only file back, and runs nothing meanwhile), and a `READONLY` one (the
+    /// node was demoted to a replica: the script's first write was refused, so nothing was
+    /// written; the sentinels are asked at once and the call goes again to the master they
+    /// name). Any other failure after the script was sent is returned at once: it may have run.
     pub async fn invoke<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
@@ -81,6 +87,10 @@ impl RedisLink {
                     Ok(mut connection) => {
                         match invocation.invoke_async::<T>(&mut connection).await {
                             Err(error) if is_loading(&error) => last = error.to_string(),
+                            Err(error) if is_read_only(&error) => {
+                                last = error.to_string();
+                                self.ask_now.notify_one();
+                            }
                             result => return result.map_err(|e| e.to_string()),
                         }
                         tokio::time::sleep(pause).await;
@@ -182,12 +192,14 @@ impl RedisLink {
         }
     }
 
-    /// Follows the master every `sentinel.poll` until `stop`.
+    /// Follows the master every `sentinel.poll`, and at once when a call met a replica, until
+    /// `stop`.
     pub async fn follow(self, sentinel: SentinelConfig, stop: CancellationToken) {
         let mut silent = false;
         loop {
             tokio::select! {
                 () = tokio::time::sleep(sentinel.poll) => {}
+                () = self.ask_now.notified() => {}
                 () = stop.cancelled() => return,
             }
             let asked = tokio::select! {
@@ -236,6 +248,11 @@ fn with_address(url: &str, address: &str) -> String {
 
 /// How long the first resolution may take before serving anyway.
 pub const FIRST_RESOLVE: Duration = Duration::from_secs(2);
+
+/// Whether Redis answered `READONLY` (a replica refused a write; it ran nothing).
+fn is_read_only(error: &redis::RedisError) -> bool {
+    error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+}
 
 /// Whether Redis answered `LOADING` (it is reading its data back after a start and ran
 /// nothing).

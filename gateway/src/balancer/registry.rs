@@ -351,13 +351,15 @@ impl Reconciler {
 /// retried every `reconnect_delay`.
 pub async fn run(
     balancer: Arc<Balancer>,
+    pool: Result<RedisPool, redis::RedisError>,
     redis_config: RedisConfig,
     config: RegistryConfig,
     shutdown: CancellationToken,
 ) {
     let keys = redis_config.keys();
     let channel = keys.events();
-    let pool = match redis_config.pool() {
+    // The pool comes from the caller: with `[sentinel]` it follows the master as it moves.
+    let pool = match pool {
         Ok(pool) => pool,
         Err(error) => {
             warn!(error = %error, "registry disabled: bad Redis settings");
@@ -366,7 +368,9 @@ pub async fn run(
     };
     // Notices are plain PUBLISHes, which a Redis Cluster forwards to every node: subscribing on
     // any one node hears them all. On a cluster the subscription moves to the next seed
-    // whenever it breaks (that node died or was cut off).
+    // whenever it breaks (that node died or was cut off). With Sentinel the subscription stays
+    // on `redis.url` (the first master): a demoted master still hears PUBLISHes through
+    // replication, and a dead one leaves the poll, which follows the master, to find changes.
     let urls = if redis_config.is_cluster() {
         redis_config.cluster.clone()
     } else {

@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod scale;
+pub mod sentinel;
 pub mod status;
 pub mod tls;
 
@@ -77,6 +78,9 @@ pub enum DeployError {
         /// The end of its log.
         tail: String,
     },
+    /// Redis with Sentinel refused or failed a request (e.g. `SENTINEL FAILOVER`).
+    #[error("redis sentinel: {0}")]
+    Sentinel(String),
     /// `herd tls push` can't push.
     #[error("{0}")]
     TlsPush(String),
@@ -301,6 +305,7 @@ pub fn up(
     }
 
     // Redis first: everyone needs it.
+    sentinel::write_configs(inventory, &deployment.machines, &units)?;
     let redis = units
         .iter()
         .find(|u| u.kind == Kind::Redis)
@@ -313,6 +318,14 @@ pub fn up(
         "redis is up on {} ({})",
         redis.machine, redis.listen
     ));
+    // With Sentinel: the replicas and the sentinels, agreed on the master before anyone uses it.
+    sentinel::start(
+        inventory,
+        &deployment.machines,
+        &units,
+        &mut deployment.started,
+        say,
+    )?;
 
     for unit in units.iter().filter(|u| u.kind == Kind::Worker) {
         let machine = deployment.machines.get(&unit.machine).expect("connected");

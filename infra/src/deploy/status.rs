@@ -67,14 +67,22 @@ pub struct Status {
     pub gateways: Vec<GatewayStatus>,
     /// Workers as the active gateway sees them.
     pub workers: Vec<SeenWorker>,
+    /// With Sentinel: the master the sentinels agree on, each sentinel and each data node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_sentinel: Option<super::sentinel::SentinelStatus>,
 }
 
 impl Status {
-    /// Whether every unit runs, a gateway is active and sees every worker healthy.
+    /// Whether every unit runs, a gateway is active and sees every worker healthy, and (with
+    /// Sentinel) Redis is settled on one master that every node follows.
     pub fn healthy(&self) -> bool {
         let workers = self.units.iter().filter(|u| u.kind == Kind::Worker).count();
         self.units.iter().all(|u| u.running == Some(true))
             && self.active.is_some()
+            && self
+                .redis_sentinel
+                .as_ref()
+                .is_none_or(|s| s.settled().is_some())
             && self
                 .workers
                 .iter()
@@ -152,6 +160,9 @@ impl Status {
                 ms(seen.and_then(|w| w.p50_ms)),
                 ms(seen.and_then(|w| w.p99_ms)),
             ));
+        }
+        if let Some(sentinel) = &self.redis_sentinel {
+            out.push_str(&sentinel.table());
         }
         out
     }
@@ -240,5 +251,6 @@ pub fn collect(inventory: &Inventory, options: &Options) -> Status {
         units: unit_status,
         gateways,
         workers,
+        redis_sentinel: super::sentinel::status(inventory, options),
     }
 }

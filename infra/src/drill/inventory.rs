@@ -323,6 +323,10 @@ fn ip(args: &[&str]) -> Result<(), TargetError> {
     Ok(())
 }
 
+/// How long a Sentinel failover may take, from the write pause until every node follows the
+/// new master (measured 2.4–2.9 s; the sentinels look at a node every second or so).
+const SENTINEL_FAILOVER: Duration = Duration::from_secs(30);
+
 /// A running inventory cluster that drills run against.
 #[derive(Debug)]
 pub struct InventoryCluster {
@@ -338,6 +342,8 @@ pub struct InventoryCluster {
     signalled: HashMap<String, u32>,
     public: SocketAddr,
     client: Option<ClientNetns>,
+    /// Directories of local and netns machines (what `deploy` needs besides the inventory).
+    state_root: PathBuf,
 }
 
 impl InventoryCluster {
@@ -349,7 +355,7 @@ impl InventoryCluster {
         state_root: PathBuf,
     ) -> Result<InventoryCluster, TargetError> {
         let options = Options {
-            state_root,
+            state_root: state_root.clone(),
             token: String::new(),
         };
         let machines = deploy::connect(&inventory, &options);
@@ -398,7 +404,29 @@ impl InventoryCluster {
             signalled: HashMap::new(),
             public,
             client,
+            state_root,
         })
+    }
+
+    /// The redis-restart drill where Redis runs with Sentinel: a planned failover of the master
+    /// (writes paused until the replicas have them, `SENTINEL FAILOVER`, the old master a
+    /// replica of the new one; see [`deploy::sentinel::failover`]).
+    fn fail_redis_over(&mut self) -> Result<String, TargetError> {
+        let options = Options {
+            state_root: self.state_root.clone(),
+            token: String::new(),
+        };
+        let report = deploy::sentinel::failover(&self.inventory, &options, SENTINEL_FAILOVER)
+            .map_err(failed)?;
+        Ok(format!(
+            "Redis master failed over by Sentinel: {} on {} → {} on {} (writes paused {} ms, all nodes following after {} ms)",
+            report.from.0,
+            report.from.1,
+            report.to.0,
+            report.to.1,
+            report.writes_paused.as_millis(),
+            report.settled_after.as_millis()
+        ))
     }
 
     fn machine(&self, name: &str) -> Result<&dyn Machine, TargetError> {
@@ -701,7 +729,10 @@ impl ClusterHandle for InventoryCluster {
         })
     }
 
-    fn restart_redis(&mut self) -> Result<(), TargetError> {
+    fn restart_redis(&mut self) -> Result<String, TargetError> {
+        if self.inventory.redis.sentinel.is_some() {
+            return self.fail_redis_over();
+        }
         let redis = self.redis()?;
         let machine = self.machine(&redis.machine)?;
         let before = Self::redis_ready_count(machine, &redis);
@@ -716,7 +747,10 @@ impl ClusterHandle for InventoryCluster {
         }
         .map_err(failed)?;
         match answer.trim() {
-            "restarted" => self.start_redis(&redis, before, false),
+            "restarted" => {
+                self.start_redis(&redis, before, false)?;
+                Ok(super::target::REDIS_RESTARTED.to_string())
+            }
             "killed" => Err(failed(format!(
                 "redis-server did not exit within {} s of SIGTERM",
                 REDIS_GRACE.as_secs()

@@ -155,10 +155,11 @@ impl ClusterHandle for LabCluster {
             .map_err(failed)
     }
 
-    fn restart_redis(&mut self) -> Result<(), TargetError> {
+    fn restart_redis(&mut self) -> Result<String, TargetError> {
         let redis = self.lab.redis();
         redis.stop();
-        redis.start_again().map_err(failed)
+        redis.start_again().map_err(failed)?;
+        Ok(super::target::REDIS_RESTARTED.to_string())
     }
 
     fn ensure_redis(&mut self) -> Result<(), TargetError> {

@@ -377,7 +377,7 @@ impl ClusterHandle for LocalCluster {
         self.respawn(name, &["public", "admin"], None)
     }
 
-    fn restart_redis(&mut self) -> Result<(), TargetError> {
+    fn restart_redis(&mut self) -> Result<String, TargetError> {
         let redis = self.redis()?;
         let outcome = pid::stop_all(&[redis.process], REDIS_GRACE);
         if outcome.first() == Some(&pid::Stopped::Killed) {
@@ -386,7 +386,8 @@ impl ClusterHandle for LocalCluster {
                 REDIS_GRACE.as_secs()
             )));
         }
-        self.ensure_redis()
+        self.ensure_redis()?;
+        Ok(super::target::REDIS_RESTARTED.to_string())
     }
 
     fn ensure_redis(&mut self) -> Result<(), TargetError> {

@@ -623,12 +623,8 @@ fn inject(
         }
         Kind::RedisRestart => {
             guard.pending.push(Undo::RedisUp);
-            cluster.restart_redis()?;
-            (
-                "Redis stopped (SIGTERM) and started again".to_string(),
-                None,
-                false,
-            )
+            let fault = cluster.restart_redis()?;
+            (fault, None, false)
         }
         Kind::ScaleUp => {
             let id = cluster.add_worker()?;

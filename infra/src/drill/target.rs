@@ -51,6 +51,9 @@ pub struct GatewayInfo {
     pub metrics: Option<String>,
 }
 
+/// What a plain Redis restart is, in a drill's report.
+pub const REDIS_RESTARTED: &str = "Redis stopped (SIGTERM) and started again";
+
 /// How a drained worker stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
@@ -86,8 +89,9 @@ pub trait ClusterHandle {
     /// Starts gateway `name` again after it was killed or stopped.
     fn restart_gateway(&mut self, name: &str) -> Result<(), TargetError>;
     /// Stops Redis (SIGTERM: it writes what it must to disk) and starts it again on the same
-    /// address and data directory; returns once it answers.
-    fn restart_redis(&mut self) -> Result<(), TargetError>;
+    /// address and data directory — or, where Redis runs with Sentinel, fails the master over —
+    /// and returns once it answers, with one line saying what was done.
+    fn restart_redis(&mut self) -> Result<String, TargetError>;
     /// Starts Redis if it is not running (the undo of a restart that failed halfway).
     fn ensure_redis(&mut self) -> Result<(), TargetError>;
     /// Starts one more worker that joins through the registry; returns its id.

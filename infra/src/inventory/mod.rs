@@ -9,10 +9,12 @@
 //! refused before anything starts.
 
 mod plan;
+pub mod sentinel;
 mod tls;
 mod validate;
 
 pub use plan::{Kind, Unit, placement, plan};
+pub use sentinel::RedisSentinel;
 pub use tls::{GatewayTls, TlsFile, TlsSni, tls_listener};
 pub use validate::{listeners, validate};
 
@@ -96,15 +98,22 @@ pub struct SshSettings {
     pub config_file: Option<PathBuf>,
 }
 
-/// `[redis]`: one Redis server.
+/// `[redis]`: one Redis server, or a master with replicas watched by Sentinel.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Redis {
-    /// The machine it runs on.
+    /// The machine it runs on (with Sentinel: the master when the cluster comes up).
     pub machine: String,
-    /// Its port.
+    /// Its port (every replica's too).
     #[serde(default = "default_redis_port")]
     pub port: u16,
+    /// Machines with a replica of the master (Sentinel only).
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    /// `sentinel = { machines = [...], ... }`: sentinels that promote a replica when the master
+    /// fails, and that workers and gateways ask where the master is ([`sentinel`]).
+    #[serde(default)]
+    pub sentinel: Option<RedisSentinel>,
 }
 
 fn default_redis_port() -> u16 {

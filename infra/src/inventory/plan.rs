@@ -237,6 +237,7 @@ pub fn plan(inventory: &Inventory, token: &str) -> Vec<Unit> {
             config: None,
         });
     }
+    super::sentinel::extend_plan(inventory, &mut units);
     units
 }
 

@@ -22,6 +22,7 @@ pub fn validate(inventory: &Inventory) -> Check {
     images(inventory)?;
     capacity(inventory)?;
     super::tls::validate(inventory)?;
+    super::sentinel::validate(inventory)?;
     ports(inventory)
 }
 
@@ -346,7 +347,7 @@ pub fn listeners(inventory: &Inventory, units: &[super::Unit]) -> Check {
             _ => machine.name.clone(),
         };
         let mut listeners = unit.listeners();
-        listeners.extend(super::tls_listener(inventory, &unit).map(|a| ("https", a)));
+        listeners.extend(super::tls_listener(inventory, unit).map(|a| ("https", a)));
         for (role, addr) in listeners {
             let what = format!("{} {role} {addr}", unit.name);
             if addr.port() == 0 {

@@ -31,7 +31,8 @@ pub fn unit_name(launch: &Launch) -> String {
     match launch.kind {
         Kind::Worker => format!("herd-worker@{}.service", launch.id),
         Kind::Gateway => "herd-gateway.service".into(),
-        Kind::Redis => "herd-redis.service".into(),
+        // `herd-redis.service`, and with Sentinel also `herd-redis-sentinel.service`.
+        Kind::Redis => format!("herd-{}.service", launch.name),
     }
 }
 
@@ -54,7 +55,7 @@ pub fn unit_file(kind: Kind, dir: &str, unit: &str) -> (String, String) {
             "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE\nCapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE\n",
         ),
         Kind::Redis => (
-            "herd-redis.service".into(),
+            format!("herd-{unit}.service"),
             "Redis for herd (sessions, registry, the gateway lease)",
             unit.to_string(),
             REDIS_STOP_SECS,
@@ -249,5 +250,23 @@ mod tests {
             id: "demo-m1-1".into(),
         };
         assert_eq!(unit_name(&launch), "herd-worker@demo-m1-1.service");
+    }
+
+    #[test]
+    fn each_redis_unit_of_a_machine_has_its_own_unit_file() {
+        for (name, expected) in [
+            ("redis", "herd-redis.service"),
+            ("redis-sentinel", "herd-redis-sentinel.service"),
+        ] {
+            let launch = Launch {
+                name: name.into(),
+                kind: Kind::Redis,
+                id: name.into(),
+            };
+            assert_eq!(unit_name(&launch), expected);
+            let (file, text) = unit_file(Kind::Redis, "/opt/herd/lab", name);
+            assert_eq!(file, expected);
+            assert!(text.contains(&format!("ExecStart=/opt/herd/lab/link/{name} $HERD_ARGS\n")));
+        }
     }
 }
