@@ -8,6 +8,7 @@
 //! - [`otlp`]: [`otlp::Receiver`], an OTLP/HTTP trace receiver that decodes what it is sent.
 //! - [`session_calls`]: the demo app's session calls straight to one worker.
 //! - [`cluster`]: [`cluster::Cluster`], Redis + N workers + a gateway in one call.
+//! - [`inventory`]: run `herd` over a netns inventory and undo all it started.
 //! - [`herd_cli`]: [`herd_cli::HerdCluster`], a cluster run by the `herd` binary itself.
 //! - [`wait_until`], [`unique_prefix`], [`client`]: small helpers every test needs.
 //!
@@ -18,6 +19,7 @@
 pub mod cluster;
 pub mod gateway;
 pub mod herd_cli;
+pub mod inventory;
 pub mod otlp;
 pub mod redis;
 pub mod session_calls;

@@ -13,6 +13,7 @@
 //! Needs root (network namespaces), like CI. Every namespace and process is removed also when a
 //! test fails ([`Cleanup`]). Namespaces are `herdinv-hid…`; the tests run one at a time.
 
+use herd_tests::inventory::{alive, kill_group, namespaces_with, recorded_pids};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -73,46 +74,6 @@ fn herd(args: &[&str]) -> Output {
             .join("\n")
     );
     output
-}
-
-/// Every pid in the pid files of the machine directories under `root`.
-fn recorded_pids(root: &Path) -> BTreeSet<u32> {
-    let mut pids = BTreeSet::new();
-    let Ok(machines) = std::fs::read_dir(root) else {
-        return pids;
-    };
-    for machine in machines.flatten() {
-        let Ok(files) = std::fs::read_dir(machine.path().join("run")) else {
-            continue;
-        };
-        for file in files.flatten() {
-            if let Some(pid) = std::fs::read_to_string(file.path())
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
-            {
-                pids.insert(pid);
-            }
-        }
-    }
-    pids
-}
-
-/// Whether `pid` runs (and is not a zombie).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit(") ").next().map(|rest| !rest.starts_with('Z')))
-        .unwrap_or(false)
-}
-
-fn namespaces_with(prefix: &str) -> Vec<String> {
-    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(prefix))
-        .map(str::to_string)
-        .collect()
 }
 
 /// A 5-host netns inventory written to a temporary directory; brought down however the test
@@ -233,12 +194,8 @@ impl Drop for Cleanup {
         if self.pids.iter().any(|p| alive(*p)) || !namespaces_with(&self.prefix()).is_empty() {
             let _ = self.herd(&["down"]);
         }
-        for pid in &self.pids {
-            if alive(*pid) {
-                let pid = nix::unistd::Pid::from_raw(*pid as i32);
-                let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
-                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-            }
+        for pid in self.pids.iter().filter(|p| alive(**p)) {
+            kill_group(*pid);
         }
         for ns in namespaces_with(&self.prefix()) {
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();

@@ -15,9 +15,10 @@
 //! Needs root (network namespaces), like CI. Every namespace, sshd and process is removed also
 //! when a test fails ([`Cleanup`]). The heavy tests run one at a time.
 
+use herd_tests::inventory::{Cleanup, alive, herd_in, namespaces_with, recorded_pids};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -46,117 +47,6 @@ fn examples() -> PathBuf {
 /// A short unique inventory name (namespace names follow from it).
 fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}", std::process::id() % 1_000_000)
-}
-
-/// Runs `herd ARGS` (inside network namespace `netns` when given) and returns its output.
-fn herd(netns: Option<&str>, args: &[&str]) -> Output {
-    let program = binaries::locate(binaries::HERD).expect("herd is built (cargo build --bins)");
-    let mut command = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(&program);
-            c
-        }
-        None => Command::new(&program),
-    };
-    let began = Instant::now();
-    let output = command
-        .args(args)
-        .env_remove("HERD_STATE_DIR")
-        .output()
-        .expect("run herd");
-    println!(
-        "$ herd {}  ({:.2} s)\n{}{}",
-        args.join(" "),
-        began.elapsed().as_secs_f64(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-/// Every pid in the pid files of the machine directories under `root`.
-fn recorded_pids(root: &Path) -> BTreeSet<u32> {
-    let mut pids = BTreeSet::new();
-    let Ok(machines) = std::fs::read_dir(root) else {
-        return pids;
-    };
-    for machine in machines.flatten() {
-        let Ok(files) = std::fs::read_dir(machine.path().join("run")) else {
-            continue;
-        };
-        for file in files.flatten() {
-            if let Some(pid) = std::fs::read_to_string(file.path())
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
-            {
-                pids.insert(pid);
-            }
-        }
-    }
-    pids
-}
-
-/// Whether `pid` runs (and is not a zombie).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit(") ").next().map(|rest| !rest.starts_with('Z')))
-        .unwrap_or(false)
-}
-
-fn namespaces_with(prefix: &str) -> Vec<String> {
-    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(prefix))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Undoes a test whatever happens: `herd down`, then SIGKILL for every recorded process (the
-/// supervisors are group leaders: the group goes too) and removal of the inventory's
-/// namespaces.
-struct Cleanup {
-    netns: Option<String>,
-    args: Vec<String>,
-    roots: Vec<PathBuf>,
-    pids: BTreeSet<u32>,
-    prefix: String,
-}
-
-impl Cleanup {
-    fn remember(&mut self) {
-        for root in &self.roots {
-            self.pids.extend(recorded_pids(root));
-        }
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.remember();
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        if self.pids.iter().any(|p| alive(*p)) || !namespaces_with(&self.prefix).is_empty() {
-            let _ = herd(self.netns.as_deref(), &args);
-        }
-        for pid in &self.pids {
-            if alive(*pid) {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(*pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(*pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        for ns in namespaces_with(&self.prefix) {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-        }
-    }
 }
 
 /// `count` GETs through `url` from inside `netns`; the `x-herd-machine` of each answer (an
@@ -199,7 +89,7 @@ fn the_six_host_netns_inventory_comes_up_serves_from_every_machine_and_goes_away
     let prefix = format!("herdinv-{name}-");
     let mut cleanup = Cleanup {
         netns: None,
-        args: ["down", "--inventory", file, "--state-dir", state]
+        down: ["down", "--inventory", file, "--state-dir", state]
             .map(String::from)
             .to_vec(),
         roots: vec![Path::new(state).join(format!("inventory-{name}"))],
@@ -208,7 +98,7 @@ fn the_six_host_netns_inventory_comes_up_serves_from_every_machine_and_goes_away
     };
 
     let started = Instant::now();
-    let up = herd(None, &["up", "--inventory", file, "--state-dir", state]);
+    let up = herd_in(None, &["up", "--inventory", file, "--state-dir", state]);
     let took = started.elapsed();
     cleanup.remember();
     assert!(up.status.success(), "herd up failed");
@@ -241,7 +131,7 @@ fn the_six_host_netns_inventory_comes_up_serves_from_every_machine_and_goes_away
         "served by {machines:?}"
     );
 
-    let status = herd(
+    let status = herd_in(
         None,
         &[
             "status",
@@ -263,7 +153,7 @@ fn the_six_host_netns_inventory_comes_up_serves_from_every_machine_and_goes_away
             .iter()
             .all(|m| m["reachable"] == true)
     );
-    let table = herd(None, &["status", "--inventory", file, "--state-dir", state]);
+    let table = herd_in(None, &["status", "--inventory", file, "--state-dir", state]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("gw2             standby"));
 
     let pids = recorded_pids(&cleanup.roots[0]);
@@ -273,7 +163,7 @@ fn the_six_host_netns_inventory_comes_up_serves_from_every_machine_and_goes_away
         "a supervisor and a child for each of 9 units"
     );
     assert!(pids.iter().all(|p| alive(*p)));
-    let down = herd(None, &["down", "--inventory", file, "--state-dir", state]);
+    let down = herd_in(None, &["down", "--inventory", file, "--state-dir", state]);
     assert!(down.status.success(), "herd down failed");
     let left: Vec<_> = pids.iter().filter(|p| alive(**p)).collect();
     assert!(left.is_empty(), "still running after down: {left:?}");
@@ -282,7 +172,7 @@ fn the_six_host_netns_inventory_comes_up_serves_from_every_machine_and_goes_away
         Vec::<String>::new(),
         "namespaces left"
     );
-    let after = herd(None, &["status", "--inventory", file, "--state-dir", state]);
+    let after = herd_in(None, &["status", "--inventory", file, "--state-dir", state]);
     assert_eq!(after.status.code(), Some(3), "nothing runs");
 }
 
@@ -333,7 +223,7 @@ env = {{ HERD_WORKER_WEIGHT = "0" }}
     let root = Path::new(state).join(format!("inventory-{name}"));
     let mut cleanup = Cleanup {
         netns: None,
-        args: ["down", "--inventory", file, "--state-dir", state]
+        down: ["down", "--inventory", file, "--state-dir", state]
             .map(String::from)
             .to_vec(),
         roots: vec![root.clone()],
@@ -354,7 +244,7 @@ env = {{ HERD_WORKER_WEIGHT = "0" }}
             }
             seen
         });
-        let up = herd(None, &["up", "--inventory", file, "--state-dir", state]);
+        let up = herd_in(None, &["up", "--inventory", file, "--state-dir", state]);
         (up, watcher.join().unwrap())
     });
     let (up, seen) = up;
@@ -390,7 +280,7 @@ fn a_bad_inventory_is_refused_with_exit_2_and_one_line_before_anything_starts() 
     std::fs::write(&file, text).unwrap();
     let state = dir.path().join("state");
     for command in ["up", "status", "down"] {
-        let out = herd(
+        let out = herd_in(
             None,
             &[
                 command,
@@ -564,7 +454,7 @@ machines = ["s1", "s2"]
     let (file, state) = (file.to_str().unwrap(), state.to_str().unwrap());
     let mut cleanup = Cleanup {
         netns: Some(ctl.clone()),
-        args: ["down", "--inventory", file, "--state-dir", state]
+        down: ["down", "--inventory", file, "--state-dir", state]
             .map(String::from)
             .to_vec(),
         roots: vec![remote("s1").parent().unwrap().to_path_buf()],
@@ -574,7 +464,7 @@ machines = ["s1", "s2"]
     // The machine directories are remote-s1 and remote-s2 side by side in the temp dir.
     cleanup.roots = vec![d.to_path_buf()];
 
-    let up = herd(
+    let up = herd_in(
         Some(&ctl),
         &["up", "--inventory", file, "--state-dir", state],
     );
@@ -604,7 +494,7 @@ machines = ["s1", "s2"]
     let answers = requests_from(&ctl, "http://10.212.0.10:8080/work?ms=1".into(), 20);
     assert!(answers.iter().all(Result::is_ok), "{answers:?}");
 
-    let status = herd(
+    let status = herd_in(
         Some(&ctl),
         &[
             "status",
@@ -636,7 +526,7 @@ machines = ["s1", "s2"]
     assert_eq!(workers, BTreeSet::from(["demo-s1-1", "demo-s2-1"]));
 
     // `herd scale --on` over ssh: the worker copy up made is reused, the record is on s2.
-    let scale = herd(
+    let scale = herd_in(
         Some(&ctl),
         &[
             "scale",
@@ -652,7 +542,7 @@ machines = ["s1", "s2"]
     cleanup.remember();
     assert!(scale.status.success(), "herd scale over ssh failed");
     assert!(remote("s2").join("etc/workers.json").is_file());
-    let status = herd(
+    let status = herd_in(
         Some(&ctl),
         &[
             "status",
@@ -678,7 +568,7 @@ machines = ["s1", "s2"]
 
     let pids = recorded_pids(d);
     assert_eq!(pids.len(), 2 * 6, "a supervisor and a child per unit");
-    let down = herd(
+    let down = herd_in(
         Some(&ctl),
         &["down", "--inventory", file, "--state-dir", state],
     );
@@ -689,7 +579,7 @@ machines = ["s1", "s2"]
         !remote("s2").join("etc/workers.json").exists(),
         "down forgets the record"
     );
-    let after = herd(
+    let after = herd_in(
         Some(&ctl),
         &["status", "--inventory", file, "--state-dir", state],
     );
@@ -816,14 +706,14 @@ machines = ["a", "b"]
     let (file, state) = (file.to_str().unwrap(), state.to_str().unwrap());
     let mut cleanup = Cleanup {
         netns: None,
-        args: ["down", "--inventory", file, "--state-dir", state]
+        down: ["down", "--inventory", file, "--state-dir", state]
             .map(String::from)
             .to_vec(),
         roots: vec![Path::new(state).join(format!("inventory-{name}"))],
         pids: BTreeSet::new(),
         prefix: format!("herdinv-{name}-"),
     };
-    let up = herd(None, &["up", "--inventory", file, "--state-dir", state]);
+    let up = herd_in(None, &["up", "--inventory", file, "--state-dir", state]);
     cleanup.remember();
     assert!(up.status.success(), "herd up failed");
     let stdout = String::from_utf8_lossy(&up.stdout);
@@ -863,7 +753,7 @@ machines = ["a", "b"]
     assert_eq!(machines, BTreeSet::from(["a".to_string(), "b".to_string()]));
     let pids = recorded_pids(&cleanup.roots[0]);
     assert_eq!(pids.len(), 2 * 6, "redis, 3 workers, 2 gateways");
-    let down = herd(None, &["down", "--inventory", file, "--state-dir", state]);
+    let down = herd_in(None, &["down", "--inventory", file, "--state-dir", state]);
     assert!(down.status.success());
     let left: Vec<_> = pids.iter().filter(|p| alive(**p)).collect();
     assert!(left.is_empty(), "still running after down: {left:?}");

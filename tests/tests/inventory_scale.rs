@@ -10,105 +10,15 @@
 //! Needs root (network namespaces), like CI. Namespaces are `herdinv-hio{pid}-*`; every
 //! namespace and process is removed also when the test fails ([`Cleanup`]).
 
+use herd_tests::inventory::{Cleanup, alive, herd, namespaces_with};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use herd::binaries;
 use herd::load::{self, Plan, Report};
 use serde_json::Value;
-
-/// Runs `herd ARGS` and returns its output.
-fn herd(args: &[&str]) -> Output {
-    let program = binaries::locate(binaries::HERD).expect("herd is built (cargo build --bins)");
-    let began = Instant::now();
-    let output = Command::new(&program)
-        .args(args)
-        .env_remove("HERD_STATE_DIR")
-        .output()
-        .expect("run herd");
-    println!(
-        "$ herd {}  ({:.2} s, {})\n{}{}",
-        args.join(" "),
-        began.elapsed().as_secs_f64(),
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-/// Every pid in the pid files of the machine directories under `root`.
-fn recorded_pids(root: &Path) -> BTreeSet<u32> {
-    let mut pids = BTreeSet::new();
-    for machine in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        for file in std::fs::read_dir(machine.path().join("run"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Some(pid) = std::fs::read_to_string(file.path())
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
-            {
-                pids.insert(pid);
-            }
-        }
-    }
-    pids
-}
-
-/// Whether `pid` runs (and is not a zombie).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit(") ").next().map(|rest| !rest.starts_with('Z')))
-        .unwrap_or(false)
-}
-
-fn namespaces_with(prefix: &str) -> Vec<String> {
-    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(prefix))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Undoes the test whatever happens: `herd down`, then SIGKILL for every recorded process and
-/// its group, and removal of the inventory's namespaces.
-struct Cleanup {
-    down: Vec<String>,
-    root: PathBuf,
-    pids: BTreeSet<u32>,
-    prefix: String,
-}
-
-impl Cleanup {
-    fn remember(&mut self) {
-        self.pids.extend(recorded_pids(&self.root));
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.remember();
-        if self.pids.iter().any(|p| alive(*p)) || !namespaces_with(&self.prefix).is_empty() {
-            let args: Vec<&str> = self.down.iter().map(String::as_str).collect();
-            let _ = herd(&args);
-        }
-        for pid in self.pids.iter().filter(|p| alive(**p)) {
-            let pid = nix::unistd::Pid::from_raw(*pid as i32);
-            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        for ns in namespaces_with(&self.prefix) {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-        }
-    }
-}
 
 fn inventory(name: &str) -> String {
     let host = |name: &str, last: u8| {
@@ -194,8 +104,9 @@ fn scale_and_rollout_over_a_netns_inventory_under_load_fail_no_request() {
     let prefix = format!("herdinv-{name}-");
     let root = Path::new(state).join(format!("inventory-{name}"));
     let mut cleanup = Cleanup {
+        netns: None,
         down: with(&["down"]),
-        root: root.clone(),
+        roots: vec![root.clone()],
         pids: BTreeSet::new(),
         prefix: prefix.clone(),
     };

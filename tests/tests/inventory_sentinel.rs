@@ -12,10 +12,11 @@
 //! Then `down` leaves no process and no namespace. Needs root (network namespaces), like CI.
 //! Namespaces are `herdinv-his{pid}-*`; everything is removed also when the test fails.
 
+use herd_tests::inventory::{Cleanup, alive, herd, namespaces_with, recorded_pids};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -30,91 +31,6 @@ const LOOPS: usize = 8;
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/examples")
-}
-
-/// Runs `herd ARGS` and returns its output.
-fn herd(args: &[&str]) -> Output {
-    let program = herd::binaries::locate(herd::binaries::HERD).expect("herd is built");
-    let began = Instant::now();
-    let output = Command::new(&program)
-        .args(args)
-        .env_remove("HERD_STATE_DIR")
-        .output()
-        .expect("run herd");
-    println!(
-        "$ herd {}  ({:.2} s)\n{}{}",
-        args.join(" "),
-        began.elapsed().as_secs_f64(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit(") ").next().map(|rest| !rest.starts_with('Z')))
-        .unwrap_or(false)
-}
-
-/// Every pid in the pid files under the machine directories of `root`.
-fn recorded_pids(root: &Path) -> BTreeSet<u32> {
-    let mut pids = BTreeSet::new();
-    for machine in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        for file in std::fs::read_dir(machine.path().join("run"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Some(pid) = std::fs::read_to_string(file.path())
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
-            {
-                pids.insert(pid);
-            }
-        }
-    }
-    pids
-}
-
-fn namespaces_with(prefix: &str) -> Vec<String> {
-    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(prefix))
-        .map(str::to_string)
-        .collect()
-}
-
-/// `herd down`, then SIGKILL for anything recorded still running and removal of the
-/// namespaces, whatever happened.
-struct Cleanup {
-    down: Vec<String>,
-    root: PathBuf,
-    pids: BTreeSet<u32>,
-    prefix: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.pids.extend(recorded_pids(&self.root));
-        if self.pids.iter().any(|p| alive(*p)) || !namespaces_with(&self.prefix).is_empty() {
-            let args: Vec<&str> = self.down.iter().map(String::as_str).collect();
-            let _ = herd(&args);
-        }
-        for pid in &self.pids {
-            if alive(*pid) {
-                let pid = nix::unistd::Pid::from_raw(*pid as i32);
-                let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        for ns in namespaces_with(&self.prefix) {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-        }
-    }
 }
 
 /// A client without a cookie jar: each request carries the one session cookie it is given (a
@@ -301,10 +217,11 @@ fn sentinel_failover_and_master_kill_under_load() {
     let prefix = format!("herdinv-{name}-");
     let root = state.join(format!("inventory-{name}"));
     let mut cleanup = Cleanup {
+        netns: None,
         down: ["down", "--inventory", file_s, "--state-dir", state_s]
             .map(String::from)
             .to_vec(),
-        root: root.clone(),
+        roots: vec![root.clone()],
         pids: BTreeSet::new(),
         prefix: prefix.clone(),
     };

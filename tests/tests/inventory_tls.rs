@@ -14,36 +14,17 @@
 //! Needs root (network namespaces), like CI. Namespaces are `herdinv-hit{pid}-…`; everything
 //! is removed also when the test fails ([`Cleanup`]).
 
+use herd_tests::inventory::{Cleanup, alive, herd, kill_group, namespaces_with, recorded_pids};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herd::binaries;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls_pki_types::CertificateDer;
 
 /// The segment of this test's namespaces (other inventory tests use 10.211-10.213).
 const NET: &str = "10.231.0";
-
-fn herd(args: &[&str]) -> Output {
-    let program = binaries::locate(binaries::HERD).expect("herd is built (cargo build --bins)");
-    let began = Instant::now();
-    let output = Command::new(&program)
-        .args(args)
-        .env_remove("HERD_STATE_DIR")
-        .output()
-        .expect("run herd");
-    println!(
-        "$ herd {}  ({:.2} s)\n{}{}",
-        args.join(" "),
-        began.elapsed().as_secs_f64(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
 
 /// A throw-away CA and the leaf certificates it signs, as PEM files in `dir`.
 struct Pki {
@@ -152,81 +133,6 @@ fn https_from(
     .expect("enter the client namespace")
 }
 
-/// Every pid in the pid files of the machine directories under `root`.
-fn recorded_pids(root: &Path) -> BTreeSet<u32> {
-    let mut pids = BTreeSet::new();
-    for machine in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        for file in std::fs::read_dir(machine.path().join("run"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Some(pid) = std::fs::read_to_string(file.path())
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
-            {
-                pids.insert(pid);
-            }
-        }
-    }
-    pids
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit(") ").next().map(|rest| !rest.starts_with('Z')))
-        .unwrap_or(false)
-}
-
-fn kill9(pid: u32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-}
-
-fn namespaces_with(prefix: &str) -> Vec<String> {
-    let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(prefix))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Undoes the test whatever happens: `herd down`, SIGKILL for every recorded process (and its
-/// group), removal of the namespaces.
-struct Cleanup {
-    down: Vec<String>,
-    root: PathBuf,
-    pids: BTreeSet<u32>,
-    prefix: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.pids.extend(recorded_pids(&self.root));
-        if self.pids.iter().any(|p| alive(*p)) || !namespaces_with(&self.prefix).is_empty() {
-            let args: Vec<&str> = self.down.iter().map(String::as_str).collect();
-            let _ = herd(&args);
-        }
-        for pid in &self.pids {
-            if alive(*pid) {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(*pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                kill9(*pid);
-            }
-        }
-        for ns in namespaces_with(&self.prefix) {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-        }
-    }
-}
-
 /// The inventory: gateways gw1 (preferred) and gw2 with `[gateways.tls]` on 8443, one worker and
 /// Redis on m1, and a client host.
 fn inventory(name: &str) -> String {
@@ -290,10 +196,11 @@ fn both_gateways_serve_the_inventorys_certificate_renewals_are_pushed_and_the_st
     let prefix = format!("herdinv-{name}-");
     let root = Path::new(state).join(format!("inventory-{name}"));
     let mut cleanup = Cleanup {
+        netns: None,
         down: ["down", "--inventory", file, "--state-dir", state]
             .map(String::from)
             .to_vec(),
-        root: root.clone(),
+        roots: vec![root.clone()],
         pids: BTreeSet::new(),
         prefix: prefix.clone(),
     };
@@ -404,8 +311,8 @@ fn both_gateways_serve_the_inventorys_certificate_renewals_are_pushed_and_the_st
             .unwrap()
     };
     let (supervisor, gateway) = (pid("gateway-gw1.pid"), pid("gateway-gw1.child"));
-    kill9(supervisor);
-    kill9(gateway);
+    kill_group(supervisor);
+    kill_group(gateway);
     let killed = Instant::now();
     let answers = https_from(&client, ca.clone(), url.clone(), 150, |s| {
         s.gateway == "gw2"

@@ -3,6 +3,8 @@
 //!
 //! Every key is documented in `worker/README.md`. Durations are humantime strings (`250ms`, `3s`).
 
+/// `[sentinel]`: the same keys as the gateway's (see [`herd_shared::sentinel::SentinelConfig`]).
+pub use herd_shared::sentinel::SentinelConfig;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -79,36 +81,6 @@ impl Default for WorkerConfig {
             health: HealthConfig::default(),
             tracing: TracingConfig::default(),
         }
-    }
-}
-
-/// `[sentinel]`: where the sentinels are and which master to follow.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SentinelConfig {
-    /// Sentinel addresses (`host:port`); empty means no Sentinel (use `redis.url` directly).
-    pub addrs: Vec<String>,
-    /// Name of the monitored master.
-    pub master: String,
-    /// How often the sentinels are asked where the master is.
-    #[serde(with = "humantime_serde")]
-    pub poll: Duration,
-}
-
-impl Default for SentinelConfig {
-    fn default() -> Self {
-        SentinelConfig {
-            addrs: Vec::new(),
-            master: "mymaster".into(),
-            poll: Duration::from_millis(250),
-        }
-    }
-}
-
-impl SentinelConfig {
-    /// Whether Sentinel is in use.
-    pub fn enabled(&self) -> bool {
-        !self.addrs.is_empty()
     }
 }
 
