@@ -280,16 +280,21 @@ mod tests {
         std::fs::create_dir(here.path().join("run")).unwrap();
         let got = here.path().join("got-hup");
         let ready = here.path().join("ready");
-        let mut child = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "trap 'echo hup > {}; exit 0' HUP; : > {}; i=0; while [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done",
-                got.display(),
-                ready.display()
-            ))
-            .spawn()
-            .unwrap();
-        // The trap is set once the shell has made `ready` (bounded: 10 s).
+        // Perl, not a shell trap: a shell cannot trap a signal that was ignored when it started,
+        // and a test run under `nohup` (as CI scripts may be) ignores SIGHUP; Perl's handler is
+        // installed whatever the inherited disposition. (perl-base is essential on Debian.)
+        let mut command = std::process::Command::new("perl");
+        command
+            .arg("-e")
+            .arg(
+                r#"$SIG{HUP} = sub { open(my $f, ">", $ARGV[0]); print $f "hup\n"; close $f; exit 0 };
+                   open(my $r, ">", $ARGV[1]); close $r;
+                   select(undef, undef, undef, 0.05) for 1 .. 200;"#,
+            )
+            .arg(&got)
+            .arg(&ready);
+        let mut child = command.spawn().unwrap();
+        // The handler is set once perl has made `ready` (bounded: 10 s).
         for _ in 0..1000 {
             if ready.exists() {
                 break;
