@@ -224,6 +224,11 @@ pub async fn run(
     // After the shutdown signal, an active gateway with a ready standby hands the address over
     // first (the failback path); it keeps accepting until then, so no client's connection meets
     // a closed port. `handed_over` completes when the failover node is done (at once without one).
+    // Without a pair, idle connections close when serving stops.
+    let address_leaving = failover
+        .as_ref()
+        .map(|started| started.address_leaving.clone())
+        .unwrap_or_default();
     let mut failover_done = failover.map(|started| started.stopped);
     let mut handed_over = std::pin::pin!(async {
         if let Some(done) = failover_done.as_mut() {
@@ -232,6 +237,7 @@ pub async fn run(
         }
     });
     let mut stopping = false;
+    let mut idle_closed = false;
     let mut admin_accept_failures = crate::serving::AcceptFailures::default();
     loop {
         tokio::select! {
@@ -259,9 +265,14 @@ pub async fn run(
             }
             () = &mut shutdown, if !stopping => {
                 stopping = true;
-                info!("shutdown requested: closing keep-alive connections, then giving up the role if active");
+                info!("shutdown requested: keep-alive connections close after their next response; giving up the role if active");
                 clients.drain();
                 stop.cancel();
+            }
+            () = address_leaving.cancelled(), if stopping && !idle_closed => {
+                idle_closed = true;
+                info!("the address is about to leave: closing idle client connections");
+                clients.close_idle();
             }
             () = &mut handed_over, if stopping => break,
         }

@@ -87,6 +87,8 @@ pub struct Clients {
     redirect: Option<Redirect>,
     /// Set when the gateway starts to stop (see [`Clients::drain`]).
     draining: CancellationToken,
+    /// Set when the connections still open should close now (see [`Clients::close_idle`]).
+    closing_idle: CancellationToken,
 }
 
 impl Clients {
@@ -101,6 +103,7 @@ impl Clients {
         let per_client = config.limits.max_connections_per_client;
         Clients {
             draining: CancellationToken::new(),
+            closing_idle: CancellationToken::new(),
             proxy,
             builder,
             metrics,
@@ -137,20 +140,31 @@ impl Clients {
         self.occupancy.total.load(Ordering::Relaxed)
     }
 
-    /// Serves a connection on the current thread until it ends; `secure`: it came from the
-    /// TLS listener and is served after its handshake.
-    /// The gateway starts to stop: from now on every connection serves at most its request in
-    /// progress (or its first one) and closes (`Connection: close`; idle keep-alive connections
-    /// closed now, HTTP/2 gets GOAWAY), while the listeners keep accepting.
+    /// The gateway starts to stop: from now on every HTTP/1 response says `Connection: close`
+    /// (the connection closes once it is written), and connections accepted meanwhile serve one
+    /// request. Connections that stay idle are closed by [`Clients::close_idle`].
     ///
-    /// Called before a graceful stop hands the floating address to the standby: a client that
-    /// kept a connection to this gateway would send its next request on it after the address
-    /// moved, reach the new holder, which knows no such connection, and be reset. Clients that
-    /// open a new connection for each request reach whoever holds the address.
+    /// Why in two steps: a graceful stop hands the floating address to the standby, and a client
+    /// that kept a connection to this gateway would send its next request on it after the address
+    /// moved, reach the new holder, which knows no such connection, and be reset. But closing an
+    /// idle keep-alive connection races with a request the client is sending on it just then
+    /// (HTTP/1.1 has no clean way out: the client sees the connection closed under its request).
+    /// So connections in use are closed by their next response — no race — and only those idle
+    /// through the whole hand-over are closed from our side, when the standby reports itself
+    /// active, before the address moves.
     pub fn drain(&self) {
         self.draining.cancel();
     }
 
+    /// Closes the connections still open after [`Clients::drain`]: idle keep-alive ones now, one
+    /// with a request in progress after its response (HTTP/2 gets GOAWAY). Implies `drain`.
+    pub fn close_idle(&self) {
+        self.draining.cancel();
+        self.closing_idle.cancel();
+    }
+
+    /// Serves a connection on the current thread until it ends; `secure`: it came from the
+    /// TLS listener and is served after its handshake.
     fn serve(
         self: &Arc<Self>,
         stream: TcpStream,
@@ -532,12 +546,12 @@ impl ServingThread {
         let mut graceful = GracefulShutdown::new();
         let tunnels = crate::tunnel::track_on_this_thread(self.clients.tunnel_idle);
         let mut failures = AcceptFailures::default();
-        // The connections open when draining began, told to close (see `Clients::drain`).
+        // The connections open when idle ones were to close, told to (see `Clients::close_idle`).
         let mut closing = None;
         loop {
             tokio::select! {
                 () = self.stop.cancelled() => break,
-                () = self.clients.draining.cancelled(), if closing.is_none() => {
+                () = self.clients.closing_idle.cancelled(), if closing.is_none() => {
                     // `shutdown` signals every connection it watches on its first poll (so it
                     // runs as a task of its own); new connections are watched by a fresh one
                     // (and close after one request, `serve`).

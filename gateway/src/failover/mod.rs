@@ -71,6 +71,9 @@ pub struct Started {
     pub status: watch::Receiver<FailoverStatus>,
     /// Ends once the node has given up the address and the lease after `shutdown`.
     pub stopped: tokio::task::JoinHandle<()>,
+    /// Cancelled after `shutdown` once the address is about to leave this host (the standby
+    /// took the role, or will not): when clients' idle connections should close.
+    pub address_leaving: tokio_util::sync::CancellationToken,
 }
 
 /// Starts gateway `id`'s side of the pair. It stops, releasing the address and the lease, when
@@ -126,9 +129,11 @@ pub async fn start(
         status_tx,
         outgoing_tx,
     );
+    let address_leaving = node.address_leaving();
     let stopped = tokio::spawn(node.run(events_rx, shutdown));
     Ok(Started {
         status: status_rx,
         stopped,
+        address_leaving,
     })
 }

@@ -149,6 +149,9 @@ fn should_hand_over(config: &FailoverConfig, heartbeat: &Heartbeat) -> bool {
 
 /// The gateway's side of the pair.
 pub struct Node {
+    /// Cancelled on shutdown once the address is about to leave this host (the peer has taken
+    /// the role, or will not): the moment to close clients' idle connections.
+    address_leaving: tokio_util::sync::CancellationToken,
     id: String,
     config: FailoverConfig,
     leases: LeaseStore,
@@ -196,6 +199,7 @@ impl Node {
     ) -> Self {
         let address = config.address.clone().map(FloatingAddress::new);
         Node {
+            address_leaving: tokio_util::sync::CancellationToken::new(),
             id,
             config,
             leases,
@@ -216,6 +220,11 @@ impl Node {
             healthy_since: None,
             last_refresh: None,
         }
+    }
+
+    /// See [`Node::address_leaving`]: cancelled on shutdown when the address is about to leave.
+    pub fn address_leaving(&self) -> tokio_util::sync::CancellationToken {
+        self.address_leaving.clone()
     }
 
     /// Runs until `shutdown`, then gives up the address and the lease if held.
@@ -251,6 +260,7 @@ impl Node {
         if self.role == Role::Active && self.peer_can_take_over(Instant::now()) {
             self.hand_over_on_shutdown(&mut events).await;
         }
+        self.address_leaving.cancel();
         // Stepping down on shutdown: say so on the peer link first, so the standby stops
         // deferring to us at its next tick instead of when our process is gone.
         if self.role == Role::Active {
@@ -300,6 +310,8 @@ impl Node {
                     self.publish(Instant::now());
                     if took_over {
                         info!(gateway = %self.id, "failover: the peer took the role over; lingering on the address");
+                        // Clients' idle connections close now, while the address is still here.
+                        self.address_leaving.cancel();
                         tokio::time::sleep(HAND_OVER_LINGER).await;
                         return;
                     }
