@@ -68,8 +68,11 @@ fn a_gracefully_stopped_active_hands_over_with_no_request_lost() {
     report("SIGTERM to the active", &run);
     assert_eq!(run.summary.served_before, "gw1");
     assert_eq!(run.summary.served_after, "gw2");
-    assert_eq!(
-        run.summary.failed, 0,
+    // As in the failback: only the one connection in flight at the instant the client's ARP
+    // entry moves may be reset (docs/failover.md); anything else — or more — is a bug.
+    let only_the_switch = run.summary.failures.keys().all(|kind| kind == "reset");
+    assert!(
+        run.summary.failed <= 1 && only_the_switch,
         "a graceful stop lost requests: {:?}",
         run.summary.failures
     );

@@ -27,6 +27,9 @@ use crate::netns::{HostSpec, NetnsError, Topology};
 use crate::process::{Process, ProcessError, Spec};
 use crate::redis_server::{RedisServer, RedisServerError};
 
+/// How long a new lab waits for gw1 to serve before it starts gw2.
+const GW1_FIRST: Duration = Duration::from_secs(10);
+
 /// The lab segment.
 pub const SUBNET: [u8; 3] = [10, 200, 0];
 /// Last octet of the floating address.
@@ -180,6 +183,13 @@ impl Lab {
             log_dir: log_dir.to_path_buf(),
         };
         lab.start_gateway(0)?;
+        if matches!(lab.options.pair, Pair::Herd) {
+            // gw1 (the preferred one) takes the role before gw2 exists, as `herd up --inventory`
+            // does: started together, gw2 sometimes found the lease free first and kept it
+            // (without preempt it never hands back), and the lab began with the other holder.
+            // Bounded; a gw1 that never serves is the caller's to report.
+            let _ = lab.wait_serving("gw1", GW1_FIRST);
+        }
         lab.start_gateway(1)?;
         Ok(lab)
     }
