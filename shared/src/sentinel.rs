@@ -194,14 +194,14 @@ async fn follow(pool: Weak<SentinelPool>) {
 }
 
 /// `host:port` of a `redis://[user:pass@]host:port[/db]` URL.
-fn address_of(url: &str) -> Option<String> {
+pub fn address_of(url: &str) -> Option<String> {
     let rest = url.split_once("://")?.1;
     let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
     Some(rest.split('/').next()?.to_string())
 }
 
 /// `url` with its `host:port` replaced by `address`.
-fn with_address(url: &str, address: &str) -> String {
+pub fn with_address(url: &str, address: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return format!("redis://{address}/");
     };

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use herd_shared::redis::{RedisConfig, RedisPool};
+use herd_shared::sentinel::{address_of, with_address};
 use redis::AsyncConnectionConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -222,28 +223,6 @@ impl RedisLink {
             }
         }
     }
-}
-
-/// `host:port` of a `redis://[user:pass@]host:port[/db]` URL.
-fn address_of(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    Some(rest.split('/').next()?.to_string())
-}
-
-/// `url` with its `host:port` replaced by `address`.
-fn with_address(url: &str, address: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return format!("redis://{address}/");
-    };
-    let (auth, host_and_path) = match rest.rsplit_once('@') {
-        Some((auth, host)) => (format!("{auth}@"), host),
-        None => (String::new(), rest),
-    };
-    let path = host_and_path
-        .find('/')
-        .map_or("", |index| &host_and_path[index..]);
-    format!("{scheme}://{auth}{address}{path}")
 }
 
 /// How long the first resolution may take before serving anyway.
