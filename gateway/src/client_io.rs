@@ -34,7 +34,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
@@ -67,6 +67,8 @@ pub struct ConnectionState {
     http2: AtomicBool,
     /// A head with both `Content-Length` and `Transfer-Encoding` was read.
     conflicting_framing: AtomicBool,
+    /// The last request (HTTP/1) came with a body: a close lingers (`ClientIo::poll_shutdown`).
+    had_body: AtomicBool,
     /// The connection's task, parked in a read while a request was in progress: woken when the
     /// last request ends, so the idle timer starts then (hyper does not read again by itself).
     reader: AtomicWaker,
@@ -75,9 +77,12 @@ pub struct ConnectionState {
 impl ConnectionState {
     /// A request's head has been read; the guard marks its response done when dropped (put it
     /// in the response body).
-    pub fn begin(self: &Arc<Self>, version: http::Version) -> RequestGuard {
-        if version == http::Version::HTTP_2 {
+    pub fn begin<B: http_body::Body>(self: &Arc<Self>, request: &http::Request<B>) -> RequestGuard {
+        if request.version() == http::Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
+        } else {
+            let had_body = !request.body().is_end_stream();
+            self.had_body.store(had_body, Ordering::Relaxed);
         }
         self.open.fetch_add(1, Ordering::Relaxed);
         self.begun.fetch_add(1, Ordering::Relaxed);
@@ -140,6 +145,9 @@ pub struct ClientIo<S = TcpStream> {
     write_deadline: Option<Instant>,
     write_timer: Option<Pin<Box<Sleep>>>,
     scan: HeadScan,
+    /// Set once the write side is shut and the rest of a request body is being read away,
+    /// until then.
+    lingering: Option<Instant>,
 }
 
 impl<S> ClientIo<S> {
@@ -156,6 +164,7 @@ impl<S> ClientIo<S> {
             write_deadline: None,
             write_timer: None,
             scan: HeadScan::default(),
+            lingering: None,
         }
     }
 
@@ -270,7 +279,7 @@ impl<S> ClientIo<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -299,10 +308,55 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
+    /// Closes the write side; if the last request declared a body, then reads and discards
+    /// what the client still sends until it closes too, for at most [`LINGER`] (nginx's
+    /// `lingering_close`). Hyper closes a connection whose request body it did not read — a
+    /// 413, or an answer that came before the upload ended — and closing a socket with unread
+    /// bytes makes the kernel send a reset, which can reach the client before it read the
+    /// answer: it would see a broken pipe instead of the 413.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let this = self.get_mut();
+        let until = match this.lingering {
+            Some(until) => until,
+            None => {
+                ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
+                if !this.state.had_body.load(Ordering::Relaxed) {
+                    return Poll::Ready(Ok(()));
+                }
+                *this.lingering.insert(Instant::now() + LINGER)
+            }
+        };
+        let mut scratch = [0u8; 8192];
+        for _ in 0..LINGER_READS_PER_POLL {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.stream).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                // The client closed (or reset): nothing is left to lose.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    return if ran_out(&mut this.read_timer, until, cx) {
+                        Poll::Ready(Ok(()))
+                    } else {
+                        Poll::Pending
+                    };
+                }
+            }
+        }
+        // A fast sender: let other connections of this thread run, then read on.
+        cx.waker().wake_by_ref();
+        if ran_out(&mut this.read_timer, until, cx) {
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
     }
 }
+
+/// How long a closing connection reads away the rest of a request body (see
+/// `ClientIo::poll_shutdown`).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Reads of at most 8 KiB per wake-up while lingering.
+const LINGER_READS_PER_POLL: usize = 16;
 
 /// The HTTP/2 preface's first line; a connection starting with it is not scanned.
 const H2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0";

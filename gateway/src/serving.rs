@@ -225,7 +225,7 @@ impl Clients {
             let forwarded_for = forwarded_for.clone();
             let state = state.clone();
             // Called as soon as the head is read: the connection is busy from here.
-            let request_guard = state.begin(request.version());
+            let request_guard = state.begin(&request);
             if let Some(over_tls) = &over_tls {
                 request.extensions_mut().insert(over_tls.clone());
             }

@@ -181,6 +181,38 @@ async fn chunked_body_over_the_limit_gets_413() {
     gw.shutdown().await;
 }
 
+/// A client that writes its whole upload before it reads (as many simple clients do) still
+/// gets the 413: the gateway reads away the rest of the body before it closes. Closing with
+/// unread bytes would make the kernel reset the connection, and the client would see a broken
+/// pipe (seen in CI with the streaming test above).
+#[tokio::test]
+async fn a_client_that_uploads_everything_before_reading_gets_its_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w1 = Upstream::start("w1").await;
+    let gw = Gateway::start(&[&w1], |c| {
+        c.limits.max_body_bytes = 50_000;
+        c.retry.buffer_body_bytes = 1000;
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(gw.public).await.unwrap();
+    let head = "POST /echo HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = [b"10000\r\n".as_slice(), &[1u8; 0x10000], b"\r\n"].concat();
+    for _ in 0..128 {
+        // 8 MiB: more than loopback's socket buffers hold, so without the gateway reading
+        // them this write fails.
+        stream.write_all(&chunk).await.expect("the upload was cut");
+    }
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+    drop(stream);
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn no_worker_gives_503_json_at_once() {
     let gw = Gateway::start(&[], |_| {}).await;
