@@ -119,12 +119,13 @@ impl Drop for RequestGuard {
 /// Where the connection is, as the socket sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Waiting for (the rest of) a request head, until then.
-    Head(Instant),
+    /// Waiting for (the rest of) a request head, until then (set when a read first waits: a
+    /// head that arrives whole costs no clock read).
+    Head(Option<Instant>),
     /// A request in progress.
     Busy,
-    /// Nothing in progress, until then.
-    Idle(Instant),
+    /// Nothing in progress, until then (set when a read first waits).
+    Idle(Option<Instant>),
     /// Switched protocols.
     Tunnel,
 }
@@ -158,7 +159,7 @@ impl<S> ClientIo<S> {
             stream,
             state,
             timeouts,
-            phase: Phase::Head(Instant::now() + timeouts.head),
+            phase: Phase::Head(None),
             seen: 0,
             read_timer: None,
             write_deadline: None,
@@ -180,7 +181,7 @@ impl<S> ClientIo<S> {
             self.phase = Phase::Busy;
             self.seen = begun;
         } else if self.phase == Phase::Busy || begun != self.seen {
-            self.phase = Phase::Idle(Instant::now() + self.timeouts.idle);
+            self.phase = Phase::Idle(None);
             self.seen = begun;
         }
     }
@@ -189,7 +190,7 @@ impl<S> ClientIo<S> {
     fn received(&mut self, bytes: &[u8]) {
         let http1 = !self.state.http2.load(Ordering::Relaxed);
         if matches!(self.phase, Phase::Idle(_)) && http1 {
-            self.phase = Phase::Head(Instant::now() + self.timeouts.head);
+            self.phase = Phase::Head(None);
             self.scan.next_head();
         }
         if matches!(self.phase, Phase::Head(_)) && self.scan.feed(bytes) {
@@ -200,13 +201,24 @@ impl<S> ClientIo<S> {
     }
 }
 
-/// Polls `timer` set to `until` (made on first use); true when it has run out.
+/// Polls `timer` for `until` (made on first use); true when `until` has passed.
+///
+/// A timer set earlier than `until` is left where it is and moved on when it fires: the idle
+/// deadline moves forward with every request of a keep-alive connection, and moving the timer
+/// each time cost a timer-wheel removal and insertion per request. An earlier `until` (a head
+/// due sooner than the idle deadline) moves the timer at once.
 fn ran_out(timer: &mut Option<Pin<Box<Sleep>>>, until: Instant, cx: &mut Context<'_>) -> bool {
     let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-    if sleep.deadline() != until {
+    if sleep.deadline() > until {
         sleep.as_mut().reset(until);
     }
-    sleep.as_mut().poll(cx).is_ready()
+    while sleep.as_mut().poll(cx).is_ready() {
+        if sleep.deadline() >= until {
+            return true;
+        }
+        sleep.as_mut().reset(until);
+    }
+    false
 }
 
 fn timed_out(what: &'static str) -> io::Error {
@@ -230,9 +242,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                let (until, what) = match this.phase {
-                    Phase::Head(until) => (until, "request head not received in time"),
-                    Phase::Idle(until) => (until, "idle client connection"),
+                let (until, what) = match &mut this.phase {
+                    Phase::Head(until) => (
+                        *until.get_or_insert_with(|| Instant::now() + this.timeouts.head),
+                        "request head not received in time",
+                    ),
+                    Phase::Idle(until) => (
+                        *until.get_or_insert_with(|| Instant::now() + this.timeouts.idle),
+                        "idle client connection",
+                    ),
                     Phase::Busy => {
                         this.state.reader.register(cx.waker());
                         // The request may have ended between `update_phase` and `register`.

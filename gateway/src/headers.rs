@@ -5,10 +5,12 @@
 //! kept when the client sent a sane one (≤ 128 characters of `[A-Za-z0-9._-]`), else generated:
 //! a random per-process prefix and a counter, unique and cheap.
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// `x-herd-gateway`: the id of the gateway that answered.
@@ -119,8 +121,24 @@ pub fn new_request_id() -> HeaderValue {
     text[16] = b'-';
     let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
     put_hex(&mut text[17..17 + digits], n);
-    HeaderValue::from_bytes(&text[..17 + digits]).expect("hex digits are a valid header value")
+    // Written into a per-thread block shared by many ids, so the clones this value gets (the
+    // response's header, logs) are reference counts, not allocations: a value made with
+    // `from_bytes` owns a buffer that its first clone must move into a shared allocation.
+    thread_local! {
+        static BLOCK: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+    }
+    let id = BLOCK.with_borrow_mut(|block| {
+        if block.capacity() < text.len() {
+            *block = BytesMut::with_capacity(ID_BLOCK);
+        }
+        block.extend_from_slice(&text[..17 + digits]);
+        block.split().freeze()
+    });
+    HeaderValue::from_maybe_shared(id).expect("hex digits are a valid header value")
 }
+
+/// Bytes of request ids allocated at once (about 120 ids).
+const ID_BLOCK: usize = 4096;
 
 /// Writes the low `out.len()` hex digits of `value` into `out`, most significant first.
 fn put_hex(out: &mut [u8], mut value: u64) {

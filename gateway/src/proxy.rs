@@ -34,7 +34,11 @@ use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::trace::{self, Choice};
 use crate::tunnel::WorkerTunnel;
-use crate::upstream::{self, ClientSettings, Connection, Outgoing, PoolLimits, Reply};
+use crate::upstream::{self, ClientSettings, Connection, Outgoing, PoolLimits, Reply, Timing};
+
+/// The workers a request went to so far, in order. Inline up to four: no allocation for the
+/// usual one attempt (or a few retries).
+type Tried = smallvec::SmallVec<[Arc<Worker>; 4]>;
 
 /// Limits and timeouts the request path applies, copied out of the configuration.
 #[derive(Debug, Clone)]
@@ -269,7 +273,7 @@ impl Proxy {
             self.read_body(body, content_length, deadline).await?
         };
 
-        let mut tried: Vec<Arc<Worker>> = Vec::new();
+        let mut tried = Tried::new();
         let mut last: Option<GatewayError> = None;
         // Attempts that may have reached a worker; `retry.max_attempts` bounds these. Attempts
         // that provably did not (refused, or not one byte written) cost no worker anything: they
@@ -280,7 +284,14 @@ impl Proxy {
         // Why the next attempt is a retry (for its span).
         let mut retry_reason: Option<&'static str> = None;
         loop {
-            let pick = match self.balancer.pick(&tried) {
+            // One clock read per attempt serves the pick, the pool and the attempt's start; the
+            // first attempt of a request without a body starts when the request did.
+            let now = if tried.is_empty() && no_body {
+                started
+            } else {
+                Instant::now()
+            };
+            let pick = match self.balancer.pick_at(&tried, now) {
                 Ok(pick) => pick,
                 Err(refusal) => {
                     return Err(last.unwrap_or(match refusal {
@@ -302,11 +313,17 @@ impl Proxy {
                 trace::inject(&span, &mut parts.headers);
                 span
             });
-            let connected = upstream::connect(&worker.pool, &worker.authority, &self.upstream);
+            let connected = upstream::connect(&worker.pool, &worker.authority, &self.upstream, now);
             let outcome = match tokio::time::timeout_at(deadline, connected).await {
                 Err(_) => return Err(last.unwrap_or(GatewayError::UpstreamTimeout)),
                 Ok(Err(error)) => self.connect_failed(&worker, error, idempotent),
                 Ok(Ok(connection)) => {
+                    // A new connection took a handshake: the attempt starts after it.
+                    let sent = if connection.is_reused() {
+                        now
+                    } else {
+                        Instant::now()
+                    };
                     let Some(body) = prepared.attempt() else {
                         break;
                     };
@@ -333,7 +350,7 @@ impl Proxy {
                             connection,
                             outgoing(body),
                             idempotent,
-                            deadline,
+                            Timing { sent, deadline },
                             &prepared,
                             request_id,
                         )
@@ -373,6 +390,7 @@ impl Proxy {
                                     &worker.pool,
                                     &worker.authority,
                                     &self.upstream,
+                                    Instant::now(),
                                 )
                                 .await
                                 {
@@ -384,7 +402,15 @@ impl Proxy {
                                 let outcome = herd_shared::telemetry::in_span(
                                     hedge_span.clone(),
                                     self.attempt(
-                                        &worker, connection, outgoing, true, deadline, prepared,
+                                        &worker,
+                                        connection,
+                                        outgoing,
+                                        true,
+                                        Timing {
+                                            sent: Instant::now(),
+                                            deadline,
+                                        },
+                                        prepared,
                                         request_id,
                                     ),
                                 )
@@ -394,7 +420,7 @@ impl Proxy {
                                 }
                                 outcome
                             };
-                            self.hedged(first.as_mut(), &worker, delay, &mut tried, second)
+                            self.hedged(first.as_mut(), &worker, sent, delay, &mut tried, second)
                                 .await
                         }
                         None => first.await,
@@ -543,8 +569,9 @@ impl Proxy {
         &self,
         mut first: std::pin::Pin<&mut F>,
         worker: &Arc<Worker>,
+        sent: Instant,
         delay: Duration,
-        tried: &mut Vec<Arc<Worker>>,
+        tried: &mut Tried,
         second: S,
     ) -> Attempt
     where
@@ -555,7 +582,7 @@ impl Proxy {
         tokio::select! {
             biased;
             outcome = &mut first => return outcome,
-            () = tokio::time::sleep(delay) => {}
+            () = tokio::time::sleep_until(sent + delay) => {}
         }
         let Ok(pick) = self.balancer.pick(tried) else {
             return first.await;
@@ -618,19 +645,19 @@ impl Proxy {
         connection: Connection,
         request: Outgoing<'_>,
         idempotent: bool,
-        deadline: Instant,
+        timing: Timing,
         prepared: &Prepared,
         request_id: &HeaderValue,
     ) -> Attempt {
         let guard = worker.begin();
-        let sent = Instant::now();
+        let Timing { sent, deadline } = timing;
         let exchange = upstream::exchange(
             connection,
             &worker.authority,
             &worker.pool,
             request,
             &self.upstream,
-            deadline,
+            timing,
         );
         // The exchange bounds the worker's waits itself; only a streamed body waits for the
         // client, and that wait needs the request deadline on top (one timer fewer otherwise).
@@ -640,16 +667,16 @@ impl Proxy {
             Ok(exchange.await)
         };
         match result {
-            Ok(Ok((head, reply))) => {
+            Ok(Ok((head, reply, answered))) => {
                 let status = head.status;
-                let clock = self.balancer.clock().now();
-                let waited = sent.elapsed();
+                let clock = self.balancer.clock().at(answered);
+                let waited = answered.saturating_duration_since(sent);
                 worker.ewma.observe(waited.as_nanos() as f64, clock);
                 worker.latency.observe(waited);
                 self.hedging.observe(waited);
                 worker.count_response(Some(status));
                 let failed = self.settings.count_5xx && status.is_server_error();
-                self.balancer.report(worker, !failed);
+                self.balancer.report_at(worker, !failed, answered);
                 let retryable = idempotent
                     && matches!(
                         status,

@@ -53,7 +53,13 @@ impl Clock {
     /// Nanoseconds since the start, never 0 (0 means "unset" in some atomics).
     #[inline]
     pub fn now(&self) -> u64 {
-        self.base.elapsed().as_nanos() as u64 + 1
+        self.at(tokio::time::Instant::now())
+    }
+
+    /// The clock's reading at `instant` (one the caller already has: no clock read).
+    #[inline]
+    pub fn at(&self, instant: tokio::time::Instant) -> u64 {
+        instant.saturating_duration_since(self.base).as_nanos() as u64 + 1
     }
 }
 
@@ -268,9 +274,19 @@ impl Balancer {
     /// Picks a worker for a request that already went to `tried`.
     #[inline]
     pub fn pick(&self, tried: &[Arc<Worker>]) -> Result<Pick, Refusal> {
+        self.pick_at(tried, tokio::time::Instant::now())
+    }
+
+    /// [`Balancer::pick`] at a time the caller read already.
+    #[inline]
+    pub fn pick_at(
+        &self,
+        tried: &[Arc<Worker>],
+        now: tokio::time::Instant,
+    ) -> Result<Pick, Refusal> {
         let table = self.table.load();
         self.selector
-            .pick(&table.workers, tried, self.clock().now())
+            .pick(&table.workers, tried, self.clock().at(now))
     }
 
     /// Whether a request that already went to `tried` could go somewhere else.
@@ -436,10 +452,15 @@ impl Balancer {
 
     /// Feeds a request's outcome to passive health; logs and counts an ejection or recovery.
     pub fn report(&self, worker: &Worker, ok: bool) {
+        self.report_at(worker, ok, tokio::time::Instant::now());
+    }
+
+    /// [`Balancer::report`] of an outcome seen at `at` (a time the caller read already).
+    pub fn report_at(&self, worker: &Worker, ok: bool, at: tokio::time::Instant) {
         if !self.defaults.passive.enabled {
             return;
         }
-        let now = self.clock().now();
+        let now = self.clock().at(at);
         match worker.record_outcome(ok, now) {
             None => {}
             Some(Transition::Ejected(length)) => {

@@ -38,6 +38,9 @@ pub struct Home {
     pub pool: Arc<super::Pool>,
     /// The pool's limits.
     pub limits: PoolLimits,
+    /// When the response head arrived: the connection's idle time counts from then (no clock
+    /// read when the body ends; a body that takes longer only makes it expire sooner).
+    pub answered: tokio::time::Instant,
 }
 
 /// A worker's response body.
@@ -137,7 +140,7 @@ impl WorkerBody {
             && self.keep_alive
             && connection.read.is_empty()
         {
-            home.pool.put(connection, &home.limits);
+            home.pool.put(connection, &home.limits, home.answered);
         }
     }
 

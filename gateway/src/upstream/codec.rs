@@ -176,16 +176,16 @@ pub fn parse_response(
     } else {
         Version::HTTP_11
     };
+    // Where each header sits in the head, kept on the stack (no allocation per response):
+    // `httparse` borrows the buffer, and the head is split off it before the map is built.
     let base = buffer.as_ptr() as usize;
-    let spans: Vec<(Range<usize>, Range<usize>)> = response
-        .headers
-        .iter()
-        .map(|h| {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            (name..name + h.name.len(), value..value + h.value.len())
-        })
-        .collect();
+    let mut spans = [const { (0..0, 0..0) }; MAX_HEADERS];
+    for (span, h) in spans.iter_mut().zip(response.headers.iter()) {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        *span = (name..name + h.name.len(), value..value + h.value.len());
+    }
+    let spans = &spans[..response.headers.len()];
     let head = buffer.split_to(head_length).freeze();
     match finish_head(&head, spans, status, version, method) {
         Ok(head) => Ok(Parsed::Complete(head)),
@@ -202,19 +202,58 @@ pub fn parse_response(
     }
 }
 
+/// A header name as `HeaderName`. Standard names are constants in `http`; any other name is
+/// copied into an allocation of its own — for every response, though a worker sends the same
+/// few custom names each time (`x-request-id`, its own). Those come from a small per-thread
+/// cache instead, where a clone is a reference count.
+fn header_name(raw: &[u8]) -> Result<HeaderName, ProtocolError> {
+    /// Names remembered per serving thread; the oldest is replaced when full.
+    const CACHED: usize = 32;
+    /// Longer names are not remembered (nor looked up).
+    const LONGEST: usize = 64;
+    thread_local! {
+        static NAMES: std::cell::RefCell<Vec<(Box<[u8]>, HeaderName)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    if raw.len() > LONGEST {
+        return HeaderName::from_bytes(raw).map_err(|_| ProtocolError("invalid header name"));
+    }
+    NAMES.with_borrow_mut(|names| {
+        if let Some((_, name)) = names.iter().find(|(known, _)| **known == *raw) {
+            return Ok(name.clone());
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| ProtocolError("invalid header name"))?;
+        // Only custom names: a standard one costs nothing to make, and a longer cache to scan.
+        if !is_standard(&name) {
+            if names.len() == CACHED {
+                names.remove(0);
+            }
+            names.push((raw.into(), name.clone()));
+        }
+        Ok(name)
+    })
+}
+
+/// Whether `name` is one of the constants `http` knows. `HeaderName` doesn't say; parsing its
+/// text again gives the same static text for a standard name and a new copy for any other. A
+/// wrong answer would only cost a cache slot or a missed saving, never a wrong name.
+fn is_standard(name: &HeaderName) -> bool {
+    HeaderName::from_bytes(name.as_str().as_bytes())
+        .is_ok_and(|again| std::ptr::eq(again.as_str(), name.as_str()))
+}
+
 /// Builds the final head from the taken head bytes and the header spans `httparse` found.
 fn finish_head(
     head: &Bytes,
-    spans: Vec<(Range<usize>, Range<usize>)>,
+    spans: &[(Range<usize>, Range<usize>)],
     status: StatusCode,
     version: Version,
     method: &Method,
 ) -> Result<ResponseHead, ProtocolError> {
     let mut headers = HeaderMap::with_capacity(spans.len());
     for (name, value) in spans {
-        let name = HeaderName::from_bytes(&head[name])
-            .map_err(|_| ProtocolError("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value))
+        let name = header_name(&head[name.clone()])?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
             .map_err(|_| ProtocolError("invalid header value"))?;
         headers.append(name, value);
     }
@@ -542,6 +581,26 @@ mod tests {
         let mut chunk = BytesMut::new();
         encode_chunk_start(&mut chunk, 255);
         assert_eq!(&chunk[..], b"ff\r\n");
+    }
+
+    #[test]
+    fn custom_header_names_come_from_the_cache_in_any_case() {
+        let first = header_name(b"X-Herd-Test").unwrap();
+        let second = header_name(b"X-Herd-Test").unwrap();
+        assert_eq!(first, "x-herd-test");
+        // The same allocation: the second came from the cache.
+        assert!(std::ptr::eq(first.as_str(), second.as_str()));
+        // Another spelling is another raw key, but the same name.
+        assert_eq!(header_name(b"x-herd-test").unwrap(), first);
+        assert_eq!(header_name(b"Content-Type").unwrap(), header::CONTENT_TYPE);
+        assert!(is_standard(&header::CONTENT_TYPE));
+        assert!(!is_standard(&first));
+        assert!(header_name(b"bad name").is_err());
+        // More names than the cache holds: all still right.
+        for i in 0..100 {
+            let raw = format!("x-many-{i}");
+            assert_eq!(header_name(raw.as_bytes()).unwrap().as_str(), raw);
+        }
     }
 
     #[test]

@@ -98,6 +98,11 @@ impl Connection {
         })
     }
 
+    /// Whether the connection carried a request before (taken from the pool, not new).
+    pub fn is_reused(&self) -> bool {
+        self.reused
+    }
+
     /// Whether an idle connection can take a request: not closed by the worker, nothing unasked
     /// for in it. Costs no system call unless the socket has become readable.
     pub fn is_usable(&self) -> bool {
@@ -117,21 +122,29 @@ impl Connection {
         request: Outgoing<'_>,
         fallback_host: &Authority,
         response_header: Duration,
-        deadline: Instant,
+        timing: super::Timing,
     ) -> Result<ResponseHead, UpstreamError> {
+        let deadline = timing.deadline;
+        // A request that went out in one write left at `timing.sent`; one that waited for room
+        // or for the client's body left later (its head timeout and stale window start then).
+        let waits = matches!(request.body, UpstreamBody::Stream { .. });
         let was_reused = self.reused;
         self.reused = true;
         let method = request.method.clone();
         let upgrade = request.headers.contains_key(http::header::UPGRADE);
-        let mut written = 0;
+        let mut written = Sent::default();
         let stall = Stall {
             each: response_header,
             deadline,
         };
         self.write_request(request, fallback_host, stall, &mut written)
             .await
-            .map_err(|error| error.into_upstream(was_reused, written))?;
-        let sent_at = Instant::now();
+            .map_err(|error| error.into_upstream(was_reused, written.bytes))?;
+        let sent_at = if waits || written.waited {
+            Instant::now()
+        } else {
+            timing.sent
+        };
         let head_by = deadline.min(sent_at + response_header);
         let head = self.read_head(&method, upgrade, was_reused, sent_at);
         match tokio::time::timeout_at(head_by, head).await {
@@ -151,7 +164,7 @@ impl Connection {
         request: Outgoing<'_>,
         fallback_host: &Authority,
         stall: Stall,
-        written: &mut u64,
+        written: &mut Sent,
     ) -> Result<(), WriteError> {
         let Outgoing {
             method,
@@ -340,6 +353,13 @@ impl WriteError {
     }
 }
 
+/// How a request's write went: bytes the kernel took, and whether it had to wait for room.
+#[derive(Debug, Default)]
+struct Sent {
+    bytes: u64,
+    waited: bool,
+}
+
 /// How long a write to the worker may wait for room: `each` time, never past `deadline`.
 #[derive(Debug, Clone, Copy)]
 struct Stall {
@@ -354,12 +374,13 @@ async fn send_all(
     stream: &mut TcpStream,
     mut data: &[u8],
     stall: Stall,
-    written: &mut u64,
+    written: &mut Sent,
 ) -> Result<(), WriteError> {
     while !data.is_empty() {
         let n = match stream.try_write(data) {
             Ok(n) => n,
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                written.waited = true;
                 let by = stall.deadline.min(Instant::now() + stall.each);
                 match tokio::time::timeout_at(by, stream.write(data)).await {
                     Ok(result) => result?,
@@ -371,7 +392,7 @@ async fn send_all(
         if n == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
         }
-        *written += n as u64;
+        written.bytes += n as u64;
         data = &data[n..];
     }
     Ok(())
@@ -438,9 +459,13 @@ mod tests {
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         let timeout = Duration::from_secs(5);
-        let first = connection.send(get(&headers), &authority, timeout, deadline);
+        let timing = || super::super::Timing {
+            sent: Instant::now(),
+            deadline,
+        };
+        let first = connection.send(get(&headers), &authority, timeout, timing());
         assert_eq!(first.await.unwrap().status, http::StatusCode::OK);
-        let second = connection.send(get(&headers), &authority, timeout, deadline);
+        let second = connection.send(get(&headers), &authority, timeout, timing());
         let error = second.await.unwrap_err();
         assert!(error.reached, "{error:?}");
         error.kind

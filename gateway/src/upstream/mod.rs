@@ -68,11 +68,22 @@ pub async fn connect(
     pool: &Pool,
     authority: &Authority,
     settings: &ClientSettings,
+    now: tokio::time::Instant,
 ) -> Result<Connection, UpstreamError> {
-    match pool.take(&settings.pool) {
+    match pool.take(&settings.pool, now) {
         Some(connection) => Ok(connection),
         None => Connection::open(authority, settings.connect_timeout).await,
     }
+}
+
+/// When an attempt started and when its request must be over.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// When the request went to the worker (the caller's reading of the clock: one read serves
+    /// the pick, the pool and this).
+    pub sent: tokio::time::Instant,
+    /// The request's deadline.
+    pub deadline: tokio::time::Instant,
 }
 
 /// Sends `request` over `connection` to the worker at `authority`; returns the response head
@@ -85,13 +96,14 @@ pub async fn exchange(
     pool: &Arc<Pool>,
     request: Outgoing<'_>,
     settings: &ClientSettings,
-    deadline: tokio::time::Instant,
-) -> Result<(ResponseHead, Reply), UpstreamError> {
+    timing: Timing,
+) -> Result<(ResponseHead, Reply, tokio::time::Instant), UpstreamError> {
     let head = connection
-        .send(request, authority, settings.response_header, deadline)
+        .send(request, authority, settings.response_header, timing)
         .await?;
+    let answered = tokio::time::Instant::now();
     if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
-        return Ok((head, Reply::Switched(connection)));
+        return Ok((head, Reply::Switched(connection), answered));
     }
     let body = WorkerBody::new(
         head.framing,
@@ -100,7 +112,8 @@ pub async fn exchange(
         Home {
             pool: pool.clone(),
             limits: settings.pool,
+            answered,
         },
     );
-    Ok((head, Reply::Body(body)))
+    Ok((head, Reply::Body(body), answered))
 }

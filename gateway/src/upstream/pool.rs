@@ -62,8 +62,8 @@ impl Pool {
     }
 
     /// A live idle connection, if there is one; dead and expired ones are dropped on the way.
-    pub fn take(&self, limits: &PoolLimits) -> Option<Connection> {
-        let now = Instant::now();
+    /// `now`: the caller's reading of the clock.
+    pub fn take(&self, limits: &PoolLimits, now: Instant) -> Option<Connection> {
         let shard = self.shard();
         loop {
             let idle = lock(shard).pop()?;
@@ -73,9 +73,9 @@ impl Pool {
         }
     }
 
-    /// Keeps `connection` for the next request, unless the pool is full.
-    pub fn put(&self, connection: Connection, limits: &PoolLimits) {
-        let now = Instant::now();
+    /// Keeps `connection` for the next request, unless the pool is full; it counts as idle
+    /// since `now` (the caller's reading of the clock).
+    pub fn put(&self, connection: Connection, limits: &PoolLimits, now: Instant) {
         let mut idle = lock(self.shard());
         // The oldest are at the front: drop the expired ones while we hold the lock anyway.
         let expired = idle
@@ -134,7 +134,7 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
         };
         let pool = Pool::new(2);
-        pool.put(connection(&listener).await, &limits); // this thread: shard 0
+        pool.put(connection(&listener).await, &limits, Instant::now()); // this thread: shard 0
         let (_accepted, _) = listener.accept().await.unwrap();
         assert_eq!(pool.idle(), 1);
 
@@ -142,7 +142,7 @@ mod tests {
             scope
                 .spawn(|| {
                     use_shard(1);
-                    pool.take(&limits).is_some()
+                    pool.take(&limits, Instant::now()).is_some()
                 })
                 .join()
                 .unwrap()
@@ -151,7 +151,7 @@ mod tests {
             !taken_on_shard_1,
             "shard 1 must not hand out shard 0's socket"
         );
-        assert!(pool.take(&limits).is_some());
+        assert!(pool.take(&limits, Instant::now()).is_some());
         assert_eq!(pool.idle(), 0);
     }
 
@@ -165,7 +165,7 @@ mod tests {
         let pool = Pool::new(3);
         for shard in [0, 2] {
             use_shard(shard);
-            pool.put(connection(&listener).await, &limits);
+            pool.put(connection(&listener).await, &limits, Instant::now());
         }
         use_shard(0);
         assert_eq!(pool.idle(), 2);
