@@ -7,7 +7,8 @@
 # For comparing two builds of the gateway (a change against its parent) when `herd bench proxy`
 # (one gateway, all scenarios) is too coarse. Each round runs `wrk -t2 -c CONNECTIONS -d DURATION`
 # against HAProxy (infra/bench/haproxy.cfg.in) and then each gateway in turn, and prints req/s,
-# wrk's p99 and the target's CPU µs per request (utime + stime of its threads from /proc).
+# wrk's p99 and the target's CPU µs per request (utime + stime of its threads from /proc); at the
+# end, each later gateway against the first, round by round and as the median of those ratios.
 # Uses loopback ports 18081-18082 (workers), 18090-18091 (HAProxy), 18100+ (gateways); everything
 # it starts is stopped on exit. Needs wrk, haproxy, bc and a release build of herd-worker.
 set -euo pipefail
@@ -71,5 +72,26 @@ for round in $(seq "$rounds"); do
     us=$(echo "scale=1; ($after - $before) * 10000 / $requests" | bc)
     errors=$(grep -E 'Non-2xx|Socket errors' <<<"$out" | tr -s ' \n' ' ' || true)
     echo "round $round  ${names[$i]}  req/s $rps  p99 $p99  CPU µs/req $us  $errors"
+    echo "$round $i $rps $us" >>"$dir/results"
   done
 done
+# Against the first gateway, round by round (the VM's speed drifts between rounds; a ratio
+# within one round does not), then the median of those ratios.
+awk -v first=1 -v n="${#names[@]}" -v names="${names[*]}" '
+  { rps[$1, $2] = $3; us[$1, $2] = $4; if ($1 > rounds) rounds = $1 }
+  function median(a, k,   i, j, t) {
+    for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+    return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+  }
+  END {
+    split(names, name, " ")
+    for (g = first + 1; g < n; g++) {
+      line = ""
+      for (r = 1; r <= rounds; r++) {
+        speed[r] = rps[r, g] / rps[r, first]; cost[r] = us[r, g] / us[r, first]
+        line = line sprintf(" %.2f/%.2f", speed[r], cost[r])
+      }
+      printf "%s / %s per round (req/s / CPU per request):%s\n", name[g + 1], name[first + 1], line
+      printf "  median: req/s %.3f×, CPU per request %.3f×\n", median(speed, rounds), median(cost, rounds)
+    }
+  }' "$dir/results"

@@ -42,6 +42,12 @@ pub enum TargetKind {
     Direct,
     /// herd-gateway with its defaults.
     Herd,
+    /// herd-gateway with one serving thread (`threads = 1`) instead of one per CPU: what a
+    /// gateway sharing a small machine with busy workers may be better off with (not in the
+    /// default targets).
+    #[value(name = "herd-1t")]
+    #[serde(rename = "herd-1t")]
+    HerdOneThread,
     /// herd-gateway exporting OpenTelemetry traces, 1 % of requests sampled, to an OTLP/HTTP sink
     /// the benchmark runs (not in the default targets).
     #[value(name = "herd-trace-1")]
@@ -71,6 +77,7 @@ impl TargetKind {
         match self {
             TargetKind::Direct => "direct",
             TargetKind::Herd => "herd",
+            TargetKind::HerdOneThread => "herd-1t",
             TargetKind::HerdTrace1 => "herd-trace-1",
             TargetKind::HerdTrace100 => "herd-trace-100",
             TargetKind::Haproxy => "haproxy",
@@ -221,9 +228,10 @@ impl Target {
     ) -> Result<Target, BenchError> {
         let target = match kind {
             TargetKind::Direct => return Ok(Target::direct(upstreams)),
-            TargetKind::Herd => start_gateway(upstreams, dir, tls, None)?,
-            TargetKind::HerdTrace1 => start_gateway(upstreams, dir, tls, Some((kind, "0.01")))?,
-            TargetKind::HerdTrace100 => start_gateway(upstreams, dir, tls, Some((kind, "1.0")))?,
+            TargetKind::Herd
+            | TargetKind::HerdOneThread
+            | TargetKind::HerdTrace1
+            | TargetKind::HerdTrace100 => start_gateway(kind, upstreams, dir, tls)?,
             TargetKind::Haproxy | TargetKind::Nginx => {
                 // A free port can be taken before the proxy binds it: try again with others.
                 let mut attempt = 0;
@@ -267,17 +275,26 @@ impl Target {
     }
 }
 
-/// herd-gateway over the upstreams; with `tls`, also on an HTTPS listener; with `tracing`,
-/// exporting spans at that sample ratio to an OTLP sink of the benchmark's own.
+/// herd-gateway (the variant `kind`) over the upstreams; with `tls`, also on an HTTPS
+/// listener. The tracing variants export spans at their sample ratio to an OTLP sink of the
+/// benchmark's own.
 fn start_gateway(
+    kind: TargetKind,
     upstreams: &Upstreams,
     dir: &Path,
     tls: Option<&TlsFiles>,
-    tracing: Option<(TargetKind, &str)>,
 ) -> Result<Target, BenchError> {
     let program = binaries::locate(binaries::GATEWAY)?;
     let workers: Vec<String> = upstreams.addrs().iter().map(ToString::to_string).collect();
-    let name = tracing.map_or("herd-gateway", |(kind, _)| kind.name());
+    let tracing = match kind {
+        TargetKind::HerdTrace1 => Some("0.01"),
+        TargetKind::HerdTrace100 => Some("1.0"),
+        _ => None,
+    };
+    let name = match kind {
+        TargetKind::Herd => "herd-gateway",
+        other => other.name(),
+    };
     let mut spec = Spec::new(name, program, dir);
     let mut roles = vec!["public", "admin"];
     if let Some(tls) = tls {
@@ -302,9 +319,10 @@ fn start_gateway(
         .env("HERD_LOG", "warn")
         .arg("--log-format")
         .arg("json");
-    let mut kind = TargetKind::Herd;
-    if let Some((traced, ratio)) = tracing {
-        kind = traced;
+    if kind == TargetKind::HerdOneThread {
+        spec = spec.env("HERD_GATEWAY_THREADS", "1");
+    }
+    if let Some(ratio) = tracing {
         let sink =
             otlp_sink().map_err(|source| BenchError::io("start the OTLP sink in", dir, source))?;
         spec = spec
@@ -392,6 +410,7 @@ fn start_reference(
         }
         TargetKind::Direct
         | TargetKind::Herd
+        | TargetKind::HerdOneThread
         | TargetKind::HerdTrace1
         | TargetKind::HerdTrace100 => {
             return Err(BenchError::Setup(format!(

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# What herd-gateway does per request, counted rather than timed: allocations, clock reads,
+# system calls and event-loop sleeps, under the load of `herd bench proxy`.
+#
+#   infra/bench/per-request.sh [SCENARIO] [GATEWAY_BINARY]
+#   infra/bench/per-request.sh session /tmp/gw-before
+#
+# SCENARIO: hello (default), session or h2; GATEWAY_BINARY: default target/release/herd-gateway.
+# Runs `herd bench proxy --targets herd` for 8 s at c=64 with one serving thread, and counts over
+# 3 s of it with uprobes on glibc (`perf probe`: malloc, realloc, free, clock_gettime) and syscall
+# tracepoints. Requests are counted as writes to the worker (one `sendto` each). Uprobes slow the
+# gateway several-fold, so the run's req/s and µs mean nothing here; the counts per request are
+# exact, and stable where timings on a shared VM are not (docs/performance.md, section 9).
+# Needs root, perf and release builds (`cargo build --release --bins`).
+set -euo pipefail
+scenario=${1:-hello}
+root=$(cd "$(dirname "$0")/../.." && pwd)
+gateway=$(realpath "${2:-$root/target/release/herd-gateway}")
+libc=$(ldd "$gateway" | awk '/libc\.so\.6/ {print $3}')
+bin=$(mktemp -d)
+group=herdreq$$
+cleanup() {
+  perf probe -q -d "$group:*" 2>/dev/null || true
+  [ -n "${bench:-}" ] && kill "$bench" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$bin"
+}
+trap cleanup EXIT INT TERM
+ln -s "$gateway" "$bin/herd-gateway"
+ln -s "$root/target/release/herd-worker" "$bin/herd-worker"
+for function in malloc realloc free clock_gettime; do
+  perf probe -q -x "$libc" -a "$group:$function=$function"
+done
+HERD_BIN_DIR=$bin HERD_GATEWAY_THREADS=1 "$root/target/release/herd" bench proxy \
+  --scenarios "$scenario" --targets herd --rounds 1 --duration 8s --concurrency 64 --warmup 0s \
+  --log-format json >"$bin/bench.out" 2>&1 &
+bench=$!
+pid=
+for _ in $(seq 100); do
+  pid=$(pgrep -f -n "^$bin/herd-gateway" || true)
+  [ -n "$pid" ] && break
+  sleep 0.1
+done
+[ -n "$pid" ] || { echo "the gateway did not start:" >&2; tail -n 5 "$bin/bench.out" >&2; exit 1; }
+sleep 3
+events="$group:malloc,$group:realloc,$group:free,$group:clock_gettime"
+events+=",syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_writev"
+events+=",syscalls:sys_enter_epoll_wait,context-switches"
+perf stat -x, -e "$events" -p "$pid" -- sleep 3 2>"$bin/stat.csv" >/dev/null
+wait "$bench" || true
+bench=
+awk -F, -v scenario="$scenario" -v gateway="$gateway" '
+  { gsub(/^[a-z0-9]+:/, "", $3); gsub(/^sys_enter_/, "", $3); count[$3] = $1; order[n++] = $3 }
+  END {
+    requests = count["sendto"]
+    printf "%s, %s: %d requests counted\n", gateway, scenario, requests
+    for (i = 0; i < n; i++) printf "  %-16s %6.2f per request\n", order[i], count[order[i]] / requests
+  }' "$bin/stat.csv"
