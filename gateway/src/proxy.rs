@@ -219,19 +219,21 @@ impl Proxy {
         upgrade: Option<HeaderValue>,
         traced: bool,
     ) -> Result<(Response<ResponseBody>, Option<WorkerTunnel>), GatewayError> {
+        // Handed back for another response when the request is over (`headers::recycle`).
+        let mut request_headers = headers::Recycled(std::mem::take(&mut parts.headers));
         let settings = &self.settings;
-        if headers::head_size(&parts.uri, &parts.headers) > settings.max_header {
+        if headers::head_size(&parts.uri, &request_headers) > settings.max_header {
             return Err(GatewayError::HeadersTooLarge);
         }
         // RFC 9112 §3.2: an HTTP/1.1 request without Host, or with more than one, gets a 400.
         if parts.version == http::Version::HTTP_11
-            && parts.headers.get_all(header::HOST).iter().count() != 1
+            && request_headers.get_all(header::HOST).iter().count() != 1
         {
             return Err(GatewayError::BadRequest(
                 "an HTTP/1.1 request needs exactly one Host header",
             ));
         }
-        let content_length = match parts.headers.get(header::CONTENT_LENGTH) {
+        let content_length = match request_headers.get(header::CONTENT_LENGTH) {
             None => None,
             Some(value) => Some(
                 value
@@ -246,22 +248,22 @@ impl Proxy {
             .uri
             .path_and_query()
             .map_or("/", http::uri::PathAndQuery::as_str);
-        if !parts.headers.contains_key(header::HOST)
+        if !request_headers.contains_key(header::HOST)
             && let Some(authority) = parts.uri.authority()
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
         {
             // HTTP/2 clients send :authority instead of Host; HTTP/1.1 workers want Host.
-            parts.headers.insert(header::HOST, host);
+            request_headers.insert(header::HOST, host);
         }
-        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::strip_hop_by_hop(&mut request_headers);
         // Hedging doubles a request: only for idempotent ones that are no protocol switch.
         let hedge_delay = (idempotent && upgrade.is_none())
             .then(|| self.hedging.delay())
             .flatten();
         if let Some(protocol) = upgrade {
-            headers::set_upgrade(&mut parts.headers, protocol);
+            headers::set_upgrade(&mut request_headers, protocol);
         }
-        headers::forward_client(&mut parts.headers, &parts.extensions, forwarded_for);
+        headers::forward_client(&mut request_headers, &parts.extensions, forwarded_for);
         self.budget.deposit();
 
         let deadline = started + settings.request;
@@ -310,7 +312,7 @@ impl Proxy {
                     hedge: false,
                 };
                 let span = trace::attempt_span(worker.id(), tried.len(), choice);
-                trace::inject(&span, &mut parts.headers);
+                trace::inject(&span, &mut request_headers);
                 span
             });
             let connected = upstream::connect(&worker.pool, &worker.authority, &self.upstream, now);
@@ -337,7 +339,7 @@ impl Proxy {
                     let outgoing = |body| Outgoing {
                         method: &parts.method,
                         path,
-                        headers: &parts.headers,
+                        headers: &request_headers,
                         declared_length: content_length,
                         body,
                     };
@@ -359,6 +361,7 @@ impl Proxy {
                         Some((delay, spare)) => {
                             let prepared = &prepared;
                             let parts = &parts;
+                            let request_headers = &request_headers;
                             let algorithm = self.algorithm.as_str();
                             let second = move |worker: Arc<Worker>| async move {
                                 // The hedge has a span (and a traceparent) of its own.
@@ -373,12 +376,12 @@ impl Proxy {
                                 });
                                 let mut hedge_headers = None;
                                 if let Some(span) = &hedge_span {
-                                    let mut copy = parts.headers.clone();
+                                    let mut copy = http::HeaderMap::clone(request_headers);
                                     trace::inject(span, &mut copy);
                                     hedge_headers = Some(copy);
                                 }
                                 let request_headers =
-                                    hedge_headers.as_ref().unwrap_or(&parts.headers);
+                                    hedge_headers.as_ref().unwrap_or(&**request_headers);
                                 let outgoing = Outgoing {
                                     method: &parts.method,
                                     path,

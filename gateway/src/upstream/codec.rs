@@ -250,7 +250,7 @@ fn finish_head(
     version: Version,
     method: &Method,
 ) -> Result<ResponseHead, ProtocolError> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut headers = crate::headers::spare_map(spans.len());
     for (name, value) in spans {
         let name = header_name(&head[name.clone()])?;
         let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
