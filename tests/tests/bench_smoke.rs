@@ -137,6 +137,8 @@ fn bench_proxy_measures_every_target_without_errors() {
             "8",
             "--scenarios",
             "hello",
+            "--targets",
+            "direct,herd,herd-1t,haproxy,nginx",
             "--out",
             out.to_str().unwrap(),
             "--json",
@@ -150,7 +152,7 @@ fn bench_proxy_measures_every_target_without_errors() {
         std::fs::read_to_string(&out).unwrap().trim_end(),
         table.trim_end()
     );
-    for target in ["direct", "herd", "haproxy", "nginx"] {
+    for target in ["direct", "herd", "herd-1t", "haproxy", "nginx"] {
         let cells = row(&table, target).unwrap_or_else(|| panic!("no {target} row:\n{table}"));
         assert_eq!(cells[1], "8", "{target}: concurrency\n{table}");
         let rps: f64 = cells[2]
@@ -169,7 +171,7 @@ fn bench_proxy_measures_every_target_without_errors() {
 
     let raw: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let runs = raw["results"]["runs"].as_array().expect("runs");
-    assert_eq!(runs.len(), 4, "{raw}");
+    assert_eq!(runs.len(), 5, "{raw}");
     for run in runs {
         assert!(run["requests"].as_u64().unwrap() > 0, "{run}");
         assert_eq!(run["non_2xx"], 0, "{run}");
