@@ -22,19 +22,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
-ln -s "$gateway" "$work/herd-gateway"
-ln -s "$root/target/release/herd-worker" "$work/herd-worker"
-HERD_BIN_DIR=$work HERD_GATEWAY_THREADS=$threads "$root/target/release/herd" bench proxy \
-  --scenarios "$scenario" --targets herd --rounds 1 --duration 10s --concurrency 64 --warmup 0s \
-  --log-format json >"$work/bench.out" 2>&1 &
-bench=$!
-pid=
-for _ in $(seq 100); do
-  pid=$(pgrep -f -n "^$work/herd-gateway" || true)
-  [ -n "$pid" ] && break
-  sleep 0.1
-done
-[ -n "$pid" ] || { echo "the gateway did not start:" >&2; tail -n 5 "$work/bench.out" >&2; exit 1; }
+source "$root/infra/bench/gateway-under-load.sh"
+start_gateway_under_load "$work" "$gateway" "$scenario" 10s "$threads"
 sleep 3
 perf record -q -F 499 --call-graph dwarf,32768 -o "$work/perf.data" -p "$pid" -- sleep 4 >/dev/null 2>&1
 wait "$bench" || true

@@ -26,33 +26,23 @@ cleanup() {
   rm -rf "$bin"
 }
 trap cleanup EXIT INT TERM
-ln -s "$gateway" "$bin/herd-gateway"
-ln -s "$root/target/release/herd-worker" "$bin/herd-worker"
 for function in malloc realloc free clock_gettime; do
   perf probe -q -x "$libc" -a "$group:$function=$function"
 done
-HERD_BIN_DIR=$bin HERD_GATEWAY_THREADS=1 "$root/target/release/herd" bench proxy \
-  --scenarios "$scenario" --targets herd --rounds 1 --duration 8s --concurrency 64 --warmup 0s \
-  --log-format json >"$bin/bench.out" 2>&1 &
-bench=$!
-pid=
-for _ in $(seq 100); do
-  pid=$(pgrep -f -n "^$bin/herd-gateway" || true)
-  [ -n "$pid" ] && break
-  sleep 0.1
-done
-[ -n "$pid" ] || { echo "the gateway did not start:" >&2; tail -n 5 "$bin/bench.out" >&2; exit 1; }
+source "$root/infra/bench/gateway-under-load.sh"
+start_gateway_under_load "$bin" "$gateway" "$scenario" 8s 1
 sleep 3
 events="$group:malloc,$group:realloc,$group:free,$group:clock_gettime"
 events+=",syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_writev"
 events+=",syscalls:sys_enter_epoll_wait,context-switches"
-perf stat -x, -e "$events" -p "$pid" -- sleep 3 2>"$bin/stat.csv" >/dev/null
+perf stat -x, -e "$events" -p "$pid" -- sleep 3 2>"$bin/stat.csv" >/dev/null || { cat "$bin/stat.csv" >&2; exit 1; }
 wait "$bench" || true
 bench=
 awk -F, -v scenario="$scenario" -v gateway="$gateway" '
   { gsub(/^[a-z0-9]+:/, "", $3); gsub(/^sys_enter_/, "", $3); count[$3] = $1; order[n++] = $3 }
   END {
     requests = count["sendto"]
+    if (requests == 0) { print "no request reached a worker while counting (see the bench output)" > "/dev/stderr"; exit 1 }
     printf "%s, %s: %d requests counted\n", gateway, scenario, requests
     for (i = 0; i < n; i++) printf "  %-16s %6.2f per request\n", order[i], count[order[i]] / requests
   }' "$bin/stat.csv"
