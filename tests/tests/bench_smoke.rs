@@ -1,5 +1,6 @@
 //! `herd bench` end to end, through the real `herd` binary, kept short: `herd bench proxy` loads
-//! every target (direct, herd-gateway, HAProxy, nginx) once for 1 s, `herd bench health`
+//! every target (direct, herd-gateway, HAProxy, nginx) once for 1 s (and herd-gateway in front
+//! of a plain hyper upstream over HTTP/1.1 and HTTP/2), `herd bench health`
 //! registers 20 workers, and `herd bench soak` holds 500 connections for 15 s with one worker
 //! killed. Each must print its table with traffic, leave no process behind, and remove its
 //! temporary directory.
@@ -176,6 +177,74 @@ fn bench_proxy_measures_every_target_without_errors() {
         assert!(run["requests"].as_u64().unwrap() > 0, "{run}");
         assert_eq!(run["non_2xx"], 0, "{run}");
         assert_eq!(run["socket_errors"], 0, "{run}");
+    }
+    assert_temp_dirs_removed(&tmp);
+    assert_no_process_left(&tmp);
+}
+
+/// `--upstream hyper`: the proxies in front of a minimal hyper server (`herd bench upstream`)
+/// instead of herd-worker, over HTTP/1.1 and HTTP/2; the session scenario, which needs the demo
+/// app, is refused with a usage error before anything starts.
+#[test]
+fn bench_proxy_runs_in_front_of_a_plain_hyper_upstream() {
+    let dir = temp_dir();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let refused = herd(
+        &[
+            "bench",
+            "proxy",
+            "--upstream",
+            "hyper",
+            "--scenarios",
+            "hello,session",
+        ],
+        &tmp,
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--upstream herd-worker"),
+        "{}",
+        describe(&refused)
+    );
+
+    let output = herd(
+        &[
+            "bench",
+            "proxy",
+            "--upstream",
+            "hyper",
+            "--duration",
+            "1s",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "8",
+            "--scenarios",
+            "hello,h2",
+            "--targets",
+            "direct,herd",
+        ],
+        &tmp,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(text.contains("2 upstreams (hyper)"), "{text}");
+    for scenario in ["### hello", "### h2"] {
+        let table = text
+            .split(scenario)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {scenario} table:\n{text}"));
+        for target in ["direct", "herd"] {
+            let cells = row(table, target).unwrap_or_else(|| panic!("no {target} row:\n{text}"));
+            let rps: f64 = cells[2].replace(',', "").parse().expect("req/s");
+            assert!(rps > 0.0, "{scenario} {target}: no traffic\n{text}");
+            assert_eq!(
+                cells.last(),
+                Some(&"0 / 0"),
+                "{scenario} {target}: errors\n{text}"
+            );
+        }
     }
     assert_temp_dirs_removed(&tmp);
     assert_no_process_left(&tmp);

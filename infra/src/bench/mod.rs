@@ -14,7 +14,9 @@
 //! - [`loadgen`]: wrk and h2load as bounded child processes, and their output parsers;
 //! - [`sample`]: CPU seconds and RSS of a process group from `/proc`;
 //! - [`report`]: medians and the Markdown tables;
-//! - [`http`]: a tiny blocking HTTP/1.1 client for readiness checks, the login and the admin API.
+//! - [`http`]: a tiny blocking HTTP/1.1 client for readiness checks, the login and the admin API;
+//! - [`upstream`]: `herd bench upstream`, a minimal hyper server (the plain upstream of
+//!   `herd bench proxy --upstream hyper`).
 //!
 //! Everything runs in a temporary directory that is removed afterwards; every process is started
 //! in its own process group and killed with it when its handle is dropped, also on an error or
@@ -28,6 +30,7 @@ pub mod report;
 pub mod sample;
 pub mod soak;
 pub mod targets;
+pub mod upstream;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -14,7 +14,9 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::loadgen::{Generator, Load, LoadResult, Tools};
-use super::targets::{KeyKind, Target, TargetKind, TlsFiles, UpstreamApp, Upstreams};
+use super::targets::{
+    KeyKind, Target, TargetKind, TlsFiles, UpstreamApp, UpstreamServer, Upstreams,
+};
 use super::{BenchError, Stop};
 
 /// Upstream workers behind every proxy.
@@ -84,10 +86,11 @@ impl Scenario {
         }
     }
 
-    fn app(self) -> UpstreamApp {
-        match self {
-            Scenario::Session => UpstreamApp::Demo,
-            _ => UpstreamApp::Hello,
+    fn app(self, server: UpstreamServer) -> UpstreamApp {
+        match (self, server) {
+            (Scenario::Session, _) => UpstreamApp::Demo,
+            (_, UpstreamServer::HerdWorker) => UpstreamApp::Hello,
+            (_, UpstreamServer::Hyper) => UpstreamApp::PlainHyper,
         }
     }
 
@@ -127,6 +130,8 @@ pub struct ProxyOptions {
     pub threads: u32,
     /// HTTP/2 streams per connection in the h2 scenario.
     pub h2_streams: u32,
+    /// What the upstreams run.
+    pub upstream: UpstreamServer,
 }
 
 fn as_seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
@@ -201,6 +206,11 @@ pub fn run(
             "need at least one target, one concurrency and one round".into(),
         ));
     }
+    if options.upstream == UpstreamServer::Hyper && options.scenarios.contains(&Scenario::Session) {
+        return Err(BenchError::Usage(
+            "--upstream hyper serves hello on every path: it has no sessions, so the session scenario needs --upstream herd-worker".into(),
+        ));
+    }
     let tools = Tools::ensure(options.scenarios.contains(&Scenario::H2))?;
     let mut results = ProxyResults {
         options: options.clone(),
@@ -238,7 +248,7 @@ fn run_scenario(
         "{}: starting upstreams and targets",
         scenario.name()
     ));
-    let upstreams = Upstreams::start(scenario.app(), UPSTREAMS, dir)?;
+    let upstreams = Upstreams::start(scenario.app(options.upstream), UPSTREAMS, dir)?;
     let mut headers = match scenario {
         Scenario::Session => vec![format!("Cookie: {}", upstreams.login("bench")?)],
         _ => Vec::new(),

@@ -113,11 +113,12 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "herd bench proxy: {} round(s) × {:?} per run, {} load threads, {} upstream workers, {} CPUs (herd-gateway: one serving thread each); medians over rounds\n",
+        "herd bench proxy: {} round(s) × {:?} per run, {} load threads, {} upstreams ({}), {} CPUs (herd-gateway: one serving thread each); medians over rounds\n",
         options.rounds,
         options.duration,
         options.threads,
         super::proxy::UPSTREAMS,
+        options.upstream.name(),
         std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
     );
     for &scenario in &options.scenarios {
@@ -361,6 +362,7 @@ mod tests {
                 rounds: 3,
                 threads: 2,
                 h2_streams: 1,
+                upstream: crate::bench::targets::UpstreamServer::HerdWorker,
             },
             idle_rss_kib: BTreeMap::from([(
                 Scenario::Hello,

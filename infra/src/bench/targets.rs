@@ -86,6 +86,30 @@ impl TargetKind {
     }
 }
 
+/// Which server the upstreams run (`herd bench proxy --upstream`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+pub enum UpstreamServer {
+    /// herd-worker (axum): the hello app, or the demo app with Redis for the session scenario.
+    #[default]
+    #[value(name = "herd-worker")]
+    #[serde(rename = "herd-worker")]
+    HerdWorker,
+    /// A minimal hyper server (`herd bench upstream`): hello on every path, no identity
+    /// headers, no routing; no session scenario.
+    #[serde(rename = "hyper")]
+    Hyper,
+}
+
+impl UpstreamServer {
+    /// Its name in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamServer::HerdWorker => "herd-worker",
+            UpstreamServer::Hyper => "hyper",
+        }
+    }
+}
+
 /// Which app the upstreams serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamApp {
@@ -93,6 +117,8 @@ pub enum UpstreamApp {
     Hello,
     /// The demo app with sessions in a private Redis.
     Demo,
+    /// The minimal hyper server of `herd bench upstream` (see [`super::upstream`]).
+    PlainHyper,
 }
 
 /// The upstream workers (and Redis for the demo app), stopped when dropped.
@@ -108,15 +134,32 @@ impl Upstreams {
     /// Starts `count` workers serving `app` on free loopback ports; for the demo app first a
     /// private redis-server with its data in `dir`.
     pub fn start(app: UpstreamApp, count: usize, dir: &Path) -> Result<Self, BenchError> {
-        let program = binaries::locate(binaries::WORKER)?;
+        let program = match app {
+            UpstreamApp::PlainHyper => binaries::locate(binaries::HERD)?,
+            UpstreamApp::Hello | UpstreamApp::Demo => binaries::locate(binaries::WORKER)?,
+        };
         let redis = match app {
-            UpstreamApp::Hello => None,
             UpstreamApp::Demo => Some(RedisServer::start(None, dir, dir)?),
+            UpstreamApp::Hello | UpstreamApp::PlainHyper => None,
         };
         let mut workers = Vec::with_capacity(count);
         let mut addrs = Vec::with_capacity(count);
         for index in 1..=count {
             let id = format!("up{index}");
+            if app == UpstreamApp::PlainHyper {
+                let spec = Spec::new(format!("hyper-{id}"), &program, dir).args_from([
+                    "bench",
+                    "upstream",
+                    "--listen",
+                    "127.0.0.1:0",
+                ]);
+                let process = Process::spawn_and_wait(&spec, &["public"], START_TIMEOUT)?;
+                addrs.push(process.addr("public").ok_or_else(|| {
+                    BenchError::Setup(format!("hyper upstream {id} announced no address"))
+                })?);
+                workers.push(process);
+                continue;
+            }
             let mut spec = Spec::new(format!("worker-{id}"), &program, dir)
                 .env("HERD_WORKER_LISTEN", "127.0.0.1:0")
                 .env("HERD_WORKER_ID", &id)

@@ -8,7 +8,7 @@ use herd_shared::telemetry::LogFormat;
 
 use super::CliError;
 use crate::bench::proxy::Scenario;
-use crate::bench::targets::TargetKind;
+use crate::bench::targets::{TargetKind, UpstreamServer};
 
 /// Most workers `herd up` starts on one machine; more only fight over its cores.
 pub const MAX_WORKERS: u16 = 64;
@@ -171,6 +171,17 @@ pub enum BenchCommand {
     /// Hold many keep-alive connections through the gateway for a long time while workers are
     /// killed and restarted; sample its RSS and descriptors; PASS (exit 0) or FAIL (exit 1).
     Soak(BenchSoakArgs),
+    /// Serve a minimal hyper app (200 "hello\n" on every path, HTTP/1.1 and h2c) until killed:
+    /// the upstream of `herd bench proxy --upstream hyper`.
+    Upstream(BenchUpstreamArgs),
+}
+
+/// Flags of `herd bench upstream`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchUpstreamArgs {
+    /// Address to listen on (port 0: a free one; the bound address is printed as a JSON line).
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
 }
 
 /// Where a benchmark writes its results and logs.
@@ -247,6 +258,10 @@ pub struct BenchProxyArgs {
     #[arg(long, default_value_t = 8, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub h2_streams: u32,
+    /// What the upstreams run: herd-worker (the hello app; the demo app for session) or hyper
+    /// (`herd bench upstream`, a minimal hyper server; not with the session scenario).
+    #[arg(long, value_enum, default_value = "herd-worker", value_name = "SERVER")]
+    pub upstream: UpstreamServer,
     /// Output files.
     #[command(flatten)]
     pub output: BenchOutputArgs,

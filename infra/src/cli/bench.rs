@@ -13,13 +13,13 @@ use serde_json::json;
 
 use super::signals::StopSignal;
 use super::{
-    BenchHealthArgs, BenchOutputArgs, BenchProxyArgs, BenchSoakArgs, CliError, EXIT_FAILED,
-    EXIT_OK, say, warn,
+    BenchHealthArgs, BenchOutputArgs, BenchProxyArgs, BenchSoakArgs, BenchUpstreamArgs, CliError,
+    EXIT_FAILED, EXIT_OK, say, warn,
 };
 use crate::bench::health::{self, HealthOptions};
 use crate::bench::proxy::{self, ProxyOptions};
-use crate::bench::soak;
 use crate::bench::{BenchError, Stop, WorkDir, report};
+use crate::bench::{soak, upstream};
 
 /// Runs `herd bench proxy`.
 pub(super) fn proxy(args: &BenchProxyArgs) -> Result<u8, CliError> {
@@ -33,6 +33,7 @@ pub(super) fn proxy(args: &BenchProxyArgs) -> Result<u8, CliError> {
         rounds: args.rounds,
         threads: args.threads,
         h2_streams: args.h2_streams,
+        upstream: args.upstream,
     };
     let dir = WorkDir::new(args.output.log_dir.as_deref())?;
     let path = dir.path().to_path_buf();
@@ -65,6 +66,12 @@ pub(super) fn proxy(args: &BenchProxyArgs) -> Result<u8, CliError> {
         ));
         return Ok(EXIT_FAILED);
     }
+    Ok(EXIT_OK)
+}
+
+/// Runs `herd bench upstream` until the process is killed.
+pub(super) fn upstream(args: &BenchUpstreamArgs) -> Result<u8, CliError> {
+    upstream::run(args.listen).map_err(|error| BenchError::Setup(error.to_string()))?;
     Ok(EXIT_OK)
 }
 

@@ -35,9 +35,9 @@ mod up;
 pub(crate) mod workers;
 
 pub use args::{
-    BenchCommand, BenchHealthArgs, BenchOutputArgs, BenchProxyArgs, BenchSoakArgs, Cli, Command,
-    DrillArgs, FailoverCompareArgs, LabCommand, MAX_SCALE, MAX_WORKERS, RolloutArgs, ScaleArgs,
-    StateDirArgs, StatusArgs, TlsCommand, TlsPushArgs, UpArgs,
+    BenchCommand, BenchHealthArgs, BenchOutputArgs, BenchProxyArgs, BenchSoakArgs,
+    BenchUpstreamArgs, Cli, Command, DrillArgs, FailoverCompareArgs, LabCommand, MAX_SCALE,
+    MAX_WORKERS, RolloutArgs, ScaleArgs, StateDirArgs, StatusArgs, TlsCommand, TlsPushArgs, UpArgs,
 };
 pub use error::{CliError, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE};
 
@@ -63,6 +63,7 @@ pub fn run(cli: &Cli) -> Result<u8, CliError> {
         Command::Bench(BenchCommand::Proxy(args)) => bench::proxy(args),
         Command::Bench(BenchCommand::Health(args)) => bench::health(args),
         Command::Bench(BenchCommand::Soak(args)) => bench::soak(args),
+        Command::Bench(BenchCommand::Upstream(args)) => bench::upstream(args),
         Command::Drill(args) => drill::run(args),
     }
 }
