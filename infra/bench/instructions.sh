@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# How many instructions herd-gateway executes per request, counted exactly under valgrind's
+# callgrind, and in which functions: the user-space work of one request, free of the timing noise
+# of a shared VM (which has no hardware counters; docs/performance.md, section 11).
+#
+#   infra/bench/instructions.sh [SCENARIO] [GATEWAY_BINARY] [REQUESTS]
+#   infra/bench/instructions.sh h1 /tmp/gw-before 20000
+#
+# SCENARIO: h1 (default; HTTP/1.1 keep-alive) or h2 (h2c, 8 streams per connection), both
+# `GET /` through the gateway (one serving thread) to two herd-worker hello upstreams (set
+# UPSTREAM=hyper for `herd bench upstream`, a plain hyper server). GATEWAY_BINARY: default
+# target/release/herd-gateway. REQUESTS: default 20000, sent by h2load (-n: an exact count) over
+# 16 connections after 2000 warm-up requests. Counting starts after the warm-up
+# (`callgrind_control --zero`) and ends with a dump right after the last answer; health checks
+# are slowed to one a minute so they stay out of the count. Kernel work is not counted
+# (valgrind sees user space only); per-request.sh counts system calls.
+#
+# Prints instructions per request in all and the 25 functions with the most, inclusive of what
+# they call and exclusive. Needs valgrind, h2load and release builds (`cargo build --release
+# --bins`).
+set -euo pipefail
+scenario=${1:-h1}
+root=$(cd "$(dirname "$0")/../.." && pwd)
+gateway=$(realpath "${2:-$root/target/release/herd-gateway}")
+requests=${3:-20000}
+upstream=${UPSTREAM:-herd-worker}
+case $scenario in
+  h1) h2load_mode=(--h1 -m 1) ;;
+  h2) h2load_mode=(-m 8) ;;
+  *) echo "scenario: h1 or h2, not $scenario" >&2; exit 2 ;;
+esac
+for tool in valgrind callgrind_control callgrind_annotate h2load; do
+  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install valgrind nghttp2-client)" >&2; exit 1; }
+done
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+# The address a process announced in its `{"event":"listening","role":ROLE,...}` line.
+announced() {
+  local out=$1 role=$2
+  for _ in $(seq 300); do
+    local addr
+    addr=$(grep -o "\"role\":\"$role\",\"addr\":\"[^\"]*\"" "$out" 2>/dev/null | head -n1 | sed 's/.*"addr":"\(.*\)"/\1/')
+    [ -n "$addr" ] && { echo "$addr"; return 0; }
+    sleep 0.1
+  done
+  echo "no $role address announced; its log:" >&2
+  tail -n 5 "$out" "$out.err" >&2
+  return 1
+}
+
+workers=()
+for index in 1 2; do
+  out=$work/upstream-$index.out
+  if [ "$upstream" = hyper ]; then
+    "$root/target/release/herd" bench upstream >"$out" 2>"$out.err" &
+  else
+    HERD_WORKER_APP=hello HERD_WORKER_LISTEN=127.0.0.1:0 HERD_WORKER_ID=up$index \
+      HERD_WORKER_REGISTRY__ENABLED=false HERD_LOG=warn \
+      "$root/target/release/herd-worker" --log-format json >"$out" 2>"$out.err" &
+  fi
+  pids+=($!)
+  workers+=("$(announced "$out" public)")
+done
+
+out=$work/gateway.out
+HERD_GATEWAY_LISTEN=127.0.0.1:0 HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:0 \
+  HERD_GATEWAY_WORKERS=$(IFS=,; echo "${workers[*]}") HERD_GATEWAY_REGISTRY__ENABLED=false \
+  HERD_GATEWAY_THREADS=1 HERD_GATEWAY_HEALTH__INTERVAL=60s HERD_LOG=warn \
+  valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
+  "$gateway" --log-format json >"$out" 2>"$out.err" &
+gateway_pid=$!
+pids+=("$gateway_pid")
+public=$(announced "$out" public)
+h2load -n 2000 -c 16 -t 1 "${h2load_mode[@]}" "http://$public/" >"$work/warmup.txt"
+callgrind_control --zero "$gateway_pid" >/dev/null 2>&1
+h2load -n "$requests" -c 16 -t 1 "${h2load_mode[@]}" "http://$public/" >"$work/load.txt"
+callgrind_control --dump=measured "$gateway_pid" >/dev/null 2>&1
+[ -n "${KEEP:-}" ] && cp "$work"/callgrind.out.* "$KEEP"
+succeeded=$(awk '/^requests:/ {print $8}' "$work/load.txt")
+if [ "$succeeded" != "$requests" ]; then
+  echo "only $succeeded of $requests requests succeeded:" >&2
+  cat "$work/load.txt" >&2
+  exit 1
+fi
+dump=$(ls "$work"/callgrind.out.* | head -n1)
+total=$(awk '/^summary:|^totals:/ {print $2; exit}' "$dump")
+printf '%s, %s via %s: %d requests, %.0f instructions per request\n' \
+  "$gateway" "$scenario" "$upstream" "$requests" "$(echo "$total / $requests" | bc -l)"
+# Lines of callgrind_annotate as "count<TAB>file:function [object]", minus the frames that hold
+# every request (thread start, the event loop): at or above 90 % of the total.
+functions() {
+  callgrind_annotate "$1" --auto=no --threshold=100 "$dump" 2>/dev/null |
+    awk -v total="$total" '
+      /^ *[0-9,]+ \( *[0-9.]+%\)  / {
+        count = $1; gsub(/,/, "", count); count += 0
+        sub(/^ *[0-9,]+ \( *[0-9.]+%\) +/, "")
+        if (count < 0.9 * total) printf "%s\t%s\n", count, $0
+      }'
+}
+echo "  by crate of the function (exclusive), per request:"
+functions --inclusive=no | awk -F'\t' -v requests="$requests" '
+  {
+    where = $2
+    if (where ~ /libc\.so/) crate = "glibc (" (where ~ /mem(set|cpy|move)/ ? "memset/memcpy" : "malloc, other") ")"
+    else {
+      name = substr(where, index(where, ":") + 1)
+      sub(/^</, "", name); sub(/::.*/, "", name); sub(/ .*/, "", name)
+      crate = name
+    }
+    sum[crate] += $1
+  }
+  END { for (crate in sum) printf "    %8.0f  %s\n", sum[crate] / requests, crate }' | sort -rn | awk "NR <= 14"
+for mode in inclusive exclusive; do
+  echo "  the 25 functions with the most instructions per request ($mode):"
+  functions --inclusive=$([ "$mode" = inclusive ] && echo yes || echo no) | awk "NR <= 25" |
+    awk -F'\t' -v requests="$requests" '{ printf "    %8.0f  %s\n", $1 / requests, substr($2, 1, 120) }'
+done
