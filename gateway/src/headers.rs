@@ -3,7 +3,8 @@
 //! Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection, not the message, so a proxy
 //! must drop them — the fixed list plus every name listed in `Connection`. The request id is
 //! kept when the client sent a sane one (≤ 128 characters of `[A-Za-z0-9._-]`), else generated:
-//! a random per-process prefix and a counter, unique and cheap.
+//! a random per-thread prefix and a counter, unique and cheap. What the gateway adds for the
+//! worker ([`Forwarding`]) is written by the request encoder, not into the request's map.
 
 use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
@@ -95,16 +96,13 @@ pub fn is_sane_request_id(value: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// The request's id: the client's when sane, otherwise a new one (also set in `headers`).
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(value) = headers.get(&REQUEST_ID)
-        && is_sane_request_id(value.as_bytes())
-    {
-        return value.clone();
+/// The request's id: the client's when sane, otherwise a new one; and whether it is new (the
+/// worker is then sent it in place of the client's, see [`Forwarding`]).
+pub fn request_id(headers: &HeaderMap) -> (HeaderValue, bool) {
+    match headers.get(&REQUEST_ID) {
+        Some(value) if is_sane_request_id(value.as_bytes()) => (value.clone(), false),
+        _ => (new_request_id(), true),
     }
-    let value = new_request_id();
-    headers.insert(REQUEST_ID, value.clone());
-    value
 }
 
 /// A new request id: 16 hex digits of per-thread randomness, a dash, a counter. Per thread, so
@@ -236,59 +234,53 @@ impl OverTls {
     }
 }
 
-/// `Forwarded` (RFC 7239), set only on requests that came over TLS; one sent by a client is
-/// dropped either way (the gateway is the edge: workers may trust the scheme they see).
-pub fn set_forwarded(headers: &mut HeaderMap, over_tls: Option<&OverTls>) {
-    match over_tls {
-        Some(tls) => {
-            headers.insert(header::FORWARDED, tls.forwarded.clone());
-        }
-        None => {
-            headers.remove(header::FORWARDED);
-        }
-    }
+/// What the gateway tells a worker beyond the client's headers: the request id when it made a
+/// new one, the client's address (`X-Forwarded-For`, appended to the hops before), the scheme
+/// (`X-Forwarded-Proto`) and, over TLS, `Forwarded` (RFC 7239). A client's own
+/// `X-Forwarded-Proto` and `Forwarded` are never passed on: the gateway is the edge, so workers
+/// may trust the scheme they see.
+///
+/// Written by the request encoder (`upstream::codec::encode_request_head`) after the client's
+/// headers rather than inserted into the request's map: that was three hash inserts and a
+/// removal per request, and the map's growth.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    /// The id the gateway made (`None`: the client's sane id is forwarded as it came).
+    pub new_request_id: Option<&'a HeaderValue>,
+    /// The client's address, see [`forwarded_for`].
+    pub client: &'a HeaderValue,
+    /// Set when the request came over TLS.
+    pub over_tls: Option<&'a OverTls>,
 }
 
-/// Everything a worker learns about the client: `X-Forwarded-For`, `X-Forwarded-Proto` and,
-/// over TLS, `Forwarded` ([`add_forwarded`], [`set_forwarded`]).
-pub fn forward_client(
-    headers: &mut HeaderMap,
-    extensions: &http::Extensions,
-    client: &HeaderValue,
-) {
-    let over_tls = extensions.get::<OverTls>();
-    add_forwarded(
-        headers,
-        client,
-        if over_tls.is_some() { "https" } else { "http" },
-    );
-    set_forwarded(headers, over_tls);
-}
+impl Forwarding<'_> {
+    /// Whether a client's header of this name is left out (the gateway writes its own).
+    pub fn replaces(&self, name: &HeaderName) -> bool {
+        *name == FORWARDED_FOR
+            || *name == FORWARDED_PROTO
+            || *name == header::FORWARDED
+            || (self.new_request_id.is_some() && *name == REQUEST_ID)
+    }
 
-/// Appends `client` (see [`forwarded_for`]) to `X-Forwarded-For` and sets
-/// `X-Forwarded-Proto`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, proto: &'static str) {
-    // Every earlier line counts (a list may arrive split over several), as bytes: one odd byte
-    // must not drop the hops before ours.
-    let mut chain = Vec::new();
-    for previous in headers.get_all(&FORWARDED_FOR) {
-        let previous = previous.as_bytes().trim_ascii();
-        if !previous.is_empty() {
-            chain.extend_from_slice(previous);
-            chain.extend_from_slice(b", ");
+    /// `X-Forwarded-Proto`'s value.
+    pub fn proto(&self) -> &'static [u8] {
+        if self.over_tls.is_some() {
+            b"https"
+        } else {
+            b"http"
         }
     }
-    let value = if chain.is_empty() {
-        Some(client.clone())
-    } else {
-        chain.extend_from_slice(client.as_bytes());
-        HeaderValue::from_bytes(&chain).ok()
-    };
-    if let Some(value) = value {
-        headers.insert(FORWARDED_FOR, value);
+
+    /// The `X-Forwarded-For` hops before this one, from the client's `headers`: every line
+    /// counts (a list may arrive split over several), trimmed, as bytes — one odd byte must not
+    /// drop the hops before ours.
+    pub fn earlier_hops<'h>(headers: &'h HeaderMap) -> impl Iterator<Item = &'h [u8]> {
+        headers
+            .get_all(&FORWARDED_FOR)
+            .into_iter()
+            .map(|hop| hop.as_bytes().trim_ascii())
+            .filter(|hop| !hop.is_empty())
     }
-    // We are the edge: what the client claims about the scheme is not trusted.
-    headers.insert(FORWARDED_PROTO, HeaderValue::from_static(proto));
 }
 
 /// Size of the request head as the limit counts it: target plus every `name: value\r\n`.
@@ -387,14 +379,18 @@ mod tests {
 
         let mut headers = HeaderMap::new();
         headers.insert(REQUEST_ID, "client-id-1".parse().unwrap());
-        assert_eq!(ensure_request_id(&mut headers), "client-id-1");
+        assert_eq!(
+            request_id(&headers),
+            ("client-id-1".parse().unwrap(), false)
+        );
 
         let mut headers = HeaderMap::new();
         headers.insert(REQUEST_ID, "bad id!".parse().unwrap());
-        let id = ensure_request_id(&mut headers);
+        let (id, new) = request_id(&headers);
+        assert!(new);
         assert_ne!(id, "bad id!");
         assert!(is_sane_request_id(id.as_bytes()));
-        assert_eq!(headers[&REQUEST_ID], id);
+        assert!(request_id(&HeaderMap::new()).1, "none sent: a new one");
     }
 
     #[test]
@@ -444,50 +440,11 @@ mod tests {
     }
 
     #[test]
-    fn over_tls_the_scheme_is_https_and_forwarded_is_ours() {
-        let client = forwarded_for([10, 0, 0, 1].into());
-        let mut extensions = http::Extensions::new();
-        let mut headers = HeaderMap::new();
-        headers.insert(header::FORWARDED, HeaderValue::from_static("proto=https"));
-        forward_client(&mut headers, &extensions, &client);
-        assert_eq!(headers[FORWARDED_PROTO], "http");
-        assert!(
-            headers.get(header::FORWARDED).is_none(),
-            "a client's claim is dropped"
-        );
-
-        extensions.insert(OverTls::new("2001:db8::1".parse().unwrap()));
-        headers.insert(header::FORWARDED, HeaderValue::from_static("proto=http"));
-        forward_client(&mut headers, &extensions, &client);
-        assert_eq!(headers[FORWARDED_PROTO], "https");
-        assert_eq!(
-            headers[header::FORWARDED],
-            r#"for="[2001:db8::1]";proto=https"#
-        );
+    fn over_tls_the_forwarded_element_names_the_client() {
+        let v6 = OverTls::new("2001:db8::1".parse().unwrap());
+        assert_eq!(v6.forwarded, r#"for="[2001:db8::1]";proto=https"#);
         let mapped = OverTls::new("::ffff:192.0.2.7".parse().unwrap());
         assert_eq!(mapped.forwarded, "for=192.0.2.7;proto=https");
-    }
-
-    #[test]
-    fn forwarded_for_appends_and_proto_is_overwritten() {
-        let mut headers = HeaderMap::new();
-        add_forwarded(&mut headers, &forwarded_for([10, 0, 0, 1].into()), "http");
-        assert_eq!(headers[&FORWARDED_FOR], "10.0.0.1");
-        headers.insert(FORWARDED_PROTO, "https".parse().unwrap());
-        add_forwarded(&mut headers, &forwarded_for([127, 0, 0, 1].into()), "http");
-        assert_eq!(headers[&FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
-        assert_eq!(headers[&FORWARDED_PROTO], "http");
-        // Found by the property tests: only the first of several lines was kept, and a line with
-        // a non-ASCII byte was dropped with all hops before ours.
-        let mut headers = HeaderMap::new();
-        headers.append(&FORWARDED_FOR, "10.0.0.1".parse().unwrap());
-        headers.append(
-            &FORWARDED_FOR,
-            HeaderValue::from_bytes(b"10.0.0.2, \xff").unwrap(),
-        );
-        add_forwarded(&mut headers, &forwarded_for([127, 0, 0, 1].into()), "http");
-        let chain: Vec<_> = headers.get_all(&FORWARDED_FOR).iter().collect();
-        assert_eq!(chain, [&b"10.0.0.1, 10.0.0.2, \xff, 127.0.0.1"[..]]);
     }
 
     #[test]

@@ -138,7 +138,7 @@ impl Proxy {
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         let version = parts.version;
-        let request_id = headers::ensure_request_id(&mut parts.headers);
+        let (request_id, new_request_id) = headers::request_id(&parts.headers);
         // Sampling is decided here, before any span exists: an unsampled request costs a draw
         // and one header (so the workers do not trace it either), no span.
         let span = (self.tracing && herd_shared::telemetry::decide(&mut parts.headers))
@@ -153,6 +153,7 @@ impl Proxy {
                 forwarded_for,
                 started,
                 &request_id,
+                new_request_id,
                 upgrade,
                 span.is_some(),
             ),
@@ -216,6 +217,7 @@ impl Proxy {
         forwarded_for: &HeaderValue,
         started: Instant,
         request_id: &HeaderValue,
+        new_request_id: bool,
         upgrade: Option<HeaderValue>,
         traced: bool,
     ) -> Result<(Response<ResponseBody>, Option<WorkerTunnel>), GatewayError> {
@@ -263,7 +265,11 @@ impl Proxy {
         if let Some(protocol) = upgrade {
             headers::set_upgrade(&mut request_headers, protocol);
         }
-        headers::forward_client(&mut request_headers, &parts.extensions, forwarded_for);
+        let forwarding = headers::Forwarding {
+            new_request_id: new_request_id.then_some(request_id),
+            client: forwarded_for,
+            over_tls: parts.extensions.get::<headers::OverTls>(),
+        };
         self.budget.deposit();
 
         let deadline = started + settings.request;
@@ -340,6 +346,7 @@ impl Proxy {
                         method: &parts.method,
                         path,
                         headers: &request_headers,
+                        forwarding,
                         declared_length: content_length,
                         body,
                     };
@@ -386,6 +393,7 @@ impl Proxy {
                                     method: &parts.method,
                                     path,
                                     headers: request_headers,
+                                    forwarding,
                                     declared_length: content_length,
                                     body: spare,
                                 };

@@ -15,6 +15,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, StatusCode, Version};
 
+use crate::headers::{Forwarding, REQUEST_ID};
+
 /// Largest response head accepted from a worker.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Most response headers accepted from a worker.
@@ -42,7 +44,9 @@ pub enum RequestFraming {
 ///
 /// `Content-Length`, `Transfer-Encoding` and `Expect` from `headers` are replaced by `framing`:
 /// the gateway has read the client's body itself and re-frames it, and any `100-continue` was
-/// answered to the client already. Without a `Host` header, `fallback_host` is sent.
+/// answered to the client already. Without a `Host` header, `fallback_host` is sent. The
+/// gateway's own headers (`forwarding`) follow the client's, in place of the client's headers
+/// of the same names.
 pub fn encode_request_head(
     out: &mut BytesMut,
     method: &Method,
@@ -50,6 +54,7 @@ pub fn encode_request_head(
     headers: &HeaderMap,
     framing: RequestFraming,
     fallback_host: &Authority,
+    forwarding: &Forwarding<'_>,
 ) {
     out.clear();
     out.extend_from_slice(method.as_str().as_bytes());
@@ -63,10 +68,25 @@ pub fn encode_request_head(
         if name == header::CONTENT_LENGTH
             || name == header::TRANSFER_ENCODING
             || name == header::EXPECT
+            || forwarding.replaces(name)
         {
             continue;
         }
         put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some(id) = forwarding.new_request_id {
+        put_header(out, REQUEST_ID.as_str().as_bytes(), id.as_bytes());
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for hop in Forwarding::earlier_hops(headers) {
+        out.extend_from_slice(hop);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(forwarding.client.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    put_header(out, b"x-forwarded-proto", forwarding.proto());
+    if let Some(tls) = forwarding.over_tls {
+        put_header(out, b"forwarded", tls.forwarded.as_bytes());
     }
     match framing {
         RequestFraming::None => {}
@@ -554,11 +574,117 @@ mod tests {
             &headers,
             RequestFraming::Length(5),
             &authority(),
+            &forwarding(&client(), None, None),
         );
         assert_eq!(
             &out[..],
-            b"POST /cart?x=1 HTTP/1.1\r\nhost: shop.example\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 5\r\n\r\n"
+            b"POST /cart?x=1 HTTP/1.1\r\nhost: shop.example\r\nx-a: 1\r\nx-a: 2\r\n\
+              x-forwarded-for: 10.9.8.7\r\nx-forwarded-proto: http\r\ncontent-length: 5\r\n\r\n"
         );
+    }
+
+    fn client() -> HeaderValue {
+        crate::headers::forwarded_for([10, 9, 8, 7].into())
+    }
+
+    fn forwarding<'a>(
+        client: &'a HeaderValue,
+        new_request_id: Option<&'a HeaderValue>,
+        over_tls: Option<&'a crate::headers::OverTls>,
+    ) -> Forwarding<'a> {
+        Forwarding {
+            new_request_id,
+            client,
+            over_tls,
+        }
+    }
+
+    /// The request head as (name, value) lines, parsed back.
+    fn encoded_headers(headers: &HeaderMap, forwarding: &Forwarding<'_>) -> Vec<(String, Vec<u8>)> {
+        let mut out = BytesMut::new();
+        encode_request_head(
+            &mut out,
+            &Method::GET,
+            "/",
+            headers,
+            RequestFraming::None,
+            &authority(),
+            forwarding,
+        );
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut slots);
+        assert!(request.parse(&out).unwrap().is_complete());
+        request
+            .headers
+            .iter()
+            .map(|h| (h.name.to_string(), h.value.to_vec()))
+            .collect()
+    }
+
+    fn values<'a>(lines: &'a [(String, Vec<u8>)], name: &str) -> Vec<&'a [u8]> {
+        lines
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| &v[..])
+            .collect()
+    }
+
+    #[test]
+    fn forwarding_appends_the_client_and_overrides_what_clients_claim() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            &crate::headers::FORWARDED_FOR,
+            HeaderValue::from_static("10.0.0.1"),
+        );
+        // Found by the property tests (when these were map inserts): only the first of several
+        // lines was kept, and a line with a non-ASCII byte was dropped with all hops before ours.
+        headers.append(
+            &crate::headers::FORWARDED_FOR,
+            HeaderValue::from_bytes(b" 10.0.0.2, \xff ").unwrap(),
+        );
+        headers.append(
+            &crate::headers::FORWARDED_FOR,
+            HeaderValue::from_static(" "),
+        );
+        headers.insert(
+            &crate::headers::FORWARDED_PROTO,
+            HeaderValue::from_static("https"),
+        );
+        headers.insert(header::FORWARDED, HeaderValue::from_static("proto=https"));
+        headers.insert(&REQUEST_ID, HeaderValue::from_static("client-id"));
+        let client = client();
+        let lines = encoded_headers(&headers, &forwarding(&client, None, None));
+        assert_eq!(
+            values(&lines, "x-forwarded-for"),
+            [&b"10.0.0.1, 10.0.0.2, \xff, 10.9.8.7"[..]]
+        );
+        assert_eq!(values(&lines, "x-forwarded-proto"), [b"http"]);
+        assert!(
+            values(&lines, "forwarded").is_empty(),
+            "a client's claim is dropped"
+        );
+        assert_eq!(
+            values(&lines, "x-request-id"),
+            [b"client-id"],
+            "a sane id is kept"
+        );
+
+        let ours = HeaderValue::from_static("gw-1");
+        let tls = crate::headers::OverTls::new("2001:db8::1".parse().unwrap());
+        let lines = encoded_headers(&headers, &forwarding(&client, Some(&ours), Some(&tls)));
+        assert_eq!(
+            values(&lines, "x-request-id"),
+            [b"gw-1"],
+            "replaced, not added"
+        );
+        assert_eq!(values(&lines, "x-forwarded-proto"), [b"https"]);
+        assert_eq!(
+            values(&lines, "forwarded"),
+            [&br#"for="[2001:db8::1]";proto=https"#[..]]
+        );
+
+        let lines = encoded_headers(&HeaderMap::new(), &forwarding(&client, None, None));
+        assert_eq!(values(&lines, "x-forwarded-for"), [b"10.9.8.7"]);
     }
 
     #[test]
@@ -571,10 +697,12 @@ mod tests {
             &HeaderMap::new(),
             RequestFraming::Chunked,
             &authority(),
+            &forwarding(&client(), None, None),
         );
         assert_eq!(
             &out[..],
-            b"PUT / HTTP/1.1\r\nhost: 10.0.0.1:8081\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"PUT / HTTP/1.1\r\nhost: 10.0.0.1:8081\r\nx-forwarded-for: 10.9.8.7\r\n\
+              x-forwarded-proto: http\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         let mut chunk = BytesMut::new();
         encode_chunk_start(&mut chunk, 255);

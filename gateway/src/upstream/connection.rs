@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use super::codec::{self, Parsed, RequestFraming, ResponseHead};
 use super::error::{UpstreamError, UpstreamErrorKind};
 use super::request_body::{BodyError, UpstreamBody, client_went_away};
+use crate::headers::Forwarding;
 
 /// How soon after a request went out a close of a kept-alive connection still means the worker
 /// closed it idle (its FIN was already on the way: one network round trip, plus scheduling). A
@@ -58,6 +59,8 @@ pub struct Outgoing<'a> {
     pub path: &'a str,
     /// Headers, hop-by-hop ones already removed.
     pub headers: &'a HeaderMap,
+    /// What the gateway adds for the worker (written after `headers`).
+    pub forwarding: Forwarding<'a>,
     /// Whether the client declared a length (an empty declared body is sent as length 0).
     pub declared_length: Option<u64>,
     /// The body.
@@ -170,6 +173,7 @@ impl Connection {
             method,
             path,
             headers,
+            forwarding,
             declared_length,
             body,
         } = request;
@@ -188,6 +192,7 @@ impl Connection {
                     headers,
                     framing,
                     fallback_host,
+                    &forwarding,
                 );
                 let stream = &mut self.stream;
                 match data {
@@ -214,6 +219,7 @@ impl Connection {
                     headers,
                     framing,
                     fallback_host,
+                    &forwarding,
                 );
                 send_all(&mut self.stream, &self.write, stall, written).await?;
                 while let Some(frame) = body.frame().await {
@@ -450,10 +456,16 @@ mod tests {
             .await
             .unwrap();
         let headers = HeaderMap::new();
+        let client = http::HeaderValue::from_static("127.0.0.1");
         let get = |headers| Outgoing {
             method: &Method::GET,
             path: "/",
             headers,
+            forwarding: Forwarding {
+                new_request_id: None,
+                client: &client,
+                over_tls: None,
+            },
             declared_length: None,
             body: UpstreamBody::Full(None),
         };

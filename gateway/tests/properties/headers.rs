@@ -1,11 +1,13 @@
 //! `headers.rs`: hop-by-hop stripping keeps exactly the end-to-end headers, in order; an
-//! upgrade is seen exactly when `Connection` lists it; request ids are kept only when sane; and
-//! `X-Forwarded-For` keeps every hop before ours.
+//! upgrade is seen exactly when `Connection` lists it; request ids are kept only when sane, and
+//! the worker gets exactly one; and the `X-Forwarded-For` the worker gets keeps every hop before
+//! ours.
 
 use herd_gateway::headers::{
-    FORWARDED_FOR, REQUEST_ID, add_forwarded, ensure_request_id, forwarded_for, is_sane_request_id,
+    FORWARDED_FOR, Forwarding, REQUEST_ID, forwarded_for, is_sane_request_id, request_id,
     strip_hop_by_hop, upgrade,
 };
+use herd_gateway::upstream::codec::{RequestFraming, encode_request_head};
 use http::header::{HeaderMap, HeaderValue};
 use proptest::prelude::*;
 
@@ -135,13 +137,18 @@ proptest! {
         if let Some(id) = &id {
             map.insert(REQUEST_ID, HeaderValue::from_bytes(id).unwrap());
         }
-        let chosen = ensure_request_id(&mut map);
+        let (chosen, new) = request_id(&map);
         prop_assert!(is_sane_request_id(chosen.as_bytes()));
-        prop_assert_eq!(&map[&REQUEST_ID], &chosen);
         let sane = id.as_deref().is_some_and(|id| {
             !id.is_empty() && id.len() <= 128 && id.iter().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(b))
         });
         prop_assert_eq!(sane, id.as_deref() == Some(chosen.as_bytes()));
+        prop_assert_eq!(new, !sane);
+        // The worker gets exactly one id: the chosen one.
+        let client = forwarded_for([10, 0, 0, 1].into());
+        let forwarding = Forwarding { new_request_id: new.then_some(&chosen), client: &client, over_tls: None };
+        let sent = encoded(&map, &forwarding);
+        prop_assert_eq!(values(&sent, "x-request-id"), vec![chosen.as_bytes().to_vec()]);
     }
 
     #[test]
@@ -157,13 +164,45 @@ proptest! {
         for hop in &earlier {
             map.append(FORWARDED_FOR, HeaderValue::from_bytes(hop).unwrap());
         }
-        add_forwarded(&mut map, &forwarded_for(client.into()), "http");
+        map.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        let value = forwarded_for(client.into());
+        let forwarding = Forwarding { new_request_id: None, client: &value, over_tls: None };
+        let sent = encoded(&map, &forwarding);
         let client = std::net::IpAddr::from(client).to_string();
         let mut expected: Vec<&[u8]> = earlier.iter().map(|h| h.trim_ascii()).filter(|h| !h.is_empty()).collect();
         expected.push(client.as_bytes());
-        let values: Vec<&[u8]> = map.get_all(FORWARDED_FOR).iter().map(HeaderValue::as_bytes).collect();
-        let joined = expected.join(&b", "[..]);
-        prop_assert_eq!(values, vec![&joined[..]]);
-        prop_assert_eq!(&map["x-forwarded-proto"], "http");
+        prop_assert_eq!(values(&sent, "x-forwarded-for"), vec![expected.join(&b", "[..])]);
+        prop_assert_eq!(values(&sent, "x-forwarded-proto"), vec![b"http".to_vec()]);
     }
+}
+
+/// The head the worker is sent for a `GET /` with `map`, parsed back into (name, value) lines.
+fn encoded(map: &HeaderMap, forwarding: &Forwarding<'_>) -> Vec<(String, Vec<u8>)> {
+    let mut out = bytes::BytesMut::new();
+    let host = http::uri::Authority::from_static("127.0.0.1:1");
+    encode_request_head(
+        &mut out,
+        &http::Method::GET,
+        "/",
+        map,
+        RequestFraming::None,
+        &host,
+        forwarding,
+    );
+    let mut slots = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut slots);
+    assert!(request.parse(&out).expect("a valid head").is_complete());
+    request
+        .headers
+        .iter()
+        .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+        .collect()
+}
+
+fn values(lines: &[(String, Vec<u8>)], name: &str) -> Vec<Vec<u8>> {
+    lines
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.clone())
+        .collect()
 }

@@ -1,9 +1,10 @@
 //! The request-head encoder (`codec::encode_request_head`): what it writes, read back by
-//! `httparse`, is the method, target, headers and framing it was given; after `headers.rs`
+//! `httparse`, is the method, target, headers and framing it was given, with the gateway's own
+//! forwarding headers in place of the client's; after `headers.rs`
 //! stripping, no hop-by-hop or `Connection`-listed header reaches a worker.
 
 use bytes::BytesMut;
-use herd_gateway::headers::strip_hop_by_hop;
+use herd_gateway::headers::{Forwarding, OverTls, forwarded_for, strip_hop_by_hop};
 use herd_gateway::upstream::codec::{RequestFraming, encode_request_head};
 use http::Method;
 use http::uri::Authority;
@@ -39,6 +40,7 @@ fn client_headers() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
     let name = prop_oneof![
         6 => plain_name(),
         1 => prop::sample::select(vec!["host", "content-length", "transfer-encoding", "expect", "cookie"]).prop_map(String::from),
+        1 => prop::sample::select(vec!["x-forwarded-for", "x-forwarded-proto", "forwarded", "x-request-id"]).prop_map(String::from),
     ];
     prop::collection::vec((name, field_value()), 0..10)
 }
@@ -75,25 +77,56 @@ proptest! {
         path in "/[a-zA-Z0-9/._~%!$&'()*+,;=:@?-]{0,40}",
         headers in client_headers(),
         framing in framing(),
+        new_id in any::<bool>(),
+        tls in any::<bool>(),
     ) {
         let map = header_map(&headers);
         let fallback = Authority::from_static("10.0.0.1:8081");
         let mut out = BytesMut::from(&b"stale bytes"[..]);
-        encode_request_head(&mut out, &method, &path, &map, framing, &fallback);
+        let client = forwarded_for([192, 0, 2, 9].into());
+        let id = http::HeaderValue::from_static("gw-1");
+        let over_tls = OverTls::new([192, 0, 2, 9].into());
+        let forwarding = Forwarding {
+            new_request_id: new_id.then_some(&id),
+            client: &client,
+            over_tls: tls.then_some(&over_tls),
+        };
+        encode_request_head(&mut out, &method, &path, &map, framing, &fallback, &forwarding);
         let (read_method, read_path, read_headers) = read_back(&out);
         prop_assert_eq!(read_method, method.as_str());
         prop_assert_eq!(read_path, path);
 
         // Expected: Host (the client's, else the worker's), every other header but the framing
-        // ones in the map's order, then the gateway's own framing.
+        // ones and those the gateway sets in the map's order, then the gateway's own: the request
+        // id when it made one, X-Forwarded-For (the client's hops, then ours), X-Forwarded-Proto,
+        // Forwarded over TLS, then the framing.
         let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
         if !map.contains_key("host") {
             expected.push(("host".into(), b"10.0.0.1:8081".to_vec()));
         }
+        let mut hops: Vec<&[u8]> = Vec::new();
         for (name, value) in &map {
-            if !matches!(name.as_str(), "content-length" | "transfer-encoding" | "expect") {
-                expected.push((name.to_string(), value.as_bytes().to_vec()));
+            match name.as_str() {
+                "content-length" | "transfer-encoding" | "expect" | "x-forwarded-proto" | "forwarded" => {}
+                "x-request-id" if new_id => {}
+                "x-forwarded-for" => {
+                    let hop = value.as_bytes().trim_ascii();
+                    if !hop.is_empty() {
+                        hops.push(hop);
+                    }
+                }
+                _ => expected.push((name.to_string(), value.as_bytes().to_vec())),
             }
+        }
+        if new_id {
+            expected.push(("x-request-id".into(), b"gw-1".to_vec()));
+        }
+        hops.push(b"192.0.2.9");
+        expected.push(("x-forwarded-for".into(), hops.join(&b", "[..])));
+        let proto: &[u8] = if tls { b"https" } else { b"http" };
+        expected.push(("x-forwarded-proto".into(), proto.to_vec()));
+        if tls {
+            expected.push(("forwarded".into(), b"for=192.0.2.9;proto=https".to_vec()));
         }
         match framing {
             RequestFraming::None => {}
@@ -129,7 +162,9 @@ proptest! {
         let mut map = header_map(&headers);
         strip_hop_by_hop(&mut map);
         let mut out = BytesMut::new();
-        encode_request_head(&mut out, &Method::POST, "/", &map, RequestFraming::Length(1), &Authority::from_static("w:1"));
+        let client = forwarded_for([192, 0, 2, 9].into());
+        let forwarding = Forwarding { new_request_id: None, client: &client, over_tls: None };
+        encode_request_head(&mut out, &Method::POST, "/", &map, RequestFraming::Length(1), &Authority::from_static("w:1"), &forwarding);
         let (_, _, forwarded) = read_back(&out);
         for (name, _) in &forwarded {
             prop_assert!(!hop.contains(&name.as_str()) || name == "transfer-encoding", "{name} forwarded");
