@@ -274,7 +274,7 @@ impl Forwarding<'_> {
     /// The `X-Forwarded-For` hops before this one, from the client's `headers`: every line
     /// counts (a list may arrive split over several), trimmed, as bytes — one odd byte must not
     /// drop the hops before ours.
-    pub fn earlier_hops<'h>(headers: &'h HeaderMap) -> impl Iterator<Item = &'h [u8]> {
+    pub fn earlier_hops(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
         headers
             .get_all(&FORWARDED_FOR)
             .into_iter()
