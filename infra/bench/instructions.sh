@@ -10,19 +10,22 @@
 # `GET /` through the gateway (one serving thread) to two herd-worker hello upstreams (set
 # UPSTREAM=hyper for `herd bench upstream`, a plain hyper server). GATEWAY_BINARY: default
 # target/release/herd-gateway. REQUESTS: default 20000, sent by h2load (-n: an exact count) over
-# 16 connections after 2000 warm-up requests. Counting starts after the warm-up
+# CONNECTIONS (default 16; 1 makes every request a wake-up of its own) after 2000 warm-up
+# requests. Counting starts after the warm-up
 # (`callgrind_control --zero`) and ends with a dump right after the last answer; health checks
 # are slowed to one a minute so they stay out of the count. Kernel work is not counted
 # (valgrind sees user space only); per-request.sh counts system calls.
 #
-# Prints instructions per request in all and the 25 functions with the most, inclusive of what
-# they call and exclusive. Needs valgrind, h2load and release builds (`cargo build --release
+# Prints instructions per request in all, by crate, and the 25 functions with the most, inclusive
+# of what they call and exclusive. Valgrind counts each iteration of `rep movsb` / `rep stosb` as
+# an instruction: large copies and fills weigh more here than in cycles. Needs valgrind, h2load and release builds (`cargo build --release
 # --bins`).
 set -euo pipefail
 scenario=${1:-h1}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 gateway=$(realpath "${2:-$root/target/release/herd-gateway}")
 requests=${3:-20000}
+connections=${CONNECTIONS:-16}
 upstream=${UPSTREAM:-herd-worker}
 case $scenario in
   h1) h2load_mode=(--h1 -m 1) ;;
@@ -78,9 +81,9 @@ HERD_GATEWAY_LISTEN=127.0.0.1:0 HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:0 \
 gateway_pid=$!
 pids+=("$gateway_pid")
 public=$(announced "$out" public)
-h2load -n 2000 -c 16 -t 1 "${h2load_mode[@]}" "http://$public/" >"$work/warmup.txt"
+h2load -n 2000 -c "$connections" -t 1 "${h2load_mode[@]}" "http://$public/" >"$work/warmup.txt"
 callgrind_control --zero "$gateway_pid" >/dev/null 2>&1
-h2load -n "$requests" -c 16 -t 1 "${h2load_mode[@]}" "http://$public/" >"$work/load.txt"
+h2load -n "$requests" -c "$connections" -t 1 "${h2load_mode[@]}" "http://$public/" >"$work/load.txt"
 callgrind_control --dump=measured "$gateway_pid" >/dev/null 2>&1
 [ -n "${KEEP:-}" ] && cp "$work"/callgrind.out.* "$KEEP"
 succeeded=$(awk '/^requests:/ {print $8}' "$work/load.txt")
@@ -91,8 +94,8 @@ if [ "$succeeded" != "$requests" ]; then
 fi
 dump=$(ls "$work"/callgrind.out.* | head -n1)
 total=$(awk '/^summary:|^totals:/ {print $2; exit}' "$dump")
-printf '%s, %s via %s: %d requests, %.0f instructions per request\n' \
-  "$gateway" "$scenario" "$upstream" "$requests" "$(echo "$total / $requests" | bc -l)"
+printf '%s, %s via %s, %d connections: %d requests, %.0f instructions per request\n' \
+  "$gateway" "$scenario" "$upstream" "$connections" "$requests" "$(echo "$total / $requests" | bc -l)"
 # Lines of callgrind_annotate as "count<TAB>file:function [object]", minus the frames that hold
 # every request (thread start, the event loop): at or above 90 % of the total.
 functions() {
