@@ -96,12 +96,12 @@ pub fn is_sane_request_id(value: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// The request's id: the client's when sane, otherwise a new one; and whether it is new (the
-/// worker is then sent it in place of the client's, see [`Forwarding`]).
-pub fn request_id(headers: &HeaderMap) -> (HeaderValue, bool) {
+/// The request's id: the client's when sane, otherwise a new one. The worker is sent this one
+/// in place of whatever the client sent (see [`Forwarding`]).
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     match headers.get(&REQUEST_ID) {
-        Some(value) if is_sane_request_id(value.as_bytes()) => (value.clone(), false),
-        _ => (new_request_id(), true),
+        Some(value) if is_sane_request_id(value.as_bytes()) => value.clone(),
+        _ => new_request_id(),
     }
 }
 
@@ -234,8 +234,8 @@ impl OverTls {
     }
 }
 
-/// What the gateway tells a worker beyond the client's headers: the request id when it made a
-/// new one, the client's address (`X-Forwarded-For`, appended to the hops before), the scheme
+/// What the gateway tells a worker beyond the client's headers: the request's id (see
+/// [`request_id`]), the client's address (`X-Forwarded-For`, appended to the hops before), the scheme
 /// (`X-Forwarded-Proto`) and, over TLS, `Forwarded` (RFC 7239). A client's own
 /// `X-Forwarded-Proto` and `Forwarded` are never passed on: the gateway is the edge, so workers
 /// may trust the scheme they see.
@@ -245,8 +245,8 @@ impl OverTls {
 /// removal per request, and the map's growth.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarding<'a> {
-    /// The id the gateway made (`None`: the client's sane id is forwarded as it came).
-    pub new_request_id: Option<&'a HeaderValue>,
+    /// The request's id.
+    pub request_id: &'a HeaderValue,
     /// The client's address, see [`forwarded_for`].
     pub client: &'a HeaderValue,
     /// Set when the request came over TLS.
@@ -256,10 +256,10 @@ pub struct Forwarding<'a> {
 impl Forwarding<'_> {
     /// Whether a client's header of this name is left out (the gateway writes its own).
     pub fn replaces(&self, name: &HeaderName) -> bool {
-        *name == FORWARDED_FOR
+        *name == REQUEST_ID
+            || *name == FORWARDED_FOR
             || *name == FORWARDED_PROTO
             || *name == header::FORWARDED
-            || (self.new_request_id.is_some() && *name == REQUEST_ID)
     }
 
     /// `X-Forwarded-Proto`'s value.
@@ -379,18 +379,16 @@ mod tests {
 
         let mut headers = HeaderMap::new();
         headers.insert(REQUEST_ID, "client-id-1".parse().unwrap());
-        assert_eq!(
-            request_id(&headers),
-            ("client-id-1".parse().unwrap(), false)
-        );
+        assert_eq!(request_id(&headers), "client-id-1");
 
         let mut headers = HeaderMap::new();
         headers.insert(REQUEST_ID, "bad id!".parse().unwrap());
-        let (id, new) = request_id(&headers);
-        assert!(new);
+        let id = request_id(&headers);
         assert_ne!(id, "bad id!");
         assert!(is_sane_request_id(id.as_bytes()));
-        assert!(request_id(&HeaderMap::new()).1, "none sent: a new one");
+        let none_sent = request_id(&HeaderMap::new());
+        assert!(is_sane_request_id(none_sent.as_bytes()));
+        assert_ne!(none_sent, id, "a new one each time");
     }
 
     #[test]

@@ -138,7 +138,7 @@ impl Proxy {
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         let version = parts.version;
-        let (request_id, new_request_id) = headers::request_id(&parts.headers);
+        let request_id = headers::request_id(&parts.headers);
         // Sampling is decided here, before any span exists: an unsampled request costs a draw
         // and one header (so the workers do not trace it either), no span.
         let span = (self.tracing && herd_shared::telemetry::decide(&mut parts.headers))
@@ -153,7 +153,6 @@ impl Proxy {
                 forwarded_for,
                 started,
                 &request_id,
-                new_request_id,
                 upgrade,
                 span.is_some(),
             ),
@@ -217,7 +216,6 @@ impl Proxy {
         forwarded_for: &HeaderValue,
         started: Instant,
         request_id: &HeaderValue,
-        new_request_id: bool,
         upgrade: Option<HeaderValue>,
         traced: bool,
     ) -> Result<(Response<ResponseBody>, Option<WorkerTunnel>), GatewayError> {
@@ -266,7 +264,7 @@ impl Proxy {
             headers::set_upgrade(&mut request_headers, protocol);
         }
         let forwarding = headers::Forwarding {
-            new_request_id: new_request_id.then_some(request_id),
+            request_id,
             client: forwarded_for,
             over_tls: parts.extensions.get::<headers::OverTls>(),
         };

@@ -74,9 +74,11 @@ pub fn encode_request_head(
         }
         put_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if let Some(id) = forwarding.new_request_id {
-        put_header(out, REQUEST_ID.as_str().as_bytes(), id.as_bytes());
-    }
+    put_header(
+        out,
+        REQUEST_ID.as_str().as_bytes(),
+        forwarding.request_id.as_bytes(),
+    );
     out.extend_from_slice(b"x-forwarded-for: ");
     for hop in Forwarding::earlier_hops(headers) {
         out.extend_from_slice(hop);
@@ -574,12 +576,13 @@ mod tests {
             &headers,
             RequestFraming::Length(5),
             &authority(),
-            &forwarding(&client(), None, None),
+            &forwarding(&client(), &HeaderValue::from_static("r-1"), None),
         );
         assert_eq!(
             &out[..],
             b"POST /cart?x=1 HTTP/1.1\r\nhost: shop.example\r\nx-a: 1\r\nx-a: 2\r\n\
-              x-forwarded-for: 10.9.8.7\r\nx-forwarded-proto: http\r\ncontent-length: 5\r\n\r\n"
+              x-request-id: r-1\r\nx-forwarded-for: 10.9.8.7\r\nx-forwarded-proto: http\r\n\
+              content-length: 5\r\n\r\n"
         );
     }
 
@@ -589,11 +592,11 @@ mod tests {
 
     fn forwarding<'a>(
         client: &'a HeaderValue,
-        new_request_id: Option<&'a HeaderValue>,
+        request_id: &'a HeaderValue,
         over_tls: Option<&'a crate::headers::OverTls>,
     ) -> Forwarding<'a> {
         Forwarding {
-            new_request_id,
+            request_id,
             client,
             over_tls,
         }
@@ -653,7 +656,8 @@ mod tests {
         headers.insert(header::FORWARDED, HeaderValue::from_static("proto=https"));
         headers.insert(&REQUEST_ID, HeaderValue::from_static("client-id"));
         let client = client();
-        let lines = encoded_headers(&headers, &forwarding(&client, None, None));
+        let kept = HeaderValue::from_static("client-id");
+        let lines = encoded_headers(&headers, &forwarding(&client, &kept, None));
         assert_eq!(
             values(&lines, "x-forwarded-for"),
             [&b"10.0.0.1, 10.0.0.2, \xff, 10.9.8.7"[..]]
@@ -671,7 +675,7 @@ mod tests {
 
         let ours = HeaderValue::from_static("gw-1");
         let tls = crate::headers::OverTls::new("2001:db8::1".parse().unwrap());
-        let lines = encoded_headers(&headers, &forwarding(&client, Some(&ours), Some(&tls)));
+        let lines = encoded_headers(&headers, &forwarding(&client, &ours, Some(&tls)));
         assert_eq!(
             values(&lines, "x-request-id"),
             [b"gw-1"],
@@ -683,8 +687,11 @@ mod tests {
             [&br#"for="[2001:db8::1]";proto=https"#[..]]
         );
 
-        let lines = encoded_headers(&HeaderMap::new(), &forwarding(&client, None, None));
+        // A client that sent none (or whose id went as a hop-by-hop header it listed in
+        // `Connection`) still has its request's id reach the worker.
+        let lines = encoded_headers(&HeaderMap::new(), &forwarding(&client, &ours, None));
         assert_eq!(values(&lines, "x-forwarded-for"), [b"10.9.8.7"]);
+        assert_eq!(values(&lines, "x-request-id"), [b"gw-1"]);
     }
 
     #[test]
@@ -697,12 +704,13 @@ mod tests {
             &HeaderMap::new(),
             RequestFraming::Chunked,
             &authority(),
-            &forwarding(&client(), None, None),
+            &forwarding(&client(), &HeaderValue::from_static("r-2"), None),
         );
         assert_eq!(
             &out[..],
-            b"PUT / HTTP/1.1\r\nhost: 10.0.0.1:8081\r\nx-forwarded-for: 10.9.8.7\r\n\
-              x-forwarded-proto: http\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"PUT / HTTP/1.1\r\nhost: 10.0.0.1:8081\r\nx-request-id: r-2\r\n\
+              x-forwarded-for: 10.9.8.7\r\nx-forwarded-proto: http\r\n\
+              transfer-encoding: chunked\r\n\r\n"
         );
         let mut chunk = BytesMut::new();
         encode_chunk_start(&mut chunk, 255);

@@ -457,12 +457,13 @@ mod tests {
             .unwrap();
         let headers = HeaderMap::new();
         let client = http::HeaderValue::from_static("127.0.0.1");
+        let id = http::HeaderValue::from_static("test-1");
         let get = |headers| Outgoing {
             method: &Method::GET,
             path: "/",
             headers,
             forwarding: Forwarding {
-                new_request_id: None,
+                request_id: &id,
                 client: &client,
                 over_tls: None,
             },

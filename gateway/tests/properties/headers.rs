@@ -137,16 +137,15 @@ proptest! {
         if let Some(id) = &id {
             map.insert(REQUEST_ID, HeaderValue::from_bytes(id).unwrap());
         }
-        let (chosen, new) = request_id(&map);
+        let chosen = request_id(&map);
         prop_assert!(is_sane_request_id(chosen.as_bytes()));
         let sane = id.as_deref().is_some_and(|id| {
             !id.is_empty() && id.len() <= 128 && id.iter().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(b))
         });
         prop_assert_eq!(sane, id.as_deref() == Some(chosen.as_bytes()));
-        prop_assert_eq!(new, !sane);
         // The worker gets exactly one id: the chosen one.
         let client = forwarded_for([10, 0, 0, 1].into());
-        let forwarding = Forwarding { new_request_id: new.then_some(&chosen), client: &client, over_tls: None };
+        let forwarding = Forwarding { request_id: &chosen, client: &client, over_tls: None };
         let sent = encoded(&map, &forwarding);
         prop_assert_eq!(values(&sent, "x-request-id"), vec![chosen.as_bytes().to_vec()]);
     }
@@ -166,7 +165,8 @@ proptest! {
         }
         map.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         let value = forwarded_for(client.into());
-        let forwarding = Forwarding { new_request_id: None, client: &value, over_tls: None };
+        let id = HeaderValue::from_static("r-1");
+        let forwarding = Forwarding { request_id: &id, client: &value, over_tls: None };
         let sent = encoded(&map, &forwarding);
         let client = std::net::IpAddr::from(client).to_string();
         let mut expected: Vec<&[u8]> = earlier.iter().map(|h| h.trim_ascii()).filter(|h| !h.is_empty()).collect();

@@ -77,7 +77,6 @@ proptest! {
         path in "/[a-zA-Z0-9/._~%!$&'()*+,;=:@?-]{0,40}",
         headers in client_headers(),
         framing in framing(),
-        new_id in any::<bool>(),
         tls in any::<bool>(),
     ) {
         let map = header_map(&headers);
@@ -87,7 +86,7 @@ proptest! {
         let id = http::HeaderValue::from_static("gw-1");
         let over_tls = OverTls::new([192, 0, 2, 9].into());
         let forwarding = Forwarding {
-            new_request_id: new_id.then_some(&id),
+            request_id: &id,
             client: &client,
             over_tls: tls.then_some(&over_tls),
         };
@@ -98,7 +97,7 @@ proptest! {
 
         // Expected: Host (the client's, else the worker's), every other header but the framing
         // ones and those the gateway sets in the map's order, then the gateway's own: the request
-        // id when it made one, X-Forwarded-For (the client's hops, then ours), X-Forwarded-Proto,
+        // id, X-Forwarded-For (the client's hops, then ours), X-Forwarded-Proto,
         // Forwarded over TLS, then the framing.
         let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
         if !map.contains_key("host") {
@@ -107,8 +106,8 @@ proptest! {
         let mut hops: Vec<&[u8]> = Vec::new();
         for (name, value) in &map {
             match name.as_str() {
-                "content-length" | "transfer-encoding" | "expect" | "x-forwarded-proto" | "forwarded" => {}
-                "x-request-id" if new_id => {}
+                "content-length" | "transfer-encoding" | "expect" | "x-forwarded-proto" | "forwarded"
+                | "x-request-id" => {}
                 "x-forwarded-for" => {
                     let hop = value.as_bytes().trim_ascii();
                     if !hop.is_empty() {
@@ -118,9 +117,7 @@ proptest! {
                 _ => expected.push((name.to_string(), value.as_bytes().to_vec())),
             }
         }
-        if new_id {
-            expected.push(("x-request-id".into(), b"gw-1".to_vec()));
-        }
+        expected.push(("x-request-id".into(), b"gw-1".to_vec()));
         hops.push(b"192.0.2.9");
         expected.push(("x-forwarded-for".into(), hops.join(&b", "[..])));
         let proto: &[u8] = if tls { b"https" } else { b"http" };
@@ -163,7 +160,8 @@ proptest! {
         strip_hop_by_hop(&mut map);
         let mut out = BytesMut::new();
         let client = forwarded_for([192, 0, 2, 9].into());
-        let forwarding = Forwarding { new_request_id: None, client: &client, over_tls: None };
+        let id = http::HeaderValue::from_static("r-1");
+        let forwarding = Forwarding { request_id: &id, client: &client, over_tls: None };
         encode_request_head(&mut out, &Method::POST, "/", &map, RequestFraming::Length(1), &Authority::from_static("w:1"), &forwarding);
         let (_, _, forwarded) = read_back(&out);
         for (name, _) in &forwarded {
