@@ -92,6 +92,19 @@ fn row<'a>(table: &'a str, first: &str) -> Option<Vec<&'a str>> {
     })
 }
 
+/// The row of `target` in `table` (a scenario's part of the `whole` output), checked to show
+/// traffic and no errors.
+fn served<'a>(table: &'a str, target: &str, whole: &str) -> Vec<&'a str> {
+    let cells = row(table, target).unwrap_or_else(|| panic!("no {target} row:\n{whole}"));
+    let rps: f64 = cells[2]
+        .replace(',', "")
+        .parse()
+        .expect("req/s is a number");
+    assert!(rps > 0.0, "{target}: no traffic\n{whole}");
+    assert_eq!(cells.last(), Some(&"0 / 0"), "{target}: errors\n{whole}");
+    cells
+}
+
 /// No directory named `herd-bench-*` is left in `tmp`.
 fn assert_temp_dirs_removed(tmp: &Path) {
     let left: Vec<String> = std::fs::read_dir(tmp)
@@ -154,14 +167,8 @@ fn bench_proxy_measures_every_target_without_errors() {
         table.trim_end()
     );
     for target in ["direct", "herd", "herd-1t", "haproxy", "nginx"] {
-        let cells = row(&table, target).unwrap_or_else(|| panic!("no {target} row:\n{table}"));
+        let cells = served(&table, target, &table);
         assert_eq!(cells[1], "8", "{target}: concurrency\n{table}");
-        let rps: f64 = cells[2]
-            .replace(',', "")
-            .parse()
-            .expect("req/s is a number");
-        assert!(rps > 0.0, "{target}: no traffic\n{table}");
-        assert_eq!(cells.last(), Some(&"0 / 0"), "{target}: errors\n{table}");
         if target != "direct" {
             let cpu: f64 = cells[6].parse().expect("CPU s / 10k is a number");
             assert!(cpu >= 0.0, "{target}: CPU\n{table}");
@@ -236,14 +243,7 @@ fn bench_proxy_runs_in_front_of_a_plain_hyper_upstream() {
             .nth(1)
             .unwrap_or_else(|| panic!("no {scenario} table:\n{text}"));
         for target in ["direct", "herd"] {
-            let cells = row(table, target).unwrap_or_else(|| panic!("no {target} row:\n{text}"));
-            let rps: f64 = cells[2].replace(',', "").parse().expect("req/s");
-            assert!(rps > 0.0, "{scenario} {target}: no traffic\n{text}");
-            assert_eq!(
-                cells.last(),
-                Some(&"0 / 0"),
-                "{scenario} {target}: errors\n{text}"
-            );
+            served(table, target, &text);
         }
     }
     assert_temp_dirs_removed(&tmp);
