@@ -5,8 +5,9 @@
 #   infra/bench/per-request.sh [SCENARIO] [GATEWAY_BINARY]
 #   infra/bench/per-request.sh session /tmp/gw-before
 #
-# SCENARIO: hello (default), session or h2; GATEWAY_BINARY: default target/release/herd-gateway.
-# Runs `herd bench proxy --targets herd` for 8 s at c=64 with one serving thread, and counts over
+# SCENARIO: hello (default), session or h2; GATEWAY_BINARY: default target/release/herd-gateway;
+# THREADS: the gateway's serving threads (default 1).
+# Runs `herd bench proxy --targets herd` for 8 s at c=64 (one serving thread unless THREADS), and counts over
 # 3 s of it with uprobes on glibc (`perf probe`: malloc, realloc, free, clock_gettime) and syscall
 # tracepoints. Requests are counted as writes to the worker (one `sendto` each). Uprobes slow the
 # gateway several-fold, so the run's req/s and µs mean nothing here; the counts per request are
@@ -30,7 +31,7 @@ for function in malloc realloc free clock_gettime; do
   perf probe -q -x "$libc" -a "$group:$function=$function"
 done
 source "$root/infra/bench/gateway-under-load.sh"
-start_gateway_under_load "$bin" "$gateway" "$scenario" 8s 1
+start_gateway_under_load "$bin" "$gateway" "$scenario" 8s "${THREADS:-1}"
 sleep 3
 events="$group:malloc,$group:realloc,$group:free,$group:clock_gettime"
 events+=",syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_writev"
