@@ -32,6 +32,9 @@ case $scenario in
   h2) h2load_mode=(-m 8) ;;
   *) echo "scenario: h1 or h2, not $scenario" >&2; exit 2 ;;
 esac
+for number in "$requests" "$connections"; do
+  [[ $number =~ ^[1-9][0-9]{0,6}$ ]] || { echo "REQUESTS and CONNECTIONS: whole numbers from 1, not $number" >&2; exit 2; }
+done
 for tool in valgrind callgrind_control callgrind_annotate h2load; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install valgrind nghttp2-client)" >&2; exit 1; }
 done
