@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -72,6 +73,10 @@ pub struct ConnectionState {
     /// The connection's task, parked in a read while a request was in progress: woken when the
     /// last request ends, so the idle timer starts then (hyper does not read again by itself).
     reader: AtomicWaker,
+    /// HTTP/1.1 between requests, with nothing half done: the last response written and
+    /// flushed, the last request had no body, no byte of the next one read yet. Only then may
+    /// the connection move to another serving thread (see [`ConnectionState::movable`]).
+    between_requests: AtomicBool,
 }
 
 impl ConnectionState {
@@ -84,6 +89,7 @@ impl ConnectionState {
             let had_body = !request.body().is_end_stream();
             self.had_body.store(had_body, Ordering::Relaxed);
         }
+        self.between_requests.store(false, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
         self.begun.fetch_add(1, Ordering::Relaxed);
         RequestGuard {
@@ -99,6 +105,18 @@ impl ConnectionState {
     /// Whether a head read so far had both `Content-Length` and `Transfer-Encoding`.
     pub fn conflicting_framing(&self) -> bool {
         self.conflicting_framing.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection is HTTP/1.1 between two requests with nothing half done, as its
+    /// socket saw it at its last read: no request in progress, the last response written and
+    /// flushed, no request body left unread. Hyper then holds nothing of the connection but
+    /// the bytes of the next request it may have read ahead (`Parts::read_buf`), so the socket
+    /// can be taken from it and served elsewhere, or closed, with nothing lost. Meant for the
+    /// connection's own task, right after hyper returned Pending.
+    pub fn between_requests(&self) -> bool {
+        self.between_requests.load(Ordering::Relaxed)
+            && self.open.load(Ordering::Relaxed) == 0
+            && !self.switched.load(Ordering::Relaxed)
     }
 }
 
@@ -149,6 +167,11 @@ pub struct ClientIo<S = TcpStream> {
     /// Set once the write side is shut and the rest of a request body is being read away,
     /// until then.
     lingering: Option<Instant>,
+    /// Bytes read from the socket before this `ClientIo` was made (to tell HTTP/2 from
+    /// HTTP/1.1, or by another serving thread), given to the first reads.
+    prefix: Bytes,
+    /// Everything written has been flushed (hyper flushes after each response).
+    flushed: bool,
 }
 
 impl<S> ClientIo<S> {
@@ -166,7 +189,31 @@ impl<S> ClientIo<S> {
             write_timer: None,
             scan: HeadScan::default(),
             lingering: None,
+            prefix: Bytes::new(),
+            flushed: true,
         }
+    }
+
+    /// A connection taken over from another serving thread between two requests
+    /// ([`ConnectionState::between_requests`]): idle, its next head not begun.
+    pub fn resumed(stream: S, state: Arc<ConnectionState>, timeouts: ClientTimeouts) -> Self {
+        let seen = state.begun.load(Ordering::Relaxed);
+        ClientIo {
+            phase: Phase::Idle(None),
+            seen,
+            ..ClientIo::new(stream, state, timeouts)
+        }
+    }
+
+    /// Serves `prefix` (bytes already read from the stream) before reading the stream.
+    pub fn with_prefix(mut self, prefix: Bytes) -> Self {
+        self.prefix = prefix;
+        self
+    }
+
+    /// The stream and the connection's state, for another serving thread to go on with.
+    pub fn into_parts(self) -> (S, Arc<ConnectionState>) {
+        (self.stream, self.state)
     }
 
     /// Catches up with what the request path did since the last read.
@@ -188,6 +235,7 @@ impl<S> ClientIo<S> {
 
     /// Bytes arrived: the first ones after an idle spell start a head (HTTP/1.1).
     fn received(&mut self, bytes: &[u8]) {
+        self.state.between_requests.store(false, Ordering::Relaxed);
         let http1 = !self.state.http2.load(Ordering::Relaxed);
         if matches!(self.phase, Phase::Idle(_)) && http1 {
             self.phase = Phase::Head(None);
@@ -234,6 +282,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
         let this = self.get_mut();
         this.update_phase();
         let before = buf.filled().len();
+        if !this.prefix.is_empty() {
+            let taken = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(taken));
+            this.received(&buf.filled()[before..]);
+            return Poll::Ready(Ok(()));
+        }
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
@@ -247,10 +301,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
                         *until.get_or_insert_with(|| Instant::now() + this.timeouts.head),
                         "request head not received in time",
                     ),
-                    Phase::Idle(until) => (
-                        *until.get_or_insert_with(|| Instant::now() + this.timeouts.idle),
-                        "idle client connection",
-                    ),
+                    Phase::Idle(until) => {
+                        let state = &this.state;
+                        if this.flushed
+                            && !state.had_body.load(Ordering::Relaxed)
+                            && !state.http2.load(Ordering::Relaxed)
+                        {
+                            state.between_requests.store(true, Ordering::Relaxed);
+                        }
+                        (
+                            *until.get_or_insert_with(|| Instant::now() + this.timeouts.idle),
+                            "idle client connection",
+                        )
+                    }
                     Phase::Busy => {
                         this.state.reader.register(cx.waker());
                         // The request may have ended between `update_phase` and `register`.
@@ -304,6 +367,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.flushed = false;
         let result = Pin::new(&mut this.stream).poll_write(cx, buf);
         this.watch_write(cx, result)
     }
@@ -314,6 +378,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.flushed = false;
         let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
         this.watch_write(cx, result)
     }
@@ -323,7 +388,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.stream).poll_flush(cx);
+        this.flushed = matches!(flushed, Poll::Ready(Ok(())));
+        flushed
     }
 
     /// Closes the write side; if the last request declared a body, then reads and discards

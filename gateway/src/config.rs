@@ -37,6 +37,10 @@ pub struct GatewayConfig {
     /// Threads serving client connections, each with its own event loop; 0: one per CPU the
     /// process may run on.
     pub threads: usize,
+    /// Serve on as few of the `threads` as the load needs: new connections go to the threads in
+    /// use, and idle HTTP/1.1 keep-alive connections move between threads as the load grows and
+    /// shrinks (`crate::consolidation`).
+    pub adaptive_threads: bool,
     /// Admin listener and its token.
     pub admin: AdminConfig,
     /// How to reach Redis (used by the registry and the failover lease).
@@ -73,6 +77,7 @@ impl Default for GatewayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             workers: Vec::new(),
             threads: 0,
+            adaptive_threads: true,
             admin: AdminConfig::default(),
             redis: RedisConfig::default(),
             sentinel: SentinelConfig::default(),

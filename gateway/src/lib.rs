@@ -7,6 +7,9 @@
 //!   the configuration.
 //! - [`serving`]: the threads that accept and serve clients, one event loop each, and the
 //!   connection limits (in all, per client address).
+//! - [`connections`]: a serving thread's client connections — graceful close, and the hand-over
+//!   of idle HTTP/1.1 connections between threads.
+//! - [`consolidation`]: how many serving threads take the load (`adaptive_threads`).
 //! - [`client_io`]: a client's socket with the head, idle and send timeouts.
 //! - [`tunnel`]: switched protocols (WebSocket upgrades), bytes copied both ways.
 //! - [`proxy`]: the request path — pick a worker, forward, retry when safe, stream the answer.
@@ -34,6 +37,8 @@ pub mod balancer;
 pub mod body;
 pub mod client_io;
 pub mod config;
+pub mod connections;
+pub mod consolidation;
 pub mod dashboard;
 pub mod error;
 pub mod events;

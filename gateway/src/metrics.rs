@@ -22,6 +22,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::balancer::selection::serving;
@@ -52,6 +53,10 @@ pub struct Metrics {
     /// Client connections refused because their address was at
     /// `limits.max_connections_per_client`.
     pub connections_refused_per_client: Counter,
+    /// Idle HTTP/1.1 client connections moved to another serving thread (`adaptive_threads`).
+    pub connections_moved: Counter,
+    /// Serving threads that new connections go to (`adaptive_threads`; else all of them).
+    pub serving_threads_active: Gauge,
     /// Active health checks that passed / failed (handles into one family, made once: the
     /// checks of a thousand workers run thousands of times a second).
     checks_passed: Counter,
@@ -104,6 +109,18 @@ impl Metrics {
             "Client connections answered 429 because their address had limits.max_connections_per_client open",
             connections_refused_per_client.clone(),
         );
+        let connections_moved = Counter::default();
+        registry.register(
+            "client_connections_moved",
+            "Idle HTTP/1.1 client connections moved to another serving thread (adaptive_threads)",
+            connections_moved.clone(),
+        );
+        let serving_threads_active = Gauge::default();
+        registry.register(
+            "serving_threads_active",
+            "Serving threads that take new connections; with adaptive_threads as many as the load needs",
+            serving_threads_active.clone(),
+        );
         let checks = Family::<One, Counter>::default();
         registry.register(
             "health_checks",
@@ -125,6 +142,8 @@ impl Metrics {
             table,
             connections_refused,
             connections_refused_per_client,
+            connections_moved,
+            serving_threads_active,
         }
     }
 

@@ -27,7 +27,7 @@ use crate::config::GatewayConfig;
 use crate::failover;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::serving::{Clients, ServingThreads};
+use crate::serving::{Clients, Protocols, ServingThreads};
 use crate::tls::Terminator;
 use crate::tls::redirect::Redirect;
 
@@ -183,7 +183,8 @@ pub async fn run(
     let admin_builder = admin_connection_builder(&builder, &config);
     let threads = config.serving_threads();
     let public_addr = listeners.public.local_addr().ok();
-    let mut clients = Clients::new(proxy, builder, metrics.clone(), &config, threads);
+    let protocols = client_protocols(&config, builder);
+    let mut clients = Clients::new(proxy, protocols, metrics.clone(), &config, threads);
     if config.tls.enabled {
         let tls = Arc::new(Terminator::new(&config.tls).map_err(ServerError::Tls)?);
         metrics.register_collector(tls.collector());
@@ -296,9 +297,7 @@ pub async fn run(
 /// The HTTP/1.1 + HTTP/2 (cleartext) connection settings for clients.
 fn connection_builder(config: &GatewayConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper answers 431 (without a body) beyond its buffer; between our limit and that buffer we
-    // answer ourselves with the JSON error.
-    let buffer = (config.limits.max_header_bytes + 16 * 1024).max(8192);
+    let buffer = client_buffer(config);
     // hyper's `header_read_timeout` is switched off (its default is 30 s): `crate::client_io`
     // times heads and idle connections apart, where hyper's one timer covers both at once.
     builder
@@ -314,6 +313,32 @@ fn connection_builder(config: &GatewayConfig) -> auto::Builder<TokioExecutor> {
         .keep_alive_interval(Some(config.timeouts.client_idle / 2))
         .keep_alive_timeout(config.timeouts.client_idle / 2);
     builder
+}
+
+/// The client connections' settings, HTTP/1.1 and HTTP/2 apart (the gateway tells them apart
+/// itself, `crate::serving`), as in `auto` (the same settings, kept for refusals).
+fn client_protocols(config: &GatewayConfig, auto: auto::Builder<TokioExecutor>) -> Protocols {
+    let buffer = client_buffer(config);
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(buffer)
+        .keep_alive(true);
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(buffer).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(config.timeouts.client_idle / 2))
+        .keep_alive_timeout(config.timeouts.client_idle / 2);
+    Protocols { http1, http2, auto }
+}
+
+/// Bytes of a client's request head hyper buffers at most: hyper answers 431 (without a body)
+/// beyond its buffer; between `limits.max_header_bytes` and that buffer the gateway answers
+/// itself with the JSON error.
+fn client_buffer(config: &GatewayConfig) -> usize {
+    (config.limits.max_header_bytes + 16 * 1024).max(8192)
 }
 
 /// The admin listener's connection settings: the clients' ones, with hyper's header read timeout

@@ -38,13 +38,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -53,6 +54,8 @@ use tracing::{debug, error, warn};
 use crate::body::ResponseBody;
 use crate::client_io::{ClientIo, ClientTimeouts, ConnectionState, RequestGuard};
 use crate::config::GatewayConfig;
+use crate::connections::{self, Ended};
+use crate::consolidation::Consolidation;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -61,12 +64,23 @@ use crate::tls::redirect::Redirect;
 use crate::upstream;
 use crate::upstream::WorkerBodyError;
 
+/// The HTTP/1.1 and HTTP/2 settings of client connections.
+#[derive(Clone, Debug)]
+pub struct Protocols {
+    /// HTTP/1.1 (with upgrades).
+    pub http1: http1::Builder,
+    /// HTTP/2, cleartext (prior knowledge) or after TLS.
+    pub http2: http2::Builder<TokioExecutor>,
+    /// Both, told apart by hyper-util (for the refusals of connections over a limit).
+    pub auto: auto::Builder<TokioExecutor>,
+}
+
 /// What every serving thread shares: how to serve a client connection, and the limits on them.
 pub struct Clients {
     /// The request path.
     pub proxy: Arc<Proxy>,
     /// HTTP/1.1 + HTTP/2 connection settings.
-    pub builder: auto::Builder<TokioExecutor>,
+    pub protocols: Protocols,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// `limits.max_connections`.
@@ -89,13 +103,17 @@ pub struct Clients {
     draining: CancellationToken,
     /// Set when the connections still open should close now (see [`Clients::close_idle`]).
     closing_idle: CancellationToken,
+    /// `adaptive_threads`: serve on as few threads as the load needs.
+    adaptive: bool,
+    /// Every serving thread's inbox, by index (set when the threads start).
+    inboxes: std::sync::OnceLock<Arc<[Inbox]>>,
 }
 
 impl Clients {
     /// Serving settings for `threads` serving threads; no connection open yet.
     pub fn new(
         proxy: Arc<Proxy>,
-        builder: auto::Builder<TokioExecutor>,
+        protocols: Protocols,
         metrics: Arc<Metrics>,
         config: &GatewayConfig,
         threads: usize,
@@ -105,7 +123,7 @@ impl Clients {
             draining: CancellationToken::new(),
             closing_idle: CancellationToken::new(),
             proxy,
-            builder,
+            protocols,
             metrics,
             max_connections: config.limits.max_connections,
             shutdown_grace: config.timeouts.shutdown_grace,
@@ -119,6 +137,8 @@ impl Clients {
             per_client: (per_client > 0).then(|| Arc::new(PerClient::new(per_client))),
             tls: None,
             redirect: None,
+            adaptive: config.adaptive_threads,
+            inboxes: std::sync::OnceLock::new(),
         }
     }
 
@@ -163,35 +183,47 @@ impl Clients {
         self.closing_idle.cancel();
     }
 
-    /// Serves a connection on the current thread until it ends; `secure`: it came from the
-    /// TLS listener and is served after its handshake.
+    /// Serves a connection on the current thread until it ends or moves; `secure`: it came
+    /// from the TLS listener and is served after its handshake; `resumed`: an HTTP/1.1
+    /// connection handed over by another thread between two requests.
     fn serve(
         self: &Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
         slot: ConnectionSlot,
-        graceful: &GracefulShutdown,
         secure: bool,
+        resumed: Option<Resumed>,
     ) {
-        let _ = stream.set_nodelay(true);
+        if resumed.is_none() {
+            let _ = stream.set_nodelay(true);
+        }
+        let clients = self.clone();
         let Some(tls) = self.tls.as_ref().filter(|_| secure) else {
-            let connection = graceful.watch(self.connection(stream, peer, None));
             tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    debug!(peer = %peer, error = %error, "client connection ended with an error");
+                let mut opening = resumed.map_or(Opening::New, Opening::Resumed);
+                let mut stream = stream;
+                let mut slot = slot;
+                // Only cleartext HTTP/1.1 is ever handed back (a TLS session stays where its
+                // handshake was).
+                while let Some(resumed) =
+                    Box::pin(clients.serve_stream(stream, peer, None, opening)).await
+                {
+                    let Some((kept, kept_slot)) = clients.hand_over(resumed, peer, slot) else {
+                        return;
+                    };
+                    (stream, slot) = (kept.stream, kept_slot);
+                    opening = Opening::Resumed(kept.resumed);
                 }
                 drop(slot);
             });
             return;
         };
-        let (tls, clients, watcher) = (tls.clone(), self.clone(), graceful.watcher());
+        let tls = tls.clone();
         tokio::spawn(async move {
             match tls.handshake(stream).await {
                 Ok(stream) => {
-                    let connection = clients.connection(stream, peer, Some(&tls));
-                    if let Err(error) = watcher.watch(connection).await {
-                        debug!(peer = %peer, error = %error, "TLS client connection ended with an error");
-                    }
+                    let _ = Box::pin(clients.serve_stream(stream, peer, Some(&tls), Opening::New))
+                        .await;
                 }
                 Err(error) => debug!(peer = %peer, error = %error, "TLS handshake failed"),
             }
@@ -199,17 +231,39 @@ impl Clients {
         });
     }
 
-    /// The HTTP connection (h1 or h2, with upgrades) over a client's stream; `tls` when the
-    /// stream is a TLS session (the scheme for workers, HSTS).
-    fn connection<S>(
+    /// Serves HTTP (h1 or h2, with upgrades) over a client's stream until the connection ends,
+    /// or, for cleartext HTTP/1.1, until it gives its socket back between two requests
+    /// ([`connections::shed`]); `tls` when the stream is a TLS session (the scheme for workers,
+    /// HSTS).
+    async fn serve_stream<S>(
         &self,
-        stream: S,
+        mut stream: S,
         peer: SocketAddr,
         tls: Option<&Terminator>,
-    ) -> impl GracefulConnection<Error = Box<dyn std::error::Error + Send + Sync>> + Send + 'static
+        opening: Opening,
+    ) -> Option<Handed<S>>
     where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let (io, state, http2) = match opening {
+            Opening::New => {
+                let (http2, first) = match first_bytes(&mut stream, self.timeouts.head).await {
+                    Ok(first) => first,
+                    Err(error) => {
+                        debug!(peer = %peer, error = %error, "client connection ended before a request");
+                        return None;
+                    }
+                };
+                let state = Arc::new(ConnectionState::default());
+                let io = ClientIo::new(stream, state.clone(), self.timeouts).with_prefix(first);
+                (io, state, http2)
+            }
+            Opening::Resumed(Resumed { state, read_ahead }) => {
+                let io =
+                    ClientIo::resumed(stream, state.clone(), self.timeouts).with_prefix(read_ahead);
+                (io, state, false)
+            }
+        };
         let proxy = self.proxy.clone();
         let metrics = self.metrics.clone();
         let forwarded_for = crate::headers::forwarded_for(peer.ip());
@@ -217,13 +271,12 @@ impl Clients {
         let hsts = tls.and_then(|tls| tls.hsts().cloned());
         let redirect = if tls.is_none() { self.redirect } else { None };
         let draining = self.draining.clone();
-        let state = Arc::new(ConnectionState::default());
-        let io = ClientIo::new(stream, state.clone(), self.timeouts);
+        let request_state = state.clone();
         let service = service_fn(move |mut request: hyper::Request<Incoming>| {
             let proxy = proxy.clone();
             let metrics = metrics.clone();
             let forwarded_for = forwarded_for.clone();
-            let state = state.clone();
+            let state = request_state.clone();
             // Called as soon as the head is read: the connection is busy from here.
             let request_guard = state.begin(&request);
             if let Some(over_tls) = &over_tls {
@@ -274,21 +327,96 @@ impl Clients {
                 }))
             }
         });
+        if http2 {
+            let connection = self
+                .protocols
+                .http2
+                .serve_connection(TokioIo::new(io), service);
+            if let Err(error) = connections::Watched::new(connection).await {
+                debug!(peer = %peer, error = %error, "client connection ended with an error");
+            }
+            return None;
+        }
         // With upgrades: a WebSocket request's connection is handed to `crate::tunnel`.
-        self.builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned()
+        let connection = self
+            .protocols
+            .http1
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let movable = self.adaptive && tls.is_none();
+        match connections::Http1::new(connection, state, movable).await {
+            Ended::Closed(Ok(())) => None,
+            Ended::Closed(Err(error)) => {
+                debug!(peer = %peer, error = %error, "client connection ended with an error");
+                None
+            }
+            Ended::Handed {
+                stream,
+                state,
+                read_ahead,
+            } => Some(Handed {
+                stream,
+                resumed: Resumed { state, read_ahead },
+            }),
+        }
+    }
+
+    /// Sends a connection that gave its socket back to the thread that should serve it now;
+    /// returns it (to be served on here) when there is none, or that thread is stopping.
+    fn hand_over(
+        &self,
+        handed: Handed<TcpStream>,
+        peer: SocketAddr,
+        slot: ConnectionSlot,
+    ) -> Option<(Handed<TcpStream>, ConnectionSlot)> {
+        let here = slot.thread;
+        let (Some(target), Some(inboxes)) = (self.occupancy.place_moved(here), self.inboxes.get())
+        else {
+            return Some((handed, slot));
+        };
+        let Handed { stream, resumed } = handed;
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(error) => {
+                debug!(peer = %peer, error = %error, "cannot move a connection; closed");
+                return None;
+            }
+        };
+        let message = Message::Connection(HandedOver {
+            stream,
+            peer,
+            slot,
+            secure: false,
+            resumed: Some(resumed),
+        });
+        match inboxes[target].send(message) {
+            Ok(()) => {
+                self.metrics.connections_moved.inc();
+                None
+            }
+            Err(mpsc::error::SendError(message)) => {
+                let Message::Connection(returned) = message else {
+                    unreachable!("the message sent")
+                };
+                let stream = match TcpStream::from_std(returned.stream) {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        debug!(peer = %peer, error = %error, "cannot take a connection back; closed");
+                        return None;
+                    }
+                };
+                let handed = Handed {
+                    stream,
+                    resumed: returned.resumed.expect("sent with its state"),
+                };
+                Some((handed, returned.slot))
+            }
+        }
     }
 
     /// Answers every request of a connection over a limit with `error` (503 or 429) and closes
     /// it.
-    fn serve_refusal(
-        &self,
-        stream: TcpStream,
-        slot: ConnectionSlot,
-        graceful: &GracefulShutdown,
-        error: fn() -> GatewayError,
-    ) {
+    fn serve_refusal(&self, stream: TcpStream, slot: ConnectionSlot, error: fn() -> GatewayError) {
         let metrics = self.metrics.clone();
         let service = service_fn(move |_request: hyper::Request<Incoming>| {
             let response = refusal(&error(), &metrics);
@@ -297,15 +425,77 @@ impl Clients {
         // The head timeout holds here too: a refused client can't keep the connection.
         let io = ClientIo::new(stream, Arc::default(), self.timeouts);
         let connection = self
-            .builder
+            .protocols
+            .auto
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        let connection = graceful.watch(connection);
+        let connection = connections::Watched::new(connection);
         tokio::spawn(async move {
             let _ = connection.await;
             drop(slot);
         });
     }
+}
+
+/// How a connection's serving starts on a thread.
+enum Opening {
+    /// Just accepted: HTTP/2 or HTTP/1.1 is told by its first bytes.
+    New,
+    /// Handed over by another thread between two HTTP/1.1 requests.
+    Resumed(Resumed),
+}
+
+/// What an HTTP/1.1 connection handed over between two requests brings along.
+struct Resumed {
+    state: Arc<ConnectionState>,
+    /// Bytes of its next request already read from the socket.
+    read_ahead: Bytes,
+}
+
+/// A connection that gave its socket back.
+struct Handed<S> {
+    stream: S,
+    resumed: Resumed,
+}
+
+/// The first line of the HTTP/2 connection preface (RFC 9113 §3.4), all 24 bytes of it.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A new connection's first read: room for a whole ordinary request head.
+const FIRST_READ: usize = 4096;
+
+/// Reads a new connection's first bytes, as many as it takes to tell HTTP/2's preface from an
+/// HTTP/1.1 request (what hyper-util's auto builder does, here with the head timeout):
+/// whether it is HTTP/2, and the bytes read.
+async fn first_bytes<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    within: Duration,
+) -> std::io::Result<(bool, Bytes)> {
+    let mut first = BytesMut::with_capacity(FIRST_READ);
+    let reading = async {
+        loop {
+            if stream.read_buf(&mut first).await? == 0 {
+                if first.is_empty() {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                }
+                return Ok::<bool, std::io::Error>(false);
+            }
+            let compared = first.len().min(H2_PREFACE.len());
+            if first[..compared] != H2_PREFACE[..compared] {
+                return Ok(false);
+            }
+            if compared == H2_PREFACE.len() {
+                return Ok(true);
+            }
+        }
+    };
+    let http2 = tokio::time::timeout(within, reading).await.map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "request head not received in time",
+        )
+    })??;
+    Ok((http2, first.freeze()))
 }
 
 /// The gateway's answer to a request it refuses before the request path: the JSON error,
@@ -437,7 +627,9 @@ pub struct ServingThreads {
 
 impl ServingThreads {
     /// Starts one thread per shard of `clients` (at least one), serving from `listener` and,
-    /// when `[tls]` is on, from `tls_listener` (TLS connections).
+    /// when `[tls]` is on, from `tls_listener` (TLS connections). With `adaptive_threads`, also
+    /// the task on the caller's runtime that decides how many of them take the load
+    /// ([`Consolidation`]).
     pub fn start(
         listener: std::net::TcpListener,
         tls_listener: Option<std::net::TcpListener>,
@@ -451,11 +643,17 @@ impl ServingThreads {
         let (inboxes, receivers): (Vec<_>, Vec<_>) =
             (0..count).map(|_| mpsc::unbounded_channel()).unzip();
         let inboxes: Arc<[Inbox]> = inboxes.into();
+        let _ = clients.inboxes.set(inboxes.clone());
+        clients
+            .metrics
+            .serving_threads_active
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
         // Built first, so that if a later thread cannot start, dropping it stops the earlier ones.
         let mut threads = ServingThreads {
             stop: CancellationToken::new(),
             finished: Vec::new(),
         };
+        let mut runtimes = Vec::with_capacity(count);
         for (index, receiver) in receivers.into_iter().enumerate() {
             let listener = listener.try_clone()?;
             let tls_listener = tls_listener
@@ -471,6 +669,7 @@ impl ServingThreads {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
+            runtimes.push(runtime.handle().clone());
             let (done, done_rx) = oneshot::channel();
             std::thread::Builder::new()
                 .name(format!("herd-serve-{index}"))
@@ -482,6 +681,15 @@ impl ServingThreads {
                     let _ = done.send(());
                 })?;
             threads.finished.push(done_rx);
+        }
+        if clients.adaptive && count > 1 {
+            let consolidation = Consolidation::new(runtimes);
+            tokio::spawn(consolidate(
+                consolidation,
+                clients.clone(),
+                inboxes,
+                threads.stop.clone(),
+            ));
         }
         Ok(threads)
     }
@@ -504,6 +712,46 @@ impl Drop for ServingThreads {
     }
 }
 
+/// Every [`crate::consolidation::TICK`], how many threads take the load, and the orders to
+/// shed connections that follow from it; until the gateway stops or starts to drain.
+async fn consolidate(
+    mut consolidation: Consolidation,
+    clients: Arc<Clients>,
+    inboxes: Arc<[Inbox]>,
+    stop: CancellationToken,
+) {
+    let tick = crate::consolidation::TICK;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent: Vec<usize> = vec![0; inboxes.len()];
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = clients.draining.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let active = consolidation.tick();
+        clients.occupancy.active.store(active, Ordering::Relaxed);
+        clients
+            .metrics
+            .serving_threads_active
+            .set(i64::try_from(active).unwrap_or(i64::MAX));
+        let open: Vec<usize> = clients
+            .occupancy
+            .per_thread
+            .iter()
+            .map(|open| open.load(Ordering::Relaxed))
+            .collect();
+        let orders = crate::consolidation::shed_orders(active, &open);
+        for (thread, (&order, last)) in orders.iter().zip(sent.iter_mut()).enumerate() {
+            if order != *last {
+                *last = order;
+                let _ = inboxes[thread].send(Message::Shed(order));
+            }
+        }
+    }
+}
+
 /// A connection accepted on one thread for another to serve.
 struct HandedOver {
     stream: std::net::TcpStream,
@@ -511,9 +759,20 @@ struct HandedOver {
     slot: ConnectionSlot,
     /// From the TLS listener: the handshake is still to do.
     secure: bool,
+    /// Moved between two HTTP/1.1 requests (else just accepted).
+    resumed: Option<Resumed>,
 }
 
-type Inbox = mpsc::UnboundedSender<HandedOver>;
+/// What a serving thread is told by the others.
+enum Message {
+    /// Serve this connection.
+    Connection(HandedOver),
+    /// Hand this many HTTP/1.1 connections to other threads, each at its next moment between
+    /// two requests (replaces the last such order).
+    Shed(usize),
+}
+
+type Inbox = mpsc::UnboundedSender<Message>;
 
 /// One serving thread.
 struct ServingThread {
@@ -530,7 +789,7 @@ impl ServingThread {
         self,
         listener: std::net::TcpListener,
         tls_listener: Option<std::net::TcpListener>,
-        mut inbox: mpsc::UnboundedReceiver<HandedOver>,
+        mut inbox: mpsc::UnboundedReceiver<Message>,
     ) {
         let listener = match TcpListener::from_std(listener) {
             Ok(listener) => listener,
@@ -546,30 +805,28 @@ impl ServingThread {
                 return;
             }
         };
-        let mut graceful = GracefulShutdown::new();
         let tunnels = crate::tunnel::track_on_this_thread(self.clients.tunnel_idle);
         let mut failures = AcceptFailures::default();
-        // The connections open when idle ones were to close, told to (see `Clients::close_idle`).
-        let mut closing = None;
+        let mut closing = false;
         loop {
             tokio::select! {
                 () = self.stop.cancelled() => break,
-                () = self.clients.closing_idle.cancelled(), if closing.is_none() => {
-                    // `shutdown` signals every connection it watches on its first poll (so it
-                    // runs as a task of its own); new connections are watched by a fresh one
-                    // (and close after one request, `serve`).
-                    let open = std::mem::replace(&mut graceful, GracefulShutdown::new());
-                    closing = Some(tokio::spawn(open.shutdown()));
+                () = self.clients.closing_idle.cancelled(), if !closing => {
+                    // Connections opened from now on are not told: they close after one
+                    // request (`Clients::drain`).
+                    closing = true;
+                    connections::shed(0);
+                    connections::close_all();
                 }
-                Some(handed) = inbox.recv() => self.serve_handed(handed, &graceful),
+                Some(message) = inbox.recv() => self.receive(message),
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => self.place(stream, peer, &graceful, false),
+                    Ok((stream, peer)) => self.place(stream, peer, false),
                     Err(error) => failures.failed(&error).await,
                 },
                 // Disabled (never polled) when `[tls]` is off.
                 accepted = accept_on(tls_listener.as_ref()), if tls_listener.is_some() => {
                     match accepted {
-                        Ok((stream, peer)) => self.place(stream, peer, &graceful, true),
+                        Ok((stream, peer)) => self.place(stream, peer, true),
                         Err(error) => failures.failed(&error).await,
                     }
                 }
@@ -577,20 +834,19 @@ impl ServingThread {
         }
         drop(listener);
         drop(tls_listener);
+        connections::shed(0);
         // Serve what other threads handed over before they stopped too.
         inbox.close();
-        while let Some(handed) = inbox.recv().await {
-            self.serve_handed(handed, &graceful);
+        while let Some(message) = inbox.recv().await {
+            self.receive(message);
         }
         let grace = self.clients.shutdown_grace;
-        // Tunnels too: their HTTP connections ended at the switch, so `graceful` no longer sees
-        // them.
+        connections::close_all();
+        // Tunnels too: their HTTP connections ended at the switch, so the registry of
+        // connections no longer sees them.
         tunnels.close();
         let drained = async {
-            if let Some(closing) = closing {
-                let _ = closing.await;
-            }
-            graceful.shutdown().await;
+            connections::all_ended().await;
             tunnels.wait().await;
         };
         if tokio::time::timeout(grace, drained).await.is_err() {
@@ -601,15 +857,20 @@ impl ServingThread {
         }
     }
 
+    fn receive(&self, message: Message) {
+        match message {
+            Message::Connection(handed) => self.serve_handed(handed),
+            Message::Shed(count) => {
+                if !self.clients.draining.is_cancelled() {
+                    connections::shed(count);
+                }
+            }
+        }
+    }
+
     /// Serves a new connection here, or hands it to a thread with fewer connections (a burst of
     /// connections woken on one thread would otherwise stay there for their whole life).
-    fn place(
-        &self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        graceful: &GracefulShutdown,
-        secure: bool,
-    ) {
+    fn place(&self, stream: TcpStream, peer: SocketAddr, secure: bool) {
         let clients = &self.clients;
         let target = clients.occupancy.place(self.index);
         let mut slot = ConnectionSlot::take(&clients.occupancy, target);
@@ -618,7 +879,7 @@ impl ServingThread {
             clients.metrics.connections_refused.inc();
             // A TLS client can't read a cleartext 503: it is closed before its handshake.
             if !secure {
-                clients.serve_refusal(stream, slot, graceful, || GatewayError::TooManyConnections);
+                clients.serve_refusal(stream, slot, || GatewayError::TooManyConnections);
             }
             return;
         }
@@ -630,14 +891,14 @@ impl ServingThread {
                     clients.metrics.connections_refused_per_client.inc();
                     if !secure {
                         let error = || GatewayError::TooManyClientConnections;
-                        clients.serve_refusal(stream, slot, graceful, error);
+                        clients.serve_refusal(stream, slot, error);
                     }
                     return;
                 }
             }
         }
         if target == self.index {
-            clients.serve(stream, peer, slot, graceful, secure);
+            clients.serve(stream, peer, slot, secure, None);
             return;
         }
         let stream = match stream.into_std() {
@@ -647,27 +908,32 @@ impl ServingThread {
                 return;
             }
         };
-        if let Err(mpsc::error::SendError(handed)) = self.inboxes[target].send(HandedOver {
+        let handed = HandedOver {
             stream,
             peer,
             slot,
             secure,
-        }) {
+            resumed: None,
+        };
+        if let Err(mpsc::error::SendError(message)) =
+            self.inboxes[target].send(Message::Connection(handed))
+        {
             // The other thread is stopping: serve it here after all.
-            self.serve_handed(handed, graceful);
+            self.receive(message);
         }
     }
 
-    fn serve_handed(&self, handed: HandedOver, graceful: &GracefulShutdown) {
+    fn serve_handed(&self, handed: HandedOver) {
         let HandedOver {
             stream,
             peer,
             mut slot,
             secure,
+            resumed,
         } = handed;
         slot.move_to(self.index);
         match TcpStream::from_std(stream) {
-            Ok(stream) => self.clients.serve(stream, peer, slot, graceful, secure),
+            Ok(stream) => self.clients.serve(stream, peer, slot, secure, resumed),
             Err(error) => {
                 debug!(peer = %peer, error = %error, "cannot take a connection over; closed")
             }
@@ -729,10 +995,12 @@ fn is_resource_shortage(error: &std::io::Error) -> bool {
 }
 
 /// Open client connections, in all (for `limits.max_connections`) and per serving thread (to
-/// place new ones).
+/// place new ones), and how many threads take new ones.
 struct Occupancy {
     total: AtomicUsize,
     per_thread: Arc<[AtomicUsize]>,
+    /// Threads `0..active` take new connections (all of them unless `adaptive_threads`).
+    active: AtomicUsize,
 }
 
 impl Occupancy {
@@ -740,22 +1008,44 @@ impl Occupancy {
         Occupancy {
             total: AtomicUsize::new(0),
             per_thread: (0..threads).map(|_| AtomicUsize::new(0)).collect(),
+            active: AtomicUsize::new(threads),
         }
     }
 
-    /// Where a connection accepted on thread `here` is served: here, unless some thread serves
-    /// at least two connections fewer (then the least busy one). One of slack keeps a
-    /// connection from being handed over for a difference that the next one evens out.
+    fn load(&self, thread: usize) -> usize {
+        self.per_thread[thread].load(Ordering::Relaxed)
+    }
+
+    /// The active thread with the fewest connections, other than `except`.
+    fn least_loaded(&self, except: Option<usize>) -> Option<usize> {
+        let active = self
+            .active
+            .load(Ordering::Relaxed)
+            .clamp(1, self.per_thread.len());
+        (0..active)
+            .filter(|&index| Some(index) != except)
+            .min_by_key(|&index| self.load(index))
+    }
+
+    /// Where a connection accepted on thread `here` is served: here if `here` is active,
+    /// unless some active thread serves at least two connections fewer (then the least busy
+    /// one). One of slack keeps a connection from being handed over for a difference that the
+    /// next one evens out.
     fn place(&self, here: usize) -> usize {
-        let load = |index: usize| self.per_thread[index].load(Ordering::Relaxed);
-        let least = (0..self.per_thread.len())
-            .min_by_key(|&index| load(index))
-            .unwrap_or(here);
-        if load(here) > load(least) + 1 {
+        let Some(least) = self.least_loaded(None) else {
+            return here;
+        };
+        let active = self.active.load(Ordering::Relaxed);
+        if here >= active || self.load(here) > self.load(least) + 1 {
             least
         } else {
             here
         }
+    }
+
+    /// Where a connection that thread `here` sheds goes: the least loaded other active thread.
+    fn place_moved(&self, here: usize) -> Option<usize> {
+        self.least_loaded(Some(here))
     }
 }
 

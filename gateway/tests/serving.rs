@@ -68,7 +68,11 @@ async fn connections_per_thread(gateway: &Gateway) -> Vec<u64> {
 #[tokio::test]
 async fn a_burst_of_connections_is_spread_evenly_over_the_threads() {
     let upstream = Upstream::start("a").await;
-    let gateway = Gateway::start(&[&upstream], |config| config.threads = 4).await;
+    let gateway = Gateway::start(&[&upstream], |config| {
+        config.threads = 4;
+        config.adaptive_threads = false;
+    })
+    .await;
 
     let connections = open_connections(&gateway, 40).await;
     let per_thread = connections_per_thread(&gateway).await;
@@ -86,6 +90,64 @@ async fn a_burst_of_connections_is_spread_evenly_over_the_threads() {
         connections_per_thread(&gateway).await.iter().sum::<u64>() == 0
     })
     .await;
+    gateway.shutdown().await;
+}
+
+/// The value of the metric line starting with `prefix` (e.g. `herd_gateway_x_total `).
+async fn metric(gateway: &Gateway, prefix: &str) -> u64 {
+    let metrics = get(&client(), &gateway.admin_url("/metrics")).await;
+    let text = String::from_utf8_lossy(&metrics.body).to_string();
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_idle_gateway_gathers_its_keep_alive_connections_on_one_thread_and_they_keep_serving() {
+    let upstream = Upstream::start("a").await;
+    let gateway = Gateway::start(&[&upstream], |config| config.threads = 2).await;
+
+    // Both threads take connections at first (a gateway may start into heavy load).
+    let mut connections = open_connections(&gateway, 20).await;
+    let spread = connections_per_thread(&gateway).await;
+    assert!(spread[1] > 0, "both threads took some: {spread:?}");
+
+    // Nothing to do: within a few ticks one thread serves them all, moved between requests.
+    support::wait_until(Duration::from_secs(10), "all on thread 0", || async {
+        connections_per_thread(&gateway).await == [20, 0]
+    })
+    .await;
+    assert_eq!(
+        metric(&gateway, "herd_gateway_serving_threads_active ").await,
+        1
+    );
+    assert_eq!(
+        metric(&gateway, "herd_gateway_client_connections_moved_total ").await,
+        spread[1],
+        "each connection of thread 1 moved once"
+    );
+    // The same sockets go on serving, one request after another and pipelined.
+    for stream in &mut connections {
+        assert!(request(stream).await.starts_with("HTTP/1.1 200"));
+    }
+    let stream = &mut connections[0];
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: g\r\n\r\nGET / HTTP/1.1\r\nhost: g\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answers = String::new();
+    support::wait_until(Duration::from_secs(5), "two pipelined answers", || {
+        let mut buffer = [0u8; 8192];
+        let read = stream.try_read(&mut buffer).unwrap_or(0);
+        answers.push_str(&String::from_utf8_lossy(&buffer[..read]));
+        let done = answers.matches("HTTP/1.1 200").count() == 2;
+        async move { done }
+    })
+    .await;
+    assert_eq!(connections_per_thread(&gateway).await, [20, 0]);
     gateway.shutdown().await;
 }
 

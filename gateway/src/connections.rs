@@ -1,0 +1,375 @@
+//! The client connections of one serving thread, driven to their end: closed gracefully when
+//! the gateway stops, and handed to another serving thread between two requests when the
+//! threads rebalance (`crate::consolidation`).
+//!
+//! ```text
+//! close_all():  idle HTTP/1.1 ──▶ closed now          busy ──▶ closed after its response
+//!               HTTP/2 ──▶ GOAWAY, closed when its streams end
+//! shed(n):      the next n HTTP/1.1 cleartext connections found between two requests give
+//!               their socket back (`Ended::Handed`) for the serving thread to hand over
+//! ```
+//!
+//! Every connection's task is registered in a per-thread slab (its waker), so the thread can
+//! reach connections parked in an idle read; a connection looks at the thread's signals on
+//! each poll (one thread-local read). This replaces hyper-util's `GracefulShutdown`, whose
+//! watch polled a `watch` receiver on every wake-up of every connection (540 instructions per
+//! request, docs/performance.md section 11) and kept the connection out of reach.
+//!
+//! Between two requests (`ConnectionState::between_requests`: the last response written and
+//! flushed, no request body unread, no request in progress) hyper holds nothing of an HTTP/1.1
+//! connection but the bytes of the next request it may have read ahead, which `into_parts`
+//! returns with the socket: the connection moves, or closes, without a byte lost and without
+//! the client seeing anything.
+
+use std::cell::{Cell, RefCell};
+use std::error::Error as StdError;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::HttpService;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulConnection;
+use slab::Slab;
+
+use crate::client_io::{ClientIo, ConnectionState};
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// The connections of this thread.
+#[derive(Default)]
+struct Registry {
+    /// The task of every open connection.
+    tasks: Slab<Waker>,
+    /// Woken when the last connection ends.
+    all_ended: Option<Waker>,
+}
+
+/// What this thread asks of its connections.
+#[derive(Debug, Clone, Copy, Default)]
+struct Signals {
+    /// Raised by each [`close_all`]: connections registered before it close.
+    closes: u32,
+    /// HTTP/1.1 connections still to give their socket back ([`shed`]).
+    shed: usize,
+}
+
+thread_local! {
+    static REGISTRY: RefCell<Registry> = RefCell::default();
+    static SIGNALS: Cell<Signals> = const { Cell::new(Signals { closes: 0, shed: 0 }) };
+}
+
+/// Wakes every connection of this thread.
+fn wake_all() {
+    let tasks: Vec<Waker> = REGISTRY.with(|registry| {
+        registry
+            .borrow()
+            .tasks
+            .iter()
+            .map(|(_, waker)| waker.clone())
+            .collect()
+    });
+    for task in tasks {
+        task.wake();
+    }
+}
+
+/// Tells every connection open on this thread to close: an idle one now, one with a request in
+/// progress after its response, HTTP/2 with GOAWAY once its streams end. Connections opened
+/// later are not told (until the next call).
+pub(crate) fn close_all() {
+    SIGNALS.with(|signals| {
+        let mut now = signals.get();
+        now.closes = now.closes.wrapping_add(1);
+        signals.set(now);
+    });
+    wake_all();
+}
+
+/// Asks `count` HTTP/1.1 cleartext connections of this thread (in place of an earlier ask) to
+/// give their socket back at their next moment between two requests.
+pub(crate) fn shed(count: usize) {
+    SIGNALS.with(|signals| {
+        let mut now = signals.get();
+        now.shed = count;
+        signals.set(now);
+    });
+    if count > 0 {
+        wake_all();
+    }
+}
+
+/// How many connections an earlier [`shed`] still asks for.
+#[cfg(test)]
+pub(crate) fn still_to_shed() -> usize {
+    SIGNALS.with(|signals| signals.get().shed)
+}
+
+/// One connection less to shed; false when none was asked for.
+fn take_shed() -> bool {
+    SIGNALS.with(|signals| {
+        let mut now = signals.get();
+        if now.shed == 0 {
+            return false;
+        }
+        now.shed -= 1;
+        signals.set(now);
+        true
+    })
+}
+
+/// Completes when no connection of this thread is open.
+pub(crate) async fn all_ended() {
+    poll_fn(|cx| {
+        REGISTRY.with(|registry| {
+            let mut registry = registry.borrow_mut();
+            if registry.tasks.is_empty() {
+                Poll::Ready(())
+            } else {
+                registry.all_ended = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+    })
+    .await
+}
+
+/// Open connections on this thread.
+#[cfg(test)]
+pub(crate) fn open() -> usize {
+    REGISTRY.with(|registry| registry.borrow().tasks.len())
+}
+
+/// A connection's place in its thread's registry, until dropped.
+#[derive(Debug)]
+struct Entry {
+    key: usize,
+    /// `Signals::closes` when the connection opened.
+    closes: u32,
+}
+
+impl Entry {
+    fn new() -> Self {
+        let key =
+            REGISTRY.with(|registry| registry.borrow_mut().tasks.insert(Waker::noop().clone()));
+        Entry {
+            key,
+            closes: SIGNALS.with(|signals| signals.get().closes),
+        }
+    }
+
+    /// Keeps the task's waker (a spawned task's is the same on every poll: no clone then).
+    fn polled_by(&self, waker: &Waker) {
+        REGISTRY.with(|registry| {
+            let mut registry = registry.borrow_mut();
+            let task = &mut registry.tasks[self.key];
+            if !task.will_wake(waker) {
+                task.clone_from(waker);
+            }
+        });
+    }
+
+    /// Whether the thread told its connections to close since this one opened.
+    fn told_to_close(&self) -> bool {
+        SIGNALS.with(|signals| signals.get().closes != self.closes)
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        // `try_with`: a runtime dropped while the thread ends drops its tasks late.
+        let all_ended = REGISTRY.try_with(|registry| {
+            let mut registry = registry.borrow_mut();
+            registry.tasks.try_remove(self.key);
+            if registry.tasks.is_empty() {
+                registry.all_ended.take()
+            } else {
+                None
+            }
+        });
+        if let Ok(Some(waker)) = all_ended {
+            waker.wake();
+        }
+    }
+}
+
+/// How an HTTP/1.1 connection's serving ended.
+pub(crate) enum Ended<S> {
+    /// It is over (with the error it ended with, if any).
+    Closed(Result<(), hyper::Error>),
+    /// It gave its socket back between two requests ([`shed`]): the stream, its state and the
+    /// bytes of the next request already read from it.
+    Handed {
+        stream: S,
+        state: Arc<ConnectionState>,
+        read_ahead: Bytes,
+    },
+}
+
+/// An HTTP/1.1 connection (with upgrades) of this thread, served until it ends or is handed
+/// over.
+pub(crate) struct Http1<S, Svc>
+where
+    Svc: HttpService<Incoming>,
+{
+    connection: Option<http1::UpgradeableConnection<TokioIo<ClientIo<S>>, Svc>>,
+    state: Arc<ConnectionState>,
+    entry: Entry,
+    /// May give its socket back (cleartext; a TLS session stays where its handshake was).
+    movable: bool,
+    told_to_close: bool,
+}
+
+impl<S, Svc> Http1<S, Svc>
+where
+    Svc: HttpService<Incoming>,
+{
+    /// Serves `connection`, whose socket reports to `state`; `movable`: may be handed over.
+    pub(crate) fn new(
+        connection: http1::UpgradeableConnection<TokioIo<ClientIo<S>>, Svc>,
+        state: Arc<ConnectionState>,
+        movable: bool,
+    ) -> Self {
+        Http1 {
+            connection: Some(connection),
+            state,
+            entry: Entry::new(),
+            movable,
+            told_to_close: false,
+        }
+    }
+}
+
+impl<S, Svc, B> Future for Http1<S, Svc>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    Svc: HttpService<Incoming, ResBody = B> + Unpin,
+    Svc::Error: Into<BoxError>,
+    B: http_body::Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Output = Ended<S>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended<S>> {
+        let this = self.get_mut();
+        this.entry.polled_by(cx.waker());
+        let Some(connection) = this.connection.as_mut() else {
+            return Poll::Ready(Ended::Closed(Ok(())));
+        };
+        if !this.told_to_close && this.entry.told_to_close() {
+            this.told_to_close = true;
+            if this.state.between_requests() {
+                this.connection = None;
+                return Poll::Ready(Ended::Closed(Ok(())));
+            }
+            // Closes after the response in progress (hyper: `Connection: close` on it if its
+            // head is not written yet).
+            Pin::new(&mut *connection).graceful_shutdown();
+        }
+        if let Poll::Ready(result) = Pin::new(&mut *connection).poll(cx) {
+            this.connection = None;
+            return Poll::Ready(Ended::Closed(result));
+        }
+        if !this.state.between_requests() {
+            return Poll::Pending;
+        }
+        if this.told_to_close {
+            // Idle, and hyper would wait for a next request (one handed over here has not
+            // served one on this thread, so hyper does not count it idle).
+            this.connection = None;
+            return Poll::Ready(Ended::Closed(Ok(())));
+        }
+        if this.movable && take_shed() {
+            let parts = this.connection.take().and_then(|c| c.into_parts());
+            let Some(parts) = parts else {
+                return Poll::Ready(Ended::Closed(Ok(())));
+            };
+            let (stream, state) = parts.io.into_inner().into_parts();
+            return Poll::Ready(Ended::Handed {
+                stream,
+                state,
+                read_ahead: parts.read_buf,
+            });
+        }
+        Poll::Pending
+    }
+}
+
+/// Any other connection of this thread (HTTP/2, a refusal), closed gracefully when told.
+pub(crate) struct Watched<C> {
+    connection: Pin<Box<C>>,
+    entry: Entry,
+    told_to_close: bool,
+}
+
+impl<C> Watched<C> {
+    pub(crate) fn new(connection: C) -> Self {
+        Watched {
+            connection: Box::pin(connection),
+            entry: Entry::new(),
+            told_to_close: false,
+        }
+    }
+}
+
+impl<C> Future for Watched<C>
+where
+    C: GracefulConnection,
+{
+    type Output = Result<(), C::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        this.entry.polled_by(cx.waker());
+        if !this.told_to_close && this.entry.told_to_close() {
+            this.told_to_close = true;
+            this.connection.as_mut().graceful_shutdown();
+        }
+        this.connection.as_mut().poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn signals_reach_connections_opened_before_them_only() {
+        let before = Entry::new();
+        assert!(!before.told_to_close());
+        close_all();
+        let after = Entry::new();
+        assert!(before.told_to_close());
+        assert!(!after.told_to_close(), "opened after the signal");
+        assert_eq!(open(), 2);
+        drop((before, after));
+        assert_eq!(open(), 0);
+        all_ended().await;
+    }
+
+    #[tokio::test]
+    async fn shedding_counts_down_and_a_new_ask_replaces_the_old() {
+        shed(2);
+        assert!(take_shed());
+        shed(1);
+        assert_eq!(still_to_shed(), 1);
+        assert!(take_shed());
+        assert!(!take_shed());
+        assert_eq!(still_to_shed(), 0);
+    }
+
+    #[tokio::test]
+    async fn all_ended_waits_for_the_last_connection() {
+        let entry = Entry::new();
+        let mut waiting = Box::pin(all_ended());
+        assert!(waiting.as_mut().now_or_never().is_none());
+        drop(entry);
+        assert!(waiting.as_mut().now_or_never().is_some());
+    }
+}
