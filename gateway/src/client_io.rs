@@ -205,6 +205,13 @@ impl<S> ClientIo<S> {
         }
     }
 
+    /// The first head is due by `until` (its first bytes were read before this `ClientIo` was
+    /// made, under the same deadline).
+    pub fn head_due(mut self, until: Instant) -> Self {
+        self.phase = Phase::Head(Some(until));
+        self
+    }
+
     /// Serves `prefix` (bytes already read from the stream) before reading the stream.
     pub fn with_prefix(mut self, prefix: Bytes) -> Self {
         self.prefix = prefix;

@@ -18,8 +18,19 @@
 //! the fewest open ones when that one has at least two fewer than itself (over a channel; the
 //! socket moves to that thread's event loop). Without it, a burst of new connections often
 //! landed mostly on the thread that woke first: 49 / 15 instead of 32 / 32, and 17 % fewer
-//! requests per second for the life of those connections. Admin traffic, the failover node and the registry run elsewhere (the caller's
-//! runtime), health checks on their own thread, so neither waits behind client traffic.
+//! requests per second for the life of those connections. Admin traffic, the failover node and
+//! the registry run elsewhere (the caller's runtime), health checks on their own thread, so
+//! neither waits behind client traffic.
+//!
+//! With `adaptive_threads`, new connections go only to the threads the load needs
+//! (`crate::consolidation` decides how many, every quarter second), and idle HTTP/1.1
+//! connections move between threads: a thread told to shed some (`Message::Shed`) lets each give
+//! its socket back at its next moment between two requests (`crate::connections`), and hands
+//! it, with the bytes of the next request already read, to the least loaded thread in use.
+//!
+//! A new connection's protocol is told by its first bytes (the HTTP/2 preface or not, within
+//! `timeouts.request_head`), then hyper serves it as HTTP/1.1 (with upgrades) or HTTP/2:
+//! hyper-util's auto builder, which does the same, keeps an HTTP/1.1 connection out of reach.
 //!
 //! Limits on clients (docs/security.md): a new connection over `limits.max_connections` gets one
 //! 503, one over `limits.max_connections_per_client` from its address one 429, both JSON with
@@ -184,35 +195,51 @@ impl Clients {
     }
 
     /// Serves a connection on the current thread until it ends or moves; `secure`: it came
-    /// from the TLS listener and is served after its handshake; `resumed`: an HTTP/1.1
-    /// connection handed over by another thread between two requests.
+    /// from the TLS listener and is served after its handshake; `opening`: how far another
+    /// thread got with it.
     fn serve(
         self: &Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
         slot: ConnectionSlot,
         secure: bool,
-        resumed: Option<Resumed>,
+        opening: Opening,
     ) {
-        if resumed.is_none() {
+        if matches!(opening, Opening::New) {
             let _ = stream.set_nodelay(true);
         }
         let clients = self.clone();
         let Some(tls) = self.tls.as_ref().filter(|_| secure) else {
             tokio::spawn(async move {
-                let mut opening = resumed.map_or(Opening::New, Opening::Resumed);
-                let mut stream = stream;
-                let mut slot = slot;
+                let (mut stream, mut slot, mut opening) = (stream, slot, opening);
+                if matches!(opening, Opening::New) {
+                    opening = match Opening::sniff(&mut stream, clients.timeouts.head).await {
+                        Ok(sniffed) => sniffed,
+                        Err(error) => {
+                            debug!(peer = %peer, error = %error, "client connection ended before a request");
+                            return;
+                        }
+                    };
+                    // HTTP/2 stays on one thread for its life: spread over all of them, not
+                    // only the threads in use.
+                    if let Opening::Sniffed { http2: true, .. } = opening {
+                        let Some(kept) = clients.place_for_life(stream, peer, slot, opening) else {
+                            return;
+                        };
+                        (stream, slot, opening) = kept;
+                    }
+                }
                 // Only cleartext HTTP/1.1 is ever handed back (a TLS session stays where its
                 // handshake was).
-                while let Some(resumed) =
+                while let Some(handed) =
                     Box::pin(clients.serve_stream(stream, peer, None, opening)).await
                 {
-                    let Some((kept, kept_slot)) = clients.hand_over(resumed, peer, slot) else {
+                    let resumed = Opening::Resumed(handed.resumed);
+                    let Some(kept) = clients.hand_over(handed.stream, peer, slot, resumed, None)
+                    else {
                         return;
                     };
-                    (stream, slot) = (kept.stream, kept_slot);
-                    opening = Opening::Resumed(kept.resumed);
+                    (stream, slot, opening) = kept;
                 }
                 drop(slot);
             });
@@ -231,6 +258,23 @@ impl Clients {
         });
     }
 
+    /// Hands a connection that will never move (HTTP/2) to the least loaded of all threads
+    /// when that is another one; returns it when it stays here.
+    fn place_for_life(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        slot: ConnectionSlot,
+        opening: Opening,
+    ) -> Option<(TcpStream, ConnectionSlot, Opening)> {
+        if !self.adaptive {
+            return Some((stream, slot, opening));
+        }
+        let here = slot.thread;
+        let target = self.occupancy.place_for_life(here);
+        self.hand_over(stream, peer, slot, opening, Some(target))
+    }
+
     /// Serves HTTP (h1 or h2, with upgrades) over a client's stream until the connection ends,
     /// or, for cleartext HTTP/1.1, until it gives its socket back between two requests
     /// ([`connections::shed`]); `tls` when the stream is a TLS session (the scheme for workers,
@@ -245,17 +289,27 @@ impl Clients {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let opening = match opening {
+            Opening::New => match Opening::sniff(&mut stream, self.timeouts.head).await {
+                Ok(sniffed) => sniffed,
+                Err(error) => {
+                    debug!(peer = %peer, error = %error, "client connection ended before a request");
+                    return None;
+                }
+            },
+            opening => opening,
+        };
         let (io, state, http2) = match opening {
-            Opening::New => {
-                let (http2, first) = match first_bytes(&mut stream, self.timeouts.head).await {
-                    Ok(first) => first,
-                    Err(error) => {
-                        debug!(peer = %peer, error = %error, "client connection ended before a request");
-                        return None;
-                    }
-                };
+            Opening::New => unreachable!("sniffed above"),
+            Opening::Sniffed {
+                http2,
+                first,
+                head_due,
+            } => {
                 let state = Arc::new(ConnectionState::default());
-                let io = ClientIo::new(stream, state.clone(), self.timeouts).with_prefix(first);
+                let io = ClientIo::new(stream, state.clone(), self.timeouts)
+                    .head_due(head_due)
+                    .with_prefix(first);
                 (io, state, http2)
             }
             Opening::Resumed(Resumed { state, read_ahead }) => {
@@ -361,20 +415,23 @@ impl Clients {
         }
     }
 
-    /// Sends a connection that gave its socket back to the thread that should serve it now;
-    /// returns it (to be served on here) when there is none, or that thread is stopping.
+    /// Sends a connection to the thread that should serve it now (`target`, or the least
+    /// loaded other thread in use); returns it (to be served on here) when there is none, it is
+    /// this one, or that thread is stopping.
     fn hand_over(
         &self,
-        handed: Handed<TcpStream>,
+        stream: TcpStream,
         peer: SocketAddr,
         slot: ConnectionSlot,
-    ) -> Option<(Handed<TcpStream>, ConnectionSlot)> {
+        opening: Opening,
+        target: Option<usize>,
+    ) -> Option<(TcpStream, ConnectionSlot, Opening)> {
         let here = slot.thread;
-        let (Some(target), Some(inboxes)) = (self.occupancy.place_moved(here), self.inboxes.get())
+        let target = target.or_else(|| self.occupancy.place_moved(here));
+        let (Some(target), Some(inboxes)) = (target.filter(|&t| t != here), self.inboxes.get())
         else {
-            return Some((handed, slot));
+            return Some((stream, slot, opening));
         };
-        let Handed { stream, resumed } = handed;
         let stream = match stream.into_std() {
             Ok(stream) => stream,
             Err(error) => {
@@ -382,34 +439,32 @@ impl Clients {
                 return None;
             }
         };
+        let moved = matches!(opening, Opening::Resumed(_));
         let message = Message::Connection(HandedOver {
             stream,
             peer,
             slot,
             secure: false,
-            resumed: Some(resumed),
+            opening,
         });
         match inboxes[target].send(message) {
             Ok(()) => {
-                self.metrics.connections_moved.inc();
+                if moved {
+                    self.metrics.connections_moved.inc();
+                }
                 None
             }
             Err(mpsc::error::SendError(message)) => {
                 let Message::Connection(returned) = message else {
                     unreachable!("the message sent")
                 };
-                let stream = match TcpStream::from_std(returned.stream) {
-                    Ok(stream) => stream,
+                match TcpStream::from_std(returned.stream) {
+                    Ok(stream) => Some((stream, returned.slot, returned.opening)),
                     Err(error) => {
                         debug!(peer = %peer, error = %error, "cannot take a connection back; closed");
-                        return None;
+                        None
                     }
-                };
-                let handed = Handed {
-                    stream,
-                    resumed: returned.resumed.expect("sent with its state"),
-                };
-                Some((handed, returned.slot))
+                }
             }
         }
     }
@@ -437,12 +492,32 @@ impl Clients {
     }
 }
 
-/// How a connection's serving starts on a thread.
+/// How far a connection got before a thread serves it.
 enum Opening {
-    /// Just accepted: HTTP/2 or HTTP/1.1 is told by its first bytes.
+    /// Just accepted.
     New,
+    /// Its first bytes read: HTTP/2 or HTTP/1.1, the bytes, and when its first head is due.
+    Sniffed {
+        http2: bool,
+        first: Bytes,
+        head_due: tokio::time::Instant,
+    },
     /// Handed over by another thread between two HTTP/1.1 requests.
     Resumed(Resumed),
+}
+
+impl Opening {
+    /// Reads a new connection's first bytes (see [`first_bytes`]); its first head is due within
+    /// `head` from now.
+    async fn sniff<S: AsyncRead + Unpin>(stream: &mut S, head: Duration) -> std::io::Result<Self> {
+        let head_due = tokio::time::Instant::now() + head;
+        let (http2, first) = first_bytes(stream, head_due).await?;
+        Ok(Opening::Sniffed {
+            http2,
+            first,
+            head_due,
+        })
+    }
 }
 
 /// What an HTTP/1.1 connection handed over between two requests brings along.
@@ -452,7 +527,7 @@ struct Resumed {
     read_ahead: Bytes,
 }
 
-/// A connection that gave its socket back.
+/// An HTTP/1.1 connection that gave its socket back between two requests.
 struct Handed<S> {
     stream: S,
     resumed: Resumed,
@@ -469,7 +544,7 @@ const FIRST_READ: usize = 4096;
 /// whether it is HTTP/2, and the bytes read.
 async fn first_bytes<S: AsyncRead + Unpin>(
     stream: &mut S,
-    within: Duration,
+    due: tokio::time::Instant,
 ) -> std::io::Result<(bool, Bytes)> {
     let mut first = BytesMut::with_capacity(FIRST_READ);
     let reading = async {
@@ -489,7 +564,7 @@ async fn first_bytes<S: AsyncRead + Unpin>(
             }
         }
     };
-    let http2 = tokio::time::timeout(within, reading).await.map_err(|_| {
+    let http2 = tokio::time::timeout_at(due, reading).await.map_err(|_| {
         std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "request head not received in time",
@@ -759,8 +834,8 @@ struct HandedOver {
     slot: ConnectionSlot,
     /// From the TLS listener: the handshake is still to do.
     secure: bool,
-    /// Moved between two HTTP/1.1 requests (else just accepted).
-    resumed: Option<Resumed>,
+    /// How far the thread that handed it over got with it.
+    opening: Opening,
 }
 
 /// What a serving thread is told by the others.
@@ -872,7 +947,12 @@ impl ServingThread {
     /// connections woken on one thread would otherwise stay there for their whole life).
     fn place(&self, stream: TcpStream, peer: SocketAddr, secure: bool) {
         let clients = &self.clients;
-        let target = clients.occupancy.place(self.index);
+        // A TLS connection stays on one thread for its life: spread over all of them.
+        let target = if secure {
+            clients.occupancy.place_for_life(self.index)
+        } else {
+            clients.occupancy.place(self.index)
+        };
         let mut slot = ConnectionSlot::take(&clients.occupancy, target);
         if slot.total > clients.max_connections {
             slot.move_to(self.index);
@@ -898,7 +978,7 @@ impl ServingThread {
             }
         }
         if target == self.index {
-            clients.serve(stream, peer, slot, secure, None);
+            clients.serve(stream, peer, slot, secure, Opening::New);
             return;
         }
         let stream = match stream.into_std() {
@@ -913,7 +993,7 @@ impl ServingThread {
             peer,
             slot,
             secure,
-            resumed: None,
+            opening: Opening::New,
         };
         if let Err(mpsc::error::SendError(message)) =
             self.inboxes[target].send(Message::Connection(handed))
@@ -929,11 +1009,11 @@ impl ServingThread {
             peer,
             mut slot,
             secure,
-            resumed,
+            opening,
         } = handed;
         slot.move_to(self.index);
         match TcpStream::from_std(stream) {
-            Ok(stream) => self.clients.serve(stream, peer, slot, secure, resumed),
+            Ok(stream) => self.clients.serve(stream, peer, slot, secure, opening),
             Err(error) => {
                 debug!(peer = %peer, error = %error, "cannot take a connection over; closed")
             }
@@ -1037,6 +1117,20 @@ impl Occupancy {
         };
         let active = self.active.load(Ordering::Relaxed);
         if here >= active || self.load(here) > self.load(least) + 1 {
+            least
+        } else {
+            here
+        }
+    }
+
+    /// Where a connection that never moves (TLS, HTTP/2) seen on thread `here` is served: as
+    /// [`Occupancy::place`] over all threads, in use or not (it could not follow if the load
+    /// grew).
+    fn place_for_life(&self, here: usize) -> usize {
+        let least = (0..self.per_thread.len())
+            .min_by_key(|&index| self.load(index))
+            .unwrap_or(here);
+        if self.load(here) > self.load(least) + 1 {
             least
         } else {
             here

@@ -48,6 +48,12 @@ pub enum TargetKind {
     #[value(name = "herd-1t")]
     #[serde(rename = "herd-1t")]
     HerdOneThread,
+    /// herd-gateway with `adaptive_threads = false`: every serving thread takes connections
+    /// and none moves (what herd did before docs/performance.md section 12; not in the default
+    /// targets).
+    #[value(name = "herd-fixed")]
+    #[serde(rename = "herd-fixed")]
+    HerdFixedThreads,
     /// herd-gateway exporting OpenTelemetry traces, 1 % of requests sampled, to an OTLP/HTTP sink
     /// the benchmark runs (not in the default targets).
     #[value(name = "herd-trace-1")]
@@ -78,6 +84,7 @@ impl TargetKind {
             TargetKind::Direct => "direct",
             TargetKind::Herd => "herd",
             TargetKind::HerdOneThread => "herd-1t",
+            TargetKind::HerdFixedThreads => "herd-fixed",
             TargetKind::HerdTrace1 => "herd-trace-1",
             TargetKind::HerdTrace100 => "herd-trace-100",
             TargetKind::Haproxy => "haproxy",
@@ -273,6 +280,7 @@ impl Target {
             TargetKind::Direct => return Ok(Target::direct(upstreams)),
             TargetKind::Herd
             | TargetKind::HerdOneThread
+            | TargetKind::HerdFixedThreads
             | TargetKind::HerdTrace1
             | TargetKind::HerdTrace100 => start_gateway(kind, upstreams, dir, tls)?,
             TargetKind::Haproxy | TargetKind::Nginx => {
@@ -365,6 +373,9 @@ fn start_gateway(
     if kind == TargetKind::HerdOneThread {
         spec = spec.env("HERD_GATEWAY_THREADS", "1");
     }
+    if kind == TargetKind::HerdFixedThreads {
+        spec = spec.env("HERD_GATEWAY_ADAPTIVE_THREADS", "false");
+    }
     if let Some(ratio) = tracing {
         let sink =
             otlp_sink().map_err(|source| BenchError::io("start the OTLP sink in", dir, source))?;
@@ -454,6 +465,7 @@ fn start_reference(
         TargetKind::Direct
         | TargetKind::Herd
         | TargetKind::HerdOneThread
+        | TargetKind::HerdFixedThreads
         | TargetKind::HerdTrace1
         | TargetKind::HerdTrace100 => {
             return Err(BenchError::Setup(format!(
