@@ -235,7 +235,9 @@ impl Clients {
                     Box::pin(clients.serve_stream(stream, peer, None, opening)).await
                 {
                     let resumed = Opening::Resumed(handed.resumed);
-                    let Some(kept) = clients.hand_over(handed.stream, peer, slot, resumed, None)
+                    let here = slot.thread;
+                    let Some(kept) =
+                        clients.hand_over(handed.stream, peer, (slot, here), resumed, None)
                     else {
                         return;
                     };
@@ -264,7 +266,7 @@ impl Clients {
         &self,
         stream: TcpStream,
         peer: SocketAddr,
-        slot: ConnectionSlot,
+        mut slot: ConnectionSlot,
         opening: Opening,
     ) -> Option<(TcpStream, ConnectionSlot, Opening)> {
         if !self.adaptive {
@@ -272,7 +274,13 @@ impl Clients {
         }
         let here = slot.thread;
         let target = self.occupancy.place_for_life(here);
-        self.hand_over(stream, peer, slot, opening, Some(target))
+        // Counted there at once, so that a burst of such connections spreads.
+        slot.fix();
+        slot.move_to(target);
+        let (stream, mut slot, opening) =
+            self.hand_over(stream, peer, (slot, here), opening, Some(target))?;
+        slot.move_to(here);
+        Some((stream, slot, opening))
     }
 
     /// Serves HTTP (h1 or h2, with upgrades) over a client's stream until the connection ends,
@@ -415,18 +423,17 @@ impl Clients {
         }
     }
 
-    /// Sends a connection to the thread that should serve it now (`target`, or the least
-    /// loaded other thread in use); returns it (to be served on here) when there is none, it is
-    /// this one, or that thread is stopping.
+    /// Sends a connection served on thread `here` to the thread that should serve it now
+    /// (`target`, or the least loaded other thread in use); returns it (to be served on here)
+    /// when there is none, it is this one, or that thread is stopping.
     fn hand_over(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
-        slot: ConnectionSlot,
+        (slot, here): (ConnectionSlot, usize),
         opening: Opening,
         target: Option<usize>,
     ) -> Option<(TcpStream, ConnectionSlot, Opening)> {
-        let here = slot.thread;
         let target = target.or_else(|| self.occupancy.place_moved(here));
         let (Some(target), Some(inboxes)) = (target.filter(|&t| t != here), self.inboxes.get())
         else {
@@ -954,6 +961,9 @@ impl ServingThread {
             clients.occupancy.place(self.index)
         };
         let mut slot = ConnectionSlot::take(&clients.occupancy, target);
+        if secure {
+            slot.fix();
+        }
         if slot.total > clients.max_connections {
             slot.move_to(self.index);
             clients.metrics.connections_refused.inc();
@@ -1081,6 +1091,8 @@ struct Occupancy {
     per_thread: Arc<[AtomicUsize]>,
     /// Threads `0..active` take new connections (all of them unless `adaptive_threads`).
     active: AtomicUsize,
+    /// Of `per_thread`, the connections that never move (TLS, HTTP/2).
+    fixed_per_thread: Box<[AtomicUsize]>,
 }
 
 impl Occupancy {
@@ -1089,6 +1101,7 @@ impl Occupancy {
             total: AtomicUsize::new(0),
             per_thread: (0..threads).map(|_| AtomicUsize::new(0)).collect(),
             active: AtomicUsize::new(threads),
+            fixed_per_thread: (0..threads).map(|_| AtomicUsize::new(0)).collect(),
         }
     }
 
@@ -1126,11 +1139,14 @@ impl Occupancy {
     /// Where a connection that never moves (TLS, HTTP/2) seen on thread `here` is served: as
     /// [`Occupancy::place`] over all threads, in use or not (it could not follow if the load
     /// grew).
+    ///
+    /// Spread by such connections alone: HTTP/1.1 ones can follow the load later.
     fn place_for_life(&self, here: usize) -> usize {
-        let least = (0..self.per_thread.len())
-            .min_by_key(|&index| self.load(index))
+        let fixed = |index: usize| self.fixed_per_thread[index].load(Ordering::Relaxed);
+        let least = (0..self.fixed_per_thread.len())
+            .min_by_key(|&index| fixed(index))
             .unwrap_or(here);
-        if self.load(here) > self.load(least) + 1 {
+        if fixed(here) > fixed(least) {
             least
         } else {
             here
@@ -1151,6 +1167,8 @@ struct ConnectionSlot {
     total: usize,
     /// Its count against its client address, when that is limited.
     client: Option<ClientSlot>,
+    /// Counted among the connections that never move.
+    fixed: bool,
 }
 
 impl ConnectionSlot {
@@ -1162,14 +1180,28 @@ impl ConnectionSlot {
             thread,
             total,
             client: None,
+            fixed: false,
+        }
+    }
+
+    /// Counts the connection among those that never move (TLS, HTTP/2).
+    fn fix(&mut self) {
+        if !self.fixed {
+            self.fixed = true;
+            self.occupancy.fixed_per_thread[self.thread].fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Counts the connection on `thread` instead (it was served elsewhere than planned).
     fn move_to(&mut self, thread: usize) {
         if thread != self.thread {
-            self.occupancy.per_thread[self.thread].fetch_sub(1, Ordering::Relaxed);
-            self.occupancy.per_thread[thread].fetch_add(1, Ordering::Relaxed);
+            let occupancy = &self.occupancy;
+            occupancy.per_thread[self.thread].fetch_sub(1, Ordering::Relaxed);
+            occupancy.per_thread[thread].fetch_add(1, Ordering::Relaxed);
+            if self.fixed {
+                occupancy.fixed_per_thread[self.thread].fetch_sub(1, Ordering::Relaxed);
+                occupancy.fixed_per_thread[thread].fetch_add(1, Ordering::Relaxed);
+            }
             self.thread = thread;
         }
     }
@@ -1179,6 +1211,9 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.occupancy.total.fetch_sub(1, Ordering::Relaxed);
         self.occupancy.per_thread[self.thread].fetch_sub(1, Ordering::Relaxed);
+        if self.fixed {
+            self.occupancy.fixed_per_thread[self.thread].fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -1201,6 +1236,23 @@ mod tests {
         assert_eq!(occupancy(&[4, 2]).place(0), 1);
         assert_eq!(occupancy(&[2, 9, 5]).place(1), 0);
         assert_eq!(occupancy(&[2, 2, 2]).place(2), 2);
+    }
+
+    #[test]
+    fn connections_that_never_move_spread_over_all_threads_by_their_own_count() {
+        let occupancy = occupancy(&[10, 0]);
+        occupancy.active.store(1, Ordering::Relaxed);
+        // An HTTP/1.1 connection goes to the threads in use only.
+        assert_eq!(occupancy.place(1), 0);
+        // One that never moves goes to the thread with fewest such connections.
+        assert_eq!(occupancy.place_for_life(0), 0, "a tie stays");
+        let mut first = ConnectionSlot::take(&occupancy, 0);
+        first.fix();
+        assert_eq!(occupancy.place_for_life(0), 1);
+        first.move_to(1);
+        assert_eq!(occupancy.place_for_life(1), 0);
+        drop(first);
+        assert_eq!(occupancy.fixed_per_thread[1].load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -152,6 +152,38 @@ async fn an_idle_gateway_gathers_its_keep_alive_connections_on_one_thread_and_th
 }
 
 #[tokio::test]
+async fn http2_connections_spread_over_every_thread_even_when_one_is_in_use() {
+    let upstream = Upstream::start("a").await;
+    let gateway = Gateway::start(&[&upstream], |config| config.threads = 2).await;
+    support::wait_until(Duration::from_secs(10), "one thread in use", || async {
+        metric(&gateway, "herd_gateway_serving_threads_active ").await == 1
+    })
+    .await;
+
+    // HTTP/2 connections cannot move later: they go to both threads from the start.
+    let mut senders = Vec::new();
+    for _ in 0..4 {
+        let stream = TcpStream::connect(gateway.public).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::get(format!("http://{}/", gateway.public))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        senders.push(sender);
+    }
+    assert_eq!(connections_per_thread(&gateway).await, [2, 2]);
+    drop(senders);
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_connection_over_the_limit_gets_503_json_and_is_closed() {
     let upstream = Upstream::start("a").await;
     let gateway = Gateway::start(&[&upstream], |config| {
