@@ -74,8 +74,10 @@ pub struct ConnectionState {
     /// last request ends, so the idle timer starts then (hyper does not read again by itself).
     reader: AtomicWaker,
     /// HTTP/1.1 between requests, with nothing half done: the last response written and
-    /// flushed, the last request had no body, no byte of the next one read yet. Only then may
-    /// the connection move to another serving thread (see [`ConnectionState::movable`]).
+    /// flushed, the last request had no body, no request in progress, and no byte read since
+    /// the response (hyper may still hold bytes of a pipelined request read with the last one,
+    /// which `into_parts` returns). Only then may the connection move to another serving
+    /// thread (see [`ConnectionState::between_requests`]).
     between_requests: AtomicBool,
 }
 
@@ -105,6 +107,11 @@ impl ConnectionState {
     /// Whether a head read so far had both `Content-Length` and `Transfer-Encoding`.
     pub fn conflicting_framing(&self) -> bool {
         self.conflicting_framing.load(Ordering::Relaxed)
+    }
+
+    /// Whether a request has begun on the connection (on any thread).
+    pub fn has_begun(&self) -> bool {
+        self.begun.load(Ordering::Relaxed) > 0
     }
 
     /// Whether the connection is HTTP/1.1 between two requests with nothing half done, as its

@@ -144,22 +144,47 @@ pub(crate) fn open() -> usize {
     REGISTRY.with(|registry| registry.borrow().tasks.len())
 }
 
-/// A connection's place in its thread's registry, until dropped.
+/// A connection's place in its thread's registry, until dropped. Made when the thread takes
+/// the connection (before its task first runs), so that [`close_all`] and [`all_ended`] see it
+/// from then on.
 #[derive(Debug)]
-struct Entry {
+pub(crate) struct Entry {
     key: usize,
     /// `Signals::closes` when the connection opened.
     closes: u32,
 }
 
 impl Entry {
-    fn new() -> Self {
+    /// A connection new to this thread. `resumed`: one handed over between two requests,
+    /// which is told to close if the thread was told to already (a new connection is not: it
+    /// serves one request, answered with `Connection: close` while the gateway drains).
+    pub(crate) fn new(resumed: bool) -> Self {
         let key =
             REGISTRY.with(|registry| registry.borrow_mut().tasks.insert(Waker::noop().clone()));
+        let closes = SIGNALS.with(|signals| signals.get().closes);
         Entry {
             key,
-            closes: SIGNALS.with(|signals| signals.get().closes),
+            closes: if resumed && closes > 0 {
+                closes - 1
+            } else {
+                closes
+            },
         }
+    }
+
+    /// Runs `future` until it completes, or until the thread tells its connections to close
+    /// (then `None`): for a connection in its TLS handshake or before its first bytes, which
+    /// has nothing to finish.
+    pub(crate) async fn unless_told_to_close<F: Future>(&self, future: F) -> Option<F::Output> {
+        let mut future = std::pin::pin!(future);
+        poll_fn(|cx| {
+            self.polled_by(cx.waker());
+            if self.told_to_close() {
+                return Poll::Ready(None);
+            }
+            future.as_mut().poll(cx).map(Some)
+        })
+        .await
     }
 
     /// Keeps the task's waker (a spawned task's is the same on every poll: no clone then).
@@ -228,16 +253,18 @@ impl<S, Svc> Http1<S, Svc>
 where
     Svc: HttpService<Incoming>,
 {
-    /// Serves `connection`, whose socket reports to `state`; `movable`: may be handed over.
+    /// Serves `connection`, whose socket reports to `state`, registered as `entry`; `movable`:
+    /// may be handed over.
     pub(crate) fn new(
         connection: http1::UpgradeableConnection<TokioIo<ClientIo<S>>, Svc>,
         state: Arc<ConnectionState>,
+        entry: Entry,
         movable: bool,
     ) -> Self {
         Http1 {
             connection: Some(connection),
             state,
-            entry: Entry::new(),
+            entry,
             movable,
             told_to_close: false,
         }
@@ -267,8 +294,12 @@ where
                 return Poll::Ready(Ended::Closed(Ok(())));
             }
             // Closes after the response in progress (hyper: `Connection: close` on it if its
-            // head is not written yet).
-            Pin::new(&mut *connection).graceful_shutdown();
+            // head is not written yet). Not before the first request: hyper would close at once,
+            // dropping the bytes of it already read; that one is answered with
+            // `Connection: close` (the gateway drains before it tells connections to close).
+            if this.state.has_begun() {
+                Pin::new(&mut *connection).graceful_shutdown();
+            }
         }
         if let Poll::Ready(result) = Pin::new(&mut *connection).poll(cx) {
             this.connection = None;
@@ -307,10 +338,11 @@ pub(crate) struct Watched<C> {
 }
 
 impl<C> Watched<C> {
-    pub(crate) fn new(connection: C) -> Self {
+    /// Serves `connection`, registered as `entry`.
+    pub(crate) fn new(connection: C, entry: Entry) -> Self {
         Watched {
             connection: Box::pin(connection),
-            entry: Entry::new(),
+            entry,
             told_to_close: false,
         }
     }
@@ -341,14 +373,19 @@ mod tests {
 
     #[tokio::test]
     async fn signals_reach_connections_opened_before_them_only() {
-        let before = Entry::new();
+        let before = Entry::new(false);
         assert!(!before.told_to_close());
         close_all();
-        let after = Entry::new();
+        let after = Entry::new(false);
+        let moved_here_after = Entry::new(true);
         assert!(before.told_to_close());
         assert!(!after.told_to_close(), "opened after the signal");
-        assert_eq!(open(), 2);
-        drop((before, after));
+        assert!(
+            moved_here_after.told_to_close(),
+            "handed over after the signal: told at once"
+        );
+        assert_eq!(open(), 3);
+        drop((before, after, moved_here_after));
         assert_eq!(open(), 0);
         all_ended().await;
     }
@@ -366,7 +403,7 @@ mod tests {
 
     #[tokio::test]
     async fn all_ended_waits_for_the_last_connection() {
-        let entry = Entry::new();
+        let entry = Entry::new(false);
         let mut waiting = Box::pin(all_ended());
         assert!(waiting.as_mut().now_or_never().is_none());
         drop(entry);

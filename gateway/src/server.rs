@@ -320,6 +320,9 @@ fn connection_builder(config: &GatewayConfig) -> auto::Builder<TokioExecutor> {
 fn client_protocols(config: &GatewayConfig, auto: auto::Builder<TokioExecutor>) -> Protocols {
     let buffer = client_buffer(config);
     let mut http1 = hyper::server::conn::http1::Builder::new();
+    // `pipeline_flush` must stay off: with it hyper may leave a response in its buffer while it
+    // reads on, and a connection then judged between two requests (`crate::connections`) would
+    // move without it.
     http1
         .timer(TokioTimer::new())
         .header_read_timeout(None)

@@ -208,17 +208,22 @@ impl Clients {
         if matches!(opening, Opening::New) {
             let _ = stream.set_nodelay(true);
         }
+        // Registered before the task first runs: a thread told to stop or close right after
+        // this sees the connection.
+        let entry = connections::Entry::new(matches!(opening, Opening::Resumed(_)));
         let clients = self.clone();
         let Some(tls) = self.tls.as_ref().filter(|_| secure) else {
             tokio::spawn(async move {
                 let (mut stream, mut slot, mut opening) = (stream, slot, opening);
                 if matches!(opening, Opening::New) {
-                    opening = match Opening::sniff(&mut stream, clients.timeouts.head).await {
-                        Ok(sniffed) => sniffed,
-                        Err(error) => {
+                    let sniffing = Opening::sniff(&mut stream, clients.timeouts.head);
+                    opening = match entry.unless_told_to_close(sniffing).await {
+                        Some(Ok(sniffed)) => sniffed,
+                        Some(Err(error)) => {
                             debug!(peer = %peer, error = %error, "client connection ended before a request");
                             return;
                         }
+                        None => return,
                     };
                     // HTTP/2 stays on one thread for its life: spread over all of them, not
                     // only the threads in use.
@@ -231,9 +236,15 @@ impl Clients {
                 }
                 // Only cleartext HTTP/1.1 is ever handed back (a TLS session stays where its
                 // handshake was).
-                while let Some(handed) =
-                    Box::pin(clients.serve_stream(stream, peer, None, opening)).await
-                {
+                let mut entry = Some(entry);
+                loop {
+                    let entry = entry
+                        .take()
+                        .unwrap_or_else(|| connections::Entry::new(true));
+                    let serving = clients.serve_stream(stream, peer, None, opening, entry);
+                    let Some(handed) = Box::pin(serving).await else {
+                        break;
+                    };
                     let resumed = Opening::Resumed(handed.resumed);
                     let here = slot.thread;
                     let Some(kept) =
@@ -249,10 +260,14 @@ impl Clients {
         };
         let tls = tls.clone();
         tokio::spawn(async move {
-            match tls.handshake(stream).await {
+            let Some(handshake) = entry.unless_told_to_close(tls.handshake(stream)).await else {
+                return;
+            };
+            match handshake {
                 Ok(stream) => {
-                    let _ = Box::pin(clients.serve_stream(stream, peer, Some(&tls), Opening::New))
-                        .await;
+                    let serving =
+                        clients.serve_stream(stream, peer, Some(&tls), Opening::New, entry);
+                    let _ = Box::pin(serving).await;
                 }
                 Err(error) => debug!(peer = %peer, error = %error, "TLS handshake failed"),
             }
@@ -274,13 +289,8 @@ impl Clients {
         }
         let here = slot.thread;
         let target = self.occupancy.place_for_life(here);
-        // Counted there at once, so that a burst of such connections spreads.
         slot.fix();
-        slot.move_to(target);
-        let (stream, mut slot, opening) =
-            self.hand_over(stream, peer, (slot, here), opening, Some(target))?;
-        slot.move_to(here);
-        Some((stream, slot, opening))
+        self.hand_over(stream, peer, (slot, here), opening, Some(target))
     }
 
     /// Serves HTTP (h1 or h2, with upgrades) over a client's stream until the connection ends,
@@ -293,18 +303,23 @@ impl Clients {
         peer: SocketAddr,
         tls: Option<&Terminator>,
         opening: Opening,
+        entry: connections::Entry,
     ) -> Option<Handed<S>>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let opening = match opening {
-            Opening::New => match Opening::sniff(&mut stream, self.timeouts.head).await {
-                Ok(sniffed) => sniffed,
-                Err(error) => {
-                    debug!(peer = %peer, error = %error, "client connection ended before a request");
-                    return None;
+            Opening::New => {
+                let sniffing = Opening::sniff(&mut stream, self.timeouts.head);
+                match entry.unless_told_to_close(sniffing).await {
+                    Some(Ok(sniffed)) => sniffed,
+                    Some(Err(error)) => {
+                        debug!(peer = %peer, error = %error, "client connection ended before a request");
+                        return None;
+                    }
+                    None => return None,
                 }
-            },
+            }
             opening => opening,
         };
         let (io, state, http2) = match opening {
@@ -394,7 +409,7 @@ impl Clients {
                 .protocols
                 .http2
                 .serve_connection(TokioIo::new(io), service);
-            if let Err(error) = connections::Watched::new(connection).await {
+            if let Err(error) = connections::Watched::new(connection, entry).await {
                 debug!(peer = %peer, error = %error, "client connection ended with an error");
             }
             return None;
@@ -406,7 +421,7 @@ impl Clients {
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         let movable = self.adaptive && tls.is_none();
-        match connections::Http1::new(connection, state, movable).await {
+        match connections::Http1::new(connection, state, entry, movable).await {
             Ended::Closed(Ok(())) => None,
             Ended::Closed(Err(error)) => {
                 debug!(peer = %peer, error = %error, "client connection ended with an error");
@@ -446,6 +461,9 @@ impl Clients {
                 return None;
             }
         };
+        // Counted there at once, so that connections handed over together spread.
+        let mut slot = slot;
+        slot.move_to(target);
         let moved = matches!(opening, Opening::Resumed(_));
         let message = Message::Connection(HandedOver {
             stream,
@@ -465,8 +483,10 @@ impl Clients {
                 let Message::Connection(returned) = message else {
                     unreachable!("the message sent")
                 };
+                let mut slot = returned.slot;
+                slot.move_to(here);
                 match TcpStream::from_std(returned.stream) {
-                    Ok(stream) => Some((stream, returned.slot, returned.opening)),
+                    Ok(stream) => Some((stream, slot, returned.opening)),
                     Err(error) => {
                         debug!(peer = %peer, error = %error, "cannot take a connection back; closed");
                         None
@@ -491,7 +511,7 @@ impl Clients {
             .auto
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        let connection = connections::Watched::new(connection);
+        let connection = connections::Watched::new(connection, connections::Entry::new(false));
         tokio::spawn(async move {
             let _ = connection.await;
             drop(slot);
@@ -824,7 +844,12 @@ async fn consolidate(
             .iter()
             .map(|open| open.load(Ordering::Relaxed))
             .collect();
-        let orders = crate::consolidation::shed_orders(active, &open);
+        let mut orders = crate::consolidation::shed_orders(active, &open);
+        // Only HTTP/1.1 cleartext connections can go.
+        for (thread, order) in orders.iter_mut().enumerate() {
+            let fixed = clients.occupancy.fixed_per_thread[thread].load(Ordering::Relaxed);
+            *order = (*order).min(open[thread].saturating_sub(fixed));
+        }
         for (thread, (&order, last)) in orders.iter().zip(sent.iter_mut()).enumerate() {
             if order != *last {
                 *last = order;

@@ -293,10 +293,12 @@ mod tests {
         let (events_tx, mut events) = mpsc::channel(16);
         tokio::spawn(accept_loop(listener, Duration::from_secs(5), events_tx));
         let mut stream = TcpStream::connect(addr).await.unwrap();
-        // No newline, ever: the reader must not buffer it all.
+        // No newline, ever: the reader must not buffer it all. 64 MiB: more than loopback's
+        // socket buffers hold (4 MiB could sit in them whole before the reader ran at all, and
+        // the write then succeeded on a busy machine).
         let chunk = vec![b'a'; 64 * 1024];
         let writing = async {
-            for _ in 0..64 {
+            for _ in 0..1024 {
                 if stream.write_all(&chunk).await.is_err() {
                     return true;
                 }
@@ -307,7 +309,7 @@ mod tests {
         assert_eq!(
             refused.ok(),
             Some(true),
-            "4 MiB without a newline were taken"
+            "64 MiB without a newline were taken"
         );
         let nothing = tokio::time::timeout(Duration::from_millis(100), events.recv()).await;
         assert!(nothing.is_err(), "no event for a stranger: {nothing:?}");
