@@ -299,6 +299,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
         if !this.prefix.is_empty() {
             let taken = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix.split_to(taken));
+            if this.prefix.is_empty() {
+                // An empty tail still holds the whole buffer it came from.
+                this.prefix = Bytes::new();
+            }
             this.received(&buf.filled()[before..]);
             return Poll::Ready(Ok(()));
         }
