@@ -271,8 +271,10 @@ fn finish_head(
     method: &Method,
 ) -> Result<ResponseHead, ProtocolError> {
     let mut headers = crate::headers::spare_map(spans.len());
+    let mut found = FramingHeaders::default();
     for (name, value) in spans {
         let name = header_name(&head[name.clone()])?;
+        found.note(&name, value);
         let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
             .map_err(|_| ProtocolError("invalid header value"))?;
         headers.append(name, value);
@@ -286,14 +288,15 @@ fn finish_head(
             keep_alive: false,
         });
     }
-    let framing = framing(&headers, status, method)?;
+    let framing = framing(head, &found, status, method)?;
     // A Transfer-Encoding beside a Content-Length, or in an HTTP/1.0 answer, is how smuggling and
     // response splitting look: the body is read by the Transfer-Encoding, then the connection
     // closed (RFC 9112 §6.1, §6.3 item 3) rather than trusted with another request.
-    let suspect = headers.contains_key(header::TRANSFER_ENCODING)
-        && (headers.contains_key(header::CONTENT_LENGTH) || version == Version::HTTP_10);
-    let keep_alive =
-        framing != ResponseFraming::UntilClose && !suspect && keeps_alive(&headers, version);
+    let suspect = !found.transfer_encoding.is_empty()
+        && (!found.content_length.is_empty() || version == Version::HTTP_10);
+    let keep_alive = framing != ResponseFraming::UntilClose
+        && !suspect
+        && keeps_alive(values(head, &found.connection), version);
     if framing == ResponseFraming::Chunked {
         // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); drop the stale length.
         headers.remove(header::CONTENT_LENGTH);
@@ -307,8 +310,43 @@ fn finish_head(
     })
 }
 
+/// Where the values of the headers that frame a response sit in its head, noted while its header
+/// map is built: looking them up in the map afterwards cost four hash lookups per response
+/// (`infra/bench/instructions.sh`, docs/performance.md section 13).
+#[derive(Debug, Default)]
+struct FramingHeaders {
+    transfer_encoding: smallvec::SmallVec<[Range<usize>; 1]>,
+    content_length: smallvec::SmallVec<[Range<usize>; 1]>,
+    connection: smallvec::SmallVec<[Range<usize>; 1]>,
+}
+
+impl FramingHeaders {
+    /// Notes the value at `value` when `name` is one of the framing headers.
+    fn note(&mut self, name: &HeaderName, value: &Range<usize>) {
+        let spans = if *name == header::CONTENT_LENGTH {
+            &mut self.content_length
+        } else if *name == header::TRANSFER_ENCODING {
+            &mut self.transfer_encoding
+        } else if *name == header::CONNECTION {
+            &mut self.connection
+        } else {
+            return;
+        };
+        spans.push(value.clone());
+    }
+}
+
+/// The values at `spans` in `head`, in the order they came.
+fn values<'a>(
+    head: &'a [u8],
+    spans: &'a [Range<usize>],
+) -> impl DoubleEndedIterator<Item = &'a [u8]> {
+    spans.iter().map(move |span| &head[span.clone()])
+}
+
 fn framing(
-    headers: &HeaderMap,
+    head: &[u8],
+    found: &FramingHeaders,
     status: StatusCode,
     method: &Method,
 ) -> Result<ResponseFraming, ProtocolError> {
@@ -318,22 +356,21 @@ fn framing(
     {
         return Ok(ResponseFraming::Empty);
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+    if !found.transfer_encoding.is_empty() {
+        let last = values(head, &found.transfer_encoding)
+            // As `HeaderValue::to_str`: a value with other than visible ASCII is skipped.
+            .filter(|v| v.iter().all(|&b| b == b'\t' || (b' '..0x7f).contains(&b)))
+            .flat_map(|v| v.split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
             .rfind(|coding| !coding.is_empty());
         return Ok(match last {
-            Some(coding) if coding.eq_ignore_ascii_case("chunked") => ResponseFraming::Chunked,
+            Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => ResponseFraming::Chunked,
             _ => ResponseFraming::UntilClose,
         });
     }
     let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
+    for value in values(head, &found.content_length) {
+        for part in value.split(|b| *b == b',') {
             let parsed = std::str::from_utf8(part)
                 .ok()
                 .map(str::trim)
@@ -353,11 +390,11 @@ fn framing(
     })
 }
 
-fn keeps_alive(headers: &HeaderMap, version: Version) -> bool {
+fn keeps_alive<'a>(connection: impl Iterator<Item = &'a [u8]>, version: Version) -> bool {
     let mut close = false;
     let mut keep_alive = false;
-    for value in headers.get_all(header::CONNECTION) {
-        for token in value.as_bytes().split(|b| *b == b',') {
+    for value in connection {
+        for token in value.split(|b| *b == b',') {
             let token = token.trim_ascii();
             close |= token.eq_ignore_ascii_case(b"close");
             keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
@@ -836,6 +873,28 @@ mod tests {
                 "HTTP/1.1 200 OK\r\n\r\n",
                 Method::GET,
                 ResponseFraming::UntilClose,
+            ),
+            // The last coding decides, whichever header line it is on and however spelled.
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: keep-alive\r\ntransfer-encoding: CHUNKED\r\n\r\n",
+                Method::GET,
+                ResponseFraming::Chunked,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\n",
+                Method::GET,
+                ResponseFraming::UntilClose,
+            ),
+            // A value with a byte outside visible ASCII is not read as a coding.
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gé\r\n\r\n",
+                Method::GET,
+                ResponseFraming::Chunked,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 7\r\nx: y\r\ncontent-length: 7, 7\r\n\r\n",
+                Method::GET,
+                ResponseFraming::Length(7),
             ),
         ];
         for (text, method, expected) in cases {
