@@ -341,74 +341,21 @@ impl Clients {
                 (io, state, false)
             }
         };
-        let proxy = self.proxy.clone();
-        let metrics = self.metrics.clone();
-        let forwarded_for = crate::headers::forwarded_for(peer.ip());
-        let over_tls = tls.map(|_| crate::headers::OverTls::new(peer.ip()));
-        let hsts = tls.and_then(|tls| tls.hsts().cloned());
-        let redirect = if tls.is_none() { self.redirect } else { None };
-        let draining = self.draining.clone();
-        let request_state = state.clone();
-        let service = service_fn(move |mut request: hyper::Request<Incoming>| {
-            let proxy = proxy.clone();
-            let metrics = metrics.clone();
-            let forwarded_for = forwarded_for.clone();
-            let state = request_state.clone();
-            // Called as soon as the head is read: the connection is busy from here.
-            let request_guard = state.begin(&request);
-            if let Some(over_tls) = &over_tls {
-                request.extensions_mut().insert(over_tls.clone());
-            }
-            let hsts = hsts.clone();
-            let close = draining.is_cancelled() && request.version() < http::Version::HTTP_2;
-            let redirected = redirect.map(|redirect| redirect.respond(&request));
-            async move {
-                if let Some(response) = redirected {
-                    return Ok::<_, Infallible>(response.map(|body| Served {
-                        inner: body,
-                        _request: request_guard,
-                    }));
-                }
-                if state.conflicting_framing() {
-                    // Not forwarded; hyper closes the connection after this answer (it does
-                    // after any request with both headers).
-                    let error = GatewayError::BadRequest(
-                        "both Content-Length and Transfer-Encoding in one request",
-                    );
-                    return Ok::<_, Infallible>(refusal(&error, &metrics).map(|body| Served {
-                        inner: body,
-                        _request: request_guard,
-                    }));
-                }
-                // Boxed: the request path's future is several KB, and hyper moves the service's
-                // future into place once per request (HTTP/1.1) or four times (HTTP/2: into the
-                // stream, the spawn, the task): one allocation costs less than those copies.
-                let mut response = Box::pin(proxy.handle(request, &forwarded_for)).await;
-                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                    state.switched();
-                }
-                if let Some(hsts) = hsts {
-                    response
-                        .headers_mut()
-                        .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
-                }
-                if close {
-                    response.headers_mut().insert(
-                        http::header::CONNECTION,
-                        http::HeaderValue::from_static("close"),
-                    );
-                }
-                Ok(response.map(|body| Served {
-                    inner: body,
-                    _request: request_guard,
-                }))
-            }
-        });
+        let context = ServiceContext {
+            proxy: self.proxy.clone(),
+            metrics: self.metrics.clone(),
+            forwarded_for: crate::headers::forwarded_for(peer.ip()),
+            over_tls: tls.map(|_| crate::headers::OverTls::new(peer.ip())),
+            hsts: tls.and_then(|tls| tls.hsts().cloned()),
+            redirect: if tls.is_none() { self.redirect } else { None },
+            draining: self.draining.clone(),
+            state: state.clone(),
+        };
         if http2 {
             let connection = self
                 .protocols
                 .http2
-                .serve_connection(TokioIo::new(io), service);
+                .serve_connection(TokioIo::new(io), context.service::<Boxed>());
             if let Err(error) = connections::Watched::new(connection, entry).await {
                 debug!(peer = %peer, error = %error, "client connection ended with an error");
             }
@@ -418,7 +365,7 @@ impl Clients {
         let connection = self
             .protocols
             .http1
-            .serve_connection(TokioIo::new(io), service)
+            .serve_connection(TokioIo::new(io), context.service::<Inline>())
             .with_upgrades();
         let movable = self.adaptive && tls.is_none();
         match connections::Http1::new(connection, state, entry, movable).await {
@@ -598,6 +545,110 @@ async fn first_bytes<S: AsyncRead + Unpin>(
         )
     })??;
     Ok((http2, first.freeze()))
+}
+
+/// What the service of one client connection needs, for each of its requests.
+struct ServiceContext {
+    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+    /// The client's address as an `X-Forwarded-For` value.
+    forwarded_for: http::HeaderValue,
+    /// Set on connections from `tls.listen`.
+    over_tls: Option<crate::headers::OverTls>,
+    /// `Strict-Transport-Security`, for connections over TLS when `tls.hsts` is set.
+    hsts: Option<http::HeaderValue>,
+    redirect: Option<Redirect>,
+    draining: CancellationToken,
+    state: Arc<ConnectionState>,
+}
+
+/// Where the request path's future sits while a request is served. The future is several KB:
+/// hyper's HTTP/2 server moves the service's future four times per request (into the stream,
+/// the spawn, the task), so there it goes on the heap (one allocation costs less than those
+/// copies); HTTP/1.1 moves it once, and keeping it inline saves the allocation and a copy
+/// (`infra/bench/instructions.sh h1`: 29 361 → 28 693 per request, docs/performance.md section
+/// 13).
+trait Placement {
+    fn place<F: Future + Send>(future: F) -> impl Future<Output = F::Output> + Send;
+}
+
+/// In the service's own future (HTTP/1.1).
+struct Inline;
+
+impl Placement for Inline {
+    fn place<F: Future + Send>(future: F) -> impl Future<Output = F::Output> + Send {
+        future
+    }
+}
+
+/// On the heap (HTTP/2).
+struct Boxed;
+
+impl Placement for Boxed {
+    fn place<F: Future + Send>(future: F) -> impl Future<Output = F::Output> + Send {
+        Box::pin(future)
+    }
+}
+
+impl ServiceContext {
+    /// The connection's service: each request through the proxy, answered with its response.
+    fn service<P: Placement>(
+        self,
+    ) -> impl hyper::service::Service<
+        hyper::Request<Incoming>,
+        Response = hyper::Response<Served>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > {
+        let context = Arc::new(self);
+        service_fn(move |mut request: hyper::Request<Incoming>| {
+            let context = context.clone();
+            // Called as soon as the head is read: the connection is busy from here.
+            let request_guard = context.state.begin(&request);
+            if let Some(over_tls) = &context.over_tls {
+                request.extensions_mut().insert(over_tls.clone());
+            }
+            let close =
+                context.draining.is_cancelled() && request.version() < http::Version::HTTP_2;
+            let redirected = context.redirect.map(|redirect| redirect.respond(&request));
+            async move {
+                let served = |response: hyper::Response<ResponseBody>| {
+                    Ok::<_, Infallible>(response.map(|body| Served {
+                        inner: body,
+                        _request: request_guard,
+                    }))
+                };
+                if let Some(response) = redirected {
+                    return served(response);
+                }
+                if context.state.conflicting_framing() {
+                    // Not forwarded; hyper closes the connection after this answer (it does
+                    // after any request with both headers).
+                    let error = GatewayError::BadRequest(
+                        "both Content-Length and Transfer-Encoding in one request",
+                    );
+                    return served(refusal(&error, &context.metrics));
+                }
+                let mut response =
+                    P::place(context.proxy.handle(request, &context.forwarded_for)).await;
+                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    context.state.switched();
+                }
+                if let Some(hsts) = &context.hsts {
+                    response
+                        .headers_mut()
+                        .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+                }
+                if close {
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                served(response)
+            }
+        })
+    }
 }
 
 /// The gateway's answer to a request it refuses before the request path: the JSON error,

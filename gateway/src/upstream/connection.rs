@@ -13,6 +13,7 @@
 //!   within `timeouts.response_header` is the worker's. The response-header clock starts once the
 //!   request is fully written, so a slow upload never counts against the worker.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -21,7 +22,7 @@ use http::{HeaderMap, Method};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::codec::{self, Parsed, RequestFraming, ResponseHead};
 use super::error::{UpstreamError, UpstreamErrorKind};
@@ -48,6 +49,11 @@ pub struct Connection {
     write: BytesMut,
     /// Whether it carried a request before (a failure on it may be the worker's idle close).
     reused: bool,
+    /// The response-head timeout, kept from request to request and moved on for each: a
+    /// deadline later than the one registered is a compare-and-swap in tokio's timer, where a
+    /// new timer per request was a registration in its wheel and a removal (about 500
+    /// instructions per request, docs/performance.md section 13).
+    head_timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// What to send: the parts of the request the worker sees.
@@ -98,6 +104,7 @@ impl Connection {
             read: BytesMut::with_capacity(READ_CHUNK),
             write: BytesMut::with_capacity(1024),
             reused: false,
+            head_timer: None,
         })
     }
 
@@ -149,11 +156,21 @@ impl Connection {
             timing.sent
         };
         let head_by = deadline.min(sent_at + response_header);
+        let mut timer = match self.head_timer.take() {
+            Some(mut timer) => {
+                timer.as_mut().reset(head_by);
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(head_by)),
+        };
         let head = self.read_head(&method, upgrade, was_reused, sent_at);
-        match tokio::time::timeout_at(head_by, head).await {
-            Ok(head) => head,
-            Err(_) => Err(UpstreamError::timeout()),
-        }
+        let outcome = tokio::select! {
+            biased;
+            head = head => head,
+            () = timer.as_mut() => Err(UpstreamError::timeout()),
+        };
+        self.head_timer = Some(timer);
+        outcome
     }
 
     /// The socket and what was read from it beyond the response head: after a 101, the start
