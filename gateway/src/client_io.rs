@@ -538,7 +538,7 @@ impl HeadScan {
                 _ => false,
             };
             if skip_line {
-                match bytes[at..].iter().position(|&b| b == b'\n') {
+                match memchr::memchr(b'\n', &bytes[at..]) {
                     Some(offset) => at += offset,
                     None => break,
                 }

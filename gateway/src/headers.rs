@@ -110,14 +110,14 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// every request).
 pub fn new_request_id() -> HeaderValue {
     thread_local! {
-        static NEXT: Cell<(u64, u64)> = Cell::new((rand::random::<u64>(), 0));
+        /// The thread's prefix (written out once) and its counter.
+        static NEXT: Cell<([u8; 17], u64)> = Cell::new((id_prefix(rand::random()), 0));
     }
     let (prefix, n) = NEXT.get();
     NEXT.set((prefix, n + 1));
     // Hand-rolled hex: this runs for every request, and `format!` costs several times more.
     let mut text = [0u8; 33];
-    put_hex(&mut text[..16], prefix);
-    text[16] = b'-';
+    text[..17].copy_from_slice(&prefix);
     let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
     put_hex(&mut text[17..17 + digits], n);
     // Written into a per-thread block shared by many ids, so the clones this value gets (the
@@ -200,6 +200,13 @@ pub fn recycle(mut map: HeaderMap) {
 const ID_BLOCK: usize = 4096;
 
 /// Writes the low `out.len()` hex digits of `value` into `out`, most significant first.
+/// `random` as 16 hex digits and a dash: the start of every request id a thread makes.
+fn id_prefix(random: u64) -> [u8; 17] {
+    let mut prefix = [b'-'; 17];
+    put_hex(&mut prefix[..16], random);
+    prefix
+}
+
 fn put_hex(out: &mut [u8], mut value: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for slot in out.iter_mut().rev() {
@@ -389,6 +396,19 @@ mod tests {
         let none_sent = request_id(&HeaderMap::new());
         assert!(is_sane_request_id(none_sent.as_bytes()));
         assert_ne!(none_sent, id, "a new one each time");
+    }
+
+    #[test]
+    fn new_request_ids_are_the_threads_prefix_and_its_counter() {
+        let first = new_request_id();
+        let second = new_request_id();
+        let (first, second) = (first.to_str().unwrap(), second.to_str().unwrap());
+        assert_eq!(first[..17], second[..17], "one prefix per thread");
+        assert_eq!(&first[16..17], "-");
+        assert!(first[..16].bytes().all(|b| b.is_ascii_hexdigit()));
+        let counter = |id: &str| u64::from_str_radix(&id[17..], 16).unwrap();
+        assert_eq!(counter(first) + 1, counter(second));
+        assert_eq!(id_prefix(0xab), *b"00000000000000ab-");
     }
 
     #[test]
