@@ -239,23 +239,43 @@ fn header_name(raw: &[u8]) -> Result<HeaderName, ProtocolError> {
     /// Longer names are not remembered (nor looked up).
     const LONGEST: usize = 64;
     thread_local! {
-        static NAMES: std::cell::RefCell<Vec<(Box<[u8]>, HeaderName)>> =
-            const { std::cell::RefCell::new(Vec::new()) };
+        static NAMES: std::cell::RefCell<KnownNames> =
+            const { std::cell::RefCell::new(KnownNames { names: Vec::new(), next: 0 }) };
     }
     if raw.len() > LONGEST {
         return HeaderName::from_bytes(raw).map_err(|_| ProtocolError("invalid header name"));
     }
-    NAMES.with_borrow_mut(|names| {
-        if let Some((_, name)) = names.iter().find(|(known, _)| **known == *raw) {
-            return Ok(name.clone());
+    NAMES.with_borrow_mut(|known| {
+        let hinted = known
+            .names
+            .get(known.next)
+            .is_some_and(|(name, _)| **name == *raw);
+        let found = if hinted {
+            Some(known.next)
+        } else {
+            known.names.iter().position(|(name, _)| **name == *raw)
+        };
+        if let Some(index) = found {
+            known.next = index + 1;
+            return Ok(known.names[index].1.clone());
         }
         let name = HeaderName::from_bytes(raw).map_err(|_| ProtocolError("invalid header name"))?;
-        if names.len() == CACHED {
-            names.remove(0);
+        if known.names.len() == CACHED {
+            known.names.remove(0);
         }
-        names.push((raw.into(), name.clone()));
+        known.names.push((raw.into(), name.clone()));
+        known.next = known.names.len();
         Ok(name)
     })
+}
+
+/// The header names a serving thread has seen from workers, in the order first seen, and where
+/// the next lookup looks first: right after the name found last. A worker sends the same headers
+/// in the same order in every response, so that is nearly always the name, and a lookup is one
+/// comparison instead of a scan (`infra/bench/instructions.sh h1`: 27 806 → 27 685 per request).
+struct KnownNames {
+    names: Vec<(Box<[u8]>, HeaderName)>,
+    next: usize,
 }
 
 /// Where each header's name and value sit in a response head; room for more headers than a
@@ -834,6 +854,29 @@ mod tests {
             Ok(Parsed::Interim(length)) => assert_eq!(length, 25),
             other => panic!("expected an interim response, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn header_names_come_back_right_in_any_order_and_past_the_cache() {
+        let names: Vec<String> = (0..40).map(|i| format!("X-Name-{i}")).collect();
+        let orders: [Vec<&String>; 3] = [
+            names.iter().collect(),
+            names.iter().rev().collect(),
+            names
+                .iter()
+                .step_by(3)
+                .chain(names.iter().skip(1).step_by(3))
+                .collect(),
+        ];
+        for order in orders.iter().chain(orders.iter()) {
+            for name in order {
+                let found = header_name(name.as_bytes()).unwrap();
+                assert_eq!(found.as_str(), name.to_ascii_lowercase());
+            }
+        }
+        assert_eq!(header_name(b"Content-Type").unwrap(), header::CONTENT_TYPE);
+        assert_eq!(header_name(b"content-type").unwrap(), header::CONTENT_TYPE);
+        assert!(header_name(b"bad name").is_err());
     }
 
     #[test]
