@@ -199,7 +199,6 @@ pub fn recycle(mut map: HeaderMap) {
 /// Bytes of request ids allocated at once (about 120 ids).
 const ID_BLOCK: usize = 4096;
 
-/// Writes the low `out.len()` hex digits of `value` into `out`, most significant first.
 /// `random` as 16 hex digits and a dash: the start of every request id a thread makes.
 fn id_prefix(random: u64) -> [u8; 17] {
     let mut prefix = [b'-'; 17];
@@ -207,6 +206,7 @@ fn id_prefix(random: u64) -> [u8; 17] {
     prefix
 }
 
+/// Writes the low `out.len()` hex digits of `value` into `out`, most significant first.
 fn put_hex(out: &mut [u8], mut value: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for slot in out.iter_mut().rev() {

@@ -23,6 +23,9 @@ enum Script {
     Pieces(&'static [&'static [u8]]),
     /// Writes these bytes and closes the connection.
     ThenClose(&'static [u8]),
+    /// Writes these bytes over and over, 64 KiB at a time, for up to 10 s or until the
+    /// connection breaks.
+    Flood(&'static [u8]),
 }
 
 /// A worker speaking raw HTTP/1.1: `answer(path) -> Script`.
@@ -107,6 +110,16 @@ async fn serve(
             }
             Script::ThenClose(bytes) => {
                 let _ = stream.write_all(bytes).await;
+                return;
+            }
+            Script::Flood(bytes) => {
+                let batch = bytes.repeat(64 * 1024 / bytes.len());
+                let until = tokio::time::Instant::now() + Duration::from_secs(10);
+                while tokio::time::Instant::now() < until {
+                    if stream.write_all(&batch).await.is_err() {
+                        return;
+                    }
+                }
                 return;
             }
         }
@@ -275,6 +288,42 @@ async fn request_bodies_are_framed_for_the_worker() {
         assert!(head.contains("\r\nhost: "), "{head}");
         assert!(head.contains("\r\nx-forwarded-for: 127.0.0.1"), "{head}");
     }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_flooding_interim_responses_times_out_like_a_silent_one() {
+    // 1xx heads are skipped while the final head is awaited; an endless run of them must still
+    // end at `timeouts.response_header`. (The timer is polled outside tokio's task budget, as
+    // `tokio::time::timeout` does, so that a worker keeping the socket full cannot starve it;
+    // this test did not reproduce that starvation here, it pins the timeout.)
+    let worker = RawWorker::start(|path| match path {
+        "/flood" => Script::Flood(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n"),
+        _ => Script::Pieces(&[b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"]),
+    })
+    .await;
+    let addr = worker.addr.to_string();
+    let gw = Gateway::start(&[], move |c| {
+        c.workers = vec![addr];
+        c.timeouts.response_header = Duration::from_millis(300);
+        c.retry.max_attempts = 1;
+        c.hedging.enabled = false;
+    })
+    .await;
+    let c = client();
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(8),
+        send(&c, "POST", &gw.url("/flood"), &[], ""),
+    )
+    .await
+    .expect("the flooded request must end at the response-header timeout");
+    assert_eq!(answer.status, 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
     gw.shutdown().await;
 }
 

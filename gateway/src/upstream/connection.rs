@@ -167,7 +167,10 @@ impl Connection {
         let outcome = tokio::select! {
             biased;
             head = head => head,
-            () = timer.as_mut() => Err(UpstreamError::timeout()),
+            // Outside tokio's task budget, as `tokio::time::timeout` polls its timer: a worker
+            // that keeps the socket full (an endless run of 1xx heads) spends the budget in
+            // `head` on every poll, and a budgeted timer would then never fire.
+            () = tokio::task::unconstrained(timer.as_mut()) => Err(UpstreamError::timeout()),
         };
         self.head_timer = Some(timer);
         outcome
