@@ -70,6 +70,13 @@ fn start_get_load(cluster: &Cluster) -> tokio::task::JoinHandle<Report> {
 async fn kill_under_load(cluster: &mut Cluster, victims: &[&str]) -> Report {
     let load = start_get_load(cluster);
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // At once, as when their machine goes: SIGKILL to every victim first, then each reaped.
+    // Killed and reaped one after another they died milliseconds apart, and a request retried
+    // onto the next victim just before its turn could meet three dying workers in a row (each
+    // reset counts as an attempt: a 502 after `retry.max_attempts`, seen once in CI).
+    for victim in victims {
+        cluster.worker(victim).signal(Signal::SIGKILL);
+    }
     for victim in victims {
         cluster.worker(victim).kill9();
     }
