@@ -514,14 +514,7 @@ async fn http2_connections_are_served_then_closed_when_idle_and_never_scanned_as
         config.timeouts.client_idle = Duration::from_secs(2);
     })
     .await;
-    let stream = TcpStream::connect(gateway.public).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let connection = tokio::spawn(connection);
+    let (mut sender, connection) = support::http2_connect(gateway.public).await;
     // A body that looks like a conflicting HTTP/1.1 head must not matter on HTTP/2.
     let lookalike = "x\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
     for round in 0..4 {

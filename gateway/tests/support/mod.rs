@@ -292,6 +292,22 @@ pub async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Answ
     send(client, "GET", url, &[], Bytes::new()).await
 }
 
+/// An HTTP/2 (prior knowledge) client connection to `addr`: its sender, and the task driving
+/// the connection (it ends when the connection closes).
+pub async fn http2_connect(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
 /// Polls `condition` every 10 ms until it holds or `limit` passes.
 pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut condition: F)
 where
