@@ -242,11 +242,13 @@ async fn one_trace_crosses_gateway_worker_and_redis_with_a_retried_attempt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_collector_down_spans_are_lost_but_no_request() {
-    // A port nothing listens on.
-    let closed = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    // A port nothing listens on: bound without listen() and held to the end, so connections to it
+    // are refused and no other socket (a Redis, or a source port the kernel hands out) can take it.
+    // (A port freed at once can be handed out again while the test runs: one CI run saw the
+    // worker's Redis connection reset when the first span export went out.)
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = reserved.local_addr().unwrap();
     let endpoint = format!("http://{closed}");
     let dir = herd_tests::temp_dir();
     let redis = TestRedis::start();
