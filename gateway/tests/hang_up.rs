@@ -1,0 +1,267 @@
+//! A client that hangs up while its request is in flight cancels it at the worker: the gateway
+//! closes the worker connection the request used, at once, not when the worker answers or the
+//! response-header timeout runs out. Checked for each phase a request can wait in: for the
+//! response head (bodiless and with a body, buffered or streamed) and while the response body
+//! streams; and that a pipelined request is not taken for a hang-up.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::Gateway;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+/// What the scripted worker saw.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    /// A request (its first line), with all of its body.
+    Request(String),
+    /// The gateway closed the connection of the request before.
+    Closed,
+}
+
+/// How the scripted worker answers a request.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// Never: it waits until the gateway closes the connection.
+    Never,
+    /// A response head and the first chunk of a chunked body, then nothing.
+    StallMidBody,
+    /// `200`, with the request's first line as the body, after `ms` milliseconds.
+    After(u64),
+}
+
+/// A worker that answers `/readyz` and every other request as `answer` says, and reports what
+/// it sees.
+async fn scripted_worker(answer: Answer) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen, reports) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_scripted(stream, answer, seen.clone()));
+        }
+    });
+    (addr, reports)
+}
+
+async fn serve_scripted(mut stream: TcpStream, answer: Answer, seen: mpsc::UnboundedSender<Seen>) {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buffer[..end]).to_string();
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_owned)
+            })
+            .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+        while buffer.len() < end + 4 + length {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+            }
+        }
+        buffer.drain(..end + 4 + length);
+        let first_line = head.lines().next().unwrap_or_default().to_string();
+        if first_line.starts_with("GET /readyz") {
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+            if stream.write_all(ok).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let _ = seen.send(Seen::Request(first_line.clone()));
+        match answer {
+            Answer::Never => {}
+            Answer::StallMidBody => {
+                let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n";
+                if stream.write_all(head).await.is_err() {
+                    return;
+                }
+            }
+            Answer::After(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                let body = first_line.as_bytes();
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                let sent = stream.write_all(head.as_bytes()).await.is_ok()
+                    && stream.write_all(body).await.is_ok();
+                if !sent {
+                    return;
+                }
+                continue;
+            }
+        }
+        // Waits for the gateway to close (or reset) the connection.
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => {
+                    let _ = seen.send(Seen::Closed);
+                    return;
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// A gateway in front of `worker` alone that waits up to a minute for a response head, with no
+/// retries or hedges: only a client's hang-up can end a request early.
+async fn gateway_before(worker: SocketAddr) -> Gateway {
+    Gateway::start(&[], |c| {
+        c.workers.push(worker.to_string());
+        c.timeouts.response_header = Duration::from_secs(60);
+        c.timeouts.request = Duration::from_secs(60);
+        c.hedging.enabled = false;
+        c.retry.max_attempts = 1;
+    })
+    .await
+}
+
+/// The worker's next report, within 5 s.
+async fn next(reports: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
+    timeout(Duration::from_secs(5), reports.recv())
+        .await
+        .expect("a report from the worker within 5 s")
+        .expect("the worker runs")
+}
+
+/// Sends `request`, waits until the worker has it, hangs up as `hang_up` does, and checks that
+/// the gateway closes the worker connection soon after.
+async fn hang_up_while_waiting(
+    request: Vec<u8>,
+    answer: Answer,
+    hang_up: impl AsyncFnOnce(TcpStream),
+) {
+    let (worker, mut reports) = scripted_worker(answer).await;
+    let gw = gateway_before(worker).await;
+    let mut client = TcpStream::connect(gw.public).await.unwrap();
+    client.write_all(&request).await.unwrap();
+    assert!(matches!(next(&mut reports).await, Seen::Request(_)));
+    if matches!(answer, Answer::StallMidBody) {
+        // The response head and the first chunk reached the client: it waits mid-body.
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains("hello") {
+            let read = timeout(Duration::from_secs(5), client.read(&mut chunk))
+                .await
+                .expect("the head and first chunk within 5 s")
+                .unwrap();
+            assert!(read > 0, "closed before the first chunk");
+            got.extend_from_slice(&chunk[..read]);
+        }
+    }
+    hang_up(client).await;
+    assert_eq!(
+        next(&mut reports).await,
+        Seen::Closed,
+        "the worker connection is closed once the client hangs up"
+    );
+    gw.shutdown().await;
+}
+
+const GET: &[u8] = b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n";
+
+async fn close(client: TcpStream) {
+    drop(client);
+}
+
+async fn reset(client: TcpStream) {
+    client.set_zero_linger().unwrap();
+    drop(client);
+}
+
+async fn shut_down_writing(mut client: TcpStream) {
+    client.shutdown().await.unwrap();
+    // Kept open for reading, past the check.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(client);
+}
+
+#[tokio::test]
+async fn a_get_waiting_for_its_response_is_cancelled_when_the_client_closes() {
+    hang_up_while_waiting(GET.to_vec(), Answer::Never, close).await;
+}
+
+#[tokio::test]
+async fn a_get_waiting_for_its_response_is_cancelled_when_the_client_resets() {
+    hang_up_while_waiting(GET.to_vec(), Answer::Never, reset).await;
+}
+
+#[tokio::test]
+async fn a_client_that_shuts_down_its_sending_side_cancels_its_request() {
+    // The gateway reads a half-close as a hang-up, as hyper's own check did (HTTP/1.1 clients
+    // do not half-close to wait for an answer).
+    hang_up_while_waiting(GET.to_vec(), Answer::Never, shut_down_writing).await;
+}
+
+#[tokio::test]
+async fn a_post_with_a_buffered_body_is_cancelled_when_the_client_closes() {
+    let mut request = b"POST /slow HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n".to_vec();
+    request.extend_from_slice(&[b'b'; 1000]);
+    hang_up_while_waiting(request, Answer::Never, close).await;
+}
+
+#[tokio::test]
+async fn a_post_with_a_streamed_body_is_cancelled_when_the_client_closes() {
+    // Over `retry.buffer_body_bytes` (64 KiB by default): streamed to the worker as it comes.
+    let length = 1024 * 1024;
+    let mut request =
+        format!("POST /slow HTTP/1.1\r\nhost: x\r\ncontent-length: {length}\r\n\r\n").into_bytes();
+    request.extend_from_slice(&vec![b's'; length]);
+    hang_up_while_waiting(request, Answer::Never, close).await;
+}
+
+#[tokio::test]
+async fn a_response_body_stalled_mid_way_is_cancelled_when_the_client_closes() {
+    hang_up_while_waiting(GET.to_vec(), Answer::StallMidBody, close).await;
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_not_taken_for_a_hang_up() {
+    let (worker, mut reports) = scripted_worker(Answer::After(300)).await;
+    let gw = gateway_before(worker).await;
+    let mut client = TcpStream::connect(gw.public).await.unwrap();
+    let pipelined = [
+        b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n".as_slice(),
+        b"POST /second HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc",
+        b"GET /third HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    ]
+    .concat();
+    client.write_all(&pipelined).await.unwrap();
+    let mut answers = String::new();
+    timeout(Duration::from_secs(10), client.read_to_string(&mut answers))
+        .await
+        .expect("all three answered within 10 s")
+        .unwrap();
+    let firsts: Vec<usize> = ["GET /first", "POST /second", "GET /third"]
+        .iter()
+        .map(|line| {
+            answers
+                .find(line)
+                .unwrap_or_else(|| panic!("{line} answered: {answers}"))
+        })
+        .collect();
+    assert!(
+        firsts.windows(2).all(|w| w[0] < w[1]),
+        "in order: {answers}"
+    );
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 3, "{answers}");
+    for _ in 0..3 {
+        assert!(matches!(next(&mut reports).await, Seen::Request(_)));
+    }
+    gw.shutdown().await;
+}
