@@ -43,6 +43,7 @@ pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod failover;
+pub mod hang_up;
 pub mod headers;
 pub mod hedge;
 pub mod metrics;

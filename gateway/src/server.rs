@@ -334,7 +334,14 @@ fn client_protocols(config: &GatewayConfig, auto: auto::Builder<TokioExecutor>) 
         .max_header_list_size(u32::try_from(buffer).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(config.timeouts.client_idle / 2))
         .keep_alive_timeout(config.timeouts.client_idle / 2);
-    Protocols { http1, http2, auto }
+    let mut http1_watched = http1.clone();
+    http1_watched.half_close(true);
+    Protocols {
+        http1,
+        http1_watched,
+        http2,
+        auto,
+    }
 }
 
 /// Bytes of a client's request head hyper buffers at most: hyper answers 431 (without a body)

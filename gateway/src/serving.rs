@@ -68,6 +68,7 @@ use crate::config::GatewayConfig;
 use crate::connections::{self, Ended};
 use crate::consolidation::Consolidation;
 use crate::error::GatewayError;
+use crate::hang_up::{ClientHungUp, HangUpWatch, SharedStream, Watcher};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::tls::Terminator;
@@ -80,6 +81,9 @@ use crate::upstream::WorkerBodyError;
 pub struct Protocols {
     /// HTTP/1.1 (with upgrades).
     pub http1: http1::Builder,
+    /// The same with hyper's check for a client hang-up off (`half_close`): for connections
+    /// whose requests the gateway watches itself (`crate::hang_up`).
+    pub http1_watched: http1::Builder,
     /// HTTP/2, cleartext (prior knowledge) or after TLS.
     pub http2: http2::Builder<TokioExecutor>,
     /// Both, told apart by hyper-util (for the refusals of connections over a limit).
@@ -241,14 +245,23 @@ impl Clients {
                     let entry = entry
                         .take()
                         .unwrap_or_else(|| connections::Entry::new(true));
-                    let serving = clients.serve_stream(stream, peer, None, opening, entry);
+                    // Shared with the hang-up watches of its HTTP/1.1 requests
+                    // (`crate::hang_up`).
+                    let shared = SharedStream::new(stream);
+                    let watcher = Some(shared.watcher());
+                    let serving = clients.serve_stream(shared, peer, None, opening, entry, watcher);
                     let Some(handed) = Box::pin(serving).await else {
                         break;
                     };
                     let resumed = Opening::Resumed(handed.resumed);
                     let here = slot.thread;
-                    let Some(kept) =
-                        clients.hand_over(handed.stream, peer, (slot, here), resumed, None)
+                    let Ok(unshared) = handed.stream.into_inner() else {
+                        // Not expected: a connection is handed back between two requests,
+                        // when every watch of its requests is gone.
+                        warn!(peer = %peer, "a connection handed back was still watched; closed");
+                        return;
+                    };
+                    let Some(kept) = clients.hand_over(unshared, peer, (slot, here), resumed, None)
                     else {
                         return;
                     };
@@ -266,7 +279,7 @@ impl Clients {
             match handshake {
                 Ok(stream) => {
                     let serving =
-                        clients.serve_stream(stream, peer, Some(&tls), Opening::New, entry);
+                        clients.serve_stream(stream, peer, Some(&tls), Opening::New, entry, None);
                     let _ = Box::pin(serving).await;
                 }
                 Err(error) => debug!(peer = %peer, error = %error, "TLS handshake failed"),
@@ -296,7 +309,8 @@ impl Clients {
     /// Serves HTTP (h1 or h2, with upgrades) over a client's stream until the connection ends,
     /// or, for cleartext HTTP/1.1, until it gives its socket back between two requests
     /// ([`connections::shed`]); `tls` when the stream is a TLS session (the scheme for workers,
-    /// HSTS).
+    /// HSTS); `watcher`: HTTP/1.1 requests are watched for a client hang-up by the gateway, not
+    /// by hyper (`crate::hang_up`).
     async fn serve_stream<S>(
         &self,
         mut stream: S,
@@ -304,6 +318,7 @@ impl Clients {
         tls: Option<&Terminator>,
         opening: Opening,
         entry: connections::Entry,
+        watcher: Option<Watcher>,
     ) -> Option<Handed<S>>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -350,6 +365,7 @@ impl Clients {
             redirect: if tls.is_none() { self.redirect } else { None },
             draining: self.draining.clone(),
             state: state.clone(),
+            watcher: if http2 { None } else { watcher },
         };
         if http2 {
             let connection = self
@@ -362,9 +378,12 @@ impl Clients {
             return None;
         }
         // With upgrades: a WebSocket request's connection is handed to `crate::tunnel`.
-        let connection = self
-            .protocols
-            .http1
+        let http1 = if context.watcher.is_some() {
+            &self.protocols.http1_watched
+        } else {
+            &self.protocols.http1
+        };
+        let connection = http1
             .serve_connection(TokioIo::new(io), context.service::<Inline>())
             .with_upgrades();
         let movable = self.adaptive && tls.is_none();
@@ -560,6 +579,8 @@ struct ServiceContext {
     redirect: Option<Redirect>,
     draining: CancellationToken,
     state: Arc<ConnectionState>,
+    /// Cleartext HTTP/1.1: makes each request's hang-up watch (`crate::hang_up`).
+    watcher: Option<Watcher>,
 }
 
 /// Where the request path's future sits while a request is served. The future is several KB:
@@ -597,7 +618,7 @@ impl ServiceContext {
     ) -> impl hyper::service::Service<
         hyper::Request<Incoming>,
         Response = hyper::Response<Served>,
-        Error = Infallible,
+        Error = ClientHungUp,
         Future: Send + 'static,
     > {
         let context = Arc::new(self);
@@ -611,15 +632,18 @@ impl ServiceContext {
             let close =
                 context.draining.is_cancelled() && request.version() < http::Version::HTTP_2;
             let redirected = context.redirect.map(|redirect| redirect.respond(&request));
+            let mut watch = (context.watcher.as_ref())
+                .map(|watcher| watcher.watch(!request.body().is_end_stream()));
             async move {
-                let served = |response: hyper::Response<ResponseBody>| {
-                    Ok::<_, Infallible>(response.map(|body| Served {
+                let served = |response: hyper::Response<ResponseBody>, watch| {
+                    Ok(response.map(|body| Served {
                         inner: body,
                         _request: request_guard,
+                        watch,
                     }))
                 };
                 if let Some(response) = redirected {
-                    return served(response);
+                    return served(response, None);
                 }
                 if context.state.conflicting_framing() {
                     // Not forwarded; hyper closes the connection after this answer (it does
@@ -627,10 +651,23 @@ impl ServiceContext {
                     let error = GatewayError::BadRequest(
                         "both Content-Length and Transfer-Encoding in one request",
                     );
-                    return served(refusal(&error, &context.metrics));
+                    return served(refusal(&error, &context.metrics), None);
                 }
-                let mut response =
-                    P::place(context.proxy.handle(request, &context.forwarded_for)).await;
+                let mut forwarding = std::pin::pin!(P::place(
+                    context.proxy.handle(request, &context.forwarded_for)
+                ));
+                // Dropping the request path cancels the request at the worker.
+                let forwarded = std::future::poll_fn(|cx| match forwarding.as_mut().poll(cx) {
+                    Poll::Ready(response) => Poll::Ready(Some(response)),
+                    Poll::Pending => match &mut watch {
+                        Some(watch) => watch.poll_hung_up(cx).map(|()| None),
+                        None => Poll::Pending,
+                    },
+                })
+                .await;
+                let Some(mut response) = forwarded else {
+                    return Err(ClientHungUp);
+                };
                 if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                     context.state.switched();
                 }
@@ -645,7 +682,9 @@ impl ServiceContext {
                         http::HeaderValue::from_static("close"),
                     );
                 }
-                served(response)
+                // Watched on while the body streams, unless it is complete already.
+                let watch = watch.filter(|_| !response.body().is_end_stream());
+                served(response, watch)
             }
         })
     }
@@ -665,22 +704,42 @@ fn refusal(error: &GatewayError, metrics: &Metrics) -> hyper::Response<ResponseB
 }
 
 /// A response body that tells the connection its request is over when it ends (or is dropped
-/// unfinished): the idle timeout starts then.
+/// unfinished): the idle timeout starts then. While it waits for the worker's bytes, it watches
+/// for the client hanging up (cleartext HTTP/1.1, `crate::hang_up`).
 #[derive(Debug)]
 pub struct Served {
     inner: ResponseBody,
     _request: RequestGuard,
+    watch: Option<HangUpWatch>,
+}
+
+/// Why a response body to a client ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ServedError {
+    /// The worker's body broke.
+    #[error(transparent)]
+    Worker(#[from] WorkerBodyError),
+    /// The client hung up while the body was on its way.
+    #[error(transparent)]
+    ClientHungUp(#[from] ClientHungUp),
 }
 
 impl Body for Served {
     type Data = Bytes;
-    type Error = WorkerBodyError;
+    type Error = ServedError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, WorkerBodyError>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, ServedError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(ServedError::Worker))),
+            Poll::Pending => match this.watch.as_mut().map(|watch| watch.poll_hung_up(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Some(Err(ClientHungUp.into()))),
+                _ => Poll::Pending,
+            },
+        }
     }
 
     fn is_end_stream(&self) -> bool {
