@@ -28,6 +28,7 @@
 //! request's own bytes and cost a system call; [`SharedStream`] clears it after a short read as
 //! tokio does, and the peek finds nothing to do.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -101,6 +102,38 @@ impl HangUpWatch {
                 self.stopped = !self.with_body;
                 Poll::Pending
             }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's future that ends early (with `None`) when its client hangs up; without a
+    /// watch, the future alone.
+    pub struct UntilHungUp<F> {
+        #[pin]
+        future: F,
+        watch: Option<HangUpWatch>,
+    }
+}
+
+impl<F> UntilHungUp<F> {
+    /// `future`, ended by `watch` (if any).
+    pub fn new(future: F, watch: Option<HangUpWatch>) -> Self {
+        UntilHungUp { future, watch }
+    }
+}
+
+impl<F: Future> Future for UntilHungUp<F> {
+    type Output = (Option<F::Output>, Option<HangUpWatch>);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.future.poll(cx) {
+            return Poll::Ready((Some(output), this.watch.take()));
+        }
+        match this.watch.as_mut().map(|watch| watch.poll_hung_up(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready((None, None)),
+            _ => Poll::Pending,
         }
     }
 }

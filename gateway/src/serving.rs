@@ -68,7 +68,7 @@ use crate::config::GatewayConfig;
 use crate::connections::{self, Ended};
 use crate::consolidation::Consolidation;
 use crate::error::GatewayError;
-use crate::hang_up::{ClientHungUp, HangUpWatch, SharedStream, Watcher};
+use crate::hang_up::{ClientHungUp, HangUpWatch, SharedStream, UntilHungUp, Watcher};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::tls::Terminator;
@@ -245,8 +245,13 @@ impl Clients {
                     let entry = entry
                         .take()
                         .unwrap_or_else(|| connections::Entry::new(true));
-                    // Shared with the hang-up watches of its HTTP/1.1 requests
-                    // (`crate::hang_up`).
+                    if let Opening::Sniffed { http2: true, .. } = opening {
+                        let serving =
+                            clients.serve_stream(stream, peer, None, opening, entry, None);
+                        Box::pin(serving).await;
+                        break;
+                    }
+                    // Shared with the hang-up watches of its requests (`crate::hang_up`).
                     let shared = SharedStream::new(stream);
                     let watcher = Some(shared.watcher());
                     let serving = clients.serve_stream(shared, peer, None, opening, entry, watcher);
@@ -632,7 +637,7 @@ impl ServiceContext {
             let close =
                 context.draining.is_cancelled() && request.version() < http::Version::HTTP_2;
             let redirected = context.redirect.map(|redirect| redirect.respond(&request));
-            let mut watch = (context.watcher.as_ref())
+            let watch = (context.watcher.as_ref())
                 .map(|watcher| watcher.watch(!request.body().is_end_stream()));
             async move {
                 let served = |response: hyper::Response<ResponseBody>, watch| {
@@ -653,19 +658,9 @@ impl ServiceContext {
                     );
                     return served(refusal(&error, &context.metrics), None);
                 }
-                let mut forwarding = std::pin::pin!(P::place(
-                    context.proxy.handle(request, &context.forwarded_for)
-                ));
                 // Dropping the request path cancels the request at the worker.
-                let forwarded = std::future::poll_fn(|cx| match forwarding.as_mut().poll(cx) {
-                    Poll::Ready(response) => Poll::Ready(Some(response)),
-                    Poll::Pending => match &mut watch {
-                        Some(watch) => watch.poll_hung_up(cx).map(|()| None),
-                        None => Poll::Pending,
-                    },
-                })
-                .await;
-                let Some(mut response) = forwarded else {
+                let forwarding = P::place(context.proxy.handle(request, &context.forwarded_for));
+                let (Some(mut response), watch) = UntilHungUp::new(forwarding, watch).await else {
                     return Err(ClientHungUp);
                 };
                 if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
