@@ -79,6 +79,9 @@ pub struct ConnectionState {
     /// which `into_parts` returns). Only then may the connection move to another serving
     /// thread (see [`ConnectionState::between_requests`]).
     between_requests: AtomicBool,
+    /// Requests numbered below this one (counted as `begun` counts them) had bytes of a next
+    /// request read behind their head: hyper holds those (HTTP/1.1 pipelining).
+    pipelined_below: AtomicU64,
 }
 
 impl ConnectionState {
@@ -107,6 +110,14 @@ impl ConnectionState {
     /// Whether a head read so far had both `Content-Length` and `Transfer-Encoding`.
     pub fn conflicting_framing(&self) -> bool {
         self.conflicting_framing.load(Ordering::Relaxed)
+    }
+
+    /// Whether bytes of a next request were read with the head of the request begun last (HTTP/1.1
+    /// pipelining, as far as [`HeadScan`] follows it: not behind a request with a body). Hyper
+    /// holds them, so a client that hangs up after sending them has still asked for answers
+    /// (`crate::hang_up`).
+    pub fn pipelined_behind(&self) -> bool {
+        self.begun.load(Ordering::Relaxed) < self.pipelined_below.load(Ordering::Relaxed)
     }
 
     /// Whether a request has begun on the connection (on any thread).
@@ -255,10 +266,22 @@ impl<S> ClientIo<S> {
             self.phase = Phase::Head(None);
             self.scan.next_head();
         }
-        if matches!(self.phase, Phase::Head(_)) && self.scan.feed(bytes) {
+        if !matches!(self.phase, Phase::Head(_)) {
+            return;
+        }
+        let ended = self.scan.heads_ended;
+        if self.scan.feed(bytes) {
             self.state
                 .conflicting_framing
                 .store(true, Ordering::Relaxed);
+        }
+        let completed = self.scan.heads_ended - ended;
+        if completed > 0 {
+            // Hyper begins the requests of these heads after this read: the last one is
+            // `begun + completed`, and bytes after its head belong to the next.
+            let last = self.state.begun.load(Ordering::Relaxed) + completed;
+            let below = last + u64::from(self.scan.bytes_after_last_head);
+            self.state.pipelined_below.store(below, Ordering::Relaxed);
         }
     }
 }
@@ -482,6 +505,11 @@ pub(crate) struct HeadScan {
     preface: usize,
     /// The first line was not the HTTP/2 preface's (or a head was seen).
     http1: bool,
+    /// Heads whose end was read.
+    heads_ended: u64,
+    /// The last `feed` that ended a head had bytes after that head's end, and the head had no
+    /// body: bytes of a next request.
+    bytes_after_last_head: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -526,6 +554,8 @@ impl HeadScan {
     pub(crate) fn feed(&mut self, bytes: &[u8]) -> bool {
         let mut conflict = false;
         let mut at = 0;
+        let ended = self.heads_ended;
+        let mut last_end = 0;
         while at < bytes.len() {
             let skip_line = match self.at {
                 ScanAt::Off => break,
@@ -543,8 +573,16 @@ impl HeadScan {
                     None => break,
                 }
             }
+            let before = self.heads_ended;
             conflict |= self.step(bytes[at]);
             at += 1;
+            if self.heads_ended != before {
+                last_end = at;
+            }
+        }
+        if self.heads_ended != ended {
+            // After a head with a body (the scan is off), what follows is that body.
+            self.bytes_after_last_head = last_end < bytes.len() && self.at != ScanAt::Off;
         }
         conflict
     }
@@ -632,6 +670,7 @@ impl HeadScan {
     }
 
     fn end_of_head(&mut self) -> bool {
+        self.heads_ended += 1;
         let conflict = self.content_length && self.transfer_encoding;
         if self.content_length || self.transfer_encoding {
             self.at = ScanAt::Off;
@@ -694,6 +733,29 @@ mod tests {
         assert!(scan(&[
             b"GET / HTTP/1.1\r\nhost: a\r\n\r\nPOST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
         ]));
+    }
+
+    #[test]
+    fn heads_ended_and_bytes_behind_the_last_are_counted_per_read() {
+        let mut scan = HeadScan::default();
+        scan.feed(b"GET /a HTTP/1.1\r\nhost: a\r\n\r\nGET /b HTTP/1.1\r\n\r\n");
+        assert_eq!(scan.heads_ended, 2);
+        assert!(!scan.bytes_after_last_head, "the read ended with a head");
+        scan.feed(b"GET /c HTTP/1.1\r\n\r\nGET /d HT");
+        assert_eq!(scan.heads_ended, 3);
+        assert!(
+            scan.bytes_after_last_head,
+            "a part of the next head was read"
+        );
+        scan.feed(b"TP/1.1\r\nhost: a");
+        assert_eq!(scan.heads_ended, 3);
+        assert!(scan.bytes_after_last_head, "no head ended: unchanged");
+        scan.feed(b"\r\n\r\n");
+        assert_eq!(scan.heads_ended, 4);
+        assert!(!scan.bytes_after_last_head);
+        scan.feed(b"POST /e HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc");
+        assert_eq!(scan.heads_ended, 5);
+        assert!(!scan.bytes_after_last_head, "a body, not a next request");
     }
 
     #[test]

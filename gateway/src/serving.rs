@@ -637,7 +637,10 @@ impl ServiceContext {
             let close =
                 context.draining.is_cancelled() && request.version() < http::Version::HTTP_2;
             let redirected = context.redirect.map(|redirect| redirect.respond(&request));
+            // Not with bytes of a next request read behind this one (hyper holds them: the
+            // client asked for more answers even if it hangs up now).
             let watch = (context.watcher.as_ref())
+                .filter(|_| !context.state.pipelined_behind())
                 .map(|watcher| watcher.watch(!request.body().is_end_stream()));
             async move {
                 let served = |response: hyper::Response<ResponseBody>, watch| {
