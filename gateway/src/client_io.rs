@@ -82,6 +82,8 @@ pub struct ConnectionState {
     /// Requests numbered below this one (counted as `begun` counts them) had bytes of a next
     /// request read behind their head: hyper holds those (HTTP/1.1 pipelining).
     pipelined_below: AtomicU64,
+    /// Reads that brought bytes (for a hang-up watch waiting for hyper to read: `crate::hang_up`).
+    reads: AtomicU64,
 }
 
 impl ConnectionState {
@@ -118,6 +120,16 @@ impl ConnectionState {
     /// (`crate::hang_up`).
     pub fn pipelined_behind(&self) -> bool {
         self.begun.load(Ordering::Relaxed) < self.pipelined_below.load(Ordering::Relaxed)
+    }
+
+    /// Reads from the socket that brought bytes, so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// One more read brought bytes.
+    pub fn count_read(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether a request has begun on the connection (on any thread).
@@ -261,6 +273,7 @@ impl<S> ClientIo<S> {
     /// Bytes arrived: the first ones after an idle spell start a head (HTTP/1.1).
     fn received(&mut self, bytes: &[u8]) {
         self.state.between_requests.store(false, Ordering::Relaxed);
+        self.state.count_read();
         let http1 = !self.state.http2.load(Ordering::Relaxed);
         if matches!(self.phase, Phase::Idle(_)) && http1 {
             self.phase = Phase::Head(None);

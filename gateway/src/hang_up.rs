@@ -16,7 +16,7 @@
 //!   next request already read with this one's head are in hyper's buffer, not on the socket:
 //!   such a request is not watched at all (`ConnectionState::pipelined_behind`);
 //! - bytes, while the request has a body: possibly the rest of that body, which hyper reads.
-//!   The watch stays, checked again whenever the request's task wakes.
+//!   The watch stays, and peeks again once hyper has read from the socket since.
 //!
 //! All of the connection (hyper, the service future, the response body) runs in one task, so the
 //! watch and hyper's reads register the same waker: no wake-up is lost or added. Only cleartext
@@ -39,6 +39,8 @@ use std::task::{Context, Poll, ready};
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::client_io::ConnectionState;
 
 /// A client's socket, shared between hyper's I/O (this) and the [`HangUpWatch`]es of its
 /// requests.
@@ -67,12 +69,13 @@ impl SharedStream {
 pub struct Watcher(Arc<TcpStream>);
 
 impl Watcher {
-    /// A watch for one request; `with_body`: the request has a body still to be read.
-    pub fn watch(&self, with_body: bool) -> HangUpWatch {
+    /// A watch for one request; `body`: the request has a body still to be read, and this is
+    /// its connection's state (which counts hyper's reads).
+    pub fn watch(&self, body: Option<Arc<ConnectionState>>) -> HangUpWatch {
         HangUpWatch {
             stream: self.0.clone(),
-            with_body,
-            stopped: false,
+            body,
+            bytes_seen: None,
         }
     }
 }
@@ -81,27 +84,38 @@ impl Watcher {
 #[derive(Debug)]
 pub struct HangUpWatch {
     stream: Arc<TcpStream>,
-    /// The request has a body: bytes on the socket may be the rest of it.
-    with_body: bool,
-    /// Bytes of a pipelined request are waiting: no more watching.
-    stopped: bool,
+    /// The request has a body, so bytes on the socket may be the rest of it: the connection's
+    /// state, whose count of reads tells when hyper took some.
+    body: Option<Arc<ConnectionState>>,
+    /// Bytes were waiting at the last peek: the count of reads then (0 without a body).
+    bytes_seen: Option<u64>,
 }
 
 impl HangUpWatch {
     /// Ready once the client has hung up. `Pending` otherwise, with the task woken when the
-    /// socket has news — except once bytes of a pipelined request are waiting: from then on it
-    /// stays `Pending` without a wake-up of its own.
+    /// socket has news — except while bytes are waiting: a pipelined request (after a request
+    /// without a body) ends the watch, and the rest of a body is peeked again only once hyper
+    /// has read since (each peek at bytes is a system call, and an upload held back by a slow
+    /// worker wakes its task often).
     pub fn poll_hung_up(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.stopped {
-            return Poll::Pending;
+        if let Some(seen_at) = self.bytes_seen {
+            let Some(state) = &self.body else {
+                return Poll::Pending;
+            };
+            if state.reads() == seen_at {
+                return Poll::Pending;
+            }
         }
         let mut byte = [0u8; 1];
         let mut peeked = ReadBuf::new(&mut byte);
         match self.stream.poll_peek(cx, &mut peeked) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                self.bytes_seen = None;
+                Poll::Pending
+            }
             Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(()),
             Poll::Ready(Ok(_)) => {
-                self.stopped = !self.with_body;
+                self.bytes_seen = Some(self.body.as_ref().map_or(0, |state| state.reads()));
                 Poll::Pending
             }
         }
@@ -288,7 +302,7 @@ mod tests {
     #[tokio::test]
     async fn a_close_or_a_reset_is_a_hang_up() {
         let (shared, client) = pair().await;
-        let mut watch = shared.watcher().watch(false);
+        let mut watch = shared.watcher().watch(None);
         assert!(
             poll_fn(|cx| watch.poll_hung_up(cx))
                 .now_or_never()
@@ -298,7 +312,7 @@ mod tests {
         assert!(hung_up_soon(&mut watch).await);
 
         let (shared, client) = pair().await;
-        let mut watch = shared.watcher().watch(false);
+        let mut watch = shared.watcher().watch(None);
         client.set_zero_linger().unwrap();
         drop(client);
         assert!(hung_up_soon(&mut watch).await);
@@ -307,7 +321,7 @@ mod tests {
     #[tokio::test]
     async fn a_pipelined_request_ends_the_watch_of_a_bodiless_one() {
         let (mut shared, mut client) = pair().await;
-        let mut watch = shared.watcher().watch(false);
+        let mut watch = shared.watcher().watch(None);
         client
             .write_all(b"GET /next HTTP/1.1\r\n\r\n")
             .await
@@ -328,13 +342,19 @@ mod tests {
     #[tokio::test]
     async fn bytes_of_a_body_do_not_end_the_watch_of_its_request() {
         let (mut shared, mut client) = pair().await;
-        let mut watch = shared.watcher().watch(true);
+        let state = Arc::new(ConnectionState::default());
+        let mut watch = shared.watcher().watch(Some(state.clone()));
         client.write_all(b"body").await.unwrap();
-        let hung_up = hung_up_within(&mut watch, Duration::from_millis(250)).await;
+        let quarter_second = Duration::from_millis(250);
+        let hung_up = hung_up_within(&mut watch, quarter_second).await;
         assert!(!hung_up, "bytes, no hang-up");
+        drop(client);
+        let hung_up = hung_up_within(&mut watch, quarter_second).await;
+        assert!(!hung_up, "the body's bytes are still in front of the close");
+        // Hyper reads the body (`ClientIo` counts the read): the close is next.
         let mut body = [0u8; 4];
         shared.read_exact(&mut body).await.unwrap();
-        drop(client);
+        state.count_read();
         assert!(hung_up_soon(&mut watch).await, "watched on after the body");
     }
 
@@ -342,7 +362,7 @@ mod tests {
     async fn the_stream_is_unshared_only_once_no_watch_is_left() {
         let (shared, _client) = pair().await;
         let watcher = shared.watcher();
-        let watch = watcher.watch(false);
+        let watch = watcher.watch(None);
         let shared = shared.into_inner().expect_err("watched");
         drop((watcher, watch));
         assert!(shared.into_inner().is_ok());

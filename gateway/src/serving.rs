@@ -641,7 +641,10 @@ impl ServiceContext {
             // client asked for more answers even if it hangs up now).
             let watch = (context.watcher.as_ref())
                 .filter(|_| !context.state.pipelined_behind())
-                .map(|watcher| watcher.watch(!request.body().is_end_stream()));
+                .map(|watcher| {
+                    let with_body = !request.body().is_end_stream();
+                    watcher.watch(with_body.then(|| context.state.clone()))
+                });
             async move {
                 let served = |response: hyper::Response<ResponseBody>, watch| {
                     Ok(response.map(|body| Served {
