@@ -903,6 +903,16 @@ mod tests {
     }
 
     #[test]
+    fn a_smuggled_head_behind_a_body_of_known_length_is_found() {
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\nabcPOST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+        ]));
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\ncontent-length: 70\r\n\r\nPOST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+        ]), "inside the body: only bytes");
+    }
+
+    #[test]
     fn http2_connections_are_not_scanned() {
         assert!(!scan(&[
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\ncontent-length: 1\ntransfer-encoding: x\n\n"
