@@ -541,12 +541,16 @@ fn inject(
     let (fault, gateway, mid) = match kind {
         Kind::WorkerKill => {
             // The worker with the most requests in flight (the slow burst): a crash under load.
-            let worker = busiest(cluster, workers).unwrap_or(worker);
+            // No gateway naming one (its metrics unreachable): the first, and the report says so.
+            let (worker, chosen) = match busiest(cluster, workers) {
+                Some(busiest) => (busiest, ""),
+                None => (worker, ", the first: no gateway named its busiest worker"),
+            };
             cluster.signal_worker(&worker.id, Signal::SIGKILL)?;
             guard.pending.push(Undo::RestartWorker(worker.id.clone()));
             (
                 format!(
-                    "SIGKILL worker {} (pid {}), then start it again",
+                    "SIGKILL worker {} (pid {}{chosen}), then start it again",
                     worker.id, worker.pid
                 ),
                 None,

@@ -220,10 +220,19 @@ impl Lab {
     fn start_herd_gateway(&self, index: usize) -> Result<Process, LabError> {
         let name = GATEWAYS[index];
         let peer = self.topology.host(GATEWAYS[1 - index])?.addr;
+        // Named as the workers name themselves (`m1-w1=10.200.0.21:8081`), so that the gateway's
+        // per-worker metrics and `x-herd-worker` agree (a drill finds the busiest worker by name).
         let workers = self
-            .worker_addrs()
+            .workers
             .iter()
-            .map(SocketAddr::to_string)
+            .enumerate()
+            .filter_map(|(i, w)| {
+                Some(format!(
+                    "{}={}",
+                    self.worker_identity(i).0,
+                    w.addr("public")?
+                ))
+            })
             .collect::<Vec<_>>()
             .join(",");
         let mut spec = Spec::new(name, binaries::locate(binaries::GATEWAY)?, &self.log_dir)
