@@ -16,6 +16,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 pub const GATEWAY: HeaderName = HeaderName::from_static("x-herd-gateway");
 /// `x-request-id`.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Headers the gateway adds to a worker's response: `x-request-id` (when the worker sent none)
+/// and `x-herd-gateway`. A response's map is made with room for them: growing it after the
+/// worker's headers are in rehashes them all (on HTTP/2, whose maps hyper does not hand back for
+/// reuse, once per request: `infra/bench/instructions.sh h2`).
+pub const ADDED_TO_RESPONSES: usize = 2;
 /// `x-forwarded-for`.
 pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `x-forwarded-proto`.
@@ -258,6 +263,10 @@ pub struct Forwarding<'a> {
     pub client: &'a HeaderValue,
     /// Set when the request came over TLS.
     pub over_tls: Option<&'a OverTls>,
+    /// The request URI's authority (what an HTTP/2 client sends as `:authority`), written as
+    /// `Host` when the request has none: HTTP/1.1 workers want one. Written, not inserted into
+    /// the request's map: a value made from it was an allocation per HTTP/2 request.
+    pub authority: Option<&'a str>,
 }
 
 impl Forwarding<'_> {

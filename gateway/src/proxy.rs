@@ -248,13 +248,6 @@ impl Proxy {
             .uri
             .path_and_query()
             .map_or("/", http::uri::PathAndQuery::as_str);
-        if !request_headers.contains_key(header::HOST)
-            && let Some(authority) = parts.uri.authority()
-            && let Ok(host) = HeaderValue::from_str(authority.as_str())
-        {
-            // HTTP/2 clients send :authority instead of Host; HTTP/1.1 workers want Host.
-            request_headers.insert(header::HOST, host);
-        }
         headers::strip_hop_by_hop(&mut request_headers);
         // Hedging doubles a request: only for idempotent ones that are no protocol switch.
         let hedge_delay = (idempotent && upgrade.is_none())
@@ -267,6 +260,8 @@ impl Proxy {
             request_id,
             client: forwarded_for,
             over_tls: parts.extensions.get::<headers::OverTls>(),
+            // HTTP/2 clients send :authority instead of Host.
+            authority: parts.uri.authority().map(http::uri::Authority::as_str),
         };
         self.budget.deposit();
 

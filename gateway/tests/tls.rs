@@ -204,6 +204,8 @@ async fn sni_picks_the_certificate_over_h1_and_h2_and_workers_learn_https() {
             );
             let seen: serde_json::Value = response.json().await.unwrap();
             assert_eq!(seen["headers"]["x-forwarded-proto"], "https", "{seen}");
+            // HTTP/2's :authority reaches the HTTP/1.1 worker as its Host.
+            assert_eq!(seen["headers"]["host"], format!("{host}:{port}"), "{seen}");
             assert_eq!(
                 seen["headers"]["forwarded"], "for=127.0.0.1;proto=https",
                 "{seen}"

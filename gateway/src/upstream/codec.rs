@@ -44,7 +44,8 @@ pub enum RequestFraming {
 ///
 /// `Content-Length`, `Transfer-Encoding` and `Expect` from `headers` are replaced by `framing`:
 /// the gateway has read the client's body itself and re-frames it, and any `100-continue` was
-/// answered to the client already. Without a `Host` header, `fallback_host` is sent. The
+/// answered to the client already. Without a `Host` header, the request's authority is sent
+/// (`forwarding.authority`, HTTP/2's `:authority`), or else `fallback_host`. The
 /// gateway's own headers (`forwarding`) follow the client's, in place of the client's headers
 /// of the same names.
 pub fn encode_request_head(
@@ -62,7 +63,8 @@ pub fn encode_request_head(
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if !headers.contains_key(header::HOST) {
-        put_header(out, b"host", fallback_host.as_str().as_bytes());
+        let host = forwarding.authority.unwrap_or(fallback_host.as_str());
+        put_header(out, b"host", host.as_bytes());
     }
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH
@@ -290,7 +292,7 @@ fn finish_head(
     version: Version,
     method: &Method,
 ) -> Result<ResponseHead, ProtocolError> {
-    let mut headers = crate::headers::spare_map(spans.len());
+    let mut headers = crate::headers::spare_map(spans.len() + crate::headers::ADDED_TO_RESPONSES);
     let mut found = FramingHeaders::default();
     for (name, value) in spans {
         let name = header_name(&head[name.clone()])?;
@@ -656,6 +658,7 @@ mod tests {
             request_id,
             client,
             over_tls,
+            authority: None,
         }
     }
 
@@ -772,6 +775,23 @@ mod tests {
         let mut chunk = BytesMut::new();
         encode_chunk_start(&mut chunk, 255);
         assert_eq!(&chunk[..], b"ff\r\n");
+    }
+
+    #[test]
+    fn request_head_without_host_names_the_requests_authority_over_the_worker() {
+        let id = HeaderValue::from_static("r-3");
+        let client = client();
+        let http2 = Forwarding {
+            authority: Some("shop.example:8443"),
+            ..forwarding(&client, &id, None)
+        };
+        let lines = encoded_headers(&HeaderMap::new(), &http2);
+        assert_eq!(values(&lines, "host"), [b"shop.example:8443"]);
+        // A Host the client sent wins over the authority, and is sent once.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("www.example"));
+        let lines = encoded_headers(&headers, &http2);
+        assert_eq!(values(&lines, "host"), [b"www.example"]);
     }
 
     #[test]

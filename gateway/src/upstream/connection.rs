@@ -486,6 +486,7 @@ mod tests {
                 request_id: &id,
                 client: &client,
                 over_tls: None,
+                authority: None,
             },
             declared_length: None,
             body: UpstreamBody::Full(None),

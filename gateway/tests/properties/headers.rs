@@ -145,7 +145,7 @@ proptest! {
         prop_assert_eq!(sane, id.as_deref() == Some(chosen.as_bytes()));
         // The worker gets exactly one id: the chosen one.
         let client = forwarded_for([10, 0, 0, 1].into());
-        let forwarding = Forwarding { request_id: &chosen, client: &client, over_tls: None };
+        let forwarding = Forwarding { request_id: &chosen, client: &client, over_tls: None, authority: None };
         let sent = encoded(&map, &forwarding);
         prop_assert_eq!(values(&sent, "x-request-id"), vec![chosen.as_bytes().to_vec()]);
     }
@@ -166,7 +166,7 @@ proptest! {
         map.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         let value = forwarded_for(client.into());
         let id = HeaderValue::from_static("r-1");
-        let forwarding = Forwarding { request_id: &id, client: &value, over_tls: None };
+        let forwarding = Forwarding { request_id: &id, client: &value, over_tls: None, authority: None };
         let sent = encoded(&map, &forwarding);
         let client = std::net::IpAddr::from(client).to_string();
         let mut expected: Vec<&[u8]> = earlier.iter().map(|h| h.trim_ascii()).filter(|h| !h.is_empty()).collect();

@@ -78,6 +78,7 @@ proptest! {
         headers in client_headers(),
         framing in framing(),
         tls in any::<bool>(),
+        authority in proptest::option::of("[a-z0-9.-]{1,20}(:[0-9]{1,5})?"),
     ) {
         let map = header_map(&headers);
         let fallback = Authority::from_static("10.0.0.1:8081");
@@ -89,19 +90,21 @@ proptest! {
             request_id: &id,
             client: &client,
             over_tls: tls.then_some(&over_tls),
+            authority: authority.as_deref(),
         };
         encode_request_head(&mut out, &method, &path, &map, framing, &fallback, &forwarding);
         let (read_method, read_path, read_headers) = read_back(&out);
         prop_assert_eq!(read_method, method.as_str());
         prop_assert_eq!(read_path, path);
 
-        // Expected: Host (the client's, else the worker's), every other header but the framing
+        // Expected: Host (the client's, else the request's authority, else the worker's), every other header but the framing
         // ones and those the gateway sets in the map's order, then the gateway's own: the request
         // id, X-Forwarded-For (the client's hops, then ours), X-Forwarded-Proto,
         // Forwarded over TLS, then the framing.
         let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
         if !map.contains_key("host") {
-            expected.push(("host".into(), b"10.0.0.1:8081".to_vec()));
+            let host = authority.as_deref().unwrap_or("10.0.0.1:8081");
+            expected.push(("host".into(), host.as_bytes().to_vec()));
         }
         let mut hops: Vec<&[u8]> = Vec::new();
         for (name, value) in &map {
@@ -161,7 +164,7 @@ proptest! {
         let mut out = BytesMut::new();
         let client = forwarded_for([192, 0, 2, 9].into());
         let id = http::HeaderValue::from_static("r-1");
-        let forwarding = Forwarding { request_id: &id, client: &client, over_tls: None };
+        let forwarding = Forwarding { request_id: &id, client: &client, over_tls: None, authority: None };
         encode_request_head(&mut out, &Method::POST, "/", &map, RequestFraming::Length(1), &Authority::from_static("w:1"), &forwarding);
         let (_, _, forwarded) = read_back(&out);
         for (name, _) in &forwarded {
