@@ -314,11 +314,20 @@ impl Proxy {
                 trace::inject(&span, &mut request_headers);
                 span
             });
-            let connected = upstream::connect(&worker.pool, &worker.authority, &self.upstream, now);
-            let outcome = match tokio::time::timeout_at(deadline, connected).await {
-                Err(_) => return Err(last.unwrap_or(GatewayError::UpstreamTimeout)),
-                Ok(Err(error)) => self.connect_failed(&worker, error, idempotent),
-                Ok(Ok(connection)) => {
+            // Most attempts take a pooled connection: no future, no timer for them.
+            let connected = match worker.pool.take(&self.upstream.pool, now) {
+                Some(connection) => Ok(connection),
+                None => {
+                    let opened = upstream::open(&worker.authority, &self.upstream);
+                    match tokio::time::timeout_at(deadline, opened).await {
+                        Err(_) => return Err(last.unwrap_or(GatewayError::UpstreamTimeout)),
+                        Ok(opened) => opened,
+                    }
+                }
+            };
+            let outcome = match connected {
+                Err(error) => self.connect_failed(&worker, error, idempotent),
+                Ok(connection) => {
                     // A new connection took a handshake: the attempt starts after it.
                     let sent = if connection.is_reused() {
                         now

@@ -72,8 +72,17 @@ pub async fn connect(
 ) -> Result<Connection, UpstreamError> {
     match pool.take(&settings.pool, now) {
         Some(connection) => Ok(connection),
-        None => Connection::open(authority, settings.connect_timeout).await,
+        None => open(authority, settings).await,
     }
+}
+
+/// A new connection to the worker at `authority` (within `timeouts.connect`), for a caller
+/// that looked in the pool itself.
+pub async fn open(
+    authority: &Authority,
+    settings: &ClientSettings,
+) -> Result<Connection, UpstreamError> {
+    Connection::open(authority, settings.connect_timeout).await
 }
 
 /// When an attempt started and when its request must be over.
