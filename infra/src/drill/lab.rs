@@ -11,7 +11,8 @@ use nix::sys::signal::Signal;
 use super::target::{ClusterHandle, GatewayInfo, Stopped, TargetError, WorkerInfo};
 use crate::lab::{ADMIN_PORT, GATEWAYS, Lab, LabError, LabOptions};
 
-/// The gateways' whole-request timeout in the lab (their default `timeouts.request`).
+/// The gateways' whole-request timeout in the lab unless `--lab-gateway-env` sets one (their
+/// default `timeouts.request`).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long an admin API call inside a gateway host may take.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -20,6 +21,8 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct LabCluster {
     lab: Lab,
+    /// The gateways' `timeouts.request`, as their environment sets it.
+    request_timeout: Duration,
 }
 
 fn failed(what: impl std::fmt::Display) -> TargetError {
@@ -33,12 +36,20 @@ impl LabCluster {
         log_dir: &Path,
         gateway_env: Vec<(String, String)>,
     ) -> Result<LabCluster, LabError> {
+        // A value that does not parse stops the gateways at start (a config error), so the
+        // default is only ever used when the variable is not set.
+        let request_timeout = gateway_env
+            .iter()
+            .find(|(key, _)| key == "HERD_GATEWAY_TIMEOUTS__REQUEST")
+            .and_then(|(_, value)| humantime::parse_duration(value).ok())
+            .unwrap_or(REQUEST_TIMEOUT);
         let options = LabOptions {
             gateway_env,
             ..LabOptions::default()
         };
         Ok(LabCluster {
             lab: Lab::start(options, log_dir)?,
+            request_timeout,
         })
     }
 
@@ -95,7 +106,7 @@ impl ClusterHandle for LabCluster {
     }
 
     fn request_timeout(&self) -> Duration {
-        REQUEST_TIMEOUT
+        self.request_timeout
     }
 
     fn workers(&mut self) -> Vec<WorkerInfo> {

@@ -261,13 +261,24 @@ impl LocalCluster {
         }
     }
 
+    /// The cluster's one Redis server. A Redis Cluster (`herd up --redis-cluster`, one member
+    /// per node) is not restarted here: stopping one node and starting a plain server in its
+    /// place would fake the fault and break the cluster.
     fn redis(&self) -> Result<Member, TargetError> {
-        self.state
+        let nodes: Vec<&Member> = self
+            .state
             .members
             .iter()
-            .find(|m| m.kind == Kind::Redis)
-            .cloned()
-            .ok_or_else(|| failed("the cluster has no Redis member"))
+            .filter(|m| m.kind == Kind::Redis)
+            .collect();
+        match nodes[..] {
+            [] => Err(failed("the cluster has no Redis member")),
+            [one] => Ok(one.clone()),
+            _ => Err(TargetError::NotApplicable(format!(
+                "this cluster runs a Redis Cluster ({} nodes); the drill restarts one Redis server",
+                nodes.len()
+            ))),
+        }
     }
 
     fn gateway_launch(&self) -> Option<&Launch> {
@@ -380,18 +391,32 @@ impl ClusterHandle for LocalCluster {
     fn restart_redis(&mut self) -> Result<String, TargetError> {
         let redis = self.redis()?;
         let outcome = pid::stop_all(&[redis.process], REDIS_GRACE);
-        if outcome.first() == Some(&pid::Stopped::Killed) {
-            return Err(failed(format!(
-                "redis-server did not exit within {} s of SIGTERM",
-                REDIS_GRACE.as_secs()
-            )));
+        match outcome.first() {
+            Some(pid::Stopped::Exited) => {}
+            Some(pid::Stopped::Killed) => {
+                return Err(failed(format!(
+                    "redis-server did not exit within {} s of SIGTERM",
+                    REDIS_GRACE.as_secs()
+                )));
+            }
+            // Not running, or still running: either way there was no restart to drill.
+            other => {
+                return Err(failed(format!(
+                    "redis-server was not stopped as a restart needs ({other:?})"
+                )));
+            }
         }
         self.ensure_redis()?;
         Ok(super::target::REDIS_RESTARTED.to_string())
     }
 
     fn ensure_redis(&mut self) -> Result<(), TargetError> {
-        let redis = self.redis()?;
+        let redis = match self.redis() {
+            Ok(redis) => redis,
+            // A Redis Cluster is never restarted here (see `redis`): nothing to bring back.
+            Err(TargetError::NotApplicable(_)) => return Ok(()),
+            Err(error) => return Err(error),
+        };
         if redis.process.is_running() {
             return Ok(());
         }

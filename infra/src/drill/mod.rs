@@ -357,10 +357,10 @@ pub fn run(
         "load running, fault next",
     )?;
     if kind == Kind::WorkerKill {
-        counters.slow_wanted.store(SLOW_BURST, Ordering::SeqCst);
+        counters.burst(SLOW_BURST);
     }
     wait(fault_at, "load running, fault next")?;
-    let fault_time = origin.elapsed();
+    let mut fault_time = origin.elapsed();
     let (fault, faulted_gateway, undo_mid, added) =
         match inject(&mut guard, kind, &workers, &before) {
             Ok(injected) => injected,
@@ -377,6 +377,17 @@ pub fn run(
                 )));
             }
         };
+    if let Some(struck) = added.struck {
+        fault_time = struck.duration_since(origin);
+    }
+    if added.killed_in_flight == Some(0.0) {
+        // Nothing died in flight: the drill did not test what it claims.
+        extra_failures.push(format!(
+            "the killed worker had no request in flight (the {SLOW_BURST} slow requests sent \
+             {} ms before went elsewhere or were over): nothing was tested",
+            SLOW_LEAD.as_millis()
+        ));
+    }
     if let Some(Stopped::Killed) = added.drained {
         extra_failures.push(format!(
             "the drained worker did not exit within {} s of SIGTERM and was killed",
@@ -499,27 +510,38 @@ struct Side {
     id: Option<String>,
     /// How the worker a scale-down drained stopped.
     drained: Option<Stopped>,
+    /// Requests in flight on the worker worker-kill killed, as the active gateway said just
+    /// before (`None`: no gateway said).
+    killed_in_flight: Option<f64>,
+    /// When the fault struck, where that came after a look at the cluster (worker-kill reads the
+    /// active gateway's metrics first, several round trips over ssh).
+    struck: Option<Instant>,
 }
 
-/// Injects `kind`'s fault; returns its description, the faulted gateway (gateway drills),
-/// whether it is undone mid-load, and what was added or drained.
-/// The worker with the most requests in flight as the active gateway sees it now (`None`: no
-/// gateway says). Ties go to the first in `workers`' order.
-fn busiest(cluster: &mut dyn ClusterHandle, workers: &[WorkerInfo]) -> Option<WorkerInfo> {
+/// The worker with the most requests in flight now, and how many: summed over every gateway
+/// whose metrics answer (`None`: none names a worker). Not only the active one's: a gateway that
+/// says it is active is not always the one users reach (on one machine the standby cannot take
+/// the public port, and a pair that has just swapped roles says so before traffic follows).
+/// Ties go to the first in `workers`' order.
+fn busiest(cluster: &mut dyn ClusterHandle, workers: &[WorkerInfo]) -> Option<(WorkerInfo, f64)> {
     let gateways = cluster.gateways();
-    let text = gateways.iter().find(|g| g.active)?.metrics.as_deref()?;
     let mut best: Option<(f64, &WorkerInfo)> = None;
     for worker in workers {
-        let Some(count) = report::in_flight(text, &worker.id) else {
+        let counts = gateways
+            .iter()
+            .filter_map(|g| report::in_flight(g.metrics.as_deref()?, &worker.id));
+        let Some(count) = counts.reduce(|a, b| a + b) else {
             continue;
         };
         if best.is_none_or(|(most, _)| count > most) {
             best = Some((count, worker));
         }
     }
-    best.map(|(_, worker)| worker.clone())
+    best.map(|(count, worker)| (worker.clone(), count))
 }
 
+/// Injects `kind`'s fault; returns its description, the faulted gateway (gateway drills),
+/// whether it is undone mid-load, and what was added or drained.
 fn inject(
     guard: &mut Guard<'_>,
     kind: Kind,
@@ -543,9 +565,16 @@ fn inject(
             // The worker with the most requests in flight (the slow burst): a crash under load.
             // No gateway naming one (its metrics unreachable): the first, and the report says so.
             let (worker, chosen) = match busiest(cluster, workers) {
-                Some(busiest) => (busiest, ""),
-                None => (worker, ", the first: no gateway named its busiest worker"),
+                Some((busiest, count)) => {
+                    side.killed_in_flight = Some(count);
+                    (busiest, format!(", {count} requests in flight"))
+                }
+                None => (
+                    worker,
+                    ", the first: no gateway named its busiest worker".to_string(),
+                ),
             };
+            side.struck = Some(Instant::now());
             cluster.signal_worker(&worker.id, Signal::SIGKILL)?;
             guard.pending.push(Undo::RestartWorker(worker.id.clone()));
             (

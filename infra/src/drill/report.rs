@@ -248,6 +248,9 @@ pub struct Figures {
     pub first_success: Option<Duration>,
     /// Fault → every request succeeds from then on.
     pub recovery: Option<Duration>,
+    /// Requests were still failing when the load ended: a failure after the fault and no
+    /// success (through any gateway) sent after it.
+    pub failing_at_end: bool,
     /// Slowest request.
     pub max_latency: Duration,
     /// p99.
@@ -282,6 +285,11 @@ pub fn figures(samples: &[Sample], fault_at: Duration, other_than: Option<&str>)
         .filter(|s| s.failure.is_some() && s.done_at() >= fault_at)
         .map(|s| s.sent_at)
         .max();
+    let failing_at_end = last_failure.is_some_and(|last| {
+        !samples
+            .iter()
+            .any(|s| s.failure.is_none() && s.sent_at > last)
+    });
     let recovery = match last_failure {
         None => first_success,
         Some(last) => samples
@@ -311,6 +319,7 @@ pub fn figures(samples: &[Sample], fault_at: Duration, other_than: Option<&str>)
             .count(),
         first_success,
         recovery,
+        failing_at_end,
         max_latency: latencies.last().copied().unwrap_or_default(),
         p99,
         by_worker,
@@ -364,6 +373,14 @@ pub fn judge(
     }
     if figures.first_success.is_none() && first_success_target.is_none() {
         missed.push("no request succeeded after the fault".into());
+    }
+    if figures.failing_at_end {
+        // Failed writes count here too: users who cannot write at the end saw it break.
+        missed.push(
+            "requests were still failing when the load ended (no success sent after the last \
+             failure)"
+                .into(),
+        );
     }
     if sessions.lost > 0 {
         missed.push(format!(
@@ -632,6 +649,45 @@ mod tests {
             &[],
         );
         assert_eq!(outcome, Outcome::Pass);
+    }
+
+    #[test]
+    fn writes_still_failing_when_the_load_ends_fail_the_drill() {
+        // Reads recover, writes never do (Redis read-only after a restart, say): no idempotent
+        // request failed, yet users cannot write at the end.
+        let samples = vec![
+            sample(1000, 10, Op::AddItem, Some(Failure::Status5xx), "gw1"),
+            sample(1100, 10, Op::GetCart, None, "gw1"),
+            sample(1200, 10, Op::AddItem, Some(Failure::Status5xx), "gw1"),
+        ];
+        let f = figures(&samples, Duration::from_millis(1000), None);
+        assert!(f.failing_at_end);
+        assert_eq!(f.recovery, None);
+        assert_eq!(f.idempotent_failed, 0);
+        let sessions = SessionCheck {
+            checked: 5,
+            ..Default::default()
+        };
+        let judged = |f: &Figures| {
+            judge(
+                Kind::RedisRestart,
+                f,
+                &sessions,
+                Duration::from_secs(15),
+                &[],
+            )
+        };
+        let (outcome, reason) = judged(&f);
+        assert_eq!(outcome, Outcome::Fail);
+        assert!(
+            reason.contains("still failing when the load ended"),
+            "{reason}"
+        );
+        // A write that failed at the fault, and successes after it, is a recovery.
+        let recovered = [&samples[..2], &[sample(1300, 10, Op::AddItem, None, "gw2")]].concat();
+        let f = figures(&recovered, Duration::from_millis(1000), None);
+        assert!(!f.failing_at_end);
+        assert_eq!(judged(&f).0, Outcome::Pass);
     }
 
     #[test]

@@ -125,12 +125,22 @@ pub struct User {
 /// Live counters for the progress line, and the drill's request for a burst of slow requests.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Slow requests ([`Op::GetSlow`]) the load should send at once.
-    pub slow_wanted: std::sync::atomic::AtomicU32,
+    /// Slow requests ([`Op::GetSlow`]) the load should send at once: see [`Counters::burst`].
+    slow_wanted: std::sync::atomic::AtomicU32,
+    /// Wakes the load for a burst at once, not at its next tick (a second away at `--rate 1`).
+    burst_asked: tokio::sync::Notify,
     /// Requests finished.
     pub done: AtomicU64,
     /// Of which failed.
     pub failed: AtomicU64,
+}
+
+impl Counters {
+    /// Asks the load for `count` slow requests now.
+    pub fn burst(&self, count: u32) {
+        self.slow_wanted.store(count, Ordering::SeqCst);
+        self.burst_asked.notify_one();
+    }
 }
 
 /// What the session check found.
@@ -244,7 +254,11 @@ pub async fn run_load(
     // The bound: one request per tick, for `duration` at most.
     let max_requests = (f64::from(plan.rate) * plan.duration.as_secs_f64()).ceil() as u64;
     while n < max_requests {
-        ticks.tick().await;
+        let burst = tokio::select! {
+            biased;
+            () = counters.burst_asked.notified() => true,
+            _ = ticks.tick() => false,
+        };
         let sent_at = origin.elapsed();
         if sent_at >= plan.duration || stop.load(Ordering::SeqCst) {
             break;
@@ -261,6 +275,9 @@ pub async fn run_load(
                 }
                 sample
             });
+        }
+        if burst {
+            continue;
         }
         let user_index = ((n / 4) as usize) % users.len().max(1);
         let mut op = match n % 4 {
