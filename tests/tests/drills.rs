@@ -336,6 +336,29 @@ fn retries_and_hedging_off_fail_worker_kill_on_the_lab() {
 }
 
 #[test]
+fn hedging_off_fails_worker_hang_on_the_lab() {
+    if !herd::deps::is_root() {
+        eprintln!("skipped: the lab needs root (network namespaces)");
+        return;
+    }
+    let _serial = serial();
+    // Without hedges, the GETs that went to the hung worker wait until SIGCONT.
+    let result = drill(&[
+        "worker-hang",
+        "--lab",
+        "--duration",
+        DURATION,
+        "--lab-gateway-env",
+        "HERD_GATEWAY_HEDGING__ENABLED=false",
+    ]);
+    assert_fail(
+        "worker-hang",
+        &result,
+        "sent while the worker was hung took",
+    );
+}
+
+#[test]
 fn bad_flags_exit_2() {
     let output = herd(&["drill", "worker-kill", "--duration", "1s"], &[]);
     assert_eq!(output.status.code(), Some(2), "{}", describe(&output));

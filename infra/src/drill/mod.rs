@@ -45,7 +45,7 @@ const UNDO_AT: f64 = 0.6;
 /// fails): the worker's own drain takes ~2.5 s when nothing arrives.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Slow requests sent just before a worker is killed, so that it dies with requests in flight
-/// (spread over the workers, a few land on the victim).
+/// (spread over the workers, a few land on the victim); quick ones as a worker hangs.
 const SLOW_BURST: u32 = 12;
 /// How long before the kill they are sent: well inside their 1000 ms, and well past the
 /// gateway's stale-connection window (100 ms), so that the kill is, to the gateway, a worker
@@ -54,6 +54,9 @@ const SLOW_LEAD: Duration = Duration::from_millis(400);
 /// Requests sent through the public address per health poll while waiting for the cluster to
 /// be healthy.
 const NUDGE_REQUESTS: usize = 8;
+/// What a request waiting around a hung worker may take beyond the hedge delay and the normal
+/// p99 (a shared box's scheduling; a gateway that does not hedge makes it wait the whole hang).
+const HANG_ALLOWANCE: Duration = Duration::from_millis(150);
 /// How long the cluster gets to be healthy again (before and after a drill).
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -357,7 +360,7 @@ pub fn run(
         "load running, fault next",
     )?;
     if kind == Kind::WorkerKill {
-        counters.burst(SLOW_BURST);
+        counters.burst(SLOW_BURST, traffic::Op::GetSlow);
     }
     wait(fault_at, "load running, fault next")?;
     let mut fault_time = origin.elapsed();
@@ -379,6 +382,12 @@ pub fn run(
         };
     if let Some(struck) = added.struck {
         fault_time = struck.duration_since(origin);
+    }
+    if kind == Kind::WorkerHang {
+        // Requests arriving together as the worker hangs, as under real load: some go to it
+        // and must be hedged around (one by one, the balancer soon avoids the stuck worker, and
+        // whether any GET waited on it would be luck).
+        counters.burst(SLOW_BURST, traffic::Op::GetWork);
     }
     if added.killed_in_flight == Some(0.0) {
         // Nothing died in flight: the drill did not test what it claims.
@@ -440,6 +449,31 @@ pub fn run(
     bar.finish_and_clear();
 
     let figures = report::figures(&samples, fault_time, faulted_gateway.as_deref());
+    if let (Kind::WorkerHang, Some(undone)) = (kind, undone_at) {
+        // The target (DESIGN.md): no idempotent request waits longer than the hedge delay plus
+        // the normal latency. The gateways' delay from before the load (0: hedging off).
+        let hedge = before
+            .iter()
+            .filter_map(|g| report::hedge_delay(g.metrics.as_deref()?))
+            .max()
+            .unwrap_or_default();
+        let wait = report::hang_wait(&samples, fault_time, undone);
+        let bound = hedge + wait.normal_p99 + HANG_ALLOWANCE;
+        let line = format!(
+            "the longest idempotent request sent while the worker was hung took {} ms (bound {} ms: \
+             hedge delay {} ms + normal p99 {} ms + {} ms)",
+            wait.longest.as_millis(),
+            bound.as_millis(),
+            hedge.as_millis(),
+            wait.normal_p99.as_millis(),
+            HANG_ALLOWANCE.as_millis()
+        );
+        if wait.longest > bound {
+            extra_failures.push(line);
+        } else {
+            notes.push(line);
+        }
+    }
     if let Some(id) = &added.id {
         let answered = figures.by_worker.get(id).copied().unwrap_or(0);
         if answered == 0 {
@@ -552,7 +586,22 @@ fn inject(
         .first()
         .cloned()
         .ok_or_else(|| TargetError::failed("the cluster has no worker"))?;
-    let active = gateways.iter().find(|g| g.active).cloned();
+    // The gateway drills fault the gateway active now, not the one active before the load: a
+    // pair may have swapped roles since (with `preempt`, a gateway back from the drill before
+    // takes its role back during the next one), and cutting the standby would pass on nothing.
+    // When no gateway says so at this moment (a split second of two address holders), the one
+    // active before the load.
+    let before = || gateways.iter().find(|g| g.active).cloned();
+    let active = if kind.is_gateway_drill() {
+        guard
+            .cluster
+            .gateways()
+            .into_iter()
+            .find(|g| g.active)
+            .or_else(before)
+    } else {
+        before()
+    };
     let active_name = || {
         active
             .clone()
@@ -618,6 +667,7 @@ fn inject(
         }
         Kind::GatewayKill => {
             let gw = active_name()?;
+            side.struck = Some(Instant::now());
             cluster.signal_gateway(&gw.name, Signal::SIGKILL)?;
             guard.pending.push(Undo::RestartGateway(gw.name.clone()));
             (
@@ -628,6 +678,7 @@ fn inject(
         }
         Kind::GatewayMachineLoss => {
             let gw = active_name()?;
+            side.struck = Some(Instant::now());
             guard.pending.push(Undo::LinkUp(gw.machine.clone()));
             cluster.set_link(&gw.machine, false)?;
             (
@@ -641,6 +692,7 @@ fn inject(
         }
         Kind::GatewayStop => {
             let gw = active_name()?;
+            side.struck = Some(Instant::now());
             cluster.signal_gateway(&gw.name, Signal::SIGTERM)?;
             guard.pending.push(Undo::RestartGateway(gw.name.clone()));
             // Started again only after the load: its graceful stop (hand-over, linger, drain

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::Kind;
 use super::target::GatewayInfo;
-use super::traffic::{Failure, Sample, SessionCheck};
+use super::traffic::{Failure, Op, Sample, SessionCheck};
 
 /// PASS, FAIL, or not applicable to this cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -112,6 +112,50 @@ fn metric_sum(text: &str, family: &str, labels: &[&str]) -> Option<f64> {
         }
     }
     found
+}
+
+/// The hedge delay a gateway's `/metrics` text says it uses now (0: hedging off).
+pub fn hedge_delay(text: &str) -> Option<Duration> {
+    metric_sum(text, "herd_gateway_hedge_delay_seconds", &[])
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+/// How long users waited around a hung worker: the quick idempotent requests (not the slow
+/// burst) sent before the fault, and those sent while it was in place.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HangWait {
+    /// p99 of the quick idempotent requests sent before the fault: the normal latency.
+    pub normal_p99: Duration,
+    /// The longest wait of a quick idempotent request sent while the worker was hung.
+    pub longest: Duration,
+}
+
+/// [`HangWait`] for a fault in place from `fault_at` to `undone_at`.
+pub fn hang_wait(samples: &[Sample], fault_at: Duration, undone_at: Duration) -> HangWait {
+    let quick = |s: &&Sample| s.op.idempotent() && s.op != Op::GetSlow;
+    let mut before: Vec<Duration> = samples
+        .iter()
+        .filter(quick)
+        .filter(|s| s.sent_at < fault_at)
+        .map(|s| s.latency)
+        .collect();
+    before.sort();
+    let normal_p99 = before
+        .get(((before.len().saturating_sub(1)) as f64 * 0.99).round() as usize)
+        .copied()
+        .unwrap_or_default();
+    let longest = samples
+        .iter()
+        .filter(quick)
+        .filter(|s| s.sent_at >= fault_at && s.sent_at < undone_at)
+        .map(|s| s.latency)
+        .max()
+        .unwrap_or_default();
+    HangWait {
+        normal_p99,
+        longest,
+    }
 }
 
 /// Requests in flight to worker `id`, as a gateway's `/metrics` text says.
@@ -688,6 +732,32 @@ mod tests {
         let f = figures(&recovered, Duration::from_millis(1000), None);
         assert!(!f.failing_at_end);
         assert_eq!(judged(&f).0, Outcome::Pass);
+    }
+
+    #[test]
+    fn the_wait_around_a_hung_worker_counts_quick_gets_sent_while_it_hung() {
+        let samples = vec![
+            sample(100, 4, Op::GetWork, None, "gw1"),
+            sample(200, 9, Op::GetCart, None, "gw1"),
+            // While hung (1000..2000): a GET that waited, a write that waited longer (not hedged,
+            // not counted), the slow burst of worker-kill (not counted).
+            sample(1000, 1190, Op::GetWork, None, "gw1"),
+            sample(1010, 1500, Op::AddItem, None, "gw1"),
+            sample(1020, 1300, Op::GetSlow, None, "gw1"),
+            // After SIGCONT.
+            sample(2100, 3000, Op::GetCart, None, "gw1"),
+        ];
+        let wait = hang_wait(
+            &samples,
+            Duration::from_millis(1000),
+            Duration::from_millis(2000),
+        );
+        assert_eq!(wait.normal_p99, Duration::from_millis(9));
+        assert_eq!(wait.longest, Duration::from_millis(1190));
+        let text = "# TYPE herd_gateway_hedge_delay_seconds gauge\n\
+                    herd_gateway_hedge_delay_seconds 0.05\n";
+        assert_eq!(hedge_delay(text), Some(Duration::from_millis(50)));
+        assert_eq!(hedge_delay("herd_gateway_up 1\n"), None);
     }
 
     #[test]

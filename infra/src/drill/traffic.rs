@@ -125,8 +125,10 @@ pub struct User {
 /// Live counters for the progress line, and the drill's request for a burst of slow requests.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Slow requests ([`Op::GetSlow`]) the load should send at once: see [`Counters::burst`].
-    slow_wanted: std::sync::atomic::AtomicU32,
+    /// Requests the load should send at once: see [`Counters::burst`].
+    burst_wanted: std::sync::atomic::AtomicU32,
+    /// Of which kind.
+    burst_op: Mutex<Option<Op>>,
     /// Wakes the load for a burst at once, not at its next tick (a second away at `--rate 1`).
     burst_asked: tokio::sync::Notify,
     /// Requests finished.
@@ -136,9 +138,12 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// Asks the load for `count` slow requests now.
-    pub fn burst(&self, count: u32) {
-        self.slow_wanted.store(count, Ordering::SeqCst);
+    /// Asks the load for `count` requests `op` now, all at once (GETs only: a burst skips the
+    /// session bookkeeping of writes).
+    pub fn burst(&self, count: u32, op: Op) {
+        debug_assert!(op.idempotent());
+        *self.burst_op.lock().unwrap_or_else(|e| e.into_inner()) = Some(op);
+        self.burst_wanted.store(count, Ordering::SeqCst);
         self.burst_asked.notify_one();
     }
 }
@@ -263,12 +268,14 @@ pub async fn run_load(
         if sent_at >= plan.duration || stop.load(Ordering::SeqCst) {
             break;
         }
-        for _ in 0..counters.slow_wanted.swap(0, Ordering::SeqCst) {
+        let burst_op = *counters.burst_op.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..counters.burst_wanted.swap(0, Ordering::SeqCst) {
+            let op = burst_op.unwrap_or(Op::GetWork);
             let (client, users, counters) =
                 (client.clone(), Arc::clone(&users), Arc::clone(&counters));
             let target = plan.target;
             tasks.spawn(async move {
-                let sample = send(&client, target, Op::GetSlow, &users[0], 0, origin).await;
+                let sample = send(&client, target, op, &users[0], 0, origin).await;
                 counters.done.fetch_add(1, Ordering::Relaxed);
                 if sample.failure.is_some() {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
