@@ -817,7 +817,7 @@ impl ClusterHandle for InventoryCluster {
             .ok_or_else(|| format!("machine {} cannot be reached", unit.machine))?;
         let body = admin_get(machine, unit, "/readyz")
             .ok_or_else(|| format!("{}'s /readyz did not answer", unit.id))?;
-        super::local::healthy(&body)
+        super::local::healthy(&body, self.workers().len())
     }
 }
 

@@ -220,6 +220,6 @@ impl ClusterHandle for LabCluster {
         let body = self
             .admin_get(active, "/readyz")
             .ok_or_else(|| format!("{active}'s /readyz did not answer 200"))?;
-        super::local::healthy(&body)
+        super::local::healthy(&body, self.workers().len())
     }
 }

@@ -502,19 +502,44 @@ impl ClusterHandle for LocalCluster {
             .ok_or_else(|| "no gateway admin address in the state file".to_string())?;
         let body = get(format!("http://{admin}/readyz"))
             .ok_or_else(|| format!("the gateway's /readyz on {admin} did not answer 200"))?;
-        healthy(&body)
+        healthy(&body, self.workers().len())
     }
 }
 
-/// Whether a gateway's `/readyz` body says every worker it knows is healthy.
-pub(super) fn healthy(body: &str) -> Result<(), String> {
+/// Whether a gateway's `/readyz` body says every worker it knows is healthy, and that it knows
+/// at least the `expected` workers the cluster runs: a restarted worker that never registered
+/// again drops out of both of the gateway's counts, and must not pass for healthy.
+pub(super) fn healthy(body: &str, expected: usize) -> Result<(), String> {
     let ready: Value = serde_json::from_str(body).map_err(|e| format!("/readyz: {e}"))?;
+    let healthy = ready["healthy"].as_u64();
     if ready["ready"] == true
-        && ready["healthy"].as_u64().is_some()
+        && healthy.is_some_and(|h| h >= expected as u64)
         && ready["healthy"] == ready["workers"]
     {
         Ok(())
     } else {
-        Err(format!("/readyz said {body}"))
+        Err(format!("/readyz said {body} ({expected} workers run)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::healthy;
+
+    #[test]
+    fn healthy_needs_every_known_worker_healthy_and_every_running_one_known() {
+        let body = |healthy: u64, workers: u64| {
+            format!(r#"{{"ready":true,"healthy":{healthy},"workers":{workers}}}"#)
+        };
+        assert!(healthy(&body(3, 3), 3).is_ok());
+        assert!(
+            healthy(&body(2, 3), 3).is_err(),
+            "one known worker is not healthy"
+        );
+        // A restarted worker that never registered again: the gateway knows 2, 3 run.
+        let error = healthy(&body(2, 2), 3).unwrap_err();
+        assert!(error.contains("3 workers run"), "{error}");
+        assert!(healthy(r#"{"ready":false,"healthy":3,"workers":3}"#, 3).is_err());
+        assert!(healthy("not json", 0).is_err());
     }
 }
