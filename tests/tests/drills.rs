@@ -314,48 +314,47 @@ fn every_drill_passes_on_the_netns_lab() {
     assert_eq!(code, 0, "{report:#}");
 }
 
-#[test]
-fn retries_and_hedging_off_fail_worker_kill_on_the_lab() {
+/// `herd drill KIND --lab` with `gateway_env` for both gateways; `None` (and a line saying it
+/// was skipped) without root, which the lab's network namespaces need.
+fn lab_drill(kind: &str, gateway_env: &[&str]) -> Option<(i32, Value)> {
     if !herd::deps::is_root() {
         eprintln!("skipped: the lab needs root (network namespaces)");
-        return;
+        return None;
     }
+    let mut args = vec![kind, "--lab", "--duration", DURATION];
+    for entry in gateway_env {
+        args.extend(["--lab-gateway-env", entry]);
+    }
+    Some(drill(&args))
+}
+
+#[test]
+fn retries_and_hedging_off_fail_worker_kill_on_the_lab() {
     let _serial = serial();
-    let result = drill(&[
+    let result = lab_drill(
         "worker-kill",
-        "--lab",
-        "--duration",
-        DURATION,
-        "--lab-gateway-env",
-        "HERD_GATEWAY_RETRY__MAX_ATTEMPTS=1",
-        // A hedge is a retry too (it answered for the killed worker's requests otherwise).
-        "--lab-gateway-env",
-        "HERD_GATEWAY_HEDGING__ENABLED=false",
-    ]);
-    assert_fail("worker-kill", &result, "idempotent requests failed");
+        &[
+            "HERD_GATEWAY_RETRY__MAX_ATTEMPTS=1",
+            // A hedge is a retry too (it answered for the killed worker's requests otherwise).
+            "HERD_GATEWAY_HEDGING__ENABLED=false",
+        ],
+    );
+    if let Some(result) = result {
+        assert_fail("worker-kill", &result, "idempotent requests failed");
+    }
 }
 
 #[test]
 fn hedging_off_fails_worker_hang_on_the_lab() {
-    if !herd::deps::is_root() {
-        eprintln!("skipped: the lab needs root (network namespaces)");
-        return;
-    }
     let _serial = serial();
     // Without hedges, the GETs that went to the hung worker wait until SIGCONT.
-    let result = drill(&[
-        "worker-hang",
-        "--lab",
-        "--duration",
-        DURATION,
-        "--lab-gateway-env",
-        "HERD_GATEWAY_HEDGING__ENABLED=false",
-    ]);
-    assert_fail(
-        "worker-hang",
-        &result,
-        "sent while the worker was hung took",
-    );
+    if let Some(result) = lab_drill("worker-hang", &["HERD_GATEWAY_HEDGING__ENABLED=false"]) {
+        assert_fail(
+            "worker-hang",
+            &result,
+            "sent while the worker was hung took",
+        );
+    }
 }
 
 #[test]

@@ -544,8 +544,8 @@ struct Side {
     id: Option<String>,
     /// How the worker a scale-down drained stopped.
     drained: Option<Stopped>,
-    /// Requests in flight on the worker worker-kill killed, as the active gateway said just
-    /// before (`None`: no gateway said).
+    /// Requests in flight on the worker worker-kill killed, as the gateways said just before
+    /// (`None`: no gateway said).
     killed_in_flight: Option<f64>,
     /// When the fault struck, where that came after a look at the cluster (worker-kill reads the
     /// active gateway's metrics first, several round trips over ssh).

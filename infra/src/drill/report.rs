@@ -131,6 +131,14 @@ pub struct HangWait {
     pub longest: Duration,
 }
 
+/// The 99th percentile of `sorted` (zero when empty).
+fn p99(sorted: &[Duration]) -> Duration {
+    sorted
+        .get(((sorted.len().saturating_sub(1)) as f64 * 0.99).round() as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
 /// [`HangWait`] for a fault in place from `fault_at` to `undone_at`.
 pub fn hang_wait(samples: &[Sample], fault_at: Duration, undone_at: Duration) -> HangWait {
     let quick = |s: &&Sample| s.op.idempotent() && s.op != Op::GetSlow;
@@ -141,10 +149,7 @@ pub fn hang_wait(samples: &[Sample], fault_at: Duration, undone_at: Duration) ->
         .map(|s| s.latency)
         .collect();
     before.sort();
-    let normal_p99 = before
-        .get(((before.len().saturating_sub(1)) as f64 * 0.99).round() as usize)
-        .copied()
-        .unwrap_or_default();
+    let normal_p99 = p99(&before);
     let longest = samples
         .iter()
         .filter(quick)
@@ -345,10 +350,7 @@ pub fn figures(samples: &[Sample], fault_at: Duration, other_than: Option<&str>)
     };
     let mut latencies: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
     latencies.sort();
-    let p99 = latencies
-        .get(((latencies.len().saturating_sub(1)) as f64 * 0.99).round() as usize)
-        .copied()
-        .unwrap_or_default();
+    let p99 = p99(&latencies);
     let mut by_worker = BTreeMap::new();
     for sample in samples.iter().filter(|s| s.failure.is_none()) {
         let worker = sample.worker.clone().unwrap_or_else(|| "-".into());
