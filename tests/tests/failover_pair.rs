@@ -48,7 +48,8 @@ fn a_killed_active_gateway_is_replaced_within_500ms_with_no_session_lost() {
     let (_serial, _dir, lab) = lab(LabOptions::default());
     let cookies = lab.log_users_in(20).unwrap();
     let run = lab.probe_through(Duration::from_secs(4), Duration::from_secs(1), |lab| {
-        lab.signal_gateway(0, Signal::SIGKILL);
+        lab.signal_gateway(0, Signal::SIGKILL)
+            .expect("signal the gateway");
     });
     report("kill -9 active", &run);
     assert_eq!(run.summary.served_before, "gw1");
@@ -63,7 +64,8 @@ fn a_gracefully_stopped_active_hands_over_with_no_request_lost() {
     let (_serial, _dir, lab) = lab(LabOptions::default());
     let cookies = lab.log_users_in(10).unwrap();
     let run = lab.probe_through(Duration::from_secs(5), Duration::from_secs(1), |lab| {
-        lab.signal_gateway(0, Signal::SIGTERM);
+        lab.signal_gateway(0, Signal::SIGTERM)
+            .expect("signal the gateway");
     });
     report("SIGTERM to the active", &run);
     assert_eq!(run.summary.served_before, "gw1");
@@ -110,7 +112,8 @@ fn a_lost_active_machine_is_replaced_within_1s_with_no_session_lost() {
 fn a_killed_standby_changes_nothing_for_users() {
     let (_serial, _dir, lab) = lab(LabOptions::default());
     let run = lab.probe_through(Duration::from_secs(3), Duration::from_secs(1), |lab| {
-        lab.signal_gateway(1, Signal::SIGKILL);
+        lab.signal_gateway(1, Signal::SIGKILL)
+            .expect("signal the gateway");
     });
     report("kill -9 standby", &run);
     assert_eq!(run.summary.failed, 0, "{:?}", run.summary.failures);
@@ -201,7 +204,8 @@ fn failback_with_preempt_loses_no_request() {
         preempt: true,
         ..LabOptions::default()
     });
-    lab.signal_gateway(0, Signal::SIGKILL);
+    lab.signal_gateway(0, Signal::SIGKILL)
+        .expect("signal the gateway");
     assert!(lab.wait_serving("gw2", Duration::from_secs(5)));
     let cookies = lab.log_users_in(10).unwrap();
     // gw1 returns; it may take the role back only once its own health view has healthy workers.

@@ -699,14 +699,19 @@ impl ClusterHandle for InventoryCluster {
             .ok_or_else(|| failed(format!("{} does not run on {}", unit.name, unit.machine)))?;
         match machine.supervisor() {
             Supervisor::Fallback => {
+                // Not the gateway itself when the supervisor cannot be found: its supervisor
+                // would start it again at once, and the drill report a stop that never was.
+                let pid_file = format!("{}/run/{}.pid", machine.dir(), unit.name);
                 let supervisor = machine
-                    .run(&format!(
-                        "cat {}",
-                        quote(&format!("{}/run/{}.pid", machine.dir(), unit.name))
-                    ))
+                    .run(&format!("cat {}", quote(&pid_file)))
                     .ok()
                     .and_then(|p| p.trim().parse().ok())
-                    .unwrap_or(pid);
+                    .ok_or_else(|| {
+                        failed(format!(
+                            "{} on {}: no supervisor pid in {pid_file}",
+                            unit.name, unit.machine
+                        ))
+                    })?;
                 kill_on(machine, supervisor, Signal::SIGTERM)?;
             }
             Supervisor::Systemd => machine

@@ -156,8 +156,9 @@ impl ClusterHandle for LabCluster {
     }
 
     fn signal_gateway(&mut self, name: &str, signal: Signal) -> Result<(), TargetError> {
-        self.lab.signal_gateway(Self::gateway_index(name)?, signal);
-        Ok(())
+        self.lab
+            .signal_gateway(Self::gateway_index(name)?, signal)
+            .map_err(failed)
     }
 
     fn restart_gateway(&mut self, name: &str) -> Result<(), TargetError> {

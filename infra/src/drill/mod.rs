@@ -449,6 +449,20 @@ pub fn run(
     bar.finish_and_clear();
 
     let figures = report::figures(&samples, fault_time, faulted_gateway.as_deref());
+    // A fault no request met tested nothing: a fault in place until the load ends meets every
+    // later request, one undone mid-load only those in flight before it was undone.
+    let fault_end = undone_at.unwrap_or(options.duration);
+    let met = report::met_the_fault(&samples, fault_time, fault_end);
+    if met == 0 {
+        extra_failures.push(format!(
+            "no request was in flight during the fault ({:.0} ms at {} req/s): nothing was \
+             tested; raise --rate or --duration",
+            report::ms(fault_end.saturating_sub(fault_time)),
+            options.rate
+        ));
+    } else {
+        notes.push(format!("{met} requests met the fault"));
+    }
     if let (Kind::WorkerHang, Some(undone)) = (kind, undone_at) {
         // The target (DESIGN.md): no idempotent request waits longer than the hedge delay plus
         // the normal latency. The gateways' delay from before the load (0: hedging off).

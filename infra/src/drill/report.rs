@@ -163,6 +163,16 @@ pub fn hang_wait(samples: &[Sample], fault_at: Duration, undone_at: Duration) ->
     }
 }
 
+/// Requests that met the fault: in flight at some moment from `from` to `until` (sent by
+/// `until`, answered from `from` on). None means the drill tested nothing (`--rate 1` over a
+/// 300 ms Redis restart).
+pub fn met_the_fault(samples: &[Sample], from: Duration, until: Duration) -> usize {
+    samples
+        .iter()
+        .filter(|s| s.sent_at <= until && s.done_at() >= from)
+        .count()
+}
+
 /// Requests in flight to worker `id`, as a gateway's `/metrics` text says.
 pub fn in_flight(text: &str, id: &str) -> Option<f64> {
     let label = format!("worker=\"{id}\"");
@@ -281,7 +291,7 @@ pub struct Report {
     pub reason: String,
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e4).round() / 10.0
 }
 
@@ -781,5 +791,19 @@ mod tests {
         assert_eq!(saw[0].role, "active");
         assert_eq!(saw[0].epoch, (Some(3), Some(4)));
         assert_eq!(saw[0].role_changes, 1);
+    }
+
+    #[test]
+    fn only_requests_in_flight_during_the_fault_met_it() {
+        let samples = [
+            sample(0, 100, Op::GetWork, None, "gw1"), // over before the fault
+            sample(900, 200, Op::GetWork, None, "gw1"), // in flight as it struck
+            sample(1150, 10, Op::GetWork, None, "gw1"), // sent during it
+            sample(1400, 10, Op::GetWork, None, "gw1"), // sent after it was undone
+        ];
+        let from = Duration::from_millis(1000);
+        let until = Duration::from_millis(1300);
+        assert_eq!(met_the_fault(&samples, from, until), 2);
+        assert_eq!(met_the_fault(&samples[..1], from, until), 0);
     }
 }

@@ -116,7 +116,11 @@ fn one(dir: &Path, pair: Pair, fault: Fault, duration: Duration) -> Result<Fault
     std::thread::sleep(Duration::from_secs(2));
     Ok(
         lab.probe_through(duration, Duration::from_secs(2), |lab| match fault {
-            Fault::ProxyKill => lab.signal_gateway(0, Signal::SIGKILL),
+            Fault::ProxyKill => {
+                if let Err(error) = lab.signal_gateway(0, Signal::SIGKILL) {
+                    tracing::warn!(%error, "the fault was not injected");
+                }
+            }
             Fault::MachineLoss => {
                 let _ = lab.topology().link_down("gw1");
             }

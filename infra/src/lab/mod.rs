@@ -111,6 +111,14 @@ pub enum LabError {
     /// HAProxy or keepalived is missing.
     #[error(transparent)]
     Deps(#[from] crate::deps::DepsError),
+    /// A gateway could not be signalled: it was never started, or the signal failed.
+    #[error("cannot signal gateway {name}: {reason}")]
+    Signal {
+        /// The gateway.
+        name: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// A config file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -398,11 +406,23 @@ impl Lab {
     }
 
     /// Sends `signal` to gateway `index` (kill -9 is `SIGKILL`); its handle stays, so this needs
-    /// only a shared borrow — a test can inject it while other threads probe.
-    pub fn signal_gateway(&self, index: usize, signal: nix::sys::signal::Signal) {
-        if let Some(proxy) = self.gateways[index].first() {
-            let _ = proxy.signal(signal);
-        }
+    /// only a shared borrow — a test can inject it while other threads probe. An error when the
+    /// gateway was never started or the signal failed: a drill must not report a fault it did
+    /// not make.
+    pub fn signal_gateway(
+        &self,
+        index: usize,
+        signal: nix::sys::signal::Signal,
+    ) -> Result<(), LabError> {
+        let name = GATEWAYS[index];
+        let proxy = self.gateways[index].first().ok_or(LabError::Signal {
+            name,
+            reason: "it was never started".into(),
+        })?;
+        proxy.signal(signal).map_err(|errno| LabError::Signal {
+            name,
+            reason: errno.to_string(),
+        })
     }
 
     /// The worker processes.
