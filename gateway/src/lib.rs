@@ -20,7 +20,8 @@
 //!   request's own task; a leaf (imports nothing else of the gateway) that decides whether an
 //!   attempt reached its worker and whose fault a failure was.
 //! - [`retry`]: the retry budget.
-//! - [`hedge`]: when a slow attempt is doubled on another worker (delay learnt from latency).
+//! - [`hedge`]: when a slow attempt is doubled on another worker (delay learnt from latency);
+//!   [`hedge_timer`]: its timers, a queue per serving thread.
 //! - [`error`]: upstream and gateway errors, and the one place that turns them into responses.
 //! - [`headers`], [`body`]: header rules and request/response bodies of the request path.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` and the `/api/*` operator endpoints.
@@ -46,6 +47,7 @@ pub mod failover;
 pub mod hang_up;
 pub mod headers;
 pub mod hedge;
+pub mod hedge_timer;
 pub mod metrics;
 pub mod proxy;
 pub mod retry;

@@ -30,6 +30,7 @@ use crate::config::GatewayConfig;
 use crate::error::{GatewayError, UpstreamError, UpstreamErrorKind};
 use crate::headers;
 use crate::hedge::Hedging;
+use crate::hedge_timer::HedgeTimer;
 use crate::metrics::Metrics;
 use crate::retry::RetryBudget;
 use crate::trace::{self, Choice};
@@ -595,7 +596,7 @@ impl Proxy {
         tokio::select! {
             biased;
             outcome = &mut first => return outcome,
-            () = tokio::time::sleep_until(sent + delay) => {}
+            () = HedgeTimer::until(sent + delay) => {}
         }
         let Ok(pick) = self.balancer.pick(tried) else {
             return first.await;
