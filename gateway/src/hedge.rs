@@ -5,13 +5,15 @@
 //!
 //! The delay follows what the gateway measures: `factor` × the p99 of the time from sending a
 //! request to its response head, over the last window of answers, kept between `min_delay` and
-//! `max_delay` (or fixed by `delay`). Until a window has enough answers the delay is `max_delay`.
+//! `max_delay` (or fixed by `delay`). Until a window has enough answers the delay is `max_delay`;
+//! the first window (a fresh gateway, or a standby that just took over) samples every answer and
+//! closes as soon as it has enough, so a hung worker costs users `max_delay` for a moment only.
 //! Each hedge spends one token of the retry budget, so a slow cluster is never doubled.
 //!
 //! Cost on the request path: one relaxed atomic add per answer (its latency bucket), and once per
 //! window a pass over the buckets by whichever request closes it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +51,8 @@ pub struct Hedging {
     /// Answers per latency bucket since the gateway started.
     buckets: [AtomicU64; BUCKETS],
     answers: AtomicU64,
+    /// A window has closed: the delay is measured, not `max_delay`.
+    warm: AtomicBool,
     /// The current delay in nanoseconds (shared with the metrics; 0 when hedging is off).
     delay_ns: Arc<AtomicU64>,
     /// The bucket counts and time at the start of the current window.
@@ -74,6 +78,7 @@ impl Hedging {
             max,
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             answers: AtomicU64::new(0),
+            warm: AtomicBool::new(false),
             delay_ns: Arc::new(AtomicU64::new(if !config.enabled {
                 0
             } else if !config.delay.is_zero() {
@@ -109,17 +114,19 @@ impl Hedging {
 
     /// Records the time from sending a request to its response head: one answer in
     /// [`SAMPLE_EVERY`] per serving thread, so the shared counters are not written by every
-    /// request of every thread (cache lines bouncing between cores cost more than the count).
+    /// request of every thread (cache lines bouncing between cores cost more than the count);
+    /// every answer until the first window closes.
     #[inline]
     pub fn observe(&self, latency: Duration) {
         if !self.enabled || self.fixed.is_some() {
             return;
         }
-        let sampled = SKIPPED.with(|skipped| {
-            let next = skipped.get() + 1;
-            skipped.set(next % SAMPLE_EVERY);
-            next == SAMPLE_EVERY
-        });
+        let sampled = !self.warm.load(Ordering::Relaxed)
+            || SKIPPED.with(|skipped| {
+                let next = skipped.get() + 1;
+                skipped.set(next % SAMPLE_EVERY);
+                next == SAMPLE_EVERY
+            });
         if !sampled {
             return;
         }
@@ -136,7 +143,8 @@ impl Hedging {
             return;
         };
         let in_window = answers - window.answers;
-        let timely = window.since.elapsed() >= WINDOW_TIME;
+        // The first window closes as soon as it can: any measure beats `max_delay`.
+        let timely = !self.warm.load(Ordering::Relaxed) || window.since.elapsed() >= WINDOW_TIME;
         if in_window < MIN_WINDOW || (in_window < MAX_WINDOW && !timely) {
             return;
         }
@@ -146,6 +154,7 @@ impl Hedging {
             let delay = p99.mul_f64(self.factor).clamp(self.min, self.max);
             self.delay_ns
                 .store(delay.as_nanos() as u64, Ordering::Relaxed);
+            self.warm.store(true, Ordering::Relaxed);
         }
         *window = Window {
             start: now,
@@ -233,6 +242,30 @@ mod tests {
             hedging.observe(Duration::from_micros(300));
         }
         assert_eq!(hedging.delay(), Some(Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn a_cold_gateway_measures_its_delay_from_its_first_answers() {
+        let hedging = Hedging::new(&config());
+        // 64 answers at once (a standby that just took over): no second to wait, every one
+        // counted.
+        for _ in 0..MIN_WINDOW {
+            hedging.observe(Duration::from_millis(15));
+        }
+        let delay = hedging.delay().unwrap();
+        assert!(
+            delay >= Duration::from_millis(30) && delay <= Duration::from_millis(36),
+            "{delay:?}"
+        );
+        // From then on, one answer in SAMPLE_EVERY and windows of a second.
+        for _ in 0..MIN_WINDOW {
+            hedging.observe(Duration::from_millis(100));
+        }
+        assert_eq!(
+            hedging.delay(),
+            Some(delay),
+            "a warm window waits its second"
+        );
     }
 
     #[test]

@@ -118,3 +118,38 @@ async fn hedging_off_waits_for_the_worker() {
     workers[0].behavior.hang.store(false, Ordering::SeqCst);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_fresh_gateway_learns_its_hedge_delay_from_its_first_answers() {
+    let workers = [Upstream::start("w1").await, Upstream::start("w2").await];
+    // The learnt delay (the default): `max_delay` until measured.
+    let gw = Gateway::start(&[&workers[0], &workers[1]], |c| {
+        c.timeouts.response_header = Duration::from_secs(5);
+        c.health.interval = Duration::from_secs(60);
+        c.health.passive.enabled = false;
+        c.balancing.slow_start = Duration::ZERO;
+        c.balancing.algorithm = herd_gateway::config::Algorithm::RoundRobin;
+        c.retry.budget_min_per_sec = 1000;
+    })
+    .await;
+    let c = client();
+    // A standby that just took over, or a gateway just started: 64 quick answers, well within
+    // the first second.
+    for _ in 0..64 {
+        assert_eq!(get(&c, &gw.url("/")).await.status, 200);
+    }
+    workers[1].behavior.hang.store(true, Ordering::SeqCst);
+    let mut slowest = Duration::ZERO;
+    for i in 0..6 {
+        let sent = Instant::now();
+        let answer = get(&c, &gw.url("/")).await;
+        slowest = slowest.max(sent.elapsed());
+        assert_eq!(answer.status, 200, "GET {i}");
+    }
+    println!("slowest GET with a hung worker, 64 answers in: {slowest:?}");
+    // `max_delay` (1 s) when the first window waited for its second and 256 answers.
+    assert!(slowest < Duration::from_millis(500), "{slowest:?}");
+    assert!(hedge_count(&gw).await >= 1);
+    workers[1].behavior.hang.store(false, Ordering::SeqCst);
+    gw.shutdown().await;
+}
