@@ -89,12 +89,11 @@ pub struct ConnectionState {
 impl ConnectionState {
     /// A request's head has been read; the guard marks its response done when dropped (put it
     /// in the response body).
-    pub fn begin<B: http_body::Body>(self: &Arc<Self>, request: &http::Request<B>) -> RequestGuard {
-        if request.version() == http::Version::HTTP_2 {
+    pub fn begin(self: &Arc<Self>, version: http::Version, with_body: bool) -> RequestGuard {
+        if version == http::Version::HTTP_2 {
             self.http2.store(true, Ordering::Relaxed);
         } else {
-            let had_body = !request.body().is_end_stream();
-            self.had_body.store(had_body, Ordering::Relaxed);
+            self.had_body.store(with_body, Ordering::Relaxed);
         }
         self.between_requests.store(false, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
@@ -200,6 +199,9 @@ pub struct ClientIo<S = TcpStream> {
     /// Bytes read from the socket before this `ClientIo` was made (to tell HTTP/2 from
     /// HTTP/1.1, or by another serving thread), given to the first reads.
     prefix: Bytes,
+    /// The prefix came through this `ClientIo` already ([`ClientIo::put_back`]): seen, not
+    /// seen again.
+    prefix_seen: bool,
     /// Everything written has been flushed (hyper flushes after each response).
     flushed: bool,
 }
@@ -220,6 +222,7 @@ impl<S> ClientIo<S> {
             scan: HeadScan::default(),
             lingering: None,
             prefix: Bytes::new(),
+            prefix_seen: false,
             flushed: true,
         }
     }
@@ -246,6 +249,15 @@ impl<S> ClientIo<S> {
     pub fn with_prefix(mut self, prefix: Bytes) -> Self {
         self.prefix = prefix;
         self
+    }
+
+    /// Gives `bytes`, read through this `ClientIo` and not used, to the next reads: the
+    /// gateway's own HTTP/1.1 server hands a request it leaves to hyper over this way
+    /// (`crate::plain_http1`). Their heads were counted when read, and are not again.
+    pub fn put_back(&mut self, bytes: Bytes) {
+        debug_assert!(self.prefix.is_empty(), "only read bytes go back");
+        self.prefix = bytes;
+        self.prefix_seen = true;
     }
 
     /// The stream and the connection's state, for another serving thread to go on with.
@@ -335,11 +347,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
         if !this.prefix.is_empty() {
             let taken = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix.split_to(taken));
+            if !this.prefix_seen {
+                this.received(&buf.filled()[before..]);
+            }
             if this.prefix.is_empty() {
                 // An empty tail still holds the whole buffer it came from.
                 this.prefix = Bytes::new();
+                this.prefix_seen = false;
             }
-            this.received(&buf.filled()[before..]);
             return Poll::Ready(Ok(()));
         }
         match Pin::new(&mut this.stream).poll_read(cx, buf) {

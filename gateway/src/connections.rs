@@ -110,7 +110,7 @@ pub(crate) fn still_to_shed() -> usize {
 }
 
 /// One connection less to shed; false when none was asked for.
-fn take_shed() -> bool {
+pub(crate) fn take_shed() -> bool {
     SIGNALS.with(|signals| {
         let mut now = signals.get();
         if now.shed == 0 {
@@ -188,7 +188,7 @@ impl Entry {
     }
 
     /// Keeps the task's waker (a spawned task's is the same on every poll: no clone then).
-    fn polled_by(&self, waker: &Waker) {
+    pub(crate) fn polled_by(&self, waker: &Waker) {
         REGISTRY.with(|registry| {
             let mut registry = registry.borrow_mut();
             let task = &mut registry.tasks[self.key];
@@ -199,7 +199,7 @@ impl Entry {
     }
 
     /// Whether the thread told its connections to close since this one opened.
-    fn told_to_close(&self) -> bool {
+    pub(crate) fn told_to_close(&self) -> bool {
         SIGNALS.with(|signals| signals.get().closes != self.closes)
     }
 }

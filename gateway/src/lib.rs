@@ -11,6 +11,8 @@
 //!   of idle HTTP/1.1 connections between threads.
 //! - [`consolidation`]: how many serving threads take the load (`adaptive_threads`).
 //! - [`client_io`]: a client's socket with the head, idle and send timeouts.
+//! - [`plain_http1`]: the gateway's own HTTP/1.1 server for plain requests (no body, no
+//!   upgrade); the rest of a connection goes to hyper from the first request that is not.
 //! - [`tunnel`]: switched protocols (WebSocket upgrades), bytes copied both ways.
 //! - [`proxy`]: the request path — pick a worker, forward, retry when safe, stream the answer.
 //! - [`balancer`]: membership (static list + Redis registry), health (active checks and passive
@@ -49,6 +51,7 @@ pub mod headers;
 pub mod hedge;
 pub mod hedge_timer;
 pub mod metrics;
+pub mod plain_http1;
 pub mod proxy;
 pub mod retry;
 pub mod server;

@@ -128,7 +128,7 @@ impl Proxy {
     /// Handles one client request; never fails (errors become JSON responses).
     pub async fn handle(
         &self,
-        mut request: Request<Incoming>,
+        mut request: Request<Option<Incoming>>,
         forwarded_for: &HeaderValue,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
@@ -213,7 +213,7 @@ impl Proxy {
     async fn forward(
         &self,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: Option<Incoming>,
         forwarded_for: &HeaderValue,
         started: Instant,
         request_id: &HeaderValue,
@@ -267,12 +267,13 @@ impl Proxy {
         self.budget.deposit();
 
         let deadline = started + settings.request;
-        let no_body = matches!(content_length, None | Some(0)) && body.is_end_stream();
-        let mut prepared = if no_body {
+        // `None`: a request the gateway's own HTTP/1.1 server read, which has no body.
+        let no_body = matches!(content_length, None | Some(0))
+            && body.as_ref().is_none_or(|body| body.is_end_stream());
+        let mut prepared = match body {
+            Some(body) if !no_body => self.read_body(body, content_length, deadline).await?,
             // Most requests: nothing to read, so no timer to arm.
-            Prepared::Replayable(None)
-        } else {
-            self.read_body(body, content_length, deadline).await?
+            _ => Prepared::Replayable(None),
         };
 
         let mut tried = Tried::new();

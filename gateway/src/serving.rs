@@ -29,8 +29,10 @@
 //! it, with the bytes of the next request already read, to the least loaded thread in use.
 //!
 //! A new connection's protocol is told by its first bytes (the HTTP/2 preface or not, within
-//! `timeouts.request_head`), then hyper serves it as HTTP/1.1 (with upgrades) or HTTP/2:
-//! hyper-util's auto builder, which does the same, keeps an HTTP/1.1 connection out of reach.
+//! `timeouts.request_head`). A cleartext HTTP/1.1 connection is served by the gateway's own
+//! server while its requests are plain (`crate::plain_http1`), by hyper from the first that is
+//! not (a body, an upgrade); TLS HTTP/1.1 and HTTP/2 by hyper: hyper-util's auto builder, which
+//! tells the protocols apart the same way, keeps an HTTP/1.1 connection out of reach.
 //!
 //! Limits on clients (docs/security.md): a new connection over `limits.max_connections` gets one
 //! 503, one over `limits.max_connections_per_client` from its address one 429, both JSON with
@@ -70,6 +72,7 @@ use crate::consolidation::Consolidation;
 use crate::error::GatewayError;
 use crate::hang_up::{ClientHungUp, HangUpWatch, SharedStream, UntilHungUp, Watcher};
 use crate::metrics::Metrics;
+use crate::plain_http1;
 use crate::proxy::Proxy;
 use crate::tls::Terminator;
 use crate::tls::redirect::Redirect;
@@ -372,6 +375,27 @@ impl Clients {
             state: state.clone(),
             watcher: if http2 { None } else { watcher },
         };
+        let context = Arc::new(context);
+        let movable = self.adaptive && tls.is_none();
+        // Cleartext HTTP/1.1: the gateway's own server, while the requests are plain.
+        let io = if !http2 && context.watcher.is_some() {
+            match plain_http1::serve(io, &context, &entry, movable).await {
+                plain_http1::Ended::Closed => return None,
+                plain_http1::Ended::Handed {
+                    stream,
+                    state,
+                    read_ahead,
+                } => {
+                    return Some(Handed {
+                        stream,
+                        resumed: Resumed { state, read_ahead },
+                    });
+                }
+                plain_http1::Ended::ToHyper(io) => io,
+            }
+        } else {
+            io
+        };
         if http2 {
             let connection = self
                 .protocols
@@ -391,7 +415,6 @@ impl Clients {
         let connection = http1
             .serve_connection(TokioIo::new(io), context.service::<Inline>())
             .with_upgrades();
-        let movable = self.adaptive && tls.is_none();
         match connections::Http1::new(connection, state, entry, movable).await {
             Ended::Closed(Ok(())) => None,
             Ended::Closed(Err(error)) => {
@@ -572,7 +595,7 @@ async fn first_bytes<S: AsyncRead + Unpin>(
 }
 
 /// What the service of one client connection needs, for each of its requests.
-struct ServiceContext {
+pub(crate) struct ServiceContext {
     proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
     /// The client's address as an `X-Forwarded-For` value.
@@ -583,7 +606,7 @@ struct ServiceContext {
     hsts: Option<http::HeaderValue>,
     redirect: Option<Redirect>,
     draining: CancellationToken,
-    state: Arc<ConnectionState>,
+    pub(crate) state: Arc<ConnectionState>,
     /// Cleartext HTTP/1.1: makes each request's hang-up watch (`crate::hang_up`).
     watcher: Option<Watcher>,
 }
@@ -594,12 +617,12 @@ struct ServiceContext {
 /// copies); HTTP/1.1 moves it once, and keeping it inline saves the allocation and a copy
 /// (`infra/bench/instructions.sh h1`: 29 361 → 28 693 per request, docs/performance.md section
 /// 13).
-trait Placement {
+pub(crate) trait Placement: 'static {
     fn place<F: Future + Send>(future: F) -> impl Future<Output = F::Output> + Send;
 }
 
 /// In the service's own future (HTTP/1.1).
-struct Inline;
+pub(crate) struct Inline;
 
 impl Placement for Inline {
     fn place<F: Future + Send>(future: F) -> impl Future<Output = F::Output> + Send {
@@ -619,75 +642,82 @@ impl Placement for Boxed {
 impl ServiceContext {
     /// The connection's service: each request through the proxy, answered with its response.
     fn service<P: Placement>(
-        self,
+        self: Arc<Self>,
     ) -> impl hyper::service::Service<
         hyper::Request<Incoming>,
         Response = hyper::Response<Served>,
         Error = ClientHungUp,
         Future: Send + 'static,
     > {
-        let context = Arc::new(self);
-        service_fn(move |mut request: hyper::Request<Incoming>| {
-            let context = context.clone();
-            // Called as soon as the head is read: the connection is busy from here.
-            let request_guard = context.state.begin(&request);
-            if let Some(over_tls) = &context.over_tls {
-                request.extensions_mut().insert(over_tls.clone());
+        let context = self;
+        service_fn(move |request: hyper::Request<Incoming>| context.respond::<P>(request.map(Some)))
+    }
+
+    /// Begins `request` (its head was just read: the connection is busy from here) and returns
+    /// the future of its response. The body is `None` for a request read by the gateway's own
+    /// HTTP/1.1 server (`crate::plain_http1`), which serves only requests without one.
+    pub(crate) fn respond<P: Placement>(
+        self: &Arc<Self>,
+        mut request: hyper::Request<Option<Incoming>>,
+    ) -> impl Future<Output = Result<hyper::Response<Served>, ClientHungUp>> + Send + use<P> {
+        let context = self.clone();
+        let with_body = request
+            .body()
+            .as_ref()
+            .is_some_and(|body| !body.is_end_stream());
+        let request_guard = context.state.begin(request.version(), with_body);
+        if let Some(over_tls) = &context.over_tls {
+            request.extensions_mut().insert(over_tls.clone());
+        }
+        let close = context.draining.is_cancelled() && request.version() < http::Version::HTTP_2;
+        let redirected = context.redirect.map(|redirect| redirect.respond(&request));
+        // Not with bytes of a next request read behind this one (hyper holds them: the
+        // client asked for more answers even if it hangs up now).
+        let watch = (context.watcher.as_ref())
+            .filter(|_| !context.state.pipelined_behind())
+            .map(|watcher| watcher.watch(with_body.then(|| context.state.clone())));
+        async move {
+            let served = |response: hyper::Response<ResponseBody>, watch| {
+                Ok(response.map(|body| Served {
+                    inner: body,
+                    _request: request_guard,
+                    watch,
+                }))
+            };
+            if let Some(response) = redirected {
+                return served(response, None);
             }
-            let close =
-                context.draining.is_cancelled() && request.version() < http::Version::HTTP_2;
-            let redirected = context.redirect.map(|redirect| redirect.respond(&request));
-            // Not with bytes of a next request read behind this one (hyper holds them: the
-            // client asked for more answers even if it hangs up now).
-            let watch = (context.watcher.as_ref())
-                .filter(|_| !context.state.pipelined_behind())
-                .map(|watcher| {
-                    let with_body = !request.body().is_end_stream();
-                    watcher.watch(with_body.then(|| context.state.clone()))
-                });
-            async move {
-                let served = |response: hyper::Response<ResponseBody>, watch| {
-                    Ok(response.map(|body| Served {
-                        inner: body,
-                        _request: request_guard,
-                        watch,
-                    }))
-                };
-                if let Some(response) = redirected {
-                    return served(response, None);
-                }
-                if context.state.conflicting_framing() {
-                    // Not forwarded; hyper closes the connection after this answer (it does
-                    // after any request with both headers).
-                    let error = GatewayError::BadRequest(
-                        "both Content-Length and Transfer-Encoding in one request",
-                    );
-                    return served(refusal(&error, &context.metrics), None);
-                }
-                // Dropping the request path cancels the request at the worker.
-                let forwarding = P::place(context.proxy.handle(request, &context.forwarded_for));
-                let (Some(mut response), watch) = UntilHungUp::new(forwarding, watch).await else {
-                    return Err(ClientHungUp);
-                };
-                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                    context.state.switched();
-                }
-                if let Some(hsts) = &context.hsts {
-                    response
-                        .headers_mut()
-                        .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
-                }
-                if close {
-                    response.headers_mut().insert(
-                        http::header::CONNECTION,
-                        http::HeaderValue::from_static("close"),
-                    );
-                }
-                // Watched on while the body streams, unless it is complete already.
-                let watch = watch.filter(|_| !response.body().is_end_stream());
-                served(response, watch)
+            if context.state.conflicting_framing() {
+                // Not forwarded; hyper closes the connection after this answer (it does
+                // after any request with both headers).
+                let error = GatewayError::BadRequest(
+                    "both Content-Length and Transfer-Encoding in one request",
+                );
+                return served(refusal(&error, &context.metrics), None);
             }
-        })
+            // Dropping the request path cancels the request at the worker.
+            let forwarding = P::place(context.proxy.handle(request, &context.forwarded_for));
+            let (Some(mut response), watch) = UntilHungUp::new(forwarding, watch).await else {
+                return Err(ClientHungUp);
+            };
+            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                context.state.switched();
+            }
+            if let Some(hsts) = &context.hsts {
+                response
+                    .headers_mut()
+                    .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+            }
+            if close {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            // Watched on while the body streams, unless it is complete already.
+            let watch = watch.filter(|_| !response.body().is_end_stream());
+            served(response, watch)
+        }
     }
 }
 

@@ -9,7 +9,8 @@
 # THREADS: the gateway's serving threads (default 1).
 # Runs `herd bench proxy --targets herd` for 8 s at c=64 (one serving thread unless THREADS), and counts over
 # 3 s of it with uprobes on glibc (`perf probe`: malloc, realloc, free, clock_gettime) and syscall
-# tracepoints. Requests are counted as writes to the worker (one `sendto` each). Uprobes slow the
+# tracepoints. Requests are counted as reads over two: one from the client and one from the worker
+# each (`recvfrom`; a keep-alive request arrives in one read at this load). Uprobes slow the
 # gateway several-fold, so the run's req/s and µs mean nothing here; the counts per request are
 # exact, and stable where timings on a shared VM are not (docs/performance.md, section 9).
 # Needs root, perf and release builds (`cargo build --release --bins`).
@@ -42,7 +43,7 @@ bench=
 awk -F, -v scenario="$scenario" -v gateway="$gateway" '
   { gsub(/^[a-z0-9]+:/, "", $3); gsub(/^sys_enter_/, "", $3); count[$3] = $1; order[n++] = $3 }
   END {
-    requests = count["sendto"]
+    requests = count["recvfrom"] / 2
     if (requests == 0) { print "no request reached a worker while counting (see the bench output)" > "/dev/stderr"; exit 1 }
     printf "%s, %s: %d requests counted\n", gateway, scenario, requests
     for (i = 0; i < n; i++) printf "  %-16s %6.2f per request\n", order[i], count[order[i]] / requests

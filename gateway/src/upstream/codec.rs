@@ -235,7 +235,7 @@ pub fn parse_response(
 /// in a table, and copies any other name into an allocation of its own. A cached name's clone is
 /// a copy (standard) or a reference count (custom); finding it compares a few lengths and one
 /// name (`infra/bench/instructions.sh`: 1 640 → 390 instructions per hello response).
-fn header_name(raw: &[u8]) -> Result<HeaderName, ProtocolError> {
+pub(crate) fn header_name(raw: &[u8]) -> Result<HeaderName, ProtocolError> {
     /// Names remembered per serving thread; the oldest is replaced when full.
     const CACHED: usize = 32;
     /// Longer names are not remembered (nor looked up).

@@ -1,0 +1,514 @@
+//! The gateway's own HTTP/1.1 server, for the plain requests of cleartext connections: no body,
+//! no protocol switch, no `Expect`, an origin-form target, a head that fits. Nearly every request
+//! a gateway sees is one. The first request that is not goes to hyper's server with the bytes
+//! read so far, and hyper serves the rest of that connection: uploads, WebSockets, odd or broken
+//! heads and their 400 / 431 answers keep hyper's behaviour, unchanged.
+//!
+//! ```text
+//! read until a head is whole ─▶ httparse ─▶ plain? ─no──▶ hyper (the bytes put back)
+//!                                             │yes
+//!                                             ▼
+//!          the service (crate::serving, as for hyper) ─▶ response head + body written
+//!                                             │
+//!          keep-alive: next head; told to close (drain) or shed (another thread): as hyper's
+//! ```
+//!
+//! Why: hyper's server was about a fifth of the user-space work of a request
+//! (`infra/bench/instructions.sh h1`, docs/performance.md section 16): its dispatch state
+//! machine, a buffer of its own, a clock read for its `Date` cache at every poll, and an
+//! encoder that handles what a plain request never has. Here a head is parsed once, into a
+//! header map whose names come from the per-thread cache of the worker client, and a response is
+//! written with its small body in one `write`.
+//!
+//! The response rules are hyper's (`proto/h1/role.rs`, `Server::encode`): a body's exact size
+//! becomes `Content-Length`, an unknown one is chunked; a `Content-Length` the response names
+//! wins, and is dropped from an empty body except for HEAD; no body after HEAD, 204 or 304; a
+//! `Date` when the response has none; the connection closes after a response or request that
+//! says `Connection: close`. The socket is the connection's [`ClientIo`], so the head, idle and
+//! send timeouts, the hang-up watch and the hand-over between threads work as they do for hyper.
+
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::ops::Range;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::Poll;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Method, Response, StatusCode, Uri, Version, header};
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::client_io::{ClientIo, ConnectionState};
+use crate::connections::{self, Entry};
+use crate::serving::{Inline, Served, ServiceContext};
+
+/// A head still incomplete at this size is left to hyper (its limits, its 431).
+const MAX_HEAD: usize = 16 * 1024;
+/// Headers a plain request may have; a head with more is left to hyper.
+const MAX_HEADERS: usize = 64;
+/// Room for one read.
+const READ_SIZE: usize = 8 * 1024;
+/// Body bytes gathered behind the head before a write; a larger frame is written on its own.
+const GATHER: usize = 16 * 1024;
+
+/// How serving a connection here ended.
+pub(crate) enum Ended<S> {
+    /// The connection is over.
+    Closed,
+    /// It gave its socket back between two requests (`connections::shed`).
+    Handed {
+        stream: S,
+        state: Arc<ConnectionState>,
+        read_ahead: Bytes,
+    },
+    /// A request that is not plain: hyper serves the connection from here, the bytes read so
+    /// far put back into its socket.
+    ToHyper(ClientIo<S>),
+}
+
+/// Serves the requests of `io` until one is not plain, the connection ends, or it is handed
+/// over (`movable`: may be).
+pub(crate) async fn serve<S>(
+    mut io: ClientIo<S>,
+    context: &Arc<ServiceContext>,
+    entry: &Entry,
+    movable: bool,
+) -> Ended<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = context.state.clone();
+    let mut buffer = BytesMut::with_capacity(READ_SIZE);
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    loop {
+        let request = loop {
+            if !buffer.is_empty() {
+                match parse(&mut buffer) {
+                    Parsed::Partial => {}
+                    Parsed::Plain(request) => break request,
+                    Parsed::NotPlain => {
+                        io.put_back(buffer.freeze());
+                        return Ended::ToHyper(io);
+                    }
+                }
+            }
+            let idle = buffer.is_empty();
+            match read_more(&mut io, &mut buffer, entry, &state, idle && movable).await {
+                Ok(Read::Bytes) => {}
+                Ok(Read::Closed) | Err(_) => return Ended::Closed,
+                Ok(Read::Told(Told::Close)) => return Ended::Closed,
+                Ok(Read::Told(Told::Shed)) => {
+                    let (stream, state) = io.into_parts();
+                    return Ended::Handed {
+                        stream,
+                        state,
+                        read_ahead: buffer.freeze(),
+                    };
+                }
+            }
+        };
+        let head_only = request.request.method() == Method::HEAD;
+        // Pinned where they are made: awaited as values, these futures (the request path's is
+        // several KB) were copied into this one's state for every request.
+        let responding = pin!(context.respond::<Inline>(request.request));
+        let Ok(response) = responding.await else {
+            // The client hung up: nobody is left to answer.
+            return Ended::Closed;
+        };
+        let written = {
+            let writing = pin!(write_response(&mut io, response, head_only, &mut out));
+            writing.await
+        };
+        let keep_alive = match written {
+            Ok(keep_alive) => keep_alive && !request.close,
+            Err(_) => return Ended::Closed,
+        };
+        if !keep_alive || entry.told_to_close() {
+            let _ = io.shutdown().await;
+            return Ended::Closed;
+        }
+    }
+}
+
+/// What a read brought.
+enum Read {
+    /// Bytes, in the buffer.
+    Bytes,
+    /// The client closed its side.
+    Closed,
+    /// The thread told the connection to close, or to give its socket back.
+    Told(Told),
+}
+
+enum Told {
+    Close,
+    Shed,
+}
+
+/// Reads more of the next request into `buffer`. Between two requests (nothing read of the
+/// next), the thread may tell the connection to close or, when `may_move`, to give its socket
+/// back: as `connections::Http1` does for hyper.
+async fn read_more<S: AsyncRead + Unpin>(
+    io: &mut ClientIo<S>,
+    buffer: &mut BytesMut,
+    entry: &Entry,
+    state: &ConnectionState,
+    may_move: bool,
+) -> io::Result<Read> {
+    let idle = buffer.is_empty();
+    if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
+        buffer.reserve(READ_SIZE);
+    }
+    let mut reading = pin!(io.read_buf(buffer));
+    std::future::poll_fn(|cx| {
+        entry.polled_by(cx.waker());
+        if let Poll::Ready(read) = reading.as_mut().poll(cx) {
+            return Poll::Ready(read.map(|n| if n == 0 { Read::Closed } else { Read::Bytes }));
+        }
+        if idle && state.between_requests() {
+            if entry.told_to_close() {
+                return Poll::Ready(Ok(Read::Told(Told::Close)));
+            }
+            if may_move && connections::take_shed() {
+                return Poll::Ready(Ok(Read::Told(Told::Shed)));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// A plain request, read.
+struct PlainRequest {
+    request: http::Request<Option<Incoming>>,
+    /// It said `Connection: close`.
+    close: bool,
+}
+
+// Not boxed: a request is the common case, and a box would be an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    /// More bytes needed.
+    Partial,
+    /// Taken off the buffer.
+    Plain(PlainRequest),
+    /// Not for this server; the buffer is as it was.
+    NotPlain,
+}
+
+/// Where a header's name and value sit in the head.
+type Spans = smallvec::SmallVec<[(Range<usize>, Range<usize>); 16]>;
+
+/// Parses the head at the start of `buffer`.
+fn parse(buffer: &mut BytesMut) -> Parsed {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut head = httparse::Request::new(&mut []);
+    let length = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut head, buffer, &mut slots)
+    {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD => return Parsed::Partial,
+        _ => return Parsed::NotPlain,
+    };
+    let (Some(method), Some(path), Some(1)) = (head.method, head.path, head.version) else {
+        return Parsed::NotPlain;
+    };
+    if method == "CONNECT" || !path.starts_with('/') {
+        return Parsed::NotPlain;
+    }
+    let mut close = false;
+    for header in head.headers.iter() {
+        let name = header.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"expect")
+        {
+            return Parsed::NotPlain;
+        }
+        if name.eq_ignore_ascii_case(b"connection") && has_token(header.value, b"close") {
+            close = true;
+        }
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::NotPlain;
+    };
+    let base = buffer.as_ptr() as usize;
+    let span = |bytes: &[u8]| {
+        let start = bytes.as_ptr() as usize - base;
+        start..start + bytes.len()
+    };
+    let target = span(path.as_bytes());
+    let spans: Spans = head
+        .headers
+        .iter()
+        .map(|h| (span(h.name.as_bytes()), span(h.value)))
+        .collect();
+    let whole = buffer.split_to(length).freeze();
+    match build(&whole, method, target, &spans) {
+        Some(request) => Parsed::Plain(PlainRequest { request, close }),
+        None => {
+            // Put back as it was (rare: a target or a value `http` refuses).
+            let mut restored = BytesMut::with_capacity(whole.len() + buffer.len());
+            restored.extend_from_slice(&whole);
+            restored.extend_from_slice(buffer);
+            *buffer = restored;
+            Parsed::NotPlain
+        }
+    }
+}
+
+/// The request of a parsed head; `None` when `http` refuses a part of it.
+fn build(
+    head: &Bytes,
+    method: Method,
+    target: Range<usize>,
+    spans: &Spans,
+) -> Option<http::Request<Option<Incoming>>> {
+    let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
+    let mut headers = crate::headers::spare_map(spans.len());
+    for (name, value) in spans {
+        let name = crate::upstream::codec::header_name(&head[name.clone()]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
+        headers.append(name, value);
+    }
+    let mut request = http::Request::new(None);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Some(request)
+}
+
+/// Whether a comma-separated header value lists `token` (any case).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// How a response body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Exactly this many bytes (0: none).
+    Length(u64),
+    /// Chunked.
+    Chunked,
+    /// No body may follow the head (HEAD, 204, 304).
+    Nothing,
+}
+
+/// Writes `response` (to a request that was a HEAD when `head_only`); whether the connection
+/// may serve another request.
+async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<S>,
+    mut response: Response<Served>,
+    head_only: bool,
+    out: &mut Vec<u8>,
+) -> io::Result<bool> {
+    out.clear();
+    let (framing, keep_alive) = encode_head(&response, head_only, out);
+    crate::headers::recycle(std::mem::take(response.headers_mut()));
+    let mut body = response.into_body();
+    if framing != Framing::Nothing && !body.is_end_stream() {
+        loop {
+            // What is ready now goes out with the head; a body that waits sends what is
+            // gathered first.
+            let ready = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx)));
+            let frame = match ready.await {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    if !out.is_empty() {
+                        io.write_all(out).await?;
+                        out.clear();
+                    }
+                    body.frame().await
+                }
+            };
+            let data = match frame {
+                None => break,
+                Some(Err(error)) => return Err(io::Error::other(error)),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue, // trailers are not forwarded over HTTP/1.1
+                },
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if framing == Framing::Chunked {
+                let mut size = [0u8; 16];
+                out.extend_from_slice(hex(data.len(), &mut size));
+                out.extend_from_slice(b"\r\n");
+            }
+            if out.len() + data.len() <= GATHER {
+                out.extend_from_slice(&data);
+            } else {
+                io.write_all(out).await?;
+                out.clear();
+                io.write_all(&data).await?;
+            }
+            if framing == Framing::Chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        if framing == Framing::Chunked {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+    }
+    if !out.is_empty() {
+        io.write_all(out).await?;
+    }
+    io.flush().await?;
+    // The request is over (its guard, in the body): the idle timer starts.
+    drop(body);
+    Ok(keep_alive)
+}
+
+/// `n` in lower-case hex, in `room`.
+fn hex(mut n: usize, room: &mut [u8; 16]) -> &[u8] {
+    let mut at = room.len();
+    loop {
+        at -= 1;
+        room[at] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            return &room[at..];
+        }
+    }
+}
+
+/// Writes the status line and headers of `response` to `out`, by hyper's rules (see the module
+/// doc): how the body is framed, and whether the connection may stay open.
+fn encode_head(response: &Response<Served>, head_only: bool, out: &mut Vec<u8>) -> (Framing, bool) {
+    let status = response.status();
+    let body = response.body();
+    // What the body says of its length: none, exactly n, or not known.
+    let length = if body.is_end_stream() {
+        Some(0)
+    } else {
+        body.size_hint().exact()
+    };
+    let body_allowed =
+        !head_only && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+    let length_allowed = !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+    if status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut framing = None;
+    let mut keep_alive = true;
+    let mut dated = false;
+    for (name, value) in response.headers() {
+        if *name == header::CONTENT_LENGTH {
+            if framing.is_some() {
+                continue; // the first one counts, as in hyper
+            }
+            match length {
+                // An empty body keeps the header only for HEAD (the length of what a GET
+                // would get); otherwise `content-length: 0` is written below.
+                Some(0) if !head_only => continue,
+                Some(n) => framing = Some(Framing::Length(n)),
+                None => match std::str::from_utf8(value.as_bytes())
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                {
+                    Some(n) => framing = Some(Framing::Length(n)),
+                    None => continue,
+                },
+            }
+        } else if *name == header::TRANSFER_ENCODING {
+            if !body_allowed {
+                continue;
+            }
+            framing = Some(Framing::Chunked);
+        } else if *name == header::CONNECTION {
+            if has_token(value.as_bytes(), b"close") {
+                keep_alive = false;
+            }
+        } else if *name == header::DATE {
+            dated = true;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = match framing {
+        Some(framing) => framing,
+        None => match length {
+            Some(0) => {
+                if length_allowed && !head_only {
+                    out.extend_from_slice(b"content-length: 0\r\n");
+                }
+                Framing::Length(0)
+            }
+            Some(n) => {
+                if length_allowed {
+                    out.extend_from_slice(b"content-length: ");
+                    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                Framing::Length(n)
+            }
+            None if body_allowed => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Framing::Chunked
+            }
+            None => Framing::Nothing,
+        },
+    };
+    if !dated {
+        out.extend_from_slice(b"date: ");
+        date::write(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let framing = if body_allowed {
+        framing
+    } else {
+        Framing::Nothing
+    };
+    (framing, keep_alive)
+}
+
+/// The `Date` value, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    /// "Sun, 06 Nov 1994 08:49:37 GMT".
+    const LENGTH: usize = 29;
+
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; LENGTH])> = const { RefCell::new((0, [0; LENGTH])) };
+    }
+
+    /// Appends the current date to `out`.
+    pub(super) fn write(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with_borrow_mut(|(cached_second, text)| {
+            if *cached_second != second || second == 0 {
+                let formatted = httpdate::fmt_http_date(now);
+                if formatted.len() == LENGTH {
+                    text.copy_from_slice(formatted.as_bytes());
+                    *cached_second = second;
+                } else {
+                    out.extend_from_slice(formatted.as_bytes());
+                    return;
+                }
+            }
+            out.extend_from_slice(text);
+        });
+    }
+}

@@ -1,0 +1,370 @@
+//! The gateway's own HTTP/1.1 server (`plain_http1`), from a raw client socket: pipelined
+//! requests in order, HEAD, chunked and empty answers, a head in pieces, `Connection: close`,
+//! a request with a body handed to hyper in the middle of a keep-alive connection, and the
+//! gateway's own error answers. The worker is a raw socket too, so the answers are exactly these
+//! bytes.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::Gateway;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const BIG: usize = 1 << 20;
+
+/// A worker answering by path with fixed bytes: `/chunked` ("hello world" in two chunks, 30 ms
+/// apart), `/204`,
+/// `/big` (1 MiB of `x`), `/echo` (the request's body), anything else its own path as the body.
+async fn raw_worker() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                loop {
+                    let Some((method, path, body)) = read_request(&mut stream, &mut buffer).await
+                    else {
+                        return;
+                    };
+                    if path == "/chunked" {
+                        // The rest comes later: the gateway cannot know the length, and chunks.
+                        let first =
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n";
+                        if stream.write_all(first).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        if stream.write_all(b"6\r\n world\r\n0\r\n\r\n").await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let answer = match path.as_str() {
+                        "/204" => b"HTTP/1.1 204 No Content\r\nx-worker: raw\r\n\r\n".to_vec(),
+                        "/big" => {
+                            let mut answer =
+                                format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n")
+                                    .into_bytes();
+                            answer.resize(answer.len() + BIG, b'x');
+                            answer
+                        }
+                        "/echo" => {
+                            let mut answer = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                                body.len()
+                            )
+                            .into_bytes();
+                            answer.extend_from_slice(&body);
+                            answer
+                        }
+                        _ if method == "HEAD" => {
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", path.len())
+                                .into_bytes()
+                        }
+                        _ => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-worker: raw\r\n\r\n{path}",
+                            path.len()
+                        )
+                        .into_bytes(),
+                    };
+                    if stream.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads one request (head and `Content-Length` body): method, path, body.
+async fn read_request(
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+) -> Option<(String, String, Vec<u8>)> {
+    loop {
+        if let Some(end) = find(buffer, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buffer[..end]).to_string();
+            let length = header(&head, "content-length").map_or(0, |v| v.parse().unwrap());
+            while buffer.len() < end + 4 + length {
+                read_some(stream, buffer).await?;
+            }
+            let body = buffer[end + 4..end + 4 + length].to_vec();
+            buffer.drain(..end + 4 + length);
+            let mut words = head.split(' ');
+            let method = words.next()?.to_string();
+            let path = words.next()?.to_string();
+            return Some((method, path, body));
+        }
+        read_some(stream, buffer).await?;
+    }
+}
+
+async fn read_some(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 16384];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+        .await
+        .expect("bytes within 5 s")
+        .ok()?;
+    if read == 0 {
+        return None;
+    }
+    buffer.extend_from_slice(&chunk[..read]);
+    Some(())
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A header's value in a head (first match, any case).
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// One response read from a client connection: its head, and its body (decoded when chunked;
+/// none for a HEAD).
+struct Answer {
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn status(&self) -> u16 {
+        self.head.split(' ').nth(1).unwrap().parse().unwrap()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        header(&self.head, name)
+    }
+}
+
+async fn read_answer(stream: &mut TcpStream, buffer: &mut Vec<u8>, head_only: bool) -> Answer {
+    let end = loop {
+        if let Some(end) = find(buffer, b"\r\n\r\n") {
+            break end;
+        }
+        read_some(stream, buffer)
+            .await
+            .expect("a whole response head");
+    };
+    let head = String::from_utf8_lossy(&buffer[..end]).to_string();
+    buffer.drain(..end + 4);
+    let mut body = Vec::new();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    if head_only || status == 204 || status == 304 {
+        return Answer { head, body };
+    }
+    if header(&head, "transfer-encoding") == Some("chunked") {
+        loop {
+            let line_end = loop {
+                if let Some(at) = find(buffer, b"\r\n") {
+                    break at;
+                }
+                read_some(stream, buffer).await.expect("a chunk size");
+            };
+            let size = usize::from_str_radix(std::str::from_utf8(&buffer[..line_end]).unwrap(), 16)
+                .unwrap();
+            while buffer.len() < line_end + 2 + size + 2 {
+                read_some(stream, buffer).await.expect("a chunk");
+            }
+            body.extend_from_slice(&buffer[line_end + 2..line_end + 2 + size]);
+            buffer.drain(..line_end + 2 + size + 2);
+            if size == 0 {
+                return Answer { head, body };
+            }
+        }
+    }
+    let length: usize = header(&head, "content-length")
+        .expect("a length")
+        .parse()
+        .unwrap();
+    while buffer.len() < length {
+        read_some(stream, buffer).await.expect("the whole body");
+    }
+    body.extend(buffer.drain(..length));
+    Answer { head, body }
+}
+
+async fn gateway() -> Gateway {
+    let worker = raw_worker().await;
+    Gateway::start(&[], |c| {
+        c.workers = vec![worker.to_string()];
+        c.health.path = "/ok".into();
+    })
+    .await
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nhost: gateway\r\n\r\n")
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_head_and_chunked_ones_keep_their_framing() {
+    let gw = gateway().await;
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut buffer = Vec::new();
+    // Five requests in one write: the answers come in order, each framed right (a stray byte
+    // of one would break the next).
+    let requests = [
+        get("/a"),
+        "HEAD /bb HTTP/1.1\r\nhost: gateway\r\n\r\n".into(),
+        get("/chunked"),
+        get("/204"),
+        get("/ccc"),
+    ];
+    stream
+        .write_all(requests.concat().as_bytes())
+        .await
+        .unwrap();
+    let a = read_answer(&mut stream, &mut buffer, false).await;
+    assert_eq!(
+        (a.status(), a.body.as_slice()),
+        (200, &b"/a"[..]),
+        "{}",
+        a.head
+    );
+    assert_eq!(a.header("x-worker"), Some("raw"));
+    assert!(a.header("x-herd-gateway").is_some(), "{}", a.head);
+    assert!(a.header("x-request-id").is_some(), "{}", a.head);
+    let head = read_answer(&mut stream, &mut buffer, true).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(
+        head.header("content-length"),
+        Some("3"),
+        "HEAD keeps the worker's length: {}",
+        head.head
+    );
+    let chunked = read_answer(&mut stream, &mut buffer, false).await;
+    assert_eq!(
+        chunked.header("transfer-encoding"),
+        Some("chunked"),
+        "{}",
+        chunked.head
+    );
+    assert_eq!(chunked.body, b"hello world");
+    let empty = read_answer(&mut stream, &mut buffer, false).await;
+    assert_eq!(empty.status(), 204);
+    assert_eq!(empty.header("content-length"), None, "{}", empty.head);
+    let c = read_answer(&mut stream, &mut buffer, false).await;
+    assert_eq!(c.body, b"/ccc");
+    assert!(buffer.is_empty(), "nothing after the last answer");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_head_in_pieces_and_a_big_body_arrive_whole() {
+    let gw = gateway().await;
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut buffer = Vec::new();
+    stream.write_all(b"GET /big HTT").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream.write_all(b"P/1.1\r\nhost: gate").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream.write_all(b"way\r\n\r\n").await.unwrap();
+    let big = read_answer(&mut stream, &mut buffer, false).await;
+    assert_eq!(big.status(), 200);
+    assert_eq!(big.header("content-length"), Some("1048576"));
+    assert_eq!(big.body.len(), BIG);
+    assert!(big.body.iter().all(|&b| b == b'x'));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_goes_to_hyper_and_the_connection_goes_on() {
+    let gw = gateway().await;
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut buffer = Vec::new();
+    stream.write_all(get("/first").as_bytes()).await.unwrap();
+    assert_eq!(
+        read_answer(&mut stream, &mut buffer, false).await.body,
+        b"/first"
+    );
+    // A POST and a GET behind it, in one write: hyper takes over with both.
+    let post = "POST /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 5\r\n\r\nhello";
+    stream
+        .write_all(format!("{post}{}", get("/after")).as_bytes())
+        .await
+        .unwrap();
+    let echoed = read_answer(&mut stream, &mut buffer, false).await;
+    assert_eq!(
+        (echoed.status(), echoed.body.as_slice()),
+        (200, &b"hello"[..]),
+        "{}",
+        echoed.head
+    );
+    assert_eq!(
+        read_answer(&mut stream, &mut buffer, false).await.body,
+        b"/after"
+    );
+    stream.write_all(get("/last").as_bytes()).await.unwrap();
+    assert_eq!(
+        read_answer(&mut stream, &mut buffer, false).await.body,
+        b"/last"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_close_closes_after_the_answer() {
+    let gw = gateway().await;
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut buffer = Vec::new();
+    stream
+        .write_all(b"GET /bye HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_answer(&mut stream, &mut buffer, false).await.body,
+        b"/bye"
+    );
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("closed within 5 s");
+    assert!(matches!(read, Ok(0)), "{read:?} {rest:?}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_gateways_own_answers_are_framed_and_dated() {
+    // No worker at all: the gateway answers 503 itself.
+    let gw = Gateway::start(&[], |c| c.workers = Vec::new()).await;
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut buffer = Vec::new();
+    stream.write_all(get("/").as_bytes()).await.unwrap();
+    let answer = read_answer(&mut stream, &mut buffer, false).await;
+    assert_eq!(answer.status(), 503, "{}", answer.head);
+    assert!(
+        answer
+            .head
+            .starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+        "{}",
+        answer.head
+    );
+    assert_eq!(
+        answer.header("content-length"),
+        Some(answer.body.len().to_string().as_str())
+    );
+    let date = answer.header("date").expect("a Date header");
+    assert!(httpdate::parse_http_date(date).is_ok(), "{date}");
+    let json: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert!(json["error"].is_string(), "{json}");
+    // A request without Host is the request path's 400, on the same connection.
+    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    assert_eq!(
+        read_answer(&mut stream, &mut buffer, false).await.status(),
+        400
+    );
+    gw.shutdown().await;
+}
