@@ -199,9 +199,9 @@ pub struct ClientIo<S = TcpStream> {
     /// Bytes read from the socket before this `ClientIo` was made (to tell HTTP/2 from
     /// HTTP/1.1, or by another serving thread), given to the first reads.
     prefix: Bytes,
-    /// The prefix came through this `ClientIo` already ([`ClientIo::put_back`]): seen, not
-    /// seen again.
-    prefix_seen: bool,
+    /// How many of the prefix's first bytes came through this `ClientIo` already
+    /// ([`ClientIo::put_back`]): seen, not seen again.
+    prefix_seen: usize,
     /// Everything written has been flushed (hyper flushes after each response).
     flushed: bool,
 }
@@ -222,7 +222,7 @@ impl<S> ClientIo<S> {
             scan: HeadScan::default(),
             lingering: None,
             prefix: Bytes::new(),
-            prefix_seen: false,
+            prefix_seen: 0,
             flushed: true,
         }
     }
@@ -255,9 +255,17 @@ impl<S> ClientIo<S> {
     /// gateway's own HTTP/1.1 server hands a request it leaves to hyper over this way
     /// (`crate::plain_http1`). Their heads were counted when read, and are not again.
     pub fn put_back(&mut self, bytes: Bytes) {
-        debug_assert!(self.prefix.is_empty(), "only read bytes go back");
-        self.prefix = bytes;
-        self.prefix_seen = true;
+        let seen = bytes.len();
+        self.prefix = if self.prefix.is_empty() {
+            bytes
+        } else {
+            // In front of what is left of an earlier prefix, which has not been seen.
+            let mut joined = bytes::BytesMut::with_capacity(bytes.len() + self.prefix.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.prefix);
+            joined.freeze()
+        };
+        self.prefix_seen += seen;
     }
 
     /// The stream and the connection's state, for another serving thread to go on with.
@@ -347,13 +355,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
         if !this.prefix.is_empty() {
             let taken = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix.split_to(taken));
-            if !this.prefix_seen {
-                this.received(&buf.filled()[before..]);
+            let seen = this.prefix_seen.min(taken);
+            this.prefix_seen -= seen;
+            if taken > seen {
+                this.received(&buf.filled()[before + seen..]);
             }
             if this.prefix.is_empty() {
                 // An empty tail still holds the whole buffer it came from.
                 this.prefix = Bytes::new();
-                this.prefix_seen = false;
             }
             return Poll::Ready(Ok(()));
         }
@@ -798,6 +807,33 @@ impl HeadScan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn bytes_put_back_come_again_before_the_rest_and_are_not_counted_twice() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (stream, mut client) = tokio::io::duplex(1024);
+        let state = Arc::new(ConnectionState::default());
+        let timeouts = ClientTimeouts {
+            head: Duration::from_secs(5),
+            idle: Duration::from_secs(5),
+            send: Duration::from_secs(5),
+        };
+        let first: &[u8] = b"GET /a HTTP/1.1\r\nhost: a\r\n\r\nGET /b HTTP/1.1\r\nhost: a\r\n\r\n";
+        let mut io = ClientIo::new(stream, state.clone(), timeouts).with_prefix(Bytes::from(first));
+        // Read the first head and a bit of the second, give it back: it comes first, then the
+        // rest of the prefix, then the socket.
+        let mut part = [0u8; 30];
+        io.read_exact(&mut part).await.unwrap();
+        assert_eq!(io.scan.heads_ended, 1);
+        io.put_back(Bytes::copy_from_slice(&part));
+        client.write_all(b"GET /c").await.unwrap();
+        let mut all = vec![0u8; first.len() + 6];
+        io.read_exact(&mut all).await.unwrap();
+        assert_eq!(&all[..first.len()], first);
+        assert_eq!(&all[first.len()..], b"GET /c");
+        // The first head was counted when first read, not again.
+        assert_eq!(io.scan.heads_ended, 2);
+    }
 
     fn scan(chunks: &[&[u8]]) -> bool {
         let mut scan = HeadScan::default();

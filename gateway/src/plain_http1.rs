@@ -66,8 +66,8 @@ pub(crate) enum Ended<S> {
         read_ahead: Bytes,
     },
     /// A request that is not plain: hyper serves the connection from here, the bytes read so
-    /// far put back into its socket.
-    ToHyper(ClientIo<S>),
+    /// far put back into its socket (boxed: once per connection at most).
+    ToHyper(Box<ClientIo<S>>),
 }
 
 /// Serves the requests of `io` until one is not plain, the connection ends, or it is handed
@@ -92,12 +92,11 @@ where
                     Parsed::Plain(request) => break request,
                     Parsed::NotPlain => {
                         io.put_back(buffer.freeze());
-                        return Ended::ToHyper(io);
+                        return Ended::ToHyper(Box::new(io));
                     }
                 }
             }
-            let idle = buffer.is_empty();
-            match read_more(&mut io, &mut buffer, entry, &state, idle && movable).await {
+            match read_more(&mut io, &mut buffer, entry, &state, movable).await {
                 Ok(Read::Bytes) => {}
                 Ok(Read::Closed) | Err(_) => return Ended::Closed,
                 Ok(Read::Told(Told::Close)) => return Ended::Closed,
@@ -112,6 +111,8 @@ where
             }
         };
         let head_only = request.request.method() == Method::HEAD;
+        // Closing after this answer: it says so (hyper adds `Connection: close` then too).
+        let closing = request.close || entry.told_to_close();
         // Pinned where they are made: awaited as values, these futures (the request path's is
         // several KB) were copied into this one's state for every request.
         let responding = pin!(context.respond::<Inline>(request.request));
@@ -120,11 +121,13 @@ where
             return Ended::Closed;
         };
         let written = {
-            let writing = pin!(write_response(&mut io, response, head_only, &mut out));
+            let writing = pin!(write_response(
+                &mut io, response, head_only, closing, &mut out
+            ));
             writing.await
         };
         let keep_alive = match written {
-            Ok(keep_alive) => keep_alive && !request.close,
+            Ok(keep_alive) => keep_alive && !closing,
             Err(_) => return Ended::Closed,
         };
         if !keep_alive || entry.told_to_close() {
@@ -149,15 +152,15 @@ enum Told {
     Shed,
 }
 
-/// Reads more of the next request into `buffer`. Between two requests (nothing read of the
-/// next), the thread may tell the connection to close or, when `may_move`, to give its socket
-/// back: as `connections::Http1` does for hyper.
+/// Reads more of the next request into `buffer`. Between two requests, the thread may tell the
+/// connection to close or, when `movable` and nothing of the next request was read, to give its
+/// socket back: as `connections::Http1` does for hyper.
 async fn read_more<S: AsyncRead + Unpin>(
     io: &mut ClientIo<S>,
     buffer: &mut BytesMut,
     entry: &Entry,
     state: &ConnectionState,
-    may_move: bool,
+    movable: bool,
 ) -> io::Result<Read> {
     let idle = buffer.is_empty();
     if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
@@ -169,11 +172,11 @@ async fn read_more<S: AsyncRead + Unpin>(
         if let Poll::Ready(read) = reading.as_mut().poll(cx) {
             return Poll::Ready(read.map(|n| if n == 0 { Read::Closed } else { Read::Bytes }));
         }
-        if idle && state.between_requests() {
+        if state.between_requests() {
             if entry.told_to_close() {
                 return Poll::Ready(Ok(Read::Told(Told::Close)));
             }
-            if may_move && connections::take_shed() {
+            if idle && movable && connections::take_shed() {
                 return Poll::Ready(Ok(Read::Told(Told::Shed)));
             }
         }
@@ -302,16 +305,23 @@ enum Framing {
     Nothing,
 }
 
-/// Writes `response` (to a request that was a HEAD when `head_only`); whether the connection
-/// may serve another request.
+/// Writes `response` (to a request that was a HEAD when `head_only`; saying `Connection: close`
+/// when `closing`); whether the connection may serve another request. A body longer or shorter
+/// than its `Content-Length` is an error: the connection closes rather than send a client bytes
+/// it would read as the next answer, or leave it waiting for bytes that never come (as hyper).
 async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<S>,
     mut response: Response<Served>,
     head_only: bool,
+    closing: bool,
     out: &mut Vec<u8>,
 ) -> io::Result<bool> {
     out.clear();
-    let (framing, keep_alive) = encode_head(&response, head_only, out);
+    let (framing, keep_alive) = encode_head(&response, head_only, closing, out);
+    let mut remaining = match framing {
+        Framing::Length(n) => n,
+        _ => u64::MAX,
+    };
     crate::headers::recycle(std::mem::take(response.headers_mut()));
     let mut body = response.into_body();
     if framing != Framing::Nothing && !body.is_end_stream() {
@@ -331,7 +341,14 @@ async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
             };
             let data = match frame {
                 None => break,
-                Some(Err(error)) => return Err(io::Error::other(error)),
+                Some(Err(error)) => {
+                    // What came before the break goes out, then the connection ends (a client
+                    // sees a cut-off answer, as from hyper, not none at all).
+                    if !out.is_empty() {
+                        io.write_all(out).await?;
+                    }
+                    return Err(io::Error::other(error));
+                }
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => data,
                     Err(_) => continue, // trailers are not forwarded over HTTP/1.1
@@ -340,6 +357,19 @@ async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
             if data.is_empty() {
                 continue;
             }
+            let data = if framing == Framing::Chunked {
+                data
+            } else if data.len() as u64 > remaining {
+                // More than the declared length: what fits goes out, then the connection ends.
+                out.extend_from_slice(&data[..remaining as usize]);
+                io.write_all(out).await?;
+                return Err(io::Error::other(
+                    "response body longer than its Content-Length",
+                ));
+            } else {
+                remaining -= data.len() as u64;
+                data
+            };
             if framing == Framing::Chunked {
                 let mut size = [0u8; 16];
                 out.extend_from_slice(hex(data.len(), &mut size));
@@ -358,6 +388,13 @@ async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
         }
         if framing == Framing::Chunked {
             out.extend_from_slice(b"0\r\n\r\n");
+        } else if remaining > 0 {
+            if !out.is_empty() {
+                io.write_all(out).await?;
+            }
+            return Err(io::Error::other(
+                "response body shorter than its Content-Length",
+            ));
         }
     }
     if !out.is_empty() {
@@ -384,7 +421,12 @@ fn hex(mut n: usize, room: &mut [u8; 16]) -> &[u8] {
 
 /// Writes the status line and headers of `response` to `out`, by hyper's rules (see the module
 /// doc): how the body is framed, and whether the connection may stay open.
-fn encode_head(response: &Response<Served>, head_only: bool, out: &mut Vec<u8>) -> (Framing, bool) {
+fn encode_head(
+    response: &Response<Served>,
+    head_only: bool,
+    closing: bool,
+    out: &mut Vec<u8>,
+) -> (Framing, bool) {
     let status = response.status();
     let body = response.body();
     // What the body says of its length: none, exactly n, or not known.
@@ -442,6 +484,10 @@ fn encode_head(response: &Response<Served>, head_only: bool, out: &mut Vec<u8>) 
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if closing && keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+        keep_alive = false;
     }
     let framing = match framing {
         Some(framing) => framing,

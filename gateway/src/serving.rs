@@ -391,7 +391,7 @@ impl Clients {
                         resumed: Resumed { state, read_ahead },
                     });
                 }
-                plain_http1::Ended::ToHyper(io) => io,
+                plain_http1::Ended::ToHyper(io) => *io,
             }
         } else {
             io

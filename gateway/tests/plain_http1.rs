@@ -46,6 +46,17 @@ async fn raw_worker() -> SocketAddr {
                         }
                         continue;
                     }
+                    if path == "/identity" || path == "/short" {
+                        // A stale length beside Transfer-Encoding, with what looks like a second
+                        // answer in the body; or fewer bytes than declared. Then the worker closes.
+                        let answer: &[u8] = if path == "/identity" {
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\ncontent-length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b"
+                        };
+                        let _ = stream.write_all(answer).await;
+                        return;
+                    }
                     let answer = match path.as_str() {
                         "/204" => b"HTTP/1.1 204 No Content\r\nx-worker: raw\r\n\r\n".to_vec(),
                         "/big" => {
@@ -324,10 +335,9 @@ async fn connection_close_closes_after_the_answer() {
         .write_all(b"GET /bye HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();
-    assert_eq!(
-        read_answer(&mut stream, &mut buffer, false).await.body,
-        b"/bye"
-    );
+    let bye = read_answer(&mut stream, &mut buffer, false).await;
+    assert_eq!(bye.body, b"/bye");
+    assert_eq!(bye.header("connection"), Some("close"), "{}", bye.head);
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
         .await
@@ -366,5 +376,49 @@ async fn the_gateways_own_answers_are_framed_and_dated() {
         read_answer(&mut stream, &mut buffer, false).await.status(),
         400
     );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_body_that_breaks_its_framing_never_reaches_the_next_answer() {
+    let gw = gateway().await;
+    // `Transfer-Encoding` beside `Content-Length`: the length is stale, the body is everything
+    // until the worker closes, and goes to the client as one body.
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut buffer = Vec::new();
+    stream.write_all(get("/identity").as_bytes()).await.unwrap();
+    let identity = read_answer(&mut stream, &mut buffer, false).await;
+    assert_ne!(
+        identity.header("content-length"),
+        Some("5"),
+        "{}",
+        identity.head
+    );
+    assert!(
+        identity.body.ends_with(b"evil"),
+        "{:?}",
+        String::from_utf8_lossy(&identity.body)
+    );
+    stream.write_all(get("/next").as_bytes()).await.unwrap();
+    assert_eq!(
+        read_answer(&mut stream, &mut buffer, false).await.body,
+        b"/next"
+    );
+
+    // Fewer bytes than declared: the client's connection is cut after what came, and nothing
+    // else is ever read as part of that body.
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    stream
+        .write_all(format!("{}{}", get("/short"), get("/after")).as_bytes())
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("closed within 5 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("only ten b"), "{text}");
     gw.shutdown().await;
 }

@@ -319,8 +319,9 @@ fn finish_head(
     let keep_alive = framing != ResponseFraming::UntilClose
         && !suspect
         && keeps_alive(values(head, &found.connection), version);
-    if framing == ResponseFraming::Chunked {
-        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); drop the stale length.
+    if !found.transfer_encoding.is_empty() {
+        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): the body is read by the
+        // former (chunked, or until the worker closes), so the length is stale; drop it.
         headers.remove(header::CONTENT_LENGTH);
     }
     Ok(ResponseHead {
