@@ -111,8 +111,6 @@ where
             }
         };
         let head_only = request.request.method() == Method::HEAD;
-        // Closing after this answer: it says so (hyper adds `Connection: close` then too).
-        let closing = request.close || entry.told_to_close();
         // Pinned where they are made: awaited as values, these futures (the request path's is
         // several KB) were copied into this one's state for every request.
         let responding = pin!(context.respond::<Inline>(request.request));
@@ -120,6 +118,10 @@ where
             // The client hung up: nobody is left to answer.
             return Ended::Closed;
         };
+        // Closing after this answer: it says so (hyper adds `Connection: close` then too). Decided
+        // as its head is written: a request begun before the gateway started to stop, answered
+        // after, says it as well, so the client does not reuse a connection about to close.
+        let closing = request.close || entry.told_to_close() || context.draining();
         let written = {
             let writing = pin!(write_response(
                 &mut io, response, head_only, closing, &mut out

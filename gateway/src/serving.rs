@@ -653,6 +653,11 @@ impl ServiceContext {
         service_fn(move |request: hyper::Request<Incoming>| context.respond::<P>(request.map(Some)))
     }
 
+    /// The gateway has started to stop: every HTTP/1 answer from now on says `Connection: close`.
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
     /// Begins `request` (its head was just read: the connection is busy from here) and returns
     /// the future of its response. The body is `None` for a request read by the gateway's own
     /// HTTP/1.1 server (`crate::plain_http1`), which serves only requests without one.
