@@ -674,7 +674,7 @@ impl ServiceContext {
         if let Some(over_tls) = &context.over_tls {
             request.extensions_mut().insert(over_tls.clone());
         }
-        let close = context.draining.is_cancelled() && request.version() < http::Version::HTTP_2;
+        let http1 = request.version() < http::Version::HTTP_2;
         let redirected = context.redirect.map(|redirect| redirect.respond(&request));
         // Not with bytes of a next request read behind this one (hyper holds them: the
         // client asked for more answers even if it hangs up now).
@@ -713,7 +713,10 @@ impl ServiceContext {
                     .headers_mut()
                     .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
             }
-            if close {
+            // Decided as the answer is ready, not when the request began: one begun before the
+            // gateway started to stop and answered after says it too, so its client does not
+            // reuse a connection that closes when idle ones do (`Clients::close_idle`).
+            if http1 && context.draining.is_cancelled() {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),

@@ -46,6 +46,9 @@ async fn raw_worker() -> SocketAddr {
                         }
                         continue;
                     }
+                    if path == "/slow" {
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                    }
                     if path == "/identity" || path == "/short" {
                         // A stale length beside Transfer-Encoding, with what looks like a second
                         // answer in the body; or fewer bytes than declared. Then the worker closes.
@@ -421,4 +424,19 @@ async fn a_worker_body_that_breaks_its_framing_never_reaches_the_next_answer() {
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     assert!(text.ends_with("only ten b"), "{text}");
     gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_answer_written_after_the_gateway_began_to_stop_says_connection_close() {
+    let gw = gateway().await;
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut buffer = Vec::new();
+    // Begun before the stop, answered after it: the client must not reuse the connection.
+    stream.write_all(get("/slow").as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = tokio::spawn(gw.shutdown());
+    let slow = read_answer(&mut stream, &mut buffer, false).await;
+    assert_eq!(slow.body, b"/slow");
+    assert_eq!(slow.header("connection"), Some("close"), "{}", slow.head);
+    stopping.await.unwrap();
 }
