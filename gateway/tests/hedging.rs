@@ -22,6 +22,39 @@ async fn hedge_count(gw: &Gateway) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
+/// A gateway over `workers` where only hedging stands between users and a hung worker:
+/// neither checks nor passive ejection take it out during a test, round robin reaches it, and
+/// the retry budget allows the hedges; `hedging` sets the hedge delay (fixed or learnt).
+async fn gateway_hedging_only(
+    workers: &[&Upstream],
+    hedging: impl FnOnce(&mut herd_gateway::config::HedgingConfig),
+) -> Gateway {
+    Gateway::start(workers, |c| {
+        hedging(&mut c.hedging);
+        c.timeouts.response_header = Duration::from_secs(5);
+        c.health.interval = Duration::from_secs(60);
+        c.health.passive.enabled = false;
+        c.balancing.slow_start = Duration::ZERO;
+        c.balancing.algorithm = herd_gateway::config::Algorithm::RoundRobin;
+        c.retry.budget_min_per_sec = 1000;
+    })
+    .await
+}
+
+/// Sends `count` GETs one by one; each must succeed (and `check` its answer); the slowest wait.
+async fn slowest_of(gw: &Gateway, count: usize, check: impl Fn(&support::Answer)) -> Duration {
+    let c = client();
+    let mut slowest = Duration::ZERO;
+    for i in 0..count {
+        let sent = Instant::now();
+        let answer = get(&c, &gw.url("/")).await;
+        slowest = slowest.max(sent.elapsed());
+        assert_eq!(answer.status, 200, "GET {i}");
+        check(&answer);
+    }
+    slowest
+}
+
 #[tokio::test]
 async fn a_hung_worker_costs_a_get_the_hedge_delay_only() {
     let workers = [
@@ -29,31 +62,13 @@ async fn a_hung_worker_costs_a_get_the_hedge_delay_only() {
         Upstream::start("w2").await,
         Upstream::start("w3").await,
     ];
-    let gw = Gateway::start(&[&workers[0], &workers[1], &workers[2]], |c| {
-        c.hedging.delay = DELAY;
-        c.timeouts.response_header = Duration::from_secs(5);
-        // Neither checks nor passive ejection take the hung worker out during the test: only
-        // hedging stands between the users and a 5 s wait.
-        c.health.interval = Duration::from_secs(60);
-        c.health.passive.enabled = false;
-        c.balancing.slow_start = Duration::ZERO;
-        c.balancing.algorithm = herd_gateway::config::Algorithm::RoundRobin;
-        c.retry.budget_min_per_sec = 1000;
+    let gw = gateway_hedging_only(&[&workers[0], &workers[1], &workers[2]], |h| {
+        h.delay = DELAY;
     })
     .await;
-    let c = client();
-    for _ in 0..6 {
-        assert_eq!(get(&c, &gw.url("/")).await.status, 200);
-    }
+    slowest_of(&gw, 6, |_| {}).await;
     workers[1].behavior.hang.store(true, Ordering::SeqCst);
-    let mut slowest = Duration::ZERO;
-    for i in 0..30 {
-        let sent = Instant::now();
-        let answer = get(&c, &gw.url("/")).await;
-        slowest = slowest.max(sent.elapsed());
-        assert_eq!(answer.status, 200, "GET {i}");
-        assert_ne!(answer.worker(), "w2");
-    }
+    let slowest = slowest_of(&gw, 30, |answer| assert_ne!(answer.worker(), "w2")).await;
     println!("slowest GET with a hung worker: {slowest:?}");
     assert!(slowest < DELAY + Duration::from_millis(400), "{slowest:?}");
     let hedges = hedge_count(&gw).await;
@@ -123,29 +138,12 @@ async fn hedging_off_waits_for_the_worker() {
 async fn a_fresh_gateway_learns_its_hedge_delay_from_its_first_answers() {
     let workers = [Upstream::start("w1").await, Upstream::start("w2").await];
     // The learnt delay (the default): `max_delay` until measured.
-    let gw = Gateway::start(&[&workers[0], &workers[1]], |c| {
-        c.timeouts.response_header = Duration::from_secs(5);
-        c.health.interval = Duration::from_secs(60);
-        c.health.passive.enabled = false;
-        c.balancing.slow_start = Duration::ZERO;
-        c.balancing.algorithm = herd_gateway::config::Algorithm::RoundRobin;
-        c.retry.budget_min_per_sec = 1000;
-    })
-    .await;
-    let c = client();
+    let gw = gateway_hedging_only(&[&workers[0], &workers[1]], |_| {}).await;
     // A standby that just took over, or a gateway just started: 64 quick answers, well within
     // the first second.
-    for _ in 0..64 {
-        assert_eq!(get(&c, &gw.url("/")).await.status, 200);
-    }
+    slowest_of(&gw, 64, |_| {}).await;
     workers[1].behavior.hang.store(true, Ordering::SeqCst);
-    let mut slowest = Duration::ZERO;
-    for i in 0..6 {
-        let sent = Instant::now();
-        let answer = get(&c, &gw.url("/")).await;
-        slowest = slowest.max(sent.elapsed());
-        assert_eq!(answer.status, 200, "GET {i}");
-    }
+    let slowest = slowest_of(&gw, 6, |_| {}).await;
     println!("slowest GET with a hung worker, 64 answers in: {slowest:?}");
     // `max_delay` (1 s) when the first window waited for its second and 256 answers.
     assert!(slowest < Duration::from_millis(500), "{slowest:?}");
