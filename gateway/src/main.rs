@@ -14,7 +14,12 @@ struct Args {
     common: CommonArgs,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    herd_shared::cli::exit_code("herd-gateway", serve())
+}
+
+/// Parses the flags and the configuration, then serves until SIGTERM / SIGINT.
+fn serve() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = exit_on_error(GatewayConfig::load(args.common.config.as_deref()));
     // Kept to the end of `main`: dropping it flushes the spans still queued.

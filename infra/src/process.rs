@@ -411,15 +411,58 @@ fn pid(number: u32) -> Pid {
     Pid::from_raw(i32::try_from(number).unwrap_or(i32::MAX))
 }
 
+/// The last `lines` lines of the file at `path`, after the first panic or `main` error message
+/// when that is not among them (a backtrace after it would push it out of the tail).
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    let from = all.len().saturating_sub(lines);
+    let mut shown = Vec::new();
+    if let Some(at) = all[..from].iter().position(|line| is_fatal_message(line)) {
+        let end = (at + 2).min(from);
+        shown.extend_from_slice(&all[at..end]);
+        if end < from {
+            shown.push("[…]");
+        }
+    }
+    shown.extend_from_slice(&all[from..]);
+    shown.join("\n")
+}
+
+/// Whether a log line is how a herd binary or Rust itself reports a fatal error.
+fn is_fatal_message(line: &str) -> bool {
+    line.contains("panicked at")
+        || ["Error: ", "herd-gateway: ", "herd-worker: "]
+            .iter()
+            .any(|start| line.starts_with(start))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tail_keeps_the_reason_a_backtrace_pushed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        let frames: String = (0..40).map(|n| format!("  {n}: frame\n")).collect();
+        std::fs::write(
+            &path,
+            format!("starting\nherd-gateway: cannot bind 127.0.0.1:9: address in use\n\nStack backtrace:\n{frames}"),
+        )
+        .unwrap();
+        let shown = tail(&path, 5);
+        assert!(
+            shown.starts_with("herd-gateway: cannot bind 127.0.0.1:9: address in use\n\n[…]\n"),
+            "{shown}"
+        );
+        assert!(shown.ends_with("  39: frame"), "{shown}");
+        assert_eq!(
+            tail(&path, 100).lines().count(),
+            44,
+            "a whole log is shown once"
+        );
+    }
 
     #[test]
     fn reads_listening_lines_and_skips_others() {

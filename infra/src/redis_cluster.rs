@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::deps::{self, DepsError, REDIS_CLI};
-use crate::ports::free_port;
+use crate::ports;
 use crate::redis_server::{RedisServer, RedisServerError};
 
 /// Why the cluster could not be started or changed.
@@ -56,6 +56,8 @@ pub struct RedisCluster {
 
 /// How long `start` waits for the whole cluster to report `cluster_state:ok`.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// A node's cluster-bus port is its port plus this.
+const BUS_OFFSET: u16 = 10_000;
 
 impl RedisCluster {
     /// Starts `masters` × (1 + `replicas`) nodes under `dir` (one sub-directory each) and makes
@@ -222,14 +224,16 @@ impl RedisCluster {
     }
 }
 
-/// A free port whose cluster-bus port (port + 10000) is free as well.
+/// A free port whose cluster-bus port (port + 10000) is free as well, both below the ephemeral
+/// range (see [`crate::ports`]).
 fn cluster_port() -> Result<u16, RedisClusterError> {
+    let below_bus = ports::ephemeral_start().saturating_sub(BUS_OFFSET);
     for _ in 0..50 {
-        let port = free_port().map_err(|_| RedisClusterError::Port)?;
-        if port > 55_000 {
+        let port = ports::free_port_in(10_000..below_bus).map_err(|_| RedisClusterError::Port)?;
+        if port > u16::MAX - BUS_OFFSET {
             continue;
         }
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port + 10_000)).is_ok() {
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port + BUS_OFFSET)).is_ok() {
             return Ok(port);
         }
     }

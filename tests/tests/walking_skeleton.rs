@@ -206,3 +206,30 @@ fn a_bad_config_value_exits_2_with_one_line_naming_the_key() {
         );
     }
 }
+
+#[test]
+fn a_taken_port_exits_1_with_one_line_naming_the_address_even_with_backtraces_on() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let cases = [
+        ("herd-gateway", "HERD_GATEWAY_LISTEN", "herd-gateway: "),
+        ("herd-worker", "HERD_WORKER_LISTEN", "herd-worker: "),
+    ];
+    for (binary, variable, start) in cases {
+        let env = [
+            (variable, addr.as_str()),
+            ("RUST_BACKTRACE", "1"),
+            ("HERD_WORKER_APP", "hello"),
+            ("HERD_WORKER_REGISTRY__ENABLED", "false"),
+        ];
+        let (code, stderr) = run_with_env(binary, &env, &["--log-format", "json"]);
+        assert_eq!(code, Some(1), "{binary}: {stderr}");
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+        let last = last.unwrap_or_default();
+        assert!(
+            last.starts_with(start) && last.contains(&addr),
+            "{binary}: the last line says which address: {stderr}"
+        );
+        assert!(!stderr.contains("backtrace"), "{binary}: {stderr}");
+    }
+}

@@ -150,7 +150,7 @@ pub trait Machine: Send + Sync + std::fmt::Debug {
     fn log_tail(&self, name: &str, lines: usize) -> String {
         let log = quote(&format!("{}/log/{name}.log", self.dir()));
         self.run(&format!(
-            "grep -m1 -A1 -e 'panicked at' -e '^Error: ' {log} 2>/dev/null; tail -n {lines} {log} 2>/dev/null || true"
+            "grep -m1 -A1 -e 'panicked at' -e '^Error: ' -e '^herd-gateway: ' -e '^herd-worker: ' {log} 2>/dev/null; tail -n {lines} {log} 2>/dev/null || true"
         ))
         .unwrap_or_default()
     }

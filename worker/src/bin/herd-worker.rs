@@ -19,7 +19,12 @@ struct Args {
     common: CommonArgs,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    herd_shared::cli::exit_code("herd-worker", serve())
+}
+
+/// Parses the flags and the configuration, then serves until SIGTERM / SIGINT.
+fn serve() -> anyhow::Result<()> {
     let args = Args::parse();
     let config: WorkerConfig = config::exit_on_error(config::load(&Source {
         file: args.common.config.as_deref(),
