@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use crate::balancer::InFlight;
 use crate::error::GatewayError;
 pub use crate::upstream::{BodyError, StreamWatch, UpstreamBody, client_went_away};
-use crate::upstream::{WorkerBody, WorkerBodyError};
+use crate::upstream::{RawHead, WorkerBody, WorkerBodyError};
 
 /// A request body after the first read: replayable, or streaming (one attempt only).
 #[derive(Debug)]
@@ -128,6 +128,8 @@ fn streaming(prefix: Option<Bytes>, inner: Incoming, seen: u64, limit: u64) -> P
 }
 
 /// A response body to the client: the worker's stream, or the gateway's own bytes.
+// Not boxed: the worker's stream is the common case, and a box would be an allocation per request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ResponseBody {
     /// Made by the gateway (errors, admin).
@@ -138,6 +140,9 @@ pub enum ResponseBody {
         inner: WorkerBody,
         /// Released at the end of the body.
         guard: Option<InFlight>,
+        /// The worker's head as it came, when the response's header map holds only what the
+        /// gateway adds (for the gateway's own HTTP/1.1 server, `crate::plain_http1`).
+        raw_head: Option<RawHead>,
     },
 }
 
@@ -151,6 +156,14 @@ impl ResponseBody {
     pub fn empty() -> Self {
         ResponseBody::Full(None)
     }
+
+    /// The worker's head as it came, when the response's header lines are still in it.
+    pub fn raw_head(&self) -> Option<&RawHead> {
+        match self {
+            ResponseBody::Upstream { raw_head, .. } => raw_head.as_ref(),
+            ResponseBody::Full(_) => None,
+        }
+    }
 }
 
 impl Body for ResponseBody {
@@ -163,7 +176,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, WorkerBodyError>>> {
         match self.get_mut() {
             ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ResponseBody::Upstream { inner, guard } => {
+            ResponseBody::Upstream { inner, guard, .. } => {
                 let frame = ready!(Pin::new(inner).poll_frame(cx));
                 if !matches!(frame, Some(Ok(_))) {
                     guard.take();

@@ -43,6 +43,32 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::UPGRADE || HOP_BY_HOP.iter().any(|h| h == name)
 }
 
+/// [`is_hop_by_hop`] for a name as it was spelled on the wire (any case): by its length first,
+/// so most names are told apart without a comparison.
+pub fn is_hop_by_hop_raw(name: &[u8]) -> bool {
+    let candidates: &[&[u8]] = match name.len() {
+        2 => &[b"te"],
+        7 => &[b"trailer", b"upgrade"],
+        10 => &[b"connection", b"keep-alive"],
+        16 => &[b"proxy-connection"],
+        17 => &[b"transfer-encoding"],
+        18 => &[b"proxy-authenticate"],
+        19 => &[b"proxy-authorization"],
+        _ => return false,
+    };
+    candidates.iter().any(|c| name.eq_ignore_ascii_case(c))
+}
+
+/// Whether the gateway sets a response header of this name (as spelled on the wire, any case)
+/// in place of the worker's: `x-herd-gateway`, and `Strict-Transport-Security` on a TLS listener.
+pub fn is_replaced_in_responses_raw(name: &[u8]) -> bool {
+    match name.len() {
+        14 => name.eq_ignore_ascii_case(GATEWAY.as_str().as_bytes()),
+        25 => name.eq_ignore_ascii_case(header::STRICT_TRANSPORT_SECURITY.as_str().as_bytes()),
+        _ => false,
+    }
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`, and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Runs twice per request. Most messages carry none, or only `Connection: keep-alive`: find
@@ -324,6 +350,41 @@ pub fn is_idempotent(method: &http::Method) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hop_by_hop_names_are_told_the_same_way_as_spelled_on_the_wire() {
+        let hop_by_hop = HOP_BY_HOP;
+        for name in hop_by_hop.iter().chain([&header::UPGRADE]) {
+            assert!(is_hop_by_hop(name));
+            assert!(is_hop_by_hop_raw(name.as_str().as_bytes()), "{name}");
+            let shouted = name.as_str().to_ascii_uppercase();
+            assert!(is_hop_by_hop_raw(shouted.as_bytes()), "{shouted}");
+        }
+        for other in [
+            "tea",
+            "trailers",
+            "content-length",
+            "x-request-id",
+            "upgrades",
+            "",
+            "t",
+        ] {
+            assert!(!is_hop_by_hop_raw(other.as_bytes()), "{other}");
+        }
+        for replaced in [
+            "x-herd-gateway",
+            "X-Herd-Gateway",
+            "strict-transport-security",
+        ] {
+            assert!(
+                is_replaced_in_responses_raw(replaced.as_bytes()),
+                "{replaced}"
+            );
+        }
+        for other in ["x-herd-worker", "x-herd-gatewax", "content-length", ""] {
+            assert!(!is_replaced_in_responses_raw(other.as_bytes()), "{other}");
+        }
+    }
+
     use super::*;
 
     #[test]

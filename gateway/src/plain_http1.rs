@@ -452,6 +452,16 @@ fn encode_head(
     let mut framing = None;
     let mut keep_alive = true;
     let mut dated = false;
+    if let Some(raw) = body.inner().raw_head() {
+        // The worker's lines as it sent them (`RawHead`: nothing in them to take out). Its
+        // `Content-Length` frames the body, whose length is therefore exact.
+        out.extend_from_slice(&raw.lines);
+        if raw.has_content_length {
+            debug_assert!(length.is_some(), "a body framed by its length knows it");
+            framing = length.map(Framing::Length);
+        }
+        dated = raw.has_date;
+    }
     for (name, value) in response.headers() {
         if *name == header::CONTENT_LENGTH {
             if framing.is_some() {

@@ -267,7 +267,9 @@ impl Proxy {
         self.budget.deposit();
 
         let deadline = started + settings.request;
-        // `None`: a request the gateway's own HTTP/1.1 server read, which has no body.
+        // `None`: a request the gateway's own HTTP/1.1 server read, which has no body. That
+        // server writes the worker's header lines through: no header map for the response.
+        let raw_response = body.is_none();
         let no_body = matches!(content_length, None | Some(0))
             && body.as_ref().is_none_or(|body| body.is_end_stream());
         let mut prepared = match body {
@@ -353,6 +355,7 @@ impl Proxy {
                         forwarding,
                         declared_length: content_length,
                         body,
+                        raw_response,
                     };
                     // Pinned where it is made: the attempt's future is large, and moving it into
                     // `hedged` cost measurable memcpy per request.
@@ -400,6 +403,7 @@ impl Proxy {
                                     forwarding,
                                     declared_length: content_length,
                                     body: spare,
+                                    raw_response,
                                 };
                                 let connection = match upstream::connect(
                                     &worker.pool,
@@ -699,8 +703,13 @@ impl Proxy {
                     );
                 let mut response_headers = head.headers;
                 let switched_to = response_headers.get(header::UPGRADE).cloned();
+                // A raw head's lines are filtered where they are written (`plain_http1`).
                 headers::strip_hop_by_hop(&mut response_headers);
-                if !response_headers.contains_key(headers::REQUEST_ID) {
+                let worker_sent_id = match &head.raw {
+                    Some(raw) => raw.has_request_id,
+                    None => response_headers.contains_key(headers::REQUEST_ID),
+                };
+                if !worker_sent_id {
                     response_headers.insert(headers::REQUEST_ID, request_id.clone());
                 }
                 let (body, tunnel) = match reply {
@@ -708,6 +717,7 @@ impl Proxy {
                         let body = ResponseBody::Upstream {
                             inner: worker_body,
                             guard: Some(guard),
+                            raw_head: head.raw,
                         };
                         (body, None)
                     }

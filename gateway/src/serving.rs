@@ -752,6 +752,13 @@ pub struct Served {
     watch: Option<HangUpWatch>,
 }
 
+impl Served {
+    /// The response body it wraps.
+    pub(crate) fn inner(&self) -> &ResponseBody {
+        &self.inner
+    }
+}
+
 /// Why a response body to a client ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum ServedError {

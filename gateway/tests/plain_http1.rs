@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 const BIG: usize = 1 << 20;
 
 /// A worker answering by path with fixed bytes: `/chunked` ("hello world" in two chunks, 30 ms
-/// apart), `/204`,
+/// apart), `/204`, `/as-sent`, `/keep-alive`, `/bare-lf` (heads to write through or not),
 /// `/big` (1 MiB of `x`), `/echo` (the request's body), anything else its own path as the body.
 async fn raw_worker() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -62,6 +62,14 @@ async fn raw_worker() -> SocketAddr {
                     }
                     let answer = match path.as_str() {
                         "/204" => b"HTTP/1.1 204 No Content\r\nx-worker: raw\r\n\r\n".to_vec(),
+                        // Written through as they are: the worker's spelling, its own date and
+                        // request id, a value with a tab.
+                        "/as-sent" => b"HTTP/1.1 201 Created\r\nX-Worker: Raw\r\nDate: Tue, 01 Dec 2026 10:00:00 GMT\r\nx-request-id: from-worker\r\nx-note: a\tb\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                        // Not written through: a hop-by-hop header to take out, bare LF line
+                        // ends, no length (the body runs until the worker closes).
+                        "/keep-alive" => b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=5\r\nx-worker: raw\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                        "/spoof" => b"HTTP/1.1 200 OK\r\nX-Herd-Gateway: spoofed\r\nx-worker: raw\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                        "/bare-lf" => b"HTTP/1.1 200 OK\nx-worker: raw\ncontent-length: 2\n\nok".to_vec(),
                         "/big" => {
                             let mut answer =
                                 format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n")
@@ -439,4 +447,63 @@ async fn an_answer_written_after_the_gateway_began_to_stop_says_connection_close
     assert_eq!(slow.body, b"/slow");
     assert_eq!(slow.header("connection"), Some("close"), "{}", slow.head);
     stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_worker_head_is_written_through_as_sent_when_nothing_in_it_must_change() {
+    let gw = gateway().await;
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut buffer = Vec::new();
+    stream.write_all(get("/as-sent").as_bytes()).await.unwrap();
+    let answer = read_answer(&mut stream, &mut buffer, false).await;
+    assert!(answer.head.starts_with("HTTP/1.1 201 Created\r\nX-Worker: Raw\r\nDate: Tue, 01 Dec 2026 10:00:00 GMT\r\nx-request-id: from-worker\r\nx-note: a\tb\r\nContent-Length: 2\r\n"), "{}", answer.head);
+    assert_eq!(answer.body, b"ok");
+    // The gateway adds its own headers, and no second date, length or request id.
+    assert!(answer.header("x-herd-gateway").is_some(), "{}", answer.head);
+    for name in ["date", "content-length", "x-request-id"] {
+        let count = answer
+            .head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
+            .count();
+        assert_eq!(count, 1, "{name}: {}", answer.head);
+    }
+    assert!(
+        !answer.head.contains("transfer-encoding"),
+        "{}",
+        answer.head
+    );
+
+    // A hop-by-hop header is taken out, the gateway's own replaces the worker's, bare LF line
+    // ends become CRLF.
+    for path in ["/keep-alive", "/spoof", "/bare-lf"] {
+        stream.write_all(get(path).as_bytes()).await.unwrap();
+        let answer = read_answer(&mut stream, &mut buffer, false).await;
+        assert_eq!(answer.body, b"ok", "{path}");
+        assert_eq!(
+            answer.header("x-worker"),
+            Some("raw"),
+            "{path}: {}",
+            answer.head
+        );
+        assert!(
+            answer.header("keep-alive").is_none(),
+            "{path}: {}",
+            answer.head
+        );
+        let bare = answer.head.replace("\r\n", "");
+        assert!(!bare.contains('\n'), "{path}: CRLF only: {:?}", answer.head);
+        assert!(
+            answer.header("x-request-id").is_some(),
+            "{path}: {}",
+            answer.head
+        );
+    }
+    // The connection still carries answers after all of them.
+    stream.write_all(get("/next").as_bytes()).await.unwrap();
+    assert_eq!(
+        read_answer(&mut stream, &mut buffer, false).await.body,
+        b"/next"
+    );
+    gw.shutdown().await;
 }

@@ -8,9 +8,9 @@ use http::Method;
 use libfuzzer_sys::fuzz_target;
 
 /// One parse; checks what it left in the buffer.
-fn parse(bytes: &[u8], method: &Method, upgrade: bool) -> String {
+fn parse(bytes: &[u8], method: &Method, upgrade: bool, raw: bool) -> String {
     let mut buffer = BytesMut::from(bytes);
-    let parsed = parse_response(&mut buffer, method, upgrade);
+    let parsed = parse_response(&mut buffer, method, upgrade, raw);
     match &parsed {
         Ok(Parsed::Complete(_)) => assert!(bytes.ends_with(&buffer)),
         Ok(Parsed::Interim(length)) => assert!(*length <= bytes.len() && buffer == bytes),
@@ -29,10 +29,11 @@ fuzz_target!(|data: &[u8]| {
         Method::HEAD
     };
     let upgrade = control & 2 != 0;
-    let whole = parse(bytes, &method, upgrade);
+    let raw = control & 4 != 0;
+    let whole = parse(bytes, &method, upgrade, raw);
     // A reader sees a prefix first: if that is already a whole head, it must be this one.
-    let cut = usize::from(control >> 2) * bytes.len() / 64;
-    let first = parse(&bytes[..cut], &method, upgrade);
+    let cut = usize::from(control >> 3) * bytes.len() / 32;
+    let first = parse(&bytes[..cut], &method, upgrade, raw);
     if first.starts_with("Ok(Complete") || first.starts_with("Ok(Interim") {
         assert_eq!(first, whole);
     } else if first.starts_with("Err") {

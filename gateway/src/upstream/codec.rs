@@ -140,12 +140,78 @@ pub struct ResponseHead {
     pub status: StatusCode,
     /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
-    /// The worker's headers (hop-by-hop ones still included).
+    /// The worker's headers (hop-by-hop ones still included); empty when `raw` holds them.
     pub headers: HeaderMap,
+    /// The worker's header lines as it sent them, in place of `headers`, when they were asked
+    /// for and may be forwarded as they are (see [`RawHead`]).
+    pub raw: Option<RawHead>,
     /// How the body is delimited.
     pub framing: ResponseFraming,
     /// Whether the connection may carry another request after this response.
     pub keep_alive: bool,
+}
+
+/// A response's header lines kept as the worker sent them, for the gateway's own HTTP/1.1
+/// server to write through: no `HeaderMap` is built, and none is encoded again. Only heads that
+/// need nothing taken out are kept so: no hop-by-hop header (so no `Connection`, no
+/// `Transfer-Encoding`), none the gateway replaces (`x-herd-gateway`), at most one
+/// `Content-Length`, CRLF line ends, not an answer to HEAD, not a 204 or 304. That is nearly every answer of a typical app; the others get a map.
+/// Small on purpose: a response is moved through several futures, and a larger head cost more
+/// in copies than the map saved (docs/performance.md section 17).
+#[derive(Debug, Clone)]
+pub struct RawHead {
+    /// From the first header's name to the CRLF ending the last header line (empty without
+    /// headers).
+    pub lines: Bytes,
+    /// The worker sent an `x-request-id` (the gateway adds one to an answer without).
+    pub has_request_id: bool,
+    /// The worker sent a `Date`.
+    pub has_date: bool,
+    /// The worker sent a `Content-Length` (the body's length, which frames it).
+    pub has_content_length: bool,
+}
+
+impl RawHead {
+    /// The raw head of `head` if its lines may be forwarded as they are (see [`RawHead`]); notes
+    /// the framing headers in `found` either way.
+    fn of(
+        head: &Bytes,
+        spans: &[(Range<usize>, Range<usize>)],
+        found: &mut FramingHeaders,
+    ) -> Option<RawHead> {
+        let mut raw = RawHead {
+            lines: Bytes::new(),
+            has_request_id: false,
+            has_date: false,
+            has_content_length: false,
+        };
+        // The blank line ends the head; each header line ends where the next begins.
+        let ends = spans
+            .iter()
+            .skip(1)
+            .map(|(name, _)| name.start)
+            .chain([head.len() - 2]);
+        for ((name_span, value), end) in spans.iter().zip(ends) {
+            let name = &head[name_span.clone()];
+            found.note_raw(name, value);
+            if crate::headers::is_hop_by_hop_raw(name)
+                || crate::headers::is_replaced_in_responses_raw(name)
+                || &head[end - 2..end] != b"\r\n"
+            {
+                return None;
+            }
+            raw.has_request_id |= name.eq_ignore_ascii_case(b"x-request-id");
+            raw.has_date |= name.eq_ignore_ascii_case(b"date");
+        }
+        if found.content_length.len() > 1 || !found.transfer_encoding.is_empty() {
+            return None;
+        }
+        raw.has_content_length = !found.content_length.is_empty();
+        if let Some((first, _)) = spans.first() {
+            raw.lines = head.slice(first.start..head.len() - 2);
+        }
+        Some(raw)
+    }
 }
 
 /// The result of looking at the start of the read buffer.
@@ -162,11 +228,13 @@ pub enum Parsed {
 /// Parses the response head at the start of `buffer`; on [`Parsed::Complete`] the head's bytes
 /// are removed from `buffer` (header values share its memory, nothing is copied). A 101 is the
 /// final answer when the request asked for a protocol switch (`upgrade`; what follows it is the
-/// new protocol, left in `buffer`), and a protocol error otherwise.
+/// new protocol, left in `buffer`), and a protocol error otherwise. With `raw`, the header lines
+/// are kept as a [`RawHead`] instead of a map when they may be.
 pub fn parse_response(
     buffer: &mut BytesMut,
     method: &Method,
     upgrade: bool,
+    raw: bool,
 ) -> Result<Parsed, ProtocolError> {
     // Uninitialised slots: zeroing 128 headers for every response costs more than parsing it.
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -214,7 +282,12 @@ pub fn parse_response(
         })
         .collect();
     let head = buffer.split_to(head_length).freeze();
-    match finish_head(&head, &spans, status, version, method) {
+    // Answers whose head a client gets changed (HEAD, 204, 304: by the framing rules) get a map.
+    let raw = raw
+        && !switched
+        && *method != Method::HEAD
+        && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+    match finish_head(&head, &spans, status, version, method, raw) {
         Ok(head) => Ok(Parsed::Complete(head)),
         Err(error) => {
             // The head is only taken with a `Complete`: put it back (a copy, on this rare path
@@ -284,28 +357,44 @@ struct KnownNames {
 /// response usually has on the stack.
 type Spans = smallvec::SmallVec<[(Range<usize>, Range<usize>); 24]>;
 
-/// Builds the final head from the taken head bytes and the header spans `httparse` found.
+/// Builds the final head from the taken head bytes and the header spans `httparse` found: with
+/// the header lines kept raw when `raw` and they may be (see [`RawHead`]), as a map otherwise.
 fn finish_head(
     head: &Bytes,
     spans: &[(Range<usize>, Range<usize>)],
     status: StatusCode,
     version: Version,
     method: &Method,
+    raw: bool,
 ) -> Result<ResponseHead, ProtocolError> {
-    let mut headers = crate::headers::spare_map(spans.len() + crate::headers::ADDED_TO_RESPONSES);
     let mut found = FramingHeaders::default();
-    for (name, value) in spans {
-        let name = header_name(&head[name.clone()])?;
-        found.note(&name, value);
-        let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
-            .map_err(|_| ProtocolError("invalid header value"))?;
-        headers.append(name, value);
+    let raw = if raw {
+        RawHead::of(head, spans, &mut found)
+    } else {
+        None
+    };
+    let mut headers;
+    if raw.is_some() {
+        // httparse checked names and values as strictly as `HeaderName` and `HeaderValue`
+        // would (tokens; no control bytes but tab): the lines need no other check.
+        headers = crate::headers::spare_map(crate::headers::ADDED_TO_RESPONSES);
+    } else {
+        found = FramingHeaders::default();
+        headers = crate::headers::spare_map(spans.len() + crate::headers::ADDED_TO_RESPONSES);
+        for (name, value) in spans {
+            let name = header_name(&head[name.clone()])?;
+            found.note(&name, value);
+            let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
+                .map_err(|_| ProtocolError("invalid header value"))?;
+            headers.append(name, value);
+        }
     }
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Ok(ResponseHead {
             status,
             version,
             headers,
+            raw,
             framing: ResponseFraming::Empty,
             keep_alive: false,
         });
@@ -328,6 +417,7 @@ fn finish_head(
         status,
         version,
         headers,
+        raw,
         framing,
         keep_alive,
     })
@@ -351,6 +441,20 @@ impl FramingHeaders {
         } else if *name == header::TRANSFER_ENCODING {
             &mut self.transfer_encoding
         } else if *name == header::CONNECTION {
+            &mut self.connection
+        } else {
+            return;
+        };
+        spans.push(value.clone());
+    }
+
+    /// [`FramingHeaders::note`] for a name as the worker spelled it.
+    fn note_raw(&mut self, name: &[u8], value: &Range<usize>) {
+        let spans = if name.eq_ignore_ascii_case(b"content-length") {
+            &mut self.content_length
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            &mut self.transfer_encoding
+        } else if name.eq_ignore_ascii_case(b"connection") {
             &mut self.connection
         } else {
             return;
@@ -590,7 +694,7 @@ mod tests {
 
     fn parse(text: &str, method: &Method) -> (Result<Parsed, ProtocolError>, BytesMut) {
         let mut buffer = BytesMut::from(text.as_bytes());
-        let parsed = parse_response(&mut buffer, method, false);
+        let parsed = parse_response(&mut buffer, method, false, false);
         (parsed, buffer)
     }
 
@@ -598,7 +702,7 @@ mod tests {
     fn a_101_ends_the_head_when_a_switch_was_asked_for() {
         let text = "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nframes";
         let mut buffer = BytesMut::from(text.as_bytes());
-        match parse_response(&mut buffer, &Method::GET, true) {
+        match parse_response(&mut buffer, &Method::GET, true, false) {
             Ok(Parsed::Complete(head)) => {
                 assert_eq!(head.status, StatusCode::SWITCHING_PROTOCOLS);
                 assert_eq!(head.headers[header::UPGRADE], "websocket");

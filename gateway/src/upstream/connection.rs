@@ -71,6 +71,9 @@ pub struct Outgoing<'a> {
     pub declared_length: Option<u64>,
     /// The body.
     pub body: UpstreamBody,
+    /// Keep the response's header lines as the worker sent them (`ResponseHead::raw`), for a
+    /// client served by the gateway's own HTTP/1.1 server, instead of a header map.
+    pub raw_response: bool,
 }
 
 impl Connection {
@@ -142,6 +145,7 @@ impl Connection {
         self.reused = true;
         let method = request.method.clone();
         let upgrade = request.headers.contains_key(http::header::UPGRADE);
+        let raw = request.raw_response;
         let mut written = Sent::default();
         let stall = Stall {
             each: response_header,
@@ -163,7 +167,7 @@ impl Connection {
             }
             None => Box::pin(tokio::time::sleep_until(head_by)),
         };
-        let head = self.read_head(&method, upgrade, was_reused, sent_at);
+        let head = self.read_head(&method, upgrade, raw, was_reused, sent_at);
         let outcome = tokio::select! {
             biased;
             head = head => head,
@@ -196,6 +200,7 @@ impl Connection {
             forwarding,
             declared_length,
             body,
+            raw_response: _,
         } = request;
         match body {
             UpstreamBody::Full(data) => {
@@ -272,6 +277,7 @@ impl Connection {
         &mut self,
         method: &Method,
         upgrade: bool,
+        raw: bool,
         reused: bool,
         sent_at: Instant,
     ) -> Result<ResponseHead, UpstreamError> {
@@ -286,7 +292,7 @@ impl Connection {
             }
         };
         loop {
-            match codec::parse_response(&mut self.read, method, upgrade) {
+            match codec::parse_response(&mut self.read, method, upgrade, raw) {
                 Ok(Parsed::Complete(head)) => return Ok(head),
                 Ok(Parsed::Interim(length)) => {
                     let _ = self.read.split_to(length);
@@ -490,6 +496,7 @@ mod tests {
             },
             declared_length: None,
             body: UpstreamBody::Full(None),
+            raw_response: false,
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         let timeout = Duration::from_secs(5);

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use body::{Home, WorkerBody, WorkerBodyError};
-pub use codec::ResponseHead;
+pub use codec::{RawHead, ResponseHead};
 pub use connection::{Connection, Outgoing};
 pub use error::{UpstreamError, UpstreamErrorKind};
 pub use pool::{Pool, PoolLimits, use_shard};

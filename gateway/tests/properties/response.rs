@@ -193,8 +193,13 @@ fn near_head() -> impl Strategy<Value = Vec<u8>> {
 
 /// One parse of `bytes`; the buffer's state afterwards must match the outcome.
 fn parse(bytes: &[u8], method: &Method, upgrade: bool) -> Result<Parsed, ()> {
+    parse_as(bytes, method, upgrade, false)
+}
+
+/// [`parse`], the header lines kept raw (for the gateway's own HTTP/1.1 server) when `raw`.
+fn parse_as(bytes: &[u8], method: &Method, upgrade: bool, raw: bool) -> Result<Parsed, ()> {
     let mut buffer = BytesMut::from(bytes);
-    let parsed = parse_response(&mut buffer, method, upgrade).map_err(|_| ());
+    let parsed = parse_response(&mut buffer, method, upgrade, raw).map_err(|_| ());
     match &parsed {
         Ok(Parsed::Complete(_)) => assert!(bytes.ends_with(&buffer), "only the head is taken"),
         Ok(Parsed::Interim(length)) => {
@@ -247,6 +252,64 @@ proptest! {
         if parsed.framing == ResponseFraming::Chunked {
             prop_assert!(!parsed.headers.contains_key("content-length"), "stale length dropped");
         }
+    }
+
+    #[test]
+    fn a_raw_head_forwards_what_the_map_forwards(
+        bytes in prop_oneof![
+            head().prop_map(|head| head.wire()),
+            near_head(),
+        ],
+        method in prop::sample::select(vec![Method::GET, Method::HEAD]),
+    ) {
+        // The gateway's own HTTP/1.1 server writes a worker's header lines through when they
+        // need nothing taken out (`RawHead`); hyper's path writes the map after
+        // `strip_hop_by_hop`. Both must accept the same heads and send a client the same headers.
+        let mapped = parse_as(&bytes, &method, false, false);
+        let raw = parse_as(&bytes, &method, false, true);
+        let (mapped, raw) = match (mapped, raw) {
+            (Ok(Parsed::Complete(mapped)), Ok(Parsed::Complete(raw))) => (mapped, raw),
+            (mapped, raw) => {
+                prop_assert_eq!(format!("{mapped:?}"), format!("{raw:?}"));
+                return Ok(());
+            }
+        };
+        prop_assert_eq!((mapped.status, mapped.framing, mapped.keep_alive), (raw.status, raw.framing, raw.keep_alive));
+        let mut headers = mapped.headers.clone();
+        herd_gateway::headers::strip_hop_by_hop(&mut headers);
+        let Some(head) = raw.raw.as_ref() else {
+            // Kept as a map: the same map.
+            prop_assert_eq!(format!("{:?}", mapped.headers), format!("{:?}", raw.headers));
+            return Ok(());
+        };
+        prop_assert!(raw.headers.is_empty());
+        prop_assert!(method != Method::HEAD);
+        let from_map: Vec<(String, Vec<u8>)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        // What a client reads from the forwarded lines.
+        let text = [b"HTTP/1.1 200 OK\r\n", &head.lines[..], b"\r\n"].concat();
+        let mut slots = [httparse::EMPTY_HEADER; 128];
+        let mut client = httparse::Response::new(&mut slots);
+        prop_assert!(matches!(client.parse(&text), Ok(httparse::Status::Complete(n)) if n == text.len()));
+        let from_raw: Vec<(String, Vec<u8>)> = client
+            .headers
+            .iter()
+            .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+            .collect();
+        // The map groups a name's values at its first place; compare per name, in order.
+        let grouped = |pairs: &[(String, Vec<u8>)]| {
+            let mut by_name: std::collections::BTreeMap<String, Vec<Vec<u8>>> = Default::default();
+            for (name, value) in pairs {
+                by_name.entry(name.clone()).or_default().push(value.clone());
+            }
+            by_name
+        };
+        prop_assert_eq!(grouped(&from_map), grouped(&from_raw));
+        prop_assert_eq!(head.has_request_id, headers.contains_key("x-request-id"));
+        prop_assert_eq!(head.has_date, headers.contains_key("date"));
+        prop_assert_eq!(head.has_content_length, headers.contains_key("content-length"));
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl Session {
         let mut answered = false;
         loop {
             if !self.buf.is_empty() {
-                match codec::parse_response(&mut self.buf, &Method::GET, false) {
+                match codec::parse_response(&mut self.buf, &Method::GET, false, false) {
                     Ok(Parsed::Partial) if self.buf.len() > MAX_HEAD => {
                         return Err(Failure::Garbage("response head too large".into()));
                     }
