@@ -187,27 +187,52 @@ fn role_of(text: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Counters read from one `/metrics` text.
-#[derive(Debug, Clone, Copy, Default)]
-struct Snapshot {
-    epoch: Option<u64>,
-    transitions: u64,
-    retries: u64,
-    ejections: u64,
+/// The samples of `family` in Prometheus text whose labels contain all of `labels`: each
+/// series' labels (`{…}`, empty without) and value.
+fn metric_series<'a>(text: &'a str, family: &str, labels: &[&str]) -> Vec<(&'a str, f64)> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(family)?;
+            if !(rest.starts_with('{') || rest.starts_with(' ')) {
+                return None;
+            }
+            if !labels.iter().all(|label| rest.contains(label)) {
+                return None;
+            }
+            let (series, value) = rest.rsplit_once(' ')?;
+            Some((series.trim(), value.parse::<f64>().ok()?))
+        })
+        .collect()
 }
 
-fn snapshot(text: &str) -> Snapshot {
-    let count = |family, labels: &[&str]| metric_sum(text, family, labels).unwrap_or(0.0) as u64;
-    let ejections = ["to=\"down\"", "to=\"ejected\"", "to=\"unreachable\""]
-        .iter()
-        .map(|to| count("herd_gateway_worker_state_changes_total", &[to]))
-        .sum();
-    Snapshot {
-        epoch: metric_sum(text, "herd_gateway_failover_epoch", &[]).map(|v| v as u64),
-        transitions: count("herd_gateway_failover_transitions_total", &[]),
-        retries: count("herd_gateway_retries_total", &[]),
-        ejections,
-    }
+/// How much the counters of `family` (those with all of `labels`) went up from `before` to
+/// `after`, series by series. A series lower than before counted from zero again (its gateway
+/// restarted): all of it is new. A series gone since (a worker removed from the registry takes
+/// its series with it) adds nothing: summing the family instead read such a drop as a restart.
+fn counter_increase(
+    before: Option<&str>,
+    after: Option<&str>,
+    family: &str,
+    labels: &[&str],
+) -> u64 {
+    let Some(after) = after else {
+        return 0;
+    };
+    let before = before
+        .map(|text| metric_series(text, family, labels))
+        .unwrap_or_default();
+    metric_series(after, family, labels)
+        .into_iter()
+        .map(|(series, now)| {
+            let then = before
+                .iter()
+                .find(|(old, _)| *old == series)
+                .map_or(0.0, |(_, value)| *value);
+            let increase = if now >= then { now - then } else { now };
+            increase as u64
+        })
+        .sum()
 }
 
 /// What each gateway saw between `before` and `after`.
@@ -218,24 +243,26 @@ pub fn gateways_saw(before: &[GatewayInfo], after: &[GatewayInfo]) -> Vec<Gatewa
             let old = before
                 .iter()
                 .find(|b| b.name == now.name)
-                .and_then(|b| b.metrics.as_deref())
-                .map(snapshot)
-                .unwrap_or_default();
-            let new = now.metrics.as_deref().map(snapshot).unwrap_or_default();
-            // A counter lower than before means the gateway restarted: it counted from zero.
-            let delta = |a: u64, b: u64| if b >= a { b - a } else { b };
+                .and_then(|b| b.metrics.as_deref());
+            let new = now.metrics.as_deref();
+            let increase = |family, labels: &[&str]| counter_increase(old, new, family, labels);
+            let epoch = |text: Option<&str>| {
+                metric_sum(text?, "herd_gateway_failover_epoch", &[]).map(|v| v as u64)
+            };
+            let ejections = ["to=\"down\"", "to=\"ejected\"", "to=\"unreachable\""]
+                .iter()
+                .map(|to| increase("herd_gateway_worker_state_changes_total", &[to]))
+                .sum();
             GatewaySaw {
                 name: now.name.clone(),
-                role: now
-                    .metrics
-                    .as_deref()
+                role: new
                     .and_then(role_of)
                     .unwrap_or_else(|| if now.active { "active" } else { "unknown" }.into()),
-                epoch: (old.epoch, new.epoch),
-                role_changes: delta(old.transitions, new.transitions),
-                retries: delta(old.retries, new.retries),
-                ejections: delta(old.ejections, new.ejections),
-                answered: now.metrics.is_some(),
+                epoch: (epoch(old), epoch(new)),
+                role_changes: increase("herd_gateway_failover_transitions_total", &[]),
+                retries: increase("herd_gateway_retries_total", &[]),
+                ejections,
+                answered: new.is_some(),
             }
         })
         .collect()
@@ -791,6 +818,32 @@ mod tests {
         assert_eq!(saw[0].role, "active");
         assert_eq!(saw[0].epoch, (Some(3), Some(4)));
         assert_eq!(saw[0].role_changes, 1);
+    }
+
+    #[test]
+    fn a_removed_workers_counters_are_no_restart_and_a_restart_counts_from_zero() {
+        let change = |worker: &str, n: u32| {
+            format!(
+                "herd_gateway_worker_state_changes_total{{worker=\"{worker}\",to=\"ejected\",source=\"passive\"}} {n}\n"
+            )
+        };
+        let info = |text: String| GatewayInfo {
+            name: "gw1".into(),
+            metrics: Some(text),
+            ..Default::default()
+        };
+        // w2 (3 ejections) left the registry and took its series along; w1 was ejected once more.
+        let before = change("w1", 1) + &change("w2", 3);
+        let after = change("w1", 2);
+        let saw = gateways_saw(&[info(before.clone())], &[info(after)]);
+        assert_eq!(
+            saw[0].ejections, 1,
+            "summed, 4 -> 2 read as a restart and reported 2"
+        );
+        // The gateway restarted: a series lower than before counted from zero, all of it new.
+        let restarted = change("w2", 1);
+        let saw = gateways_saw(&[info(before)], &[info(restarted)]);
+        assert_eq!(saw[0].ejections, 1);
     }
 
     #[test]
