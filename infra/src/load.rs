@@ -28,6 +28,9 @@ impl Plan {
     }
 }
 
+/// The failure recorded for a load client whose task panicked (it sends nothing after).
+pub const CLIENT_PANICKED: &str = "load client panicked";
+
 /// One request's outcome.
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -156,10 +159,22 @@ where
             }
         }));
     }
+    let mut panicked = 0;
     for task in tasks {
-        let _ = task.await;
+        if task.await.is_err() {
+            panicked += 1;
+        }
     }
-    let samples = std::mem::take(&mut *samples.lock().await);
+    let mut samples = std::mem::take(&mut *samples.lock().await);
+    // A client that panicked sent no more: its request in flight is one no one saw answered,
+    // and a drill must not pass on the load that was left.
+    samples.extend((0..panicked).map(|_| Sample {
+        sent_at: started.elapsed(),
+        latency: Duration::ZERO,
+        failure: Some(CLIENT_PANICKED.into()),
+        worker: None,
+        method: String::new(),
+    }));
     Report { samples }
 }
 
@@ -222,6 +237,25 @@ mod tests {
             worker: Some("w1".into()),
             method: "GET".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_panics_is_a_failure() {
+        let plan = Plan {
+            rate: 200,
+            duration: Duration::from_millis(200),
+            concurrency: 2,
+            timeout: Duration::from_secs(1),
+        };
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        // Port 1 on loopback: refused at once. Client 1 panics on its second request.
+        let report = run(&plan, &client, |c, n| {
+            assert_ne!(n, 3, "a bug in the load's request builder");
+            c.get("http://127.0.0.1:1/")
+        })
+        .await;
+        assert_eq!(report.failures_by_kind().get(CLIENT_PANICKED), Some(&1));
+        assert_eq!(report.failed(), report.sent());
     }
 
     #[test]

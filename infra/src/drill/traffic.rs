@@ -7,6 +7,7 @@
 //! fault. Writes to one session never overlap (a user with a write in flight gets a GET
 //! instead), so a missing item can only mean a lost write, not a race between two of ours.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -255,6 +256,8 @@ pub async fn run_load(
     let mut ticks = tokio::time::interval(gap);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut tasks = tokio::task::JoinSet::new();
+    // What each request task was and when it was sent, for one that panics (`gather`).
+    let mut begun = HashMap::new();
     let mut n: u64 = 0;
     // The bound: one request per tick, for `duration` at most.
     let max_requests = (f64::from(plan.rate) * plan.duration.as_secs_f64()).ceil() as u64;
@@ -274,7 +277,7 @@ pub async fn run_load(
             let (client, users, counters) =
                 (client.clone(), Arc::clone(&users), Arc::clone(&counters));
             let target = plan.target;
-            tasks.spawn(async move {
+            let task = tasks.spawn(async move {
                 let sample = send(&client, target, op, &users[0], 0, origin).await;
                 counters.done.fetch_add(1, Ordering::Relaxed);
                 if sample.failure.is_some() {
@@ -282,6 +285,7 @@ pub async fn run_load(
                 }
                 sample
             });
+            begun.insert(task.id(), (op, sent_at));
         }
         if burst {
             continue;
@@ -297,7 +301,7 @@ pub async fn run_load(
         }
         let (client, users, counters) = (client.clone(), Arc::clone(&users), Arc::clone(&counters));
         let target = plan.target;
-        tasks.spawn(async move {
+        let task = tasks.spawn(async move {
             let sample = send(&client, target, op, &users[user_index], n, origin).await;
             if op == Op::AddItem {
                 users[user_index].busy.store(false, Ordering::SeqCst);
@@ -308,12 +312,38 @@ pub async fn run_load(
             }
             sample
         });
+        begun.insert(task.id(), (op, sent_at));
         n += 1;
     }
-    let mut samples = Vec::with_capacity(n as usize);
+    gather(tasks, &begun, origin).await
+}
+
+/// Every request's sample, in the order they were sent. A request whose task panicked (a bug in
+/// this load, not the cluster) is a failure of kind "other": users of a real client would have
+/// seen nothing come back, and a drill must not pass on the requests that were left.
+async fn gather(
+    mut tasks: tokio::task::JoinSet<Sample>,
+    begun: &HashMap<tokio::task::Id, (Op, Duration)>,
+    origin: Instant,
+) -> Vec<Sample> {
+    let mut samples = Vec::with_capacity(begun.len());
     while let Some(done) = tasks.join_next().await {
-        if let Ok(sample) = done {
-            samples.push(sample);
+        match done {
+            Ok(sample) => samples.push(sample),
+            Err(error) => {
+                let (op, sent_at) = begun
+                    .get(&error.id())
+                    .copied()
+                    .unwrap_or((Op::GetWork, Duration::ZERO));
+                samples.push(Sample {
+                    sent_at,
+                    latency: origin.elapsed().saturating_sub(sent_at),
+                    op,
+                    failure: Some(Failure::Other),
+                    gateway: None,
+                    worker: None,
+                });
+            }
         }
     }
     samples.sort_by_key(|s| s.sent_at);
@@ -449,4 +479,34 @@ async fn read_cart(client: &reqwest::Client, target: SocketAddr, cookie: &str) -
         return None;
     }
     response.json().await.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_task_that_panics_is_a_failure_not_a_missing_sample() {
+        let origin = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut begun = HashMap::new();
+        let fine = Sample {
+            sent_at: Duration::from_millis(1),
+            latency: Duration::from_millis(2),
+            op: Op::GetCart,
+            failure: None,
+            gateway: Some("gw1".into()),
+            worker: Some("w1".into()),
+        };
+        let task = tasks.spawn(async move { fine });
+        begun.insert(task.id(), (Op::GetCart, Duration::from_millis(1)));
+        let task = tasks.spawn(async { panic!("a bug in the load") });
+        begun.insert(task.id(), (Op::AddItem, Duration::from_millis(5)));
+        let samples = gather(tasks, &begun, origin).await;
+        assert_eq!(samples.len(), 2);
+        assert_eq!(samples[0].failure, None);
+        assert_eq!(samples[1].failure, Some(Failure::Other));
+        assert_eq!(samples[1].op, Op::AddItem);
+        assert_eq!(samples[1].sent_at, Duration::from_millis(5));
+    }
 }
