@@ -9,7 +9,7 @@
 use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// `x-herd-gateway`: the id of the gateway that answered.
@@ -67,6 +67,35 @@ pub fn is_replaced_in_responses_raw(name: &[u8]) -> bool {
         25 => name.eq_ignore_ascii_case(header::STRICT_TRANSPORT_SECURITY.as_str().as_bytes()),
         _ => false,
     }
+}
+
+/// A plain request's header lines as the client sent them, written to the worker as they are
+/// instead of through a `HeaderMap` (`crate::plain_http1` keeps them so only when nothing in them
+/// must change or be read: see `is_read_or_replaced_in_requests_raw`).
+#[derive(Debug, Clone)]
+pub struct RawRequestHead {
+    /// From the first header's name to the CRLF ending the last header line.
+    pub lines: Bytes,
+    /// The head's size as [`head_size`] counts it.
+    pub size: usize,
+}
+
+/// Whether the request path reads or rewrites a request header of this name (as spelled on the
+/// wire, any case), so that a head with it needs a map: the id and forwarding headers (kept,
+/// checked or replaced), the framing and expectation headers, and every hop-by-hop one
+/// (stripped; `Upgrade` among them). `Host` is read too, but only counted: a head with exactly
+/// one needs no map for it.
+pub fn is_read_or_replaced_in_requests_raw(name: &[u8]) -> bool {
+    is_hop_by_hop_raw(name)
+        || match name.len() {
+            6 => name.eq_ignore_ascii_case(b"expect"),
+            9 => name.eq_ignore_ascii_case(b"forwarded"),
+            12 => name.eq_ignore_ascii_case(REQUEST_ID.as_str().as_bytes()),
+            14 => name.eq_ignore_ascii_case(b"content-length"),
+            15 => name.eq_ignore_ascii_case(FORWARDED_FOR.as_str().as_bytes()),
+            17 => name.eq_ignore_ascii_case(FORWARDED_PROTO.as_str().as_bytes()),
+            _ => false,
+        }
 }
 
 /// Removes hop-by-hop headers, including those named in `Connection`, and `Upgrade`.

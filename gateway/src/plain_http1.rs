@@ -44,6 +44,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::client_io::{ClientIo, ConnectionState};
 use crate::connections::{self, Entry};
+use crate::headers::RawRequestHead;
 use crate::serving::{Inline, Served, ServiceContext};
 
 /// A head still incomplete at this size is left to hyper (its limits, its 431).
@@ -82,12 +83,16 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = context.state.clone();
+    // Raw request heads only where nothing before the request path reads headers (the HTTPS
+    // redirect reads `Host`) and the request path needs no map (tracing reads and writes
+    // `traceparent`).
+    let keep_raw = context.raw_requests();
     let mut buffer = BytesMut::with_capacity(READ_SIZE);
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     loop {
         let request = loop {
             if !buffer.is_empty() {
-                match parse(&mut buffer) {
+                match parse(&mut buffer, keep_raw) {
                     Parsed::Partial => {}
                     Parsed::Plain(request) => break request,
                     Parsed::NotPlain => {
@@ -113,7 +118,7 @@ where
         let head_only = request.request.method() == Method::HEAD;
         // Pinned where they are made: awaited as values, these futures (the request path's is
         // several KB) were copied into this one's state for every request.
-        let responding = pin!(context.respond::<Inline>(request.request));
+        let responding = pin!(context.respond::<Inline>(request.request, request.raw));
         let Ok(response) = responding.await else {
             // The client hung up: nobody is left to answer.
             return Ended::Closed;
@@ -189,7 +194,10 @@ async fn read_more<S: AsyncRead + Unpin>(
 
 /// A plain request, read.
 struct PlainRequest {
+    /// Its header map is empty when `raw` holds the headers.
     request: http::Request<Option<Incoming>>,
+    /// Its header lines, to forward as they are (see [`parse`]).
+    raw: Option<RawRequestHead>,
     /// It said `Connection: close`.
     close: bool,
 }
@@ -208,8 +216,11 @@ enum Parsed {
 /// Where a header's name and value sit in the head.
 type Spans = smallvec::SmallVec<[(Range<usize>, Range<usize>); 16]>;
 
-/// Parses the head at the start of `buffer`.
-fn parse(buffer: &mut BytesMut) -> Parsed {
+/// Parses the head at the start of `buffer`. With `keep_raw`, a head whose lines the request
+/// path neither reads nor changes (no hop-by-hop, id, forwarding, framing or `Expect` header,
+/// exactly one `Host`, CRLF line ends) is kept as its lines ([`RawRequestHead`]) with an empty
+/// header map: the worker gets them as the client sent them, and no map is built or encoded.
+fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut head = httparse::Request::new(&mut []);
     let length = match httparse::ParserConfig::default()
@@ -226,6 +237,9 @@ fn parse(buffer: &mut BytesMut) -> Parsed {
         return Parsed::NotPlain;
     }
     let mut close = false;
+    let mut raw = keep_raw;
+    let mut hosts = 0;
+    let mut size = path.len();
     for header in head.headers.iter() {
         let name = header.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length")
@@ -237,6 +251,11 @@ fn parse(buffer: &mut BytesMut) -> Parsed {
         }
         if name.eq_ignore_ascii_case(b"connection") && has_token(header.value, b"close") {
             close = true;
+        }
+        if raw {
+            raw = !crate::headers::is_read_or_replaced_in_requests_raw(name);
+            hosts += usize::from(name.eq_ignore_ascii_case(b"host"));
+            size += name.len() + header.value.len() + 4;
         }
     }
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
@@ -254,8 +273,19 @@ fn parse(buffer: &mut BytesMut) -> Parsed {
         .map(|h| (span(h.name.as_bytes()), span(h.value)))
         .collect();
     let whole = buffer.split_to(length).freeze();
-    match build(&whole, method, target, &spans) {
-        Some(request) => Parsed::Plain(PlainRequest { request, close }),
+    let raw = (raw && hosts == 1)
+        .then(|| raw_lines(&whole, &spans, size))
+        .flatten();
+    let built = match &raw {
+        Some(_) => build(&whole, method, target, &[]),
+        None => build(&whole, method, target, &spans),
+    };
+    match built {
+        Some(request) => Parsed::Plain(PlainRequest {
+            request,
+            raw,
+            close,
+        }),
         None => {
             // Put back as it was (rare: a target or a value `http` refuses).
             let mut restored = BytesMut::with_capacity(whole.len() + buffer.len());
@@ -267,15 +297,43 @@ fn parse(buffer: &mut BytesMut) -> Parsed {
     }
 }
 
-/// The request of a parsed head; `None` when `http` refuses a part of it.
+/// The header lines of `head` as a [`RawRequestHead`] of `size`, if each ends with CRLF (httparse
+/// also takes a bare LF, which is not passed on as is).
+fn raw_lines(
+    head: &Bytes,
+    spans: &[(Range<usize>, Range<usize>)],
+    size: usize,
+) -> Option<RawRequestHead> {
+    let (first, _) = spans.first()?;
+    let ends = spans
+        .iter()
+        .skip(1)
+        .map(|(name, _)| name.start)
+        .chain([head.len() - 2]);
+    if ends.into_iter().any(|end| &head[end - 2..end] != b"\r\n") {
+        return None;
+    }
+    Some(RawRequestHead {
+        lines: head.slice(first.start..head.len() - 2),
+        size,
+    })
+}
+
+/// The request of a parsed head, with the headers at `spans`; `None` when `http` refuses a part
+/// of it.
 fn build(
     head: &Bytes,
     method: Method,
     target: Range<usize>,
-    spans: &Spans,
+    spans: &[(Range<usize>, Range<usize>)],
 ) -> Option<http::Request<Option<Incoming>>> {
     let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
-    let mut headers = crate::headers::spare_map(spans.len());
+    let mut headers = if spans.is_empty() {
+        // No allocation: the request's headers are its raw lines.
+        http::HeaderMap::new()
+    } else {
+        crate::headers::spare_map(spans.len())
+    };
     for (name, value) in spans {
         let name = crate::upstream::codec::header_name(&head[name.clone()]).ok()?;
         let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
@@ -319,7 +377,7 @@ async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
     out: &mut Vec<u8>,
 ) -> io::Result<bool> {
     out.clear();
-    let (framing, keep_alive) = encode_head(&response, head_only, closing, out);
+    let (framing, keep_alive) = encode_head(&response, head_only, closing, out)?;
     let mut remaining = match framing {
         Framing::Length(n) => n,
         _ => u64::MAX,
@@ -422,13 +480,15 @@ fn hex(mut n: usize, room: &mut [u8; 16]) -> &[u8] {
 }
 
 /// Writes the status line and headers of `response` to `out`, by hyper's rules (see the module
-/// doc): how the body is framed, and whether the connection may stay open.
+/// doc): how the body is framed, and whether the connection may stay open. The worker's header
+/// lines come as they were sent when the response has them raw (`ResponseBody::raw_head`).
+/// An error: the head cannot be written safely, and the connection must close.
 fn encode_head(
     response: &Response<Served>,
     head_only: bool,
     closing: bool,
     out: &mut Vec<u8>,
-) -> (Framing, bool) {
+) -> io::Result<(Framing, bool)> {
     let status = response.status();
     let body = response.body();
     // What the body says of its length: none, exactly n, or not known.
@@ -457,8 +517,15 @@ fn encode_head(
         // `Content-Length` frames the body, whose length is therefore exact.
         out.extend_from_slice(&raw.lines);
         if raw.has_content_length {
-            debug_assert!(length.is_some(), "a body framed by its length knows it");
-            framing = length.map(Framing::Length);
+            // A body framed by its length knows it exactly (`WorkerBody::size_hint`). Were it
+            // ever unknown, the body would be chunked after the worker's length line: two
+            // framings, which a client could be desynchronised by. Fail closed instead.
+            let Some(length) = length else {
+                return Err(io::Error::other(
+                    "a worker's Content-Length line with a body of unknown length",
+                ));
+            };
+            framing = Some(Framing::Length(length));
         }
         dated = raw.has_date;
     }
@@ -536,7 +603,7 @@ fn encode_head(
     } else {
         Framing::Nothing
     };
-    (framing, keep_alive)
+    Ok((framing, keep_alive))
 }
 
 /// The `Date` value, formatted once a second per thread.

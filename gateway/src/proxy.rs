@@ -125,10 +125,18 @@ impl Proxy {
         }
     }
 
-    /// Handles one client request; never fails (errors become JSON responses).
+    /// Whether requests are traced (then a request needs its header map: `traceparent`).
+    pub fn tracing(&self) -> bool {
+        self.tracing
+    }
+
+    /// Handles one client request; never fails (errors become JSON responses). `raw`: the
+    /// request's header lines, when the gateway's own HTTP/1.1 server kept them in place of its
+    /// (then empty) header map (`headers::RawRequestHead`).
     pub async fn handle(
         &self,
         mut request: Request<Option<Incoming>>,
+        raw: Option<headers::RawRequestHead>,
         forwarded_for: &HeaderValue,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
@@ -151,6 +159,7 @@ impl Proxy {
             self.forward(
                 parts,
                 body,
+                raw,
                 forwarded_for,
                 started,
                 &request_id,
@@ -214,6 +223,7 @@ impl Proxy {
         &self,
         mut parts: http::request::Parts,
         body: Option<Incoming>,
+        raw: Option<headers::RawRequestHead>,
         forwarded_for: &HeaderValue,
         started: Instant,
         request_id: &HeaderValue,
@@ -223,11 +233,17 @@ impl Proxy {
         // Handed back for another response when the request is over (`headers::recycle`).
         let mut request_headers = headers::Recycled(std::mem::take(&mut parts.headers));
         let settings = &self.settings;
-        if headers::head_size(&parts.uri, &request_headers) > settings.max_header {
+        let head_size = match &raw {
+            Some(raw) => raw.size,
+            None => headers::head_size(&parts.uri, &request_headers),
+        };
+        if head_size > settings.max_header {
             return Err(GatewayError::HeadersTooLarge);
         }
         // RFC 9112 §3.2: an HTTP/1.1 request without Host, or with more than one, gets a 400.
+        // (Raw lines hold exactly one.)
         if parts.version == http::Version::HTTP_11
+            && raw.is_none()
             && request_headers.get_all(header::HOST).iter().count() != 1
         {
             return Err(GatewayError::BadRequest(
@@ -266,6 +282,7 @@ impl Proxy {
         };
         self.budget.deposit();
 
+        let raw_lines = raw.as_ref().map(|raw| &raw.lines[..]);
         let deadline = started + settings.request;
         // `None`: a request the gateway's own HTTP/1.1 server read, which has no body. That
         // server writes the worker's header lines through: no header map for the response.
@@ -352,6 +369,7 @@ impl Proxy {
                         method: &parts.method,
                         path,
                         headers: &request_headers,
+                        raw_lines,
                         forwarding,
                         declared_length: content_length,
                         body,
@@ -400,6 +418,7 @@ impl Proxy {
                                     method: &parts.method,
                                     path,
                                     headers: request_headers,
+                                    raw_lines,
                                     forwarding,
                                     declared_length: content_length,
                                     body: spare,

@@ -650,7 +650,16 @@ impl ServiceContext {
         Future: Send + 'static,
     > {
         let context = self;
-        service_fn(move |request: hyper::Request<Incoming>| context.respond::<P>(request.map(Some)))
+        service_fn(move |request: hyper::Request<Incoming>| {
+            context.respond::<P>(request.map(Some), None)
+        })
+    }
+
+    /// Whether the gateway's own HTTP/1.1 server may hand requests over as raw header lines
+    /// (`headers::RawRequestHead`): not when the HTTPS redirect reads `Host` before the request
+    /// path, nor when tracing reads and writes `traceparent` in the request's map.
+    pub(crate) fn raw_requests(&self) -> bool {
+        self.redirect.is_none() && !self.proxy.tracing()
     }
 
     /// The gateway has started to stop: every HTTP/1 answer from now on says `Connection: close`.
@@ -664,6 +673,7 @@ impl ServiceContext {
     pub(crate) fn respond<P: Placement>(
         self: &Arc<Self>,
         mut request: hyper::Request<Option<Incoming>>,
+        raw: Option<crate::headers::RawRequestHead>,
     ) -> impl Future<Output = Result<hyper::Response<Served>, ClientHungUp>> + Send + use<P> {
         let context = self.clone();
         let with_body = request
@@ -701,7 +711,7 @@ impl ServiceContext {
                 return served(refusal(&error, &context.metrics), None);
             }
             // Dropping the request path cancels the request at the worker.
-            let forwarding = P::place(context.proxy.handle(request, &context.forwarded_for));
+            let forwarding = P::place(context.proxy.handle(request, raw, &context.forwarded_for));
             let (Some(mut response), watch) = UntilHungUp::new(forwarding, watch).await else {
                 return Err(ClientHungUp);
             };

@@ -29,7 +29,8 @@ async fn raw_worker() -> SocketAddr {
             tokio::spawn(async move {
                 let mut buffer = Vec::new();
                 loop {
-                    let Some((method, path, body)) = read_request(&mut stream, &mut buffer).await
+                    let Some((method, path, body, head)) =
+                        read_request(&mut stream, &mut buffer).await
                     else {
                         return;
                     };
@@ -49,6 +50,12 @@ async fn raw_worker() -> SocketAddr {
                     if path == "/slow" {
                         tokio::time::sleep(Duration::from_millis(400)).await;
                     }
+                    if path == "/until-close" {
+                        // No length: the body runs until the worker closes; the gateway chunks it.
+                        let answer = b"HTTP/1.1 200 OK\r\nX-Worker: Raw\r\n\r\nuntil close";
+                        let _ = stream.write_all(answer).await;
+                        return;
+                    }
                     if path == "/identity" || path == "/short" {
                         // A stale length beside Transfer-Encoding, with what looks like a second
                         // answer in the body; or fewer bytes than declared. Then the worker closes.
@@ -62,14 +69,23 @@ async fn raw_worker() -> SocketAddr {
                     }
                     let answer = match path.as_str() {
                         "/204" => b"HTTP/1.1 204 No Content\r\nx-worker: raw\r\n\r\n".to_vec(),
+                        // The request head as the worker got it.
+                        _ if path.starts_with("/head") => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{head}",
+                            head.len()
+                        )
+                        .into_bytes(),
                         // Written through as they are: the worker's spelling, its own date and
                         // request id, a value with a tab.
                         "/as-sent" => b"HTTP/1.1 201 Created\r\nX-Worker: Raw\r\nDate: Tue, 01 Dec 2026 10:00:00 GMT\r\nx-request-id: from-worker\r\nx-note: a\tb\r\nContent-Length: 2\r\n\r\nok".to_vec(),
-                        // Not written through: a hop-by-hop header to take out, bare LF line
-                        // ends, no length (the body runs until the worker closes).
+                        // Not written through: a hop-by-hop header to take out, the gateway's
+                        // own header, bare LF line ends (all, or one), a length not in its
+                        // plain form.
                         "/keep-alive" => b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=5\r\nx-worker: raw\r\ncontent-length: 2\r\n\r\nok".to_vec(),
                         "/spoof" => b"HTTP/1.1 200 OK\r\nX-Herd-Gateway: spoofed\r\nx-worker: raw\r\ncontent-length: 2\r\n\r\nok".to_vec(),
                         "/bare-lf" => b"HTTP/1.1 200 OK\nx-worker: raw\ncontent-length: 2\n\nok".to_vec(),
+                        "/mixed-lf" => b"HTTP/1.1 200 OK\r\nx-worker: raw\ncontent-length: 2\r\n\r\nok".to_vec(),
+                        "/long-zero" => b"HTTP/1.1 200 OK\r\nx-worker: raw\r\ncontent-length: 00\r\n\r\n".to_vec(),
                         "/big" => {
                             let mut answer =
                                 format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n")
@@ -106,11 +122,12 @@ async fn raw_worker() -> SocketAddr {
     addr
 }
 
-/// Reads one request (head and `Content-Length` body): method, path, body.
+/// Reads one request (head and `Content-Length` body): method, path, body, and the head as it
+/// came.
 async fn read_request(
     stream: &mut TcpStream,
     buffer: &mut Vec<u8>,
-) -> Option<(String, String, Vec<u8>)> {
+) -> Option<(String, String, Vec<u8>, String)> {
     loop {
         if let Some(end) = find(buffer, b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buffer[..end]).to_string();
@@ -123,7 +140,7 @@ async fn read_request(
             let mut words = head.split(' ');
             let method = words.next()?.to_string();
             let path = words.next()?.to_string();
-            return Some((method, path, body));
+            return Some((method, path, body, head));
         }
         read_some(stream, buffer).await?;
     }
@@ -476,10 +493,35 @@ async fn a_worker_head_is_written_through_as_sent_when_nothing_in_it_must_change
 
     // A hop-by-hop header is taken out, the gateway's own replaces the worker's, bare LF line
     // ends become CRLF.
-    for path in ["/keep-alive", "/spoof", "/bare-lf"] {
+    for path in [
+        "/keep-alive",
+        "/spoof",
+        "/bare-lf",
+        "/mixed-lf",
+        "/long-zero",
+    ] {
         stream.write_all(get(path).as_bytes()).await.unwrap();
         let answer = read_answer(&mut stream, &mut buffer, false).await;
-        assert_eq!(answer.body, b"ok", "{path}");
+        let body: &[u8] = if path == "/long-zero" { b"" } else { b"ok" };
+        assert_eq!(answer.body, body, "{path}");
+        let gateways: Vec<&str> = answer
+            .head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("x-herd-gateway:"))
+            .collect();
+        assert_eq!(gateways.len(), 1, "{path}: {}", answer.head);
+        assert!(!gateways[0].contains("spoofed"), "{path}: {}", answer.head);
+        let lengths: Vec<&str> = answer
+            .head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+            .collect();
+        assert_eq!(
+            lengths,
+            [format!("content-length: {}", body.len())],
+            "{path}: {}",
+            answer.head
+        );
         assert_eq!(
             answer.header("x-worker"),
             Some("raw"),
@@ -499,11 +541,98 @@ async fn a_worker_head_is_written_through_as_sent_when_nothing_in_it_must_change
             answer.head
         );
     }
+    // A raw head without a length: the body is chunked after the worker's lines.
+    let mut other = TcpStream::connect(gw.public).await.unwrap();
+    let mut other_buffer = Vec::new();
+    other
+        .write_all(get("/until-close").as_bytes())
+        .await
+        .unwrap();
+    let answer = read_answer(&mut other, &mut other_buffer, false).await;
+    assert!(
+        answer
+            .head
+            .starts_with("HTTP/1.1 200 OK\r\nX-Worker: Raw\r\n"),
+        "{}",
+        answer.head
+    );
+    assert_eq!(
+        answer.header("transfer-encoding"),
+        Some("chunked"),
+        "{}",
+        answer.head
+    );
+    assert_eq!(answer.body, b"until close");
+
     // The connection still carries answers after all of them.
     stream.write_all(get("/next").as_bytes()).await.unwrap();
     assert_eq!(
         read_answer(&mut stream, &mut buffer, false).await.body,
         b"/next"
     );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_plain_request_head_reaches_the_worker_as_sent_when_nothing_in_it_must_change() {
+    let gw = gateway().await;
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut buffer = Vec::new();
+    let mut worker_got = async |request: &str| {
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut stream, &mut buffer, false).await;
+        (answer.head, String::from_utf8(answer.body).unwrap())
+    };
+    // As sent: the client's spelling, its order, a value with a tab; then what the gateway adds.
+    let (_, head) = worker_got(
+        "GET /head?q=1 HTTP/1.1\r\nHost: gw\r\nUser-Agent: t/1\r\nX-Custom: A\tb\r\nAccept: */*\r\n\r\n",
+    )
+    .await;
+    assert!(
+        head.starts_with("GET /head?q=1 HTTP/1.1\r\nHost: gw\r\nUser-Agent: t/1\r\nX-Custom: A\tb\r\nAccept: */*\r\nx-request-id: "),
+        "{head:?}"
+    );
+    assert!(
+        head.ends_with("\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http"),
+        "{head:?}"
+    );
+    assert_eq!(
+        head.to_ascii_lowercase().matches("host:").count(),
+        1,
+        "{head:?}"
+    );
+
+    // Through the map: a hop-by-hop header is stripped, forwarding headers extended, the
+    // client's sane request id kept (once), bare LF line ends made CRLF.
+    let (_, head) = worker_got(
+        "GET /head HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n",
+    )
+    .await;
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        !lower.contains("connection") && !lower.contains("keep-alive"),
+        "{head:?}"
+    );
+    let (_, head) = worker_got(
+        "GET /head HTTP/1.1\r\nHost: gw\r\nX-Forwarded-For: 10.0.0.1\r\nX-Request-Id: abc-1\r\n\r\n",
+    )
+    .await;
+    assert!(
+        head.contains("x-forwarded-for: 10.0.0.1, 127.0.0.1\r\n"),
+        "{head:?}"
+    );
+    assert_eq!(
+        head.to_ascii_lowercase().matches("x-request-id").count(),
+        1,
+        "{head:?}"
+    );
+    assert!(head.contains("x-request-id: abc-1\r\n"), "{head:?}");
+    let (_, head) = worker_got("GET /head HTTP/1.1\nHost: gw\nX-Custom: lf\n\n").await;
+    assert!(head.contains("\r\nx-custom: lf\r\n"), "{head:?}");
+    assert!(!head.replace("\r\n", "").contains('\n'), "{head:?}");
+
+    // Two Hosts: the request path's 400, not forwarded.
+    let (answer, body) = worker_got("GET /head HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}{body}");
     gw.shutdown().await;
 }

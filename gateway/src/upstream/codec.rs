@@ -47,12 +47,16 @@ pub enum RequestFraming {
 /// answered to the client already. Without a `Host` header, the request's authority is sent
 /// (`forwarding.authority`, HTTP/2's `:authority`), or else `fallback_host`. The
 /// gateway's own headers (`forwarding`) follow the client's, in place of the client's headers
-/// of the same names.
+/// of the same names. `raw_lines`: the client's header lines as it sent them, written first
+/// (`headers::RawRequestHead`: a plain request with nothing in them to change, `Host` among
+/// them); `headers` is then empty.
+#[allow(clippy::too_many_arguments)] // the parts of one head, each used once
 pub fn encode_request_head(
     out: &mut BytesMut,
     method: &Method,
     path: &str,
     headers: &HeaderMap,
+    raw_lines: Option<&[u8]>,
     framing: RequestFraming,
     fallback_host: &Authority,
     forwarding: &Forwarding<'_>,
@@ -62,7 +66,11 @@ pub fn encode_request_head(
     out.extend_from_slice(b" ");
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !headers.contains_key(header::HOST) {
+    if let Some(lines) = raw_lines {
+        // The client's lines, `Host` among them, nothing in them to change
+        // (`headers::RawRequestHead`); the map holds none of them.
+        out.extend_from_slice(lines);
+    } else if !headers.contains_key(header::HOST) {
         let host = forwarding.authority.unwrap_or(fallback_host.as_str());
         put_header(out, b"host", host.as_bytes());
     }
@@ -154,8 +162,9 @@ pub struct ResponseHead {
 /// A response's header lines kept as the worker sent them, for the gateway's own HTTP/1.1
 /// server to write through: no `HeaderMap` is built, and none is encoded again. Only heads that
 /// need nothing taken out are kept so: no hop-by-hop header (so no `Connection`, no
-/// `Transfer-Encoding`), none the gateway replaces (`x-herd-gateway`), at most one
-/// `Content-Length`, CRLF line ends, not an answer to HEAD, not a 204 or 304. That is nearly every answer of a typical app; the others get a map.
+/// `Transfer-Encoding`), none the gateway replaces (`x-herd-gateway`, `Strict-Transport-Security`),
+/// at most one `Content-Length` and that one plain digits, CRLF line ends, a head within
+/// [`MAX_RESPONSE_HEAD`], not an answer to HEAD, not a 204 or 304. That is nearly every answer of a typical app; the others get a map.
 /// Small on purpose: a response is moved through several futures, and a larger head cost more
 /// in copies than the map saved (docs/performance.md section 17).
 #[derive(Debug, Clone)]
@@ -203,7 +212,19 @@ impl RawHead {
             raw.has_request_id |= name.eq_ignore_ascii_case(b"x-request-id");
             raw.has_date |= name.eq_ignore_ascii_case(b"date");
         }
-        if found.content_length.len() > 1 || !found.transfer_encoding.is_empty() {
+        // One length in its plain form (the map's way writes `content-length: 0` for `00`), no
+        // `Transfer-Encoding`, and a head no larger than the limit a partial head is held to.
+        let plain_length = |span: &Range<usize>| {
+            let value = &head[span.clone()];
+            !value.is_empty()
+                && value.iter().all(u8::is_ascii_digit)
+                && (value.len() == 1 || value[0] != b'0')
+        };
+        if found.content_length.len() > 1
+            || !found.content_length.iter().all(plain_length)
+            || !found.transfer_encoding.is_empty()
+            || head.len() > MAX_RESPONSE_HEAD
+        {
             return None;
         }
         raw.has_content_length = !found.content_length.is_empty();
@@ -738,6 +759,7 @@ mod tests {
             &Method::POST,
             "/cart?x=1",
             &headers,
+            None,
             RequestFraming::Length(5),
             &authority(),
             &forwarding(&client(), &HeaderValue::from_static("r-1"), None),
@@ -775,6 +797,7 @@ mod tests {
             &Method::GET,
             "/",
             headers,
+            None,
             RequestFraming::None,
             &authority(),
             forwarding,
@@ -867,6 +890,7 @@ mod tests {
             &Method::PUT,
             "/",
             &HeaderMap::new(),
+            None,
             RequestFraming::Chunked,
             &authority(),
             &forwarding(&client(), &HeaderValue::from_static("r-2"), None),

@@ -65,6 +65,9 @@ pub struct Outgoing<'a> {
     pub path: &'a str,
     /// Headers, hop-by-hop ones already removed.
     pub headers: &'a HeaderMap,
+    /// The client's header lines as it sent them, written before `headers` (see
+    /// `headers::RawRequestHead`).
+    pub raw_lines: Option<&'a [u8]>,
     /// What the gateway adds for the worker (written after `headers`).
     pub forwarding: Forwarding<'a>,
     /// Whether the client declared a length (an empty declared body is sent as length 0).
@@ -197,6 +200,7 @@ impl Connection {
             method,
             path,
             headers,
+            raw_lines,
             forwarding,
             declared_length,
             body,
@@ -215,6 +219,7 @@ impl Connection {
                     method,
                     path,
                     headers,
+                    raw_lines,
                     framing,
                     fallback_host,
                     &forwarding,
@@ -242,6 +247,7 @@ impl Connection {
                     method,
                     path,
                     headers,
+                    raw_lines,
                     framing,
                     fallback_host,
                     &forwarding,
@@ -488,6 +494,7 @@ mod tests {
             method: &Method::GET,
             path: "/",
             headers,
+            raw_lines: None,
             forwarding: Forwarding {
                 request_id: &id,
                 client: &client,

@@ -185,6 +185,7 @@ fn encoded(map: &HeaderMap, forwarding: &Forwarding<'_>) -> Vec<(String, Vec<u8>
         &http::Method::GET,
         "/",
         map,
+        None,
         RequestFraming::None,
         &host,
         forwarding,

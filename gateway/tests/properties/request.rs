@@ -92,7 +92,7 @@ proptest! {
             over_tls: tls.then_some(&over_tls),
             authority: authority.as_deref(),
         };
-        encode_request_head(&mut out, &method, &path, &map, framing, &fallback, &forwarding);
+        encode_request_head(&mut out, &method, &path, &map, None, framing, &fallback, &forwarding);
         let (read_method, read_path, read_headers) = read_back(&out);
         prop_assert_eq!(read_method, method.as_str());
         prop_assert_eq!(read_path, path);
@@ -165,7 +165,7 @@ proptest! {
         let client = forwarded_for([192, 0, 2, 9].into());
         let id = http::HeaderValue::from_static("r-1");
         let forwarding = Forwarding { request_id: &id, client: &client, over_tls: None, authority: None };
-        encode_request_head(&mut out, &Method::POST, "/", &map, RequestFraming::Length(1), &Authority::from_static("w:1"), &forwarding);
+        encode_request_head(&mut out, &Method::POST, "/", &map, None, RequestFraming::Length(1), &Authority::from_static("w:1"), &forwarding);
         let (_, _, forwarded) = read_back(&out);
         for (name, _) in &forwarded {
             prop_assert!(!hop.contains(&name.as_str()) || name == "transfer-encoding", "{name} forwarded");
