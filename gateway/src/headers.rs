@@ -399,6 +399,45 @@ mod tests {
         ] {
             assert!(!is_hop_by_hop_raw(other.as_bytes()), "{other}");
         }
+        // Everything the request path strips, replaces or reads makes a request head need a
+        // map: the hop-by-hop names, what `Forwarding` writes in place of the client's, the
+        // framing and expectation headers `encode_request_head` leaves out.
+        let forwarding = Forwarding {
+            request_id: &HeaderValue::from_static("r"),
+            client: &HeaderValue::from_static("c"),
+            over_tls: None,
+            authority: None,
+        };
+        let all = [
+            REQUEST_ID,
+            FORWARDED_FOR,
+            FORWARDED_PROTO,
+            header::FORWARDED,
+            header::CONTENT_LENGTH,
+            header::TRANSFER_ENCODING,
+            header::EXPECT,
+            header::UPGRADE,
+            header::HOST,
+            header::USER_AGENT,
+            header::COOKIE,
+            GATEWAY,
+        ];
+        for name in HOP_BY_HOP.iter().chain(all.iter()) {
+            let needed = is_hop_by_hop(name)
+                || forwarding.replaces(name)
+                || [
+                    header::CONTENT_LENGTH,
+                    header::TRANSFER_ENCODING,
+                    header::EXPECT,
+                ]
+                .contains(name);
+            let spelled = name.as_str().to_ascii_uppercase();
+            assert_eq!(
+                is_read_or_replaced_in_requests_raw(spelled.as_bytes()),
+                needed,
+                "{name}"
+            );
+        }
         for replaced in [
             "x-herd-gateway",
             "X-Herd-Gateway",

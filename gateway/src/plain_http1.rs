@@ -16,9 +16,12 @@
 //! Why: hyper's server was about a fifth of the user-space work of a request
 //! (`infra/bench/instructions.sh h1`, docs/performance.md section 16): its dispatch state
 //! machine, a buffer of its own, a clock read for its `Date` cache at every poll, and an
-//! encoder that handles what a plain request never has. Here a head is parsed once, into a
-//! header map whose names come from the per-thread cache of the worker client, and a response is
-//! written with its small body in one `write`.
+//! encoder that handles what a plain request never has. Here a head is parsed once: its header
+//! lines are kept as they came when the request path neither reads nor changes any of them
+//! (`headers::RawRequestHead`), and put in a header map otherwise, names from the per-thread
+//! cache of the worker client. A response whose head came raw from the worker (see
+//! `upstream::codec::RawHead`) is written as those lines plus the gateway's own, with its small
+//! body, in one `write`.
 //!
 //! The response rules are hyper's (`proto/h1/role.rs`, `Server::encode`): a body's exact size
 //! becomes `Content-Length`, an unknown one is chunked; a `Content-Length` the response names
@@ -239,7 +242,8 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
     let mut close = false;
     let mut raw = keep_raw;
     let mut hosts = 0;
-    let mut size = path.len();
+    // As `headers::head_size` counts it: the target up to a fragment (`http` drops it).
+    let mut size = path.split('#').next().map_or(0, str::len);
     for header in head.headers.iter() {
         let name = header.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length")

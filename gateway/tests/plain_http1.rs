@@ -627,6 +627,18 @@ async fn a_plain_request_head_reaches_the_worker_as_sent_when_nothing_in_it_must
         "{head:?}"
     );
     assert!(head.contains("x-request-id: abc-1\r\n"), "{head:?}");
+    // A client's forwarding headers and `TE` are not the gateway's: replaced, stripped.
+    let (_, head) = worker_got(
+        "GET /head HTTP/1.1\r\nHost: gw\r\nX-Forwarded-Proto: https\r\nForwarded: for=1.2.3.4\r\nTE: trailers\r\n\r\n",
+    )
+    .await;
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.ends_with("\r\nx-forwarded-proto: http"), "{head:?}");
+    assert_eq!(lower.matches("x-forwarded-proto").count(), 1, "{head:?}");
+    assert!(
+        !lower.contains("forwarded: for=") && !lower.contains("\r\nte:"),
+        "{head:?}"
+    );
     let (_, head) = worker_got("GET /head HTTP/1.1\nHost: gw\nX-Custom: lf\n\n").await;
     assert!(head.contains("\r\nx-custom: lf\r\n"), "{head:?}");
     assert!(!head.replace("\r\n", "").contains('\n'), "{head:?}");
