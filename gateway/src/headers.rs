@@ -80,6 +80,26 @@ pub struct RawRequestHead {
     pub size: usize,
 }
 
+/// The header lines of a parsed head (`spans`: where each header's name and value sit in it),
+/// from the first name to the CRLF ending the last line (empty without headers); `None` when a
+/// line ends with a bare LF, which httparse accepts but which is not passed on as it came.
+pub fn crlf_header_lines(
+    head: &Bytes,
+    spans: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
+) -> Option<Bytes> {
+    let Some((first, _)) = spans.first() else {
+        return Some(Bytes::new());
+    };
+    // The blank line ends the head; each header line ends where the next begins.
+    let mut ends = spans
+        .iter()
+        .skip(1)
+        .map(|(name, _)| name.start)
+        .chain([head.len() - 2]);
+    ends.all(|end| &head[end - 2..end] == b"\r\n")
+        .then(|| head.slice(first.start..head.len() - 2))
+}
+
 /// Whether the request path reads or rewrites a request header of this name (as spelled on the
 /// wire, any case), so that a head with it needs a map: the id and forwarding headers (kept,
 /// checked or replaced), the framing and expectation headers, and every hop-by-hop one

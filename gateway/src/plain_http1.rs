@@ -308,17 +308,8 @@ fn raw_lines(
     spans: &[(Range<usize>, Range<usize>)],
     size: usize,
 ) -> Option<RawRequestHead> {
-    let (first, _) = spans.first()?;
-    let ends = spans
-        .iter()
-        .skip(1)
-        .map(|(name, _)| name.start)
-        .chain([head.len() - 2]);
-    if ends.into_iter().any(|end| &head[end - 2..end] != b"\r\n") {
-        return None;
-    }
     Some(RawRequestHead {
-        lines: head.slice(first.start..head.len() - 2),
+        lines: crate::headers::crlf_header_lines(head, spans)?,
         size,
     })
 }

@@ -194,18 +194,11 @@ impl RawHead {
             has_date: false,
             has_content_length: false,
         };
-        // The blank line ends the head; each header line ends where the next begins.
-        let ends = spans
-            .iter()
-            .skip(1)
-            .map(|(name, _)| name.start)
-            .chain([head.len() - 2]);
-        for ((name_span, value), end) in spans.iter().zip(ends) {
+        for (name_span, value) in spans {
             let name = &head[name_span.clone()];
             found.note_raw(name, value);
             if crate::headers::is_hop_by_hop_raw(name)
                 || crate::headers::is_replaced_in_responses_raw(name)
-                || &head[end - 2..end] != b"\r\n"
             {
                 return None;
             }
@@ -228,9 +221,7 @@ impl RawHead {
             return None;
         }
         raw.has_content_length = !found.content_length.is_empty();
-        if let Some((first, _)) = spans.first() {
-            raw.lines = head.slice(first.start..head.len() - 2);
-        }
+        raw.lines = crate::headers::crlf_header_lines(head, spans)?;
         Some(raw)
     }
 }
