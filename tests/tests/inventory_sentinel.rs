@@ -5,9 +5,9 @@
 //! - while herd fails the master over on purpose ([`herd::deploy::sentinel::failover`]): no
 //!   idempotent GET fails and every acknowledged cart write is still there afterwards;
 //! - while the master's redis-server is killed (kill -9): Sentinel promotes a replica, the old
-//!   master comes back as a replica, every session survives; what can be lost is a write the
-//!   master acknowledged but had not yet sent to a replica — measured and printed, with the
-//!   failed requests of the window.
+//!   master's start script holds it back until then and it rejoins as a replica, every session
+//!   survives; what can be lost is a write the master acknowledged but had not yet sent to a
+//!   replica — measured and printed, with the failed requests of the window.
 //!
 //! Then `down` leaves no process and no namespace. Needs root (network namespaces), like CI.
 //! Namespaces are `herdinv-his{pid}-*`; everything is removed also when the test fails.
@@ -459,6 +459,18 @@ fn sentinel_failover_and_master_kill_under_load() {
             .collect::<Vec<_>>(),
     );
     assert_ne!(new_master, master, "a replica was promoted");
+    // Its supervisor restarted the killed node through its start script, which held it back
+    // until the sentinels named the new master and then made it that master's replica: it
+    // never came back as a master that could acknowledge writes the promotion would discard.
+    let node_log =
+        std::fs::read_to_string(root.join(&master_machine).join("log/redis.log")).unwrap();
+    assert!(
+        node_log.contains(&format!(
+            "the sentinels name {} as the master: rejoining as its replica",
+            new_master.replace(':', " ")
+        )),
+        "{node_log}"
+    );
     assert!(
         after
             .iter()

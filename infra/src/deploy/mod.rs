@@ -14,6 +14,7 @@
 //! from it ([`crate::inventory::plan`]).
 
 pub mod admin;
+pub mod rejoin;
 pub mod scale;
 pub mod sentinel;
 pub mod status;
@@ -462,13 +463,17 @@ fn create_namespaces(inventory: &Inventory) -> Result<Option<Topology>, DeployEr
     Ok(Some(Topology::create_named(&tag, [a, b, c], &hosts)?))
 }
 
-/// Creates a machine's directories and installs the fallback supervisor.
+/// Creates a machine's directories and installs the fallback supervisor and the start script
+/// of Sentinel data nodes.
 fn prepare(machine: &dyn Machine) -> Result<(), DeployError> {
     let dir = quote(machine.dir());
     machine.run(&format!(
         "mkdir -p {dir} && cd {dir} && mkdir -p bin etc link run log redis && \
-         printf '%s' {} > herd-supervise.sh",
-        quote(supervise::SCRIPT)
+         printf '%s' {} > herd-supervise.sh && \
+         printf '%s' {} > {file} && chmod 755 {file}",
+        quote(supervise::SCRIPT),
+        quote(rejoin::SCRIPT),
+        file = rejoin::SCRIPT_FILE
     ))?;
     Ok(())
 }
@@ -534,6 +539,13 @@ fn write_unit(
         .iter()
         .map(|(k, v)| format!("{k}='{v}'\n"))
         .collect();
+    // A Sentinel data node starts through its start script, which then runs the program.
+    let program = if rejoin::wraps(unit) {
+        env.push_str(&format!("HERD_REDIS_SERVER='{program}'\n"));
+        format!("{dir}/{}", rejoin::SCRIPT_FILE)
+    } else {
+        program.to_string()
+    };
     env.push_str(&format!("HERD_ARGS='{}'\n", herd_args.replace('\'', "")));
     let env_path = format!("{dir}/etc/{}.env", unit.name);
     script.push_str(&format!(
@@ -543,7 +555,7 @@ fn write_unit(
     ));
     script.push_str(&format!(
         "ln -sfn {} {}\n",
-        quote(program),
+        quote(&program),
         quote(&format!("{dir}/link/{}", unit.name))
     ));
     if unit.kind == Kind::Gateway {

@@ -89,7 +89,8 @@ fn pairs(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Writes every data node's config file (with Sentinel; before the master starts).
+/// Writes every data node's config file (with Sentinel; before the master starts) and removes
+/// its "started once" marker, so that its start script treats the coming start as the first.
 pub(super) fn write_configs(
     inventory: &Inventory,
     machines: &Machines,
@@ -101,9 +102,10 @@ pub(super) fn write_configs(
     for unit in data_nodes(units) {
         let machine = machines.get(&unit.machine).expect("connected");
         machine.run(&format!(
-            "printf '%s' {} > {}",
+            "printf '%s' {} > {} && rm -f {}",
             quote(&data_conf(inventory, unit)),
-            quote(&format!("{}/{DATA_CONF}", machine.dir()))
+            quote(&format!("{}/{DATA_CONF}", machine.dir())),
+            quote(&format!("{}/{}", machine.dir(), super::rejoin::STARTED))
         ))?;
     }
     Ok(())

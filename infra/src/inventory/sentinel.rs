@@ -182,11 +182,11 @@ pub fn sentinel_addrs(inventory: &Inventory) -> Vec<SocketAddr> {
 ///   wait 5 s;
 /// - a master takes writes only while at least one replica is linked and answered within the
 ///   last 5 s (`min-replicas-to-write 1`, `min-replicas-max-lag 5`). A master cut off from its
-///   replicas — a dead master restarted before the sentinels promoted a replica, or one on the
-///   wrong side of a partition — refuses writes (`NOREPLICAS`, a 503 for the user) instead of
-///   acknowledging writes that the promotion then discards. Measured without it: a restarted
-///   master took ~0.5 s of writes that were all lost (`tests/tests/inventory_sentinel.rs`). The
-///   price: with every replica down, writes stop.
+///   replicas (on the wrong side of a partition) refuses writes (`NOREPLICAS`, a 503 for the
+///   user) instead of acknowledging writes that the promotion then discards. The price: with
+///   every replica down, writes stop. It does not cover a dead master that restarts while the
+///   sentinels fail it over: the replicas re-attach to it, so it has replicas. That case is the
+///   start script's (`infra/src/deploy/rejoin.rs`): a restarted node rejoins as a replica.
 const DATA_ARGS: [&str; 6] = [
     "--repl-diskless-sync-delay",
     "0",
@@ -196,10 +196,36 @@ const DATA_ARGS: [&str; 6] = [
     "5",
 ];
 
-/// A data node that died restarts only after this many seconds, so that Sentinel has promoted
-/// a replica by then and the old master rejoins as a replica instead of coming back as a master
-/// with what its append-only file kept (`HERD_RESTART_DELAY` of the fallback supervisor).
-const DATA_RESTART_DELAY_SECS: &str = "3";
+/// How long a failover may take before Sentinel gives it up and tries again, in ms.
+fn failover_timeout_ms(sentinel: &RedisSentinel) -> u32 {
+    (sentinel.down_after_ms * 10).max(5000)
+}
+
+/// The environment of a data node's start script (`infra/src/deploy/rejoin.rs`): a node that
+/// restarts rejoins as a replica of the master the sentinels name, waiting up to three failover
+/// timeouts for them to name one other than itself.
+fn rejoin_env(
+    inventory: &Inventory,
+    sentinel: &RedisSentinel,
+    listen: SocketAddr,
+) -> Vec<(String, String)> {
+    let sentinels = sentinel_addrs(inventory)
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    vec![
+        (crate::deploy::rejoin::SENTINELS_ENV.into(), sentinels),
+        ("HERD_REDIS_SENTINEL_MASTER".into(), sentinel.master.clone()),
+        ("HERD_REDIS_SELF".into(), listen.to_string()),
+        (
+            "HERD_REDIS_REJOIN_WAIT".into(),
+            (3 * failover_timeout_ms(sentinel))
+                .div_ceil(1000)
+                .to_string(),
+        ),
+    ]
+}
 
 /// Adds the Sentinel units to `units` (after the master, which `plan` put first) and the
 /// master-following settings to the workers and gateways. No-op without `sentinel`.
@@ -216,9 +242,10 @@ pub fn extend_plan(inventory: &Inventory, units: &mut Vec<Unit>) {
     // it (the command line's options would override the file, so `replicaof` is only in there).
     units[index].args.insert(0, DATA_CONF.into());
     units[index].args.extend(DATA_ARGS.map(String::from));
+    let listen = units[index].listen;
     units[index]
         .env
-        .push(("HERD_RESTART_DELAY".into(), DATA_RESTART_DELAY_SECS.into()));
+        .extend(rejoin_env(inventory, sentinel, listen));
     let mut added = Vec::new();
     for machine in &inventory.redis.replicas {
         let listen = SocketAddr::from((address(inventory, machine), inventory.redis.port));
@@ -246,7 +273,7 @@ pub fn extend_plan(inventory: &Inventory, units: &mut Vec<Unit>) {
             peer: None,
             binary: template.binary.clone(),
             args,
-            env: vec![("HERD_RESTART_DELAY".into(), DATA_RESTART_DELAY_SECS.into())],
+            env: rejoin_env(inventory, sentinel, listen),
             config: None,
         });
     }
@@ -353,7 +380,7 @@ sentinel parallel-syncs {name} 1\n",
         quorum = sentinel.quorum(),
         down = sentinel.down_after_ms,
         // A failover that stalls is given up and tried again after this.
-        timeout = (sentinel.down_after_ms * 10).max(5000),
+        timeout = failover_timeout_ms(sentinel),
     ))
 }
 
@@ -444,6 +471,28 @@ sentinel = { master = "herd", machines = ["r1", "r2", "r3"] }
         assert!(data_conf(&inventory, replica).contains("\nreplicaof 10.9.0.11 6379\n"));
         assert!(!data_conf(&inventory, &units[0]).contains("replicaof"));
         assert_eq!(units[0].args[0], DATA_CONF);
+        // Data nodes start through the start script that makes a restart rejoin as a replica;
+        // sentinels, workers and gateways don't.
+        for (unit, listen) in units[..3]
+            .iter()
+            .zip(["10.9.0.11", "10.9.0.12", "10.9.0.13"])
+        {
+            assert!(crate::deploy::rejoin::wraps(unit), "{}", unit.id);
+            assert!(
+                unit.env
+                    .contains(&("HERD_REDIS_SELF".into(), format!("{listen}:6379")))
+            );
+            // Three failover timeouts: 10 × down_after_ms, at least 5 s.
+            assert!(
+                unit.env
+                    .contains(&("HERD_REDIS_REJOIN_WAIT".into(), "30".into()))
+            );
+            assert!(unit.env.contains(&(
+                "HERD_REDIS_SENTINELS".into(),
+                "10.9.0.11:26379,10.9.0.12:26379,10.9.0.13:26379".into()
+            )));
+        }
+        assert!(!units[3..].iter().any(crate::deploy::rejoin::wraps));
         for unit in units.iter().filter(|u| u.kind != Kind::Redis) {
             let prefix = if unit.kind == Kind::Worker {
                 "HERD_WORKER"
