@@ -12,14 +12,19 @@
 //! - at the first start (`herd up` removed [`STARTED`]): starts as planned;
 //! - at a restart: asks the sentinels for the master every 200 ms,
 //!   - another node named: starts as its replica (`--replicaof`), so it never takes a write;
-//!   - this node named and no replica the sentinels could promote (every one down): starts as
-//!     the master at once, since no failover can come;
 //!   - this node named, or no sentinel answers, for longer than `HERD_REDIS_REJOIN_WAIT`
-//!     seconds (three failover timeouts): starts as it was, and says so in its log.
+//!     seconds (three failover timeouts: a failover that can succeed has done so by then; one
+//!     that cannot, with every replica down or no majority of sentinels, has been given up):
+//!     starts as configured, and says so in its log. Such a master still refuses writes until
+//!     a replica links (`min-replicas-to-write 1`).
 //!
 //! The same rule as Bitnami's Sentinel start script (ask the sentinels, follow who they name),
 //! plus the wait: while the sentinels still name the dead node, a failover may be under way,
-//! and a node that answered as master then is exactly the window above.
+//! and a node that answered as master then is exactly the window above. Nothing shortens the
+//! wait: a review found that "the sentinels know no replica to promote" is not a safe sign
+//! (mid-failover, the promoted replica's flags read `slave,promoted` or `slave,disconnected`),
+//! and a master started early gains nothing but reads (without a linked replica it refuses
+//! writes).
 
 use crate::inventory::Unit;
 
@@ -30,7 +35,8 @@ use crate::inventory::Unit;
 pub const SCRIPT: &str = r#"#!/bin/sh
 # herd's start script for a Redis data node watched by Sentinel (infra/src/deploy/rejoin.rs).
 say() { echo "herd-redis-node: $(date -u +%H:%M:%S) $*" >&2; }
-# The master the first sentinel that answers names, as "ip port" (empty: none answers).
+# The master the first sentinel that answers names, as "ip port" (empty: none answers). An
+# error reply (redis-cli --raw prints it and exits 0) is not two lines with a port: skipped.
 named_master() {
   for addr in $(echo "$HERD_REDIS_SENTINELS" | tr ',' ' '); do
     answer=$(timeout 1 redis-cli --raw -h "${addr%:*}" -p "${addr##*:}" \
@@ -38,18 +44,6 @@ named_master() {
     set -- $answer
     if [ $# -eq 2 ] && [ "$2" -gt 0 ] 2>/dev/null; then echo "$1 $2"; return; fi
   done
-}
-# How many replicas the first sentinel that answers holds for promotable (flags just "slave").
-promotable_replicas() {
-  for addr in $(echo "$HERD_REDIS_SENTINELS" | tr ',' ' '); do
-    if answer=$(timeout 1 redis-cli --raw -h "${addr%:*}" -p "${addr##*:}" \
-      SENTINEL replicas "$HERD_REDIS_SENTINEL_MASTER" 2>/dev/null); then
-      # --raw prints each replica's fields as name and value lines, one after the other.
-      echo "$answer" | awk 'NR % 2 == 1 { k = $0 } NR % 2 == 0 && k == "flags" && $0 == "slave" { n++ } END { print n + 0 }'
-      return
-    fi
-  done
-  echo unknown
 }
 if [ -e run/redis.started ]; then
   self="${HERD_REDIS_SELF%:*} ${HERD_REDIS_SELF##*:}"
@@ -61,15 +55,11 @@ if [ -e run/redis.started ]; then
       say "restarted; the sentinels name $master as the master: rejoining as its replica"
       exec "$HERD_REDIS_SERVER" "$@" --replicaof $master
     fi
-    if [ -n "$master" ] && [ "$(promotable_replicas)" = 0 ]; then
-      say "restarted; the sentinels still name this node the master and know no replica to promote: starting as the master"
-      break
-    fi
     if [ "$(date +%s)" -ge "$deadline" ]; then
-      say "restarted; no failover within ${HERD_REDIS_REJOIN_WAIT:-30} s (the sentinels name: ${master:-nothing, none answers}): starting as configured"
+      say "restarted; no failover within ${HERD_REDIS_REJOIN_WAIT:-30} s (the sentinels name ${master:-nothing: none answers}): starting as configured"
       break
     fi
-    [ -z "$waited" ] && say "restarted; the sentinels name ${master:-nothing (none answers)}: waiting for their failover before starting"
+    [ -z "$waited" ] && say "restarted; the sentinels name ${master:-nothing (none answers)}: waiting for them to name another master"
     waited=1
     sleep 0.2
   done
