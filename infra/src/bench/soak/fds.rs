@@ -159,7 +159,10 @@ mod tests {
         assert_eq!(after.client_sockets, 2, "{after:?}");
         assert_eq!(after.upstream_sockets, 1, "{after:?}");
         // A lower bound only: the other tests open and close descriptors between the readings.
-        assert!(after.fds >= 7, "the two listeners and five connections: {after:?}");
+        assert!(
+            after.fds >= 7,
+            "the two listeners and five connections: {after:?}"
+        );
         assert!(
             after.rss_kib > 0 && after.peak_kib >= after.rss_kib,
             "{after:?}"
