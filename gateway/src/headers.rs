@@ -71,13 +71,32 @@ pub fn is_replaced_in_responses_raw(name: &[u8]) -> bool {
 
 /// A plain request's header lines as the client sent them, written to the worker as they are
 /// instead of through a `HeaderMap` (`crate::plain_http1` keeps them so only when nothing in them
-/// must change or be read: see `is_read_or_replaced_in_requests_raw`).
+/// must change or be read: see `is_read_or_replaced_in_requests_raw`), less one
+/// `Connection: keep-alive` line (browsers send it on every request; it asks for what HTTP/1.1
+/// does anyway, and the gateway's connection to the worker is its own).
 #[derive(Debug, Clone)]
 pub struct RawRequestHead {
     /// From the first header's name to the CRLF ending the last header line.
     pub lines: Bytes,
     /// The head's size as [`head_size`] counts it.
     pub size: usize,
+    /// The `Connection: keep-alive` line left out (start and end in `lines`; empty: none).
+    pub cut: (u32, u32),
+}
+
+impl RawRequestHead {
+    /// The lines to write: those before the line left out, and those after it.
+    pub fn runs(&self) -> [&[u8]; 2] {
+        let (start, end) = (self.cut.0 as usize, self.cut.1 as usize);
+        [&self.lines[..start], &self.lines[end..]]
+    }
+}
+
+/// Whether a request header is a `Connection` header that says only `keep-alive` (any case,
+/// OWS around it), which a raw request head may leave out.
+pub fn is_connection_keep_alive(name: &[u8], value: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"connection")
+        && value.trim_ascii().eq_ignore_ascii_case(b"keep-alive")
 }
 
 /// The header lines of a parsed head (`spans`: where each header's name and value sit in it),

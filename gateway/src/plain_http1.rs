@@ -242,9 +242,11 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
     let mut close = false;
     let mut raw = keep_raw;
     let mut hosts = 0;
+    // The one `Connection: keep-alive` line a raw head leaves out.
+    let mut cut = None;
     // As `headers::head_size` counts it: the target up to a fragment (`http` drops it).
     let mut size = path.split('#').next().map_or(0, str::len);
-    for header in head.headers.iter() {
+    for (index, header) in head.headers.iter().enumerate() {
         let name = header.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length")
             || name.eq_ignore_ascii_case(b"transfer-encoding")
@@ -257,7 +259,14 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
             close = true;
         }
         if raw {
-            raw = !crate::headers::is_read_or_replaced_in_requests_raw(name);
+            if crate::headers::is_read_or_replaced_in_requests_raw(name) {
+                // Only one line can be left out: a second `Connection` takes the map.
+                if cut.is_none() && crate::headers::is_connection_keep_alive(name, header.value) {
+                    cut = Some(index);
+                } else {
+                    raw = false;
+                }
+            }
             hosts += usize::from(name.eq_ignore_ascii_case(b"host"));
             size += name.len() + header.value.len() + 4;
         }
@@ -278,7 +287,7 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
         .collect();
     let whole = buffer.split_to(length).freeze();
     let raw = (raw && hosts == 1)
-        .then(|| raw_lines(&whole, &spans, size))
+        .then(|| raw_lines(&whole, &spans, size, cut))
         .flatten();
     let built = match &raw {
         Some(_) => build(&whole, method, target, &[]),
@@ -301,17 +310,26 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
     }
 }
 
-/// The header lines of `head` as a [`RawRequestHead`] of `size`, if each ends with CRLF (httparse
-/// also takes a bare LF, which is not passed on as is).
+/// The header lines of `head` as a [`RawRequestHead`] of `size` without line `cut` (a
+/// `Connection: keep-alive`), if each ends with CRLF (httparse also takes a bare LF, which is not
+/// passed on as is).
 fn raw_lines(
     head: &Bytes,
     spans: &[(Range<usize>, Range<usize>)],
     size: usize,
+    cut: Option<usize>,
 ) -> Option<RawRequestHead> {
-    Some(RawRequestHead {
-        lines: crate::headers::crlf_header_lines(head, spans)?,
-        size,
-    })
+    let lines = crate::headers::crlf_header_lines(head, spans)?;
+    let first = spans.first().map_or(0, |(name, _)| name.start);
+    // A line runs from its name to the next line's name (or to the end of the lines).
+    let cut = cut.map_or((0, 0), |index| {
+        let start = spans[index].0.start - first;
+        let end = spans
+            .get(index + 1)
+            .map_or(lines.len(), |(name, _)| name.start - first);
+        (start as u32, end as u32)
+    });
+    Some(RawRequestHead { lines, size, cut })
 }
 
 /// The request of a parsed head, with the headers at `spans`; `None` when `http` refuses a part

@@ -282,7 +282,7 @@ impl Proxy {
         };
         self.budget.deposit();
 
-        let raw_lines = raw.as_ref().map(|raw| &raw.lines[..]);
+        let raw_lines = raw.as_ref().map(headers::RawRequestHead::runs);
         let deadline = started + settings.request;
         // `None`: a request the gateway's own HTTP/1.1 server read, which has no body. That
         // server writes the worker's header lines through: no header map for the response.

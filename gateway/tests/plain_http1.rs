@@ -602,8 +602,51 @@ async fn a_plain_request_head_reaches_the_worker_as_sent_when_nothing_in_it_must
         "{head:?}"
     );
 
-    // Through the map: a hop-by-hop header is stripped, forwarding headers extended, the
-    // client's sane request id kept (once), bare LF line ends made CRLF.
+    // A browser's `Connection: keep-alive` (wherever it is, any case) is the one line a raw
+    // head leaves out: the others go as sent, in their order.
+    for (connection, at_end) in [
+        ("Connection: keep-alive\r\n", false),
+        ("connection:  Keep-Alive \r\n", false),
+        ("Connection: keep-alive\r\n", true),
+    ] {
+        let request = if at_end {
+            format!("GET /head HTTP/1.1\r\nHost: gw\r\nAccept: */*\r\n{connection}\r\n")
+        } else {
+            format!(
+                "GET /head HTTP/1.1\r\nHost: gw\r\n{connection}User-Agent: t/1\r\nAccept: */*\r\n\r\n"
+            )
+        };
+        let (_, head) = worker_got(&request).await;
+        let expected = if at_end {
+            "GET /head HTTP/1.1\r\nHost: gw\r\nAccept: */*\r\nx-request-id: "
+        } else {
+            "GET /head HTTP/1.1\r\nHost: gw\r\nUser-Agent: t/1\r\nAccept: */*\r\nx-request-id: "
+        };
+        assert!(head.starts_with(expected), "{request:?} -> {head:?}");
+        assert!(
+            !head.to_ascii_lowercase().contains("keep-alive"),
+            "{head:?}"
+        );
+    }
+
+    // Through the map: a hop-by-hop header is stripped (also a second `Connection`, or one
+    // naming another header), forwarding headers extended, the client's sane request id kept
+    // (once), bare LF line ends made CRLF.
+    for request in [
+        "GET /head HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive\r\nConnection: keep-alive\r\n\r\n",
+        "GET /head HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n\r\n",
+    ] {
+        let (_, head) = worker_got(request).await;
+        let lower = head.to_ascii_lowercase();
+        assert!(
+            !lower.contains("connection") && !lower.contains("x-secret"),
+            "{request:?} -> {head:?}"
+        );
+        assert!(
+            head.starts_with("GET /head HTTP/1.1\r\nhost: gw\r\n"),
+            "the map's way: {head:?}"
+        );
+    }
     let (_, head) = worker_got(
         "GET /head HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n",
     )

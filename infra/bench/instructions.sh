@@ -11,7 +11,8 @@
 # UPSTREAM=hyper for `herd bench upstream`, a plain hyper server). GATEWAY_BINARY: default
 # target/release/herd-gateway. REQUESTS: default 20000, sent by h2load (-n: an exact count) over
 # CONNECTIONS (default 16; 1 makes every request a wake-up of its own) after 2000 warm-up
-# requests. Counting starts after the warm-up
+# requests; HEADER adds one request header on h1 (`HEADER='Connection: keep-alive'`, as browsers
+# send). Counting starts after the warm-up
 # (`callgrind_control --zero`) and ends with a dump right after the last answer; health checks
 # are slowed to one a minute so they stay out of the count. Kernel work is not counted
 # (valgrind sees user space only); per-request.sh counts system calls.
@@ -28,7 +29,7 @@ requests=${3:-20000}
 connections=${CONNECTIONS:-16}
 upstream=${UPSTREAM:-herd-worker}
 case $scenario in
-  h1) h2load_mode=(--h1 -m 1) ;;
+  h1) h2load_mode=(--h1 -m 1 ${HEADER:+-H "$HEADER"}) ;;
   h2) h2load_mode=(-m 8) ;;
   *) echo "scenario: h1 or h2, not $scenario" >&2; exit 2 ;;
 esac

@@ -67,7 +67,7 @@ pub struct Outgoing<'a> {
     pub headers: &'a HeaderMap,
     /// The client's header lines as it sent them, written before `headers` (see
     /// `headers::RawRequestHead`).
-    pub raw_lines: Option<&'a [u8]>,
+    pub raw_lines: Option<[&'a [u8]; 2]>,
     /// What the gateway adds for the worker (written after `headers`).
     pub forwarding: Forwarding<'a>,
     /// Whether the client declared a length (an empty declared body is sent as length 0).
