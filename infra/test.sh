@@ -46,4 +46,6 @@ fi
 
 # The end-to-end tests start the real binaries from target/debug; build them first.
 cargo build --workspace --bins
-cargo test --workspace "$@"
+# Every test binary runs even after one fails, so a run shows every failure (the exit status
+# still says one failed).
+cargo test --workspace --no-fail-fast "$@"
