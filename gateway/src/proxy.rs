@@ -133,93 +133,99 @@ impl Proxy {
     /// Handles one client request; never fails (errors become JSON responses). `raw`: the
     /// request's header lines, when the gateway's own HTTP/1.1 server kept them in place of its
     /// (then empty) header map (`headers::RawRequestHead`).
-    pub async fn handle(
+    #[allow(clippy::manual_async_fn)] // see the comment in the body
+    pub fn handle(
         &self,
         mut request: Request<Option<Incoming>>,
         raw: Option<headers::RawRequestHead>,
         forwarded_for: &HeaderValue,
-    ) -> Response<ResponseBody> {
-        let started = Instant::now();
-        // A protocol switch (WebSocket) is an HTTP/1.1 affair; HTTP/2 has no Upgrade.
-        let upgrade = (request.version() == http::Version::HTTP_11)
-            .then(|| headers::upgrade(request.headers()))
-            .flatten();
-        let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
-        let (mut parts, body) = request.into_parts();
-        let version = parts.version;
-        let request_id = headers::request_id(&parts.headers);
-        // Sampling is decided here, before any span exists: an unsampled request costs a draw
-        // and one header (so the workers do not trace it either), no span.
-        let span = (self.tracing && herd_shared::telemetry::decide(&mut parts.headers))
-            .then(|| trace::request_span(&parts, &request_id));
-        // Made inside `in_span`'s argument, not bound first: a bound future and the wrapper
-        // that takes it would each get a slot in this future, which hyper moves per request.
-        let forwarded = herd_shared::telemetry::in_span(
-            span.clone(),
-            self.forward(
-                parts,
-                body,
-                raw,
-                forwarded_for,
-                started,
-                &request_id,
-                upgrade,
-                span.is_some(),
-            ),
-        )
-        .await;
-        let mut response = match forwarded {
-            Ok((response, None)) => response,
-            Ok((response, Some(worker_side))) => {
-                if let Some(client_side) = client_side {
-                    let id = request_id.to_str().unwrap_or("-").to_owned();
-                    worker_side.spawn(client_side, id);
-                }
-                response
-            }
-            Err(error) => {
-                let (status, kind, _) = error.parts();
-                self.metrics.error(kind);
-                // The log line below carries the request's trace id.
-                let _entered = span.as_ref().map(tracing::Span::enter);
-                let id = request_id.to_str().unwrap_or("-");
-                if status.is_server_error() {
-                    warn!(request_id = id, status = status.as_u16(), error = %error, "request failed");
-                } else {
-                    debug!(request_id = id, status = status.as_u16(), error = %error, "request refused");
-                }
-                let mut response = error.to_response(id);
-                if error.body_left_unread() && version < http::Version::HTTP_2 {
-                    // The rest of the request is still on its way: a client that reused the
-                    // connection would meet it closed under its next request.
+    ) -> impl Future<Output = Response<ResponseBody>> {
+        // Not an `async fn`: its arguments would be copied into locals at the first poll and
+        // both kept in the future (rust-lang/rust#62958); an async block uses them in place.
+        async move {
+            let started = Instant::now();
+            // A protocol switch (WebSocket) is an HTTP/1.1 affair; HTTP/2 has no Upgrade.
+            let upgrade = (request.version() == http::Version::HTTP_11)
+                .then(|| headers::upgrade(request.headers()))
+                .flatten();
+            let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+            let (mut parts, body) = request.into_parts();
+            let version = parts.version;
+            let request_id = headers::request_id(&parts.headers);
+            // Sampling is decided here, before any span exists: an unsampled request costs a draw
+            // and one header (so the workers do not trace it either), no span.
+            let span = (self.tracing && herd_shared::telemetry::decide(&mut parts.headers))
+                .then(|| trace::request_span(&parts, &request_id));
+            // Made inside `in_span`'s argument, not bound first: a bound future and the wrapper
+            // that takes it would each get a slot in this future, which hyper moves per request.
+            let forwarded = herd_shared::telemetry::in_span(
+                span.clone(),
+                self.forward(
+                    parts,
+                    body,
+                    raw,
+                    forwarded_for,
+                    started,
+                    &request_id,
+                    upgrade,
+                    span.is_some(),
+                ),
+            )
+            .await;
+            let mut response = match forwarded {
+                Ok((response, None)) => response,
+                Ok((response, Some(worker_side))) => {
+                    if let Some(client_side) = client_side {
+                        let id = request_id.to_str().unwrap_or("-").to_owned();
+                        worker_side.spawn(client_side, id);
+                    }
                     response
-                        .headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
-                response
+                Err(error) => {
+                    let (status, kind, _) = error.parts();
+                    self.metrics.error(kind);
+                    // The log line below carries the request's trace id.
+                    let _entered = span.as_ref().map(tracing::Span::enter);
+                    let id = request_id.to_str().unwrap_or("-");
+                    if status.is_server_error() {
+                        warn!(request_id = id, status = status.as_u16(), error = %error, "request failed");
+                    } else {
+                        debug!(request_id = id, status = status.as_u16(), error = %error, "request refused");
+                    }
+                    let mut response = error.to_response(id);
+                    if error.body_left_unread() && version < http::Version::HTTP_2 {
+                        // The rest of the request is still on its way: a client that reused the
+                        // connection would meet it closed under its next request.
+                        response
+                            .headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    response
+                }
+            };
+            self.metrics.latency.observe(started.elapsed());
+            if let Some(span) = &span {
+                trace::record_status(span, response.status());
             }
-        };
-        self.metrics.latency.observe(started.elapsed());
-        if let Some(span) = &span {
-            trace::record_status(span, response.status());
+            let response_headers = response.headers_mut();
+            response_headers.insert(headers::GATEWAY, self.gateway_id.clone());
+            if version == http::Version::HTTP_2
+                && let Some(id) = response_headers.get_mut(headers::REQUEST_ID)
+            {
+                // Unique per response: HPACK would add every id to the connection's table, evicting
+                // what is worth keeping there and comparing each new id with all the ids already in
+                // it (a sixth of the gateway's own CPU time under h2load). Never-indexed skips both.
+                id.set_sensitive(true);
+            }
+            response
         }
-        let response_headers = response.headers_mut();
-        response_headers.insert(headers::GATEWAY, self.gateway_id.clone());
-        if version == http::Version::HTTP_2
-            && let Some(id) = response_headers.get_mut(headers::REQUEST_ID)
-        {
-            // Unique per response: HPACK would add every id to the connection's table, evicting
-            // what is worth keeping there and comparing each new id with all the ids already in
-            // it (a sixth of the gateway's own CPU time under h2load). Never-indexed skips both.
-            id.set_sensitive(true);
-        }
-        response
     }
 
     /// The response to pass on, and the worker's side of a tunnel when it switched protocols.
     /// `traced`: the request has a span, so each attempt gets one too.
     #[allow(clippy::too_many_arguments)]
-    async fn forward(
+    #[allow(clippy::manual_async_fn)] // see the comment in the body
+    fn forward(
         &self,
         mut parts: http::request::Parts,
         body: Option<Incoming>,
@@ -229,305 +235,317 @@ impl Proxy {
         request_id: &HeaderValue,
         upgrade: Option<HeaderValue>,
         traced: bool,
-    ) -> Result<(Response<ResponseBody>, Option<WorkerTunnel>), GatewayError> {
-        // Handed back for another response when the request is over (`headers::recycle`).
-        let mut request_headers = headers::Recycled(std::mem::take(&mut parts.headers));
-        let settings = &self.settings;
-        let head_size = match &raw {
-            Some(raw) => raw.size,
-            None => headers::head_size(&parts.uri, &request_headers),
-        };
-        if head_size > settings.max_header {
-            return Err(GatewayError::HeadersTooLarge);
-        }
-        // RFC 9112 §3.2: an HTTP/1.1 request without Host, or with more than one, gets a 400.
-        // (Raw lines hold exactly one.)
-        if parts.version == http::Version::HTTP_11
-            && raw.is_none()
-            && request_headers.get_all(header::HOST).iter().count() != 1
-        {
-            return Err(GatewayError::BadRequest(
-                "an HTTP/1.1 request needs exactly one Host header",
-            ));
-        }
-        let content_length = match request_headers.get(header::CONTENT_LENGTH) {
-            None => None,
-            Some(value) => Some(
-                value
-                    .to_str()
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .ok_or(GatewayError::BadRequest("invalid content-length"))?,
-            ),
-        };
-        let idempotent = headers::is_idempotent(&parts.method);
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", http::uri::PathAndQuery::as_str);
-        headers::strip_hop_by_hop(&mut request_headers);
-        // Hedging doubles a request: only for idempotent ones that are no protocol switch.
-        let hedge_delay = (idempotent && upgrade.is_none())
-            .then(|| self.hedging.delay())
-            .flatten();
-        if let Some(protocol) = upgrade {
-            headers::set_upgrade(&mut request_headers, protocol);
-        }
-        let forwarding = headers::Forwarding {
-            request_id,
-            client: forwarded_for,
-            over_tls: parts.extensions.get::<headers::OverTls>(),
-            // HTTP/2 clients send :authority instead of Host.
-            authority: parts.uri.authority().map(http::uri::Authority::as_str),
-        };
-        self.budget.deposit();
-
-        let raw_lines = raw.as_ref().map(headers::RawRequestHead::runs);
-        let deadline = started + settings.request;
-        // `None`: a request the gateway's own HTTP/1.1 server read, which has no body. That
-        // server writes the worker's header lines through: no header map for the response.
-        let raw_response = body.is_none();
-        let no_body = matches!(content_length, None | Some(0))
-            && body.as_ref().is_none_or(|body| body.is_end_stream());
-        let mut prepared = match body {
-            Some(body) if !no_body => self.read_body(body, content_length, deadline).await?,
-            // Most requests: nothing to read, so no timer to arm.
-            _ => Prepared::Replayable(None),
-        };
-
-        let mut tried = Tried::new();
-        let mut last: Option<GatewayError> = None;
-        // Attempts that may have reached a worker; `retry.max_attempts` bounds these. Attempts
-        // that provably did not (refused, or not one byte written) cost no worker anything: they
-        // are bounded by the workers left untried and the deadline, not by attempts or budget.
-        let mut reached = 0;
-        // Workers whose kept-alive connection turned out closed: one free retry each (below).
-        let mut stale_from: Vec<Arc<Worker>> = Vec::new();
-        // Why the next attempt is a retry (for its span).
-        let mut retry_reason: Option<&'static str> = None;
-        loop {
-            // One clock read per attempt serves the pick, the pool and the attempt's start; the
-            // first attempt of a request without a body starts when the request did.
-            let now = if tried.is_empty() && no_body {
-                started
-            } else {
-                Instant::now()
+    ) -> impl Future<Output = Result<(Response<ResponseBody>, Option<WorkerTunnel>), GatewayError>>
+    {
+        // Not an `async fn`: its arguments would be copied into locals at the first poll and
+        // both kept in the future (rust-lang/rust#62958); an async block uses them in place.
+        async move {
+            // Handed back for another response when the request is over (`headers::recycle`).
+            let mut request_headers = headers::Recycled(std::mem::take(&mut parts.headers));
+            let settings = &self.settings;
+            let head_size = match &raw {
+                Some(raw) => raw.size,
+                None => headers::head_size(&parts.uri, &request_headers),
             };
-            let pick = match self.balancer.pick_at(&tried, now) {
-                Ok(pick) => pick,
-                Err(refusal) => {
-                    return Err(last.unwrap_or(match refusal {
-                        Refusal::NoWorker => GatewayError::NoWorker,
-                        Refusal::AllBusy => GatewayError::AllBusy,
-                    }));
-                }
-            };
-            let worker = pick.worker;
-            tried.push(worker.clone());
-            let attempt_span = traced.then(|| {
-                let choice = Choice {
-                    algorithm: &self.algorithm,
-                    probe: pick.probe,
-                    retry_reason,
-                    hedge: false,
-                };
-                let span = trace::attempt_span(worker.id(), tried.len(), choice);
-                trace::inject(&span, &mut request_headers);
-                span
-            });
-            // Most attempts take a pooled connection: no future, no timer for them.
-            let connected = match worker.pool.take(&self.upstream.pool, now) {
-                Some(connection) => Ok(connection),
-                None => {
-                    let opened = upstream::open(&worker.authority, &self.upstream);
-                    match tokio::time::timeout_at(deadline, opened).await {
-                        Err(_) => return Err(last.unwrap_or(GatewayError::UpstreamTimeout)),
-                        Ok(opened) => opened,
-                    }
-                }
-            };
-            let outcome = match connected {
-                Err(error) => self.connect_failed(&worker, error, idempotent),
-                Ok(connection) => {
-                    // A new connection took a handshake: the attempt starts after it.
-                    let sent = if connection.is_reused() {
-                        now
-                    } else {
-                        Instant::now()
-                    };
-                    let Some(body) = prepared.attempt() else {
-                        break;
-                    };
-                    // Hedging: once per request, on a body that can be sent twice.
-                    let hedge = match hedge_delay {
-                        Some(delay) if tried.len() == 1 && prepared.replayable() => {
-                            prepared.attempt().map(|spare| (delay, spare))
-                        }
-                        _ => None,
-                    };
-                    let outgoing = |body| Outgoing {
-                        method: &parts.method,
-                        path,
-                        headers: &request_headers,
-                        raw_lines,
-                        forwarding,
-                        declared_length: content_length,
-                        body,
-                        raw_response,
-                    };
-                    // Pinned where it is made: the attempt's future is large, and moving it into
-                    // `hedged` cost measurable memcpy per request.
-                    let mut first = std::pin::pin!(herd_shared::telemetry::in_span(
-                        attempt_span.clone(),
-                        self.attempt(
-                            &worker,
-                            connection,
-                            outgoing(body),
-                            idempotent,
-                            Timing { sent, deadline },
-                            &prepared,
-                            request_id,
-                        )
-                    ));
-                    match hedge {
-                        Some((delay, spare)) => {
-                            let prepared = &prepared;
-                            let parts = &parts;
-                            let request_headers = &request_headers;
-                            let algorithm = self.algorithm.as_str();
-                            let second = move |worker: Arc<Worker>| async move {
-                                // The hedge has a span (and a traceparent) of its own.
-                                let hedge_span = traced.then(|| {
-                                    let choice = Choice {
-                                        algorithm,
-                                        probe: false,
-                                        retry_reason: None,
-                                        hedge: true,
-                                    };
-                                    trace::attempt_span(worker.id(), 2, choice)
-                                });
-                                let mut hedge_headers = None;
-                                if let Some(span) = &hedge_span {
-                                    let mut copy = http::HeaderMap::clone(request_headers);
-                                    trace::inject(span, &mut copy);
-                                    hedge_headers = Some(copy);
-                                }
-                                let request_headers =
-                                    hedge_headers.as_ref().unwrap_or(&**request_headers);
-                                let outgoing = Outgoing {
-                                    method: &parts.method,
-                                    path,
-                                    headers: request_headers,
-                                    raw_lines,
-                                    forwarding,
-                                    declared_length: content_length,
-                                    body: spare,
-                                    raw_response,
-                                };
-                                let connection = match upstream::connect(
-                                    &worker.pool,
-                                    &worker.authority,
-                                    &self.upstream,
-                                    Instant::now(),
-                                )
-                                .await
-                                {
-                                    Ok(connection) => connection,
-                                    Err(error) => {
-                                        return self.connect_failed(&worker, error, true);
-                                    }
-                                };
-                                let outcome = herd_shared::telemetry::in_span(
-                                    hedge_span.clone(),
-                                    self.attempt(
-                                        &worker,
-                                        connection,
-                                        outgoing,
-                                        true,
-                                        Timing {
-                                            sent: Instant::now(),
-                                            deadline,
-                                        },
-                                        prepared,
-                                        request_id,
-                                    ),
-                                )
-                                .await;
-                                if let Some(span) = &hedge_span {
-                                    record_attempt(span, &outcome);
-                                }
-                                outcome
-                            };
-                            self.hedged(first.as_mut(), &worker, sent, delay, &mut tried, second)
-                                .await
-                        }
-                        None => first.await,
-                    }
-                }
-            };
-            if let Some(span) = &attempt_span {
-                record_attempt(span, &outcome);
+            if head_size > settings.max_header {
+                return Err(GatewayError::HeadersTooLarge);
             }
-            let (error, reason) = match outcome {
-                Attempt::Response(response) => return Ok((response, None)),
-                Attempt::Switched(response, tunnel) => return Ok((response, Some(tunnel))),
-                Attempt::Retryable(response) => {
-                    reached += 1;
-                    if !self.may_retry(reached, "status", false, &prepared, deadline, &tried) {
-                        return Ok((response, None));
-                    }
-                    let error = GatewayError::Upstream(UpstreamError {
-                        kind: UpstreamErrorKind::Reset,
-                        reached: true,
-                        detail: format!("worker answered {}", response.status().as_u16()),
-                    });
-                    (error, "status")
-                }
-                Attempt::Failed {
-                    error,
-                    retry_safe,
-                    reason,
-                } => {
-                    // A pooled connection the worker closed as we reused it says nothing about
-                    // the worker: an idempotent request goes again, on a fresh connection, and
-                    // may go to the same worker (a dead one then refuses, which is free). Once
-                    // per worker, so that losing every worker at once still ends in a 503 (each
-                    // refuses), not in a 502 for the last stale connection. The stale error is
-                    // not kept as the last one: it says nothing about whether a worker is left.
-                    let stale = retry_safe
-                        && !stale_from.iter().any(|w| Arc::ptr_eq(w, &worker))
-                        && matches!(&error, GatewayError::Upstream(e) if e.kind == UpstreamErrorKind::Closed);
-                    if stale {
-                        stale_from.push(worker);
-                        tried.pop();
-                        self.metrics.retry(reason);
-                        retry_reason = Some(reason);
-                        continue;
-                    }
-                    let free = matches!(&error, GatewayError::Upstream(e) if !e.reached);
-                    if !free {
-                        reached += 1;
-                    }
-                    if !retry_safe
-                        || !self.may_retry(reached, reason, free, &prepared, deadline, &tried)
-                    {
-                        return Err(error);
-                    }
-                    (error, reason)
-                }
+            // RFC 9112 §3.2: an HTTP/1.1 request without Host, or with more than one, gets a 400.
+            // (Raw lines hold exactly one.)
+            if parts.version == http::Version::HTTP_11
+                && raw.is_none()
+                && request_headers.get_all(header::HOST).iter().count() != 1
+            {
+                return Err(GatewayError::BadRequest(
+                    "an HTTP/1.1 request needs exactly one Host header",
+                ));
+            }
+            let content_length = match request_headers.get(header::CONTENT_LENGTH) {
+                None => None,
+                Some(value) => Some(
+                    value
+                        .to_str()
+                        .ok()
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .ok_or(GatewayError::BadRequest("invalid content-length"))?,
+                ),
             };
-            debug!(
-                request_id = request_id.to_str().unwrap_or("-"),
-                worker = %worker.id(),
-                attempts = tried.len(),
-                reason,
-                error = %error,
-                "retrying on another worker"
-            );
-            retry_reason = Some(reason);
-            last = Some(error);
+            let idempotent = headers::is_idempotent(&parts.method);
+            let path = parts
+                .uri
+                .path_and_query()
+                .map_or("/", http::uri::PathAndQuery::as_str);
+            headers::strip_hop_by_hop(&mut request_headers);
+            // Hedging doubles a request: only for idempotent ones that are no protocol switch.
+            let hedge_delay = (idempotent && upgrade.is_none())
+                .then(|| self.hedging.delay())
+                .flatten();
+            if let Some(protocol) = upgrade {
+                headers::set_upgrade(&mut request_headers, protocol);
+            }
+            let forwarding = headers::Forwarding {
+                request_id,
+                client: forwarded_for,
+                over_tls: parts.extensions.get::<headers::OverTls>(),
+                // HTTP/2 clients send :authority instead of Host.
+                authority: parts.uri.authority().map(http::uri::Authority::as_str),
+            };
+            self.budget.deposit();
+
+            let raw_lines = raw.as_ref().map(headers::RawRequestHead::runs);
+            let deadline = started + settings.request;
+            // `None`: a request the gateway's own HTTP/1.1 server read, which has no body. That
+            // server writes the worker's header lines through: no header map for the response.
+            let raw_response = body.is_none();
+            let no_body = matches!(content_length, None | Some(0))
+                && body.as_ref().is_none_or(|body| body.is_end_stream());
+            let mut prepared = match body {
+                Some(body) if !no_body => self.read_body(body, content_length, deadline).await?,
+                // Most requests: nothing to read, so no timer to arm.
+                _ => Prepared::Replayable(None),
+            };
+
+            let mut tried = Tried::new();
+            let mut last: Option<GatewayError> = None;
+            // Attempts that may have reached a worker; `retry.max_attempts` bounds these. Attempts
+            // that provably did not (refused, or not one byte written) cost no worker anything: they
+            // are bounded by the workers left untried and the deadline, not by attempts or budget.
+            let mut reached = 0;
+            // Workers whose kept-alive connection turned out closed: one free retry each (below).
+            let mut stale_from: Vec<Arc<Worker>> = Vec::new();
+            // Why the next attempt is a retry (for its span).
+            let mut retry_reason: Option<&'static str> = None;
+            loop {
+                // One clock read per attempt serves the pick, the pool and the attempt's start; the
+                // first attempt of a request without a body starts when the request did.
+                let now = if tried.is_empty() && no_body {
+                    started
+                } else {
+                    Instant::now()
+                };
+                let pick = match self.balancer.pick_at(&tried, now) {
+                    Ok(pick) => pick,
+                    Err(refusal) => {
+                        return Err(last.unwrap_or(match refusal {
+                            Refusal::NoWorker => GatewayError::NoWorker,
+                            Refusal::AllBusy => GatewayError::AllBusy,
+                        }));
+                    }
+                };
+                let worker = pick.worker;
+                tried.push(worker.clone());
+                let attempt_span = traced.then(|| {
+                    let choice = Choice {
+                        algorithm: &self.algorithm,
+                        probe: pick.probe,
+                        retry_reason,
+                        hedge: false,
+                    };
+                    let span = trace::attempt_span(worker.id(), tried.len(), choice);
+                    trace::inject(&span, &mut request_headers);
+                    span
+                });
+                // Most attempts take a pooled connection: no future, no timer for them.
+                let connected = match worker.pool.take(&self.upstream.pool, now) {
+                    Some(connection) => Ok(connection),
+                    None => {
+                        let opened = upstream::open(&worker.authority, &self.upstream);
+                        match tokio::time::timeout_at(deadline, opened).await {
+                            Err(_) => return Err(last.unwrap_or(GatewayError::UpstreamTimeout)),
+                            Ok(opened) => opened,
+                        }
+                    }
+                };
+                let outcome = match connected {
+                    Err(error) => self.connect_failed(&worker, error, idempotent),
+                    Ok(connection) => {
+                        // A new connection took a handshake: the attempt starts after it.
+                        let sent = if connection.is_reused() {
+                            now
+                        } else {
+                            Instant::now()
+                        };
+                        let Some(body) = prepared.attempt() else {
+                            break;
+                        };
+                        // Hedging: once per request, on a body that can be sent twice.
+                        let hedge = match hedge_delay {
+                            Some(delay) if tried.len() == 1 && prepared.replayable() => {
+                                prepared.attempt().map(|spare| (delay, spare))
+                            }
+                            _ => None,
+                        };
+                        let outgoing = |body| Outgoing {
+                            method: &parts.method,
+                            path,
+                            headers: &request_headers,
+                            raw_lines,
+                            forwarding,
+                            declared_length: content_length,
+                            body,
+                            raw_response,
+                        };
+                        // Pinned where it is made: the attempt's future is large, and moving it into
+                        // `hedged` cost measurable memcpy per request.
+                        let mut first = std::pin::pin!(herd_shared::telemetry::in_span(
+                            attempt_span.clone(),
+                            self.attempt(
+                                &worker,
+                                connection,
+                                outgoing(body),
+                                idempotent,
+                                Timing { sent, deadline },
+                                &prepared,
+                                request_id,
+                            )
+                        ));
+                        match hedge {
+                            Some((delay, spare)) => {
+                                let prepared = &prepared;
+                                let parts = &parts;
+                                let request_headers = &request_headers;
+                                let algorithm = self.algorithm.as_str();
+                                let second = move |worker: Arc<Worker>| async move {
+                                    // The hedge has a span (and a traceparent) of its own.
+                                    let hedge_span = traced.then(|| {
+                                        let choice = Choice {
+                                            algorithm,
+                                            probe: false,
+                                            retry_reason: None,
+                                            hedge: true,
+                                        };
+                                        trace::attempt_span(worker.id(), 2, choice)
+                                    });
+                                    let mut hedge_headers = None;
+                                    if let Some(span) = &hedge_span {
+                                        let mut copy = http::HeaderMap::clone(request_headers);
+                                        trace::inject(span, &mut copy);
+                                        hedge_headers = Some(copy);
+                                    }
+                                    let request_headers =
+                                        hedge_headers.as_ref().unwrap_or(&**request_headers);
+                                    let outgoing = Outgoing {
+                                        method: &parts.method,
+                                        path,
+                                        headers: request_headers,
+                                        raw_lines,
+                                        forwarding,
+                                        declared_length: content_length,
+                                        body: spare,
+                                        raw_response,
+                                    };
+                                    let connection = match upstream::connect(
+                                        &worker.pool,
+                                        &worker.authority,
+                                        &self.upstream,
+                                        Instant::now(),
+                                    )
+                                    .await
+                                    {
+                                        Ok(connection) => connection,
+                                        Err(error) => {
+                                            return self.connect_failed(&worker, error, true);
+                                        }
+                                    };
+                                    let outcome = herd_shared::telemetry::in_span(
+                                        hedge_span.clone(),
+                                        self.attempt(
+                                            &worker,
+                                            connection,
+                                            outgoing,
+                                            true,
+                                            Timing {
+                                                sent: Instant::now(),
+                                                deadline,
+                                            },
+                                            prepared,
+                                            request_id,
+                                        ),
+                                    )
+                                    .await;
+                                    if let Some(span) = &hedge_span {
+                                        record_attempt(span, &outcome);
+                                    }
+                                    outcome
+                                };
+                                self.hedged(
+                                    first.as_mut(),
+                                    &worker,
+                                    sent,
+                                    delay,
+                                    &mut tried,
+                                    second,
+                                )
+                                .await
+                            }
+                            None => first.await,
+                        }
+                    }
+                };
+                if let Some(span) = &attempt_span {
+                    record_attempt(span, &outcome);
+                }
+                let (error, reason) = match outcome {
+                    Attempt::Response(response) => return Ok((response, None)),
+                    Attempt::Switched(response, tunnel) => return Ok((response, Some(tunnel))),
+                    Attempt::Retryable(response) => {
+                        reached += 1;
+                        if !self.may_retry(reached, "status", false, &prepared, deadline, &tried) {
+                            return Ok((response, None));
+                        }
+                        let error = GatewayError::Upstream(UpstreamError {
+                            kind: UpstreamErrorKind::Reset,
+                            reached: true,
+                            detail: format!("worker answered {}", response.status().as_u16()),
+                        });
+                        (error, "status")
+                    }
+                    Attempt::Failed {
+                        error,
+                        retry_safe,
+                        reason,
+                    } => {
+                        // A pooled connection the worker closed as we reused it says nothing about
+                        // the worker: an idempotent request goes again, on a fresh connection, and
+                        // may go to the same worker (a dead one then refuses, which is free). Once
+                        // per worker, so that losing every worker at once still ends in a 503 (each
+                        // refuses), not in a 502 for the last stale connection. The stale error is
+                        // not kept as the last one: it says nothing about whether a worker is left.
+                        let stale = retry_safe
+                            && !stale_from.iter().any(|w| Arc::ptr_eq(w, &worker))
+                            && matches!(&error, GatewayError::Upstream(e) if e.kind == UpstreamErrorKind::Closed);
+                        if stale {
+                            stale_from.push(worker);
+                            tried.pop();
+                            self.metrics.retry(reason);
+                            retry_reason = Some(reason);
+                            continue;
+                        }
+                        let free = matches!(&error, GatewayError::Upstream(e) if !e.reached);
+                        if !free {
+                            reached += 1;
+                        }
+                        if !retry_safe
+                            || !self.may_retry(reached, reason, free, &prepared, deadline, &tried)
+                        {
+                            return Err(error);
+                        }
+                        (error, reason)
+                    }
+                };
+                debug!(
+                    request_id = request_id.to_str().unwrap_or("-"),
+                    worker = %worker.id(),
+                    attempts = tried.len(),
+                    reason,
+                    error = %error,
+                    "retrying on another worker"
+                );
+                retry_reason = Some(reason);
+                last = Some(error);
+            }
+            Err(last.unwrap_or(GatewayError::NoWorker))
         }
-        Err(last.unwrap_or(GatewayError::NoWorker))
     }
 
     /// A connect that failed: the worker never saw the request, so any method may go elsewhere.
@@ -677,7 +695,8 @@ impl Proxy {
     /// Sends one attempt to `worker` and classifies the result. Only the worker's own failures
     /// count against its passive health; a refused connect makes it unreachable at once.
     #[allow(clippy::too_many_arguments)]
-    async fn attempt(
+    #[allow(clippy::manual_async_fn)] // see the comment in the body
+    fn attempt(
         &self,
         worker: &Arc<Worker>,
         connection: Connection,
@@ -686,135 +705,139 @@ impl Proxy {
         timing: Timing,
         prepared: &Prepared,
         request_id: &HeaderValue,
-    ) -> Attempt {
-        let guard = worker.begin();
-        let Timing { sent, deadline } = timing;
-        let exchange = upstream::exchange(
-            connection,
-            &worker.authority,
-            &worker.pool,
-            request,
-            &self.upstream,
-            timing,
-        );
-        // The exchange bounds the worker's waits itself; only a streamed body waits for the
-        // client, and that wait needs the request deadline on top (one timer fewer otherwise).
-        let result = if prepared.watch().is_some() {
-            tokio::time::timeout_at(deadline, exchange).await
-        } else {
-            Ok(exchange.await)
-        };
-        match result {
-            Ok(Ok((head, reply, answered))) => {
-                let status = head.status;
-                let clock = self.balancer.clock().at(answered);
-                let waited = answered.saturating_duration_since(sent);
-                worker.ewma.observe(waited.as_nanos() as f64, clock);
-                worker.latency.observe(waited);
-                self.hedging.observe(waited);
-                worker.count_response(Some(status));
-                let failed = self.settings.count_5xx && status.is_server_error();
-                self.balancer.report_at(worker, !failed, answered);
-                let retryable = idempotent
-                    && matches!(
-                        status,
-                        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
-                    );
-                let mut response_headers = head.headers;
-                let switched_to = response_headers.get(header::UPGRADE).cloned();
-                // A raw head's lines are filtered where they are written (`plain_http1`).
-                headers::strip_hop_by_hop(&mut response_headers);
-                let worker_sent_id = match &head.raw {
-                    Some(raw) => raw.has_request_id,
-                    None => response_headers.contains_key(headers::REQUEST_ID),
-                };
-                if !worker_sent_id {
-                    response_headers.insert(headers::REQUEST_ID, request_id.clone());
-                }
-                let (body, tunnel) = match reply {
-                    Reply::Body(worker_body) => {
-                        let body = ResponseBody::Upstream {
-                            inner: worker_body,
-                            guard: Some(guard),
-                            raw_head: head.raw,
-                        };
-                        (body, None)
+    ) -> impl Future<Output = Attempt> {
+        // Not an `async fn`: its arguments would be copied into locals at the first poll and
+        // both kept in the future (rust-lang/rust#62958); an async block uses them in place.
+        async move {
+            let guard = worker.begin();
+            let Timing { sent, deadline } = timing;
+            let exchange = upstream::exchange(
+                connection,
+                &worker.authority,
+                &worker.pool,
+                request,
+                &self.upstream,
+                timing,
+            );
+            // The exchange bounds the worker's waits itself; only a streamed body waits for the
+            // client, and that wait needs the request deadline on top (one timer fewer otherwise).
+            let result = if prepared.watch().is_some() {
+                tokio::time::timeout_at(deadline, exchange).await
+            } else {
+                Ok(exchange.await)
+            };
+            match result {
+                Ok(Ok((head, reply, answered))) => {
+                    let status = head.status;
+                    let clock = self.balancer.clock().at(answered);
+                    let waited = answered.saturating_duration_since(sent);
+                    worker.ewma.observe(waited.as_nanos() as f64, clock);
+                    worker.latency.observe(waited);
+                    self.hedging.observe(waited);
+                    worker.count_response(Some(status));
+                    let failed = self.settings.count_5xx && status.is_server_error();
+                    self.balancer.report_at(worker, !failed, answered);
+                    let retryable = idempotent
+                        && matches!(
+                            status,
+                            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                        );
+                    let mut response_headers = head.headers;
+                    let switched_to = response_headers.get(header::UPGRADE).cloned();
+                    // A raw head's lines are filtered where they are written (`plain_http1`).
+                    headers::strip_hop_by_hop(&mut response_headers);
+                    let worker_sent_id = match &head.raw {
+                        Some(raw) => raw.has_request_id,
+                        None => response_headers.contains_key(headers::REQUEST_ID),
+                    };
+                    if !worker_sent_id {
+                        response_headers.insert(headers::REQUEST_ID, request_id.clone());
                     }
-                    Reply::Switched(connection) => {
-                        if let Some(protocol) = switched_to {
-                            headers::set_upgrade(&mut response_headers, protocol);
+                    let (body, tunnel) = match reply {
+                        Reply::Body(worker_body) => {
+                            let body = ResponseBody::Upstream {
+                                inner: worker_body,
+                                guard: Some(guard),
+                                raw_head: head.raw,
+                            };
+                            (body, None)
                         }
-                        // The tunnel counts as in flight on its worker until it closes.
-                        let tunnel = WorkerTunnel::new(connection, guard);
-                        (ResponseBody::empty(), Some(tunnel))
-                    }
-                };
-                let mut response = Response::new(body);
-                *response.status_mut() = status;
-                *response.headers_mut() = response_headers;
-                if let Some(tunnel) = tunnel {
-                    Attempt::Switched(response, tunnel)
-                } else if retryable {
-                    Attempt::Retryable(response)
-                } else {
-                    Attempt::Response(response)
-                }
-            }
-            Ok(Err(error)) => {
-                if prepared.watch().is_some_and(|w| w.too_large()) {
-                    return Attempt::Failed {
-                        error: GatewayError::BodyTooLarge,
-                        retry_safe: false,
-                        reason: "body",
+                        Reply::Switched(connection) => {
+                            if let Some(protocol) = switched_to {
+                                headers::set_upgrade(&mut response_headers, protocol);
+                            }
+                            // The tunnel counts as in flight on its worker until it closes.
+                            let tunnel = WorkerTunnel::new(connection, guard);
+                            (ResponseBody::empty(), Some(tunnel))
+                        }
                     };
+                    let mut response = Response::new(body);
+                    *response.status_mut() = status;
+                    *response.headers_mut() = response_headers;
+                    if let Some(tunnel) = tunnel {
+                        Attempt::Switched(response, tunnel)
+                    } else if retryable {
+                        Attempt::Retryable(response)
+                    } else {
+                        Attempt::Response(response)
+                    }
                 }
-                match error.kind {
-                    UpstreamErrorKind::ClientGone => {
+                Ok(Err(error)) => {
+                    if prepared.watch().is_some_and(|w| w.too_large()) {
                         return Attempt::Failed {
-                            error: GatewayError::ClientGone(error.detail),
+                            error: GatewayError::BodyTooLarge,
+                            retry_safe: false,
+                            reason: "body",
+                        };
+                    }
+                    match error.kind {
+                        UpstreamErrorKind::ClientGone => {
+                            return Attempt::Failed {
+                                error: GatewayError::ClientGone(error.detail),
+                                retry_safe: false,
+                                reason: "client",
+                            };
+                        }
+                        UpstreamErrorKind::ClientBody => {
+                            return Attempt::Failed {
+                                error: GatewayError::ClientBody(error.detail),
+                                retry_safe: false,
+                                reason: "client",
+                            };
+                        }
+                        UpstreamErrorKind::Refused => {
+                            self.balancer
+                                .unreachable(worker, ChangeSource::Passive, &error.detail);
+                        }
+                        _ => {}
+                    }
+                    worker.count_response(None);
+                    if error.blames_worker() {
+                        self.balancer.report(worker, false);
+                    }
+                    Attempt::Failed {
+                        retry_safe: error.retry_safe(idempotent, self.settings.retry_on_timeout),
+                        reason: error.reason(),
+                        error: GatewayError::Upstream(error),
+                    }
+                }
+                Err(_) => {
+                    // The whole request's time is up. Waiting for the client's body: its fault, and
+                    // the worker is not blamed. Otherwise the worker took the time.
+                    if prepared.watch().is_some_and(|w| !w.finished()) {
+                        return Attempt::Failed {
+                            error: GatewayError::ClientTimeout,
                             retry_safe: false,
                             reason: "client",
                         };
                     }
-                    UpstreamErrorKind::ClientBody => {
-                        return Attempt::Failed {
-                            error: GatewayError::ClientBody(error.detail),
-                            retry_safe: false,
-                            reason: "client",
-                        };
-                    }
-                    UpstreamErrorKind::Refused => {
-                        self.balancer
-                            .unreachable(worker, ChangeSource::Passive, &error.detail);
-                    }
-                    _ => {}
-                }
-                worker.count_response(None);
-                if error.blames_worker() {
+                    worker.count_response(None);
                     self.balancer.report(worker, false);
-                }
-                Attempt::Failed {
-                    retry_safe: error.retry_safe(idempotent, self.settings.retry_on_timeout),
-                    reason: error.reason(),
-                    error: GatewayError::Upstream(error),
-                }
-            }
-            Err(_) => {
-                // The whole request's time is up. Waiting for the client's body: its fault, and
-                // the worker is not blamed. Otherwise the worker took the time.
-                if prepared.watch().is_some_and(|w| !w.finished()) {
-                    return Attempt::Failed {
-                        error: GatewayError::ClientTimeout,
+                    Attempt::Failed {
+                        error: GatewayError::UpstreamTimeout,
                         retry_safe: false,
-                        reason: "client",
-                    };
-                }
-                worker.count_response(None);
-                self.balancer.report(worker, false);
-                Attempt::Failed {
-                    error: GatewayError::UpstreamTimeout,
-                    retry_safe: false,
-                    reason: "timeout",
+                        reason: "timeout",
+                    }
                 }
             }
         }

@@ -133,54 +133,59 @@ impl Connection {
     /// [`Connection::read`]. The worker gets `response_header` for each write to make progress
     /// and, once the request is written, for its response head, never past `deadline`; waiting
     /// for the client's body is not bounded here (the caller bounds it by the deadline).
-    pub async fn send(
+    #[allow(clippy::manual_async_fn)] // see the comment in the body
+    pub fn send(
         &mut self,
         request: Outgoing<'_>,
         fallback_host: &Authority,
         response_header: Duration,
         timing: super::Timing,
-    ) -> Result<ResponseHead, UpstreamError> {
-        let deadline = timing.deadline;
-        // A request that went out in one write left at `timing.sent`; one that waited for room
-        // or for the client's body left later (its head timeout and stale window start then).
-        let waits = matches!(request.body, UpstreamBody::Stream { .. });
-        let was_reused = self.reused;
-        self.reused = true;
-        let method = request.method.clone();
-        let upgrade = request.headers.contains_key(http::header::UPGRADE);
-        let raw = request.raw_response;
-        let mut written = Sent::default();
-        let stall = Stall {
-            each: response_header,
-            deadline,
-        };
-        self.write_request(request, fallback_host, stall, &mut written)
-            .await
-            .map_err(|error| error.into_upstream(was_reused, written.bytes))?;
-        let sent_at = if waits || written.waited {
-            Instant::now()
-        } else {
-            timing.sent
-        };
-        let head_by = deadline.min(sent_at + response_header);
-        let mut timer = match self.head_timer.take() {
-            Some(mut timer) => {
-                timer.as_mut().reset(head_by);
-                timer
-            }
-            None => Box::pin(tokio::time::sleep_until(head_by)),
-        };
-        let head = self.read_head(&method, upgrade, raw, was_reused, sent_at);
-        let outcome = tokio::select! {
-            biased;
-            head = head => head,
-            // Outside tokio's task budget, as `tokio::time::timeout` polls its timer: a worker
-            // that keeps the socket full (an endless run of 1xx heads) spends the budget in
-            // `head` on every poll, and a budgeted timer would then never fire.
-            () = tokio::task::unconstrained(timer.as_mut()) => Err(UpstreamError::timeout()),
-        };
-        self.head_timer = Some(timer);
-        outcome
+    ) -> impl Future<Output = Result<ResponseHead, UpstreamError>> {
+        // Not an `async fn`: its arguments would be copied into locals at the first poll and
+        // both kept in the future (rust-lang/rust#62958); an async block uses them in place.
+        async move {
+            let deadline = timing.deadline;
+            // A request that went out in one write left at `timing.sent`; one that waited for room
+            // or for the client's body left later (its head timeout and stale window start then).
+            let waits = matches!(request.body, UpstreamBody::Stream { .. });
+            let was_reused = self.reused;
+            self.reused = true;
+            let method = request.method.clone();
+            let upgrade = request.headers.contains_key(http::header::UPGRADE);
+            let raw = request.raw_response;
+            let mut written = Sent::default();
+            let stall = Stall {
+                each: response_header,
+                deadline,
+            };
+            self.write_request(request, fallback_host, stall, &mut written)
+                .await
+                .map_err(|error| error.into_upstream(was_reused, written.bytes))?;
+            let sent_at = if waits || written.waited {
+                Instant::now()
+            } else {
+                timing.sent
+            };
+            let head_by = deadline.min(sent_at + response_header);
+            let mut timer = match self.head_timer.take() {
+                Some(mut timer) => {
+                    timer.as_mut().reset(head_by);
+                    timer
+                }
+                None => Box::pin(tokio::time::sleep_until(head_by)),
+            };
+            let head = self.read_head(&method, upgrade, raw, was_reused, sent_at);
+            let outcome = tokio::select! {
+                biased;
+                head = head => head,
+                // Outside tokio's task budget, as `tokio::time::timeout` polls its timer: a worker
+                // that keeps the socket full (an endless run of 1xx heads) spends the budget in
+                // `head` on every poll, and a budgeted timer would then never fire.
+                () = tokio::task::unconstrained(timer.as_mut()) => Err(UpstreamError::timeout()),
+            };
+            self.head_timer = Some(timer);
+            outcome
+        }
     }
 
     /// The socket and what was read from it beyond the response head: after a 101, the start

@@ -99,30 +99,35 @@ pub struct Timing {
 /// and what follows it (the body hands the connection back to `pool` when it is done). The
 /// worker's side is bounded here (`response_header` for each write and for the head, never past
 /// `deadline`); waits for a streamed client body are the caller's to bound.
-pub async fn exchange(
+#[allow(clippy::manual_async_fn)] // see the comment in the body
+pub fn exchange(
     mut connection: Connection,
     authority: &Authority,
     pool: &Arc<Pool>,
     request: Outgoing<'_>,
     settings: &ClientSettings,
     timing: Timing,
-) -> Result<(ResponseHead, Reply, tokio::time::Instant), UpstreamError> {
-    let head = connection
-        .send(request, authority, settings.response_header, timing)
-        .await?;
-    let answered = tokio::time::Instant::now();
-    if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
-        return Ok((head, Reply::Switched(connection), answered));
+) -> impl Future<Output = Result<(ResponseHead, Reply, tokio::time::Instant), UpstreamError>> {
+    // Not an `async fn`: its arguments would be copied into locals at the first poll and
+    // both kept in the future (rust-lang/rust#62958); an async block uses them in place.
+    async move {
+        let head = connection
+            .send(request, authority, settings.response_header, timing)
+            .await?;
+        let answered = tokio::time::Instant::now();
+        if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            return Ok((head, Reply::Switched(connection), answered));
+        }
+        let body = WorkerBody::new(
+            head.framing,
+            head.keep_alive,
+            connection,
+            Home {
+                pool: pool.clone(),
+                limits: settings.pool,
+                answered,
+            },
+        );
+        Ok((head, Reply::Body(body), answered))
     }
-    let body = WorkerBody::new(
-        head.framing,
-        head.keep_alive,
-        connection,
-        Home {
-            pool: pool.clone(),
-            limits: settings.pool,
-            answered,
-        },
-    );
-    Ok((head, Reply::Body(body), answered))
 }
