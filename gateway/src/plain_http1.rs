@@ -76,73 +76,78 @@ pub(crate) enum Ended<S> {
 
 /// Serves the requests of `io` until one is not plain, the connection ends, or it is handed
 /// over (`movable`: may be).
-pub(crate) async fn serve<S>(
+#[allow(clippy::manual_async_fn)] // see the comment in the body
+pub(crate) fn serve<S>(
     mut io: ClientIo<S>,
     context: &Arc<ServiceContext>,
     entry: &Entry,
     movable: bool,
-) -> Ended<S>
+) -> impl Future<Output = Ended<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let state = context.state.clone();
-    // Raw request heads only where nothing before the request path reads headers (the HTTPS
-    // redirect reads `Host`) and the request path needs no map (tracing reads and writes
-    // `traceparent`).
-    let keep_raw = context.raw_requests();
-    let mut buffer = BytesMut::with_capacity(READ_SIZE);
-    let mut out: Vec<u8> = Vec::with_capacity(1024);
-    loop {
-        let request = loop {
-            if !buffer.is_empty() {
-                match parse(&mut buffer, keep_raw) {
-                    Parsed::Partial => {}
-                    Parsed::Plain(request) => break request,
-                    Parsed::NotPlain => {
-                        io.put_back(buffer.freeze());
-                        return Ended::ToHyper(Box::new(io));
+    // Not an `async fn`: its arguments would be copied into locals at the first poll and
+    // both kept in the future (rust-lang/rust#62958); an async block uses them in place.
+    async move {
+        let state = context.state.clone();
+        // Raw request heads only where nothing before the request path reads headers (the HTTPS
+        // redirect reads `Host`) and the request path needs no map (tracing reads and writes
+        // `traceparent`).
+        let keep_raw = context.raw_requests();
+        let mut buffer = BytesMut::with_capacity(READ_SIZE);
+        let mut out: Vec<u8> = Vec::with_capacity(1024);
+        loop {
+            let request = loop {
+                if !buffer.is_empty() {
+                    match parse(&mut buffer, keep_raw) {
+                        Parsed::Partial => {}
+                        Parsed::Plain(request) => break request,
+                        Parsed::NotPlain => {
+                            io.put_back(buffer.freeze());
+                            return Ended::ToHyper(Box::new(io));
+                        }
                     }
                 }
-            }
-            match read_more(&mut io, &mut buffer, entry, &state, movable).await {
-                Ok(Read::Bytes) => {}
-                Ok(Read::Closed) | Err(_) => return Ended::Closed,
-                Ok(Read::Told(Told::Close)) => return Ended::Closed,
-                Ok(Read::Told(Told::Shed)) => {
-                    let (stream, state) = io.into_parts();
-                    return Ended::Handed {
-                        stream,
-                        state,
-                        read_ahead: buffer.freeze(),
-                    };
+                match read_more(&mut io, &mut buffer, entry, &state, movable).await {
+                    Ok(Read::Bytes) => {}
+                    Ok(Read::Closed) | Err(_) => return Ended::Closed,
+                    Ok(Read::Told(Told::Close)) => return Ended::Closed,
+                    Ok(Read::Told(Told::Shed)) => {
+                        let (stream, state) = io.into_parts();
+                        return Ended::Handed {
+                            stream,
+                            state,
+                            read_ahead: buffer.freeze(),
+                        };
+                    }
                 }
+            };
+            let head_only = request.request.method() == Method::HEAD;
+            // Pinned where they are made: awaited as values, these futures (the request path's is
+            // several KB) were copied into this one's state for every request.
+            let responding = pin!(context.respond::<Inline>(request.request, request.raw));
+            let Ok(response) = responding.await else {
+                // The client hung up: nobody is left to answer.
+                return Ended::Closed;
+            };
+            // Closing after this answer: it says so (hyper adds `Connection: close` then too). Decided
+            // as its head is written: a request begun before the gateway started to stop, answered
+            // after, says it as well, so the client does not reuse a connection about to close.
+            let closing = request.close || entry.told_to_close() || context.draining();
+            let written = {
+                let writing = pin!(write_response(
+                    &mut io, response, head_only, closing, &mut out
+                ));
+                writing.await
+            };
+            let keep_alive = match written {
+                Ok(keep_alive) => keep_alive && !closing,
+                Err(_) => return Ended::Closed,
+            };
+            if !keep_alive || entry.told_to_close() {
+                let _ = io.shutdown().await;
+                return Ended::Closed;
             }
-        };
-        let head_only = request.request.method() == Method::HEAD;
-        // Pinned where they are made: awaited as values, these futures (the request path's is
-        // several KB) were copied into this one's state for every request.
-        let responding = pin!(context.respond::<Inline>(request.request, request.raw));
-        let Ok(response) = responding.await else {
-            // The client hung up: nobody is left to answer.
-            return Ended::Closed;
-        };
-        // Closing after this answer: it says so (hyper adds `Connection: close` then too). Decided
-        // as its head is written: a request begun before the gateway started to stop, answered
-        // after, says it as well, so the client does not reuse a connection about to close.
-        let closing = request.close || entry.told_to_close() || context.draining();
-        let written = {
-            let writing = pin!(write_response(
-                &mut io, response, head_only, closing, &mut out
-            ));
-            writing.await
-        };
-        let keep_alive = match written {
-            Ok(keep_alive) => keep_alive && !closing,
-            Err(_) => return Ended::Closed,
-        };
-        if !keep_alive || entry.told_to_close() {
-            let _ = io.shutdown().await;
-            return Ended::Closed;
         }
     }
 }

@@ -685,7 +685,6 @@ impl ServiceContext {
             request.extensions_mut().insert(over_tls.clone());
         }
         let http1 = request.version() < http::Version::HTTP_2;
-        let redirected = context.redirect.map(|redirect| redirect.respond(&request));
         // Not with bytes of a next request read behind this one (hyper holds them: the
         // client asked for more answers even if it hangs up now).
         let watch = (context.watcher.as_ref())
@@ -699,8 +698,10 @@ impl ServiceContext {
                     watch,
                 }))
             };
-            if let Some(response) = redirected {
-                return served(response, None);
+            // Made here, not before the block: a response held across the block's await would
+            // take its room (368 bytes) in every request's future.
+            if let Some(redirect) = &context.redirect {
+                return served(redirect.respond(&request), None);
             }
             if context.state.conflicting_framing() {
                 // Not forwarded; hyper closes the connection after this answer (it does
