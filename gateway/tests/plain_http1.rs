@@ -604,6 +604,12 @@ async fn a_plain_request_head_reaches_the_worker_as_sent_when_nothing_in_it_must
 
     // A browser's `Connection: keep-alive` (wherever it is, any case) is the one line a raw
     // head leaves out: the others go as sent, in their order.
+    let (_, head) =
+        worker_got("GET /head HTTP/1.1\r\nConnection: keep-alive\r\nHost: gw\r\n\r\n").await;
+    assert!(
+        head.starts_with("GET /head HTTP/1.1\r\nHost: gw\r\nx-request-id: "),
+        "the line first, only Host besides: {head:?}"
+    );
     for (connection, at_end) in [
         ("Connection: keep-alive\r\n", false),
         ("connection:  Keep-Alive \r\n", false),
