@@ -174,6 +174,26 @@ impl Drop for Spawned {
     }
 }
 
+/// How many replicas and other sentinels the sentinel on loopback `port` knows for `master`
+/// (`None`: no answer).
+pub fn sentinel_knows(port: u16, master: &str) -> Option<(usize, usize)> {
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    let mut con = client
+        .get_connection_with_timeout(Duration::from_millis(300))
+        .ok()?;
+    let replicas: Vec<::redis::Value> = ::redis::cmd("SENTINEL")
+        .arg("replicas")
+        .arg(master)
+        .query(&mut con)
+        .ok()?;
+    let sentinels: Vec<::redis::Value> = ::redis::cmd("SENTINEL")
+        .arg("sentinels")
+        .arg(master)
+        .query(&mut con)
+        .ok()?;
+    Some((replicas.len(), sentinels.len()))
+}
+
 /// A free loopback port (bound and released; the caller binds it right away).
 pub fn free_port() -> u16 {
     herd::ports::free_port().expect("free port")

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use herd::deploy::rejoin;
 use herd_tests::temp_dir;
-use herd_tests::worker_support::{free_port, spawn_redis};
+use herd_tests::worker_support::{free_port, sentinel_knows, spawn_redis};
 
 const SENTINEL_CONF: &str = "port {port}
 bind 127.0.0.1
@@ -107,25 +107,6 @@ fn named_master(port: u16) -> Option<u16> {
     Some(master_port)
 }
 
-/// How many replicas and other sentinels the sentinel on `port` knows.
-fn sentinel_knows(port: u16) -> Option<(usize, usize)> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
-    let mut con = client
-        .get_connection_with_timeout(Duration::from_millis(200))
-        .ok()?;
-    let replicas: Vec<redis::Value> = redis::cmd("SENTINEL")
-        .arg("replicas")
-        .arg("m")
-        .query(&mut con)
-        .ok()?;
-    let sentinels: Vec<redis::Value> = redis::cmd("SENTINEL")
-        .arg("sentinels")
-        .arg("m")
-        .query(&mut con)
-        .ok()?;
-    Some((replicas.len(), sentinels.len()))
-}
-
 fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let began = Instant::now();
     while !done() {
@@ -193,7 +174,7 @@ fn a_restarted_master_rejoins_as_a_replica_and_never_answers_as_master() {
         || {
             sentinel_ports
                 .iter()
-                .all(|p| matches!(sentinel_knows(*p), Some((r, s)) if r >= 2 && s >= 2))
+                .all(|p| matches!(sentinel_knows(*p, "m"), Some((r, s)) if r >= 2 && s >= 2))
         },
     );
 

@@ -6,7 +6,9 @@
 use std::time::{Duration, Instant};
 
 use herd_tests::worker::{TestWorker, WorkerOptions};
-use herd_tests::worker_support::{cookie, plain_client, set_session_cookie, spawn_redis};
+use herd_tests::worker_support::{
+    cookie, plain_client, sentinel_knows, set_session_cookie, spawn_redis,
+};
 use herd_tests::{temp_dir, unique_prefix, wait_until};
 use serde_json::{Value, json};
 
@@ -17,24 +19,6 @@ sentinel down-after-milliseconds m 400
 sentinel failover-timeout m 2000
 sentinel parallel-syncs m 1
 ";
-
-fn sentinel_reports(port: u16) -> Option<(usize, usize)> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
-    let mut con = client
-        .get_connection_with_timeout(Duration::from_millis(300))
-        .ok()?;
-    let replicas: Vec<redis::Value> = redis::cmd("SENTINEL")
-        .arg("replicas")
-        .arg("m")
-        .query(&mut con)
-        .ok()?;
-    let sentinels: Vec<redis::Value> = redis::cmd("SENTINEL")
-        .arg("sentinels")
-        .arg("m")
-        .query(&mut con)
-        .ok()?;
-    Some((replicas.len(), sentinels.len()))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_survive_a_sentinel_failover_under_load() {
@@ -69,7 +53,7 @@ async fn sessions_survive_a_sentinel_failover_under_load() {
         async move {
             ports
                 .iter()
-                .all(|port| matches!(sentinel_reports(*port), Some((replicas, others)) if replicas >= 1 && others >= 2))
+                .all(|port| matches!(sentinel_knows(*port, "m"), Some((replicas, others)) if replicas >= 1 && others >= 2))
         }
     })
     .await;

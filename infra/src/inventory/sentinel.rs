@@ -163,6 +163,15 @@ pub fn first_master(inventory: &Inventory) -> SocketAddr {
     ))
 }
 
+/// The sentinels' addresses as `ip:port,ip:port,...` (for the environment of those who ask them).
+fn sentinel_list(inventory: &Inventory) -> String {
+    sentinel_addrs(inventory)
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The sentinels' addresses, in the inventory's order.
 pub fn sentinel_addrs(inventory: &Inventory) -> Vec<SocketAddr> {
     inventory
@@ -209,13 +218,11 @@ fn rejoin_env(
     sentinel: &RedisSentinel,
     listen: SocketAddr,
 ) -> Vec<(String, String)> {
-    let sentinels = sentinel_addrs(inventory)
-        .iter()
-        .map(SocketAddr::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
     vec![
-        (crate::deploy::rejoin::SENTINELS_ENV.into(), sentinels),
+        (
+            crate::deploy::rejoin::SENTINELS_ENV.into(),
+            sentinel_list(inventory),
+        ),
         ("HERD_REDIS_SENTINEL_MASTER".into(), sentinel.master.clone()),
         ("HERD_REDIS_SELF".into(), listen.to_string()),
         (
@@ -323,13 +330,11 @@ pub fn follow_env(inventory: &Inventory, kind: Kind) -> Vec<(String, String)> {
         Kind::Gateway => "HERD_GATEWAY",
         Kind::Redis => return Vec::new(),
     };
-    let addrs = sentinel_addrs(inventory)
-        .iter()
-        .map(SocketAddr::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
     vec![
-        (format!("{prefix}_SENTINEL__ADDRS"), addrs),
+        (
+            format!("{prefix}_SENTINEL__ADDRS"),
+            sentinel_list(inventory),
+        ),
         (
             format!("{prefix}_SENTINEL__MASTER"),
             sentinel.master.clone(),
