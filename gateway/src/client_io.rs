@@ -136,6 +136,11 @@ impl ConnectionState {
         self.begun.load(Ordering::Relaxed) > 0
     }
 
+    /// Whether a request is in progress (its response not done).
+    pub fn in_request(&self) -> bool {
+        self.open.load(Ordering::Relaxed) > 0
+    }
+
     /// Whether the connection is HTTP/1.1 between two requests with nothing half done, as its
     /// socket saw it at its last read: no request in progress, the last response written and
     /// flushed, no request body left unread. Hyper then holds nothing of the connection but

@@ -3,8 +3,10 @@
 //! threads rebalance (`crate::consolidation`).
 //!
 //! ```text
-//! close_all():  idle HTTP/1.1 ──▶ closed now          busy ──▶ closed after its response
+//! close_idle(): idle HTTP/1.1 ──▶ closed now          busy ──▶ closed after its response
+//!               not yet past its first request ──▶ serves it, then closes
 //!               HTTP/2 ──▶ GOAWAY, closed when its streams end
+//! close_all():  the same, and a TLS handshake or a wait for first bytes ends now
 //! shed(n):      the next n HTTP/1.1 cleartext connections found between two requests give
 //!               their socket back (`Ended::Handed`) for the serving thread to hand over
 //! ```
@@ -52,15 +54,24 @@ struct Registry {
 /// What this thread asks of its connections.
 #[derive(Debug, Clone, Copy, Default)]
 struct Signals {
-    /// Raised by each [`close_all`]: connections registered before it close.
+    /// Raised by each [`close_idle`] and [`close_all`]: connections registered before it close.
     closes: u32,
+    /// Set by [`close_all`]: the thread stops, and connections that have not sent a request yet
+    /// close too.
+    stopping: bool,
     /// HTTP/1.1 connections still to give their socket back ([`shed`]).
     shed: usize,
 }
 
 thread_local! {
     static REGISTRY: RefCell<Registry> = RefCell::default();
-    static SIGNALS: Cell<Signals> = const { Cell::new(Signals { closes: 0, shed: 0 }) };
+    static SIGNALS: Cell<Signals> = const {
+        Cell::new(Signals {
+            closes: 0,
+            stopping: false,
+            shed: 0,
+        })
+    };
 }
 
 /// Wakes every connection of this thread.
@@ -78,13 +89,27 @@ fn wake_all() {
     }
 }
 
-/// Tells every connection open on this thread to close: an idle one now, one with a request in
-/// progress after its response, HTTP/2 with GOAWAY once its streams end. Connections opened
-/// later are not told (until the next call).
+/// Tells every connection open on this thread to close: an idle keep-alive one now (after
+/// reading what already arrived: a request the client sent just before is served, not dropped),
+/// one with a request in progress after its response, HTTP/2 with GOAWAY once its streams end.
+/// A connection that has not sent its first request yet (TLS handshake, first bytes) serves it:
+/// its client just connected to send one, and closing it would race with that request for
+/// sure. Connections opened later are not told (until the next call).
+pub(crate) fn close_idle() {
+    raise_close(false);
+}
+
+/// [`close_idle`], and the thread stops: a connection still in its TLS handshake or waiting for
+/// its first bytes closes now too.
 pub(crate) fn close_all() {
+    raise_close(true);
+}
+
+fn raise_close(stopping: bool) {
     SIGNALS.with(|signals| {
         let mut now = signals.get();
         now.closes = now.closes.wrapping_add(1);
+        now.stopping |= stopping;
         signals.set(now);
     });
     wake_all();
@@ -172,17 +197,22 @@ impl Entry {
         }
     }
 
-    /// Runs `future` until it completes, or until the thread tells its connections to close
-    /// (then `None`): for a connection in its TLS handshake or before its first bytes, which
-    /// has nothing to finish.
-    pub(crate) async fn unless_told_to_close<F: Future>(&self, future: F) -> Option<F::Output> {
+    /// Runs `future` until it completes, or until the thread stops ([`close_all`]; then
+    /// `None`): for a connection in its TLS handshake or before its first bytes, which has
+    /// nothing to finish. [`close_idle`] does not end it: its first request is served.
+    pub(crate) async fn until_stopped<F: Future>(&self, future: F) -> Option<F::Output> {
         let mut future = std::pin::pin!(future);
         poll_fn(|cx| {
             self.polled_by(cx.waker());
-            if self.told_to_close() {
-                return Poll::Ready(None);
+            // First what arrived: bytes that came with the signal are a request to serve.
+            if let Poll::Ready(output) = future.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
             }
-            future.as_mut().poll(cx).map(Some)
+            if self.told_to_stop() {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            }
         })
         .await
     }
@@ -201,6 +231,11 @@ impl Entry {
     /// Whether the thread told its connections to close since this one opened.
     pub(crate) fn told_to_close(&self) -> bool {
         SIGNALS.with(|signals| signals.get().closes != self.closes)
+    }
+
+    /// Whether the thread stops, and told this connection so.
+    fn told_to_stop(&self) -> bool {
+        self.told_to_close() && SIGNALS.with(|signals| signals.get().stopping)
     }
 }
 
@@ -247,6 +282,8 @@ where
     /// May give its socket back (cleartext; a TLS session stays where its handshake was).
     movable: bool,
     told_to_close: bool,
+    /// Hyper was told to close after the response in progress.
+    closing_after_response: bool,
 }
 
 impl<S, Svc> Http1<S, Svc>
@@ -267,6 +304,30 @@ where
             entry,
             movable,
             told_to_close: false,
+            closing_after_response: false,
+        }
+    }
+}
+
+impl<S, Svc, B> Http1<S, Svc>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    Svc: HttpService<Incoming, ResBody = B> + Unpin,
+    Svc::Error: Into<BoxError>,
+    B: http_body::Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Once told to close, a request in progress gets `Connection: close` on its response
+    /// (if its head is not written yet) and the connection closes after it. Not while no
+    /// request is in progress: hyper would close at once, dropping the bytes of a next head it
+    /// has begun to read; that request is told when it begins.
+    fn close_after_response(&mut self) {
+        if !self.told_to_close || self.closing_after_response || !self.state.in_request() {
+            return;
+        }
+        if let Some(connection) = self.connection.as_mut() {
+            self.closing_after_response = true;
+            Pin::new(connection).graceful_shutdown();
         }
     }
 }
@@ -284,33 +345,28 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended<S>> {
         let this = self.get_mut();
         this.entry.polled_by(cx.waker());
+        if !this.told_to_close && this.entry.told_to_close() {
+            this.told_to_close = true;
+        }
+        this.close_after_response();
+        // Hyper runs first, also when just told to close: the bytes of a next request that
+        // arrived since its last read begin that request, instead of going down with the socket
+        // (the client would see its connection closed under a request it had sent).
         let Some(connection) = this.connection.as_mut() else {
             return Poll::Ready(Ended::Closed(Ok(())));
         };
-        if !this.told_to_close && this.entry.told_to_close() {
-            this.told_to_close = true;
-            if this.state.between_requests() {
-                this.connection = None;
-                return Poll::Ready(Ended::Closed(Ok(())));
-            }
-            // Closes after the response in progress (hyper: `Connection: close` on it if its
-            // head is not written yet). Not before the first request: hyper would close at once,
-            // dropping the bytes of it already read; that one is answered with
-            // `Connection: close` (the gateway drains before it tells connections to close).
-            if this.state.has_begun() {
-                Pin::new(&mut *connection).graceful_shutdown();
-            }
-        }
-        if let Poll::Ready(result) = Pin::new(&mut *connection).poll(cx) {
+        if let Poll::Ready(result) = Pin::new(connection).poll(cx) {
             this.connection = None;
             return Poll::Ready(Ended::Closed(result));
         }
+        // A request that began in this poll.
+        this.close_after_response();
         if !this.state.between_requests() {
             return Poll::Pending;
         }
         if this.told_to_close {
-            // Idle, and hyper would wait for a next request (one handed over here has not
-            // served one on this thread, so hyper does not count it idle).
+            // Idle, nothing arrived, and hyper would wait for a next request (one handed over
+            // here has not served one on this thread, so hyper does not count it idle).
             this.connection = None;
             return Poll::Ready(Ended::Closed(Ok(())));
         }
@@ -388,6 +444,33 @@ mod tests {
         drop((before, after, moved_here_after));
         assert_eq!(open(), 0);
         all_ended().await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_before_its_first_request_outlives_close_idle_not_close_all() {
+        let entry = Entry::new(false);
+        let (_client_sends, first_bytes) = tokio::sync::oneshot::channel::<()>();
+        let mut waiting = Box::pin(entry.until_stopped(first_bytes));
+        assert!(waiting.as_mut().now_or_never().is_none());
+        close_idle();
+        assert!(entry.told_to_close());
+        assert!(
+            waiting.as_mut().now_or_never().is_none(),
+            "its client just connected to send a request: it is served"
+        );
+        close_all();
+        assert!(matches!(waiting.as_mut().now_or_never(), Some(None)));
+    }
+
+    #[tokio::test]
+    async fn bytes_that_came_with_the_stop_are_served() {
+        let entry = Entry::new(false);
+        close_all();
+        let arrived = std::future::ready("GET / HTTP/1.1");
+        assert_eq!(
+            entry.until_stopped(arrived).now_or_never(),
+            Some(Some("GET / HTTP/1.1"))
+        );
     }
 
     #[tokio::test]

@@ -224,7 +224,7 @@ impl Clients {
                 let (mut stream, mut slot, mut opening) = (stream, slot, opening);
                 if matches!(opening, Opening::New) {
                     let sniffing = Opening::sniff(&mut stream, clients.timeouts.head);
-                    opening = match entry.unless_told_to_close(sniffing).await {
+                    opening = match entry.until_stopped(sniffing).await {
                         Some(Ok(sniffed)) => sniffed,
                         Some(Err(error)) => {
                             debug!(peer = %peer, error = %error, "client connection ended before a request");
@@ -281,7 +281,7 @@ impl Clients {
         };
         let tls = tls.clone();
         tokio::spawn(async move {
-            let Some(handshake) = entry.unless_told_to_close(tls.handshake(stream)).await else {
+            let Some(handshake) = entry.until_stopped(tls.handshake(stream)).await else {
                 return;
             };
             match handshake {
@@ -334,7 +334,7 @@ impl Clients {
         let opening = match opening {
             Opening::New => {
                 let sniffing = Opening::sniff(&mut stream, self.timeouts.head);
-                match entry.unless_told_to_close(sniffing).await {
+                match entry.until_stopped(sniffing).await {
                     Some(Ok(sniffed)) => sniffed,
                     Some(Err(error)) => {
                         debug!(peer = %peer, error = %error, "client connection ended before a request");
@@ -1090,7 +1090,7 @@ impl ServingThread {
                     // request (`Clients::drain`).
                     closing = true;
                     connections::shed(0);
-                    connections::close_all();
+                    connections::close_idle();
                 }
                 Some(message) = inbox.recv() => self.receive(message),
                 accepted = listener.accept() => match accepted {

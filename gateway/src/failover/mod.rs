@@ -71,8 +71,9 @@ pub struct Started {
     pub status: watch::Receiver<FailoverStatus>,
     /// Ends once the node has given up the address and the lease after `shutdown`.
     pub stopped: tokio::task::JoinHandle<()>,
-    /// Cancelled after `shutdown` once the address is about to leave this host (the standby
-    /// took the role, or will not): when clients' idle connections should close.
+    /// Cancelled after `shutdown` when clients' idle connections should close: an active with a
+    /// ready standby does it before it lets the role go (so before the standby's gratuitous
+    /// ARP moves the address); otherwise just before the address leaves this host.
     pub address_leaving: tokio_util::sync::CancellationToken,
 }
 

@@ -39,6 +39,16 @@ const HAND_OVER_LINGER: Duration = Duration::from_secs(1);
 /// How long a gateway stopping gracefully waits for its peer to take the role over before it
 /// drops the address anyway (the peer takes the free lease at its next tick: 100 ms at defaults).
 const SHUTDOWN_HAND_OVER: Duration = Duration::from_secs(3);
+/// How long a gateway stopping gracefully stays active after the SIGTERM before it closes its
+/// idle client connections: from the SIGTERM on every response says `Connection: close`, so the
+/// connections clients are using close cleanly after their next response meanwhile, and fewer
+/// are left to close from our side (which races with a request sent just then).
+const SHUTDOWN_DRAIN: Duration = Duration::from_millis(200);
+/// How long after closing its idle client connections a gateway stopping gracefully lets the
+/// role go: the clients see the connections closed (and stop picking them) before the peer's
+/// gratuitous ARP moves them. A connection a client still held then would reach the peer, which
+/// knows nothing of it, and be reset under the client's next request.
+const SHUTDOWN_IDLE_CLOSED: Duration = Duration::from_millis(50);
 /// How long a gateway whose hand-over failed (the preferred peer never took the role, e.g. it
 /// can't reach Redis) refuses to hand over again: else the role would bounce every yield.
 const HAND_OVER_BACKOFF: Duration = Duration::from_secs(30);
@@ -149,8 +159,9 @@ fn should_hand_over(config: &FailoverConfig, heartbeat: &Heartbeat) -> bool {
 
 /// The gateway's side of the pair.
 pub struct Node {
-    /// Cancelled on shutdown once the address is about to leave this host (the peer has taken
-    /// the role, or will not): the moment to close clients' idle connections.
+    /// Cancelled on shutdown when clients' idle connections should close: before the role
+    /// goes to a ready peer (whose gratuitous ARP moves the address), else before the address
+    /// leaves this host.
     address_leaving: tokio_util::sync::CancellationToken,
     id: String,
     config: FailoverConfig,
@@ -242,20 +253,15 @@ impl Node {
         }
         let mut ticks = tokio::time::interval(self.config.heartbeat_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                _ = ticks.tick() => self.tick(Instant::now()).await,
-                Some(event) = events.recv() => {
-                    let urgent = matches!(event, PeerEvent::Closed { .. });
-                    self.on_peer_event(event, Instant::now()).await;
-                    // A peer that just died is acted on now, not at the next tick.
-                    if urgent {
-                        self.tick(Instant::now()).await;
-                    }
-                }
-            }
+        self.run_until(&mut ticks, &mut events, shutdown).await;
+        if self.role == Role::Active && self.peer_can_take_over(Instant::now()) {
+            // Still the active, serving as before, while the connections in use drain; then
+            // the idle rest is closed while the address is only ours.
+            let drained = tokio::time::sleep(SHUTDOWN_DRAIN);
+            self.run_until(&mut ticks, &mut events, drained).await;
+            self.address_leaving.cancel();
+            let seen_closed = tokio::time::sleep(SHUTDOWN_IDLE_CLOSED);
+            self.run_until(&mut ticks, &mut events, seen_closed).await;
         }
         if self.role == Role::Active && self.peer_can_take_over(Instant::now()) {
             self.hand_over_on_shutdown(&mut events).await;
@@ -275,6 +281,31 @@ impl Node {
         info!(gateway = %self.id, "failover: stopped, address and lease released");
     }
 
+    /// Does the node's work (lease and address at every tick, the peer's heartbeats as they come)
+    /// until `until` completes.
+    async fn run_until(
+        &mut self,
+        ticks: &mut tokio::time::Interval,
+        events: &mut mpsc::Receiver<PeerEvent>,
+        until: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                () = &mut until => return,
+                _ = ticks.tick() => self.tick(Instant::now()).await,
+                Some(event) = events.recv() => {
+                    let urgent = matches!(event, PeerEvent::Closed { .. });
+                    self.on_peer_event(event, Instant::now()).await;
+                    // A peer that just died is acted on now, not at the next tick.
+                    if urgent {
+                        self.tick(Instant::now()).await;
+                    }
+                }
+            }
+        }
+    }
+
     /// Whether the peer is heard, standby and able to serve (it has healthy workers).
     fn peer_can_take_over(&self, now: Instant) -> bool {
         self.peer
@@ -284,9 +315,10 @@ impl Node {
             })
     }
 
-    /// A graceful stop of the active, with a standby ready: the failback path. Release the lease,
-    /// keep serving on the address (the caller keeps accepting) until the peer says it is
-    /// active, then linger while its announcements move the clients. At most
+    /// A graceful stop of the active, with a standby ready, after its idle client connections
+    /// were closed: the failback path. Release the lease, keep serving on the address (the
+    /// caller keeps accepting) until the peer says it is active, then linger while its
+    /// announcements move the clients. At most
     /// [`SHUTDOWN_HAND_OVER`] plus the linger; without an answer the caller drops the address
     /// as before.
     async fn hand_over_on_shutdown(&mut self, events: &mut mpsc::Receiver<PeerEvent>) {
@@ -310,8 +342,6 @@ impl Node {
                     self.publish(Instant::now());
                     if took_over {
                         info!(gateway = %self.id, "failover: the peer took the role over; lingering on the address");
-                        // Clients' idle connections close now, while the address is still here.
-                        self.address_leaving.cancel();
                         tokio::time::sleep(HAND_OVER_LINGER).await;
                         return;
                     }

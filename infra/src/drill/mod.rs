@@ -57,6 +57,8 @@ const NUDGE_REQUESTS: usize = 8;
 /// What a request waiting around a hung worker may take beyond the hedge delay and the normal
 /// p99 (a shared box's scheduling; a gateway that does not hedge makes it wait the whole hang).
 const HANG_ALLOWANCE: Duration = Duration::from_millis(150);
+/// Failed requests a report describes one by one.
+const FAILURES_LISTED: usize = 5;
 /// How long the cluster gets to be healthy again (before and after a drill).
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -511,6 +513,7 @@ pub fn run(
     report.request_timeout_ms = request_timeout.as_secs_f64() * 1000.0;
     report.sessions = sessions;
     report.gateways = report::gateways_saw(&before, &after);
+    report.failed_requests = report::failed_requests(&samples, fault_time, FAILURES_LISTED);
     report.notes = notes;
     report.verdict = verdict;
     report.reason = reason;

@@ -310,6 +310,8 @@ pub struct Report {
     pub gateways: Vec<GatewaySaw>,
     /// Requests answered per worker.
     pub by_worker: BTreeMap<String, usize>,
+    /// The first failed requests, one by one (all of them in `requests`).
+    pub failed_requests: Vec<FailedRequest>,
     /// Other facts (a drained worker that had to be killed, a restore that failed…).
     pub notes: Vec<String>,
     /// PASS / FAIL / N/A.
@@ -320,6 +322,62 @@ pub struct Report {
 
 pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+/// A failed request, as a report lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedRequest {
+    /// `GET` / `POST`.
+    pub method: &'static str,
+    /// What it asked for.
+    pub path: &'static str,
+    /// When it was sent, in milliseconds from the fault (negative: before it).
+    pub sent_from_fault_ms: f64,
+    /// How long until it failed.
+    pub latency_ms: f64,
+    /// The gateway that answered, if one did.
+    pub gateway: Option<String>,
+    /// Its kind (`refused`, `timeout`, `5xx`, `other`).
+    pub kind: &'static str,
+    /// What the client saw: the error with its causes, or the status.
+    pub detail: String,
+}
+
+impl FailedRequest {
+    /// One line of a text report.
+    fn line(&self) -> String {
+        format!(
+            "{} {} sent {:+} ms from the fault, failed after {} ms via {}: {}",
+            self.method,
+            self.path,
+            self.sent_from_fault_ms,
+            self.latency_ms,
+            self.gateway.as_deref().unwrap_or("-"),
+            self.detail,
+        )
+    }
+}
+
+/// The first `limit` failed requests: a failed drill says what failed, not only how many.
+pub fn failed_requests(samples: &[Sample], fault_at: Duration, limit: usize) -> Vec<FailedRequest> {
+    samples
+        .iter()
+        .filter_map(|s| Some((s, s.failure?)))
+        .take(limit)
+        .map(|(s, failure)| FailedRequest {
+            method: s.op.method(),
+            path: s.op.path(),
+            sent_from_fault_ms: if s.sent_at >= fault_at {
+                ms(s.sent_at - fault_at)
+            } else {
+                -ms(fault_at - s.sent_at)
+            },
+            latency_ms: ms(s.latency),
+            gateway: s.gateway.clone(),
+            kind: failure.name(),
+            detail: s.detail.clone().unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// Figures of the samples around a fault at `fault_at`.
@@ -521,6 +579,7 @@ impl Report {
             sessions: SessionCheck::default(),
             gateways: Vec::new(),
             by_worker: BTreeMap::new(),
+            failed_requests: Vec::new(),
             notes: Vec::new(),
             verdict: Outcome::NotApplicable,
             reason: format!("not applicable: {why}"),
@@ -619,6 +678,13 @@ impl Report {
                 let _ = writeln!(out, "answered by: {}", workers.join(", "));
             }
         }
+        for failed in &self.failed_requests {
+            let _ = writeln!(out, "failed:     {}", failed.line());
+        }
+        if self.requests.failed > self.failed_requests.len() {
+            let more = self.requests.failed - self.failed_requests.len();
+            let _ = writeln!(out, "failed:     {more} more");
+        }
         for note in &self.notes {
             let _ = writeln!(out, "note:       {note}");
         }
@@ -656,6 +722,7 @@ mod tests {
             failure,
             gateway: Some(gateway.into()),
             worker: Some("w1".into()),
+            detail: failure.map(|f| f.name().to_string()),
         }
     }
 
@@ -668,6 +735,28 @@ mod tests {
         assert_eq!(in_flight(text, "w2"), Some(4.0));
         assert_eq!(in_flight(text, "w1"), Some(0.0));
         assert_eq!(in_flight(text, "w3"), None);
+    }
+
+    #[test]
+    fn failed_requests_are_listed_from_the_fault_up_to_the_limit() {
+        let samples = [
+            sample(900, 5, Op::GetCart, Some(Failure::Other), "gw1"),
+            sample(1000, 5, Op::GetWork, None, "gw1"),
+            sample(1010, 2, Op::AddItem, Some(Failure::Status5xx), "gw2"),
+            sample(1020, 2, Op::GetWork, Some(Failure::Timeout), "gw2"),
+        ];
+        let listed = failed_requests(&samples, Duration::from_secs(1), 2);
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].path, "/cart");
+        assert_eq!(listed[0].sent_from_fault_ms, -100.0);
+        assert_eq!(listed[0].kind, "other");
+        assert_eq!(listed[1].method, "POST");
+        assert_eq!(listed[1].sent_from_fault_ms, 10.0);
+        assert_eq!(listed[1].gateway.as_deref(), Some("gw2"));
+        assert_eq!(
+            listed[1].line(),
+            "POST /cart/items sent +10 ms from the fault, failed after 2 ms via gw2: 5xx"
+        );
     }
 
     #[test]

@@ -48,6 +48,16 @@ impl Op {
         }
     }
 
+    /// The path it requests.
+    pub fn path(self) -> &'static str {
+        match self {
+            Op::GetCart => "/cart",
+            Op::GetWork => "/work?ms=1",
+            Op::GetSlow => "/work?ms=1000",
+            Op::AddItem => "/cart/items",
+        }
+    }
+
     /// Whether a gateway may retry it (and users may expect it never to fail).
     pub fn idempotent(self) -> bool {
         self != Op::AddItem
@@ -103,6 +113,8 @@ pub struct Sample {
     pub gateway: Option<String>,
     /// The worker that answered (`x-herd-worker`).
     pub worker: Option<String>,
+    /// What went wrong, as the client saw it (the error chain, or the status), when it failed.
+    pub detail: Option<String>,
 }
 
 impl Sample {
@@ -342,6 +354,7 @@ async fn gather(
                     failure: Some(Failure::Other),
                     gateway: None,
                     worker: None,
+                    detail: Some(format!("the request's task failed: {error}")),
                 });
             }
         }
@@ -362,12 +375,11 @@ async fn send(
     let item = format!("item-{n}");
     let request = match op {
         Op::GetCart => client
-            .get(format!("http://{target}/cart"))
+            .get(format!("http://{target}{}", op.path()))
             .header("cookie", &user.cookie),
-        Op::GetWork => client.get(format!("http://{target}/work?ms=1")),
-        Op::GetSlow => client.get(format!("http://{target}/work?ms=1000")),
+        Op::GetWork | Op::GetSlow => client.get(format!("http://{target}{}", op.path())),
         Op::AddItem => client
-            .post(format!("http://{target}/cart/items"))
+            .post(format!("http://{target}{}", op.path()))
             .header("cookie", &user.cookie)
             .json(&json!({"item": item, "qty": 1})),
     };
@@ -384,15 +396,16 @@ async fn send(
             let status = response.status();
             // Read the whole body: a response cut mid-body is a failure users would see.
             let failure = match response.bytes().await {
-                Err(error) => Some(classify(&error)),
-                Ok(_) if status.is_server_error() => Some(Failure::Status5xx),
-                Ok(_) if !status.is_success() => Some(Failure::Other),
+                Err(error) => Some((classify(&error), chain(&error))),
+                Ok(_) if status.is_server_error() => Some((Failure::Status5xx, status.to_string())),
+                Ok(_) if !status.is_success() => Some((Failure::Other, status.to_string())),
                 Ok(_) => None,
             };
             (failure, gateway, worker)
         }
-        Err(error) => (Some(classify(&error)), None, None),
+        Err(error) => (Some((classify(&error), chain(&error))), None, None),
     };
+    let (failure, detail) = failure.unzip();
     if op == Op::AddItem && failure.is_none() {
         user.acknowledged
             .lock()
@@ -406,7 +419,21 @@ async fn send(
         failure,
         gateway,
         worker,
+        detail,
     }
+}
+
+/// An error with its causes, `outer: inner: innermost` (reqwest's own message is only the
+/// outermost, "error sending request").
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 fn classify(error: &reqwest::Error) -> Failure {
@@ -497,6 +524,7 @@ mod tests {
             failure: None,
             gateway: Some("gw1".into()),
             worker: Some("w1".into()),
+            detail: None,
         };
         let task = tasks.spawn(async move { fine });
         begun.insert(task.id(), (Op::GetCart, Duration::from_millis(1)));
@@ -508,5 +536,26 @@ mod tests {
         assert_eq!(samples[1].failure, Some(Failure::Other));
         assert_eq!(samples[1].op, Op::AddItem);
         assert_eq!(samples[1].sent_at, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn an_error_is_described_with_its_causes() {
+        let inner = std::io::Error::other("connection closed before message completed");
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("error sending request")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        assert_eq!(
+            chain(&Outer(inner)),
+            "error sending request: connection closed before message completed"
+        );
     }
 }
