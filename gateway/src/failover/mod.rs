@@ -62,6 +62,10 @@ pub enum FailoverError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// This host cannot announce the floating address (see
+    /// [`address::FloatingAddress::check_host`]).
+    #[error("{0}")]
+    CannotAnnounce(String),
 }
 
 /// A started failover node.
@@ -87,6 +91,12 @@ pub async fn start(
     healthy: HealthyCount,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Started, FailoverError> {
+    if let Some(address) = &config.address {
+        address::FloatingAddress::new(address.clone())
+            .check_host()
+            .await
+            .map_err(FailoverError::CannotAnnounce)?;
+    }
     let listener =
         TcpListener::bind(config.listen)
             .await
