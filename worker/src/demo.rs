@@ -10,6 +10,7 @@
 //! | `POST /logout` | ends this session |
 //! | `POST /logout-everywhere` | ends every session of the user |
 //! | `GET /work?ms=20` | burns about `ms` of CPU (0–1000) |
+//! | `GET /work?ms=0&sleep_ms=2000` | waits `sleep_ms` first (0–10000), burning nothing |
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,8 @@ use crate::session::Session;
 
 /// Longest CPU burn `/work` accepts, in milliseconds.
 pub const MAX_WORK_MS: u64 = 1_000;
+/// Longest wait `/work` accepts before its burn, in milliseconds.
+pub const MAX_SLEEP_MS: u64 = 10_000;
 const MAX_USER_LEN: usize = 64;
 const MAX_ITEM_LEN: usize = 100;
 const MAX_QTY: u32 = 1_000;
@@ -197,25 +200,34 @@ async fn logout_everywhere(session: Session) -> Result<Json<Value>, ApiError> {
 #[derive(Debug, Deserialize)]
 struct WorkQuery {
     ms: Option<String>,
+    sleep_ms: Option<String>,
+}
+
+/// A millisecond count from the query: `default` when absent, a 400 naming `name` when it is
+/// not an integer up to `max`.
+fn millis(text: Option<&str>, name: &str, default: u64, max: u64) -> Result<u64, ApiError> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    text.parse::<u64>()
+        .ok()
+        .filter(|ms| *ms <= max)
+        .ok_or_else(|| {
+            ApiError::bad_request("bad_query", format!("{name} must be an integer 0–{max}"))
+        })
 }
 
 async fn work(
     query: Result<Query<WorkQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query?;
-    let ms = match query.ms.as_deref() {
-        None => 10,
-        Some(text) => text
-            .parse::<u64>()
-            .ok()
-            .filter(|ms| *ms <= MAX_WORK_MS)
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "bad_query",
-                    format!("ms must be an integer 0–{MAX_WORK_MS}"),
-                )
-            })?,
-    };
+    let ms = millis(query.ms.as_deref(), "ms", 10, MAX_WORK_MS)?;
+    let sleep_ms = millis(query.sleep_ms.as_deref(), "sleep_ms", 0, MAX_SLEEP_MS)?;
+    // A wait holds a request in flight without loading the machine (the worker-kill drill's
+    // slow requests: burning CPU for them slowed the drill's own look at the cluster).
+    if sleep_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+    }
     // Burn on the blocking pool so a long burn never stalls the async workers.
     let spent = tokio::task::spawn_blocking(move || burn(Duration::from_millis(ms)))
         .await
@@ -290,7 +302,22 @@ mod tests {
         .await;
         assert_eq!(status, StatusCode::OK);
         assert!(body["spent_us"].as_u64().unwrap() >= 5_000, "{body}");
-        for bad in ["/work?ms=abc", "/work?ms=-1", "/work?ms=100000"] {
+        let started = Instant::now();
+        let (status, _, body) = call(
+            http::Request::get("/work?ms=0&sleep_ms=30")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        for bad in [
+            "/work?ms=abc",
+            "/work?ms=-1",
+            "/work?ms=100000",
+            "/work?sleep_ms=x",
+            "/work?sleep_ms=10001",
+        ] {
             let (status, _, body) =
                 call(http::Request::get(bad).body(Body::empty()).unwrap()).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");

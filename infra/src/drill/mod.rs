@@ -47,10 +47,15 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Slow requests sent just before a worker is killed, so that it dies with requests in flight
 /// (spread over the workers, a few land on the victim); quick ones as a worker hangs.
 const SLOW_BURST: u32 = 12;
-/// How long before the kill they are sent: well inside their 1000 ms, and well past the
-/// gateway's stale-connection window (100 ms), so that the kill is, to the gateway, a worker
-/// that died with requests in flight — retried only when retries are on.
+/// How long before the kill they are sent: well past the gateway's stale-connection window
+/// (100 ms), so that the kill is, to the gateway, a worker that died with requests in flight —
+/// retried only when retries are on.
 const SLOW_LEAD: Duration = Duration::from_millis(400);
+/// How long each of them takes (`traffic::Op::GetSlow`): well beyond `SLOW_LEAD` plus the look
+/// at the cluster before the kill, which takes several ssh round trips on an inventory (600 ms
+/// on a busy CI box, where 1000 ms requests had ended before the kill and the drill passed with
+/// retries off).
+const SLOW_REQUEST: Duration = Duration::from_millis(2000);
 /// Requests sent through the public address per health poll while waiting for the cluster to
 /// be healthy.
 const NUDGE_REQUESTS: usize = 8;
@@ -361,6 +366,7 @@ pub fn run(
         fault_at.saturating_sub(SLOW_LEAD),
         "load running, fault next",
     )?;
+    let slow_sent = origin.elapsed();
     if kind == Kind::WorkerKill {
         counters.burst(SLOW_BURST, traffic::Op::GetSlow);
     }
@@ -391,7 +397,16 @@ pub fn run(
         // whether any GET waited on it would be luck).
         counters.burst(SLOW_BURST, traffic::Op::GetWork);
     }
-    if added.killed_in_flight == Some(0.0) {
+    let kill_lag = fault_time.saturating_sub(slow_sent);
+    if kind == Kind::WorkerKill && kill_lag >= SLOW_REQUEST {
+        // Whatever the gateways said was in flight had ended by the kill.
+        extra_failures.push(format!(
+            "the kill came {} ms after the {SLOW_BURST} slow requests, which take {} ms: none \
+             was in flight any more, nothing was tested",
+            kill_lag.as_millis(),
+            SLOW_REQUEST.as_millis()
+        ));
+    } else if added.killed_in_flight == Some(0.0) {
         // Nothing died in flight: the drill did not test what it claims.
         extra_failures.push(format!(
             "the killed worker had no request in flight (the {SLOW_BURST} slow requests sent \

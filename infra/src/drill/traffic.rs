@@ -34,7 +34,7 @@ pub enum Op {
     GetWork,
     /// `POST /cart/items` (a session write; not idempotent, so never retried by the gateway).
     AddItem,
-    /// `GET /work?ms=1000`: a slow idempotent request, sent in a burst just before a worker is
+    /// `GET /work?ms=0&sleep_ms=2000`: a slow idempotent request (a wait, no CPU), sent in a burst just before a worker is
     /// killed so that the kill catches requests in flight, as a crash under real load does.
     GetSlow,
 }
@@ -53,7 +53,7 @@ impl Op {
         match self {
             Op::GetCart => "/cart",
             Op::GetWork => "/work?ms=1",
-            Op::GetSlow => "/work?ms=1000",
+            Op::GetSlow => "/work?ms=0&sleep_ms=2000",
             Op::AddItem => "/cart/items",
         }
     }
