@@ -76,7 +76,8 @@ enum Attempt {
     /// A response to pass on.
     Response(Response<ResponseBody>),
     /// The worker switched protocols: its 101, and its side of the tunnel.
-    Switched(Response<ResponseBody>, WorkerTunnel),
+    // Boxed: a rare answer; inline, its 72 bytes made every attempt's outcome larger to move.
+    Switched(Response<ResponseBody>, Box<WorkerTunnel>),
     /// A 502/503 to an idempotent request: retried elsewhere if possible, else passed on.
     Retryable(Response<ResponseBody>),
     /// Failed.
@@ -235,7 +236,7 @@ impl Proxy {
         request_id: &HeaderValue,
         upgrade: Option<HeaderValue>,
         traced: bool,
-    ) -> impl Future<Output = Result<(Response<ResponseBody>, Option<WorkerTunnel>), GatewayError>>
+    ) -> impl Future<Output = Result<(Response<ResponseBody>, Option<Box<WorkerTunnel>>), GatewayError>>
     {
         // Not an `async fn`: its arguments would be copied into locals at the first poll and
         // both kept in the future (rust-lang/rust#62958); an async block uses them in place.
@@ -621,7 +622,8 @@ impl Proxy {
     /// request to another worker (`second`, spending a retry-budget token) and takes the first
     /// answer. The slower attempt is dropped with its connection; its wait so far goes into its
     /// worker's latency estimate, so p2c steers new requests away from a worker that hangs.
-    async fn hedged<F, S, Fut>(
+    #[allow(clippy::manual_async_fn)] // see the comment in the body
+    fn hedged<F, S, Fut>(
         &self,
         mut first: std::pin::Pin<&mut F>,
         worker: &Arc<Worker>,
@@ -629,67 +631,71 @@ impl Proxy {
         delay: Duration,
         tried: &mut Tried,
         second: S,
-    ) -> Attempt
+    ) -> impl Future<Output = Attempt>
     where
         F: Future<Output = Attempt>,
         S: FnOnce(Arc<Worker>) -> Fut,
         Fut: Future<Output = Attempt>,
     {
-        tokio::select! {
-            biased;
-            outcome = &mut first => return outcome,
-            () = HedgeTimer::until(sent + delay) => {}
+        // Not an `async fn`: its arguments (the hedge's closure, 280 bytes) would be copied into
+        // locals at the first poll and both kept in the future (rust-lang/rust#62958).
+        async move {
+            tokio::select! {
+                biased;
+                outcome = &mut first => return outcome,
+                () = HedgeTimer::until(sent + delay) => {}
+            }
+            let Ok(pick) = self.balancer.pick(tried) else {
+                return first.await;
+            };
+            let second_worker = pick.worker;
+            let now = self.balancer.clock().now();
+            if !self.budget.try_withdraw(now / 1_000_000_000) {
+                self.metrics.retry_refused("budget");
+                return first.await;
+            }
+            self.metrics.retry("hedge");
+            tried.push(second_worker.clone());
+            let hedge_started = Instant::now();
+            // Boxed: only hedged requests pay for the second attempt's room.
+            let mut second = Box::pin(second(second_worker.clone()));
+            let (outcome, winner_is_first) = tokio::select! {
+                outcome = &mut first => (outcome, true),
+                outcome = &mut second => (outcome, false),
+            };
+            let succeeded = matches!(outcome, Attempt::Response(_) | Attempt::Switched(..));
+            let (outcome, first_won) = if succeeded {
+                (outcome, winner_is_first)
+            } else if winner_is_first {
+                // The first failed: the hedge is the answer now (the retry loop goes on from it).
+                (second.await, false)
+            } else {
+                (first.await, true)
+            };
+            // The loser was dropped mid-way (or failed, and was counted then).
+            let clock = self.balancer.clock().now();
+            if first_won {
+                let waited = hedge_started.elapsed().as_nanos() as f64;
+                second_worker.ewma.observe(waited, clock);
+            } else if succeeded {
+                let waited = delay + hedge_started.elapsed();
+                worker.ewma.observe(waited.as_nanos() as f64, clock);
+                // Another worker answered while this one had not in twice its p99: a failure for
+                // passive health, so a hung worker is ejected after a few hedges instead of drawing
+                // requests (its in-flight count drops with each abandoned attempt, which makes it
+                // look idle to p2c) until the active checks time out.
+                worker.count_response(None);
+                self.balancer.report(worker, false);
+            }
+            debug!(
+                worker = %worker.id(),
+                hedge = %second_worker.id(),
+                first_won,
+                delay_ms = delay.as_millis() as u64,
+                "hedged request"
+            );
+            outcome
         }
-        let Ok(pick) = self.balancer.pick(tried) else {
-            return first.await;
-        };
-        let second_worker = pick.worker;
-        let now = self.balancer.clock().now();
-        if !self.budget.try_withdraw(now / 1_000_000_000) {
-            self.metrics.retry_refused("budget");
-            return first.await;
-        }
-        self.metrics.retry("hedge");
-        tried.push(second_worker.clone());
-        let hedge_started = Instant::now();
-        // Boxed: only hedged requests pay for the second attempt's room.
-        let mut second = Box::pin(second(second_worker.clone()));
-        let (outcome, winner_is_first) = tokio::select! {
-            outcome = &mut first => (outcome, true),
-            outcome = &mut second => (outcome, false),
-        };
-        let succeeded = matches!(outcome, Attempt::Response(_) | Attempt::Switched(..));
-        let (outcome, first_won) = if succeeded {
-            (outcome, winner_is_first)
-        } else if winner_is_first {
-            // The first failed: the hedge is the answer now (the retry loop goes on from it).
-            (second.await, false)
-        } else {
-            (first.await, true)
-        };
-        // The loser was dropped mid-way (or failed, and was counted then).
-        let clock = self.balancer.clock().now();
-        if first_won {
-            let waited = hedge_started.elapsed().as_nanos() as f64;
-            second_worker.ewma.observe(waited, clock);
-        } else if succeeded {
-            let waited = delay + hedge_started.elapsed();
-            worker.ewma.observe(waited.as_nanos() as f64, clock);
-            // Another worker answered while this one had not in twice its p99: a failure for
-            // passive health, so a hung worker is ejected after a few hedges instead of drawing
-            // requests (its in-flight count drops with each abandoned attempt, which makes it
-            // look idle to p2c) until the active checks time out.
-            worker.count_response(None);
-            self.balancer.report(worker, false);
-        }
-        debug!(
-            worker = %worker.id(),
-            hedge = %second_worker.id(),
-            first_won,
-            delay_ms = delay.as_millis() as u64,
-            "hedged request"
-        );
-        outcome
     }
 
     /// Sends one attempt to `worker` and classifies the result. Only the worker's own failures
@@ -767,7 +773,7 @@ impl Proxy {
                                 headers::set_upgrade(&mut response_headers, protocol);
                             }
                             // The tunnel counts as in flight on its worker until it closes.
-                            let tunnel = WorkerTunnel::new(connection, guard);
+                            let tunnel = Box::new(WorkerTunnel::new(connection, guard));
                             (ResponseBody::empty(), Some(tunnel))
                         }
                     };
