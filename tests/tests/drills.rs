@@ -322,6 +322,48 @@ fn every_drill_passes_on_the_netns_lab() {
     }
 }
 
+#[test]
+fn only_one_reset_at_the_move_is_accepted_from_gateway_stop() {
+    let report = |failed: Value, count: u64, lost: u64| {
+        serde_json::json!({
+            "first_success_ms": 408.5,
+            "requests": {"failed": count},
+            "sessions": {"lost": lost},
+            "failed_requests": failed,
+        })
+    };
+    let reset = |sent: f64, kind: &str| {
+        serde_json::json!({
+            "sent_from_fault_ms": sent,
+            "kind": kind,
+            "detail": "error sending request: client error (SendRequest): connection error: Connection reset by peer (os error 104)",
+        })
+    };
+    assert!(one_reset_at_the_move(&report(
+        serde_json::json!([reset(386.3, "other")]),
+        1,
+        0
+    )));
+    // Away from the move, of another kind, two of them, or a session lost: a real failure.
+    assert!(!one_reset_at_the_move(&report(
+        serde_json::json!([reset(100.0, "other")]),
+        1,
+        0
+    )));
+    assert!(!one_reset_at_the_move(&report(
+        serde_json::json!([reset(386.3, "timeout")]),
+        1,
+        0
+    )));
+    let two = serde_json::json!([reset(386.3, "other"), reset(390.0, "other")]);
+    assert!(!one_reset_at_the_move(&report(two, 2, 0)));
+    assert!(!one_reset_at_the_move(&report(
+        serde_json::json!([reset(386.3, "other")]),
+        1,
+        1
+    )));
+}
+
 /// Whether a `gateway-stop` report failed only for the one loss a floating address's move can
 /// cause (docs/failover.md, "Graceful stop"): a client whose connection was opening to the old
 /// active just as the standby's gratuitous ARP moved it sends its request to the new holder,
