@@ -309,29 +309,6 @@ where
     }
 }
 
-impl<S, Svc, B> Http1<S, Svc>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    Svc: HttpService<Incoming, ResBody = B> + Unpin,
-    Svc::Error: Into<BoxError>,
-    B: http_body::Body + 'static,
-    B::Error: Into<BoxError>,
-{
-    /// Once told to close, a request in progress gets `Connection: close` on its response
-    /// (if its head is not written yet) and the connection closes after it. Not while no
-    /// request is in progress: hyper would close at once, dropping the bytes of a next head it
-    /// has begun to read; that request is told when it begins.
-    fn close_after_response(&mut self) {
-        if !self.told_to_close || self.closing_after_response || !self.state.in_request() {
-            return;
-        }
-        if let Some(connection) = self.connection.as_mut() {
-            self.closing_after_response = true;
-            Pin::new(connection).graceful_shutdown();
-        }
-    }
-}
-
 impl<S, Svc, B> Future for Http1<S, Svc>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -348,7 +325,20 @@ where
         if !this.told_to_close && this.entry.told_to_close() {
             this.told_to_close = true;
         }
-        this.close_after_response();
+        // Once told to close, a request in progress gets `Connection: close` on its response (if
+        // its head is not written yet) and the connection closes after it. Not while no request
+        // is in progress: hyper would close at once, dropping the bytes of a next head it has
+        // begun to read; that request is told when it begins.
+        let close_after_response = |this: &mut Self| {
+            if !this.told_to_close || this.closing_after_response || !this.state.in_request() {
+                return;
+            }
+            if let Some(connection) = this.connection.as_mut() {
+                this.closing_after_response = true;
+                Pin::new(connection).graceful_shutdown();
+            }
+        };
+        close_after_response(this);
         // Hyper runs first, also when just told to close: the bytes of a next request that
         // arrived since its last read begin that request, instead of going down with the socket
         // (the client would see its connection closed under a request it had sent).
@@ -360,7 +350,7 @@ where
             return Poll::Ready(Ended::Closed(result));
         }
         // A request that began in this poll.
-        this.close_after_response();
+        close_after_response(this);
         if !this.state.between_requests() {
             return Poll::Pending;
         }
