@@ -296,11 +296,13 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
         start..start + bytes.len()
     };
     let target = span(path.as_bytes());
-    let spans: Spans = head
-        .headers
-        .iter()
-        .map(|h| (span(h.name.as_bytes()), span(h.value)))
-        .collect();
+    // Filled in place: `collect` would build the vector and then move all its inline room.
+    let mut spans = Spans::new();
+    spans.extend(
+        head.headers
+            .iter()
+            .map(|h| (span(h.name.as_bytes()), span(h.value))),
+    );
     let whole = buffer.split_to(length).freeze();
     let raw = (raw && hosts == 1)
         .then(|| raw_lines(&whole, &spans, size, cut))

@@ -8,7 +8,9 @@
 #
 # SCENARIO: h1 (default; HTTP/1.1 keep-alive) or h2 (h2c, 8 streams per connection), both
 # `GET /` through the gateway (one serving thread) to two herd-worker hello upstreams (set
-# UPSTREAM=hyper for `herd bench upstream`, a plain hyper server). GATEWAY_BINARY: default
+# UPSTREAM=hyper for `herd bench upstream`, a plain hyper server); or session: HTTP/1.1
+# `GET /me` with a logged-in session cookie to two demo-app workers, which read the session
+# from a redis-server the script starts (as `herd bench proxy`'s session scenario). GATEWAY_BINARY: default
 # target/release/herd-gateway. REQUESTS: default 20000, sent by h2load (-n: an exact count) over
 # CONNECTIONS (default 16; 1 makes every request a wake-up of its own) after 2000 warm-up
 # requests; HEADER adds one request header on h1 (`HEADER='Connection: keep-alive'`, as browsers
@@ -19,8 +21,8 @@
 #
 # Prints instructions per request in all, by crate, and the 25 functions with the most, inclusive
 # of what they call and exclusive. Valgrind counts each iteration of `rep movsb` / `rep stosb` as
-# an instruction: large copies and fills weigh more here than in cycles. Needs valgrind, h2load and release builds (`cargo build --release
-# --bins`).
+# an instruction: large copies and fills weigh more here than in cycles. Needs valgrind, h2load
+# (session: also redis-server and curl) and release builds (`cargo build --release --bins`).
 set -euo pipefail
 scenario=${1:-h1}
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -28,15 +30,19 @@ gateway=$(realpath "${2:-$root/target/release/herd-gateway}")
 requests=${3:-20000}
 connections=${CONNECTIONS:-16}
 upstream=${UPSTREAM:-herd-worker}
+path=/
 case $scenario in
   h1) h2load_mode=(--h1 -m 1 ${HEADER:+-H "$HEADER"}) ;;
   h2) h2load_mode=(-m 8) ;;
-  *) echo "scenario: h1 or h2, not $scenario" >&2; exit 2 ;;
+  session) h2load_mode=(--h1 -m 1); path=/me ;;
+  *) echo "scenario: h1, h2 or session, not $scenario" >&2; exit 2 ;;
 esac
 for number in "$requests" "$connections"; do
   [[ $number =~ ^[1-9][0-9]{0,6}$ ]] || { echo "REQUESTS and CONNECTIONS: whole numbers from 1, not $number" >&2; exit 2; }
 done
-for tool in valgrind callgrind_control callgrind_annotate h2load; do
+tools=(valgrind callgrind_control callgrind_annotate h2load)
+[ "$scenario" = session ] && tools+=(redis-server curl)
+for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install valgrind nghttp2-client)" >&2; exit 1; }
 done
 work=$(mktemp -d)
@@ -62,13 +68,20 @@ announced() {
   return 1
 }
 
+app=(HERD_WORKER_APP=hello)
+if [ "$scenario" = session ]; then
+  redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.out" 2>&1 &
+  pids+=($!)
+  app=(HERD_WORKER_APP=demo "HERD_WORKER_REDIS__URL=redis://127.0.0.1:$redis_port" HERD_WORKER_REDIS__PREFIX=instr)
+fi
 workers=()
 for index in 1 2; do
   out=$work/upstream-$index.out
-  if [ "$upstream" = hyper ]; then
+  if [ "$upstream" = hyper ] && [ "$scenario" != session ]; then
     "$root/target/release/herd" bench upstream >"$out" 2>"$out.err" &
   else
-    HERD_WORKER_APP=hello HERD_WORKER_LISTEN=127.0.0.1:0 HERD_WORKER_ID=up$index \
+    env "${app[@]}" HERD_WORKER_LISTEN=127.0.0.1:0 HERD_WORKER_ID=up$index \
       HERD_WORKER_REGISTRY__ENABLED=false HERD_LOG=warn \
       "$root/target/release/herd-worker" --log-format json >"$out" 2>"$out.err" &
   fi
@@ -85,9 +98,20 @@ HERD_GATEWAY_LISTEN=127.0.0.1:0 HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:0 \
 gateway_pid=$!
 pids+=("$gateway_pid")
 public=$(announced "$out" public)
-h2load -n 2000 -c "$connections" -t 1 "${h2load_mode[@]}" "http://$public/" >"$work/warmup.txt"
+if [ "$scenario" = session ]; then
+  # A logged-in session (the demo app's `POST /login`); every request then reads it from Redis.
+  for _ in $(seq 50); do
+    curl -s -o /dev/null "http://${workers[0]}/readyz" && break
+    sleep 0.1
+  done
+  cookie=$(curl -s -D - -o /dev/null -H 'content-type: application/json' -d '{"user":"bench"}' \
+    "http://${workers[0]}/login" | awk -F'[ ;]' 'tolower($1) == "set-cookie:" {print $2; exit}')
+  [ -n "$cookie" ] || { echo "the demo app's login set no cookie" >&2; exit 1; }
+  h2load_mode+=(-H "Cookie: $cookie")
+fi
+h2load -n 2000 -c "$connections" -t 1 "${h2load_mode[@]}" "http://$public$path" >"$work/warmup.txt"
 callgrind_control --zero "$gateway_pid" >/dev/null 2>&1
-h2load -n "$requests" -c "$connections" -t 1 "${h2load_mode[@]}" "http://$public/" >"$work/load.txt"
+h2load -n "$requests" -c "$connections" -t 1 "${h2load_mode[@]}" "http://$public$path" >"$work/load.txt"
 callgrind_control --dump=measured "$gateway_pid" >/dev/null 2>&1
 [ -n "${KEEP:-}" ] && cp "$work"/callgrind.out.* "$KEEP"
 succeeded=$(awk '/^requests:/ {print $8}' "$work/load.txt")

@@ -286,16 +286,14 @@ pub fn parse_response(
     // Where each header sits in the head, kept on the stack (no allocation per response, and
     // only the slots in use written: zeroing room for all 128 cost more than the parse):
     // `httparse` borrows the buffer, and the head is split off it before the map is built.
+    // Filled in place: `collect` would build the vector and then move all its inline room.
     let base = buffer.as_ptr() as usize;
-    let spans: Spans = response
-        .headers
-        .iter()
-        .map(|h| {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            (name..name + h.name.len(), value..value + h.value.len())
-        })
-        .collect();
+    let mut spans = Spans::new();
+    spans.extend(response.headers.iter().map(|h| {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        (name..name + h.name.len(), value..value + h.value.len())
+    }));
     let head = buffer.split_to(head_length).freeze();
     // Answers whose head a client gets changed (HEAD, 204, 304: by the framing rules) get a map.
     let raw = raw
