@@ -47,7 +47,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::client_io::{ClientIo, ConnectionState};
 use crate::connections::{self, Entry};
-use crate::headers::RawRequestHead;
+use crate::headers::{self, RawRequestHead};
 use crate::serving::{Inline, Served, ServiceContext};
 
 /// A head still incomplete at this size is left to hyper (its limits, its 431).
@@ -130,11 +130,14 @@ where
                 close,
             } = request;
             let head_only = request.method() == Method::HEAD;
+            // Taken here, as the request path would, to be written into a worker's raw head.
+            let request_id = headers::request_id(request.headers());
             // Pinned where they are made: awaited as values, these futures (the request path's is
             // several KB) were copied into this one's state for every request. Each in a block of
             // its own, so that they share room in this future instead of adding up.
             let response = {
-                let responding = pin!(context.respond::<Inline>(request, raw));
+                let responding =
+                    pin!(context.respond::<Inline>(request, raw, Some(request_id.clone())));
                 let Ok(response) = responding.await else {
                     // The client hung up: nobody is left to answer.
                     return Ended::Closed;
@@ -146,9 +149,13 @@ where
             // after, says it as well, so the client does not reuse a connection about to close.
             let closing = close || entry.told_to_close() || context.draining();
             let written = {
-                let writing = pin!(write_response(
-                    &mut io, response, head_only, closing, &mut out
-                ));
+                let how = Writing {
+                    head_only,
+                    closing,
+                    request_id: &request_id,
+                    gateway: context.gateway_id(),
+                };
+                let writing = pin!(write_response(&mut io, response, how, &mut out));
                 writing.await
             };
             let keep_alive = match written {
@@ -396,19 +403,32 @@ enum Framing {
     Nothing,
 }
 
-/// Writes `response` (to a request that was a HEAD when `head_only`; saying `Connection: close`
-/// when `closing`); whether the connection may serve another request. A body longer or shorter
-/// than its `Content-Length` is an error: the connection closes rather than send a client bytes
-/// it would read as the next answer, or leave it waiting for bytes that never come (as hyper).
+/// How a response is written.
+#[derive(Clone, Copy)]
+struct Writing<'a> {
+    /// The request was a HEAD: no body follows the head.
+    head_only: bool,
+    /// The head says `Connection: close`.
+    closing: bool,
+    /// The request's id and this gateway's `x-herd-gateway`, added to a worker's raw head (the
+    /// request path puts them in the header map of every other response): the id when the
+    /// worker sent none.
+    request_id: &'a HeaderValue,
+    gateway: &'a HeaderValue,
+}
+
+/// Writes `response` as `how` says; whether the connection may serve another request. A body
+/// longer or shorter than its `Content-Length` is an error: the connection closes rather than
+/// send a client bytes it would read as the next answer, or leave it waiting for bytes that
+/// never come (as hyper).
 async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<S>,
     mut response: Response<Served>,
-    head_only: bool,
-    closing: bool,
+    how: Writing<'_>,
     out: &mut Vec<u8>,
 ) -> io::Result<bool> {
     out.clear();
-    let (framing, keep_alive) = encode_head(&response, head_only, closing, out)?;
+    let (framing, keep_alive) = encode_head(&response, how, out)?;
     let mut remaining = match framing {
         Framing::Length(n) => n,
         _ => u64::MAX,
@@ -516,10 +536,15 @@ fn hex(mut n: usize, room: &mut [u8; 16]) -> &[u8] {
 /// An error: the head cannot be written safely, and the connection must close.
 fn encode_head(
     response: &Response<Served>,
-    head_only: bool,
-    closing: bool,
+    how: Writing<'_>,
     out: &mut Vec<u8>,
 ) -> io::Result<(Framing, bool)> {
+    let Writing {
+        head_only,
+        closing,
+        request_id,
+        gateway,
+    } = how;
     let status = response.status();
     let body = response.body();
     // What the body says of its length: none, exactly n, or not known.
@@ -559,6 +584,11 @@ fn encode_head(
             framing = Some(Framing::Length(length));
         }
         dated = raw.has_date;
+        // What the gateway adds, kept out of the (empty) header map.
+        if !raw.has_request_id {
+            put_line(out, headers::REQUEST_ID.as_str(), request_id.as_bytes());
+        }
+        put_line(out, headers::GATEWAY.as_str(), gateway.as_bytes());
     }
     for (name, value) in response.headers() {
         if *name == header::CONTENT_LENGTH {
@@ -590,10 +620,7 @@ fn encode_head(
         } else if *name == header::DATE {
             dated = true;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_line(out, name.as_str(), value.as_bytes());
     }
     if closing && keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
@@ -635,6 +662,14 @@ fn encode_head(
         Framing::Nothing
     };
     Ok((framing, keep_alive))
+}
+
+/// Writes the header line `name: value`.
+fn put_line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The `Date` value, formatted once a second per thread.

@@ -131,14 +131,22 @@ impl Proxy {
         self.tracing
     }
 
+    /// This gateway's `x-herd-gateway` value.
+    pub fn gateway_id(&self) -> &HeaderValue {
+        &self.gateway_id
+    }
+
     /// Handles one client request; never fails (errors become JSON responses). `raw`: the
     /// request's header lines, when the gateway's own HTTP/1.1 server kept them in place of its
-    /// (then empty) header map (`headers::RawRequestHead`).
+    /// (then empty) header map (`headers::RawRequestHead`). `request_id`: the request's id when
+    /// the caller took it already (`headers::request_id`; that server writes it into a worker's
+    /// raw head, `plain_http1`).
     #[allow(clippy::manual_async_fn)] // see the comment in the body
     pub fn handle(
         &self,
         mut request: Request<Option<Incoming>>,
         raw: Option<headers::RawRequestHead>,
+        request_id: Option<HeaderValue>,
         forwarded_for: &HeaderValue,
     ) -> impl Future<Output = Response<ResponseBody>> {
         // Not an `async fn`: its arguments would be copied into locals at the first poll and
@@ -152,7 +160,7 @@ impl Proxy {
             let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
             let (mut parts, body) = request.into_parts();
             let version = parts.version;
-            let request_id = headers::request_id(&parts.headers);
+            let request_id = request_id.unwrap_or_else(|| headers::request_id(&parts.headers));
             // Sampling is decided here, before any span exists: an unsampled request costs a draw
             // and one header (so the workers do not trace it either), no span.
             let span = (self.tracing && herd_shared::telemetry::decide(&mut parts.headers))
@@ -208,8 +216,13 @@ impl Proxy {
             if let Some(span) = &span {
                 trace::record_status(span, response.status());
             }
+            // A raw head's writer (`plain_http1`) adds `x-herd-gateway` itself.
+            if response.body().raw_head().is_none() {
+                response
+                    .headers_mut()
+                    .insert(headers::GATEWAY, self.gateway_id.clone());
+            }
             let response_headers = response.headers_mut();
-            response_headers.insert(headers::GATEWAY, self.gateway_id.clone());
             if version == http::Version::HTTP_2
                 && let Some(id) = response_headers.get_mut(headers::REQUEST_ID)
             {
@@ -752,11 +765,9 @@ impl Proxy {
                     let switched_to = response_headers.get(header::UPGRADE).cloned();
                     // A raw head's lines are filtered where they are written (`plain_http1`).
                     headers::strip_hop_by_hop(&mut response_headers);
-                    let worker_sent_id = match &head.raw {
-                        Some(raw) => raw.has_request_id,
-                        None => response_headers.contains_key(headers::REQUEST_ID),
-                    };
-                    if !worker_sent_id {
+                    // A raw head's writer adds the request id itself (`plain_http1`).
+                    let raw_head = head.raw;
+                    if raw_head.is_none() && !response_headers.contains_key(headers::REQUEST_ID) {
                         response_headers.insert(headers::REQUEST_ID, request_id.clone());
                     }
                     let (body, tunnel) = match reply {
@@ -764,7 +775,7 @@ impl Proxy {
                             let body = ResponseBody::Upstream {
                                 inner: worker_body,
                                 guard: Some(guard),
-                                raw_head: head.raw,
+                                raw_head,
                             };
                             (body, None)
                         }

@@ -651,7 +651,7 @@ impl ServiceContext {
     > {
         let context = self;
         service_fn(move |request: hyper::Request<Incoming>| {
-            context.respond::<P>(request.map(Some), None)
+            context.respond::<P>(request.map(Some), None, None)
         })
     }
 
@@ -662,6 +662,11 @@ impl ServiceContext {
         self.redirect.is_none() && !self.proxy.tracing()
     }
 
+    /// This gateway's `x-herd-gateway` value.
+    pub(crate) fn gateway_id(&self) -> &http::HeaderValue {
+        self.proxy.gateway_id()
+    }
+
     /// The gateway has started to stop: every HTTP/1 answer from now on says `Connection: close`.
     pub(crate) fn draining(&self) -> bool {
         self.draining.is_cancelled()
@@ -669,11 +674,13 @@ impl ServiceContext {
 
     /// Begins `request` (its head was just read: the connection is busy from here) and returns
     /// the future of its response. The body is `None` for a request read by the gateway's own
-    /// HTTP/1.1 server (`crate::plain_http1`), which serves only requests without one.
+    /// HTTP/1.1 server (`crate::plain_http1`), which serves only requests without one, and
+    /// passes the request's id it took (`request_id`, see `Proxy::handle`).
     pub(crate) fn respond<P: Placement>(
         self: &Arc<Self>,
         mut request: hyper::Request<Option<Incoming>>,
         raw: Option<crate::headers::RawRequestHead>,
+        request_id: Option<http::HeaderValue>,
     ) -> impl Future<Output = Result<hyper::Response<Served>, ClientHungUp>> + Send + use<P> {
         let context = self.clone();
         let with_body = request
@@ -712,7 +719,12 @@ impl ServiceContext {
                 return served(refusal(&error, &context.metrics), None);
             }
             // Dropping the request path cancels the request at the worker.
-            let forwarding = P::place(context.proxy.handle(request, raw, &context.forwarded_for));
+            let forwarding = P::place(context.proxy.handle(
+                request,
+                raw,
+                request_id,
+                &context.forwarded_for,
+            ));
             let (Some(mut response), watch) = UntilHungUp::new(forwarding, watch).await else {
                 return Err(ClientHungUp);
             };

@@ -697,3 +697,37 @@ async fn a_plain_request_head_reaches_the_worker_as_sent_when_nothing_in_it_must
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}{body}");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_raw_answer_carries_the_request_id_its_worker_was_sent_and_the_gateways_name_once() {
+    let gw = gateway().await;
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut buffer = Vec::new();
+    // The worker's `/head` answer has no request id of its own: the gateway adds the one it sent
+    // the worker, whether it made it (a raw request head) or the client sent it (a head that
+    // took the header map).
+    for (request, client_id) in [
+        ("GET /head HTTP/1.1\r\nHost: gw\r\n\r\n", None),
+        (
+            "GET /head HTTP/1.1\r\nHost: gw\r\nX-Request-Id: client-7\r\n\r\n",
+            Some("client-7"),
+        ),
+    ] {
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut stream, &mut buffer, false).await;
+        let worker_got = String::from_utf8(answer.body.clone()).unwrap();
+        let sent = header(&worker_got, "x-request-id").expect("the worker got a request id");
+        assert_eq!(answer.header("x-request-id"), Some(sent), "{}", answer.head);
+        if let Some(id) = client_id {
+            assert_eq!(sent, id);
+        }
+        let lower = answer.head.to_ascii_lowercase();
+        assert_eq!(lower.matches("x-request-id:").count(), 1, "{}", answer.head);
+        assert_eq!(
+            lower.matches("x-herd-gateway:").count(),
+            1,
+            "{}",
+            answer.head
+        );
+    }
+}

@@ -389,8 +389,10 @@ fn finish_head(
     let mut headers;
     if raw.is_some() {
         // httparse checked names and values as strictly as `HeaderName` and `HeaderValue`
-        // would (tokens; no control bytes but tab): the lines need no other check.
-        headers = crate::headers::spare_map(crate::headers::ADDED_TO_RESPONSES);
+        // would (tokens; no control bytes but tab): the lines need no other check. What the
+        // gateway adds (request id, `x-herd-gateway`) its writer adds (`plain_http1`): the map
+        // stays empty and unallocated.
+        headers = HeaderMap::new();
     } else {
         found = FramingHeaders::default();
         headers = crate::headers::spare_map(spans.len() + crate::headers::ADDED_TO_RESPONSES);
