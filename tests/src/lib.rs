@@ -8,6 +8,7 @@
 //! - [`otlp`]: [`otlp::Receiver`], an OTLP/HTTP trace receiver that decodes what it is sent.
 //! - [`session_calls`]: the demo app's session calls straight to one worker.
 //! - [`cluster`]: [`cluster::Cluster`], Redis + N workers + a gateway in one call.
+//! - [`drill_report`]: what a drill report may show and still count as passed.
 //! - [`inventory`]: run `herd` over a netns inventory and undo all it started.
 //! - [`herd_cli`]: [`herd_cli::HerdCluster`], a cluster run by the `herd` binary itself.
 //! - [`wait_until`], [`unique_prefix`], [`client`]: small helpers every test needs.
@@ -17,6 +18,7 @@
 //! prefix, so tests never see each other's keys.
 
 pub mod cluster;
+pub mod drill_report;
 pub mod gateway;
 pub mod herd_cli;
 pub mod inventory;
