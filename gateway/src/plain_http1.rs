@@ -135,28 +135,32 @@ where
             // Pinned where they are made: awaited as values, these futures (the request path's is
             // several KB) were copied into this one's state for every request. Each in a block of
             // its own, so that they share room in this future instead of adding up.
-            let response = {
-                let responding =
-                    pin!(context.respond::<Inline>(request, raw, Some(request_id.clone())));
-                let Ok(response) = responding.await else {
+            let closing;
+            let written = {
+                // The request path's future is a temporary of this statement, made in place (a
+                // future bound first is copied whole, 5 KB, into where it is pinned): it ends
+                // here, and the writer's future below takes its room.
+                let Ok(mut response) =
+                    pin!(context.respond::<Inline>(request, raw, Some(request_id.clone()))).await
+                else {
                     // The client hung up: nobody is left to answer.
                     return Ended::Closed;
                 };
-                response
-            };
-            // Closing after this answer: it says so (hyper adds `Connection: close` then too). Decided
-            // as its head is written: a request begun before the gateway started to stop, answered
-            // after, says it as well, so the client does not reuse a connection about to close.
-            let closing = close || entry.told_to_close() || context.draining();
-            let written = {
+                // Closing after this answer: it says so (hyper adds `Connection: close` then
+                // too). Decided as its head is written: a request begun before the gateway
+                // started to stop, answered after, says it as well, so the client does not reuse
+                // a connection about to close.
+                closing = close || entry.told_to_close() || context.draining();
                 let how = Writing {
                     head_only,
                     closing,
                     request_id: &request_id,
                     gateway: context.gateway_id(),
                 };
-                let writing = pin!(write_response(&mut io, response, how, &mut out));
+                let writing = pin!(write_response(&mut io, &mut response, how, &mut out));
                 writing.await
+                // `response` is dropped here, not moved to be dropped (a copy of 300 bytes): the
+                // request is over (its guard is in the body), and the idle timer starts.
             };
             let keep_alive = match written {
                 Ok(keep_alive) => keep_alive && !closing,
@@ -420,26 +424,28 @@ struct Writing<'a> {
 /// Writes `response` as `how` says; whether the connection may serve another request. A body
 /// longer or shorter than its `Content-Length` is an error: the connection closes rather than
 /// send a client bytes it would read as the next answer, or leave it waiting for bytes that
-/// never come (as hyper).
+/// never come (as hyper). The caller drops `response` after: that ends the request (its guard is
+/// in the body). Borrowed, not taken: taken, the response (300 bytes) was copied into this
+/// future's arguments, its locals and out of it again, for every request.
 async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<S>,
-    mut response: Response<Served>,
+    response: &mut Response<Served>,
     how: Writing<'_>,
     out: &mut Vec<u8>,
 ) -> io::Result<bool> {
     out.clear();
-    let (framing, keep_alive) = encode_head(&response, how, out)?;
+    let (framing, keep_alive) = encode_head(response, how, out)?;
     let mut remaining = match framing {
         Framing::Length(n) => n,
         _ => u64::MAX,
     };
     crate::headers::recycle(std::mem::take(response.headers_mut()));
-    let mut body = response.into_body();
+    let body = response.body_mut();
     if framing != Framing::Nothing && !body.is_end_stream() {
         loop {
             // What is ready now goes out with the head; a body that waits sends what is
             // gathered first.
-            let ready = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx)));
+            let ready = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx)));
             let frame = match ready.await {
                 Poll::Ready(frame) => frame,
                 Poll::Pending => {
@@ -512,8 +518,6 @@ async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
         io.write_all(out).await?;
     }
     io.flush().await?;
-    // The request is over (its guard, in the body): the idle timer starts.
-    drop(body);
     Ok(keep_alive)
 }
 

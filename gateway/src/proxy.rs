@@ -730,14 +730,16 @@ impl Proxy {
         async move {
             let guard = worker.begin();
             let Timing { sent, deadline } = timing;
-            let exchange = upstream::exchange(
+            // Pinned where it is made: bound as a value and then awaited, the exchange's future
+            // (1.8 KB) was copied whole into the slot that awaits it, for every request.
+            let exchange = std::pin::pin!(upstream::exchange(
                 connection,
                 &worker.authority,
                 &worker.pool,
                 request,
                 &self.upstream,
                 timing,
-            );
+            ));
             // The exchange bounds the worker's waits itself; only a streamed body waits for the
             // client, and that wait needs the request deadline on top (one timer fewer otherwise).
             let result = if prepared.watch().is_some() {

@@ -93,7 +93,8 @@ out=$work/gateway.out
 HERD_GATEWAY_LISTEN=127.0.0.1:0 HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:0 \
   HERD_GATEWAY_WORKERS=$(IFS=,; echo "${workers[*]}") HERD_GATEWAY_REGISTRY__ENABLED=false \
   HERD_GATEWAY_THREADS=1 HERD_GATEWAY_HEALTH__INTERVAL=60s HERD_LOG=warn \
-  valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
+  valgrind --tool=callgrind ${CACHE:+--cache-sim=yes --LL=524288,8,64} \
+  --callgrind-out-file="$work/callgrind.out" \
   "$gateway" --log-format json >"$out" 2>"$out.err" &
 gateway_pid=$!
 pids+=("$gateway_pid")
@@ -124,6 +125,17 @@ dump=$(ls "$work"/callgrind.out.* | head -n1)
 total=$(awk '/^summary:|^totals:/ {print $2; exit}' "$dump")
 printf '%s, %s via %s, %d connections: %d requests, %.0f instructions per request\n' \
   "$gateway" "$scenario" "$upstream" "$connections" "$requests" "$(echo "$total / $requests" | bc -l)"
+if [ -n "${CACHE:-}" ]; then
+  # The simulated caches' misses per request, by the names of callgrind's events line.
+  awk -v requests="$requests" '
+    /^events:/ { for (i = 2; i <= NF; i++) name[i] = $i }
+    /^summary:|^totals:/ {
+      for (i = 2; i <= NF; i++) count[name[i]] = $i
+      printf "  cache misses per request: L1 data read %.1f, write %.1f; last level (512 KiB) data read %.1f, write %.1f; L1 instruction %.1f\n",
+        count["D1mr"] / requests, count["D1mw"] / requests, count["DLmr"] / requests, count["DLmw"] / requests, count["I1mr"] / requests
+      exit
+    }' "$dump"
+fi
 # Lines of callgrind_annotate as "count<TAB>file:function [object]", minus the frames that hold
 # every request (thread start, the event loop): at or above 90 % of the total.
 functions() {
