@@ -389,7 +389,7 @@ impl Proxy {
                             }
                             _ => None,
                         };
-                        let outgoing = |body| Outgoing {
+                        let mut outgoing = Outgoing {
                             method: &parts.method,
                             path,
                             headers: &request_headers,
@@ -406,7 +406,7 @@ impl Proxy {
                             self.attempt(
                                 &worker,
                                 connection,
-                                outgoing(body),
+                                &mut outgoing,
                                 idempotent,
                                 Timing { sent, deadline },
                                 &prepared,
@@ -438,7 +438,7 @@ impl Proxy {
                                     }
                                     let request_headers =
                                         hedge_headers.as_ref().unwrap_or(&**request_headers);
-                                    let outgoing = Outgoing {
+                                    let mut outgoing = Outgoing {
                                         method: &parts.method,
                                         path,
                                         headers: request_headers,
@@ -466,7 +466,7 @@ impl Proxy {
                                         self.attempt(
                                             &worker,
                                             connection,
-                                            outgoing,
+                                            &mut outgoing,
                                             true,
                                             Timing {
                                                 sent: Instant::now(),
@@ -719,7 +719,7 @@ impl Proxy {
         &self,
         worker: &Arc<Worker>,
         connection: Connection,
-        request: Outgoing<'_>,
+        request: &mut Outgoing<'_>,
         idempotent: bool,
         timing: Timing,
         prepared: &Prepared,

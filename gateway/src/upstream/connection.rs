@@ -159,14 +159,16 @@ impl Socket {
         matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
-    /// Sends `request` and reads the response head; the body (or its start) stays in
-    /// [`Socket::read`]. The worker gets `response_header` for each write to make progress
-    /// and, once the request is written, for its response head, never past `deadline`; waiting
-    /// for the client's body is not bounded here (the caller bounds it by the deadline).
+    /// Sends `request` (its body is taken) and reads the response head; the body (or its start)
+    /// stays in [`Socket::read`]. The worker gets `response_header` for each write to make
+    /// progress and, once the request is written, for its response head, never past `deadline`;
+    /// waiting for the client's body is not bounded here (the caller bounds it by the deadline).
+    /// The request is borrowed down from where it was made: passed by value, each layer's future
+    /// (attempt, exchange, send, write) held a copy of its 224 bytes, made once per request.
     #[allow(clippy::manual_async_fn)] // see the comment in the body
     pub fn send(
         &mut self,
-        request: Outgoing<'_>,
+        request: &mut Outgoing<'_>,
         fallback_host: &Authority,
         response_header: Duration,
         timing: super::Timing,
@@ -220,7 +222,7 @@ impl Socket {
 
     async fn write_request(
         &mut self,
-        request: Outgoing<'_>,
+        request: &mut Outgoing<'_>,
         fallback_host: &Authority,
         stall: Stall,
         written: &mut Sent,
@@ -232,10 +234,10 @@ impl Socket {
             raw_lines,
             forwarding,
             declared_length,
-            body,
+            ref mut body,
             raw_response: _,
-        } = request;
-        match body {
+        } = *request;
+        match std::mem::replace(body, UpstreamBody::Full(None)) {
             UpstreamBody::Full(data) => {
                 let length = data.as_ref().map_or(0, Bytes::len) as u64;
                 let framing = if length > 0 || declared_length.is_some() {
@@ -540,10 +542,14 @@ mod tests {
             sent: Instant::now(),
             deadline,
         };
-        let first = connection.send(get(&headers), &authority, timeout, timing());
-        assert_eq!(first.await.unwrap().status, http::StatusCode::OK);
-        let second = connection.send(get(&headers), &authority, timeout, timing());
-        let error = second.await.unwrap_err();
+        let first = connection
+            .send(&mut get(&headers), &authority, timeout, timing())
+            .await;
+        assert_eq!(first.unwrap().status, http::StatusCode::OK);
+        let error = connection
+            .send(&mut get(&headers), &authority, timeout, timing())
+            .await
+            .unwrap_err();
         assert!(error.reached, "{error:?}");
         error.kind
     }

@@ -104,7 +104,7 @@ pub fn exchange(
     mut connection: Connection,
     authority: &Authority,
     pool: &Arc<Pool>,
-    request: Outgoing<'_>,
+    request: &mut Outgoing<'_>,
     settings: &ClientSettings,
     timing: Timing,
 ) -> impl Future<Output = Result<(ResponseHead, Reply, tokio::time::Instant), UpstreamError>> {

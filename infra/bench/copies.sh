@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Which moves of the request path copy how many bytes: every `memcpy` herd-gateway makes while
+# serving a few HTTP/1.1 requests, caught with gdb, by size and by the line that made it.
+#
+#   infra/bench/copies.sh [GATEWAY_BINARY] [REQUESTS]
+#   infra/bench/copies.sh /tmp/gw-before 10
+#
+# callgrind (instructions.sh) says how many instructions `memcpy` takes and from which function;
+# this says what each call moved (a 1.8 KB future bound first and then awaited, a 264-byte
+# response handed up one more layer), which is what to change. Starts two herd-worker hello
+# upstreams and the gateway (one serving thread) on free loopback ports, warms up with 2000
+# requests, then attaches gdb and sends REQUESTS (default 10) over one connection. Prints the
+# copies of 100 bytes or more that every request made (count a multiple of REQUESTS), largest
+# total first: count, bytes, function, file:line. Slow (a breakpoint per copy): keep REQUESTS
+# small. Needs gdb, h2load, python3 and release builds (`cargo build --release --bins`).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+gateway=$(realpath "${1:-$root/target/release/herd-gateway}")
+requests=${2:-10}
+for tool in gdb h2load python3; do
+  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install gdb nghttp2-client)" >&2; exit 1; }
+done
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+wait_for() { # until something answers HTTP on $1
+  for _ in $(seq 100); do
+    curl -s -o /dev/null "http://$1/" && return 0
+    sleep 0.1
+  done
+  echo "nothing answers on $1; logs in $work" >&2
+  return 1
+}
+
+workers=()
+for index in 1 2; do
+  port=$(free_port)
+  HERD_WORKER_LISTEN=127.0.0.1:$port HERD_WORKER_ID=up$index HERD_WORKER_APP=hello \
+    HERD_WORKER_REGISTRY__ENABLED=false HERD_LOG=warn \
+    "$root/target/release/herd-worker" >"$work/upstream-$index.log" 2>&1 &
+  pids+=($!)
+  workers+=("127.0.0.1:$port")
+  wait_for "127.0.0.1:$port"
+done
+public=127.0.0.1:$(free_port)
+HERD_GATEWAY_LISTEN=$public HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:0 \
+  HERD_GATEWAY_WORKERS=$(IFS=,; echo "${workers[*]}") HERD_GATEWAY_REGISTRY__ENABLED=false \
+  HERD_GATEWAY_THREADS=1 HERD_GATEWAY_HEALTH__INTERVAL=60s HERD_LOG=warn \
+  "$gateway" >"$work/gateway.log" 2>&1 &
+gateway_pid=$!
+pids+=("$gateway_pid")
+wait_for "$public"
+h2load -n 2000 -c 4 -t 1 --h1 "http://$public/" >"$work/warmup.txt"
+grep -q "^status codes: 2000 2xx" "$work/warmup.txt" || { cat "$work/warmup.txt" >&2; exit 1; }
+
+cat >"$work/gdb.cmds" <<'EOF'
+set pagination off
+break __memcpy_avx_unaligned_erms
+commands
+silent
+printf "COPY %lu\n", $rdx
+bt 2
+cont
+end
+cont
+EOF
+# The load runs once gdb holds the process; gdb ends when the gateway does.
+(
+  sleep 2
+  h2load -n "$requests" -c 1 -t 1 --h1 "http://$public/" >"$work/load.txt"
+  kill -TERM "$gateway_pid"
+) &
+pids+=($!)
+timeout 300 gdb -p "$gateway_pid" -batch -x "$work/gdb.cmds" >"$work/gdb.out" 2>&1 || true
+grep -q "^status codes: $requests 2xx" "$work/load.txt" || { cat "$work/load.txt" >&2; exit 1; }
+
+python3 - "$work/gdb.out" "$requests" <<'EOF'
+import collections, re, sys
+lines = open(sys.argv[1]).read().split("\n")
+requests = int(sys.argv[2])
+copies = collections.Counter()
+for i, line in enumerate(lines):
+    m = re.match(r"COPY (\d+)$", line)
+    if not m or i + 2 >= len(lines):
+        continue
+    caller = lines[i + 2]  # "#1  0x... in function (...) at file:line"
+    function = re.sub(r"^#1\s+(0x[0-9a-f]+ in )?", "", caller).split(" at ")[0]
+    function = re.sub(r"<.*", "", function).removesuffix(" ()")
+    where = caller.split(" at ")[-1].split("/")[-1] if " at " in caller else "?"
+    copies[(int(m.group(1)), function, where)] += 1
+rows = [(k, n) for k, n in copies.items() if k[0] >= 100 and n % requests == 0]
+calls = sum(n for _, n in rows) // requests
+moved = sum(k[0] * n for k, n in rows) // requests
+print(f"per request: {calls} copies of 100 bytes or more, {moved} bytes")
+for (size, function, where), n in sorted(rows, key=lambda r: -r[0][0] * r[1]):
+    print(f"{n // requests:>3} x {size:>5}  {function}  {where}")
+EOF
