@@ -360,7 +360,7 @@ impl Proxy {
                     span
                 });
                 // Most attempts take a pooled connection: no future, no timer for them.
-                let connected = match worker.pool.take(&self.upstream.pool, now) {
+                let connected = match worker.pool.take(now) {
                     Some(connection) => Ok(connection),
                     None => {
                         let opened = upstream::open(&worker.authority, &self.upstream);
@@ -757,7 +757,7 @@ impl Proxy {
                     self.hedging.observe(waited);
                     worker.count_response(Some(status));
                     let failed = self.settings.count_5xx && status.is_server_error();
-                    self.balancer.report_at(worker, !failed, answered);
+                    self.balancer.report_at(worker, !failed, clock);
                     let retryable = idempotent
                         && matches!(
                             status,

@@ -452,15 +452,15 @@ impl Balancer {
 
     /// Feeds a request's outcome to passive health; logs and counts an ejection or recovery.
     pub fn report(&self, worker: &Worker, ok: bool) {
-        self.report_at(worker, ok, tokio::time::Instant::now());
+        self.report_at(worker, ok, self.clock().now());
     }
 
-    /// [`Balancer::report`] of an outcome seen at `at` (a time the caller read already).
-    pub fn report_at(&self, worker: &Worker, ok: bool, at: tokio::time::Instant) {
+    /// [`Balancer::report`] of an outcome seen at `now`, a reading of [`Balancer::clock`] the
+    /// caller has already (turning an `Instant` into one costs a subtraction).
+    pub fn report_at(&self, worker: &Worker, ok: bool, now: u64) {
         if !self.defaults.passive.enabled {
             return;
         }
-        let now = self.clock().at(at);
         match worker.record_outcome(ok, now) {
             None => {}
             Some(Transition::Ejected(length)) => {

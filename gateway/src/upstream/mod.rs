@@ -70,7 +70,7 @@ pub async fn connect(
     settings: &ClientSettings,
     now: tokio::time::Instant,
 ) -> Result<Connection, UpstreamError> {
-    match pool.take(&settings.pool, now) {
+    match pool.take(now) {
         Some(connection) => Ok(connection),
         None => open(authority, settings).await,
     }

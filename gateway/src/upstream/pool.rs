@@ -56,7 +56,9 @@ impl Default for Pool {
 #[derive(Debug)]
 struct Idle {
     connection: Connection,
-    since: Instant,
+    /// When it has been idle for `idle_timeout`: kept as a time, so the checks on every take and
+    /// put compare instants instead of subtracting them.
+    expires: Instant,
 }
 
 impl Pool {
@@ -69,11 +71,11 @@ impl Pool {
 
     /// A live idle connection, if there is one; dead and expired ones are dropped on the way.
     /// `now`: the caller's reading of the clock.
-    pub fn take(&self, limits: &PoolLimits, now: Instant) -> Option<Connection> {
+    pub fn take(&self, now: Instant) -> Option<Connection> {
         let shard = self.shard();
         loop {
             let idle = lock(shard).pop()?;
-            if now.duration_since(idle.since) < limits.idle_timeout && idle.connection.is_usable() {
+            if now < idle.expires && idle.connection.is_usable() {
                 return Some(idle.connection);
             }
         }
@@ -84,15 +86,12 @@ impl Pool {
     pub fn put(&self, connection: Connection, limits: &PoolLimits, now: Instant) {
         let mut idle = lock(self.shard());
         // The oldest are at the front: drop the expired ones while we hold the lock anyway.
-        let expired = idle
-            .iter()
-            .take_while(|i| now.duration_since(i.since) >= limits.idle_timeout)
-            .count();
+        let expired = idle.iter().take_while(|i| now >= i.expires).count();
         idle.drain(..expired);
         if idle.len() < limits.max_idle {
             idle.push(Idle {
                 connection,
-                since: now,
+                expires: now + limits.idle_timeout,
             });
         }
     }
@@ -148,7 +147,7 @@ mod tests {
             scope
                 .spawn(|| {
                     use_shard(1);
-                    pool.take(&limits, Instant::now()).is_some()
+                    pool.take(Instant::now()).is_some()
                 })
                 .join()
                 .unwrap()
@@ -157,8 +156,41 @@ mod tests {
             !taken_on_shard_1,
             "shard 1 must not hand out shard 0's socket"
         );
-        assert!(pool.take(&limits, Instant::now()).is_some());
+        assert!(pool.take(Instant::now()).is_some());
         assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_for_the_idle_timeout_is_not_handed_out_and_goes_at_the_next_put() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let limits = PoolLimits {
+            max_idle: 4,
+            idle_timeout: Duration::from_secs(10),
+        };
+        let pool = Pool::new(1);
+        let start = Instant::now();
+        let second = |s| start + Duration::from_secs(s);
+
+        pool.put(connection(&listener).await, &limits, start);
+        let _accepted = listener.accept().await.unwrap();
+        assert!(
+            pool.take(second(9)).is_some(),
+            "idle for 9 s of 10: still usable"
+        );
+
+        pool.put(connection(&listener).await, &limits, start);
+        let _accepted = listener.accept().await.unwrap();
+        assert!(
+            pool.take(second(10)).is_none(),
+            "idle for 10 s of 10: expired"
+        );
+        assert_eq!(pool.idle(), 0, "the expired one was dropped on the way");
+
+        pool.put(connection(&listener).await, &limits, start);
+        let _accepted = listener.accept().await.unwrap();
+        pool.put(connection(&listener).await, &limits, second(11));
+        let _accepted = listener.accept().await.unwrap();
+        assert_eq!(pool.idle(), 1, "a put drops the expired ones before it");
     }
 
     #[tokio::test]
