@@ -254,7 +254,7 @@ impl std::ops::DerefMut for Recycled {
 
 impl Drop for Recycled {
     fn drop(&mut self) {
-        recycle(std::mem::take(&mut self.0));
+        recycle(&mut self.0);
     }
 }
 
@@ -282,11 +282,13 @@ pub fn spare_map(headers: usize) -> HeaderMap {
     }
 }
 
-/// Keeps `map`, emptied, for [`spare_map`].
-pub fn recycle(mut map: HeaderMap) {
+/// Takes `map`, emptied, for [`spare_map`], unless it never had room (a raw head's: taking it
+/// would make a new empty map and drop two, for nothing) or grew too big.
+pub fn recycle(map: &mut HeaderMap) {
     if map.capacity() == 0 || map.capacity() > SPARE_MAP_CAPACITY {
         return;
     }
+    let mut map = std::mem::take(map);
     map.clear();
     SPARES.with_borrow_mut(|spares| {
         if spares.len() < SPARE_MAPS {
@@ -601,7 +603,10 @@ mod tests {
         assert_eq!(again.capacity(), capacity);
         let mut big = HeaderMap::with_capacity(SPARE_MAP_CAPACITY * 2);
         big.insert(header::HOST, HeaderValue::from_static("a"));
-        recycle(big);
+        recycle(&mut big);
+        assert!(SPARES.with_borrow(Vec::is_empty));
+        // A map that never had room (a raw head's) is left as it is.
+        recycle(&mut HeaderMap::new());
         assert!(SPARES.with_borrow(Vec::is_empty));
         // A fresh map when none is spare.
         assert!(spare_map(3).capacity() >= 3);

@@ -370,22 +370,21 @@ fn build(
     spans: &[(Range<usize>, Range<usize>)],
 ) -> Option<http::Request<Option<Incoming>>> {
     let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
-    let mut headers = if spans.is_empty() {
-        // No allocation: the request's headers are its raw lines.
-        http::HeaderMap::new()
-    } else {
-        crate::headers::spare_map(spans.len())
-    };
-    for (name, value) in spans {
-        let name = crate::upstream::codec::header_name(&head[name.clone()]).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
-        headers.append(name, value);
-    }
     let mut request = http::Request::new(None);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = headers;
+    // Without spans (a raw head: its headers are its lines) the request keeps the empty map it
+    // was made with: no allocation, and no map made or dropped.
+    if !spans.is_empty() {
+        let headers = request.headers_mut();
+        *headers = crate::headers::spare_map(spans.len());
+        for (name, value) in spans {
+            let name = crate::upstream::codec::header_name(&head[name.clone()]).ok()?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
+            headers.append(name, value);
+        }
+    }
     Some(request)
 }
 
@@ -439,7 +438,7 @@ async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
         Framing::Length(n) => n,
         _ => u64::MAX,
     };
-    crate::headers::recycle(std::mem::take(response.headers_mut()));
+    crate::headers::recycle(response.headers_mut());
     let body = response.body_mut();
     if framing != Framing::Nothing && !body.is_end_stream() {
         loop {
