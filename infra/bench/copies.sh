@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Which moves of the request path copy how many bytes: every `memcpy` herd-gateway makes while
-# serving a few HTTP/1.1 requests, caught with gdb, by size and by the line that made it.
+# serving a few requests, caught with gdb, by size and by the line that made it.
 #
 #   infra/bench/copies.sh [GATEWAY_BINARY] [REQUESTS]
 #   infra/bench/copies.sh /tmp/gw-before 10
+#   H2=1 infra/bench/copies.sh          # HTTP/2 (h2c) requests instead of HTTP/1.1
 #
 # callgrind (instructions.sh) says how many instructions `memcpy` takes and from which function;
 # this says what each call moved (a 1.8 KB future bound first and then awaited, a 264-byte
 # response handed up one more layer), which is what to change. Starts two herd-worker hello
 # upstreams and the gateway (one serving thread) on free loopback ports, warms up with 2000
-# requests, then attaches gdb and sends REQUESTS (default 10) over one connection. Prints the
+# requests, then attaches gdb and sends REQUESTS (default 10) over one connection, one at a time
+# (`H2=1`: as h2c streams, one at a time too). Prints the
 # copies of 100 bytes or more that every request made (count a multiple of REQUESTS), largest
 # total first: count, bytes, function, file:line. Slow (a breakpoint per copy): keep REQUESTS
 # small. Needs gdb, h2load, python3 and release builds (`cargo build --release --bins`).
@@ -17,6 +19,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 gateway=$(realpath "${1:-$root/target/release/herd-gateway}")
 requests=${2:-10}
+mode=(--h1)
+[ -n "${H2:-}" ] && mode=(-m 1)
 for tool in gdb h2load python3; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install gdb nghttp2-client)" >&2; exit 1; }
 done
@@ -59,7 +63,7 @@ HERD_GATEWAY_LISTEN=$public HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:0 \
 gateway_pid=$!
 pids+=("$gateway_pid")
 wait_for "$public"
-h2load -n 2000 -c 4 -t 1 --h1 "http://$public/" >"$work/warmup.txt"
+h2load -n 2000 -c 4 -t 1 "${mode[@]}" "http://$public/" >"$work/warmup.txt"
 grep -q "^status codes: 2000 2xx" "$work/warmup.txt" || { cat "$work/warmup.txt" >&2; exit 1; }
 
 cat >"$work/gdb.cmds" <<'EOF'
@@ -76,7 +80,7 @@ EOF
 # The load runs once gdb holds the process; gdb ends when the gateway does.
 (
   sleep 2
-  h2load -n "$requests" -c 1 -t 1 --h1 "http://$public/" >"$work/load.txt"
+  h2load -n "$requests" -c 1 -t 1 "${mode[@]}" "http://$public/" >"$work/load.txt"
   kill -TERM "$gateway_pid"
 ) &
 pids+=($!)
