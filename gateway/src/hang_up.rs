@@ -137,18 +137,25 @@ impl<F> UntilHungUp<F> {
     pub fn new(future: F, watch: Option<HangUpWatch>) -> Self {
         UntilHungUp { future, watch }
     }
+
+    /// The watch, to go on watching while the response's body streams (after the output).
+    pub fn take_watch(self: Pin<&mut Self>) -> Option<HangUpWatch> {
+        self.project().watch.take()
+    }
 }
 
 impl<F: Future> Future for UntilHungUp<F> {
-    type Output = (Option<F::Output>, Option<HangUpWatch>);
+    /// `None` when the client hung up first. (The watch is taken apart, with
+    /// [`UntilHungUp::take_watch`]: in a pair with it, the response was copied once more.)
+    type Output = Option<F::Output>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         if let Poll::Ready(output) = this.future.poll(cx) {
-            return Poll::Ready((Some(output), this.watch.take()));
+            return Poll::Ready(Some(output));
         }
         match this.watch.as_mut().map(|watch| watch.poll_hung_up(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready((None, None)),
+            Some(Poll::Ready(())) => Poll::Ready(None),
             _ => Poll::Pending,
         }
     }

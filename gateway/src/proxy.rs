@@ -140,11 +140,13 @@ impl Proxy {
     /// request's header lines, when the gateway's own HTTP/1.1 server kept them in place of its
     /// (then empty) header map (`headers::RawRequestHead`). `request_id`: the request's id when
     /// the caller took it already (`headers::request_id`; that server writes it into a worker's
-    /// raw head, `plain_http1`).
+    /// raw head, `plain_http1`). The request is borrowed from the caller, which has it in its
+    /// future already: taken by value, it was copied into this future and on into the next
+    /// layer's (264 and 224 bytes), for every request. Its body and header map are taken.
     #[allow(clippy::manual_async_fn)] // see the comment in the body
     pub fn handle(
         &self,
-        mut request: Request<Option<Incoming>>,
+        request: &mut Request<Option<Incoming>>,
         raw: Option<headers::RawRequestHead>,
         request_id: Option<HeaderValue>,
         forwarded_for: &HeaderValue,
@@ -157,20 +159,20 @@ impl Proxy {
             let upgrade = (request.version() == http::Version::HTTP_11)
                 .then(|| headers::upgrade(request.headers()))
                 .flatten();
-            let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
-            let (mut parts, body) = request.into_parts();
-            let version = parts.version;
-            let request_id = request_id.unwrap_or_else(|| headers::request_id(&parts.headers));
+            let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut *request));
+            let body = request.body_mut().take();
+            let version = request.version();
+            let request_id = request_id.unwrap_or_else(|| headers::request_id(request.headers()));
             // Sampling is decided here, before any span exists: an unsampled request costs a draw
             // and one header (so the workers do not trace it either), no span.
-            let span = (self.tracing && herd_shared::telemetry::decide(&mut parts.headers))
-                .then(|| trace::request_span(&parts, &request_id));
+            let span = (self.tracing && herd_shared::telemetry::decide(request.headers_mut()))
+                .then(|| trace::request_span(request, &request_id));
             // Made inside `in_span`'s argument, not bound first: a bound future and the wrapper
             // that takes it would each get a slot in this future, which hyper moves per request.
             let forwarded = herd_shared::telemetry::in_span(
                 span.clone(),
                 self.forward(
-                    parts,
+                    request,
                     body,
                     raw,
                     forwarded_for,
@@ -236,12 +238,13 @@ impl Proxy {
     }
 
     /// The response to pass on, and the worker's side of a tunnel when it switched protocols.
-    /// `traced`: the request has a span, so each attempt gets one too.
+    /// `traced`: the request has a span, so each attempt gets one too. Its header map is taken
+    /// (and given back for reuse when the request is over).
     #[allow(clippy::too_many_arguments)]
     #[allow(clippy::manual_async_fn)] // see the comment in the body
     fn forward(
         &self,
-        mut parts: http::request::Parts,
+        request: &mut Request<Option<Incoming>>,
         body: Option<Incoming>,
         raw: Option<headers::RawRequestHead>,
         forwarded_for: &HeaderValue,
@@ -255,18 +258,19 @@ impl Proxy {
         // both kept in the future (rust-lang/rust#62958); an async block uses them in place.
         async move {
             // Handed back for another response when the request is over (`headers::recycle`).
-            let mut request_headers = headers::Recycled(std::mem::take(&mut parts.headers));
+            let mut request_headers = headers::Recycled(std::mem::take(request.headers_mut()));
+            let request = &*request;
             let settings = &self.settings;
             let head_size = match &raw {
                 Some(raw) => raw.size,
-                None => headers::head_size(&parts.uri, &request_headers),
+                None => headers::head_size(request.uri(), &request_headers),
             };
             if head_size > settings.max_header {
                 return Err(GatewayError::HeadersTooLarge);
             }
             // RFC 9112 §3.2: an HTTP/1.1 request without Host, or with more than one, gets a 400.
             // (Raw lines hold exactly one.)
-            if parts.version == http::Version::HTTP_11
+            if request.version() == http::Version::HTTP_11
                 && raw.is_none()
                 && request_headers.get_all(header::HOST).iter().count() != 1
             {
@@ -284,9 +288,9 @@ impl Proxy {
                         .ok_or(GatewayError::BadRequest("invalid content-length"))?,
                 ),
             };
-            let idempotent = headers::is_idempotent(&parts.method);
-            let path = parts
-                .uri
+            let idempotent = headers::is_idempotent(request.method());
+            let path = request
+                .uri()
                 .path_and_query()
                 .map_or("/", http::uri::PathAndQuery::as_str);
             headers::strip_hop_by_hop(&mut request_headers);
@@ -300,9 +304,9 @@ impl Proxy {
             let forwarding = headers::Forwarding {
                 request_id,
                 client: forwarded_for,
-                over_tls: parts.extensions.get::<headers::OverTls>(),
+                over_tls: request.extensions().get::<headers::OverTls>(),
                 // HTTP/2 clients send :authority instead of Host.
-                authority: parts.uri.authority().map(http::uri::Authority::as_str),
+                authority: request.uri().authority().map(http::uri::Authority::as_str),
             };
             self.budget.deposit();
 
@@ -390,7 +394,7 @@ impl Proxy {
                             _ => None,
                         };
                         let mut outgoing = Outgoing {
-                            method: &parts.method,
+                            method: request.method(),
                             path,
                             headers: &request_headers,
                             raw_lines,
@@ -416,7 +420,6 @@ impl Proxy {
                         match hedge {
                             Some((delay, spare)) => {
                                 let prepared = &prepared;
-                                let parts = &parts;
                                 let request_headers = &request_headers;
                                 let algorithm = self.algorithm.as_str();
                                 let second = move |worker: Arc<Worker>| async move {
@@ -439,7 +442,7 @@ impl Proxy {
                                     let request_headers =
                                         hedge_headers.as_ref().unwrap_or(&**request_headers);
                                     let mut outgoing = Outgoing {
-                                        method: &parts.method,
+                                        method: request.method(),
                                         path,
                                         headers: request_headers,
                                         raw_lines,

@@ -720,14 +720,16 @@ impl ServiceContext {
             }
             // Dropping the request path cancels the request at the worker.
             let forwarding = P::place(context.proxy.handle(
-                request,
+                &mut request,
                 raw,
                 request_id,
                 &context.forwarded_for,
             ));
-            let (Some(mut response), watch) = UntilHungUp::new(forwarding, watch).await else {
+            let mut until = std::pin::pin!(UntilHungUp::new(forwarding, watch));
+            let Some(mut response) = until.as_mut().await else {
                 return Err(ClientHungUp);
             };
+            let watch = until.take_watch();
             if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                 context.state.switched();
             }

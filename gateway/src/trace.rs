@@ -23,21 +23,21 @@ const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// The span of one client request, child of the client's `traceparent` when it sent one; its
 /// `trace_id` and `request_id` fields go into every log line written inside it.
-pub(crate) fn request_span(parts: &http::request::Parts, request_id: &HeaderValue) -> Span {
+pub(crate) fn request_span<B>(request: &http::Request<B>, request_id: &HeaderValue) -> Span {
     let span = tracing::info_span!(
         target: TRACE_TARGET,
         "gateway request",
-        otel.name = %format!("{} gateway", parts.method),
+        otel.name = %format!("{} gateway", request.method()),
         otel.kind = "server",
-        http.request.method = %parts.method,
-        url.path = %parts.uri.path(),
+        http.request.method = %request.method(),
+        url.path = %request.uri().path(),
         request_id = request_id.to_str().unwrap_or("-"),
         trace_id = Empty,
         http.response.status_code = Empty,
         otel.status_code = Empty,
         herd.attempts = Empty,
     );
-    telemetry::set_remote_parent(&span, &parts.headers);
+    telemetry::set_remote_parent(&span, request.headers());
     if let Some(trace_id) = telemetry::trace_id(&span) {
         span.record("trace_id", trace_id);
     }
