@@ -28,7 +28,8 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use rand::Rng;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 use super::worker::{EJECTED, NEVER_ROUTED, UNHEALTHY, Worker};
 use crate::config::{Algorithm, BalancingConfig};
@@ -65,6 +66,16 @@ pub struct Selector {
 thread_local! {
     /// Reused candidate buffer, so selection allocates nothing after warm-up.
     static CANDIDATES: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// The thread's random numbers for picking: a small fast generator seeded once from the
+    /// thread's cryptographic one. Choosing between workers needs no unpredictability, and
+    /// `rand::rng()` (ChaCha, reference-counted, reseeding) cost about 75 instructions per
+    /// pick (`infra/bench/instructions.sh`).
+    static PICKER: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+}
+
+/// Runs `f` with the thread's picking generator.
+fn with_rng<T>(f: impl FnOnce(&mut SmallRng) -> T) -> T {
+    PICKER.with_borrow_mut(f)
 }
 
 impl Selector {
@@ -189,9 +200,13 @@ impl Selector {
         if n == 1 {
             return candidates[0] as usize;
         }
-        let mut rng = rand::rng();
-        let a = rng.random_range(0..n);
-        let mut b = rng.random_range(0..n - 1);
+        let (a, mut b, draw) = with_rng(|rng| {
+            (
+                rng.random_range(0..n),
+                rng.random_range(0..n - 1),
+                rng.random::<f64>(),
+            )
+        });
         if b >= a {
             b += 1;
         }
@@ -203,7 +218,7 @@ impl Selector {
         };
         let (winner, loser) = if cost(a) <= cost(b) { (a, b) } else { (b, a) };
         let factor = self.factor(&workers[winner], now);
-        if factor < 1.0 && rng.random::<f64>() >= factor {
+        if factor < 1.0 && draw >= factor {
             loser
         } else {
             winner
@@ -213,11 +228,10 @@ impl Selector {
     fn round_robin(&self, workers: &[Arc<Worker>], candidates: &[u32], now: u64) -> usize {
         let n = candidates.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut rng = None;
         for step in 0..n {
             let index = candidates[(start + step) % n] as usize;
             let factor = self.factor(&workers[index], now);
-            if factor >= 1.0 || rng.get_or_insert_with(rand::rng).random::<f64>() < factor {
+            if factor >= 1.0 || with_rng(|rng| rng.random::<f64>()) < factor {
                 return index;
             }
         }
@@ -230,7 +244,7 @@ impl Selector {
             w.weight() as f64 * self.factor(w, now)
         };
         let total: f64 = candidates.iter().map(|&i| share(i)).sum();
-        let mut point = rand::rng().random::<f64>() * total;
+        let mut point = with_rng(|rng| rng.random::<f64>()) * total;
         for &index in candidates {
             point -= share(index);
             if point < 0.0 {
