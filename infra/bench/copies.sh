@@ -19,6 +19,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 gateway=$(realpath "${1:-$root/target/release/herd-gateway}")
 requests=${2:-10}
+[[ $requests =~ ^[1-9][0-9]{0,3}$ ]] || { echo "REQUESTS: a whole number from 1 to 9999, not $requests" >&2; exit 2; }
+[ -x "$gateway" ] || { echo "no gateway binary at $gateway" >&2; exit 2; }
 mode=(--h1)
 [ -n "${H2:-}" ] && mode=(-m 1)
 for tool in gdb h2load python3; do

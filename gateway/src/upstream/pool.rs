@@ -57,8 +57,9 @@ impl Default for Pool {
 struct Idle {
     connection: Connection,
     /// When it has been idle for `idle_timeout`: kept as a time, so the checks on every take and
-    /// put compare instants instead of subtracting them.
-    expires: Instant,
+    /// put compare instants instead of subtracting them. `None`: a timeout too long to add to
+    /// the clock (never, in practice).
+    expires: Option<Instant>,
 }
 
 impl Pool {
@@ -75,7 +76,7 @@ impl Pool {
         let shard = self.shard();
         loop {
             let idle = lock(shard).pop()?;
-            if now < idle.expires && idle.connection.is_usable() {
+            if idle.expires.is_none_or(|expires| now < expires) && idle.connection.is_usable() {
                 return Some(idle.connection);
             }
         }
@@ -86,12 +87,15 @@ impl Pool {
     pub fn put(&self, connection: Connection, limits: &PoolLimits, now: Instant) {
         let mut idle = lock(self.shard());
         // The oldest are at the front: drop the expired ones while we hold the lock anyway.
-        let expired = idle.iter().take_while(|i| now >= i.expires).count();
+        let expired = idle
+            .iter()
+            .take_while(|i| i.expires.is_some_and(|expires| now >= expires))
+            .count();
         idle.drain(..expired);
         if idle.len() < limits.max_idle {
             idle.push(Idle {
                 connection,
-                expires: now + limits.idle_timeout,
+                expires: now.checked_add(limits.idle_timeout),
             });
         }
     }
@@ -191,6 +195,20 @@ mod tests {
         pool.put(connection(&listener).await, &limits, second(11));
         let _accepted = listener.accept().await.unwrap();
         assert_eq!(pool.idle(), 1, "a put drops the expired ones before it");
+    }
+
+    #[tokio::test]
+    async fn an_idle_timeout_too_long_for_the_clock_means_never() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let limits = PoolLimits {
+            max_idle: 4,
+            idle_timeout: Duration::MAX,
+        };
+        let pool = Pool::new(1);
+        let now = Instant::now();
+        pool.put(connection(&listener).await, &limits, now);
+        let _accepted = listener.accept().await.unwrap();
+        assert!(pool.take(now + Duration::from_secs(3600)).is_some());
     }
 
     #[tokio::test]
