@@ -25,6 +25,7 @@ use crate::balancer::health::{self, HttpProbe};
 use crate::balancer::{Balancer, MembershipError, registry};
 use crate::config::GatewayConfig;
 use crate::failover;
+use crate::h2_streams::StreamExecutor;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::serving::{Clients, Protocols, ServingThreads};
@@ -328,7 +329,7 @@ fn client_protocols(config: &GatewayConfig, auto: auto::Builder<TokioExecutor>) 
         .header_read_timeout(None)
         .max_buf_size(buffer)
         .keep_alive(true);
-    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let mut http2 = hyper::server::conn::http2::Builder::new(StreamExecutor);
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(buffer).unwrap_or(u32::MAX))

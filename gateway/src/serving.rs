@@ -70,6 +70,7 @@ use crate::config::GatewayConfig;
 use crate::connections::{self, Ended};
 use crate::consolidation::Consolidation;
 use crate::error::GatewayError;
+use crate::h2_streams::{StreamExecutor, WithStreams};
 use crate::hang_up::{ClientHungUp, HangUpWatch, SharedStream, UntilHungUp, Watcher};
 use crate::metrics::Metrics;
 use crate::plain_http1;
@@ -88,7 +89,7 @@ pub struct Protocols {
     /// whose requests the gateway watches itself (`crate::hang_up`).
     pub http1_watched: http1::Builder,
     /// HTTP/2, cleartext (prior knowledge) or after TLS.
-    pub http2: http2::Builder<TokioExecutor>,
+    pub http2: http2::Builder<StreamExecutor>,
     /// Both, told apart by hyper-util (for the refusals of connections over a limit).
     pub auto: auto::Builder<TokioExecutor>,
 }
@@ -401,7 +402,8 @@ impl Clients {
                 .protocols
                 .http2
                 .serve_connection(TokioIo::new(io), context.service::<Boxed>());
-            if let Err(error) = connections::Watched::new(connection, entry).await {
+            let connection = WithStreams::new(connections::Watched::new(connection, entry));
+            if let Err(error) = connection.await {
                 debug!(peer = %peer, error = %error, "client connection ended with an error");
             }
             return None;

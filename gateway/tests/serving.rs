@@ -221,3 +221,65 @@ async fn a_connection_over_the_limit_gets_503_json_and_is_closed() {
     .await;
     gateway.shutdown().await;
 }
+
+/// The streams of an HTTP/2 connection run on the connection's task (`herd_gateway::h2_streams`),
+/// not on a task each: they must still be served side by side, and a stream the client resets
+/// must free its worker request while the others go on.
+#[tokio::test]
+async fn the_streams_of_one_http2_connection_run_side_by_side_and_a_reset_one_frees_its_worker() {
+    use std::sync::atomic::Ordering;
+    let upstream = Upstream::start("a").await;
+    let worker = upstream.addr.to_string();
+    let gateway = Gateway::start(&[&upstream], |_| {}).await;
+    let (sender, connection) = support::http2_connect(gateway.public).await;
+    let get = |path: &str| {
+        http::Request::get(format!("http://{}{path}", gateway.public))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    let in_flight = || async { support::worker_field(&gateway, &worker, "in_flight").await };
+
+    upstream.behavior.hang.store(true, Ordering::SeqCst);
+    let mut stuck_sender = sender.clone();
+    let stuck_request = get("/stuck");
+    let stuck = tokio::spawn(async move { stuck_sender.send_request(stuck_request).await });
+    support::wait_until(
+        Duration::from_secs(5),
+        "the stuck request is at the worker",
+        || async { in_flight().await == 1 },
+    )
+    .await;
+    upstream.behavior.hang.store(false, Ordering::SeqCst);
+
+    let beside = (0..32).map(|_| {
+        let mut sender = sender.clone();
+        let request = get("/");
+        async move { sender.send_request(request).await.unwrap().status() }
+    });
+    let statuses = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::future::join_all(beside),
+    )
+    .await
+    .expect("32 streams answered beside the stuck one");
+    assert!(statuses.iter().all(|status| *status == 200), "{statuses:?}");
+    assert_eq!(in_flight().await, 1, "the stuck stream is still in flight");
+    assert!(!stuck.is_finished());
+
+    // The client gives up on the stuck stream (RST_STREAM): its worker request goes too.
+    stuck.abort();
+    support::wait_until(
+        Duration::from_secs(5),
+        "the reset stream's worker request is cancelled",
+        || async { in_flight().await == 0 },
+    )
+    .await;
+    let mut sender = sender;
+    let after = sender.send_request(get("/")).await.unwrap();
+    assert_eq!(after.status(), 200, "the connection serves on");
+    drop(sender);
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the connection ends when the client is done with it");
+    gateway.shutdown().await;
+}
