@@ -4,7 +4,7 @@
 //! hyper hands every HTTP/2 request (a stream: the service's future and the response it sends)
 //! to its executor; with `TokioExecutor` each is a tokio task of its own: spawned, scheduled,
 //! woken, completed and freed, about 1 900 of the 45 400 instructions of an h2c request
-//! (docs/performance.md, section 22). A client's connection and all its streams live on one
+//! (`infra/bench/instructions.sh h2`). A client's connection and all its streams live on one
 //! serving thread anyway (`crate::serving`), so a task each buys no parallelism: here the
 //! connection's task polls them itself.
 //!
