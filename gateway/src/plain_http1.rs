@@ -94,14 +94,20 @@ where
         // redirect reads `Host`) and the request path needs no map (tracing reads and writes
         // `traceparent`).
         let keep_raw = context.raw_requests();
+        // Every head is parsed here: `ClientIo`'s scan of the bytes would find out nothing more.
+        io.stop_head_scan();
         let mut buffer = BytesMut::with_capacity(READ_SIZE);
         let mut out: Vec<u8> = Vec::with_capacity(1024);
         loop {
             let request = loop {
                 if !buffer.is_empty() {
+                    let before = buffer.len();
                     match parse(&mut buffer, keep_raw) {
                         Parsed::Partial => {}
-                        Parsed::Plain(request) => break request,
+                        Parsed::Plain(request) => {
+                            io.head_parsed(before - buffer.len(), &buffer);
+                            break request;
+                        }
                         Parsed::NotPlain => {
                             io.put_back(buffer.freeze());
                             return Ended::ToHyper(Box::new(io));

@@ -318,7 +318,11 @@ impl Proxy {
             let no_body = matches!(content_length, None | Some(0))
                 && body.as_ref().is_none_or(|body| body.is_end_stream());
             let mut prepared = match body {
-                Some(body) if !no_body => self.read_body(body, content_length, deadline).await?,
+                // Boxed, as opening a connection below: awaited in place, each of these rarer
+                // futures took room of its own in every request's future.
+                Some(body) if !no_body => {
+                    Box::pin(self.read_body(body, content_length, deadline)).await?
+                }
                 // Most requests: nothing to read, so no timer to arm.
                 _ => Prepared::Replayable(None),
             };
@@ -368,7 +372,7 @@ impl Proxy {
                     Some(connection) => Ok(connection),
                     None => {
                         let opened = upstream::open(&worker.authority, &self.upstream);
-                        match tokio::time::timeout_at(deadline, opened).await {
+                        match Box::pin(tokio::time::timeout_at(deadline, opened)).await {
                             Err(_) => return Err(last.unwrap_or(GatewayError::UpstreamTimeout)),
                             Ok(opened) => opened,
                         }
@@ -418,82 +422,93 @@ impl Proxy {
                             )
                         ));
                         match hedge {
+                            // Nearly every request is answered before the hedge delay: only then
+                            // is the hedge made, and it waits on the heap (an allocation for a
+                            // hedged request; the hedge's closure and the race's state took
+                            // 720 bytes in every request's future).
                             Some((delay, spare)) => {
-                                let prepared = &prepared;
-                                let request_headers = &request_headers;
-                                let algorithm = self.algorithm.as_str();
-                                let second = move |worker: Arc<Worker>| async move {
-                                    // The hedge has a span (and a traceparent) of its own.
-                                    let hedge_span = traced.then(|| {
-                                        let choice = Choice {
-                                            algorithm,
-                                            probe: false,
-                                            retry_reason: None,
-                                            hedge: true,
+                                match before(first.as_mut(), sent + delay).await {
+                                    Some(outcome) => outcome,
+                                    None => {
+                                        let prepared = &prepared;
+                                        let request_headers = &request_headers;
+                                        let algorithm = self.algorithm.as_str();
+                                        let second = move |worker: Arc<Worker>| async move {
+                                            // The hedge has a span (and a traceparent) of its own.
+                                            let hedge_span = traced.then(|| {
+                                                let choice = Choice {
+                                                    algorithm,
+                                                    probe: false,
+                                                    retry_reason: None,
+                                                    hedge: true,
+                                                };
+                                                trace::attempt_span(worker.id(), 2, choice)
+                                            });
+                                            let mut hedge_headers = None;
+                                            if let Some(span) = &hedge_span {
+                                                let mut copy =
+                                                    http::HeaderMap::clone(request_headers);
+                                                trace::inject(span, &mut copy);
+                                                hedge_headers = Some(copy);
+                                            }
+                                            let request_headers = hedge_headers
+                                                .as_ref()
+                                                .unwrap_or(&**request_headers);
+                                            let mut outgoing = Outgoing {
+                                                method: request.method(),
+                                                path,
+                                                headers: request_headers,
+                                                raw_lines,
+                                                forwarding,
+                                                declared_length: content_length,
+                                                body: spare,
+                                                raw_response,
+                                            };
+                                            let connection = match upstream::connect(
+                                                &worker.pool,
+                                                &worker.authority,
+                                                &self.upstream,
+                                                Instant::now(),
+                                            )
+                                            .await
+                                            {
+                                                Ok(connection) => connection,
+                                                Err(error) => {
+                                                    return self
+                                                        .connect_failed(&worker, error, true);
+                                                }
+                                            };
+                                            let outcome = herd_shared::telemetry::in_span(
+                                                hedge_span.clone(),
+                                                self.attempt(
+                                                    &worker,
+                                                    connection,
+                                                    &mut outgoing,
+                                                    true,
+                                                    Timing {
+                                                        sent: Instant::now(),
+                                                        deadline,
+                                                    },
+                                                    prepared,
+                                                    request_id,
+                                                ),
+                                            )
+                                            .await;
+                                            if let Some(span) = &hedge_span {
+                                                record_attempt(span, &outcome);
+                                            }
+                                            outcome
                                         };
-                                        trace::attempt_span(worker.id(), 2, choice)
-                                    });
-                                    let mut hedge_headers = None;
-                                    if let Some(span) = &hedge_span {
-                                        let mut copy = http::HeaderMap::clone(request_headers);
-                                        trace::inject(span, &mut copy);
-                                        hedge_headers = Some(copy);
-                                    }
-                                    let request_headers =
-                                        hedge_headers.as_ref().unwrap_or(&**request_headers);
-                                    let mut outgoing = Outgoing {
-                                        method: request.method(),
-                                        path,
-                                        headers: request_headers,
-                                        raw_lines,
-                                        forwarding,
-                                        declared_length: content_length,
-                                        body: spare,
-                                        raw_response,
-                                    };
-                                    let connection = match upstream::connect(
-                                        &worker.pool,
-                                        &worker.authority,
-                                        &self.upstream,
-                                        Instant::now(),
-                                    )
-                                    .await
-                                    {
-                                        Ok(connection) => connection,
-                                        Err(error) => {
-                                            return self.connect_failed(&worker, error, true);
-                                        }
-                                    };
-                                    let outcome = herd_shared::telemetry::in_span(
-                                        hedge_span.clone(),
-                                        self.attempt(
+                                        Box::pin(self.hedged(
+                                            first.as_mut(),
                                             &worker,
-                                            connection,
-                                            &mut outgoing,
-                                            true,
-                                            Timing {
-                                                sent: Instant::now(),
-                                                deadline,
-                                            },
-                                            prepared,
-                                            request_id,
-                                        ),
-                                    )
-                                    .await;
-                                    if let Some(span) = &hedge_span {
-                                        record_attempt(span, &outcome);
+                                            delay,
+                                            &mut tried,
+                                            second,
+                                        ))
+                                        .await
                                     }
-                                    outcome
-                                };
-                                self.hedged(
-                                    first.as_mut(),
-                                    &worker,
-                                    sent,
-                                    delay,
-                                    &mut tried,
-                                    second,
-                                )
-                                .await
+                                }
                             }
                             None => first.await,
                         }
@@ -634,16 +649,15 @@ impl Proxy {
         true
     }
 
-    /// Runs `first` (an attempt at `worker`); if it has no answer within `delay`, also sends the
-    /// request to another worker (`second`, spending a retry-budget token) and takes the first
-    /// answer. The slower attempt is dropped with its connection; its wait so far goes into its
-    /// worker's latency estimate, so p2c steers new requests away from a worker that hangs.
+    /// `first` (an attempt at `worker`) had no answer within `delay` ([`before`]): also sends
+    /// the request to another worker (`second`, spending a retry-budget token) and takes the
+    /// first answer. The slower attempt is dropped with its connection; its wait so far goes into
+    /// its worker's latency estimate, so p2c steers new requests away from a worker that hangs.
     #[allow(clippy::manual_async_fn)] // see the comment in the body
     fn hedged<F, S, Fut>(
         &self,
         mut first: std::pin::Pin<&mut F>,
         worker: &Arc<Worker>,
-        sent: Instant,
         delay: Duration,
         tried: &mut Tried,
         second: S,
@@ -656,11 +670,6 @@ impl Proxy {
         // Not an `async fn`: its arguments (the hedge's closure, 280 bytes) would be copied into
         // locals at the first poll and both kept in the future (rust-lang/rust#62958).
         async move {
-            tokio::select! {
-                biased;
-                outcome = &mut first => return outcome,
-                () = HedgeTimer::until(sent + delay) => {}
-            }
             let Ok(pick) = self.balancer.pick(tried) else {
                 return first.await;
             };
@@ -867,6 +876,19 @@ impl Proxy {
 }
 
 /// Records how an attempt ended on its span.
+/// `first`'s outcome if it comes by `hedge_at`, `None` if that time comes first (the attempt goes
+/// on: see `Proxy::hedged`).
+async fn before<F: Future<Output = Attempt>>(
+    first: std::pin::Pin<&mut F>,
+    hedge_at: Instant,
+) -> Option<Attempt> {
+    tokio::select! {
+        biased;
+        outcome = first => Some(outcome),
+        () = HedgeTimer::until(hedge_at) => None,
+    }
+}
+
 fn record_attempt(span: &tracing::Span, outcome: &Attempt) {
     match outcome {
         Attempt::Response(response)
