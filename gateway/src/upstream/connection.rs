@@ -329,7 +329,14 @@ impl Socket {
             }
         };
         loop {
-            match codec::parse_response(&mut self.read, method, upgrade, raw) {
+            // Nothing read yet (as for nearly every response, whose head comes in one read):
+            // nothing to parse.
+            let parsed = if self.read.is_empty() {
+                Ok(Parsed::Partial)
+            } else {
+                codec::parse_response(&mut self.read, method, upgrade, raw)
+            };
+            match parsed {
                 Ok(Parsed::Complete(head)) => return Ok(head),
                 Ok(Parsed::Interim(length)) => {
                     let _ = self.read.split_to(length);
