@@ -902,15 +902,20 @@ impl HeadScan {
 mod tests {
     use super::*;
 
+    /// Five seconds for a head and to send; `idle` between requests.
+    fn timeouts(idle: Duration) -> ClientTimeouts {
+        ClientTimeouts {
+            head: Duration::from_secs(5),
+            idle,
+            send: Duration::from_secs(5),
+        }
+    }
+
     #[tokio::test]
     async fn an_idle_timer_polled_again_before_it_fires_still_ends_the_read() {
         let (stream, _client) = tokio::io::duplex(64);
         let state = Arc::new(ConnectionState::default());
-        let timeouts = ClientTimeouts {
-            head: Duration::from_secs(5),
-            idle: Duration::from_millis(200),
-            send: Duration::from_secs(5),
-        };
+        let timeouts = timeouts(Duration::from_millis(200));
         let mut io = ClientIo::resumed(stream, state, timeouts);
         // On a task of its own, as a connection is (a task's waker tells that it is the same
         // as the one the timer holds; `block_on`'s may not).
@@ -944,11 +949,7 @@ mod tests {
     async fn heads_parsed_by_the_reader_tell_pipelining_and_a_smuggled_head_behind_them() {
         let (stream, _client) = tokio::io::duplex(1024);
         let state = Arc::new(ConnectionState::default());
-        let timeouts = ClientTimeouts {
-            head: Duration::from_secs(5),
-            idle: Duration::from_secs(5),
-            send: Duration::from_secs(5),
-        };
+        let timeouts = timeouts(Duration::from_secs(5));
         let mut io = ClientIo::new(stream, state.clone(), timeouts);
         io.stop_head_scan();
         // Alone in the buffer: no pipelining.
@@ -984,11 +985,7 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (stream, mut client) = tokio::io::duplex(1024);
         let state = Arc::new(ConnectionState::default());
-        let timeouts = ClientTimeouts {
-            head: Duration::from_secs(5),
-            idle: Duration::from_secs(5),
-            send: Duration::from_secs(5),
-        };
+        let timeouts = timeouts(Duration::from_secs(5));
         let first: &[u8] = b"GET /a HTTP/1.1\r\nhost: a\r\n\r\nGET /b HTTP/1.1\r\nhost: a\r\n\r\n";
         let mut io = ClientIo::new(stream, state.clone(), timeouts).with_prefix(Bytes::from(first));
         // Read the first head and a bit of the second, give it back: it comes first, then the
