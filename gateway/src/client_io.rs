@@ -34,7 +34,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -193,10 +193,10 @@ pub struct ClientIo<S = TcpStream> {
     phase: Phase,
     /// `state.begun` when the phase was last updated.
     seen: u64,
-    read_timer: Option<Deadline>,
+    read_timer: Option<Pin<Box<Sleep>>>,
     /// When a stuck write gives up; `None` while writes make progress.
     write_deadline: Option<Instant>,
-    write_timer: Option<Deadline>,
+    write_timer: Option<Pin<Box<Sleep>>>,
     scan: HeadScan,
     /// Whether reads go through `scan`: not while the gateway's own HTTP/1.1 server reads, which
     /// parses every head itself ([`ClientIo::stop_head_scan`]).
@@ -389,47 +389,23 @@ impl<S> ClientIo<S> {
     }
 }
 
-/// A connection's timer, and the waker it holds.
-#[derive(Debug)]
-struct Deadline {
-    sleep: Pin<Box<Sleep>>,
-    /// The waker of the timer's last poll, while it holds it: not fired, not moved since.
-    armed: Option<Waker>,
-}
-
 /// Polls `timer` for `until` (made on first use); true when `until` has passed.
 ///
 /// A timer set earlier than `until` is left where it is and moved on when it fires: the idle
 /// deadline moves forward with every request of a keep-alive connection, and moving the timer
 /// each time cost a timer-wheel removal and insertion per request. An earlier `until` (a head
-/// due sooner than the idle deadline) moves the timer at once. A timer that holds the waker of
-/// this poll already wakes it when it fires: it is not polled again until then (each poll
-/// registered the waker anew, about 100 instructions per request of a keep-alive connection).
-fn ran_out(timer: &mut Option<Deadline>, until: Instant, cx: &mut Context<'_>) -> bool {
-    let timer = timer.get_or_insert_with(|| Deadline {
-        sleep: Box::pin(tokio::time::sleep_until(until)),
-        armed: None,
-    });
-    if timer.sleep.deadline() > until {
-        timer.sleep.as_mut().reset(until);
-        timer.armed = None;
+/// due sooner than the idle deadline) moves the timer at once.
+fn ran_out(timer: &mut Option<Pin<Box<Sleep>>>, until: Instant, cx: &mut Context<'_>) -> bool {
+    let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+    if sleep.deadline() > until {
+        sleep.as_mut().reset(until);
     }
-    if timer
-        .armed
-        .as_ref()
-        .is_some_and(|waker| waker.will_wake(cx.waker()))
-        && !timer.sleep.is_elapsed()
-    {
-        return false;
-    }
-    timer.armed = None;
-    while timer.sleep.as_mut().poll(cx).is_ready() {
-        if timer.sleep.deadline() >= until {
+    while sleep.as_mut().poll(cx).is_ready() {
+        if sleep.deadline() >= until {
             return true;
         }
-        timer.sleep.as_mut().reset(until);
+        sleep.as_mut().reset(until);
     }
-    timer.armed = Some(cx.waker().clone());
     false
 }
 
@@ -909,40 +885,6 @@ mod tests {
             idle,
             send: Duration::from_secs(5),
         }
-    }
-
-    #[tokio::test]
-    async fn an_idle_timer_polled_again_before_it_fires_still_ends_the_read() {
-        let (stream, _client) = tokio::io::duplex(64);
-        let state = Arc::new(ConnectionState::default());
-        let timeouts = timeouts(Duration::from_millis(200));
-        let mut io = ClientIo::resumed(stream, state, timeouts);
-        // On a task of its own, as a connection is (a task's waker tells that it is the same
-        // as the one the timer holds; `block_on`'s may not).
-        let read = tokio::spawn(async move {
-            let mut scratch = [0u8; 16];
-            // Woken twice before the deadline by something else: the polls in between find the
-            // timer holding this waker and leave it; when it fires, its wake-up alone must bring
-            // the read back to time out.
-            let mut polls = 0;
-            let result = std::future::poll_fn(|cx| {
-                polls += 1;
-                let mut buf = ReadBuf::new(&mut scratch);
-                let poll = Pin::new(&mut io).poll_read(cx, &mut buf);
-                if poll.is_pending() && polls < 3 {
-                    cx.waker().wake_by_ref();
-                }
-                poll
-            })
-            .await;
-            (result, polls)
-        });
-        let (result, polls) = tokio::time::timeout(Duration::from_secs(5), read)
-            .await
-            .expect("the idle timer woke the read")
-            .unwrap();
-        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::TimedOut);
-        assert!(polls > 3, "polled {polls} times");
     }
 
     #[tokio::test]
