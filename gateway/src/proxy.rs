@@ -875,7 +875,6 @@ impl Proxy {
     }
 }
 
-/// Records how an attempt ended on its span.
 /// `first`'s outcome if it comes by `hedge_at`, `None` if that time comes first (the attempt goes
 /// on: see `Proxy::hedged`).
 async fn before<F: Future<Output = Attempt>>(
@@ -889,6 +888,7 @@ async fn before<F: Future<Output = Attempt>>(
     }
 }
 
+/// Records how an attempt ended on its span.
 fn record_attempt(span: &tracing::Span, outcome: &Attempt) {
     match outcome {
         Attempt::Response(response)
