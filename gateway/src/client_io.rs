@@ -31,10 +31,10 @@
 
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -193,10 +193,10 @@ pub struct ClientIo<S = TcpStream> {
     phase: Phase,
     /// `state.begun` when the phase was last updated.
     seen: u64,
-    read_timer: Option<Pin<Box<Sleep>>>,
+    read_timer: Option<Deadline>,
     /// When a stuck write gives up; `None` while writes make progress.
     write_deadline: Option<Instant>,
-    write_timer: Option<Pin<Box<Sleep>>>,
+    write_timer: Option<Deadline>,
     scan: HeadScan,
     /// Whether reads go through `scan`: not while the gateway's own HTTP/1.1 server reads, which
     /// parses every head itself ([`ClientIo::stop_head_scan`]).
@@ -383,23 +383,51 @@ impl<S> ClientIo<S> {
     }
 }
 
+/// A connection's timer, and the waker it holds.
+#[derive(Debug)]
+struct Deadline {
+    sleep: Pin<Box<Sleep>>,
+    /// The waker the timer holds: set by a poll that registered it, cleared when the timer is
+    /// moved (a moved timer holds no waker until polled again).
+    armed: Option<Waker>,
+}
+
 /// Polls `timer` for `until` (made on first use); true when `until` has passed.
 ///
 /// A timer set earlier than `until` is left where it is and moved on when it fires: the idle
 /// deadline moves forward with every request of a keep-alive connection, and moving the timer
 /// each time cost a timer-wheel removal and insertion per request. An earlier `until` (a head
 /// due sooner than the idle deadline) moves the timer at once.
-fn ran_out(timer: &mut Option<Pin<Box<Sleep>>>, until: Instant, cx: &mut Context<'_>) -> bool {
-    let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-    if sleep.deadline() > until {
-        sleep.as_mut().reset(until);
+///
+/// A timer that holds the waker of this poll and has not fired wakes the poll when it does: it
+/// is not polled again until then (each poll registered the same waker anew, about 100
+/// instructions per request of a keep-alive connection). It is polled outside tokio's
+/// cooperative budget: a `Sleep` polled with the task's budget spent returns `Pending` without
+/// registering any waker, and the skip would then leave it unregistered for good.
+fn ran_out(timer: &mut Option<Deadline>, until: Instant, cx: &mut Context<'_>) -> bool {
+    let timer = timer.get_or_insert_with(|| Deadline {
+        sleep: Box::pin(tokio::time::sleep_until(until)),
+        armed: None,
+    });
+    if timer.sleep.deadline() > until {
+        timer.sleep.as_mut().reset(until);
+        timer.armed = None;
     }
-    while sleep.as_mut().poll(cx).is_ready() {
-        if sleep.deadline() >= until {
+    let holds_this_waker = (timer.armed.as_ref()).is_some_and(|armed| armed.will_wake(cx.waker()));
+    if holds_this_waker && !timer.sleep.is_elapsed() {
+        return false;
+    }
+    timer.armed = None;
+    while pin!(tokio::task::unconstrained(timer.sleep.as_mut()))
+        .poll(cx)
+        .is_ready()
+    {
+        if timer.sleep.deadline() >= until {
             return true;
         }
-        sleep.as_mut().reset(until);
+        timer.sleep.as_mut().reset(until);
     }
+    timer.armed = Some(cx.waker().clone());
     false
 }
 
@@ -887,6 +915,74 @@ mod tests {
             idle,
             send: Duration::from_secs(5),
         }
+    }
+
+    /// Polls `poll` until ready, as a task of its own would (a task's waker tells it is the
+    /// one a timer holds; `block_on`'s may not). Its first polls come with the task's
+    /// cooperative budget spent, and it is woken for them by something else than its timers:
+    /// those polls find a timer holding this waker and leave it (`ran_out`), so the timer's own
+    /// wake-up must bring the last poll. Returns the output and how many polls it took.
+    async fn polled_with_budget_spent<T: Send + 'static>(
+        mut poll: impl FnMut(&mut Context<'_>) -> Poll<T> + Send + 'static,
+    ) -> (T, u32) {
+        let task = tokio::spawn(async move {
+            let mut polls = 0;
+            let output = std::future::poll_fn(|cx| {
+                polls += 1;
+                if polls <= 3 {
+                    // Spends the budget (the poll that finds it spent wakes the task).
+                    while std::pin::pin!(tokio::task::coop::consume_budget())
+                        .poll(cx)
+                        .is_ready()
+                    {}
+                }
+                poll(cx)
+            })
+            .await;
+            (output, polls)
+        });
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the timer woke the task")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_idle_timer_polled_with_the_budget_spent_and_again_before_it_fires_ends_the_read() {
+        let (stream, _client) = tokio::io::duplex(64);
+        let state = Arc::new(ConnectionState::default());
+        let mut io = ClientIo::resumed(stream, state, timeouts(Duration::from_millis(200)));
+        let (result, polls) = polled_with_budget_spent(move |cx| {
+            let mut scratch = [0u8; 16];
+            Pin::new(&mut io).poll_read(cx, &mut ReadBuf::new(&mut scratch))
+        })
+        .await;
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert!(polls > 3, "polled {polls} times");
+    }
+
+    #[tokio::test]
+    async fn a_send_timer_polled_with_the_budget_spent_ends_a_write_the_client_does_not_read() {
+        use tokio::io::AsyncWrite;
+        let (stream, _client) = tokio::io::duplex(64);
+        let state = Arc::new(ConnectionState::default());
+        let timeouts = ClientTimeouts {
+            send: Duration::from_millis(200),
+            ..timeouts(Duration::from_secs(5))
+        };
+        let mut io = ClientIo::new(stream, state, timeouts);
+        let (result, polls) = polled_with_budget_spent(move |cx| {
+            loop {
+                // Writes until the client's side is full, then waits on the send timer.
+                match Pin::new(&mut io).poll_write(cx, &[b'x'; 64]) {
+                    Poll::Ready(Ok(_)) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await;
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert!(polls > 3, "polled {polls} times");
     }
 
     #[tokio::test]
