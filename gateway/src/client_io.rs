@@ -921,17 +921,17 @@ mod tests {
     /// one a timer holds; `block_on`'s may not). Its first polls come with the task's
     /// cooperative budget spent, and it is woken for them by something else than its timers:
     /// those polls find a timer holding this waker and leave it (`ran_out`), so the timer's own
-    /// wake-up must bring the last poll. Returns the output and how many polls it took.
-    async fn polled_with_budget_spent<T: Send + 'static>(
-        mut poll: impl FnMut(&mut Context<'_>) -> Poll<T> + Send + 'static,
-    ) -> (T, u32) {
+    /// wake-up must bring the last poll, which must end in a time-out.
+    async fn times_out_with_budget_spent<T: Send + 'static>(
+        mut poll: impl FnMut(&mut Context<'_>) -> Poll<io::Result<T>> + Send + 'static,
+    ) {
         let task = tokio::spawn(async move {
             let mut polls = 0;
             let output = std::future::poll_fn(|cx| {
                 polls += 1;
                 if polls <= 3 {
                     // Spends the budget (the poll that finds it spent wakes the task).
-                    while std::pin::pin!(tokio::task::coop::consume_budget())
+                    while pin!(tokio::task::coop::consume_budget())
                         .poll(cx)
                         .is_ready()
                     {}
@@ -941,10 +941,15 @@ mod tests {
             .await;
             (output, polls)
         });
-        tokio::time::timeout(Duration::from_secs(5), task)
+        let (result, polls) = tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .expect("the timer woke the task")
-            .unwrap()
+            .unwrap();
+        assert_eq!(
+            result.err().map(|e| e.kind()),
+            Some(io::ErrorKind::TimedOut)
+        );
+        assert!(polls > 3, "polled {polls} times");
     }
 
     #[tokio::test]
@@ -952,13 +957,11 @@ mod tests {
         let (stream, _client) = tokio::io::duplex(64);
         let state = Arc::new(ConnectionState::default());
         let mut io = ClientIo::resumed(stream, state, timeouts(Duration::from_millis(200)));
-        let (result, polls) = polled_with_budget_spent(move |cx| {
+        times_out_with_budget_spent(move |cx| {
             let mut scratch = [0u8; 16];
             Pin::new(&mut io).poll_read(cx, &mut ReadBuf::new(&mut scratch))
         })
         .await;
-        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::TimedOut);
-        assert!(polls > 3, "polled {polls} times");
     }
 
     #[tokio::test]
@@ -971,7 +974,7 @@ mod tests {
             ..timeouts(Duration::from_secs(5))
         };
         let mut io = ClientIo::new(stream, state, timeouts);
-        let (result, polls) = polled_with_budget_spent(move |cx| {
+        times_out_with_budget_spent(move |cx| {
             loop {
                 // Writes until the client's side is full, then waits on the send timer.
                 match Pin::new(&mut io).poll_write(cx, &[b'x'; 64]) {
@@ -981,8 +984,6 @@ mod tests {
             }
         })
         .await;
-        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::TimedOut);
-        assert!(polls > 3, "polled {polls} times");
     }
 
     #[tokio::test]
