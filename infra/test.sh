@@ -5,8 +5,9 @@
 # the TLS tests; for the inventory tests openssh-server and openssh-client (real sshd in netns
 # hosts), curl (herd asks the gateways' admin API from their machine) and systemd
 # (`systemd-analyze verify` of the units herd writes)), builds the binaries the end-to-end tests
-# start, and runs every test in the
-# workspace. Extra arguments go to `cargo test` (e.g. a test name filter).
+# start, runs every test in the workspace, and then makes the profile-guided build of the
+# gateway. Extra arguments go to `cargo test` (e.g. a test name filter; the PGO build is then
+# skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,3 +50,12 @@ cargo build --workspace --bins
 # Every test binary runs even after one fails, so a run shows every failure (the exit status
 # still says one failed).
 cargo test --workspace --no-fail-fast "$@"
+
+# The whole suite (no test filter) also makes the profile-guided build of the gateway
+# (infra/build-pgo.sh: two release builds, its training traffic through the instrumented one,
+# and a smoke test of the result), so that the build, its training routes and the result keep
+# working. Training goes to the debug worker built above, with a smaller load.
+if [ $# -eq 0 ]; then
+  echo "== profile-guided build of the gateway (./infra/build-pgo.sh)"
+  WORKER_BINARY=target/debug/herd-worker REQUESTS=5000 ./infra/build-pgo.sh
+fi
