@@ -13,7 +13,7 @@
 # RUSTFLAGS reach the gateway and its dependencies but not build scripts and proc macros.
 # Installs what it needs when missing: rustup's llvm-tools component (llvm-profdata matching
 # rustc's LLVM; else Debian's llvm-N of the same major version), and as root on Debian h2load,
-# redis-server, curl, openssl.
+# redis-server, curl, openssl, python3.
 # REQUESTS scales the training traffic (default 20000; see pgo-train.sh); WORKER_BINARY is the
 # herd-worker it goes to (default: a release build, made first).
 set -euo pipefail
@@ -28,6 +28,7 @@ command -v h2load >/dev/null || missing+=(nghttp2-client)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v curl >/dev/null || missing+=(curl)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v python3 >/dev/null || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing: ${missing[*]}"

@@ -13,7 +13,8 @@
 # of a 300-line cart) over both; and HTTPS over HTTP/1.1 and HTTP/2. REQUESTS (default 20000) scales every load. The gateway is stopped with
 # SIGTERM and must exit cleanly: an instrumented build writes its profile then (to
 # LLVM_PROFILE_FILE, passed through). Exits 1, with h2load's report, if any request failed.
-# Loopback only; everything started is stopped on exit. Needs h2load, redis-server, curl, openssl.
+# Loopback only; everything started is stopped on exit. Needs h2load, redis-server, curl,
+# openssl, python3.
 set -euo pipefail
 [ $# -eq 1 ] || { sed -n 5,6p "$0" >&2; exit 2; }
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -21,8 +22,8 @@ gateway=$(realpath "$1")
 worker=$(realpath "${WORKER_BINARY:-$root/target/release/herd-worker}")
 requests=${REQUESTS:-20000}
 [[ $requests =~ ^[1-9][0-9]{2,6}$ ]] || { echo "REQUESTS: a whole number from 100, not $requests" >&2; exit 2; }
-for tool in h2load redis-server curl openssl; do
-  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install nghttp2-client redis-server curl openssl)" >&2; exit 1; }
+for tool in h2load redis-server curl openssl python3; do
+  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install nghttp2-client redis-server curl openssl python3)" >&2; exit 1; }
 done
 work=$(mktemp -d)
 pids=()
