@@ -8,7 +8,7 @@
 //! Everything is stopped before the next scenario starts.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -184,6 +184,9 @@ pub struct ProxyResults {
     pub idle_rss_kib: BTreeMap<Scenario, BTreeMap<TargetKind, u64>>,
     /// Every run, in the order they ran.
     pub runs: Vec<Run>,
+    /// The herd-gateway executable the herd targets ran (`HERD_BIN_DIR` may pick a
+    /// profile-guided build, `infra/build-pgo.sh`); `None` without a herd target.
+    pub gateway: Option<PathBuf>,
 }
 
 impl ProxyResults {
@@ -216,6 +219,11 @@ pub fn run(
         options: options.clone(),
         idle_rss_kib: BTreeMap::new(),
         runs: Vec::new(),
+        gateway: if options.targets.iter().any(|target| target.is_herd()) {
+            Some(crate::binaries::locate(crate::binaries::GATEWAY)?)
+        } else {
+            None
+        },
     };
     for &scenario in &options.scenarios {
         stop.check()?;

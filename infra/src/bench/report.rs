@@ -121,6 +121,9 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
         options.upstream.name(),
         std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
     );
+    if let Some(gateway) = &results.gateway {
+        let _ = writeln!(out, "herd-gateway: `{}`\n", gateway.display());
+    }
     for &scenario in &options.scenarios {
         let rows = rows(results, scenario);
         if rows.is_empty() {
@@ -379,6 +382,7 @@ mod tests {
                     ..run(TargetKind::Nginx, 1, 0.0, 0.0)
                 },
             ],
+            gateway: Some("/opt/herd/pgo/herd-gateway".into()),
         };
         let rows = rows(&results, Scenario::Hello);
         assert_eq!(rows.len(), 4);
@@ -386,6 +390,10 @@ mod tests {
         assert_eq!(rows[0].rps, 50_000.0);
         assert_eq!(rows[0].runs, 3);
         let table = proxy_markdown(&results);
+        assert!(
+            table.contains("herd-gateway: `/opt/herd/pgo/herd-gateway`"),
+            "the table says which gateway build ran: {table}"
+        );
         assert!(
             table.contains("| direct | 64 | 50,000 | 1.00 | 2.00 | — | — | — | — | 0 / 0 |"),
             "{table}"

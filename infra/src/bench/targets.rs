@@ -91,6 +91,14 @@ impl TargetKind {
             TargetKind::Nginx => "nginx",
         }
     }
+
+    /// Whether it is a herd-gateway (in one of its configurations).
+    pub fn is_herd(self) -> bool {
+        !matches!(
+            self,
+            TargetKind::Direct | TargetKind::Haproxy | TargetKind::Nginx
+        )
+    }
 }
 
 /// Which server the upstreams run (`herd bench proxy --upstream`).
