@@ -133,7 +133,15 @@ async fn rollout_under_load_keeps_sessions_and_a_broken_one_rolls_back() {
         took + Duration::from_millis(500) < duration,
         "the rollout ({took:?}) outlasted the load"
     );
-    assert_eq!(cluster.serving_workers().await, ["w3", "w4"]);
+    // Both new workers took traffic before the rollout went on (it waits for that); a health
+    // check that times out on a loaded 2-core box can take one out for a moment after (seen
+    // once in CI: ["w4"]). Requests never failed for it: the load's check below.
+    wait_until(
+        Duration::from_secs(10),
+        "both new workers serve after the rollout",
+        || async { cluster.serving_workers().await == ["w3", "w4"] },
+    )
+    .await;
     for worker in cluster.state().workers() {
         let spec = worker.spec.as_ref().expect("recorded spec");
         assert_eq!(spec.env_value("HERD_LOG"), Some("info"), "{}", worker.name);
