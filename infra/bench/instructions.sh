@@ -54,19 +54,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# The address a process announced in its `{"event":"listening","role":ROLE,...}` line.
-announced() {
-  local out=$1 role=$2
-  for _ in $(seq 300); do
-    local addr
-    addr=$(grep -o "\"role\":\"$role\",\"addr\":\"[^\"]*\"" "$out" 2>/dev/null | head -n1 | sed 's/.*"addr":"\(.*\)"/\1/')
-    [ -n "$addr" ] && { echo "$addr"; return 0; }
-    sleep 0.1
-  done
-  echo "no $role address announced; its log:" >&2
-  tail -n 5 "$out" "$out.err" >&2
-  return 1
-}
+source "$root/infra/bench/announced.sh"
 
 app=(HERD_WORKER_APP=hello)
 if [ "$scenario" = session ]; then

@@ -21,7 +21,8 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 gateway=$(realpath "$1")
 worker=$(realpath "${WORKER_BINARY:-$root/target/release/herd-worker}")
 requests=${REQUESTS:-20000}
-[[ $requests =~ ^[1-9][0-9]{2,6}$ ]] || { echo "REQUESTS: a whole number from 100, not $requests" >&2; exit 2; }
+# From 1000: the smallest loads (a tenth) keep at least one request per connection.
+[[ $requests =~ ^[1-9][0-9]{3,6}$ ]] || { echo "REQUESTS: a whole number from 1000 to 9999999, not $requests" >&2; exit 2; }
 for tool in h2load redis-server curl openssl python3; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install nghttp2-client redis-server curl openssl python3)" >&2; exit 1; }
 done
@@ -34,19 +35,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# The address a process announced in its `{"event":"listening","role":ROLE,...}` line.
-announced() {
-  local out=$1 role=$2
-  for _ in $(seq 300); do
-    local addr
-    addr=$(grep -o "\"role\":\"$role\",\"addr\":\"[^\"]*\"" "$out" 2>/dev/null | head -n1 | sed 's/.*"addr":"\(.*\)"/\1/')
-    [ -n "$addr" ] && { echo "$addr"; return 0; }
-    sleep 0.1
-  done
-  echo "no $role address announced; its log:" >&2
-  tail -n 5 "$out" "$out.err" >&2
-  return 1
-}
+source "$root/infra/bench/announced.sh"
 
 redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.out" 2>&1 &
