@@ -57,5 +57,5 @@ cargo test --workspace --no-fail-fast "$@"
 # working. Training goes to the debug worker built above, with a smaller load.
 if [ $# -eq 0 ]; then
   echo "== profile-guided build of the gateway (./infra/build-pgo.sh)"
-  WORKER_BINARY=target/debug/herd-worker REQUESTS=5000 ./infra/build-pgo.sh
+  WORKER_BINARY="${CARGO_TARGET_DIR:-target}/debug/herd-worker" REQUESTS=5000 ./infra/build-pgo.sh
 fi
