@@ -4,7 +4,7 @@
 # build (docs/performance.md, section 24). Takes two release builds of the gateway and a minute
 # of training traffic; the result is target/pgo/herd-gateway, which the herd CLI uses with
 #
-#   HERD_BIN_DIR=target/pgo ./infra/herd up        (or herd deploy, herd bench proxy, ...)
+#   HERD_BIN_DIR=target/pgo ./infra/herd up        (also with --inventory; herd bench proxy, ...)
 #
 # Steps: an instrumented build (`-Cprofile-generate`, in target/pgo/instrumented), the traffic of
 # infra/bench/pgo-train.sh through it (HTTP/1.1, HTTP/2, HTTPS, session reads, request bodies),
