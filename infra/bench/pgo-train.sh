@@ -21,6 +21,9 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 gateway=$(realpath "$1")
 worker=$(realpath "${WORKER_BINARY:-$root/target/release/herd-worker}")
 requests=${REQUESTS:-20000}
+for binary in "$gateway" "$worker"; do
+  [ -x "$binary" ] && [ -f "$binary" ] || { echo "no executable at $binary" >&2; exit 2; }
+done
 # From 1000: the smallest loads (a tenth) keep at least one request per connection.
 [[ $requests =~ ^[1-9][0-9]{3,6}$ ]] || { echo "REQUESTS: a whole number from 1000 to 9999999, not $requests" >&2; exit 2; }
 for tool in h2load redis-server curl openssl python3; do
