@@ -1,19 +1,33 @@
 #!/usr/bin/env bash
-# A/B of herd-gateway builds against HAProxy, interleaved, on the same two hello workers.
+# A/B of herd-gateway builds against a peer proxy, interleaved, on the same two workers.
 #
 #   infra/bench/ab-gateways.sh ROUNDS DURATION CONNECTIONS GATEWAY_BINARY...
 #   infra/bench/ab-gateways.sh 4 5s 64 /tmp/gw-before target/release/herd-gateway
+#   SCENARIO=session PEER=nginx infra/bench/ab-gateways.sh 8 5s 256 target/pgo/herd-gateway
 #
 # For comparing two builds of the gateway (a change against its parent) when `herd bench proxy`
-# (one gateway, all scenarios) is too coarse. Each round runs `wrk -t2 -c CONNECTIONS -d DURATION`
-# against HAProxy (infra/bench/haproxy.cfg.in) and then each gateway in turn, and prints req/s,
-# wrk's p99 and the target's CPU µs per request (utime + stime of its threads from /proc); at the
-# end, each later gateway against the first, round by round and as the median of those ratios.
-# Uses loopback ports 18081-18082 (workers), 18090-18091 (HAProxy), 18100+ (gateways); everything
-# it starts is stopped on exit. Needs wrk, haproxy, bc and a release build of herd-worker.
+# (one gateway, all scenarios) is too coarse. Each round loads the peer and then each gateway in
+# turn for DURATION with CONNECTIONS, and prints req/s, p99 and the target's CPU µs per request
+# (utime + stime of all its processes' threads from /proc); at the end, each later target against
+# the first gateway, round by round and as the median of those ratios.
+#
+# SCENARIO, as in `herd bench proxy`: hello (default; `wrk -t2`, `GET /` to two hello workers),
+# session (`wrk -t2`, `GET /me` with a logged-in session cookie to two demo-app workers, which
+# read it from a redis-server started here) or h2 (h2c to the hello workers: `h2load -t2`,
+# CONNECTIONS/8 connections of 8 streams each; p99 from h2load's request log).
+# PEER: haproxy (default; infra/bench/haproxy.cfg.in) or nginx (infra/bench/nginx.conf.in).
+# Uses loopback ports 18081-18082 (workers), 18079 (Redis), 18090-18091 (the peer), 18100+
+# (gateways); everything it starts is stopped on exit. Needs wrk (h2: h2load), the peer, bc,
+# curl (session: redis-server) and a release build of herd-worker.
 set -euo pipefail
-[ $# -ge 4 ] || { sed -n 2,5p "$0" >&2; exit 2; }
+[ $# -ge 4 ] || { sed -n 2,6p "$0" >&2; exit 2; }
 rounds=$1 duration=$2 connections=$3; shift 3
+scenario=${SCENARIO:-hello} peer=${PEER:-haproxy}
+case $scenario in hello | session | h2) ;; *) echo "SCENARIO: hello, session or h2, not $scenario" >&2; exit 2 ;; esac
+case $peer in haproxy | nginx) ;; *) echo "PEER: haproxy or nginx, not $peer" >&2; exit 2 ;; esac
+for gateway in "$@"; do
+  [ -x "$gateway" ] || { echo "no executable at $gateway" >&2; exit 2; }
+done
 root=$(cd "$(dirname "$0")/../.." && pwd)
 worker=$root/target/release/herd-worker
 dir=$(mktemp -d)
@@ -25,18 +39,33 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+app=(HERD_WORKER_APP=hello)
+path=/
+if [ "$scenario" = session ]; then
+  redis-server --port 18079 --bind 127.0.0.1 --save '' --appendonly no >"$dir/redis.log" 2>&1 &
+  pids+=($!)
+  app=(HERD_WORKER_APP=demo HERD_WORKER_REDIS__URL=redis://127.0.0.1:18079 HERD_WORKER_REDIS__PREFIX=ab)
+  path=/me
+fi
 for port in 18081 18082; do
-  HERD_WORKER_LISTEN=127.0.0.1:$port HERD_WORKER_ID=w$port HERD_WORKER_MACHINE=ab \
-    HERD_WORKER_REGISTRY__ENABLED=false HERD_WORKER_APP=hello HERD_LOG=warn \
+  env "${app[@]}" HERD_WORKER_LISTEN=127.0.0.1:$port HERD_WORKER_ID=w$port HERD_WORKER_MACHINE=ab \
+    HERD_WORKER_REGISTRY__ENABLED=false HERD_LOG=warn \
     "$worker" >"$dir/w$port.log" 2>&1 &
   pids+=($!)
 done
-servers='    server w1 127.0.0.1:18081 check inter 500ms\n    server w2 127.0.0.1:18082 check inter 500ms'
-sed -e "s|{PID}|$dir/haproxy.pid|" -e "s|{PORT}|18090|" -e "s|{H2PORT}|18091|" \
-  -e "s|{SERVERS}|$servers|" -e "s|{TLS}||" "$root/infra/bench/haproxy.cfg.in" >"$dir/haproxy.cfg"
-haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.log" 2>&1 &
+if [ "$peer" = haproxy ]; then
+  servers='    server w1 127.0.0.1:18081 check inter 500ms\n    server w2 127.0.0.1:18082 check inter 500ms'
+  sed -e "s|{PID}|$dir/haproxy.pid|" -e "s|{PORT}|18090|" -e "s|{H2PORT}|18091|" \
+    -e "s|{SERVERS}|$servers|" -e "s|{TLS}||" "$root/infra/bench/haproxy.cfg.in" >"$dir/haproxy.cfg"
+  haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.log" 2>&1 &
+else
+  servers='        server 127.0.0.1:18081 max_fails=1 fail_timeout=10s;\n        server 127.0.0.1:18082 max_fails=1 fail_timeout=10s;'
+  sed -e "s|{DIR}|$dir|g" -e "s|{PORT}|18090|" -e "s|{H2PORT}|18091|" \
+    -e "s|{SERVERS}|$servers|" -e "s|{TLS}||" "$root/infra/bench/nginx.conf.in" >"$dir/nginx.conf"
+  nginx -c "$dir/nginx.conf" -p "$dir" >"$dir/nginx.log" 2>&1 &
+fi
 pids+=($!)
-names=(haproxy) ports=(18090) targets=($!)
+names=("$peer") ports=($([ "$scenario" = h2 ] && echo 18091 || echo 18090)) targets=($!)
 port=18100
 for gateway in "$@"; do
   HERD_GATEWAY_LISTEN=127.0.0.1:$port HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:$((port + 1)) \
@@ -50,48 +79,76 @@ sleep 2
 for pid in "${pids[@]}"; do
   kill -0 "$pid" 2>/dev/null || { echo "a process did not start; logs in $dir:" >&2; tail -n 3 "$dir"/*.log >&2; exit 1; }
 done
+headers=()
+if [ "$scenario" = session ]; then
+  # A logged-in session (the demo app's `POST /login`); every request then reads it from Redis.
+  cookie=$(curl -s -D - -o /dev/null -H 'content-type: application/json' -d '{"user":"bench"}' \
+    http://127.0.0.1:18081/login | awk -F'[ ;]' 'tolower($1) == "set-cookie:" {print $2; exit}')
+  [ -n "$cookie" ] || { echo "the demo app's login set no cookie; logs in $dir" >&2; exit 1; }
+  headers=(-H "Cookie: $cookie")
+fi
 
-cpu_ticks() { # utime + stime of every thread of $1
-  local sum=0 fields
-  for stat in /proc/"$1"/task/*/stat; do
-    read -ra fields <"$stat"
-    sum=$((sum + fields[13] + fields[14]))
+cpu_ticks() { # utime + stime of every thread of $1 and of its children (nginx's worker)
+  local sum=0 fields pid
+  for pid in "$1" $(pgrep -P "$1" || true); do
+    for stat in /proc/"$pid"/task/*/stat; do
+      read -ra fields <"$stat" || continue
+      sum=$((sum + fields[13] + fields[14]))
+    done
   done
   echo "$sum"
 }
 bound=$((${duration%s} + 20))
-for i in "${!names[@]}"; do timeout 30 wrk -t2 -c"$connections" -d1s "http://127.0.0.1:${ports[$i]}/" >/dev/null; done
-for round in $(seq "$rounds"); do
-  for i in "${!names[@]}"; do
-    before=$(cpu_ticks "${targets[$i]}")
-    out=$(timeout "$bound" wrk -t2 -c"$connections" -d"$duration" --latency "http://127.0.0.1:${ports[$i]}/")
-    after=$(cpu_ticks "${targets[$i]}")
+# One load of DURATION on port $1; sets rps, requests, p99 and errors.
+load() {
+  local out url=http://127.0.0.1:$1$path
+  if [ "$scenario" = h2 ]; then
+    out=$(timeout "$bound" h2load -t2 -c$((connections / 8 > 0 ? connections / 8 : 1)) -m8 \
+      -D"${duration%s}" -T5 --log-file "$dir/requests" "$url")
+    rps=$(awk '/^finished in/ {print $4}' <<<"$out")
+    requests=$(awk '/^requests:/ {print $8}' <<<"$out")
+    # The log's third column: each request's time in µs.
+    p99=$(sort -n -k3,3 "$dir/requests" | awk '{t[NR] = $3} END {printf "%.2fms", t[int(NR * 0.99)] / 1000}')
+    errors=$(awk '/^requests:/ && ($10 + $12 + $14) > 0 {print "failed/errored/timeout " $10 "/" $12 "/" $14}' <<<"$out")
+  else
+    out=$(timeout "$bound" wrk -t2 -c"$connections" -d"$duration" --latency "${headers[@]}" "$url")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-    us=$(echo "scale=1; ($after - $before) * 10000 / $requests" | bc)
     errors=$(grep -E 'Non-2xx|Socket errors' <<<"$out" | tr -s ' \n' ' ' || true)
+  fi
+}
+for i in "${!names[@]}"; do (duration=1s; load "${ports[$i]}") >/dev/null; done
+for round in $(seq "$rounds"); do
+  for i in "${!names[@]}"; do
+    before=$(cpu_ticks "${targets[$i]}")
+    load "${ports[$i]}"
+    after=$(cpu_ticks "${targets[$i]}")
+    us=$(echo "scale=1; ($after - $before) * 10000 / $requests" | bc)
     echo "round $round  ${names[$i]}  req/s $rps  p99 $p99  CPU µs/req $us  $errors"
     echo "$round $i $rps $us" >>"$dir/results"
   done
 done
 # Against the first gateway, round by round (the VM's speed drifts between rounds; a ratio
 # within one round does not), then the median of those ratios.
-awk -v first=1 -v n="${#names[@]}" -v names="${names[*]}" '
+awk -v n="${#names[@]}" -v names="${names[*]}" '
   { rps[$1, $2] = $3; us[$1, $2] = $4; if ($1 > rounds) rounds = $1 }
   function median(a, k,   i, j, t) {
     for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
     return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
   }
+  function against(g, first,   r, line) {
+    line = ""
+    for (r = 1; r <= rounds; r++) {
+      speed[r] = rps[r, g] / rps[r, first]; cost[r] = us[r, g] / us[r, first]
+      line = line sprintf(" %.2f/%.2f", speed[r], cost[r])
+    }
+    printf "%s / %s per round (req/s / CPU per request):%s\n", name[g + 1], name[first + 1], line
+    printf "  median: req/s %.3f×, CPU per request %.3f×\n", median(speed, rounds), median(cost, rounds)
+  }
   END {
     split(names, name, " ")
-    for (g = first + 1; g < n; g++) {
-      line = ""
-      for (r = 1; r <= rounds; r++) {
-        speed[r] = rps[r, g] / rps[r, first]; cost[r] = us[r, g] / us[r, first]
-        line = line sprintf(" %.2f/%.2f", speed[r], cost[r])
-      }
-      printf "%s / %s per round (req/s / CPU per request):%s\n", name[g + 1], name[first + 1], line
-      printf "  median: req/s %.3f×, CPU per request %.3f×\n", median(speed, rounds), median(cost, rounds)
-    }
+    for (g = 2; g < n; g++) against(g, 1)
+    # Each gateway against the peer too.
+    for (g = 1; g < n; g++) against(g, 0)
   }' "$dir/results"
