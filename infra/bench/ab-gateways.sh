@@ -7,8 +7,9 @@
 #
 # For comparing two builds of the gateway (a change against its parent) when `herd bench proxy`
 # (one gateway, all scenarios) is too coarse. Each round loads the peer and then each gateway in
-# turn for DURATION with CONNECTIONS, and prints req/s, p99 and the target's CPU µs per request
-# (utime + stime of all its processes' threads from /proc); at the end, each later target against
+# turn for DURATION with CONNECTIONS, and prints req/s, p99, the target's CPU µs per request
+# (utime + stime of all its processes' threads from /proc) and its context switches per request
+# (voluntary and not, from /proc); at the end, each later target against
 # the first gateway, round by round and as the median of those ratios.
 #
 # SCENARIO, as in `herd bench proxy`: hello (default; `wrk -t2`, `GET /` to two hello workers),
@@ -98,6 +99,12 @@ cpu_ticks() { # utime + stime of every thread of $1 and of its children (nginx's
   done
   echo "$sum"
 }
+switches() { # context switches (voluntary + involuntary) of every thread of $1 and its children
+  local pid
+  for pid in "$1" $(pgrep -P "$1" || true); do
+    cat /proc/"$pid"/task/*/status 2>/dev/null
+  done | awk '/^(non)?voluntary_ctxt_switches:/ {sum += $2} END {print sum + 0}'
+}
 bound=$((${duration%s} + 20))
 # One load of DURATION on port $1; sets rps, requests, p99 and errors.
 load() {
@@ -121,11 +128,12 @@ load() {
 for i in "${!names[@]}"; do (duration=1s; load "${ports[$i]}") >/dev/null; done
 for round in $(seq "$rounds"); do
   for i in "${!names[@]}"; do
-    before=$(cpu_ticks "${targets[$i]}")
+    before=$(cpu_ticks "${targets[$i]}") switched=$(switches "${targets[$i]}")
     load "${ports[$i]}"
-    after=$(cpu_ticks "${targets[$i]}")
+    after=$(cpu_ticks "${targets[$i]}") switched=$(($(switches "${targets[$i]}") - switched))
     us=$(echo "scale=1; ($after - $before) * 10000 / $requests" | bc)
-    echo "round $round  ${names[$i]}  req/s $rps  p99 $p99  CPU µs/req $us  $errors"
+    per=$(echo "scale=3; $switched / $requests" | bc)
+    echo "round $round  ${names[$i]}  req/s $rps  p99 $p99  CPU µs/req $us  switches/req $per  $errors"
     echo "$round $i $rps $us" >>"$dir/results"
   done
 done
