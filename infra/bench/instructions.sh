@@ -11,7 +11,8 @@
 # UPSTREAM=hyper for `herd bench upstream`, a plain hyper server); or session: HTTP/1.1
 # `GET /me` with a logged-in session cookie to two demo-app workers, which read the session
 # from a redis-server the script starts (as `herd bench proxy`'s session scenario). GATEWAY_BINARY: default
-# target/release/herd-gateway. REQUESTS: default 20000, sent by h2load (-n: an exact count) over
+# target/release/herd-gateway, or `nginx` for the peer of `herd bench proxy` (its
+# infra/bench/nginx.conf.in, one worker, in one process), counted the same way. REQUESTS: default 20000, sent by h2load (-n: an exact count) over
 # CONNECTIONS (default 16; 1 makes every request a wake-up of its own) after 2000 warm-up
 # requests; HEADER adds one request header on h1 (`HEADER='Connection: keep-alive'`, as browsers
 # send). Counting starts after the warm-up
@@ -26,7 +27,8 @@
 set -euo pipefail
 scenario=${1:-h1}
 root=$(cd "$(dirname "$0")/../.." && pwd)
-gateway=$(realpath "${2:-$root/target/release/herd-gateway}")
+gateway=${2:-$root/target/release/herd-gateway}
+[ "$gateway" = nginx ] || gateway=$(realpath "$gateway")
 requests=${3:-20000}
 connections=${CONNECTIONS:-16}
 upstream=${UPSTREAM:-herd-worker}
@@ -42,6 +44,7 @@ for number in "$requests" "$connections"; do
 done
 tools=(valgrind callgrind_control callgrind_annotate h2load)
 [ "$scenario" = session ] && tools+=(redis-server curl)
+[ "$gateway" = nginx ] && tools+=(nginx curl)
 for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install valgrind nghttp2-client)" >&2; exit 1; }
 done
@@ -78,15 +81,36 @@ for index in 1 2; do
 done
 
 out=$work/gateway.out
-HERD_GATEWAY_LISTEN=127.0.0.1:0 HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:0 \
-  HERD_GATEWAY_WORKERS=$(IFS=,; echo "${workers[*]}") HERD_GATEWAY_REGISTRY__ENABLED=false \
-  HERD_GATEWAY_THREADS=1 HERD_GATEWAY_HEALTH__INTERVAL=60s HERD_LOG=warn \
-  valgrind --tool=callgrind ${CACHE:+--cache-sim=yes --LL=524288,8,64} \
-  --callgrind-out-file="$work/callgrind.out" \
-  "$gateway" --log-format json >"$out" 2>"$out.err" &
-gateway_pid=$!
-pids+=("$gateway_pid")
-public=$(announced "$out" public)
+callgrind=(valgrind --tool=callgrind ${CACHE:+--cache-sim=yes --LL=524288,8,64}
+  --callgrind-out-file="$work/callgrind.out")
+if [ "$gateway" = nginx ]; then
+  # The peer of `herd bench proxy` (infra/bench/nginx.conf.in: one worker), in one process.
+  read -r port h2port < <(python3 -c 'import socket
+ports = []
+for _ in range(2):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s)
+print(*(s.getsockname()[1] for s in ports))')
+  public=127.0.0.1:$([ "$scenario" = h2 ] && echo "$h2port" || echo "$port")
+  servers=$(printf '        server %s;\\n' "${workers[@]}")
+  sed -e "s|{DIR}|$work|g" -e "s|{PORT}|$port|" -e "s|{H2PORT}|$h2port|" -e "s|{SERVERS}|$servers|" \
+    -e "s|{TLS}||" -e "s|master_process on;|master_process off;|" \
+    "$root/infra/bench/nginx.conf.in" >"$work/nginx.conf"
+  "${callgrind[@]}" nginx -c "$work/nginx.conf" -p "$work" >"$out" 2>"$out.err" &
+  gateway_pid=$!
+  pids+=("$gateway_pid")
+  for _ in $(seq 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$port/" && break
+    sleep 0.2
+  done
+else
+  HERD_GATEWAY_LISTEN=127.0.0.1:0 HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:0 \
+    HERD_GATEWAY_WORKERS=$(IFS=,; echo "${workers[*]}") HERD_GATEWAY_REGISTRY__ENABLED=false \
+    HERD_GATEWAY_THREADS=1 HERD_GATEWAY_HEALTH__INTERVAL=60s HERD_LOG=warn \
+    "${callgrind[@]}" "$gateway" --log-format json >"$out" 2>"$out.err" &
+  gateway_pid=$!
+  pids+=("$gateway_pid")
+  public=$(announced "$out" public)
+fi
 if [ "$scenario" = session ]; then
   # A logged-in session (the demo app's `POST /login`); every request then reads it from Redis.
   for _ in $(seq 50); do
