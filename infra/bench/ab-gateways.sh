@@ -8,24 +8,28 @@
 # For comparing two builds of the gateway (a change against its parent) when `herd bench proxy`
 # (one gateway, all scenarios) is too coarse. Each round loads the peer and then each gateway in
 # turn for DURATION with CONNECTIONS, and prints req/s, p99, the target's CPU µs per request
-# (utime + stime of all its processes' threads from /proc) and its context switches per request
-# (voluntary and not, from /proc); at the end, each later target against
-# the first gateway, round by round and as the median of those ratios.
+# (utime + stime of all its processes' threads from /proc, and each apart; 10 ms ticks) and its
+# context switches per request (voluntary and not). At the end, each later gateway against the
+# first and each gateway against the peer: round by round and the median of those ratios.
 #
 # SCENARIO, as in `herd bench proxy`: hello (default; `wrk -t2`, `GET /` to two hello workers),
 # session (`wrk -t2`, `GET /me` with a logged-in session cookie to two demo-app workers, which
 # read it from a redis-server started here) or h2 (h2c to the hello workers: `h2load -t2`,
 # CONNECTIONS/8 connections of 8 streams each; p99 from h2load's request log).
 # PEER: haproxy (default; infra/bench/haproxy.cfg.in) or nginx (infra/bench/nginx.conf.in).
+# RATE=N offers N requests per second in all (h2load `--rps`, spread over the connections, which
+# send in step: bursts; h2load for HTTP/1.1 too) instead of as many as the targets take: every
+# target then serves the same load, below what saturates the box (docs/performance.md, section 25).
 # Uses loopback ports 18081-18082 (workers), 18079 (Redis), 18090-18091 (the peer), 18100+
 # (gateways); everything it starts is stopped on exit. Needs wrk (h2: h2load), the peer, bc,
 # curl (session: redis-server) and a release build of herd-worker.
 set -euo pipefail
 [ $# -ge 4 ] || { sed -n 2,6p "$0" >&2; exit 2; }
 rounds=$1 duration=$2 connections=$3; shift 3
-scenario=${SCENARIO:-hello} peer=${PEER:-haproxy}
+scenario=${SCENARIO:-hello} peer=${PEER:-haproxy} rate=${RATE:-}
 case $scenario in hello | session | h2) ;; *) echo "SCENARIO: hello, session or h2, not $scenario" >&2; exit 2 ;; esac
 case $peer in haproxy | nginx) ;; *) echo "PEER: haproxy or nginx, not $peer" >&2; exit 2 ;; esac
+[[ -z $rate || $rate =~ ^[1-9][0-9]{0,6}$ ]] || { echo "RATE: requests per second, a whole number from 1, not $rate" >&2; exit 2; }
 for gateway in "$@"; do
   [ -x "$gateway" ] || { echo "no executable at $gateway" >&2; exit 2; }
 done
@@ -89,15 +93,15 @@ if [ "$scenario" = session ]; then
   headers=(-H "Cookie: $cookie")
 fi
 
-cpu_ticks() { # utime + stime of every thread of $1 and of its children (nginx's worker)
-  local sum=0 fields pid
+cpu_ticks() { # "utime stime" of every thread of $1 and of its children (nginx's worker)
+  local user=0 system=0 fields pid
   for pid in "$1" $(pgrep -P "$1" || true); do
     for stat in /proc/"$pid"/task/*/stat; do
       read -ra fields <"$stat" || continue
-      sum=$((sum + fields[13] + fields[14]))
+      user=$((user + fields[13])) system=$((system + fields[14]))
     done
   done
-  echo "$sum"
+  echo "$user $system"
 }
 switches() { # context switches (voluntary + involuntary) of every thread of $1 and its children
   local pid
@@ -109,8 +113,13 @@ bound=$((${duration%s} + 20))
 # One load of DURATION on port $1; sets rps, requests, p99 and errors.
 load() {
   local out url=http://127.0.0.1:$1$path
-  if [ "$scenario" = h2 ]; then
-    out=$(timeout "$bound" h2load -t2 -c$((connections / 8 > 0 ? connections / 8 : 1)) -m8 \
+  if [ "$scenario" = h2 ] || [ -n "$rate" ]; then
+    local clients=$connections mode=(--h1 -m1)
+    if [ "$scenario" = h2 ]; then
+      clients=$((connections / 8 > 0 ? connections / 8 : 1)) mode=(-m8)
+    fi
+    [ -n "$rate" ] && mode+=(--rps="$(echo "scale=3; $rate / $clients" | bc)")
+    out=$(timeout "$bound" h2load -t2 -c"$clients" "${mode[@]}" "${headers[@]}" \
       -D"${duration%s}" -T5 --log-file "$dir/requests" "$url")
     rps=$(awk '/^finished in/ {print $4}' <<<"$out")
     requests=$(awk '/^requests:/ {print $8}' <<<"$out")
@@ -128,12 +137,17 @@ load() {
 for i in "${!names[@]}"; do (duration=1s; load "${ports[$i]}") >/dev/null; done
 for round in $(seq "$rounds"); do
   for i in "${!names[@]}"; do
-    before=$(cpu_ticks "${targets[$i]}") switched=$(switches "${targets[$i]}")
+    read -r user system <<<"$(cpu_ticks "${targets[$i]}")"
+    switched=$(switches "${targets[$i]}")
     load "${ports[$i]}"
-    after=$(cpu_ticks "${targets[$i]}") switched=$(($(switches "${targets[$i]}") - switched))
-    us=$(echo "scale=1; ($after - $before) * 10000 / $requests" | bc)
+    read -r user_after system_after <<<"$(cpu_ticks "${targets[$i]}")"
+    switched=$(($(switches "${targets[$i]}") - switched))
+    # Ticks of 10 ms: µs per request.
+    user=$(echo "scale=1; ($user_after - $user) * 10000 / $requests" | bc)
+    system=$(echo "scale=1; ($system_after - $system) * 10000 / $requests" | bc)
+    us=$(echo "$user + $system" | bc)
     per=$(echo "scale=3; $switched / $requests" | bc)
-    echo "round $round  ${names[$i]}  req/s $rps  p99 $p99  CPU µs/req $us  switches/req $per  $errors"
+    echo "round $round  ${names[$i]}  req/s $rps  p99 $p99  CPU µs/req $us (user $user, system $system)  switches/req $per  $errors"
     echo "$round $i $rps $us" >>"$dir/results"
   done
 done
