@@ -22,7 +22,7 @@
 # target then serves the same load, below what saturates the box (docs/performance.md, section 25).
 # Uses loopback ports 18081-18082 (workers), 18079 (Redis), 18090-18091 (the peer), 18100+
 # (gateways); everything it starts is stopped on exit. Needs wrk (h2: h2load), the peer, bc,
-# curl (session: redis-server) and a release build of herd-worker.
+# curl (session: redis-server) and herd-worker (WORKER_BINARY, default a release build).
 set -euo pipefail
 [ $# -ge 4 ] || { sed -n 2,6p "$0" >&2; exit 2; }
 rounds=$1 duration=$2 connections=$3; shift 3
@@ -34,7 +34,8 @@ for gateway in "$@"; do
   [ -x "$gateway" ] || { echo "no executable at $gateway" >&2; exit 2; }
 done
 root=$(cd "$(dirname "$0")/../.." && pwd)
-worker=$root/target/release/herd-worker
+worker=${WORKER_BINARY:-$root/target/release/herd-worker}
+[ -x "$worker" ] || { echo "no executable at $worker (WORKER_BINARY)" >&2; exit 2; }
 dir=$(mktemp -d)
 pids=()
 cleanup() {

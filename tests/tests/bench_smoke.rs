@@ -2,10 +2,10 @@
 //! every target (direct, herd-gateway, HAProxy, nginx) once for 1 s (and herd-gateway in front
 //! of a plain hyper upstream over HTTP/1.1 and HTTP/2), `herd bench health`
 //! registers 20 workers, and `herd bench soak` holds 500 connections for 15 s with one worker
-//! killed. Each must print its table with traffic, leave no process behind, and remove its
-//! temporary directory.
+//! killed; `infra/bench/ab-gateways.sh` compares gateway builds for 1 s a target. Each must
+//! print its table with traffic, leave no process behind, and remove its temporary directory.
 //!
-//! Needs wrk, haproxy and nginx (`infra/test.sh` installs them; as root `herd` installs them
+//! Needs wrk, h2load, redis-server, haproxy and nginx (`infra/test.sh` installs them; as root `herd` installs them
 //! itself when missing).
 
 use std::path::{Path, PathBuf};
@@ -24,11 +24,18 @@ fn herd_binary() -> PathBuf {
     binaries::locate(binaries::HERD).unwrap_or_else(|error| panic!("{error}"))
 }
 
-/// Runs `herd ARGS…` to completion within [`COMMAND_TIMEOUT`]. On a timeout herd gets SIGTERM
-/// (it then stops everything it started), and SIGKILL if that does not end it.
+/// Runs `herd ARGS…` to completion within [`COMMAND_TIMEOUT`].
 fn herd(args: &[&str], tmp: &Path) -> Output {
-    let mut child: Child = Command::new(herd_binary())
-        .args(args)
+    let mut command = Command::new(herd_binary());
+    command.args(args);
+    bounded(command, &format!("herd {}", args.join(" ")), tmp)
+}
+
+/// Runs `command` with `TMPDIR=tmp` to completion within [`COMMAND_TIMEOUT`]. On a timeout it
+/// gets SIGTERM (herd and the bench scripts then stop everything they started), and SIGKILL if
+/// that does not end it.
+fn bounded(mut command: Command, what: &str, tmp: &Path) -> Output {
+    let mut child: Child = command
         .env("TMPDIR", tmp)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -56,10 +63,7 @@ fn herd(args: &[&str], tmp: &Path) -> Output {
             std::thread::sleep(Duration::from_secs(15));
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
-                "`herd {}` did not finish in {COMMAND_TIMEOUT:?}",
-                args.join(" ")
-            );
+            panic!("`{what}` did not finish in {COMMAND_TIMEOUT:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -365,4 +369,80 @@ fn bench_soak_holds_connections_through_a_worker_kill() {
     );
     assert_temp_dirs_removed(&tmp);
     assert_no_process_left(&tmp);
+}
+
+/// `infra/bench/ab-gateways.sh`, the A/B script for gateway builds (docs/performance.md), kept
+/// working: the session route against nginx with two gateways, HTTP/2 at a fixed rate against
+/// HAProxy; each run prints every target's traffic and the medians, and leaves nothing behind.
+/// A scenario it does not know is refused before anything starts.
+#[test]
+fn ab_gateways_script_compares_builds_on_the_session_route_and_h2() {
+    let dir = temp_dir();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let script = root.join("infra/bench/ab-gateways.sh");
+    let gateway = binaries::locate(binaries::GATEWAY).unwrap_or_else(|error| panic!("{error}"));
+    let worker = binaries::locate(binaries::WORKER).unwrap_or_else(|error| panic!("{error}"));
+    let ab = |env: &[(&str, &str)], gateways: &[&Path]| {
+        let mut command = Command::new("bash");
+        command
+            .arg(&script)
+            .args(["1", "1s", "16"])
+            .args(gateways)
+            .env("WORKER_BINARY", &worker)
+            .envs(env.iter().copied());
+        bounded(command, &format!("ab-gateways.sh {env:?}"), &tmp)
+    };
+
+    let refused = ab(&[("SCENARIO", "upload")], &[&gateway]);
+    assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("SCENARIO: hello, session or h2"),
+        "{}",
+        describe(&refused)
+    );
+
+    let runs = [
+        (vec![("SCENARIO", "session"), ("PEER", "nginx")], 2, "nginx"),
+        (vec![("SCENARIO", "h2"), ("RATE", "2000")], 1, "haproxy"),
+    ];
+    for (env, gateways, peer) in runs {
+        let output = ab(&env, &vec![gateway.as_path(); gateways]);
+        assert!(output.status.success(), "{env:?}: {}", describe(&output));
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let rounds: Vec<&str> = text.lines().filter(|l| l.starts_with("round 1 ")).collect();
+        assert_eq!(rounds.len(), 1 + gateways, "{env:?}:\n{text}");
+        assert!(
+            rounds[0].starts_with(&format!("round 1  {peer} ")),
+            "{text}"
+        );
+        for line in &rounds {
+            let rps: f64 = line
+                .split_whitespace()
+                .skip_while(|word| *word != "req/s")
+                .nth(1)
+                .and_then(|number| number.parse().ok())
+                .unwrap_or_else(|| panic!("no req/s in {line:?}"));
+            assert!(rps > 0.0, "no traffic: {line}");
+            assert!(line.contains("switches/req"), "{line}");
+            assert!(
+                !line.contains("failed/errored") && !line.contains("Non-2xx"),
+                "{line}"
+            );
+        }
+        // Each gateway against the peer, and the second against the first.
+        let medians = text.lines().filter(|l| l.contains("median: req/s")).count();
+        assert_eq!(medians, if gateways == 2 { 3 } else { 1 }, "{text}");
+        if env.contains(&("RATE", "2000")) {
+            // A fixed offered load: about 2000 req/s, whatever the target could take.
+            for line in &rounds {
+                let rps: f64 = line.split_whitespace().nth(4).unwrap().parse().unwrap();
+                assert!((1500.0..2500.0).contains(&rps), "{line}");
+            }
+        }
+    }
+    assert_no_process_left(&tmp);
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
 }
