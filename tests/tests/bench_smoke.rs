@@ -176,6 +176,11 @@ fn bench_proxy_measures_every_target_without_errors() {
         if target != "direct" {
             let cpu: f64 = cells[6].parse().expect("CPU s / 10k is a number");
             assert!(cpu >= 0.0, "{target}: CPU\n{table}");
+            let kernel: f64 = cells[8].parse().expect("kernel % is a number");
+            assert!(
+                (0.0..=100.0).contains(&kernel),
+                "{target}: kernel %\n{table}"
+            );
         }
     }
     assert!(table.contains("herd / haproxy req/s: c=8 "), "{table}");
@@ -188,6 +193,10 @@ fn bench_proxy_measures_every_target_without_errors() {
         assert!(run["requests"].as_u64().unwrap() > 0, "{run}");
         assert_eq!(run["non_2xx"], 0, "{run}");
         assert_eq!(run["socket_errors"], 0, "{run}");
+        if run["target"] != "direct" {
+            let (cpu, system) = (&run["cpu_seconds"], &run["cpu_system_seconds"]);
+            assert!(cpu.as_f64().unwrap() >= system.as_f64().unwrap(), "{run}");
+        }
     }
     assert_temp_dirs_removed(&tmp);
     assert_no_process_left(&tmp);

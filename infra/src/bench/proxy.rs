@@ -154,6 +154,8 @@ pub struct Run {
     pub load: LoadResult,
     /// The proxy's CPU seconds during the run (all its processes); `None` for direct.
     pub cpu_seconds: Option<f64>,
+    /// Of those, the seconds spent in the kernel (system time).
+    pub cpu_system_seconds: Option<f64>,
     /// The proxy's RSS right after the run, KiB.
     pub rss_end_kib: Option<u64>,
     /// The proxy's peak RSS so far (VmHWM), KiB.
@@ -172,6 +174,12 @@ impl Run {
     pub fn cpu_per_10k(&self) -> Option<f64> {
         let cpu = self.cpu_seconds?;
         (self.load.requests > 0).then(|| cpu * 10_000.0 / self.load.requests as f64)
+    }
+
+    /// The kernel's share of the run's CPU time, 0 to 1.
+    pub fn kernel_share(&self) -> Option<f64> {
+        let (cpu, system) = (self.cpu_seconds?, self.cpu_system_seconds?);
+        (cpu > 0.0).then(|| (system / cpu).min(1.0))
     }
 }
 
@@ -364,6 +372,9 @@ fn run_scenario(
                     cpu_seconds: before
                         .zip(after)
                         .map(|(before, after)| (after.cpu_seconds - before.cpu_seconds).max(0.0)),
+                    cpu_system_seconds: before.zip(after).map(|(before, after)| {
+                        (after.system_seconds - before.system_seconds).max(0.0)
+                    }),
                     rss_end_kib: after.map(|usage| usage.rss_kib),
                     rss_peak_kib: after.map(|usage| usage.peak_kib),
                     load,

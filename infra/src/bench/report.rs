@@ -42,6 +42,8 @@ pub struct Row {
     pub p99_ms: f64,
     /// Median CPU seconds per 10k requests (proxies only).
     pub cpu_per_10k: Option<f64>,
+    /// Median share of that CPU time spent in the kernel, 0 to 1 (proxies only).
+    pub kernel_share: Option<f64>,
     /// Largest RSS at the end of a run, KiB.
     pub rss_end_kib: Option<u64>,
     /// Largest peak RSS (VmHWM), KiB.
@@ -71,6 +73,7 @@ pub fn rows(results: &ProxyResults, scenario: Scenario) -> Vec<Row> {
             let of =
                 |f: &dyn Fn(&Run) -> f64| median(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
             let cpu: Vec<f64> = runs.iter().filter_map(|r| r.cpu_per_10k()).collect();
+            let kernel: Vec<f64> = runs.iter().filter_map(|r| r.kernel_share()).collect();
             rows.push(Row {
                 target,
                 concurrency,
@@ -80,6 +83,7 @@ pub fn rows(results: &ProxyResults, scenario: Scenario) -> Vec<Row> {
                 p50_ms: of(&|r| r.load.p50_ms).unwrap_or(0.0),
                 p99_ms: of(&|r| r.load.p99_ms).unwrap_or(0.0),
                 cpu_per_10k: median(&cpu),
+                kernel_share: median(&kernel),
                 rss_end_kib: runs.iter().filter_map(|r| r.rss_end_kib).max(),
                 rss_peak_kib: runs.iter().filter_map(|r| r.rss_peak_kib).max(),
                 non_2xx: runs.iter().map(|r| r.load.non_2xx).sum(),
@@ -133,9 +137,12 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
         let _ = writeln!(out, "### {} — {}\n", scenario.name(), scenario.describe());
         let _ = writeln!(
             out,
-            "| target | c | req/s | p50 ms | p99 ms | p99 added vs direct ms | CPU s / 10k req | CPU µs / req | RSS MiB idle / end / peak | non-2xx / socket errors |"
+            "| target | c | req/s | p50 ms | p99 ms | p99 added vs direct ms | CPU s / 10k req | CPU µs / req | kernel % of CPU | RSS MiB idle / end / peak | non-2xx / socket errors |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for row in &rows {
             let failed = match row.failed {
                 0 => String::new(),
@@ -144,7 +151,7 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
             if row.runs == 0 {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | failed | — | — | — | — | — | — | —{failed} |",
+                    "| {} | {} | failed | — | — | — | — | — | — | — | —{failed} |",
                     row.target.name(),
                     row.concurrency
                 );
@@ -161,6 +168,9 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
                 Some(cpu) => (format!("{cpu:.3}"), format!("{:.1}", cpu * 100.0)),
                 None => ("—".into(), "—".into()),
             };
+            let kernel = row
+                .kernel_share
+                .map_or_else(|| "—".to_string(), |share| format!("{:.0}", share * 100.0));
             let rss = if row.target == TargetKind::Direct {
                 "—".to_string()
             } else {
@@ -173,7 +183,7 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} / {}{failed} |",
+                "| {} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} / {}{failed} |",
                 row.target.name(),
                 row.concurrency,
                 thousands(row.rps),
@@ -182,6 +192,7 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
                 added,
                 cpu,
                 us,
+                kernel,
                 rss,
                 row.non_2xx,
                 row.socket_errors
@@ -217,7 +228,7 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
     }
     let _ = writeln!(
         out,
-        "c: requests in flight. CPU: the proxy's user+system time over all its processes during the run. RSS: summed over its processes, after start (idle), after the run (end), highest (peak, VmHWM). Non-2xx: wrk counts status ≥ 400, h2load anything but 2xx."
+        "c: requests in flight. CPU: the proxy's user+system time over all its processes during the run; kernel %: the system time's share of it (10 ms ticks). RSS: summed over its processes, after start (idle), after the run (end), highest (peak, VmHWM). Non-2xx: wrk counts status ≥ 400, h2load anything but 2xx."
     );
     out
 }
@@ -342,6 +353,7 @@ mod tests {
                 socket_errors: 0,
             },
             cpu_seconds: (target != TargetKind::Direct).then_some(5.0),
+            cpu_system_seconds: (target != TargetKind::Direct).then_some(3.75),
             rss_end_kib: (target != TargetKind::Direct).then_some(10_240),
             rss_peak_kib: (target != TargetKind::Direct).then_some(20_480),
             error: None,
@@ -395,11 +407,11 @@ mod tests {
             "the table says which gateway build ran: {table}"
         );
         assert!(
-            table.contains("| direct | 64 | 50,000 | 1.00 | 2.00 | — | — | — | — | 0 / 0 |"),
+            table.contains("| direct | 64 | 50,000 | 1.00 | 2.00 | — | — | — | — | — | 0 / 0 |"),
             "{table}"
         );
-        // 5 CPU s for 200k requests = 0.25 s / 10k = 25 µs per request.
-        assert!(table.contains("| herd | 64 | 20,000 | 1.00 | 5.00 | +3.00 | 0.250 | 25.0 | 5.0 / 10.0 / 20.0 | 0 / 0 |"), "{table}");
+        // 5 CPU s for 200k requests = 0.25 s / 10k = 25 µs per request, 3.75 s of it the kernel's.
+        assert!(table.contains("| herd | 64 | 20,000 | 1.00 | 5.00 | +3.00 | 0.250 | 25.0 | 75 | 5.0 / 10.0 / 20.0 | 0 / 0 |"), "{table}");
         assert!(
             table.contains("herd / haproxy req/s: c=64 0.80×"),
             "{table}"

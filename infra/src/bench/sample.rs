@@ -2,7 +2,8 @@
 //!
 //! A measured program is every process in its process group (herd starts each program as the
 //! leader of its own group): nginx's master and worker, HAProxy, the gateway. CPU time is
-//! `utime + stime` of `/proc/PID/stat` (clock ticks, converted to seconds), summed over the group;
+//! `utime + stime` of `/proc/PID/stat` (clock ticks, converted to seconds), summed over the group,
+//! and `stime` (the kernel's part) apart;
 //! RSS is `VmRSS` of `/proc/PID/status`, and the peak `VmHWM`, each summed over the group.
 //! A process that exits between two samples takes its CPU time with it; the programs measured
 //! here keep their processes for the whole run.
@@ -18,6 +19,8 @@ const TICKS_PER_SECOND: f64 = 100.0;
 pub struct Usage {
     /// User + system CPU seconds so far, summed over the group.
     pub cpu_seconds: f64,
+    /// Of those, system (kernel) CPU seconds.
+    pub system_seconds: f64,
     /// Resident memory now, KiB, summed over the group.
     pub rss_kib: u64,
     /// Peak resident memory, KiB, summed over the group (each process's own peak).
@@ -51,6 +54,7 @@ pub fn group_usage(group: u32) -> Usage {
         }
         usage.processes += 1;
         usage.cpu_seconds += fields.ticks as f64 / TICKS_PER_SECOND;
+        usage.system_seconds += fields.system_ticks as f64 / TICKS_PER_SECOND;
         if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) {
             usage.rss_kib += status_kib(&status, "VmRSS:").unwrap_or(0);
             usage.peak_kib += status_kib(&status, "VmHWM:").unwrap_or(0);
@@ -66,6 +70,8 @@ struct StatFields {
     pgrp: u32,
     /// utime + stime (fields 14 and 15), clock ticks.
     ticks: u64,
+    /// stime (field 15), clock ticks.
+    system_ticks: u64,
 }
 
 /// Parses `/proc/PID/stat`. The command name (field 2) is in parentheses and may itself contain
@@ -78,6 +84,7 @@ fn parse_stat(stat: &str) -> Option<StatFields> {
     Some(StatFields {
         pgrp: u32::try_from(field(5)?).ok()?,
         ticks: field(14)? + field(15)?,
+        system_ticks: field(15)?,
     })
 }
 
@@ -101,7 +108,8 @@ mod tests {
             parse_stat(stat),
             Some(StatFields {
                 pgrp: 4241,
-                ticks: 49
+                ticks: 49,
+                system_ticks: 12
             })
         );
         assert_eq!(parse_stat("garbage"), None);
