@@ -26,6 +26,9 @@
 set -euo pipefail
 [ $# -ge 4 ] || { sed -n 2,6p "$0" >&2; exit 2; }
 rounds=$1 duration=$2 connections=$3; shift 3
+[[ $rounds =~ ^[1-9][0-9]{0,2}$ ]] || { echo "ROUNDS: a whole number from 1 to 999, not $rounds" >&2; exit 2; }
+[[ $duration =~ ^[1-9][0-9]{0,3}s$ ]] || { echo "DURATION: whole seconds with an s (5s), not $duration" >&2; exit 2; }
+[[ $connections =~ ^[1-9][0-9]{0,4}$ ]] || { echo "CONNECTIONS: a whole number from 1, not $connections" >&2; exit 2; }
 scenario=${SCENARIO:-hello} peer=${PEER:-haproxy} rate=${RATE:-}
 case $scenario in hello | session | h2) ;; *) echo "SCENARIO: hello, session or h2, not $scenario" >&2; exit 2 ;; esac
 case $peer in haproxy | nginx) ;; *) echo "PEER: haproxy or nginx, not $peer" >&2; exit 2 ;; esac
@@ -34,6 +37,7 @@ for gateway in "$@"; do
   [ -x "$gateway" ] || { echo "no executable at $gateway" >&2; exit 2; }
 done
 root=$(cd "$(dirname "$0")/../.." && pwd)
+source "$root/infra/bench/common.sh"
 worker=${WORKER_BINARY:-$root/target/release/herd-worker}
 [ -x "$worker" ] || { echo "no executable at $worker (WORKER_BINARY)" >&2; exit 2; }
 dir=$(mktemp -d)
@@ -65,9 +69,7 @@ if [ "$peer" = haproxy ]; then
     -e "s|{SERVERS}|$servers|" -e "s|{TLS}||" "$root/infra/bench/haproxy.cfg.in" >"$dir/haproxy.cfg"
   haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.log" 2>&1 &
 else
-  servers='        server 127.0.0.1:18081 max_fails=1 fail_timeout=10s;\n        server 127.0.0.1:18082 max_fails=1 fail_timeout=10s;'
-  sed -e "s|{DIR}|$dir|g" -e "s|{PORT}|18090|" -e "s|{H2PORT}|18091|" \
-    -e "s|{SERVERS}|$servers|" -e "s|{TLS}||" "$root/infra/bench/nginx.conf.in" >"$dir/nginx.conf"
+  nginx_conf "$dir" 18090 18091 127.0.0.1:18081 127.0.0.1:18082 >"$dir/nginx.conf"
   nginx -c "$dir/nginx.conf" -p "$dir" >"$dir/nginx.log" 2>&1 &
 fi
 pids+=($!)
@@ -88,32 +90,27 @@ done
 headers=()
 if [ "$scenario" = session ]; then
   # A logged-in session (the demo app's `POST /login`); every request then reads it from Redis.
-  cookie=$(curl -s -D - -o /dev/null -H 'content-type: application/json' -d '{"user":"bench"}' \
-    http://127.0.0.1:18081/login | awk -F'[ ;]' 'tolower($1) == "set-cookie:" {print $2; exit}')
-  [ -n "$cookie" ] || { echo "the demo app's login set no cookie; logs in $dir" >&2; exit 1; }
+  cookie=$(login_cookie http://127.0.0.1:18081 '{"user":"bench"}')
   headers=(-H "Cookie: $cookie")
 fi
 
-cpu_ticks() { # "utime stime" of every thread of $1 and of its children (nginx's worker)
-  local user=0 system=0 fields pid
+# "utime stime switches" summed over every thread of $1 and of its children (nginx's worker):
+# CPU in 10 ms ticks, context switches voluntary and not.
+usage() {
+  local user=0 system=0 switches=0 fields pid task
   for pid in "$1" $(pgrep -P "$1" || true); do
-    for stat in /proc/"$pid"/task/*/stat; do
-      read -ra fields <"$stat" || continue
+    for task in /proc/"$pid"/task/*; do
+      read -ra fields <"$task/stat" 2>/dev/null || continue
       user=$((user + fields[13])) system=$((system + fields[14]))
+      switches=$((switches + $(awk '/^(non)?voluntary_ctxt_switches:/ {s += $2} END {print s + 0}' "$task/status" 2>/dev/null || echo 0)))
     done
   done
-  echo "$user $system"
-}
-switches() { # context switches (voluntary + involuntary) of every thread of $1 and its children
-  local pid
-  for pid in "$1" $(pgrep -P "$1" || true); do
-    cat /proc/"$pid"/task/*/status 2>/dev/null
-  done | awk '/^(non)?voluntary_ctxt_switches:/ {sum += $2} END {print sum + 0}'
+  echo "$user $system $switches"
 }
 bound=$((${duration%s} + 20))
-# One load of DURATION on port $1; sets rps, requests, p99 and errors.
+# One load of DURATION on port $1; sets rps, requests, p99, errors and out (the tool's report).
 load() {
-  local out url=http://127.0.0.1:$1$path
+  local url=http://127.0.0.1:$1$path
   if [ "$scenario" = h2 ] || [ -n "$rate" ]; then
     local clients=$connections mode=(--h1 -m1)
     if [ "$scenario" = h2 ]; then
@@ -138,11 +135,15 @@ load() {
 for i in "${!names[@]}"; do (duration=1s; load "${ports[$i]}") >/dev/null; done
 for round in $(seq "$rounds"); do
   for i in "${!names[@]}"; do
-    read -r user system <<<"$(cpu_ticks "${targets[$i]}")"
-    switched=$(switches "${targets[$i]}")
+    read -r user system switched <<<"$(usage "${targets[$i]}")"
     load "${ports[$i]}"
-    read -r user_after system_after <<<"$(cpu_ticks "${targets[$i]}")"
-    switched=$(($(switches "${targets[$i]}") - switched))
+    read -r user_after system_after switched_after <<<"$(usage "${targets[$i]}")"
+    if [ "${requests:-0}" -eq 0 ]; then
+      echo "round $round: ${names[$i]} served no request:" >&2
+      tail -n 20 <<<"$out" >&2
+      exit 1
+    fi
+    switched=$((switched_after - switched))
     # Ticks of 10 ms: µs per request.
     user=$(echo "scale=1; ($user_after - $user) * 10000 / $requests" | bc)
     system=$(echo "scale=1; ($system_after - $system) * 10000 / $requests" | bc)

@@ -57,7 +57,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-source "$root/infra/bench/announced.sh"
+source "$root/infra/bench/common.sh"
 
 app=(HERD_WORKER_APP=hello)
 if [ "$scenario" = session ]; then
@@ -91,10 +91,8 @@ for _ in range(2):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); ports.append(s)
 print(*(s.getsockname()[1] for s in ports))')
   public=127.0.0.1:$([ "$scenario" = h2 ] && echo "$h2port" || echo "$port")
-  servers=$(printf '        server %s;\\n' "${workers[@]}")
-  sed -e "s|{DIR}|$work|g" -e "s|{PORT}|$port|" -e "s|{H2PORT}|$h2port|" -e "s|{SERVERS}|$servers|" \
-    -e "s|{TLS}||" -e "s|master_process on;|master_process off;|" \
-    "$root/infra/bench/nginx.conf.in" >"$work/nginx.conf"
+  nginx_conf "$work" "$port" "$h2port" "${workers[@]}" |
+    sed 's|master_process on;|master_process off;|' >"$work/nginx.conf"
   "${callgrind[@]}" nginx -c "$work/nginx.conf" -p "$work" >"$out" 2>"$out.err" &
   gateway_pid=$!
   pids+=("$gateway_pid")
@@ -117,9 +115,7 @@ if [ "$scenario" = session ]; then
     curl -s -o /dev/null "http://${workers[0]}/readyz" && break
     sleep 0.1
   done
-  cookie=$(curl -s -D - -o /dev/null -H 'content-type: application/json' -d '{"user":"bench"}' \
-    "http://${workers[0]}/login" | awk -F'[ ;]' 'tolower($1) == "set-cookie:" {print $2; exit}')
-  [ -n "$cookie" ] || { echo "the demo app's login set no cookie" >&2; exit 1; }
+  cookie=$(login_cookie "http://${workers[0]}" '{"user":"bench"}')
   h2load_mode+=(-H "Cookie: $cookie")
 fi
 h2load -n 2000 -c "$connections" -t 1 "${h2load_mode[@]}" "http://$public$path" >"$work/warmup.txt"

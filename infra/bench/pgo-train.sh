@@ -38,7 +38,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-source "$root/infra/bench/announced.sh"
+source "$root/infra/bench/common.sh"
 
 redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.out" 2>&1 &
@@ -72,9 +72,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 echo '{"user":"train"}' >"$work/login.json"
-cookie=$(curl -s -D - -o /dev/null -H 'content-type: application/json' --data-binary @"$work/login.json" \
-  "http://$public/login" | awk -F'[ ;]' 'tolower($1) == "set-cookie:" {print $2; exit}')
-[ -n "$cookie" ] || { echo "logging in through the gateway set no cookie" >&2; exit 1; }
+cookie=$(login_cookie "http://$public" @"$work/login.json")
 
 # One load: NAME REQUESTS h2load-arguments...; every request must succeed (2xx or 3xx).
 load() {
@@ -91,8 +89,7 @@ load() {
   printf '  %-22s %7d requests\n' "$name" "$count"
 }
 # A second session with a cart of 300 lines: `GET /cart` answers about 32 KB, streamed.
-big=$(curl -s -D - -o /dev/null -H 'content-type: application/json' -d '{"user":"train-big"}' \
-  "http://$public/login" | awk -F'[ ;]' 'tolower($1) == "set-cookie:" {print $2; exit}')
+big=$(login_cookie "http://$public" '{"user":"train-big"}')
 python3 - "$public" "$big" <<'PY'
 import http.client, json, sys
 host, cookie = sys.argv[1], sys.argv[2]
