@@ -9,8 +9,11 @@
 # (one gateway, all scenarios) is too coarse. Each round loads the peer and then each gateway in
 # turn for DURATION with CONNECTIONS, and prints req/s, p99, the target's CPU µs per request
 # (utime + stime of all its processes' threads from /proc, and each apart; 10 ms ticks) and its
-# context switches per request (voluntary and not). At the end, each later gateway against the
-# first and each gateway against the peer: round by round and the median of those ratios.
+# context switches per request (voluntary and not), and where the rest of the box's CPU went: the
+# upstream side's (workers, and Redis on the session route) and the load tool's, per request. At
+# the end, each later gateway against the first and each gateway against the peer, round by round
+# and the median of those ratios, and each target's CPU split over the box (medians): what bounds
+# its req/s when the box is saturated (docs/performance.md, section 26).
 #
 # SCENARIO, as in `herd bench proxy`: hello (default; `wrk -t2`, `GET /` to two hello workers),
 # session (`wrk -t2`, `GET /me` with a logged-in session cookie to two demo-app workers, which
@@ -53,7 +56,7 @@ app=(HERD_WORKER_APP=hello)
 path=/
 if [ "$scenario" = session ]; then
   redis-server --port 18079 --bind 127.0.0.1 --save '' --appendonly no >"$dir/redis.log" 2>&1 &
-  pids+=($!)
+  pids+=($!) upstream_side=($!)
   app=(HERD_WORKER_APP=demo HERD_WORKER_REDIS__URL=redis://127.0.0.1:18079 HERD_WORKER_REDIS__PREFIX=ab)
   path=/me
 fi
@@ -61,7 +64,7 @@ for port in 18081 18082; do
   env "${app[@]}" HERD_WORKER_LISTEN=127.0.0.1:$port HERD_WORKER_ID=w$port HERD_WORKER_MACHINE=ab \
     HERD_WORKER_REGISTRY__ENABLED=false HERD_LOG=warn \
     "$worker" >"$dir/w$port.log" 2>&1 &
-  pids+=($!)
+  pids+=($!) upstream_side+=($!)
 done
 if [ "$peer" = haproxy ]; then
   servers='    server w1 127.0.0.1:18081 check inter 500ms\n    server w2 127.0.0.1:18082 check inter 500ms'
@@ -94,11 +97,11 @@ if [ "$scenario" = session ]; then
   headers=(-H "Cookie: $cookie")
 fi
 
-# "utime stime switches" summed over every thread of $1 and of its children (nginx's worker):
-# CPU in 10 ms ticks, context switches voluntary and not.
+# "utime stime switches" summed over every thread of the processes given and of their children
+# (nginx's worker): CPU in 10 ms ticks, context switches voluntary and not.
 usage() {
   local user=0 system=0 switches=0 fields pid task
-  for pid in "$1" $(pgrep -P "$1" || true); do
+  for pid in "$@" $(for parent in "$@"; do pgrep -P "$parent" || true; done); do
     for task in /proc/"$pid"/task/*; do
       read -ra fields <"$task/stat" 2>/dev/null || continue
       user=$((user + fields[13])) system=$((system + fields[14]))
@@ -108,9 +111,21 @@ usage() {
   echo "$user $system $switches"
 }
 bound=$((${duration%s} + 20))
-# One load of DURATION on port $1; sets rps, requests, p99, errors and out (the tool's report).
+# Sets children_ms: the CPU milliseconds (user + system) of this shell's finished children,
+# `times`' second line (run here, not in a subshell, whose children are others).
+children() {
+  times >"$dir/times"
+  children_ms=$(awk 'NR == 2 {
+    for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); ms += (t[1] * 60 + t[2]) * 1000 }
+    printf "%d", ms
+  }' "$dir/times")
+}
+# One load of DURATION on port $1; sets rps, requests, p99, errors, out (the tool's report) and
+# load_ms (the load tool's CPU).
 load() {
-  local url=http://127.0.0.1:$1$path
+  local url=http://127.0.0.1:$1$path start_ms
+  children
+  start_ms=$children_ms
   if [ "$scenario" = h2 ] || [ -n "$rate" ]; then
     local clients=$connections mode=(--h1 -m1)
     if [ "$scenario" = h2 ]; then
@@ -119,6 +134,8 @@ load() {
     [ -n "$rate" ] && mode+=(--rps="$(echo "scale=3; $rate / $clients" | bc)")
     out=$(timeout "$bound" h2load -t2 -c"$clients" "${mode[@]}" "${headers[@]}" \
       -D"${duration%s}" -T5 --log-file "$dir/requests" "$url")
+    children
+    load_ms=$((children_ms - start_ms))
     rps=$(awk '/^finished in/ {print $4}' <<<"$out")
     requests=$(awk '/^requests:/ {print $8}' <<<"$out")
     # The log's third column: each request's time in µs.
@@ -126,6 +143,8 @@ load() {
     errors=$(awk '/^requests:/ && ($10 + $12 + $14) > 0 {print "failed/errored/timeout " $10 "/" $12 "/" $14}' <<<"$out")
   else
     out=$(timeout "$bound" wrk -t2 -c"$connections" -d"$duration" --latency "${headers[@]}" "$url")
+    children
+    load_ms=$((children_ms - start_ms))
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
@@ -136,8 +155,10 @@ for i in "${!names[@]}"; do (duration=1s; load "${ports[$i]}") >/dev/null; done
 for round in $(seq "$rounds"); do
   for i in "${!names[@]}"; do
     read -r user system switched <<<"$(usage "${targets[$i]}")"
+    read -r upstream_user upstream_system _ <<<"$(usage "${upstream_side[@]}")"
     load "${ports[$i]}"
     read -r user_after system_after switched_after <<<"$(usage "${targets[$i]}")"
+    read -r upstream_user_after upstream_system_after _ <<<"$(usage "${upstream_side[@]}")"
     if [ "${requests:-0}" -eq 0 ]; then
       echo "round $round: ${names[$i]} served no request:" >&2
       tail -n 20 <<<"$out" >&2
@@ -149,14 +170,17 @@ for round in $(seq "$rounds"); do
     system=$(echo "scale=1; ($system_after - $system) * 10000 / $requests" | bc)
     us=$(echo "$user + $system" | bc)
     per=$(echo "scale=3; $switched / $requests" | bc)
-    echo "round $round  ${names[$i]}  req/s $rps  p99 $p99  CPU µs/req $us (user $user, system $system)  switches/req $per  $errors"
-    echo "$round $i $rps $us" >>"$dir/results"
+    upstream=$(echo "scale=1; ($upstream_user_after + $upstream_system_after - $upstream_user - $upstream_system) * 10000 / $requests" | bc)
+    load_us=$(echo "scale=1; $load_ms * 1000 / $requests" | bc)
+    echo "round $round  ${names[$i]}  req/s $rps  p99 $p99  CPU µs/req $us (user $user, system $system)  switches/req $per  upstream side µs/req $upstream  load tool µs/req $load_us  $errors"
+    echo "$round $i $rps $us $upstream $load_us $system" >>"$dir/results"
   done
 done
 # Against the first gateway, round by round (the VM's speed drifts between rounds; a ratio
 # within one round does not), then the median of those ratios.
-awk -v n="${#names[@]}" -v names="${names[*]}" '
-  { rps[$1, $2] = $3; us[$1, $2] = $4; if ($1 > rounds) rounds = $1 }
+awk -v n="${#names[@]}" -v names="${names[*]}" -v cpus="$(nproc)" '
+  { rps[$1, $2] = $3; us[$1, $2] = $4; up[$1, $2] = $5; tool[$1, $2] = $6; sys[$1, $2] = $7
+    if ($1 > rounds) rounds = $1 }
   function median(a, k,   i, j, t) {
     for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
     return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
@@ -170,9 +194,24 @@ awk -v n="${#names[@]}" -v names="${names[*]}" '
     printf "%s / %s per round (req/s / CPU per request):%s\n", name[g + 1], name[first + 1], line
     printf "  median: req/s %.3f×, CPU per request %.3f×\n", median(speed, rounds), median(cost, rounds)
   }
+  # Medians over the rounds of what one request cost each part of the box with target g.
+  function split_of(g,   r, a, b, c, d, e) {
+    for (r = 1; r <= rounds; r++) { a[r] = us[r, g]; b[r] = sys[r, g]; c[r] = up[r, g]; d[r] = tool[r, g]; e[r] = rps[r, g] }
+    proxy[g] = median(a, rounds); kernel[g] = median(b, rounds); rest[g] = median(c, rounds) + median(d, rounds)
+    printf "%s: proxy %.1f (kernel %.1f) + upstream side %.1f + load tool %.1f = %.1f µs per request at %.0f req/s: %.2f of %d CPUs busy\n",
+      name[g + 1], proxy[g], kernel[g], median(c, rounds), median(d, rounds), proxy[g] + rest[g], median(e, rounds),
+      (proxy[g] + rest[g]) * median(e, rounds) / 1e6, cpus
+  }
   END {
     split(names, name, " ")
     for (g = 2; g < n; g++) against(g, 1)
     # Each gateway against the peer too.
     for (g = 1; g < n; g++) against(g, 0)
+    print "CPU per request over the box, medians of the rounds:"
+    for (g = 0; g < n; g++) split_of(g)
+    # On a saturated box (all CPUs busy) req/s is its CPU over the sum: 1.2x the req/s of the
+    # peer, with the rest of the box costing what it did, leaves the gateway this much.
+    for (g = 1; g < n; g++)
+      printf "%s: 1.2x %s'"'"'s req/s would need the proxy at %.1f µs per request (its kernel part alone: %.1f)\n",
+        name[g + 1], name[1], (proxy[0] + rest[0]) / 1.2 - rest[g], kernel[g]
   }' "$dir/results"

@@ -185,6 +185,28 @@ fn bench_proxy_measures_every_target_without_errors() {
     }
     assert!(table.contains("herd / haproxy req/s: c=8 "), "{table}");
     assert!(table.contains("herd / nginx req/s: c=8 "), "{table}");
+    // Beside each target, what the upstreams and the load generator spent per request, and
+    // how many CPUs were busy in all: every figure measured, the sum within the machine.
+    let (_, split) = table
+        .split_once("CPU µs per request over the machine")
+        .unwrap_or_else(|| panic!("no CPU split of the machine:\n{table}"));
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    for target in ["direct", "herd", "herd-1t", "haproxy", "nginx"] {
+        let cells = row(split, target).unwrap_or_else(|| panic!("no {target} split:\n{table}"));
+        let number = |cell: &str| -> f64 {
+            cell.parse()
+                .unwrap_or_else(|_| panic!("{target}: {cell:?} is not a figure\n{table}"))
+        };
+        if target != "direct" {
+            assert!(number(cells[2]) > 0.0, "{target}: proxy\n{table}");
+        }
+        assert!(number(cells[4]) > 0.0, "{target}: load generator\n{table}");
+        let busy = number(cells[6]);
+        assert!(
+            busy > 0.0 && busy < cpus + 0.5,
+            "{target}: CPUs busy\n{table}"
+        );
+    }
 
     let raw: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let runs = raw["results"]["runs"].as_array().expect("runs");
@@ -197,6 +219,11 @@ fn bench_proxy_measures_every_target_without_errors() {
             let (cpu, system) = (&run["cpu_seconds"], &run["cpu_system_seconds"]);
             assert!(cpu.as_f64().unwrap() >= system.as_f64().unwrap(), "{run}");
         }
+        assert!(
+            run["upstream_cpu_seconds"].as_f64().unwrap() >= 0.0,
+            "{run}"
+        );
+        assert!(run["load_cpu_seconds"].as_f64().unwrap() > 0.0, "{run}");
     }
     assert_temp_dirs_removed(&tmp);
     assert_no_process_left(&tmp);
@@ -382,8 +409,9 @@ fn bench_soak_holds_connections_through_a_worker_kill() {
 
 /// `infra/bench/ab-gateways.sh`, the A/B script for gateway builds (docs/performance.md), kept
 /// working: the session route against nginx with two gateways, HTTP/2 at a fixed rate against
-/// HAProxy; each run prints every target's traffic and the medians, and leaves nothing behind.
-/// A scenario it does not know is refused before anything starts.
+/// HAProxy; each run prints every target's traffic, what the rest of the box spent per request
+/// (the upstream side, the load tool), the medians and each target's CPU split, and leaves
+/// nothing behind. A scenario it does not know is refused before anything starts.
 #[test]
 fn ab_gateways_script_compares_builds_on_the_session_route_and_h2() {
     let dir = temp_dir();
@@ -427,17 +455,24 @@ fn ab_gateways_script_compares_builds_on_the_session_route_and_h2() {
             "{text}"
         );
         let fixed_rate = env.contains(&("RATE", "2000"));
-        for line in &rounds {
-            let rps: f64 = line
-                .split_whitespace()
-                .skip_while(|word| *word != "req/s")
-                .nth(1)
+        // The number right after `label` in `line`.
+        let figure = |line: &str, label: &str| -> f64 {
+            line.split_once(label)
+                .and_then(|(_, rest)| rest.split_whitespace().next())
                 .and_then(|number| number.parse().ok())
-                .unwrap_or_else(|| panic!("no req/s in {line:?}"));
+                .unwrap_or_else(|| panic!("no {label} in {line:?}"))
+        };
+        for line in &rounds {
+            let rps = figure(line, "req/s");
             assert!(rps > 0.0, "no traffic: {line}");
             // A fixed offered load: about 2000 req/s, whatever the target could take.
             assert!(!fixed_rate || (1500.0..2500.0).contains(&rps), "{line}");
             assert!(line.contains("switches/req"), "{line}");
+            // The load tool's CPU is counted to the millisecond: never none for a second of load.
+            assert!(figure(line, "load tool µs/req") > 0.0, "{line}");
+            // The workers and Redis, in 10 ms ticks: some at full load, maybe none at 2000 req/s.
+            let upstream = figure(line, "upstream side µs/req");
+            assert!(upstream > 0.0 || (fixed_rate && upstream == 0.0), "{line}");
             assert!(
                 !line.contains("failed/errored") && !line.contains("Non-2xx"),
                 "{line}"
@@ -446,6 +481,15 @@ fn ab_gateways_script_compares_builds_on_the_session_route_and_h2() {
         // Each gateway against the peer, and the second against the first.
         let medians = text.lines().filter(|l| l.contains("median: req/s")).count();
         assert_eq!(medians, if gateways == 2 { 3 } else { 1 }, "{text}");
+        // Every target's CPU over the box, and what 1.2x the peer's req/s leaves each gateway.
+        let splits = text
+            .lines()
+            .filter(|l| l.contains(" + upstream side "))
+            .count();
+        assert_eq!(splits, 1 + gateways, "{text}");
+        let bound = format!("1.2x {peer}'s req/s would need the proxy at");
+        let bounds = text.lines().filter(|l| l.contains(&bound)).count();
+        assert_eq!(bounds, gateways, "{text}");
     }
     assert_no_process_left(&tmp);
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();

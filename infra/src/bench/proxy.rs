@@ -17,7 +17,7 @@ use super::loadgen::{Generator, Load, LoadResult, Tools};
 use super::targets::{
     KeyKind, Target, TargetKind, TlsFiles, UpstreamApp, UpstreamServer, Upstreams,
 };
-use super::{BenchError, Stop};
+use super::{BenchError, Stop, sample};
 
 /// Upstream workers behind every proxy.
 pub const UPSTREAMS: usize = 2;
@@ -156,6 +156,11 @@ pub struct Run {
     pub cpu_seconds: Option<f64>,
     /// Of those, the seconds spent in the kernel (system time).
     pub cpu_system_seconds: Option<f64>,
+    /// The upstream side's CPU seconds during the run (the workers, and Redis): on one machine
+    /// they share the CPUs with the proxy and the load generator.
+    pub upstream_cpu_seconds: f64,
+    /// The load generator's CPU seconds (`None` where `/proc/self/stat` could not be read).
+    pub load_cpu_seconds: Option<f64>,
     /// The proxy's RSS right after the run, KiB.
     pub rss_end_kib: Option<u64>,
     /// The proxy's peak RSS so far (VmHWM), KiB.
@@ -174,6 +179,21 @@ impl Run {
     pub fn cpu_per_10k(&self) -> Option<f64> {
         let cpu = self.cpu_seconds?;
         (self.load.requests > 0).then(|| cpu * 10_000.0 / self.load.requests as f64)
+    }
+
+    /// `seconds` of CPU over the run's requests, in µs per request.
+    fn per_request_us(&self, seconds: f64) -> Option<f64> {
+        (self.load.requests > 0).then(|| seconds * 1e6 / self.load.requests as f64)
+    }
+
+    /// The upstream side's CPU µs per request.
+    pub fn upstream_us(&self) -> Option<f64> {
+        self.per_request_us(self.upstream_cpu_seconds)
+    }
+
+    /// The load generator's CPU µs per request.
+    pub fn load_us(&self) -> Option<f64> {
+        self.per_request_us(self.load_cpu_seconds?)
     }
 
     /// The kernel's share of the run's CPU time, 0 to 1.
@@ -342,6 +362,8 @@ fn run_scenario(
                 stop.check()?;
                 let name = format!("r{round}-c{concurrency}-{}", target.kind.name());
                 let before = target.usage();
+                let upstream_before = upstreams.cpu_seconds();
+                let load_before = sample::reaped_children_seconds();
                 let outcome = tools.run(
                     scenario.generator(),
                     &load_for(target, concurrency, options.duration),
@@ -350,6 +372,10 @@ fn run_scenario(
                     stop,
                 );
                 let after = target.usage();
+                let upstream_cpu_seconds = (upstreams.cpu_seconds() - upstream_before).max(0.0);
+                let load_cpu_seconds = load_before
+                    .zip(sample::reaped_children_seconds())
+                    .map(|(before, after)| (after - before).max(0.0));
                 // One failed run (e.g. a load generator that hangs on a target) is recorded and
                 // reported; the other targets are still measured.
                 let (load, error) = match outcome {
@@ -375,6 +401,8 @@ fn run_scenario(
                     cpu_system_seconds: before.zip(after).map(|(before, after)| {
                         (after.system_seconds - before.system_seconds).max(0.0)
                     }),
+                    upstream_cpu_seconds,
+                    load_cpu_seconds,
                     rss_end_kib: after.map(|usage| usage.rss_kib),
                     rss_peak_kib: after.map(|usage| usage.peak_kib),
                     load,

@@ -1,6 +1,7 @@
 //! The Markdown tables of `herd bench`: per scenario, the median over rounds of every
 //! (target, concurrency), the latency herd adds over going direct, the proxies' CPU per request
-//! and memory, then herd's throughput as a ratio of HAProxy's and nginx's.
+//! and memory, what the rest of the machine spent per request beside each (the upstreams, the
+//! load generator), then herd's throughput as a ratio of HAProxy's and nginx's.
 
 use std::fmt::Write;
 
@@ -44,6 +45,10 @@ pub struct Row {
     pub cpu_per_10k: Option<f64>,
     /// Median share of that CPU time spent in the kernel, 0 to 1 (proxies only).
     pub kernel_share: Option<f64>,
+    /// Median CPU µs per request of the upstream side (workers, Redis).
+    pub upstream_us: Option<f64>,
+    /// Median CPU µs per request of the load generator.
+    pub load_us: Option<f64>,
     /// Largest RSS at the end of a run, KiB.
     pub rss_end_kib: Option<u64>,
     /// Largest peak RSS (VmHWM), KiB.
@@ -74,6 +79,8 @@ pub fn rows(results: &ProxyResults, scenario: Scenario) -> Vec<Row> {
                 |f: &dyn Fn(&Run) -> f64| median(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
             let cpu: Vec<f64> = runs.iter().filter_map(|r| r.cpu_per_10k()).collect();
             let kernel: Vec<f64> = runs.iter().filter_map(|r| r.kernel_share()).collect();
+            let upstream: Vec<f64> = runs.iter().filter_map(|r| r.upstream_us()).collect();
+            let load: Vec<f64> = runs.iter().filter_map(|r| r.load_us()).collect();
             rows.push(Row {
                 target,
                 concurrency,
@@ -84,6 +91,8 @@ pub fn rows(results: &ProxyResults, scenario: Scenario) -> Vec<Row> {
                 p99_ms: of(&|r| r.load.p99_ms).unwrap_or(0.0),
                 cpu_per_10k: median(&cpu),
                 kernel_share: median(&kernel),
+                upstream_us: median(&upstream),
+                load_us: median(&load),
                 rss_end_kib: runs.iter().filter_map(|r| r.rss_end_kib).max(),
                 rss_peak_kib: runs.iter().filter_map(|r| r.rss_peak_kib).max(),
                 non_2xx: runs.iter().map(|r| r.load.non_2xx).sum(),
@@ -198,6 +207,7 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
                 row.socket_errors
             );
         }
+        box_split(&mut out, &rows);
         let mut ratios = Vec::new();
         for peer in [TargetKind::Haproxy, TargetKind::Nginx] {
             let parts: Vec<String> = options
@@ -231,6 +241,48 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
         "c: requests in flight. CPU: the proxy's user+system time over all its processes during the run; kernel %: the system time's share of it (10 ms ticks). RSS: summed over its processes, after start (idle), after the run (end), highest (peak, VmHWM). Non-2xx: wrk counts status ≥ 400, h2load anything but 2xx."
     );
     out
+}
+
+/// The CPU per request of every part of the machine beside each target, and how many CPUs were
+/// busy in all: on one machine the proxy, the upstreams and the load generator share the CPUs,
+/// so where they are all busy, req/s is the CPUs over the sum, and a proxy's share of it bounds
+/// how much faster than a peer it can be.
+fn box_split(out: &mut String, rows: &[Row]) {
+    if rows.iter().all(|row| row.load_us.is_none()) {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nCPU µs per request over the machine (medians): the proxy, the upstream side (workers, Redis), the load generator\n"
+    );
+    let _ = writeln!(
+        out,
+        "| target | c | proxy | upstream side | load generator | all | CPUs busy |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let figure = |value: Option<f64>| value.map_or_else(|| "—".to_string(), |v| format!("{v:.1}"));
+    for row in rows.iter().filter(|row| row.runs > 0) {
+        let proxy = row.cpu_per_10k.map(|cpu| cpu * 100.0);
+        let all = match (row.target, proxy, row.upstream_us, row.load_us) {
+            (TargetKind::Direct, _, Some(upstream), Some(load)) => Some(upstream + load),
+            (_, Some(proxy), Some(upstream), Some(load)) => Some(proxy + upstream + load),
+            _ => None,
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            row.target.name(),
+            row.concurrency,
+            figure(proxy),
+            figure(row.upstream_us),
+            figure(row.load_us),
+            figure(all),
+            all.map_or_else(
+                || "—".to_string(),
+                |all| format!("{:.2}", all * row.rps / 1e6)
+            ),
+        );
+    }
 }
 
 /// The health-check cost report.
@@ -354,6 +406,8 @@ mod tests {
             },
             cpu_seconds: (target != TargetKind::Direct).then_some(5.0),
             cpu_system_seconds: (target != TargetKind::Direct).then_some(3.75),
+            upstream_cpu_seconds: 2.0,
+            load_cpu_seconds: Some(1.0),
             rss_end_kib: (target != TargetKind::Direct).then_some(10_240),
             rss_peak_kib: (target != TargetKind::Direct).then_some(20_480),
             error: None,
@@ -416,5 +470,17 @@ mod tests {
             table.contains("herd / haproxy req/s: c=64 0.80×"),
             "{table}"
         );
+        // Beside herd: 2 s of the upstreams' CPU and 1 s of the load generator's for 200k
+        // requests, 10 and 5 µs each; 40 µs in all at 20k req/s keep 0.8 CPUs busy. Direct's
+        // medians over its three rounds (400k-600k requests): 4 and 2 µs.
+        assert!(
+            table.contains("| herd | 64 | 25.0 | 10.0 | 5.0 | 40.0 | 0.80 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| direct | 64 | — | 4.0 | 2.0 | 6.0 | 0.30 |"),
+            "{table}"
+        );
+        assert!(table.contains("| nginx | 64 |").then_some(()).is_some());
     }
 }

@@ -6,7 +6,9 @@
 //! and `stime` (the kernel's part) apart;
 //! RSS is `VmRSS` of `/proc/PID/status`, and the peak `VmHWM`, each summed over the group.
 //! A process that exits between two samples takes its CPU time with it; the programs measured
-//! here keep their processes for the whole run.
+//! here keep their processes for the whole run. A load generator, which exits at the end of its
+//! run, is measured once it has been waited for: the kernel then adds its CPU time (and its own
+//! waited-for children's) to `cutime + cstime` of this process ([`reaped_children_seconds`]).
 
 use std::fs;
 
@@ -63,6 +65,13 @@ pub fn group_usage(group: u32) -> Usage {
     usage
 }
 
+/// CPU seconds of this process's children that have exited and been waited for, so far.
+/// `None` where `/proc/self/stat` cannot be read.
+pub fn reaped_children_seconds() -> Option<f64> {
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    Some(parse_stat(&stat)?.children_ticks as f64 / TICKS_PER_SECOND)
+}
+
 /// The fields of `/proc/PID/stat` herd needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct StatFields {
@@ -72,19 +81,23 @@ struct StatFields {
     ticks: u64,
     /// stime (field 15), clock ticks.
     system_ticks: u64,
+    /// cutime + cstime (fields 16 and 17): waited-for children's, clock ticks.
+    children_ticks: u64,
 }
 
 /// Parses `/proc/PID/stat`. The command name (field 2) is in parentheses and may itself contain
 /// spaces and parentheses, so fields are counted after its last `)`.
 fn parse_stat(stat: &str) -> Option<StatFields> {
     let after = &stat[stat.rfind(')')? + 1..];
-    // After the name: state (3), ppid (4), pgrp (5), …, utime (14), stime (15).
+    // After the name: state (3), ppid (4), pgrp (5), …, utime (14), stime (15), cutime (16),
+    // cstime (17).
     let fields: Vec<&str> = after.split_whitespace().collect();
     let field = |number: usize| fields.get(number - 3).and_then(|f| f.parse::<u64>().ok());
     Some(StatFields {
         pgrp: u32::try_from(field(5)?).ok()?,
         ticks: field(14)? + field(15)?,
         system_ticks: field(15)?,
+        children_ticks: field(16)? + field(17)?,
     })
 }
 
@@ -103,13 +116,14 @@ mod tests {
 
     #[test]
     fn stat_fields_survive_odd_command_names() {
-        let stat = "4242 (nginx: worker (x) ) S 4241 4241 4241 0 -1 4194624 120 0 0 0 37 12 0 0 20 0 1 0 100 1000 50 18446744073709551615";
+        let stat = "4242 (nginx: worker (x) ) S 4241 4241 4241 0 -1 4194624 120 0 0 0 37 12 5 3 20 0 1 0 100 1000 50 18446744073709551615";
         assert_eq!(
             parse_stat(stat),
             Some(StatFields {
                 pgrp: 4241,
                 ticks: 49,
-                system_ticks: 12
+                system_ticks: 12,
+                children_ticks: 8,
             })
         );
         assert_eq!(parse_stat("garbage"), None);
@@ -138,5 +152,21 @@ mod tests {
         assert!(usage.processes >= 1, "{usage:?}");
         assert!(usage.rss_kib > 0, "{usage:?}");
         assert!(usage.peak_kib >= usage.rss_kib, "{usage:?}");
+    }
+
+    #[test]
+    fn a_waited_for_child_counts_in_reaped_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = reaped_children_seconds().unwrap();
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done")
+            .current_dir(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let spent = reaped_children_seconds().unwrap() - before;
+        // A shell counting to 300 000 spends a tenth of a second or more of CPU.
+        assert!(spent >= 0.05, "{spent}");
     }
 }

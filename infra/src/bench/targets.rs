@@ -141,7 +141,7 @@ pub enum UpstreamApp {
 pub struct Upstreams {
     workers: Vec<Process>,
     /// Dropped after the workers (field order).
-    _redis: Option<RedisServer>,
+    redis: Option<RedisServer>,
     addrs: Vec<SocketAddr>,
 }
 
@@ -199,7 +199,7 @@ impl Upstreams {
         }
         let upstreams = Upstreams {
             workers,
-            _redis: redis,
+            redis,
             addrs,
         };
         for worker in 0..upstreams.workers.len() {
@@ -218,6 +218,17 @@ impl Upstreams {
     /// The workers' addresses.
     pub fn addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// CPU seconds the upstream side (every worker, and Redis) has spent so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let redis = self.redis.as_ref().and_then(RedisServer::pid);
+        self.workers
+            .iter()
+            .map(Process::pid)
+            .chain(redis)
+            .map(|pid| sample::group_usage(pid).cpu_seconds)
+            .sum()
     }
 
     /// Logs in as `user` on the first worker (`POST /login`) and returns the `Cookie` header
