@@ -8,12 +8,13 @@
 # For comparing two builds of the gateway (a change against its parent) when `herd bench proxy`
 # (one gateway, all scenarios) is too coarse. Each round loads the peer and then each gateway in
 # turn for DURATION with CONNECTIONS, and prints req/s, p99, the target's CPU µs per request
-# (utime + stime of all its processes' threads from /proc, and each apart; 10 ms ticks) and its
-# context switches per request (voluntary and not), and where the rest of the box's CPU went: the
-# upstream side's (workers, and Redis on the session route) and the load tool's, per request. At
-# the end, each later gateway against the first and each gateway against the peer, round by round
-# and the median of those ratios, and each target's CPU split over the box (medians): what bounds
-# its req/s when the box is saturated (docs/performance.md, section 26).
+# (utime + stime of all its processes from /proc, and each apart; 10 ms ticks) and its context
+# switches per request (voluntary and not), and where the rest of the machine's CPU went: the
+# upstream side's (workers, and Redis on the session route) and the load generator's, per
+# request. At the end, each later gateway against the first and each gateway against the peer,
+# round by round and the median of those ratios; each target's CPU per request split over the
+# machine (medians), with the CPUs busy; and for each gateway the CPU per request at which it
+# would serve 1.2x the peer's req/s (docs/performance.md, section 26).
 #
 # SCENARIO, as in `herd bench proxy`: hello (default; `wrk -t2`, `GET /` to two hello workers),
 # session (`wrk -t2`, `GET /me` with a logged-in session cookie to two demo-app workers, which
@@ -27,6 +28,8 @@
 # (gateways); everything it starts is stopped on exit. Needs wrk (h2: h2load), the peer, bc,
 # curl (session: redis-server) and herd-worker (WORKER_BINARY, default a release build).
 set -euo pipefail
+# `times` and awk read and write numbers with a decimal point.
+export LC_ALL=C
 [ $# -ge 4 ] || { sed -n 2,6p "$0" >&2; exit 2; }
 rounds=$1 duration=$2 connections=$3; shift 3
 [[ $rounds =~ ^[1-9][0-9]{0,2}$ ]] || { echo "ROUNDS: a whole number from 1 to 999, not $rounds" >&2; exit 2; }
@@ -97,59 +100,59 @@ if [ "$scenario" = session ]; then
   headers=(-H "Cookie: $cookie")
 fi
 
-# "utime stime switches" summed over every thread of the processes given and of their children
-# (nginx's worker): CPU in 10 ms ticks, context switches voluntary and not.
+# "utime stime switches" summed over the processes given and their children (nginx's worker):
+# CPU in 10 ms ticks (the process's, which keeps its exited threads' too), context switches
+# voluntary and not, of each thread.
 usage() {
   local user=0 system=0 switches=0 fields pid task
   for pid in "$@" $(for parent in "$@"; do pgrep -P "$parent" || true; done); do
+    read -ra fields <"/proc/$pid/stat" 2>/dev/null || continue
+    user=$((user + fields[13])) system=$((system + fields[14]))
     for task in /proc/"$pid"/task/*; do
-      read -ra fields <"$task/stat" 2>/dev/null || continue
-      user=$((user + fields[13])) system=$((system + fields[14]))
       switches=$((switches + $(awk '/^(non)?voluntary_ctxt_switches:/ {s += $2} END {print s + 0}' "$task/status" 2>/dev/null || echo 0)))
     done
   done
   echo "$user $system $switches"
 }
 bound=$((${duration%s} + 20))
-# Sets children_ms: the CPU milliseconds (user + system) of this shell's finished children,
-# `times`' second line (run here, not in a subshell, whose children are others).
-children() {
-  times >"$dir/times"
-  children_ms=$(awk 'NR == 2 {
+# The CPU milliseconds (user + system) of this shell's finished children in `times`' output
+# saved in file $1 (its second line). `times` runs in this shell, right before and after the load
+# generator, so that only the generator finishes between the two.
+children_ms() {
+  awk 'NR == 2 {
     for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); ms += (t[1] * 60 + t[2]) * 1000 }
     printf "%d", ms
-  }' "$dir/times")
+  }' "$1"
 }
 # One load of DURATION on port $1; sets rps, requests, p99, errors, out (the tool's report) and
-# load_ms (the load tool's CPU).
+# load_ms (the load generator's CPU).
 load() {
-  local url=http://127.0.0.1:$1$path start_ms
-  children
-  start_ms=$children_ms
+  local url=http://127.0.0.1:$1$path
   if [ "$scenario" = h2 ] || [ -n "$rate" ]; then
     local clients=$connections mode=(--h1 -m1)
     if [ "$scenario" = h2 ]; then
       clients=$((connections / 8 > 0 ? connections / 8 : 1)) mode=(-m8)
     fi
     [ -n "$rate" ] && mode+=(--rps="$(echo "scale=3; $rate / $clients" | bc)")
+    times >"$dir/times.before"
     out=$(timeout "$bound" h2load -t2 -c"$clients" "${mode[@]}" "${headers[@]}" \
       -D"${duration%s}" -T5 --log-file "$dir/requests" "$url")
-    children
-    load_ms=$((children_ms - start_ms))
+    times >"$dir/times.after"
     rps=$(awk '/^finished in/ {print $4}' <<<"$out")
     requests=$(awk '/^requests:/ {print $8}' <<<"$out")
     # The log's third column: each request's time in µs.
     p99=$(sort -n -k3,3 "$dir/requests" | awk '{t[NR] = $3} END {printf "%.2fms", t[int(NR * 0.99)] / 1000}')
     errors=$(awk '/^requests:/ && ($10 + $12 + $14) > 0 {print "failed/errored/timeout " $10 "/" $12 "/" $14}' <<<"$out")
   else
+    times >"$dir/times.before"
     out=$(timeout "$bound" wrk -t2 -c"$connections" -d"$duration" --latency "${headers[@]}" "$url")
-    children
-    load_ms=$((children_ms - start_ms))
+    times >"$dir/times.after"
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
     errors=$(grep -E 'Non-2xx|Socket errors' <<<"$out" | tr -s ' \n' ' ' || true)
   fi
+  load_ms=$(($(children_ms "$dir/times.after") - $(children_ms "$dir/times.before")))
 }
 for i in "${!names[@]}"; do (duration=1s; load "${ports[$i]}") >/dev/null; done
 for round in $(seq "$rounds"); do
@@ -172,7 +175,7 @@ for round in $(seq "$rounds"); do
     per=$(echo "scale=3; $switched / $requests" | bc)
     upstream=$(echo "scale=1; ($upstream_user_after + $upstream_system_after - $upstream_user - $upstream_system) * 10000 / $requests" | bc)
     load_us=$(echo "scale=1; $load_ms * 1000 / $requests" | bc)
-    echo "round $round  ${names[$i]}  req/s $rps  p99 $p99  CPU µs/req $us (user $user, system $system)  switches/req $per  upstream side µs/req $upstream  load tool µs/req $load_us  $errors"
+    echo "round $round  ${names[$i]}  req/s $rps  p99 $p99  CPU µs/req $us (user $user, system $system)  switches/req $per  upstream side µs/req $upstream  load generator µs/req $load_us  $errors"
     echo "$round $i $rps $us $upstream $load_us $system" >>"$dir/results"
   done
 done
@@ -198,20 +201,30 @@ awk -v n="${#names[@]}" -v names="${names[*]}" -v cpus="$(nproc)" '
   function split_of(g,   r, a, b, c, d, e) {
     for (r = 1; r <= rounds; r++) { a[r] = us[r, g]; b[r] = sys[r, g]; c[r] = up[r, g]; d[r] = tool[r, g]; e[r] = rps[r, g] }
     proxy[g] = median(a, rounds); kernel[g] = median(b, rounds); rest[g] = median(c, rounds) + median(d, rounds)
-    printf "%s: proxy %.1f (kernel %.1f) + upstream side %.1f + load tool %.1f = %.1f µs per request at %.0f req/s: %.2f of %d CPUs busy\n",
-      name[g + 1], proxy[g], kernel[g], median(c, rounds), median(d, rounds), proxy[g] + rest[g], median(e, rounds),
-      (proxy[g] + rest[g]) * median(e, rounds) / 1e6, cpus
+    served[g] = median(e, rounds)
+    printf "%s: proxy %.1f (kernel %.1f) + upstream side %.1f + load generator %.1f = %.1f µs per request at %.0f req/s: %.2f of %d CPUs busy\n",
+      name[g + 1], proxy[g], kernel[g], median(c, rounds), median(d, rounds), proxy[g] + rest[g], served[g],
+      (proxy[g] + rest[g]) * served[g] / 1e6, cpus
   }
   END {
     split(names, name, " ")
     for (g = 2; g < n; g++) against(g, 1)
     # Each gateway against the peer too.
     for (g = 1; g < n; g++) against(g, 0)
-    print "CPU per request over the box, medians of the rounds:"
+    print "CPU per request over the machine, medians of the rounds:"
     for (g = 0; g < n; g++) split_of(g)
-    # On a saturated box (all CPUs busy) req/s is its CPU over the sum: 1.2x the req/s of the
-    # peer, with the rest of the box costing what it did, leaves the gateway this much.
-    for (g = 1; g < n; g++)
-      printf "%s: 1.2x %s'"'"'s req/s would need the proxy at %.1f µs per request (its kernel part alone: %.1f)\n",
-        name[g + 1], name[1], (proxy[0] + rest[0]) / 1.2 - rest[g], kernel[g]
+    # req/s is the CPUs busy over the sum per request: 1.2x the req/s of the peer, with as many
+    # CPUs busy and the rest of the machine costing what it did, leaves the gateway this much.
+    for (g = 1; g < n; g++) {
+      if (served[g] >= 1.2 * served[0]) {
+        printf "%s: 1.2x %s'"'"'s req/s met (%.2fx)\n", name[g + 1], name[1], served[g] / served[0]
+        continue
+      }
+      need = (proxy[g] + rest[g]) * served[g] / (1.2 * served[0]) - rest[g]
+      if (need <= 0)
+        printf "%s: 1.2x %s'"'"'s req/s would need the proxy at no CPU at all (the rest of the machine alone takes more)\n", name[g + 1], name[1]
+      else
+        printf "%s: 1.2x %s'"'"'s req/s would need the proxy at %.1f µs per request (its kernel part alone: %.1f)\n",
+          name[g + 1], name[1], need, kernel[g]
+    }
   }' "$dir/results"

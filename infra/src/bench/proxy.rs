@@ -158,7 +158,7 @@ pub struct Run {
     pub cpu_system_seconds: Option<f64>,
     /// The upstream side's CPU seconds during the run (the workers, and Redis): on one machine
     /// they share the CPUs with the proxy and the load generator.
-    pub upstream_cpu_seconds: f64,
+    pub upstream_cpu_seconds: Option<f64>,
     /// The load generator's CPU seconds (`None` where `/proc/self/stat` could not be read).
     pub load_cpu_seconds: Option<f64>,
     /// The proxy's RSS right after the run, KiB.
@@ -188,7 +188,7 @@ impl Run {
 
     /// The upstream side's CPU µs per request.
     pub fn upstream_us(&self) -> Option<f64> {
-        self.per_request_us(self.upstream_cpu_seconds)
+        self.per_request_us(self.upstream_cpu_seconds?)
     }
 
     /// The load generator's CPU µs per request.
@@ -372,7 +372,9 @@ fn run_scenario(
                     stop,
                 );
                 let after = target.usage();
-                let upstream_cpu_seconds = (upstreams.cpu_seconds() - upstream_before).max(0.0);
+                let upstream_cpu_seconds = upstream_before
+                    .zip(upstreams.cpu_seconds())
+                    .map(|(before, after)| (after - before).max(0.0));
                 let load_cpu_seconds = load_before
                     .zip(sample::reaped_children_seconds())
                     .map(|(before, after)| (after - before).max(0.0));

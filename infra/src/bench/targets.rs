@@ -220,14 +220,18 @@ impl Upstreams {
         &self.addrs
     }
 
-    /// CPU seconds the upstream side (every worker, and Redis) has spent so far.
-    pub fn cpu_seconds(&self) -> f64 {
+    /// CPU seconds the upstream side (every worker, and Redis) has spent so far; `None` when
+    /// one of them cannot be read in `/proc`.
+    pub fn cpu_seconds(&self) -> Option<f64> {
         let redis = self.redis.as_ref().and_then(RedisServer::pid);
         self.workers
             .iter()
             .map(Process::pid)
             .chain(redis)
-            .map(|pid| sample::group_usage(pid).cpu_seconds)
+            .map(|pid| {
+                let usage = sample::group_usage(pid);
+                (usage.processes > 0).then_some(usage.cpu_seconds)
+            })
             .sum()
     }
 
