@@ -59,6 +59,13 @@ pub struct Row {
     pub socket_errors: u64,
 }
 
+impl Row {
+    /// The proxy's median CPU µs per request (proxies only).
+    pub fn cpu_us(&self) -> Option<f64> {
+        self.cpu_per_10k.map(|cpu| cpu * 100.0)
+    }
+}
+
 /// The rows of `scenario`, in target order, then by concurrency.
 pub fn rows(results: &ProxyResults, scenario: Scenario) -> Vec<Row> {
     let mut rows = Vec::new();
@@ -173,9 +180,9 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
                 (TargetKind::Direct, _) | (_, None) => "—".to_string(),
                 (_, Some(direct)) => format!("{:+.2}", row.p99_ms - direct.p99_ms),
             };
-            let (cpu, us) = match row.cpu_per_10k {
-                Some(cpu) => (format!("{cpu:.3}"), format!("{:.1}", cpu * 100.0)),
-                None => ("—".into(), "—".into()),
+            let (cpu, us) = match (row.cpu_per_10k, row.cpu_us()) {
+                (Some(cpu), Some(us)) => (format!("{cpu:.3}"), format!("{us:.1}")),
+                _ => ("—".into(), "—".into()),
             };
             let kernel = row
                 .kernel_share
@@ -207,7 +214,7 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
                 row.socket_errors
             );
         }
-        box_split(&mut out, &rows);
+        machine_split(&mut out, &rows);
         let mut ratios = Vec::new();
         for peer in [TargetKind::Haproxy, TargetKind::Nginx] {
             let parts: Vec<String> = options
@@ -247,7 +254,7 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
 /// busy in all: on one machine the proxy, the upstreams and the load generator share the CPUs,
 /// so where they are all busy, req/s is the CPUs over the sum, and a proxy's share of it bounds
 /// how much faster than a peer it can be.
-fn box_split(out: &mut String, rows: &[Row]) {
+fn machine_split(out: &mut String, rows: &[Row]) {
     if rows.iter().all(|row| row.load_us.is_none()) {
         return;
     }
@@ -262,7 +269,7 @@ fn box_split(out: &mut String, rows: &[Row]) {
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
     let figure = |value: Option<f64>| value.map_or_else(|| "—".to_string(), |v| format!("{v:.1}"));
     for row in rows.iter().filter(|row| row.runs > 0) {
-        let proxy = row.cpu_per_10k.map(|cpu| cpu * 100.0);
+        let proxy = row.cpu_us();
         let all = match (row.target, proxy, row.upstream_us, row.load_us) {
             (TargetKind::Direct, _, Some(upstream), Some(load)) => Some(upstream + load),
             (_, Some(proxy), Some(upstream), Some(load)) => Some(proxy + upstream + load),

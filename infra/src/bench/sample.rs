@@ -35,9 +35,14 @@ pub struct Usage {
 
 /// Reads the usage of process group `group` (the pid of its leader).
 pub fn group_usage(group: u32) -> Usage {
-    let mut usage = Usage::default();
+    groups_usage(&[group])[0]
+}
+
+/// Reads the usage of each of `groups` (the pids of their leaders), in one pass over `/proc`.
+pub fn groups_usage(groups: &[u32]) -> Vec<Usage> {
+    let mut usages = vec![Usage::default(); groups.len()];
     let Ok(entries) = fs::read_dir("/proc") else {
-        return usage;
+        return usages;
     };
     for entry in entries.flatten() {
         let Some(pid) = entry
@@ -53,9 +58,10 @@ pub fn group_usage(group: u32) -> Usage {
         let Some(fields) = parse_stat(&stat) else {
             continue;
         };
-        if fields.pgrp != group {
+        let Some(index) = groups.iter().position(|&group| group == fields.pgrp) else {
             continue;
-        }
+        };
+        let usage = &mut usages[index];
         usage.processes += 1;
         usage.cpu_seconds += fields.ticks as f64 / TICKS_PER_SECOND;
         usage.system_seconds += fields.system_ticks as f64 / TICKS_PER_SECOND;
@@ -64,7 +70,7 @@ pub fn group_usage(group: u32) -> Usage {
             usage.peak_kib += status_kib(&status, "VmHWM:").unwrap_or(0);
         }
     }
-    usage
+    usages
 }
 
 /// CPU seconds of this process's children that have exited and been waited for, so far.

@@ -224,14 +224,10 @@ impl Upstreams {
     /// one of them cannot be read in `/proc`.
     pub fn cpu_seconds(&self) -> Option<f64> {
         let redis = self.redis.as_ref().and_then(RedisServer::pid);
-        self.workers
-            .iter()
-            .map(Process::pid)
-            .chain(redis)
-            .map(|pid| {
-                let usage = sample::group_usage(pid);
-                (usage.processes > 0).then_some(usage.cpu_seconds)
-            })
+        let groups: Vec<u32> = self.workers.iter().map(Process::pid).chain(redis).collect();
+        sample::groups_usage(&groups)
+            .into_iter()
+            .map(|usage| (usage.processes > 0).then_some(usage.cpu_seconds))
             .sum()
     }
 
