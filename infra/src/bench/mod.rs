@@ -22,6 +22,7 @@
 //! in its own process group and killed with it when its handle is dropped, also on an error or
 //! when [`Stop`] is raised (the CLI raises it on Ctrl-C).
 
+pub mod cpu_budget;
 pub mod health;
 pub mod http;
 pub mod loadgen;

@@ -9,10 +9,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::cpu_budget::CpuBudget;
 use super::loadgen::{Generator, Load, LoadResult, Tools};
 use super::targets::{
     KeyKind, Target, TargetKind, TlsFiles, UpstreamApp, UpstreamServer, Upstreams,
@@ -132,6 +133,9 @@ pub struct ProxyOptions {
     pub h2_streams: u32,
     /// What the upstreams run.
     pub upstream: UpstreamServer,
+    /// The CPU budget every proxy is held to (`--proxy-cpus`, see [`super::cpu_budget`]);
+    /// `None`: as much as it takes.
+    pub proxy_cpus: Option<f64>,
 }
 
 fn as_seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
@@ -161,6 +165,12 @@ pub struct Run {
     pub upstream_cpu_seconds: Option<f64>,
     /// The load generator's CPU seconds (`None` where `/proc/self/stat` could not be read).
     pub load_cpu_seconds: Option<f64>,
+    /// The proxy's CPU over its budget for the run's length, 0 to 1 (`--proxy-cpus` only):
+    /// near 1, the budget bound the run's req/s; well below, the rest of the machine did.
+    pub budget_used: Option<f64>,
+    /// The share of the quota's periods with work in which the proxy used all of its share and
+    /// waited (`--proxy-cpus` only).
+    pub throttled_share: Option<f64>,
     /// The proxy's RSS right after the run, KiB.
     pub rss_end_kib: Option<u64>,
     /// The proxy's peak RSS so far (VmHWM), KiB.
@@ -303,7 +313,12 @@ fn run_scenario(
     let mut targets = Vec::new();
     for &kind in &options.targets {
         stop.check()?;
-        targets.push(Target::start(kind, &upstreams, dir, tls.as_ref())?);
+        let mut target = Target::start(kind, &upstreams, dir, tls.as_ref())?;
+        if let Some(cpus) = options.proxy_cpus {
+            let cgroup = format!("herd-bench-{}-{}", std::process::id(), kind.name());
+            target.hold_to(cpus, &cgroup)?;
+        }
+        targets.push(target);
     }
     // Let the proxies' first health checks and connection set-up pass before reading memory.
     stop.sleep(Duration::from_millis(500))?;
@@ -364,6 +379,8 @@ fn run_scenario(
                 let before = target.usage();
                 let upstream_before = upstreams.cpu_seconds();
                 let load_before = sample::reaped_children_seconds();
+                let throttling_before = target.budget().and_then(CpuBudget::throttling);
+                let started = Instant::now();
                 let outcome = tools.run(
                     scenario.generator(),
                     &load_for(target, concurrency, options.duration),
@@ -371,7 +388,15 @@ fn run_scenario(
                     dir,
                     stop,
                 );
+                let elapsed = started.elapsed().as_secs_f64();
                 let after = target.usage();
+                let throttled_share = throttling_before
+                    .zip(target.budget().and_then(CpuBudget::throttling))
+                    .and_then(|(before, after)| {
+                        let periods = after.periods.checked_sub(before.periods)?;
+                        let throttled = after.throttled.checked_sub(before.throttled)?;
+                        (periods > 0).then(|| throttled as f64 / periods as f64)
+                    });
                 let upstream_cpu_seconds = upstream_before
                     .zip(upstreams.cpu_seconds())
                     .map(|(before, after)| (after - before).max(0.0));
@@ -392,19 +417,27 @@ fn run_scenario(
                         target.log_tail()
                     )));
                 }
+                let cpu_seconds = before
+                    .zip(after)
+                    .map(|(before, after)| (after.cpu_seconds - before.cpu_seconds).max(0.0));
+                let budget_used = target
+                    .budget()
+                    .zip(cpu_seconds)
+                    .filter(|_| elapsed > 0.0)
+                    .map(|(budget, cpu)| cpu / (budget.cpus() * elapsed));
                 let run = Run {
                     scenario,
                     round,
                     concurrency,
                     target: target.kind,
-                    cpu_seconds: before
-                        .zip(after)
-                        .map(|(before, after)| (after.cpu_seconds - before.cpu_seconds).max(0.0)),
+                    cpu_seconds,
                     cpu_system_seconds: before.zip(after).map(|(before, after)| {
                         (after.system_seconds - before.system_seconds).max(0.0)
                     }),
                     upstream_cpu_seconds,
                     load_cpu_seconds,
+                    budget_used,
+                    throttled_share,
                     rss_end_kib: after.map(|usage| usage.rss_kib),
                     rss_peak_kib: after.map(|usage| usage.peak_kib),
                     load,

@@ -49,6 +49,10 @@ pub struct Row {
     pub upstream_us: Option<f64>,
     /// Median CPU µs per request of the load generator.
     pub load_us: Option<f64>,
+    /// Median share of its CPU budget the proxy used (`--proxy-cpus`).
+    pub budget_used: Option<f64>,
+    /// Median share of the quota's periods in which the proxy was held back (`--proxy-cpus`).
+    pub throttled_share: Option<f64>,
     /// Largest RSS at the end of a run, KiB.
     pub rss_end_kib: Option<u64>,
     /// Largest peak RSS (VmHWM), KiB.
@@ -88,6 +92,8 @@ pub fn rows(results: &ProxyResults, scenario: Scenario) -> Vec<Row> {
             let kernel: Vec<f64> = runs.iter().filter_map(|r| r.kernel_share()).collect();
             let upstream: Vec<f64> = runs.iter().filter_map(|r| r.upstream_us()).collect();
             let load: Vec<f64> = runs.iter().filter_map(|r| r.load_us()).collect();
+            let budget: Vec<f64> = runs.iter().filter_map(|r| r.budget_used).collect();
+            let throttled: Vec<f64> = runs.iter().filter_map(|r| r.throttled_share).collect();
             rows.push(Row {
                 target,
                 concurrency,
@@ -100,6 +106,8 @@ pub fn rows(results: &ProxyResults, scenario: Scenario) -> Vec<Row> {
                 kernel_share: median(&kernel),
                 upstream_us: median(&upstream),
                 load_us: median(&load),
+                budget_used: median(&budget),
+                throttled_share: median(&throttled),
                 rss_end_kib: runs.iter().filter_map(|r| r.rss_end_kib).max(),
                 rss_peak_kib: runs.iter().filter_map(|r| r.rss_peak_kib).max(),
                 non_2xx: runs.iter().map(|r| r.load.non_2xx).sum(),
@@ -143,6 +151,13 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
     );
     if let Some(gateway) = &results.gateway {
         let _ = writeln!(out, "herd-gateway: `{}`\n", gateway.display());
+    }
+    if let Some(cpus) = options.proxy_cpus {
+        let _ = writeln!(
+            out,
+            "Every proxy held to {cpus} CPU (a cgroup CPU quota per {} ms): req/s is what that much CPU serves, where a proxy used its whole budget (see \"budget used\"); p99 includes the waits for the next share. Direct is not held.\n",
+            super::cpu_budget::PERIOD.as_millis()
+        );
     }
     for &scenario in &options.scenarios {
         let rows = rows(results, scenario);
@@ -215,6 +230,9 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
             );
         }
         machine_split(&mut out, &rows);
+        if options.proxy_cpus.is_some() {
+            budget_used(&mut out, &rows);
+        }
         let mut ratios = Vec::new();
         for peer in [TargetKind::Haproxy, TargetKind::Nginx] {
             let parts: Vec<String> = options
@@ -291,6 +309,45 @@ fn machine_split(out: &mut String, rows: &[Row]) {
         );
     }
 }
+
+/// How much of its CPU budget each proxy used, and how often the quota held it back: a run
+/// whose proxy used less than [`BUDGET_BOUND`] of its budget was bound by the rest of the
+/// machine, not by the budget, and is marked so.
+fn budget_used(out: &mut String, rows: &[Row]) {
+    let _ = writeln!(
+        out,
+        "\nThe proxy's CPU budget (medians): used (its CPU over the budget for the run's length), and the share of the quota's periods in which it used its whole share and waited\n"
+    );
+    let _ = writeln!(
+        out,
+        "| target | c | budget used % | held back % of periods |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|");
+    let percent =
+        |value: Option<f64>| value.map_or_else(|| "—".to_string(), |v| format!("{:.0}", v * 100.0));
+    for row in rows
+        .iter()
+        .filter(|row| row.runs > 0 && row.target != TargetKind::Direct)
+    {
+        let unbound = match row.budget_used {
+            Some(used) if used < BUDGET_BOUND => {
+                " (not bound by its budget: the rest of the machine held req/s)"
+            }
+            _ => "",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {}{unbound} | {} |",
+            row.target.name(),
+            row.concurrency,
+            percent(row.budget_used),
+            percent(row.throttled_share),
+        );
+    }
+}
+
+/// The share of its budget under which a proxy is taken as not bound by it.
+const BUDGET_BOUND: f64 = 0.9;
 
 /// The health-check cost report.
 pub fn health_markdown(result: &HealthResult) -> String {
@@ -415,6 +472,8 @@ mod tests {
             cpu_system_seconds: (target != TargetKind::Direct).then_some(3.75),
             upstream_cpu_seconds: Some(2.0),
             load_cpu_seconds: Some(1.0),
+            budget_used: None,
+            throttled_share: None,
             rss_end_kib: (target != TargetKind::Direct).then_some(10_240),
             rss_peak_kib: (target != TargetKind::Direct).then_some(20_480),
             error: None,
@@ -439,6 +498,7 @@ mod tests {
                 threads: 2,
                 h2_streams: 1,
                 upstream: crate::bench::targets::UpstreamServer::HerdWorker,
+                proxy_cpus: None,
             },
             idle_rss_kib: BTreeMap::from([(
                 Scenario::Hello,
@@ -491,5 +551,51 @@ mod tests {
         // nginx's one run failed: no figures, so no row in the split.
         let (_, split) = table.split_once("over the machine").unwrap();
         assert!(!split.contains("| nginx |"), "{table}");
+        assert!(
+            !table.contains("budget"),
+            "no budget, no budget table: {table}"
+        );
+    }
+
+    #[test]
+    fn a_cpu_budget_gets_its_table_and_unbound_runs_are_marked() {
+        let held = |target, used, throttled| Run {
+            budget_used: Some(used),
+            throttled_share: Some(throttled),
+            ..run(target, 1, 20_000.0, 5.0)
+        };
+        let results = ProxyResults {
+            options: ProxyOptions {
+                scenarios: vec![Scenario::Hello],
+                targets: vec![TargetKind::Direct, TargetKind::Herd, TargetKind::Haproxy],
+                concurrency: vec![64],
+                duration: Duration::from_secs(10),
+                warmup: Duration::ZERO,
+                rounds: 1,
+                threads: 2,
+                h2_streams: 1,
+                upstream: crate::bench::targets::UpstreamServer::HerdWorker,
+                proxy_cpus: Some(0.25),
+            },
+            idle_rss_kib: BTreeMap::new(),
+            runs: vec![
+                run(TargetKind::Direct, 1, 50_000.0, 2.0),
+                held(TargetKind::Herd, 0.984, 0.4),
+                held(TargetKind::Haproxy, 0.5, 0.0),
+            ],
+            gateway: None,
+        };
+        let table = proxy_markdown(&results);
+        assert!(table.contains("Every proxy held to 0.25 CPU"), "{table}");
+        assert!(table.contains("| herd | 64 | 98 | 40 |"), "{table}");
+        assert!(
+            table.contains("| haproxy | 64 | 50 (not bound by its budget"),
+            "{table}"
+        );
+        let (_, budget) = table.split_once("CPU budget (medians)").unwrap();
+        assert!(
+            !budget.contains("| direct |"),
+            "direct is not held: {table}"
+        );
     }
 }

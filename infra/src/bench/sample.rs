@@ -41,23 +41,7 @@ pub fn group_usage(group: u32) -> Usage {
 /// Reads the usage of each of `groups` (the pids of their leaders), in one pass over `/proc`.
 pub fn groups_usage(groups: &[u32]) -> Vec<Usage> {
     let mut usages = vec![Usage::default(); groups.len()];
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return usages;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(fields) = parse_stat(&stat) else {
-            continue;
-        };
+    for (pid, fields) in processes() {
         let Some(index) = groups.iter().position(|&group| group == fields.pgrp) else {
             continue;
         };
@@ -71,6 +55,28 @@ pub fn groups_usage(groups: &[u32]) -> Vec<Usage> {
         }
     }
     usages
+}
+
+/// The processes of process group `group` now.
+pub fn group_pids(group: u32) -> Vec<u32> {
+    processes()
+        .filter(|(_, fields)| fields.pgrp == group)
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Every process of `/proc` whose `stat` could be read, with its fields (none where `/proc`
+/// cannot be read; a process that exits meanwhile is skipped).
+fn processes() -> impl Iterator<Item = (u32, StatFields)> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            Some((pid, parse_stat(&stat)?))
+        })
 }
 
 /// CPU seconds of this process's children that have exited and been waited for, so far.
@@ -160,6 +166,8 @@ mod tests {
         assert!(usage.processes >= 1, "{usage:?}");
         assert!(usage.rss_kib > 0, "{usage:?}");
         assert!(usage.peak_kib >= usage.rss_kib, "{usage:?}");
+        assert!(group_pids(process.pid()).contains(&process.pid()));
+        assert!(group_pids(u32::MAX).is_empty());
     }
 
     #[test]

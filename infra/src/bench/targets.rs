@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::cpu_budget::CpuBudget;
 use super::sample::{self, Usage};
 use super::{BenchError, http, write_file};
 use crate::binaries;
@@ -272,6 +273,8 @@ pub struct Target {
     pub tls: Option<SocketAddr>,
     /// The proxy's process (group); `None` for direct.
     process: Option<Process>,
+    /// The CPU budget the proxy is held to (`--proxy-cpus`); dropped after the process.
+    budget: Option<CpuBudget>,
 }
 
 impl Target {
@@ -284,6 +287,7 @@ impl Target {
             h2: addr,
             tls: None,
             process: None,
+            budget: None,
         }
     }
 
@@ -320,6 +324,23 @@ impl Target {
             }
         };
         Ok(target)
+    }
+
+    /// Holds the proxy's processes to `cpus` CPUs from now on, in a cgroup named `name` (removed
+    /// with the target); nothing for direct.
+    pub fn hold_to(&mut self, cpus: f64, name: &str) -> Result<(), BenchError> {
+        let Some(process) = &self.process else {
+            return Ok(());
+        };
+        let budget = CpuBudget::create(name, cpus)?;
+        budget.hold_group(process.pid())?;
+        self.budget = Some(budget);
+        Ok(())
+    }
+
+    /// The CPU budget the proxy is held to, if any.
+    pub fn budget(&self) -> Option<&CpuBudget> {
+        self.budget.as_ref()
     }
 
     /// CPU and memory of the proxy's processes now; `None` for direct.
@@ -417,6 +438,7 @@ fn start_gateway(
         h2: public,
         tls: tls_addr,
         process: Some(process),
+        budget: None,
     })
 }
 
@@ -503,6 +525,7 @@ fn start_reference(
         h2,
         tls: tls_addr,
         process: Some(process),
+        budget: None,
     })
 }
 

@@ -262,6 +262,12 @@ pub struct BenchProxyArgs {
     /// (`herd bench upstream`, a minimal hyper server; not with the session scenario).
     #[arg(long, value_enum, default_value = "herd-worker", value_name = "SERVER")]
     pub upstream: UpstreamServer,
+    /// Hold every proxy to this much CPU (0.05 – 1; a cgroup CPU quota, as root), so that the
+    /// proxy alone bounds req/s and each serves what that budget serves, as on a machine of its
+    /// own; the report says how much of its budget each used. Unset: as much as it takes (the
+    /// load generator and the upstreams share the machine's CPUs with it).
+    #[arg(long, value_name = "CPUS")]
+    pub proxy_cpus: Option<f64>,
     /// Output files.
     #[command(flatten)]
     pub output: BenchOutputArgs,
@@ -275,6 +281,16 @@ impl BenchProxyArgs {
             return Err(CliError::Usage(format!(
                 "--warmup must be at most {}",
                 humantime::format_duration(MAX_BENCH_DURATION)
+            )));
+        }
+        if let Some(cpus) = self.proxy_cpus
+            && !crate::bench::cpu_budget::CPUS.contains(&cpus)
+        {
+            let range = crate::bench::cpu_budget::CPUS;
+            return Err(CliError::Usage(format!(
+                "--proxy-cpus must be from {} to {} CPUs (a share of one CPU), not {cpus}",
+                range.start(),
+                range.end()
             )));
         }
         for (flag, empty) in [

@@ -34,6 +34,7 @@ pub(super) fn proxy(args: &BenchProxyArgs) -> Result<u8, CliError> {
         threads: args.threads,
         h2_streams: args.h2_streams,
         upstream: args.upstream,
+        proxy_cpus: args.proxy_cpus,
     };
     let dir = WorkDir::new(args.output.log_dir.as_deref())?;
     let path = dir.path().to_path_buf();

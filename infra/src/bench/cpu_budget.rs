@@ -1,0 +1,313 @@
+//! A CPU budget for a proxy under test (`herd bench proxy --proxy-cpus`): its processes in a
+//! cgroup of their own whose CPU quota is a share of one CPU.
+//!
+//! On one machine the load generator and the upstreams share the CPUs with the proxy, so a run
+//! measures the machine's req/s, of which the proxy is a part (docs/performance.md, section
+//! 26). Held to a budget the rest of the machine can outpace, the proxy alone bounds req/s: each
+//! proxy then serves what that much CPU serves, as it would on a machine of its own. Whether a
+//! run really was bound by the budget is read back ([`CpuBudget::throttling`], and the CPU the
+//! proxy used over what it was given, in the report).
+//!
+//! The kernel enforces the quota per period ([`PERIOD`]): a proxy that has used its share waits
+//! for the next period, so its latency includes those waits. Both cgroup layouts are handled:
+//! v2 (`cpu.max` under a unified hierarchy with the `cpu` controller) and v1 (`cpu.cfs_quota_us`
+//! in the `cpu` hierarchy). The cgroup is removed when the budget is dropped, after its
+//! processes were stopped or moved back to the parent.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{BenchError, sample};
+
+/// The quota's period. Short, so that a proxy waits at most a few milliseconds for its next
+/// share; 10 ms keeps the kernel's accounting per period negligible.
+pub const PERIOD: Duration = Duration::from_millis(10);
+
+/// Smallest and largest budget accepted, in CPUs. Above one CPU nginx's single worker process
+/// could not use its budget while the multi-threaded proxies could.
+pub const CPUS: std::ops::RangeInclusive<f64> = 0.05..=1.0;
+
+/// Where the cgroup file systems are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// A cgroup holding processes to a CPU quota; removed on drop.
+#[derive(Debug)]
+pub struct CpuBudget {
+    /// The cgroup's directory.
+    dir: PathBuf,
+    /// Its parent's, where processes go back before removal.
+    parent: PathBuf,
+    /// The budget, in CPUs.
+    cpus: f64,
+}
+
+/// How often the quota held the processes back: periods with work, and of those, the ones
+/// in which they used up their share and waited (`cpu.stat`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Throttling {
+    /// Periods in which the cgroup ran.
+    pub periods: u64,
+    /// Of those, periods in which it used its whole quota and was held back.
+    pub throttled: u64,
+}
+
+/// The cgroup layout found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Hierarchy {
+    /// Unified (v2) hierarchy at this directory, with the `cpu` controller.
+    V2(PathBuf),
+    /// The v1 `cpu` hierarchy at this directory.
+    V1(PathBuf),
+}
+
+impl CpuBudget {
+    /// A new cgroup named `name` holding its processes to `cpus` CPUs.
+    pub fn create(name: &str, cpus: f64) -> Result<CpuBudget, BenchError> {
+        Self::create_in(Path::new(CGROUP_ROOT), name, cpus)
+    }
+
+    fn create_in(root: &Path, name: &str, cpus: f64) -> Result<CpuBudget, BenchError> {
+        if !CPUS.contains(&cpus) {
+            return Err(BenchError::Usage(format!(
+                "--proxy-cpus must be from {} to {} CPUs, not {cpus}",
+                CPUS.start(),
+                CPUS.end()
+            )));
+        }
+        let hierarchy = find_hierarchy(root).ok_or_else(|| {
+            BenchError::Setup(format!(
+                "--proxy-cpus needs the cgroup `cpu` controller (cgroup v2 with `cpu` in {root}/cgroup.controllers, or a v1 `cpu` hierarchy at {root}/cpu), writable by this user (root)",
+                root = root.display()
+            ))
+        })?;
+        let period = PERIOD.as_micros() as u64;
+        let quota = ((cpus * period as f64).round() as u64).max(1_000);
+        let (parent, dir) = match &hierarchy {
+            Hierarchy::V2(base) | Hierarchy::V1(base) => (base.clone(), base.join(name)),
+        };
+        if let Hierarchy::V2(base) = &hierarchy {
+            // The controller must be on for the root's children; writing it again is harmless.
+            write(&base.join("cgroup.subtree_control"), "+cpu")?;
+        }
+        fs::create_dir(&dir).map_err(|source| BenchError::io("create the cgroup", &dir, source))?;
+        let budget = CpuBudget { dir, parent, cpus };
+        match hierarchy {
+            Hierarchy::V2(_) => write(&budget.dir.join("cpu.max"), &format!("{quota} {period}"))?,
+            Hierarchy::V1(_) => {
+                write(&budget.dir.join("cpu.cfs_period_us"), &period.to_string())?;
+                write(&budget.dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            }
+        }
+        Ok(budget)
+    }
+
+    /// The budget, in CPUs.
+    pub fn cpus(&self) -> f64 {
+        self.cpus
+    }
+
+    /// Moves every process of process group `group` (threads included) into the cgroup; their
+    /// children start in it. Returns how many processes were moved.
+    pub fn hold_group(&self, group: u32) -> Result<usize, BenchError> {
+        let pids = sample::group_pids(group);
+        if pids.is_empty() {
+            return Err(BenchError::Setup(format!(
+                "no process in group {group} to hold to the CPU budget"
+            )));
+        }
+        for &pid in &pids {
+            self.hold(pid)?;
+        }
+        Ok(pids.len())
+    }
+
+    /// Moves process `pid` (all its threads) into the cgroup.
+    fn hold(&self, pid: u32) -> Result<(), BenchError> {
+        write(&self.dir.join("cgroup.procs"), &pid.to_string())
+    }
+
+    /// The quota's effect so far; `None` where `cpu.stat` cannot be read.
+    pub fn throttling(&self) -> Option<Throttling> {
+        let stat = fs::read_to_string(self.dir.join("cpu.stat")).ok()?;
+        parse_throttling(&stat)
+    }
+}
+
+impl Drop for CpuBudget {
+    fn drop(&mut self) {
+        // A process killed just before may not have left yet: move what is left to the parent,
+        // then remove the (then empty) cgroup, trying for a moment.
+        for attempt in 0..50 {
+            let procs = fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.split_whitespace() {
+                let _ = fs::write(self.parent.join("cgroup.procs"), pid);
+            }
+            match fs::remove_dir(&self.dir) {
+                Ok(()) => return,
+                Err(error) if error.kind() == io::ErrorKind::NotFound => return,
+                Err(_) if attempt < 49 => std::thread::sleep(Duration::from_millis(20)),
+                Err(error) => eprintln!(
+                    "herd bench: cannot remove the cgroup {}: {error}",
+                    self.dir.display()
+                ),
+            }
+        }
+    }
+}
+
+/// The cgroup layout under `root` that has the `cpu` controller, v2 first.
+fn find_hierarchy(root: &Path) -> Option<Hierarchy> {
+    let controllers = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    if controllers.split_whitespace().any(|c| c == "cpu") {
+        return Some(Hierarchy::V2(root.to_path_buf()));
+    }
+    // v1: `cpu` on its own, or mounted together with `cpuacct`.
+    ["cpu", "cpu,cpuacct", "cpuacct,cpu"]
+        .iter()
+        .map(|name| root.join(name))
+        .find(|dir| dir.join("cpu.cfs_quota_us").exists())
+        .map(Hierarchy::V1)
+}
+
+/// `nr_periods` and `nr_throttled` of a `cpu.stat` (the same keys in v1 and v2).
+fn parse_throttling(stat: &str) -> Option<Throttling> {
+    let value = |key: &str| {
+        stat.lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+    };
+    Some(Throttling {
+        periods: value("nr_periods")?,
+        throttled: value("nr_throttled")?,
+    })
+}
+
+fn write(path: &Path, value: &str) -> Result<(), BenchError> {
+    fs::write(path, value).map_err(|source| BenchError::io("write", path, source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v2_layout_gets_cpu_max() {
+        let root = tempfile::tempdir().unwrap();
+        fs::write(
+            root.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        let budget = CpuBudget::create_in(root.path(), "bench-v2", 0.25).unwrap();
+        let dir = root.path().join("bench-v2");
+        assert_eq!(
+            fs::read_to_string(dir.join("cpu.max")).unwrap(),
+            "2500 10000"
+        );
+        assert_eq!(
+            fs::read_to_string(root.path().join("cgroup.subtree_control")).unwrap(),
+            "+cpu"
+        );
+        budget.hold(4242).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.join("cgroup.procs")).unwrap(),
+            "4242"
+        );
+        assert_eq!(budget.cpus(), 0.25);
+    }
+
+    #[test]
+    fn v1_layout_gets_period_and_quota() {
+        let root = tempfile::tempdir().unwrap();
+        let cpu = root.path().join("cpu,cpuacct");
+        fs::create_dir(&cpu).unwrap();
+        fs::write(cpu.join("cpu.cfs_quota_us"), "-1").unwrap();
+        let _budget = CpuBudget::create_in(root.path(), "bench-v1", 0.5).unwrap();
+        let dir = cpu.join("bench-v1");
+        assert_eq!(
+            fs::read_to_string(dir.join("cpu.cfs_period_us")).unwrap(),
+            "10000"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.join("cpu.cfs_quota_us")).unwrap(),
+            "5000"
+        );
+    }
+
+    #[test]
+    fn no_cpu_controller_or_a_budget_out_of_range_is_a_clear_error() {
+        let root = tempfile::tempdir().unwrap();
+        fs::write(root.path().join("cgroup.controllers"), "memory pids\n").unwrap();
+        let error = CpuBudget::create_in(root.path(), "x", 0.5).unwrap_err();
+        assert!(
+            error.to_string().contains("cgroup `cpu` controller"),
+            "{error}"
+        );
+        for cpus in [0.0, 0.01, 1.5, f64::NAN] {
+            let error = CpuBudget::create_in(root.path(), "x", cpus).unwrap_err();
+            assert!(
+                error.to_string().contains("--proxy-cpus must be"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn throttling_is_read_from_cpu_stat() {
+        let v2 = "usage_usec 100\nuser_usec 60\nsystem_usec 40\nnr_periods 120\nnr_throttled 30\nthrottled_usec 9000\n";
+        assert_eq!(
+            parse_throttling(v2),
+            Some(Throttling {
+                periods: 120,
+                throttled: 30
+            })
+        );
+        let v1 = "nr_periods 7\nnr_throttled 0\nthrottled_time 0\nnr_bursts 0\n";
+        assert_eq!(
+            parse_throttling(v1),
+            Some(Throttling {
+                periods: 7,
+                throttled: 0
+            })
+        );
+        assert_eq!(parse_throttling("nr_periods_x 1\n"), None);
+    }
+
+    /// On this machine's real cgroups (skipped where there is no `cpu` controller): a spinning
+    /// process held to a tenth of a CPU gets no more, and the cgroup is gone after the drop.
+    #[test]
+    fn the_kernel_holds_a_spinning_process_to_its_budget() {
+        if find_hierarchy(Path::new(CGROUP_ROOT)).is_none() {
+            eprintln!("skipped: no cgroup cpu controller here");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let spinner = crate::process::Process::spawn(
+            &crate::process::Spec::new("spin", "sh", dir.path())
+                .arg("-c")
+                .arg("while :; do :; done"),
+        )
+        .unwrap();
+        let name = format!("herd-test-{}", std::process::id());
+        let budget = CpuBudget::create(&name, 0.1).unwrap();
+        assert_eq!(budget.hold_group(spinner.pid()).unwrap(), 1);
+        let before = sample::group_usage(spinner.pid()).cpu_seconds;
+        let started = std::time::Instant::now();
+        std::thread::sleep(Duration::from_secs(2));
+        let used = sample::group_usage(spinner.pid()).cpu_seconds - before;
+        let elapsed = started.elapsed().as_secs_f64();
+        // Unheld it would take a whole CPU; held, a tenth (plus a tick of rounding either side).
+        assert!(
+            used <= 0.1 * elapsed + 0.05,
+            "{used} s of CPU in {elapsed} s"
+        );
+        let throttling = budget.throttling().unwrap();
+        assert!(throttling.throttled > 0, "{throttling:?}");
+        let cgroup = budget.dir.clone();
+        drop(spinner);
+        drop(budget);
+        assert!(!cgroup.exists(), "{} left behind", cgroup.display());
+    }
+}
