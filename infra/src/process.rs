@@ -76,6 +76,24 @@ impl Spec {
         }
     }
 
+    /// The same command, started inside the cgroup whose `cgroup.procs` file is `procs`: a shell
+    /// writes its own pid there and execs the program (same pid), so the program and everything
+    /// it starts run in the cgroup from their first instruction.
+    pub fn in_cgroup(self, procs: &Path) -> Self {
+        let mut args = vec![
+            "-c".to_string(),
+            r#"echo $$ > "$0" && exec "$@""#.to_string(),
+            procs.display().to_string(),
+            self.program.display().to_string(),
+        ];
+        args.extend(self.args);
+        Spec {
+            program: "sh".into(),
+            args,
+            ..self
+        }
+    }
+
     /// Adds an environment variable.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));

@@ -301,6 +301,95 @@ fn bench_proxy_runs_in_front_of_a_plain_hyper_upstream() {
     assert_no_process_left(&tmp);
 }
 
+/// `--proxy-cpus`: every proxy starts inside a cgroup held to a share of one CPU, uses about
+/// all of it (so the budget, not the rest of the machine, bounds its req/s), and the cgroups are
+/// gone afterwards; a budget out of range is a usage error before anything starts.
+#[test]
+fn bench_proxy_holds_every_proxy_to_the_same_cpu_budget() {
+    let dir = temp_dir();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let refused = herd(&["bench", "proxy", "--proxy-cpus", "1.5"], &tmp);
+    assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--proxy-cpus must be from 0.05 to 1"),
+        "{}",
+        describe(&refused)
+    );
+
+    let json = dir.path().join("budget.json");
+    let output = herd(
+        &[
+            "bench",
+            "proxy",
+            "--proxy-cpus",
+            "0.2",
+            "--duration",
+            "2s",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "32",
+            "--scenarios",
+            "hello",
+            "--targets",
+            "direct,herd,haproxy,nginx",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &tmp,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(table.contains("Every proxy held to 0.2 CPU"), "{table}");
+    let (_, budget) = table.split_once("CPU budget (medians)").unwrap_or_else(|| {
+        panic!(
+            "no budget table:
+{table}"
+        )
+    });
+    assert!(
+        row(budget, "direct").is_none(),
+        "direct is not held
+{table}"
+    );
+    let raw: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(raw["results"]["options"]["proxy_cpus"], 0.2, "{raw}");
+    for run in raw["results"]["runs"].as_array().expect("runs") {
+        assert_eq!(run["non_2xx"], 0, "{run}");
+        assert_eq!(run["socket_errors"], 0, "{run}");
+        if run["target"] == "direct" {
+            assert!(run["budget_used"].is_null(), "{run}");
+            continue;
+        }
+        // Held: at most its budget (two 10 ms ticks of rounding in 2 s); loaded with 32
+        // connections it uses nearly all of it, and the quota holds it back in most periods.
+        let used = run["budget_used"].as_f64().unwrap();
+        assert!((0.75..=1.1).contains(&used), "budget used {used}: {run}");
+        assert!(run["throttled_share"].as_f64().unwrap() > 0.5, "{run}");
+        let cpu_us = run["cpu_seconds"].as_f64().unwrap() * 1e6 / run["requests"].as_f64().unwrap();
+        let rps = run["rps"].as_f64().unwrap();
+        assert!(
+            rps * cpu_us / 1e6 <= 0.2 * 1.1,
+            "{rps} req/s at {cpu_us} µs: over the budget"
+        );
+    }
+    let left: Vec<String> = [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/cpu,cpuacct",
+    ]
+    .iter()
+    .filter_map(|root| std::fs::read_dir(root).ok())
+    .flat_map(|entries| entries.flatten())
+    .map(|entry| entry.file_name().to_string_lossy().into_owned())
+    .filter(|name| name.starts_with("herd-bench-"))
+    .collect();
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+    assert_temp_dirs_removed(&tmp);
+    assert_no_process_left(&tmp);
+}
+
 #[test]
 fn bench_health_checks_twenty_registered_workers() {
     let dir = temp_dir();

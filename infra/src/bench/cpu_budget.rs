@@ -19,7 +19,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{BenchError, sample};
+use super::BenchError;
+use crate::process::Spec;
 
 /// The quota's period. Short, so that a proxy waits at most a few milliseconds for its next
 /// share; 10 ms keeps the kernel's accounting per period negligible.
@@ -108,24 +109,11 @@ impl CpuBudget {
         self.cpus
     }
 
-    /// Moves every process of process group `group` (threads included) into the cgroup; their
-    /// children start in it. Returns how many processes were moved.
-    pub fn hold_group(&self, group: u32) -> Result<usize, BenchError> {
-        let pids = sample::group_pids(group);
-        if pids.is_empty() {
-            return Err(BenchError::Setup(format!(
-                "no process in group {group} to hold to the CPU budget"
-            )));
-        }
-        for &pid in &pids {
-            self.hold(pid)?;
-        }
-        Ok(pids.len())
-    }
-
-    /// Moves process `pid` (all its threads) into the cgroup.
-    fn hold(&self, pid: u32) -> Result<(), BenchError> {
-        write(&self.dir.join("cgroup.procs"), &pid.to_string())
+    /// `spec`, started inside the cgroup ([`Spec::in_cgroup`]): the program starts as it
+    /// would in a container with this CPU limit (herd-gateway then picks its serving threads
+    /// for the budget, as for a container's).
+    pub fn start_inside(&self, spec: Spec) -> Spec {
+        spec.in_cgroup(&self.dir.join("cgroup.procs"))
     }
 
     /// The quota's effect so far; `None` where `cpu.stat` cannot be read.
@@ -210,11 +198,10 @@ mod tests {
             fs::read_to_string(root.path().join("cgroup.subtree_control")).unwrap(),
             "+cpu"
         );
-        budget.hold(4242).unwrap();
-        assert_eq!(
-            fs::read_to_string(dir.join("cgroup.procs")).unwrap(),
-            "4242"
-        );
+        let spec = budget.start_inside(Spec::new("p", "/bin/true", root.path()).arg("x"));
+        assert_eq!(spec.program, Path::new("sh"));
+        assert_eq!(spec.args[2], dir.join("cgroup.procs").display().to_string());
+        assert_eq!(&spec.args[3..], ["/bin/true", "x"]);
         assert_eq!(budget.cpus(), 0.25);
     }
 
@@ -284,19 +271,27 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let spinner = crate::process::Process::spawn(
-            &crate::process::Spec::new("spin", "sh", dir.path())
-                .arg("-c")
-                .arg("while :; do :; done"),
-        )
-        .unwrap();
         let name = format!("herd-test-{}", std::process::id());
         let budget = CpuBudget::create(&name, 0.1).unwrap();
-        assert_eq!(budget.hold_group(spinner.pid()).unwrap(), 1);
-        let before = sample::group_usage(spinner.pid()).cpu_seconds;
+        let spinner = crate::process::Process::spawn(
+            &budget.start_inside(
+                Spec::new("spin", "sh", dir.path())
+                    .arg("-c")
+                    .arg("while :; do :; done"),
+            ),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let held = fs::read_to_string(budget.dir.join("cgroup.procs")).unwrap();
+        assert_eq!(
+            held.trim(),
+            spinner.pid().to_string(),
+            "the program runs in the cgroup"
+        );
+        let before = super::super::sample::group_usage(spinner.pid()).cpu_seconds;
         let started = std::time::Instant::now();
         std::thread::sleep(Duration::from_secs(2));
-        let used = sample::group_usage(spinner.pid()).cpu_seconds - before;
+        let used = super::super::sample::group_usage(spinner.pid()).cpu_seconds - before;
         let elapsed = started.elapsed().as_secs_f64();
         // Unheld it would take a whole CPU; held, a tenth (plus a tick of rounding either side).
         assert!(

@@ -313,12 +313,14 @@ fn run_scenario(
     let mut targets = Vec::new();
     for &kind in &options.targets {
         stop.check()?;
-        let mut target = Target::start(kind, &upstreams, dir, tls.as_ref())?;
-        if let Some(cpus) = options.proxy_cpus {
-            let cgroup = format!("herd-bench-{}-{}", std::process::id(), kind.name());
-            target.hold_to(cpus, &cgroup)?;
-        }
-        targets.push(target);
+        let budget = match options.proxy_cpus {
+            Some(cpus) if kind != TargetKind::Direct => {
+                let cgroup = format!("herd-bench-{}-{}", std::process::id(), kind.name());
+                Some(CpuBudget::create(&cgroup, cpus)?)
+            }
+            _ => None,
+        };
+        targets.push(Target::start(kind, &upstreams, dir, tls.as_ref(), budget)?);
     }
     // Let the proxies' first health checks and connection set-up pass before reading memory.
     stop.sleep(Duration::from_millis(500))?;

@@ -57,14 +57,6 @@ pub fn groups_usage(groups: &[u32]) -> Vec<Usage> {
     usages
 }
 
-/// The processes of process group `group` now.
-pub fn group_pids(group: u32) -> Vec<u32> {
-    processes()
-        .filter(|(_, fields)| fields.pgrp == group)
-        .map(|(pid, _)| pid)
-        .collect()
-}
-
 /// Every process of `/proc` whose `stat` could be read, with its fields (none where `/proc`
 /// cannot be read; a process that exits meanwhile is skipped).
 fn processes() -> impl Iterator<Item = (u32, StatFields)> {
@@ -166,8 +158,6 @@ mod tests {
         assert!(usage.processes >= 1, "{usage:?}");
         assert!(usage.rss_kib > 0, "{usage:?}");
         assert!(usage.peak_kib >= usage.rss_kib, "{usage:?}");
-        assert!(group_pids(process.pid()).contains(&process.pid()));
-        assert!(group_pids(u32::MAX).is_empty());
     }
 
     #[test]

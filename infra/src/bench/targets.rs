@@ -292,26 +292,32 @@ impl Target {
     }
 
     /// Starts `kind` in front of `upstreams`, with its config and logs in `dir` (and an HTTPS
-    /// listener with `tls`), and waits until it forwards `GET /healthz` with a 200.
+    /// listener with `tls`), and waits until it forwards `GET /healthz` with a 200. With a
+    /// `budget`, the proxy starts inside it (and keeps it; removed with the target): HAProxy
+    /// then runs one thread, as nginx runs one worker and herd-gateway picks one serving thread
+    /// for a budget of a CPU or less.
     pub fn start(
         kind: TargetKind,
         upstreams: &Upstreams,
         dir: &Path,
         tls: Option<&TlsFiles>,
+        budget: Option<CpuBudget>,
     ) -> Result<Target, BenchError> {
-        let target = match kind {
+        let mut target = match kind {
             TargetKind::Direct => return Ok(Target::direct(upstreams)),
             TargetKind::Herd
             | TargetKind::HerdOneThread
             | TargetKind::HerdFixedThreads
             | TargetKind::HerdTrace1
-            | TargetKind::HerdTrace100 => start_gateway(kind, upstreams, dir, tls)?,
+            | TargetKind::HerdTrace100 => {
+                start_gateway(kind, upstreams, dir, tls, budget.as_ref())?
+            }
             TargetKind::Haproxy | TargetKind::Nginx => {
                 // A free port can be taken before the proxy binds it: try again with others.
                 let mut attempt = 0;
                 loop {
                     attempt += 1;
-                    match start_reference(kind, upstreams, dir, tls) {
+                    match start_reference(kind, upstreams, dir, tls, budget.as_ref()) {
                         Ok(target) => break target,
                         Err(BenchError::Process(error))
                             if attempt < 3 && error.to_string().contains("in use") =>
@@ -323,19 +329,8 @@ impl Target {
                 }
             }
         };
+        target.budget = budget;
         Ok(target)
-    }
-
-    /// Holds the proxy's processes to `cpus` CPUs from now on, in a cgroup named `name` (removed
-    /// with the target); nothing for direct.
-    pub fn hold_to(&mut self, cpus: f64, name: &str) -> Result<(), BenchError> {
-        let Some(process) = &self.process else {
-            return Ok(());
-        };
-        let budget = CpuBudget::create(name, cpus)?;
-        budget.hold_group(process.pid())?;
-        self.budget = Some(budget);
-        Ok(())
     }
 
     /// The CPU budget the proxy is held to, if any.
@@ -374,6 +369,7 @@ fn start_gateway(
     upstreams: &Upstreams,
     dir: &Path,
     tls: Option<&TlsFiles>,
+    budget: Option<&CpuBudget>,
 ) -> Result<Target, BenchError> {
     let program = binaries::locate(binaries::GATEWAY)?;
     let workers: Vec<String> = upstreams.addrs().iter().map(ToString::to_string).collect();
@@ -424,6 +420,9 @@ fn start_gateway(
             .env("HERD_GATEWAY_TRACING__ENDPOINT", format!("http://{sink}"))
             .env("HERD_GATEWAY_TRACING__SAMPLE_RATIO", ratio);
     }
+    if let Some(budget) = budget {
+        spec = budget.start_inside(spec);
+    }
     let mut process = Process::spawn_and_wait(&spec, &roles, START_TIMEOUT)?;
     let public = process.addr("public").expect("waited for public");
     let tls_addr = tls.and_then(|_| process.addr("tls"));
@@ -448,6 +447,7 @@ fn start_reference(
     upstreams: &Upstreams,
     dir: &Path,
     tls: Option<&TlsFiles>,
+    budget: Option<&CpuBudget>,
 ) -> Result<Target, BenchError> {
     let port_error = |source| BenchError::io("find a free port for", dir, source);
     let h1 = SocketAddr::from(([127, 0, 0, 1], free_port().map_err(port_error)?));
@@ -460,7 +460,7 @@ fn start_reference(
         None => None,
     };
     let tls_listener = tls.zip(tls_addr);
-    let spec = match kind {
+    let mut spec = match kind {
         TargetKind::Haproxy => {
             let program = deps::ensure(HAPROXY)?;
             let config = dir.join("haproxy.cfg");
@@ -475,6 +475,15 @@ fn start_reference(
                             "tune.ssl.cachesize 0"
                         } else {
                             "tune.ssl.cachesize 20000"
+                        },
+                    )
+                    // One CPU or less: one thread (nginx runs one worker, herd one thread).
+                    .replace(
+                        "nbthread 2",
+                        if budget.is_some() {
+                            "nbthread 1"
+                        } else {
+                            "nbthread 2"
                         },
                     ),
             )?;
@@ -515,6 +524,9 @@ fn start_reference(
             )));
         }
     };
+    if let Some(budget) = budget {
+        spec = budget.start_inside(spec);
+    }
     let mut process = Process::spawn(&spec)?;
     process.wait_until(START_TIMEOUT, |_| {
         http::status(h1, "/healthz", REQUEST_TIMEOUT) == Some(200)
