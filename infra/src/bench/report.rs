@@ -245,7 +245,11 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
                             .map(|r| r.rps)
                     };
                     let (herd, other) = (rps(TargetKind::Herd)?, rps(peer)?);
-                    (other > 0.0).then(|| format!("c={c} {:.2}×", herd / other))
+                    let spread = match round_ratios(results, scenario, c, peer).as_slice() {
+                        [first, .., last] => format!(" (rounds {first:.2}–{last:.2})"),
+                        _ => String::new(),
+                    };
+                    (other > 0.0).then(|| format!("c={c} {:.2}×{spread}", herd / other))
                 })
                 .collect();
             if !parts.is_empty() {
@@ -266,6 +270,36 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
         "c: requests in flight. CPU: the proxy's user+system time over all its processes during the run; kernel %: the system time's share of it (10 ms ticks). RSS: summed over its processes, after start (idle), after the run (end), highest (peak, VmHWM). Non-2xx: wrk counts status ≥ 400, h2load anything but 2xx."
     );
     out
+}
+
+/// herd's req/s over `peer`'s in each round where both ran (interleaved, so a slow patch of the
+/// machine hits both), sorted.
+fn round_ratios(
+    results: &ProxyResults,
+    scenario: Scenario,
+    concurrency: u32,
+    peer: TargetKind,
+) -> Vec<f64> {
+    let rps = |target, round| {
+        results
+            .runs
+            .iter()
+            .find(|r| {
+                r.scenario == scenario
+                    && r.concurrency == concurrency
+                    && r.target == target
+                    && r.round == round
+                    && r.succeeded()
+            })
+            .map(|r| r.load.rps)
+    };
+    let mut ratios: Vec<f64> = (1..=results.options.rounds)
+        .filter_map(|round| Some((rps(TargetKind::Herd, round)?, rps(peer, round)?)))
+        .filter(|&(_, other)| other > 0.0)
+        .map(|(herd, other)| herd / other)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios
 }
 
 /// The CPU per request of every part of the machine beside each target, and how many CPUs were
@@ -571,7 +605,7 @@ mod tests {
                 concurrency: vec![64],
                 duration: Duration::from_secs(10),
                 warmup: Duration::ZERO,
-                rounds: 1,
+                rounds: 2,
                 threads: 2,
                 h2_streams: 1,
                 upstream: crate::bench::targets::UpstreamServer::HerdWorker,
@@ -582,11 +616,18 @@ mod tests {
                 run(TargetKind::Direct, 1, 50_000.0, 2.0),
                 held(TargetKind::Herd, 0.984, 0.4),
                 held(TargetKind::Haproxy, 0.5, 0.0),
+                run(TargetKind::Herd, 2, 30_000.0, 5.0),
+                run(TargetKind::Haproxy, 2, 20_000.0, 5.0),
             ],
             gateway: None,
         };
         let table = proxy_markdown(&results);
         assert!(table.contains("Every proxy held to 0.25 CPU"), "{table}");
+        // Medians 25k / 20k; per round 20k / 20k and 30k / 20k.
+        assert!(
+            table.contains("herd / haproxy req/s: c=64 1.25× (rounds 1.00–1.50)"),
+            "{table}"
+        );
         assert!(table.contains("| herd | 64 | 98 | 40 |"), "{table}");
         assert!(
             table.contains("| haproxy | 64 | 50 (not bound by its budget"),
