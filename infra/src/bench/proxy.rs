@@ -5,7 +5,8 @@
 //! each target up, then for each round, for each concurrency, for each target in turn (so a slow
 //! patch of the shared machine hits every target alike), one bounded load run. Each run records
 //! the load generator's figures and the proxy's CPU seconds and memory (see [`super::sample`]).
-//! Everything is stopped before the next scenario starts.
+//! Everything is stopped before the next scenario starts. With `proxy_cpus` every proxy starts
+//! inside a CPU budget of its own ([`super::cpu_budget`]), so that it alone bounds req/s.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

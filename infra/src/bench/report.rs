@@ -1,7 +1,8 @@
 //! The Markdown tables of `herd bench`: per scenario, the median over rounds of every
 //! (target, concurrency), the latency herd adds over going direct, the proxies' CPU per request
 //! and memory, what the rest of the machine spent per request beside each (the upstreams, the
-//! load generator), then herd's throughput as a ratio of HAProxy's and nginx's.
+//! load generator), with a CPU budget how much of it each proxy used, then herd's throughput as
+//! a ratio of HAProxy's and nginx's (and the range of those ratios round by round).
 
 use std::fmt::Write;
 
