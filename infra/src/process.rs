@@ -82,7 +82,8 @@ impl Spec {
     pub fn in_cgroup(self, procs: &Path) -> Self {
         let mut args = vec![
             "-c".to_string(),
-            r#"echo $$ > "$0" && exec "$@""#.to_string(),
+            r#"echo $$ > "$0" || { echo "cannot enter the cgroup of $0" >&2; exit 125; }; exec "$@""#
+                .to_string(),
             procs.display().to_string(),
             self.program.display().to_string(),
         ];

@@ -306,20 +306,22 @@ fn bench_proxy_runs_in_front_of_a_plain_hyper_upstream() {
 /// gone afterwards; a budget out of range is a usage error before anything starts.
 #[test]
 fn bench_proxy_holds_every_proxy_to_the_same_cpu_budget() {
+    let dir = temp_dir();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    for out_of_range in ["1.5", "0.05"] {
+        let refused = herd(&["bench", "proxy", "--proxy-cpus", out_of_range], &tmp);
+        assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("--proxy-cpus must be from 0.1 to 1"),
+            "{}",
+            describe(&refused)
+        );
+    }
     if let Err(why) = cgroup_can_be_made() {
         eprintln!("SKIPPED: no cgroup with the cpu controller can be made here: {why}");
         return;
     }
-    let dir = temp_dir();
-    let tmp = dir.path().join("tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    let refused = herd(&["bench", "proxy", "--proxy-cpus", "1.5"], &tmp);
-    assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("--proxy-cpus must be from 0.05 to 1"),
-        "{}",
-        describe(&refused)
-    );
 
     let json = dir.path().join("budget.json");
     let output = herd(
@@ -371,12 +373,6 @@ fn bench_proxy_holds_every_proxy_to_the_same_cpu_budget() {
         let used = run["budget_used"].as_f64().unwrap();
         assert!((0.75..=1.1).contains(&used), "budget used {used}: {run}");
         assert!(run["throttled_share"].as_f64().unwrap() > 0.5, "{run}");
-        let cpu_us = run["cpu_seconds"].as_f64().unwrap() * 1e6 / run["requests"].as_f64().unwrap();
-        let rps = run["rps"].as_f64().unwrap();
-        assert!(
-            rps * cpu_us / 1e6 <= 0.2 * 1.1,
-            "{rps} req/s at {cpu_us} µs: over the budget"
-        );
     }
     let left: Vec<String> = [
         "/sys/fs/cgroup",
@@ -400,11 +396,14 @@ fn cgroup_can_be_made() -> Result<(), String> {
     let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
         .is_ok_and(|controllers| controllers.split_whitespace().any(|c| c == "cpu"));
     let root = if v2 {
+        // The bench turns the controller on for the root's children: try that too.
+        std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+cpu")
+            .map_err(|error| format!("/sys/fs/cgroup/cgroup.subtree_control: {error}"))?;
         PathBuf::from("/sys/fs/cgroup")
     } else {
-        ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"]
+        ["cpu", "cpu,cpuacct", "cpuacct,cpu"]
             .iter()
-            .map(PathBuf::from)
+            .map(|name| Path::new("/sys/fs/cgroup").join(name))
             .find(|dir| dir.join("cpu.cfs_quota_us").exists())
             .ok_or("no cpu controller under /sys/fs/cgroup")?
     };

@@ -26,9 +26,10 @@ use crate::process::Spec;
 /// share; 10 ms keeps the kernel's accounting per period negligible.
 pub const PERIOD: Duration = Duration::from_millis(10);
 
-/// Smallest and largest budget accepted, in CPUs. Above one CPU nginx's single worker process
-/// could not use its budget while the multi-threaded proxies could.
-pub const CPUS: std::ops::RangeInclusive<f64> = 0.05..=1.0;
+/// Smallest and largest budget accepted, in CPUs. The kernel's smallest quota is 1 ms, a tenth
+/// of [`PERIOD`]; above one CPU nginx's single worker process could not use its budget while
+/// the multi-threaded proxies could.
+pub const BUDGET_RANGE: std::ops::RangeInclusive<f64> = 0.1..=1.0;
 
 /// Where the cgroup file systems are mounted.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -54,6 +55,16 @@ pub struct Throttling {
     pub throttled: u64,
 }
 
+impl Throttling {
+    /// The share of the periods since `before` in which the processes were held back; `None`
+    /// without a period since.
+    pub fn share_since(&self, before: Throttling) -> Option<f64> {
+        let periods = self.periods.checked_sub(before.periods)?;
+        let throttled = self.throttled.checked_sub(before.throttled)?;
+        (periods > 0).then(|| throttled as f64 / periods as f64)
+    }
+}
+
 /// The cgroup layout found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Hierarchy {
@@ -63,6 +74,18 @@ enum Hierarchy {
     V1(PathBuf),
 }
 
+/// Checks a budget against [`BUDGET_RANGE`]; the error names the flag and the rule.
+pub fn check_cpus(cpus: f64) -> Result<(), String> {
+    if BUDGET_RANGE.contains(&cpus) {
+        return Ok(());
+    }
+    Err(format!(
+        "--proxy-cpus must be from {} to {} CPUs (a share of one CPU), not {cpus}",
+        BUDGET_RANGE.start(),
+        BUDGET_RANGE.end()
+    ))
+}
+
 impl CpuBudget {
     /// A new cgroup named `name` holding its processes to `cpus` CPUs.
     pub fn create(name: &str, cpus: f64) -> Result<CpuBudget, BenchError> {
@@ -70,13 +93,7 @@ impl CpuBudget {
     }
 
     fn create_in(root: &Path, name: &str, cpus: f64) -> Result<CpuBudget, BenchError> {
-        if !CPUS.contains(&cpus) {
-            return Err(BenchError::Usage(format!(
-                "--proxy-cpus must be from {} to {} CPUs, not {cpus}",
-                CPUS.start(),
-                CPUS.end()
-            )));
-        }
+        check_cpus(cpus).map_err(BenchError::Usage)?;
         let hierarchy = find_hierarchy(root).ok_or_else(|| {
             BenchError::Setup(format!(
                 "--proxy-cpus needs the cgroup `cpu` controller (cgroup v2 with `cpu` in {root}/cgroup.controllers, or a v1 `cpu` hierarchy at {root}/cpu), writable by this user (root)",
@@ -84,7 +101,7 @@ impl CpuBudget {
             ))
         })?;
         let period = PERIOD.as_micros() as u64;
-        let quota = ((cpus * period as f64).round() as u64).max(1_000);
+        let quota = (cpus * period as f64).round() as u64;
         let (parent, dir) = match &hierarchy {
             Hierarchy::V2(base) | Hierarchy::V1(base) => (base.clone(), base.join(name)),
         };
@@ -92,7 +109,7 @@ impl CpuBudget {
             // The controller must be on for the root's children; writing it again is harmless.
             write(&base.join("cgroup.subtree_control"), "+cpu")?;
         }
-        fs::create_dir(&dir).map_err(|source| BenchError::io("create the cgroup", &dir, source))?;
+        fs::create_dir(&dir).map_err(|error| setup_error("create the cgroup", &dir, &error))?;
         let budget = CpuBudget { dir, parent, cpus };
         match hierarchy {
             Hierarchy::V2(_) => write(&budget.dir.join("cpu.max"), &format!("{quota} {period}"))?,
@@ -135,11 +152,17 @@ impl Drop for CpuBudget {
             match fs::remove_dir(&self.dir) {
                 Ok(()) => return,
                 Err(error) if error.kind() == io::ErrorKind::NotFound => return,
-                Err(_) if attempt < 49 => std::thread::sleep(Duration::from_millis(20)),
-                Err(error) => eprintln!(
-                    "herd bench: cannot remove the cgroup {}: {error}",
-                    self.dir.display()
-                ),
+                // Still has a task (EBUSY): a killed process on its way out.
+                Err(error) if error.kind() == io::ErrorKind::ResourceBusy && attempt < 49 => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(error) => {
+                    eprintln!(
+                        "herd bench: cannot remove the cgroup {}: {error}",
+                        self.dir.display()
+                    );
+                    return;
+                }
             }
         }
     }
@@ -173,7 +196,15 @@ fn parse_throttling(stat: &str) -> Option<Throttling> {
 }
 
 fn write(path: &Path, value: &str) -> Result<(), BenchError> {
-    fs::write(path, value).map_err(|source| BenchError::io("write", path, source))
+    fs::write(path, value).map_err(|error| setup_error("write", path, &error))
+}
+
+/// A cgroup that cannot be set up: what failed, and what `--proxy-cpus` needs.
+fn setup_error(what: &str, path: &Path, error: &io::Error) -> BenchError {
+    BenchError::Setup(format!(
+        "--proxy-cpus: cannot {what} {}: {error} (needs root, and a cgroup hierarchy with the `cpu` controller in which this process may create children)",
+        path.display()
+    ))
 }
 
 #[cfg(test)]
@@ -203,6 +234,8 @@ mod tests {
         assert_eq!(spec.args[2], dir.join("cgroup.procs").display().to_string());
         assert_eq!(&spec.args[3..], ["/bin/true", "x"]);
         assert_eq!(budget.cpus(), 0.25);
+        // Not a cgroup: its files would stop the removal.
+        std::mem::forget(budget);
     }
 
     #[test]
@@ -211,16 +244,18 @@ mod tests {
         let cpu = root.path().join("cpu,cpuacct");
         fs::create_dir(&cpu).unwrap();
         fs::write(cpu.join("cpu.cfs_quota_us"), "-1").unwrap();
-        let _budget = CpuBudget::create_in(root.path(), "bench-v1", 0.5).unwrap();
+        let budget = CpuBudget::create_in(root.path(), "bench-v1", 0.1).unwrap();
         let dir = cpu.join("bench-v1");
         assert_eq!(
             fs::read_to_string(dir.join("cpu.cfs_period_us")).unwrap(),
             "10000"
         );
+        // The kernel's smallest quota, 1 ms, is the smallest budget.
         assert_eq!(
             fs::read_to_string(dir.join("cpu.cfs_quota_us")).unwrap(),
-            "5000"
+            "1000"
         );
+        std::mem::forget(budget);
     }
 
     #[test]
@@ -232,7 +267,7 @@ mod tests {
             error.to_string().contains("cgroup `cpu` controller"),
             "{error}"
         );
-        for cpus in [0.0, 0.01, 1.5, f64::NAN] {
+        for cpus in [0.0, 0.05, 0.099, 1.5, f64::NAN] {
             let error = CpuBudget::create_in(root.path(), "x", cpus).unwrap_err();
             assert!(
                 error.to_string().contains("--proxy-cpus must be"),
@@ -260,22 +295,41 @@ mod tests {
             })
         );
         assert_eq!(parse_throttling("nr_periods_x 1\n"), None);
+        let before = Throttling {
+            periods: 100,
+            throttled: 10,
+        };
+        let after = Throttling {
+            periods: 300,
+            throttled: 160,
+        };
+        assert_eq!(after.share_since(before), Some(0.75));
+        assert_eq!(before.share_since(before), None);
+        assert_eq!(before.share_since(after), None);
     }
 
-    /// On this machine's real cgroups (skipped, saying why, where none can be made: no `cpu`
-    /// controller, or not root): a spinning process held to a tenth of a CPU gets no more, and
-    /// the cgroup is gone after the drop.
+    /// On this machine's real cgroups (skipped, saying why, where the `cpu` hierarchy is
+    /// missing or this user may not create in it): a spinning process held to a tenth of a CPU
+    /// gets no more, and the cgroup is gone after the drop.
     #[test]
     fn the_kernel_holds_a_spinning_process_to_its_budget() {
-        let dir = tempfile::tempdir().unwrap();
         let name = format!("herd-test-{}", std::process::id());
-        let budget = match CpuBudget::create(&name, 0.1) {
-            Ok(budget) => budget,
-            Err(error) => {
-                eprintln!("SKIPPED: no CPU budget can be made here: {error}");
-                return;
-            }
+        let Some(Hierarchy::V1(base) | Hierarchy::V2(base)) =
+            find_hierarchy(Path::new(CGROUP_ROOT))
+        else {
+            eprintln!("SKIPPED: no cgroup cpu controller under {CGROUP_ROOT}");
+            return;
         };
+        let probe = base.join(&name);
+        if let Err(error) = fs::create_dir(&probe).and_then(|()| fs::remove_dir(&probe)) {
+            eprintln!(
+                "SKIPPED: cannot create a cgroup in {}: {error}",
+                base.display()
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let budget = CpuBudget::create(&name, 0.1).unwrap();
         let spinner = crate::process::Process::spawn(
             &budget.start_inside(
                 Spec::new("spin", "sh", dir.path())

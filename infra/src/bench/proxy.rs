@@ -395,11 +395,7 @@ fn run_scenario(
                 let after = target.usage();
                 let throttled_share = throttling_before
                     .zip(target.budget().and_then(CpuBudget::throttling))
-                    .and_then(|(before, after)| {
-                        let periods = after.periods.checked_sub(before.periods)?;
-                        let throttled = after.throttled.checked_sub(before.throttled)?;
-                        (periods > 0).then(|| throttled as f64 / periods as f64)
-                    });
+                    .and_then(|(before, after)| after.share_since(before));
                 let upstream_cpu_seconds = upstream_before
                     .zip(upstreams.cpu_seconds())
                     .map(|(before, after)| (after - before).max(0.0));

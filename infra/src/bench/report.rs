@@ -232,7 +232,7 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
         }
         machine_split(&mut out, &rows);
         if options.proxy_cpus.is_some() {
-            budget_used(&mut out, &rows);
+            budget_table(&mut out, &rows);
         }
         let mut ratios = Vec::new();
         for peer in [TargetKind::Haproxy, TargetKind::Nginx] {
@@ -348,7 +348,7 @@ fn machine_split(out: &mut String, rows: &[Row]) {
 /// How much of its CPU budget each proxy used, and how often the quota held it back: a run
 /// whose proxy used less than [`BUDGET_BOUND`] of its budget was bound by the rest of the
 /// machine, not by the budget, and is marked so.
-fn budget_used(out: &mut String, rows: &[Row]) {
+fn budget_table(out: &mut String, rows: &[Row]) {
     let _ = writeln!(
         out,
         "\nThe proxy's CPU budget (medians): used (its CPU over the budget for the run's length), and the share of the quota's periods in which it used its whole share and waited\n"

@@ -41,7 +41,23 @@ pub fn group_usage(group: u32) -> Usage {
 /// Reads the usage of each of `groups` (the pids of their leaders), in one pass over `/proc`.
 pub fn groups_usage(groups: &[u32]) -> Vec<Usage> {
     let mut usages = vec![Usage::default(); groups.len()];
-    for (pid, fields) in processes() {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return usages;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(fields) = parse_stat(&stat) else {
+            continue;
+        };
         let Some(index) = groups.iter().position(|&group| group == fields.pgrp) else {
             continue;
         };
@@ -55,20 +71,6 @@ pub fn groups_usage(groups: &[u32]) -> Vec<Usage> {
         }
     }
     usages
-}
-
-/// Every process of `/proc` whose `stat` could be read, with its fields (none where `/proc`
-/// cannot be read; a process that exits meanwhile is skipped).
-fn processes() -> impl Iterator<Item = (u32, StatFields)> {
-    fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
-            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            Some((pid, parse_stat(&stat)?))
-        })
 }
 
 /// CPU seconds of this process's children that have exited and been waited for, so far.

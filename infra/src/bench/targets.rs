@@ -273,7 +273,9 @@ pub struct Target {
     pub tls: Option<SocketAddr>,
     /// The proxy's process (group); `None` for direct.
     process: Option<Process>,
-    /// The CPU budget the proxy is held to (`--proxy-cpus`); dropped after the process.
+    /// The CPU budget the proxy is held to (`--proxy-cpus`). Declared after `process`, so
+    /// dropped after it (Rust drops fields in order): the cgroup is removed once the proxy is
+    /// killed.
     budget: Option<CpuBudget>,
 }
 
@@ -479,11 +481,11 @@ fn start_reference(
                     )
                     // One CPU or less: one thread (nginx runs one worker, herd one thread).
                     .replace(
-                        "nbthread 2",
+                        HAPROXY_THREADS,
                         if budget.is_some() {
                             "nbthread 1"
                         } else {
-                            "nbthread 2"
+                            HAPROXY_THREADS
                         },
                     ),
             )?;
@@ -643,6 +645,9 @@ fn nginx_tls((tls, addr): (&TlsFiles, SocketAddr)) -> String {
         tls.key.display()
     )
 }
+
+/// HAProxy's threads in `infra/bench/haproxy.cfg.in` (one under a CPU budget).
+const HAPROXY_THREADS: &str = "nbthread 2";
 
 /// HAProxy's configuration from `infra/bench/haproxy.cfg.in`.
 fn haproxy_config(pid: &Path, h1: SocketAddr, h2: SocketAddr, upstreams: &[SocketAddr]) -> String {
@@ -825,6 +830,8 @@ mod tests {
         );
         assert!(config.contains("    server up1 127.0.0.1:9001 check inter 500ms fall 2 rise 2\n    server up2 127.0.0.1:9002 check"), "{config}");
         assert!(config.contains("http-reuse always"));
+        // What a CPU budget replaces with one thread.
+        assert_eq!(config.matches(HAPROXY_THREADS).count(), 1, "{config}");
     }
 
     #[test]

@@ -262,7 +262,7 @@ pub struct BenchProxyArgs {
     /// (`herd bench upstream`, a minimal hyper server; not with the session scenario).
     #[arg(long, value_enum, default_value = "herd-worker", value_name = "SERVER")]
     pub upstream: UpstreamServer,
-    /// Hold every proxy to this much CPU (0.05 – 1; a cgroup CPU quota, as root), so that the
+    /// Hold every proxy to this much CPU (0.1 – 1; a cgroup CPU quota, as root), so that the
     /// proxy alone bounds req/s and each serves what that budget serves, as on a machine of its
     /// own; the report says how much of its budget each used. Unset: as much as it takes (the
     /// load generator and the upstreams share the machine's CPUs with it).
@@ -283,15 +283,8 @@ impl BenchProxyArgs {
                 humantime::format_duration(MAX_BENCH_DURATION)
             )));
         }
-        if let Some(cpus) = self.proxy_cpus
-            && !crate::bench::cpu_budget::CPUS.contains(&cpus)
-        {
-            let range = crate::bench::cpu_budget::CPUS;
-            return Err(CliError::Usage(format!(
-                "--proxy-cpus must be from {} to {} CPUs (a share of one CPU), not {cpus}",
-                range.start(),
-                range.end()
-            )));
+        if let Some(cpus) = self.proxy_cpus {
+            crate::bench::cpu_budget::check_cpus(cpus).map_err(CliError::Usage)?;
         }
         for (flag, empty) in [
             ("--concurrency", self.concurrency.is_empty()),
