@@ -62,34 +62,25 @@ impl Spec {
     /// The same command, run inside network namespace `netns` (`ip netns exec` execs it, so the
     /// pid is still the program's own).
     pub fn in_netns(self, netns: &str) -> Self {
-        let mut args = vec![
-            "netns".to_string(),
-            "exec".to_string(),
-            netns.to_string(),
-            self.program.display().to_string(),
-        ];
-        args.extend(self.args);
-        Spec {
-            program: "ip".into(),
-            args,
-            ..self
-        }
+        self.run_by("ip", ["netns", "exec", netns])
     }
 
     /// The same command, started inside the cgroup whose `cgroup.procs` file is `procs`: a shell
     /// writes its own pid there and execs the program (same pid), so the program and everything
     /// it starts run in the cgroup from their first instruction.
     pub fn in_cgroup(self, procs: &Path) -> Self {
-        let mut args = vec![
-            "-c".to_string(),
-            r#"echo $$ > "$0" || { echo "cannot enter the cgroup of $0" >&2; exit 125; }; exec "$@""#
-                .to_string(),
-            procs.display().to_string(),
-            self.program.display().to_string(),
-        ];
+        let script = r#"echo $$ > "$0" || { echo "cannot enter the cgroup of $0" >&2; exit 125; }; exec "$@""#;
+        self.run_by("sh", ["-c", script, &procs.display().to_string()])
+    }
+
+    /// The same command, run by `launcher` with `launcher_args` before it (a launcher that execs
+    /// it, so the pid stays the program's).
+    fn run_by<const N: usize>(self, launcher: &str, launcher_args: [&str; N]) -> Self {
+        let mut args: Vec<String> = launcher_args.iter().map(ToString::to_string).collect();
+        args.push(self.program.display().to_string());
         args.extend(self.args);
         Spec {
-            program: "sh".into(),
+            program: launcher.into(),
             args,
             ..self
         }
