@@ -318,7 +318,7 @@ fn bench_proxy_holds_every_proxy_to_the_same_cpu_budget() {
             describe(&refused)
         );
     }
-    if let Err(why) = cgroup_can_be_made() {
+    if let Err(why) = herd::bench::cpu_budget::can_be_made() {
         eprintln!("SKIPPED: no cgroup with the cpu controller can be made here: {why}");
         return;
     }
@@ -388,28 +388,6 @@ fn bench_proxy_holds_every_proxy_to_the_same_cpu_budget() {
     assert!(left.is_empty(), "cgroups left: {left:?}");
     assert_temp_dirs_removed(&tmp);
     assert_no_process_left(&tmp);
-}
-
-/// Whether a cgroup with the `cpu` controller can be made here (cgroup v2 with `cpu`, or the v1
-/// `cpu` hierarchy, as root), tried with an empty one.
-fn cgroup_can_be_made() -> Result<(), String> {
-    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
-        .is_ok_and(|controllers| controllers.split_whitespace().any(|c| c == "cpu"));
-    let root = if v2 {
-        // The bench turns the controller on for the root's children: try that too.
-        std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+cpu")
-            .map_err(|error| format!("/sys/fs/cgroup/cgroup.subtree_control: {error}"))?;
-        PathBuf::from("/sys/fs/cgroup")
-    } else {
-        ["cpu", "cpu,cpuacct", "cpuacct,cpu"]
-            .iter()
-            .map(|name| Path::new("/sys/fs/cgroup").join(name))
-            .find(|dir| dir.join("cpu.cfs_quota_us").exists())
-            .ok_or("no cpu controller under /sys/fs/cgroup")?
-    };
-    let probe = root.join(format!("herd-probe-{}", std::process::id()));
-    std::fs::create_dir(&probe).map_err(|error| format!("{}: {error}", probe.display()))?;
-    std::fs::remove_dir(&probe).map_err(|error| format!("{}: {error}", probe.display()))
 }
 
 #[test]

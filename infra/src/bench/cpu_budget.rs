@@ -168,6 +168,26 @@ impl Drop for CpuBudget {
     }
 }
 
+/// Whether this process can make a CPU budget here: a `cpu` hierarchy in which it may create a
+/// cgroup (tried with an empty one); the error says why not. For tests that need the kernel.
+pub fn can_be_made() -> Result<(), String> {
+    let root = Path::new(CGROUP_ROOT);
+    let base = match find_hierarchy(root) {
+        Some(Hierarchy::V2(base)) => {
+            // A budget turns the controller on for the root's children: try that too.
+            let control = base.join("cgroup.subtree_control");
+            fs::write(&control, "+cpu").map_err(|e| format!("{}: {e}", control.display()))?;
+            base
+        }
+        Some(Hierarchy::V1(base)) => base,
+        None => return Err(format!("no cgroup cpu controller under {CGROUP_ROOT}")),
+    };
+    let probe = base.join(format!("herd-probe-{}", std::process::id()));
+    fs::create_dir(&probe)
+        .and_then(|()| fs::remove_dir(&probe))
+        .map_err(|error| format!("{}: {error}", probe.display()))
+}
+
 /// The cgroup layout under `root` that has the `cpu` controller, v2 first.
 fn find_hierarchy(root: &Path) -> Option<Hierarchy> {
     let controllers = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
@@ -308,26 +328,16 @@ mod tests {
         assert_eq!(before.share_since(after), None);
     }
 
-    /// On this machine's real cgroups (skipped, saying why, where the `cpu` hierarchy is
-    /// missing or this user may not create in it): a spinning process held to a tenth of a CPU
-    /// gets no more, and the cgroup is gone after the drop.
+    /// On this machine's real cgroups (skipped, saying why, where [`can_be_made`] says no): a
+    /// spinning process held to a tenth of a CPU gets no more, and the cgroup is gone after the
+    /// drop.
     #[test]
     fn the_kernel_holds_a_spinning_process_to_its_budget() {
-        let name = format!("herd-test-{}", std::process::id());
-        let Some(Hierarchy::V1(base) | Hierarchy::V2(base)) =
-            find_hierarchy(Path::new(CGROUP_ROOT))
-        else {
-            eprintln!("SKIPPED: no cgroup cpu controller under {CGROUP_ROOT}");
-            return;
-        };
-        let probe = base.join(&name);
-        if let Err(error) = fs::create_dir(&probe).and_then(|()| fs::remove_dir(&probe)) {
-            eprintln!(
-                "SKIPPED: cannot create a cgroup in {}: {error}",
-                base.display()
-            );
+        if let Err(why) = can_be_made() {
+            eprintln!("SKIPPED: no CPU budget can be made here: {why}");
             return;
         }
+        let name = format!("herd-test-{}", std::process::id());
         let dir = tempfile::tempdir().unwrap();
         let budget = CpuBudget::create(&name, 0.1).unwrap();
         let spinner = crate::process::Process::spawn(

@@ -489,6 +489,22 @@ mod tests {
         assert_eq!(thousands(1000.0), "1,000");
     }
 
+    /// Options of a hello run at c=64, 10 s per run.
+    fn hello_at_64(targets: Vec<TargetKind>, rounds: u32, proxy_cpus: Option<f64>) -> ProxyOptions {
+        ProxyOptions {
+            scenarios: vec![Scenario::Hello],
+            targets,
+            concurrency: vec![64],
+            duration: Duration::from_secs(10),
+            warmup: Duration::ZERO,
+            rounds,
+            threads: 2,
+            h2_streams: 1,
+            upstream: crate::bench::targets::UpstreamServer::HerdWorker,
+            proxy_cpus,
+        }
+    }
+
     fn run(target: TargetKind, round: u32, rps: f64, p99: f64) -> Run {
         Run {
             scenario: Scenario::Hello,
@@ -518,23 +534,16 @@ mod tests {
     #[test]
     fn table_has_medians_added_latency_and_ratios() {
         let results = ProxyResults {
-            options: ProxyOptions {
-                scenarios: vec![Scenario::Hello],
-                targets: vec![
+            options: hello_at_64(
+                vec![
                     TargetKind::Direct,
                     TargetKind::Herd,
                     TargetKind::Haproxy,
                     TargetKind::Nginx,
                 ],
-                concurrency: vec![64],
-                duration: Duration::from_secs(10),
-                warmup: Duration::ZERO,
-                rounds: 3,
-                threads: 2,
-                h2_streams: 1,
-                upstream: crate::bench::targets::UpstreamServer::HerdWorker,
-                proxy_cpus: None,
-            },
+                3,
+                None,
+            ),
             idle_rss_kib: BTreeMap::from([(
                 Scenario::Hello,
                 BTreeMap::from([(TargetKind::Herd, 5120)]),
@@ -600,18 +609,11 @@ mod tests {
             ..run(target, 1, 20_000.0, 5.0)
         };
         let results = ProxyResults {
-            options: ProxyOptions {
-                scenarios: vec![Scenario::Hello],
-                targets: vec![TargetKind::Direct, TargetKind::Herd, TargetKind::Haproxy],
-                concurrency: vec![64],
-                duration: Duration::from_secs(10),
-                warmup: Duration::ZERO,
-                rounds: 2,
-                threads: 2,
-                h2_streams: 1,
-                upstream: crate::bench::targets::UpstreamServer::HerdWorker,
-                proxy_cpus: Some(0.25),
-            },
+            options: hello_at_64(
+                vec![TargetKind::Direct, TargetKind::Herd, TargetKind::Haproxy],
+                2,
+                Some(0.25),
+            ),
             idle_rss_kib: BTreeMap::new(),
             runs: vec![
                 run(TargetKind::Direct, 1, 50_000.0, 2.0),
