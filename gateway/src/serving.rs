@@ -36,8 +36,10 @@
 //!
 //! Limits on clients (docs/security.md): a new connection over `limits.max_connections` gets one
 //! 503, one over `limits.max_connections_per_client` from its address one 429, both JSON with
-//! `Connection: close`. The per-address count is one map over all threads (`PerClient`), since
-//! a client's connections land on any thread. Every client socket is a
+//! `Connection: close`, after a second look once the client has sent something
+//! (`Clients::admit_later`: connections closed just before may not have been seen closing yet).
+//! The per-address count is one map over all threads (`PerClient`), since a client's
+//! connections land on any thread. Every client socket is a
 //! [`crate::client_io::ClientIo`]: head, idle and send timeouts, and the framing check whose
 //! finding the service answers here with a 400.
 
@@ -494,6 +496,69 @@ impl Clients {
 
     /// Answers every request of a connection over a limit with `error` (503 or 429) and closes
     /// it.
+    /// Counts a new connection against its client's limit, unless it is over
+    /// `limits.max_connections` (`open` connections in all, this one included) or that one.
+    fn admit(&self, slot: &mut ConnectionSlot, open: usize, ip: IpAddr) -> Result<(), OverLimit> {
+        if open > self.max_connections {
+            return Err(OverLimit::Connections);
+        }
+        if let Some(per_client) = &self.per_client {
+            slot.client = Some(per_client.take(ip).ok_or(OverLimit::ClientConnections)?);
+        }
+        Ok(())
+    }
+
+    /// A new connection that was over a limit when accepted, looked at again once its client has
+    /// sent something and this thread has run what was woken with it, then served or refused.
+    ///
+    /// Connections their clients have closed count until the gateway reads their end, and a
+    /// burst of new connections can be accepted before the ends that arrived with them: a
+    /// client that closed its connections and at once opened as many new ones was told 429 for
+    /// connections it no longer had (`herd bench proxy --proxy-cpus`, where the gateway runs in
+    /// bursts, saw it between two loads). The refusal waits for the client's first bytes anyway
+    /// (it answers a request), so the second look costs a refused client nothing more; one that
+    /// sends nothing within `timeouts.request_head` is closed, as before.
+    async fn admit_later(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        mut slot: ConnectionSlot,
+        secure: bool,
+        over: OverLimit,
+    ) {
+        let sent = tokio::time::timeout(self.timeouts.head, stream.readable()).await;
+        let mut over = over;
+        if let Ok(Ok(())) = sent {
+            // Behind the tasks woken with it first (the connections whose end came in the same
+            // batch), then a few pauses for the other threads to read theirs.
+            tokio::task::yield_now().await;
+            let mut pauses = ADMIT_AGAIN_AFTER.iter();
+            loop {
+                let open = self.occupancy.total.load(Ordering::Relaxed);
+                match self.admit(&mut slot, open, peer.ip()) {
+                    Ok(()) => return self.serve(stream, peer, slot, secure, Opening::New),
+                    Err(still) => over = still,
+                }
+                let Some(&pause) = pauses.next() else { break };
+                tokio::time::sleep(pause).await;
+            }
+        }
+        let refused = match over {
+            OverLimit::Connections => &self.metrics.connections_refused,
+            OverLimit::ClientConnections => &self.metrics.connections_refused_per_client,
+        };
+        refused.inc();
+        // A TLS client can't read a cleartext answer: it is closed before its handshake.
+        if secure || !matches!(sent, Ok(Ok(()))) {
+            return;
+        }
+        let error = match over {
+            OverLimit::Connections => || GatewayError::TooManyConnections,
+            OverLimit::ClientConnections => || GatewayError::TooManyClientConnections,
+        };
+        self.serve_refusal(stream, slot, error);
+    }
+
     fn serve_refusal(&self, stream: TcpStream, slot: ConnectionSlot, error: fn() -> GatewayError) {
         let metrics = self.metrics.clone();
         let service = service_fn(move |_request: hyper::Request<Incoming>| {
@@ -513,6 +578,25 @@ impl Clients {
             drop(slot);
         });
     }
+}
+
+/// The pauses between the looks at a connection over a limit ([`Clients::admit_later`]): 31
+/// ms in all, a few of the periods in which a gateway held to a CPU quota is held back.
+const ADMIT_AGAIN_AFTER: [Duration; 5] = [
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(16),
+];
+
+/// The limit a new connection is over.
+#[derive(Debug, Clone, Copy)]
+enum OverLimit {
+    /// `limits.max_connections`: 503.
+    Connections,
+    /// `limits.max_connections_per_client`: 429.
+    ClientConnections,
 }
 
 /// How far a connection got before a thread serves it.
@@ -1176,28 +1260,15 @@ impl ServingThread {
         if secure {
             slot.fix();
         }
-        if slot.total > clients.max_connections {
+        let open = slot.total;
+        if let Err(over) = clients.admit(&mut slot, open, peer.ip()) {
             slot.move_to(self.index);
-            clients.metrics.connections_refused.inc();
-            // A TLS client can't read a cleartext 503: it is closed before its handshake.
-            if !secure {
-                clients.serve_refusal(stream, slot, || GatewayError::TooManyConnections);
-            }
+            tokio::spawn(
+                clients
+                    .clone()
+                    .admit_later(stream, peer, slot, secure, over),
+            );
             return;
-        }
-        if let Some(per_client) = &clients.per_client {
-            match per_client.take(peer.ip()) {
-                Some(client) => slot.client = Some(client),
-                None => {
-                    slot.move_to(self.index);
-                    clients.metrics.connections_refused_per_client.inc();
-                    if !secure {
-                        let error = || GatewayError::TooManyClientConnections;
-                        clients.serve_refusal(stream, slot, error);
-                    }
-                    return;
-                }
-            }
         }
         if target == self.index {
             clients.serve(stream, peer, slot, secure, Opening::New);

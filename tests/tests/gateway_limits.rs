@@ -1,6 +1,8 @@
 //! A gateway that runs out of file descriptors: it keeps serving the connections it has, waits
 //! instead of spinning on failed accepts, and serves the queued connections as soon as some
-//! close. The limit is lowered on the real gateway process with `prlimit`.
+//! close. The limit is lowered on the real gateway process with `prlimit`. And a client at its
+//! connection cap that swaps all its connections while the gateway is stopped (SIGSTOP) is served
+//! on the new ones.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -117,4 +119,88 @@ async fn a_gateway_out_of_file_descriptors_waits_and_serves_the_queue_when_some_
         .unwrap();
     let head = read_head(&mut queued).expect("the queued request is answered");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
+}
+
+/// Continues a stopped process when dropped, also when the test fails while it is stopped.
+struct Continue(u32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+/// A client at its connection cap (`limits.max_connections_per_client`) that closes all its
+/// connections and at once opens as many new ones is served on every new one: connections it
+/// closed no longer count, even when the gateway finds the new connections and the old ones'
+/// ends in one batch. The gateway is stopped (SIGSTOP) while the client swaps its connections,
+/// so that it does, as a gateway held to a CPU quota did under `herd bench proxy
+/// --proxy-cpus` (where it answered 429 to a load that followed another). The cap still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_swaps_its_connections_at_its_cap_is_served_on_the_new_ones() {
+    const CAP: usize = 64;
+    let cluster = Cluster::start(ClusterOptions {
+        workers: 1,
+        gateway_env: vec![(
+            "HERD_GATEWAY_LIMITS__MAX_CONNECTIONS_PER_CLIENT".into(),
+            CAP.to_string(),
+        )],
+        ..ClusterOptions::default()
+    })
+    .await;
+    let pid = cluster.gateway.process.pid();
+    let public = cluster.gateway.public;
+    let open = |count: usize| -> Vec<TcpStream> {
+        (0..count)
+            .map(|_| TcpStream::connect(public).unwrap())
+            .collect()
+    };
+
+    for round in 0..3 {
+        let mut old = open(CAP);
+        for stream in &mut old {
+            let head = answered(stream, Duration::from_secs(5)).expect("an answer");
+            assert!(head.starts_with("HTTP/1.1 200"), "round {round}: {head}");
+        }
+        let stopped = Continue(pid);
+        signal(pid, "STOP");
+        drop(old);
+        let mut new = open(CAP);
+        for stream in &mut new {
+            stream.write_all(REQUEST).unwrap();
+        }
+        // The ends and the new connections all wait in the kernel for the gateway.
+        std::thread::sleep(Duration::from_millis(200));
+        drop(stopped);
+        let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+        for stream in &mut new {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let status = read_head(stream)
+                .and_then(|head| head.split(' ').nth(1).map(str::to_owned))
+                .unwrap_or_else(|| "no answer".into());
+            *statuses.entry(status).or_default() += 1;
+        }
+        assert_eq!(
+            statuses,
+            [("200".to_owned(), CAP)].into(),
+            "round {round}: the new connections' answers"
+        );
+
+        // With the new ones held, the cap holds: one more gets a 429.
+        let mut over = TcpStream::connect(public).unwrap();
+        let head = answered(&mut over, Duration::from_secs(5)).expect("an answer");
+        assert!(head.starts_with("HTTP/1.1 429"), "round {round}: {head}");
+    }
 }
