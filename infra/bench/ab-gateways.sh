@@ -24,6 +24,10 @@
 # RATE=N offers N requests per second in all (h2load `--rps`, spread over the connections, which
 # send in step: bursts; h2load for HTTP/1.1 too) instead of as many as the targets take: every
 # target then serves the same load, below what saturates the box (docs/performance.md, section 25).
+# CPUS=C (0.1 to 1) starts the peer and each gateway inside a cgroup of its own with a quota of C
+# CPUs (cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`, period 10 ms), as `herd bench proxy
+# --proxy-cpus` does: the proxy alone is then the bound (docs/performance.md, section 27). One
+# event loop each: HAProxy gets `nbthread 1`, herd-gateway picks one thread from the quota.
 # Uses loopback ports 18081-18082 (workers), 18079 (Redis), 18090-18091 (the peer), 18100+
 # (gateways); everything it starts is stopped on exit. Needs wrk (h2: h2load), the peer, bc,
 # curl (session: redis-server) and herd-worker (WORKER_BINARY, default a release build).
@@ -38,6 +42,8 @@ rounds=$1 duration=$2 connections=$3; shift 3
 scenario=${SCENARIO:-hello} peer=${PEER:-haproxy} rate=${RATE:-}
 case $scenario in hello | session | h2) ;; *) echo "SCENARIO: hello, session or h2, not $scenario" >&2; exit 2 ;; esac
 case $peer in haproxy | nginx) ;; *) echo "PEER: haproxy or nginx, not $peer" >&2; exit 2 ;; esac
+cpus=${CPUS:-}
+[[ -z $cpus || $cpus =~ ^(0\.[1-9][0-9]*|1(\.0*)?)$ ]] || { echo "CPUS: a share of one CPU from 0.1 to 1, not $cpus" >&2; exit 2; }
 [[ -z $rate || $rate =~ ^[1-9][0-9]{0,6}$ ]] || { echo "RATE: requests per second, a whole number from 1, not $rate" >&2; exit 2; }
 for gateway in "$@"; do
   [ -x "$gateway" ] || { echo "no executable at $gateway" >&2; exit 2; }
@@ -47,13 +53,35 @@ source "$root/infra/bench/common.sh"
 worker=${WORKER_BINARY:-$root/target/release/herd-worker}
 [ -x "$worker" ] || { echo "no executable at $worker (WORKER_BINARY)" >&2; exit 2; }
 dir=$(mktemp -d)
-pids=()
+pids=() cgroups=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  for cgroup in "${cgroups[@]}"; do rmdir "$cgroup" 2>/dev/null || true; done
   rm -rf "$dir"
 }
 trap cleanup EXIT INT TERM
+
+# `budgeted COMMAND...` runs COMMAND in the background, inside a new cgroup with CPUS' quota
+# when CPUS is set.
+budgeted() {
+  if [ -z "$cpus" ]; then
+    "$@" &
+    return
+  fi
+  local cgroup quota
+  quota=$(awk -v c="$cpus" 'BEGIN {printf "%d", c * 10000}')
+  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+    echo +cpu >/sys/fs/cgroup/cgroup.subtree_control
+    cgroup=/sys/fs/cgroup/herd-ab-$$-${#cgroups[@]}
+    mkdir "$cgroup" && echo "$quota 10000" >"$cgroup/cpu.max"
+  else
+    cgroup=/sys/fs/cgroup/cpu/herd-ab-$$-${#cgroups[@]}
+    mkdir "$cgroup" && echo 10000 >"$cgroup/cpu.cfs_period_us" && echo "$quota" >"$cgroup/cpu.cfs_quota_us"
+  fi
+  cgroups+=("$cgroup")
+  sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$cgroup" "$@" &
+}
 
 app=(HERD_WORKER_APP=hello)
 path=/
@@ -73,18 +101,19 @@ if [ "$peer" = haproxy ]; then
   servers='    server w1 127.0.0.1:18081 check inter 500ms\n    server w2 127.0.0.1:18082 check inter 500ms'
   sed -e "s|{PID}|$dir/haproxy.pid|" -e "s|{PORT}|18090|" -e "s|{H2PORT}|18091|" \
     -e "s|{SERVERS}|$servers|" -e "s|{TLS}||" "$root/infra/bench/haproxy.cfg.in" >"$dir/haproxy.cfg"
-  haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.log" 2>&1 &
+  [ -n "$cpus" ] && sed -i 's/nbthread 2/nbthread 1/' "$dir/haproxy.cfg"
+  budgeted haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.log" 2>&1
 else
   nginx_conf "$dir" 18090 18091 127.0.0.1:18081 127.0.0.1:18082 >"$dir/nginx.conf"
-  nginx -c "$dir/nginx.conf" -p "$dir" >"$dir/nginx.log" 2>&1 &
+  budgeted nginx -c "$dir/nginx.conf" -p "$dir" >"$dir/nginx.log" 2>&1
 fi
 pids+=($!)
 names=("$peer") ports=($([ "$scenario" = h2 ] && echo 18091 || echo 18090)) targets=($!)
 port=18100
 for gateway in "$@"; do
-  HERD_GATEWAY_LISTEN=127.0.0.1:$port HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:$((port + 1)) \
+  budgeted env HERD_GATEWAY_LISTEN=127.0.0.1:$port HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:$((port + 1)) \
     HERD_GATEWAY_WORKERS=127.0.0.1:18081,127.0.0.1:18082 HERD_GATEWAY_REGISTRY__ENABLED=false \
-    HERD_LOG=warn "$gateway" >"$dir/gw$port.log" 2>&1 &
+    HERD_LOG=warn "$gateway" >"$dir/gw$port.log" 2>&1
   pids+=($!)
   names+=("$gateway") ports+=("$port") targets+=($!)
   port=$((port + 10))
@@ -181,7 +210,7 @@ for round in $(seq "$rounds"); do
 done
 # Against the first gateway, round by round (the VM's speed drifts between rounds; a ratio
 # within one round does not), then the median of those ratios.
-awk -v n="${#names[@]}" -v names="${names[*]}" -v cpus="$(nproc)" '
+awk -v n="${#names[@]}" -v names="${names[*]}" -v cpus="$(nproc)" -v budget="$cpus" '
   { rps[$1, $2] = $3; us[$1, $2] = $4; up[$1, $2] = $5; tool[$1, $2] = $6; sys[$1, $2] = $7
     if ($1 > rounds) rounds = $1 }
   function median(a, k,   i, j, t) {
@@ -202,9 +231,11 @@ awk -v n="${#names[@]}" -v names="${names[*]}" -v cpus="$(nproc)" '
     for (r = 1; r <= rounds; r++) { a[r] = us[r, g]; b[r] = sys[r, g]; c[r] = up[r, g]; d[r] = tool[r, g]; e[r] = rps[r, g] }
     proxy[g] = median(a, rounds); kernel[g] = median(b, rounds); rest[g] = median(c, rounds) + median(d, rounds)
     served[g] = median(e, rounds)
-    printf "%s: proxy %.1f (kernel %.1f) + upstream side %.1f + load generator %.1f = %.1f µs per request at %.0f req/s: %.2f of %d CPUs busy\n",
+    printf "%s: proxy %.1f (kernel %.1f) + upstream side %.1f + load generator %.1f = %.1f µs per request at %.0f req/s: %.2f of %d CPUs busy",
       name[g + 1], proxy[g], kernel[g], median(c, rounds), median(d, rounds), proxy[g] + rest[g], served[g],
       (proxy[g] + rest[g]) * served[g] / 1e6, cpus
+    if (budget != "") printf "; proxy budget used %.0f %%", 100 * proxy[g] * served[g] / 1e6 / budget
+    printf "\n"
   }
   END {
     split(names, name, " ")
@@ -218,6 +249,12 @@ awk -v n="${#names[@]}" -v names="${names[*]}" -v cpus="$(nproc)" '
     for (g = 1; g < n; g++) {
       if (served[g] >= 1.2 * served[0]) {
         printf "%s: 1.2x %s'"'"'s req/s met (%.2fx)\n", name[g + 1], name[1], served[g] / served[0]
+        continue
+      }
+      if (budget != "") {
+        # Under a budget the proxy is the bound: req/s is the budget over its CPU per request.
+        printf "%s: 1.2x %s'"'"'s req/s would need the proxy at %.1f µs per request on its %s CPUs (its kernel part now: %.1f)\n",
+          name[g + 1], name[1], budget * 1e6 / (1.2 * served[0]), budget, kernel[g]
         continue
       }
       need = (proxy[g] + rest[g]) * served[g] / (1.2 * served[0]) - rest[g]

@@ -100,6 +100,10 @@ impl CpuBudget {
                 root = root.display()
             ))
         })?;
+        let base = match &hierarchy {
+            Hierarchy::V2(base) | Hierarchy::V1(base) => base,
+        };
+        remove_stale(base, Path::new("/proc"));
         let period = PERIOD.as_micros() as u64;
         let quota = (cpus * period as f64).round() as u64;
         let (parent, dir) = match &hierarchy {
@@ -164,6 +168,43 @@ impl Drop for CpuBudget {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Names of the cgroups a bench makes: `herd-bench-PID-…` (this module's callers) and
+/// `herd-ab-PID-…` (`infra/bench/ab-gateways.sh CPUS=`).
+const OURS: [&str; 2] = ["herd-bench-", "herd-ab-"];
+
+/// Removes the empty cgroups under `base` left by benches that were killed before they could
+/// (SIGKILL): ours by name, whose PID has no process in `proc` any more. One whose PID is alive,
+/// another's name, or one with processes left is not touched.
+fn remove_stale(base: &Path, proc: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|name| {
+            let rest = OURS.iter().find_map(|prefix| name.strip_prefix(prefix))?;
+            let pid = rest.split('-').next()?;
+            pid.parse::<u32>().ok()
+        }) else {
+            continue;
+        };
+        if proc.join(pid.to_string()).exists() {
+            continue;
+        }
+        // `remove_dir` of a cgroup fails while it has processes (EBUSY): those stay.
+        match fs::remove_dir(entry.path()) {
+            Ok(()) => eprintln!(
+                "herd bench: removed the cgroup {} left by an earlier bench",
+                entry.path().display()
+            ),
+            Err(error) => eprintln!(
+                "herd bench: cannot remove the cgroup {} left by an earlier bench: {error}",
+                entry.path().display()
+            ),
         }
     }
 }
@@ -276,6 +317,47 @@ mod tests {
             "1000"
         );
         std::mem::forget(budget);
+    }
+
+    #[test]
+    fn cgroups_left_by_a_killed_bench_are_removed_and_no_others() {
+        let root = tempfile::tempdir().unwrap();
+        let proc = tempfile::tempdir().unwrap();
+        fs::create_dir(proc.path().join("4242")).unwrap();
+        let cpu = root.path().join("cpu");
+        fs::create_dir(&cpu).unwrap();
+        fs::write(cpu.join("cpu.cfs_quota_us"), "-1").unwrap();
+        for name in [
+            "herd-bench-777-herd",     // a dead bench's: removed
+            "herd-ab-778-0",           // a dead ab-gateways.sh's: removed
+            "herd-bench-4242-nginx",   // a running bench's: kept
+            "someone-else-777",        // not ours: kept
+            "herd-bench-notapid-herd", // not ours either: kept
+        ] {
+            fs::create_dir(cpu.join(name)).unwrap();
+        }
+        // A dead bench's cgroup that still holds something (a real cgroup with processes
+        // refuses removal the same way): kept, and the sweep goes on.
+        fs::create_dir(cpu.join("herd-bench-779-haproxy")).unwrap();
+        fs::write(cpu.join("herd-bench-779-haproxy/cgroup.procs"), "1234").unwrap();
+
+        remove_stale(&cpu, proc.path());
+
+        let mut left: Vec<String> = fs::read_dir(&cpu)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name != "cpu.cfs_quota_us")
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "herd-bench-4242-nginx",
+                "herd-bench-779-haproxy",
+                "herd-bench-notapid-herd",
+                "someone-else-777"
+            ]
+        );
     }
 
     #[test]
