@@ -215,18 +215,31 @@ impl Clients {
         secure: bool,
         opening: Opening,
     ) {
-        if matches!(opening, Opening::New) {
-            let _ = stream.set_nodelay(true);
-        }
         // Registered before the task first runs: a thread told to stop or close right after
         // this sees the connection.
         let entry = connections::Entry::new(matches!(opening, Opening::Resumed(_)));
+        self.serve_registered(stream, peer, slot, secure, opening, entry);
+    }
+
+    /// [`Clients::serve`], with the connection already registered with its thread as `entry`.
+    fn serve_registered(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        slot: ConnectionSlot,
+        secure: bool,
+        opening: Opening,
+        entry: connections::Entry,
+    ) {
+        if matches!(opening, Opening::New { .. }) {
+            let _ = stream.set_nodelay(true);
+        }
         let clients = self.clone();
         let Some(tls) = self.tls.as_ref().filter(|_| secure) else {
             tokio::spawn(async move {
                 let (mut stream, mut slot, mut opening) = (stream, slot, opening);
-                if matches!(opening, Opening::New) {
-                    let sniffing = Opening::sniff(&mut stream, clients.timeouts.head);
+                if let Opening::New { head_due } = opening {
+                    let sniffing = Opening::sniff(&mut stream, head_due);
                     opening = match entry.until_stopped(sniffing).await {
                         Some(Ok(sniffed)) => sniffed,
                         Some(Err(error)) => {
@@ -272,7 +285,8 @@ impl Clients {
                         warn!(peer = %peer, "a connection handed back was still watched; closed");
                         return;
                     };
-                    let Some(kept) = clients.hand_over(unshared, peer, (slot, here), resumed, None)
+                    let Some(kept) =
+                        clients.hand_over(unshared, peer, (slot, here), (resumed, false), None)
                     else {
                         return;
                     };
@@ -289,8 +303,10 @@ impl Clients {
             };
             match handshake {
                 Ok(stream) => {
+                    // The head timeout starts after the handshake, which has its own.
+                    let opening = Opening::new(clients.timeouts.head);
                     let serving =
-                        clients.serve_stream(stream, peer, Some(&tls), Opening::New, entry, None);
+                        clients.serve_stream(stream, peer, Some(&tls), opening, entry, None);
                     let _ = Box::pin(serving).await;
                 }
                 Err(error) => debug!(peer = %peer, error = %error, "TLS handshake failed"),
@@ -314,7 +330,7 @@ impl Clients {
         let here = slot.thread;
         let target = self.occupancy.place_for_life(here);
         slot.fix();
-        self.hand_over(stream, peer, (slot, here), opening, Some(target))
+        self.hand_over(stream, peer, (slot, here), (opening, false), Some(target))
     }
 
     /// Serves HTTP (h1 or h2, with upgrades) over a client's stream until the connection ends,
@@ -335,8 +351,8 @@ impl Clients {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let opening = match opening {
-            Opening::New => {
-                let sniffing = Opening::sniff(&mut stream, self.timeouts.head);
+            Opening::New { head_due } => {
+                let sniffing = Opening::sniff(&mut stream, head_due);
                 match entry.until_stopped(sniffing).await {
                     Some(Ok(sniffed)) => sniffed,
                     Some(Err(error)) => {
@@ -349,7 +365,7 @@ impl Clients {
             opening => opening,
         };
         let (io, state, http2) = match opening {
-            Opening::New => unreachable!("sniffed above"),
+            Opening::New { .. } => unreachable!("sniffed above"),
             Opening::Sniffed {
                 http2,
                 first,
@@ -444,7 +460,7 @@ impl Clients {
         stream: TcpStream,
         peer: SocketAddr,
         (slot, here): (ConnectionSlot, usize),
-        opening: Opening,
+        (opening, secure): (Opening, bool),
         target: Option<usize>,
     ) -> Option<(TcpStream, ConnectionSlot, Opening)> {
         let target = target.or_else(|| self.occupancy.place_moved(here));
@@ -467,7 +483,7 @@ impl Clients {
             stream,
             peer,
             slot,
-            secure: false,
+            secure,
             opening,
         });
         match inboxes[target].send(message) {
@@ -494,10 +510,8 @@ impl Clients {
         }
     }
 
-    /// Answers every request of a connection over a limit with `error` (503 or 429) and closes
-    /// it.
-    /// Counts a new connection against its client's limit, unless it is over
-    /// `limits.max_connections` (`open` connections in all, this one included) or that one.
+    /// Counts a new connection against `limits.max_connections_per_client`, unless it is over
+    /// `limits.max_connections` (`open` connections in all, this one included) or that limit.
     fn admit(&self, slot: &mut ConnectionSlot, open: usize, ip: IpAddr) -> Result<(), OverLimit> {
         if open > self.max_connections {
             return Err(OverLimit::Connections);
@@ -508,65 +522,95 @@ impl Clients {
         Ok(())
     }
 
-    /// A new connection that was over a limit when accepted, looked at again once its client has
-    /// sent something and this thread has run what was woken with it, then served or refused.
+    /// A new connection that was over a limit when accepted, looked at again before it is
+    /// refused: once its client has sent something (right away over TLS, whose client could not
+    /// read the refusal anyway) and this thread has run what was woken with it, then after
+    /// pauses of up to [`ADMIT_AGAIN_AFTER`] in all for the other threads. Served as a new
+    /// connection (placed as at accept) if it is then within the limits.
     ///
     /// Connections their clients have closed count until the gateway reads their end, and a
     /// burst of new connections can be accepted before the ends that arrived with them: a
     /// client that closed its connections and at once opened as many new ones was told 429 for
     /// connections it no longer had (`herd bench proxy --proxy-cpus`, where the gateway runs in
-    /// bursts, saw it between two loads). The refusal waits for the client's first bytes anyway
-    /// (it answers a request), so the second look costs a refused client nothing more; one that
-    /// sends nothing within `timeouts.request_head` is closed, as before.
+    /// bursts, saw it between two loads). The wait is registered with the thread (a stopping
+    /// thread ends it) and keeps the head deadline set at accept.
     async fn admit_later(
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
         mut slot: ConnectionSlot,
-        secure: bool,
-        over: OverLimit,
+        (secure, head_due): (bool, tokio::time::Instant),
+        mut over: OverLimit,
     ) {
-        let sent = tokio::time::timeout(self.timeouts.head, stream.readable()).await;
-        let mut over = over;
-        if let Ok(Ok(())) = sent {
-            // Behind the tasks woken with it first (the connections whose end came in the same
-            // batch), then a few pauses for the other threads to read theirs.
-            tokio::task::yield_now().await;
+        let entry = connections::Entry::new(false);
+        let looks = async {
+            if !secure {
+                let mut first = [0u8; 1];
+                match tokio::time::timeout_at(head_due, stream.peek(&mut first)).await {
+                    Ok(Ok(1..)) => {}
+                    // Closed, failed or silent until its head was due: nothing to answer.
+                    _ => return Err(false),
+                }
+                // Behind the tasks woken with it: the connections whose end came in the same
+                // batch.
+                tokio::task::yield_now().await;
+            }
             let mut pauses = ADMIT_AGAIN_AFTER.iter();
             loop {
                 let open = self.occupancy.total.load(Ordering::Relaxed);
                 match self.admit(&mut slot, open, peer.ip()) {
-                    Ok(()) => return self.serve(stream, peer, slot, secure, Opening::New),
+                    Ok(()) => return Ok(()),
                     Err(still) => over = still,
                 }
-                let Some(&pause) = pauses.next() else { break };
+                let Some(&pause) = pauses.next() else {
+                    return Err(true);
+                };
                 tokio::time::sleep(pause).await;
             }
-        }
-        let refused = match over {
-            OverLimit::Connections => &self.metrics.connections_refused,
-            OverLimit::ClientConnections => &self.metrics.connections_refused_per_client,
         };
-        refused.inc();
+        let answer = match entry.until_stopped(looks).await {
+            Some(Ok(())) => {
+                let here = slot.thread;
+                let target = if secure {
+                    self.occupancy.place_for_life(here)
+                } else {
+                    self.occupancy.place(here)
+                };
+                let opening = (Opening::New { head_due }, secure);
+                if let Some((stream, slot, opening)) =
+                    self.hand_over(stream, peer, (slot, here), opening, Some(target))
+                {
+                    self.serve_registered(stream, peer, slot, secure, opening, entry);
+                }
+                return;
+            }
+            Some(Err(answer)) => answer,
+            // The thread stops: closed with the others.
+            None => return,
+        };
+        over.counter(&self.metrics).inc();
         // A TLS client can't read a cleartext answer: it is closed before its handshake.
-        if secure || !matches!(sent, Ok(Ok(()))) {
-            return;
+        if answer && !secure {
+            self.serve_refusal(stream, slot, head_due, over.error());
         }
-        let error = match over {
-            OverLimit::Connections => || GatewayError::TooManyConnections,
-            OverLimit::ClientConnections => || GatewayError::TooManyClientConnections,
-        };
-        self.serve_refusal(stream, slot, error);
     }
 
-    fn serve_refusal(&self, stream: TcpStream, slot: ConnectionSlot, error: fn() -> GatewayError) {
+    /// Answers every request of a connection over a limit with `error` (503 or 429) and closes
+    /// it; its head is due by `head_due`.
+    fn serve_refusal(
+        &self,
+        stream: TcpStream,
+        slot: ConnectionSlot,
+        head_due: tokio::time::Instant,
+        error: fn() -> GatewayError,
+    ) {
         let metrics = self.metrics.clone();
         let service = service_fn(move |_request: hyper::Request<Incoming>| {
             let response = refusal(&error(), &metrics);
             async move { Ok::<_, Infallible>(response) }
         });
         // The head timeout holds here too: a refused client can't keep the connection.
-        let io = ClientIo::new(stream, Arc::default(), self.timeouts);
+        let io = ClientIo::new(stream, Arc::default(), self.timeouts).head_due(head_due);
         let connection = self
             .protocols
             .auto
@@ -580,14 +624,18 @@ impl Clients {
     }
 }
 
-/// The pauses between the looks at a connection over a limit ([`Clients::admit_later`]): 31
-/// ms in all, a few of the periods in which a gateway held to a CPU quota is held back.
-const ADMIT_AGAIN_AFTER: [Duration; 5] = [
+/// The pauses between the looks at a connection over a limit ([`Clients::admit_later`]): 127
+/// ms in all, time for the other serving threads to read the ends of closed connections on a
+/// busy machine (or under a CPU quota: several of its periods). A refused client gets its
+/// answer that much later; a silent one holds its slot up to `timeouts.request_head` anyway.
+const ADMIT_AGAIN_AFTER: [Duration; 7] = [
     Duration::from_millis(1),
     Duration::from_millis(2),
     Duration::from_millis(4),
     Duration::from_millis(8),
     Duration::from_millis(16),
+    Duration::from_millis(32),
+    Duration::from_millis(64),
 ];
 
 /// The limit a new connection is over.
@@ -599,10 +647,28 @@ enum OverLimit {
     ClientConnections,
 }
 
+impl OverLimit {
+    /// The counter of connections refused for it.
+    fn counter(self, metrics: &Metrics) -> &prometheus_client::metrics::counter::Counter {
+        match self {
+            OverLimit::Connections => &metrics.connections_refused,
+            OverLimit::ClientConnections => &metrics.connections_refused_per_client,
+        }
+    }
+
+    /// The answer to a connection refused for it.
+    fn error(self) -> fn() -> GatewayError {
+        match self {
+            OverLimit::Connections => || GatewayError::TooManyConnections,
+            OverLimit::ClientConnections => || GatewayError::TooManyClientConnections,
+        }
+    }
+}
+
 /// How far a connection got before a thread serves it.
 enum Opening {
-    /// Just accepted.
-    New,
+    /// Just accepted (over TLS: through its handshake); its first head is due by `head_due`.
+    New { head_due: tokio::time::Instant },
     /// Its first bytes read: HTTP/2 or HTTP/1.1, the bytes, and when its first head is due.
     Sniffed {
         http2: bool,
@@ -614,10 +680,19 @@ enum Opening {
 }
 
 impl Opening {
-    /// Reads a new connection's first bytes (see [`first_bytes`]); its first head is due within
-    /// `head` from now.
-    async fn sniff<S: AsyncRead + Unpin>(stream: &mut S, head: Duration) -> std::io::Result<Self> {
-        let head_due = tokio::time::Instant::now() + head;
+    /// A connection just accepted, whose first head is due within `head` from now.
+    fn new(head: Duration) -> Self {
+        Opening::New {
+            head_due: tokio::time::Instant::now() + head,
+        }
+    }
+
+    /// Reads a new connection's first bytes (see [`first_bytes`]); its first head is due by
+    /// `head_due`.
+    async fn sniff<S: AsyncRead + Unpin>(
+        stream: &mut S,
+        head_due: tokio::time::Instant,
+    ) -> std::io::Result<Self> {
         let (http2, first) = first_bytes(stream, head_due).await?;
         Ok(Opening::Sniffed {
             http2,
@@ -1260,18 +1335,18 @@ impl ServingThread {
         if secure {
             slot.fix();
         }
+        let head_due = tokio::time::Instant::now() + clients.timeouts.head;
         let open = slot.total;
         if let Err(over) = clients.admit(&mut slot, open, peer.ip()) {
             slot.move_to(self.index);
-            tokio::spawn(
-                clients
-                    .clone()
-                    .admit_later(stream, peer, slot, secure, over),
-            );
+            let later = clients
+                .clone()
+                .admit_later(stream, peer, slot, (secure, head_due), over);
+            tokio::spawn(later);
             return;
         }
         if target == self.index {
-            clients.serve(stream, peer, slot, secure, Opening::New);
+            clients.serve(stream, peer, slot, secure, Opening::New { head_due });
             return;
         }
         let stream = match stream.into_std() {
@@ -1286,7 +1361,7 @@ impl ServingThread {
             peer,
             slot,
             secure,
-            opening: Opening::New,
+            opening: Opening::New { head_due },
         };
         if let Err(mpsc::error::SendError(message)) =
             self.inboxes[target].send(Message::Connection(handed))

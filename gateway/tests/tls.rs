@@ -641,3 +641,55 @@ async fn hostile_handshakes_are_cut_and_do_not_starve_established_connections() 
     assert_eq!(fresh.get(&url).send().await.unwrap().status(), 200);
     gw.shutdown().await;
 }
+
+/// A TLS connection over a connection limit is closed before its handshake (its client could
+/// not read the cleartext refusal), without waiting for its ClientHello, and counted; once the
+/// client's other connection closes, a new one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_over_the_per_client_cap_is_closed_before_its_handshake() {
+    let pki = Pki::new();
+    let default = pki.leaf("h", "h", &["h.test"], |_| {});
+    let w1 = Upstream::start("w1").await;
+    let gw = Gateway::start(&[&w1], |config| {
+        enable_tls(config, &default);
+        config.limits.max_connections_per_client = 1;
+    })
+    .await;
+    let addr = gw.tls.unwrap();
+    let url = format!("https://h.test:{}/", addr.port());
+    // Its one keep-alive connection stays open in the client's pool.
+    let holder = client(&pki, &["h.test"], addr, true);
+    assert_eq!(holder.get(&url).send().await.unwrap().status(), 200);
+
+    // A silent second connection: closed after the second looks (127 ms), not after the head
+    // or handshake timeout, with nothing written to it.
+    let mut over = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut received = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(5), over.read_to_end(&mut received)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "closed, nothing sent: {closed:?}"
+    );
+    assert!(received.is_empty(), "{received:?}");
+    support::wait_until(Duration::from_secs(5), "the refusal counted", || async {
+        metrics(&gw)
+            .await
+            .contains("herd_gateway_connections_refused_per_client_total 1")
+    })
+    .await;
+
+    // The held connection still works; once it is closed, a new one is served.
+    assert_eq!(holder.get(&url).send().await.unwrap().status(), 200);
+    drop(holder);
+    support::wait_until(
+        Duration::from_secs(5),
+        "a new TLS connection served",
+        || async {
+            let fresh = client(&pki, &["h.test"], addr, true);
+            matches!(fresh.get(&url).send().await, Ok(response) if response.status() == 200)
+        },
+    )
+    .await;
+    gw.shutdown().await;
+}

@@ -9,6 +9,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use herd_tests::cluster::{Cluster, ClusterOptions};
+use nix::sys::signal::Signal;
 
 const REQUEST: &[u8] = b"GET /work?ms=0 HTTP/1.1\r\nhost: gateway\r\n\r\n";
 
@@ -121,22 +122,13 @@ async fn a_gateway_out_of_file_descriptors_waits_and_serves_the_queue_when_some_
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
 
-/// Sends `signal` (`STOP`, `CONT`) to process `pid`.
-fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill -{signal} {pid}: {status}");
-}
-
 /// Continues a stopped process when dropped, also when the test fails while it is stopped.
-struct Continue(u32);
+struct Continue<'a>(&'a herd::process::Process);
 
-impl Drop for Continue {
+impl Drop for Continue<'_> {
     fn drop(&mut self) {
-        signal(self.0, "CONT");
+        // No assertion here: a panic while unwinding would abort the test binary.
+        let _ = self.0.signal(Signal::SIGCONT);
     }
 }
 
@@ -158,7 +150,6 @@ async fn a_client_that_swaps_its_connections_at_its_cap_is_served_on_the_new_one
         ..ClusterOptions::default()
     })
     .await;
-    let pid = cluster.gateway.process.pid();
     let public = cluster.gateway.public;
     let open = |count: usize| -> Vec<TcpStream> {
         (0..count)
@@ -172,8 +163,8 @@ async fn a_client_that_swaps_its_connections_at_its_cap_is_served_on_the_new_one
             let head = answered(stream, Duration::from_secs(5)).expect("an answer");
             assert!(head.starts_with("HTTP/1.1 200"), "round {round}: {head}");
         }
-        let stopped = Continue(pid);
-        signal(pid, "STOP");
+        let stopped = Continue(&cluster.gateway.process);
+        cluster.gateway.process.signal(Signal::SIGSTOP).unwrap();
         drop(old);
         let mut new = open(CAP);
         for stream in &mut new {
