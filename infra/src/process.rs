@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -164,6 +165,18 @@ pub enum ProcessError {
     },
 }
 
+/// Set by [`end_with_their_starter`].
+static END_WITH_STARTER: AtomicBool = AtomicBool::new(false);
+
+/// From now on, every process this program starts is killed by the kernel when the thread that
+/// started it ends (`setpriv --pdeathsig KILL`, util-linux): also when this program is killed
+/// with SIGKILL and has no chance to stop them. For `herd bench`, whose processes all start on
+/// its one benchmark thread and live no longer than it; not for `herd up`, whose cluster
+/// outlives it.
+pub fn end_with_their_starter() {
+    END_WITH_STARTER.store(true, Ordering::Relaxed);
+}
+
 /// A running process that is killed when dropped (unless [`Process::detach`]ed).
 #[derive(Debug)]
 pub struct Process {
@@ -206,7 +219,16 @@ impl Process {
         };
         let stdout = create(&out_path)?;
         let stderr = create(&log_path)?;
-        let child = Command::new(&spec.program)
+        let mut command = if END_WITH_STARTER.load(Ordering::Relaxed) {
+            let mut setpriv = Command::new("setpriv");
+            setpriv
+                .args(["--pdeathsig", "KILL", "--"])
+                .arg(&spec.program);
+            setpriv
+        } else {
+            Command::new(&spec.program)
+        };
+        let child = command
             .args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -122,18 +122,51 @@ fn assert_temp_dirs_removed(tmp: &Path) {
 
 /// No process started by the bench still runs: they all inherited `TMPDIR=tmp` from herd.
 fn assert_no_process_left(tmp: &Path) {
+    let running = started_by_bench(tmp);
+    assert!(running.is_empty(), "still running: {running:?}");
+}
+
+/// The command lines of the processes that run with `TMPDIR=tmp` (what a bench given it started).
+fn started_by_bench(tmp: &Path) -> Vec<String> {
+    started_by_bench_with_pids(tmp)
+        .into_iter()
+        .map(|(_, command)| command)
+        .collect()
+}
+
+/// [`started_by_bench`], with each one's pid.
+fn started_by_bench_with_pids(tmp: &Path) -> Vec<(u32, String)> {
     let needle = format!("TMPDIR={}\0", tmp.display());
     let mut running = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse().ok())
+        else {
+            continue;
+        };
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };
         if String::from_utf8_lossy(&environ).contains(&needle) {
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            running.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+            running.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
         }
     }
-    assert!(running.is_empty(), "still running: {running:?}");
+    running
+}
+
+/// Kills (SIGKILL) what still runs with `TMPDIR` set to its directory when dropped: a test that
+/// fails because a bench left processes behind must not leave them too.
+struct KillLeftovers<'a>(&'a Path);
+
+impl Drop for KillLeftovers<'_> {
+    fn drop(&mut self) {
+        for (pid, _) in started_by_bench_with_pids(self.0) {
+            let _ = herd::process::signal_pid(pid, Signal::SIGKILL);
+        }
+    }
 }
 
 #[test]
@@ -388,6 +421,57 @@ fn bench_proxy_holds_every_proxy_to_the_same_cpu_budget() {
     assert!(left.is_empty(), "cgroups left: {left:?}");
     assert_temp_dirs_removed(&tmp);
     assert_no_process_left(&tmp);
+}
+
+/// A `herd bench` killed with SIGKILL, which gives it no chance to stop anything, leaves no
+/// process behind: the kernel kills what it started (`setpriv --pdeathsig`).
+#[test]
+fn a_bench_killed_with_sigkill_leaves_no_process_behind() {
+    let tmp = temp_dir();
+    let _leftovers = KillLeftovers(tmp.path());
+    let mut bench = Command::new(herd_binary())
+        .args([
+            "bench",
+            "proxy",
+            "--targets",
+            "herd",
+            "--scenarios",
+            "hello",
+        ])
+        .args(["--rounds", "1", "--duration", "30s", "--warmup", "0s"])
+        .env("TMPDIR", tmp.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("herd starts");
+    // Until the load runs: two workers, the gateway and wrk.
+    let started = Instant::now();
+    let running = loop {
+        let running = started_by_bench(tmp.path());
+        if running.iter().any(|command| command.contains("wrk")) {
+            break running;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60) && bench.try_wait().unwrap().is_none(),
+            "the bench did not start its load: {running:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        running
+            .iter()
+            .any(|command| command.contains("herd-gateway")),
+        "{running:?}"
+    );
+
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    let killed = Instant::now();
+    while !started_by_bench(tmp.path()).is_empty() && killed.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_no_process_left(tmp.path());
 }
 
 #[test]

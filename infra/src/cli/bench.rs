@@ -154,6 +154,8 @@ where
     T: Send + 'static,
     F: FnOnce(&Stop) -> Result<T, BenchError> + Send + 'static,
 {
+    // What the bench starts dies with its thread, also when herd is killed with SIGKILL.
+    crate::process::end_with_their_starter();
     let runtime = super::runtime()?;
     runtime.block_on(async {
         let mut signals = StopSignal::install()?;
