@@ -172,9 +172,19 @@ static END_WITH_STARTER: AtomicBool = AtomicBool::new(false);
 /// started it ends (`setpriv --pdeathsig KILL`, util-linux): also when this program is killed
 /// with SIGKILL and has no chance to stop them. For `herd bench`, whose processes all start on
 /// its one benchmark thread and live no longer than it; not for `herd up`, whose cluster
-/// outlives it.
-pub fn end_with_their_starter() {
+/// outlives it. Without `setpriv` on the `PATH` nothing changes, and the error says so.
+pub fn end_with_their_starter() -> Result<(), String> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("setpriv").is_file()));
+    if !found {
+        return Err(
+            "setpriv (util-linux) is not on the PATH: the processes started now would \
+                    outlive a herd killed with SIGKILL"
+                .into(),
+        );
+    }
     END_WITH_STARTER.store(true, Ordering::Relaxed);
+    Ok(())
 }
 
 /// A running process that is killed when dropped (unless [`Process::detach`]ed).

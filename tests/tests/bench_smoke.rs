@@ -449,7 +449,12 @@ fn a_bench_killed_with_sigkill_leaves_no_process_behind() {
     let started = Instant::now();
     let running = loop {
         let running = started_by_bench(tmp.path());
-        if running.iter().any(|command| command.contains("wrk")) {
+        // wrk itself, not `setpriv … wrk` before it has set its death signal and exec'd.
+        let is_wrk = |command: &String| {
+            let program = command.split(' ').next().unwrap_or("");
+            program == "wrk" || program.ends_with("/wrk")
+        };
+        if running.iter().any(is_wrk) {
             break running;
         }
         assert!(

@@ -155,7 +155,9 @@ where
     F: FnOnce(&Stop) -> Result<T, BenchError> + Send + 'static,
 {
     // What the bench starts dies with its thread, also when herd is killed with SIGKILL.
-    crate::process::end_with_their_starter();
+    if let Err(missing) = crate::process::end_with_their_starter() {
+        warn(format!("herd bench: {missing}"));
+    }
     let runtime = super::runtime()?;
     runtime.block_on(async {
         let mut signals = StopSignal::install()?;
