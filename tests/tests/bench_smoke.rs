@@ -273,6 +273,61 @@ fn bench_proxy_measures_every_target_without_errors() {
     assert_no_process_left(&tmp);
 }
 
+/// The TLS scenarios: all three proxies terminate HTTPS with one certificate the bench makes,
+/// over HTTP/1.1 (wrk) and over HTTP/2 negotiated with ALPN (h2load, h2 only: a proxy that
+/// answered over HTTP/1.1 would fail the run), without errors.
+#[test]
+fn bench_proxy_measures_https_over_http1_and_http2() {
+    let dir = temp_dir();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let json = dir.path().join("proxy.json");
+    let output = herd(
+        &[
+            "bench",
+            "proxy",
+            "--duration",
+            "1s",
+            "--warmup",
+            "1s",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "16",
+            "--scenarios",
+            "tls-ecdsa,tls-h2",
+            "--targets",
+            "herd,haproxy,nginx",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &tmp,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    for scenario in ["### tls-ecdsa", "### tls-h2"] {
+        let table = text
+            .split(scenario)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {scenario} table:\n{text}"));
+        for target in ["herd", "haproxy", "nginx"] {
+            served(table, target, &text);
+        }
+    }
+    assert!(text.contains("HTTP/2 over TLS (ALPN h2)"), "{text}");
+    let raw: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = raw["results"]["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 6, "{raw}");
+    for run in runs {
+        assert!(run["error"].is_null(), "{run}");
+        assert!(run["requests"].as_u64().unwrap() > 0, "{run}");
+        assert_eq!(run["non_2xx"], 0, "{run}");
+        assert_eq!(run["socket_errors"], 0, "{run}");
+    }
+    assert_temp_dirs_removed(&tmp);
+    assert_no_process_left(&tmp);
+}
+
 /// `--upstream hyper`: the proxies in front of a minimal hyper server (`herd bench upstream`)
 /// instead of herd-worker, over HTTP/1.1 and HTTP/2; the session scenario, which needs the demo
 /// app, is refused with a usage error before anything starts.

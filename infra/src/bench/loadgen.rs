@@ -75,7 +75,7 @@ impl LoadResult {
 pub enum Generator {
     /// wrk over HTTP/1.1.
     Wrk,
-    /// h2load over h2c.
+    /// h2load over HTTP/2: h2c, or h2 negotiated with ALPN for an `https` URL.
     H2load,
 }
 
@@ -151,6 +151,12 @@ impl Tools {
                     .arg("5")
                     .arg("--log-file")
                     .arg(log.display().to_string());
+                let over_tls = load.url.starts_with("https://");
+                if over_tls {
+                    // h2 only: a proxy that does not negotiate it fails the run instead of
+                    // being measured over HTTP/1.1.
+                    spec = spec.arg("--npn-list=h2");
+                }
                 for header in &load.headers {
                     spec = spec.arg("-H").arg(header.clone());
                 }
@@ -160,6 +166,13 @@ impl Tools {
                     tool: "h2load",
                     output: output.chars().take(2000).collect(),
                 })?;
+                if over_tls && !negotiated_h2(&output) {
+                    return Err(BenchError::Tool {
+                        tool: name.to_string(),
+                        status: "h2 was not negotiated over TLS (ALPN)".into(),
+                        log: output.chars().take(2000).collect(),
+                    });
+                }
                 let requests = std::fs::read_to_string(&log).unwrap_or_default();
                 let _ = std::fs::remove_file(&log);
                 let (p50, p99) = h2load_percentiles(&requests);
@@ -297,6 +310,16 @@ pub fn parse_h2load(output: &str) -> Option<LoadResult> {
         }
     }
     (have_rps && have_requests).then_some(result)
+}
+
+/// Whether h2load's output says the TLS connections negotiated h2 (`Application protocol: h2`).
+pub fn negotiated_h2(output: &str) -> bool {
+    output.lines().any(|line| {
+        line.trim()
+            .strip_prefix("Application protocol:")
+            .map(str::trim)
+            == Some("h2")
+    })
 }
 
 /// p50 and p99 (ms) from h2load's `--log-file`: one line per request, tab-separated start time
@@ -446,6 +469,29 @@ req/s           :    7220.11     7235.83     7227.97       11.12   100.00%"#;
             (14458, 14458, 0)
         );
         assert_eq!(parse_h2load("starting benchmark...\n"), None);
+    }
+
+    /// h2load over TLS against herd-gateway (captured, trimmed): the protocol ALPN chose.
+    const H2LOAD_TLS: &str = "TLS Protocol: TLSv1.3
+Cipher: TLS_AES_256_GCM_SHA384
+Server Temp Key: X25519 253 bits
+Application protocol: h2
+finished in 2.00s, 73887.50 req/s, 4.35MB/s
+requests: 147775 total, 147839 started, 147775 done, 147775 succeeded, 0 failed, 0 errored, 0 timeout
+status codes: 147775 2xx, 0 3xx, 0 4xx, 0 5xx";
+
+    #[test]
+    fn h2load_over_tls_must_have_negotiated_h2() {
+        assert!(negotiated_h2(H2LOAD_TLS));
+        assert_eq!(parse_h2load(H2LOAD_TLS).unwrap().requests, 147_775);
+        let http1 = H2LOAD_TLS.replace("protocol: h2", "protocol: http/1.1");
+        assert!(!negotiated_h2(&http1));
+        let none = H2LOAD_TLS.replace(
+            "Application protocol: h2",
+            "No protocol negotiated. Fallback behaviour may be activated",
+        );
+        assert!(!negotiated_h2(&none));
+        assert!(!negotiated_h2("Application protocol: h2c-14"));
     }
 
     #[test]

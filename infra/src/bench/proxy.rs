@@ -42,6 +42,9 @@ pub enum Scenario {
     TlsEcdsaHandshake,
     /// A new HTTPS connection per request (full handshake, no resumption), RSA 2048.
     TlsRsaHandshake,
+    /// HTTP/2 over TLS (ALPN h2), keep-alive `GET /` of the hello app, ECDSA P-256, with
+    /// h2load: what browsers speak to a site.
+    TlsH2,
 }
 
 impl Scenario {
@@ -55,6 +58,7 @@ impl Scenario {
             Scenario::TlsRsa => "tls-rsa",
             Scenario::TlsEcdsaHandshake => "tls-ecdsa-handshake",
             Scenario::TlsRsaHandshake => "tls-rsa-handshake",
+            Scenario::TlsH2 => "tls-h2",
         }
     }
 
@@ -62,7 +66,7 @@ impl Scenario {
     pub fn tls(self) -> Option<(KeyKind, bool)> {
         match self {
             Scenario::Hello | Scenario::Session | Scenario::H2 => None,
-            Scenario::TlsEcdsa => Some((KeyKind::EcdsaP256, false)),
+            Scenario::TlsEcdsa | Scenario::TlsH2 => Some((KeyKind::EcdsaP256, false)),
             Scenario::TlsRsa => Some((KeyKind::Rsa2048, false)),
             Scenario::TlsEcdsaHandshake => Some((KeyKind::EcdsaP256, true)),
             Scenario::TlsRsaHandshake => Some((KeyKind::Rsa2048, true)),
@@ -85,6 +89,9 @@ impl Scenario {
             Scenario::TlsRsaHandshake => {
                 "HTTPS, new connection + full handshake per request, RSA 2048 (wrk)"
             }
+            Scenario::TlsH2 => {
+                "HTTP/2 over TLS (ALPN h2), keep-alive `GET /` → hello app, ECDSA P-256 (h2load)"
+            }
         }
     }
 
@@ -98,7 +105,7 @@ impl Scenario {
 
     fn generator(self) -> Generator {
         match self {
-            Scenario::H2 => Generator::H2load,
+            Scenario::H2 | Scenario::TlsH2 => Generator::H2load,
             _ => Generator::Wrk,
         }
     }
@@ -253,7 +260,9 @@ pub fn run(
             "--upstream hyper serves hello on every path: it has no sessions, so the session scenario needs --upstream herd-worker".into(),
         ));
     }
-    let tools = Tools::ensure(options.scenarios.contains(&Scenario::H2))?;
+    let tools = Tools::ensure(
+        (options.scenarios.iter()).any(|scenario| scenario.generator() == Generator::H2load),
+    )?;
     let mut results = ProxyResults {
         options: options.clone(),
         idle_rss_kib: BTreeMap::new(),

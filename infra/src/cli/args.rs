@@ -229,7 +229,8 @@ pub struct BenchProxyArgs {
     /// What to load: hello (HTTP/1.1, hello app), session (GET /me of the demo app with a
     /// session cookie; Redis), h2 (HTTP/2 cleartext, hello app, with h2load); over TLS (not by
     /// default; docs/tls.md): tls-ecdsa / tls-rsa (keep-alive), tls-ecdsa-handshake /
-    /// tls-rsa-handshake (a new connection and full handshake per request).
+    /// tls-rsa-handshake (a new connection and full handshake per request), tls-h2 (HTTP/2
+    /// over TLS, ALPN h2, with h2load).
     #[arg(
         long,
         value_delimiter = ',',
