@@ -176,9 +176,16 @@ impl Drop for CpuBudget {
 /// `herd-ab-PID-…` (`infra/bench/ab-gateways.sh CPUS=`).
 const OURS: [&str; 2] = ["herd-bench-", "herd-ab-"];
 
+/// A cgroup of ours is only taken for a killed bench's once it is this old: a bench fills its
+/// cgroups within a second of making them, and one in another PID namespace (a container sharing
+/// this cgroup tree) has a PID that `proc` does not show, so its fresh, still empty cgroups must
+/// not look abandoned.
+const STALE_AFTER: Duration = Duration::from_secs(60);
+
 /// Removes the empty cgroups under `base` left by benches that were killed before they could
-/// (SIGKILL): ours by name, whose PID has no process in `proc` any more. One whose PID is alive,
-/// another's name, or one with processes left is not touched.
+/// (SIGKILL): ours by name, whose PID has no process in `proc` any more, made at least
+/// [`STALE_AFTER`] ago. One whose PID is alive, a younger one, another's name, or one with
+/// processes left is not touched.
 fn remove_stale(base: &Path, proc: &Path) {
     let Ok(entries) = fs::read_dir(base) else {
         return;
@@ -193,6 +200,11 @@ fn remove_stale(base: &Path, proc: &Path) {
             continue;
         };
         if proc.join(pid.to_string()).exists() {
+            continue;
+        }
+        let age = (entry.metadata().and_then(|meta| meta.modified()))
+            .map(|made| made.elapsed().unwrap_or_default());
+        if age.is_ok_and(|age| age < STALE_AFTER) {
             continue;
         }
         // `remove_dir` of a cgroup fails while it has processes (EBUSY): those stay.
@@ -340,6 +352,19 @@ mod tests {
         // refuses removal the same way): kept, and the sweep goes on.
         fs::create_dir(cpu.join("herd-bench-779-haproxy")).unwrap();
         fs::write(cpu.join("herd-bench-779-haproxy/cgroup.procs"), "1234").unwrap();
+        // Everything above was made two minutes ago; one made just now, by a bench whose PID
+        // this namespace does not show (another container's): kept.
+        let earlier = std::time::SystemTime::now() - Duration::from_secs(120);
+        for entry in fs::read_dir(&cpu).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                fs::File::open(&path)
+                    .unwrap()
+                    .set_modified(earlier)
+                    .unwrap();
+            }
+        }
+        fs::create_dir(cpu.join("herd-bench-780-herd")).unwrap();
 
         remove_stale(&cpu, proc.path());
 
@@ -354,6 +379,7 @@ mod tests {
             [
                 "herd-bench-4242-nginx",
                 "herd-bench-779-haproxy",
+                "herd-bench-780-herd",
                 "herd-bench-notapid-herd",
                 "someone-else-777"
             ]
