@@ -20,8 +20,9 @@
 //!
 //! All of the connection (hyper, the service future, the response body) runs in one task, so the
 //! watch and hyper's reads register the same waker: no wake-up is lost or added. Only cleartext
-//! HTTP/1.1 is watched: a TLS session keeps hyper's check (the socket's bytes are records, not
-//! requests), HTTP/2 has stream resets.
+//! HTTP/1.1 is watched here: over TLS the socket's bytes are records, not requests, so the
+//! gateway's own server reads through the session instead (`crate::plain_http1`), and hyper,
+//! serving what that server does not, keeps its own check; HTTP/2 has stream resets.
 //!
 //! Why [`SharedStream`] reads the way it does: tokio's own `TcpStream::poll_read` clears the
 //! socket's read readiness after a read that did not fill the buffer (edge-triggered epoll

@@ -1,6 +1,6 @@
-//! The gateway's own HTTP/1.1 server, for the plain requests of cleartext connections: no body,
-//! no protocol switch, no `Expect`, an origin-form target, a head that fits. Nearly every request
-//! a gateway sees is one. The first request that is not goes to hyper's server with the bytes
+//! The gateway's own HTTP/1.1 server, for the plain requests of HTTP/1.1 connections, cleartext
+//! or TLS: no body, no protocol switch, no `Expect`, an origin-form target, a head that fits.
+//! Nearly every request a gateway sees is one. The first request that is not goes to hyper's server with the bytes
 //! read so far, and hyper serves the rest of that connection: uploads, WebSockets, odd or broken
 //! heads and their 400 / 431 answers keep hyper's behaviour, unchanged.
 //!
@@ -29,6 +29,13 @@
 //! `Date` when the response has none; the connection closes after a response or request that
 //! says `Connection: close`. The socket is the connection's [`ClientIo`], so the head, idle and
 //! send timeouts, the hang-up watch and the hand-over between threads work as they do for hyper.
+//!
+//! A client that hangs up while its request waits for the worker's answer or its body cancels
+//! the request. On cleartext connections the socket is peeked for it (`crate::hang_up`); over
+//! TLS the socket carries records (a next request, or the client's `close_notify`, look alike
+//! there), so this server reads through the session instead, as hyper's own check does
+//! ([`ReadWatch`]): the end of the session or an error is a hang-up; bytes are the next request,
+//! kept, and watching stops.
 
 use std::future::Future;
 use std::io;
@@ -94,6 +101,7 @@ where
         // redirect reads `Host`) and the request path needs no map (tracing reads and writes
         // `traceparent`).
         let keep_raw = context.raw_requests();
+        let watched_by_reading = context.watched_by_reading();
         // Every head is parsed here: `ClientIo`'s scan of the bytes would find out nothing more.
         io.stop_head_scan();
         let mut buffer = BytesMut::with_capacity(READ_SIZE);
@@ -142,13 +150,18 @@ where
             // several KB) were copied into this one's state for every request. Each in a block of
             // its own, so that they share room in this future instead of adding up.
             let closing;
+            // Not with bytes of a next request read behind this one: the client asked for more
+            // answers even if it hangs up now (as `crate::hang_up` and hyper do).
+            let mut watch = ReadWatch {
+                on: watched_by_reading && buffer.is_empty(),
+            };
             let written = {
                 // The request path's future is a temporary of this statement, made in place (a
                 // future bound first is copied whole, 5 KB, into where it is pinned): it ends
                 // here, and the writer's future below takes its room.
-                let Ok(mut response) =
-                    pin!(context.respond::<Inline>(request, raw, Some(request_id.clone()))).await
-                else {
+                let answer =
+                    pin!(context.respond::<Inline>(request, raw, Some(request_id.clone())));
+                let Some(Ok(mut response)) = watch.until(answer, &mut io, &mut buffer).await else {
                     // The client hung up: nobody is left to answer.
                     return Ended::Closed;
                 };
@@ -163,7 +176,14 @@ where
                     request_id: &request_id,
                     gateway: context.gateway_id(),
                 };
-                let writing = pin!(write_response(&mut io, &mut response, how, &mut out));
+                let watched = (&mut watch, &mut buffer);
+                let writing = pin!(write_response(
+                    &mut io,
+                    &mut response,
+                    how,
+                    &mut out,
+                    watched
+                ));
                 writing.await
                 // `response` is dropped here, not moved to be dropped (a copy of 300 bytes): the
                 // request is over (its guard is in the body), and the idle timer starts.
@@ -177,6 +197,47 @@ where
                 return Ended::Closed;
             }
         }
+    }
+}
+
+/// Under TLS, whether a request's client is still watched for a hang-up by reading through the
+/// session (see the module doc). Once bytes of a next request come, it no longer is: they stay
+/// in the connection's buffer, and that request is read from there.
+struct ReadWatch {
+    on: bool,
+}
+
+impl ReadWatch {
+    /// `answer`'s output, or `None` when the client hung up first: while the watch is on, the
+    /// connection is read into `buffer` meanwhile. Off, `answer` alone is awaited.
+    async fn until<F: Future, S: AsyncRead + Unpin>(
+        &mut self,
+        mut answer: Pin<&mut F>,
+        io: &mut ClientIo<S>,
+        buffer: &mut BytesMut,
+    ) -> Option<F::Output> {
+        if !self.on {
+            return Some(answer.await);
+        }
+        if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
+            buffer.reserve(READ_SIZE);
+        }
+        let mut reading = pin!(io.read_buf(buffer));
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(output) = answer.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            if self.on {
+                match reading.as_mut().poll(cx) {
+                    // The session ended (`close_notify` or the socket closed) or broke.
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
+                    Poll::Ready(Ok(_)) => self.on = false,
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await
     }
 }
 
@@ -431,12 +492,14 @@ struct Writing<'a> {
 /// send a client bytes it would read as the next answer, or leave it waiting for bytes that
 /// never come (as hyper). The caller drops `response` after: that ends the request (its guard is
 /// in the body). Borrowed, not taken: taken, the response (300 bytes) was copied into this
-/// future's arguments, its locals and out of it again, for every request.
+/// future's arguments, its locals and out of it again, for every request. While it waits for
+/// the body, `watch` (TLS) reads the client into `buffer`: its hang-up is an error too.
 async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<S>,
     response: &mut Response<Served>,
     how: Writing<'_>,
     out: &mut Vec<u8>,
+    (watch, buffer): (&mut ReadWatch, &mut BytesMut),
 ) -> io::Result<bool> {
     out.clear();
     let (framing, keep_alive) = encode_head(response, how, out)?;
@@ -458,7 +521,10 @@ async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
                         io.write_all(out).await?;
                         out.clear();
                     }
-                    body.frame().await
+                    match watch.until(pin!(body.frame()), io, buffer).await {
+                        Some(frame) => frame,
+                        None => return Err(io::Error::other("the client hung up mid-answer")),
+                    }
                 }
             };
             let data = match frame {

@@ -396,8 +396,10 @@ impl Clients {
         };
         let context = Arc::new(context);
         let movable = self.adaptive && tls.is_none();
-        // Cleartext HTTP/1.1: the gateway's own server, while the requests are plain.
-        let io = if !http2 && context.watcher.is_some() {
+        // HTTP/1.1: the gateway's own server, while the requests are plain. Cleartext requests
+        // are watched for a hang-up by their socket (`crate::hang_up`), those over TLS by the
+        // server itself, reading through the session (`plain_http1`).
+        let io = if !http2 && (context.watcher.is_some() || tls.is_some()) {
             match plain_http1::serve(io, &context, &entry, movable).await {
                 plain_http1::Ended::Closed => return None,
                 plain_http1::Ended::Handed {
@@ -825,6 +827,13 @@ impl ServiceContext {
     /// path, nor when tracing reads and writes `traceparent` in the request's map.
     pub(crate) fn raw_requests(&self) -> bool {
         self.redirect.is_none() && !self.proxy.tracing()
+    }
+
+    /// Whether a request's client is watched for a hang-up by reading from the connection
+    /// while the request is in flight (`plain_http1` does: TLS, whose socket carries records,
+    /// not requests) rather than by peeking its socket (`crate::hang_up`, cleartext).
+    pub(crate) fn watched_by_reading(&self) -> bool {
+        self.watcher.is_none()
     }
 
     /// This gateway's `x-herd-gateway` value.

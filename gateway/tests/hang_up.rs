@@ -10,7 +10,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::Gateway;
+use support::{Gateway, TestTls, TlsClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -331,4 +331,125 @@ fn assert_in_order(answers: &str, firsts: &[&str]) {
         firsts.len(),
         "{answers}"
     );
+}
+
+// ---- Over TLS: the gateway's own server reads through the session to notice a hang-up ----
+
+/// [`gateway_before`], with `[tls]` on: returns the gateway and a connected TLS client.
+async fn tls_gateway_before(worker: SocketAddr, tls: &TestTls) -> (Gateway, TlsClient) {
+    let gw = Gateway::start(&[], |c| {
+        c.workers.push(worker.to_string());
+        c.timeouts.response_header = Duration::from_secs(60);
+        c.timeouts.request = Duration::from_secs(60);
+        c.hedging.enabled = false;
+        c.retry.max_attempts = 1;
+        tls.enable(c);
+    })
+    .await;
+    let client = tls.connect(&gw).await;
+    (gw, client)
+}
+
+/// [`hang_up_while_waiting`] over TLS.
+async fn tls_hang_up_while_waiting(
+    answer: Answer,
+    hang_up: impl AsyncFnOnce(TlsClient) -> Option<TlsClient>,
+) {
+    let tls = TestTls::generate();
+    let (worker, mut reports) = scripted_worker(answer).await;
+    let (gw, mut client) = tls_gateway_before(worker, &tls).await;
+    client.write_all(GET).await.unwrap();
+    assert!(matches!(next(&mut reports).await, Seen::Request(_)));
+    if matches!(answer, Answer::StallMidBody) {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains("hello") {
+            let read = timeout(Duration::from_secs(5), client.read(&mut chunk))
+                .await
+                .expect("the head and first chunk within 5 s")
+                .unwrap();
+            assert!(read > 0, "closed before the first chunk");
+            got.extend_from_slice(&chunk[..read]);
+        }
+    }
+    let kept = hang_up(client).await;
+    assert_eq!(
+        next(&mut reports).await,
+        Seen::Closed,
+        "the worker connection is closed once the TLS client hangs up"
+    );
+    drop(kept);
+    gw.shutdown().await;
+}
+
+/// Closes the socket without ending the session (as browsers do).
+async fn tls_drop(client: TlsClient) -> Option<TlsClient> {
+    drop(client);
+    None
+}
+
+/// Ends the session (`close_notify`) and keeps the socket open (as a client that closes the
+/// session first, and the connection later).
+async fn tls_close_notify(mut client: TlsClient) -> Option<TlsClient> {
+    client.get_mut().1.send_close_notify();
+    client.flush().await.unwrap();
+    Some(client)
+}
+
+async fn tls_reset(client: TlsClient) -> Option<TlsClient> {
+    let (tcp, _) = client.into_inner();
+    tcp.set_zero_linger().unwrap();
+    drop(tcp);
+    None
+}
+
+#[tokio::test]
+async fn over_tls_a_get_waiting_for_its_response_is_cancelled_when_the_client_closes() {
+    tls_hang_up_while_waiting(Answer::Never, tls_drop).await;
+}
+
+#[tokio::test]
+async fn over_tls_a_get_waiting_for_its_response_is_cancelled_by_the_clients_close_notify() {
+    tls_hang_up_while_waiting(Answer::Never, tls_close_notify).await;
+}
+
+#[tokio::test]
+async fn over_tls_a_get_waiting_for_its_response_is_cancelled_when_the_client_resets() {
+    tls_hang_up_while_waiting(Answer::Never, tls_reset).await;
+}
+
+#[tokio::test]
+async fn over_tls_a_response_body_stalled_mid_way_is_cancelled_when_the_client_closes() {
+    tls_hang_up_while_waiting(Answer::StallMidBody, tls_drop).await;
+}
+
+#[tokio::test]
+async fn over_tls_pipelined_requests_are_answered_in_order_not_taken_for_a_hang_up() {
+    let tls = TestTls::generate();
+    let (worker, mut reports) = scripted_worker(Answer::After(300)).await;
+    let (gw, mut client) = tls_gateway_before(worker, &tls).await;
+    client
+        .write_all(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut reports).await, Seen::Request(_)));
+    // Sent while the first waits for its worker: read by the watch, kept for their turn.
+    let behind = [
+        b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n".as_slice(),
+        b"POST /third HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc",
+        b"GET /fourth HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    ]
+    .concat();
+    client.write_all(&behind).await.unwrap();
+    let mut answers = String::new();
+    // The gateway closes the session after the last answer; a peer that ends the socket
+    // without `close_notify` is an error to rustls, after which everything was read.
+    let _ = timeout(Duration::from_secs(10), client.read_to_string(&mut answers))
+        .await
+        .expect("the connection closed within 10 s");
+    assert_in_order(
+        &answers,
+        &["GET /first", "GET /second", "POST /third", "GET /fourth"],
+    );
+    gw.shutdown().await;
 }

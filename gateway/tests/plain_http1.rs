@@ -731,3 +731,60 @@ async fn a_raw_answer_carries_the_request_id_its_worker_was_sent_and_the_gateway
         );
     }
 }
+
+/// Over TLS the plain requests are this server's too: the worker's head is written through as
+/// it sent it (names in its case, which hyper's writer would have lowercased), the connection
+/// carries the next request, and a request with a body (hyper's, from then on) is served on it
+/// as well.
+#[tokio::test]
+async fn over_tls_plain_requests_are_served_by_the_gateways_own_server_too() {
+    let tls = support::TestTls::generate();
+    let worker = raw_worker().await;
+    let gw = Gateway::start(&[], |c| {
+        c.workers = vec![worker.to_string()];
+        c.health.path = "/ok".into();
+        tls.enable(c);
+    })
+    .await;
+    let mut session = tls.connect(&gw).await;
+    let mut received = Vec::new();
+    session.write_all(get("/as-sent").as_bytes()).await.unwrap();
+    let head = read_tls_until(&mut session, &mut received, "\r\n\r\nok").await;
+    assert!(
+        head.starts_with("HTTP/1.1 201 Created\r\nX-Worker: Raw\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("\r\nx-herd-gateway: "), "{head}");
+    session.write_all(get("/next").as_bytes()).await.unwrap();
+    let next = read_tls_until(&mut session, &mut received, "/next").await;
+    assert!(next.starts_with("HTTP/1.1 200 OK\r\n"), "{next}");
+    let post = "POST /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 4\r\n\r\nbody";
+    session.write_all(post.as_bytes()).await.unwrap();
+    let echoed = read_tls_until(&mut session, &mut received, "\r\n\r\nbody").await;
+    assert!(echoed.starts_with("HTTP/1.1 200 OK\r\n"), "{echoed}");
+    session.write_all(get("/after").as_bytes()).await.unwrap();
+    read_tls_until(&mut session, &mut received, "/after").await;
+    gw.shutdown().await;
+}
+
+/// Reads from `session` until what came ends with `end`; returns it and clears `received`.
+async fn read_tls_until(
+    session: &mut support::TlsClient,
+    received: &mut Vec<u8>,
+    end: &str,
+) -> String {
+    let mut chunk = [0u8; 4096];
+    while !received.ends_with(end.as_bytes()) {
+        let read = tokio::time::timeout(Duration::from_secs(5), session.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("{end:?} within 5 s: {}", String::from_utf8_lossy(received)))
+            .unwrap();
+        assert!(
+            read > 0,
+            "closed before {end:?}: {}",
+            String::from_utf8_lossy(received)
+        );
+        received.extend_from_slice(&chunk[..read]);
+    }
+    String::from_utf8(std::mem::take(received)).unwrap()
+}

@@ -10,7 +10,9 @@
 # `GET /` through the gateway (one serving thread) to two herd-worker hello upstreams (set
 # UPSTREAM=hyper for `herd bench upstream`, a plain hyper server); or session: HTTP/1.1
 # `GET /me` with a logged-in session cookie to two demo-app workers, which read the session
-# from a redis-server the script starts (as `herd bench proxy`'s session scenario). GATEWAY_BINARY: default
+# from a redis-server the script starts (as `herd bench proxy`'s session scenario); tls and
+# tls-h2: `GET /` over TLS (HTTP/1.1, or HTTP/2 with 8 streams per connection; an ECDSA P-256
+# certificate made with openssl, TLS 1.3, herd-gateway only). GATEWAY_BINARY: default
 # target/release/herd-gateway, or `nginx` for the peer of `herd bench proxy` (its
 # infra/bench/nginx.conf.in, one worker, in one process), counted the same way. REQUESTS: default 20000, sent by h2load (-n: an exact count) over
 # CONNECTIONS (default 16; 1 makes every request a wake-up of its own) after 2000 warm-up
@@ -37,14 +39,22 @@ case $scenario in
   h1) h2load_mode=(--h1 -m 1 ${HEADER:+-H "$HEADER"}) ;;
   h2) h2load_mode=(-m 8) ;;
   session) h2load_mode=(--h1 -m 1); path=/me ;;
-  *) echo "scenario: h1, h2 or session, not $scenario" >&2; exit 2 ;;
+  tls) h2load_mode=(--h1 -m 1) ;;
+  tls-h2) h2load_mode=(-m 8 --npn-list=h2) ;;
+  *) echo "scenario: h1, h2, session, tls or tls-h2, not $scenario" >&2; exit 2 ;;
 esac
+scheme=http
+case $scenario in tls*) scheme=https ;; esac
+if [ "$scheme" = https ] && [ "$gateway" = nginx ]; then
+  echo "the tls scenarios count herd-gateway only" >&2; exit 2
+fi
 for number in "$requests" "$connections"; do
   [[ $number =~ ^[1-9][0-9]{0,6}$ ]] || { echo "REQUESTS and CONNECTIONS: whole numbers from 1, not $number" >&2; exit 2; }
 done
 tools=(valgrind callgrind_control callgrind_annotate h2load)
 [ "$scenario" = session ] && tools+=(redis-server curl)
 [ "$gateway" = nginx ] && tools+=(nginx curl)
+[ "$scheme" = https ] && tools+=(openssl)
 for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install valgrind nghttp2-client)" >&2; exit 1; }
 done
@@ -101,13 +111,21 @@ print(*(s.getsockname()[1] for s in ports))')
     sleep 0.2
   done
 else
-  HERD_GATEWAY_LISTEN=127.0.0.1:0 HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:0 \
+  tls=()
+  if [ "$scheme" = https ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+      -subj /CN=bench.test -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+    tls=(HERD_GATEWAY_TLS__ENABLED=true HERD_GATEWAY_TLS__LISTEN=127.0.0.1:0
+      "HERD_GATEWAY_TLS__CERT=$work/cert.pem" "HERD_GATEWAY_TLS__KEY=$work/key.pem")
+  fi
+  env "${tls[@]}" HERD_GATEWAY_LISTEN=127.0.0.1:0 HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:0 \
     HERD_GATEWAY_WORKERS=$(IFS=,; echo "${workers[*]}") HERD_GATEWAY_REGISTRY__ENABLED=false \
     HERD_GATEWAY_THREADS=1 HERD_GATEWAY_HEALTH__INTERVAL=60s HERD_LOG=warn \
     "${callgrind[@]}" "$gateway" --log-format json >"$out" 2>"$out.err" &
   gateway_pid=$!
   pids+=("$gateway_pid")
   public=$(announced "$out" public)
+  [ "$scheme" = https ] && public=$(announced "$out" tls)
 fi
 if [ "$scenario" = session ]; then
   # A logged-in session (the demo app's `POST /login`); every request then reads it from Redis.
@@ -118,9 +136,9 @@ if [ "$scenario" = session ]; then
   cookie=$(login_cookie "http://${workers[0]}" '{"user":"bench"}')
   h2load_mode+=(-H "Cookie: $cookie")
 fi
-h2load -n 2000 -c "$connections" -t 1 "${h2load_mode[@]}" "http://$public$path" >"$work/warmup.txt"
+h2load -n 2000 -c "$connections" -t 1 "${h2load_mode[@]}" "$scheme://$public$path" >"$work/warmup.txt"
 callgrind_control --zero "$gateway_pid" >/dev/null 2>&1
-h2load -n "$requests" -c "$connections" -t 1 "${h2load_mode[@]}" "http://$public$path" >"$work/load.txt"
+h2load -n "$requests" -c "$connections" -t 1 "${h2load_mode[@]}" "$scheme://$public$path" >"$work/load.txt"
 callgrind_control --dump=measured "$gateway_pid" >/dev/null 2>&1
 [ -n "${KEEP:-}" ] && cp "$work"/callgrind.out.* "$KEEP"
 succeeded=$(awk '/^requests:/ {print $8}' "$work/load.txt")

@@ -364,3 +364,71 @@ pub async fn worker_field(gateway: &Gateway, id: &str, field: &str) -> serde_jso
         .map(|w| w[field].clone())
         .unwrap_or(serde_json::Value::Null)
 }
+
+/// A client's TLS session with a gateway ([`TestTls::connect`]).
+pub type TlsClient = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// `[tls]` for a test gateway: a CA and a leaf for `localhost` it signed, as files, and a
+/// client config trusting the CA that offers only HTTP/1.1 over ALPN.
+pub struct TestTls {
+    _dir: tempfile::TempDir,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    client: Arc<rustls::ClientConfig>,
+}
+
+impl TestTls {
+    pub fn generate() -> TestTls {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("leaf.pem"), dir.path().join("leaf.key"));
+        std::fs::write(&cert, leaf.pem() + &ca.pem()).unwrap();
+        std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls_pki_types::CertificateDer::from(ca.der().to_vec()))
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TestTls {
+            _dir: dir,
+            cert,
+            key,
+            client: Arc::new(client),
+        }
+    }
+
+    /// Turns `[tls]` on in `config`, on 127.0.0.1:0 with the leaf.
+    pub fn enable(&self, config: &mut GatewayConfig) {
+        config.tls.enabled = true;
+        config.tls.listen = "127.0.0.1:0".parse().unwrap();
+        config.tls.cert = self.cert.clone();
+        config.tls.key = self.key.clone();
+    }
+
+    /// A TLS session with `gateway`'s TLS listener, for `localhost`.
+    pub async fn connect(&self, gateway: &Gateway) -> TlsClient {
+        let tcp = tokio::net::TcpStream::connect(gateway.tls.expect("a TLS listener"))
+            .await
+            .unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(self.client.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    }
+}
