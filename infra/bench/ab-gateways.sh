@@ -19,7 +19,9 @@
 # SCENARIO, as in `herd bench proxy`: hello (default; `wrk -t2`, `GET /` to two hello workers),
 # session (`wrk -t2`, `GET /me` with a logged-in session cookie to two demo-app workers, which
 # read it from a redis-server started here) or h2 (h2c to the hello workers: `h2load -t2`,
-# CONNECTIONS/8 connections of 8 streams each; p99 from h2load's request log).
+# CONNECTIONS/8 connections of 8 streams each; p99 from h2load's request log) or tls (HTTPS/1.1
+# keep-alive with `wrk -t2` to the hello workers; one ECDSA P-256 certificate made with openssl,
+# served by the peer and every gateway, session resumption on).
 # PEER: haproxy (default; infra/bench/haproxy.cfg.in) or nginx (infra/bench/nginx.conf.in).
 # RATE=N offers N requests per second in all (h2load `--rps`, spread over the connections, which
 # send in step: bursts; h2load for HTTP/1.1 too) instead of as many as the targets take: every
@@ -28,9 +30,10 @@
 # CPUs (cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`, period 10 ms), as `herd bench proxy
 # --proxy-cpus` does: the proxy alone is then the bound (docs/performance.md, section 27). One
 # event loop each: HAProxy gets `nbthread 1`, herd-gateway picks one thread from the quota.
-# Uses loopback ports 18081-18082 (workers), 18079 (Redis), 18090-18091 (the peer), 18100+
+# Uses loopback ports 18081-18082 (workers), 18079 (Redis), 18090-18092 (the peer), 18100+
 # (gateways); everything it starts is stopped on exit. Needs wrk (h2: h2load), the peer, bc,
-# curl (session: redis-server) and herd-worker (WORKER_BINARY, default a release build).
+# curl (session: redis-server; tls: openssl) and herd-worker (WORKER_BINARY, default a release
+# build).
 set -euo pipefail
 # `times` and awk read and write numbers with a decimal point.
 export LC_ALL=C
@@ -40,7 +43,7 @@ rounds=$1 duration=$2 connections=$3; shift 3
 [[ $duration =~ ^[1-9][0-9]{0,3}s$ ]] || { echo "DURATION: whole seconds with an s (5s), not $duration" >&2; exit 2; }
 [[ $connections =~ ^[1-9][0-9]{0,4}$ ]] || { echo "CONNECTIONS: a whole number from 1, not $connections" >&2; exit 2; }
 scenario=${SCENARIO:-hello} peer=${PEER:-haproxy} rate=${RATE:-}
-case $scenario in hello | session | h2) ;; *) echo "SCENARIO: hello, session or h2, not $scenario" >&2; exit 2 ;; esac
+case $scenario in hello | session | h2 | tls) ;; *) echo "SCENARIO: hello, session, h2 or tls, not $scenario" >&2; exit 2 ;; esac
 case $peer in haproxy | nginx) ;; *) echo "PEER: haproxy or nginx, not $peer" >&2; exit 2 ;; esac
 cpus=${CPUS:-}
 [[ -z $cpus || $cpus =~ ^(0\.[1-9][0-9]*|1(\.0*)?)$ ]] || { echo "CPUS: a share of one CPU from 0.1 to 1, not $cpus" >&2; exit 2; }
@@ -107,6 +110,19 @@ if [ "$scenario" = session ]; then
   app=(HERD_WORKER_APP=demo HERD_WORKER_REDIS__URL=redis://127.0.0.1:18079 HERD_WORKER_REDIS__PREFIX=ab)
   path=/me
 fi
+# tls: the certificate every proxy serves, and their HTTPS listeners (the peer's on 18092, each
+# gateway's two ports above its cleartext one).
+haproxy_tls='' gateway_tls=()
+if [ "$scenario" = tls ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=bench.test -keyout "$dir/tls-key.pem" -out "$dir/tls-cert.pem" 2>/dev/null
+  cat "$dir/tls-cert.pem" "$dir/tls-key.pem" >"$dir/tls-combined.pem"
+  haproxy_tls="    bind 127.0.0.1:18092 ssl crt $dir/tls-combined.pem alpn h2,http/1.1 ssl-min-ver TLSv1.2 backlog 4096"
+  # One line: common.sh puts it in place of {TLS} with sed.
+  export NGINX_TLS="server { listen 127.0.0.1:18092 ssl backlog=4096; ssl_certificate $dir/tls-cert.pem; ssl_certificate_key $dir/tls-key.pem; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m; location / { proxy_pass http://backends; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+  gateway_tls=(HERD_GATEWAY_TLS__ENABLED=true "HERD_GATEWAY_TLS__CERT=$dir/tls-cert.pem"
+    "HERD_GATEWAY_TLS__KEY=$dir/tls-key.pem" HERD_GATEWAY_TLS__MAX_HANDSHAKES=1024)
+fi
 for port in 18081 18082; do
   env "${app[@]}" HERD_WORKER_LISTEN=127.0.0.1:$port HERD_WORKER_ID=w$port HERD_WORKER_MACHINE=ab \
     HERD_WORKER_REGISTRY__ENABLED=false HERD_LOG=warn \
@@ -116,7 +132,7 @@ done
 if [ "$peer" = haproxy ]; then
   servers='    server w1 127.0.0.1:18081 check inter 500ms\n    server w2 127.0.0.1:18082 check inter 500ms'
   sed -e "s|{PID}|$dir/haproxy.pid|" -e "s|{PORT}|18090|" -e "s|{H2PORT}|18091|" \
-    -e "s|{SERVERS}|$servers|" -e "s|{TLS}||" "$root/infra/bench/haproxy.cfg.in" >"$dir/haproxy.cfg"
+    -e "s|{SERVERS}|$servers|" -e "s|{TLS}|$haproxy_tls|" "$root/infra/bench/haproxy.cfg.in" >"$dir/haproxy.cfg"
   [ -n "$cpus" ] && sed -i 's/nbthread 2/nbthread 1/' "$dir/haproxy.cfg"
   new_budget
   budgeted haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.log" 2>&1
@@ -126,15 +142,22 @@ else
   budgeted nginx -c "$dir/nginx.conf" -p "$dir" >"$dir/nginx.log" 2>&1
 fi
 pids+=($!)
-names=("$peer") ports=($([ "$scenario" = h2 ] && echo 18091 || echo 18090)) targets=($!)
+peer_port=18090
+[ "$scenario" = h2 ] && peer_port=18091
+[ "$scenario" = tls ] && peer_port=18092
+names=("$peer") ports=("$peer_port") targets=($!)
 port=18100
 for gateway in "$@"; do
   new_budget
-  budgeted env HERD_GATEWAY_LISTEN=127.0.0.1:$port HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:$((port + 1)) \
+  tls_listen=()
+  [ "$scenario" = tls ] && tls_listen=("HERD_GATEWAY_TLS__LISTEN=127.0.0.1:$((port + 2))")
+  budgeted env "${gateway_tls[@]}" "${tls_listen[@]}" \
+    HERD_GATEWAY_LISTEN=127.0.0.1:$port HERD_GATEWAY_ADMIN__LISTEN=127.0.0.1:$((port + 1)) \
     HERD_GATEWAY_WORKERS=127.0.0.1:18081,127.0.0.1:18082 HERD_GATEWAY_REGISTRY__ENABLED=false \
     HERD_LOG=warn "$gateway" >"$dir/gw$port.log" 2>&1
   pids+=($!)
-  names+=("$gateway") ports+=("$port") targets+=($!)
+  names+=("$gateway") targets+=($!)
+  ports+=($([ "$scenario" = tls ] && echo $((port + 2)) || echo "$port"))
   port=$((port + 10))
 done
 sleep 2
@@ -176,6 +199,7 @@ children_ms() {
 # load_ms (the load generator's CPU).
 load() {
   local url=http://127.0.0.1:$1$path
+  [ "$scenario" = tls ] && url=https://127.0.0.1:$1$path
   if [ "$scenario" = h2 ] || [ -n "$rate" ]; then
     local clients=$connections mode=(--h1 -m1)
     if [ "$scenario" = h2 ]; then

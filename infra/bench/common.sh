@@ -30,9 +30,10 @@ login_cookie() {
 # `nginx_conf DIR PORT H2PORT UPSTREAM...` prints the bench's nginx configuration
 # (infra/bench/nginx.conf.in, as `herd bench proxy` fills it in) for those listeners and
 # upstreams (host:port), its files under DIR.
+# NGINX_TLS: a server block (one line) put in place of {TLS}, e.g. an HTTPS listener.
 nginx_conf() {
   local dir=$1 port=$2 h2port=$3 servers; shift 3
   servers=$(printf '        server %s max_fails=1 fail_timeout=10s;\\n' "$@")
   sed -e "s|{DIR}|$dir|g" -e "s|{PORT}|$port|" -e "s|{H2PORT}|$h2port|" \
-    -e "s|{SERVERS}|${servers%\\n}|" -e "s|{TLS}||" "$(dirname "${BASH_SOURCE[0]}")/nginx.conf.in"
+    -e "s|{SERVERS}|${servers%\\n}|" -e "s|{TLS}|${NGINX_TLS:-}|" "$(dirname "${BASH_SOURCE[0]}")/nginx.conf.in"
 }
