@@ -528,6 +528,31 @@ impl<S> ClientIo<S> {
             ready => ready,
         }
     }
+
+    /// [`ClientIo::watch_write`] for a flush or a shutdown: over TLS both write the session's
+    /// records (what a write left buffered, the `close_notify`), and a client that reads nothing
+    /// holds them as it holds a write. On cleartext both are ready at once.
+    fn watch_wait(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<()>>,
+    ) -> Poll<io::Result<()>> {
+        match result {
+            Poll::Pending => {
+                let until = *self
+                    .write_deadline
+                    .get_or_insert_with(|| Instant::now() + self.timeouts.send);
+                if ran_out(&mut self.write_timer, until, cx) {
+                    return Poll::Ready(Err(timed_out("client accepted no data in time")));
+                }
+                Poll::Pending
+            }
+            ready => {
+                self.write_deadline = None;
+                ready
+            }
+        }
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
@@ -561,7 +586,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         let this = self.get_mut();
         let flushed = Pin::new(&mut this.stream).poll_flush(cx);
         this.flushed = matches!(flushed, Poll::Ready(Ok(())));
-        flushed
+        this.watch_wait(cx, flushed)
     }
 
     /// Closes the write side; if the last request declared a body, then reads and discards
@@ -575,7 +600,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         let until = match this.lingering {
             Some(until) => until,
             None => {
-                ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
+                let shut = Pin::new(&mut this.stream).poll_shutdown(cx);
+                ready!(this.watch_wait(cx, shut))?;
                 if !this.state.had_body.load(Ordering::Relaxed) {
                     return Poll::Ready(Ok(()));
                 }

@@ -124,8 +124,14 @@ where
                 }
                 match read_more(&mut io, &mut buffer, entry, &state, movable).await {
                     Ok(Read::Bytes) => {}
-                    Ok(Read::Closed) | Err(_) => return Ended::Closed,
-                    Ok(Read::Told(Told::Close)) => return Ended::Closed,
+                    Ok(Read::Closed | Read::Told(Told::Close)) | Err(_) => {
+                        if watched_by_reading {
+                            // A TLS session ends with the gateway's `close_notify` too, as
+                            // hyper ended it (within `timeouts.client_send`, see `ClientIo`).
+                            let _ = io.shutdown().await;
+                        }
+                        return Ended::Closed;
+                    }
                     Ok(Read::Told(Told::Shed)) => {
                         let (stream, state) = io.into_parts();
                         return Ended::Handed {

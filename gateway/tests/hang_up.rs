@@ -442,14 +442,73 @@ async fn over_tls_pipelined_requests_are_answered_in_order_not_taken_for_a_hang_
     .concat();
     client.write_all(&behind).await.unwrap();
     let mut answers = String::new();
-    // The gateway closes the session after the last answer; a peer that ends the socket
-    // without `close_notify` is an error to rustls, after which everything was read.
-    let _ = timeout(Duration::from_secs(10), client.read_to_string(&mut answers))
+    // The gateway ends the session after the last answer with its `close_notify`: a clean end
+    // (a socket closed without one is an error to rustls).
+    timeout(Duration::from_secs(10), client.read_to_string(&mut answers))
         .await
-        .expect("the connection closed within 10 s");
+        .expect("the connection closed within 10 s")
+        .unwrap_or_else(|error| panic!("a clean end of the session: {error}; read: {answers}"));
     assert_in_order(
         &answers,
         &["GET /first", "GET /second", "POST /third", "GET /fourth"],
     );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn over_tls_a_response_body_stalled_mid_way_is_cancelled_by_the_clients_close_notify() {
+    tls_hang_up_while_waiting(Answer::StallMidBody, tls_close_notify).await;
+}
+
+#[tokio::test]
+async fn over_tls_a_key_update_while_waiting_is_not_taken_for_a_hang_up() {
+    let tls = TestTls::generate();
+    let (worker, mut reports) = scripted_worker(Answer::After(300)).await;
+    let (gw, mut client) = tls_gateway_before(worker, &tls).await;
+    client
+        .write_all(b"GET /waited HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut reports).await, Seen::Request(_)));
+    // TLS 1.3 traffic keys renewed while the request waits: records, but no bytes of a request.
+    client.get_mut().1.refresh_traffic_keys().unwrap();
+    client.flush().await.unwrap();
+    let mut answer = String::new();
+    timeout(Duration::from_secs(10), client.read_to_string(&mut answer))
+        .await
+        .expect("the answer within 10 s")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("GET /waited HTTP/1.1"), "{answer}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn over_tls_a_session_the_client_ends_between_requests_is_ended_with_close_notify() {
+    let tls = TestTls::generate();
+    let (worker, _reports) = scripted_worker(Answer::After(0)).await;
+    let (gw, mut client) = tls_gateway_before(worker, &tls).await;
+    client
+        .write_all(b"GET /one HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !received.ends_with(b"GET /one HTTP/1.1") {
+        let read = timeout(Duration::from_secs(5), client.read(&mut chunk))
+            .await
+            .expect("the answer within 5 s")
+            .unwrap();
+        assert!(read > 0, "closed before the answer");
+        received.extend_from_slice(&chunk[..read]);
+    }
+    // The client ends the session; the gateway answers with its own `close_notify` (as hyper
+    // did), so the client reads a clean end, not a truncation.
+    client.get_mut().1.send_close_notify();
+    client.flush().await.unwrap();
+    let read = timeout(Duration::from_secs(5), client.read(&mut chunk))
+        .await
+        .expect("the end of the session within 5 s");
+    assert!(matches!(read, Ok(0)), "{read:?}");
     gw.shutdown().await;
 }

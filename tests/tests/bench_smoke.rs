@@ -657,7 +657,7 @@ fn bench_soak_holds_connections_through_a_worker_kill() {
 /// (the upstream side, the load generator), the medians and each target's CPU split, and leaves
 /// nothing behind. A scenario it does not know is refused before anything starts.
 #[test]
-fn ab_gateways_script_compares_builds_on_the_session_route_and_h2() {
+fn ab_gateways_script_compares_builds_on_the_session_route_h2_and_https() {
     let dir = temp_dir();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
@@ -679,7 +679,7 @@ fn ab_gateways_script_compares_builds_on_the_session_route_and_h2() {
     let refused = ab(&[("SCENARIO", "upload")], &[&gateway]);
     assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("SCENARIO: hello, session or h2"),
+        String::from_utf8_lossy(&refused.stderr).contains("SCENARIO: hello, session, h2 or tls"),
         "{}",
         describe(&refused)
     );
@@ -687,6 +687,9 @@ fn ab_gateways_script_compares_builds_on_the_session_route_and_h2() {
     let runs = [
         (vec![("SCENARIO", "session"), ("PEER", "nginx")], 2, "nginx"),
         (vec![("SCENARIO", "h2"), ("RATE", "2000")], 1, "haproxy"),
+        // HTTPS/1.1: one certificate for the peer and the gateway, made by the script.
+        (vec![("SCENARIO", "tls")], 1, "haproxy"),
+        (vec![("SCENARIO", "tls"), ("PEER", "nginx")], 1, "nginx"),
     ];
     for (env, gateways, peer) in runs {
         let output = ab(&env, &vec![gateway.as_path(); gateways]);
