@@ -505,6 +505,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
 }
 
 impl<S> ClientIo<S> {
+    /// Arms the send timer while the client takes nothing (from the first wait on); the error
+    /// once `timeouts.send` has run out.
+    fn send_ran_out(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let until = *self
+            .write_deadline
+            .get_or_insert_with(|| Instant::now() + self.timeouts.send);
+        ran_out(&mut self.write_timer, until, cx)
+            .then(|| timed_out("client accepted no data in time"))
+    }
+
     /// Arms the send timer when a write waits, clears it when one makes progress.
     fn watch_write(
         &mut self,
@@ -512,15 +522,10 @@ impl<S> ClientIo<S> {
         result: Poll<io::Result<usize>>,
     ) -> Poll<io::Result<usize>> {
         match result {
-            Poll::Pending => {
-                let until = *self
-                    .write_deadline
-                    .get_or_insert_with(|| Instant::now() + self.timeouts.send);
-                if ran_out(&mut self.write_timer, until, cx) {
-                    return Poll::Ready(Err(timed_out("client accepted no data in time")));
-                }
-                Poll::Pending
-            }
+            Poll::Pending => match self.send_ran_out(cx) {
+                Some(error) => Poll::Ready(Err(error)),
+                None => Poll::Pending,
+            },
             Poll::Ready(Ok(written)) if written > 0 => {
                 self.write_deadline = None;
                 Poll::Ready(Ok(written))
@@ -538,15 +543,10 @@ impl<S> ClientIo<S> {
         result: Poll<io::Result<()>>,
     ) -> Poll<io::Result<()>> {
         match result {
-            Poll::Pending => {
-                let until = *self
-                    .write_deadline
-                    .get_or_insert_with(|| Instant::now() + self.timeouts.send);
-                if ran_out(&mut self.write_timer, until, cx) {
-                    return Poll::Ready(Err(timed_out("client accepted no data in time")));
-                }
-                Poll::Pending
-            }
+            Poll::Pending => match self.send_ran_out(cx) {
+                Some(error) => Poll::Ready(Err(error)),
+                None => Poll::Pending,
+            },
             ready => {
                 self.write_deadline = None;
                 ready

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::{Gateway, TestTls, TlsClient};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -155,16 +155,7 @@ async fn hang_up_while_waiting(
     assert!(matches!(next(&mut reports).await, Seen::Request(_)));
     if matches!(answer, Answer::StallMidBody) {
         // The response head and the first chunk reached the client: it waits mid-body.
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 1024];
-        while !String::from_utf8_lossy(&got).contains("hello") {
-            let read = timeout(Duration::from_secs(5), client.read(&mut chunk))
-                .await
-                .expect("the head and first chunk within 5 s")
-                .unwrap();
-            assert!(read > 0, "closed before the first chunk");
-            got.extend_from_slice(&chunk[..read]);
-        }
+        read_until(&mut client, b"hello").await;
     }
     let kept = hang_up(client).await;
     assert_eq!(
@@ -174,6 +165,24 @@ async fn hang_up_while_waiting(
     );
     drop(kept);
     gw.shutdown().await;
+}
+
+/// Reads from `client` until what came holds `expected` (within 5 s).
+async fn read_until(client: &mut (impl AsyncRead + Unpin), expected: &[u8]) {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !got.windows(expected.len()).any(|w| w == expected) {
+        let read = timeout(Duration::from_secs(5), client.read(&mut chunk))
+            .await
+            .expect("the bytes awaited within 5 s")
+            .unwrap();
+        assert!(
+            read > 0,
+            "closed before {:?}",
+            String::from_utf8_lossy(expected)
+        );
+        got.extend_from_slice(&chunk[..read]);
+    }
 }
 
 const GET: &[u8] = b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n";
@@ -361,16 +370,7 @@ async fn tls_hang_up_while_waiting(
     client.write_all(GET).await.unwrap();
     assert!(matches!(next(&mut reports).await, Seen::Request(_)));
     if matches!(answer, Answer::StallMidBody) {
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 1024];
-        while !String::from_utf8_lossy(&got).contains("hello") {
-            let read = timeout(Duration::from_secs(5), client.read(&mut chunk))
-                .await
-                .expect("the head and first chunk within 5 s")
-                .unwrap();
-            assert!(read > 0, "closed before the first chunk");
-            got.extend_from_slice(&chunk[..read]);
-        }
+        read_until(&mut client, b"hello").await;
     }
     let kept = hang_up(client).await;
     assert_eq!(
@@ -492,21 +492,13 @@ async fn over_tls_a_session_the_client_ends_between_requests_is_ended_with_close
         .write_all(b"GET /one HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut received = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !received.ends_with(b"GET /one HTTP/1.1") {
-        let read = timeout(Duration::from_secs(5), client.read(&mut chunk))
-            .await
-            .expect("the answer within 5 s")
-            .unwrap();
-        assert!(read > 0, "closed before the answer");
-        received.extend_from_slice(&chunk[..read]);
-    }
+    read_until(&mut client, b"GET /one HTTP/1.1").await;
     // The client ends the session; the gateway answers with its own `close_notify` (as hyper
     // did), so the client reads a clean end, not a truncation.
     client.get_mut().1.send_close_notify();
     client.flush().await.unwrap();
-    let read = timeout(Duration::from_secs(5), client.read(&mut chunk))
+    let mut rest = [0u8; 64];
+    let read = timeout(Duration::from_secs(5), client.read(&mut rest))
         .await
         .expect("the end of the session within 5 s");
     assert!(matches!(read, Ok(0)), "{read:?}");
