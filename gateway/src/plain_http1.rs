@@ -43,9 +43,11 @@ use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::Poll;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use http::{HeaderValue, Method, Response, StatusCode, Uri, Version, header};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
@@ -106,6 +108,7 @@ where
         io.stop_head_scan();
         let mut buffer = BytesMut::with_capacity(READ_SIZE);
         let mut out: Vec<u8> = Vec::with_capacity(1024);
+        let mut watch = ReadWatch::new(watched_by_reading);
         loop {
             let request = loop {
                 if !buffer.is_empty() {
@@ -158,9 +161,7 @@ where
             let closing;
             // Not with bytes of a next request read behind this one: the client asked for more
             // answers even if it hangs up now (as `crate::hang_up` and hyper do).
-            let mut watch = ReadWatch {
-                on: watched_by_reading && buffer.is_empty(),
-            };
+            watch.on = watched_by_reading && buffer.is_empty();
             let written = {
                 // The request path's future is a temporary of this statement, made in place (a
                 // future bound first is copied whole, 5 KB, into where it is pinned): it ends
@@ -210,40 +211,104 @@ where
 /// session (see the module doc). Once bytes of a next request come, it no longer is: they stay
 /// in the connection's buffer, and that request is read from there.
 struct ReadWatch {
+    /// Watching the current request's client.
     on: bool,
+    /// The read's own waker, on connections watched this way (one per connection).
+    client: Option<(Arc<ClientWoke>, Waker)>,
 }
 
 impl ReadWatch {
+    /// Off; able to watch (`on`) when `by_reading`.
+    fn new(by_reading: bool) -> Self {
+        let client = by_reading.then(|| {
+            let woke = Arc::new(ClientWoke {
+                watching: AtomicBool::new(false),
+                again: AtomicBool::new(true),
+                task: AtomicWaker::new(),
+            });
+            let waker = Waker::from(woke.clone());
+            (woke, waker)
+        });
+        ReadWatch { on: false, client }
+    }
+
     /// `answer`'s output, or `None` when the client hung up first: while the watch is on, the
     /// connection is read into `buffer` meanwhile. Off, `answer` alone is awaited.
+    ///
+    /// The read has a waker of its own ([`ClientWoke`]): it is polled again only when it asked
+    /// to be, not at every wake-up of the request's task (the worker's side wakes it for each
+    /// part of an answer, and a read that waits goes through the TLS session down to the
+    /// socket each time), and what it registered no longer wakes the task once the watch is
+    /// over.
     async fn until<F: Future, S: AsyncRead + Unpin>(
         &mut self,
         mut answer: Pin<&mut F>,
         io: &mut ClientIo<S>,
         buffer: &mut BytesMut,
     ) -> Option<F::Output> {
-        if !self.on {
-            return Some(answer.await);
-        }
+        let (woke, waker) = match &self.client {
+            Some(client) if self.on => client,
+            _ => return Some(answer.await),
+        };
         if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
             buffer.reserve(READ_SIZE);
         }
         let mut reading = pin!(io.read_buf(buffer));
-        std::future::poll_fn(|cx| {
+        // The first poll reads: the session may hold what an earlier read brought.
+        woke.again.store(true, Ordering::SeqCst);
+        woke.watching.store(true, Ordering::SeqCst);
+        let mut on = true;
+        let output = std::future::poll_fn(|cx| {
             if let Poll::Ready(output) = answer.as_mut().poll(cx) {
                 return Poll::Ready(Some(output));
             }
-            if self.on {
-                match reading.as_mut().poll(cx) {
-                    // The session ended (`close_notify` or the socket closed) or broke.
-                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
-                    Poll::Ready(Ok(_)) => self.on = false,
-                    Poll::Pending => {}
+            if on {
+                woke.task.register(cx.waker());
+                // After the registration: a wake-up from here on wakes this task again.
+                if woke.again.swap(false, Ordering::SeqCst) {
+                    match reading.as_mut().poll(&mut Context::from_waker(waker)) {
+                        // The session ended (`close_notify` or the socket closed) or broke.
+                        Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
+                        Poll::Ready(Ok(_)) => on = false,
+                        Poll::Pending => {}
+                    }
                 }
             }
             Poll::Pending
         })
-        .await
+        .await;
+        woke.watching.store(false, Ordering::SeqCst);
+        self.on = on;
+        output
+    }
+}
+
+/// The waker of [`ReadWatch`]'s read: notes that the read asked to be polled, and wakes the
+/// request's task while the watch waits. After it, the read's registrations may still wake
+/// this waker once: the connection's state wakes the reader of a busy connection when its
+/// request ends (`ClientIo`), which the watch's read was. By then the connection reads its
+/// next request with the task's own waker, and with the task's waker in the watch's read that
+/// wake-up made every HTTPS/1.1 request's task run once more for a read that had nothing
+/// (`infra/bench/instructions.sh tls`: 25 999 → 24 996 instructions per request,
+/// docs/performance.md section 30).
+struct ClientWoke {
+    /// `ReadWatch::until` is waiting.
+    watching: AtomicBool,
+    /// The read asked to be polled.
+    again: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for ClientWoke {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.again.store(true, Ordering::SeqCst);
+        if self.watching.load(Ordering::SeqCst) {
+            self.task.wake();
+        }
     }
 }
 
