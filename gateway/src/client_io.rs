@@ -6,6 +6,7 @@
 //!             │ timeouts.request_head                                                  │ timeouts.client_idle
 //!             ▲                                                                        │
 //!             └──────────────────── first byte of the next request (HTTP/1.1) ◀────────┘
+//!  bytes of the next head read while Busy (`next_head_begun`): Busy ── done ──▶ Head
 //!  any phase: a write that makes no progress for timeouts.client_send cuts the connection
 //!  after a 101: no read timer (the tunnel has its own idle timeout, `crate::tunnel`)
 //! ```
@@ -215,6 +216,9 @@ pub struct ClientIo<S = TcpStream> {
     prefix_seen: usize,
     /// Everything written has been flushed (hyper flushes after each response).
     flushed: bool,
+    /// Bytes of the next request's head came while this one was busy
+    /// ([`ClientIo::next_head_begun`]): when it ends, that head is due.
+    next_head: bool,
 }
 
 impl<S> ClientIo<S> {
@@ -237,6 +241,7 @@ impl<S> ClientIo<S> {
             prefix: Bytes::new(),
             prefix_seen: 0,
             flushed: true,
+            next_head: false,
         }
     }
 
@@ -349,9 +354,21 @@ impl<S> ClientIo<S> {
             self.phase = Phase::Busy;
             self.seen = begun;
         } else if self.phase == Phase::Busy || begun != self.seen {
-            self.phase = Phase::Idle(None);
+            self.phase = if std::mem::take(&mut self.next_head) {
+                Phase::Head(None)
+            } else {
+                Phase::Idle(None)
+            };
             self.seen = begun;
         }
+    }
+
+    /// Bytes read while a request is busy are the start of the next request's head (the
+    /// gateway's own HTTP/1.1 server knows: its requests have no body): once this request ends,
+    /// the connection waits for the rest under `timeouts.head`, as when they arrive after it,
+    /// not under the idle timeout.
+    pub fn next_head_begun(&mut self) {
+        self.next_head = true;
     }
 
     /// Bytes arrived: the first ones after an idle spell start a head (HTTP/1.1).

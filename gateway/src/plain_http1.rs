@@ -35,7 +35,7 @@
 //! TLS the socket carries records (a next request, or the client's `close_notify`, look alike
 //! there), so this server reads through the session instead, as hyper's own check does
 //! ([`ReadWatch`]): the end of the session or an error is a hang-up; bytes are the next request,
-//! kept, and watching stops.
+//! kept (its head due within the head timeout once this request ends), and watching stops.
 
 use std::future::Future;
 use std::io;
@@ -253,11 +253,11 @@ impl ReadWatch {
         if buffer.capacity() - buffer.len() < READ_SIZE / 4 {
             buffer.reserve(READ_SIZE);
         }
-        let mut reading = pin!(io.read_buf(buffer));
         // The first poll reads: the session may hold what an earlier read brought.
         woke.again.store(true, Ordering::SeqCst);
         woke.watching.store(true, Ordering::SeqCst);
         let mut on = true;
+        let mut reading = pin!(io.read_buf(buffer));
         let output = std::future::poll_fn(|cx| {
             if let Poll::Ready(output) = answer.as_mut().poll(cx) {
                 return Poll::Ready(Some(output));
@@ -278,6 +278,10 @@ impl ReadWatch {
         })
         .await;
         woke.watching.store(false, Ordering::SeqCst);
+        if !on {
+            // What came is the start of the next request (a plain request has no body).
+            io.next_head_begun();
+        }
         self.on = on;
         output
     }

@@ -8,10 +8,10 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::{Gateway, TestTls, TlsClient};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -502,5 +502,67 @@ async fn over_tls_a_session_the_client_ends_between_requests_is_ended_with_close
         .await
         .expect("the end of the session within 5 s");
     assert!(matches!(read, Ok(0)), "{read:?}");
+    gw.shutdown().await;
+}
+
+/// A gateway in front of `worker` whose head timeout (1 s) is far shorter than its idle one.
+async fn gateway_with_head_timeout(worker: SocketAddr, tls: Option<&TestTls>) -> Gateway {
+    Gateway::start(&[], |c| {
+        c.workers.push(worker.to_string());
+        c.timeouts.request_head = Duration::from_secs(1);
+        c.timeouts.client_idle = Duration::from_secs(30);
+        c.hedging.enabled = false;
+        c.retry.max_attempts = 1;
+        if let Some(tls) = tls {
+            tls.enable(c);
+        }
+    })
+    .await
+}
+
+/// The start of a next head, sent while the request before waits for its worker, is due within
+/// the head timeout from that request's answer on: it is not an idle connection's (30 s here).
+async fn a_head_begun_while_waiting_is_due_within_the_head_timeout(
+    mut client: impl AsyncRead + AsyncWrite + Unpin,
+    reports: &mut mpsc::UnboundedReceiver<Seen>,
+) {
+    client
+        .write_all(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(matches!(next(reports).await, Seen::Request(_)));
+    client
+        .write_all(b"GET /second HTTP/1.1\r\nho")
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    read_until(&mut client, b"GET /first HTTP/1.1").await;
+    let answered = Instant::now();
+    let mut rest = Vec::new();
+    let closed = timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    let after = answered.elapsed();
+    assert!(
+        closed.is_ok() && after < Duration::from_millis(2500),
+        "the half-sent head cut about 1 s after the answer, not at the idle timeout: \
+         still open after {after:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_head_begun_while_the_request_before_waits_gets_the_head_timeout() {
+    let (worker, mut reports) = scripted_worker(Answer::After(300)).await;
+    let gw = gateway_with_head_timeout(worker, None).await;
+    let client = TcpStream::connect(gw.public).await.unwrap();
+    a_head_begun_while_waiting_is_due_within_the_head_timeout(client, &mut reports).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn over_tls_a_head_begun_while_the_request_before_waits_gets_the_head_timeout() {
+    let tls = TestTls::generate();
+    let (worker, mut reports) = scripted_worker(Answer::After(300)).await;
+    let gw = gateway_with_head_timeout(worker, Some(&tls)).await;
+    let client = tls.connect(&gw).await;
+    a_head_begun_while_waiting_is_due_within_the_head_timeout(client, &mut reports).await;
     gw.shutdown().await;
 }
