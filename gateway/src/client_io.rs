@@ -1029,6 +1029,73 @@ mod tests {
         .await;
     }
 
+    /// A TLS session over an in-memory pipe of 64 bytes, its handshake done: the gateway's end
+    /// and the client's (which reads nothing after).
+    async fn tls_over_a_pipe() -> (
+        tokio_rustls::server::TlsStream<tokio::io::DuplexStream>,
+        tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
+    ) {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert = certified.cert.der().clone();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        // No session tickets after the handshake: the server's end would wait to send them
+        // through the pipe, which a client that reads nothing never empties.
+        server.send_tls13_tickets = 0;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (gateway_end, client_end) = tokio::io::duplex(64);
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let (server, client) = tokio::join!(
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(gateway_end),
+            tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, client_end),
+        );
+        (server.unwrap(), client.unwrap())
+    }
+
+    /// `ClientIo` over a TLS session whose client reads nothing, a send timeout of 200 ms, after
+    /// a write the session took whole: its records wait in the session, not sent.
+    async fn tls_io_with_records_waiting() -> (
+        ClientIo<tokio_rustls::server::TlsStream<tokio::io::DuplexStream>>,
+        tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
+    ) {
+        use tokio::io::AsyncWriteExt;
+        let (server, client) = tls_over_a_pipe().await;
+        let timeouts = ClientTimeouts {
+            send: Duration::from_millis(200),
+            ..timeouts(Duration::from_secs(5))
+        };
+        let mut io = ClientIo::new(server, Arc::new(ConnectionState::default()), timeouts);
+        let written = io.write(&[b'x'; 4096]).await.unwrap();
+        assert_eq!(written, 4096, "the session takes the write whole");
+        (io, client)
+    }
+
+    #[tokio::test]
+    async fn over_tls_a_flush_the_client_takes_nothing_of_ends_after_the_send_timeout() {
+        use tokio::io::AsyncWrite;
+        let (mut io, _client) = tls_io_with_records_waiting().await;
+        times_out_with_budget_spent(move |cx| Pin::new(&mut io).poll_flush(cx)).await;
+    }
+
+    #[tokio::test]
+    async fn over_tls_a_shutdown_the_client_takes_nothing_of_ends_after_the_send_timeout() {
+        use tokio::io::AsyncWrite;
+        let (mut io, _client) = tls_io_with_records_waiting().await;
+        times_out_with_budget_spent(move |cx| Pin::new(&mut io).poll_shutdown(cx)).await;
+    }
+
     #[tokio::test]
     async fn heads_parsed_by_the_reader_tell_pipelining_and_a_smuggled_head_behind_them() {
         let (stream, _client) = tokio::io::duplex(1024);
