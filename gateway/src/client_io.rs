@@ -284,10 +284,13 @@ impl<S> ClientIo<S> {
     /// request came with this one (pipelining, for the hang-up watch), and whether a head among
     /// them has both `Content-Length` and `Transfer-Encoding` (then this request is refused too,
     /// as when the scan saw them arrive). Bytes behind a head are scanned once, however many heads
-    /// they hold; without any (nearly every request) this is two stores.
+    /// they hold; without any (nearly every request) this is two stores. Bytes behind it are
+    /// the start of the next head too ([`ClientIo::next_head_begun`]); none, and an earlier
+    /// notice is used up.
     pub fn head_parsed(&mut self, taken: usize, rest: &[u8]) {
         let next = self.state.begun.load(Ordering::Relaxed) + 1;
         let more = !rest.is_empty();
+        self.next_head = more;
         self.state
             .pipelined_below
             .store(next + u64::from(more), Ordering::Relaxed);
@@ -365,8 +368,9 @@ impl<S> ClientIo<S> {
 
     /// Bytes read while a request is busy are the start of the next request's head (the
     /// gateway's own HTTP/1.1 server knows: its requests have no body): once this request ends,
-    /// the connection waits for the rest under `timeouts.head`, as when they arrive after it,
-    /// not under the idle timeout.
+    /// the connection waits for the rest under `timeouts.request_head`, as when they arrive
+    /// after it, not under the idle timeout. Used up when the request ends, or when that head
+    /// is parsed ([`ClientIo::head_parsed`]).
     pub fn next_head_begun(&mut self) {
         self.next_head = true;
     }

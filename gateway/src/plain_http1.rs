@@ -269,7 +269,11 @@ impl ReadWatch {
                     match reading.as_mut().poll(&mut Context::from_waker(waker)) {
                         // The session ended (`close_notify` or the socket closed) or broke.
                         Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
-                        Poll::Ready(Ok(_)) => on = false,
+                        Poll::Ready(Ok(_)) => {
+                            // What the read registered wakes the task no more.
+                            woke.watching.store(false, Ordering::SeqCst);
+                            on = false;
+                        }
                         Poll::Pending => {}
                     }
                 }
@@ -288,9 +292,9 @@ impl ReadWatch {
 }
 
 /// The waker of [`ReadWatch`]'s read: notes that the read asked to be polled, and wakes the
-/// request's task while the watch waits. After it, the read's registrations may still wake
-/// this waker once: the connection's state wakes the reader of a busy connection when its
-/// request ends (`ClientIo`), which the watch's read was. By then the connection reads its
+/// request's task while the watch waits. After it, what the read registered may still wake
+/// this waker (the socket's readiness, and the connection's state, which wakes the reader of a
+/// busy connection when its request ends (`ClientIo`), as the watch's read was), once each. By then the connection reads its
 /// next request with the task's own waker, and with the task's waker in the watch's read that
 /// wake-up made every HTTPS/1.1 request's task run once more for a read that had nothing
 /// (`infra/bench/instructions.sh tls`: 25 999 → 24 996 instructions per request,

@@ -546,6 +546,37 @@ async fn a_head_begun_while_waiting_is_due_within_the_head_timeout(
         "the half-sent head cut about 1 s after the answer, not at the idle timeout: \
          still open after {after:?}"
     );
+    assert!(
+        after >= Duration::from_millis(700),
+        "cut {after:?} after the answer, before the head timeout (1 s)"
+    );
+}
+
+/// A whole next request, sent while the request before waits, is answered in its turn, and the
+/// connection then waits under the idle timeout (30 s here), not the head timeout (1 s): the
+/// next head the watch read was parsed, nothing of another is left.
+async fn after_a_whole_next_request_the_connection_idles_under_the_idle_timeout(
+    mut client: impl AsyncRead + AsyncWrite + Unpin,
+    reports: &mut mpsc::UnboundedReceiver<Seen>,
+) {
+    client
+        .write_all(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(matches!(next(reports).await, Seen::Request(_)));
+    client
+        .write_all(b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    read_until(&mut client, b"GET /second HTTP/1.1").await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    client
+        .write_all(b"GET /third HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("still open 1.6 s after the last answer (head timeout 1 s, idle 30 s)");
+    client.flush().await.unwrap();
+    read_until(&mut client, b"GET /third HTTP/1.1").await;
 }
 
 #[tokio::test]
@@ -564,5 +595,27 @@ async fn over_tls_a_head_begun_while_the_request_before_waits_gets_the_head_time
     let gw = gateway_with_head_timeout(worker, Some(&tls)).await;
     let client = tls.connect(&gw).await;
     a_head_begun_while_waiting_is_due_within_the_head_timeout(client, &mut reports).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn after_a_whole_request_sent_while_one_waits_the_connection_idles_under_client_idle() {
+    let (worker, mut reports) = scripted_worker(Answer::After(300)).await;
+    let gw = gateway_with_head_timeout(worker, None).await;
+    let client = TcpStream::connect(gw.public).await.unwrap();
+    after_a_whole_next_request_the_connection_idles_under_the_idle_timeout(client, &mut reports)
+        .await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn over_tls_after_a_whole_request_sent_while_one_waits_the_connection_idles_under_client_idle()
+ {
+    let tls = TestTls::generate();
+    let (worker, mut reports) = scripted_worker(Answer::After(300)).await;
+    let gw = gateway_with_head_timeout(worker, Some(&tls)).await;
+    let client = tls.connect(&gw).await;
+    after_a_whole_next_request_the_connection_idles_under_the_idle_timeout(client, &mut reports)
+        .await;
     gw.shutdown().await;
 }
