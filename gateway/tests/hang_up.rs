@@ -520,22 +520,28 @@ async fn gateway_with_head_timeout(worker: SocketAddr, tls: Option<&TestTls>) ->
     .await
 }
 
-/// The start of a next head, sent while the request before waits for its worker, is due within
-/// the head timeout from that request's answer on: it is not an idle connection's (30 s here).
-async fn a_head_begun_while_waiting_is_due_within_the_head_timeout(
-    mut client: impl AsyncRead + AsyncWrite + Unpin,
+/// Sends `GET /first`, then `behind` while the worker has it.
+async fn send_behind_a_waiting_request(
+    client: &mut (impl AsyncWrite + Unpin),
     reports: &mut mpsc::UnboundedReceiver<Seen>,
+    behind: &[u8],
 ) {
     client
         .write_all(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
     assert!(matches!(next(reports).await, Seen::Request(_)));
-    client
-        .write_all(b"GET /second HTTP/1.1\r\nho")
-        .await
-        .unwrap();
+    client.write_all(behind).await.unwrap();
     client.flush().await.unwrap();
+}
+
+/// The start of a next head, sent while the request before waits for its worker, is due within
+/// the head timeout from that request's answer on: it is not an idle connection's (30 s here).
+async fn a_head_begun_while_waiting_is_due_within_the_head_timeout(
+    mut client: impl AsyncRead + AsyncWrite + Unpin,
+    reports: &mut mpsc::UnboundedReceiver<Seen>,
+) {
+    send_behind_a_waiting_request(&mut client, reports, b"GET /second HTTP/1.1\r\nho").await;
     read_until(&mut client, b"GET /first HTTP/1.1").await;
     let answered = Instant::now();
     let mut rest = Vec::new();
@@ -559,16 +565,8 @@ async fn after_a_whole_next_request_the_connection_idles_under_the_idle_timeout(
     mut client: impl AsyncRead + AsyncWrite + Unpin,
     reports: &mut mpsc::UnboundedReceiver<Seen>,
 ) {
-    client
-        .write_all(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    assert!(matches!(next(reports).await, Seen::Request(_)));
-    client
-        .write_all(b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    client.flush().await.unwrap();
+    let second = b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n";
+    send_behind_a_waiting_request(&mut client, reports, second).await;
     read_until(&mut client, b"GET /second HTTP/1.1").await;
     tokio::time::sleep(Duration::from_millis(1600)).await;
     client
