@@ -69,6 +69,64 @@ pub fn is_replaced_in_responses_raw(name: &[u8]) -> bool {
     }
 }
 
+/// The header lines of a parsed head (`spans`: where each header's name and value sit in it),
+/// kept as they came on the wire to be written through without a `HeaderMap`, and the [`Cut`]
+/// of the lines at indices `cut` of `spans` (empty: none): a run of adjacent hop-by-hop lines
+/// left out, which ask for nothing the gateway does not do anyway (see [`RawRequestHead`] and
+/// `upstream::RawHead`). `None` unless each line ends with CRLF (httparse also takes a bare LF,
+/// which is not passed on as is) and the lines are within 64 KiB. Inlined: a call of its own
+/// cost each head more than its work (`infra/bench/instructions.sh`, docs/performance.md
+/// section 31).
+#[inline(always)]
+pub fn header_lines(
+    head: &Bytes,
+    spans: &[HeaderSpan],
+    cut: std::ops::Range<usize>,
+) -> Option<(Bytes, Cut)> {
+    let lines = crlf_header_lines(head, spans)?;
+    if lines.len() > usize::from(u16::MAX) {
+        return None;
+    }
+    if cut.is_empty() {
+        return Some((lines, Cut::default()));
+    }
+    let first = spans.first().map_or(0, |(name, _)| name.start);
+    // A line runs from its name to the next line's name (or to the end of the lines).
+    let line_start = |index: usize| {
+        spans
+            .get(index)
+            .map_or(lines.len(), |(name, _)| name.start - first) as u16
+    };
+    let cut = Cut {
+        start: line_start(cut.start),
+        end: line_start(cut.end),
+    };
+    Some((lines, cut))
+}
+
+/// Where the run of lines left out of raw header lines ([`header_lines`]) sits in them: its
+/// start and end (empty: none). Two bytes each, beside the lines in a raw head: a response's
+/// stays 40 bytes, as it was before lines could be left out (it is moved through several
+/// futures; docs/performance.md section 31).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cut {
+    start: u16,
+    end: u16,
+}
+
+impl Cut {
+    /// What to write of `lines`: the lines before the run left out, and those after it.
+    pub fn runs(self, lines: &[u8]) -> [&[u8]; 2] {
+        [
+            &lines[..usize::from(self.start)],
+            &lines[usize::from(self.end)..],
+        ]
+    }
+}
+
+/// Where a header's name and value sit in a parsed head.
+pub type HeaderSpan = (std::ops::Range<usize>, std::ops::Range<usize>);
+
 /// A plain request's header lines as the client sent them, written to the worker as they are
 /// instead of through a `HeaderMap` (`crate::plain_http1` keeps them so only when nothing in them
 /// must change or be read: see `is_read_or_replaced_in_requests_raw`), less one
@@ -80,15 +138,14 @@ pub struct RawRequestHead {
     pub lines: Bytes,
     /// The head's size as [`head_size`] counts it.
     pub size: usize,
-    /// The `Connection: keep-alive` line left out (start and end in `lines`; empty: none).
-    pub cut: (u32, u32),
+    /// The `Connection: keep-alive` line left out.
+    pub cut: Cut,
 }
 
 impl RawRequestHead {
     /// The lines to write: those before the line left out, and those after it.
     pub fn runs(&self) -> [&[u8]; 2] {
-        let (start, end) = (self.cut.0 as usize, self.cut.1 as usize);
-        [&self.lines[..start], &self.lines[end..]]
+        self.cut.runs(&self.lines)
     }
 }
 
@@ -99,24 +156,31 @@ pub fn is_connection_keep_alive(name: &[u8], value: &[u8]) -> bool {
         && value.trim_ascii().eq_ignore_ascii_case(b"keep-alive")
 }
 
+/// Whether a worker's response header is one a raw response head may leave out: a `Connection`
+/// that says only `keep-alive` or `close` (any case, OWS around it), or a `Keep-Alive`. Both are
+/// about the worker's own connection, which the gateway reads them for (`upstream::codec`), not
+/// the client's: Node.js, Tomcat, Apache and gunicorn put them on every answer.
+pub fn is_worker_connection_line(name: &[u8], value: &[u8]) -> bool {
+    if name.eq_ignore_ascii_case(b"keep-alive") {
+        return true;
+    }
+    let value = value.trim_ascii();
+    name.eq_ignore_ascii_case(b"connection")
+        && (value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close"))
+}
+
 /// The header lines of a parsed head (`spans`: where each header's name and value sit in it),
 /// from the first name to the CRLF ending the last line (empty without headers); `None` when a
 /// line ends with a bare LF, which httparse accepts but which is not passed on as it came.
-pub fn crlf_header_lines(
-    head: &Bytes,
-    spans: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
-) -> Option<Bytes> {
+fn crlf_header_lines(head: &Bytes, spans: &[HeaderSpan]) -> Option<Bytes> {
     let Some((first, _)) = spans.first() else {
         return Some(Bytes::new());
     };
-    // The blank line ends the head; each header line ends where the next begins.
-    let mut ends = spans
-        .iter()
-        .skip(1)
-        .map(|(name, _)| name.start)
-        .chain([head.len() - 2]);
-    ends.all(|end| &head[end - 2..end] == b"\r\n")
-        .then(|| head.slice(first.start..head.len() - 2))
+    // Each header line ends where the next begins; the blank line ends the head.
+    let crlf_before = |end: usize| &head[end - 2..end] == b"\r\n";
+    let end = head.len() - 2;
+    let all_crlf = spans[1..].iter().all(|(name, _)| crlf_before(name.start)) && crlf_before(end);
+    all_crlf.then(|| head.slice(first.start..end))
 }
 
 /// Whether the request path reads or rewrites a request header of this name (as spelled on the

@@ -461,9 +461,16 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
             .map(|h| (span(h.name.as_bytes()), span(h.value))),
     );
     let whole = buffer.split_to(length).freeze();
-    let raw = (raw && hosts == 1)
-        .then(|| raw_lines(&whole, &spans, size, cut))
-        .flatten();
+    let raw = if raw && hosts == 1 {
+        let cut = cut.map_or(0..0, |index| index..index + 1);
+        crate::headers::header_lines(&whole, &spans, cut).map(|(lines, cut)| RawRequestHead {
+            lines,
+            size,
+            cut,
+        })
+    } else {
+        None
+    };
     let built = match &raw {
         Some(_) => build(&whole, method, target, &[]),
         None => build(&whole, method, target, &spans),
@@ -483,28 +490,6 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
             Parsed::NotPlain
         }
     }
-}
-
-/// The header lines of `head` as a [`RawRequestHead`] of `size` without line `cut` (a
-/// `Connection: keep-alive`), if each ends with CRLF (httparse also takes a bare LF, which is not
-/// passed on as is).
-fn raw_lines(
-    head: &Bytes,
-    spans: &[(Range<usize>, Range<usize>)],
-    size: usize,
-    cut: Option<usize>,
-) -> Option<RawRequestHead> {
-    let lines = crate::headers::crlf_header_lines(head, spans)?;
-    let first = spans.first().map_or(0, |(name, _)| name.start);
-    // A line runs from its name to the next line's name (or to the end of the lines).
-    let cut = cut.map_or((0, 0), |index| {
-        let start = spans[index].0.start - first;
-        let end = spans
-            .get(index + 1)
-            .map_or(lines.len(), |(name, _)| name.start - first);
-        (start as u32, end as u32)
-    });
-    Some(RawRequestHead { lines, size, cut })
 }
 
 /// The request of a parsed head, with the headers at `spans`; `None` when `http` refuses a part
@@ -723,9 +708,14 @@ fn encode_head(
     let mut keep_alive = true;
     let mut dated = false;
     if let Some(raw) = body.inner().raw_head() {
-        // The worker's lines as it sent them (`RawHead`: nothing in them to take out). Its
-        // `Content-Length` frames the body, whose length is therefore exact.
-        out.extend_from_slice(&raw.lines);
+        // The worker's lines as it sent them, less those about its own connection (`RawHead`:
+        // nothing else in them to take out). Its `Content-Length` frames the body, whose length
+        // is therefore exact.
+        let [before, after] = raw.runs();
+        if !before.is_empty() {
+            out.extend_from_slice(before);
+        }
+        out.extend_from_slice(after);
         if raw.has_content_length {
             // A body framed by its length knows it exactly (`WorkerBody::size_hint`). Were it
             // ever unknown, the body would be chunked after the worker's length line: two

@@ -15,7 +15,43 @@ use tokio::net::{TcpListener, TcpStream};
 
 const BIG: usize = 1 << 20;
 
-/// A worker answering by path with fixed bytes: `/chunked` ("hello world" in two chunks, 30 ms
+/// Answers of `raw_worker` with lines about the worker's own connection, as Node.js (first),
+/// Apache (second) and others send them: the path, and the header lines (body: `ok`). The
+/// worker closes its connection after an answer that says `Connection: close`.
+const CONNECTION_LINES: &[(&str, &str)] = &[
+    (
+        "/conn/node",
+        "Content-Type: text/plain\r\nContent-Length: 2\r\nDate: Tue, 01 Dec 2026 10:00:00 GMT\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n",
+    ),
+    (
+        "/conn/apache",
+        "Keep-Alive: timeout=5, max=100\r\nConnection: Keep-Alive\r\nX-Worker: Raw\r\nContent-Length: 2\r\n",
+    ),
+    (
+        "/conn/middle",
+        "X-Worker: Raw\r\nconnection:  keep-alive \r\nContent-Length: 2\r\n",
+    ),
+    (
+        "/conn/close",
+        "X-Worker: Raw\r\nContent-Length: 2\r\nConnection: close\r\n",
+    ),
+    // `close` is an option, not a header's name: a header named so stays, either way.
+    (
+        "/conn/close-header",
+        "Connection: close\r\nClose: x\r\nX-Worker: Raw\r\nContent-Length: 2\r\n",
+    ),
+    // Through the map: two runs apart, a token naming a header.
+    (
+        "/conn/apart",
+        "Connection: keep-alive\r\nX-Worker: Raw\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n",
+    ),
+    (
+        "/conn/secret",
+        "Connection: keep-alive, X-Secret\r\nX-Secret: s\r\nX-Worker: Raw\r\nContent-Length: 2\r\n",
+    ),
+];
+
+/// A worker answering by path with fixed bytes: `CONNECTION_LINES`, `/chunked` ("hello world" in two chunks, 30 ms
 /// apart), `/204`, `/as-sent`, `/keep-alive`, `/bare-lf` (heads to write through or not),
 /// `/big` (1 MiB of `x`), `/echo` (the request's body), anything else its own path as the body.
 async fn raw_worker() -> SocketAddr {
@@ -44,6 +80,18 @@ async fn raw_worker() -> SocketAddr {
                         tokio::time::sleep(Duration::from_millis(30)).await;
                         if stream.write_all(b"6\r\n world\r\n0\r\n\r\n").await.is_err() {
                             return;
+                        }
+                        continue;
+                    }
+                    if let Some((_, lines)) = CONNECTION_LINES
+                        .iter()
+                        .find(|(answers, _)| *answers == path)
+                    {
+                        let answer = format!("HTTP/1.1 200 OK\r\n{lines}\r\nok");
+                        if stream.write_all(answer.as_bytes()).await.is_err()
+                            || lines.to_ascii_lowercase().contains("connection: close")
+                        {
+                            return; // as it said it would
                         }
                         continue;
                     }
@@ -565,6 +613,70 @@ async fn a_worker_head_is_written_through_as_sent_when_nothing_in_it_must_change
     assert_eq!(answer.body, b"until close");
 
     // The connection still carries answers after all of them.
+    stream.write_all(get("/next").as_bytes()).await.unwrap();
+    assert_eq!(
+        read_answer(&mut stream, &mut buffer, false).await.body,
+        b"/next"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_heads_lines_about_its_own_connection_are_left_out_and_the_rest_written_through() {
+    let gw = gateway().await;
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut buffer = Vec::new();
+    // Written through (the worker's spelling kept) without the connection's lines, wherever
+    // they are; after the worker's `Connection: close` too, and the client's connection stays
+    // open all along (each answer below comes on it).
+    for (path, kept) in [
+        (
+            "/conn/node",
+            "Content-Type: text/plain\r\nContent-Length: 2\r\nDate: Tue, 01 Dec 2026 10:00:00 GMT\r\n",
+        ),
+        ("/conn/apache", "X-Worker: Raw\r\nContent-Length: 2\r\n"),
+        ("/conn/middle", "X-Worker: Raw\r\nContent-Length: 2\r\n"),
+        ("/conn/close", "X-Worker: Raw\r\nContent-Length: 2\r\n"),
+        (
+            "/conn/close-header",
+            "Close: x\r\nX-Worker: Raw\r\nContent-Length: 2\r\n",
+        ),
+        (
+            "/conn/node",
+            "Content-Type: text/plain\r\nContent-Length: 2\r\nDate: Tue, 01 Dec 2026 10:00:00 GMT\r\n",
+        ),
+    ] {
+        stream.write_all(get(path).as_bytes()).await.unwrap();
+        let answer = read_answer(&mut stream, &mut buffer, false).await;
+        let expected = format!("HTTP/1.1 200 OK\r\n{kept}x-request-id: ");
+        assert!(
+            answer.head.starts_with(&expected),
+            "{path}: {}",
+            answer.head
+        );
+        assert_eq!(answer.body, b"ok", "{path}");
+        let lower = answer.head.to_ascii_lowercase();
+        assert!(
+            !lower.contains("connection") && !lower.contains("keep-alive"),
+            "{path}: {}",
+            answer.head
+        );
+    }
+    // Through the map: stripped, with what a `Connection` names.
+    for path in ["/conn/apart", "/conn/secret"] {
+        stream.write_all(get(path).as_bytes()).await.unwrap();
+        let answer = read_answer(&mut stream, &mut buffer, false).await;
+        assert_eq!(answer.body, b"ok", "{path}");
+        assert!(
+            answer.head.contains("\r\nx-worker: Raw\r\n"),
+            "the map's way: {path}: {}",
+            answer.head
+        );
+        let lower = answer.head.to_ascii_lowercase();
+        for gone in ["connection", "keep-alive", "x-secret"] {
+            assert!(!lower.contains(gone), "{path}: {gone}: {}", answer.head);
+        }
+    }
     stream.write_all(get("/next").as_bytes()).await.unwrap();
     assert_eq!(
         read_answer(&mut stream, &mut buffer, false).await.body,

@@ -23,6 +23,8 @@
 # keep-alive with `wrk -t2` to the hello workers; one ECDSA P-256 certificate made with openssl,
 # served by the peer and every gateway, session resumption on).
 # PEER: haproxy (default; infra/bench/haproxy.cfg.in) or nginx (infra/bench/nginx.conf.in).
+# UPSTREAM=node (hello, h2, tls): the two upstreams are infra/bench/node-hello.js (Node.js's http
+# server, `Connection: keep-alive` and `Keep-Alive` on every answer) instead of herd-worker.
 # RATE=N offers N requests per second in all (h2load `--rps`, spread over the connections, which
 # send in step: bursts; h2load for HTTP/1.1 too) instead of as many as the targets take: every
 # target then serves the same load, below what saturates the box (docs/performance.md, section 25).
@@ -45,6 +47,12 @@ rounds=$1 duration=$2 connections=$3; shift 3
 scenario=${SCENARIO:-hello} peer=${PEER:-haproxy} rate=${RATE:-}
 case $scenario in hello | session | h2 | tls) ;; *) echo "SCENARIO: hello, session, h2 or tls, not $scenario" >&2; exit 2 ;; esac
 case $peer in haproxy | nginx) ;; *) echo "PEER: haproxy or nginx, not $peer" >&2; exit 2 ;; esac
+upstream=${UPSTREAM:-herd-worker}
+case $upstream in herd-worker | node) ;; *) echo "UPSTREAM: herd-worker or node, not $upstream" >&2; exit 2 ;; esac
+if [ "$upstream" = node ]; then
+  [ "$scenario" != session ] || { echo "UPSTREAM=node serves hello only: no session scenario" >&2; exit 2; }
+  command -v node >/dev/null || { echo "UPSTREAM=node needs node (apt-get install nodejs)" >&2; exit 2; }
+fi
 cpus=${CPUS:-}
 [[ -z $cpus || $cpus =~ ^(0\.[1-9][0-9]*|1(\.0*)?)$ ]] || { echo "CPUS: a share of one CPU from 0.1 to 1, not $cpus" >&2; exit 2; }
 [[ -z $rate || $rate =~ ^[1-9][0-9]{0,6}$ ]] || { echo "RATE: requests per second, a whole number from 1, not $rate" >&2; exit 2; }
@@ -124,9 +132,13 @@ if [ "$scenario" = tls ]; then
     "HERD_GATEWAY_TLS__KEY=$dir/tls-key.pem" HERD_GATEWAY_TLS__MAX_HANDSHAKES=1024)
 fi
 for port in 18081 18082; do
-  env "${app[@]}" HERD_WORKER_LISTEN=127.0.0.1:$port HERD_WORKER_ID=w$port HERD_WORKER_MACHINE=ab \
-    HERD_WORKER_REGISTRY__ENABLED=false HERD_LOG=warn \
-    "$worker" >"$dir/w$port.log" 2>&1 &
+  if [ "$upstream" = node ]; then
+    PORT=$port node "$root/infra/bench/node-hello.js" >"$dir/w$port.log" 2>&1 &
+  else
+    env "${app[@]}" HERD_WORKER_LISTEN=127.0.0.1:$port HERD_WORKER_ID=w$port HERD_WORKER_MACHINE=ab \
+      HERD_WORKER_REGISTRY__ENABLED=false HERD_LOG=warn \
+      "$worker" >"$dir/w$port.log" 2>&1 &
+  fi
   pids+=($!) upstream_side+=($!)
 done
 if [ "$peer" = haproxy ]; then

@@ -8,7 +8,9 @@
 #
 # SCENARIO: h1 (default; HTTP/1.1 keep-alive) or h2 (h2c, 8 streams per connection), both
 # `GET /` through the gateway (one serving thread) to two herd-worker hello upstreams (set
-# UPSTREAM=hyper for `herd bench upstream`, a plain hyper server); or session: HTTP/1.1
+# UPSTREAM=hyper for `herd bench upstream`, a plain hyper server, or UPSTREAM=node for
+# infra/bench/node-hello.js, Node.js's http server with its `Connection: keep-alive` and
+# `Keep-Alive` on every answer; needs node); or session: HTTP/1.1
 # `GET /me` with a logged-in session cookie to two demo-app workers, which read the session
 # from a redis-server the script starts (as `herd bench proxy`'s session scenario); tls and
 # tls-h2: `GET /` over TLS (HTTP/1.1, or HTTP/2 with 8 streams per connection; an ECDSA P-256
@@ -53,6 +55,7 @@ for number in "$requests" "$connections"; do
 done
 tools=(valgrind callgrind_control callgrind_annotate h2load)
 [ "$scenario" = session ] && tools+=(redis-server curl)
+[ "$upstream" = node ] && tools+=(node)
 [ "$gateway" = nginx ] && tools+=(nginx curl)
 [ "$scheme" = https ] && tools+=(openssl)
 for tool in "${tools[@]}"; do
@@ -81,6 +84,8 @@ for index in 1 2; do
   out=$work/upstream-$index.out
   if [ "$upstream" = hyper ] && [ "$scenario" != session ]; then
     "$root/target/release/herd" bench upstream >"$out" 2>"$out.err" &
+  elif [ "$upstream" = node ] && [ "$scenario" != session ]; then
+    node "$root/infra/bench/node-hello.js" >"$out" 2>"$out.err" &
   else
     env "${app[@]}" HERD_WORKER_LISTEN=127.0.0.1:0 HERD_WORKER_ID=up$index \
       HERD_WORKER_REGISTRY__ENABLED=false HERD_LOG=warn \

@@ -164,10 +164,13 @@ pub struct ResponseHead {
 
 /// A response's header lines kept as the worker sent them, for the gateway's own HTTP/1.1
 /// server to write through: no `HeaderMap` is built, and none is encoded again. Only heads that
-/// need nothing taken out are kept so: no hop-by-hop header (so no `Connection`, no
-/// `Transfer-Encoding`), none the gateway replaces (`x-herd-gateway`, `Strict-Transport-Security`),
-/// at most one `Content-Length` and that one plain digits, CRLF line ends, a head within
-/// [`MAX_RESPONSE_HEAD`], not an answer to HEAD, not a 204 or 304. That is nearly every answer of a typical app; the others get a map.
+/// need nothing taken out but one run of adjacent lines about the worker's connection
+/// (`Connection: keep-alive` or `close`, `Keep-Alive`: `headers::is_worker_connection_line`,
+/// as Node.js puts on every answer) are kept so: no other hop-by-hop header (so no
+/// `Transfer-Encoding`), none the gateway replaces (`x-herd-gateway`, `Strict-Transport-Security`), at most
+/// one `Content-Length` and that one plain digits, CRLF line ends, a head within
+/// [`MAX_RESPONSE_HEAD`], not an answer to HEAD, not a 204 or 304. That is nearly every answer of
+/// a typical app; the others get a map.
 /// Small on purpose: a response is moved through several futures, and a larger head cost more
 /// in copies than the map saved (docs/performance.md section 17).
 #[derive(Debug, Clone)]
@@ -175,6 +178,8 @@ pub struct RawHead {
     /// From the first header's name to the CRLF ending the last header line (empty without
     /// headers).
     pub lines: Bytes,
+    /// The lines about the worker's connection, left out.
+    pub cut: crate::headers::Cut,
     /// The worker sent an `x-request-id` (the gateway adds one to an answer without).
     pub has_request_id: bool,
     /// The worker sent a `Date`.
@@ -184,6 +189,11 @@ pub struct RawHead {
 }
 
 impl RawHead {
+    /// The lines to write: those before the lines left out, and those after them.
+    pub fn runs(&self) -> [&[u8]; 2] {
+        self.cut.runs(&self.lines)
+    }
+
     /// The raw head of `head` if its lines may be forwarded as they are (see [`RawHead`]); notes
     /// the framing headers in `found` either way.
     fn of(
@@ -191,22 +201,30 @@ impl RawHead {
         spans: &[(Range<usize>, Range<usize>)],
         found: &mut FramingHeaders,
     ) -> Option<RawHead> {
-        let mut raw = RawHead {
-            lines: Bytes::new(),
-            has_request_id: false,
-            has_date: false,
-            has_content_length: false,
-        };
-        for (name_span, value) in spans {
+        let (mut has_request_id, mut has_date) = (false, false);
+        // The adjacent lines about the worker's connection, left out (indices into `spans`).
+        let mut cut = 0..0;
+        for (index, (name_span, value)) in spans.iter().enumerate() {
             let name = &head[name_span.clone()];
             found.note_raw(name, value);
             if crate::headers::is_hop_by_hop_raw(name)
                 || crate::headers::is_replaced_in_responses_raw(name)
             {
-                return None;
+                let adjacent = cut.is_empty() || cut.end == index;
+                if !adjacent
+                    || !crate::headers::is_worker_connection_line(name, &head[value.clone()])
+                {
+                    return None;
+                }
+                cut = if cut.is_empty() {
+                    index..index + 1
+                } else {
+                    cut.start..index + 1
+                };
+                continue;
             }
-            raw.has_request_id |= name.eq_ignore_ascii_case(b"x-request-id");
-            raw.has_date |= name.eq_ignore_ascii_case(b"date");
+            has_request_id |= name.eq_ignore_ascii_case(b"x-request-id");
+            has_date |= name.eq_ignore_ascii_case(b"date");
         }
         // One length in its plain form (the map's way writes `content-length: 0` for `00`), no
         // `Transfer-Encoding`, and a head no larger than the limit a partial head is held to.
@@ -223,9 +241,14 @@ impl RawHead {
         {
             return None;
         }
-        raw.has_content_length = !found.content_length.is_empty();
-        raw.lines = crate::headers::crlf_header_lines(head, spans)?;
-        Some(raw)
+        let (lines, cut) = crate::headers::header_lines(head, spans, cut)?;
+        Some(RawHead {
+            lines,
+            cut,
+            has_request_id,
+            has_date,
+            has_content_length: !found.content_length.is_empty(),
+        })
     }
 }
 
@@ -711,6 +734,67 @@ mod tests {
         let mut buffer = BytesMut::from(text.as_bytes());
         let parsed = parse_response(&mut buffer, method, false, false);
         (parsed, buffer)
+    }
+
+    /// The raw head of `text` parsed as the gateway's own server asks for it: the lines to
+    /// write through (both runs joined) and whether the worker's connection stays open; `None`
+    /// as lines when the head takes the map.
+    fn raw_lines(text: &str) -> (Option<String>, bool) {
+        let mut buffer = BytesMut::from(text.as_bytes());
+        let Ok(Parsed::Complete(head)) = parse_response(&mut buffer, &Method::GET, false, true)
+        else {
+            panic!("a complete head: {text:?}");
+        };
+        let lines = head.raw.map(|raw| {
+            assert!(head.headers.is_empty(), "a raw head has no map too");
+            raw.runs().concat()
+        });
+        let lines = lines.map(|l| String::from_utf8(l).unwrap());
+        (lines, head.keep_alive)
+    }
+
+    #[test]
+    fn lines_about_the_workers_connection_are_left_out_of_a_raw_head() {
+        let kept = "X-Worker: a\r\nContent-Length: 0\r\n";
+        for (connection, keep_alive) in [
+            ("Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n", true),
+            (
+                "Keep-Alive: timeout=5, max=100\r\nConnection: Keep-Alive\r\n",
+                true,
+            ),
+            ("connection:  close \r\n", false),
+            ("keep-alive: timeout=5\r\n", true),
+            ("Connection: keep-alive\r\n", true),
+        ] {
+            // First, in the middle, and last: one run of lines, left out wherever it is.
+            for text in [
+                format!("HTTP/1.1 200 OK\r\n{connection}{kept}\r\n"),
+                format!("HTTP/1.1 200 OK\r\nX-Worker: a\r\n{connection}Content-Length: 0\r\n\r\n"),
+                format!("HTTP/1.1 200 OK\r\n{kept}{connection}\r\n"),
+            ] {
+                assert_eq!(
+                    raw_lines(&text),
+                    (Some(kept.into()), keep_alive),
+                    "{text:?}"
+                );
+            }
+        }
+        // Only the connection's lines: nothing left to write through (and, without a length,
+        // the body runs until the worker closes, whatever it said).
+        assert_eq!(
+            raw_lines("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n"),
+            (Some(String::new()), false)
+        );
+        // The map's way: two runs apart, another token (which names a header to strip), another
+        // hop-by-hop header.
+        for text in [
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nX-Worker: a\r\nKeep-Alive: timeout=5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nProxy-Connection: keep-alive\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ] {
+            assert_eq!(raw_lines(text).0, None, "{text:?}");
+        }
     }
 
     #[test]

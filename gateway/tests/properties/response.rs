@@ -35,8 +35,16 @@ struct Head {
     method: Method,
     headers: Vec<(String, Vec<u8>)>,
     framing: Framing,
-    /// `Connection` options sent, if any.
+    /// `Connection` options sent, if any (the last line).
     connection: Option<&'static str>,
+    /// Where a `Keep-Alive` line goes, if any: first, or right before the `Connection` line.
+    keep_alive_line: Option<KeepAliveLine>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum KeepAliveLine {
+    First,
+    BeforeConnection,
 }
 
 impl Head {
@@ -54,6 +62,9 @@ impl Head {
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         };
+        if self.keep_alive_line == Some(KeepAliveLine::First) {
+            put("Keep-Alive", b"timeout=5, max=100");
+        }
         for (name, value) in &self.headers {
             put(name, value);
         }
@@ -80,6 +91,9 @@ impl Head {
                     put("content-length", length.to_string().as_bytes());
                 }
             }
+        }
+        if self.keep_alive_line == Some(KeepAliveLine::BeforeConnection) {
+            put("keep-alive", b"timeout=5");
         }
         if let Some(options) = self.connection {
             put("connection", options.as_bytes());
@@ -155,17 +169,26 @@ fn head() -> impl Strategy<Value = Head> {
             Some("keep-alive"),
             Some("Keep-Alive, x-a"),
             Some("x-a , CLOSE"),
+            Some(" close "),
+        ]),
+        prop::sample::select(vec![
+            None,
+            Some(KeepAliveLine::First),
+            Some(KeepAliveLine::BeforeConnection),
         ]),
     )
         .prop_map(
-            |(http10, status, reason, method, headers, framing, connection)| Head {
-                http10,
-                status,
-                reason,
-                method,
-                headers,
-                framing,
-                connection,
+            |(http10, status, reason, method, headers, framing, connection, keep_alive_line)| {
+                Head {
+                    http10,
+                    status,
+                    reason,
+                    method,
+                    headers,
+                    framing,
+                    connection,
+                    keep_alive_line,
+                }
             },
         )
 }
@@ -289,7 +312,7 @@ proptest! {
             .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect();
         // What a client reads from the forwarded lines.
-        let text = [b"HTTP/1.1 200 OK\r\n", &head.lines[..], b"\r\n"].concat();
+        let text = [b"HTTP/1.1 200 OK\r\n", &head.runs().concat()[..], b"\r\n"].concat();
         let mut slots = [httparse::EMPTY_HEADER; 128];
         let mut client = httparse::Response::new(&mut slots);
         prop_assert!(matches!(client.parse(&text), Ok(httparse::Status::Complete(n)) if n == text.len()));

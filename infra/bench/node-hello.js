@@ -1,0 +1,19 @@
+// A hello upstream on Node.js's own http server, with its default headers: `Connection:
+// keep-alive` and `Keep-Alive: timeout=5` on every answer, as Node and Express apps send them
+// (infra/bench/instructions.sh and ab-gateways.sh with UPSTREAM=node; docs/performance.md
+// section 31). Listens on 127.0.0.1, on the port PORT names or a free one, and announces it the
+// way herd's processes do.
+"use strict";
+const http = require("http");
+const body = "hello from node\n";
+const server = http.createServer((request, response) => {
+  response.writeHead(200, {
+    "Content-Type": "text/plain; charset=utf-8",
+    "Content-Length": Buffer.byteLength(body),
+  });
+  response.end(body);
+});
+server.listen(Number(process.env.PORT || 0), "127.0.0.1", () => {
+  const { address, port } = server.address();
+  console.log(JSON.stringify({ event: "listening", role: "public", addr: `${address}:${port}` }));
+});
