@@ -43,20 +43,61 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::UPGRADE || HOP_BY_HOP.iter().any(|h| h == name)
 }
 
-/// [`is_hop_by_hop`] for a name as it was spelled on the wire (any case): by its length first,
-/// so most names are told apart without a comparison.
+/// [`is_hop_by_hop`] for a name as it was spelled on the wire (any case; [`hop_by_hop_raw`]).
 pub fn is_hop_by_hop_raw(name: &[u8]) -> bool {
-    let candidates: &[&[u8]] = match name.len() {
-        2 => &[b"te"],
-        7 => &[b"trailer", b"upgrade"],
-        10 => &[b"connection", b"keep-alive"],
-        16 => &[b"proxy-connection"],
-        17 => &[b"transfer-encoding"],
-        18 => &[b"proxy-authenticate"],
-        19 => &[b"proxy-authorization"],
-        _ => return false,
+    hop_by_hop_raw(name).is_some()
+}
+
+/// Which hop-by-hop header a name spelled on the wire (any case) is, if it is one (see
+/// [`is_hop_by_hop`]): those a raw response head may leave out apart from the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HopByHop {
+    /// `Connection`.
+    Connection,
+    /// `Keep-Alive`.
+    KeepAlive,
+    /// `Transfer-Encoding`.
+    TransferEncoding,
+    /// `TE`, `Trailer`, `Upgrade` and the proxy headers.
+    Other,
+}
+
+impl HopByHop {
+    /// Whether a worker's response header of this kind with `value` may be left out of a raw
+    /// response head: a `Connection` that says only `keep-alive` or `close` (any case, OWS
+    /// around it), any `Keep-Alive`, a `Transfer-Encoding` that says only `chunked`. All are
+    /// about the worker's own connection and how it framed the body, which the gateway reads
+    /// them for (`upstream::codec`) and frames again for its client: Node.js puts the first
+    /// two on every answer, and the third on every streamed one.
+    pub fn may_leave_out_of_response(self, value: &[u8]) -> bool {
+        let value = value.trim_ascii();
+        match self {
+            HopByHop::Connection => {
+                value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+            }
+            HopByHop::KeepAlive => true,
+            HopByHop::TransferEncoding => value.eq_ignore_ascii_case(b"chunked"),
+            HopByHop::Other => false,
+        }
+    }
+}
+
+/// [`HopByHop`] of a name spelled on the wire: by its length first, so most names are told
+/// apart without a comparison.
+pub fn hop_by_hop_raw(name: &[u8]) -> Option<HopByHop> {
+    let is = |spelled: &[u8]| name.eq_ignore_ascii_case(spelled);
+    let kind = match name.len() {
+        2 if is(b"te") => HopByHop::Other,
+        7 if is(b"trailer") || is(b"upgrade") => HopByHop::Other,
+        10 if is(b"connection") => HopByHop::Connection,
+        10 if is(b"keep-alive") => HopByHop::KeepAlive,
+        16 if is(b"proxy-connection") => HopByHop::Other,
+        17 if is(b"transfer-encoding") => HopByHop::TransferEncoding,
+        18 if is(b"proxy-authenticate") => HopByHop::Other,
+        19 if is(b"proxy-authorization") => HopByHop::Other,
+        _ => return None,
     };
-    candidates.iter().any(|c| name.eq_ignore_ascii_case(c))
+    Some(kind)
 }
 
 /// Whether the gateway sets a response header of this name (as spelled on the wire, any case)
@@ -154,19 +195,6 @@ impl RawRequestHead {
 pub fn is_connection_keep_alive(name: &[u8], value: &[u8]) -> bool {
     name.eq_ignore_ascii_case(b"connection")
         && value.trim_ascii().eq_ignore_ascii_case(b"keep-alive")
-}
-
-/// Whether a worker's response header is one a raw response head may leave out: a `Connection`
-/// that says only `keep-alive` or `close` (any case, OWS around it), or a `Keep-Alive`. Both are
-/// about the worker's own connection, which the gateway reads them for (`upstream::codec`), not
-/// the client's: Node.js, Tomcat, Apache and gunicorn put them on every answer.
-pub fn is_worker_connection_line(name: &[u8], value: &[u8]) -> bool {
-    if name.eq_ignore_ascii_case(b"keep-alive") {
-        return true;
-    }
-    let value = value.trim_ascii();
-    name.eq_ignore_ascii_case(b"connection")
-        && (value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close"))
 }
 
 /// The header lines of a parsed head (`spans`: where each header's name and value sit in it),
@@ -484,6 +512,35 @@ pub fn is_idempotent(method: &http::Method) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_raw_response_head_may_leave_out_only_what_its_worker_said_of_its_connection() {
+        let may = |name: &str, value: &str| {
+            hop_by_hop_raw(name.as_bytes())
+                .is_some_and(|hop| hop.may_leave_out_of_response(value.as_bytes()))
+        };
+        for (name, value) in [
+            ("Connection", "keep-alive"),
+            ("connection", " Close "),
+            ("Keep-Alive", "timeout=5, max=100"),
+            ("Transfer-Encoding", "chunked"),
+            ("transfer-encoding", "CHUNKED"),
+        ] {
+            assert!(may(name, value), "{name}: {value}");
+        }
+        for (name, value) in [
+            ("Connection", "keep-alive, x-secret"),
+            ("Connection", "upgrade"),
+            ("Transfer-Encoding", "gzip, chunked"),
+            ("Transfer-Encoding", "identity"),
+            ("TE", "trailers"),
+            ("Upgrade", "websocket"),
+            ("Proxy-Connection", "keep-alive"),
+            ("X-Keep-Alive", "1"),
+        ] {
+            assert!(!may(name, value), "{name}: {value}");
+        }
+    }
+
     #[test]
     fn hop_by_hop_names_are_told_the_same_way_as_spelled_on_the_wire() {
         let hop_by_hop = HOP_BY_HOP;

@@ -15,10 +15,15 @@ use tokio::net::{TcpListener, TcpStream};
 
 const BIG: usize = 1 << 20;
 
-/// Answers of `raw_worker` with lines about the worker's own connection, as Node.js (first),
-/// Apache (second) and others send them: the path, and the header lines (body: `ok`). The
-/// worker closes its connection after an answer that says `Connection: close`.
+/// Answers of `raw_worker` with lines about the worker's own connection, as Node.js (first two),
+/// Apache (third) and others send them: the path, and the header lines (body: `ok`, chunked
+/// where they say so). The worker closes its connection after an answer that says
+/// `Connection: close`.
 const CONNECTION_LINES: &[(&str, &str)] = &[
+    (
+        "/conn/chunked",
+        "Content-Type: text/plain\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\n",
+    ),
     (
         "/conn/node",
         "Content-Type: text/plain\r\nContent-Length: 2\r\nDate: Tue, 01 Dec 2026 10:00:00 GMT\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n",
@@ -87,7 +92,12 @@ async fn raw_worker() -> SocketAddr {
                         .iter()
                         .find(|(answers, _)| *answers == path)
                     {
-                        let answer = format!("HTTP/1.1 200 OK\r\n{lines}\r\nok");
+                        let body = if lines.contains("Transfer-Encoding: chunked") {
+                            "2\r\nok\r\n0\r\n\r\n"
+                        } else {
+                            "ok"
+                        };
+                        let answer = format!("HTTP/1.1 200 OK\r\n{lines}\r\n{body}");
                         if stream.write_all(answer.as_bytes()).await.is_err()
                             || lines.to_ascii_lowercase().contains("connection: close")
                         {
@@ -634,6 +644,7 @@ async fn a_worker_heads_lines_about_its_own_connection_are_left_out_and_the_rest
             "/conn/node",
             "Content-Type: text/plain\r\nContent-Length: 2\r\nDate: Tue, 01 Dec 2026 10:00:00 GMT\r\n",
         ),
+        ("/conn/chunked", "Content-Type: text/plain\r\n"),
         ("/conn/apache", "X-Worker: Raw\r\nContent-Length: 2\r\n"),
         ("/conn/middle", "X-Worker: Raw\r\nContent-Length: 2\r\n"),
         ("/conn/close", "X-Worker: Raw\r\nContent-Length: 2\r\n"),

@@ -6,7 +6,16 @@
 "use strict";
 const http = require("http");
 const body = "hello from node\n";
+// CHUNKED=1: the answer in two writes without a length, which Node sends chunked
+// (`Transfer-Encoding: chunked` after its `Keep-Alive` line), as a streamed page goes.
+const chunked = process.env.CHUNKED === "1";
 const server = http.createServer((request, response) => {
+  if (chunked) {
+    response.writeHead(200, { "Content-Type": "text/plain; charset=utf-8" });
+    response.write(body.slice(0, 6));
+    response.end(body.slice(6));
+    return;
+  }
   response.writeHead(200, {
     "Content-Type": "text/plain; charset=utf-8",
     "Content-Length": Buffer.byteLength(body),

@@ -164,10 +164,10 @@ pub struct ResponseHead {
 
 /// A response's header lines kept as the worker sent them, for the gateway's own HTTP/1.1
 /// server to write through: no `HeaderMap` is built, and none is encoded again. Only heads that
-/// need nothing taken out but one run of adjacent lines about the worker's connection
-/// (`Connection: keep-alive` or `close`, `Keep-Alive`: `headers::is_worker_connection_line`,
-/// as Node.js puts on every answer) are kept so: no other hop-by-hop header (so no
-/// `Transfer-Encoding`), none the gateway replaces (`x-herd-gateway`, `Strict-Transport-Security`), at most
+/// need nothing taken out but one run of adjacent lines about the worker's connection and
+/// framing (`Connection: keep-alive` or `close`, `Keep-Alive`, `Transfer-Encoding: chunked`
+/// without a `Content-Length`: `headers::HopByHop::may_leave_out_of_response`, as Node.js
+/// sends them) are kept so: no other hop-by-hop header, none the gateway replaces (`x-herd-gateway`, `Strict-Transport-Security`), at most
 /// one `Content-Length` and that one plain digits, CRLF line ends, a head within
 /// [`MAX_RESPONSE_HEAD`], not an answer to HEAD, not a 204 or 304. That is nearly every answer of
 /// a typical app; the others get a map.
@@ -178,7 +178,7 @@ pub struct RawHead {
     /// From the first header's name to the CRLF ending the last header line (empty without
     /// headers).
     pub lines: Bytes,
-    /// The lines about the worker's connection, left out.
+    /// The lines about the worker's connection and framing, left out.
     pub cut: crate::headers::Cut,
     /// The worker sent an `x-request-id` (the gateway adds one to an answer without).
     pub has_request_id: bool,
@@ -202,18 +202,15 @@ impl RawHead {
         found: &mut FramingHeaders,
     ) -> Option<RawHead> {
         let (mut has_request_id, mut has_date) = (false, false);
-        // The adjacent lines about the worker's connection, left out (indices into `spans`).
+        // The adjacent lines about the worker's connection and framing, left out (indices into
+        // `spans`).
         let mut cut = 0..0;
         for (index, (name_span, value)) in spans.iter().enumerate() {
             let name = &head[name_span.clone()];
             found.note_raw(name, value);
-            if crate::headers::is_hop_by_hop_raw(name)
-                || crate::headers::is_replaced_in_responses_raw(name)
-            {
+            if let Some(hop) = crate::headers::hop_by_hop_raw(name) {
                 let adjacent = cut.is_empty() || cut.end == index;
-                if !adjacent
-                    || !crate::headers::is_worker_connection_line(name, &head[value.clone()])
-                {
+                if !adjacent || !hop.may_leave_out_of_response(&head[value.clone()]) {
                     return None;
                 }
                 cut = if cut.is_empty() {
@@ -223,11 +220,16 @@ impl RawHead {
                 };
                 continue;
             }
+            if crate::headers::is_replaced_in_responses_raw(name) {
+                return None;
+            }
             has_request_id |= name.eq_ignore_ascii_case(b"x-request-id");
             has_date |= name.eq_ignore_ascii_case(b"date");
         }
-        // One length in its plain form (the map's way writes `content-length: 0` for `00`), no
-        // `Transfer-Encoding`, and a head no larger than the limit a partial head is held to.
+        // One length in its plain form (the map's way writes `content-length: 0` for `00`), none
+        // beside a `Transfer-Encoding` (left out above, so `chunked`: the gateway chunks the body
+        // again itself; a length beside it is stale, and would frame the body wrongly), and a
+        // head no larger than the limit a partial head is held to.
         let plain_length = |span: &Range<usize>| {
             let value = &head[span.clone()];
             !value.is_empty()
@@ -236,7 +238,7 @@ impl RawHead {
         };
         if found.content_length.len() > 1
             || !found.content_length.iter().all(plain_length)
-            || !found.transfer_encoding.is_empty()
+            || !(found.transfer_encoding.is_empty() || found.content_length.is_empty())
             || head.len() > MAX_RESPONSE_HEAD
         {
             return None;
@@ -779,6 +781,20 @@ mod tests {
                 );
             }
         }
+        // A streamed answer, as Node.js sends one: its chunked coding left out too (the gateway
+        // chunks the body again), and the framing read from it.
+        let mut buffer = BytesMut::from(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        let Ok(Parsed::Complete(head)) = parse_response(&mut buffer, &Method::GET, false, true)
+        else {
+            panic!("a complete head");
+        };
+        assert_eq!(head.framing, ResponseFraming::Chunked);
+        assert!(head.keep_alive);
+        let raw = head.raw.expect("kept raw");
+        assert_eq!(raw.runs().concat(), b"Content-Type: text/plain\r\n");
+        assert!(!raw.has_content_length);
         // Only the connection's lines: nothing left to write through (and, without a length,
         // the body runs until the worker closes, whatever it said).
         assert_eq!(
@@ -791,7 +807,10 @@ mod tests {
             "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nX-Worker: a\r\nKeep-Alive: timeout=5\r\n\r\n",
             "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n\r\n",
             "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nProxy-Connection: keep-alive\r\n\r\n",
-            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            // Codings other than chunked alone; a stale length beside the coding.
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
         ] {
             assert_eq!(raw_lines(text).0, None, "{text:?}");
         }
