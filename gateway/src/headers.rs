@@ -116,7 +116,8 @@ pub fn is_replaced_in_responses_raw(name: &[u8]) -> bool {
 /// of the lines at indices `cut` of `spans` (empty: none): a run of adjacent hop-by-hop lines
 /// left out, which ask for nothing the gateway does not do anyway (see [`RawRequestHead`] and
 /// `upstream::RawHead`). `None` unless each line ends with CRLF (httparse also takes a bare LF,
-/// which is not passed on as is) and the lines are within 64 KiB. Inlined: a call of its own
+/// which is not passed on as is) and the lines are at most 65 535 bytes (the cut's offsets are
+/// two bytes each). Inlined: a call of its own
 /// cost each head more than its work (`infra/bench/instructions.sh`, docs/performance.md
 /// section 31).
 #[inline(always)]

@@ -167,10 +167,10 @@ pub struct ResponseHead {
 /// need nothing taken out but one run of adjacent lines about the worker's connection and
 /// framing (`Connection: keep-alive` or `close`, `Keep-Alive`, `Transfer-Encoding: chunked`
 /// without a `Content-Length`: `headers::HopByHop::may_leave_out_of_response`, as Node.js
-/// sends them) are kept so: no other hop-by-hop header, none the gateway replaces (`x-herd-gateway`, `Strict-Transport-Security`), at most
-/// one `Content-Length` and that one plain digits, CRLF line ends, a head within
-/// [`MAX_RESPONSE_HEAD`], not an answer to HEAD, not a 204 or 304. That is nearly every answer of
-/// a typical app; the others get a map.
+/// sends them) are kept so: no other hop-by-hop header, none the gateway replaces
+/// (`x-herd-gateway`, `Strict-Transport-Security`), at most one `Content-Length` and that one
+/// plain digits, CRLF line ends, a head within [`MAX_RESPONSE_HEAD`], not an answer to HEAD, not
+/// a 204 or 304. That is nearly every answer of a typical app; the others get a map.
 /// Small on purpose: a response is moved through several futures, and a larger head cost more
 /// in copies than the map saved (docs/performance.md section 17).
 #[derive(Debug, Clone)]
@@ -795,6 +795,13 @@ mod tests {
         let raw = head.raw.expect("kept raw");
         assert_eq!(raw.runs().concat(), b"Content-Type: text/plain\r\n");
         assert!(!raw.has_content_length);
+        // Two codings lines, both chunked alone, in the run: chunked still.
+        assert_eq!(
+            raw_lines(
+                "HTTP/1.1 200 OK\r\nX-Worker: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+            ),
+            (Some("X-Worker: a\r\n".into()), true)
+        );
         // Only the connection's lines: nothing left to write through (and, without a length,
         // the body runs until the worker closes, whatever it said).
         assert_eq!(
@@ -807,6 +814,8 @@ mod tests {
             "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nX-Worker: a\r\nKeep-Alive: timeout=5\r\n\r\n",
             "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n\r\n",
             "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nProxy-Connection: keep-alive\r\n\r\n",
+            // A line of the run ended by a bare LF (not passed on as it came, so the map).
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\nX-Worker: a\r\nContent-Length: 0\r\n\r\n",
             // Codings other than chunked alone; a stale length beside the coding.
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
