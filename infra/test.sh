@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # herd's whole test suite: installs what the tests need when it is missing (redis-server; and for
 # the multi-host tests iproute2, iputils-ping, and iputils' arping, which the gateways use for
-# gratuitous ARP; chromium for the dashboard test; prometheus for promtool; curl and openssl for
+# gratuitous ARP; chromium for the dashboard test; nodejs for the Node.js upstream of the bench
+# smoke test; prometheus for promtool; curl and openssl for
 # the TLS tests; for the inventory tests openssh-server and openssh-client (real sshd in netns
 # hosts), curl (herd asks the gateways' admin API from their machine) and systemd
 # (`systemd-analyze verify` of the units herd writes)), builds the binaries the end-to-end tests
@@ -23,6 +24,8 @@ have wrk || missing+=(wrk)
 have haproxy || missing+=(haproxy)
 have nginx || missing+=(nginx)
 have h2load || missing+=(nghttp2-client)
+# `herd bench proxy --upstream node` runs Node.js's own http server as the upstream.
+have node || missing+=(nodejs)
 # The TLS tests drive real clients (gateway/tests/tls.rs); herd's inventory asks the gateways'
 # admin API with curl.
 have curl || missing+=(curl)

@@ -44,6 +44,13 @@ pub const CURL: Program = Program {
     package: "curl",
 };
 
+/// Node.js, for `herd bench proxy --upstream node` (an app server that is neither herd's nor
+/// Rust's).
+pub const NODE: Program = Program {
+    command: "node",
+    package: "nodejs",
+};
+
 /// Why a program is not available.
 #[derive(Debug, thiserror::Error)]
 pub enum DepsError {

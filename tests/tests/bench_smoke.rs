@@ -328,6 +328,75 @@ fn bench_proxy_measures_https_over_http1_and_http2() {
     assert_no_process_left(&tmp);
 }
 
+/// `--upstream node`: the proxies in front of Node.js's own http server, whose answers carry
+/// `Connection: keep-alive` and `Keep-Alive` (as Express apps' do), served through both; the
+/// session scenario is refused as with hyper, and HTTP/2 with the direct target.
+#[test]
+fn bench_proxy_runs_in_front_of_a_node_upstream() {
+    let dir = temp_dir();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let refused = herd(
+        &[
+            "bench",
+            "proxy",
+            "--upstream",
+            "node",
+            "--scenarios",
+            "session",
+        ],
+        &tmp,
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--upstream node serves hello"),
+        "{}",
+        describe(&refused)
+    );
+    // Node speaks HTTP/1.1 only: no direct HTTP/2 baseline (it would read 0 req/s).
+    let refused = herd(
+        &["bench", "proxy", "--upstream", "node", "--scenarios", "h2"],
+        &tmp,
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("leave direct out of --targets"),
+        "{}",
+        describe(&refused)
+    );
+    let output = herd(
+        &[
+            "bench",
+            "proxy",
+            "--upstream",
+            "node",
+            "--duration",
+            "1s",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "8",
+            "--scenarios",
+            "hello",
+            "--targets",
+            "direct,herd",
+        ],
+        &tmp,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(text.contains("2 upstreams (node)"), "{text}");
+    let table = text
+        .split("### hello")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no hello table:\n{text}"));
+    for target in ["direct", "herd"] {
+        served(table, target, &text);
+    }
+    assert_temp_dirs_removed(&tmp);
+    assert_no_process_left(&tmp);
+}
+
 /// `--upstream hyper`: the proxies in front of a minimal hyper server (`herd bench upstream`)
 /// instead of herd-worker, over HTTP/1.1 and HTTP/2; the session scenario, which needs the demo
 /// app, is refused with a usage error before anything starts.

@@ -100,6 +100,7 @@ impl Scenario {
             (Scenario::Session, _) => UpstreamApp::Demo,
             (_, UpstreamServer::HerdWorker) => UpstreamApp::Hello,
             (_, UpstreamServer::Hyper) => UpstreamApp::PlainHyper,
+            (_, UpstreamServer::Node) => UpstreamApp::Node,
         }
     }
 
@@ -255,10 +256,23 @@ pub fn run(
             "need at least one target, one concurrency and one round".into(),
         ));
     }
-    if options.upstream == UpstreamServer::Hyper && options.scenarios.contains(&Scenario::Session) {
-        return Err(BenchError::Usage(
-            "--upstream hyper serves hello on every path: it has no sessions, so the session scenario needs --upstream herd-worker".into(),
-        ));
+    if options.upstream != UpstreamServer::HerdWorker
+        && options.scenarios.contains(&Scenario::Session)
+    {
+        return Err(BenchError::Usage(format!(
+            "--upstream {} serves hello on every path: it has no sessions, so the session scenario needs --upstream herd-worker",
+            options.upstream.name()
+        )));
+    }
+    let h2_scenario = (options.scenarios.iter()).find(|s| s.generator() == Generator::H2load);
+    if let Some(scenario) = h2_scenario
+        && options.upstream == UpstreamServer::Node
+        && options.targets.contains(&TargetKind::Direct)
+    {
+        return Err(BenchError::Usage(format!(
+            "--upstream node speaks HTTP/1.1 only, so the {} scenario has no direct baseline (HTTP/2 straight to an upstream): leave direct out of --targets, or use --upstream hyper",
+            scenario.name()
+        )));
     }
     let tools = Tools::ensure(
         (options.scenarios.iter()).any(|scenario| scenario.generator() == Generator::H2load),

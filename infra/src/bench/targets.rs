@@ -114,6 +114,11 @@ pub enum UpstreamServer {
     /// headers, no routing; no session scenario.
     #[serde(rename = "hyper")]
     Hyper,
+    /// Node.js's own http server (infra/bench/node-hello.js, built in): hello on every path with
+    /// Node's default headers, `Connection: keep-alive` and `Keep-Alive` on every answer, as
+    /// Express apps answer; no session scenario. Needs node (installed with apt-get as root).
+    #[serde(rename = "node")]
+    Node,
 }
 
 impl UpstreamServer {
@@ -122,6 +127,7 @@ impl UpstreamServer {
         match self {
             UpstreamServer::HerdWorker => "herd-worker",
             UpstreamServer::Hyper => "hyper",
+            UpstreamServer::Node => "node",
         }
     }
 }
@@ -135,7 +141,12 @@ pub enum UpstreamApp {
     Demo,
     /// The minimal hyper server of `herd bench upstream` (see [`super::upstream`]).
     PlainHyper,
+    /// Node.js's http server running [`NODE_HELLO`].
+    Node,
 }
+
+/// The Node.js upstream's script (infra/bench/node-hello.js), written into the run's directory.
+const NODE_HELLO: &str = include_str!("../../bench/node-hello.js");
 
 /// The upstream workers (and Redis for the demo app), stopped when dropped.
 #[derive(Debug)]
@@ -153,25 +164,36 @@ impl Upstreams {
         let program = match app {
             UpstreamApp::PlainHyper => binaries::locate(binaries::HERD)?,
             UpstreamApp::Hello | UpstreamApp::Demo => binaries::locate(binaries::WORKER)?,
+            UpstreamApp::Node => deps::ensure(deps::NODE)?,
         };
         let redis = match app {
             UpstreamApp::Demo => Some(RedisServer::start(None, dir, dir)?),
-            UpstreamApp::Hello | UpstreamApp::PlainHyper => None,
+            UpstreamApp::Hello | UpstreamApp::PlainHyper | UpstreamApp::Node => None,
         };
+        let script = dir.join("node-hello.js");
+        if app == UpstreamApp::Node {
+            write_file(&script, NODE_HELLO)?;
+        }
         let mut workers = Vec::with_capacity(count);
         let mut addrs = Vec::with_capacity(count);
         for index in 1..=count {
             let id = format!("up{index}");
-            if app == UpstreamApp::PlainHyper {
-                let spec = Spec::new(format!("hyper-{id}"), &program, dir).args_from([
-                    "bench",
-                    "upstream",
-                    "--listen",
-                    "127.0.0.1:0",
-                ]);
+            if matches!(app, UpstreamApp::PlainHyper | UpstreamApp::Node) {
+                let spec = if app == UpstreamApp::Node {
+                    Spec::new(format!("node-{id}"), &program, dir)
+                        .arg(script.display().to_string())
+                        .env("PORT", "0")
+                } else {
+                    Spec::new(format!("hyper-{id}"), &program, dir).args_from([
+                        "bench",
+                        "upstream",
+                        "--listen",
+                        "127.0.0.1:0",
+                    ])
+                };
                 let process = Process::spawn_and_wait(&spec, &["public"], START_TIMEOUT)?;
                 addrs.push(process.addr("public").ok_or_else(|| {
-                    BenchError::Setup(format!("hyper upstream {id} announced no address"))
+                    BenchError::Setup(format!("{} upstream {id} announced no address", spec.name))
                 })?);
                 workers.push(process);
                 continue;

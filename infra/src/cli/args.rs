@@ -259,8 +259,10 @@ pub struct BenchProxyArgs {
     #[arg(long, default_value_t = 8, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub h2_streams: u32,
-    /// What the upstreams run: herd-worker (the hello app; the demo app for session) or hyper
-    /// (`herd bench upstream`, a minimal hyper server; not with the session scenario).
+    /// What the upstreams run: herd-worker (the hello app; the demo app for session), hyper
+    /// (`herd bench upstream`, a minimal hyper server) or node (Node.js's http server, with its
+    /// `Connection: keep-alive` and `Keep-Alive` on every answer, as Express apps send); hyper
+    /// and node not with the session scenario.
     #[arg(long, value_enum, default_value = "herd-worker", value_name = "SERVER")]
     pub upstream: UpstreamServer,
     /// Hold every proxy to this much CPU (0.1 – 1; a cgroup CPU quota, as root), so that the
