@@ -330,71 +330,16 @@ fn bench_proxy_measures_https_over_http1_and_http2() {
 
 /// `--upstream node`: the proxies in front of Node.js's own http server, whose answers carry
 /// `Connection: keep-alive` and `Keep-Alive` (as Express apps' do), served through both; the
-/// session scenario is refused as with hyper, and HTTP/2 with the direct target.
+/// session scenario is refused as with hyper, and HTTP/2 with the direct target (Node speaks
+/// HTTP/1.1 only: it would read 0 req/s).
 #[test]
 fn bench_proxy_runs_in_front_of_a_node_upstream() {
     let dir = temp_dir();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
-    let refused = herd(
-        &[
-            "bench",
-            "proxy",
-            "--upstream",
-            "node",
-            "--scenarios",
-            "session",
-        ],
-        &tmp,
-    );
-    assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("--upstream node serves hello"),
-        "{}",
-        describe(&refused)
-    );
-    // Node speaks HTTP/1.1 only: no direct HTTP/2 baseline (it would read 0 req/s).
-    let refused = herd(
-        &["bench", "proxy", "--upstream", "node", "--scenarios", "h2"],
-        &tmp,
-    );
-    assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("leave direct out of --targets"),
-        "{}",
-        describe(&refused)
-    );
-    let output = herd(
-        &[
-            "bench",
-            "proxy",
-            "--upstream",
-            "node",
-            "--duration",
-            "1s",
-            "--rounds",
-            "1",
-            "--concurrency",
-            "8",
-            "--scenarios",
-            "hello",
-            "--targets",
-            "direct,herd",
-        ],
-        &tmp,
-    );
-    assert!(output.status.success(), "{}", describe(&output));
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(text.contains("2 upstreams (node)"), "{text}");
-    let table = text
-        .split("### hello")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no hello table:\n{text}"));
-    for target in ["direct", "herd"] {
-        served(table, target, &text);
-    }
-    assert_temp_dirs_removed(&tmp);
-    assert_no_process_left(&tmp);
+    refused_before_starting(&tmp, "node", "session", "--upstream node serves hello");
+    refused_before_starting(&tmp, "node", "h2", "leave direct out of --targets");
+    served_in_front_of(&tmp, "node", &["hello"]);
 }
 
 /// `--upstream hyper`: the proxies in front of a minimal hyper server (`herd bench upstream`)
@@ -405,30 +350,40 @@ fn bench_proxy_runs_in_front_of_a_plain_hyper_upstream() {
     let dir = temp_dir();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
-    let refused = herd(
-        &[
-            "bench",
-            "proxy",
-            "--upstream",
-            "hyper",
-            "--scenarios",
-            "hello,session",
-        ],
-        &tmp,
-    );
+    refused_before_starting(&tmp, "hyper", "hello,session", "--upstream herd-worker");
+    served_in_front_of(&tmp, "hyper", &["hello", "h2"]);
+}
+
+/// `herd bench proxy --upstream UPSTREAM --scenarios SCENARIOS` is a usage error (exit 2) whose
+/// message says `why`.
+fn refused_before_starting(tmp: &Path, upstream: &str, scenarios: &str, why: &str) {
+    let args = [
+        "bench",
+        "proxy",
+        "--upstream",
+        upstream,
+        "--scenarios",
+        scenarios,
+    ];
+    let refused = herd(&args, tmp);
     assert_eq!(refused.status.code(), Some(2), "{}", describe(&refused));
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("--upstream herd-worker"),
+        String::from_utf8_lossy(&refused.stderr).contains(why),
         "{}",
         describe(&refused)
     );
+}
 
+/// One short round of `scenarios` in front of `upstream`: direct and herd both serve, and
+/// nothing the bench started is left.
+fn served_in_front_of(tmp: &Path, upstream: &str, scenarios: &[&str]) {
+    let joined = scenarios.join(",");
     let output = herd(
         &[
             "bench",
             "proxy",
             "--upstream",
-            "hyper",
+            upstream,
             "--duration",
             "1s",
             "--rounds",
@@ -436,26 +391,29 @@ fn bench_proxy_runs_in_front_of_a_plain_hyper_upstream() {
             "--concurrency",
             "8",
             "--scenarios",
-            "hello,h2",
+            &joined,
             "--targets",
             "direct,herd",
         ],
-        &tmp,
+        tmp,
     );
     assert!(output.status.success(), "{}", describe(&output));
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(text.contains("2 upstreams (hyper)"), "{text}");
-    for scenario in ["### hello", "### h2"] {
+    assert!(
+        text.contains(&format!("2 upstreams ({upstream})")),
+        "{text}"
+    );
+    for scenario in scenarios {
         let table = text
-            .split(scenario)
+            .split(&format!("### {scenario}"))
             .nth(1)
             .unwrap_or_else(|| panic!("no {scenario} table:\n{text}"));
         for target in ["direct", "herd"] {
             served(table, target, &text);
         }
     }
-    assert_temp_dirs_removed(&tmp);
-    assert_no_process_left(&tmp);
+    assert_temp_dirs_removed(tmp);
+    assert_no_process_left(tmp);
 }
 
 /// `--proxy-cpus`: every proxy starts inside a cgroup held to a share of one CPU, uses about
