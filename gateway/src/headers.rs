@@ -117,9 +117,8 @@ pub fn is_replaced_in_responses_raw(name: &[u8]) -> bool {
 /// left out, which ask for nothing the gateway does not do anyway (see [`RawRequestHead`] and
 /// `upstream::RawHead`). `None` unless each line ends with CRLF (httparse also takes a bare LF,
 /// which is not passed on as is) and the lines are at most 65 535 bytes (the cut's offsets are
-/// two bytes each). Inlined: a call of its own
-/// cost each head more than its work (`infra/bench/instructions.sh`, docs/performance.md
-/// section 31).
+/// two bytes each). Inlined: a call of its own cost each head more than its work
+/// (`infra/bench/instructions.sh`, docs/performance.md section 31).
 #[inline(always)]
 pub fn header_lines(
     head: &Bytes,

@@ -293,12 +293,12 @@ impl ReadWatch {
 
 /// The waker of [`ReadWatch`]'s read: notes that the read asked to be polled, and wakes the
 /// request's task while the watch waits. After it, what the read registered may still wake
-/// this waker (the socket's readiness, and the connection's state, which wakes the reader of a
-/// busy connection when its request ends (`ClientIo`), as the watch's read was), once each. By then the connection reads its
-/// next request with the task's own waker, and with the task's waker in the watch's read that
-/// wake-up made every HTTPS/1.1 request's task run once more for a read that had nothing
-/// (`infra/bench/instructions.sh tls`: 25 999 → 24 996 instructions per request,
-/// docs/performance.md section 30).
+/// this waker, once each: the socket's readiness, and the connection's state, which wakes the
+/// reader of a busy connection when its request ends (`ClientIo`), as the watch's read was. By
+/// then the connection reads its next request with the task's own waker, and with the task's
+/// waker in the watch's read that wake-up made every HTTPS/1.1 request's task run once more for
+/// a read that had nothing (`infra/bench/instructions.sh tls`: 25 999 → 24 996 instructions per
+/// request, docs/performance.md section 30).
 struct ClientWoke {
     /// `ReadWatch::until` is waiting.
     watching: AtomicBool,

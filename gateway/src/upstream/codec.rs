@@ -198,7 +198,7 @@ impl RawHead {
     /// the framing headers in `found` either way.
     fn of(
         head: &Bytes,
-        spans: &[(Range<usize>, Range<usize>)],
+        spans: &[crate::headers::HeaderSpan],
         found: &mut FramingHeaders,
     ) -> Option<RawHead> {
         let (mut has_request_id, mut has_date) = (false, false);
