@@ -132,18 +132,21 @@ pub fn header_lines(
     if cut.is_empty() {
         return Some((lines, Cut::default()));
     }
-    let first = spans.first().map_or(0, |(name, _)| name.start);
-    // A line runs from its name to the next line's name (or to the end of the lines).
-    let line_start = |index: usize| {
-        spans
-            .get(index)
-            .map_or(lines.len(), |(name, _)| name.start - first) as u16
-    };
     let cut = Cut {
-        start: line_start(cut.start),
-        end: line_start(cut.end),
+        start: line_start(spans, lines.len(), cut.start),
+        end: line_start(spans, lines.len(), cut.end),
     };
     Some((lines, cut))
+}
+
+/// Where the line of `spans[index]` starts in header lines of `length` bytes (`length` past the
+/// last line): a line runs from its name to the next line's name.
+#[inline(always)]
+fn line_start(spans: &[HeaderSpan], length: usize, index: usize) -> u16 {
+    let first = spans.first().map_or(0, |(name, _)| name.start);
+    spans
+        .get(index)
+        .map_or(length, |(name, _)| name.start - first) as u16
 }
 
 /// Where the run of lines left out of raw header lines ([`header_lines`]) sits in them: its
@@ -157,6 +160,15 @@ pub struct Cut {
 }
 
 impl Cut {
+    fn is_empty(self) -> bool {
+        self.start == self.end
+    }
+
+    /// The bytes of `lines` in the cut.
+    fn of(self, lines: &[u8]) -> &[u8] {
+        &lines[usize::from(self.start)..usize::from(self.end)]
+    }
+
     /// What to write of `lines`: the lines before the run left out, and those after it.
     pub fn runs(self, lines: &[u8]) -> [&[u8]; 2] {
         [
@@ -169,33 +181,156 @@ impl Cut {
 /// Where a header's name and value sit in a parsed head.
 pub type HeaderSpan = (std::ops::Range<usize>, std::ops::Range<usize>);
 
+/// The most runs of adjacent lines a raw request head leaves out; a head with more takes the map.
+const REQUEST_RUNS_LEFT_OUT: usize = 3;
+
 /// A plain request's header lines as the client sent them, written to the worker as they are
 /// instead of through a `HeaderMap` (`crate::plain_http1` keeps them so only when nothing in them
-/// must change or be read: see `is_read_or_replaced_in_requests_raw`), less one
-/// `Connection: keep-alive` line (browsers send it on every request; it asks for what HTTP/1.1
-/// does anyway, and the gateway's connection to the worker is its own).
+/// must change or be read, see `is_read_or_replaced_in_requests_raw`, but the lines a raw head
+/// leaves out, [`LeftOut`]): a browser's `Connection: keep-alive`, and the forwarding headers
+/// and request id that a proxy in front (a CDN, a cloud load balancer) puts on every request,
+/// which the gateway writes its own of. Those lines are left out where they are, in up to three
+/// runs of adjacent lines; the hops of the one `X-Forwarded-For` line are kept for the
+/// gateway's own ([`RawRequestHead::earlier_hops`]), and the first `X-Request-Id`'s value as
+/// the request's id ([`RawRequestHead::request_id`]).
 #[derive(Debug, Clone)]
 pub struct RawRequestHead {
     /// From the first header's name to the CRLF ending the last header line.
     pub lines: Bytes,
-    /// The head's size as [`head_size`] counts it.
-    pub size: usize,
-    /// The `Connection: keep-alive` line left out.
-    pub cut: Cut,
+    /// The head's size as [`head_size`] counts it (the lines left out too).
+    pub size: u32,
+    /// The runs of lines left out, in order; those unused are empty, after the used ones.
+    left_out: [Cut; REQUEST_RUNS_LEFT_OUT],
+    /// Where the value of the client's `X-Forwarded-For` line sits in `lines` (empty: none).
+    forwarded_for: Cut,
+    /// Where the value of the client's first `X-Request-Id` sits in `lines` (empty: none).
+    request_id: Cut,
+}
+
+/// The headers a raw request head reads from lines it leaves out: their indices in the head.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadFromRaw {
+    /// The one `X-Forwarded-For`.
+    pub forwarded_for: Option<usize>,
+    /// The first `X-Request-Id`.
+    pub request_id: Option<usize>,
 }
 
 impl RawRequestHead {
-    /// The lines to write: those before the line left out, and those after it.
-    pub fn runs(&self) -> [&[u8]; 2] {
-        self.cut.runs(&self.lines)
+    /// The header lines of a parsed request head of `size` (see [`header_lines`]) less those
+    /// of the headers at the indices set in `left_out` (bit `i`: `spans[i]`), with where the
+    /// values of those in `read` sit. `None` when the lines cannot be kept as they came
+    /// ([`header_lines`]) or those left out are more than three runs of adjacent lines.
+    /// Inlined into the parser, as [`header_lines`] was before it (a call cost more than its
+    /// work on the common head, which leaves nothing out).
+    #[inline(always)]
+    pub fn of(
+        head: &Bytes,
+        spans: &[HeaderSpan],
+        size: usize,
+        left_out: u64,
+        read: ReadFromRaw,
+    ) -> Option<Self> {
+        let (lines, _) = header_lines(head, spans, 0..0)?;
+        let mut runs = [Cut::default(); REQUEST_RUNS_LEFT_OUT];
+        let mut rest = left_out;
+        for run in &mut runs {
+            if rest == 0 {
+                break;
+            }
+            let start = rest.trailing_zeros() as usize;
+            let end = start + (!(rest >> start)).trailing_zeros() as usize;
+            *run = Cut {
+                start: line_start(spans, lines.len(), start),
+                end: line_start(spans, lines.len(), end),
+            };
+            // The run's bits cleared (all of them when it ends at the last header).
+            rest &= u64::MAX.checked_shl(end as u32).unwrap_or(0);
+        }
+        if rest != 0 {
+            return None;
+        }
+        let first = spans.first().map_or(0, |(name, _)| name.start);
+        let value = |index: Option<usize>| {
+            index.map_or(Cut::default(), |index| {
+                let value = &spans[index].1;
+                Cut {
+                    start: (value.start - first) as u16,
+                    end: (value.end - first) as u16,
+                }
+            })
+        };
+        Some(RawRequestHead {
+            lines,
+            size: u32::try_from(size).ok()?,
+            left_out: runs,
+            forwarded_for: value(read.forwarded_for),
+            request_id: value(read.request_id),
+        })
+    }
+
+    /// Writes the lines kept: all but the runs left out, in their order.
+    pub fn write_lines(&self, out: &mut BytesMut) {
+        let mut from = 0;
+        let runs = self.left_out.iter().take_while(|run| !run.is_empty());
+        for run in runs {
+            out.extend_from_slice(&self.lines[from..usize::from(run.start)]);
+            from = usize::from(run.end);
+        }
+        out.extend_from_slice(&self.lines[from..]);
+    }
+
+    /// The request's id, as [`request_id`] takes it from a map: the client's first
+    /// `X-Request-Id` when sane, else a new one.
+    pub fn request_id(&self) -> HeaderValue {
+        let sent = self.request_id.of(&self.lines);
+        if !is_sane_request_id(sent) {
+            return new_request_id();
+        }
+        let start = usize::from(self.request_id.start);
+        HeaderValue::from_maybe_shared(self.lines.slice(start..start + sent.len()))
+            .unwrap_or_else(|_| new_request_id())
+    }
+
+    /// The `X-Forwarded-For` hops before the gateway's, as [`Forwarding::earlier_hops`] reads
+    /// them from a map: the line's value, trimmed, unless empty.
+    pub fn earlier_hops(&self) -> Option<&[u8]> {
+        let hops = self.forwarded_for.of(&self.lines).trim_ascii();
+        (!hops.is_empty()).then_some(hops)
     }
 }
 
-/// Whether a request header is a `Connection` header that says only `keep-alive` (any case,
-/// OWS around it), which a raw request head may leave out.
-pub fn is_connection_keep_alive(name: &[u8], value: &[u8]) -> bool {
-    name.eq_ignore_ascii_case(b"connection")
-        && value.trim_ascii().eq_ignore_ascii_case(b"keep-alive")
+/// A request header line that a raw request head leaves out (see [`RawRequestHead`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeftOut {
+    /// `Connection` whose only option is `keep-alive` (any case, OWS around it): what HTTP/1.1
+    /// does anyway; the gateway's connection to the worker is its own.
+    KeepAlive,
+    /// `X-Forwarded-For`: its hops go before the gateway's in the gateway's own line.
+    ForwardedFor,
+    /// `X-Request-Id`: the request's id when sane (the first line's), sent in the gateway's
+    /// own line.
+    RequestId,
+    /// `X-Forwarded-Proto` and `Forwarded`: the gateway is the edge and writes its own.
+    Replaced,
+}
+
+/// Whether, and as what, a raw request head leaves out this line of a name the request path
+/// reads or replaces. `None` for every other such line (another `Connection`, any other
+/// hop-by-hop header): that head needs the map.
+pub fn left_out_of_request(name: &[u8], value: &[u8]) -> Option<LeftOut> {
+    let is = |known: &HeaderName| name.eq_ignore_ascii_case(known.as_str().as_bytes());
+    let left_out = match name.len() {
+        9 if is(&header::FORWARDED) => LeftOut::Replaced,
+        10 if is(&header::CONNECTION) && value.trim_ascii().eq_ignore_ascii_case(b"keep-alive") => {
+            LeftOut::KeepAlive
+        }
+        12 if is(&REQUEST_ID) => LeftOut::RequestId,
+        15 if is(&FORWARDED_FOR) => LeftOut::ForwardedFor,
+        17 if is(&FORWARDED_PROTO) => LeftOut::Replaced,
+        _ => return None,
+    };
+    Some(left_out)
 }
 
 /// The header lines of a parsed head (`spans`: where each header's name and value sit in it),
@@ -513,6 +648,136 @@ pub fn is_idempotent(method: &http::Method) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// A request head's bytes and where each header's name and value sit (as httparse says).
+    fn parsed(lines: &[&str]) -> (Bytes, Vec<super::HeaderSpan>) {
+        let head = format!("GET / HTTP/1.1\r\n{}\r\n", lines.concat());
+        let mut slots = [httparse::EMPTY_HEADER; 70];
+        let mut request = httparse::Request::new(&mut slots);
+        assert!(request.parse(head.as_bytes()).unwrap().is_complete());
+        let base = head.as_ptr() as usize;
+        let span = |bytes: &[u8]| {
+            let start = bytes.as_ptr() as usize - base;
+            start..start + bytes.len()
+        };
+        let spans = request
+            .headers
+            .iter()
+            .map(|h| (span(h.name.as_bytes()), span(h.value)))
+            .collect();
+        (Bytes::from(head.clone()), spans)
+    }
+
+    /// The lines a raw request head of `lines` writes when it leaves out those at `left_out`,
+    /// and the hops and id it read from them.
+    fn raw_request(
+        lines: &[&str],
+        left_out: &[usize],
+        read: super::ReadFromRaw,
+    ) -> Option<(String, Option<String>, String)> {
+        let (head, spans) = parsed(lines);
+        let mask = left_out.iter().fold(0u64, |mask, index| mask | 1 << index);
+        let raw = super::RawRequestHead::of(&head, &spans, 1, mask, read)?;
+        let mut out = BytesMut::new();
+        raw.write_lines(&mut out);
+        let hops = raw
+            .earlier_hops()
+            .map(|hops| String::from_utf8(hops.to_vec()).unwrap());
+        let id = raw.request_id().to_str().unwrap().to_owned();
+        Some((String::from_utf8(out.to_vec()).unwrap(), hops, id))
+    }
+
+    #[test]
+    fn a_raw_request_head_leaves_out_up_to_three_runs_and_reads_its_hops_and_id() {
+        use super::ReadFromRaw;
+        let lines = [
+            "X-Forwarded-For: 203.0.113.7\r\n",
+            "X-Forwarded-Proto: https\r\n",
+            "Host: gw\r\n",
+            "Connection: keep-alive\r\n",
+            "Accept: */*\r\n",
+            "X-Request-Id:  lb-42 \r\n",
+        ];
+        let read = ReadFromRaw {
+            forwarded_for: Some(0),
+            request_id: Some(5),
+        };
+        // Three runs: first (two lines), middle, last.
+        let (written, hops, id) = raw_request(&lines, &[0, 1, 3, 5], read).unwrap();
+        assert_eq!(written, "Host: gw\r\nAccept: */*\r\n");
+        assert_eq!(hops.as_deref(), Some("203.0.113.7"));
+        assert_eq!(id, "lb-42");
+        // Nothing left out: every line, no hops, a new id.
+        let (written, hops, id) = raw_request(&lines, &[], ReadFromRaw::default()).unwrap();
+        assert_eq!(written, lines.concat());
+        assert_eq!(hops, None);
+        assert!(super::is_sane_request_id(id.as_bytes()) && id != "lb-42");
+        // Four runs: the map's way.
+        let four = [
+            "A: 1\r\n", "B: 2\r\n", "C: 3\r\n", "D: 4\r\n", "E: 5\r\n", "F: 6\r\n", "G: 7\r\n",
+        ];
+        assert!(raw_request(&four, &[0, 2, 4, 6], ReadFromRaw::default()).is_none());
+        let (written, _, _) = raw_request(&four, &[0, 2, 3, 4, 6], ReadFromRaw::default()).unwrap();
+        assert_eq!(written, "B: 2\r\nF: 6\r\n");
+        // The last of 64 headers (the mask's last bit), and all of them.
+        let many: Vec<String> = (0..64).map(|i| format!("X-{i}: {i}\r\n")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let (written, _, _) = raw_request(&many, &[63], ReadFromRaw::default()).unwrap();
+        assert_eq!(written, many[..63].concat());
+        let all: Vec<usize> = (0..64).collect();
+        let (written, _, _) = raw_request(&many, &all, ReadFromRaw::default()).unwrap();
+        assert_eq!(written, "");
+        // An empty `X-Forwarded-For` adds no hop; an id that is not sane is replaced.
+        let odd = [
+            "Host: gw\r\n",
+            "X-Forwarded-For: \r\n",
+            "X-Request-Id: a b\r\n",
+        ];
+        let read = ReadFromRaw {
+            forwarded_for: Some(1),
+            request_id: Some(2),
+        };
+        let (written, hops, id) = raw_request(&odd, &[1, 2], read).unwrap();
+        assert_eq!((written.as_str(), hops), ("Host: gw\r\n", None));
+        assert!(super::is_sane_request_id(id.as_bytes()));
+    }
+
+    #[test]
+    fn a_raw_request_head_leaves_out_only_what_the_gateway_replaces_or_needs_not() {
+        use super::{LeftOut, left_out_of_request};
+        let left_out =
+            |name: &str, value: &str| left_out_of_request(name.as_bytes(), value.as_bytes());
+        assert_eq!(
+            left_out("Connection", "keep-alive"),
+            Some(LeftOut::KeepAlive)
+        );
+        assert_eq!(
+            left_out("connection", " Keep-Alive "),
+            Some(LeftOut::KeepAlive)
+        );
+        assert_eq!(
+            left_out("X-Forwarded-For", "1.2.3.4"),
+            Some(LeftOut::ForwardedFor)
+        );
+        assert_eq!(left_out("x-request-id", "r"), Some(LeftOut::RequestId));
+        assert_eq!(
+            left_out("X-Forwarded-Proto", "https"),
+            Some(LeftOut::Replaced)
+        );
+        assert_eq!(left_out("FORWARDED", "for=x"), Some(LeftOut::Replaced));
+        for (name, value) in [
+            ("Connection", "close"),
+            ("Connection", "keep-alive, X-Secret"),
+            ("Connection", "upgrade"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Upgrade", "websocket"),
+            ("Proxy-Connection", "keep-alive"),
+            ("X-Forwarded-Host", "a"),
+        ] {
+            assert_eq!(left_out(name, value), None, "{name}: {value}");
+        }
+    }
+
     #[test]
     fn a_raw_response_head_may_leave_out_only_what_its_worker_said_of_its_connection() {
         let may = |name: &str, value: &str| {

@@ -56,13 +56,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::client_io::{ClientIo, ConnectionState};
 use crate::connections::{self, Entry};
-use crate::headers::{self, RawRequestHead};
+use crate::headers::{self, LeftOut, RawRequestHead};
 use crate::serving::{Inline, Served, ServiceContext};
 
 /// A head still incomplete at this size is left to hyper (its limits, its 431).
 const MAX_HEAD: usize = 16 * 1024;
 /// Headers a plain request may have; a head with more is left to hyper.
 const MAX_HEADERS: usize = 64;
+// A raw head marks the lines it leaves out by their index in a `u64`.
+const _: () = assert!(MAX_HEADERS <= 64);
 /// Room for one read.
 const READ_SIZE: usize = 8 * 1024;
 /// Body bytes gathered behind the head before a write; a larger frame is written on its own.
@@ -152,9 +154,12 @@ where
                 raw,
                 close,
             } = request;
-            let head_only = request.method() == Method::HEAD;
             // Taken here, as the request path would, to be written into a worker's raw head.
-            let request_id = headers::request_id(request.headers());
+            let request_id = match &raw {
+                Some(raw) => raw.request_id(),
+                None => headers::request_id(request.headers()),
+            };
+            let head_only = request.method() == Method::HEAD;
             // Pinned where they are made: awaited as values, these futures (the request path's is
             // several KB) were copied into this one's state for every request. Each in a block of
             // its own, so that they share room in this future instead of adding up.
@@ -393,9 +398,11 @@ enum Parsed {
 type Spans = smallvec::SmallVec<[(Range<usize>, Range<usize>); 16]>;
 
 /// Parses the head at the start of `buffer`. With `keep_raw`, a head whose lines the request
-/// path neither reads nor changes (no hop-by-hop, id, forwarding, framing or `Expect` header,
-/// exactly one `Host`, CRLF line ends) is kept as its lines ([`RawRequestHead`]) with an empty
-/// header map: the worker gets them as the client sent them, and no map is built or encoded.
+/// path neither reads nor changes (no hop-by-hop, framing or `Expect` header, exactly one
+/// `Host`, CRLF line ends), but for the lines a raw head leaves out and reads itself
+/// (`Connection: keep-alive`, the forwarding headers and the request id, in up to three runs of
+/// adjacent lines), is kept as its lines ([`RawRequestHead`]) with an empty header map: the
+/// worker gets them as the client sent them, and no map is built or encoded.
 fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut head = httparse::Request::new(&mut []);
@@ -415,8 +422,11 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
     let mut close = false;
     let mut raw = keep_raw;
     let mut hosts = 0;
-    // The one `Connection: keep-alive` line a raw head leaves out.
-    let mut cut = None;
+    // Bit `i`: the line of header `i` is left out of a raw head (`RawRequestHead`); among
+    // them, the index of the one `X-Forwarded-For` and of the first `X-Request-Id`.
+    let mut left_out = 0u64;
+    let mut forwarded_for = None;
+    let mut request_id = None;
     // As `headers::head_size` counts it: the target up to a fragment (`http` drops it).
     let mut size = path.split('#').next().map_or(0, str::len);
     for (index, header) in head.headers.iter().enumerate() {
@@ -433,11 +443,17 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
         }
         if raw {
             if crate::headers::is_read_or_replaced_in_requests_raw(name) {
-                // Only one line can be left out: a second `Connection` takes the map.
-                if cut.is_none() && crate::headers::is_connection_keep_alive(name, header.value) {
-                    cut = Some(index);
-                } else {
-                    raw = false;
+                left_out |= 1 << index;
+                match crate::headers::left_out_of_request(name, header.value) {
+                    Some(LeftOut::KeepAlive | LeftOut::Replaced) => {}
+                    Some(LeftOut::RequestId) => {
+                        request_id.get_or_insert(index);
+                    }
+                    // Its hops are kept as one value: a second line takes the map.
+                    Some(LeftOut::ForwardedFor) if forwarded_for.is_none() => {
+                        forwarded_for = Some(index);
+                    }
+                    _ => raw = false,
                 }
             }
             hosts += usize::from(name.eq_ignore_ascii_case(b"host"));
@@ -462,12 +478,11 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
     );
     let whole = buffer.split_to(length).freeze();
     let raw = if raw && hosts == 1 {
-        let cut = cut.map_or(0..0, |index| index..index + 1);
-        crate::headers::header_lines(&whole, &spans, cut).map(|(lines, cut)| RawRequestHead {
-            lines,
-            size,
-            cut,
-        })
+        let read = headers::ReadFromRaw {
+            forwarded_for,
+            request_id,
+        };
+        RawRequestHead::of(&whole, &spans, size, left_out, read)
     } else {
         None
     };
@@ -489,6 +504,21 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
             *buffer = restored;
             Parsed::NotPlain
         }
+    }
+}
+
+/// The request head at the start of `buffer` as this server reads it (taken off the buffer): the
+/// request, and its header lines when kept raw (its map is empty then); `None` when the head is
+/// incomplete or not for this server (the buffer is as it was). With `keep_raw` false, every
+/// head goes through the map. For the property tests, which check that a raw head forwards
+/// what its map would.
+pub fn read_head(
+    buffer: &mut BytesMut,
+    keep_raw: bool,
+) -> Option<(http::Request<Option<Incoming>>, Option<RawRequestHead>)> {
+    match parse(buffer, keep_raw) {
+        Parsed::Plain(plain) => Some((plain.request, plain.raw)),
+        Parsed::Partial | Parsed::NotPlain => None,
     }
 }
 

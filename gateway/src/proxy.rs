@@ -262,7 +262,7 @@ impl Proxy {
             let request = &*request;
             let settings = &self.settings;
             let head_size = match &raw {
-                Some(raw) => raw.size,
+                Some(raw) => raw.size as usize,
                 None => headers::head_size(request.uri(), &request_headers),
             };
             if head_size > settings.max_header {
@@ -310,7 +310,7 @@ impl Proxy {
             };
             self.budget.deposit();
 
-            let raw_lines = raw.as_ref().map(headers::RawRequestHead::runs);
+            let raw_head = raw.as_ref();
             let deadline = started + settings.request;
             // `None`: a request the gateway's own HTTP/1.1 server read, which has no body. That
             // server writes the worker's header lines through: no header map for the response.
@@ -401,7 +401,7 @@ impl Proxy {
                             method: request.method(),
                             path,
                             headers: &request_headers,
-                            raw_lines,
+                            raw: raw_head,
                             forwarding,
                             declared_length: content_length,
                             body,
@@ -458,7 +458,7 @@ impl Proxy {
                                                 method: request.method(),
                                                 path,
                                                 headers: request_headers,
-                                                raw_lines,
+                                                raw: raw_head,
                                                 forwarding,
                                                 declared_length: content_length,
                                                 body: spare,

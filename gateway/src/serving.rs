@@ -893,13 +893,14 @@ impl ServiceContext {
                 return served(refusal(&error, &context.metrics), None);
             }
             // Dropping the request path cancels the request at the worker.
-            // Made in the pinned place itself: a future bound first was copied whole into it.
-            let mut until = std::pin::pin!(UntilHungUp::new(
-                P::place(|| {
-                    (context.proxy).handle(&mut request, raw, request_id, &context.forwarded_for)
-                }),
-                watch
-            ));
+            // Made in the pinned place itself, the call's result written straight into it: made
+            // as an argument of `UntilHungUp::new`, whether the future (several KB, most of it
+            // room for later states) was copied whole into the watch's struct depended on
+            // unrelated code around it (docs/performance.md sections 23 and 32).
+            let handled = std::pin::pin!(P::place(|| {
+                (context.proxy).handle(&mut request, raw, request_id, &context.forwarded_for)
+            }));
+            let mut until = std::pin::pin!(UntilHungUp::new(handled, watch));
             let Some(mut response) = until.as_mut().await else {
                 return Err(ClientHungUp);
             };

@@ -783,7 +783,7 @@ async fn a_plain_request_head_reaches_the_worker_as_sent_when_nothing_in_it_must
     // naming another header), forwarding headers extended, the client's sane request id kept
     // (once), bare LF line ends made CRLF.
     for request in [
-        "GET /head HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive\r\nConnection: keep-alive\r\n\r\n",
+        "GET /head HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive\r\nConnection: X-Secret\r\nX-Secret: s\r\n\r\n",
         "GET /head HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n\r\n",
     ] {
         let (_, head) = worker_got(request).await;
@@ -839,6 +839,87 @@ async fn a_plain_request_head_reaches_the_worker_as_sent_when_nothing_in_it_must
     // Two Hosts: the request path's 400, not forwarded.
     let (answer, body) = worker_got("GET /head HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}{body}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_forwarding_lines_of_a_proxy_in_front_are_left_out_of_a_raw_head_and_read() {
+    let gw = gateway().await;
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut buffer = Vec::new();
+    let mut sent = async |request: &str| {
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut stream, &mut buffer, false).await;
+        (answer.head, String::from_utf8(answer.body).unwrap())
+    };
+    let id_of = |head: &str| header(head, "x-request-id").unwrap().to_owned();
+
+    // A cloud load balancer's head: its forwarding lines left out where they are, the others
+    // as sent (the client's spelling: the raw way), the hops before the gateway's kept.
+    let (answer, head) = sent(
+        "GET /head HTTP/1.1\r\nX-Forwarded-For: 203.0.113.7, 10.0.0.2\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Port: 443\r\nHost: gw\r\nX-Amzn-Trace-Id: Root=1-abc\r\nConnection: keep-alive\r\nUser-Agent: t/1\r\n\r\n",
+    )
+    .await;
+    let id = id_of(&answer);
+    assert_eq!(
+        head,
+        format!(
+            "GET /head HTTP/1.1\r\nX-Forwarded-Port: 443\r\nHost: gw\r\nX-Amzn-Trace-Id: Root=1-abc\r\nUser-Agent: t/1\r\nx-request-id: {id}\r\nx-forwarded-for: 203.0.113.7, 10.0.0.2, 127.0.0.1\r\nx-forwarded-proto: http"
+        ),
+    );
+
+    // The client's sane request id is the request's: the worker and the client see it once.
+    let (answer, head) = sent(
+        "GET /head HTTP/1.1\r\nHost: gw\r\nX-Request-Id: lb-42\r\nAccept: */*\r\nX-Request-Id: second\r\nForwarded: for=192.0.2.1\r\n\r\n",
+    )
+    .await;
+    assert_eq!(id_of(&answer), "lb-42");
+    assert_eq!(
+        head,
+        "GET /head HTTP/1.1\r\nHost: gw\r\nAccept: */*\r\nx-request-id: lb-42\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http"
+    );
+    // One that is not sane is replaced by a new one; an empty X-Forwarded-For adds no hop.
+    for odd in [
+        "X-Request-Id: has space\r\n",
+        "X-Request-Id:\r\nX-Forwarded-For: \r\n",
+    ] {
+        let (answer, head) = sent(&format!("GET /head HTTP/1.1\r\nHost: gw\r\n{odd}\r\n")).await;
+        let id = id_of(&answer);
+        assert!(!id.is_empty() && !id.contains(' '), "{answer:?}");
+        assert_eq!(
+            head,
+            format!(
+                "GET /head HTTP/1.1\r\nHost: gw\r\nx-request-id: {id}\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http"
+            ),
+            "{odd:?}"
+        );
+    }
+
+    // Through the map (names in lower case, `Host` first), the same lines for the worker: more
+    // than three runs left out, and two X-Forwarded-For lines (their hops joined in order).
+    let (answer, head) = sent(
+        "GET /head HTTP/1.1\r\nConnection: keep-alive\r\nA: 1\r\nForwarded: x\r\nB: 2\r\nX-Forwarded-Proto: https\r\nC: 3\r\nX-Request-Id: r-4\r\nHost: gw\r\n\r\n",
+    )
+    .await;
+    assert_eq!(id_of(&answer), "r-4");
+    assert_eq!(
+        head,
+        "GET /head HTTP/1.1\r\nhost: gw\r\na: 1\r\nb: 2\r\nc: 3\r\nx-request-id: r-4\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http"
+    );
+    let (_, head) = sent(
+        "GET /head HTTP/1.1\r\nHost: gw\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\n\r\n",
+    )
+    .await;
+    assert!(
+        head.starts_with("GET /head HTTP/1.1\r\nhost: gw\r\n"),
+        "{head:?}"
+    );
+    assert!(
+        head.ends_with(
+            "\r\nx-forwarded-for: 10.0.0.1, 10.0.0.2, 127.0.0.1\r\nx-forwarded-proto: http"
+        ),
+        "{head:?}"
+    );
     gw.shutdown().await;
 }
 

@@ -15,7 +15,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, StatusCode, Version};
 
-use crate::headers::{Forwarding, REQUEST_ID};
+use crate::headers::{Forwarding, REQUEST_ID, RawRequestHead};
 
 /// Largest response head accepted from a worker.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -47,16 +47,16 @@ pub enum RequestFraming {
 /// answered to the client already. Without a `Host` header, the request's authority is sent
 /// (`forwarding.authority`, HTTP/2's `:authority`), or else `fallback_host`. The
 /// gateway's own headers (`forwarding`) follow the client's, in place of the client's headers
-/// of the same names. `raw_lines`: the client's header lines as it sent them, in two runs (around
-/// a `Connection: keep-alive` line left out), written first (`headers::RawRequestHead`: a plain
-/// request with nothing in them to change, `Host` among them); `headers` is then empty.
+/// of the same names. `raw`: the client's header lines as it sent them, less those it leaves out,
+/// written first (`headers::RawRequestHead`: a plain request with nothing in them to change,
+/// `Host` among them, its `X-Forwarded-For` hops read from it); `headers` is then empty.
 #[allow(clippy::too_many_arguments)] // the parts of one head, each used once
 pub fn encode_request_head(
     out: &mut BytesMut,
     method: &Method,
     path: &str,
     headers: &HeaderMap,
-    raw_lines: Option<[&[u8]; 2]>,
+    raw: Option<&RawRequestHead>,
     framing: RequestFraming,
     fallback_host: &Authority,
     forwarding: &Forwarding<'_>,
@@ -66,13 +66,10 @@ pub fn encode_request_head(
     out.extend_from_slice(b" ");
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if let Some([before, after]) = raw_lines {
+    if let Some(raw) = raw {
         // The client's lines, `Host` among them, nothing in them to change
         // (`headers::RawRequestHead`); the map holds none of them.
-        if !before.is_empty() {
-            out.extend_from_slice(before);
-        }
-        out.extend_from_slice(after);
+        raw.write_lines(out);
     } else if !headers.contains_key(header::HOST) {
         let host = forwarding.authority.unwrap_or(fallback_host.as_str());
         put_header(out, b"host", host.as_bytes());
@@ -93,9 +90,13 @@ pub fn encode_request_head(
         forwarding.request_id.as_bytes(),
     );
     out.extend_from_slice(b"x-forwarded-for: ");
-    for hop in Forwarding::earlier_hops(headers) {
+    let mut put_hop = |hop: &[u8]| {
         out.extend_from_slice(hop);
         out.extend_from_slice(b", ");
+    };
+    match raw {
+        Some(raw) => raw.earlier_hops().into_iter().for_each(&mut put_hop),
+        None => Forwarding::earlier_hops(headers).for_each(&mut put_hop),
     }
     out.extend_from_slice(forwarding.client.as_bytes());
     out.extend_from_slice(b"\r\n");

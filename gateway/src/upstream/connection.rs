@@ -27,7 +27,7 @@ use tokio::time::{Instant, Sleep};
 use super::codec::{self, Parsed, RequestFraming, ResponseHead};
 use super::error::{UpstreamError, UpstreamErrorKind};
 use super::request_body::{BodyError, UpstreamBody, client_went_away};
-use crate::headers::Forwarding;
+use crate::headers::{Forwarding, RawRequestHead};
 
 /// How soon after a request went out a close of a kept-alive connection still means the worker
 /// closed it idle (its FIN was already on the way: one network round trip, plus scheduling). A
@@ -88,7 +88,7 @@ pub struct Outgoing<'a> {
     pub headers: &'a HeaderMap,
     /// The client's header lines as it sent them, written before `headers` (see
     /// `headers::RawRequestHead`).
-    pub raw_lines: Option<[&'a [u8]; 2]>,
+    pub raw: Option<&'a RawRequestHead>,
     /// What the gateway adds for the worker (written after `headers`).
     pub forwarding: Forwarding<'a>,
     /// Whether the client declared a length (an empty declared body is sent as length 0).
@@ -231,7 +231,7 @@ impl Socket {
             method,
             path,
             headers,
-            raw_lines,
+            raw,
             forwarding,
             declared_length,
             ref mut body,
@@ -250,7 +250,7 @@ impl Socket {
                     method,
                     path,
                     headers,
-                    raw_lines,
+                    raw,
                     framing,
                     fallback_host,
                     &forwarding,
@@ -278,7 +278,7 @@ impl Socket {
                     method,
                     path,
                     headers,
-                    raw_lines,
+                    raw,
                     framing,
                     fallback_host,
                     &forwarding,
@@ -532,7 +532,7 @@ mod tests {
             method: &Method::GET,
             path: "/",
             headers,
-            raw_lines: None,
+            raw: None,
             forwarding: Forwarding {
                 request_id: &id,
                 client: &client,

@@ -1,10 +1,14 @@
 //! The request-head encoder (`codec::encode_request_head`): what it writes, read back by
 //! `httparse`, is the method, target, headers and framing it was given, with the gateway's own
 //! forwarding headers in place of the client's; after `headers.rs`
-//! stripping, no hop-by-hop or `Connection`-listed header reaches a worker.
+//! stripping, no hop-by-hop or `Connection`-listed header reaches a worker; and a plain head the
+//! gateway's own HTTP/1.1 server keeps as raw lines (`headers::RawRequestHead`) reaches a worker
+//! as the same headers, with the same request id, as through the map.
 
 use bytes::BytesMut;
-use herd_gateway::headers::{Forwarding, OverTls, forwarded_for, strip_hop_by_hop};
+use herd_gateway::headers::{
+    Forwarding, OverTls, forwarded_for, is_sane_request_id, strip_hop_by_hop,
+};
 use herd_gateway::upstream::codec::{RequestFraming, encode_request_head};
 use http::Method;
 use http::uri::Authority;
@@ -175,5 +179,119 @@ proptest! {
         // The gateway's own framing is the only transfer-encoding / content-length.
         prop_assert_eq!(forwarded.iter().filter(|(n, _)| n == "content-length").count(), 1);
         prop_assert!(!forwarded.iter().any(|(n, _)| n == "transfer-encoding"));
+    }
+}
+
+/// A request head line as a client or a proxy in front sends it: a plain header, or one the
+/// request path reads (`Connection`, the forwarding headers, the request id, `TE`), in any case
+/// of its name, with white space around the value now and then.
+fn request_line() -> impl Strategy<Value = (String, Vec<u8>)> {
+    let read = prop::sample::select(vec![
+        ("Connection", &b"keep-alive"[..]),
+        ("connection", b" Keep-Alive "),
+        ("Connection", b"close"),
+        ("Connection", b"keep-alive, X-Secret"),
+        ("X-Secret", b"s"),
+        ("X-Forwarded-For", b"203.0.113.7, 10.0.0.2"),
+        ("x-forwarded-for", b""),
+        ("X-Forwarded-For", b" 198.51.100.1\t"),
+        ("X-Forwarded-Proto", b"https"),
+        ("Forwarded", b"for=192.0.2.60;proto=http"),
+        ("X-Request-Id", b"lb-42"),
+        ("x-request-id", b"has space"),
+        ("X-REQUEST-ID", b""),
+        ("TE", b"trailers"),
+    ])
+    .prop_map(|(name, value)| (name.to_owned(), value.to_vec()));
+    prop_oneof![
+        3 => (plain_name(), field_value(), any::<bool>()).prop_map(|(name, value, upper)| {
+            (if upper { name.to_ascii_uppercase() } else { name }, value)
+        }),
+        2 => read,
+    ]
+}
+
+/// Reads `wire` as the gateway's own HTTP/1.1 server does, raw (`keep_raw`) or through the map.
+fn read_head(
+    wire: &[u8],
+    keep_raw: bool,
+) -> Option<(
+    http::Request<Option<hyper::body::Incoming>>,
+    Option<herd_gateway::headers::RawRequestHead>,
+)> {
+    herd_gateway::plain_http1::read_head(&mut BytesMut::from(wire), keep_raw)
+}
+
+/// The `(name, value)` lines of an encoded head, names in lower case, grouped by name (sorted:
+/// a map's order of names changes as headers are removed from it), each name's values in order.
+fn grouped(wire: &[u8]) -> Vec<(String, Vec<Vec<u8>>)> {
+    let (_, _, lines) = read_back(wire);
+    let mut groups: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+    for (name, value) in lines {
+        let name = name.to_ascii_lowercase();
+        match groups.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, values)) => values.push(value),
+            None => groups.push((name, vec![value])),
+        }
+    }
+    groups.sort();
+    groups
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn a_raw_request_head_forwards_what_the_map_forwards(
+        before in prop::collection::vec(request_line(), 0..6),
+        after in prop::collection::vec(request_line(), 0..6),
+        tls in any::<bool>(),
+    ) {
+        // The gateway's own HTTP/1.1 server keeps a plain request's lines raw when it may,
+        // leaving out what the request path replaces or drops; hyper's path and a head the raw
+        // way refuses go through the map. A worker must get the same headers either way, and
+        // the request the same id.
+        let mut wire = b"GET /p?q=1 HTTP/1.1\r\n".to_vec();
+        for (name, value) in before.iter().chain([&("Host".to_owned(), b"gw".to_vec())]).chain(&after) {
+            wire.extend_from_slice(name.as_bytes());
+            wire.extend_from_slice(b": ");
+            wire.extend_from_slice(value);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"\r\n");
+        let (mapped, none) = read_head(&wire, false).expect("a plain head");
+        prop_assert!(none.is_none());
+        let (raw_request, raw) = read_head(&wire, true).expect("a plain head");
+        let Some(raw) = raw else {
+            prop_assert_eq!(format!("{:?}", mapped.headers()), format!("{:?}", raw_request.headers()));
+            return Ok(());
+        };
+        prop_assert!(raw_request.headers().is_empty());
+        prop_assert_eq!(raw.size as usize, herd_gateway::headers::head_size(mapped.uri(), mapped.headers()));
+
+        // The id: the client's first X-Request-Id when sane, on both ways.
+        let sent = mapped.headers().get("x-request-id").filter(|id| is_sane_request_id(id.as_bytes()));
+        let map_id = herd_gateway::headers::request_id(mapped.headers());
+        let raw_id = raw.request_id();
+        match sent {
+            Some(sent) => {
+                prop_assert_eq!(&map_id, sent);
+                prop_assert_eq!(&raw_id, sent);
+            }
+            None => prop_assert!(is_sane_request_id(raw_id.as_bytes()) && raw_id != map_id),
+        }
+
+        let client = forwarded_for([192, 0, 2, 9].into());
+        let id = http::HeaderValue::from_static("gw-1");
+        let over_tls = OverTls::new([192, 0, 2, 9].into());
+        let forwarding = Forwarding { request_id: &id, client: &client, over_tls: tls.then_some(&over_tls), authority: None };
+        let fallback = Authority::from_static("10.0.0.1:8081");
+        let mut headers = mapped.headers().clone();
+        strip_hop_by_hop(&mut headers);
+        let mut from_map = BytesMut::new();
+        encode_request_head(&mut from_map, &Method::GET, "/p?q=1", &headers, None, RequestFraming::None, &fallback, &forwarding);
+        let mut from_raw = BytesMut::new();
+        encode_request_head(&mut from_raw, &Method::GET, "/p?q=1", &http::HeaderMap::new(), Some(&raw), RequestFraming::None, &fallback, &forwarding);
+        prop_assert_eq!(grouped(&from_map), grouped(&from_raw));
     }
 }
