@@ -17,8 +17,10 @@
 //! (`infra/bench/instructions.sh h1`, docs/performance.md section 16): its dispatch state
 //! machine, a buffer of its own, a clock read for its `Date` cache at every poll, and an
 //! encoder that handles what a plain request never has. Here a head is parsed once: its header
-//! lines are kept as they came when the request path neither reads nor changes any of them
-//! (`headers::RawRequestHead`), and put in a header map otherwise, names from the per-thread
+//! lines are kept as they came when the request path neither reads nor changes any of them but
+//! those a raw head leaves out and reads itself (a browser's `Connection: keep-alive`, a proxy's
+//! forwarding lines and request id: `headers::RawRequestHead`), and put in a header map
+//! otherwise, names from the per-thread
 //! cache of the worker client. A response whose head came raw from the worker (see
 //! `upstream::codec::RawHead`) is written as those lines plus the gateway's own, with its small
 //! body, in one `write`.

@@ -25,6 +25,9 @@
 # PEER: haproxy (default; infra/bench/haproxy.cfg.in) or nginx (infra/bench/nginx.conf.in).
 # UPSTREAM=node (hello, h2, tls): the two upstreams are infra/bench/node-hello.js (Node.js's http
 # server, `Connection: keep-alive` and `Keep-Alive` on every answer) instead of herd-worker.
+# HEADERS='Name: value|Name: value' adds those request headers to every request (split at `|`):
+# what a proxy in front sends, e.g. a cloud load balancer's X-Forwarded-For, X-Forwarded-Proto
+# and X-Forwarded-Port (docs/performance.md, section 32).
 # RATE=N offers N requests per second in all (h2load `--rps`, spread over the connections, which
 # send in step: bursts; h2load for HTTP/1.1 too) instead of as many as the targets take: every
 # target then serves the same load, below what saturates the box (docs/performance.md, section 25).
@@ -181,6 +184,10 @@ if [ "$scenario" = session ]; then
   # A logged-in session (the demo app's `POST /login`); every request then reads it from Redis.
   cookie=$(login_cookie http://127.0.0.1:18081 '{"user":"bench"}')
   headers=(-H "Cookie: $cookie")
+fi
+if [ -n "${HEADERS:-}" ]; then
+  IFS='|' read -ra extra <<<"$HEADERS"
+  for line in "${extra[@]}"; do headers+=(-H "$line"); done
 fi
 
 # "utime stime switches" summed over the processes given and their children (nginx's worker):

@@ -19,7 +19,9 @@
 # infra/bench/nginx.conf.in, one worker, in one process), counted the same way. REQUESTS: default 20000, sent by h2load (-n: an exact count) over
 # CONNECTIONS (default 16; 1 makes every request a wake-up of its own) after 2000 warm-up
 # requests; HEADER adds one request header on h1 (`HEADER='Connection: keep-alive'`, as browsers
-# send). Counting starts after the warm-up
+# send), HEADERS several, split at `|` (what a cloud load balancer in front adds:
+# `HEADERS='X-Forwarded-For: 203.0.113.7|X-Forwarded-Proto: https|X-Forwarded-Port: 443'`).
+# Counting starts after the warm-up
 # (`callgrind_control --zero`) and ends with a dump right after the last answer; health checks
 # are slowed to one a minute so they stay out of the count. Kernel work is not counted
 # (valgrind sees user space only); per-request.sh counts system calls.
@@ -38,7 +40,11 @@ connections=${CONNECTIONS:-16}
 upstream=${UPSTREAM:-herd-worker}
 path=/
 case $scenario in
-  h1) h2load_mode=(--h1 -m 1 ${HEADER:+-H "$HEADER"}) ;;
+  h1) h2load_mode=(--h1 -m 1 ${HEADER:+-H "$HEADER"})
+    if [ -n "${HEADERS:-}" ]; then
+      IFS='|' read -ra extra <<<"$HEADERS"
+      for line in "${extra[@]}"; do h2load_mode+=(-H "$line"); done
+    fi ;;
   h2) h2load_mode=(-m 8) ;;
   session) h2load_mode=(--h1 -m 1); path=/me ;;
   tls) h2load_mode=(--h1 -m 1) ;;
