@@ -211,6 +211,39 @@ fn request_line() -> impl Strategy<Value = (String, Vec<u8>)> {
     ]
 }
 
+/// What a raw request head does with a line of `request_line`, by a model written from the rules
+/// (docs/security.md): `Some(true)` left out, `Some(false)` kept, `None` the head needs the map.
+fn left_out(name: &str, value: &[u8]) -> Option<bool> {
+    match name.to_ascii_lowercase().as_str() {
+        "connection" => value
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"keep-alive")
+            .then_some(true),
+        "x-forwarded-for" | "x-forwarded-proto" | "forwarded" | "x-request-id" => Some(true),
+        "te" => None,
+        _ => Some(false),
+    }
+}
+
+/// Whether a head of `lines` may be kept raw, by that model: nothing that needs the map, at
+/// most one `X-Forwarded-For`, at most three runs of adjacent lines left out.
+fn may_be_raw(lines: &[(String, Vec<u8>)]) -> bool {
+    let mut runs = 0;
+    let mut in_run = false;
+    for (name, value) in lines {
+        let Some(out) = left_out(name, value) else {
+            return false;
+        };
+        runs += usize::from(out && !in_run);
+        in_run = out;
+    }
+    let hops = lines
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("x-forwarded-for"))
+        .count();
+    runs <= 3 && hops <= 1
+}
+
 /// Reads `wire` as the gateway's own HTTP/1.1 server does, raw (`keep_raw`) or through the map.
 fn read_head(
     wire: &[u8],
@@ -251,17 +284,14 @@ proptest! {
         // leaving out what the request path replaces or drops; hyper's path and a head the raw
         // way refuses go through the map. A worker must get the same headers either way, and
         // the request the same id.
-        let mut wire = b"GET /p?q=1 HTTP/1.1\r\n".to_vec();
-        for (name, value) in before.iter().chain([&("Host".to_owned(), b"gw".to_vec())]).chain(&after) {
-            wire.extend_from_slice(name.as_bytes());
-            wire.extend_from_slice(b": ");
-            wire.extend_from_slice(value);
-            wire.extend_from_slice(b"\r\n");
-        }
-        wire.extend_from_slice(b"\r\n");
+        let lines: Vec<(String, Vec<u8>)> =
+            before.into_iter().chain([("Host".to_owned(), b"gw".to_vec())]).chain(after).collect();
+        let line = |(name, value): &(String, Vec<u8>)| [name.as_bytes(), b": ", value, b"\r\n"].concat();
+        let wire = [&b"GET /p?q=1 HTTP/1.1\r\n"[..], &lines.iter().flat_map(line).collect::<Vec<u8>>(), b"\r\n"].concat();
         let (mapped, none) = read_head(&wire, false).expect("a plain head");
         prop_assert!(none.is_none());
         let (raw_request, raw) = read_head(&wire, true).expect("a plain head");
+        prop_assert_eq!(raw.is_some(), may_be_raw(&lines), "kept raw exactly when the rules say so");
         let Some(raw) = raw else {
             prop_assert_eq!(format!("{:?}", mapped.headers()), format!("{:?}", raw_request.headers()));
             return Ok(());
@@ -293,5 +323,62 @@ proptest! {
         let mut from_raw = BytesMut::new();
         encode_request_head(&mut from_raw, &Method::GET, "/p?q=1", &http::HeaderMap::new(), Some(&raw), RequestFraming::None, &fallback, &forwarding);
         prop_assert_eq!(grouped(&from_map), grouped(&from_raw));
+        // And the raw way writes the client's other lines as sent, in their order, then the
+        // gateway's own.
+        let kept: Vec<u8> = lines.iter().filter(|(n, v)| left_out(n, v) == Some(false)).flat_map(line).collect();
+        let expected = [&b"GET /p?q=1 HTTP/1.1\r\n"[..], &kept, b"x-request-id: gw-1\r\n"].concat();
+        prop_assert!(from_raw.starts_with(&expected), "{:?}", String::from_utf8_lossy(&from_raw));
+    }
+}
+
+#[test]
+fn lines_are_left_out_and_read_at_any_of_64_places() {
+    // The parser marks the lines it leaves out by their index in a `u64`: the last ones too.
+    for (hops_at, id_at) in [(0, 63), (31, 32), (40, 62), (63, 0)] {
+        let lines: Vec<String> = (0..64)
+            .map(|index| match index {
+                _ if index == hops_at => "X-Forwarded-For: 203.0.113.7\r\n".to_owned(),
+                _ if index == id_at => "X-Request-Id: lb-7\r\n".to_owned(),
+                10 => "Host: gw\r\n".to_owned(),
+                _ => format!("X-{index}: {index}\r\n"),
+            })
+            .collect();
+        let wire = format!("GET / HTTP/1.1\r\n{}\r\n", lines.concat());
+        let (_, raw) = read_head(wire.as_bytes(), true).expect("a plain head");
+        let raw = raw.expect("kept raw");
+        assert_eq!(raw.request_id(), "lb-7");
+        let client = forwarded_for([192, 0, 2, 9].into());
+        let id = raw.request_id();
+        let forwarding = Forwarding {
+            request_id: &id,
+            client: &client,
+            over_tls: None,
+            authority: None,
+        };
+        let mut out = BytesMut::new();
+        let fallback = Authority::from_static("w:1");
+        encode_request_head(
+            &mut out,
+            &Method::GET,
+            "/",
+            &http::HeaderMap::new(),
+            Some(&raw),
+            RequestFraming::None,
+            &fallback,
+            &forwarding,
+        );
+        let kept: String = lines
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != hops_at && *i != id_at)
+            .map(|(_, l)| l.as_str())
+            .collect();
+        assert_eq!(
+            String::from_utf8(out.to_vec()).unwrap(),
+            format!(
+                "GET / HTTP/1.1\r\n{kept}x-request-id: lb-7\r\nx-forwarded-for: 203.0.113.7, 192.0.2.9\r\nx-forwarded-proto: http\r\n\r\n"
+            ),
+            "{hops_at} {id_at}"
+        );
     }
 }
