@@ -67,6 +67,11 @@ if [ -z "$worker" ]; then
   worker=$target_dir/release/herd-worker
 fi
 
+# Thin LTO over four codegen units for both builds, not the release profile's fat LTO: with the
+# profile, fat LTO gave the same instructions per request (docs/performance.md section 33), and
+# each of the two builds took longer.
+export CARGO_PROFILE_RELEASE_LTO=thin CARGO_PROFILE_RELEASE_CODEGEN_UNITS=4
+
 echo "== instrumented gateway"
 rm -rf "$pgo/profiles"
 mkdir -p "$pgo/profiles"

@@ -114,8 +114,8 @@ pub fn is_replaced_in_responses_raw(name: &[u8]) -> bool {
 /// The header lines of a parsed head (`spans`: where each header's name and value sit in it),
 /// kept as they came on the wire to be written through without a `HeaderMap`, and the [`Cut`]
 /// of the lines at indices `cut` of `spans` (empty: none): a run of adjacent hop-by-hop lines
-/// left out, which ask for nothing the gateway does not do anyway (see [`RawRequestHead`] and
-/// `upstream::RawHead`). `None` unless each line ends with CRLF (httparse also takes a bare LF,
+/// left out, which ask for nothing the gateway does not do anyway (`upstream::RawHead`; a
+/// request's runs are [`RawRequestHead::of`]'s). `None` unless each line ends with CRLF (httparse also takes a bare LF,
 /// which is not passed on as is) and the lines are at most 65 535 bytes (the cut's offsets are
 /// two bytes each). Inlined: a call of its own cost each head more than its work
 /// (`infra/bench/instructions.sh`, docs/performance.md section 31).
@@ -348,10 +348,10 @@ fn crlf_header_lines(head: &Bytes, spans: &[HeaderSpan]) -> Option<Bytes> {
 }
 
 /// Whether the request path reads or rewrites a request header of this name (as spelled on the
-/// wire, any case), so that a head with it needs a map: the id and forwarding headers (kept,
-/// checked or replaced), the framing and expectation headers, and every hop-by-hop one
-/// (stripped; `Upgrade` among them). `Host` is read too, but only counted: a head with exactly
-/// one needs no map for it.
+/// wire, any case): the id and forwarding headers (kept, checked or replaced), the framing and
+/// expectation headers, and every hop-by-hop one (stripped; `Upgrade` among them). A raw head
+/// leaves such a line out when [`left_out_of_request`] says it may, and needs the map
+/// otherwise. `Host` is read too, but only counted: a head with exactly one needs no map for it.
 pub fn is_read_or_replaced_in_requests_raw(name: &[u8]) -> bool {
     is_hop_by_hop_raw(name)
         || match name.len() {
