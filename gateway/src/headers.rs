@@ -115,9 +115,9 @@ pub fn is_replaced_in_responses_raw(name: &[u8]) -> bool {
 /// kept as they came on the wire to be written through without a `HeaderMap`, and the [`Cut`]
 /// of the lines at indices `cut` of `spans` (empty: none): a run of adjacent hop-by-hop lines
 /// left out, which ask for nothing the gateway does not do anyway (`upstream::RawHead`; a
-/// request's runs are [`RawRequestHead::of`]'s). `None` unless each line ends with CRLF (httparse also takes a bare LF,
-/// which is not passed on as is) and the lines are at most 65 535 bytes (the cut's offsets are
-/// two bytes each). Inlined: a call of its own cost each head more than its work
+/// request's runs are [`RawRequestHead::of`]'s). `None` unless each line ends with CRLF
+/// (httparse also takes a bare LF, which is not passed on as is) and the lines are at most
+/// 65 535 bytes (the cut's offsets are two bytes each). Inlined: a call of its own cost each head more than its work
 /// (`infra/bench/instructions.sh`, docs/performance.md section 31).
 #[inline(always)]
 pub fn header_lines(
@@ -287,9 +287,8 @@ impl RawRequestHead {
         if !is_sane_request_id(sent) {
             return new_request_id();
         }
-        let start = usize::from(self.request_id.start);
-        HeaderValue::from_maybe_shared(self.lines.slice(start..start + sent.len()))
-            .unwrap_or_else(|_| new_request_id())
+        HeaderValue::from_maybe_shared(self.lines.slice_ref(sent))
+            .expect("a sane request id is a valid header value")
     }
 
     /// The `X-Forwarded-For` hops before the gateway's, as [`Forwarding::earlier_hops`] reads

@@ -20,10 +20,9 @@
 //! lines are kept as they came when the request path neither reads nor changes any of them but
 //! those a raw head leaves out and reads itself (a browser's `Connection: keep-alive`, a proxy's
 //! forwarding lines and request id: `headers::RawRequestHead`), and put in a header map
-//! otherwise, names from the per-thread
-//! cache of the worker client. A response whose head came raw from the worker (see
-//! `upstream::codec::RawHead`) is written as those lines plus the gateway's own, with its small
-//! body, in one `write`.
+//! otherwise, names from the per-thread cache of the worker client. A response whose head came
+//! raw from the worker (see `upstream::codec::RawHead`) is written as those lines plus the
+//! gateway's own, with its small body, in one `write`.
 //!
 //! The response rules are hyper's (`proto/h1/role.rs`, `Server::encode`): a body's exact size
 //! becomes `Content-Length`, an unknown one is chunked; a `Content-Length` the response names
