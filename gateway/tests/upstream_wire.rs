@@ -234,6 +234,39 @@ async fn keep_alive_connections_are_reused_across_requests() {
     gw.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_idle_serve_the_next_burst_instead_of_closing() {
+    // Bursts of 16 requests in flight at once (HTTP/2 clients send 8 per connection) against a
+    // pool that keeps 2 through quiet times: the 16 connections of the first burst serve the
+    // next ones. Closing the 14 beyond `max_idle` as they came back opened 14 new ones per burst.
+    let worker = RawWorker::start(|_| {
+        Script::Pieces(&[b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", b"hello"])
+    })
+    .await;
+    let addr = worker.addr.to_string();
+    let gw = Gateway::start(&[], move |c| {
+        c.workers = vec![addr];
+        c.threads = 1;
+        c.limits.max_idle_per_worker = 2;
+    })
+    .await;
+    let c = client();
+    let url = gw.url("/");
+    for burst in 0..8 {
+        let requests = (0..16).map(|_| send(&c, "GET", &url, &[], ""));
+        for answer in futures_util::future::join_all(requests).await {
+            assert_eq!(answer.status, 200, "burst {burst}");
+            assert_eq!(answer.body.as_ref(), b"hello");
+        }
+    }
+    let opened = worker.request_connections.load(Ordering::SeqCst);
+    assert!(
+        opened <= 20,
+        "{opened} worker connections for 8 bursts of 16 requests"
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_worker_closing_idle_connections_costs_no_request() {
     // Answers without `connection: close` and then closes: the pooled connection is dead by the

@@ -7,6 +7,13 @@
 //! One shard per serving thread (see `crate::serving`): a socket is registered with the event
 //! loop of the thread that opened it, and a request on another thread would wait for that loop
 //! to pass the wake-up over. Each thread takes from and returns to its own shard only.
+//!
+//! `max_idle` connections are kept through quiet times (until `idle_timeout`); more are kept
+//! while the load uses them, and those beyond `max_idle` go once idle for [`SURPLUS_IDLE`].
+//! Closing every connection beyond a fixed count when it came back made a load with more
+//! requests in flight than that count (HTTP/2 clients: 8 streams each) open and close a worker
+//! connection for most requests once the requests ran in step: twice the CPU per request, half
+//! the throughput, and a TIME-WAIT socket per request (docs/performance.md, section 34).
 
 use std::cell::Cell;
 use std::sync::Mutex;
@@ -19,11 +26,16 @@ use super::connection::Connection;
 /// How many idle connections to keep per worker, and for how long.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolLimits {
-    /// Idle connections kept per worker and serving thread (`limits.max_idle_per_worker`).
+    /// Idle connections kept per worker and serving thread through quiet times
+    /// (`limits.max_idle_per_worker`); 0: none at all, every connection closed after its request.
     pub max_idle: usize,
     /// Idle time after which a connection is closed (`timeouts.upstream_idle`).
     pub idle_timeout: Duration,
 }
+
+/// How long an idle connection beyond `max_idle` is kept: the load that needed it is over. As
+/// HAProxy's `pool-purge-delay` (5 s by default), long enough to span the gaps of a bursty load.
+const SURPLUS_IDLE: Duration = Duration::from_secs(5);
 
 thread_local! {
     /// The serving thread's index; 0 on any other thread.
@@ -56,10 +68,18 @@ impl Default for Pool {
 #[derive(Debug)]
 struct Idle {
     connection: Connection,
-    /// When it has been idle for `idle_timeout`: kept as a time, so the checks on every take and
-    /// put compare instants instead of subtracting them. `None`: a timeout too long to add to
-    /// the clock (never, in practice).
+    /// When it came back: the answer's arrival.
+    since: Instant,
+    /// When it has been idle for `idle_timeout`: kept as a time, so the check on every take
+    /// compares instants instead of subtracting them. `None`: a timeout too long to add to the
+    /// clock (never, in practice).
     expires: Option<Instant>,
+}
+
+impl Idle {
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|expires| now >= expires)
+    }
 }
 
 impl Pool {
@@ -72,32 +92,41 @@ impl Pool {
 
     /// A live idle connection, if there is one; dead and expired ones are dropped on the way.
     /// `now`: the caller's reading of the clock.
+    /// `now`: the caller's reading of the clock.
     pub fn take(&self, now: Instant) -> Option<Connection> {
         let shard = self.shard();
         loop {
             let idle = lock(shard).pop()?;
-            if idle.expires.is_none_or(|expires| now < expires) && idle.connection.is_usable() {
+            if !idle.expired(now) && idle.connection.is_usable() {
                 return Some(idle.connection);
             }
         }
     }
 
-    /// Keeps `connection` for the next request, unless the pool is full; it counts as idle
-    /// since `now` (the caller's reading of the clock).
+    /// Keeps `connection` for the next request, idle since `now` (the caller's reading of the
+    /// clock). On the way, while it holds the lock anyway, it drops the expired connections and
+    /// those beyond `max_idle` idle for [`SURPLUS_IDLE`]: the oldest, at the front.
     pub fn put(&self, connection: Connection, limits: &PoolLimits, now: Instant) {
-        let mut idle = lock(self.shard());
-        // The oldest are at the front: drop the expired ones while we hold the lock anyway.
-        let expired = idle
-            .iter()
-            .take_while(|i| i.expires.is_some_and(|expires| now >= expires))
-            .count();
-        idle.drain(..expired);
-        if idle.len() < limits.max_idle {
-            idle.push(Idle {
-                connection,
-                expires: now.checked_add(limits.idle_timeout),
-            });
+        if limits.max_idle == 0 {
+            return;
         }
+        let mut idle = lock(self.shard());
+        let expired = idle.iter().take_while(|i| i.expired(now)).count();
+        let beyond_floor = (idle.len() - expired).saturating_sub(limits.max_idle);
+        let unused = if beyond_floor == 0 {
+            0
+        } else {
+            idle[expired..expired + beyond_floor]
+                .iter()
+                .take_while(|i| now.saturating_duration_since(i.since) >= SURPLUS_IDLE)
+                .count()
+        };
+        idle.drain(..expired + unused);
+        idle.push(Idle {
+            connection,
+            since: now,
+            expires: now.checked_add(limits.idle_timeout),
+        });
     }
 
     /// Number of idle connections over all shards (for tests and the admin API).
@@ -195,6 +224,58 @@ mod tests {
         pool.put(connection(&listener).await, &limits, second(11));
         let _accepted = listener.accept().await.unwrap();
         assert_eq!(pool.idle(), 1, "a put drops the expired ones before it");
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_max_idle_stay_while_the_load_uses_them_and_go_once_unused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let limits = PoolLimits {
+            max_idle: 2,
+            idle_timeout: Duration::from_secs(60),
+        };
+        let pool = Pool::new(1);
+        let start = Instant::now();
+        let second = |s| start + Duration::from_secs(s);
+        let mut accepted = Vec::new();
+        macro_rules! put {
+            ($at:expr) => {
+                pool.put(connection(&listener).await, &limits, $at);
+                accepted.push(listener.accept().await.unwrap());
+            };
+        }
+
+        // A burst of six answers: all six are kept for the next burst, not four closed.
+        for _ in 0..6 {
+            put!(start);
+        }
+        assert_eq!(pool.idle(), 6);
+        put!(second(4));
+        assert_eq!(pool.idle(), 7, "idle for 4 s: still wanted");
+        // Five seconds on, the burst's surplus goes, oldest first: of the seven, the five beyond
+        // max_idle had been idle for 5 s; two stay, and the one coming back.
+        put!(second(5));
+        assert_eq!(pool.idle(), 3);
+        // Beyond max_idle again (three): the oldest, unused for 25 s, goes.
+        put!(second(30));
+        assert_eq!(pool.idle(), 3);
+        // The two kept through the quiet time (back at 4 s and 5 s) expire after the idle
+        // timeout (60 s): the one back at 30 s and the new one remain.
+        put!(second(89));
+        assert_eq!(pool.idle(), 2);
+    }
+
+    #[tokio::test]
+    async fn max_idle_zero_keeps_no_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let limits = PoolLimits {
+            max_idle: 0,
+            idle_timeout: Duration::from_secs(60),
+        };
+        let pool = Pool::new(1);
+        pool.put(connection(&listener).await, &limits, Instant::now());
+        let _accepted = listener.accept().await.unwrap();
+        assert_eq!(pool.idle(), 0);
+        assert!(pool.take(Instant::now()).is_none());
     }
 
     #[tokio::test]
