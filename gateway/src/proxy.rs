@@ -131,6 +131,14 @@ impl Proxy {
         self.tracing
     }
 
+    /// Sweeps the calling serving thread's share of every worker's idle connections
+    /// (`upstream::Pool::sweep`): what a load that stopped left behind goes.
+    pub fn sweep_idle_connections(&self, now: Instant) {
+        for worker in &self.balancer.workers().workers {
+            worker.pool.sweep(&self.upstream.pool, now);
+        }
+    }
+
     /// This gateway's `x-herd-gateway` value.
     pub fn gateway_id(&self) -> &HeaderValue {
         &self.gateway_id

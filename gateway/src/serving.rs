@@ -1269,6 +1269,7 @@ impl ServingThread {
             }
         };
         let tunnels = crate::tunnel::track_on_this_thread(self.clients.tunnel_idle);
+        let sweeper = tokio::spawn(sweep_idle_connections(self.clients.proxy.clone()));
         let mut failures = AcceptFailures::default();
         let mut closing = false;
         loop {
@@ -1297,6 +1298,7 @@ impl ServingThread {
         }
         drop(listener);
         drop(tls_listener);
+        sweeper.abort();
         connections::shed(0);
         // Serve what other threads handed over before they stopped too.
         inbox.close();
@@ -1396,6 +1398,17 @@ impl ServingThread {
                 debug!(peer = %peer, error = %error, "cannot take a connection over; closed")
             }
         }
+    }
+}
+
+/// Every [`upstream::SWEEP_EVERY`], on this serving thread: drops its idle worker connections
+/// that a load which stopped left behind (`upstream::Pool::sweep`).
+async fn sweep_idle_connections(proxy: Arc<crate::proxy::Proxy>) {
+    let mut every = tokio::time::interval(upstream::SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let now = every.tick().await;
+        proxy.sweep_idle_connections(now);
     }
 }
 

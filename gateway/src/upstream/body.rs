@@ -131,7 +131,11 @@ impl WorkerBody {
 
     /// The body is complete: give the connection back when it can carry another request.
     fn release(&mut self) {
-        if let State::Length(_) | State::Chunked(_) | State::UntilClose = self.state {
+        let streamed = matches!(
+            self.state,
+            State::Length(_) | State::Chunked(_) | State::UntilClose
+        );
+        if streamed {
             self.state = State::Done;
         }
         let connection = self.connection.take();
@@ -140,7 +144,14 @@ impl WorkerBody {
             && self.keep_alive
             && connection.read.is_empty()
         {
-            home.pool.put(connection, &home.limits, home.answered);
+            // Idle from now: a body that came with its head (nearly all) ends as it arrived,
+            // and needs no clock read; a streamed one may have taken minutes.
+            let back = if streamed {
+                tokio::time::Instant::now()
+            } else {
+                home.answered
+            };
+            home.pool.put(connection, &home.limits, back);
         }
     }
 

@@ -35,7 +35,7 @@ pub use body::{Home, WorkerBody, WorkerBodyError};
 pub use codec::{RawHead, ResponseHead};
 pub use connection::{Connection, Outgoing};
 pub use error::{UpstreamError, UpstreamErrorKind};
-pub use pool::{Pool, PoolLimits, use_shard};
+pub use pool::{Pool, PoolLimits, SWEEP_EVERY, use_shard};
 pub use request_body::{BodyError, StreamWatch, UpstreamBody, client_went_away};
 
 use http::uri::Authority;

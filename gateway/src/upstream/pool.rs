@@ -37,6 +37,9 @@ pub struct PoolLimits {
 /// HAProxy's `pool-purge-delay` (5 s by default), long enough to span the gaps of a bursty load.
 const SURPLUS_IDLE: Duration = Duration::from_secs(5);
 
+/// How often each serving thread sweeps its shard of every worker's pool ([`Pool::sweep`]).
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 thread_local! {
     /// The serving thread's index; 0 on any other thread.
     static SHARD: Cell<usize> = const { Cell::new(0) };
@@ -68,7 +71,7 @@ impl Default for Pool {
 #[derive(Debug)]
 struct Idle {
     connection: Connection,
-    /// When it came back: the answer's arrival.
+    /// When it came back (the answer's arrival, for a body that came with its head).
     since: Instant,
     /// When it has been idle for `idle_timeout`: kept as a time, so the check on every take
     /// compares instants instead of subtracting them. `None`: a timeout too long to add to the
@@ -92,7 +95,6 @@ impl Pool {
 
     /// A live idle connection, if there is one; dead and expired ones are dropped on the way.
     /// `now`: the caller's reading of the clock.
-    /// `now`: the caller's reading of the clock.
     pub fn take(&self, now: Instant) -> Option<Connection> {
         let shard = self.shard();
         loop {
@@ -104,29 +106,24 @@ impl Pool {
     }
 
     /// Keeps `connection` for the next request, idle since `now` (the caller's reading of the
-    /// clock). On the way, while it holds the lock anyway, it drops the expired connections and
-    /// those beyond `max_idle` idle for [`SURPLUS_IDLE`]: the oldest, at the front.
+    /// clock). On the way, while it holds the lock anyway, it drops what [`trim`] drops.
     pub fn put(&self, connection: Connection, limits: &PoolLimits, now: Instant) {
         if limits.max_idle == 0 {
             return;
         }
         let mut idle = lock(self.shard());
-        let expired = idle.iter().take_while(|i| i.expired(now)).count();
-        let beyond_floor = (idle.len() - expired).saturating_sub(limits.max_idle);
-        let unused = if beyond_floor == 0 {
-            0
-        } else {
-            idle[expired..expired + beyond_floor]
-                .iter()
-                .take_while(|i| now.saturating_duration_since(i.since) >= SURPLUS_IDLE)
-                .count()
-        };
-        idle.drain(..expired + unused);
+        trim(&mut idle, limits, now);
         idle.push(Idle {
             connection,
             since: now,
             expires: now.checked_add(limits.idle_timeout),
         });
+    }
+
+    /// Drops what [`trim`] drops from the calling thread's shard: for a pool no request puts
+    /// into (the load stopped), run every [`SWEEP_EVERY`] by each serving thread.
+    pub fn sweep(&self, limits: &PoolLimits, now: Instant) {
+        trim(&mut lock(self.shard()), limits, now);
     }
 
     /// Number of idle connections over all shards (for tests and the admin API).
@@ -144,6 +141,22 @@ impl Pool {
     fn shard(&self) -> &Mutex<Vec<Idle>> {
         &self.shards[SHARD.get() % self.shards.len()].0
     }
+}
+
+/// Drops the expired connections, and those beyond `max_idle` idle for [`SURPLUS_IDLE`]: the
+/// oldest, at the front.
+fn trim(idle: &mut Vec<Idle>, limits: &PoolLimits, now: Instant) {
+    let expired = idle.iter().take_while(|i| i.expired(now)).count();
+    let beyond_floor = (idle.len() - expired).saturating_sub(limits.max_idle);
+    let unused = if beyond_floor == 0 {
+        0
+    } else {
+        idle[expired..expired + beyond_floor]
+            .iter()
+            .take_while(|i| now.saturating_duration_since(i.since) >= SURPLUS_IDLE)
+            .count()
+    };
+    idle.drain(..expired + unused);
 }
 
 fn lock(shard: &Mutex<Vec<Idle>>) -> std::sync::MutexGuard<'_, Vec<Idle>> {
@@ -255,13 +268,60 @@ mod tests {
         // max_idle had been idle for 5 s; two stay, and the one coming back.
         put!(second(5));
         assert_eq!(pool.idle(), 3);
-        // Beyond max_idle again (three): the oldest, unused for 25 s, goes.
+        // Beyond max_idle again (three): the oldest, back at 0 s, goes.
         put!(second(30));
         assert_eq!(pool.idle(), 3);
         // The two kept through the quiet time (back at 4 s and 5 s) expire after the idle
         // timeout (60 s): the one back at 30 s and the new one remain.
         put!(second(89));
         assert_eq!(pool.idle(), 2);
+    }
+
+    /// The local address of `connection` (its worker's side sees it as the peer).
+    fn local(connection: Connection) -> std::net::SocketAddr {
+        connection.into_parts().0.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_surplus_goes_oldest_first_at_a_put_or_a_sweep_and_the_floor_at_the_idle_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let limits = PoolLimits {
+            max_idle: 1,
+            idle_timeout: Duration::from_secs(60),
+        };
+        let pool = Pool::new(1);
+        let start = Instant::now();
+        let second = |s| start + Duration::from_secs(s);
+        // Each one's address as its worker's side saw it, in the order they came back.
+        let mut accepted = Vec::new();
+        for at in [0, 0, 0, 5] {
+            pool.put(connection(&listener).await, &limits, second(at));
+            accepted.push(listener.accept().await.unwrap());
+        }
+        // At 5 s the two oldest beyond the floor went; the third, and the one back at 5 s, stay.
+        assert_eq!(pool.idle(), 2);
+        assert_eq!(local(pool.take(second(5)).unwrap()), accepted[3].1);
+        assert_eq!(local(pool.take(second(5)).unwrap()), accepted[2].1);
+
+        // No put at all (the load stopped): the sweep does the same.
+        for at in [10, 11, 12] {
+            pool.put(connection(&listener).await, &limits, second(at));
+            accepted.push(listener.accept().await.unwrap());
+        }
+        pool.sweep(&limits, second(14));
+        assert_eq!(pool.idle(), 3, "idle for 4 s at most: all still wanted");
+        pool.sweep(&limits, second(15));
+        assert_eq!(pool.idle(), 2, "the first back at 10 s went");
+        pool.sweep(&limits, second(16));
+        assert_eq!(
+            pool.idle(),
+            1,
+            "the one back at 11 s too; the floor of one stays"
+        );
+        pool.sweep(&limits, second(71));
+        assert_eq!(pool.idle(), 1, "the floor is kept until the idle timeout");
+        pool.sweep(&limits, second(72));
+        assert_eq!(pool.idle(), 0, "expired 60 s after it came back");
     }
 
     #[tokio::test]
