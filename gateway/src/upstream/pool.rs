@@ -112,7 +112,10 @@ impl Pool {
             return;
         }
         let mut idle = lock(self.shard());
-        trim(&mut idle, limits, now);
+        // Looked at first: nearly always nothing to drop, and no call made.
+        if idle.len() > limits.max_idle || idle.first().is_some_and(|i| i.expired(now)) {
+            trim(&mut idle, limits, now);
+        }
         idle.push(Idle {
             connection,
             since: now,
