@@ -7,6 +7,10 @@
 //! (`limits.max_body_bytes`) is checked on the declared length up front and counted while
 //! streaming.
 //!
+//! A small body the gateway's own HTTP/1.1 server found whole behind its head
+//! (`crate::plain_http1`) comes read ([`ClientBody::Read`]): it is the buffered case without the
+//! reading.
+//!
 //! Response bodies stream from the worker to the client as they come; the worker's in-flight
 //! count is held until the body ends.
 
@@ -23,6 +27,32 @@ use crate::balancer::InFlight;
 use crate::error::GatewayError;
 pub use crate::upstream::{BodyError, StreamWatch, UpstreamBody, client_went_away};
 use crate::upstream::{RawHead, WorkerBody, WorkerBodyError};
+
+/// A client's request body, as the request path gets it.
+#[derive(Debug, Default)]
+pub enum ClientBody {
+    /// None: a request the gateway's own HTTP/1.1 server read without one.
+    #[default]
+    Empty,
+    /// Read whole with its head by the gateway's own HTTP/1.1 server: at most
+    /// `retry.buffer_body_bytes` and `limits.max_body_bytes`, so replayable as a buffered one.
+    Read(Bytes),
+    /// To be read from hyper's server (HTTP/2, and the HTTP/1.1 requests it serves).
+    Incoming(Incoming),
+}
+
+impl ClientBody {
+    /// Whether the request came from the gateway's own HTTP/1.1 server, which writes a worker's
+    /// response head through as its lines (no header map for the response).
+    pub fn read_by_gateway(&self) -> bool {
+        !matches!(self, ClientBody::Incoming(_))
+    }
+
+    /// Whether bytes of it are still to be read from the client.
+    pub fn to_read(&self) -> bool {
+        matches!(self, ClientBody::Incoming(body) if !body.is_end_stream())
+    }
+}
 
 /// A request body after the first read: replayable, or streaming (one attempt only).
 #[derive(Debug)]

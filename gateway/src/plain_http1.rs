@@ -1,8 +1,10 @@
 //! The gateway's own HTTP/1.1 server, for the plain requests of HTTP/1.1 connections, cleartext
-//! or TLS: no body, no protocol switch, no `Expect`, an origin-form target, a head that fits.
-//! Nearly every request a gateway sees is one. The first request that is not goes to hyper's server with the bytes
-//! read so far, and hyper serves the rest of that connection: uploads, WebSockets, odd or broken
-//! heads and their 400 / 431 answers keep hyper's behaviour, unchanged.
+//! or TLS: no body, or a small one (`Content-Length` in digits, at most what the request path
+//! buffers) already whole behind its head, as an API client's JSON comes; no protocol switch, no
+//! `Expect`, an origin-form target, a head that fits. Nearly every request a gateway sees is
+//! one. The first request that is not goes to hyper's server with the bytes read so far, and
+//! hyper serves the rest of that connection: streamed and chunked uploads, WebSockets, odd or
+//! broken heads and their 400 / 431 answers keep hyper's behaviour, unchanged.
 //!
 //! ```text
 //! read until a head is whole ─▶ httparse ─▶ plain? ─no──▶ hyper (the bytes put back)
@@ -52,9 +54,9 @@ use futures_util::task::AtomicWaker;
 use http::{HeaderValue, Method, Response, StatusCode, Uri, Version, header};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::body::ClientBody;
 use crate::client_io::{ClientIo, ConnectionState};
 use crate::connections::{self, Entry};
 use crate::headers::{self, LeftOut, RawRequestHead};
@@ -106,6 +108,7 @@ where
         // redirect reads `Host`) and the request path needs no map (tracing reads and writes
         // `traceparent`).
         let keep_raw = context.raw_requests();
+        let body_limit = context.read_body_limit();
         let watched_by_reading = context.watched_by_reading();
         // Every head is parsed here: `ClientIo`'s scan of the bytes would find out nothing more.
         io.stop_head_scan();
@@ -116,7 +119,7 @@ where
             let request = loop {
                 if !buffer.is_empty() {
                     let before = buffer.len();
-                    match parse(&mut buffer, keep_raw) {
+                    match parse(&mut buffer, keep_raw, body_limit) {
                         Parsed::Partial => {}
                         Parsed::Plain(request) => {
                             io.head_parsed(before - buffer.len(), &buffer);
@@ -376,8 +379,8 @@ async fn read_more<S: AsyncRead + Unpin>(
 
 /// A plain request, read.
 struct PlainRequest {
-    /// Its header map is empty when `raw` holds the headers.
-    request: http::Request<Option<Incoming>>,
+    /// Its header map is empty when `raw` holds the headers; its body, when it has one, read.
+    request: http::Request<ClientBody>,
     /// Its header lines, to forward as they are (see [`parse`]).
     raw: Option<RawRequestHead>,
     /// It said `Connection: close`.
@@ -398,13 +401,16 @@ enum Parsed {
 /// Where a header's name and value sit in the head.
 type Spans = smallvec::SmallVec<[(Range<usize>, Range<usize>); 16]>;
 
-/// Parses the head at the start of `buffer`. With `keep_raw`, a head whose lines the request
-/// path neither reads nor changes (no hop-by-hop, framing or `Expect` header, exactly one
-/// `Host`, CRLF line ends), but for the lines a raw head leaves out and reads itself
+/// Parses the head at the start of `buffer`, and the body behind it when it has a
+/// `Content-Length` of at most `body_limit` bytes and all of them are in `buffer` already (a
+/// small upload sent with its head, as clients send one); a body still on its way, a larger one
+/// or a chunked one is left to hyper. With `keep_raw`, a head without a body whose lines the
+/// request path neither reads nor changes (no hop-by-hop, framing or `Expect` header, exactly
+/// one `Host`, CRLF line ends), but for the lines a raw head leaves out and reads itself
 /// (`Connection: keep-alive`, the forwarding headers and the request id, in up to three runs of
 /// adjacent lines), is kept as its lines ([`RawRequestHead`]) with an empty header map: the
 /// worker gets them as the client sent them, and no map is built or encoded.
-fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
+fn parse(buffer: &mut BytesMut, keep_raw: bool, body_limit: u64) -> Parsed {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut head = httparse::Request::new(&mut []);
     let length = match httparse::ParserConfig::default()
@@ -421,6 +427,7 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
         return Parsed::NotPlain;
     }
     let mut close = false;
+    let mut content_length = None;
     let mut raw = keep_raw;
     let mut hosts = 0;
     // Bit `i`: the line of header `i` is left out of a raw head (`RawRequestHead`); among
@@ -432,12 +439,21 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
     let mut size = path.split('#').next().map_or(0, str::len);
     for (index, header) in head.headers.iter().enumerate() {
         let name = header.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length")
-            || name.eq_ignore_ascii_case(b"transfer-encoding")
+        if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"upgrade")
             || name.eq_ignore_ascii_case(b"expect")
         {
             return Parsed::NotPlain;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            // One length, in digits only, within the limit; anything else (a list, a sign,
+            // a second line: hyper's 400) is hyper's to judge.
+            match (content_length, body_length(header.value)) {
+                (None, Some(length)) if length <= body_limit => content_length = Some(length),
+                _ => return Parsed::NotPlain,
+            }
+            // A body goes with the map: the worker gets a length the gateway writes.
+            raw = false;
         }
         if name.eq_ignore_ascii_case(b"connection") && has_token(header.value, b"close") {
             close = true;
@@ -464,6 +480,11 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Parsed::NotPlain;
     };
+    // The body, if any, must be here whole: waiting for the rest would time it as a head.
+    let body_length = content_length.map_or(0, |length| length as usize);
+    if buffer.len() - length < body_length {
+        return Parsed::NotPlain;
+    }
     let base = buffer.as_ptr() as usize;
     let span = |bytes: &[u8]| {
         let start = bytes.as_ptr() as usize - base;
@@ -478,6 +499,7 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
             .map(|h| (span(h.name.as_bytes()), span(h.value))),
     );
     let whole = buffer.split_to(length).freeze();
+    let body = content_length.map(|_| buffer.split_to(body_length).freeze());
     let raw = if raw && hosts == 1 {
         let read = headers::ReadFromRaw {
             forwarded_for,
@@ -488,19 +510,21 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
         None
     };
     let built = match &raw {
-        Some(_) => build(&whole, method, target, &[]),
-        None => build(&whole, method, target, &spans),
+        Some(_) => build(&whole, method, target, &[], body),
+        None => build(&whole, method, target, &spans, body),
     };
     match built {
-        Some(request) => Parsed::Plain(PlainRequest {
+        Ok(request) => Parsed::Plain(PlainRequest {
             request,
             raw,
             close,
         }),
-        None => {
+        Err(body) => {
             // Put back as it was (rare: a target or a value `http` refuses).
-            let mut restored = BytesMut::with_capacity(whole.len() + buffer.len());
+            let body = body.unwrap_or_default();
+            let mut restored = BytesMut::with_capacity(whole.len() + body.len() + buffer.len());
             restored.extend_from_slice(&whole);
+            restored.extend_from_slice(&body);
             restored.extend_from_slice(buffer);
             *buffer = restored;
             Parsed::NotPlain
@@ -508,31 +532,36 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool) -> Parsed {
     }
 }
 
-/// The request head at the start of `buffer` as this server reads it (taken off the buffer): the
-/// request, and its header lines when kept raw (its map is empty then); `None` when the head is
-/// incomplete or not for this server (the buffer is as it was). With `keep_raw` false, every
-/// head goes through the map. For the property tests, which check that a raw head forwards
-/// what its map would.
+/// The request at the start of `buffer` as this server reads it (taken off the buffer, with a
+/// body of at most `body_limit` bytes): the request, and its header lines when kept raw (its map
+/// is empty then); `None` when the request is incomplete or not for this server (the buffer is
+/// as it was). With `keep_raw` false, every head goes through the map. For the property tests,
+/// which check that a raw head forwards what its map would, and where a body ends.
 pub fn read_head(
     buffer: &mut BytesMut,
     keep_raw: bool,
-) -> Option<(http::Request<Option<Incoming>>, Option<RawRequestHead>)> {
-    match parse(buffer, keep_raw) {
+    body_limit: u64,
+) -> Option<(http::Request<ClientBody>, Option<RawRequestHead>)> {
+    match parse(buffer, keep_raw, body_limit) {
         Parsed::Plain(plain) => Some((plain.request, plain.raw)),
         Parsed::Partial | Parsed::NotPlain => None,
     }
 }
 
-/// The request of a parsed head, with the headers at `spans`; `None` when `http` refuses a part
-/// of it.
+/// The request of a parsed head, with the headers at `spans` and its `body` if it has one; the
+/// body given back when `http` refuses a part of the head.
 fn build(
     head: &Bytes,
     method: Method,
     target: Range<usize>,
     spans: &[(Range<usize>, Range<usize>)],
-) -> Option<http::Request<Option<Incoming>>> {
-    let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
-    let mut request = http::Request::new(None);
+    body: Option<Bytes>,
+) -> Result<http::Request<ClientBody>, Option<Bytes>> {
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(target)) else {
+        return Err(body);
+    };
+    // Made with its body in place: set after, the request was copied once more per request.
+    let mut request = http::Request::new(body.map_or(ClientBody::Empty, ClientBody::Read));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
@@ -542,12 +571,29 @@ fn build(
         let headers = request.headers_mut();
         *headers = crate::headers::spare_map(spans.len());
         for (name, value) in spans {
-            let name = crate::upstream::codec::header_name(&head[name.clone()]).ok()?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
+            let name = crate::upstream::codec::header_name(&head[name.clone()]);
+            let value = HeaderValue::from_maybe_shared(head.slice(value.clone()));
+            let (Ok(name), Ok(value)) = (name, value) else {
+                return Err(match std::mem::take(request.body_mut()) {
+                    ClientBody::Read(body) => Some(body),
+                    _ => None,
+                });
+            };
             headers.append(name, value);
         }
     }
-    Some(request)
+    Ok(request)
+}
+
+/// A `Content-Length` value of digits only (RFC 9110 §8.6), as a number; `None` for anything
+/// else, or a length past `u64`.
+fn body_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    value.iter().try_fold(0u64, |sum, &digit| {
+        sum.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+    })
 }
 
 /// Whether a comma-separated header value lists `token` (any case).

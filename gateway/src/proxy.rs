@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::balancer::{Balancer, ChangeSource, Refusal, Worker};
-use crate::body::{self, Prepared, ResponseBody};
+use crate::body::{self, ClientBody, Prepared, ResponseBody};
 use crate::config::GatewayConfig;
 use crate::error::{GatewayError, UpstreamError, UpstreamErrorKind};
 use crate::headers;
@@ -139,6 +139,13 @@ impl Proxy {
         }
     }
 
+    /// The largest request body that may come read with its head (`ClientBody::Read`): what
+    /// the request path would buffer itself (`retry.buffer_body_bytes`, within
+    /// `limits.max_body_bytes`).
+    pub fn buffered_body_limit(&self) -> u64 {
+        self.settings.buffer_body.min(self.settings.max_body)
+    }
+
     /// This gateway's `x-herd-gateway` value.
     pub fn gateway_id(&self) -> &HeaderValue {
         &self.gateway_id
@@ -154,7 +161,7 @@ impl Proxy {
     #[allow(clippy::manual_async_fn)] // see the comment in the body
     pub fn handle(
         &self,
-        request: &mut Request<Option<Incoming>>,
+        request: &mut Request<ClientBody>,
         raw: Option<headers::RawRequestHead>,
         request_id: Option<HeaderValue>,
         forwarded_for: &HeaderValue,
@@ -168,7 +175,7 @@ impl Proxy {
                 .then(|| headers::upgrade(request.headers()))
                 .flatten();
             let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut *request));
-            let body = request.body_mut().take();
+            let body = std::mem::take(request.body_mut());
             let version = request.version();
             let request_id = request_id.unwrap_or_else(|| headers::request_id(request.headers()));
             // Sampling is decided here, before any span exists: an unsampled request costs a draw
@@ -252,8 +259,8 @@ impl Proxy {
     #[allow(clippy::manual_async_fn)] // see the comment in the body
     fn forward(
         &self,
-        request: &mut Request<Option<Incoming>>,
-        body: Option<Incoming>,
+        request: &mut Request<ClientBody>,
+        body: ClientBody,
         raw: Option<headers::RawRequestHead>,
         forwarded_for: &HeaderValue,
         started: Instant,
@@ -320,17 +327,20 @@ impl Proxy {
 
             let raw_head = raw.as_ref();
             let deadline = started + settings.request;
-            // `None`: a request the gateway's own HTTP/1.1 server read, which has no body. That
-            // server writes the worker's header lines through: no header map for the response.
-            let raw_response = body.is_none();
-            let no_body = matches!(content_length, None | Some(0))
-                && body.as_ref().is_none_or(|body| body.is_end_stream());
+            // The gateway's own HTTP/1.1 server writes the worker's header lines through: no
+            // header map for the response.
+            let raw_response = body.read_by_gateway();
+            // A body still to come from the client, read (or its start) before the first attempt.
+            let reads_body = matches!(&body, ClientBody::Incoming(body)
+                if !(matches!(content_length, None | Some(0)) && body.is_end_stream()));
             let mut prepared = match body {
                 // Boxed, as opening a connection below: awaited in place, each of these rarer
                 // futures took room of its own in every request's future.
-                Some(body) if !no_body => {
+                ClientBody::Incoming(body) if reads_body => {
                     Box::pin(self.read_body(body, content_length, deadline)).await?
                 }
+                // Read whole with its head, within the limits of a buffered body (`plain_http1`).
+                ClientBody::Read(data) if !data.is_empty() => Prepared::Replayable(Some(data)),
                 // Most requests: nothing to read, so no timer to arm.
                 _ => Prepared::Replayable(None),
             };
@@ -347,8 +357,8 @@ impl Proxy {
             let mut retry_reason: Option<&'static str> = None;
             loop {
                 // One clock read per attempt serves the pick, the pool and the attempt's start; the
-                // first attempt of a request without a body starts when the request did.
-                let now = if tried.is_empty() && no_body {
+                // first attempt of a request without a body to read starts when the request did.
+                let now = if tried.is_empty() && !reads_body {
                     started
                 } else {
                     Instant::now()

@@ -66,7 +66,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use crate::body::ResponseBody;
+use crate::body::{ClientBody, ResponseBody};
 use crate::client_io::{ClientIo, ClientTimeouts, ConnectionState, RequestGuard};
 use crate::config::GatewayConfig;
 use crate::connections::{self, Ended};
@@ -818,7 +818,7 @@ impl ServiceContext {
     > {
         let context = self;
         service_fn(move |request: hyper::Request<Incoming>| {
-            context.respond::<P>(request.map(Some), None, None)
+            context.respond::<P>(request.map(ClientBody::Incoming), None, None)
         })
     }
 
@@ -827,6 +827,12 @@ impl ServiceContext {
     /// path, nor when tracing reads and writes `traceparent` in the request's map.
     pub(crate) fn raw_requests(&self) -> bool {
         self.redirect.is_none() && !self.proxy.tracing()
+    }
+
+    /// The largest request body the gateway's own HTTP/1.1 server may read with its head and
+    /// hand over read (`body::ClientBody::Read`).
+    pub(crate) fn read_body_limit(&self) -> u64 {
+        self.proxy.buffered_body_limit()
     }
 
     /// Whether a request's client is watched for a hang-up by reading from the connection
@@ -847,20 +853,17 @@ impl ServiceContext {
     }
 
     /// Begins `request` (its head was just read: the connection is busy from here) and returns
-    /// the future of its response. The body is `None` for a request read by the gateway's own
-    /// HTTP/1.1 server (`crate::plain_http1`), which serves only requests without one, and
-    /// passes the request's id it took (`request_id`, see `Proxy::handle`).
+    /// the future of its response. A request read by the gateway's own HTTP/1.1 server
+    /// (`crate::plain_http1`) has no body or one read whole with its head, and comes with the
+    /// request's id that server took (`request_id`, see `Proxy::handle`).
     pub(crate) fn respond<P: Placement>(
         self: &Arc<Self>,
-        mut request: hyper::Request<Option<Incoming>>,
+        mut request: hyper::Request<ClientBody>,
         raw: Option<crate::headers::RawRequestHead>,
         request_id: Option<http::HeaderValue>,
     ) -> impl Future<Output = Result<hyper::Response<Served>, ClientHungUp>> + Send + use<P> {
         let context = self.clone();
-        let with_body = request
-            .body()
-            .as_ref()
-            .is_some_and(|body| !body.is_end_stream());
+        let with_body = request.body().to_read();
         let request_guard = context.state.begin(request.version(), with_body);
         if let Some(over_tls) = &context.over_tls {
             request.extensions_mut().insert(over_tls.clone());

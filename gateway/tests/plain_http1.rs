@@ -1,7 +1,7 @@
 //! The gateway's own HTTP/1.1 server (`plain_http1`), from a raw client socket: pipelined
 //! requests in order, HEAD, chunked and empty answers, a head in pieces, `Connection: close`,
-//! a request with a body handed to hyper in the middle of a keep-alive connection, and the
-//! gateway's own error answers. The worker is a raw socket too, so the answers are exactly these
+//! small bodies read with their head, other bodies handed to hyper in the middle of a
+//! keep-alive connection, and the gateway's own error answers. The worker is a raw socket too, so the answers are exactly these
 //! bytes.
 
 mod support;
@@ -383,17 +383,21 @@ async fn a_head_in_pieces_and_a_big_body_arrive_whole() {
     gw.shutdown().await;
 }
 
+/// Whether the gateway's own server still serves `stream`: it writes a worker's head through in
+/// the worker's spelling (`X-Worker: Raw`), where hyper's server writes names in lower case.
+async fn own_server_serves(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> bool {
+    stream.write_all(get("/as-sent").as_bytes()).await.unwrap();
+    let answer = read_answer(stream, buffer, false).await;
+    assert_eq!(answer.body, b"ok");
+    answer.head.contains("\r\nX-Worker: Raw\r\n")
+}
+
 #[tokio::test]
-async fn a_request_with_a_body_goes_to_hyper_and_the_connection_goes_on() {
+async fn a_small_body_sent_with_its_head_is_read_by_the_gateways_own_server() {
     let gw = gateway().await;
     let mut stream = TcpStream::connect(gw.public).await.unwrap();
     let mut buffer = Vec::new();
-    stream.write_all(get("/first").as_bytes()).await.unwrap();
-    assert_eq!(
-        read_answer(&mut stream, &mut buffer, false).await.body,
-        b"/first"
-    );
-    // A POST and a GET behind it, in one write: hyper takes over with both.
+    // A POST with its body and a GET behind it, in one write; an empty body; a GET with a body.
     let post = "POST /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 5\r\n\r\nhello";
     stream
         .write_all(format!("{post}{}", get("/after")).as_bytes())
@@ -402,18 +406,124 @@ async fn a_request_with_a_body_goes_to_hyper_and_the_connection_goes_on() {
     let echoed = read_answer(&mut stream, &mut buffer, false).await;
     assert_eq!(
         (echoed.status(), echoed.body.as_slice()),
-        (200, &b"hello"[..]),
-        "{}",
-        echoed.head
+        (200, &b"hello"[..])
     );
     assert_eq!(
         read_answer(&mut stream, &mut buffer, false).await.body,
         b"/after"
     );
-    stream.write_all(get("/last").as_bytes()).await.unwrap();
+    for (request, body) in [
+        (
+            "POST /echo HTTP/1.1\r\nhost: gateway\r\nContent-Length: 0\r\n\r\n",
+            "",
+        ),
+        (
+            "GET /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 3\r\n\r\nabc",
+            "abc",
+        ),
+    ] {
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let echoed = read_answer(&mut stream, &mut buffer, false).await;
+        assert_eq!(echoed.body, body.as_bytes(), "{request:?}");
+    }
+    assert!(own_server_serves(&mut stream, &mut buffer).await);
+
+    // What the worker gets: the client's lines, and a length the gateway writes once.
+    let post = "POST /head-of-post HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+    stream.write_all(post.as_bytes()).await.unwrap();
+    let head = String::from_utf8(read_answer(&mut stream, &mut buffer, false).await.body).unwrap();
+    assert!(
+        head.starts_with("POST /head-of-post HTTP/1.1\r\n"),
+        "{head:?}"
+    );
+    assert!(
+        head.contains("\r\ncontent-type: application/json\r\n"),
+        "{head:?}"
+    );
     assert_eq!(
-        read_answer(&mut stream, &mut buffer, false).await.body,
-        b"/last"
+        head.to_ascii_lowercase()
+            .matches("content-length: 2")
+            .count(),
+        1,
+        "{head:?}"
+    );
+    assert!(own_server_serves(&mut stream, &mut buffer).await);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_not_whole_with_its_head_goes_to_hyper_and_the_connection_goes_on() {
+    let gw = Gateway::start(&[], {
+        let worker = raw_worker().await;
+        move |c| {
+            c.workers = vec![worker.to_string()];
+            c.health.path = "/ok".into();
+            c.retry.buffer_body_bytes = 16;
+        }
+    })
+    .await;
+    let cases: [(&str, &[&str]); 3] = [
+        // The body after a pause: the head alone was read.
+        (
+            "head, then the body",
+            &[
+                "POST /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 5\r\n\r\n",
+                "hello",
+            ],
+        ),
+        // Over what the request path buffers (16 bytes here): it streams, as hyper reads it.
+        (
+            "larger than the buffer",
+            &[
+                "POST /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 17\r\n\r\nseventeen bytes!!",
+            ],
+        ),
+        (
+            "chunked",
+            &[
+                "POST /echo HTTP/1.1\r\nhost: gateway\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            ],
+        ),
+    ];
+    for (case, pieces) in cases {
+        let mut stream = TcpStream::connect(gw.public).await.unwrap();
+        let mut buffer = Vec::new();
+        assert!(own_server_serves(&mut stream, &mut buffer).await, "{case}");
+        for piece in pieces {
+            stream.write_all(piece.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let echoed = read_answer(&mut stream, &mut buffer, false).await;
+        let expected: &[u8] = if case == "larger than the buffer" {
+            b"seventeen bytes!!"
+        } else {
+            b"hello"
+        };
+        assert_eq!(
+            (echoed.status(), echoed.body.as_slice()),
+            (200, expected),
+            "{case}: {}",
+            echoed.head
+        );
+        assert!(
+            !own_server_serves(&mut stream, &mut buffer).await,
+            "{case}: hyper serves on"
+        );
+        stream.write_all(get("/last").as_bytes()).await.unwrap();
+        assert_eq!(
+            read_answer(&mut stream, &mut buffer, false).await.body,
+            b"/last",
+            "{case}"
+        );
+    }
+    // Two lengths in one line: left to hyper, and refused by the request path as before.
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut buffer = Vec::new();
+    let list = "POST /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 5, 5\r\n\r\nhello";
+    stream.write_all(list.as_bytes()).await.unwrap();
+    assert_eq!(
+        read_answer(&mut stream, &mut buffer, false).await.status(),
+        400
     );
     gw.shutdown().await;
 }

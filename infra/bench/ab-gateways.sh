@@ -27,7 +27,8 @@
 # server, `Connection: keep-alive` and `Keep-Alive` on every answer) instead of herd-worker.
 # HEADERS='Name: value|Name: value' adds those request headers to every request (split at `|`):
 # what a proxy in front sends, e.g. a cloud load balancer's X-Forwarded-For, X-Forwarded-Proto
-# and X-Forwarded-Port (docs/performance.md, section 32).
+# and X-Forwarded-Port (docs/performance.md, section 32). BODY=FILE makes every request a POST
+# with that file as its body (an API's JSON; section 35).
 # RATE=N offers N requests per second in all (h2load `--rps`, spread over the connections, which
 # send in step: bursts; h2load for HTTP/1.1 too) instead of as many as the targets take: every
 # target then serves the same load, below what saturates the box (docs/performance.md, section 25).
@@ -189,6 +190,13 @@ if [ -n "${HEADERS:-}" ]; then
   IFS='|' read -ra extra <<<"$HEADERS"
   for line in "${extra[@]}"; do headers+=(-H "$line"); done
 fi
+# BODY: every request a POST with that file as its body (wrk through a script, h2load -d).
+body_wrk=() body_h2load=()
+if [ -n "${BODY:-}" ]; then
+  [ -f "$BODY" ] || { echo "BODY: a file to send, not $BODY" >&2; exit 2; }
+  { echo 'wrk.method = "POST"'; printf 'wrk.body = [==[%s]==]\n' "$(cat "$BODY")"; } >"$dir/body.lua"
+  body_wrk=(-s "$dir/body.lua") body_h2load=(-d "$BODY")
+fi
 
 # "utime stime switches" summed over the processes given and their children (nginx's worker):
 # CPU in 10 ms ticks (the process's, which keeps its exited threads' too), context switches
@@ -226,7 +234,7 @@ load() {
     fi
     [ -n "$rate" ] && mode+=(--rps="$(echo "scale=3; $rate / $clients" | bc)")
     times >"$dir/times.before"
-    out=$(timeout "$bound" h2load -t2 -c"$clients" "${mode[@]}" "${headers[@]}" \
+    out=$(timeout "$bound" h2load -t2 -c"$clients" "${mode[@]}" "${headers[@]}" "${body_h2load[@]}" \
       -D"${duration%s}" -T5 --log-file "$dir/requests" "$url")
     times >"$dir/times.after"
     rps=$(awk '/^finished in/ {print $4}' <<<"$out")
@@ -236,7 +244,7 @@ load() {
     errors=$(awk '/^requests:/ && ($10 + $12 + $14) > 0 {print "failed/errored/timeout " $10 "/" $12 "/" $14}' <<<"$out")
   else
     times >"$dir/times.before"
-    out=$(timeout "$bound" wrk -t2 -c"$connections" -d"$duration" --latency "${headers[@]}" "$url")
+    out=$(timeout "$bound" wrk -t2 -c"$connections" -d"$duration" --latency "${headers[@]}" "${body_wrk[@]}" "$url")
     times >"$dir/times.after"
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")

@@ -21,6 +21,7 @@
 # requests; HEADER adds one request header on h1 (`HEADER='Connection: keep-alive'`, as browsers
 # send), HEADERS several, split at `|` (what a cloud load balancer in front adds:
 # `HEADERS='X-Forwarded-For: 203.0.113.7|X-Forwarded-Proto: https|X-Forwarded-Port: 443'`).
+# BODY=FILE makes every request a POST with that file as its body (an API's JSON), any scenario.
 # Counting starts after the warm-up
 # (`callgrind_control --zero`) and ends with a dump right after the last answer; health checks
 # are slowed to one a minute so they stay out of the count. Kernel work is not counted
@@ -51,6 +52,10 @@ case $scenario in
   tls-h2) h2load_mode=(-m 8 --npn-list=h2) ;;
   *) echo "scenario: h1, h2, session, tls or tls-h2, not $scenario" >&2; exit 2 ;;
 esac
+if [ -n "${BODY:-}" ]; then
+  [ -f "$BODY" ] || { echo "BODY: a file to send, not $BODY" >&2; exit 2; }
+  h2load_mode+=(-d "$BODY")
+fi
 scheme=http
 case $scenario in tls*) scheme=https ;; esac
 if [ "$scheme" = https ] && [ "$gateway" = nginx ]; then

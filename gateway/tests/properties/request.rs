@@ -249,10 +249,10 @@ fn read_head(
     wire: &[u8],
     keep_raw: bool,
 ) -> Option<(
-    http::Request<Option<hyper::body::Incoming>>,
+    http::Request<herd_gateway::body::ClientBody>,
     Option<herd_gateway::headers::RawRequestHead>,
 )> {
-    herd_gateway::plain_http1::read_head(&mut BytesMut::from(wire), keep_raw)
+    herd_gateway::plain_http1::read_head(&mut BytesMut::from(wire), keep_raw, 0)
 }
 
 /// The `(name, value)` lines of an encoded head, names in lower case, grouped by name (sorted:
@@ -380,5 +380,65 @@ fn lines_are_left_out_and_read_at_any_of_64_places() {
             ),
             "{hops_at} {id_at}"
         );
+    }
+}
+
+/// A `Content-Length` line as a client might send it, and the length the gateway's own HTTP/1.1
+/// server may read a body by: digits only, one line (anything else is left to hyper).
+fn content_length_line() -> impl Strategy<Value = (String, Option<u64>)> {
+    prop_oneof![
+        4 => (0u64..48).prop_map(|n| (format!("Content-Length: {n}"), Some(n))),
+        1 => (0u64..48).prop_map(|n| (format!("content-length: 00{n}"), Some(n))),
+        1 => prop::sample::select(vec![
+            "Content-Length: +5",
+            "Content-Length: -1",
+            "Content-Length: 5, 5",
+            "Content-Length: 5 5",
+            "Content-Length: 0x10",
+            "Content-Length: 99999999999999999999999",
+            "Content-Length: 3\r\nContent-Length: 3",
+            "Content-Length: 3\r\nTransfer-Encoding: chunked",
+            "Transfer-Encoding: chunked\r\nContent-Length: 3",
+        ])
+        .prop_map(|line| (line.to_owned(), None)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn a_body_is_read_whole_with_its_head_or_left_to_hyper_with_the_buffer_as_it_was(
+        (line, length) in content_length_line(),
+        body in prop::collection::vec(any::<u8>(), 48),
+        have in 0usize..64,
+        limit in 0u64..48,
+        next in prop::sample::select(vec!["", "GET /next HTTP/1.1\r\nHost: gw\r\n\r\n", "G"]),
+    ) {
+        // The bytes a read may have brought: the head, `have` bytes behind it (part of the body,
+        // or the body and the start of a next request).
+        let head = format!("POST /p HTTP/1.1\r\nHost: gw\r\n{line}\r\n\r\n");
+        let behind: Vec<u8> = body.iter().copied().chain(next.bytes()).take(have).collect();
+        let wire = [head.as_bytes(), &behind].concat();
+        let mut buffer = BytesMut::from(&wire[..]);
+        let read = herd_gateway::plain_http1::read_head(&mut buffer, true, limit);
+        match length {
+            Some(n) if n <= limit && have >= n as usize => {
+                let (request, raw) = read.expect("a body whole behind its head, within the limit");
+                prop_assert!(raw.is_none(), "a head with a body goes with its map");
+                match request.body() {
+                    herd_gateway::body::ClientBody::Read(read) => {
+                        prop_assert_eq!(&read[..], &body[..n as usize]);
+                    }
+                    other => prop_assert!(false, "{:?}", other),
+                }
+                // What follows the body stays for the next request, byte for byte.
+                prop_assert_eq!(&buffer[..], &behind[n as usize..]);
+            }
+            _ => {
+                prop_assert!(read.is_none(), "{:?} with {} bytes behind, limit {}", line, have, limit);
+                prop_assert_eq!(&buffer[..], &wire[..], "the buffer as it was, for hyper");
+            }
+        }
     }
 }
