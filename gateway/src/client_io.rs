@@ -298,7 +298,8 @@ impl<S> ClientIo<S> {
             self.behind = None;
             return;
         }
-        // `rest` starts a head (the requests read here have no body). The scan goes on where
+        // `rest` starts a head (a request read here has no body or one read whole with its
+        // head, taken with it). The scan goes on where
         // it stopped if it saw past this head, and starts over at `rest` otherwise.
         let seen = match self.behind {
             Some(seen) if seen >= taken && seen - taken <= rest.len() => seen - taken,
@@ -321,7 +322,7 @@ impl<S> ClientIo<S> {
     /// after [`ClientIo::stop_head_scan`] the scan starts over with these bytes.
     pub fn put_back(&mut self, bytes: Bytes) {
         // Read unscanned (`stop_head_scan`): the scan starts over at the head they begin with
-        // (the reader served only requests without a body, so a head begins there) and sees them.
+        // (the reader took any body whole with its head, so a head begins there) and sees them.
         let seen = if self.scanning { bytes.len() } else { 0 };
         if !self.scanning {
             self.scanning = true;
@@ -367,7 +368,7 @@ impl<S> ClientIo<S> {
     }
 
     /// Bytes read while a request is busy are the start of the next request's head (the
-    /// gateway's own HTTP/1.1 server knows: its requests have no body): once this request ends,
+    /// gateway's own HTTP/1.1 server knows: it takes a body whole with its head): once this request ends,
     /// the connection waits for the rest under `timeouts.request_head`, as when they arrive
     /// after it, not under the idle timeout. Used up when the request ends, or when that head
     /// is parsed ([`ClientIo::head_parsed`]).

@@ -310,7 +310,8 @@ pub enum LeftOut {
     /// `X-Request-Id`: the request's id when sane (the first line's), sent in the gateway's
     /// own line.
     RequestId,
-    /// `X-Forwarded-Proto` and `Forwarded`: the gateway is the edge and writes its own.
+    /// `X-Forwarded-Proto` and `Forwarded`: the gateway is the edge and writes its own; and a
+    /// body's `Content-Length`, which the gateway writes from the body it read.
     Replaced,
 }
 
@@ -325,6 +326,8 @@ pub fn left_out_of_request(name: &[u8], value: &[u8]) -> Option<LeftOut> {
             LeftOut::KeepAlive
         }
         12 if is(&REQUEST_ID) => LeftOut::RequestId,
+        // The parser reads the length (one line, digits only) before it gets here.
+        14 if is(&header::CONTENT_LENGTH) => LeftOut::Replaced,
         15 if is(&FORWARDED_FOR) => LeftOut::ForwardedFor,
         17 if is(&FORWARDED_PROTO) => LeftOut::Replaced,
         _ => return None,

@@ -50,6 +50,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt as _;
 use futures_util::task::AtomicWaker;
 use http::{HeaderValue, Method, Response, StatusCode, Uri, Version, header};
 use http_body::Body as _;
@@ -125,7 +126,10 @@ where
                             io.head_parsed(before - buffer.len(), &buffer);
                             break request;
                         }
-                        Parsed::NotPlain => {
+                        Parsed::BodyComing(whole) if body_read(&mut io, &mut buffer, whole) => {
+                            continue;
+                        }
+                        Parsed::NotPlain | Parsed::BodyComing(_) => {
                             io.put_back(buffer.freeze());
                             return Ended::ToHyper(Box::new(io));
                         }
@@ -292,7 +296,8 @@ impl ReadWatch {
         .await;
         woke.watching.store(false, Ordering::SeqCst);
         if !on {
-            // What came is the start of the next request (a plain request has no body).
+            // What came is the start of the next request (a plain request's body, if any, was
+            // read whole with its head).
             io.next_head_begun();
         }
         self.on = on;
@@ -342,6 +347,19 @@ enum Read {
 enum Told {
     Close,
     Shed,
+}
+
+/// Reads what is already there of a body behind a whole head (a read takes 8 KiB at most, and a
+/// body can be larger), without waiting: whether bytes came. A body that is still on its way is
+/// hyper's to wait for (and to time, with the 408 of `timeouts.request`), not this server's,
+/// whose waits are timed as heads. `whole`: the bytes of head and body together.
+fn body_read<S: AsyncRead + Unpin>(
+    io: &mut ClientIo<S>,
+    buffer: &mut BytesMut,
+    whole: usize,
+) -> bool {
+    buffer.reserve(whole.saturating_sub(buffer.len()));
+    matches!(io.read_buf(buffer).now_or_never(), Some(Ok(read)) if read > 0)
 }
 
 /// Reads more of the next request into `buffer`. Between two requests, the thread may tell the
@@ -396,6 +414,9 @@ enum Parsed {
     Plain(PlainRequest),
     /// Not for this server; the buffer is as it was.
     NotPlain,
+    /// A head whose body is not all here yet: this many bytes in all, head and body, would do.
+    /// The buffer is as it was.
+    BodyComing(usize),
 }
 
 /// Where a header's name and value sit in the head.
@@ -404,12 +425,13 @@ type Spans = smallvec::SmallVec<[(Range<usize>, Range<usize>); 16]>;
 /// Parses the head at the start of `buffer`, and the body behind it when it has a
 /// `Content-Length` of at most `body_limit` bytes and all of them are in `buffer` already (a
 /// small upload sent with its head, as clients send one); a body still on its way, a larger one
-/// or a chunked one is left to hyper. With `keep_raw`, a head without a body whose lines the
-/// request path neither reads nor changes (no hop-by-hop, framing or `Expect` header, exactly
-/// one `Host`, CRLF line ends), but for the lines a raw head leaves out and reads itself
-/// (`Connection: keep-alive`, the forwarding headers and the request id, in up to three runs of
-/// adjacent lines), is kept as its lines ([`RawRequestHead`]) with an empty header map: the
-/// worker gets them as the client sent them, and no map is built or encoded.
+/// or a chunked one is left to hyper. With `keep_raw`, a head whose lines the request path
+/// neither reads nor changes (no hop-by-hop, `Transfer-Encoding` or `Expect` header, exactly one
+/// `Host`, CRLF line ends), but for the lines a raw head leaves out and reads itself
+/// (`Connection: keep-alive`, the forwarding headers and the request id, a body's
+/// `Content-Length`, in up to three runs of adjacent lines), is kept as its lines
+/// ([`RawRequestHead`]) with an empty header map: the worker gets them as the client sent them
+/// (and a length the gateway writes), and no map is built or encoded.
 fn parse(buffer: &mut BytesMut, keep_raw: bool, body_limit: u64) -> Parsed {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut head = httparse::Request::new(&mut []);
@@ -452,8 +474,6 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool, body_limit: u64) -> Parsed {
                 (None, Some(length)) if length <= body_limit => content_length = Some(length),
                 _ => return Parsed::NotPlain,
             }
-            // A body goes with the map: the worker gets a length the gateway writes.
-            raw = false;
         }
         if name.eq_ignore_ascii_case(b"connection") && has_token(header.value, b"close") {
             close = true;
@@ -481,9 +501,11 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool, body_limit: u64) -> Parsed {
         return Parsed::NotPlain;
     };
     // The body, if any, must be here whole: waiting for the rest would time it as a head.
-    let body_length = content_length.map_or(0, |length| length as usize);
-    if buffer.len() - length < body_length {
+    let Ok(body_length) = usize::try_from(content_length.unwrap_or(0)) else {
         return Parsed::NotPlain;
+    };
+    if buffer.len() - length < body_length {
+        return Parsed::BodyComing(length + body_length);
     }
     let base = buffer.as_ptr() as usize;
     let span = |bytes: &[u8]| {
@@ -544,7 +566,7 @@ pub fn read_head(
 ) -> Option<(http::Request<ClientBody>, Option<RawRequestHead>)> {
     match parse(buffer, keep_raw, body_limit) {
         Parsed::Plain(plain) => Some((plain.request, plain.raw)),
-        Parsed::Partial | Parsed::NotPlain => None,
+        Parsed::Partial | Parsed::NotPlain | Parsed::BodyComing(_) => None,
     }
 }
 

@@ -293,9 +293,11 @@ impl Proxy {
                     "an HTTP/1.1 request needs exactly one Host header",
                 ));
             }
-            let content_length = match request_headers.get(header::CONTENT_LENGTH) {
-                None => None,
-                Some(value) => Some(
+            let content_length = match (&body, request_headers.get(header::CONTENT_LENGTH)) {
+                // Read with its head, by its one `Content-Length` line (left out of a raw head).
+                (ClientBody::Read(data), _) => Some(data.len() as u64),
+                (_, None) => None,
+                (_, Some(value)) => Some(
                     value
                         .to_str()
                         .ok()

@@ -428,25 +428,48 @@ async fn a_small_body_sent_with_its_head_is_read_by_the_gateways_own_server() {
     }
     assert!(own_server_serves(&mut stream, &mut buffer).await);
 
-    // What the worker gets: the client's lines, and a length the gateway writes once.
-    let post = "POST /head-of-post HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+    // A body larger than one read (8 KiB), in one write: what is there is read without waiting.
+    let big = "b".repeat(20_000);
+    let post =
+        format!("POST /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 20000\r\n\r\n{big}");
     stream.write_all(post.as_bytes()).await.unwrap();
-    let head = String::from_utf8(read_answer(&mut stream, &mut buffer, false).await.body).unwrap();
-    assert!(
-        head.starts_with("POST /head-of-post HTTP/1.1\r\n"),
-        "{head:?}"
-    );
-    assert!(
-        head.contains("\r\ncontent-type: application/json\r\n"),
-        "{head:?}"
-    );
-    assert_eq!(
-        head.to_ascii_lowercase()
-            .matches("content-length: 2")
-            .count(),
-        1,
-        "{head:?}"
-    );
+    let echoed = read_answer(&mut stream, &mut buffer, false).await;
+    assert_eq!(echoed.body, big.as_bytes());
+    assert!(own_server_serves(&mut stream, &mut buffer).await);
+
+    // What the worker gets: the client's lines as sent but its length, then the gateway's own
+    // lines and one length, the gateway's; through the map (a line to strip), the same headers.
+    for (extra, raw) in [
+        ("", true),
+        ("X-Secret: s\r\nConnection: X-Secret\r\n", false),
+    ] {
+        let post = format!(
+            "POST /head-of-post HTTP/1.1\r\nHost: gw\r\n{extra}Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        );
+        stream.write_all(post.as_bytes()).await.unwrap();
+        let head =
+            String::from_utf8(read_answer(&mut stream, &mut buffer, false).await.body).unwrap();
+        if raw {
+            assert!(
+                head.starts_with(
+                    "POST /head-of-post HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nx-request-id: "
+                ),
+                "{head:?}"
+            );
+        } else {
+            assert!(
+                head.contains("\r\ncontent-type: application/json\r\n"),
+                "{head:?}"
+            );
+            assert!(!head.to_ascii_lowercase().contains("secret"), "{head:?}");
+        }
+        assert_eq!(
+            head.to_ascii_lowercase().matches("content-length:").count(),
+            1,
+            "{head:?}"
+        );
+        assert!(head.ends_with("\r\ncontent-length: 2"), "{head:?}");
+    }
     assert!(own_server_serves(&mut stream, &mut buffer).await);
     gw.shutdown().await;
 }
