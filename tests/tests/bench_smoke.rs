@@ -273,6 +273,52 @@ fn bench_proxy_measures_every_target_without_errors() {
     assert_no_process_left(&tmp);
 }
 
+/// The `api` scenario: every request a `POST` with a JSON body, through all three proxies; each
+/// answers every one (no error, no non-2xx), and the table says what was loaded.
+#[test]
+fn bench_proxy_api_posts_a_body_through_every_proxy() {
+    let dir = temp_dir();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let json = dir.path().join("api.json");
+    let output = herd(
+        &[
+            "bench",
+            "proxy",
+            "--duration",
+            "1s",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "8",
+            "--scenarios",
+            "api",
+            "--targets",
+            "herd,haproxy,nginx",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &tmp,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        table.contains("`POST /` with a 95-byte JSON body"),
+        "{table}"
+    );
+    let raw: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = raw["results"]["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 3, "{raw}");
+    for run in runs {
+        assert_eq!(run["scenario"], "api", "{run}");
+        assert!(run["requests"].as_u64().unwrap() > 0, "{run}");
+        assert_eq!(run["non_2xx"], 0, "{run}");
+        assert_eq!(run["socket_errors"], 0, "{run}");
+    }
+    assert_temp_dirs_removed(&tmp);
+    assert_no_process_left(&tmp);
+}
+
 /// The TLS scenarios: all three proxies terminate HTTPS with one certificate the bench makes,
 /// over HTTP/1.1 (wrk) and over HTTP/2 negotiated with ALPN (h2load, h2 only: a proxy that
 /// answered over HTTP/1.1 would fail the run), without errors.

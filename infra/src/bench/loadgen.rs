@@ -44,6 +44,8 @@ pub struct Load {
     pub headers: Vec<String>,
     /// HTTP/2 streams per connection (h2load only).
     pub h2_streams: u32,
+    /// A JSON body: every request a `POST` with it (`GET` without).
+    pub body: Option<&'static str>,
 }
 
 /// What a load generator reported for one run.
@@ -122,6 +124,11 @@ impl Tools {
                 for header in &load.headers {
                     spec = spec.arg("-H").arg(header.clone());
                 }
+                if let Some(body) = load.body {
+                    let script = dir.join(format!("{name}.lua"));
+                    super::write_file(&script, &wrk_post_script(body))?;
+                    spec = spec.arg("-s").arg(script.display().to_string());
+                }
                 let spec = spec.arg(&load.url);
                 let output = run_bounded(&spec, load.duration + OVERRUN, stop)?;
                 parse_wrk(&output).ok_or_else(|| BenchError::Output {
@@ -160,6 +167,15 @@ impl Tools {
                 for header in &load.headers {
                     spec = spec.arg("-H").arg(header.clone());
                 }
+                if let Some(body) = load.body {
+                    let file = dir.join(format!("{name}.body"));
+                    super::write_file(&file, body)?;
+                    spec = spec
+                        .arg("-d")
+                        .arg(file.display().to_string())
+                        .arg("-H")
+                        .arg("Content-Type: application/json");
+                }
                 let spec = spec.arg(&load.url);
                 let output = run_bounded(&spec, load.duration + OVERRUN, stop)?;
                 let mut result = parse_h2load(&output).ok_or_else(|| BenchError::Output {
@@ -182,6 +198,15 @@ impl Tools {
             }
         }
     }
+}
+
+/// A wrk script that makes every request a `POST` of `body` as JSON (wrk sends head and body
+/// in one write, as clients send a small body).
+pub fn wrk_post_script(body: &str) -> String {
+    // A Lua long string: taken as it is, quotes and backslashes included.
+    format!(
+        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = [==[{body}]==]\n"
+    )
 }
 
 /// Runs `spec` to completion within `bound` (its process group is killed otherwise, or when
@@ -431,6 +456,18 @@ time for request:       43us      2.74ms       134us        50us    84.37%
 time for connect:       88us       125us       106us        26us   100.00%
 time to 1st byte:      667us       681us       674us         9us   100.00%
 req/s           :    7220.11     7235.83     7227.97       11.12   100.00%"#;
+
+    #[test]
+    fn the_post_script_sends_the_body_as_it_is() {
+        let body = crate::bench::proxy::API_BODY;
+        let script = wrk_post_script(body);
+        assert!(script.starts_with("wrk.method = \"POST\"\n"), "{script}");
+        assert!(script.contains("wrk.headers[\"Content-Type\"] = \"application/json\"\n"));
+        // The JSON between the long brackets, unescaped, as wrk will send it.
+        let (_, rest) = script.split_once("wrk.body = [==[").unwrap();
+        assert_eq!(rest.strip_suffix("]==]\n"), Some(body));
+        assert_eq!(body.len(), 95, "the scenario's description names its size");
+    }
 
     #[test]
     fn parses_wrk() {

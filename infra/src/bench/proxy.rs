@@ -24,6 +24,9 @@ use super::{BenchError, Stop, sample};
 /// Upstream workers behind every proxy.
 pub const UPSTREAMS: usize = 2;
 
+/// The body of the `api` scenario's requests: an order, as a shop's API takes one.
+pub const API_BODY: &str = r#"{"user":"ann","items":[{"sku":"A-1","qty":2},{"sku":"B-7","qty":1}],"note":"leave at the door"}"#;
+
 /// What a scenario loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -32,6 +35,9 @@ pub enum Scenario {
     Hello,
     /// HTTP/1.1 `GET /me` of the demo app with a session cookie (a Redis read per request).
     Session,
+    /// HTTP/1.1 `POST /` of the hello app with a small JSON body ([`API_BODY`]), as an API's
+    /// requests come (wrk, through a script).
+    Api,
     /// HTTP/2 cleartext (prior knowledge) `GET /` of the hello app, with h2load.
     H2,
     /// HTTPS keep-alive `GET /` of the hello app, ECDSA P-256 certificate (wrk).
@@ -53,6 +59,7 @@ impl Scenario {
         match self {
             Scenario::Hello => "hello",
             Scenario::Session => "session",
+            Scenario::Api => "api",
             Scenario::H2 => "h2",
             Scenario::TlsEcdsa => "tls-ecdsa",
             Scenario::TlsRsa => "tls-rsa",
@@ -65,7 +72,7 @@ impl Scenario {
     /// The certificate key of a TLS scenario, and whether each request makes a new connection.
     pub fn tls(self) -> Option<(KeyKind, bool)> {
         match self {
-            Scenario::Hello | Scenario::Session | Scenario::H2 => None,
+            Scenario::Hello | Scenario::Session | Scenario::Api | Scenario::H2 => None,
             Scenario::TlsEcdsa | Scenario::TlsH2 => Some((KeyKind::EcdsaP256, false)),
             Scenario::TlsRsa => Some((KeyKind::Rsa2048, false)),
             Scenario::TlsEcdsaHandshake => Some((KeyKind::EcdsaP256, true)),
@@ -80,6 +87,7 @@ impl Scenario {
             Scenario::Session => {
                 "HTTP/1.1 `GET /me` with a session cookie → demo app, session read from Redis (wrk)"
             }
+            Scenario::Api => "HTTP/1.1 `POST /` with a 95-byte JSON body → hello app (wrk)",
             Scenario::H2 => "HTTP/2 cleartext, prior knowledge, `GET /` → hello app (h2load)",
             Scenario::TlsEcdsa => "HTTPS keep-alive `GET /` → hello app, ECDSA P-256 (wrk)",
             Scenario::TlsRsa => "HTTPS keep-alive `GET /` → hello app, RSA 2048 (wrk)",
@@ -367,6 +375,7 @@ fn run_scenario(
             threads: options.threads,
             headers: headers.clone(),
             h2_streams: options.h2_streams,
+            body: (scenario == Scenario::Api).then_some(API_BODY),
         }
     };
     if !options.warmup.is_zero() {
