@@ -187,9 +187,10 @@ const REQUEST_RUNS_LEFT_OUT: usize = 3;
 /// A plain request's header lines as the client sent them, written to the worker as they are
 /// instead of through a `HeaderMap` (`crate::plain_http1` keeps them so only when nothing in them
 /// must change or be read, see `is_read_or_replaced_in_requests_raw`, but the lines a raw head
-/// leaves out, [`LeftOut`]): a browser's `Connection: keep-alive`, and the forwarding headers
+/// leaves out, [`LeftOut`]): a browser's `Connection: keep-alive`, the forwarding headers
 /// and request id that a proxy in front (a CDN, a cloud load balancer) puts on every request,
-/// which the gateway writes its own of. Those lines are left out where they are, in up to three
+/// which the gateway writes its own of, and a small body's `Content-Length`, which the gateway
+/// writes from the body it read. Those lines are left out where they are, in up to three
 /// runs of adjacent lines; the hops of the one `X-Forwarded-For` line are kept for the
 /// gateway's own ([`RawRequestHead::earlier_hops`]), and the first `X-Request-Id`'s value as
 /// the request's id ([`RawRequestHead::request_id`]).

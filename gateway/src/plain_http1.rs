@@ -21,7 +21,8 @@
 //! encoder that handles what a plain request never has. Here a head is parsed once: its header
 //! lines are kept as they came when the request path neither reads nor changes any of them but
 //! those a raw head leaves out and reads itself (a browser's `Connection: keep-alive`, a proxy's
-//! forwarding lines and request id: `headers::RawRequestHead`), and put in a header map
+//! forwarding lines and request id, a body's `Content-Length`: `headers::RawRequestHead`), and
+//! put in a header map
 //! otherwise, names from the per-thread cache of the worker client. A response whose head came
 //! raw from the worker (see `upstream::codec::RawHead`) is written as those lines plus the
 //! gateway's own, with its small body, in one `write`.
@@ -71,6 +72,8 @@ const MAX_HEADERS: usize = 64;
 const _: () = assert!(MAX_HEADERS <= 64);
 /// Room for one read.
 const READ_SIZE: usize = 8 * 1024;
+/// Room made for one read of a body behind its head ([`body_read`]).
+const BODY_READ: usize = 64 * 1024;
 /// Body bytes gathered behind the head before a write; a larger frame is written on its own.
 const GATHER: usize = 16 * 1024;
 
@@ -358,7 +361,10 @@ fn body_read<S: AsyncRead + Unpin>(
     buffer: &mut BytesMut,
     whole: usize,
 ) -> bool {
-    buffer.reserve(whole.saturating_sub(buffer.len()));
+    // Room for what the next read may bring, not for the whole declared length at once: a head
+    // that declares a large body (up to `retry.buffer_body_bytes`) and sends nothing behind it
+    // costs a read's room, as on hyper's way.
+    buffer.reserve(whole.saturating_sub(buffer.len()).min(BODY_READ));
     matches!(io.read_buf(buffer).now_or_never(), Some(Ok(read)) if read > 0)
 }
 
@@ -505,7 +511,10 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool, body_limit: u64) -> Parsed {
         return Parsed::NotPlain;
     };
     if buffer.len() - length < body_length {
-        return Parsed::BodyComing(length + body_length);
+        return match length.checked_add(body_length) {
+            Some(whole) => Parsed::BodyComing(whole),
+            None => Parsed::NotPlain,
+        };
     }
     let base = buffer.as_ptr() as usize;
     let span = |bytes: &[u8]| {

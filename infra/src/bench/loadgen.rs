@@ -203,10 +203,27 @@ impl Tools {
 /// A wrk script that makes every request a `POST` of `body` as JSON (wrk sends head and body
 /// in one write, as clients send a small body).
 pub fn wrk_post_script(body: &str) -> String {
-    // A Lua long string: taken as it is, quotes and backslashes included.
     format!(
-        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = [==[{body}]==]\n"
+        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = {}\n",
+        lua_string(body)
     )
+}
+
+/// `text` as a quoted Lua string: every byte but printable ASCII, `"` and `\\` as a decimal
+/// escape, so the string is exactly `text` (a long bracket would end at a `]]` in it and drop a
+/// first newline).
+fn lua_string(text: &str) -> String {
+    let mut quoted = String::with_capacity(text.len() + 2);
+    quoted.push('"');
+    for byte in text.bytes() {
+        if (b' '..=b'~').contains(&byte) && byte != b'"' && byte != b'\\' {
+            quoted.push(char::from(byte));
+        } else {
+            quoted.push_str(&format!("\\{byte:03}"));
+        }
+    }
+    quoted.push('"');
+    quoted
 }
 
 /// Runs `spec` to completion within `bound` (its process group is killed otherwise, or when
@@ -463,10 +480,12 @@ req/s           :    7220.11     7235.83     7227.97       11.12   100.00%"#;
         let script = wrk_post_script(body);
         assert!(script.starts_with("wrk.method = \"POST\"\n"), "{script}");
         assert!(script.contains("wrk.headers[\"Content-Type\"] = \"application/json\"\n"));
-        // The JSON between the long brackets, unescaped, as wrk will send it.
-        let (_, rest) = script.split_once("wrk.body = [==[").unwrap();
-        assert_eq!(rest.strip_suffix("]==]\n"), Some(body));
+        // The JSON as a quoted string, its quotes escaped.
+        let (_, rest) = script.split_once("wrk.body = ").unwrap();
+        let expected = format!("\"{}\"\n", body.replace('"', "\\034"));
+        assert_eq!(rest, expected);
         assert_eq!(body.len(), 95, "the scenario's description names its size");
+        assert_eq!(lua_string("a]]b\n\\\u{e9}"), "\"a]]b\\010\\092\\195\\169\"");
     }
 
     #[test]
