@@ -74,7 +74,8 @@ const _: () = assert!(MAX_HEADERS <= 64);
 const READ_SIZE: usize = 8 * 1024;
 /// Room made for one read of a body behind its head ([`body_read`]).
 const BODY_READ: usize = 64 * 1024;
-/// Body bytes gathered behind the head before a write; a larger frame is written on its own.
+/// Body bytes copied behind the head before a write; a larger frame goes out beside what is
+/// gathered, in the same `writev`, uncopied.
 const GATHER: usize = 16 * 1024;
 
 /// How serving a connection here ended.
@@ -738,9 +739,9 @@ async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
             if out.len() + data.len() <= GATHER {
                 out.extend_from_slice(&data);
             } else {
-                io.write_all(out).await?;
+                io.write_all_buf(&mut bytes::Buf::chain(&out[..], &data[..]))
+                    .await?;
                 out.clear();
-                io.write_all(&data).await?;
             }
             if framing == Framing::Chunked {
                 out.extend_from_slice(b"\r\n");

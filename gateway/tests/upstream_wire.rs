@@ -3,8 +3,8 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,6 +26,9 @@ enum Script {
     /// Writes these bytes over and over, 64 KiB at a time, for up to 10 s or until the
     /// connection breaks.
     Flood(&'static [u8]),
+    /// Writes these pieces (made at run time: long answers), with a pause between them, then
+    /// closes the connection when the flag says so.
+    Made(&'static LazyLock<Vec<Vec<u8>>>, bool),
 }
 
 /// A worker speaking raw HTTP/1.1: `answer(path) -> Script`.
@@ -111,6 +114,17 @@ async fn serve(
             Script::ThenClose(bytes) => {
                 let _ = stream.write_all(bytes).await;
                 return;
+            }
+            Script::Made(pieces, close) => {
+                for piece in pieces.iter() {
+                    if stream.write_all(piece).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                if close {
+                    return;
+                }
             }
             Script::Flood(bytes) => {
                 let batch = bytes.repeat(64 * 1024 / bytes.len());
@@ -215,6 +229,135 @@ async fn every_response_framing_reaches_the_client_whole() {
     assert!(answer.body.is_empty());
     let answer = send(&c, "GET", &gw.url("/after-head"), &[], "").await;
     assert_eq!(answer.body.as_ref(), b"hello");
+    gw.shutdown().await;
+}
+
+/// 200 000 body bytes in a pattern that repeats every 251: a piece lost, doubled or out of
+/// order shows.
+static LONG: LazyLock<Vec<u8>> = LazyLock::new(|| (0..200_000).map(|i| (i % 251) as u8).collect());
+
+fn long_head(framing: &str) -> Vec<u8> {
+    format!("HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n{framing}\r\n")
+        .into_bytes()
+}
+
+/// `bytes` cut at `cuts` (offsets into it, ascending).
+fn cut(bytes: Vec<u8>, cuts: &[usize]) -> Vec<Vec<u8>> {
+    let mut pieces = Vec::new();
+    let mut from = 0;
+    for &at in cuts.iter().chain([bytes.len()].iter()) {
+        pieces.push(bytes[from..at].to_vec());
+        from = at;
+    }
+    pieces
+}
+
+/// The long body with a length, in three writes: the head with the body's start, then the rest
+/// in two.
+static LENGTH_IN_PIECES: LazyLock<Vec<Vec<u8>>> = LazyLock::new(|| {
+    let head = long_head("content-length: 200000\r\n");
+    let cuts = [head.len() + 3_000, head.len() + 100_000];
+    cut([head, LONG.clone()].concat(), &cuts)
+});
+/// The long body with a length, in one write.
+static LENGTH_IN_ONE: LazyLock<Vec<Vec<u8>>> =
+    LazyLock::new(|| vec![[long_head("content-length: 200000\r\n"), LONG.clone()].concat()]);
+/// The long body in chunks of 70 000, 1 and 129 999 bytes (hex 11170, 1, 1fbcf), cut inside a
+/// size line, inside a chunk, between a chunk and its CRLF and inside that CRLF.
+static CHUNKED: LazyLock<Vec<Vec<u8>>> = LazyLock::new(|| {
+    let head = long_head("transfer-encoding: chunked\r\n");
+    let first = head.len() + "11170\r\n".len();
+    let wire = [
+        head.clone(),
+        b"11170\r\n".to_vec(),
+        LONG[..70_000].to_vec(),
+        b"\r\n1\r\n".to_vec(),
+        LONG[70_000..70_001].to_vec(),
+        b"\r\n1fbcf\r\n".to_vec(),
+        LONG[70_001..].to_vec(),
+        b"\r\n0\r\n\r\n".to_vec(),
+    ]
+    .concat();
+    let cuts = [
+        head.len() + 3,
+        first + 20_000,
+        first + 70_000,
+        first + 70_001,
+        wire.len() - 129_999 - 7,
+        wire.len() - 60_000,
+    ];
+    cut(wire, &cuts)
+});
+/// The long body until the worker closes, in two writes.
+static UNTIL_CLOSE: LazyLock<Vec<Vec<u8>>> = LazyLock::new(|| {
+    let head = long_head("");
+    let cuts = [head.len() + 10_000];
+    cut([head, LONG.clone()].concat(), &cuts)
+});
+/// 20 000 bytes with a length, and a whole answer behind them that nobody asked for.
+static LENGTH_THEN_UNASKED: LazyLock<Vec<Vec<u8>>> = LazyLock::new(|| {
+    vec![
+        [
+            long_head("content-length: 20000\r\n"),
+            LONG[..20_000].to_vec(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nWRONG".to_vec(),
+        ]
+        .concat(),
+    ]
+});
+
+#[tokio::test]
+async fn long_answers_in_every_framing_arrive_whole_and_their_connection_serves_on() {
+    let worker = RawWorker::start(|path| match path {
+        "/length-in-pieces" => Script::Made(&LENGTH_IN_PIECES, false),
+        "/length-in-one" => Script::Made(&LENGTH_IN_ONE, false),
+        "/chunked" => Script::Made(&CHUNKED, false),
+        "/until-close" => Script::Made(&UNTIL_CLOSE, true),
+        "/length-then-unasked" => Script::Made(&LENGTH_THEN_UNASKED, false),
+        _ => Script::Pieces(&[b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"]),
+    })
+    .await;
+    let gw = gateway_over(&worker).await;
+    let c = client();
+    // One after the other: each answer read in pieces larger than a head's read (up to 64 KiB),
+    // and the worker connection back in the pool after each, carrying the next.
+    for path in ["/length-in-pieces", "/length-in-one", "/chunked"].repeat(2) {
+        let answer = send(&c, "GET", &gw.url(path), &[], "").await;
+        assert_eq!(answer.status, 200, "{path}");
+        assert!(
+            answer.body == LONG[..],
+            "{path}: {} bytes",
+            answer.body.len()
+        );
+    }
+    assert_eq!(worker.request_connections.load(Ordering::SeqCst), 1);
+    // Over HTTP/2 the same pieces become DATA frames.
+    let (mut sender, _connection) = support::http2_connect(gw.public).await;
+    for path in ["/length-in-pieces", "/chunked"] {
+        let request = http::Request::get(gw.url(path))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200, "h2 {path}");
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+        assert!(body.to_bytes() == LONG[..], "h2 {path}");
+    }
+    let answer = send(&c, "GET", &gw.url("/until-close"), &[], "").await;
+    assert!(
+        answer.body == LONG[..],
+        "until close: {} bytes",
+        answer.body.len()
+    );
+    // Bytes behind a body's end stay in the socket, where the pool finds them: the connection
+    // never carries another request, and no client gets the unasked answer.
+    let answer = send(&c, "GET", &gw.url("/length-then-unasked"), &[], "").await;
+    assert!(answer.body == LONG[..20_000]);
+    for _ in 0..5 {
+        let answer = send(&c, "GET", &gw.url("/"), &[], "").await;
+        assert_eq!(answer.body.as_ref(), b"hello");
+    }
     gw.shutdown().await;
 }
 

@@ -5,7 +5,10 @@
 // way herd's processes do.
 "use strict";
 const http = require("http");
-const body = "hello from node\n";
+// RESPONSE_BYTES=N: a body of N bytes instead (a page, an API's list, an image), to see what a
+// proxy spends moving an answer's body rather than its head.
+const size = Number(process.env.RESPONSE_BYTES || 0);
+const body = size > 0 ? "x".repeat(size - 1) + "\n" : "hello from node\n";
 // CHUNKED=1: the answer in two writes without a length, which Node sends chunked
 // (`Transfer-Encoding: chunked` after its `Keep-Alive` line), as a streamed page goes.
 const chunked = process.env.CHUNKED === "1";

@@ -10,12 +10,23 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 
 use super::codec::{Chunk, ChunkedDecoder, ProtocolError, ResponseFraming};
-use super::connection::Connection;
+use super::connection::{Connection, READ_CHUNK};
 use super::pool::PoolLimits;
+
+/// The most of a long body read at once (a 64 KiB answer in two reads and two writes to the
+/// client rather than eight each; docs/performance.md, section 36).
+const LONG_READ: usize = 64 * 1024;
+const LONG_READ_U64: u64 = LONG_READ as u64;
+const READ_CHUNK_U64: u64 = READ_CHUNK as u64;
+
+/// Room for what follows the known part of a body, taken in the read that ends it (see
+/// [`super::connection::Socket::poll_read_long`]): a chunk's CRLF and the next size line or the
+/// last chunk, or the first unasked bytes behind a body.
+const FRAMING_SLACK: usize = 64;
 
 /// Reading a worker's response body failed.
 #[derive(Debug, thiserror::Error)]
@@ -140,19 +151,48 @@ impl WorkerBody {
         }
         let connection = self.connection.take();
         let home = self.home.take();
-        if let (Some(connection), Some(home)) = (connection, home)
+        if let (Some(mut connection), Some(home)) = (connection, home)
             && self.keep_alive
             && connection.read.is_empty()
         {
             // Idle from now: a body that came with its head (nearly all) ends as it arrived,
             // and needs no clock read; a streamed one may have taken minutes.
             let back = if streamed {
+                connection.let_go_of_long_buffer();
                 tokio::time::Instant::now()
             } else {
                 home.answered
             };
             home.pool.put(connection, &home.limits, back);
         }
+    }
+
+    /// Hands on a piece of the body read as [`State::long_read`] says.
+    fn long_read_done(
+        &mut self,
+        piece: std::io::Result<Bytes>,
+    ) -> Poll<Option<Result<Frame<Bytes>, WorkerBodyError>>> {
+        let piece = match piece {
+            Ok(piece) if piece.is_empty() && matches!(self.state, State::UntilClose) => {
+                self.state = State::Done;
+                self.connection = None;
+                return Poll::Ready(None);
+            }
+            Ok(piece) if piece.is_empty() => return self.fail(WorkerBodyError::Truncated),
+            Ok(piece) => piece,
+            Err(error) => return self.fail(error.into()),
+        };
+        match &mut self.state {
+            State::Length(left) => {
+                *left -= piece.len() as u64;
+                if *left == 0 {
+                    self.release();
+                }
+            }
+            State::Chunked(decoder) => decoder.took(piece.len() as u64),
+            _ => {}
+        }
+        Poll::Ready(Some(Ok(Frame::data(piece))))
     }
 
     fn fail(
@@ -162,6 +202,28 @@ impl WorkerBody {
         self.state = State::Done;
         self.connection = None;
         Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl State {
+    /// How much to read past the connection's buffer ([`super::connection::Socket::poll_read_long`]), when
+    /// `buffered` (that buffer) is empty, and how many bytes more the read may take: the body
+    /// bytes known to come next before any framing, when more than one ordinary read (at most
+    /// [`LONG_READ`]), with [`FRAMING_SLACK`] when that is all of them; until the worker
+    /// closes, all of it is body.
+    fn long_read(&self, buffered: &BytesMut) -> Option<(usize, usize)> {
+        let coming = match self {
+            _ if !buffered.is_empty() => return None,
+            State::Length(left) => *left,
+            State::Chunked(decoder) => decoder.data_left(),
+            State::UntilClose => return Some((LONG_READ, 0)),
+            State::Buffered(_) | State::Done => return None,
+        };
+        match coming {
+            0..=READ_CHUNK_U64 => None,
+            ..=LONG_READ_U64 => Some((coming as usize, FRAMING_SLACK)),
+            _ => Some((LONG_READ, 0)),
+        }
     }
 }
 
@@ -191,6 +253,7 @@ impl Body for WorkerBody {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
+
                 State::Chunked(decoder) => match decoder.next(&mut connection.read) {
                     Ok(Chunk::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Ok(Chunk::End) => {
@@ -205,6 +268,10 @@ impl Body for WorkerBody {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 _ => {}
+            }
+            if let Some((most, slack)) = this.state.long_read(&connection.read) {
+                let piece = ready!(connection.poll_read_long(cx, most, slack));
+                return this.long_read_done(piece);
             }
             match ready!(connection.poll_read_more(cx)) {
                 Ok(0) if matches!(this.state, State::UntilClose) => {

@@ -619,6 +619,27 @@ impl ChunkedDecoder {
         self.state == ChunkState::Done
     }
 
+    /// Body bytes of the current chunk not yet taken: what comes next on the wire before any
+    /// framing (0 between chunks).
+    pub fn data_left(&self) -> u64 {
+        match self.state {
+            ChunkState::Data(left) => left,
+            _ => 0,
+        }
+    }
+
+    /// `n` bytes of the current chunk were read past the decoder (at most [`Self::data_left`]).
+    pub fn took(&mut self, n: u64) {
+        if let ChunkState::Data(left) = self.state {
+            let left = left.saturating_sub(n);
+            self.state = if left == 0 {
+                ChunkState::DataEnd
+            } else {
+                ChunkState::Data(left)
+            };
+        }
+    }
+
     /// Takes the next piece of body off `buffer`. Trailers are read and dropped.
     pub fn next(&mut self, buffer: &mut BytesMut) -> Result<Chunk, ProtocolError> {
         loop {
@@ -1266,6 +1287,32 @@ mod tests {
         }
         assert!(decoder.is_done());
         assert_eq!(body, b"abc0123456789abcdef");
+    }
+
+    /// A long chunk's rest is read past the decoder (upstream::body, into a buffer of its own):
+    /// the decoder says how much of the chunk is left, is told what was read, and goes on at
+    /// the chunk's CRLF.
+    #[test]
+    fn a_chunk_read_past_the_decoder_is_accounted_for() {
+        let mut decoder = ChunkedDecoder::new();
+        assert_eq!(decoder.data_left(), 0);
+        let mut buffer = BytesMut::from(&b"a\r\n01"[..]);
+        assert_eq!(
+            decoder.next(&mut buffer),
+            Ok(Chunk::Data(Bytes::from_static(b"01")))
+        );
+        assert_eq!(decoder.data_left(), 8);
+        decoder.took(5);
+        assert_eq!(decoder.data_left(), 3);
+        decoder.took(3);
+        assert_eq!(decoder.data_left(), 0);
+        let mut buffer = BytesMut::from(&b"\r\n2\r\nxy\r\n0\r\n\r\n"[..]);
+        assert_eq!(
+            decoder.next(&mut buffer),
+            Ok(Chunk::Data(Bytes::from_static(b"xy")))
+        );
+        assert_eq!(decoder.next(&mut buffer), Ok(Chunk::End));
+        assert!(decoder.is_done() && buffer.is_empty());
     }
 
     #[test]

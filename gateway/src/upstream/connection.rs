@@ -35,8 +35,9 @@ use crate::headers::{Forwarding, RawRequestHead};
 /// counts as an attempt and against the worker.
 const STALE_WINDOW: Duration = Duration::from_millis(100);
 
-/// Bytes asked of the kernel per read.
-const READ_CHUNK: usize = 8 * 1024;
+/// Bytes asked of the kernel per read of a response head (and of a body whose length is not
+/// known ahead).
+pub(super) const READ_CHUNK: usize = 8 * 1024;
 /// Bodies up to this size are copied behind the head and go out in one write.
 const COALESCE_BODY: usize = 16 * 1024;
 
@@ -68,6 +69,9 @@ pub struct Socket {
     /// Bytes read from the worker and not consumed yet.
     pub(super) read: BytesMut,
     write: BytesMut,
+    /// Where the rest of a long body is read, a piece at a time, each piece handed on as it is
+    /// ([`Socket::poll_read_long`]; no allocation until a body needs it).
+    long: BytesMut,
     /// Whether it carried a request before (a failure on it may be the worker's idle close).
     reused: bool,
     /// The response-head timeout, kept from request to request and moved on for each: a
@@ -130,6 +134,7 @@ impl Connection {
             stream,
             read: BytesMut::with_capacity(READ_CHUNK),
             write: BytesMut::with_capacity(1024),
+            long: BytesMut::new(),
             reused: false,
             head_timer: None,
         })))
@@ -370,6 +375,43 @@ impl Socket {
     ) -> std::task::Poll<std::io::Result<usize>> {
         self.read.reserve(READ_CHUNK);
         tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut self.stream), cx, &mut self.read)
+    }
+
+    /// Reads up to `most` bytes of the response body past the connection's buffer (empty by
+    /// then) and hands them over as they are (empty at the end of the stream): the rest of a
+    /// long body, read in pieces as large as it is (up to a limit) while the buffer the
+    /// connection keeps stays one head's size. The read may take `slack` bytes more, what
+    /// follows the body's known part: they go to the connection's buffer, where the body's
+    /// framing reads them (a chunk's CRLF and the next size line) or, behind a body's declared
+    /// end, keep the connection out of the pool. A read that ends the known part without
+    /// filling its room also tells tokio the socket is drained, so the pool's check of the
+    /// connection before its next request costs no system call (a read of exactly the body's
+    /// rest left the socket marked readable: one `recvfrom` more per request).
+    pub(super) fn poll_read_long(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        most: usize,
+        slack: usize,
+    ) -> std::task::Poll<std::io::Result<Bytes>> {
+        debug_assert!(self.read.is_empty());
+        self.long.reserve(most + slack);
+        let mut limited = bytes::BufMut::limit(&mut self.long, most + slack);
+        std::task::ready!(tokio_util::io::poll_read_buf(
+            std::pin::Pin::new(&mut self.stream),
+            cx,
+            &mut limited
+        ))?;
+        if self.long.len() > most {
+            self.read.extend_from_slice(&self.long[most..]);
+            self.long.truncate(most);
+        }
+        std::task::Poll::Ready(Ok(self.long.split().freeze()))
+    }
+
+    /// Lets go of the long-body buffer's allocation (what a piece handed on left of it): a
+    /// connection waiting in the pool keeps no more than one head's buffer.
+    pub(super) fn let_go_of_long_buffer(&mut self) {
+        self.long = BytesMut::new();
     }
 }
 
