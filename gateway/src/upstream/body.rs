@@ -20,8 +20,6 @@ use super::pool::PoolLimits;
 /// The most of a long body read at once (a 64 KiB answer in two reads and two writes to the
 /// client rather than eight each; docs/performance.md, section 36).
 const LONG_READ: usize = 64 * 1024;
-const LONG_READ_U64: u64 = LONG_READ as u64;
-const READ_CHUNK_U64: u64 = READ_CHUNK as u64;
 
 /// Room for what follows the known part of a body, taken in the read that ends it (see
 /// [`super::connection::Socket::poll_read_long`]): a chunk's CRLF and the next size line or the
@@ -219,10 +217,12 @@ impl State {
             State::UntilClose => return Some((LONG_READ, 0)),
             State::Buffered(_) | State::Done => return None,
         };
-        match coming {
-            0..=READ_CHUNK_U64 => None,
-            ..=LONG_READ_U64 => Some((coming as usize, FRAMING_SLACK)),
-            _ => Some((LONG_READ, 0)),
+        if coming <= READ_CHUNK as u64 {
+            None
+        } else if coming <= LONG_READ as u64 {
+            Some((coming as usize, FRAMING_SLACK))
+        } else {
+            Some((LONG_READ, 0))
         }
     }
 }
