@@ -24,7 +24,9 @@
 # served by the peer and every gateway, session resumption on).
 # PEER: haproxy (default; infra/bench/haproxy.cfg.in) or nginx (infra/bench/nginx.conf.in).
 # UPSTREAM=node (hello, h2, tls): the two upstreams are infra/bench/node-hello.js (Node.js's http
-# server, `Connection: keep-alive` and `Keep-Alive` on every answer) instead of herd-worker.
+# server, `Connection: keep-alive` and `Keep-Alive` on every answer) instead of herd-worker;
+# RESPONSE_BYTES=N makes every answer N bytes long, CHUNKED=1 streams it chunked (a long body;
+# docs/performance.md, section 36).
 # HEADERS='Name: value|Name: value' adds those request headers to every request (split at `|`):
 # what a proxy in front sends, e.g. a cloud load balancer's X-Forwarded-For, X-Forwarded-Proto
 # and X-Forwarded-Port (docs/performance.md, section 32). BODY=FILE makes every request a POST

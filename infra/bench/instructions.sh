@@ -10,7 +10,8 @@
 # `GET /` through the gateway (one serving thread) to two herd-worker hello upstreams (set
 # UPSTREAM=hyper for `herd bench upstream`, a plain hyper server, or UPSTREAM=node for
 # infra/bench/node-hello.js, Node.js's http server with its `Connection: keep-alive` and
-# `Keep-Alive` on every answer; needs node); or session: HTTP/1.1
+# `Keep-Alive` on every answer, RESPONSE_BYTES=N for answers N bytes long, CHUNKED=1 for chunked
+# ones; needs node); or session: HTTP/1.1
 # `GET /me` with a logged-in session cookie to two demo-app workers, which read the session
 # from a redis-server the script starts (as `herd bench proxy`'s session scenario); tls and
 # tls-h2: `GET /` over TLS (HTTP/1.1, or HTTP/2 with 8 streams per connection; an ECDSA P-256

@@ -5,25 +5,29 @@
 // way herd's processes do.
 "use strict";
 const http = require("http");
-// RESPONSE_BYTES=N: a body of N bytes instead (a page, an API's list, an image), to see what a
-// proxy spends moving an answer's body rather than its head.
+// RESPONSE_BYTES=N: a body of N bytes on every path instead (a page, an API's list, an image),
+// to see what a proxy spends moving an answer's body rather than its head.
 const size = Number(process.env.RESPONSE_BYTES || 0);
 const body = size > 0 ? "x".repeat(size - 1) + "\n" : "hello from node\n";
+// `/page`: 64 KiB of hello lines, as herd-worker's hello app and `herd bench upstream` answer it
+// (herd_shared::page; the `page` scenario of `herd bench proxy`).
+const page = "hello\n".repeat(Math.ceil(65536 / 6)).slice(0, 65536);
 // CHUNKED=1: the answer in two writes without a length, which Node sends chunked
 // (`Transfer-Encoding: chunked` after its `Keep-Alive` line), as a streamed page goes.
 const chunked = process.env.CHUNKED === "1";
 const server = http.createServer((request, response) => {
+  const answer = request.url === "/page" ? page : body;
   if (chunked) {
     response.writeHead(200, { "Content-Type": "text/plain; charset=utf-8" });
-    response.write(body.slice(0, 6));
-    response.end(body.slice(6));
+    response.write(answer.slice(0, 6));
+    response.end(answer.slice(6));
     return;
   }
   response.writeHead(200, {
     "Content-Type": "text/plain; charset=utf-8",
-    "Content-Length": Buffer.byteLength(body),
+    "Content-Length": Buffer.byteLength(answer),
   });
-  response.end(body);
+  response.end(answer);
 });
 server.listen(Number(process.env.PORT || 0), "127.0.0.1", () => {
   const { address, port } = server.address();

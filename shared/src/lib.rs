@@ -11,11 +11,13 @@
 //! - [`telemetry`]: logging set-up (pretty on a terminal, JSON otherwise) and OTLP trace export.
 //! - [`cli`]: the command-line flags every herd binary shares.
 //! - [`net`]: listening sockets with a load-ready accept queue.
+//! - [`page`]: the long answer (`GET /page`, 64 KiB) of the benchmarks' upstreams.
 
 pub mod cli;
 pub mod config;
 pub mod keys;
 pub mod net;
+pub mod page;
 pub mod redis;
 pub mod registry;
 pub mod sentinel;

@@ -319,6 +319,57 @@ fn bench_proxy_api_posts_a_body_through_every_proxy() {
     assert_no_process_left(&tmp);
 }
 
+#[test]
+fn bench_proxy_page_carries_64_kib_answers_through_every_proxy() {
+    let dir = temp_dir();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let json = dir.path().join("page.json");
+    let output = herd(
+        &[
+            "bench",
+            "proxy",
+            "--duration",
+            "1s",
+            "--rounds",
+            "1",
+            "--concurrency",
+            "8",
+            "--scenarios",
+            "page",
+            "--targets",
+            "herd,haproxy,nginx",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &tmp,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        table.contains("`GET /page` → hello app, a 64 KiB answer"),
+        "{table}"
+    );
+    let raw: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = raw["results"]["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 3, "{raw}");
+    for run in runs {
+        assert_eq!(run["scenario"], "page", "{run}");
+        let requests = run["requests"].as_u64().unwrap();
+        assert!(requests > 0, "{run}");
+        // Every answer the page and its head, through each proxy (wrk counts to two decimals).
+        let per_answer = run["bytes_read"].as_u64().unwrap() / requests;
+        assert!(
+            (65_536..67_584).contains(&per_answer),
+            "{per_answer} bytes an answer: {run}"
+        );
+        assert_eq!(run["non_2xx"], 0, "{run}");
+        assert_eq!(run["socket_errors"], 0, "{run}");
+    }
+    assert_temp_dirs_removed(&tmp);
+    assert_no_process_left(&tmp);
+}
+
 /// The TLS scenarios: all three proxies terminate HTTPS with one certificate the bench makes,
 /// over HTTP/1.1 (wrk) and over HTTP/2 negotiated with ALPN (h2load, h2 only: a proxy that
 /// answered over HTTP/1.1 would fail the run), without errors.

@@ -1,4 +1,5 @@
-//! The hello app (`app = "hello"`): `200 text/plain "hello\n"` on every path and method, plus
+//! The hello app (`app = "hello"`): `200 text/plain "hello\n"` on every path and method but
+//! `/page`, which answers 64 KiB of hello lines (`herd_shared::page`: a page's weight), plus
 //! `/healthz` and `/readyz`, with the usual `x-herd-worker` / `x-herd-machine` headers — and no
 //! Redis at all (no sessions, no registry, readiness only turns 503 while draining).
 //!
@@ -10,9 +11,11 @@
 //! leave), then the listener closes and in-flight requests get `drain.in_flight_timeout`.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::Router;
+use axum::routing::any;
+use bytes::Bytes;
 use http::{HeaderValue, header};
 use tokio::net::TcpListener;
 
@@ -52,7 +55,23 @@ where
 
 /// The hello app's routes with the identity headers on every response.
 pub fn router(identity: &Identity, readiness: Arc<Readiness>) -> Result<Router, WorkerError> {
-    crate::server::with_identity_headers(health::routes(readiness).fallback(hello), identity)
+    let routes = health::routes(readiness)
+        .route(herd_shared::page::PATH, any(page))
+        .fallback(hello);
+    crate::server::with_identity_headers(routes, identity)
+}
+
+/// The page, made once.
+static PAGE: LazyLock<Bytes> = LazyLock::new(|| Bytes::from(herd_shared::page::body()));
+
+async fn page() -> ([(header::HeaderName, HeaderValue); 1], Bytes) {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
+        PAGE.clone(),
+    )
 }
 
 async fn hello() -> ([(header::HeaderName, HeaderValue); 1], &'static str) {
@@ -115,6 +134,15 @@ mod tests {
             assert_eq!(headers["x-herd-worker"], "h1");
             assert_eq!(headers["x-herd-machine"], "m1");
         }
+    }
+
+    #[tokio::test]
+    async fn the_page_is_64_kib_of_hello_lines() {
+        let (status, headers, body) = call(app(Arc::default()), "GET", "/page").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.len(), herd_shared::page::BYTES);
+        assert_eq!(body.as_bytes(), herd_shared::page::body());
+        assert_eq!(headers["x-herd-worker"], "h1");
     }
 
     #[tokio::test]

@@ -63,6 +63,9 @@ pub struct LoadResult {
     pub non_2xx: u64,
     /// Connect, read, write errors and timeouts (h2load: failed + errored + timed out requests).
     pub socket_errors: u64,
+    /// Bytes the generator read, heads and bodies (wrk: its `… MB read` to two decimals;
+    /// h2load: its exact traffic total): over `requests`, how long an answer was.
+    pub bytes_read: u64,
 }
 
 impl LoadResult {
@@ -276,6 +279,17 @@ fn wrk_time_ms(text: &str) -> Option<f64> {
     Some(value * factor)
 }
 
+/// wrk's byte counts (`12.79MB`, `555.43KB`, `980.00B`: powers of 1024) in bytes.
+fn wrk_bytes(text: &str) -> Option<u64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    let power = ["B", "KB", "MB", "GB", "TB"]
+        .iter()
+        .position(|u| *u == unit)?;
+    Some((value * 1024f64.powi(power as i32)).round() as u64)
+}
+
 /// Parses wrk's report (run with `--latency`). `None` when a figure it always prints is missing.
 pub fn parse_wrk(output: &str) -> Option<LoadResult> {
     let mut result = LoadResult::default();
@@ -290,8 +304,12 @@ pub fn parse_wrk(output: &str) -> Option<LoadResult> {
                 "99%" => result.p99_ms = wrk_time_ms(value)?,
                 _ => {}
             },
-            [count, "requests", "in", ..] => {
+            [count, "requests", "in", rest @ ..] => {
                 result.requests = count.parse().ok()?;
+                // "80313 requests in 1.10s, 12.79MB read"
+                if let [_, read, "read"] = rest {
+                    result.bytes_read = wrk_bytes(read)?;
+                }
                 have_requests = true;
                 in_distribution = false;
             }
@@ -341,6 +359,10 @@ pub fn parse_h2load(output: &str) -> Option<LoadResult> {
                     _ => {}
                 }
             }
+        } else if let Some(rest) = line.strip_prefix("traffic: ") {
+            // "1.65MB (1729977) total, 461.18KB (472249) headers (…), 306.94KB (314310) data"
+            let exact = rest.split_once('(')?.1.split_once(')')?.0;
+            result.bytes_read = exact.parse().ok()?;
         } else if let Some(rest) = line.strip_prefix("status codes: ") {
             // "24691 2xx, 0 3xx, 0 4xx, 0 5xx"
             for part in rest.split(", ") {
@@ -496,6 +518,7 @@ req/s           :    7220.11     7235.83     7227.97       11.12   100.00%"#;
         assert_eq!(ok.p50_ms, 0.097);
         assert_eq!(ok.p99_ms, 2.59);
         assert_eq!(ok.errors(), 0);
+        assert_eq!(ok.bytes_read, (12.79f64 * 1024.0 * 1024.0).round() as u64);
 
         let non_2xx = parse_wrk(WRK_NON_2XX).unwrap();
         assert_eq!(
@@ -507,6 +530,10 @@ req/s           :    7220.11     7235.83     7227.97       11.12   100.00%"#;
         let socket = parse_wrk(WRK_SOCKET_ERRORS).unwrap();
         assert_eq!((socket.non_2xx, socket.socket_errors), (0, 28439));
         assert_eq!(socket.rps, 12927.95);
+        assert_eq!(socket.bytes_read, (555.43f64 * 1024.0).round() as u64);
+        assert_eq!(wrk_bytes("980.00B"), Some(980));
+        assert_eq!(wrk_bytes("1.50GB"), Some(1_610_612_736));
+        assert_eq!(wrk_bytes("12.79XB"), None);
 
         assert_eq!(
             parse_wrk("unable to connect to 127.0.0.1:1 Connection refused"),
@@ -518,6 +545,7 @@ req/s           :    7220.11     7235.83     7227.97       11.12   100.00%"#;
     fn parses_h2load() {
         let ok = parse_h2load(H2LOAD_OK).unwrap();
         assert_eq!((ok.requests, ok.rps), (52385, 52385.0));
+        assert_eq!(ok.bytes_read, 1_729_977);
         assert_eq!(ok.errors(), 0);
         let failed = parse_h2load(H2LOAD_5XX).unwrap();
         assert_eq!(

@@ -38,6 +38,9 @@ pub enum Scenario {
     /// HTTP/1.1 `POST /` of the hello app with a small JSON body ([`API_BODY`]), as an API's
     /// requests come (wrk, through a script).
     Api,
+    /// HTTP/1.1 `GET /page` of the hello app: a 64 KiB answer (`herd_shared::page`), what a
+    /// page or an API's list weighs.
+    Page,
     /// HTTP/2 cleartext (prior knowledge) `GET /` of the hello app, with h2load.
     H2,
     /// HTTPS keep-alive `GET /` of the hello app, ECDSA P-256 certificate (wrk).
@@ -60,6 +63,7 @@ impl Scenario {
             Scenario::Hello => "hello",
             Scenario::Session => "session",
             Scenario::Api => "api",
+            Scenario::Page => "page",
             Scenario::H2 => "h2",
             Scenario::TlsEcdsa => "tls-ecdsa",
             Scenario::TlsRsa => "tls-rsa",
@@ -72,7 +76,9 @@ impl Scenario {
     /// The certificate key of a TLS scenario, and whether each request makes a new connection.
     pub fn tls(self) -> Option<(KeyKind, bool)> {
         match self {
-            Scenario::Hello | Scenario::Session | Scenario::Api | Scenario::H2 => None,
+            Scenario::Hello | Scenario::Session | Scenario::Api | Scenario::Page | Scenario::H2 => {
+                None
+            }
             Scenario::TlsEcdsa | Scenario::TlsH2 => Some((KeyKind::EcdsaP256, false)),
             Scenario::TlsRsa => Some((KeyKind::Rsa2048, false)),
             Scenario::TlsEcdsaHandshake => Some((KeyKind::EcdsaP256, true)),
@@ -88,6 +94,7 @@ impl Scenario {
                 "HTTP/1.1 `GET /me` with a session cookie → demo app, session read from Redis (wrk)"
             }
             Scenario::Api => "HTTP/1.1 `POST /` with a 95-byte JSON body → hello app (wrk)",
+            Scenario::Page => "HTTP/1.1 `GET /page` → hello app, a 64 KiB answer (wrk)",
             Scenario::H2 => "HTTP/2 cleartext, prior knowledge, `GET /` → hello app (h2load)",
             Scenario::TlsEcdsa => "HTTPS keep-alive `GET /` → hello app, ECDSA P-256 (wrk)",
             Scenario::TlsRsa => "HTTPS keep-alive `GET /` → hello app, RSA 2048 (wrk)",
@@ -122,6 +129,7 @@ impl Scenario {
     fn path(self) -> &'static str {
         match self {
             Scenario::Session => "/me",
+            Scenario::Page => herd_shared::page::PATH,
             _ => "/",
         }
     }

@@ -518,6 +518,7 @@ mod tests {
                 p99_ms: p99,
                 non_2xx: 0,
                 socket_errors: 0,
+                bytes_read: (rps * 10.0) as u64 * 200,
             },
             cpu_seconds: (target != TargetKind::Direct).then_some(5.0),
             cpu_system_seconds: (target != TargetKind::Direct).then_some(3.75),

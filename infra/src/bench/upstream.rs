@@ -5,7 +5,7 @@
 //! than another (its response head, its keep-alive habits). This one is as plain as a Rust HTTP
 //! server gets: hyper-util's HTTP/1.1 + HTTP/2-cleartext server on one port, every request on
 //! every path answered `200 text/plain "hello\n"` (the hello app's body, without its identity
-//! headers and axum routing), on tokio's default multi-threaded runtime. It announces its port
+//! headers and axum routing) but `/page`, 64 KiB of hello lines as the hello app answers it, on tokio's default multi-threaded runtime. It announces its port
 //! the way herd's own processes do (`{"event":"listening","role":"public","addr":…}` on stdout)
 //! and runs until it is killed.
 
@@ -74,8 +74,17 @@ pub async fn serve(listener: TcpListener) {
     }
 }
 
-async fn hello(_request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let mut response = Response::new(Full::new(Bytes::from_static(BODY)));
+/// The page (`herd_shared::page`), made once.
+static PAGE: std::sync::LazyLock<Bytes> =
+    std::sync::LazyLock::new(|| Bytes::from(herd_shared::page::body()));
+
+async fn hello(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let body = if request.uri().path() == herd_shared::page::PATH {
+        PAGE.clone()
+    } else {
+        Bytes::from_static(BODY)
+    };
+    let mut response = Response::new(Full::new(body));
     response.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -117,6 +126,11 @@ mod tests {
             assert_eq!(status, 200, "{path}");
             assert_eq!(content_type, "text/plain; charset=utf-8");
             assert_eq!(&body[..], BODY);
+        }
+        for http2 in [false, true] {
+            let (status, _, body) = get(addr, "/page", http2).await;
+            assert_eq!(status, 200);
+            assert_eq!(body, herd_shared::page::body());
         }
         server.abort();
     }
