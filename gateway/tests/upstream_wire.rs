@@ -467,6 +467,98 @@ async fn request_bodies_are_framed_for_the_worker() {
     gw.shutdown().await;
 }
 
+/// A chunked body as a worker reads it: the data of every chunk.
+fn dechunk(mut wire: &[u8]) -> Vec<u8> {
+    let mut data = Vec::new();
+    loop {
+        let line_end = wire.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&wire[..line_end]).unwrap(), 16).unwrap();
+        wire = &wire[line_end + 2..];
+        if size == 0 {
+            return data;
+        }
+        data.extend_from_slice(&wire[..size]);
+        assert_eq!(&wire[size..size + 2], b"\r\n");
+        wire = &wire[size + 2..];
+    }
+}
+
+/// Long uploads go to the worker as one `writev` of head and body (kept for a retry), or
+/// streamed with the client's length, or re-chunked with each piece's size line, data and CRLF
+/// in one `writev` each: every byte, in order, however the kernel takes the parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_request_bodies_reach_the_worker_whole() {
+    let worker =
+        RawWorker::start(|_| Script::Pieces(&[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]))
+            .await;
+    let addr = worker.addr.to_string();
+    let gw = Gateway::start(&[], move |c| c.workers = vec![addr]).await;
+    let pattern = |n: usize| (0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>();
+    let c = client();
+    // Within retry.buffer_body_bytes (64 KiB) and over the 16 KiB copied behind the head.
+    let kept = pattern(40_000);
+    assert_eq!(
+        send(&c, "POST", &gw.url("/kept"), &[], kept.clone())
+            .await
+            .status,
+        200
+    );
+    let streamed = pattern(1_000_000);
+    assert_eq!(
+        send(&c, "PUT", &gw.url("/streamed"), &[], streamed.clone())
+            .await
+            .status,
+        200
+    );
+    // Chunked by the client, in chunks of 300 000, 1 and 299 999 bytes.
+    let chunked = pattern(600_000);
+    let mut stream = TcpStream::connect(gw.public).await.unwrap();
+    let mut wire =
+        b"POST /chunked HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for piece in [
+        &chunked[..300_000],
+        &chunked[300_000..300_001],
+        &chunked[300_001..],
+    ] {
+        wire.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        wire.extend_from_slice(piece);
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    stream.write_all(&wire).await.unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"ok") {
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(stream);
+    let seen = worker.requests();
+    assert_eq!(seen.len(), 3);
+    assert!(seen[0].0.contains("content-length: 40000"), "{}", seen[0].0);
+    assert!(seen[0].1 == kept);
+    assert!(
+        seen[1].0.contains("content-length: 1000000"),
+        "{}",
+        seen[1].0
+    );
+    assert!(seen[1].1 == streamed);
+    assert!(
+        seen[2].0.contains("transfer-encoding: chunked"),
+        "{}",
+        seen[2].0
+    );
+    assert!(dechunk(&seen[2].1) == chunked);
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_flooding_interim_responses_times_out_like_a_silent_one() {
     // 1xx heads are skipped while the final head is awaited; an endless run of them must still

@@ -13,6 +13,7 @@
 //!   within `timeouts.response_header` is the worker's. The response-header clock starts once the
 //!   request is fully written, so a slow upload never counts against the worker.
 
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -267,8 +268,8 @@ impl Socket {
                         send_all(stream, &self.write, stall, written).await?;
                     }
                     Some(data) => {
-                        send_all(stream, &self.write, stall, written).await?;
-                        send_all(stream, &data, stall, written).await?;
+                        let parts = [IoSlice::new(&self.write), IoSlice::new(&data)];
+                        send_all_parts(stream, parts, stall, written).await?;
                     }
                     None => send_all(stream, &self.write, stall, written).await?,
                 }
@@ -300,9 +301,12 @@ impl Socket {
                     if framing == RequestFraming::Chunked {
                         self.write.clear();
                         codec::encode_chunk_start(&mut self.write, data.len());
-                        self.write.extend_from_slice(&data);
-                        self.write.extend_from_slice(b"\r\n");
-                        send_all(&mut self.stream, &self.write, stall, written).await?;
+                        let parts = [
+                            IoSlice::new(&self.write),
+                            IoSlice::new(&data),
+                            IoSlice::new(b"\r\n"),
+                        ];
+                        send_all_parts(&mut self.stream, parts, stall, written).await?;
                     } else {
                         send_all(&mut self.stream, &data, stall, written).await?;
                     }
@@ -512,6 +516,38 @@ async fn send_all(
         }
         written.bytes += n as u64;
         data = &data[n..];
+    }
+    Ok(())
+}
+
+/// [`send_all`] for data in parts (a head and a body, a chunk's size line, data and CRLF): one
+/// `writev` where the kernel takes them all, no copy into one buffer first.
+async fn send_all_parts<const N: usize>(
+    stream: &mut TcpStream,
+    mut parts: [IoSlice<'_>; N],
+    stall: Stall,
+    written: &mut Sent,
+) -> Result<(), WriteError> {
+    let mut left = &mut parts[..];
+    IoSlice::advance_slices(&mut left, 0);
+    while !left.is_empty() {
+        let n = match stream.try_write_vectored(left) {
+            Ok(n) => n,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                written.waited = true;
+                let by = stall.deadline.min(Instant::now() + stall.each);
+                match tokio::time::timeout_at(by, stream.write_vectored(left)).await {
+                    Ok(result) => result?,
+                    Err(_) => return Err(WriteError::Stalled),
+                }
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+        }
+        written.bytes += n as u64;
+        IoSlice::advance_slices(&mut left, n);
     }
     Ok(())
 }
