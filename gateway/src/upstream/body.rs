@@ -171,11 +171,6 @@ impl WorkerBody {
         piece: std::io::Result<Bytes>,
     ) -> Poll<Option<Result<Frame<Bytes>, WorkerBodyError>>> {
         let piece = match piece {
-            Ok(piece) if piece.is_empty() && matches!(self.state, State::UntilClose) => {
-                self.state = State::Done;
-                self.connection = None;
-                return Poll::Ready(None);
-            }
             Ok(piece) if piece.is_empty() => return self.fail(WorkerBodyError::Truncated),
             Ok(piece) => piece,
             Err(error) => return self.fail(error.into()),
@@ -187,8 +182,8 @@ impl WorkerBody {
                     self.release();
                 }
             }
-            State::Chunked(decoder) => decoder.took(piece.len() as u64),
-            _ => {}
+            State::Chunked(decoder) => decoder.read_past(piece.len() as u64),
+            State::UntilClose | State::Buffered(_) | State::Done => {}
         }
         Poll::Ready(Some(Ok(Frame::data(piece))))
     }
@@ -204,18 +199,18 @@ impl WorkerBody {
 }
 
 impl State {
-    /// How much to read past the connection's buffer ([`super::connection::Socket::poll_read_long`]), when
-    /// `buffered` (that buffer) is empty, and how many bytes more the read may take: the body
-    /// bytes known to come next before any framing, when more than one ordinary read (at most
-    /// [`LONG_READ`]), with [`FRAMING_SLACK`] when that is all of them; until the worker
-    /// closes, all of it is body.
+    /// How much to read past the connection's buffer, when `buffered` (that buffer) is empty
+    /// (see [`super::connection::Socket::poll_read_long`]), and how many bytes more the read may
+    /// take: the body bytes known to come next before any framing, when more than one ordinary
+    /// read (at most [`LONG_READ`]), with [`FRAMING_SLACK`] when that is all of them. A body
+    /// that ends when the worker closes (rare: HTTP/1.0, or a stream of events) keeps ordinary
+    /// reads: its size is not known, and a trickle would hold a long buffer for its whole life.
     fn long_read(&self, buffered: &BytesMut) -> Option<(usize, usize)> {
         let coming = match self {
             _ if !buffered.is_empty() => return None,
             State::Length(left) => *left,
             State::Chunked(decoder) => decoder.data_left(),
-            State::UntilClose => return Some((LONG_READ, 0)),
-            State::Buffered(_) | State::Done => return None,
+            State::UntilClose | State::Buffered(_) | State::Done => return None,
         };
         if coming <= READ_CHUNK as u64 {
             None

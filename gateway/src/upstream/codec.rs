@@ -628,8 +628,14 @@ impl ChunkedDecoder {
         }
     }
 
-    /// `n` bytes of the current chunk were read past the decoder (at most [`Self::data_left`]).
-    pub fn took(&mut self, n: u64) {
+    /// `n` bytes of the current chunk were read past the decoder, at most [`Self::data_left`]
+    /// (the caller read no further than that).
+    pub fn read_past(&mut self, n: u64) {
+        debug_assert!(
+            n <= self.data_left(),
+            "{n} bytes past a chunk with {} left",
+            self.data_left()
+        );
         if let ChunkState::Data(left) = self.state {
             let left = left.saturating_sub(n);
             self.state = if left == 0 {
@@ -1302,9 +1308,9 @@ mod tests {
             Ok(Chunk::Data(Bytes::from_static(b"01")))
         );
         assert_eq!(decoder.data_left(), 8);
-        decoder.took(5);
+        decoder.read_past(5);
         assert_eq!(decoder.data_left(), 3);
-        decoder.took(3);
+        decoder.read_past(3);
         assert_eq!(decoder.data_left(), 0);
         let mut buffer = BytesMut::from(&b"\r\n2\r\nxy\r\n0\r\n\r\n"[..]);
         assert_eq!(

@@ -36,8 +36,8 @@ use crate::headers::{Forwarding, RawRequestHead};
 /// counts as an attempt and against the worker.
 const STALE_WINDOW: Duration = Duration::from_millis(100);
 
-/// Bytes asked of the kernel per read of a response head (and of a body whose length is not
-/// known ahead).
+/// Bytes asked of the kernel per read of a response head, and of a body's next bytes but for
+/// a known rest longer than this (read as one piece, `upstream::body`).
 pub(super) const READ_CHUNK: usize = 8 * 1024;
 /// Bodies up to this size are copied behind the head and go out in one write.
 const COALESCE_BODY: usize = 16 * 1024;

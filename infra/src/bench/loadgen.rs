@@ -63,8 +63,9 @@ pub struct LoadResult {
     pub non_2xx: u64,
     /// Connect, read, write errors and timeouts (h2load: failed + errored + timed out requests).
     pub socket_errors: u64,
-    /// Bytes the generator read, heads and bodies (wrk: its `… MB read` to two decimals;
-    /// h2load: its exact traffic total): over `requests`, how long an answer was.
+    /// Bytes the generator read (wrk: heads and bodies, its `… MB read` to two decimals; h2load:
+    /// its exact traffic total, HTTP/2 framing included): over `requests`, about how long an
+    /// answer was. 0 when the count is missing or in a unit not known here.
     pub bytes_read: u64,
 }
 
@@ -308,7 +309,7 @@ pub fn parse_wrk(output: &str) -> Option<LoadResult> {
                 result.requests = count.parse().ok()?;
                 // "80313 requests in 1.10s, 12.79MB read"
                 if let [_, read, "read"] = rest {
-                    result.bytes_read = wrk_bytes(read)?;
+                    result.bytes_read = wrk_bytes(read).unwrap_or(0);
                 }
                 have_requests = true;
                 in_distribution = false;

@@ -3,11 +3,12 @@
 //!
 //! Users' apps are not herd-worker, and a proxy can look better or worse in front of one upstream
 //! than another (its response head, its keep-alive habits). This one is as plain as a Rust HTTP
-//! server gets: hyper-util's HTTP/1.1 + HTTP/2-cleartext server on one port, every request on
-//! every path answered `200 text/plain "hello\n"` (the hello app's body, without its identity
-//! headers and axum routing) but `/page`, 64 KiB of hello lines as the hello app answers it, on tokio's default multi-threaded runtime. It announces its port
-//! the way herd's own processes do (`{"event":"listening","role":"public","addr":…}` on stdout)
-//! and runs until it is killed.
+//! server gets: hyper-util's HTTP/1.1 + HTTP/2-cleartext server on one port, on tokio's default
+//! multi-threaded runtime. Every request is answered `200 text/plain "hello\n"` (the hello
+//! app's body, without its identity headers and axum routing), whatever its path, except
+//! `/page`: 64 KiB of hello lines, as the hello app answers it (`herd_shared::page`). It
+//! announces its port the way herd's own processes do
+//! (`{"event":"listening","role":"public","addr":…}` on stdout) and runs until it is killed.
 
 use std::convert::Infallible;
 use std::io::Write;
