@@ -492,36 +492,19 @@ struct Stall {
 /// Writes all of `data`, counting in `written` what the kernel took; a write that finds no room
 /// waits as long as `stall` allows (no timer otherwise). (`write_all` would not say how much
 /// went out before an error.)
-async fn send_all(
-    stream: &mut TcpStream,
-    mut data: &[u8],
+fn send_all<'a>(
+    stream: &'a mut TcpStream,
+    data: &'a [u8],
     stall: Stall,
-    written: &mut Sent,
-) -> Result<(), WriteError> {
-    while !data.is_empty() {
-        let n = match stream.try_write(data) {
-            Ok(n) => n,
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                written.waited = true;
-                let by = stall.deadline.min(Instant::now() + stall.each);
-                match tokio::time::timeout_at(by, stream.write(data)).await {
-                    Ok(result) => result?,
-                    Err(_) => return Err(WriteError::Stalled),
-                }
-            }
-            Err(error) => return Err(error.into()),
-        };
-        if n == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
-        }
-        written.bytes += n as u64;
-        data = &data[n..];
-    }
-    Ok(())
+    written: &'a mut Sent,
+) -> impl Future<Output = Result<(), WriteError>> + 'a {
+    // Not an `async fn`: the parts' future itself, without a state machine around it.
+    send_all_parts(stream, [IoSlice::new(data)], stall, written)
 }
 
 /// [`send_all`] for data in parts (a head and a body, a chunk's size line, data and CRLF): one
-/// `writev` where the kernel takes them all, no copy into one buffer first.
+/// `writev` where the kernel takes them all, no copy into one buffer first. One part left is
+/// written with a plain `send`.
 async fn send_all_parts<const N: usize>(
     stream: &mut TcpStream,
     mut parts: [IoSlice<'_>; N],
@@ -531,7 +514,11 @@ async fn send_all_parts<const N: usize>(
     let mut left = &mut parts[..];
     IoSlice::advance_slices(&mut left, 0);
     while !left.is_empty() {
-        let n = match stream.try_write_vectored(left) {
+        let tried = match &*left {
+            [one] => stream.try_write(one),
+            _ => stream.try_write_vectored(left),
+        };
+        let n = match tried {
             Ok(n) => n,
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
                 written.waited = true;
