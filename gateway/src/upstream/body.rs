@@ -248,7 +248,6 @@ impl Body for WorkerBody {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-
                 State::Chunked(decoder) => match decoder.next(&mut connection.read) {
                     Ok(Chunk::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Ok(Chunk::End) => {
