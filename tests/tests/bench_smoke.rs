@@ -550,10 +550,13 @@ fn bench_proxy_holds_every_proxy_to_the_same_cpu_budget() {
             continue;
         }
         // Held: at most its budget (two 10 ms ticks of rounding in 2 s); loaded with 32
-        // connections it uses nearly all of it, and the quota holds it back in most periods.
+        // connections it uses nearly all of it, and the quota holds it back in many of the
+        // ~200 periods. Not in most: a proxy that drains its queue within a period (its load
+        // generator and upstreams share two cores) is not held in that one; CI saw nginx held
+        // in 48 % of the periods while using 96 % of its budget.
         let used = run["budget_used"].as_f64().unwrap();
         assert!((0.75..=1.1).contains(&used), "budget used {used}: {run}");
-        assert!(run["throttled_share"].as_f64().unwrap() > 0.5, "{run}");
+        assert!(run["throttled_share"].as_f64().unwrap() > 0.2, "{run}");
     }
     let left: Vec<String> = [
         "/sys/fs/cgroup",
