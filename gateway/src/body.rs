@@ -24,6 +24,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::balancer::InFlight;
+use crate::client_io::ConnectionState;
 use crate::error::GatewayError;
 pub use crate::upstream::{BodyError, StreamWatch, UpstreamBody, client_went_away};
 use crate::upstream::{RawHead, WorkerBody, WorkerBodyError};
@@ -38,7 +39,7 @@ pub enum ClientBody {
     /// `retry.buffer_body_bytes` and `limits.max_body_bytes`, so replayable as a buffered one.
     Read(Bytes),
     /// To be read from hyper's server (HTTP/2, and the HTTP/1.1 requests it serves).
-    Incoming(Incoming),
+    Incoming(ClientIncoming),
 }
 
 impl ClientBody {
@@ -51,6 +52,62 @@ impl ClientBody {
     /// Whether bytes of it are still to be read from the client.
     pub fn to_read(&self) -> bool {
         matches!(self, ClientBody::Incoming(body) if !body.is_end_stream())
+    }
+}
+
+/// A request body hyper's server reads from the client. Read to its end, it tells its HTTP/1
+/// connection so ([`ConnectionState::body_read`]): nothing of it is left for hyper to read, so
+/// once the response is done the connection is between requests again — it may move to another
+/// serving thread, and is closed at once when the gateway stops, as after a request without a
+/// body (it was kept until the drain timeout).
+#[derive(Debug)]
+pub struct ClientIncoming {
+    inner: Incoming,
+    /// The connection and its request's number ([`ConnectionState::latest_request`]), while
+    /// the end is still to be told.
+    tell: Option<(Arc<ConnectionState>, u64)>,
+}
+
+impl ClientIncoming {
+    /// A body that tells no one of its end (HTTP/2, or nothing to read).
+    pub fn new(inner: Incoming) -> Self {
+        ClientIncoming { inner, tell: None }
+    }
+
+    /// Tells `connection` when the body of its request number `request` has been read.
+    pub fn tell_at_end(&mut self, connection: Arc<ConnectionState>, request: u64) {
+        self.tell = Some((connection, request));
+    }
+}
+
+impl Body for ClientIncoming {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        // A reader may stop at the last frame when the body says it ended: told then too.
+        let ended = match &frame {
+            None => true,
+            Some(Ok(_)) => this.inner.is_end_stream(),
+            Some(Err(_)) => false,
+        };
+        if ended && let Some((connection, request)) = this.tell.take() {
+            connection.body_read(request);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -97,7 +154,7 @@ impl Prepared {
 
 /// Reads the start of a request body: all of it up to `buffer_limit`, then streams.
 pub async fn prepare(
-    mut body: Incoming,
+    mut body: ClientIncoming,
     content_length: Option<u64>,
     buffer_limit: u64,
     max_body: u64,
@@ -143,7 +200,7 @@ pub async fn prepare(
     }
 }
 
-fn streaming(prefix: Option<Bytes>, inner: Incoming, seen: u64, limit: u64) -> Prepared {
+fn streaming(prefix: Option<Bytes>, inner: ClientIncoming, seen: u64, limit: u64) -> Prepared {
     let watch = Arc::new(StreamWatch::default());
     Prepared::Streaming(
         Some(UpstreamBody::Stream {

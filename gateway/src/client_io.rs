@@ -69,7 +69,8 @@ pub struct ConnectionState {
     http2: AtomicBool,
     /// A head with both `Content-Length` and `Transfer-Encoding` was read.
     conflicting_framing: AtomicBool,
-    /// The last request (HTTP/1) came with a body: a close lingers (`ClientIo::poll_shutdown`).
+    /// The last request (HTTP/1) came with a body not yet read to its end: a close lingers
+    /// (`ClientIo::poll_shutdown`), and the connection is not between requests.
     had_body: AtomicBool,
     /// The connection's task, parked in a read while a request was in progress: woken when the
     /// last request ends, so the idle timer starts then (hyper does not read again by itself).
@@ -101,6 +102,21 @@ impl ConnectionState {
         self.begun.fetch_add(1, Ordering::Relaxed);
         RequestGuard {
             state: self.clone(),
+        }
+    }
+
+    /// The number of the request begun last (1 for the first).
+    pub fn latest_request(&self) -> u64 {
+        self.begun.load(Ordering::Relaxed)
+    }
+
+    /// The body of request number `request` ([`ConnectionState::latest_request`]) has been
+    /// read to its end (HTTP/1): no byte of it is left unread, so none holds the connection
+    /// between requests, and a close need not linger. Nothing changes once a later request
+    /// has begun.
+    pub fn body_read(&self, request: u64) {
+        if self.begun.load(Ordering::Relaxed) == request {
+            self.had_body.store(false, Ordering::Relaxed);
         }
     }
 

@@ -398,7 +398,11 @@ pub struct TimeoutsConfig {
 impl Default for TimeoutsConfig {
     fn default() -> Self {
         TimeoutsConfig {
-            connect: Duration::from_secs(1),
+            // Just over Linux's first SYN retransmission (1 s): a SYN dropped by a worker's full
+            // accept queue (a burst of new connections, a busy event loop) costs one wait of
+            // 1 s, where a 1 s timeout gave up just as the retry went out, failed the attempt
+            // and counted it against a healthy worker (ejected after three).
+            connect: Duration::from_millis(1500),
             // Tight enough that a request caught by a hung worker is retried while the user still
             // waits (the demo app's slowest endpoint takes 1 s); raise both for slow apps.
             response_header: Duration::from_secs(5),

@@ -20,12 +20,11 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::balancer::{Balancer, ChangeSource, Refusal, Worker};
-use crate::body::{self, ClientBody, Prepared, ResponseBody};
+use crate::body::{self, ClientBody, ClientIncoming, Prepared, ResponseBody};
 use crate::config::GatewayConfig;
 use crate::error::{GatewayError, UpstreamError, UpstreamErrorKind};
 use crate::headers;
@@ -621,7 +620,7 @@ impl Proxy {
     /// too slow).
     async fn read_body(
         &self,
-        body: Incoming,
+        body: ClientIncoming,
         content_length: Option<u64>,
         deadline: Instant,
     ) -> Result<Prepared, GatewayError> {
@@ -725,12 +724,19 @@ impl Proxy {
             } else if succeeded {
                 let waited = delay + hedge_started.elapsed();
                 worker.ewma.observe(waited.as_nanos() as f64, clock);
-                // Another worker answered while this one had not in twice its p99: a failure for
-                // passive health, so a hung worker is ejected after a few hedges instead of drawing
-                // requests (its in-flight count drops with each abandoned attempt, which makes it
-                // look idle to p2c) until the active checks time out.
-                worker.count_response(None);
-                self.balancer.report(worker, false);
+                // Another worker answered while this one had not in twice its p99. If this one
+                // answered nothing else since the request was sent either, it may hang: a
+                // failure for passive health, so a hung worker is ejected after a few hedges
+                // instead of drawing requests (its in-flight count drops with each abandoned
+                // attempt, which makes it look idle to p2c) until the active checks time out.
+                // A worker that went on answering is busy, not hung: the request waited in its
+                // queue. Counting those ejected healthy workers of a saturated pool one after
+                // another; the latency estimate above steers new requests away instead.
+                let sent = clock.saturating_sub(waited.as_nanos() as u64);
+                if !worker.answered_since(sent) {
+                    worker.count_response(None);
+                    self.balancer.report_at(worker, false, clock);
+                }
             }
             debug!(
                 worker = %worker.id(),
@@ -785,6 +791,7 @@ impl Proxy {
                     let clock = self.balancer.clock().at(answered);
                     let waited = answered.saturating_duration_since(sent);
                     worker.ewma.observe(waited.as_nanos() as f64, clock);
+                    worker.note_answer(clock);
                     worker.latency.observe(waited);
                     self.hedging.observe(waited);
                     worker.count_response(Some(status));

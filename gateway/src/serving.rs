@@ -66,7 +66,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use crate::body::{ClientBody, ResponseBody};
+use crate::body::{ClientBody, ClientIncoming, ResponseBody};
 use crate::client_io::{ClientIo, ClientTimeouts, ConnectionState, RequestGuard};
 use crate::config::GatewayConfig;
 use crate::connections::{self, Ended};
@@ -818,7 +818,8 @@ impl ServiceContext {
     > {
         let context = self;
         service_fn(move |request: hyper::Request<Incoming>| {
-            context.respond::<P>(request.map(ClientBody::Incoming), None, None)
+            let request = request.map(|body| ClientBody::Incoming(ClientIncoming::new(body)));
+            context.respond::<P>(request, None, None)
         })
     }
 
@@ -865,6 +866,12 @@ impl ServiceContext {
         let context = self.clone();
         let with_body = request.body().to_read();
         let request_guard = context.state.begin(request.version(), with_body);
+        if with_body
+            && request.version() < http::Version::HTTP_2
+            && let ClientBody::Incoming(body) = request.body_mut()
+        {
+            body.tell_at_end(context.state.clone(), context.state.latest_request());
+        }
         if let Some(over_tls) = &context.over_tls {
             request.extensions_mut().insert(over_tls.clone());
         }

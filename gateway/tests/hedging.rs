@@ -151,3 +151,64 @@ async fn a_fresh_gateway_learns_its_hedge_delay_from_its_first_answers() {
     workers[1].behavior.hang.store(false, Ordering::SeqCst);
     gw.shutdown().await;
 }
+
+/// A worker that holds some requests past the hedge delay while it goes on answering others is
+/// busy, not hung: the races those requests lose to another worker do not eject it (counted,
+/// they ejected the workers of a saturated pool one after another). A worker that answers
+/// nothing at all is still ejected by them.
+#[tokio::test]
+async fn lost_hedge_races_eject_a_hung_worker_not_a_busy_one() {
+    let workers = [Upstream::start("w1").await, Upstream::start("w2").await];
+    workers[0].behavior.slow_ms.store(400, Ordering::SeqCst);
+    let gw = Gateway::start(&[&workers[0], &workers[1]], |c| {
+        c.hedging.delay = Duration::from_millis(50);
+        c.timeouts.response_header = Duration::from_secs(5);
+        c.health.interval = Duration::from_secs(60);
+        c.health.passive.consecutive_failures = 2;
+        c.balancing.slow_start = Duration::ZERO;
+        c.balancing.algorithm = herd_gateway::config::Algorithm::RoundRobin;
+        c.retry.budget_min_per_sec = 1000;
+    })
+    .await;
+    let id = workers[0].addr.to_string();
+    let c = client();
+    for round in 0..4 {
+        // Three of six go to w1 and wait there; w1 answers a quick GET meanwhile; at the hedge
+        // delay w2 answers the three: three lost races in a row, each after w1's answer.
+        let slow: Vec<_> = (0..6)
+            .map(|_| {
+                let (c, url) = (c.clone(), gw.url("/slow"));
+                tokio::spawn(async move { get(&c, &url).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        for _ in 0..2 {
+            assert_eq!(get(&c, &gw.url("/")).await.status, 200, "round {round}");
+        }
+        for answer in slow {
+            assert_eq!(answer.await.unwrap().status, 200, "round {round}");
+        }
+    }
+    assert_eq!(
+        support::worker_field(&gw, &id, "ejections").await,
+        0,
+        "busy, not hung"
+    );
+    assert!(
+        hedge_count(&gw).await >= 8,
+        "w1's slow requests were hedged"
+    );
+
+    workers[0].behavior.hang.store(true, Ordering::SeqCst);
+    for _ in 0..8 {
+        let answer = get(&c, &gw.url("/")).await;
+        assert_eq!((answer.status, answer.worker()), (200, "w2".into()));
+    }
+    assert_eq!(
+        support::worker_field(&gw, &id, "ejections").await,
+        1,
+        "hung: two lost races in a row"
+    );
+    workers[0].behavior.hang.store(false, Ordering::SeqCst);
+    gw.shutdown().await;
+}

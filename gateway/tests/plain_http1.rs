@@ -7,7 +7,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::Gateway;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -549,6 +549,61 @@ async fn a_body_not_whole_with_its_head_goes_to_hyper_and_the_connection_goes_on
         400
     );
     gw.shutdown().await;
+}
+
+/// Uploads hyper read (a body after its head, one larger than the request path buffers, a
+/// chunked one): once answered, their idle connections close at once when the gateway stops, as
+/// after a GET. They waited for the drain timeout (10 s), as if a body might still be unread.
+#[tokio::test]
+async fn idle_connections_hyper_read_an_upload_on_close_at_once_when_the_gateway_stops() {
+    let gw = Gateway::start(&[], {
+        let worker = raw_worker().await;
+        move |c| {
+            c.workers = vec![worker.to_string()];
+            c.health.path = "/ok".into();
+            c.retry.buffer_body_bytes = 16;
+        }
+    })
+    .await;
+    let uploads: [&[&str]; 3] = [
+        &[
+            "PUT /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 5\r\n\r\n",
+            "hello",
+        ],
+        &["PUT /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 17\r\n\r\nseventeen bytes!!"],
+        &[
+            "PUT /echo HTTP/1.1\r\nhost: gateway\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ],
+    ];
+    let mut idle = Vec::new();
+    for pieces in uploads {
+        let mut stream = TcpStream::connect(gw.public).await.unwrap();
+        let mut buffer = Vec::new();
+        for piece in pieces {
+            stream.write_all(piece.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let echoed = read_answer(&mut stream, &mut buffer, false).await;
+        assert_eq!(echoed.status(), 200, "{pieces:?}: {}", echoed.head);
+        idle.push(stream);
+    }
+    // Give each connection's task its read, the one that finds it between requests.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    gw.shutdown().await;
+    let stopped = started.elapsed();
+    for mut stream in idle {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest))
+            .await
+            .expect("closed")
+            .unwrap();
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    }
+    assert!(
+        stopped < Duration::from_secs(2),
+        "stopped after {stopped:?}"
+    );
 }
 
 #[tokio::test]

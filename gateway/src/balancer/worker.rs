@@ -152,6 +152,8 @@ pub struct Worker {
     pub latency: WorkerLatency,
     /// Start of the current slow start (clock nanoseconds); 0 when none.
     slow_start_since: AtomicU64,
+    /// When the worker last answered a request (clock nanoseconds); 0 before its first answer.
+    answered_at: AtomicU64,
     /// Failures in a row, mirrored from the breaker so successes skip the lock.
     failure_streak: AtomicU32,
     /// End of the passive ejection (clock nanoseconds), mirrored so the due check skips the lock.
@@ -185,6 +187,7 @@ impl Worker {
             ewma,
             latency: WorkerLatency::default(),
             slow_start_since: AtomicU64::new(now.max(1)),
+            answered_at: AtomicU64::new(0),
             failure_streak: AtomicU32::new(0),
             probe_at: AtomicU64::new(u64::MAX),
             breaker: Mutex::new(breaker),
@@ -378,6 +381,18 @@ impl Worker {
         } else {
             Status::Healthy
         }
+    }
+
+    /// Notes that the worker answered a request at `now` (clock nanoseconds).
+    #[inline]
+    pub fn note_answer(&self, now: u64) {
+        self.answered_at.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Whether the worker has answered any request since `since` (clock nanoseconds): a worker
+    /// that has is not hung, whatever one slow request of it says.
+    pub fn answered_since(&self, since: u64) -> bool {
+        self.answered_at.load(Ordering::Relaxed) > since
     }
 
     /// Counts one response (or transport error) by class.

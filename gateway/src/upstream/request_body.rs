@@ -9,7 +9,8 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
+
+use crate::body::ClientIncoming;
 
 /// Why a request body stopped while streaming to a worker.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +74,7 @@ pub enum UpstreamBody {
         /// Bytes read before streaming began.
         prefix: Option<Bytes>,
         /// The rest, from the client.
-        inner: Incoming,
+        inner: ClientIncoming,
         /// Bytes seen so far, prefix included.
         seen: u64,
         /// Size limit.

@@ -31,6 +31,9 @@ pub struct Behavior {
     pub ready_status: AtomicU16,
     /// Every other path answers this status (0 = 200).
     pub status: AtomicU16,
+    /// `/slow` waits this many milliseconds before it answers (a request stuck in a busy
+    /// worker's queue while the worker answers others); 0: at once.
+    pub slow_ms: AtomicU64,
 }
 
 /// A small HTTP server that says who it is and echoes what it got.
@@ -123,6 +126,10 @@ async fn answer(
         std::future::pending::<()>().await;
     }
     let path = request.uri().path().to_string();
+    let slow_ms = b.slow_ms.load(Ordering::SeqCst);
+    if path == "/slow" && slow_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(slow_ms)).await;
+    }
     let status = if path == "/readyz" {
         b.ready_status.load(Ordering::SeqCst)
     } else {
