@@ -91,10 +91,15 @@ impl Body for ClientIncoming {
         let this = self.get_mut();
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         // A reader may stop at the last frame when the body says it ended: told then too.
+        // After an error (broken framing, the client gone) hyper ends the body early, bytes of
+        // it possibly unread: never told.
         let ended = match &frame {
             None => true,
             Some(Ok(_)) => this.inner.is_end_stream(),
-            Some(Err(_)) => false,
+            Some(Err(_)) => {
+                this.tell = None;
+                false
+            }
         };
         if ended && let Some((connection, request)) = this.tell.take() {
             connection.body_read(request);

@@ -9,6 +9,8 @@
 //! close_all():  the same, and a TLS handshake or a wait for first bytes ends now
 //! shed(n):      the next n HTTP/1.1 cleartext connections found between two requests give
 //!               their socket back (`Ended::Handed`) for the serving thread to hand over
+//! back_to_own_server: hyper's HTTP/1.1 connection gives its socket back between two requests
+//!               (`Ended::Returned`) for the gateway's own server (`crate::plain_http1`)
 //! ```
 //!
 //! Every connection's task is registered in a per-thread slab (its waker), so the thread can
@@ -268,25 +270,35 @@ pub(crate) enum Ended<S> {
         state: Arc<ConnectionState>,
         read_ahead: Bytes,
     },
+    /// It gave its socket back between two requests for the gateway's own HTTP/1.1 server to
+    /// serve on, here (`Http1::back_to_own_server`): the same parts as `Handed`.
+    Returned {
+        stream: S,
+        state: Arc<ConnectionState>,
+        read_ahead: Bytes,
+    },
 }
 
 /// An HTTP/1.1 connection (with upgrades) of this thread, served until it ends or is handed
 /// over.
-pub(crate) struct Http1<S, Svc>
+pub(crate) struct Http1<'a, S, Svc>
 where
     Svc: HttpService<Incoming>,
 {
     connection: Option<http1::UpgradeableConnection<TokioIo<ClientIo<S>>, Svc>>,
     state: Arc<ConnectionState>,
-    entry: Entry,
+    entry: &'a Entry,
     /// May give its socket back (cleartext; a TLS session stays where its handshake was).
     movable: bool,
+    /// Gives its socket back at the first moment between two requests, for the gateway's own
+    /// server to serve the next ones (`crate::plain_http1` left it a request it does not serve).
+    back_to_own_server: bool,
     told_to_close: bool,
     /// Hyper was told to close after the response in progress.
     closing_after_response: bool,
 }
 
-impl<S, Svc> Http1<S, Svc>
+impl<'a, S, Svc> Http1<'a, S, Svc>
 where
     Svc: HttpService<Incoming>,
 {
@@ -295,7 +307,7 @@ where
     pub(crate) fn new(
         connection: http1::UpgradeableConnection<TokioIo<ClientIo<S>>, Svc>,
         state: Arc<ConnectionState>,
-        entry: Entry,
+        entry: &'a Entry,
         movable: bool,
     ) -> Self {
         Http1 {
@@ -303,13 +315,20 @@ where
             state,
             entry,
             movable,
+            back_to_own_server: false,
             told_to_close: false,
             closing_after_response: false,
         }
     }
+
+    /// Ends with [`Ended::Returned`] as soon as the connection is between two requests.
+    pub(crate) fn back_to_own_server(mut self, back: bool) -> Self {
+        self.back_to_own_server = back;
+        self
+    }
 }
 
-impl<S, Svc, B> Future for Http1<S, Svc>
+impl<S, Svc, B> Future for Http1<'_, S, Svc>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     Svc: HttpService<Incoming, ResBody = B> + Unpin,
@@ -360,19 +379,30 @@ where
             this.connection = None;
             return Poll::Ready(Ended::Closed(Ok(())));
         }
-        if this.movable && take_shed() {
-            let parts = this.connection.take().and_then(|c| c.into_parts());
-            let Some(parts) = parts else {
-                return Poll::Ready(Ended::Closed(Ok(())));
-            };
-            let (stream, state) = parts.io.into_inner().into_parts();
-            return Poll::Ready(Ended::Handed {
+        // Back to the own server before any hand-over: it sheds connections as well.
+        let back = this.back_to_own_server;
+        if !(back || this.movable && take_shed()) {
+            return Poll::Pending;
+        }
+        let parts = this.connection.take().and_then(|c| c.into_parts());
+        let Some(parts) = parts else {
+            return Poll::Ready(Ended::Closed(Ok(())));
+        };
+        let (stream, state) = parts.io.into_inner().into_parts();
+        let read_ahead = parts.read_buf;
+        Poll::Ready(if back {
+            Ended::Returned {
                 stream,
                 state,
-                read_ahead: parts.read_buf,
-            });
-        }
-        Poll::Pending
+                read_ahead,
+            }
+        } else {
+            Ended::Handed {
+                stream,
+                state,
+                read_ahead,
+            }
+        })
     }
 }
 

@@ -2,13 +2,17 @@
 //! or TLS: no body, or a small one (`Content-Length` in digits, at most what the request path
 //! buffers) already whole behind its head, as an API client's JSON comes; no protocol switch, no
 //! `Expect`, an origin-form target, a head that fits. Nearly every request a gateway sees is
-//! one. The first request that is not goes to hyper's server with the bytes read so far, and
-//! hyper serves the rest of that connection: streamed and chunked uploads, WebSockets, odd or
-//! broken heads and their 400 / 431 answers keep hyper's behaviour, unchanged.
+//! one. A request that is not goes to hyper's server with the bytes read so far: streamed and
+//! chunked uploads, WebSockets, odd or broken heads and their 400 / 431 answers keep hyper's
+//! behaviour, unchanged. Hyper gives the connection back between two requests (after an upload,
+//! the requests that follow are plain again; `crate::serving`), unless this server served none
+//! since the last time: then hyper keeps it.
 //!
 //! ```text
-//! read until a head is whole ─▶ httparse ─▶ plain? ─no──▶ hyper (the bytes put back)
-//!                                             │yes
+//! read until a head is whole ─▶ httparse ─▶ plain? ─no──▶ hyper (the bytes put back) ─┐
+//!        ▲                                    │yes                  between requests   │
+//!        └────────────────────────────────────┼────────────────────────────────────────┘
+//!                                             │
 //!                                             ▼
 //!          the service (crate::serving, as for hyper) ─▶ response head + body written
 //!                                             │

@@ -521,7 +521,7 @@ impl Proxy {
                                         Box::pin(self.hedged(
                                             first.as_mut(),
                                             &worker,
-                                            delay,
+                                            (sent, delay),
                                             &mut tried,
                                             second,
                                         ))
@@ -668,7 +668,7 @@ impl Proxy {
         true
     }
 
-    /// `first` (an attempt at `worker`) had no answer within `delay` ([`before`]): also sends
+    /// `first` (an attempt at `worker`, sent at `sent`) had no answer within `delay` ([`before`]): also sends
     /// the request to another worker (`second`, spending a retry-budget token) and takes the
     /// first answer. The slower attempt is dropped with its connection; its wait so far goes into
     /// its worker's latency estimate, so p2c steers new requests away from a worker that hangs.
@@ -677,7 +677,7 @@ impl Proxy {
         &self,
         mut first: std::pin::Pin<&mut F>,
         worker: &Arc<Worker>,
-        delay: Duration,
+        (sent, delay): (Instant, Duration),
         tried: &mut Tried,
         second: S,
     ) -> impl Future<Output = Attempt>
@@ -722,8 +722,7 @@ impl Proxy {
                 let waited = hedge_started.elapsed().as_nanos() as f64;
                 second_worker.ewma.observe(waited, clock);
             } else if succeeded {
-                let waited = delay + hedge_started.elapsed();
-                worker.ewma.observe(waited.as_nanos() as f64, clock);
+                worker.ewma.observe(sent.elapsed().as_nanos() as f64, clock);
                 // Another worker answered while this one had not in twice its p99. If this one
                 // answered nothing else since the request was sent either, it may hang: a
                 // failure for passive health, so a hung worker is ejected after a few hedges
@@ -732,8 +731,7 @@ impl Proxy {
                 // A worker that went on answering is busy, not hung: the request waited in its
                 // queue. Counting those ejected healthy workers of a saturated pool one after
                 // another; the latency estimate above steers new requests away instead.
-                let sent = clock.saturating_sub(waited.as_nanos() as u64);
-                if !worker.answered_since(sent) {
+                if !worker.answered_since(self.balancer.clock().at(sent)) {
                     worker.count_response(None);
                     self.balancer.report_at(worker, false, clock);
                 }
