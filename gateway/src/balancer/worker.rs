@@ -386,7 +386,10 @@ impl Worker {
     /// Notes that the worker answered a request at `now` (clock nanoseconds).
     #[inline]
     pub fn note_answer(&self, now: u64) {
-        self.answered_at.fetch_max(now, Ordering::Relaxed);
+        // A plain store, not a `fetch_max` (a locked compare-and-swap loop on every answer):
+        // two threads answering at once may leave the earlier of their two times, microseconds
+        // off, which no hedge delay can tell apart.
+        self.answered_at.store(now, Ordering::Relaxed);
     }
 
     /// Whether the worker has answered any request since `since` (clock nanoseconds): a worker
