@@ -159,9 +159,11 @@ async fn a_fresh_gateway_learns_its_hedge_delay_from_its_first_answers() {
 #[tokio::test]
 async fn lost_hedge_races_eject_a_hung_worker_not_a_busy_one() {
     let workers = [Upstream::start("w1").await, Upstream::start("w2").await];
-    workers[0].behavior.slow_ms.store(400, Ordering::SeqCst);
+    // The hedge delay leaves w1 300 ms to answer the quick GET of each round (a busy machine
+    // must not make it look hung); its slow requests wait far longer.
+    workers[0].behavior.slow_ms.store(1500, Ordering::SeqCst);
     let gw = Gateway::start(&[&workers[0], &workers[1]], |c| {
-        c.hedging.delay = Duration::from_millis(50);
+        c.hedging.delay = Duration::from_millis(300);
         c.timeouts.response_header = Duration::from_secs(5);
         c.health.interval = Duration::from_secs(60);
         c.health.passive.consecutive_failures = 2;

@@ -29,6 +29,10 @@ enum Script {
     /// Writes these pieces (made at run time: long answers), with a pause between them, then
     /// closes the connection when the flag says so.
     Made(&'static LazyLock<Vec<Vec<u8>>>, bool),
+    /// Writes these bytes and keeps the connection; a request that comes after it was idle for
+    /// this long gets no answer: the connection closes (the worker closed it idle as the
+    /// request was on its way).
+    IdleClose(&'static [u8], Duration),
 }
 
 /// A worker speaking raw HTTP/1.1: `answer(path) -> Script`.
@@ -86,6 +90,7 @@ async fn serve(
 ) {
     let mut buffer = Vec::new();
     let mut first = true;
+    let mut answered = tokio::time::Instant::now();
     loop {
         let Some((head, body)) = read_request(&mut stream, &mut buffer).await else {
             return;
@@ -97,6 +102,7 @@ async fn serve(
             }
             continue;
         }
+        let first_request = first;
         if first {
             count.fetch_add(1, Ordering::SeqCst);
             first = false;
@@ -125,6 +131,15 @@ async fn serve(
                 if close {
                     return;
                 }
+            }
+            Script::IdleClose(bytes, idle) => {
+                if !first_request && answered.elapsed() >= idle {
+                    return;
+                }
+                if stream.write_all(bytes).await.is_err() {
+                    return;
+                }
+                answered = tokio::time::Instant::now();
             }
             Script::Flood(bytes) => {
                 let batch = bytes.repeat(64 * 1024 / bytes.len());
@@ -428,6 +443,34 @@ async fn a_worker_closing_idle_connections_costs_no_request() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     assert_eq!(worker.request_connections.load(Ordering::SeqCst), 40);
+    gw.shutdown().await;
+}
+
+/// A worker that says how long it keeps an idle connection open (`Keep-Alive: timeout=2`;
+/// Node.js says 5, Apache 5) gets no request on one idle for longer than that less a second: a
+/// request sent as the worker closes the connection is lost, and a POST is not sent again.
+#[tokio::test]
+async fn a_connection_the_worker_may_have_closed_idle_is_not_reused() {
+    let worker = RawWorker::start(|_| {
+        Script::IdleClose(
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2\r\ncontent-length: 5\r\n\r\nhello",
+            Duration::from_millis(1200),
+        )
+    })
+    .await;
+    let gw = gateway_over(&worker).await;
+    let c = client();
+    for i in 0..3 {
+        let answer = send(&c, "POST", &gw.url("/"), &[], "x").await;
+        assert_eq!((answer.status, i), (200, i), "{:?}", answer.body);
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+    }
+    assert_eq!(worker.request_connections.load(Ordering::SeqCst), 3);
+    // Within the second: reused.
+    for _ in 0..3 {
+        assert_eq!(send(&c, "POST", &gw.url("/"), &[], "x").await.status, 200);
+    }
+    assert_eq!(worker.request_connections.load(Ordering::SeqCst), 4);
     gw.shutdown().await;
 }
 

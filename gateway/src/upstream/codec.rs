@@ -9,6 +9,7 @@
 use std::fmt::Write as _;
 use std::mem::MaybeUninit;
 use std::ops::Range;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -16,6 +17,9 @@ use http::uri::Authority;
 use http::{Method, StatusCode, Version};
 
 use crate::headers::{Forwarding, REQUEST_ID, RawRequestHead};
+
+/// A response's `Keep-Alive` header (not among `http`'s names).
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// Largest response head accepted from a worker.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -262,8 +266,9 @@ pub enum Parsed {
     Partial,
     /// A 1xx interim response of this many bytes: skip it, the final response follows.
     Interim(usize),
-    /// A final response head, taken off the buffer.
-    Complete(ResponseHead),
+    /// A final response head, taken off the buffer, and how long the worker keeps the
+    /// connection open while idle when it said ([`idle_timeout`]).
+    Complete(ResponseHead, Option<Duration>),
 }
 
 /// Parses the response head at the start of `buffer`; on [`Parsed::Complete`] the head's bytes
@@ -327,7 +332,7 @@ pub fn parse_response(
         && *method != Method::HEAD
         && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
     match finish_head(&head, &spans, status, version, method, raw) {
-        Ok(head) => Ok(Parsed::Complete(head)),
+        Ok((head, idle)) => Ok(Parsed::Complete(head, idle)),
         Err(error) => {
             // The head is only taken with a `Complete`: put it back (a copy, on this rare path
             // only) so that an error leaves the buffer as it was, like `Partial`. Found by the
@@ -405,7 +410,7 @@ fn finish_head(
     version: Version,
     method: &Method,
     raw: bool,
-) -> Result<ResponseHead, ProtocolError> {
+) -> Result<(ResponseHead, Option<Duration>), ProtocolError> {
     let mut found = FramingHeaders::default();
     let raw = if raw {
         RawHead::of(head, spans, &mut found)
@@ -431,14 +436,15 @@ fn finish_head(
         }
     }
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(ResponseHead {
+        let head = ResponseHead {
             status,
             version,
             headers,
             raw,
             framing: ResponseFraming::Empty,
             keep_alive: false,
-        });
+        };
+        return Ok((head, None));
     }
     let framing = framing(head, &found, status, method)?;
     // A Transfer-Encoding beside a Content-Length, or in an HTTP/1.0 answer, is how smuggling and
@@ -446,22 +452,54 @@ fn finish_head(
     // closed (RFC 9112 §6.1, §6.3 item 3) rather than trusted with another request.
     let suspect = !found.transfer_encoding.is_empty()
         && (!found.content_length.is_empty() || version == Version::HTTP_10);
+    let idle = idle_timeout(values(head, &found.keep_alive));
+    // A worker that closes idle connections within a second: too close to tell from the time a
+    // next request takes to reach it, so the connection is not kept.
     let keep_alive = framing != ResponseFraming::UntilClose
         && !suspect
+        && idle.is_none_or(|idle| idle > IDLE_MARGIN)
         && keeps_alive(values(head, &found.connection), version);
     if !found.transfer_encoding.is_empty() {
         // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): the body is read by the
         // former (chunked, or until the worker closes), so the length is stale; drop it.
         headers.remove(header::CONTENT_LENGTH);
     }
-    Ok(ResponseHead {
+    let head = ResponseHead {
         status,
         version,
         headers,
         raw,
         framing,
         keep_alive,
-    })
+    };
+    Ok((head, idle))
+}
+
+/// How much sooner than a worker's announced idle timeout the gateway stops reusing the
+/// connection: the time a request may take to reach the worker, and the worker's timer starting
+/// before its answer arrived here. Node.js's HTTP client (undici) keeps the same margin.
+pub const IDLE_MARGIN: Duration = Duration::from_secs(1);
+
+/// The `timeout` parameter of a response's `Keep-Alive` header (`Keep-Alive: timeout=5,
+/// max=100`, RFC 2068 §19.7.1, as Node.js, Apache and others send it): how long the worker keeps
+/// the connection open while idle. Whatever else the header holds, or a value that is not whole
+/// seconds, is ignored; of several, the shortest counts.
+fn idle_timeout<'a>(keep_alive: impl Iterator<Item = &'a [u8]>) -> Option<Duration> {
+    keep_alive
+        .flat_map(|value| value.split(|b| *b == b','))
+        .filter_map(|parameter| {
+            let (name, value) = parameter.split_at(parameter.iter().position(|b| *b == b'=')?);
+            if !name.trim_ascii().eq_ignore_ascii_case(b"timeout") {
+                return None;
+            }
+            let value = value[1..].trim_ascii();
+            if value.is_empty() || value.len() > 9 || !value.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            std::str::from_utf8(value).ok()?.parse::<u64>().ok()
+        })
+        .min()
+        .map(Duration::from_secs)
 }
 
 /// Where the values of the headers that frame a response sit in its head, noted while its header
@@ -472,6 +510,8 @@ struct FramingHeaders {
     transfer_encoding: smallvec::SmallVec<[Range<usize>; 1]>,
     content_length: smallvec::SmallVec<[Range<usize>; 1]>,
     connection: smallvec::SmallVec<[Range<usize>; 1]>,
+    /// `Keep-Alive`: how long the worker keeps the connection (not framing, but about it).
+    keep_alive: smallvec::SmallVec<[Range<usize>; 1]>,
 }
 
 impl FramingHeaders {
@@ -483,6 +523,8 @@ impl FramingHeaders {
             &mut self.transfer_encoding
         } else if *name == header::CONNECTION {
             &mut self.connection
+        } else if *name == KEEP_ALIVE {
+            &mut self.keep_alive
         } else {
             return;
         };
@@ -497,6 +539,8 @@ impl FramingHeaders {
             &mut self.transfer_encoding
         } else if name.eq_ignore_ascii_case(b"connection") {
             &mut self.connection
+        } else if name.eq_ignore_ascii_case(b"keep-alive") {
+            &mut self.keep_alive
         } else {
             return;
         };
@@ -771,7 +815,7 @@ mod tests {
     /// as lines when the head takes the map.
     fn raw_lines(text: &str) -> (Option<String>, bool) {
         let mut buffer = BytesMut::from(text.as_bytes());
-        let Ok(Parsed::Complete(head)) = parse_response(&mut buffer, &Method::GET, false, true)
+        let Ok(Parsed::Complete(head, _)) = parse_response(&mut buffer, &Method::GET, false, true)
         else {
             panic!("a complete head: {text:?}");
         };
@@ -814,7 +858,7 @@ mod tests {
         let mut buffer = BytesMut::from(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\n\r\n",
         );
-        let Ok(Parsed::Complete(head)) = parse_response(&mut buffer, &Method::GET, false, true)
+        let Ok(Parsed::Complete(head, _)) = parse_response(&mut buffer, &Method::GET, false, true)
         else {
             panic!("a complete head");
         };
@@ -858,7 +902,7 @@ mod tests {
         let text = "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nframes";
         let mut buffer = BytesMut::from(text.as_bytes());
         match parse_response(&mut buffer, &Method::GET, true, false) {
-            Ok(Parsed::Complete(head)) => {
+            Ok(Parsed::Complete(head, _)) => {
                 assert_eq!(head.status, StatusCode::SWITCHING_PROTOCOLS);
                 assert_eq!(head.headers[header::UPGRADE], "websocket");
                 assert!(!head.keep_alive);
@@ -872,9 +916,49 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_keep_alive_timeout_is_read_in_any_spelling_and_one_within_the_margin_closes() {
+        let idle = |text: &str| match parse(text, &Method::GET) {
+            (Ok(Parsed::Complete(head, idle)), _) => (idle.map(|d| d.as_secs()), head.keep_alive),
+            (other, _) => panic!("expected a complete head, got {other:?}"),
+        };
+        let head =
+            |keep_alive: &str| format!("HTTP/1.1 200 OK\r\n{keep_alive}content-length: 0\r\n\r\n");
+        for (keep_alive, expected) in [
+            ("Keep-Alive: timeout=5\r\n", (Some(5), true)),
+            ("keep-alive: max=100, Timeout = 15\r\n", (Some(15), true)),
+            (
+                "Keep-Alive: timeout=5\r\nKeep-Alive: timeout=3\r\n",
+                (Some(3), true),
+            ),
+            // Within the margin: closed after this answer.
+            ("Keep-Alive: timeout=1\r\n", (Some(1), false)),
+            ("Keep-Alive: timeout=0\r\n", (Some(0), false)),
+            // Not whole seconds, or no timeout at all: as if not said.
+            ("Keep-Alive: timeout=2.5\r\n", (None, true)),
+            ("Keep-Alive: timeout=-3, timeout=\r\n", (None, true)),
+            ("Keep-Alive: max=5\r\n", (None, true)),
+            ("Keep-Alive: timeout=99999999999\r\n", (None, true)),
+            ("", (None, true)),
+        ] {
+            assert_eq!(idle(&head(keep_alive)), expected, "{keep_alive:?}");
+        }
+        // A head kept raw notes it too (Node.js's answers).
+        let mut buffer = BytesMut::from(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\ncontent-length: 0\r\n\r\n",
+        );
+        let Ok(Parsed::Complete(head, idle)) =
+            parse_response(&mut buffer, &Method::GET, false, true)
+        else {
+            panic!("complete")
+        };
+        assert!(head.raw.is_some());
+        assert_eq!(idle, Some(Duration::from_secs(5)));
+    }
+
     fn complete(text: &str) -> (ResponseHead, BytesMut) {
         match parse(text, &Method::GET) {
-            (Ok(Parsed::Complete(head)), rest) => (head, rest),
+            (Ok(Parsed::Complete(head, _)), rest) => (head, rest),
             (other, _) => panic!("expected a complete head, got {other:?}"),
         }
     }
@@ -1225,7 +1309,7 @@ mod tests {
         ];
         for (text, method, expected) in cases {
             let (parsed, _) = parse(text, &method);
-            let Ok(Parsed::Complete(head)) = parsed else {
+            let Ok(Parsed::Complete(head, _)) = parsed else {
                 panic!("{text:?} did not parse");
             };
             assert_eq!(head.framing, expected, "{text:?}");

@@ -75,6 +75,9 @@ pub struct Socket {
     long: BytesMut,
     /// Whether it carried a request before (a failure on it may be the worker's idle close).
     reused: bool,
+    /// How long the worker keeps it open while idle, as its last answer said (`Keep-Alive:
+    /// timeout=N`): the pool stops offering it [`codec::IDLE_MARGIN`] before that.
+    pub(super) worker_idle: Option<std::time::Duration>,
     /// The response-head timeout, kept from request to request and moved on for each: a
     /// deadline later than the one registered is a compare-and-swap in tokio's timer, where a
     /// new timer per request was a registration in its wheel and a removal (about 500
@@ -137,6 +140,7 @@ impl Connection {
             write: BytesMut::with_capacity(1024),
             long: BytesMut::new(),
             reused: false,
+            worker_idle: None,
             head_timer: None,
         })))
     }
@@ -346,7 +350,10 @@ impl Socket {
                 codec::parse_response(&mut self.read, method, upgrade, raw)
             };
             match parsed {
-                Ok(Parsed::Complete(head)) => return Ok(head),
+                Ok(Parsed::Complete(head, idle)) => {
+                    self.worker_idle = idle;
+                    return Ok(head);
+                }
                 Ok(Parsed::Interim(length)) => {
                     let _ = self.read.split_to(length);
                     continue;

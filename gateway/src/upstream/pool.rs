@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::codec::IDLE_MARGIN;
 use super::connection::Connection;
 
 /// How many idle connections to keep per worker, and for how long.
@@ -116,10 +117,16 @@ impl Pool {
         if idle.len() > limits.max_idle || idle.first().is_some_and(|i| i.expired(now)) {
             trim(&mut idle, limits, now);
         }
+        // Not offered once the worker may have closed it as idle, as its last answer said: a
+        // request sent as it closes is lost (a POST is not sent again).
+        let idle_for = match connection.worker_idle {
+            Some(worker) => limits.idle_timeout.min(worker.saturating_sub(IDLE_MARGIN)),
+            None => limits.idle_timeout,
+        };
         idle.push(Idle {
             connection,
             since: now,
-            expires: now.checked_add(limits.idle_timeout),
+            expires: now.checked_add(idle_for),
         });
     }
 
@@ -146,20 +153,17 @@ impl Pool {
     }
 }
 
-/// Drops the expired connections, and those beyond `max_idle` idle for [`SURPLUS_IDLE`]: the
-/// oldest, at the front.
+/// Drops the expired connections (anywhere: one whose worker said it closes sooner may expire
+/// before older ones), and those beyond `max_idle` idle for [`SURPLUS_IDLE`]: the oldest, at the
+/// front.
 fn trim(idle: &mut Vec<Idle>, limits: &PoolLimits, now: Instant) {
-    let expired = idle.iter().take_while(|i| i.expired(now)).count();
-    let beyond_floor = (idle.len() - expired).saturating_sub(limits.max_idle);
-    let unused = if beyond_floor == 0 {
-        0
-    } else {
-        idle[expired..expired + beyond_floor]
-            .iter()
-            .take_while(|i| now.saturating_duration_since(i.since) >= SURPLUS_IDLE)
-            .count()
-    };
-    idle.drain(..expired + unused);
+    idle.retain(|i| !i.expired(now));
+    let beyond_floor = idle.len().saturating_sub(limits.max_idle);
+    let unused = idle[..beyond_floor]
+        .iter()
+        .take_while(|i| now.saturating_duration_since(i.since) >= SURPLUS_IDLE)
+        .count();
+    idle.drain(..unused);
 }
 
 fn lock(shard: &Mutex<Vec<Idle>>) -> std::sync::MutexGuard<'_, Vec<Idle>> {
@@ -240,6 +244,48 @@ mod tests {
         pool.put(connection(&listener).await, &limits, second(11));
         let _accepted = listener.accept().await.unwrap();
         assert_eq!(pool.idle(), 1, "a put drops the expired ones before it");
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_worker_closes_it_sooner_goes_a_margin_before_that() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let limits = PoolLimits {
+            max_idle: 4,
+            idle_timeout: Duration::from_secs(60),
+        };
+        let pool = Pool::new(1);
+        let start = Instant::now();
+        let millis = |ms| start + Duration::from_millis(ms);
+        async fn said(
+            listener: &tokio::net::TcpListener,
+            seconds: u64,
+        ) -> (Connection, (tokio::net::TcpStream, std::net::SocketAddr)) {
+            let mut connection = connection(listener).await;
+            connection.worker_idle = Some(Duration::from_secs(seconds));
+            (connection, listener.accept().await.unwrap())
+        }
+
+        // `Keep-Alive: timeout=5`: offered for 4 s.
+        let (five, _accepted) = said(&listener, 5).await;
+        pool.put(five, &limits, start);
+        assert!(pool.take(millis(3_900)).is_some(), "3.9 s of 4");
+        let (five, _accepted) = said(&listener, 5).await;
+        pool.put(five, &limits, start);
+        assert!(
+            pool.take(millis(4_000)).is_none(),
+            "4 s of 4: the worker may close it"
+        );
+
+        // One that expires first behind one that does not goes at the next sweep all the same.
+        let (plain, _a) = (
+            connection(&listener).await,
+            listener.accept().await.unwrap(),
+        );
+        pool.put(plain, &limits, start);
+        let (two, _b) = said(&listener, 2).await;
+        pool.put(two, &limits, start);
+        pool.sweep(&limits, millis(1_500));
+        assert_eq!(pool.idle(), 1, "the one said to close at 2 s went at 1 s");
     }
 
     #[tokio::test]

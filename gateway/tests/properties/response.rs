@@ -228,7 +228,7 @@ fn parse_as(bytes: &[u8], method: &Method, upgrade: bool, raw: bool) -> Result<P
     let mut buffer = BytesMut::from(bytes);
     let parsed = parse_response(&mut buffer, method, upgrade, raw).map_err(|_| ());
     match &parsed {
-        Ok(Parsed::Complete(_)) => assert!(bytes.ends_with(&buffer), "only the head is taken"),
+        Ok(Parsed::Complete(_, _)) => assert!(bytes.ends_with(&buffer), "only the head is taken"),
         Ok(Parsed::Interim(length)) => {
             assert!(*length <= bytes.len());
             assert_eq!(&buffer[..], bytes, "an interim head is left for the caller");
@@ -260,7 +260,7 @@ proptest! {
             prop_assert!(matches!(parsed, Ok(Parsed::Interim(n)) if n == wire.len()), "{parsed:?}");
             return Ok(());
         }
-        let Ok(Parsed::Complete(parsed)) = parsed else {
+        let Ok(Parsed::Complete(parsed, _)) = parsed else {
             return Err(TestCaseError::fail(format!("{parsed:?}")));
         };
         prop_assert_eq!(parsed.status.as_u16(), head.status);
@@ -295,7 +295,7 @@ proptest! {
         let mapped = parse_as(&bytes, &method, false, false);
         let raw = parse_as(&bytes, &method, false, true);
         let (mapped, raw) = match (mapped, raw) {
-            (Ok(Parsed::Complete(mapped)), Ok(Parsed::Complete(raw))) => (mapped, raw),
+            (Ok(Parsed::Complete(mapped, _)), Ok(Parsed::Complete(raw, _))) => (mapped, raw),
             (mapped, raw) => {
                 prop_assert_eq!(format!("{mapped:?}"), format!("{raw:?}"));
                 return Ok(());

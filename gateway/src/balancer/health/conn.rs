@@ -188,7 +188,7 @@ impl Session {
                         self.buf.advance(head_len);
                         continue;
                     }
-                    Ok(Parsed::Complete(head)) => {
+                    Ok(Parsed::Complete(head, _)) => {
                         // `buf` now holds what came after the head.
                         let reusable = head.keep_alive && whole_body(head.framing, &mut self.buf);
                         return Ok(Answer {
