@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use herd::binaries;
@@ -19,6 +20,24 @@ use serde_json::Value;
 
 /// Longest a bench command may take here (start-up, warm-up, runs, stop).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The tests of this file run two at a time (one per core of a CI machine); those that measure
+/// what a proxy gets of the machine (its CPU budget, a fixed request rate) run alone.
+static MACHINE: RwLock<()> = RwLock::new(());
+
+/// Held by a test that may run beside another.
+fn beside_others() -> RwLockReadGuard<'static, ()> {
+    MACHINE
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Held by a test that measures the machine: no other test of this file runs meanwhile.
+fn alone() -> RwLockWriteGuard<'static, ()> {
+    MACHINE
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn herd_binary() -> PathBuf {
     binaries::locate(binaries::HERD).unwrap_or_else(|error| panic!("{error}"))
@@ -171,6 +190,7 @@ impl Drop for KillLeftovers<'_> {
 
 #[test]
 fn bench_proxy_measures_every_target_without_errors() {
+    let _machine = beside_others();
     let dir = temp_dir();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
@@ -321,6 +341,7 @@ fn every_proxy_serves(scenario: &str, loaded: &str) -> Vec<Value> {
 /// answers every one (no error, no non-2xx), and the table says what was loaded.
 #[test]
 fn bench_proxy_api_posts_a_body_through_every_proxy() {
+    let _machine = beside_others();
     every_proxy_serves("api", "`POST /` with a 95-byte JSON body");
 }
 
@@ -328,6 +349,7 @@ fn bench_proxy_api_posts_a_body_through_every_proxy() {
 /// the load generator read).
 #[test]
 fn bench_proxy_page_carries_64_kib_answers_through_every_proxy() {
+    let _machine = beside_others();
     for run in every_proxy_serves("page", "`GET /page` → hello app, a 64 KiB answer") {
         let requests = run["requests"].as_u64().unwrap();
         // Every answer the page and its head, through each proxy (wrk counts to two decimals).
@@ -344,6 +366,7 @@ fn bench_proxy_page_carries_64_kib_answers_through_every_proxy() {
 /// answered over HTTP/1.1 would fail the run), without errors.
 #[test]
 fn bench_proxy_measures_https_over_http1_and_http2() {
+    let _machine = beside_others();
     let dir = temp_dir();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
@@ -400,6 +423,7 @@ fn bench_proxy_measures_https_over_http1_and_http2() {
 /// HTTP/1.1 only: it would read 0 req/s).
 #[test]
 fn bench_proxy_runs_in_front_of_a_node_upstream() {
+    let _machine = beside_others();
     let dir = temp_dir();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
@@ -413,6 +437,7 @@ fn bench_proxy_runs_in_front_of_a_node_upstream() {
 /// app, is refused with a usage error before anything starts.
 #[test]
 fn bench_proxy_runs_in_front_of_a_plain_hyper_upstream() {
+    let _machine = beside_others();
     let dir = temp_dir();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
@@ -487,6 +512,7 @@ fn served_in_front_of(tmp: &Path, upstream: &str, scenarios: &[&str]) {
 /// gone afterwards; a budget out of range is a usage error before anything starts.
 #[test]
 fn bench_proxy_holds_every_proxy_to_the_same_cpu_budget() {
+    let _machine = alone();
     let dir = temp_dir();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
@@ -578,6 +604,7 @@ fn bench_proxy_holds_every_proxy_to_the_same_cpu_budget() {
 /// process behind: the kernel kills what it started (`setpriv --pdeathsig`).
 #[test]
 fn a_bench_killed_with_sigkill_leaves_no_process_behind() {
+    let _machine = beside_others();
     let tmp = temp_dir();
     let _leftovers = KillLeftovers(tmp.path());
     let mut bench = Command::new(herd_binary())
@@ -632,6 +659,7 @@ fn a_bench_killed_with_sigkill_leaves_no_process_behind() {
 
 #[test]
 fn bench_health_checks_twenty_registered_workers() {
+    let _machine = beside_others();
     let dir = temp_dir();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
@@ -658,6 +686,7 @@ fn bench_health_checks_twenty_registered_workers() {
 /// 15 s on a busy CI box can't; here the exit code must only agree with the printed verdict.
 #[test]
 fn bench_soak_holds_connections_through_a_worker_kill() {
+    let _machine = beside_others();
     let dir = temp_dir();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
@@ -754,6 +783,7 @@ fn bench_soak_holds_connections_through_a_worker_kill() {
 /// nothing behind. A scenario it does not know is refused before anything starts.
 #[test]
 fn ab_gateways_script_compares_builds_on_the_session_route_h2_and_https() {
+    let _machine = alone();
     let dir = temp_dir();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
