@@ -424,12 +424,7 @@ impl Clients {
                         stream,
                         state,
                         read_ahead,
-                    } => {
-                        return Some(Handed {
-                            stream,
-                            resumed: Resumed { state, read_ahead },
-                        });
-                    }
+                    } => return Some(Handed::new(stream, state, read_ahead)),
                     plain_http1::Ended::ToHyper(io) => *io,
                 };
                 // Hyper serves the request left to it and gives the connection back after it,
@@ -460,12 +455,7 @@ impl Clients {
                     stream,
                     state,
                     read_ahead,
-                } => {
-                    return Some(Handed {
-                        stream,
-                        resumed: Resumed { state, read_ahead },
-                    });
-                }
+                } => return Some(Handed::new(stream, state, read_ahead)),
                 Ended::Returned {
                     stream,
                     state,
@@ -739,6 +729,15 @@ struct Resumed {
 struct Handed<S> {
     stream: S,
     resumed: Resumed,
+}
+
+impl<S> Handed<S> {
+    fn new(stream: S, state: Arc<ConnectionState>, read_ahead: Bytes) -> Self {
+        Handed {
+            stream,
+            resumed: Resumed { state, read_ahead },
+        }
+    }
 }
 
 /// The first line of the HTTP/2 connection preface (RFC 9113 §3.4), all 24 bytes of it.

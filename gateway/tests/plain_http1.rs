@@ -308,6 +308,18 @@ async fn gateway() -> Gateway {
     .await
 }
 
+/// [`gateway`], with a request path that buffers bodies up to 16 bytes: larger ones stream, as
+/// hyper reads them.
+async fn gateway_buffering_16_bytes() -> Gateway {
+    let worker = raw_worker().await;
+    Gateway::start(&[], move |c| {
+        c.workers = vec![worker.to_string()];
+        c.health.path = "/ok".into();
+        c.retry.buffer_body_bytes = 16;
+    })
+    .await
+}
+
 fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nhost: gateway\r\n\r\n")
 }
@@ -508,15 +520,7 @@ async fn a_connection_of_uploads_only_stays_with_hyper_and_one_of_mixed_requests
 
 #[tokio::test]
 async fn a_body_not_whole_with_its_head_goes_to_hyper_and_the_connection_goes_on() {
-    let gw = Gateway::start(&[], {
-        let worker = raw_worker().await;
-        move |c| {
-            c.workers = vec![worker.to_string()];
-            c.health.path = "/ok".into();
-            c.retry.buffer_body_bytes = 16;
-        }
-    })
-    .await;
+    let gw = gateway_buffering_16_bytes().await;
     let cases: [(&str, &[&str]); 3] = [
         // The body after a pause: the head alone was read.
         (
@@ -591,15 +595,7 @@ async fn a_body_not_whole_with_its_head_goes_to_hyper_and_the_connection_goes_on
 /// after a GET. They waited for the drain timeout (10 s), as if a body might still be unread.
 #[tokio::test]
 async fn idle_connections_hyper_read_an_upload_on_close_at_once_when_the_gateway_stops() {
-    let gw = Gateway::start(&[], {
-        let worker = raw_worker().await;
-        move |c| {
-            c.workers = vec![worker.to_string()];
-            c.health.path = "/ok".into();
-            c.retry.buffer_body_bytes = 16;
-        }
-    })
-    .await;
+    let gw = gateway_buffering_16_bytes().await;
     let uploads: [&[&str]; 3] = [
         &[
             "PUT /echo HTTP/1.1\r\nhost: gateway\r\ncontent-length: 5\r\n\r\n",
