@@ -161,7 +161,8 @@ impl WorkerBody {
             } else {
                 home.answered
             };
-            home.pool.put(connection, &home.limits, back);
+            home.pool
+                .put_answered(connection, &home.limits, back, home.answered);
         }
     }
 

@@ -109,6 +109,20 @@ impl Pool {
     /// Keeps `connection` for the next request, idle since `now` (the caller's reading of the
     /// clock). On the way, while it holds the lock anyway, it drops what [`trim`] drops.
     pub fn put(&self, connection: Connection, limits: &PoolLimits, now: Instant) {
+        self.put_answered(connection, limits, now, now);
+    }
+
+    /// [`Pool::put`] of a connection whose last answer's head arrived at `answered`: a worker
+    /// that said it closes idle connections (`Connection::worker_idle`) counts from then, not
+    /// from the end of the body. A body read only as fast as a slow client takes it may have left
+    /// the worker, which started its timer, long before the gateway read its end.
+    pub fn put_answered(
+        &self,
+        connection: Connection,
+        limits: &PoolLimits,
+        now: Instant,
+        answered: Instant,
+    ) {
         if limits.max_idle == 0 {
             return;
         }
@@ -119,14 +133,17 @@ impl Pool {
         }
         // Not offered once the worker may have closed it as idle, as its last answer said: a
         // request sent as it closes is lost (a POST is not sent again).
-        let idle_for = match connection.worker_idle {
-            Some(worker) => limits.idle_timeout.min(worker.saturating_sub(IDLE_MARGIN)),
-            None => limits.idle_timeout,
+        let ours = now.checked_add(limits.idle_timeout);
+        let worker = (connection.worker_idle)
+            .and_then(|worker| answered.checked_add(worker.saturating_sub(IDLE_MARGIN)));
+        let expires = match (ours, worker) {
+            (Some(ours), Some(worker)) => Some(ours.min(worker)),
+            (ours, worker) => ours.or(worker),
         };
         idle.push(Idle {
             connection,
             since: now,
-            expires: now.checked_add(idle_for),
+            expires,
         });
     }
 
@@ -275,6 +292,14 @@ mod tests {
             pool.take(millis(4_000)).is_none(),
             "4 s of 4: the worker may close it"
         );
+
+        // A body streamed for 3.5 s after its head: the worker's 4 s count from the head.
+        let (five, _accepted) = said(&listener, 5).await;
+        pool.put_answered(five, &limits, millis(3_500), start);
+        assert!(pool.take(millis(3_900)).is_some(), "3.9 s after the head");
+        let (five, _accepted) = said(&listener, 5).await;
+        pool.put_answered(five, &limits, millis(3_500), start);
+        assert!(pool.take(millis(4_000)).is_none(), "4 s after the head");
 
         // One that expires first behind one that does not goes at the next sweep all the same.
         let (plain, _a) = (
