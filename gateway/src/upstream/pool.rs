@@ -150,7 +150,10 @@ impl Pool {
     /// Drops what [`trim`] drops from the calling thread's shard: for a pool no request puts
     /// into (the load stopped), run every [`SWEEP_EVERY`] by each serving thread.
     pub fn sweep(&self, limits: &PoolLimits, now: Instant) {
-        trim(&mut lock(self.shard()), limits, now);
+        let mut idle = lock(self.shard());
+        // Also those expired behind one that is not (a worker that said it closes sooner).
+        idle.retain(|i| !i.expired(now));
+        trim(&mut idle, limits, now);
     }
 
     /// Number of idle connections over all shards (for tests and the admin API).
@@ -170,17 +173,22 @@ impl Pool {
     }
 }
 
-/// Drops the expired connections (anywhere: one whose worker said it closes sooner may expire
-/// before older ones), and those beyond `max_idle` idle for [`SURPLUS_IDLE`]: the oldest, at the
-/// front.
+/// Drops the expired connections at the front (the oldest; one whose worker said it closes
+/// sooner may expire behind one that has not: [`Pool::take`] skips it, [`Pool::sweep`] drops it),
+/// and those beyond `max_idle` idle for [`SURPLUS_IDLE`]: the oldest, at the front. Called on
+/// every put while the pool holds more than `max_idle`: no scan of the whole pool here.
 fn trim(idle: &mut Vec<Idle>, limits: &PoolLimits, now: Instant) {
-    idle.retain(|i| !i.expired(now));
-    let beyond_floor = idle.len().saturating_sub(limits.max_idle);
-    let unused = idle[..beyond_floor]
-        .iter()
-        .take_while(|i| now.saturating_duration_since(i.since) >= SURPLUS_IDLE)
-        .count();
-    idle.drain(..unused);
+    let expired = idle.iter().take_while(|i| i.expired(now)).count();
+    let beyond_floor = (idle.len() - expired).saturating_sub(limits.max_idle);
+    let unused = if beyond_floor == 0 {
+        0
+    } else {
+        idle[expired..expired + beyond_floor]
+            .iter()
+            .take_while(|i| now.saturating_duration_since(i.since) >= SURPLUS_IDLE)
+            .count()
+    };
+    idle.drain(..expired + unused);
 }
 
 fn lock(shard: &Mutex<Vec<Idle>>) -> std::sync::MutexGuard<'_, Vec<Idle>> {
