@@ -1,6 +1,7 @@
 //! The gateway's own HTTP/1.1 server, for the plain requests of HTTP/1.1 connections, cleartext
 //! or TLS: no body, or a small one (`Content-Length` in digits, at most what the request path
-//! buffers) already whole behind its head, as an API client's JSON comes; no protocol switch, no
+//! buffers) whole behind its head or within `BODY_GRACE` of it, as an API client's JSON comes
+//! (Python's clients write it apart from the head); no protocol switch, no
 //! `Expect`, an origin-form target, a head that fits. Nearly every request a gateway sees is
 //! one. A request that is not goes to hyper's server with the bytes read so far: streamed and
 //! chunked uploads, WebSockets, odd or broken heads and their 400 / 431 answers keep hyper's
