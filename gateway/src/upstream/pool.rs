@@ -136,14 +136,10 @@ impl Pool {
         let ours = now.checked_add(limits.idle_timeout);
         let worker = (connection.worker_idle)
             .and_then(|worker| answered.checked_add(worker.saturating_sub(IDLE_MARGIN)));
-        let expires = match (ours, worker) {
-            (Some(ours), Some(worker)) => Some(ours.min(worker)),
-            (ours, worker) => ours.or(worker),
-        };
         idle.push(Idle {
             connection,
             since: now,
-            expires,
+            expires: [ours, worker].into_iter().flatten().min(),
         });
     }
 
