@@ -20,7 +20,7 @@
 # infra/bench/nginx.conf.in, one worker, in one process), counted the same way. REQUESTS: default 20000, sent by h2load (-n: an exact count) over
 # CONNECTIONS (default 16; 1 makes every request a wake-up of its own) after 2000 warm-up
 # requests; HEADER adds one request header on h1 (`HEADER='Connection: keep-alive'`, as browsers
-# send), HEADERS several, split at `|` (what a cloud load balancer in front adds:
+# send), HEADERS several, any scenario, split at `|` (what a cloud load balancer in front adds:
 # `HEADERS='X-Forwarded-For: 203.0.113.7|X-Forwarded-Proto: https|X-Forwarded-Port: 443'`).
 # BODY=FILE makes every request a POST with that file as its body (an API's JSON), any scenario.
 # Counting starts after the warm-up
@@ -42,17 +42,17 @@ connections=${CONNECTIONS:-16}
 upstream=${UPSTREAM:-herd-worker}
 path=/
 case $scenario in
-  h1) h2load_mode=(--h1 -m 1 ${HEADER:+-H "$HEADER"})
-    if [ -n "${HEADERS:-}" ]; then
-      IFS='|' read -ra extra <<<"$HEADERS"
-      for line in "${extra[@]}"; do h2load_mode+=(-H "$line"); done
-    fi ;;
+  h1) h2load_mode=(--h1 -m 1 ${HEADER:+-H "$HEADER"}) ;;
   h2) h2load_mode=(-m 8) ;;
   session) h2load_mode=(--h1 -m 1); path=/me ;;
   tls) h2load_mode=(--h1 -m 1) ;;
   tls-h2) h2load_mode=(-m 8 --npn-list=h2) ;;
   *) echo "scenario: h1, h2, session, tls or tls-h2, not $scenario" >&2; exit 2 ;;
 esac
+if [ -n "${HEADERS:-}" ]; then
+  IFS='|' read -ra extra <<<"$HEADERS"
+  for line in "${extra[@]}"; do h2load_mode+=(-H "$line"); done
+fi
 if [ -n "${BODY:-}" ]; then
   [ -f "$BODY" ] || { echo "BODY: a file to send, not $BODY" >&2; exit 2; }
   h2load_mode+=(-d "$BODY")

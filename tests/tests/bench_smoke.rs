@@ -384,7 +384,7 @@ fn bench_proxy_measures_https_over_http1_and_http2() {
             "--concurrency",
             "16",
             "--scenarios",
-            "tls-ecdsa,tls-h2",
+            "tls-ecdsa,tls-h2,browser",
             "--targets",
             "herd,haproxy,nginx",
             "--json",
@@ -394,7 +394,7 @@ fn bench_proxy_measures_https_over_http1_and_http2() {
     );
     assert!(output.status.success(), "{}", describe(&output));
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    for scenario in ["### tls-ecdsa", "### tls-h2"] {
+    for scenario in ["### tls-ecdsa", "### tls-h2", "### browser"] {
         let table = text
             .split(scenario)
             .nth(1)
@@ -404,9 +404,10 @@ fn bench_proxy_measures_https_over_http1_and_http2() {
         }
     }
     assert!(text.contains("HTTP/2 over TLS (ALPN h2)"), "{text}");
+    assert!(text.contains("a browser's 13 request headers"), "{text}");
     let raw: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let runs = raw["results"]["runs"].as_array().expect("runs");
-    assert_eq!(runs.len(), 6, "{raw}");
+    assert_eq!(runs.len(), 9, "{raw}");
     for run in runs {
         assert!(run["error"].is_null(), "{run}");
         assert!(run["requests"].as_u64().unwrap() > 0, "{run}");

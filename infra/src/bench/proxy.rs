@@ -54,7 +54,30 @@ pub enum Scenario {
     /// HTTP/2 over TLS (ALPN h2), keep-alive `GET /` of the hello app, ECDSA P-256, with
     /// h2load: what browsers speak to a site.
     TlsH2,
+    /// [`Scenario::TlsH2`] with what a browser sends on every request ([`BROWSER_HEADERS`]:
+    /// 13 lines, cookies among them, 651 bytes as HTTP/1.1 lines): the headers a proxy decodes, keeps and passes on
+    /// for each request of a real site, which h2load's own (none but the pseudo-headers) leave
+    /// out.
+    Browser,
 }
+
+/// The request headers of the `browser` scenario: Chrome 131 on Linux loading a page of a shop
+/// it has cookies for, as its developer tools show them.
+pub const BROWSER_HEADERS: [&str; 13] = [
+    "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+    "Accept: text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,image/apng,*/*;q=0.8",
+    "Accept-Language: en-US,en;q=0.9",
+    "Accept-Encoding: gzip, deflate, br, zstd",
+    "Referer: https://shop.example.com/cart",
+    "sec-ch-ua: \"Chromium\";v=\"131\", \"Not_A Brand\";v=\"24\"",
+    "sec-ch-ua-mobile: ?0",
+    "sec-ch-ua-platform: \"Linux\"",
+    "Sec-Fetch-Dest: document",
+    "Sec-Fetch-Mode: navigate",
+    "Sec-Fetch-Site: same-origin",
+    "Upgrade-Insecure-Requests: 1",
+    "Cookie: herd_session=3f9a1c2e8b7d4f60a5e1c9b2d7f3a8e4; _ga=GA1.1.1234567890.1733400000; theme=dark",
+];
 
 impl Scenario {
     /// Its name in tables.
@@ -70,6 +93,7 @@ impl Scenario {
             Scenario::TlsEcdsaHandshake => "tls-ecdsa-handshake",
             Scenario::TlsRsaHandshake => "tls-rsa-handshake",
             Scenario::TlsH2 => "tls-h2",
+            Scenario::Browser => "browser",
         }
     }
 
@@ -79,7 +103,9 @@ impl Scenario {
             Scenario::Hello | Scenario::Session | Scenario::Api | Scenario::Page | Scenario::H2 => {
                 None
             }
-            Scenario::TlsEcdsa | Scenario::TlsH2 => Some((KeyKind::EcdsaP256, false)),
+            Scenario::TlsEcdsa | Scenario::TlsH2 | Scenario::Browser => {
+                Some((KeyKind::EcdsaP256, false))
+            }
             Scenario::TlsRsa => Some((KeyKind::Rsa2048, false)),
             Scenario::TlsEcdsaHandshake => Some((KeyKind::EcdsaP256, true)),
             Scenario::TlsRsaHandshake => Some((KeyKind::Rsa2048, true)),
@@ -107,6 +133,10 @@ impl Scenario {
             Scenario::TlsH2 => {
                 "HTTP/2 over TLS (ALPN h2), keep-alive `GET /` → hello app, ECDSA P-256 (h2load)"
             }
+            Scenario::Browser => {
+                "HTTP/2 over TLS (ALPN h2), `GET /` with a browser's 13 request headers and its \
+                 cookies → hello app, ECDSA P-256 (h2load)"
+            }
         }
     }
 
@@ -121,7 +151,7 @@ impl Scenario {
 
     fn generator(self) -> Generator {
         match self {
-            Scenario::H2 | Scenario::TlsH2 => Generator::H2load,
+            Scenario::H2 | Scenario::TlsH2 | Scenario::Browser => Generator::H2load,
             _ => Generator::Wrk,
         }
     }
@@ -337,6 +367,7 @@ fn run_scenario(
     let upstreams = Upstreams::start(scenario.app(options.upstream), UPSTREAMS, dir)?;
     let mut headers = match scenario {
         Scenario::Session => vec![format!("Cookie: {}", upstreams.login("bench")?)],
+        Scenario::Browser => BROWSER_HEADERS.map(String::from).to_vec(),
         _ => Vec::new(),
     };
     // One certificate for all three proxies; a handshake scenario closes every connection
@@ -502,4 +533,34 @@ fn run_scenario(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_browser_headers_are_header_lines_a_proxy_passes_on() {
+        let mut names = std::collections::HashSet::new();
+        for line in BROWSER_HEADERS {
+            let (name, value) = line.split_once(": ").expect("name: value");
+            hyper::http::HeaderName::from_bytes(name.as_bytes()).expect("a header name");
+            hyper::http::HeaderValue::from_str(value).expect("a header value");
+            assert!(names.insert(name.to_ascii_lowercase()), "{name} twice");
+            // Nothing the proxies handle themselves (hop-by-hop, framing, the target).
+            for own in [
+                "connection",
+                "host",
+                "content-length",
+                "transfer-encoding",
+                "te",
+            ] {
+                assert_ne!(name.to_ascii_lowercase(), own);
+            }
+        }
+        let bytes: usize = BROWSER_HEADERS.iter().map(|line| line.len() + 2).sum();
+        assert_eq!(bytes, 651, "as the scenario's doc says");
+        assert_eq!(Scenario::Browser.generator(), Generator::H2load);
+        assert_eq!(Scenario::Browser.tls(), Some((KeyKind::EcdsaP256, false)));
+    }
 }

@@ -230,7 +230,8 @@ pub struct BenchProxyArgs {
     /// session cookie; Redis), h2 (HTTP/2 cleartext, hello app, with h2load); over TLS (not by
     /// default; docs/tls.md): tls-ecdsa / tls-rsa (keep-alive), tls-ecdsa-handshake /
     /// tls-rsa-handshake (a new connection and full handshake per request), tls-h2 (HTTP/2
-    /// over TLS, ALPN h2, with h2load).
+    /// over TLS, ALPN h2, with h2load), browser (tls-h2 with a browser's 13 request headers and
+    /// cookies); api (a JSON POST) and page (64 KiB answers).
     #[arg(
         long,
         value_delimiter = ',',
