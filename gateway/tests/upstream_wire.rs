@@ -474,6 +474,108 @@ async fn a_connection_the_worker_may_have_closed_idle_is_not_reused() {
     gw.shutdown().await;
 }
 
+/// A worker that turns an upload down by its head (a 413 for its declared length, as axum's
+/// body limit does) and closes the connection a moment later with the body unread, without
+/// saying `Connection: close` (hyper's server closes at once; the moment makes the race sure).
+/// Its kernel resets the connection then, losing what the gateway sent on it meanwhile. Other
+/// requests it reads whole and answers `200 hello`.
+async fn upload_refuser() -> (std::net::SocketAddr, Arc<AtomicU64>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicU64::new(0));
+    let count = connections.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut first = true;
+                loop {
+                    let end = loop {
+                        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end;
+                        }
+                        if read_more(&mut stream, &mut buffer).await.is_none() {
+                            return;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
+                    buffer.drain(..end + 4);
+                    if head.starts_with("get /readyz ") {
+                        if stream.write_all(READY).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    if std::mem::take(&mut first) {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if head.starts_with("post /upload ") {
+                        let _ = stream
+                            .write_all(
+                                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n",
+                            )
+                            .await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        return; // dropped with the body unread: a reset
+                    }
+                    let length: usize = head
+                        .lines()
+                        .find_map(|line| line.strip_prefix("content-length: "))
+                        .map_or(0, |length| length.trim().parse().unwrap());
+                    while buffer.len() < length {
+                        if read_more(&mut stream, &mut buffer).await.is_none() {
+                            return;
+                        }
+                    }
+                    buffer.drain(..length);
+                    let hello = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+                    if stream.write_all(hello).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections, task)
+}
+
+/// After an error answer to a request with a body, the connection is not reused: the worker may
+/// not have read the body and may be about to close it (see [`upload_refuser`]); the next POST,
+/// sent on it, was lost with it (a 502: a POST is not sent again). Other answers to uploads, and
+/// error answers to requests without a body, keep their connection.
+#[tokio::test]
+async fn a_connection_whose_upload_was_turned_down_unread_is_not_reused() {
+    let (addr, connections, task) = upload_refuser().await;
+    let addr = addr.to_string();
+    let gw = Gateway::start(&[], move |c| {
+        c.workers = vec![addr];
+        c.retry.buffer_body_bytes = 1024;
+    })
+    .await;
+    let c = client();
+    let upload = vec![b'u'; 5000];
+    for round in 0..3 {
+        let refused = send(&c, "POST", &gw.url("/upload"), &[], upload.clone()).await;
+        assert_eq!((refused.status, round), (413, round));
+        let next = send(&c, "POST", &gw.url("/order"), &[], "{}").await;
+        assert_eq!((next.status, round), (200, round), "{:?}", next.body);
+    }
+    // Each refused upload's connection was left (the first upload's, then the pooled one each
+    // later upload took); the POST after it opened a new one.
+    assert_eq!(connections.load(Ordering::SeqCst), 4);
+    for _ in 0..3 {
+        assert_eq!(
+            send(&c, "POST", &gw.url("/order"), &[], "{}").await.status,
+            200
+        );
+        assert_eq!(send(&c, "GET", &gw.url("/"), &[], "").await.status, 200);
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 4);
+    gw.shutdown().await;
+    task.abort();
+}
+
 #[tokio::test]
 async fn request_bodies_are_framed_for_the_worker() {
     let worker =

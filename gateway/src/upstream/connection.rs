@@ -190,6 +190,10 @@ impl Socket {
             // A request that went out in one write left at `timing.sent`; one that waited for room
             // or for the client's body left later (its head timeout and stale window start then).
             let waits = matches!(request.body, UpstreamBody::Stream { .. });
+            let uploads = match &request.body {
+                UpstreamBody::Full(data) => data.as_ref().is_some_and(|data| !data.is_empty()),
+                UpstreamBody::Stream { .. } => true,
+            };
             let was_reused = self.reused;
             self.reused = true;
             let method = request.method.clone();
@@ -202,7 +206,7 @@ impl Socket {
             };
             self.write_request(request, fallback_host, stall, &mut written)
                 .await
-                .map_err(|error| error.into_upstream(was_reused, written.bytes))?;
+                .map_err(|error| error.into_upstream(was_reused, timing.sent, written.bytes))?;
             let sent_at = if waits || written.waited {
                 Instant::now()
             } else {
@@ -226,7 +230,17 @@ impl Socket {
                 () = tokio::task::unconstrained(timer.as_mut()) => Err(UpstreamError::timeout()),
             };
             self.head_timer = Some(timer);
-            outcome
+            let mut head = outcome?;
+            // A worker that turns an upload down by its head (a 413 for its declared length, a
+            // 401 before the body) may close the connection right after its answer, the body
+            // unread, without saying so: hyper's server does. Its kernel then resets the
+            // connection, and a request sent on it meanwhile is lost (a POST: a 502). Whether
+            // the body was read does not show from here, so no connection is kept after an
+            // error answer to a request with a body: a new connection now and then, for no 502.
+            if uploads && head.status.as_u16() >= 400 {
+                head.keep_alive = false;
+            }
+            Ok(head)
         }
     }
 
@@ -445,14 +459,24 @@ impl From<std::io::Error> for WriteError {
 
 impl WriteError {
     /// The attempt's error, given how many bytes of the request the kernel took.
-    fn into_upstream(self, reused: bool, written: u64) -> UpstreamError {
+    /// The attempt's error for a write that failed after `written` bytes of a request sent at
+    /// `sent`, on a `reused` connection or a new one.
+    fn into_upstream(self, reused: bool, sent: Instant, written: u64) -> UpstreamError {
         // Not one byte left: the worker cannot have acted on the request.
         let reached = written > 0;
         match self {
             WriteError::Io(error) => {
                 let what = if reused { "reused" } else { "new" };
+                // Broken at once on a kept-alive connection: the worker had closed it (idle, or
+                // after an answer it gave without reading the body before) as the request went
+                // out, as `read_head` judges a close before any answer; not the worker's fault.
+                let stale = reused && sent.elapsed() <= STALE_WINDOW;
                 UpstreamError {
-                    kind: UpstreamErrorKind::Reset,
+                    kind: if stale {
+                        UpstreamErrorKind::Closed
+                    } else {
+                        UpstreamErrorKind::Reset
+                    },
                     reached,
                     detail: format!(
                         "writing the request on a {what} connection after {written} bytes: {error}"
@@ -574,6 +598,30 @@ fn protocol(error: codec::ProtocolError) -> UpstreamError {
 mod tests {
     use super::*;
     use tokio::net::TcpListener;
+
+    #[test]
+    fn a_write_broken_at_once_on_a_reused_connection_is_a_stale_one() {
+        let broken = || WriteError::Io(std::io::ErrorKind::BrokenPipe.into());
+        let now = Instant::now();
+        let stale = broken().into_upstream(true, now, 0);
+        assert_eq!(
+            (stale.kind, stale.reached),
+            (UpstreamErrorKind::Closed, false)
+        );
+        assert!(!stale.blames_worker());
+        let stale = broken().into_upstream(true, now, 217);
+        assert_eq!(
+            (stale.kind, stale.reached),
+            (UpstreamErrorKind::Closed, true)
+        );
+        // On a new connection, or long after the request went out (a streamed body): the worker
+        // broke it while it had the request.
+        let new = broken().into_upstream(false, now, 217);
+        assert_eq!(new.kind, UpstreamErrorKind::Reset);
+        assert!(new.blames_worker());
+        let late = broken().into_upstream(true, now - STALE_WINDOW * 2, 217);
+        assert_eq!(late.kind, UpstreamErrorKind::Reset);
+    }
 
     /// A worker that answers its connection's first request, reads the second, waits
     /// `before_close`, and closes without answering it.
