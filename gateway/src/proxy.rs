@@ -557,12 +557,15 @@ impl Proxy {
                         reason,
                     } => {
                         // A pooled connection the worker closed as we reused it says nothing about
-                        // the worker: an idempotent request goes again, on a fresh connection, and
+                        // the worker: an idempotent request goes again, on another connection, and
                         // may go to the same worker (a dead one then refuses, which is free). Once
                         // per worker, so that losing every worker at once still ends in a 503 (each
                         // refuses), not in a 502 for the last stale connection. The stale error is
                         // not kept as the last one: it says nothing about whether a worker is left.
+                        // Not for a streamed body the attempt took: it cannot go again (the
+                        // loop would end with no error to answer).
                         let stale = retry_safe
+                            && prepared.available()
                             && !stale_from.iter().any(|w| Arc::ptr_eq(w, &worker))
                             && matches!(&error, GatewayError::Upstream(e) if e.kind == UpstreamErrorKind::Closed);
                         if stale {

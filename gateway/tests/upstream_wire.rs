@@ -474,11 +474,35 @@ async fn a_connection_the_worker_may_have_closed_idle_is_not_reused() {
     gw.shutdown().await;
 }
 
+/// A kept-alive connection the worker closes as a request arrives on it (the stale-connection
+/// race): a GET goes again on another connection; a PUT whose body was streamed to the worker
+/// cannot go again, and gets the worker's 502, not a 503 as if no worker were left.
+#[tokio::test]
+async fn a_streamed_body_lost_with_a_stale_connection_is_a_502() {
+    let worker = RawWorker::start(|_| {
+        Script::IdleClose(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            Duration::from_millis(200),
+        )
+    })
+    .await;
+    let gw = gateway_over(&worker).await;
+    let c = client();
+    assert_eq!(send(&c, "GET", &gw.url("/"), &[], "").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(send(&c, "GET", &gw.url("/"), &[], "").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Over `buffer_body_bytes` (1024 here): streamed, one attempt only.
+    let put = send(&c, "PUT", &gw.url("/"), &[], vec![b'p'; 5000]).await;
+    assert_eq!(put.status, 502, "{:?}", put.body);
+    gw.shutdown().await;
+}
+
 /// A worker that turns an upload down by its head (a 413 for its declared length, as axum's
 /// body limit does) and closes the connection a moment later with the body unread, without
 /// saying `Connection: close` (hyper's server closes at once; the moment makes the race sure).
 /// Its kernel resets the connection then, losing what the gateway sent on it meanwhile. Other
-/// requests it reads whole and answers `200 hello`.
+/// requests it reads whole and answers `200 hello`, but `/missing`: a `404`.
 async fn upload_refuser() -> (std::net::SocketAddr, Arc<AtomicU64>, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -516,7 +540,7 @@ async fn upload_refuser() -> (std::net::SocketAddr, Arc<AtomicU64>, JoinHandle<(
                                 b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n",
                             )
                             .await;
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tokio::time::sleep(Duration::from_millis(300)).await;
                         return; // dropped with the body unread: a reset
                     }
                     let length: usize = head
@@ -529,8 +553,12 @@ async fn upload_refuser() -> (std::net::SocketAddr, Arc<AtomicU64>, JoinHandle<(
                         }
                     }
                     buffer.drain(..length);
-                    let hello = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
-                    if stream.write_all(hello).await.is_err() {
+                    let answer: &[u8] = if head.starts_with("get /missing ") {
+                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
+                    };
+                    if stream.write_all(answer).await.is_err() {
                         return;
                     }
                 }
@@ -554,24 +582,30 @@ async fn a_connection_whose_upload_was_turned_down_unread_is_not_reused() {
     })
     .await;
     let c = client();
-    let upload = vec![b'u'; 5000];
-    for round in 0..3 {
-        let refused = send(&c, "POST", &gw.url("/upload"), &[], upload.clone()).await;
-        assert_eq!((refused.status, round), (413, round));
-        let next = send(&c, "POST", &gw.url("/order"), &[], "{}").await;
-        assert_eq!((next.status, round), (200, round), "{:?}", next.body);
+    // Streamed to the worker (over `buffer_body_bytes`), and sent whole with its head.
+    for upload in [vec![b'u'; 5000], vec![b'u'; 500]] {
+        for round in 0..3 {
+            let refused = send(&c, "POST", &gw.url("/upload"), &[], upload.clone()).await;
+            assert_eq!((refused.status, round), (413, round));
+            let next = send(&c, "POST", &gw.url("/order"), &[], "{}").await;
+            assert_eq!((next.status, round), (200, round), "{:?}", next.body);
+        }
     }
     // Each refused upload's connection was left (the first upload's, then the pooled one each
     // later upload took); the POST after it opened a new one.
-    assert_eq!(connections.load(Ordering::SeqCst), 4);
+    assert_eq!(connections.load(Ordering::SeqCst), 7);
     for _ in 0..3 {
+        assert_eq!(
+            send(&c, "GET", &gw.url("/missing"), &[], "").await.status,
+            404
+        );
         assert_eq!(
             send(&c, "POST", &gw.url("/order"), &[], "{}").await.status,
             200
         );
         assert_eq!(send(&c, "GET", &gw.url("/"), &[], "").await.status, 200);
     }
-    assert_eq!(connections.load(Ordering::SeqCst), 4);
+    assert_eq!(connections.load(Ordering::SeqCst), 7);
     gw.shutdown().await;
     task.abort();
 }

@@ -237,8 +237,12 @@ impl Socket {
             // connection, and a request sent on it meanwhile is lost (a POST: a 502). Whether
             // the body was read does not show from here, so no connection is kept after an
             // error answer to a request with a body: a new connection now and then, for no 502.
+            // Closed with a reset, not a FIN: a socket the gateway closes first would wait in
+            // TIME_WAIT for a minute, and a stream of turned-down logins could use up the local
+            // ports to the worker. Nothing of ours is left to send on it.
             if uploads && head.status.as_u16() >= 400 {
                 head.keep_alive = false;
+                let _ = self.stream.set_zero_linger();
             }
             Ok(head)
         }
@@ -458,7 +462,6 @@ impl From<std::io::Error> for WriteError {
 }
 
 impl WriteError {
-    /// The attempt's error, given how many bytes of the request the kernel took.
     /// The attempt's error for a write that failed after `written` bytes of a request sent at
     /// `sent`, on a `reused` connection or a new one.
     fn into_upstream(self, reused: bool, sent: Instant, written: u64) -> UpstreamError {
@@ -599,8 +602,8 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
-    #[test]
-    fn a_write_broken_at_once_on_a_reused_connection_is_a_stale_one() {
+    #[tokio::test(start_paused = true)]
+    async fn a_write_broken_at_once_on_a_reused_connection_is_a_stale_one() {
         let broken = || WriteError::Io(std::io::ErrorKind::BrokenPipe.into());
         let now = Instant::now();
         let stale = broken().into_upstream(true, now, 0);
@@ -619,7 +622,8 @@ mod tests {
         let new = broken().into_upstream(false, now, 217);
         assert_eq!(new.kind, UpstreamErrorKind::Reset);
         assert!(new.blames_worker());
-        let late = broken().into_upstream(true, now - STALE_WINDOW * 2, 217);
+        tokio::time::advance(STALE_WINDOW * 2).await;
+        let late = broken().into_upstream(true, now, 217);
         assert_eq!(late.kind, UpstreamErrorKind::Reset);
     }
 
