@@ -673,8 +673,9 @@ impl Proxy {
 
     /// `first` (an attempt at `worker`, sent at `sent`) had no answer within `delay`
     /// ([`before`]): also sends the request to another worker (`second`, spending a retry-budget
-    /// token) and takes the first answer. The slower attempt is dropped with its connection; its wait so far goes into
-    /// its worker's latency estimate, so p2c steers new requests away from a worker that hangs.
+    /// token) and takes the first answer. The slower attempt is dropped with its connection; its
+    /// wait so far goes into its worker's latency estimate, so p2c steers new requests away from
+    /// a worker that hangs.
     #[allow(clippy::manual_async_fn)] // see the comment in the body
     fn hedged<F, S, Fut>(
         &self,

@@ -190,10 +190,8 @@ impl Socket {
             // A request that went out in one write left at `timing.sent`; one that waited for room
             // or for the client's body left later (its head timeout and stale window start then).
             let waits = matches!(request.body, UpstreamBody::Stream { .. });
-            let uploads = match &request.body {
-                UpstreamBody::Full(data) => data.as_ref().is_some_and(|data| !data.is_empty()),
-                UpstreamBody::Stream { .. } => true,
-            };
+            let uploads = waits
+                || matches!(&request.body, UpstreamBody::Full(Some(data)) if !data.is_empty());
             let was_reused = self.reused;
             self.reused = true;
             let method = request.method.clone();
