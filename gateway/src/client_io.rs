@@ -357,6 +357,19 @@ impl<S> ClientIo<S> {
         self.prefix_seen += seen;
     }
 
+    /// The bytes waiting to be read ahead of the stream (see [`ClientIo::with_prefix`]), all at
+    /// once, counted as a read of them would count them: the gateway's own HTTP/1.1 server makes
+    /// its read buffer of a new connection's first bytes this way instead of copying them out.
+    pub fn take_prefix(&mut self) -> Bytes {
+        self.update_phase();
+        let prefix = std::mem::take(&mut self.prefix);
+        let seen = std::mem::take(&mut self.prefix_seen).min(prefix.len());
+        if prefix.len() > seen {
+            self.received(&prefix[seen..]);
+        }
+        prefix
+    }
+
     /// The stream and the connection's state, for another serving thread to go on with.
     pub fn into_parts(self) -> (S, Arc<ConnectionState>) {
         (self.stream, self.state)

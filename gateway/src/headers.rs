@@ -7,6 +7,7 @@
 //! worker ([`Forwarding`]) is written by the request encoder, not into the request's map.
 
 use std::cell::{Cell, RefCell};
+use std::io::Write as _;
 use std::net::IpAddr;
 
 use bytes::{Bytes, BytesMut};
@@ -303,9 +304,10 @@ impl RawRequestHead {
 /// A request header line that a raw request head leaves out (see [`RawRequestHead`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeftOut {
-    /// `Connection` whose only option is `keep-alive` (any case, OWS around it): what HTTP/1.1
-    /// does anyway; the gateway's connection to the worker is its own.
-    KeepAlive,
+    /// `Connection` whose only option is `keep-alive` or `close` (any case, OWS around it): the
+    /// gateway's connection to the worker is its own, and the server reads `close` itself (it
+    /// closes the client's connection after the answer, which says so).
+    ConnectionOption,
     /// `X-Forwarded-For`: its hops go before the gateway's in the gateway's own line.
     ForwardedFor,
     /// `X-Request-Id`: the request's id when sane (the first line's), sent in the gateway's
@@ -323,8 +325,10 @@ pub fn left_out_of_request(name: &[u8], value: &[u8]) -> Option<LeftOut> {
     let is = |known: &HeaderName| name.eq_ignore_ascii_case(known.as_str().as_bytes());
     let left_out = match name.len() {
         9 if is(&header::FORWARDED) => LeftOut::Replaced,
-        10 if is(&header::CONNECTION) && value.trim_ascii().eq_ignore_ascii_case(b"keep-alive") => {
-            LeftOut::KeepAlive
+        // Browsers send `keep-alive`, clients without keep-alive `close`: the same rule as for
+        // a worker's answer.
+        10 if is(&header::CONNECTION) && HopByHop::Connection.may_leave_out_of_response(value) => {
+            LeftOut::ConnectionOption
         }
         12 if is(&REQUEST_ID) => LeftOut::RequestId,
         // The parser reads the length (one line, digits only) before it gets here.
@@ -547,9 +551,39 @@ fn put_hex(out: &mut [u8], mut value: u64) {
     }
 }
 
-/// The client's address as an `X-Forwarded-For` entry; made once per client connection.
+/// The client's address as an `X-Forwarded-For` entry; asked for once per client connection.
+///
+/// The last few addresses' entries are kept per serving thread: a client that opens a connection
+/// per request, or a load balancer in front, comes from a few addresses again and again, and
+/// making an entry formatted the address into two strings and copied it into a third
+/// allocation (`infra/bench/instructions.sh close`). A kept one's clone is a reference count.
 pub fn forwarded_for(client: IpAddr) -> HeaderValue {
-    HeaderValue::from_str(&client.to_string()).expect("an IP address is a valid header value")
+    /// Addresses remembered per thread; the oldest is replaced.
+    const KEPT: usize = 4;
+    /// The entries kept, and where the next one goes.
+    type Recent = (usize, [Option<(IpAddr, HeaderValue)>; KEPT]);
+    thread_local! {
+        static RECENT: RefCell<Recent> = const { RefCell::new((0, [const { None }; KEPT])) };
+    }
+    RECENT.with_borrow_mut(|(next, recent)| {
+        let kept = recent
+            .iter()
+            .flatten()
+            .find(|(address, _)| *address == client);
+        if let Some((_, entry)) = kept {
+            return entry.clone();
+        }
+        // At most 39 characters (IPv6; a mapped IPv4 address is written as IPv6 is).
+        let mut text = [0u8; 64];
+        let mut cursor = std::io::Cursor::new(&mut text[..]);
+        write!(cursor, "{client}").expect("an IP address fits in 64 bytes");
+        let length = usize::try_from(cursor.position()).expect("at most 64");
+        let entry = HeaderValue::from_bytes(&text[..length])
+            .expect("an IP address is a valid header value");
+        recent[*next] = Some((client, entry.clone()));
+        *next = (*next + 1) % KEPT;
+        entry
+    })
 }
 
 /// Set on a request's extensions by the TLS listener (`crate::tls`): the request came over
@@ -651,6 +685,32 @@ pub fn is_idempotent(method: &http::Method) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_clients_forwarded_for_entry_is_its_address_whether_kept_or_made() {
+        use std::net::IpAddr;
+        let addresses: Vec<IpAddr> = [
+            "10.0.0.1",
+            "2001:db8::7",
+            "::ffff:192.0.2.9",
+            "10.0.0.2",
+            "10.0.0.3",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "10.0.0.1",
+        ]
+        .iter()
+        .map(|text| text.parse().unwrap())
+        .collect();
+        // Twice over: made, then kept or made again after more than four others came between.
+        for _ in 0..2 {
+            for address in &addresses {
+                assert_eq!(
+                    super::forwarded_for(*address).to_str().unwrap(),
+                    address.to_string()
+                );
+            }
+        }
+    }
+
     /// A request head's bytes and where each header's name and value sit (as httparse says).
     fn parsed(lines: &[&str]) -> (Bytes, Vec<super::HeaderSpan>) {
         let head = format!("GET / HTTP/1.1\r\n{}\r\n", lines.concat());
@@ -749,14 +809,13 @@ mod tests {
         use super::{LeftOut, left_out_of_request};
         let left_out =
             |name: &str, value: &str| left_out_of_request(name.as_bytes(), value.as_bytes());
-        assert_eq!(
-            left_out("Connection", "keep-alive"),
-            Some(LeftOut::KeepAlive)
-        );
-        assert_eq!(
-            left_out("connection", " Keep-Alive "),
-            Some(LeftOut::KeepAlive)
-        );
+        for option in ["keep-alive", " Keep-Alive ", "close", "CLOSE "] {
+            assert_eq!(
+                left_out("Connection", option),
+                Some(LeftOut::ConnectionOption),
+                "{option}"
+            );
+        }
         assert_eq!(
             left_out("X-Forwarded-For", "1.2.3.4"),
             Some(LeftOut::ForwardedFor)
@@ -768,7 +827,7 @@ mod tests {
         );
         assert_eq!(left_out("FORWARDED", "for=x"), Some(LeftOut::Replaced));
         for (name, value) in [
-            ("Connection", "close"),
+            ("Connection", "close, keep-alive"),
             ("Connection", "keep-alive, X-Secret"),
             ("Connection", "upgrade"),
             ("Keep-Alive", "timeout=5"),

@@ -25,7 +25,8 @@
 //! machine, a buffer of its own, a clock read for its `Date` cache at every poll, and an
 //! encoder that handles what a plain request never has. Here a head is parsed once: its header
 //! lines are kept as they came when the request path neither reads nor changes any of them but
-//! those a raw head leaves out and reads itself (a browser's `Connection: keep-alive`, a proxy's
+//! those a raw head leaves out and reads itself (a browser's `Connection: keep-alive`, a
+//! one-request client's `Connection: close`, a proxy's
 //! forwarding lines and request id, a body's `Content-Length`: `headers::RawRequestHead`), and
 //! put in a header map
 //! otherwise, names from the per-thread cache of the worker client. A response whose head came
@@ -122,7 +123,17 @@ where
         let watched_by_reading = context.watched_by_reading();
         // Every head is parsed here: `ClientIo`'s scan of the bytes would find out nothing more.
         io.stop_head_scan();
-        let mut buffer = BytesMut::with_capacity(READ_SIZE);
+        // A new connection's first bytes become the buffer they were read into (no copy; the
+        // head's split off it is then a reference count, not an allocation).
+        let mut buffer = match io.take_prefix().try_into_mut() {
+            Ok(read) if read.capacity() > 0 => read,
+            Ok(_) => BytesMut::with_capacity(READ_SIZE),
+            Err(shared) => {
+                let mut copied = BytesMut::with_capacity(READ_SIZE.max(shared.len()));
+                copied.extend_from_slice(&shared);
+                copied
+            }
+        };
         let mut out: Vec<u8> = Vec::with_capacity(1024);
         let mut watch = ReadWatch::new(watched_by_reading);
         loop {
@@ -473,7 +484,7 @@ type Spans = smallvec::SmallVec<[(Range<usize>, Range<usize>); 16]>;
 /// or a chunked one is left to hyper. With `keep_raw`, a head whose lines the request path
 /// neither reads nor changes (no hop-by-hop, `Transfer-Encoding` or `Expect` header, exactly one
 /// `Host`, CRLF line ends), but for the lines a raw head leaves out and reads itself
-/// (`Connection: keep-alive`, the forwarding headers and the request id, a body's
+/// (`Connection: keep-alive` or `close`, the forwarding headers and the request id, a body's
 /// `Content-Length`, in up to three runs of adjacent lines), is kept as its lines
 /// ([`RawRequestHead`]) with an empty header map: the worker gets them as the client sent them
 /// (and a length the gateway writes), and no map is built or encoded.
@@ -527,7 +538,7 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool, body_limit: u64) -> Parsed {
             if crate::headers::is_read_or_replaced_in_requests_raw(name) {
                 left_out |= 1 << index;
                 match crate::headers::left_out_of_request(name, header.value) {
-                    Some(LeftOut::KeepAlive | LeftOut::Replaced) => {}
+                    Some(LeftOut::ConnectionOption | LeftOut::Replaced) => {}
                     Some(LeftOut::RequestId) => {
                         request_id.get_or_insert(index);
                     }

@@ -46,7 +46,7 @@ pub struct Listeners {
 impl Listeners {
     /// Binds both listeners from the configuration.
     pub async fn bind(config: &GatewayConfig) -> std::io::Result<Self> {
-        let public = herd_shared::net::listen(config.listen, config.limits.listen_backlog)
+        let public = herd_shared::net::listen_no_delay(config.listen, config.limits.listen_backlog)
             .map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
             })?;
@@ -59,9 +59,14 @@ impl Listeners {
         let tls = if config.tls.enabled {
             let listen = config.tls.listen;
             Some(
-                herd_shared::net::listen(listen, config.limits.listen_backlog).map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("cannot listen on {listen} (tls): {e}"))
-                })?,
+                herd_shared::net::listen_no_delay(listen, config.limits.listen_backlog).map_err(
+                    |e| {
+                        std::io::Error::new(
+                            e.kind(),
+                            format!("cannot listen on {listen} (tls): {e}"),
+                        )
+                    },
+                )?,
             )
         } else {
             None

@@ -45,7 +45,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -231,7 +230,8 @@ impl Clients {
         opening: Opening,
         entry: connections::Entry,
     ) {
-        if matches!(opening, Opening::New { .. }) {
+        // Set on the listeners (`crate::server`), which new connections take it from on Linux.
+        if !herd_shared::net::ACCEPTED_INHERIT_NO_DELAY && matches!(opening, Opening::New { .. }) {
             let _ = stream.set_nodelay(true);
         }
         let clients = self.clone();
@@ -1035,18 +1035,21 @@ impl Body for Served {
 /// when a connection opens and once when it closes), an entry removed when its count drops to 0.
 pub(crate) struct PerClient {
     limit: usize,
-    hasher: std::collections::hash_map::RandomState,
-    shards: Box<[Mutex<HashMap<IpAddr, usize>>]>,
+    /// Picks a client's shard: a multiplier drawn at start, so that which clients share a
+    /// shard is not known in advance (the map in each shard hashes with its own random keys).
+    spread: u64,
+    shards: Box<[Mutex<HashMap<u128, usize>>]>,
 }
 
-/// Shards of [`PerClient`]: enough that serving threads rarely meet on one lock.
+/// Shards of [`PerClient`]: enough that serving threads rarely meet on one lock (a power of two:
+/// a shard is the top bits of a product).
 const PER_CLIENT_SHARDS: usize = 64;
 
 impl PerClient {
     pub(crate) fn new(limit: usize) -> Self {
         PerClient {
             limit,
-            hasher: std::collections::hash_map::RandomState::new(),
+            spread: rand::random::<u64>() | 1,
             shards: (0..PER_CLIENT_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
@@ -1054,26 +1057,29 @@ impl PerClient {
     }
 
     /// Who a connection counts against: its IPv4 address, or its IPv6 /64 (one subscriber's
-    /// network, which hands out as many addresses as it likes).
-    fn key(ip: IpAddr) -> IpAddr {
+    /// network, which hands out as many addresses as it likes); as the 128 bits of an IPv6
+    /// address (an IPv4 one mapped, whose low 64 bits are never all zero as a /64's are).
+    fn key(ip: IpAddr) -> u128 {
         match ip.to_canonical() {
-            IpAddr::V6(v6) => {
-                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(prefix.into())
-            }
-            v4 => v4,
+            IpAddr::V6(v6) => u128::from(v6) & !((1u128 << 64) - 1),
+            IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
         }
     }
 
-    fn shard(&self, key: &IpAddr) -> &Mutex<HashMap<IpAddr, usize>> {
-        let index = self.hasher.hash_one(key) as usize % self.shards.len();
-        &self.shards[index]
+    /// The shard of `key`: one multiplication, where hashing the address to pick it and again
+    /// in the shard's map cost about a thousand instructions per connection
+    /// (`infra/bench/instructions.sh close`).
+    fn shard(&self, key: u128) -> &Mutex<HashMap<u128, usize>> {
+        let folded = (key as u64) ^ ((key >> 64) as u64);
+        let bits = PER_CLIENT_SHARDS.trailing_zeros();
+        let index = folded.wrapping_mul(self.spread) >> (u64::BITS - bits);
+        &self.shards[index as usize]
     }
 
     /// Counts a connection from `ip`, or `None` when that client is at the limit.
     pub(crate) fn take(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
         let key = Self::key(ip);
-        let mut shard = self.shard(&key).lock().unwrap();
+        let mut shard = self.shard(key).lock().unwrap();
         let open = shard.entry(key).or_insert(0);
         if *open >= self.limit {
             return None;
@@ -1095,12 +1101,12 @@ impl PerClient {
 /// One connection counted against its client address until dropped.
 pub(crate) struct ClientSlot {
     owner: Arc<PerClient>,
-    key: IpAddr,
+    key: u128,
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        let mut shard = self.owner.shard(&self.key).lock().unwrap();
+        let mut shard = self.owner.shard(self.key).lock().unwrap();
         if let Some(open) = shard.get_mut(&self.key) {
             *open -= 1;
             if *open == 0 {
@@ -1731,6 +1737,24 @@ mod tests {
             0,
             "entries go when their count drops to 0"
         );
+    }
+
+    #[test]
+    fn clients_spread_over_the_per_client_shards() {
+        let per_client = PerClient::new(1);
+        let used = |addresses: Vec<IpAddr>| {
+            let shards: std::collections::HashSet<*const _> = addresses
+                .into_iter()
+                .map(|ip| std::ptr::from_ref(per_client.shard(PerClient::key(ip))))
+                .collect();
+            shards.len()
+        };
+        // Neighbouring IPv4 addresses, and IPv6 networks that differ in one /64 bit.
+        let v4 = (0..512u32).map(|n| IpAddr::from((0xc000_0200 + n).to_be_bytes()));
+        let v6 =
+            (0..512u128).map(|n| IpAddr::from(((0x2001_0db8u128 << 96) | (n << 64)).to_be_bytes()));
+        assert!(used(v4.collect()) >= PER_CLIENT_SHARDS * 3 / 4);
+        assert!(used(v6.collect()) >= PER_CLIENT_SHARDS * 3 / 4);
     }
 
     #[test]

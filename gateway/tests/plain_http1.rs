@@ -700,6 +700,39 @@ async fn connection_close_closes_after_the_answer() {
         .await
         .expect("closed within 5 s");
     assert!(matches!(read, Ok(0)), "{read:?} {rest:?}");
+
+    // A client without keep-alive (a connection per request): its head still goes through as
+    // its lines, without the `Connection` line (the worker connection is the gateway's own),
+    // and its connection closes after the answer, which says so.
+    for connection in ["Connection: close", "connection:  CLOSE "] {
+        let mut stream = TcpStream::connect(gw.public).await.unwrap();
+        let mut buffer = Vec::new();
+        let request =
+            format!("GET /head HTTP/1.1\r\nHost: gw\r\n{connection}\r\nUser-Agent: t/1\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut stream, &mut buffer, false).await;
+        let worker_got = String::from_utf8(answer.body.clone()).unwrap();
+        assert!(
+            worker_got
+                .starts_with("GET /head HTTP/1.1\r\nHost: gw\r\nUser-Agent: t/1\r\nx-request-id: "),
+            "raw, the line left out: {worker_got:?}"
+        );
+        assert!(
+            !worker_got.to_ascii_lowercase().contains("close"),
+            "{worker_got:?}"
+        );
+        assert_eq!(
+            answer.header("connection"),
+            Some("close"),
+            "{}",
+            answer.head
+        );
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+            .await
+            .expect("closed within 5 s");
+        assert!(matches!(read, Ok(0)), "{read:?} {rest:?}");
+    }
     gw.shutdown().await;
 }
 

@@ -6,7 +6,8 @@
 #   infra/bench/instructions.sh [SCENARIO] [GATEWAY_BINARY] [REQUESTS]
 #   infra/bench/instructions.sh h1 /tmp/gw-before 20000
 #
-# SCENARIO: h1 (default; HTTP/1.1 keep-alive) or h2 (h2c, 8 streams per connection), both
+# SCENARIO: h1 (default; HTTP/1.1 keep-alive), close (HTTP/1.1 `Connection: close`, a new
+# connection per request, loaded by wrk for REQUESTS seconds: the count is what it completed) or h2 (h2c, 8 streams per connection), both
 # `GET /` through the gateway (one serving thread) to two herd-worker hello upstreams (set
 # UPSTREAM=hyper for `herd bench upstream`, a plain hyper server, or UPSTREAM=node for
 # infra/bench/node-hello.js, Node.js's http server with its `Connection: keep-alive` and
@@ -43,11 +44,12 @@ upstream=${UPSTREAM:-herd-worker}
 path=/
 case $scenario in
   h1) h2load_mode=(--h1 -m 1 ${HEADER:+-H "$HEADER"}) ;;
+  close) h2load_mode=() ;;
   h2) h2load_mode=(-m 8) ;;
   session) h2load_mode=(--h1 -m 1); path=/me ;;
   tls) h2load_mode=(--h1 -m 1) ;;
   tls-h2) h2load_mode=(-m 8 --npn-list=h2) ;;
-  *) echo "scenario: h1, h2, session, tls or tls-h2, not $scenario" >&2; exit 2 ;;
+  *) echo "scenario: h1, close, h2, session, tls or tls-h2, not $scenario" >&2; exit 2 ;;
 esac
 if [ -n "${HEADERS:-}" ]; then
   IFS='|' read -ra extra <<<"$HEADERS"
@@ -66,6 +68,7 @@ for number in "$requests" "$connections"; do
   [[ $number =~ ^[1-9][0-9]{0,6}$ ]] || { echo "REQUESTS and CONNECTIONS: whole numbers from 1, not $number" >&2; exit 2; }
 done
 tools=(valgrind callgrind_control callgrind_annotate h2load)
+[ "$scenario" = close ] && tools+=(wrk)
 [ "$scenario" = session ] && tools+=(redis-server curl)
 [ "$upstream" = node ] && tools+=(node)
 [ "$gateway" = nginx ] && tools+=(nginx curl)
@@ -153,12 +156,25 @@ if [ "$scenario" = session ]; then
   cookie=$(login_cookie "http://${workers[0]}" '{"user":"bench"}')
   h2load_mode+=(-H "Cookie: $cookie")
 fi
-h2load -n 2000 -c "$connections" -t 1 "${h2load_mode[@]}" "$scheme://$public$path" >"$work/warmup.txt"
-callgrind_control --zero "$gateway_pid" >/dev/null 2>&1
-h2load -n "$requests" -c "$connections" -t 1 "${h2load_mode[@]}" "$scheme://$public$path" >"$work/load.txt"
-callgrind_control --dump=measured "$gateway_pid" >/dev/null 2>&1
+if [ "$scenario" = close ]; then
+  # A new connection per request: wrk reconnects after each answer that closes its connection
+  # (h2load cannot), for a time rather than a count; REQUESTS is then the seconds of load, and
+  # the count is what wrk completed (exact but for the few in flight at the end).
+  wrk -t 1 -c "$connections" -d 2s -H 'Connection: close' "$scheme://$public$path" >"$work/warmup.txt"
+  callgrind_control --zero "$gateway_pid" >/dev/null 2>&1
+  wrk -t 1 -c "$connections" -d "${requests}s" -H 'Connection: close' "$scheme://$public$path" >"$work/load.txt"
+  callgrind_control --dump=measured "$gateway_pid" >/dev/null 2>&1
+  requests=$(awk '/requests in/ {print $1}' "$work/load.txt")
+  grep -q 'Non-2xx\|Socket errors' "$work/load.txt" && { cat "$work/load.txt" >&2; exit 1; }
+  succeeded=$requests
+else
+  h2load -n 2000 -c "$connections" -t 1 "${h2load_mode[@]}" "$scheme://$public$path" >"$work/warmup.txt"
+  callgrind_control --zero "$gateway_pid" >/dev/null 2>&1
+  h2load -n "$requests" -c "$connections" -t 1 "${h2load_mode[@]}" "$scheme://$public$path" >"$work/load.txt"
+  callgrind_control --dump=measured "$gateway_pid" >/dev/null 2>&1
+  succeeded=$(awk '/^requests:/ {print $8}' "$work/load.txt")
+fi
 [ -n "${KEEP:-}" ] && cp "$work"/callgrind.out.* "$KEEP"
-succeeded=$(awk '/^requests:/ {print $8}' "$work/load.txt")
 if [ "$succeeded" != "$requests" ]; then
   echo "only $succeeded of $requests requests succeeded:" >&2
   cat "$work/load.txt" >&2

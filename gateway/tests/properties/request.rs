@@ -190,6 +190,7 @@ fn request_line() -> impl Strategy<Value = (String, Vec<u8>)> {
         ("Connection", &b"keep-alive"[..]),
         ("connection", b" Keep-Alive "),
         ("Connection", b"close"),
+        ("connection", b" Close"),
         ("Connection", b"keep-alive, X-Secret"),
         ("X-Secret", b"s"),
         ("X-Forwarded-For", b"203.0.113.7, 10.0.0.2"),
@@ -215,10 +216,11 @@ fn request_line() -> impl Strategy<Value = (String, Vec<u8>)> {
 /// (docs/security.md): `Some(true)` left out, `Some(false)` kept, `None` the head needs the map.
 fn left_out(name: &str, value: &[u8]) -> Option<bool> {
     match name.to_ascii_lowercase().as_str() {
-        "connection" => value
-            .trim_ascii()
-            .eq_ignore_ascii_case(b"keep-alive")
-            .then_some(true),
+        "connection" => {
+            let option = value.trim_ascii();
+            (option.eq_ignore_ascii_case(b"keep-alive") || option.eq_ignore_ascii_case(b"close"))
+                .then_some(true)
+        }
         "x-forwarded-for" | "x-forwarded-proto" | "forwarded" | "x-request-id"
         | "content-length" => Some(true),
         "te" => None,

@@ -33,6 +33,9 @@ pub const API_BODY: &str = r#"{"user":"ann","items":[{"sku":"A-1","qty":2},{"sku
 pub enum Scenario {
     /// HTTP/1.1 `GET /` of the hello app (no Redis).
     Hello,
+    /// HTTP/1.1 `GET /` of the hello app with `Connection: close`: a new TCP connection per
+    /// request, as clients without keep-alive make them (scripts, HTTP/1.0 clients, checkers).
+    Close,
     /// HTTP/1.1 `GET /me` of the demo app with a session cookie (a Redis read per request).
     Session,
     /// HTTP/1.1 `POST /` of the hello app with a small JSON body ([`API_BODY`]), as an API's
@@ -84,6 +87,7 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Hello => "hello",
+            Scenario::Close => "close",
             Scenario::Session => "session",
             Scenario::Api => "api",
             Scenario::Page => "page",
@@ -100,9 +104,12 @@ impl Scenario {
     /// The certificate key of a TLS scenario, and whether each request makes a new connection.
     pub fn tls(self) -> Option<(KeyKind, bool)> {
         match self {
-            Scenario::Hello | Scenario::Session | Scenario::Api | Scenario::Page | Scenario::H2 => {
-                None
-            }
+            Scenario::Hello
+            | Scenario::Close
+            | Scenario::Session
+            | Scenario::Api
+            | Scenario::Page
+            | Scenario::H2 => None,
             Scenario::TlsEcdsa | Scenario::TlsH2 | Scenario::Browser => {
                 Some((KeyKind::EcdsaP256, false))
             }
@@ -116,6 +123,10 @@ impl Scenario {
     pub fn describe(self) -> &'static str {
         match self {
             Scenario::Hello => "HTTP/1.1 `GET /` → hello app (wrk)",
+            Scenario::Close => {
+                "HTTP/1.1 `GET /` with `Connection: close`, a new connection per request → hello \
+                 app (wrk)"
+            }
             Scenario::Session => {
                 "HTTP/1.1 `GET /me` with a session cookie → demo app, session read from Redis (wrk)"
             }
@@ -368,6 +379,8 @@ fn run_scenario(
     let mut headers = match scenario {
         Scenario::Session => vec![format!("Cookie: {}", upstreams.login("bench")?)],
         Scenario::Browser => BROWSER_HEADERS.map(String::from).to_vec(),
+        // wrk opens a new connection after each answer that closes its own.
+        Scenario::Close => vec!["Connection: close".into()],
         _ => Vec::new(),
     };
     // One certificate for all three proxies; a handshake scenario closes every connection

@@ -231,7 +231,8 @@ pub struct BenchProxyArgs {
     /// default; docs/tls.md): tls-ecdsa / tls-rsa (keep-alive), tls-ecdsa-handshake /
     /// tls-rsa-handshake (a new connection and full handshake per request), tls-h2 (HTTP/2
     /// over TLS, ALPN h2, with h2load), browser (tls-h2 with a browser's 13 request headers and
-    /// cookies); api (a JSON POST) and page (64 KiB answers).
+    /// cookies); api (a JSON POST), page (64 KiB answers) and close (hello with `Connection:
+    /// close`: a new connection per request).
     #[arg(
         long,
         value_delimiter = ',',
