@@ -345,6 +345,17 @@ fn bench_proxy_api_posts_a_body_through_every_proxy() {
     every_proxy_serves("api", "`POST /` with a 95-byte JSON body");
 }
 
+/// The `close` scenario: a new connection per request (`Connection: close`), through all three
+/// proxies; each answers every one, and the table says what was loaded.
+#[test]
+fn bench_proxy_close_opens_a_connection_per_request_through_every_proxy() {
+    let _machine = beside_others();
+    every_proxy_serves(
+        "close",
+        "`GET /` with `Connection: close`, a new connection per request",
+    );
+}
+
 /// The `page` scenario: every answer 64 KiB, carried whole by all three proxies (by the bytes
 /// the load generator read).
 #[test]
