@@ -12,15 +12,16 @@
 //! wake-up between them; pinning cut the gateway's CPU per request by 15–20 % and raised
 //! its throughput (docs/performance.md, section 6).
 //!
-//! Every thread waits on its own duplicate of the listening socket: one accept queue, whichever
-//! thread is free first takes the next connection. Since a keep-alive connection stays where it
+//! Every thread in use waits on its own duplicate of the listening socket: one accept queue,
+//! whichever thread is free first takes the next connection (a thread out of use takes its
+//! duplicate off its event loop: `Listening`). Since a keep-alive connection stays where it
 //! is served for its whole life, the accepting thread hands a new connection to the thread with
-//! the fewest open ones when that one has at least two fewer than itself (over a channel; the
-//! socket moves to that thread's event loop). Without it, a burst of new connections often
-//! landed mostly on the thread that woke first: 49 / 15 instead of 32 / 32, and 17 % fewer
-//! requests per second for the life of those connections. Admin traffic, the failover node and
-//! the registry run elsewhere (the caller's runtime), health checks on their own thread, so
-//! neither waits behind client traffic.
+//! the fewest open ones when that one has fewer than itself by more than a slack (over a
+//! channel; the socket moves to that thread's event loop). Without it, a burst of new
+//! connections often landed mostly on the thread that woke first: 49 / 15 instead of 32 / 32,
+//! and 17 % fewer requests per second for the life of those connections. Admin traffic, the
+//! failover node and the registry run elsewhere (the caller's runtime), health checks on their
+//! own thread, so neither waits behind client traffic.
 //!
 //! With `adaptive_threads`, new connections go only to the threads the load needs
 //! (`crate::consolidation` decides how many, every quarter second), and idle HTTP/1.1
