@@ -64,7 +64,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 
 use crate::body::{ClientBody, ClientIncoming, ResponseBody};
 use crate::client_io::{ClientIo, ClientTimeouts, ConnectionState, RequestGuard};
@@ -1036,9 +1036,10 @@ impl Body for Served {
 /// when a connection opens and once when it closes), an entry removed when its count drops to 0.
 pub(crate) struct PerClient {
     limit: usize,
-    /// Picks a client's shard: a multiplier drawn at start, so that which clients share a
-    /// shard is not known in advance (the map in each shard hashes with its own random keys).
-    spread: u64,
+    /// Mixed into a client's key before its shard is picked, drawn at start: which clients
+    /// share a shard is not known in advance (the map in each shard hashes with its own
+    /// random keys).
+    seed: u64,
     shards: Box<[Mutex<HashMap<u128, usize>>]>,
 }
 
@@ -1050,7 +1051,7 @@ impl PerClient {
     pub(crate) fn new(limit: usize) -> Self {
         PerClient {
             limit,
-            spread: rand::random::<u64>() | 1,
+            seed: rand::random(),
             shards: (0..PER_CLIENT_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
@@ -1067,13 +1068,17 @@ impl PerClient {
         }
     }
 
-    /// The shard of `key`: one multiplication, where hashing the address to pick it and again
-    /// in the shard's map cost about a thousand instructions per connection
-    /// (`infra/bench/instructions.sh close`).
+    /// The shard of `key`: Fibonacci hashing of its two halves folded and the seed, one
+    /// multiplication, where hashing the address to pick it and again in the shard's map cost
+    /// about a thousand instructions per connection (`infra/bench/instructions.sh close`). A
+    /// fixed multiplier: a random one now and then bunched neighbouring addresses into a few
+    /// shards.
     fn shard(&self, key: u128) -> &Mutex<HashMap<u128, usize>> {
-        let folded = (key as u64) ^ ((key >> 64) as u64);
+        /// 2^64 divided by the golden ratio.
+        const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
+        let folded = (key as u64) ^ ((key >> 64) as u64) ^ self.seed;
         let bits = PER_CLIENT_SHARDS.trailing_zeros();
-        let index = folded.wrapping_mul(self.spread) >> (u64::BITS - bits);
+        let index = folded.wrapping_mul(FIBONACCI) >> (u64::BITS - bits);
         &self.shards[index as usize]
     }
 
@@ -1302,23 +1307,15 @@ impl ServingThread {
         tls_listener: Option<std::net::TcpListener>,
         mut inbox: mpsc::UnboundedReceiver<Message>,
     ) {
-        let mut listening = match Listening::new(listener, tls_listener) {
-            Ok(listening) => listening,
-            Err(error) => {
-                error!(error = %error, "serving thread cannot use its listeners");
-                return;
-            }
-        };
+        let mut listening = Listening::new(listener, tls_listener);
         let tunnels = crate::tunnel::track_on_this_thread(self.clients.tunnel_idle);
         let sweeper = tokio::spawn(sweep_idle_connections(self.clients.proxy.clone()));
         let mut failures = AcceptFailures::default();
         let mut closing = false;
         loop {
-            let in_use = self.index < self.clients.occupancy.active.load(Ordering::Relaxed);
-            if let Err(error) = listening.accepting(in_use) {
-                error!(error = %error, "serving thread cannot use its listeners");
-                break;
-            }
+            // Thread 0 is always in use.
+            let active = self.clients.occupancy.active.load(Ordering::Relaxed);
+            listening.accepting(self.index < active.max(1));
             let (listener, tls_listener) = listening.registered();
             tokio::select! {
                 () = self.stop.cancelled() => break,
@@ -1475,8 +1472,8 @@ async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream
 /// accepts it: the others find nothing. A thread not in use would also hand each connection
 /// it took to one in use (`Occupancy::place`). With clients that open a connection per request
 /// that was a wake-up, an `accept` that found nothing, and a hand-over (two `epoll_ctl` calls
-/// and a wake-up of the other thread) for many of them: 0.47 ms of CPU per thousand
-/// connections against 0.38 with one thread (docs/performance.md, section 41).
+/// and a wake-up of the other thread) for many of them: 47 µs of CPU per request against 38
+/// with one thread (docs/performance.md, section 41).
 struct Listening {
     public: Registered,
     tls: Option<Registered>,
@@ -1486,37 +1483,49 @@ struct Listening {
 enum Registered {
     Accepting(TcpListener),
     Aside(std::net::TcpListener),
-    /// Only while it moves between the two.
-    Moving,
+    /// Its registration could not be taken off the event loop (not expected): this thread
+    /// accepts no more from it; the other threads go on.
+    Lost,
 }
 
 impl Listening {
     /// Registered, as every thread starts in use.
-    fn new(
-        public: std::net::TcpListener,
-        tls: Option<std::net::TcpListener>,
-    ) -> std::io::Result<Self> {
+    fn new(public: std::net::TcpListener, tls: Option<std::net::TcpListener>) -> Self {
         let mut listening = Listening {
             public: Registered::Aside(public),
             tls: tls.map(Registered::Aside),
         };
-        listening.accepting(true)?;
-        Ok(listening)
+        listening.accepting(true);
+        listening
     }
 
     /// Registers the sockets with this thread's event loop (`in_use`) or takes them off it.
-    /// Connections already waiting stay in the socket's queue for the threads in use.
-    fn accepting(&mut self, in_use: bool) -> std::io::Result<()> {
+    /// Connections already waiting stay in the socket's queue for the threads in use. A socket
+    /// that cannot be registered (the event loop out of room) stays aside, tried again at the
+    /// next change; the thread goes on serving its connections either way.
+    fn accepting(&mut self, in_use: bool) {
         for registered in std::iter::once(&mut self.public).chain(self.tls.as_mut()) {
-            *registered = match (std::mem::replace(registered, Registered::Moving), in_use) {
+            *registered = match (std::mem::replace(registered, Registered::Lost), in_use) {
+                // Registered as a duplicate: the one kept aside survives a failure.
                 (Registered::Aside(listener), true) => {
-                    Registered::Accepting(TcpListener::from_std(listener)?)
+                    match listener.try_clone().and_then(TcpListener::from_std) {
+                        Ok(accepting) => Registered::Accepting(accepting),
+                        Err(error) => {
+                            warn!(error = %error, "serving thread cannot accept from a listener");
+                            Registered::Aside(listener)
+                        }
+                    }
                 }
-                (Registered::Accepting(listener), false) => Registered::Aside(listener.into_std()?),
+                (Registered::Accepting(listener), false) => match listener.into_std() {
+                    Ok(aside) => Registered::Aside(aside),
+                    Err(error) => {
+                        warn!(error = %error, "serving thread cannot set a listener aside");
+                        Registered::Lost
+                    }
+                },
                 (unchanged, _) => unchanged,
             };
         }
-        Ok(())
     }
 
     /// The sockets to accept from now: none while the thread is not in use.
@@ -1524,7 +1533,7 @@ impl Listening {
         fn accepting(registered: &Registered) -> Option<&TcpListener> {
             match registered {
                 Registered::Accepting(listener) => Some(listener),
-                Registered::Aside(_) | Registered::Moving => None,
+                Registered::Aside(_) | Registered::Lost => None,
             }
         }
         (
