@@ -237,11 +237,18 @@ impl Clients {
         }
         let clients = self.clone();
         let Some(tls) = self.tls.as_ref().filter(|_| secure) else {
-            tokio::spawn(async move {
+            // Made on the heap, so that the task holds a pointer: tokio copies a task's future
+            // into the task when spawned and again as it ends (about 1 KB here, each copy into
+            // memory not yet touched for a new connection).
+            tokio::spawn(Boxed::place(move || async move {
                 let (mut stream, mut slot, mut opening) = (stream, slot, opening);
                 if let Opening::New { head_due } = opening {
-                    let sniffing = Opening::sniff(&mut stream, head_due);
-                    opening = match entry.until_stopped(sniffing).await {
+                    let sniffed = {
+                        // Pinned where it is made: passed by value, it was copied into the wait.
+                        let sniffing = std::pin::pin!(Opening::sniff(&mut stream, head_due));
+                        entry.until_stopped(sniffing).await
+                    };
+                    opening = match sniffed {
                         Some(Ok(sniffed)) => sniffed,
                         Some(Err(error)) => {
                             debug!(peer = %peer, error = %error, "client connection ended before a request");
@@ -265,17 +272,24 @@ impl Clients {
                     let entry = entry
                         .take()
                         .unwrap_or_else(|| connections::Entry::new(true));
+                    // On the heap, made there: serving's future is about 6 KB, and made here
+                    // then moved into its box it was copied whole into memory not yet touched
+                    // (for a connection per request, half of the gateway's cache misses on
+                    // writes; docs/performance.md, section 42).
                     if let Opening::Sniffed { http2: true, .. } = opening {
-                        let serving =
-                            clients.serve_stream(stream, peer, None, opening, entry, None);
-                        Box::pin(serving).await;
+                        Boxed::place(|| {
+                            clients.serve_stream(stream, peer, None, opening, entry, None)
+                        })
+                        .await;
                         break;
                     }
                     // Shared with the hang-up watches of its requests (`crate::hang_up`).
                     let shared = SharedStream::new(stream);
                     let watcher = Some(shared.watcher());
-                    let serving = clients.serve_stream(shared, peer, None, opening, entry, watcher);
-                    let Some(handed) = Box::pin(serving).await else {
+                    let serving = Boxed::place(|| {
+                        clients.serve_stream(shared, peer, None, opening, entry, watcher)
+                    });
+                    let Some(handed) = serving.await else {
                         break;
                     };
                     let resumed = Opening::Resumed(handed.resumed);
@@ -294,7 +308,7 @@ impl Clients {
                     (stream, slot, opening) = kept;
                 }
                 drop(slot);
-            });
+            }));
             return;
         };
         let tls = tls.clone();
@@ -306,9 +320,10 @@ impl Clients {
                 Ok(stream) => {
                     // The head timeout starts after the handshake, which has its own.
                     let opening = Opening::new(clients.timeouts.head);
-                    let serving =
-                        clients.serve_stream(stream, peer, Some(&tls), opening, entry, None);
-                    let _ = Box::pin(serving).await;
+                    let serving = Boxed::place(|| {
+                        clients.serve_stream(stream, peer, Some(&tls), opening, entry, None)
+                    });
+                    let _ = serving.await;
                 }
                 Err(error) => debug!(peer = %peer, error = %error, "TLS handshake failed"),
             }
@@ -353,7 +368,7 @@ impl Clients {
     {
         let opening = match opening {
             Opening::New { head_due } => {
-                let sniffing = Opening::sniff(&mut stream, head_due);
+                let sniffing = std::pin::pin!(Opening::sniff(&mut stream, head_due));
                 match entry.until_stopped(sniffing).await {
                     Some(Ok(sniffed)) => sniffed,
                     Some(Err(error)) => {
