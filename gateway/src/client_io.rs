@@ -370,12 +370,6 @@ impl<S> ClientIo<S> {
         prefix
     }
 
-    /// Whether closing lingers: the last request declared a body not read to its end (see
-    /// `ClientIo::poll_shutdown`).
-    pub fn lingers(&self) -> bool {
-        self.state.had_body.load(Ordering::Relaxed)
-    }
-
     /// The stream and the connection's state, for another serving thread to go on with.
     pub fn into_parts(self) -> (S, Arc<ConnectionState>) {
         (self.stream, self.state)

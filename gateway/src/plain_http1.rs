@@ -240,11 +240,15 @@ where
                 Err(_) => return Ended::Closed,
             };
             if !keep_alive || entry.told_to_close() {
-                // A TLS session ends with the gateway's `close_notify`, and a body not read to
-                // its end is read away first. Otherwise closing the socket sends the same FIN
-                // a shutdown would: one system call fewer for clients that open a connection
-                // per request (nginx closes so too; docs/performance.md, section 42).
-                if watched_by_reading || io.lingers() {
+                // A TLS session ends with the gateway's `close_notify`. A client that said
+                // `Connection: close` sends nothing after its request, and closing the socket
+                // sends the FIN a shutdown would: one system call fewer for clients that open
+                // a connection per request (nginx closes so too; docs/performance.md, section
+                // 42). When the gateway closes on its own (draining, told to), a next request
+                // may arrive unread, and closing then resets the connection: the shutdown sends
+                // the FIN first, so the client sees it end. (Bodies this server reads are read
+                // whole: nothing of a request is left to linger over, as hyper does.)
+                if watched_by_reading || !close {
                     let _ = io.shutdown().await;
                 }
                 return Ended::Closed;
