@@ -835,7 +835,8 @@ impl Placement for Inline {
     }
 }
 
-/// On the heap (HTTP/2).
+/// On the heap, made there (HTTP/2's request futures; and a connection's task and serving
+/// futures, `Clients::serve_registered`).
 struct Boxed;
 
 impl Placement for Boxed {
