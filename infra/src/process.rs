@@ -204,6 +204,27 @@ impl Process {
         Self::spawn_with(spec, false)
     }
 
+    /// Keeps the logs of process `name`'s last run in `log_dir` under the next free number
+    /// (`gw1.log` becomes `gw1.1.log`, the next time `gw1.2.log`), before it is started again
+    /// with fresh ones: the lines of a gateway a drill stopped say what it did meanwhile.
+    pub fn keep_previous_logs(log_dir: &Path, name: &str) -> std::io::Result<()> {
+        let taken = |n: u32| {
+            ["log", "out"]
+                .iter()
+                .any(|ext| log_dir.join(format!("{name}.{n}.{ext}")).exists())
+        };
+        let Some(free) = (1..).find(|&n| !taken(n)) else {
+            return Ok(());
+        };
+        for ext in ["log", "out"] {
+            let current = log_dir.join(format!("{name}.{ext}"));
+            if current.exists() {
+                std::fs::rename(&current, log_dir.join(format!("{name}.{free}.{ext}")))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Like [`Process::spawn`], but appends to the log files instead of truncating them: a
     /// restarted process must not wipe the lines that say why its predecessor died.
     pub fn spawn_appending(spec: &Spec) -> Result<Process, ProcessError> {
@@ -482,6 +503,23 @@ fn is_fatal_message(line: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restarts_previous_logs_are_kept_under_the_next_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+        write("gw1.log", "first run");
+        write("gw1.out", "first out");
+        Process::keep_previous_logs(dir.path(), "gw1").unwrap();
+        write("gw1.log", "second run");
+        Process::keep_previous_logs(dir.path(), "gw1").unwrap();
+        assert_eq!(read("gw1.1.log"), "first run");
+        assert_eq!(read("gw1.1.out"), "first out");
+        assert_eq!(read("gw1.2.log"), "second run");
+        assert!(!dir.path().join("gw1.log").exists());
+        assert!(!dir.path().join("gw1.2.out").exists());
+    }
 
     #[test]
     fn the_tail_keeps_the_reason_a_backtrace_pushed_out() {
