@@ -326,6 +326,7 @@ pub fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(Counters::default());
     let origin = Instant::now();
+    let origin_wall = std::time::SystemTime::now();
     let load = traffic::spawn_in(netns.clone(), {
         let (users, stop, counters) =
             (Arc::clone(&users), Arc::clone(&stop), Arc::clone(&counters));
@@ -526,6 +527,9 @@ pub fn run(
     report.rate = options.rate;
     report.set_figures(&figures);
     report.request_timeout_ms = request_timeout.as_secs_f64() * 1000.0;
+    if let Some(faulted) = &faulted_gateway {
+        report.took_over_ms = report::took_over_ms(&after, faulted, origin_wall + fault_time);
+    }
     report.sessions = sessions;
     report.gateways = report::gateways_saw(&before, &after);
     report.failed_requests = report::failed_requests(&samples, fault_time, FAILURES_LISTED);

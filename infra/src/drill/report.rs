@@ -121,6 +121,35 @@ pub fn hedge_delay(text: &str) -> Option<Duration> {
         .map(Duration::from_secs_f64)
 }
 
+/// When a gateway whose `/metrics` text this is last became active, as its
+/// `herd_gateway_failover_last_transition_timestamp_seconds{to="active"}` says.
+pub fn became_active_at(text: &str) -> Option<std::time::SystemTime> {
+    metric_sum(
+        text,
+        "herd_gateway_failover_last_transition_timestamp_seconds",
+        &["to=\"active\""],
+    )
+    .filter(|s| s.is_finite() && *s > 0.0)
+    .map(|s| std::time::UNIX_EPOCH + Duration::from_secs_f64(s))
+}
+
+/// Milliseconds from the fault (at `fault_at`, wall clock) to the moment a gateway other than
+/// `faulted` last became active, after the fault: when the standby took the role over (and,
+/// with a floating address, announced it). `None` when none did.
+pub fn took_over_ms(
+    after: &[GatewayInfo],
+    faulted: &str,
+    fault_at: std::time::SystemTime,
+) -> Option<f64> {
+    after
+        .iter()
+        .filter(|gateway| gateway.name != faulted)
+        .filter_map(|gateway| became_active_at(gateway.metrics.as_deref()?))
+        .filter_map(|at| at.duration_since(fault_at).ok())
+        .min()
+        .map(ms)
+}
+
 /// How long users waited around a hung worker: the quick idempotent requests (not the slow
 /// burst) sent before the fault, and those sent while it was in place.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -298,6 +327,9 @@ pub struct Report {
     pub first_success_ms: Option<f64>,
     /// Milliseconds from the fault until every request succeeds again.
     pub recovery_ms: Option<f64>,
+    /// Gateway drills: milliseconds from the fault to the moment another gateway took the role
+    /// over (its own clock, as its metrics say; the floating address moved then).
+    pub took_over_ms: Option<f64>,
     /// Longest request, in milliseconds.
     pub max_latency_ms: f64,
     /// p99 latency in milliseconds.
@@ -573,6 +605,7 @@ impl Report {
             idempotent_failed: 0,
             first_success_ms: None,
             recovery_ms: None,
+            took_over_ms: None,
             max_latency_ms: 0.0,
             p99_ms: 0.0,
             request_timeout_ms: 0.0,
@@ -637,6 +670,12 @@ impl Report {
                 shown(self.first_success_ms),
                 shown(self.recovery_ms)
             );
+            if let Some(took_over) = self.took_over_ms {
+                let _ = writeln!(
+                    out,
+                    "takeover:   the other gateway active {took_over:.0} ms after the fault"
+                );
+            }
             let _ = writeln!(
                 out,
                 "latency:    max {:.0} ms, p99 {:.0} ms (gateway request timeout {:.0} ms)",
@@ -705,6 +744,8 @@ impl Report {
 
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
     use crate::drill::traffic::Op;
 
@@ -724,6 +765,40 @@ mod tests {
             worker: Some("w1".into()),
             detail: failure.map(|f| f.name().to_string()),
         }
+    }
+
+    #[test]
+    fn the_takeover_is_when_another_gateway_last_became_active() {
+        let gateway = |name: &str, text: &str| GatewayInfo {
+            name: name.into(),
+            machine: "m".into(),
+            active: false,
+            metrics: Some(text.into()),
+        };
+        let fault = UNIX_EPOCH + Duration::from_millis(1_000_000_000);
+        let after = [
+            // The faulted one came back (as standby after an earlier takeover): not it.
+            gateway(
+                "gw1",
+                "herd_gateway_failover_last_transition_timestamp_seconds{from=\"standby\",to=\"active\"} 1000001.0\n",
+            ),
+            gateway(
+                "gw2",
+                "# HELP x\nherd_gateway_failover_last_transition_timestamp_seconds{from=\"standby\",to=\"active\"} 1000000.3125\n",
+            ),
+        ];
+        assert_eq!(took_over_ms(&after, "gw1", fault), Some(312.5));
+        // Its last change was to standby, or before the fault: no takeover to show.
+        let stepped_down = [gateway(
+            "gw2",
+            "herd_gateway_failover_last_transition_timestamp_seconds{from=\"active\",to=\"standby\"} 1000000.3\n",
+        )];
+        assert_eq!(took_over_ms(&stepped_down, "gw1", fault), None);
+        let earlier = [gateway(
+            "gw2",
+            "herd_gateway_failover_last_transition_timestamp_seconds{from=\"standby\",to=\"active\"} 999999.0\n",
+        )];
+        assert_eq!(took_over_ms(&earlier, "gw1", fault), None);
     }
 
     #[test]
