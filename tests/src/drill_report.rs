@@ -15,7 +15,13 @@ use serde_json::Value;
 /// one such GET, 292 ms after the SIGTERM, when only `other` was accepted). A real refusal says
 /// "Connection refused", not "reset". The move is when the standby took the role over
 /// (`took_over_ms`, from its own metrics), or, in reports without it, the first answer through
-/// it (`first_success_ms`).
+/// it (`first_success_ms`). The new active stamps its takeover just after claiming the
+/// address, so a reset at the move is sent at most a few milliseconds before that stamp: one
+/// sent well before it came from the old active, a real failure.
+///
+/// The drill must have failed for that request alone: a GET (a failed POST does not fail a
+/// drill by itself, so a failed drill with one failed POST failed for something else), and a
+/// verdict naming nothing else.
 pub fn one_reset_at_the_move(report: &Value) -> bool {
     let failed = report["failed_requests"]
         .as_array()
@@ -25,88 +31,117 @@ pub fn one_reset_at_the_move(report: &Value) -> bool {
         return false;
     };
     let sent = only["sent_from_fault_ms"].as_f64().unwrap_or(f64::MAX);
-    let near = |moment: &Value| moment.as_f64().is_some_and(|at| (sent - at).abs() <= 100.0);
+    let at_the_move = match (
+        report["took_over_ms"].as_f64(),
+        report["first_success_ms"].as_f64(),
+    ) {
+        (Some(took_over), _) => (-30.0..=100.0).contains(&(sent - took_over)),
+        (None, Some(first_success)) => (sent - first_success).abs() <= 100.0,
+        (None, None) => false,
+    };
     let detail = only["detail"].as_str().unwrap_or_default();
+    let reason = report["reason"].as_str().unwrap_or_default();
     report["requests"]["failed"] == 1
         && report["sessions"]["lost"] == 0
+        && only["method"] == "GET"
+        && reason.starts_with("1 idempotent requests failed")
+        && !reason.contains("; ")
         && (only["kind"] == "other" || only["kind"] == "refused")
         && detail.contains("reset")
-        && (near(&report["took_over_ms"]) || near(&report["first_success_ms"]))
+        && at_the_move
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const RESET_AFTER_SENDING: &str = "error sending request: client error (SendRequest): \
+        connection error: Connection reset by peer (os error 104)";
+    const RESET_AS_IT_OPENED: &str = "error sending request: client error (Connect): tcp \
+        connect error: Connection reset by peer (os error 104)";
+
+    fn failed(sent: f64, method: &str, kind: &str, detail: &str) -> Value {
+        serde_json::json!({
+            "sent_from_fault_ms": sent,
+            "method": method,
+            "kind": kind,
+            "detail": detail,
+        })
+    }
+
+    /// A failed gateway-stop report with `requests` failed, as the drill writes it.
+    fn report(requests: &[Value], lost: u64) -> Value {
+        serde_json::json!({
+            "first_success_ms": 408.5,
+            "requests": {"failed": requests.len()},
+            "sessions": {"lost": lost},
+            "failed_requests": requests,
+            "reason": format!("{} idempotent requests failed (other {}) (target 0)", requests.len(), requests.len()),
+        })
+    }
+
+    fn get_reset(sent: f64) -> Value {
+        failed(sent, "GET", "other", RESET_AFTER_SENDING)
+    }
+
     #[test]
-    fn only_one_reset_at_the_move_is_accepted_from_gateway_stop() {
-        let report = |failed: Value, count: u64, lost: u64| {
-            serde_json::json!({
-                "first_success_ms": 408.5,
-                "requests": {"failed": count},
-                "sessions": {"lost": lost},
-                "failed_requests": failed,
-            })
-        };
-        let reset = |sent: f64, kind: &str| {
-            serde_json::json!({
-                "sent_from_fault_ms": sent,
-                "kind": kind,
-                "detail": "error sending request: client error (SendRequest): connection error: Connection reset by peer (os error 104)",
-            })
-        };
+    fn one_reset_get_at_the_move_is_accepted_from_gateway_stop() {
+        assert!(one_reset_at_the_move(&report(&[get_reset(386.3)], 0)));
+        // A connection the new holder reset as it opened: a connect error, kind `refused`.
         assert!(one_reset_at_the_move(&report(
-            serde_json::json!([reset(386.3, "other")]),
-            1,
+            &[failed(390.0, "GET", "refused", RESET_AS_IT_OPENED)],
             0
         )));
-        // Away from the move, of another kind, two of them, or a session lost: a real failure.
-        assert!(!one_reset_at_the_move(&report(
-            serde_json::json!([reset(100.0, "other")]),
-            1,
-            0
-        )));
-        assert!(!one_reset_at_the_move(&report(
-            serde_json::json!([reset(386.3, "timeout")]),
-            1,
-            0
-        )));
-        // Far from the first answer through the new active, but at the takeover.
-        let mut at_takeover = report(serde_json::json!([reset(292.0, "other")]), 1, 0);
+    }
+
+    #[test]
+    fn the_move_is_the_takeover_when_the_report_has_it() {
+        // 116 ms before the first answer through the new active, 11 ms after its takeover.
+        let mut at_takeover = report(&[get_reset(292.0)], 0);
         assert!(!one_reset_at_the_move(&at_takeover));
         at_takeover["took_over_ms"] = serde_json::json!(281.4);
         assert!(one_reset_at_the_move(&at_takeover));
+        // Sent well before the takeover: the old active reset it, a real failure.
+        at_takeover["took_over_ms"] = serde_json::json!(350.0);
+        assert!(!one_reset_at_the_move(&at_takeover));
+        // And long after it.
         at_takeover["took_over_ms"] = serde_json::json!(150.0);
         assert!(!one_reset_at_the_move(&at_takeover));
-        // A connection reset as it opened: a connect error.
-        let connect_reset = |sent: f64, detail: &str| {
-            serde_json::json!([{
-                "sent_from_fault_ms": sent,
-                "kind": "refused",
-                "detail": detail,
-            }])
-        };
-        let reset_at_open = "error sending request: client error (Connect): tcp connect error: \
-                             Connection reset by peer (os error 104)";
-        assert!(one_reset_at_the_move(&report(
-            connect_reset(390.0, reset_at_open),
-            1,
+    }
+
+    #[test]
+    fn anything_else_is_a_real_failure() {
+        // Away from the move; a timeout; a true refusal; two failures; a session lost.
+        assert!(!one_reset_at_the_move(&report(&[get_reset(100.0)], 0)));
+        assert!(!one_reset_at_the_move(&report(
+            &[failed(386.3, "GET", "timeout", "operation timed out")],
             0
         )));
         assert!(!one_reset_at_the_move(&report(
-            connect_reset(
-                390.0,
+            &[failed(
+                386.3,
+                "GET",
+                "refused",
                 "tcp connect error: Connection refused (os error 111)"
-            ),
-            1,
+            )],
             0
         )));
-        let two = serde_json::json!([reset(386.3, "other"), reset(390.0, "other")]);
-        assert!(!one_reset_at_the_move(&report(two, 2, 0)));
         assert!(!one_reset_at_the_move(&report(
-            serde_json::json!([reset(386.3, "other")]),
-            1,
-            1
+            &[get_reset(386.3), get_reset(390.0)],
+            0
         )));
+        assert!(!one_reset_at_the_move(&report(&[get_reset(386.3)], 1)));
+        // A failed POST does not fail a drill: with one, the drill failed for something else.
+        let mut post = report(&[failed(386.3, "POST", "other", RESET_AFTER_SENDING)], 0);
+        post["reason"] = serde_json::json!(
+            "a request waited 16000 ms, longer than the gateway's request timeout (15000 ms)"
+        );
+        assert!(!one_reset_at_the_move(&post));
+        // The reset at the move and another missed target.
+        let mut more = report(&[get_reset(386.3)], 0);
+        more["reason"] = serde_json::json!(
+            "1 idempotent requests failed (other 1) (target 0); requests were still failing when the load ended (no success sent after the last failure)"
+        );
+        assert!(!one_reset_at_the_move(&more));
     }
 }

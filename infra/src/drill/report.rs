@@ -129,8 +129,9 @@ pub fn became_active_at(text: &str) -> Option<std::time::SystemTime> {
         "herd_gateway_failover_last_transition_timestamp_seconds",
         &["to=\"active\""],
     )
-    .filter(|s| s.is_finite() && *s > 0.0)
-    .map(|s| std::time::UNIX_EPOCH + Duration::from_secs_f64(s))
+    .and_then(|s| Duration::try_from_secs_f64(s).ok())
+    .filter(|since| !since.is_zero())
+    .and_then(|since| std::time::UNIX_EPOCH.checked_add(since))
 }
 
 /// Milliseconds from the fault (at `fault_at`, wall clock) to the moment a gateway other than
@@ -327,8 +328,10 @@ pub struct Report {
     pub first_success_ms: Option<f64>,
     /// Milliseconds from the fault until every request succeeds again.
     pub recovery_ms: Option<f64>,
-    /// Gateway drills: milliseconds from the fault to the moment another gateway took the role
-    /// over (its own clock, as its metrics say; the floating address moved then).
+    /// Gateway drills: milliseconds from the fault to the moment another gateway last became
+    /// active, by its own clock, as its metrics say after the load (a floating address is
+    /// claimed and announced just before). `None` when the gateway that is not the faulted one
+    /// did not become active after the fault (or has since handed the role back).
     pub took_over_ms: Option<f64>,
     /// Longest request, in milliseconds.
     pub max_latency_ms: f64,
@@ -799,6 +802,16 @@ mod tests {
             "herd_gateway_failover_last_transition_timestamp_seconds{from=\"standby\",to=\"active\"} 999999.0\n",
         )];
         assert_eq!(took_over_ms(&earlier, "gw1", fault), None);
+        let silent = [GatewayInfo {
+            metrics: None,
+            ..gateway("gw2", "")
+        }];
+        assert_eq!(took_over_ms(&silent, "gw1", fault), None);
+        let odd = [gateway(
+            "gw2",
+            "herd_gateway_failover_last_transition_timestamp_seconds{from=\"standby\",to=\"active\"} 1e300\n",
+        )];
+        assert_eq!(took_over_ms(&odd, "gw1", fault), None, "no panic either");
     }
 
     #[test]

@@ -204,13 +204,14 @@ impl Lab {
 
     /// Starts gateway `index` (0 = gw1, 1 = gw2), e.g. again after it was killed.
     pub fn start_gateway(&mut self, index: usize) -> Result<(), LabError> {
-        let restart = !self.gateways[index].is_empty();
+        let mut previous = Vec::new();
         for mut old in self.gateways[index].drain(..) {
             old.kill();
+            previous.push(old.name().to_string());
         }
-        if restart {
+        for name in previous {
             // Best effort: a drill must not fail for want of an old log.
-            let _ = Process::keep_previous_logs(&self.log_dir, GATEWAYS[index]);
+            let _ = Process::keep_previous_logs(&self.log_dir, &name);
         }
         let processes = match self.options.pair.clone() {
             Pair::Herd => vec![self.start_herd_gateway(index)?],
