@@ -68,7 +68,8 @@ impl Op {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Failure {
-    /// The connection was refused or the host unreachable.
+    /// The connection was refused or the host unreachable (not a connection reset as it
+    /// opened: that is `Other`).
     Refused,
     /// No complete response within the client's timeout.
     Timeout,
@@ -396,14 +397,24 @@ async fn send(
             let status = response.status();
             // Read the whole body: a response cut mid-body is a failure users would see.
             let failure = match response.bytes().await {
-                Err(error) => Some((classify(&error), chain(&error))),
+                Err(error) => {
+                    let detail = chain(&error);
+                    Some((
+                        classify(error.is_timeout(), error.is_connect(), &detail),
+                        detail,
+                    ))
+                }
                 Ok(_) if status.is_server_error() => Some((Failure::Status5xx, status.to_string())),
                 Ok(_) if !status.is_success() => Some((Failure::Other, status.to_string())),
                 Ok(_) => None,
             };
             (failure, gateway, worker)
         }
-        Err(error) => (Some((classify(&error), chain(&error))), None, None),
+        Err(error) => {
+            let detail = chain(&error);
+            let kind = classify(error.is_timeout(), error.is_connect(), &detail);
+            (Some((kind, detail)), None, None)
+        }
     };
     let (failure, detail) = failure.unzip();
     if op == Op::AddItem && failure.is_none() {
@@ -436,10 +447,14 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-fn classify(error: &reqwest::Error) -> Failure {
-    if error.is_timeout() {
+/// The kind of a failed request from its error (`detail`: its causes, [`chain`]). A
+/// connection reset as it opened is a connect error to reqwest, but nothing refused it: a
+/// listener took it and something reset it (a gateway's floating address moving under it), so
+/// it is `other`, as a reset after sending is.
+fn classify(timeout: bool, connect: bool, detail: &str) -> Failure {
+    if timeout {
         Failure::Timeout
-    } else if error.is_connect() {
+    } else if connect && !detail.contains("reset by peer") {
         Failure::Refused
     } else {
         Failure::Other
@@ -536,6 +551,18 @@ mod tests {
         assert_eq!(samples[1].failure, Some(Failure::Other));
         assert_eq!(samples[1].op, Op::AddItem);
         assert_eq!(samples[1].sent_at, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn a_connection_reset_as_it_opened_is_not_a_refusal() {
+        let refused = "error sending request: client error (Connect): tcp connect error: \
+                       Connection refused (os error 111)";
+        let reset = "error sending request: client error (Connect): tcp connect error: \
+                     Connection reset by peer (os error 104)";
+        assert_eq!(classify(false, true, refused), Failure::Refused);
+        assert_eq!(classify(false, true, reset), Failure::Other);
+        assert_eq!(classify(true, true, reset), Failure::Timeout);
+        assert_eq!(classify(false, false, reset), Failure::Other);
     }
 
     #[test]
