@@ -12,12 +12,13 @@ use serde_json::Value;
 /// The reset comes in two shapes: after the request was sent, or, when the new holder's reset
 /// beat the client's look at its fresh connection, as a connect error ("tcp connect error:
 /// Connection reset by peer"). Both are kind `other`; until 2026-12-06 the drill counted the
-/// second as `refused`, and a CI run failed on one such GET, 292 ms after the SIGTERM. The move
-/// is when the standby took the role over
-/// (`took_over_ms`, from its own metrics), or, in reports without it, the first answer through
-/// it (`first_success_ms`). The new active stamps its takeover just after claiming the
-/// address, so a reset at the move is sent at most a few milliseconds before that stamp: one
-/// sent well before it came from the old active, a real failure.
+/// second as `refused`, and a CI run failed on one such GET, 292 ms after the SIGTERM.
+///
+/// The move is when the standby took the role over (`took_over_ms`, from its own metrics), or,
+/// in reports without it, the first answer through it (`first_success_ms`). The new active
+/// stamps its takeover just after claiming the address, so a reset at the move is sent at most
+/// a few milliseconds before that stamp: one sent well before it came from the old active, a
+/// real failure.
 ///
 /// The drill must have failed for that request alone: a GET (a failed POST does not fail a
 /// drill by itself, so a failed drill with one failed POST failed for something else), and a

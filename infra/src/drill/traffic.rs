@@ -397,24 +397,14 @@ async fn send(
             let status = response.status();
             // Read the whole body: a response cut mid-body is a failure users would see.
             let failure = match response.bytes().await {
-                Err(error) => {
-                    let detail = chain(&error);
-                    Some((
-                        classify(error.is_timeout(), error.is_connect(), &detail),
-                        detail,
-                    ))
-                }
+                Err(error) => Some(failure_of(&error)),
                 Ok(_) if status.is_server_error() => Some((Failure::Status5xx, status.to_string())),
                 Ok(_) if !status.is_success() => Some((Failure::Other, status.to_string())),
                 Ok(_) => None,
             };
             (failure, gateway, worker)
         }
-        Err(error) => {
-            let detail = chain(&error);
-            let kind = classify(error.is_timeout(), error.is_connect(), &detail);
-            (Some((kind, detail)), None, None)
-        }
+        Err(error) => (Some(failure_of(&error)), None, None),
     };
     let (failure, detail) = failure.unzip();
     if op == Op::AddItem && failure.is_none() {
@@ -445,6 +435,15 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
         cause = inner.source();
     }
     text
+}
+
+/// A failed request's kind and its error with its causes.
+fn failure_of(error: &reqwest::Error) -> (Failure, String) {
+    let detail = chain(error);
+    (
+        classify(error.is_timeout(), error.is_connect(), &detail),
+        detail,
+    )
 }
 
 /// The kind of a failed request from its error (`detail`: its causes, [`chain`]). A
