@@ -386,8 +386,13 @@ impl Proxy {
                     trace::inject(&span, &mut request_headers);
                     span
                 });
-                // Most attempts take a pooled connection: no future, no timer for them.
-                let connected = match worker.pool.take(now) {
+                // Most attempts take a pooled connection: no future, no timer for them. Not the
+                // retry on a worker whose pooled connection turned out closed: a worker that closed
+                // one (restarting, or closing every connection after its answer without saying so)
+                // may have closed them all, and a new connection cannot have been.
+                let stale = stale_from.iter().any(|w| Arc::ptr_eq(w, &worker));
+                let pooled = if stale { None } else { worker.pool.take(now) };
+                let connected = match pooled {
                     Some(connection) => Ok(connection),
                     None => {
                         let opened = upstream::open(&worker.authority, &self.upstream);

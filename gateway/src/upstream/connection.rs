@@ -25,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use super::acked;
 use super::codec::{self, Parsed, RequestFraming, ResponseHead};
 use super::error::{UpstreamError, UpstreamErrorKind};
 use super::request_body::{BodyError, UpstreamBody, client_went_away};
@@ -75,6 +76,9 @@ pub struct Socket {
     long: BytesMut,
     /// Whether it carried a request before (a failure on it may be the worker's idle close).
     reused: bool,
+    /// Bytes the kernel took on it so far: TCP acknowledges a connection's bytes by their
+    /// position in it, so this is where a request's first byte is ([`acked`]).
+    sent: u64,
     /// How long the worker keeps it open while idle, as its last answer said (`Keep-Alive:
     /// timeout=N`): the pool stops offering it [`codec::IDLE_MARGIN`] before that.
     pub(super) worker_idle: Option<std::time::Duration>,
@@ -140,6 +144,7 @@ impl Connection {
             write: BytesMut::with_capacity(1024),
             long: BytesMut::new(),
             reused: false,
+            sent: 0,
             worker_idle: None,
             head_timer: None,
         })))
@@ -202,9 +207,15 @@ impl Socket {
                 each: response_header,
                 deadline,
             };
-            self.write_request(request, fallback_host, stall, &mut written)
-                .await
-                .map_err(|error| error.into_upstream(was_reused, timing.sent, written.bytes))?;
+            let before = self.sent;
+            let wrote = self
+                .write_request(request, fallback_host, stall, &mut written)
+                .await;
+            self.sent += written.bytes;
+            wrote.map_err(|error| {
+                let error = error.into_upstream(was_reused, timing.sent, written.bytes);
+                self.unless_never_taken(error, before)
+            })?;
             let sent_at = if waits || written.waited {
                 Instant::now()
             } else {
@@ -228,7 +239,7 @@ impl Socket {
                 () = tokio::task::unconstrained(timer.as_mut()) => Err(UpstreamError::timeout()),
             };
             self.head_timer = Some(timer);
-            let mut head = outcome?;
+            let mut head = outcome.map_err(|error| self.unless_never_taken(error, before))?;
             // A worker that turns an upload down by its head (a 413 for its declared length, a
             // 401 before the body) may close the connection right after its answer, the body
             // unread, without saying so: hyper's server does. Its kernel then resets the
@@ -244,6 +255,27 @@ impl Socket {
             }
             Ok(head)
         }
+    }
+
+    /// `error`, of a request whose first byte was the connection's byte `before`, as it is, or
+    /// as not reached when the connection broke and the worker's TCP acknowledged not one byte
+    /// of the request: it met a socket the worker had closed, and no program read it (see
+    /// [`acked`]; a POST may then go to another worker).
+    fn unless_never_taken(&self, mut error: UpstreamError, before: u64) -> UpstreamError {
+        let broke = matches!(
+            error.kind,
+            UpstreamErrorKind::Closed | UpstreamErrorKind::Reset
+        );
+        if error.reached
+            && broke
+            && acked::bytes_acked(&self.stream).is_some_and(|acked| acked <= before)
+        {
+            error.reached = false;
+            error
+                .detail
+                .push_str("; the worker's TCP took none of the request");
+        }
+        error
     }
 
     async fn write_request(
@@ -642,28 +674,50 @@ mod tests {
         authority
     }
 
-    async fn second_request_fails_as(before_close: Duration) -> UpstreamErrorKind {
-        let authority = worker_that_dies_on_the_second_request(before_close).await;
+    /// A worker that answers its connection's first request and closes it at once.
+    async fn worker_that_closes_after_one_answer() -> Authority {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buffer = vec![0u8; 4096];
+            let _ = stream.read(&mut buffer).await.unwrap();
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+            stream.write_all(answer).await.unwrap();
+        });
+        authority
+    }
+
+    /// Sends a GET to `authority` on a new connection, then, `pause` after its answer, a second
+    /// request on the same connection (`method`, with a 5-byte body but for a GET): its error.
+    async fn second_request_error(
+        authority: Authority,
+        pause: Duration,
+        method: &'static Method,
+    ) -> UpstreamError {
         let mut connection = Connection::open(&authority, Duration::from_secs(1))
             .await
             .unwrap();
         let headers = HeaderMap::new();
         let client = http::HeaderValue::from_static("127.0.0.1");
         let id = http::HeaderValue::from_static("test-1");
-        let get = |headers| Outgoing {
-            method: &Method::GET,
-            path: "/",
-            headers,
-            raw: None,
-            forwarding: Forwarding {
-                request_id: &id,
-                client: &client,
-                over_tls: None,
-                authority: None,
-            },
-            declared_length: None,
-            body: UpstreamBody::Full(None),
-            raw_response: false,
+        let request = |method: &'static Method, headers| {
+            let body = (*method != Method::GET).then(|| Bytes::from_static(b"hello"));
+            Outgoing {
+                method,
+                path: "/",
+                headers,
+                raw: None,
+                forwarding: Forwarding {
+                    request_id: &id,
+                    client: &client,
+                    over_tls: None,
+                    authority: None,
+                },
+                declared_length: body.as_ref().map(|body| body.len() as u64),
+                body: UpstreamBody::Full(body),
+                raw_response: false,
+            }
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         let timeout = Duration::from_secs(5);
@@ -672,15 +726,44 @@ mod tests {
             deadline,
         };
         let first = connection
-            .send(&mut get(&headers), &authority, timeout, timing())
+            .send(
+                &mut request(&Method::GET, &headers),
+                &authority,
+                timeout,
+                timing(),
+            )
             .await;
         assert_eq!(first.unwrap().status, http::StatusCode::OK);
-        let error = connection
-            .send(&mut get(&headers), &authority, timeout, timing())
+        tokio::time::sleep(pause).await;
+        connection
+            .send(
+                &mut request(method, &headers),
+                &authority,
+                timeout,
+                timing(),
+            )
             .await
-            .unwrap_err();
+            .unwrap_err()
+    }
+
+    async fn second_request_fails_as(before_close: Duration) -> UpstreamErrorKind {
+        let authority = worker_that_dies_on_the_second_request(before_close).await;
+        let error = second_request_error(authority, Duration::ZERO, &Method::POST).await;
+        // The worker read it: its TCP acknowledged it (with its FIN at the latest).
         assert!(error.reached, "{error:?}");
         error.kind
+    }
+
+    #[tokio::test]
+    async fn a_post_sent_on_a_connection_the_worker_had_closed_never_reached_it() {
+        // Its FIN is in by the time the POST goes out (as when the pool's check of the
+        // connection came just before it): the POST meets a closed socket and a reset.
+        let authority = worker_that_closes_after_one_answer().await;
+        let error = second_request_error(authority, Duration::from_millis(50), &Method::POST).await;
+        assert_eq!(error.kind, UpstreamErrorKind::Closed, "{error:?}");
+        assert!(!error.reached, "{error:?}");
+        assert!(error.retry_safe(false, false), "a POST may go elsewhere");
+        assert!(error.detail.contains("took none"), "{}", error.detail);
     }
 
     #[tokio::test]

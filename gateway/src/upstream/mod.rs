@@ -21,6 +21,7 @@
 //! Here the request's task writes and reads the worker's socket itself; see
 //! docs/performance.md for the measurements that led to it.
 
+mod acked;
 mod body;
 pub mod codec;
 mod connection;
