@@ -1,14 +1,16 @@
 //! How far the worker's TCP has acknowledged a connection's bytes: whether a request that met a
-//! closed or reset connection provably never reached the worker's program.
+//! connection its worker had closed provably never reached the worker's program.
 //!
-//! A worker's kernel acknowledges bytes once they are in its socket, whether or not its program
-//! reads them; bytes that arrive at a socket its program has already closed are answered with a
-//! reset and never acknowledged. So when a connection breaks before any answer and the worker's
-//! TCP acknowledged not one byte of the request, the request met a closed socket: no program read
-//! it, and even a POST can go to another worker. That is the race of a worker closing a kept-alive
-//! connection (idle, shutting down, or after an answer to an upload it did not read) just as the
-//! gateway sends on it, which without this ends a POST in a 502 (docs/security.md, "A POST that met a
-//! closed socket").
+//! A worker's kernel acknowledges bytes once they are in its socket, read or not, and its FIN
+//! acknowledges everything it had received when it was sent. So when the worker's FIN comes
+//! before any answer and the worker's TCP acknowledged not one byte of the request, the request
+//! arrived after the worker had closed its side of the connection (idle, shutting down, or after
+//! an answer): no program read it, and even a POST can go to another worker. That is the race of
+//! a worker closing a kept-alive connection just as the gateway sends on it, which without this
+//! ended a POST in a 502 (docs/security.md, "A POST that met a closed connection"). A reset with
+//! no FIN before it proves nothing: a program that read part of a request and died before its
+//! kernel's delayed acknowledgement went out resets the connection as well, and Linux reads no
+//! acknowledgement off a reset.
 //!
 //! The count is Linux's `TCP_INFO` `tcpi_bytes_acked` (kernel 4.1 and later), read only on that
 //! failure path: one `getsockopt`, nothing per request. Neither std, socket2 (rust-lang/socket2#362)
@@ -19,6 +21,7 @@ use std::os::fd::AsRawFd;
 /// Bytes of an established connection's data, from the first, that the peer's TCP acknowledged;
 /// `None` where the kernel does not say (older than 4.1, or the call failed). (The kernel's count
 /// includes the SYN, which takes a sequence number of its own: one less is the data's.)
+#[cfg(target_os = "linux")]
 pub(super) fn bytes_acked(socket: &impl AsRawFd) -> Option<u64> {
     const SIZE: usize = std::mem::size_of::<libc::tcp_info>();
     const ACKED_END: usize = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
@@ -40,7 +43,13 @@ pub(super) fn bytes_acked(socket: &impl AsRawFd) -> Option<u64> {
     (result == 0 && length as usize >= ACKED_END).then(|| info.tcpi_bytes_acked.saturating_sub(1))
 }
 
-#[cfg(test)]
+/// Elsewhere nothing says: every request that met a closed connection may have been read.
+#[cfg(not(target_os = "linux"))]
+pub(super) fn bytes_acked(_socket: &impl AsRawFd) -> Option<u64> {
+    None
+}
+
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
     use std::io::{Read, Write};
