@@ -21,7 +21,7 @@ use std::os::fd::AsRawFd;
 /// Bytes of an established connection's data, from the first, that the peer's TCP acknowledged;
 /// `None` where the kernel does not say (older than 4.1, or the call failed). (The kernel's count
 /// includes the SYN, which takes a sequence number of its own: one less is the data's.)
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", any(target_env = "gnu", target_env = "musl")))]
 pub(super) fn bytes_acked(socket: &impl AsRawFd) -> Option<u64> {
     const SIZE: usize = std::mem::size_of::<libc::tcp_info>();
     const ACKED_END: usize = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
@@ -43,13 +43,18 @@ pub(super) fn bytes_acked(socket: &impl AsRawFd) -> Option<u64> {
     (result == 0 && length as usize >= ACKED_END).then(|| info.tcpi_bytes_acked.saturating_sub(1))
 }
 
-/// Elsewhere nothing says: every request that met a closed connection may have been read.
-#[cfg(not(target_os = "linux"))]
+/// Elsewhere nothing says (libc's `tcp_info` has the count on Linux's gnu and musl targets only):
+/// every request that met a closed connection may have been read.
+#[cfg(not(all(target_os = "linux", any(target_env = "gnu", target_env = "musl"))))]
 pub(super) fn bytes_acked(_socket: &impl AsRawFd) -> Option<u64> {
     None
 }
 
-#[cfg(all(test, target_os = "linux"))]
+#[cfg(all(
+    test,
+    target_os = "linux",
+    any(target_env = "gnu", target_env = "musl")
+))]
 mod tests {
     use super::*;
     use std::io::{Read, Write};

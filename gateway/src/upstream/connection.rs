@@ -403,8 +403,16 @@ impl Socket {
             match self.stream.read_buf(&mut self.read).await {
                 Ok(0) if self.read.is_empty() => {
                     if self.closed_before(request_start) {
+                        // On a kept-alive connection, the worker closed it idle: a stale one,
+                        // whenever that came. A new one it closed unread is the worker's fault
+                        // (overloaded, or going away while still listening), though free to
+                        // send elsewhere.
                         return Err(UpstreamError {
-                            kind: UpstreamErrorKind::Closed,
+                            kind: if reused {
+                                UpstreamErrorKind::Closed
+                            } else {
+                                UpstreamErrorKind::Reset
+                            },
                             reached: false,
                             detail: "the worker had closed the connection before the request \
                                      reached it (its TCP acknowledged none of it)"
@@ -694,6 +702,17 @@ mod tests {
         pause: Duration,
         method: &'static Method,
     ) -> UpstreamError {
+        request_error(authority, true, pause, method).await
+    }
+
+    /// Opens a connection to `authority`, sends a GET on it first if `warm_up` (answered 200),
+    /// then, `pause` later, a request (`method`, with a 5-byte body but for a GET): its error.
+    async fn request_error(
+        authority: Authority,
+        warm_up: bool,
+        pause: Duration,
+        method: &'static Method,
+    ) -> UpstreamError {
         let mut connection = Connection::open(&authority, Duration::from_secs(1))
             .await
             .unwrap();
@@ -724,15 +743,17 @@ mod tests {
             sent: Instant::now(),
             deadline,
         };
-        let first = connection
-            .send(
-                &mut request(&Method::GET, &headers),
-                &authority,
-                timeout,
-                timing(),
-            )
-            .await;
-        assert_eq!(first.unwrap().status, http::StatusCode::OK);
+        if warm_up {
+            let first = connection
+                .send(
+                    &mut request(&Method::GET, &headers),
+                    &authority,
+                    timeout,
+                    timing(),
+                )
+                .await;
+            assert_eq!(first.unwrap().status, http::StatusCode::OK);
+        }
         tokio::time::sleep(pause).await;
         connection
             .send(
@@ -743,6 +764,21 @@ mod tests {
             )
             .await
             .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_the_worker_closed_unread_is_its_fault_but_free_to_send_elsewhere() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            drop(stream); // closed at once, nothing read
+        });
+        let error = request_error(authority, false, Duration::from_millis(50), &Method::POST).await;
+        assert_eq!(error.kind, UpstreamErrorKind::Reset, "{error:?}");
+        assert!(!error.reached, "{error:?}");
+        assert!(error.blames_worker());
+        assert!(error.retry_safe(false, false));
     }
 
     /// A worker that answers its connection's first request, lets the second arrive unread,
