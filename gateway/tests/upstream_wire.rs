@@ -29,10 +29,10 @@ enum Script {
     /// Writes these pieces (made at run time: long answers), with a pause between them, then
     /// closes the connection when the flag says so.
     Made(&'static LazyLock<Vec<Vec<u8>>>, bool),
-    /// Writes these bytes and keeps the connection; a request that comes after it was idle for
-    /// this long gets no answer: the connection closes (the worker closed it idle as the
-    /// request was on its way).
-    IdleClose(&'static [u8], Duration),
+    /// Writes these bytes (after the second duration) and keeps the connection; a request that
+    /// comes after it was idle for the first gets no answer: the connection closes (the worker
+    /// closed it idle as the request was on its way).
+    IdleClose(&'static [u8], Duration, Duration),
 }
 
 /// A worker speaking raw HTTP/1.1: `answer(path) -> Script`.
@@ -132,10 +132,11 @@ async fn serve(
                     return;
                 }
             }
-            Script::IdleClose(bytes, idle) => {
+            Script::IdleClose(bytes, idle, delay) => {
                 if !first_request && answered.elapsed() >= idle {
                     return;
                 }
+                tokio::time::sleep(delay).await;
                 if stream.write_all(bytes).await.is_err() {
                     return;
                 }
@@ -455,6 +456,7 @@ async fn a_connection_the_worker_may_have_closed_idle_is_not_reused() {
         Script::IdleClose(
             b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=2\r\ncontent-length: 5\r\n\r\nhello",
             Duration::from_millis(1200),
+            Duration::ZERO,
         )
     })
     .await;
@@ -474,6 +476,41 @@ async fn a_connection_the_worker_may_have_closed_idle_is_not_reused() {
     gw.shutdown().await;
 }
 
+/// A worker that closed every kept-alive connection of the gateway (it restarted, or closed them
+/// idle) as the next request arrives on each: the first attempt meets one, and the retry opens a
+/// new connection to the worker rather than taking the next dead one from the pool. (It took the
+/// next pooled one before: a second stale connection on the one worker ended the GET in a 502.)
+#[tokio::test]
+async fn after_a_stale_connection_the_retry_opens_a_new_one() {
+    let worker = RawWorker::start(|_| {
+        Script::IdleClose(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            Duration::from_millis(200),
+            Duration::from_millis(50),
+        )
+    })
+    .await;
+    let gw = gateway_over(&worker).await;
+    let c = client();
+    // Two requests at once: two connections to the worker, both pooled after.
+    let url = gw.url("/");
+    let (a, b) = tokio::join!(
+        send(&c, "GET", &url, &[], ""),
+        send(&c, "GET", &url, &[], "")
+    );
+    assert_eq!((a.status, b.status), (200, 200));
+    assert_eq!(worker.request_connections.load(Ordering::SeqCst), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = send(&c, "GET", &url, &[], "").await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(
+        worker.request_connections.load(Ordering::SeqCst),
+        3,
+        "one new connection"
+    );
+    gw.shutdown().await;
+}
+
 /// A kept-alive connection the worker closes as a request arrives on it (the stale-connection
 /// race): a GET goes again on another connection; a PUT whose body was streamed to the worker
 /// cannot go again, and gets the worker's 502, not a 503 as if no worker were left.
@@ -483,6 +520,7 @@ async fn a_streamed_body_lost_with_a_stale_connection_is_a_502() {
         Script::IdleClose(
             b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
             Duration::from_millis(200),
+            Duration::ZERO,
         )
     })
     .await;
