@@ -664,9 +664,13 @@ mod tests {
         assert_eq!(late.kind, UpstreamErrorKind::Reset);
     }
 
-    /// A worker that answers its connection's first request, reads the second, waits
-    /// `before_close`, and closes without answering it.
-    async fn worker_that_dies_on_the_second_request(before_close: Duration) -> Authority {
+    /// A worker that answers its connection's first request, then does `after` with it (and
+    /// closes it when that is done).
+    async fn worker_answering_once<F, Done>(after: F) -> Authority
+    where
+        F: FnOnce(TcpStream) -> Done + Send + 'static,
+        Done: Future<Output = ()> + Send,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
         tokio::spawn(async move {
@@ -675,24 +679,24 @@ mod tests {
             let _ = stream.read(&mut buffer).await.unwrap();
             let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
             stream.write_all(answer).await.unwrap();
-            let _ = stream.read(&mut buffer).await.unwrap();
-            tokio::time::sleep(before_close).await;
+            after(stream).await;
         });
         authority
     }
 
+    /// A worker that answers its connection's first request, reads the second, waits
+    /// `before_close`, and closes without answering it.
+    async fn worker_that_dies_on_the_second_request(before_close: Duration) -> Authority {
+        worker_answering_once(move |mut stream| async move {
+            let _ = stream.read(&mut [0u8; 4096]).await.unwrap();
+            tokio::time::sleep(before_close).await;
+        })
+        .await
+    }
+
     /// A worker that answers its connection's first request and closes it at once.
     async fn worker_that_closes_after_one_answer() -> Authority {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut buffer = vec![0u8; 4096];
-            let _ = stream.read(&mut buffer).await.unwrap();
-            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
-            stream.write_all(answer).await.unwrap();
-        });
-        authority
+        worker_answering_once(|_| async {}).await
     }
 
     /// Sends a GET to `authority` on a new connection, then, `pause` after its answer, a second
@@ -784,18 +788,11 @@ mod tests {
     /// A worker that answers its connection's first request, lets the second arrive unread,
     /// and closes: its kernel resets the connection (unread bytes) with no FIN before it.
     async fn worker_that_resets_with_the_second_request_unread() -> Authority {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut buffer = vec![0u8; 4096];
-            let _ = stream.read(&mut buffer).await.unwrap();
-            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
-            stream.write_all(answer).await.unwrap();
+        worker_answering_once(|stream| async move {
             stream.readable().await.unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;
-        });
-        authority
+        })
+        .await
     }
 
     #[tokio::test]
