@@ -5,9 +5,11 @@
 //! no wake-up of another task. Its buffers live as long as the connection and are reused.
 //!
 //! This is where an attempt's failure gets its two facts ([`UpstreamError`]):
-//! - **reached or not**: "not reached" means provably not — the connect failed, or the kernel
-//!   took not one byte of the request. Once a byte went out the worker may act on it, so a
-//!   broken write after that is "reached" (a POST is then not replayed elsewhere).
+//! - **reached or not**: "not reached" means provably not — the connect failed, the kernel
+//!   took not one byte of the request, or the worker's FIN came before any answer without
+//!   acknowledging a byte of it (it had closed the connection first: [`acked`]). Once a byte went
+//!   out the worker may act on it, so a broken write after that is "reached" (a POST is then not
+//!   replayed elsewhere).
 //! - **whose fault**: a client body that breaks off or stalls is the client's
 //!   ([`UpstreamErrorKind::ClientBody`]); a worker that takes no bytes, or gives no response head,
 //!   within `timeouts.response_header` is the worker's. The response-header clock starts once the
