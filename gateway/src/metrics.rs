@@ -46,6 +46,10 @@ pub struct Metrics {
     errors: Family<One, Counter>,
     /// Worker state changes; shown for the workers in the table only (see [`ChangesCollector`]).
     changes: Arc<Mutex<Changes>>,
+    /// The same changes summed over workers, by new state and source: kept when a worker
+    /// leaves, so that a worker ejected, then restarted under a new incarnation (which drops
+    /// its own series) still counts (`herd drill worker-kill` reads it).
+    changes_all: Family<[(&'static str, String); 2], Counter>,
     /// The balancer's table, once known.
     table: Arc<OnceLock<Arc<ArcSwap<Table>>>>,
     /// Client connections refused because `limits.max_connections` was reached.
@@ -92,6 +96,12 @@ impl Metrics {
             errors.clone(),
         );
         let changes = Arc::new(Mutex::new(Changes::new()));
+        let changes_all = Family::<[(&'static str, String); 2], Counter>::default();
+        registry.register(
+            "state_changes",
+            "Routing state changes of all workers together, by new state and source of the reason (kept when a worker leaves)",
+            changes_all.clone(),
+        );
         let table = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(ChangesCollector {
             changes: changes.clone(),
@@ -139,6 +149,7 @@ impl Metrics {
             retries_refused,
             errors,
             changes,
+            changes_all,
             table,
             connections_refused,
             connections_refused_per_client,
@@ -241,6 +252,9 @@ impl Metrics {
             changes.remove(worker);
             return;
         }
+        self.changes_all
+            .get_or_create(&[("to", to.to_string()), ("source", source.to_string())])
+            .inc();
         *changes
             .entry(worker.to_string())
             .or_default()
@@ -688,6 +702,20 @@ mod tests {
     }
 
     #[test]
+    fn state_changes_summed_over_workers_outlive_the_worker() {
+        let metrics = Metrics::new();
+        metrics.state_change("w1", "ejected", "passive");
+        metrics.state_change("w2", "ejected", "passive");
+        metrics.state_change("w1", "removed", "registry");
+        let text = metrics.render();
+        assert!(!text.contains("worker=\"w1\""), "{text}");
+        assert!(
+            text.contains("herd_gateway_state_changes_total{to=\"ejected\",source=\"passive\"} 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn removed_workers_leave_the_metrics() {
         use crate::balancer::{Balancer, ChangeSource};
         let metrics = Arc::new(Metrics::new());
@@ -715,7 +743,26 @@ mod tests {
             }
         }
         let after = metrics.render();
-        assert_eq!(after, before, "/metrics grew with removed workers");
+        // The same series but for the changes summed over workers: a few more states, none per
+        // worker (their number is bounded by the states and sources, not by the workers).
+        let series = |text: &str| -> std::collections::BTreeSet<String> {
+            (text.lines().filter(|line| !line.starts_with('#')))
+                .map(|line| {
+                    line.rsplit_once(' ')
+                        .map_or(line, |(series, _)| series)
+                        .into()
+                })
+                .collect()
+        };
+        let (before, after) = (series(&before), series(&after));
+        let new: Vec<_> = after.difference(&before).collect();
+        assert!(
+            new.iter()
+                .all(|s| s.starts_with("herd_gateway_state_changes_total{")),
+            "/metrics grew with removed workers: {new:?}"
+        );
+        assert_eq!(new.len(), 3, "{new:?}");
+        assert!(before.is_subset(&after));
         assert_eq!(metrics.changes.lock().unwrap().len(), 1);
     }
 

@@ -160,6 +160,10 @@ where
                             io.put_back(buffer.freeze());
                             return Ended::ToHyper(Box::new(io));
                         }
+                        Parsed::Broken(problem) => {
+                            answer_broken_head(&mut io, context, problem, &mut out).await;
+                            return Ended::Closed;
+                        }
                     }
                 }
                 match read_more(&mut io, &mut buffer, entry, &state, movable).await {
@@ -254,6 +258,34 @@ where
                 return Ended::Closed;
             }
         }
+    }
+}
+
+/// Answers a head no server may take with the gateway's JSON 400 (`bad_request`, counted as
+/// every error the gateway makes), and closes the connection: what follows such a head cannot
+/// be told apart from it. Where hyper answered these, the client got a 400 with no body.
+async fn answer_broken_head<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<S>,
+    context: &Arc<ServiceContext>,
+    problem: &'static str,
+    out: &mut Vec<u8>,
+) {
+    let mut response = context.broken_head(problem);
+    let request_id = (response.headers().get(headers::REQUEST_ID).cloned())
+        .unwrap_or_else(headers::new_request_id);
+    let how = Writing {
+        head_only: false,
+        closing: true,
+        request_id: &request_id,
+        gateway: context.gateway_id(),
+    };
+    // Nothing is read while the answer goes out: the connection ends after it either way.
+    let watched = (&mut ReadWatch::new(false), &mut BytesMut::new());
+    if write_response(io, &mut response, how, out, watched)
+        .await
+        .is_ok()
+    {
+        let _ = io.shutdown().await;
     }
 }
 
@@ -483,6 +515,9 @@ enum Parsed {
     /// A head whose body is not all here yet: this many bytes in all, head and body, would do.
     /// The buffer is as it was.
     BodyComing(usize),
+    /// A head no HTTP/1.1 server may take (hyper would answer it with a 400 and no body): what
+    /// is wrong with it, for the gateway's JSON 400.
+    Broken(&'static str),
 }
 
 /// Where a header's name and value sit in the head.
@@ -506,7 +541,11 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool, body_limit: u64) -> Parsed {
     {
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD => return Parsed::Partial,
-        _ => return Parsed::NotPlain,
+        // Over this server's limits, not the protocol's: hyper's (its 431, its header count).
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::NotPlain;
+        }
+        Err(error) => return Parsed::Broken(broken_head(error)),
     };
     let (Some(method), Some(path), Some(1)) = (head.method, head.path, head.version) else {
         return Parsed::NotPlain;
@@ -534,10 +573,17 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool, body_limit: u64) -> Parsed {
             return Parsed::NotPlain;
         }
         if name.eq_ignore_ascii_case(b"content-length") {
-            // One length, in digits only, within the limit; anything else (a list, a sign,
-            // a second line: hyper's 400) is hyper's to judge.
+            // One length, in digits only, within the limit. A list, the same length twice, or
+            // a body over the limit is hyper's to judge or stream; a length that is no number,
+            // or two that differ, no server may take (RFC 9112 §6.3 item 5).
             match (content_length, body_length(header.value)) {
                 (None, Some(length)) if length <= body_limit => content_length = Some(length),
+                (_, None) if !header.value.contains(&b',') => {
+                    return Parsed::Broken("the Content-Length is not a number");
+                }
+                (Some(first), Some(length)) if first != length => {
+                    return Parsed::Broken("two Content-Length headers that differ");
+                }
                 _ => return Parsed::NotPlain,
             }
         }
@@ -623,6 +669,19 @@ fn parse(buffer: &mut BytesMut, keep_raw: bool, body_limit: u64) -> Parsed {
     }
 }
 
+/// What is wrong with a head `httparse` refused, in the words of the gateway's 400.
+fn broken_head(error: httparse::Error) -> &'static str {
+    match error {
+        httparse::Error::HeaderName => "a header name is not a token",
+        httparse::Error::HeaderValue => "a header value has a control character",
+        httparse::Error::NewLine => "a line of the request head does not end in CRLF",
+        httparse::Error::Token => "the request line is malformed (method, target or spaces)",
+        httparse::Error::Version => "the request line's HTTP version is malformed",
+        // Not a request's (a response's status), or over a limit the caller handles.
+        httparse::Error::Status | httparse::Error::TooManyHeaders => "malformed request head",
+    }
+}
+
 /// The request at the start of `buffer` as this server reads it (taken off the buffer, with a
 /// body of at most `body_limit` bytes): the request, and its header lines when kept raw (its map
 /// is empty then); `None` when the request is incomplete or not for this server (the buffer is
@@ -635,7 +694,7 @@ pub fn read_head(
 ) -> Option<(http::Request<ClientBody>, Option<RawRequestHead>)> {
     match parse(buffer, keep_raw, body_limit) {
         Parsed::Plain(plain) => Some((plain.request, plain.raw)),
-        Parsed::Partial | Parsed::NotPlain | Parsed::BodyComing(_) => None,
+        Parsed::Partial | Parsed::NotPlain | Parsed::BodyComing(_) | Parsed::Broken(_) => None,
     }
 }
 

@@ -893,6 +893,18 @@ impl ServiceContext {
         self.draining.is_cancelled()
     }
 
+    /// The answer to a request head no server may take (`crate::plain_http1`): a 400 with the
+    /// gateway's JSON error saying what is wrong, counted as every error the gateway makes, and
+    /// `Connection: close`. It counts as a request of the connection until it is written.
+    pub(crate) fn broken_head(&self, problem: &'static str) -> hyper::Response<Served> {
+        let request = self.state.begin(http::Version::HTTP_11, false);
+        refusal(&GatewayError::BadRequest(problem), &self.metrics).map(|inner| Served {
+            inner,
+            _request: request,
+            watch: None,
+        })
+    }
+
     /// Begins `request` (its head was just read: the connection is busy from here) and returns
     /// the future of its response. A request read by the gateway's own HTTP/1.1 server
     /// (`crate::plain_http1`) has no body or one read whole with its head, and comes with the

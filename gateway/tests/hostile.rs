@@ -318,6 +318,70 @@ async fn request_answer(stream: &mut TcpStream) -> String {
 }
 
 #[tokio::test]
+async fn a_head_no_server_may_take_gets_a_json_400_saying_what_is_wrong() {
+    let upstream = Upstream::start("a").await;
+    let gateway = Gateway::start(&[&upstream], |_| {}).await;
+
+    let cases: [(&[u8], &str); 7] = [
+        (
+            b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: abc\r\n\r\nabc",
+            "Content-Length is not a number",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd",
+            "two Content-Length headers that differ",
+        ),
+        (b"HELLO\r\n\r\n", "request line is malformed"),
+        (b"GET /\r\nhost: a\r\n\r\n", "request line is malformed"),
+        (b"GET / HTTP/x\r\nhost: a\r\n\r\n", "HTTP version"),
+        (b"GET / HTTP/1.1\r\nbad name: x\r\n\r\n", "header name"),
+        // After a request served on the same connection.
+        (
+            b"GET / HTTP/1.1\r\nhost: a\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\nx: a\x01b\r\n\r\n",
+            "control character",
+        ),
+    ];
+    for (raw, problem) in cases {
+        let answer = exchange(&gateway, raw).await;
+        // The last answer on the connection: after a served request, the 400 comes second.
+        let start = answer.rfind("HTTP/1.1 ").unwrap();
+        let last = &answer[start..];
+        assert!(last.starts_with("HTTP/1.1 400"), "{answer}");
+        let (head, body) = last.split_once("\r\n\r\n").unwrap();
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("\r\nconnection: close\r\n"), "{answer}");
+        assert!(head.contains("content-type: application/json"), "{answer}");
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "bad_request", "{answer}");
+        assert!(
+            json["message"].as_str().unwrap().contains(problem),
+            "{body}"
+        );
+        let id = json["request_id"].as_str().unwrap();
+        assert!(head.contains(&format!("x-request-id: {id}")), "{answer}");
+    }
+    assert_eq!(
+        upstream.hits(),
+        1,
+        "only the one good request reached a worker"
+    );
+    let metrics = get(&client(), &gateway.admin_url("/metrics")).await;
+    let metrics = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("herd_gateway_errors_total{kind=\"bad_request\"} 7"),
+        "{metrics}"
+    );
+    // What hyper judges stays hyper's: the same length twice is one length.
+    let answer = exchange(
+        &gateway,
+        b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ncontent-length: 3\r\nconnection: close\r\n\r\nabc",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    gateway.shutdown().await;
+}
+
+#[tokio::test]
 async fn content_length_with_transfer_encoding_is_refused_and_the_connection_closed() {
     let upstream = Upstream::start("a").await;
     let gateway = Gateway::start(&[&upstream], |_| {}).await;

@@ -515,13 +515,11 @@ impl ScaleArgs {
             _ => return Err(CliError::Usage("usage: herd scale [IMAGE] N".into())),
         };
         let count: u32 = count.parse().map_err(|_| {
-            CliError::Usage(format!(
-                "herd scale: N must be a number of workers, got {count:?}"
-            ))
+            CliError::Usage(format!("N must be a number of workers, got {count:?}"))
         })?;
         if !(1..=max).contains(&count) {
             return Err(CliError::Usage(format!(
-                "herd scale: N must be between 1 and {max}, got {count}"
+                "N must be between 1 and {max}, got {count}"
             )));
         }
         Ok((image, count))

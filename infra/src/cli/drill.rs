@@ -135,15 +135,44 @@ fn summary(reports: &[Report], failed: bool) -> String {
             report.reason
         );
     }
-    let passed = reports
-        .iter()
-        .filter(|r| r.verdict == Outcome::Pass)
-        .count();
+    let count = |outcome| reports.iter().filter(|r| r.verdict == outcome).count();
     let _ = write!(
         out,
-        "VERDICT: {} — {passed} of {} drills passed",
+        "VERDICT: {} — {} passed, {} failed, {} not applicable (of {})",
         if failed { "FAIL" } else { "PASS" },
+        count(Outcome::Pass),
+        count(Outcome::Fail),
+        count(Outcome::NotApplicable),
         reports.len()
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_counts_each_verdict_apart() {
+        let report = |kind, verdict| {
+            let mut report = Report::not_applicable(kind, "local".into(), "why".into());
+            report.verdict = verdict;
+            report
+        };
+        let reports = [
+            report(Kind::WorkerKill, Outcome::Pass),
+            report(Kind::RedisRestart, Outcome::NotApplicable),
+            report(Kind::GatewayKill, Outcome::NotApplicable),
+        ];
+        let text = summary(&reports, false);
+        assert!(
+            text.ends_with("VERDICT: PASS — 1 passed, 0 failed, 2 not applicable (of 3)"),
+            "{text}"
+        );
+        let text = summary(&[report(Kind::WorkerKill, Outcome::Fail)], true);
+        assert!(
+            text.ends_with("VERDICT: FAIL — 0 passed, 1 failed, 0 not applicable (of 1)"),
+            "{text}"
+        );
+    }
 }

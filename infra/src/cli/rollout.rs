@@ -127,7 +127,7 @@ impl Rollout<'_> {
                     ));
                     self.roll_back(&done).await;
                     return Err(CliError::Change(format!(
-                        "herd rollout of {} aborted and rolled back: {why}",
+                        "rollout of {} aborted and rolled back: {why}",
                         self.image
                     )));
                 }

@@ -114,7 +114,7 @@ async fn grow(
         Err(why) => {
             let _ = workers::retire(placement, dir, &started);
             Err(CliError::Change(format!(
-                "herd scale: new workers did not come up, stopped them again: {why}"
+                "new workers did not come up, stopped them again: {why}"
             )))
         }
     }

@@ -279,9 +279,18 @@ pub fn gateways_saw(before: &[GatewayInfo], after: &[GatewayInfo]) -> Vec<Gatewa
             let epoch = |text: Option<&str>| {
                 metric_sum(text?, "herd_gateway_failover_epoch", &[]).map(|v| v as u64)
             };
+            // Summed over workers by the gateway, so a worker ejected and then restarted under
+            // a new incarnation (its own series dropped) still counts; the per-worker family
+            // for a gateway from before that sum.
+            let family =
+                if new.is_some_and(|text| text.contains("herd_gateway_state_changes_total")) {
+                    "herd_gateway_state_changes_total"
+                } else {
+                    "herd_gateway_worker_state_changes_total"
+                };
             let ejections = ["to=\"down\"", "to=\"ejected\"", "to=\"unreachable\""]
                 .iter()
-                .map(|to| increase("herd_gateway_worker_state_changes_total", &[to]))
+                .map(|to| increase(family, &[to]))
                 .sum();
             GatewaySaw {
                 name: now.name.clone(),
@@ -1021,6 +1030,22 @@ mod tests {
         let restarted = change("w2", 1);
         let saw = gateways_saw(&[info(before)], &[info(restarted)]);
         assert_eq!(saw[0].ejections, 1);
+    }
+
+    #[test]
+    fn a_worker_ejected_then_restarted_as_a_new_incarnation_still_counts() {
+        // Its own series went with its old incarnation; the sum over workers stays.
+        let before = "herd_gateway_state_changes_total{to=\"ejected\",source=\"passive\"} 2\n\
+            herd_gateway_worker_state_changes_total{worker=\"w3\",to=\"ejected\",source=\"passive\"} 2\n";
+        let after = "herd_gateway_state_changes_total{to=\"ejected\",source=\"passive\"} 3\n\
+            herd_gateway_state_changes_total{to=\"unreachable\",source=\"active\"} 1\n";
+        let info = |text: &str| GatewayInfo {
+            name: "gw1".into(),
+            metrics: Some(text.into()),
+            ..Default::default()
+        };
+        let saw = gateways_saw(&[info(before)], &[info(after)]);
+        assert_eq!(saw[0].ejections, 2);
     }
 
     #[test]
