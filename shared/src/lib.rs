@@ -4,6 +4,7 @@
 //! - [`config`]: load a process's settings from a TOML file plus `HERD_…` environment overrides,
 //!   then validate them once; a bad value becomes one line naming the key ([`config::ConfigError`]).
 //! - [`redis`]: the Redis connection settings and pool every process uses.
+//! - [`redis_pool`]: the pool of connections to one Redis, checked without a round trip.
 //! - [`sentinel`]: a pool that follows the Redis master through Sentinel.
 //! - [`keys`]: the Redis key schema (sessions, registry, events, gateway lease).
 //! - [`registry`]: the worker registry entry and the `events` notices, as written by workers and
@@ -19,6 +20,7 @@ pub mod keys;
 pub mod net;
 pub mod page;
 pub mod redis;
+pub mod redis_pool;
 pub mod registry;
 pub mod sentinel;
 pub mod telemetry;

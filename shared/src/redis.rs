@@ -14,7 +14,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_redis::{Manager, Pool, Runtime};
 use redis::AsyncConnectionConfig;
 use redis::aio::ConnectionLike;
 use redis::cluster_async::ClusterConnection;
@@ -22,6 +21,7 @@ use serde::Deserialize;
 
 use crate::config::{ConfigError, Validate, check};
 use crate::keys::Keys;
+use crate::redis_pool::{Connections, Pool};
 
 /// How to reach Redis and how long to wait for it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -155,13 +155,13 @@ impl RedisConfig {
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.command_timeout));
-        let manager = Manager::new_with_config(self.url.as_str(), connection)?;
+        let manager = Connections::new(self.url.as_str(), connection)?;
         let pool = Pool::builder(manager)
             .max_size(self.pool_size)
             .wait_timeout(Some(self.command_timeout))
             .create_timeout(Some(self.connect_timeout))
             .recycle_timeout(Some(self.command_timeout))
-            .runtime(Runtime::Tokio1)
+            .runtime(deadpool::Runtime::Tokio1)
             .build()
             .expect("a pool with a runtime and timeouts always builds");
         Ok(pool)
@@ -173,7 +173,7 @@ impl RedisConfig {
 pub enum ConnectError {
     /// No pooled connection to the one Redis (down or too slow).
     #[error("no Redis connection: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] deadpool::managed::PoolError<redis::RedisError>),
     /// The cluster could not be reached (no seed answered, or no slot map yet).
     #[error("no Redis Cluster connection: {0}")]
     Cluster(#[from] redis::RedisError),
@@ -214,7 +214,7 @@ impl std::fmt::Debug for RedisPool {
 impl RedisPool {
     /// The pool's connections and waiters, for metrics; `None` on a cluster, which has one
     /// shared multiplexed connection and no pool.
-    pub fn status(&self) -> Option<deadpool_redis::Status> {
+    pub fn status(&self) -> Option<crate::redis_pool::Status> {
         match self {
             RedisPool::Single(pool) => Some(pool.status()),
             RedisPool::Cluster(_) => None,
@@ -255,7 +255,7 @@ impl RedisPool {
 /// must keep to one slot.
 pub enum RedisConnection {
     /// Pooled connection to one Redis.
-    Single(deadpool_redis::Connection),
+    Single(crate::redis_pool::Connection),
     /// The cluster handle.
     Cluster(ClusterConnection),
 }

@@ -13,12 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use deadpool_redis::Pool;
 use redis::AsyncConnectionConfig;
 use serde::Deserialize;
 
 use crate::config::{ConfigError, check};
 use crate::redis::{RedisConfig, RedisPool};
+use crate::redis_pool::Pool;
 
 /// `[sentinel]`: where the sentinels are and which master to follow.
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -36,6 +36,11 @@ impl TestRedis {
         self.server.stop();
     }
 
+    /// Its process id while it runs (to stop it with SIGSTOP: alive but silent).
+    pub fn pid(&self) -> Option<u32> {
+        self.server.pid()
+    }
+
     /// Kills it with SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         self.server.kill();

@@ -10,7 +10,7 @@
 //!
 //! Why our own polling rather than the `redis` crate's Sentinel client (or deadpool-redis'
 //! Sentinel pool): those ask the sentinels when a connection is *made*; pooled connections to the
-//! old master stay in the pool, and a demoted master still answers the pool's PING check, so
+//! old master stay in the pool, and a demoted master still answers them (and a PING), so
 //! writes keep failing (READONLY) until each connection breaks. Swapping the whole pool when the
 //! answer changes moves every new call at once, and the poll doubles as a health signal.
 
