@@ -66,11 +66,11 @@ where
         // The clone is not ready yet; keep the ready one for this call (tower's usual dance).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let config = self.store.config().clone();
+        let store = self.store.clone();
         let https = cookie::is_https(request.headers());
         let session = Session::new(
-            self.store.clone(),
-            cookie::session_id(request.headers(), &config.cookie_name),
+            store.clone(),
+            cookie::session_id(request.headers(), &store.config().cookie_name),
         );
         request.extensions_mut().insert(session.clone());
         Box::pin(async move {
@@ -81,8 +81,8 @@ where
                 response = ApiError::from(error).into_response();
             }
             let value = match session.cookie_action().await {
-                Some(CookieAction::Set(id)) => Some(cookie::set(&config, &id, https)),
-                Some(CookieAction::Clear) => Some(cookie::clear(&config, https)),
+                Some(CookieAction::Set(id)) => Some(cookie::set(store.config(), &id, https)),
+                Some(CookieAction::Clear) => Some(cookie::clear(store.config(), https)),
                 None => None,
             };
             if let Some(value) = value {

@@ -224,9 +224,17 @@ pub(crate) struct Write<'a> {
     pub(crate) claim: bool,
 }
 
-/// Sessions in Redis.
+/// Sessions in Redis. Cheap to clone (one reference count): the session layer's service, and
+/// with it the store, is cloned several times per request by axum and tower (cloned field by
+/// field, it was a dozen allocations per request, docs/performance.md section 45).
 #[derive(Clone)]
 pub struct SessionStore {
+    inner: Arc<Store>,
+}
+
+/// What a [`SessionStore`] shares among its clones.
+#[derive(Clone)]
+struct Store {
     link: RedisLink,
     keys: Keys,
     config: SessionConfig,
@@ -307,7 +315,7 @@ struct Scripts {
 impl std::fmt::Debug for SessionStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionStore")
-            .field("prefix", &self.keys.prefix())
+            .field("prefix", &self.inner.keys.prefix())
             .finish_non_exhaustive()
     }
 }
@@ -316,7 +324,7 @@ impl SessionStore {
     /// A store reached through `link`, with keys under `keys`. `call_timeout` bounds each Redis
     /// call (use the Redis connect timeout plus the command timeout).
     pub fn new(link: RedisLink, keys: Keys, config: SessionConfig, call_timeout: Duration) -> Self {
-        SessionStore {
+        let store = Store {
             link,
             keys,
             config,
@@ -329,18 +337,21 @@ impl SessionStore {
             }),
             locks: SaveLocks::default(),
             metrics: Arc::default(),
+        };
+        SessionStore {
+            inner: Arc::new(store),
         }
     }
 
     /// The store, counting its operations in `metrics` (the worker's `/metrics`).
     pub fn with_metrics(mut self, metrics: Arc<WorkerMetrics>) -> Self {
-        self.metrics = metrics;
+        Arc::make_mut(&mut self.inner).metrics = metrics;
         self
     }
 
     /// Where the store counts its operations.
     pub(crate) fn metrics(&self) -> &WorkerMetrics {
-        &self.metrics
+        &self.inner.metrics
     }
 
     /// Runs one Redis operation: timed and counted in the metrics, and inside a client span
@@ -363,7 +374,8 @@ impl SessionStore {
         });
         let started = tokio::time::Instant::now();
         let result = herd_shared::telemetry::in_span(span.clone(), work).await;
-        self.metrics
+        self.inner
+            .metrics
             .session_op(op, result.is_ok(), started.elapsed());
         if let Some(span) = span {
             match &result {
@@ -379,20 +391,20 @@ impl SessionStore {
 
     /// The session settings.
     pub fn config(&self) -> &SessionConfig {
-        &self.config
+        &self.inner.config
     }
 
     /// The arguments every alias-following script starts with after the id (see `prelude!`).
     fn prelude_args(&self, invocation: &mut redis::ScriptInvocation<'_>) {
         // Sessions of the old layout exist only on one Redis (cluster support came with the
         // new one), and only there can a script reach a key outside its slot to adopt it.
-        let legacy = if self.link.is_cluster() {
+        let legacy = if self.inner.link.is_cluster() {
             String::new()
         } else {
-            self.keys.legacy_session("")
+            self.inner.keys.legacy_session("")
         };
         invocation
-            .arg(self.keys.session_prefix())
+            .arg(self.inner.keys.session_prefix())
             .arg(herd_shared::keys::SESSION_TAG_LEN)
             .arg(legacy);
     }
@@ -402,21 +414,22 @@ impl SessionStore {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, SessionError> {
-        self.link
-            .invoke(invocation, self.call_timeout)
+        self.inner
+            .link
+            .invoke(invocation, self.inner.call_timeout)
             .await
             .map_err(SessionError::Unavailable)
     }
 
     /// Waits for this process's save lock of session `id`.
     pub(crate) async fn lock(&self, id: &str) -> SaveGuard {
-        self.locks.lock(id).await
+        self.inner.locks.lock(id).await
     }
 
     /// Sessions with a save lock in use (for tests).
     #[cfg(test)]
     fn locked(&self) -> usize {
-        self.locks.0.lock().expect("save locks").len()
+        self.inner.locks.0.lock().expect("save locks").len()
     }
 
     /// The live session stored under `id`, if any (touching its idle TTL when due).
@@ -426,12 +439,12 @@ impl SessionStore {
     }
 
     async fn load_from_redis(&self, id: &str) -> Result<Option<Record>, SessionError> {
-        let mut invocation = self.scripts.load.key(self.keys.session(id));
+        let mut invocation = self.inner.scripts.load.key(self.inner.keys.session(id));
         invocation.arg(id);
         self.prelude_args(&mut invocation);
         invocation
-            .arg(millis(self.config.touch_interval))
-            .arg(millis(self.config.idle_timeout));
+            .arg(millis(self.inner.config.touch_interval))
+            .arg(millis(self.inner.config.idle_timeout));
         let fields: Vec<String> = self.call(&invocation).await?;
         if fields.is_empty() {
             return Ok(None);
@@ -460,16 +473,20 @@ impl SessionStore {
             }
             _ => None,
         };
-        let mut invocation = self.scripts.save.key(self.keys.session(current_id));
+        let mut invocation = self
+            .inner
+            .scripts
+            .save
+            .key(self.inner.keys.session(current_id));
         invocation
-            .key(self.keys.session(write.target))
-            .key(self.keys.session_lease(current_id))
+            .key(self.inner.keys.session(write.target))
+            .key(self.inner.keys.session_lease(current_id))
             .arg(expected)
             .arg(write.data)
             .arg(write.user.unwrap_or(""))
-            .arg(millis(self.config.idle_timeout))
-            .arg(millis(self.config.absolute_timeout))
-            .arg(millis(self.config.regenerate_grace))
+            .arg(millis(self.inner.config.idle_timeout))
+            .arg(millis(self.inner.config.absolute_timeout))
+            .arg(millis(self.inner.config.regenerate_grace))
             .arg(current_id)
             .arg(write.target)
             .arg(write.token)
@@ -517,7 +534,7 @@ impl SessionStore {
             let _ = self
                 .command::<i64>(
                     redis::cmd("ZREM")
-                        .arg(self.keys.user_sessions(previous))
+                        .arg(self.inner.keys.user_sessions(previous))
                         .arg(current_id),
                 )
                 .await;
@@ -532,13 +549,13 @@ impl SessionStore {
         let Some(user) = write.user else { return };
         for id in settled {
             let alive: Result<bool, _> = self
-                .command(redis::cmd("EXISTS").arg(self.keys.session(&id)))
+                .command(redis::cmd("EXISTS").arg(self.inner.keys.session(&id)))
                 .await;
             if matches!(alive, Ok(false)) {
                 let _ = self
                     .command::<i64>(
                         redis::cmd("ZREM")
-                            .arg(self.keys.user_sessions(user))
+                            .arg(self.inner.keys.user_sessions(user))
                             .arg(&id),
                     )
                     .await;
@@ -548,10 +565,14 @@ impl SessionStore {
 
     /// Adds `id` to `user`'s index; returns ids that settled long enough to be checked.
     async fn index_add(&self, user: &str, id: &str) -> Result<Vec<String>, SessionError> {
-        let mut invocation = self.scripts.index_add.key(self.keys.user_sessions(user));
+        let mut invocation = self
+            .inner
+            .scripts
+            .index_add
+            .key(self.inner.keys.user_sessions(user));
         invocation
             .arg(id)
-            .arg(millis(self.config.absolute_timeout))
+            .arg(millis(self.inner.config.absolute_timeout))
             .arg(millis(INDEX_SETTLE));
         self.call(&invocation).await
     }
@@ -560,6 +581,7 @@ impl SessionStore {
     async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, SessionError> {
         let work = async {
             let mut connection = self
+                .inner
                 .link
                 .pool()
                 .get()
@@ -569,7 +591,7 @@ impl SessionStore {
                 .await
                 .map_err(|e| SessionError::Unavailable(e.to_string()))
         };
-        tokio::time::timeout(self.call_timeout, work)
+        tokio::time::timeout(self.inner.call_timeout, work)
             .await
             .unwrap_or_else(|_| Err(SessionError::Unavailable("redis call timed out".into())))
     }
@@ -585,7 +607,7 @@ impl SessionStore {
         if let Some((id, user)) = self.destroy_one(id).await? {
             self.command::<i64>(
                 redis::cmd("ZREM")
-                    .arg(self.keys.user_sessions(&user))
+                    .arg(self.inner.keys.user_sessions(&user))
                     .arg(&id),
             )
             .await?;
@@ -595,7 +617,7 @@ impl SessionStore {
 
     /// Runs DESTROY; the id and user of the session it deleted, if it was bound.
     async fn destroy_one(&self, id: &str) -> Result<Option<(String, String)>, SessionError> {
-        let mut invocation = self.scripts.destroy.key(self.keys.session(id));
+        let mut invocation = self.inner.scripts.destroy.key(self.inner.keys.session(id));
         invocation.arg(id);
         self.prelude_args(&mut invocation);
         let reply: Vec<String> = self.call(&invocation).await?;
@@ -620,11 +642,12 @@ impl SessionStore {
     }
 
     async fn destroy_user_in_redis(&self, user: &str) -> Result<usize, SessionError> {
-        let index = self.keys.user_sessions(user);
+        let index = self.inner.keys.user_sessions(user);
         let mut ids: Vec<String> = self
             .command(redis::cmd("ZRANGE").arg(&index).arg(0).arg(-1))
             .await?;
-        let legacy = (!self.link.is_cluster()).then(|| self.keys.legacy_user_sessions(user));
+        let legacy =
+            (!self.inner.link.is_cluster()).then(|| self.inner.keys.legacy_user_sessions(user));
         if let Some(legacy) = &legacy {
             // The set of the layout before hash tags, on one Redis.
             let old: Vec<String> = self.command(redis::cmd("SMEMBERS").arg(legacy)).await?;
@@ -648,14 +671,14 @@ impl SessionStore {
     /// Whether Redis answers a PING within the time bound.
     pub async fn ping(&self) -> bool {
         let work = async {
-            let mut connection = self.link.pool().get().await.ok()?;
+            let mut connection = self.inner.link.pool().get().await.ok()?;
             redis::cmd("PING")
                 .query_async::<String>(&mut connection)
                 .await
                 .ok()
         };
         matches!(
-            tokio::time::timeout(self.call_timeout, work).await,
+            tokio::time::timeout(self.inner.call_timeout, work).await,
             Ok(Some(_))
         )
     }
