@@ -11,6 +11,12 @@ use herd_shared::config::{self, Source};
 use herd_worker::config::{App, ENV_LIST_KEYS, ENV_PREFIX, WorkerConfig};
 use herd_worker::{demo, hello, server};
 
+/// mimalloc rather than glibc's allocator, as the gateway (section 42 of docs/performance.md):
+/// axum and tower allocate a few dozen blocks per request (boxed futures and services), and
+/// glibc's bins made a third of the demo app's instructions per session request (section 45).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// herd worker running the demo app (or the hello app).
 #[derive(Debug, Parser)]
 #[command(version, about)]
