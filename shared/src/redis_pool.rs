@@ -3,7 +3,7 @@
 //!
 //! deadpool-redis' manager sends `UNWATCH` and `PING` on every checkout and waits for the
 //! answer: a round trip to Redis before every command, half of the round trips of a worker's
-//! session request (one script per request) and about a fifth of Redis's CPU per request there
+//! session request (one script per request) and about a quarter of Redis's CPU per request there
 //! (docs/performance.md, section 45). What that check finds out, a connection whose socket
 //! closed (Redis restarted, or closed it as idle), is known here without asking: each pooled
 //! connection's I/O task is ours, and it marks the connection closed when it ends, which it does
