@@ -895,9 +895,12 @@ impl ServiceContext {
 
     /// The answer to a request head no server may take (`crate::plain_http1`): a 400 with the
     /// gateway's JSON error saying what is wrong, counted as every error the gateway makes, and
-    /// `Connection: close`. It counts as a request of the connection until it is written.
+    /// `Connection: close`. It counts as a request of the connection until it is written, and as
+    /// one with a body: whatever the client sends after the head (its body, on its way) is read
+    /// away when the connection closes (`ClientIo`'s linger), so that it does not reset the
+    /// connection before the client has read the answer.
     pub(crate) fn broken_head(&self, problem: &'static str) -> hyper::Response<Served> {
-        let request = self.state.begin(http::Version::HTTP_11, false);
+        let request = self.state.begin(http::Version::HTTP_11, true);
         refusal(&GatewayError::BadRequest(problem), &self.metrics).map(|inner| Served {
             inner,
             _request: request,

@@ -10,16 +10,23 @@
 //! as soon as the socket reads its end or fails. A closed connection is dropped at checkout and a
 //! new one made, as after a failed `PING`. A connection whose command timed out or failed in its
 //! I/O is marked closed too: a Redis that vanished without closing its sockets (its machine
-//! lost) leaves them open, and a `PING` would have timed out on each of them. herd sends no
-//! `WATCH`, so nothing is left for an `UNWATCH` to clear.
+//! lost) leaves them open, and a `PING` would have timed out on each of them. What neither tells,
+//! a connection idle long enough for a firewall or NAT to forget it, is asked with a `PING`
+//! before it is handed out again, as before, once it has not been used for [`IDLE_CHECK`]: under
+//! load, connections are reused within milliseconds and never asked. herd sends no `WATCH`, so
+//! nothing is left for an `UNWATCH` to clear.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use deadpool::managed;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, ConnectionAddr, RedisError};
 use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A connection not handed out for this long is asked with a `PING` before it is again.
+pub const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// A pool of connections to one Redis.
 pub type Pool = managed::Pool<Connections>;
@@ -101,11 +108,12 @@ impl managed::Manager for Connections {
         )
         .await?;
         let closed = Arc::new(AtomicBool::new(false));
-        let mark = closed.clone();
-        // Ends when the socket reads its end or fails, or when the connection is dropped.
+        let mark = MarkClosed(closed.clone());
+        // Ends when the socket reads its end or fails, or when the connection is dropped; the
+        // mark is made when the task ends either way, also when its runtime drops it.
         tokio::spawn(async move {
+            let _mark = mark;
             io.await;
-            mark.store(true, Ordering::Release);
         });
         Ok(Pooled { connection, closed })
     }
@@ -113,14 +121,26 @@ impl managed::Manager for Connections {
     async fn recycle(
         &self,
         pooled: &mut Pooled,
-        _: &managed::Metrics,
+        metrics: &managed::Metrics,
     ) -> managed::RecycleResult<RedisError> {
         if pooled.is_closed() {
             return Err(managed::RecycleError::message(
                 "the connection to Redis closed",
             ));
         }
+        if metrics.last_used() >= IDLE_CHECK {
+            let () = redis::cmd("PING").query_async(pooled).await?;
+        }
         Ok(())
+    }
+}
+
+/// Marks a connection closed when dropped: held by the task that drives its socket.
+struct MarkClosed(Arc<AtomicBool>);
+
+impl Drop for MarkClosed {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 

@@ -299,6 +299,7 @@ pub(crate) fn rollout(args: &RolloutArgs) -> Result<u8, CliError> {
     };
     require_up(&inventory, &args.state)?;
     let _lock = lock_changes(&state_root)?;
+    super::say_if_restart(args);
     let options = Options {
         state_root,
         token: String::new(),

@@ -55,17 +55,8 @@ pub fn run(cli: &Cli) -> Result<u8, CliError> {
         Command::Down(args) => down::run(args),
         Command::Scale(args) if args.state.inventory.is_some() => inventory::scale(args),
         Command::Scale(args) => scale::run(args),
-        Command::Rollout(args) => {
-            if args.binary.is_none() && args.env.is_empty() {
-                say(
-                    "herd rollout: neither --binary nor --env: a rolling restart (the current command)",
-                );
-            }
-            match args.state.inventory {
-                Some(_) => inventory::rollout(args),
-                None => rollout::run(args),
-            }
-        }
+        Command::Rollout(args) if args.state.inventory.is_some() => inventory::rollout(args),
+        Command::Rollout(args) => rollout::run(args),
         Command::Supervise(args) => up::supervise_detached(args),
         Command::Lab(LabCommand::FailoverCompare(args)) => lab::failover_compare(args),
         Command::Tls(TlsCommand::Push(args)) => inventory::tls_push(args),
@@ -100,6 +91,14 @@ fn say(line: impl std::fmt::Display) {
 fn warn(line: impl std::fmt::Display) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Says so when a rollout changes neither the executable nor the environment (called once the
+/// rollout's arguments and cluster are checked, right before it starts).
+fn say_if_restart(args: &RolloutArgs) {
+    if args.binary.is_none() && args.env.is_empty() {
+        say("herd rollout: neither --binary nor --env: a rolling restart (the current command)");
+    }
 }
 
 /// When the cluster came up, for messages (RFC 3339, UTC).

@@ -75,6 +75,7 @@ pub(crate) fn run(args: &RolloutArgs) -> Result<u8, CliError> {
         .into_iter()
         .cloned()
         .collect();
+    super::say_if_restart(args);
     let rollout = Rollout {
         placement: LocalMachine,
         dir: &dir,
