@@ -1,5 +1,19 @@
-# Sourced by the bench scripts (ab-gateways.sh, instructions.sh, pgo-train.sh): what more than one
-# of them needs to set up a run.
+# Sourced by the bench scripts (ab-gateways.sh, copies.sh, instructions.sh, pgo-train.sh,
+# session-upstream.sh): what more than one of them needs to set up a run.
+
+# `start_scratch` makes a temp dir, `$work`, and a list of process ids, `$pids`, for the script to
+# add the processes it starts to: on exit (or Ctrl-C) they are killed and the dir removed.
+start_scratch() {
+  work=$(mktemp -d)
+  pids=()
+  trap scratch_cleanup EXIT INT TERM
+}
+
+scratch_cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
 
 # `announced OUT ROLE` prints the address a herd process announced in its
 # `{"event":"listening","role":ROLE,"addr":...}` line of OUT (its stdout file), waiting up to

@@ -26,14 +26,8 @@ mode=(--h1)
 for tool in gdb h2load python3; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install gdb nghttp2-client)" >&2; exit 1; }
 done
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
+source "$root/infra/bench/common.sh"
+start_scratch
 
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

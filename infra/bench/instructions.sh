@@ -76,16 +76,8 @@ tools=(valgrind callgrind_control callgrind_annotate h2load)
 for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install valgrind nghttp2-client)" >&2; exit 1; }
 done
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-
 source "$root/infra/bench/common.sh"
+start_scratch
 
 app=(HERD_WORKER_APP=hello)
 if [ "$scenario" = session ]; then

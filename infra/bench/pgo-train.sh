@@ -29,16 +29,8 @@ done
 for tool in h2load redis-server curl openssl python3; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install nghttp2-client redis-server curl openssl python3)" >&2; exit 1; }
 done
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-
 source "$root/infra/bench/common.sh"
+start_scratch
 
 redis_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.out" 2>&1 &

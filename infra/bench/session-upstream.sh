@@ -24,14 +24,7 @@ for tool in redis-server redis-cli wrk curl; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install redis-server wrk curl)" >&2; exit 1; }
 done
 source "$root/infra/bench/common.sh"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
+start_scratch
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.out" 2>&1 &
