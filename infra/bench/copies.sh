@@ -62,14 +62,33 @@ wait_for "$public"
 h2load -n 2000 -c 4 -t 1 "${mode[@]}" "http://$public/" >"$work/warmup.txt"
 grep -q "^status codes: 2000 2xx" "$work/warmup.txt" || { cat "$work/warmup.txt" >&2; exit 1; }
 
+# A breakpoint on every vector variant of glibc's memcpy: which one `memcpy` resolves to depends
+# on the CPU (AVX2 machines take `avx_unaligned_erms`, AVX-512 ones `avx512` or `evex`), and a
+# breakpoint on the wrong one never hits. Each hit prints the size and the calling frame.
 cat >"$work/gdb.cmds" <<'EOF'
 set pagination off
-break __memcpy_avx_unaligned_erms
-commands
-silent
-printf "COPY %lu\n", $rdx
-bt 2
-cont
+python
+import gdb
+
+class Copy(gdb.Breakpoint):
+    def stop(self):
+        size = int(gdb.parse_and_eval("$rdx"))
+        caller = gdb.newest_frame().older()
+        name = (caller.name() if caller else None) or "?"
+        sal = caller.find_sal() if caller else None
+        where = f"{sal.symtab.filename}:{sal.line}" if sal and sal.symtab else "?"
+        print(f"COPY {size}\t{name}\t{where}")
+        return False
+
+hooked = 0
+for vector in ("avx512", "evex", "avx", "sse2"):
+    for suffix in ("_unaligned_erms", "_unaligned", "_unaligned_erms_rtm", "_unaligned_rtm"):
+        try:
+            Copy(f"__memcpy_{vector}{suffix}", internal=True)
+            hooked += 1
+        except gdb.error:
+            pass
+print(f"HOOKED {hooked}")
 end
 cont
 EOF
@@ -83,19 +102,18 @@ pids+=($!)
 timeout 300 gdb -p "$gateway_pid" -batch -x "$work/gdb.cmds" >"$work/gdb.out" 2>&1 || true
 grep -q "^status codes: $requests 2xx" "$work/load.txt" || { cat "$work/load.txt" >&2; exit 1; }
 
+grep -q "^HOOKED [1-9]" "$work/gdb.out" || { echo "gdb found no memcpy of glibc to watch; its output is in $work/gdb.out" >&2; exit 1; }
+
 python3 - "$work/gdb.out" "$requests" <<'EOF'
 import collections, re, sys
-lines = open(sys.argv[1]).read().split("\n")
 requests = int(sys.argv[2])
 copies = collections.Counter()
-for i, line in enumerate(lines):
-    m = re.match(r"COPY (\d+)$", line)
-    if not m or i + 2 >= len(lines):
+for line in open(sys.argv[1]):
+    m = re.match(r"COPY (\d+)\t(.*)\t(.*)$", line.rstrip("\n"))
+    if not m:
         continue
-    caller = lines[i + 2]  # "#1  0x... in function (...) at file:line"
-    function = re.sub(r"^#1\s+(0x[0-9a-f]+ in )?", "", caller).split(" at ")[0]
-    function = re.sub(r"<.*", "", function).removesuffix(" ()")
-    where = caller.split(" at ")[-1].split("/")[-1] if " at " in caller else "?"
+    function = re.sub(r"<.*", "", m.group(2))
+    where = m.group(3).split("/")[-1]
     copies[(int(m.group(1)), function, where)] += 1
 rows = [(k, n) for k, n in copies.items() if k[0] >= 100 and n % requests == 0]
 calls = sum(n for _, n in rows) // requests
