@@ -31,6 +31,7 @@
 
 pub mod config;
 pub mod demo;
+mod envelope;
 pub mod error;
 pub mod health;
 pub mod hello;

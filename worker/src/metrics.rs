@@ -9,8 +9,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
@@ -191,6 +190,17 @@ impl WorkerMetrics {
         self.heartbeats.get_or_create(&[("result", result)]).inc();
     }
 
+    /// Starts measuring a request to `route` (the route pattern, or `unmatched`): in flight from
+    /// now (health checks excluded) until the measure is finished or dropped.
+    pub(crate) fn request(&self, route: &str) -> RequestMeasure<'_> {
+        let health = route == "/healthz" || route == "/readyz";
+        RequestMeasure {
+            metrics: self,
+            started: tokio::time::Instant::now(),
+            _in_flight: (!health).then(|| InFlight::enter(&self.in_flight)),
+        }
+    }
+
     /// The metrics in Prometheus text format.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -198,36 +208,6 @@ impl WorkerMetrics {
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
     }
-}
-
-/// Middleware: counts every request by route pattern and status and times it; counts the
-/// requests in flight (health checks excluded, as for the drain).
-pub async fn track(
-    State(metrics): State<Arc<WorkerMetrics>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
-        .to_owned();
-    let health = route == "/healthz" || route == "/readyz";
-    let started = tokio::time::Instant::now();
-    let _in_flight = (!health).then(|| InFlight::enter(&metrics.in_flight));
-    let response = next.run(request).await;
-    metrics
-        .latency
-        .get_or_create(&[("route", route.clone())])
-        .observe(started.elapsed().as_secs_f64());
-    metrics
-        .requests
-        .get_or_create(&[
-            ("route", route),
-            ("status", response.status().as_str().to_owned()),
-        ])
-        .inc();
-    response
 }
 
 /// `/metrics`: the worker's metrics as Prometheus text.
@@ -242,17 +222,41 @@ pub async fn serve(State(metrics): State<Arc<WorkerMetrics>>) -> Response {
         .into_response()
 }
 
-/// One request in flight; leaves the gauge when dropped (also when the client goes away).
-struct InFlight(Gauge);
+/// One request being measured, from [`WorkerMetrics::request`].
+pub(crate) struct RequestMeasure<'a> {
+    metrics: &'a WorkerMetrics,
+    started: tokio::time::Instant,
+    _in_flight: Option<InFlight<'a>>,
+}
 
-impl InFlight {
-    fn enter(gauge: &Gauge) -> Self {
-        gauge.inc();
-        InFlight(gauge.clone())
+impl RequestMeasure<'_> {
+    /// Counts the request by route pattern and status, and its time to the response head.
+    pub(crate) fn finish(self, route: &str, status: http::StatusCode) {
+        self.metrics
+            .latency
+            .get_or_create(&[("route", route.to_owned())])
+            .observe(self.started.elapsed().as_secs_f64());
+        self.metrics
+            .requests
+            .get_or_create(&[
+                ("route", route.to_owned()),
+                ("status", status.as_str().to_owned()),
+            ])
+            .inc();
     }
 }
 
-impl Drop for InFlight {
+/// One request in flight; leaves the gauge when dropped (also when the client goes away).
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }

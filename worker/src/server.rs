@@ -16,20 +16,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use herd_shared::registry::{WorkerRecord, WorkerState};
-use http::HeaderValue;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Identity, WorkerConfig};
+use crate::envelope::{self, Envelope, IdentityHeaders};
 use crate::error;
 use crate::health::{self, Readiness};
 use crate::metrics::{self, WorkerMetrics};
 use crate::redis_link::{self, RedisLink};
 use crate::registry::Registry;
 use crate::session::{SessionLayer, SessionStore};
-use crate::traffic::{self, Traffic};
+use crate::traffic::Traffic;
 
 /// Why the worker could not run.
 #[derive(Debug, thiserror::Error)]
@@ -207,7 +207,7 @@ impl Serving {
 }
 
 /// The app with everything a herd worker adds around it (`/metrics` too: an app must not
-/// define that route itself).
+/// define that route itself), and the [`Envelope`] around every request.
 fn wrap(
     app: Router,
     store: SessionStore,
@@ -216,22 +216,18 @@ fn wrap(
     metrics: Arc<WorkerMetrics>,
     identity: &Identity,
 ) -> Result<Router, WorkerError> {
-    let app = Router::new()
+    let envelope = Arc::new(Envelope::new(identity, traffic, metrics.clone())?);
+    Ok(Router::new()
         .merge(app.layer(SessionLayer::new(store)))
         .merge(health::routes(readiness))
         .merge(
             Router::new()
                 .route("/metrics", axum::routing::get(metrics::serve))
-                .with_state(metrics.clone()),
+                .with_state(metrics),
         )
         .fallback(error::not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(catch_panic));
-    // Outermost last: the span covers everything, the metrics everything but the span.
-    Ok(with_identity_headers(app, identity)?
-        .layer(middleware::from_fn_with_state(traffic, traffic::track))
-        .layer(middleware::from_fn_with_state(metrics, metrics::track))
-        .layer(middleware::from_fn(crate::trace::request_span)))
+        .layer(middleware::from_fn_with_state(envelope, envelope::around)))
 }
 
 /// `router` with `x-herd-worker` and `x-herd-machine` on every response.
@@ -239,37 +235,12 @@ pub(crate) fn with_identity_headers(
     router: Router,
     identity: &Identity,
 ) -> Result<Router, WorkerError> {
-    let headers = Arc::new(IdentityHeaders {
-        worker: HeaderValue::from_str(&identity.id).map_err(|_| WorkerError::BadIdentity)?,
-        machine: HeaderValue::from_str(&identity.machine).map_err(|_| WorkerError::BadIdentity)?,
-    });
+    let headers = Arc::new(IdentityHeaders::new(identity)?);
     Ok(router.layer(middleware::from_fn_with_state(headers, identity_headers)))
 }
 
 async fn method_not_allowed() -> error::ApiError {
     error::ApiError::MethodNotAllowed
-}
-
-/// A handler that panics answers a JSON 500 (and is logged) instead of dropping the connection,
-/// which a gateway could not tell from a dead worker.
-async fn catch_panic(request: Request, next: Next) -> Response {
-    use futures_util::FutureExt;
-    let path = request.uri().path().to_string();
-    match std::panic::AssertUnwindSafe(next.run(request))
-        .catch_unwind()
-        .await
-    {
-        Ok(response) => response,
-        Err(_) => {
-            tracing::error!(path = %path, "handler panicked");
-            error::ApiError::Internal.into_response()
-        }
-    }
-}
-
-struct IdentityHeaders {
-    worker: HeaderValue,
-    machine: HeaderValue,
 }
 
 /// Adds `x-herd-worker` and `x-herd-machine` to every response.
@@ -279,9 +250,7 @@ async fn identity_headers(
     next: Next,
 ) -> Response {
     let mut response = next.run(request).await;
-    let map = response.headers_mut();
-    map.insert("x-herd-worker", headers.worker.clone());
-    map.insert("x-herd-machine", headers.machine.clone());
+    headers.stamp(&mut response);
     response
 }
 

@@ -3,23 +3,20 @@
 //! store's Redis operations — sits below the gateway's attempt in one trace.
 
 use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
-use axum::response::Response;
 use herd_shared::telemetry::{self, TRACE_TARGET};
-use tracing::Instrument as _;
+use tracing::Span;
 
-/// Middleware: a server span per traced request, child of the caller's `traceparent` if any
-/// (whose sampled flag decides; without one, a draw at the configured ratio). With tracing off
-/// it only forwards (one boolean load).
-pub async fn request_span(request: Request, next: Next) -> Response {
+/// A server span for `request` when tracing is on and the request is sampled: a child of the
+/// caller's `traceparent` if any (whose sampled flag decides; without one, a draw at the
+/// configured ratio). `None` otherwise; with tracing off that is one boolean load.
+pub(crate) fn request_span(request: &Request) -> Option<Span> {
     if !telemetry::tracing_enabled() || !telemetry::should_trace(request.headers()) {
-        return next.run(request).await;
+        return None;
     }
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
-        .to_owned();
+        .map_or("unmatched", MatchedPath::as_str);
     let request_id = request
         .headers()
         .get("x-request-id")
@@ -42,11 +39,13 @@ pub async fn request_span(request: Request, next: Next) -> Response {
     if let Some(trace_id) = telemetry::trace_id(&span) {
         span.record("trace_id", trace_id);
     }
-    let response = next.run(request).instrument(span.clone()).await;
-    let status = response.status();
+    Some(span)
+}
+
+/// Records the response's status on the request's span (an error status for a 5xx).
+pub(crate) fn record_status(span: &Span, status: http::StatusCode) {
     span.record("http.response.status_code", status.as_u16());
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
-    response
 }

@@ -5,12 +5,8 @@
 //! `drain.max`. Health checks are not counted: gateways keep polling `/readyz` while a worker
 //! drains, and that must not hold it up.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
 use tokio::time::Instant;
 
 use crate::config::DrainConfig;
@@ -41,6 +37,17 @@ impl Traffic {
         self.last_arrival_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
+    /// Counts a request to `path` as arrived, and in flight until the guard is dropped (also
+    /// when the client went away first). Health checks are not counted: `None`.
+    pub(crate) fn enter(&self, path: &str) -> Option<InFlight<'_>> {
+        if path == "/healthz" || path == "/readyz" {
+            return None;
+        }
+        self.arrived();
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight(self))
+    }
+
     /// Requests being served now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
@@ -69,20 +76,8 @@ impl Traffic {
     }
 }
 
-/// Middleware: counts the request (unless it is a health check) while it runs.
-pub async fn track(State(traffic): State<Arc<Traffic>>, request: Request, next: Next) -> Response {
-    let path = request.uri().path();
-    if path == "/healthz" || path == "/readyz" {
-        return next.run(request).await;
-    }
-    traffic.arrived();
-    traffic.in_flight.fetch_add(1, Ordering::Relaxed);
-    // Decrements even if the request future is dropped (client gone).
-    let _guard = InFlight(&traffic);
-    next.run(request).await
-}
-
-struct InFlight<'a>(&'a Traffic);
+/// One request in flight (see [`Traffic::enter`]).
+pub(crate) struct InFlight<'a>(&'a Traffic);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
@@ -93,6 +88,7 @@ impl Drop for InFlight<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::Duration;
 
     fn config() -> DrainConfig {
@@ -102,6 +98,21 @@ mod tests {
             max: Duration::from_secs(10),
             in_flight_timeout: Duration::from_secs(5),
         }
+    }
+
+    #[test]
+    fn a_request_is_in_flight_until_its_guard_drops_and_health_checks_are_not_counted() {
+        let traffic = Traffic::default();
+        assert!(traffic.enter("/healthz").is_none());
+        assert!(traffic.enter("/readyz").is_none());
+        assert_eq!(traffic.last_arrival_ms.load(Ordering::Relaxed), 0);
+        let first = traffic.enter("/me");
+        let second = traffic.enter("/cart");
+        assert_eq!(traffic.in_flight(), 2);
+        drop(first);
+        assert_eq!(traffic.in_flight(), 1);
+        drop(second);
+        assert_eq!(traffic.in_flight(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -43,7 +43,9 @@ local function skey(id) return sprefix .. '{' .. string.sub(id, 1, taglen) .. '}
 local function adopt(key, id)
   if legacy ~= '' and redis.call('EXISTS', key) == 0 and redis.call('EXISTS', legacy .. id) == 1 then
     redis.call('RENAME', legacy .. id, key)
+    return true
   end
+  return false
 end
 "#
     };
@@ -53,20 +55,28 @@ end
 /// refreshing the idle TTL at most once per touch interval.
 /// KEYS[1] session key. ARGV: id, (prelude: 2-4), touch ms, idle ms.
 /// Returns {} when there is no live session, else {id, v, data, user, created}.
+///
+/// A live session costs one `HMGET` besides `TIME`: the alias field is read with the rest, and
+/// a session of the old layout is looked for only when the key holds nothing.
 const LOAD: &str = concat!(
     prelude!(),
     r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local key, id = KEYS[1], ARGV[1]
-adopt(key, id)
-local moved = redis.call('HGET', key, 'moved_to')
-if moved then
-  id = moved
-  key = skey(moved)
-  adopt(key, id)
+local function read(key, id)
+  local f = redis.call('HMGET', key, 'v', 'data', 'user', 'created', 'deadline', 'seen', 'moved_to')
+  if not f[1] and not f[7] and adopt(key, id) then
+    f = redis.call('HMGET', key, 'v', 'data', 'user', 'created', 'deadline', 'seen', 'moved_to')
+  end
+  return f
 end
-local f = redis.call('HMGET', key, 'v', 'data', 'user', 'created', 'deadline', 'seen')
+local key, id = KEYS[1], ARGV[1]
+local f = read(key, id)
+if f[7] then
+  id = f[7]
+  key = skey(id)
+  f = read(key, id)
+end
 if not f[1] then return {} end
 local deadline = tonumber(f[5])
 if now >= deadline then
