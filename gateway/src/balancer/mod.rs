@@ -25,7 +25,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{GatewayConfig, PassiveConfig, parse_worker_addr};
 use crate::events::{Events, Subject};
@@ -175,7 +175,13 @@ impl Notifier {
     }
 
     /// Records one change: a log line (fields first), a counter, and the worker's last change.
+    /// A change seen after the worker's removal (a health check that was under way) is only
+    /// logged at debug level: the worker is gone, and counting it would bring its series back.
     pub fn changed(&self, worker: &Worker, what: &str, source: ChangeSource, reason: &str) {
+        if what != "removed" && worker.flags() & worker::REMOVED != 0 {
+            debug!(worker = %worker.id(), state = what, source = source.as_str(), reason, "state change after removal ignored");
+            return;
+        }
         worker.note_change(what, reason);
         self.events.push(Subject::Worker, worker.id(), what, reason);
         self.metrics
@@ -553,6 +559,34 @@ mod tests {
         let worker = b.find("w1").expect("found by name");
         assert_eq!(worker.spec.addr, "127.0.0.1:1");
         assert!(b.find("127.0.0.1:1").is_none());
+    }
+
+    #[test]
+    fn a_change_seen_after_removal_is_not_counted() {
+        let metrics = Arc::new(Metrics::new());
+        let config = GatewayConfig {
+            workers: vec!["w1=127.0.0.1:1".to_string()],
+            ..GatewayConfig::default()
+        };
+        let b = Balancer::new(&config, metrics.clone(), Box::new(|_, _| {}));
+        b.add(b.static_spec("w1=127.0.0.1:1")).unwrap();
+        let gone = b.remove("w1", ChangeSource::Registry, "test").unwrap();
+        let changes = || -> Vec<String> {
+            let text = metrics.render();
+            text.lines()
+                .filter(|line| line.contains("state_changes") && !line.starts_with('#'))
+                .map(str::to_string)
+                .collect()
+        };
+        let before = changes();
+        // A health check that was under way when the worker was removed ends now.
+        b.notifier().unreachable(&gone, "connection refused");
+        let after = changes();
+        assert_eq!(before, after);
+        assert!(
+            !after.iter().any(|line| line.contains("worker=\"w1\"")),
+            "{after:?}"
+        );
     }
 
     #[test]
