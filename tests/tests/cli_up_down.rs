@@ -212,6 +212,26 @@ async fn detached_up_serves_then_down_leaves_no_process() {
     assert_eq!(status.status.code(), Some(0), "{}", describe(&status));
     assert!(String::from_utf8_lossy(&status.stdout).contains("all 7 processes are healthy"));
 
+    // The three workers share the machine's CPUs: at least one serving thread each.
+    if std::env::var_os("HERD_WORKER_THREADS").is_none() {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let expected = format!("HERD_WORKER_THREADS={}", (cpus / 3).max(1));
+        let workers: Vec<_> = state
+            .members
+            .iter()
+            .filter(|m| m.name.starts_with("worker-"))
+            .collect();
+        assert_eq!(workers.len(), 3);
+        for member in workers {
+            let environ = std::fs::read(format!("/proc/{}/environ", member.process.pid)).unwrap();
+            assert!(
+                environ.split(|b| *b == 0).any(|v| v == expected.as_bytes()),
+                "{} was started without {expected}",
+                member.name
+            );
+        }
+    }
+
     // A second `herd up` on the same state directory is refused while the first one runs.
     let again = herd(&[
         "up",

@@ -48,6 +48,8 @@ pub struct WorkerConfig {
     pub advertise: Option<String>,
     /// Relative share of traffic for weighted balancing.
     pub weight: u32,
+    /// Threads serving requests (the async runtime's worker threads); 0 = one per CPU.
+    pub threads: usize,
     /// Redis connection (sessions and registry).
     pub redis: RedisConfig,
     /// Finding the Redis master through Sentinel (off when `addrs` is empty).
@@ -73,6 +75,7 @@ impl Default for WorkerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             advertise: None,
             weight: 100,
+            threads: 0,
             redis: RedisConfig::default(),
             sentinel: SentinelConfig::default(),
             registry: RegistryConfig::default(),
@@ -221,6 +224,7 @@ impl Validate for WorkerConfig {
             return Err(ConfigError::new("advertise", "must be host:port"));
         }
         check::range("weight", self.weight, 1, 10_000)?;
+        check::range("threads", self.threads, 0, 1024)?;
         self.redis.validate_in("redis")?;
         self.tracing.validate_in("tracing")?;
         for addr in &self.sentinel.addrs {
@@ -437,6 +441,8 @@ mod tests {
         let cases: &[(&str, &str, &str)] = &[
             ("HERD_WORKER_LISTEN", "nowhere", "listen"),
             ("HERD_WORKER_WEIGHT", "0", "weight"),
+            ("HERD_WORKER_THREADS", "5000", "threads"),
+            ("HERD_WORKER_THREADS", "-1", "threads"),
             ("HERD_WORKER_REGISTRY__TTL", "1s", "registry.ttl"),
             (
                 "HERD_WORKER_SESSION__COOKIE_NAME",

@@ -449,13 +449,34 @@ pub(crate) fn start_worker(spec: &Spec) -> Result<(Process, Spec, SocketAddr), C
 }
 
 fn worker_spec_of(plan: &Plan, n: u16, redis_url: &str) -> Spec {
-    worker_spec(
+    let spec = worker_spec(
         &plan.worker_program,
         &plan.dir.log_dir(),
         u32::from(n),
         redis_url,
         &plan.prefix,
+    );
+    // Set in herd's own environment, the operator's choice reaches every worker as it is.
+    if std::env::var_os(WORKER_THREADS).is_some() {
+        return spec;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    spec.env(
+        WORKER_THREADS,
+        threads_per_worker(cpus, plan.workers).to_string(),
     )
+}
+
+/// The workers' `threads` setting.
+const WORKER_THREADS: &str = "HERD_WORKER_THREADS";
+
+/// Threads for each of the `workers` a local cluster starts on one machine of `cpus` CPUs: the
+/// CPUs shared among them, at least one each. A worker's default, one thread per CPU, would run
+/// workers × CPUs threads, and on a machine they fill that costs the upstream side 10–20 % more
+/// CPU per request (docs/performance.md, section 47). Workers added by `herd scale` copy a
+/// running worker's settings, these included.
+fn threads_per_worker(cpus: usize, workers: u16) -> usize {
+    (cpus / usize::from(workers.max(1))).max(1)
 }
 
 /// Gateway `n` (1 or 2) of the pair. `gw1` is preferred and takes the public port; `gw2` is the
@@ -506,4 +527,18 @@ fn gateway_spec(plan: &Plan, n: u8, peer_ports: (u16, u16), redis_url: &str) -> 
             .env("HERD_GATEWAY_FAILOVER__ADDRESS__INTERFACE", "lo");
     }
     spec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_workers_share_the_cpus_at_least_one_thread_each() {
+        assert_eq!(threads_per_worker(2, 3), 1);
+        assert_eq!(threads_per_worker(2, 2), 1);
+        assert_eq!(threads_per_worker(16, 3), 5);
+        assert_eq!(threads_per_worker(8, 1), 8);
+        assert_eq!(threads_per_worker(1, 0), 1);
+    }
 }

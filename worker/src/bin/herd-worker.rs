@@ -43,7 +43,13 @@ fn serve() -> anyhow::Result<()> {
         "herd-worker",
     )
     .context("setting up trace export")?;
-    tokio::runtime::Runtime::new()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.threads > 0 {
+        runtime.worker_threads(config.threads);
+    }
+    runtime
+        .enable_all()
+        .build()
         .context("starting the runtime")?
         .block_on(async {
             let shutdown = shutdown_signal().context("installing signal handlers")?;
