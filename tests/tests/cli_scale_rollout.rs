@@ -17,6 +17,12 @@ use herd_tests::{client, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
+/// The `threads` herd gives a local worker among `workers` on this machine.
+fn threads_for(workers: usize) -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    (cpus / workers).max(1).to_string()
+}
+
 fn plan(duration: Duration) -> Plan {
     Plan {
         rate: 150,
@@ -51,6 +57,21 @@ async fn scale_2_to_8_to_2_under_load_fails_no_request() {
         cluster.serving_workers().await,
         ["w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8"]
     );
+    // Each worker got the machine's CPUs shared among the workers there were when it started.
+    for worker in cluster.state().workers() {
+        let spec = worker.spec.as_ref().expect("recorded spec");
+        let count = if ["worker-w1", "worker-w2"].contains(&worker.name.as_str()) {
+            2
+        } else {
+            8
+        };
+        assert_eq!(
+            spec.env_value("HERD_WORKER_THREADS"),
+            Some(threads_for(count).as_str()),
+            "{}",
+            worker.name
+        );
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     // `herd status` shows each worker's p99 from the gateway's dashboard figures.
     let status = cluster.herd(&["status", "--json"]).await;
@@ -145,6 +166,12 @@ async fn rollout_under_load_keeps_sessions_and_a_broken_one_rolls_back() {
     for worker in cluster.state().workers() {
         let spec = worker.spec.as_ref().expect("recorded spec");
         assert_eq!(spec.env_value("HERD_LOG"), Some("info"), "{}", worker.name);
+        assert_eq!(
+            spec.env_value("HERD_WORKER_THREADS"),
+            Some(threads_for(2).as_str()),
+            "{}",
+            worker.name
+        );
     }
 
     let report = load.await.unwrap();

@@ -456,27 +456,31 @@ fn worker_spec_of(plan: &Plan, n: u16, redis_url: &str) -> Spec {
         redis_url,
         &plan.prefix,
     );
-    // Set in herd's own environment, the operator's choice reaches every worker as it is.
-    if std::env::var_os(WORKER_THREADS).is_some() {
-        return spec;
-    }
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    spec.env(
-        WORKER_THREADS,
-        threads_per_worker(cpus, plan.workers).to_string(),
-    )
+    let (key, value) = worker_threads(usize::from(plan.workers));
+    spec.set_env(key, value)
 }
 
 /// The workers' `threads` setting.
-const WORKER_THREADS: &str = "HERD_WORKER_THREADS";
+pub(crate) const WORKER_THREADS: &str = "HERD_WORKER_THREADS";
 
-/// Threads for each of the `workers` a local cluster starts on one machine of `cpus` CPUs: the
-/// CPUs shared among them, at least one each. A worker's default, one thread per CPU, would run
-/// workers × CPUs threads, and on a machine they fill that costs the upstream side 10–20 % more
-/// CPU per request (docs/performance.md, section 47). Workers added by `herd scale` copy a
-/// running worker's settings, these included.
-fn threads_per_worker(cpus: usize, workers: u16) -> usize {
-    (cpus / usize::from(workers.max(1))).max(1)
+/// The `threads` setting of a local worker started while its image has `workers` workers: the
+/// value of `HERD_WORKER_THREADS` in herd's own environment if set (the operator's choice,
+/// recorded with the worker's command), else the machine's CPUs shared among the workers.
+/// `herd up`, `herd scale` and `herd rollout` set it on each worker they start.
+pub(crate) fn worker_threads(workers: usize) -> (&'static str, String) {
+    let value = std::env::var(WORKER_THREADS).unwrap_or_else(|_| {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        threads_per_worker(cpus, workers).to_string()
+    });
+    (WORKER_THREADS, value)
+}
+
+/// Threads for each of `workers` workers on one machine of `cpus` CPUs: the CPUs shared among
+/// them, at least one each. A worker's default, one thread per CPU, would run workers × CPUs
+/// threads, and on a machine they fill that costs the upstream side 10–20 % more CPU per request
+/// (docs/performance.md, section 47).
+fn threads_per_worker(cpus: usize, workers: usize) -> usize {
+    (cpus / workers.max(1)).max(1)
 }
 
 /// Gateway `n` (1 or 2) of the pair. `gw1` is preferred and takes the public port; `gw2` is the
@@ -540,5 +544,6 @@ mod tests {
         assert_eq!(threads_per_worker(16, 3), 5);
         assert_eq!(threads_per_worker(8, 1), 8);
         assert_eq!(threads_per_worker(1, 0), 1);
+        assert_eq!(threads_per_worker(8, 8), 1);
     }
 }

@@ -104,12 +104,19 @@ impl Rollout<'_> {
     ) -> Result<u8, CliError> {
         // (the old worker, its replacement) for every batch done, for a roll-back.
         let mut done: Vec<(Member, Member)> = Vec::new();
+        // The new workers share the CPUs among as many workers as the image has (after a scale
+        // down, a rolling restart gives the rest their larger share); `--env
+        // HERD_WORKER_THREADS=N` wins.
+        let (key, threads) = super::cluster::worker_threads(old.len());
+        let env: Vec<(String, String)> = std::iter::once((key.to_string(), threads))
+            .chain(env.iter().cloned())
+            .collect();
         for (index, group) in old.chunks(batch).enumerate() {
             // Numbered as they start (see `replace`).
             let specs: Vec<Spec> = group
                 .iter()
                 .filter_map(|m| m.spec.as_ref())
-                .map(|template| respec(template, 0, binary, env))
+                .map(|template| respec(template, 0, binary, &env))
                 .collect();
             match self.replace(group, &specs).await {
                 Ok(new) => {

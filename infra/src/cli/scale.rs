@@ -71,9 +71,11 @@ async fn grow(
             ))
         })?;
     let first = workers::next_worker_number(&state);
+    let total = workers::of_image(&state, image).len() + count as usize;
+    let (key, threads) = super::cluster::worker_threads(total);
     let mut started = Vec::new();
     for n in first..first + count {
-        let spec = super::rollout::respec(&template, n, None, &[]);
+        let spec = super::rollout::respec(&template, n, None, &[]).set_env(key, threads.clone());
         match placement.start(&spec, image) {
             Ok(member) => {
                 dir.update(|state| state.members.push(member.clone()))?;
