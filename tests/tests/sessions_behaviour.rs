@@ -283,6 +283,60 @@ async fn the_cookie_is_secure_when_the_client_came_over_tls_to_the_gateway() {
     assert!(!line.is_empty() && !line.contains("Secure"), "{plain}");
 }
 
+/// Calls of `command` Redis has counted (`INFO commandstats`).
+async fn calls(con: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(con)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_session_is_read_without_the_script_until_its_touch_is_due() {
+    let setup = setup(1, &[("HERD_WORKER_SESSION__TOUCH_INTERVAL", "1s")]);
+    let worker = &setup.workers[0];
+    let client = plain_client();
+    let id = login(&client, worker, "ann", None).await;
+    let mut con = setup.redis.connection().await;
+    let key = Keys::new(&setup.prefix).session(&id);
+    let seen: String = con.hget(&key, "seen").await.unwrap();
+
+    // Reads within the touch interval: TIME and HMGET, no script, nothing written.
+    let (scripts, reads) = (
+        calls(&mut con, "evalsha").await,
+        calls(&mut con, "hmget").await,
+    );
+    for _ in 0..5 {
+        let (status, body) = get_json(&client, worker, "/me", &id).await;
+        assert_eq!((status, body["user"].as_str()), (200, Some("ann")));
+    }
+    assert_eq!(
+        calls(&mut con, "evalsha").await,
+        scripts,
+        "no script for a live session"
+    );
+    assert_eq!(calls(&mut con, "hmget").await, reads + 5);
+    let after: String = con.hget(&key, "seen").await.unwrap();
+    assert_eq!(after, seen, "a read before the touch is due writes nothing");
+
+    // Once the touch is due, the read goes through the script, which refreshes `seen`.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(get_json(&client, worker, "/me", &id).await.0, 200);
+    // (Twice when it is the script's first use on this Redis: `NOSCRIPT`, then loaded and sent
+    // again.)
+    assert!(
+        calls(&mut con, "evalsha").await > scripts,
+        "the touch ran the script"
+    );
+    let touched: String = con.hget(&key, "seen").await.unwrap();
+    assert!(touched.parse::<u64>().unwrap() > seen.parse::<u64>().unwrap());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_absolute_timeouts_end_sessions() {
     let setup = setup(

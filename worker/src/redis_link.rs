@@ -80,13 +80,40 @@ impl RedisLink {
         invocation: &redis::ScriptInvocation<'_>,
         timeout: std::time::Duration,
     ) -> Result<T, String> {
+        self.call(Call::Script(invocation), timeout).await
+    }
+
+    /// Sends `pipeline` (plain commands, in one round trip) as [`RedisLink::invoke`] sends a
+    /// script: the same timeout, and the same tries again while no connection can be had or
+    /// Redis is loading.
+    pub async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipeline: &redis::Pipeline,
+        timeout: std::time::Duration,
+    ) -> Result<T, String> {
+        self.call(Call::Pipeline(pipeline), timeout).await
+    }
+
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        call: Call<'_, '_>,
+        timeout: std::time::Duration,
+    ) -> Result<T, String> {
         let mut last = String::new();
         let work = async {
             let mut pause = RECONNECT_PAUSE_MIN;
             loop {
                 match self.pool().get().await {
                     Ok(mut connection) => {
-                        match invocation.invoke_async::<T>(&mut connection).await {
+                        let result = match call {
+                            Call::Script(invocation) => {
+                                invocation.invoke_async::<T>(&mut connection).await
+                            }
+                            Call::Pipeline(pipeline) => {
+                                pipeline.query_async::<T>(&mut connection).await
+                            }
+                        };
+                        match result {
                             Err(error) if is_loading(&error) => last = error.to_string(),
                             Err(error) if is_read_only(&error) => {
                                 last = error.to_string();
@@ -106,7 +133,7 @@ impl RedisLink {
             }
         };
         // Boxed: the call's state (a pool checkout, the script's EVALSHA and its NOSCRIPT
-        // fallback, the back-off) is 3.7 KB, and unboxed it is part of every future that awaits
+        // fallback, the back-off) is 3.4 KB, and unboxed it is part of every future that awaits
         // a session, each of which is moved into a box of its own by the layers above (axum
         // boxes every route's future): one allocation here instead of copying it five times.
         match tokio::time::timeout(timeout, Box::pin(work)).await {
@@ -241,6 +268,13 @@ fn is_read_only(error: &redis::RedisError) -> bool {
 /// nothing).
 fn is_loading(error: &redis::RedisError) -> bool {
     error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+}
+
+/// What [`RedisLink`] sends in one call.
+#[derive(Clone, Copy)]
+enum Call<'c, 's> {
+    Script(&'c redis::ScriptInvocation<'s>),
+    Pipeline(&'c redis::Pipeline),
 }
 
 #[cfg(test)]
