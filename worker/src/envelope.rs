@@ -55,7 +55,7 @@ impl Envelope {
         let _in_flight = self.traffic.enter(request.uri().path());
         let mut response = catching_panics(request, next).await;
         self.identity.stamp(&mut response);
-        measure.finish(route, response.status());
+        measure.finish(response.status());
         response
     }
 }

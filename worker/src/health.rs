@@ -90,6 +90,12 @@ pub async fn probe_redis(
     }
 }
 
+/// Whether `path` is one of the health checks, which the drain and the in-flight gauge leave
+/// out (gateways keep polling them).
+pub(crate) fn is_check(path: &str) -> bool {
+    path == "/healthz" || path == "/readyz"
+}
+
 /// `/healthz` and `/readyz`.
 pub fn routes(readiness: Arc<Readiness>) -> Router {
     Router::new()

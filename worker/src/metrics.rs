@@ -192,12 +192,12 @@ impl WorkerMetrics {
 
     /// Starts measuring a request to `route` (the route pattern, or `unmatched`): in flight from
     /// now (health checks excluded) until the measure is finished or dropped.
-    pub(crate) fn request(&self, route: &str) -> RequestMeasure<'_> {
-        let health = route == "/healthz" || route == "/readyz";
+    pub(crate) fn request<'a>(&'a self, route: &'a str) -> RequestMeasure<'a> {
         RequestMeasure {
             metrics: self,
+            route,
             started: tokio::time::Instant::now(),
-            _in_flight: (!health).then(|| InFlight::enter(&self.in_flight)),
+            _in_flight: (!crate::health::is_check(route)).then(|| InFlight::enter(&self.in_flight)),
         }
     }
 
@@ -225,21 +225,22 @@ pub async fn serve(State(metrics): State<Arc<WorkerMetrics>>) -> Response {
 /// One request being measured, from [`WorkerMetrics::request`].
 pub(crate) struct RequestMeasure<'a> {
     metrics: &'a WorkerMetrics,
+    route: &'a str,
     started: tokio::time::Instant,
     _in_flight: Option<InFlight<'a>>,
 }
 
 impl RequestMeasure<'_> {
     /// Counts the request by route pattern and status, and its time to the response head.
-    pub(crate) fn finish(self, route: &str, status: http::StatusCode) {
+    pub(crate) fn finish(self, status: http::StatusCode) {
         self.metrics
             .latency
-            .get_or_create(&[("route", route.to_owned())])
+            .get_or_create(&[("route", self.route.to_owned())])
             .observe(self.started.elapsed().as_secs_f64());
         self.metrics
             .requests
             .get_or_create(&[
-                ("route", route.to_owned()),
+                ("route", self.route.to_owned()),
                 ("status", status.as_str().to_owned()),
             ])
             .inc();

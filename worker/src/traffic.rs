@@ -40,7 +40,7 @@ impl Traffic {
     /// Counts a request to `path` as arrived, and in flight until the guard is dropped (also
     /// when the client went away first). Health checks are not counted: `None`.
     pub(crate) fn enter(&self, path: &str) -> Option<InFlight<'_>> {
-        if path == "/healthz" || path == "/readyz" {
+        if crate::health::is_check(path) {
             return None;
         }
         self.arrived();

@@ -63,11 +63,12 @@ const LOAD: &str = concat!(
     r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function fields(key)
+  return redis.call('HMGET', key, 'v', 'data', 'user', 'created', 'deadline', 'seen', 'moved_to')
+end
 local function read(key, id)
-  local f = redis.call('HMGET', key, 'v', 'data', 'user', 'created', 'deadline', 'seen', 'moved_to')
-  if not f[1] and not f[7] and adopt(key, id) then
-    f = redis.call('HMGET', key, 'v', 'data', 'user', 'created', 'deadline', 'seen', 'moved_to')
-  end
+  local f = fields(key)
+  if not f[1] and not f[7] and adopt(key, id) then f = fields(key) end
   return f
 end
 local key, id = KEYS[1], ARGV[1]
