@@ -5,6 +5,8 @@
 //!   then validate them once; a bad value becomes one line naming the key ([`config::ConfigError`]).
 //! - [`redis`]: the Redis connection settings and pool every process uses.
 //! - [`redis_pool`]: the pool of connections to one Redis, checked without a round trip.
+//! - [`redis_wire`]: one connection to Redis, driven by the task that uses it.
+//! - [`resp`]: Redis's replies parsed off a buffer.
 //! - [`sentinel`]: a pool that follows the Redis master through Sentinel.
 //! - [`keys`]: the Redis key schema (sessions, registry, events, gateway lease).
 //! - [`registry`]: the worker registry entry and the `events` notices, as written by workers and
@@ -21,6 +23,8 @@ pub mod net;
 pub mod page;
 pub mod redis;
 pub mod redis_pool;
+pub mod redis_wire;
 pub mod registry;
+pub mod resp;
 pub mod sentinel;
 pub mod telemetry;

@@ -14,7 +14,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::AsyncConnectionConfig;
 use redis::aio::ConnectionLike;
 use redis::cluster_async::ClusterConnection;
 use serde::Deserialize;
@@ -65,11 +64,23 @@ impl RedisConfig {
     /// Validates under `section` (e.g. `redis`), so errors name the full key.
     pub fn validate_in(&self, section: &str) -> Result<(), ConfigError> {
         let key = |name: &str| format!("{section}.{name}");
-        if let Err(error) = redis::Client::open(self.url.as_str()) {
-            return Err(ConfigError::new(
-                key("url"),
-                format!("not a valid Redis URL: {error}"),
-            ));
+        match redis::Client::open(self.url.as_str()) {
+            Err(error) => {
+                return Err(ConfigError::new(
+                    key("url"),
+                    format!("not a valid Redis URL: {error}"),
+                ));
+            }
+            Ok(client)
+                if client.get_connection_info().redis_settings().protocol()
+                    != redis::ProtocolVersion::RESP2 =>
+            {
+                return Err(ConfigError::new(
+                    key("url"),
+                    "herd speaks RESP2 to Redis: take `protocol=` out of the URL",
+                ));
+            }
+            Ok(_) => {}
         }
         if !self.cluster.is_empty() && self.url != DEFAULT_URL {
             return Err(ConfigError::new(
@@ -152,10 +163,7 @@ impl RedisConfig {
 
     /// The pool for `url` (one Redis).
     pub fn single_pool(&self) -> Result<Pool, redis::RedisError> {
-        let connection = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.command_timeout));
-        let manager = Connections::new(self.url.as_str(), connection)?;
+        let manager = Connections::new(self.url.as_str(), self.command_timeout)?;
         let pool = Pool::builder(manager)
             .max_size(self.pool_size)
             .wait_timeout(Some(self.command_timeout))
@@ -318,6 +326,17 @@ mod tests {
         };
         let error = config.validate_in("redis").unwrap_err();
         assert_eq!(error.key, "redis.url");
+    }
+
+    #[test]
+    fn a_url_asking_for_resp3_names_the_key() {
+        let config = RedisConfig {
+            url: "redis://127.0.0.1:6379/0?protocol=resp3".into(),
+            ..RedisConfig::default()
+        };
+        let error = config.validate_in("redis").unwrap_err();
+        assert_eq!(error.key, "redis.url");
+        assert!(error.to_string().contains("RESP2"), "{error}");
     }
 
     #[test]

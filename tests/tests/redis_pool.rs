@@ -1,7 +1,9 @@
 //! The pool of connections to one Redis (`herd_shared::redis_pool`) against a real redis-server:
-//! a checkout costs no round trip, but for a connection idle past the check; and a connection that
-//! died is not handed out again, whether its socket closed (Redis restarted) or it went silent (a
-//! command timed out).
+//! a checkout costs no round trip, but for a connection idle past the check; a connection that
+//! died is not handed out again, whether its socket closed (Redis restarted), it went silent (a
+//! command timed out) or its caller gave up half-way; and what the connection of our own
+//! (`herd_shared::redis_wire`) reads, long replies and errors in pipelines, is what redis-rs's
+//! would.
 
 use std::time::Duration;
 
@@ -87,8 +89,8 @@ async fn a_connection_idle_past_the_check_is_asked_before_it_is_handed_out() {
     );
 }
 
-// On the runtime's worker threads, as in the worker and the gateway: the connection's I/O task
-// reads the end of its socket while the test waits for Redis to start again.
+// On the runtime's worker threads, as in the worker and the gateway: the pool's look at the
+// socket before handing the connection out finds the end Redis's death left on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_redis_restarts_the_first_call_gets_a_new_connection() {
     let mut redis = TestRedis::start();
@@ -122,4 +124,158 @@ async fn a_connection_whose_command_timed_out_is_not_handed_out_again() {
         next, first,
         "the connection that timed out was handed out again"
     );
+}
+
+#[tokio::test]
+async fn a_call_its_caller_gave_up_on_leaves_no_connection_out_of_step() {
+    let redis = TestRedis::start();
+    let pool = pool_for(&redis);
+    let first = client_id(&pool).await.unwrap();
+    // The caller stops waiting (its future dropped) before Redis answers: the reply to the
+    // abandoned command is still on its way on that connection.
+    let mut connection = pool.get().await.expect("a pooled connection");
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(30),
+        redis::cmd("BLPOP")
+            .arg("nothing")
+            .arg(0.1)
+            .query_async::<()>(&mut connection),
+    )
+    .await;
+    assert!(gave_up.is_err(), "BLPOP answered within 30 ms: {gave_up:?}");
+    drop(connection);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Handed out again, the old connection would read the BLPOP's nil for this call.
+    let next = client_id(&pool)
+        .await
+        .expect("the next call is answered by its own reply");
+    assert_ne!(
+        next, first,
+        "the connection left out of step was handed out again"
+    );
+}
+
+#[tokio::test]
+async fn a_url_with_a_user_password_and_database_is_followed() {
+    let redis = TestRedis::start();
+    let mut admin = redis.connection().await;
+    let () = redis::cmd("ACL")
+        .arg(&["SETUSER", "alice", "on", ">s3cret", "~*", "+@all"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let url = format!("redis://alice:s3cret@127.0.0.1:{}/3", redis.port());
+    let pool = RedisConfig {
+        url,
+        ..RedisConfig::default()
+    }
+    .pool()
+    .unwrap();
+    let mut connection = pool.get().await.expect("authenticated");
+    let () = redis::cmd("SET")
+        .arg("k")
+        .arg("in three")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let info: String = redis::cmd("CLIENT")
+        .arg("INFO")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        info.contains(" db=3 ") && info.contains(" user=alice "),
+        "{info}"
+    );
+    let () = redis::cmd("SELECT")
+        .arg(3)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let stored: String = redis::cmd("GET")
+        .arg("k")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(stored, "in three");
+
+    let wrong = RedisConfig {
+        url: format!("redis://alice:wrong@127.0.0.1:{}/3", redis.port()),
+        ..RedisConfig::default()
+    }
+    .pool()
+    .unwrap();
+    let error = wrong
+        .get()
+        .await
+        .err()
+        .expect("a wrong password is refused");
+    assert!(error.to_string().contains("WRONGPASS"), "{error}");
+}
+
+#[tokio::test]
+async fn long_replies_and_errors_inside_pipelines_leave_the_connection_in_step() {
+    let redis = TestRedis::start();
+    let pool = pool_for(&redis);
+    let mut connection = pool.get().await.expect("a pooled connection");
+    // Over a megabyte: many reads for one reply.
+    let long: Vec<u8> = (0..1_200_000u32).map(|n| (n % 251) as u8).collect();
+    let () = redis::cmd("SET")
+        .arg("long")
+        .arg(&long)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let read: Vec<u8> = redis::cmd("GET")
+        .arg("long")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(read == long, "the long value came back changed");
+    // A server error in the middle of a pipeline is the pipeline's error ...
+    let () = redis::cmd("HSET")
+        .arg(&["h", "f", "v"])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let failed: redis::RedisResult<(i64, i64, i64)> = redis::pipe()
+        .cmd("INCR")
+        .arg("n")
+        .cmd("INCR")
+        .arg("h")
+        .cmd("INCR")
+        .arg("n")
+        .query_async(&mut connection)
+        .await;
+    let error = failed.expect_err("INCR of a hash fails");
+    assert!(error.to_string().contains("WRONGTYPE"), "{error}");
+    // ... and so is a command a transaction refused to queue; neither puts the connection
+    // out of step.
+    let refused: redis::RedisResult<(i64,)> = redis::pipe()
+        .atomic()
+        .cmd("INCR")
+        .arg("n")
+        .cmd("INCR")
+        .query_async(&mut connection)
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    let n: i64 = redis::cmd("GET")
+        .arg("n")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(
+        n, 2,
+        "the pipeline's other commands ran, the transaction's did not"
+    );
+    drop(connection);
+    let (a, b): (i64, i64) = redis::pipe()
+        .cmd("INCR")
+        .arg("n")
+        .cmd("INCR")
+        .arg("n")
+        .query_async(&mut pool.get().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!((a, b), (3, 4));
 }
