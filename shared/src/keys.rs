@@ -38,7 +38,13 @@ impl Keys {
     /// `{prefix}session:{tag}:{id}` (braces literal around the tag, the id's first
     /// [`SESSION_TAG_LEN`] characters): one session's data, with a TTL equal to the idle timeout.
     pub fn session(&self, id: &str) -> String {
-        format!("{}{{{}}}:{id}", self.session_prefix(), session_tag(id))
+        // Built by hand: `format!` took 1 800 instructions per key (section 49).
+        let tag = session_tag(id);
+        let mut key = String::with_capacity(self.prefix.len() + 12 + tag.len() + id.len());
+        for part in [self.prefix.as_str(), "session:{", tag, "}:", id] {
+            key.push_str(part);
+        }
+        key
     }
 
     /// What every session key starts with (`{prefix}session:`); the scripts build an alias'

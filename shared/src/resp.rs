@@ -111,6 +111,17 @@ fn text(line: &[u8]) -> RedisResult<&str> {
 
 /// A line as an integer, surrounding spaces allowed (as redis-rs allows them).
 fn integer(line: &[u8]) -> RedisResult<i64> {
+    // What Redis sends: an optional minus and at most 18 digits, which cannot overflow.
+    let (negative, digits) = match line {
+        [b'-', digits @ ..] => (true, digits),
+        digits => (false, digits),
+    };
+    if (1..=18).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) {
+        let n = digits
+            .iter()
+            .fold(0i64, |n, digit| n * 10 + i64::from(digit - b'0'));
+        return Ok(if negative { -n } else { n });
+    }
     text(line)?
         .trim()
         .parse()
@@ -144,6 +155,10 @@ mod tests {
         b"+\r\n",
         b":0\r\n",
         b":-42\r\n",
+        b": 7 \r\n",
+        b":+7\r\n",
+        b":-9223372036854775808\r\n",
+        b":999999999999999999\r\n",
         b":9223372036854775807\r\n",
         b"$-1\r\n",
         b"$0\r\n\r\n",
@@ -201,6 +216,9 @@ mod tests {
         for bad in [
             &b"$3\r\nabcd\r\n"[..],
             b":12x\r\n",
+            b":9223372036854775808\r\n",
+            b":-\r\n",
+            b":\r\n",
             b"*z\r\n",
             b"+\xff\xfe\r\n",
             b"%1\r\n+a\r\n+b\r\n",

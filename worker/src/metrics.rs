@@ -6,7 +6,7 @@
 //! heartbeats. Label values are bounded: the route is the app's route *pattern* (`/cart/{item}`),
 //! never the raw path, and a path that matches no route counts as `unmatched`.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -66,6 +66,53 @@ impl SessionOp {
             SessionOp::Destroy => "destroy",
         }
     }
+
+    const ALL: [SessionOp; 3] = [SessionOp::Load, SessionOp::Save, SessionOp::Destroy];
+}
+
+/// The request series of one route, made on its first request. A family's lookup hashes its
+/// labels with SipHash and needs them as owned strings, twice per request; a look through the
+/// routes seen so far (a handful per app) is a few comparisons (docs/performance.md, section 49).
+#[derive(Debug)]
+struct RouteSeries {
+    route: Box<str>,
+    latency: Histogram,
+    /// By status code, as answered so far.
+    by_status: RwLock<Vec<(u16, Counter)>>,
+}
+
+/// Calls `then` with the item of `list` that `is`, adding `make()` first when none is.
+fn find_or_add<T>(
+    list: &RwLock<Vec<T>>,
+    is: impl Fn(&T) -> bool,
+    make: impl FnOnce() -> T,
+    then: impl FnOnce(&T),
+) {
+    let read = list.read().unwrap_or_else(PoisonError::into_inner);
+    if let Some(item) = read.iter().find(|item| is(item)) {
+        return then(item);
+    }
+    drop(read);
+    let mut write = list.write().unwrap_or_else(PoisonError::into_inner);
+    // Another request may have added it in between.
+    let index = match write.iter().position(&is) {
+        Some(index) => index,
+        None => {
+            write.push(make());
+            write.len() - 1
+        }
+    };
+    then(&write[index]);
+}
+
+/// The series of one session store operation, looked up once when the metrics are made: a
+/// family's lookup hashes its labels with SipHash on every call (docs/performance.md, section
+/// 49). Shown from the start, at zero.
+#[derive(Debug)]
+struct SessionOpSeries {
+    ok: Counter,
+    error: Counter,
+    latency: Histogram,
 }
 
 /// The worker's metrics; one per worker, shared by its middleware, session store and registry.
@@ -74,9 +121,11 @@ pub struct WorkerMetrics {
     registry: Registry,
     requests: Family<RouteStatus, Counter>,
     latency: Histograms<Route>,
+    /// The request series of the routes seen so far.
+    routes: RwLock<Vec<RouteSeries>>,
     in_flight: Gauge,
-    session_ops: Family<Two, Counter>,
-    session_latency: Histograms<One>,
+    /// By [`SessionOp`], in [`SessionOp::ALL`]'s order.
+    session_ops: [SessionOpSeries; 3],
     session_conflicts: Counter,
     session_busy: Counter,
     heartbeats: Family<One, Counter>,
@@ -144,13 +193,24 @@ impl WorkerMetrics {
         );
         let link = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(PoolCollector { link: link.clone() }));
+        // One statement each: a family's lookup holds its lock until the statement ends.
+        let session_ops = SessionOp::ALL.map(|op| {
+            let ok = session_ops
+                .get_or_create(&[("op", op.label()), ("result", "ok")])
+                .clone();
+            let error = session_ops
+                .get_or_create(&[("op", op.label()), ("result", "error")])
+                .clone();
+            let latency = session_latency.get_or_create(&[("op", op.label())]).clone();
+            SessionOpSeries { ok, error, latency }
+        });
         WorkerMetrics {
             registry,
             requests,
             latency,
+            routes: RwLock::default(),
             in_flight,
             session_ops,
-            session_latency,
             session_conflicts,
             session_busy,
             heartbeats,
@@ -165,13 +225,9 @@ impl WorkerMetrics {
 
     /// Counts one session store operation and its latency.
     pub fn session_op(&self, op: SessionOp, ok: bool, took: Duration) {
-        let result = if ok { "ok" } else { "error" };
-        self.session_ops
-            .get_or_create(&[("op", op.label()), ("result", result)])
-            .inc();
-        self.session_latency
-            .get_or_create(&[("op", op.label())])
-            .observe(took.as_secs_f64());
+        let series = &self.session_ops[op as usize];
+        if ok { &series.ok } else { &series.error }.inc();
+        series.latency.observe(took.as_secs_f64());
     }
 
     /// Counts a save that lost a compare-and-set race.
@@ -233,17 +289,42 @@ pub(crate) struct RequestMeasure<'a> {
 impl RequestMeasure<'_> {
     /// Counts the request by route pattern and status, and its time to the response head.
     pub(crate) fn finish(self, status: http::StatusCode) {
-        self.metrics
-            .latency
-            .get_or_create(&[("route", self.route.to_owned())])
-            .observe(self.started.elapsed().as_secs_f64());
-        self.metrics
-            .requests
-            .get_or_create(&[
-                ("route", self.route.to_owned()),
+        let took = self.started.elapsed().as_secs_f64();
+        let RequestMeasure { metrics, route, .. } = self;
+        let new_route = || RouteSeries {
+            route: route.into(),
+            latency: metrics
+                .latency
+                .get_or_create(&[("route", route.to_owned())])
+                .clone(),
+            by_status: RwLock::default(),
+        };
+        let new_status = || {
+            let labels = [
+                ("route", route.to_owned()),
                 ("status", status.as_str().to_owned()),
-            ])
-            .inc();
+            ];
+            (
+                status.as_u16(),
+                metrics.requests.get_or_create(&labels).clone(),
+            )
+        };
+        find_or_add(
+            &metrics.routes,
+            |series| *series.route == *route,
+            new_route,
+            |series| {
+                series.latency.observe(took);
+                find_or_add(
+                    &series.by_status,
+                    |(code, _)| *code == status.as_u16(),
+                    new_status,
+                    |(_, requests)| {
+                        requests.inc();
+                    },
+                );
+            },
+        );
     }
 }
 
@@ -319,6 +400,56 @@ mod tests {
             "herd_worker_session_op_duration_seconds_count{op=\"save\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn requests_count_by_route_and_status() {
+        let metrics = WorkerMetrics::new();
+        for (route, status, times) in [
+            ("/cart/{item}", 200, 3),
+            ("/cart/{item}", 404, 1),
+            ("/me", 200, 2),
+            ("unmatched", 404, 1),
+        ] {
+            for _ in 0..times {
+                let status = http::StatusCode::from_u16(status).unwrap();
+                metrics.request(route).finish(status);
+            }
+        }
+        let text = metrics.encode();
+        for line in [
+            "herd_worker_requests_total{route=\"/cart/{item}\",status=\"200\"} 3",
+            "herd_worker_requests_total{route=\"/cart/{item}\",status=\"404\"} 1",
+            "herd_worker_requests_total{route=\"/me\",status=\"200\"} 2",
+            "herd_worker_requests_total{route=\"unmatched\",status=\"404\"} 1",
+            "herd_worker_request_duration_seconds_count{route=\"/cart/{item}\"} 4",
+            "herd_worker_request_duration_seconds_count{route=\"/me\"} 2",
+            "herd_worker_in_flight 0",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn each_session_op_counts_in_its_own_series() {
+        let metrics = WorkerMetrics::new();
+        let text = metrics.encode();
+        assert!(
+            text.contains("herd_worker_session_ops_total{op=\"destroy\",result=\"error\"} 0"),
+            "series shown from the start:\n{text}"
+        );
+        for (n, op) in SessionOp::ALL.into_iter().enumerate() {
+            for _ in 0..=n {
+                metrics.session_op(op, false, Duration::from_millis(1));
+            }
+            let text = metrics.encode();
+            let line = format!(
+                "herd_worker_session_ops_total{{op=\"{}\",result=\"error\"}} {}",
+                op.label(),
+                n + 1
+            );
+            assert!(text.contains(&line), "{line} missing in:\n{text}");
         }
     }
 }
