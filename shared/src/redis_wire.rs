@@ -80,7 +80,10 @@ impl WireConnection {
             response_timeout,
             broken: false,
         };
+        // Always one round trip: a Redis that refuses the connection (`maxclients`, protected
+        // mode) says so and closes it, and that must fail the connect, not its first command.
         let mut setup = redis::pipe();
+        let authenticates = settings.password().is_some();
         if let Some(password) = settings.password() {
             let auth = setup.cmd("AUTH");
             if let Some(username) = settings.username() {
@@ -91,10 +94,23 @@ impl WireConnection {
         if settings.db() != 0 {
             setup.cmd("SELECT").arg(settings.db());
         }
-        if !setup.is_empty() {
-            let packed = setup.get_packed_pipeline();
-            for reply in connection.exchange(&packed, 0, setup.len(), false).await? {
-                reply.extract_error()?;
+        if setup.is_empty() {
+            setup.cmd("PING");
+        }
+        let packed = setup.get_packed_pipeline();
+        let replies = connection.exchange(&packed, 0, setup.len(), false).await?;
+        for (n, reply) in replies.into_iter().enumerate() {
+            if let Value::ServerError(error) = reply {
+                let what = match n {
+                    0 if authenticates => "Redis refused the URL's user or password",
+                    _ if settings.db() != 0 => "Redis refused to switch to the URL's database",
+                    _ => "Redis refused the connection",
+                };
+                return Err(RedisError::from((
+                    ErrorKind::AuthenticationFailed,
+                    what,
+                    RedisError::from(error).to_string(),
+                )));
             }
         }
         Ok(connection)
@@ -131,6 +147,9 @@ impl WireConnection {
         count: usize,
         transaction: bool,
     ) -> RedisResult<Vec<Value>> {
+        if packed.is_empty() {
+            return Err(RedisError::from((ErrorKind::Client, "empty command")));
+        }
         if self.broken {
             return Err(io::Error::new(
                 io::ErrorKind::NotConnected,
@@ -182,14 +201,28 @@ impl WireConnection {
         Ok((skipped_error, wanted))
     }
 
-    /// The next reply, reading until it has come whole.
+    /// The next reply, reading until it has come whole. The usual reply comes in one read and
+    /// is parsed once; one that takes more reads is checked for its end as its bytes come,
+    /// without parsing again what came before ([`resp::Framer`]), and parsed once whole.
     async fn read_reply(&mut self) -> RedisResult<Value> {
+        let mut framer: Option<resp::Framer> = None;
         loop {
-            if let Some((value, used)) = resp::parse(&self.replies)? {
+            let whole = match &mut framer {
+                None => resp::parse(&self.replies)?,
+                Some(framer) => match framer.advance(&self.replies)? {
+                    Some(length) => resp::parse(&self.replies[..length])?,
+                    None => None,
+                },
+            };
+            if let Some((value, used)) = whole {
                 self.replies.advance(used);
                 return Ok(value);
             }
-            self.replies.reserve(READ_SIZE);
+            if framer.is_none() && !self.replies.is_empty() {
+                framer = Some(resp::Framer::default());
+            }
+            // At least double the room: a long reply takes few reads and few copies.
+            self.replies.reserve(READ_SIZE.max(self.replies.len()));
             if self.socket.read_buf(&mut self.replies).await? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

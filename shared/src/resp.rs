@@ -21,6 +21,69 @@ pub fn parse(buffer: &[u8]) -> RedisResult<Option<(Value, usize)>> {
     Ok(reader.value(0)?.map(|value| (value, reader.at)))
 }
 
+/// Finds where a reply ends as its bytes come, going on from where it stopped: a long reply
+/// that takes many reads (a big array) is looked through once, not parsed again from its start
+/// at each read. What it passes over is checked by [`parse`] once the reply is whole.
+#[derive(Debug, Default)]
+pub struct Framer {
+    /// Where the next value starts.
+    at: usize,
+    /// Elements still to come in each array open around `at`, outermost first.
+    open: Vec<usize>,
+}
+
+impl Framer {
+    /// The reply's length once `buffer` (the same buffer each time, grown) holds all of it.
+    pub fn advance(&mut self, buffer: &[u8]) -> RedisResult<Option<usize>> {
+        loop {
+            let mut reader = Reader {
+                buffer,
+                at: self.at,
+            };
+            let Some(kind) = reader.kind()? else {
+                return Ok(None);
+            };
+            if self.open.len() >= MAX_DEPTH {
+                return Err(too_deep());
+            }
+            reader.at += 1;
+            let Some(line) = reader.line() else {
+                return Ok(None);
+            };
+            match kind {
+                b'$' => {
+                    if let Some(length) = length(line)? {
+                        let Some(end) = reader.bulk_end(length)? else {
+                            return Ok(None);
+                        };
+                        reader.at = end + 2;
+                    }
+                }
+                b'*' => {
+                    if let Some(length @ 1..) = length(line)? {
+                        self.open.push(length);
+                        self.at = reader.at;
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            self.at = reader.at;
+            // A whole value: it may be the last of the arrays around it.
+            loop {
+                let Some(left) = self.open.last_mut() else {
+                    return Ok(Some(self.at));
+                };
+                *left -= 1;
+                if *left > 0 {
+                    break;
+                }
+                self.open.pop();
+            }
+        }
+    }
+}
+
 /// A position in a buffer of replies.
 struct Reader<'b> {
     buffer: &'b [u8],
@@ -31,17 +94,11 @@ impl<'b> Reader<'b> {
     /// The next value, `None` when incomplete.
     fn value(&mut self, depth: usize) -> RedisResult<Option<Value>> {
         let start = self.at;
-        let Some(&kind) = self.buffer.get(start) else {
+        let Some(kind) = self.kind()? else {
             return Ok(None);
         };
         if depth >= MAX_DEPTH {
-            return Err(invalid("arrays nested too deep", String::new()));
-        }
-        if !matches!(kind, b'+' | b':' | b'$' | b'*' | b'-') {
-            return Err(invalid(
-                "a reply type herd does not ask for (RESP2 only)",
-                char::from(kind).escape_default().to_string(),
-            ));
+            return Err(too_deep());
         }
         self.at += 1;
         let Some(line) = self.line() else {
@@ -54,22 +111,18 @@ impl<'b> Reader<'b> {
             },
             b':' => Value::Int(integer(line)?),
             b'$' => {
-                let Ok(length) = usize::try_from(integer(line)?) else {
+                let Some(length) = length(line)? else {
                     return Ok(Some(Value::Nil));
                 };
-                if length.saturating_add(2) > self.buffer.len() - self.at {
+                let Some(end) = self.bulk_end(length)? else {
                     return Ok(None);
-                }
-                let end = self.at + length;
-                if &self.buffer[end..end + 2] != b"\r\n" {
-                    return Err(invalid("a bulk string not ended by CRLF", String::new()));
-                }
+                };
                 let bytes = self.buffer[self.at..end].to_vec();
                 self.at = end + 2;
                 Value::BulkString(bytes)
             }
             b'*' => {
-                let Ok(length) = usize::try_from(integer(line)?) else {
+                let Some(length) = length(line)? else {
                     return Ok(Some(Value::Nil));
                 };
                 // Each element takes at least 3 bytes: no allocation larger than what came.
@@ -87,6 +140,31 @@ impl<'b> Reader<'b> {
             _ => redis::parse_redis_value(&self.buffer[start..self.at])?,
         };
         Ok(Some(value))
+    }
+
+    /// Where a bulk string of `length` bytes starting here ends (before its CRLF); `None` when
+    /// it has not all come.
+    fn bulk_end(&self, length: usize) -> RedisResult<Option<usize>> {
+        if length.saturating_add(2) > self.buffer.len() - self.at {
+            return Ok(None);
+        }
+        let end = self.at + length;
+        if &self.buffer[end..end + 2] != b"\r\n" {
+            return Err(invalid("a bulk string not ended by CRLF", String::new()));
+        }
+        Ok(Some(end))
+    }
+
+    /// The type byte of the value here, when it is one herd reads.
+    fn kind(&self) -> RedisResult<Option<u8>> {
+        match self.buffer.get(self.at) {
+            None => Ok(None),
+            Some(&kind @ (b'+' | b':' | b'$' | b'*' | b'-')) => Ok(Some(kind)),
+            Some(&other) => Err(invalid(
+                "a reply type herd does not ask for (RESP2 only)",
+                char::from(other).escape_default().to_string(),
+            )),
+        }
     }
 
     /// The rest of the current line, without its CRLF; `None` when it has not ended yet.
@@ -126,6 +204,20 @@ fn integer(line: &[u8]) -> RedisResult<i64> {
         .trim()
         .parse()
         .map_err(|_| invalid("expected an integer", lossy(line)))
+}
+
+/// A bulk string's or an array's length; `None` for a negative one (nil).
+fn length(line: &[u8]) -> RedisResult<Option<usize>> {
+    match integer(line)? {
+        ..0 => Ok(None),
+        n => usize::try_from(n)
+            .map(Some)
+            .map_err(|_| invalid("a length past this machine's memory", lossy(line))),
+    }
+}
+
+fn too_deep() -> RedisError {
+    invalid("arrays nested too deep", String::new())
 }
 
 fn lossy(bytes: &[u8]) -> String {
@@ -199,6 +291,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_framer_finds_each_reply_s_end_as_its_bytes_come() {
+        for reply in REPLIES {
+            // Fed a byte at a time, one framer going on from where it stopped.
+            let mut framer = Framer::default();
+            for cut in 0..reply.len() {
+                assert_eq!(
+                    framer.advance(&reply[..cut]).unwrap(),
+                    None,
+                    "{} cut at {cut}",
+                    lossy(reply)
+                );
+            }
+            assert_eq!(
+                framer.advance(reply).unwrap(),
+                Some(reply.len()),
+                "{}",
+                lossy(reply)
+            );
+            // And at once, with the next reply's first bytes behind it.
+            let mut more = reply.to_vec();
+            more.extend_from_slice(b"*3\r\n");
+            assert_eq!(Framer::default().advance(&more).unwrap(), Some(reply.len()));
+        }
+        let deep = "*1\r\n".repeat(MAX_DEPTH) + ":1\r\n";
+        assert!(Framer::default().advance(deep.as_bytes()).is_err());
     }
 
     #[test]

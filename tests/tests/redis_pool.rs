@@ -63,8 +63,9 @@ async fn a_checkout_costs_no_round_trip() {
             .unwrap();
     }
     assert_eq!(calls(&redis, "set").await, 50);
-    // deadpool-redis' manager sent UNWATCH and PING before every checkout but the first.
-    assert_eq!(calls(&redis, "ping").await, pings);
+    // deadpool-redis' manager sent UNWATCH and PING before every checkout but the first. The
+    // one PING is the connection's, once when it was made.
+    assert_eq!(calls(&redis, "ping").await, pings + 1);
     assert_eq!(calls(&redis, "unwatch").await, unwatches);
 }
 
@@ -218,7 +219,7 @@ async fn long_replies_and_errors_inside_pipelines_leave_the_connection_in_step()
     let redis = TestRedis::start();
     let pool = pool_for(&redis);
     let mut connection = pool.get().await.expect("a pooled connection");
-    // Over a megabyte: many reads for one reply.
+    // Over a megabyte: many reads for one bulk string.
     let long: Vec<u8> = (0..1_200_000u32).map(|n| (n % 251) as u8).collect();
     let () = redis::cmd("SET")
         .arg("long")
@@ -232,6 +233,21 @@ async fn long_replies_and_errors_inside_pipelines_leave_the_connection_in_step()
         .await
         .unwrap();
     assert!(read == long, "the long value came back changed");
+    // An array of many short values, over many reads.
+    let items: Vec<String> = (0..20_000).map(|n| format!("item-{n}")).collect();
+    let pushed: usize = redis::cmd("RPUSH")
+        .arg("list")
+        .arg(&items)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(pushed, items.len());
+    let listed: Vec<String> = redis::cmd("LRANGE")
+        .arg(&["list", "0", "-1"])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(listed == items, "the list came back changed");
     // A server error in the middle of a pipeline is the pipeline's error ...
     let () = redis::cmd("HSET")
         .arg(&["h", "f", "v"])
@@ -278,4 +294,36 @@ async fn long_replies_and_errors_inside_pipelines_leave_the_connection_in_step()
         .await
         .unwrap();
     assert_eq!((a, b), (3, 4));
+}
+
+#[tokio::test]
+async fn a_connection_redis_refuses_fails_when_made_not_at_its_first_command() {
+    let redis = TestRedis::start();
+    let mut admin = redis.connection().await;
+    let set_max_clients = |n: u32| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxclients")
+            .arg(n)
+            .clone()
+    };
+    let () = set_max_clients(1).query_async(&mut admin).await.unwrap();
+    // No password and database 0: nothing to set up, but the connection still asks once.
+    let pool = pool_for(&redis);
+    let refused = pool
+        .get()
+        .await
+        .err()
+        .expect("Redis is full: no connection");
+    assert!(
+        refused.to_string().contains("max number of clients"),
+        "{refused}"
+    );
+    let () = set_max_clients(10_000)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    client_id(&pool)
+        .await
+        .expect("a connection once Redis has room");
 }

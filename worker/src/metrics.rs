@@ -68,6 +68,15 @@ impl SessionOp {
     }
 
     const ALL: [SessionOp; 3] = [SessionOp::Load, SessionOp::Save, SessionOp::Destroy];
+
+    /// The operation's place in [`SessionOp::ALL`].
+    fn index(self) -> usize {
+        match self {
+            SessionOp::Load => 0,
+            SessionOp::Save => 1,
+            SessionOp::Destroy => 2,
+        }
+    }
 }
 
 /// The request series of one route, made on its first request. A family's lookup hashes its
@@ -225,7 +234,7 @@ impl WorkerMetrics {
 
     /// Counts one session store operation and its latency.
     pub fn session_op(&self, op: SessionOp, ok: bool, took: Duration) {
-        let series = &self.session_ops[op as usize];
+        let series = &self.session_ops[op.index()];
         if ok { &series.ok } else { &series.error }.inc();
         series.latency.observe(took.as_secs_f64());
     }
@@ -440,6 +449,7 @@ mod tests {
             "series shown from the start:\n{text}"
         );
         for (n, op) in SessionOp::ALL.into_iter().enumerate() {
+            assert_eq!(op.index(), n);
             for _ in 0..=n {
                 metrics.session_op(op, false, Duration::from_millis(1));
             }
