@@ -1,0 +1,93 @@
+//! The RESP2 reply reader (`herd_shared::resp`) against redis-rs's own parser, the reference it
+//! replaced on herd's connections: generated replies read the same, whole or in any reads, and
+//! arbitrary bytes never panic and are read as redis-rs reads them. proptest's 256 cases per
+//! property unless `PROPTEST_CASES` says otherwise (docs/fuzzing.md).
+
+use herd_shared::resp::{self, Framer};
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+/// One RESP2 reply of the kinds Redis sends herd, nested up to four arrays deep.
+fn reply() -> impl Strategy<Value = Vec<u8>> {
+    let leaf = prop_oneof![
+        "[ -~]{0,16}".prop_map(|text| format!("+{text}\r\n").into_bytes()),
+        Just(b"+OK\r\n".to_vec()),
+        any::<i64>().prop_map(|n| format!(":{n}\r\n").into_bytes()),
+        Just(b"$-1\r\n".to_vec()),
+        Just(b"*-1\r\n".to_vec()),
+        vec(any::<u8>(), 0..40).prop_map(|bytes| {
+            let mut reply = format!("${}\r\n", bytes.len()).into_bytes();
+            reply.extend(bytes);
+            reply.extend(b"\r\n");
+            reply
+        }),
+        "(ERR|NOSCRIPT|READONLY|LOADING|WRONGTYPE|MOVED|X)( [ -~]{0,16})?"
+            .prop_map(|text| format!("-{text}\r\n").into_bytes()),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        vec(inner, 0..6).prop_map(|items| {
+            let mut reply = format!("*{}\r\n", items.len()).into_bytes();
+            items.into_iter().for_each(|item| reply.extend(item));
+            reply
+        })
+    })
+}
+
+/// Bytes that look like RESP often enough to get past the first line.
+fn resp_like() -> impl Strategy<Value = Vec<u8>> {
+    vec(
+        prop::sample::select(b"+-:$*\r\n\r\n0123456789-ab OK".to_vec()),
+        0..48,
+    )
+}
+
+proptest! {
+    #[test]
+    fn a_generated_reply_reads_as_redis_rs_reads_it(bytes in reply()) {
+        let theirs = redis::parse_redis_value(&bytes).expect("redis-rs reads it");
+        let (ours, used) = resp::parse(&bytes).unwrap().expect("whole");
+        prop_assert_eq!(ours, theirs);
+        prop_assert_eq!(used, bytes.len());
+    }
+
+    #[test]
+    fn a_reply_in_any_reads_is_found_whole_exactly_at_its_end(
+        bytes in reply(),
+        cuts in vec(any::<prop::sample::Index>(), 0..6),
+        next in resp_like(),
+    ) {
+        let mut cuts: Vec<usize> = cuts.iter().map(|cut| cut.index(bytes.len())).collect();
+        cuts.sort_unstable();
+        let mut framer = Framer::default();
+        for cut in cuts {
+            prop_assert_eq!(framer.advance(&bytes[..cut]).unwrap(), None);
+            prop_assert_eq!(resp::parse(&bytes[..cut]).unwrap(), None);
+        }
+        // Whatever follows it (the next reply's first bytes) changes nothing.
+        let mut stream = bytes.clone();
+        stream.extend(next);
+        prop_assert_eq!(framer.advance(&stream).unwrap(), Some(bytes.len()));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_the_framer_agrees(bytes in vec(any::<u8>(), 0..200)) {
+        let parsed = resp::parse(&bytes);
+        let framed = Framer::default().advance(&bytes);
+        if let Ok(Some((_, used))) = parsed {
+            prop_assert_eq!(framed.unwrap(), Some(used));
+        }
+    }
+
+    #[test]
+    fn resp_like_bytes_read_as_redis_rs_reads_them(bytes in resp_like()) {
+        let ours = resp::parse(&bytes);
+        // What redis-rs reads whole, we read the same; what we read whole, it reads the same.
+        if let Ok(theirs) = redis::parse_redis_value(&bytes) {
+            prop_assert_eq!(ours.as_ref().ok().cloned().flatten().map(|(value, _)| value), Some(theirs));
+        }
+        if let Ok(Some((value, used))) = ours {
+            prop_assert_eq!(redis::parse_redis_value(&bytes[..used]).ok(), Some(value));
+            prop_assert_eq!(Framer::default().advance(&bytes).unwrap(), Some(used));
+        }
+    }
+}
