@@ -42,6 +42,13 @@ fn resp_like() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
+    // As in the gateway's properties: no regression files; a failure prints the shrunk input,
+    // which becomes a unit test beside the code it broke.
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
     #[test]
     fn a_generated_reply_reads_as_redis_rs_reads_it(bytes in reply()) {
         let theirs = redis::parse_redis_value(&bytes).expect("redis-rs reads it");
