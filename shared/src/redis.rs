@@ -268,6 +268,27 @@ pub enum RedisConnection {
     Cluster(ClusterConnection),
 }
 
+impl RedisConnection {
+    /// Sends commands packed with [`crate::resp::pack`] and reads their `replies` replies in one
+    /// round trip, for hot paths that send fixed commands (no redis-rs `Cmd` is built). A single
+    /// Redis only: a cluster routes each command by its keys, which packed bytes do not show.
+    pub async fn exchange_packed(
+        &mut self,
+        packed: &[u8],
+        replies: usize,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        match self {
+            RedisConnection::Single(connection) => {
+                connection.exchange_packed(packed, replies).await
+            }
+            RedisConnection::Cluster(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "packed commands go to a single Redis, not to a cluster",
+            ))),
+        }
+    }
+}
+
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(
         &'a mut self,

@@ -179,6 +179,23 @@ impl WireConnection {
         }
     }
 
+    /// Sends commands packed with [`resp::pack`] and reads their `replies` replies, in one round
+    /// trip without redis-rs's `Cmd`s: a server error among the replies is the result, as with
+    /// a pipeline of those commands.
+    pub async fn exchange_packed(
+        &mut self,
+        packed: &[u8],
+        replies: usize,
+    ) -> RedisResult<Vec<Value>> {
+        let values = self.exchange(packed, 0, replies, false).await?;
+        // Looked for rather than taken apart and put back together (`Value::extract_error`):
+        // the replies are kept as they came unless one is an error.
+        match values.iter().find_map(server_error) {
+            Some(error) => Err(error.clone().into()),
+            None => Ok(values),
+        }
+    }
+
     /// The I/O of [`Self::exchange`]: the first server error among the skipped replies, and the
     /// wanted replies.
     async fn write_and_read(
@@ -231,6 +248,16 @@ impl WireConnection {
                 .into());
             }
         }
+    }
+}
+
+/// The first server error in `value`, nested arrays (a transaction's replies) included. RESP2
+/// has no other kind that holds values.
+fn server_error(value: &Value) -> Option<&redis::ServerError> {
+    match value {
+        Value::ServerError(error) => Some(error),
+        Value::Array(values) => values.iter().find_map(server_error),
+        _ => None,
     }
 }
 

@@ -296,6 +296,57 @@ async fn long_replies_and_errors_inside_pipelines_leave_the_connection_in_step()
     assert_eq!((a, b), (3, 4));
 }
 
+/// Commands packed by hand (`resp::pack_argument`, the session load's way) in one round trip.
+fn packed(commands: &[&[&str]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for arguments in commands {
+        out.extend_from_slice(format!("*{}\r\n", arguments.len()).as_bytes());
+        for argument in *arguments {
+            herd_shared::resp::pack_argument(&mut out, argument.as_bytes());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn packed_commands_get_their_replies_and_a_server_error_is_the_calls() {
+    use redis::Value;
+    let redis = TestRedis::start();
+    let pool = pool_for(&redis);
+    let mut connection = pool.get().await.expect("a pooled connection");
+    let replies = connection
+        .exchange_packed(
+            &packed(&[&["HSET", "h", "f", "v"], &["HMGET", "h", "f", "absent"]]),
+            2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        replies,
+        vec![
+            Value::Int(1),
+            Value::Array(vec![Value::BulkString(b"v".to_vec()), Value::Nil])
+        ]
+    );
+    // A command Redis refuses fails the exchange, as it fails a pipeline; the others ran and
+    // the connection is still in step.
+    let refused = connection
+        .exchange_packed(
+            &packed(&[&["INCR", "n"], &["INCR", "h"], &["INCR", "n"]]),
+            3,
+        )
+        .await
+        .expect_err("INCR of a hash fails");
+    assert!(refused.to_string().contains("WRONGTYPE"), "{refused}");
+    assert_eq!(
+        connection
+            .exchange_packed(&packed(&[&["GET", "n"]]), 1)
+            .await
+            .unwrap(),
+        vec![Value::BulkString(b"2".to_vec())]
+    );
+}
+
 #[tokio::test]
 async fn a_connection_redis_refuses_fails_when_made_not_at_its_first_command() {
     let redis = TestRedis::start();

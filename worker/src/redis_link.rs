@@ -94,6 +94,18 @@ impl RedisLink {
         self.call(Call::Pipeline(pipeline), timeout).await
     }
 
+    /// Commands packed with [`herd_shared::resp::pack`], sent in one round trip; their
+    /// `replies` replies come as one array (`T = redis::Value` takes them as they are). For hot
+    /// paths on a single Redis: a cluster refuses them (`RedisConnection::exchange_packed`).
+    pub async fn exchange<T: redis::FromRedisValue>(
+        &self,
+        packed: &[u8],
+        replies: usize,
+        timeout: std::time::Duration,
+    ) -> Result<T, String> {
+        self.call(Call::Packed(packed, replies), timeout).await
+    }
+
     async fn call<T: redis::FromRedisValue>(
         &self,
         call: Call<'_, '_>,
@@ -111,6 +123,13 @@ impl RedisLink {
                             }
                             Call::Pipeline(pipeline) => {
                                 pipeline.query_async::<T>(&mut connection).await
+                            }
+                            Call::Packed(packed, replies) => {
+                                match connection.exchange_packed(packed, replies).await {
+                                    Ok(values) => T::from_redis_value(redis::Value::Array(values))
+                                        .map_err(redis::RedisError::from),
+                                    Err(error) => Err(error),
+                                }
                             }
                         };
                         match result {
@@ -275,6 +294,8 @@ fn is_loading(error: &redis::RedisError) -> bool {
 enum Call<'c, 's> {
     Script(&'c redis::ScriptInvocation<'s>),
     Pipeline(&'c redis::Pipeline),
+    /// Packed commands and how many replies they get.
+    Packed(&'c [u8], usize),
 }
 
 #[cfg(test)]

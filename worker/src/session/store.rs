@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herd_shared::keys::Keys;
+use herd_shared::resp;
 use redis::Script;
 
 use super::SessionError;
@@ -480,21 +481,23 @@ impl SessionStore {
     /// `None` when the script must decide (no such key, an alias, the old key layout, the
     /// absolute timeout passed, a touch due, a field that does not parse).
     async fn load_plainly(&self, id: &str) -> Result<Option<Record>, SessionError> {
-        let mut pipeline = redis::pipe();
-        pipeline
-            .cmd("TIME")
-            .cmd("HMGET")
-            .arg(self.inner.keys.session(id))
-            .arg(&[
-                "v", "data", "user", "created", "deadline", "seen", "moved_to",
-            ]);
-        let ((seconds, micros), fields): ((u64, u64), Vec<Option<String>>) = self
-            .inner
-            .link
-            .query(&pipeline, self.inner.call_timeout)
+        // Packed here rather than built as a redis-rs pipeline: the `Cmd`s, their packing and
+        // the generic conversion of the replies were a fifth of a worker's instructions per
+        // session request (docs/performance.md, section 51).
+        let key = self.inner.keys.session(id);
+        let mut packed = Vec::with_capacity(PLAIN_LOAD.len() + PLAIN_LOAD_FIELDS.len() + 90);
+        packed.extend_from_slice(PLAIN_LOAD);
+        resp::pack_argument(&mut packed, key.as_bytes());
+        packed.extend_from_slice(PLAIN_LOAD_FIELDS);
+        let reply: redis::Value = (self.inner.link)
+            .exchange(&packed, 2, self.inner.call_timeout)
             .await
             .map_err(SessionError::Unavailable)?;
-        let now = seconds * 1000 + micros / 1000;
+        let Some((now, fields)) = clock_and_fields(reply) else {
+            return Err(SessionError::Unavailable(
+                "unexpected reply to TIME and HMGET".into(),
+            ));
+        };
         let Ok(
             [
                 Some(version),
@@ -748,6 +751,46 @@ impl SessionStore {
 }
 
 /// A record from the strings a script returned.
+/// `TIME`, then `HMGET` (nine arguments) up to its key, packed: what
+/// [`SessionStore::load_plainly`] sends before the session's key (`resp::pack_argument`).
+const PLAIN_LOAD: &[u8] = b"*1\r\n$4\r\nTIME\r\n*9\r\n$5\r\nHMGET\r\n";
+
+/// The fields [`SessionStore::load_plainly`] reads, packed as `HMGET`'s arguments after the key:
+/// `v`, `data`, `user`, `created`, `deadline`, `seen`, `moved_to`.
+const PLAIN_LOAD_FIELDS: &[u8] = b"$1\r\nv\r\n$4\r\ndata\r\n$4\r\nuser\r\n$7\r\ncreated\r\n\
+    $8\r\ndeadline\r\n$4\r\nseen\r\n$8\r\nmoved_to\r\n";
+
+/// The replies to `TIME` and `HMGET` of [`SessionStore::load_plainly`]: Redis's clock in
+/// milliseconds and the fields asked for (`None`: not in the hash). `None` when they are not
+/// what those commands answer.
+fn clock_and_fields(reply: redis::Value) -> Option<(u64, Vec<Option<String>>)> {
+    use redis::Value;
+    let Value::Array(replies) = reply else {
+        return None;
+    };
+    let [Value::Array(clock), Value::Array(fields)] = <[Value; 2]>::try_from(replies).ok()? else {
+        return None;
+    };
+    let [Value::BulkString(seconds), Value::BulkString(micros)] =
+        <[Value; 2]>::try_from(clock).ok()?
+    else {
+        return None;
+    };
+    let number = |digits: &[u8]| std::str::from_utf8(digits).ok()?.parse::<u64>().ok();
+    let now = number(&seconds)?
+        .checked_mul(1000)?
+        .checked_add(number(&micros)? / 1000)?;
+    let fields = fields
+        .into_iter()
+        .map(|field| match field {
+            Value::Nil => Some(None),
+            Value::BulkString(bytes) => String::from_utf8(bytes).ok().map(Some),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some((now, fields))
+}
+
 fn record(id: &str, version: &str, data: &str, user: &str) -> Result<Record, SessionError> {
     let version = version
         .parse()
@@ -805,6 +848,47 @@ impl Outcome for usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plain_load_is_packed_as_redis_rs_packs_its_commands() {
+        let key = "herd:session:{ab}:abc";
+        let mut ours = PLAIN_LOAD.to_vec();
+        resp::pack_argument(&mut ours, key.as_bytes());
+        ours.extend_from_slice(PLAIN_LOAD_FIELDS);
+        let mut theirs = redis::pipe();
+        theirs.cmd("TIME").cmd("HMGET").arg(key).arg(&[
+            "v", "data", "user", "created", "deadline", "seen", "moved_to",
+        ]);
+        assert_eq!(ours, theirs.get_packed_pipeline());
+    }
+
+    #[test]
+    fn the_plain_loads_replies_are_read_or_refused() {
+        use redis::Value::{Array, BulkString, Int, Nil};
+        let bulk = |text: &str| BulkString(text.as_bytes().to_vec());
+        let clock = Array(vec![bulk("1765000000"), bulk("123456")]);
+        let fields = Array(vec![bulk("3"), Nil]);
+        let reply = Array(vec![clock.clone(), fields.clone()]);
+        assert_eq!(
+            clock_and_fields(reply),
+            Some((1_765_000_000_123, vec![Some("3".to_string()), None]))
+        );
+        let refused = [
+            Array(vec![clock.clone()]),
+            Array(vec![fields.clone(), clock.clone()]),
+            Array(vec![Array(vec![bulk("1"), bulk("x")]), fields.clone()]),
+            Array(vec![
+                Array(vec![bulk(&u64::MAX.to_string()), bulk("0")]),
+                fields,
+            ]),
+            Array(vec![clock.clone(), Array(vec![Int(3)])]),
+            Array(vec![clock, Array(vec![BulkString(vec![0xff])])]),
+            Nil,
+        ];
+        for reply in refused {
+            assert_eq!(clock_and_fields(reply.clone()), None, "{reply:?}");
+        }
+    }
 
     fn store() -> SessionStore {
         let config = herd_shared::redis::RedisConfig::default();
