@@ -63,9 +63,6 @@ where
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        // The clone is not ready yet; keep the ready one for this call (tower's usual dance).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let store = self.store.clone();
         let https = cookie::is_https(request.headers());
         let session = Session::new(
@@ -73,8 +70,13 @@ where
             cookie::session_id(request.headers(), &store.config().cookie_name),
         );
         request.extensions_mut().insert(session.clone());
+        // Handed to the inner service here, which `poll_ready` readied: no clone of it to take
+        // into the future (tower's usual dance when the call is made later, inside it), and the
+        // boxed future below holds the inner one, not the request and the service beside it
+        // (docs/performance.md, section 51).
+        let handled = self.inner.call(request);
         Box::pin(async move {
-            let mut response = inner.call(request).await?;
+            let mut response = handled.await?;
             // The save is boxed: its state (compare-and-set attempts, the user index, the
             // retries' pauses) is 7 KB, and this future is moved into a box per request, read
             // or write; a request that saves pays one allocation instead.
