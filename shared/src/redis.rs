@@ -260,7 +260,8 @@ impl RedisPool {
 
 /// One connection from a [`RedisPool`]; runs commands, pipelines and scripts on either kind.
 /// On a cluster, a command or script goes to the master of its (first) key's slot; a pipeline
-/// must keep to one slot.
+/// must keep to one slot. Commands packed by hand ([`RedisConnection::exchange_packed`]) go to a
+/// single Redis only.
 pub enum RedisConnection {
     /// Pooled connection to one Redis.
     Single(crate::redis_pool::Connection),
@@ -269,7 +270,8 @@ pub enum RedisConnection {
 }
 
 impl RedisConnection {
-    /// Sends commands packed with [`crate::resp::pack`] and reads their `replies` replies in one
+    /// Sends commands packed by the caller (`*N\r\n`, then each argument by
+    /// [`crate::resp::pack_argument`]) and reads their `replies` replies in one
     /// round trip, for hot paths that send fixed commands (no redis-rs `Cmd` is built). A single
     /// Redis only: a cluster routes each command by its keys, which packed bytes do not show.
     pub async fn exchange_packed(

@@ -7,7 +7,8 @@
 //! connection has one user at a time and needs none of that; the gateway's client to its workers
 //! was built the same way for the same reason (docs/performance.md, sections 1 and 49).
 //! Commands, pipelines and scripts are still redis-rs's (packing, `EVALSHA` with its `NOSCRIPT`
-//! fallback, typed replies): this type only moves their bytes.
+//! fallback, typed replies): this type only moves their bytes; a hot path may also hand it
+//! commands it packed itself ([`WireConnection::exchange_packed`]).
 //!
 //! A call that does not end with its reply read whole (an I/O error, a timeout, or the caller's
 //! future dropped half-way) leaves the connection out of step with Redis: it is marked broken for
@@ -179,7 +180,8 @@ impl WireConnection {
         }
     }
 
-    /// Sends commands packed with [`resp::pack`] and reads their `replies` replies, in one round
+    /// Sends commands packed by the caller (`*N\r\n`, then each argument by
+    /// [`resp::pack_argument`]) and reads their `replies` replies, in one round
     /// trip without redis-rs's `Cmd`s: a server error among the replies is the result, as with
     /// a pipeline of those commands.
     pub async fn exchange_packed(
@@ -187,6 +189,13 @@ impl WireConnection {
         packed: &[u8],
         replies: usize,
     ) -> RedisResult<Vec<Value>> {
+        // A count short of the commands would leave replies owed on the connection, for its next
+        // user to read as its own: packed by hand, so checked in debug builds.
+        debug_assert_eq!(
+            commands_in(packed),
+            Some(replies),
+            "packed commands and replies"
+        );
         let values = self.exchange(packed, 0, replies, false).await?;
         // Looked for rather than taken apart and put back together (`Value::extract_error`):
         // the replies are kept as they came unless one is an error.
@@ -251,6 +260,19 @@ impl WireConnection {
     }
 }
 
+/// How many commands `packed` holds, or `None` when it is not whole RESP (debug builds check
+/// hand-packed commands against the replies their caller waits for).
+#[cfg(debug_assertions)]
+fn commands_in(mut packed: &[u8]) -> Option<usize> {
+    let mut commands = 0;
+    while !packed.is_empty() {
+        let (_, used) = resp::parse(packed).ok()??;
+        packed = &packed[used..];
+        commands += 1;
+    }
+    Some(commands)
+}
+
 /// The first server error in `value`, nested arrays (a transaction's replies) included. RESP2
 /// has no other kind that holds values.
 fn server_error(value: &Value) -> Option<&redis::ServerError> {
@@ -289,5 +311,43 @@ impl ConnectionLike for WireConnection {
 
     fn get_db(&self) -> i64 {
         self.db
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(text: &[u8]) -> Value {
+        resp::parse(text).unwrap().unwrap().0
+    }
+
+    #[test]
+    fn a_server_error_is_found_wherever_it_sits() {
+        let loading = error(b"-LOADING Redis is loading\r\n");
+        let nested = Value::Array(vec![
+            Value::Int(1),
+            Value::Array(vec![Value::Nil, loading.clone()]),
+        ]);
+        let found = server_error(&nested).expect("the nested error");
+        assert_eq!(
+            RedisError::from(found.clone()).kind(),
+            ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+        );
+        assert!(server_error(&loading).is_some());
+        let fine = Value::Array(vec![Value::Okay, Value::BulkString(b"-x".to_vec())]);
+        assert!(server_error(&fine).is_none());
+    }
+
+    #[cfg(debug_assertions)]
+    #[test]
+    fn packed_commands_are_counted() {
+        let mut packed = b"*1\r\n".to_vec();
+        resp::pack_argument(&mut packed, b"TIME");
+        packed.extend_from_slice(b"*2\r\n");
+        resp::pack_argument(&mut packed, b"GET");
+        resp::pack_argument(&mut packed, b"k");
+        assert_eq!(commands_in(&packed), Some(2));
+        assert_eq!(commands_in(&packed[..packed.len() - 1]), None);
     }
 }

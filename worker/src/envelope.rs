@@ -70,6 +70,8 @@ pub(crate) fn around(
     let span = trace::request_span(&request);
     let route = request.extensions().get::<MatchedPath>().cloned();
     let uri = request.uri().clone();
+    // Only makes the route's future (axum's `Route::call` defers the inner services' calls to its
+    // first poll): the session layer and the handler run where the panic is caught.
     let handled = AssertUnwindSafe(next.call(request)).catch_unwind();
     let traced = span.clone();
     let served = async move {
@@ -91,7 +93,7 @@ pub(crate) fn around(
         }
         response
     };
-    // Not instrumented with a disabled span when untraced: nothing spent on tracing then.
+    // As before: not instrumented with a disabled span when untraced, nothing spent on tracing.
     match span {
         Some(span) => Either::Left(served.instrument(span)),
         None => Either::Right(served),

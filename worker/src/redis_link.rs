@@ -94,7 +94,8 @@ impl RedisLink {
         self.call(Call::Pipeline(pipeline), timeout).await
     }
 
-    /// Commands packed with [`herd_shared::resp::pack`], sent in one round trip; their
+    /// Commands packed by the caller (`*N\r\n`, then each argument by
+    /// [`herd_shared::resp::pack_argument`]), sent in one round trip; their
     /// `replies` replies come as one array (`T = redis::Value` takes them as they are). For hot
     /// paths on a single Redis: a cluster refuses them (`RedisConnection::exchange_packed`).
     pub async fn exchange<T: redis::FromRedisValue>(
@@ -347,13 +348,16 @@ mod tests {
                             args.push(String::from_utf8_lossy(&bytes[..len]).into_owned());
                         }
                         let reply = match args.first().map(|a| a.to_uppercase()).as_deref() {
-                            Some("EVALSHA") | Some("EVAL") => {
+                            Some(command @ ("EVALSHA" | "EVAL" | "HMGET")) => {
                                 if seen.fetch_add(1, Ordering::SeqCst) < loading {
                                     "-LOADING Redis is loading the dataset in memory\r\n".into()
+                                } else if command == "HMGET" {
+                                    "*2\r\n$1\r\nv\r\n$-1\r\n".to_string()
                                 } else {
                                     ":7\r\n".to_string()
                                 }
                             }
+                            Some("TIME") => "*2\r\n$10\r\n1765000000\r\n$1\r\n0\r\n".into(),
                             Some("PING") if args.len() > 1 => {
                                 format!("${}\r\n{}\r\n", args[1].len(), args[1])
                             }
@@ -367,6 +371,37 @@ mod tests {
             }
         });
         (address, calls)
+    }
+
+    #[tokio::test]
+    async fn a_packed_exchange_waits_for_a_loading_redis_too() {
+        use redis::Value::{Array, BulkString, Nil};
+        let (address, calls) = loading_redis(2).await;
+        let link = RedisLink::new(&RedisConfig {
+            url: format!("redis://{address}/0"),
+            ..RedisConfig::default()
+        })
+        .unwrap();
+        let mut packed = b"*1\r\n".to_vec();
+        herd_shared::resp::pack_argument(&mut packed, b"TIME");
+        packed.extend_from_slice(b"*3\r\n");
+        for argument in [&b"HMGET"[..], b"k", b"f"] {
+            herd_shared::resp::pack_argument(&mut packed, argument);
+        }
+        let answer: Result<redis::Value, String> =
+            link.exchange(&packed, 2, Duration::from_secs(5)).await;
+        assert_eq!(
+            answer,
+            Ok(Array(vec![
+                Array(vec![
+                    BulkString(b"1765000000".to_vec()),
+                    BulkString(b"0".to_vec())
+                ]),
+                Array(vec![BulkString(b"v".to_vec()), Nil]),
+            ]))
+        );
+        // The two LOADING answers were tried again, the third went through.
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

@@ -51,7 +51,7 @@ pub struct SessionService<S> {
 
 impl<S> Service<Request<Body>> for SessionService<S>
 where
-    S: Service<Request<Body>, Response = Response> + Clone + Send + 'static,
+    S: Service<Request<Body>, Response = Response> + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response;

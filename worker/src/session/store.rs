@@ -750,7 +750,6 @@ impl SessionStore {
     }
 }
 
-/// A record from the strings a script returned.
 /// `TIME`, then `HMGET` (nine arguments) up to its key, packed: what
 /// [`SessionStore::load_plainly`] sends before the session's key (`resp::pack_argument`).
 const PLAIN_LOAD: &[u8] = b"*1\r\n$4\r\nTIME\r\n*9\r\n$5\r\nHMGET\r\n";
@@ -791,6 +790,7 @@ fn clock_and_fields(reply: redis::Value) -> Option<(u64, Vec<Option<String>>)> {
     Some((now, fields))
 }
 
+/// A record from the strings a script (or the plain load) returned.
 fn record(id: &str, version: &str, data: &str, user: &str) -> Result<Record, SessionError> {
     let version = version
         .parse()
