@@ -262,7 +262,6 @@ impl WireConnection {
 
 /// How many commands `packed` holds, or `None` when it is not whole RESP (debug builds check
 /// hand-packed commands against the replies their caller waits for).
-#[cfg(debug_assertions)]
 fn commands_in(mut packed: &[u8]) -> Option<usize> {
     let mut commands = 0;
     while !packed.is_empty() {
@@ -339,7 +338,6 @@ mod tests {
         assert!(server_error(&fine).is_none());
     }
 
-    #[cfg(debug_assertions)]
     #[test]
     fn packed_commands_are_counted() {
         let mut packed = b"*1\r\n".to_vec();
