@@ -270,9 +270,8 @@ pub enum RedisConnection {
 }
 
 impl RedisConnection {
-    /// Sends commands packed by the caller (`*N\r\n`, then each argument by
-    /// [`crate::resp::pack_argument`]) and reads their `replies` replies in one
-    /// round trip, for hot paths that send fixed commands (no redis-rs `Cmd` is built). A single
+    /// Sends commands packed by the caller ([`crate::resp::pack_command`], or by hand) and
+    /// reads their `replies` replies in one round trip, for hot paths that send fixed commands (no redis-rs `Cmd` is built). A single
     /// Redis only: a cluster routes each command by its keys, which packed bytes do not show.
     pub async fn exchange_packed(
         &mut self,

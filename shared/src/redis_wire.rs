@@ -180,9 +180,8 @@ impl WireConnection {
         }
     }
 
-    /// Sends commands packed by the caller (`*N\r\n`, then each argument by
-    /// [`resp::pack_argument`]) and reads their `replies` replies, in one round
-    /// trip without redis-rs's `Cmd`s: a server error among the replies is the result, as with
+    /// Sends commands packed by the caller ([`resp::pack_command`], or by hand) and reads their
+    /// `replies` replies, in one round trip without redis-rs's `Cmd`s: a server error among the replies is the result, as with
     /// a pipeline of those commands.
     pub async fn exchange_packed(
         &mut self,
@@ -340,11 +339,9 @@ mod tests {
 
     #[test]
     fn packed_commands_are_counted() {
-        let mut packed = b"*1\r\n".to_vec();
-        resp::pack_argument(&mut packed, b"TIME");
-        packed.extend_from_slice(b"*2\r\n");
-        resp::pack_argument(&mut packed, b"GET");
-        resp::pack_argument(&mut packed, b"k");
+        let mut packed = Vec::new();
+        resp::pack_command(&mut packed, &[b"TIME"]);
+        resp::pack_command(&mut packed, &[b"GET", b"k"]);
         assert_eq!(commands_in(&packed), Some(2));
         assert_eq!(commands_in(&packed[..packed.len() - 1]), None);
     }

@@ -9,7 +9,7 @@
 //! handed to redis-rs's own parser, so that its kind (`NOSCRIPT`, `READONLY`, `LOADING`, …) is
 //! what redis-rs makes of it. Anything else is a protocol error.
 //!
-//! [`pack_argument`] writes the other way, for a hot path that sends fixed commands without
+//! [`pack_command`] and [`pack_argument`] write the other way, for a hot path that sends fixed commands without
 //! building redis-rs's `Cmd`s (an allocation per argument list and per packed command).
 
 use redis::{ErrorKind, RedisError, RedisResult, Value};
@@ -24,8 +24,19 @@ pub fn parse(buffer: &[u8]) -> RedisResult<Option<(Value, usize)>> {
     Ok(reader.value(0)?.map(|value| (value, reader.at)))
 }
 
+/// Appends the command `arguments` to `out` (a RESP array of bulk strings), as redis-rs packs a
+/// `Cmd` with those arguments.
+pub fn pack_command(out: &mut Vec<u8>, arguments: &[&[u8]]) {
+    out.push(b'*');
+    out.extend_from_slice(itoa::Buffer::new().format(arguments.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for argument in arguments {
+        pack_argument(out, argument);
+    }
+}
+
 /// Appends `argument` to `out` as one argument of a command (a RESP bulk string), as redis-rs
-/// packs it. A command is `*N\r\n` (N its arguments) and its arguments, each packed so.
+/// packs it: for a command whose other parts are packed already (a constant around a key).
 pub fn pack_argument(out: &mut Vec<u8>, argument: &[u8]) {
     let mut digits = itoa::Buffer::new();
     let length = digits.format(argument.len()).as_bytes();
@@ -268,11 +279,11 @@ mod tests {
         ];
         for arguments in commands {
             let mut theirs = redis::Cmd::new();
-            let mut ours = format!("before*{}\r\n", arguments.len()).into_bytes();
             for argument in arguments {
                 theirs.arg(*argument);
-                pack_argument(&mut ours, argument);
             }
+            let mut ours = b"before".to_vec();
+            pack_command(&mut ours, arguments);
             assert_eq!(ours[6..], theirs.get_packed_command()[..], "{arguments:?}");
         }
     }

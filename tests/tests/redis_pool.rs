@@ -296,14 +296,12 @@ async fn long_replies_and_errors_inside_pipelines_leave_the_connection_in_step()
     assert_eq!((a, b), (3, 4));
 }
 
-/// Commands packed by hand (`resp::pack_argument`, the session load's way) in one round trip.
+/// Commands packed without redis-rs (`resp::pack_command`), for one round trip.
 fn packed(commands: &[&[&str]]) -> Vec<u8> {
     let mut out = Vec::new();
     for arguments in commands {
-        out.extend_from_slice(format!("*{}\r\n", arguments.len()).as_bytes());
-        for argument in *arguments {
-            herd_shared::resp::pack_argument(&mut out, argument.as_bytes());
-        }
+        let arguments: Vec<&[u8]> = arguments.iter().map(|a| a.as_bytes()).collect();
+        herd_shared::resp::pack_command(&mut out, &arguments);
     }
     out
 }

@@ -94,9 +94,8 @@ impl RedisLink {
         self.call(Call::Pipeline(pipeline), timeout).await
     }
 
-    /// Commands packed by the caller (`*N\r\n`, then each argument by
-    /// [`herd_shared::resp::pack_argument`]), sent in one round trip; their
-    /// `replies` replies come as one array (`T = redis::Value` takes them as they are). For hot
+    /// Commands packed by the caller ([`herd_shared::resp::pack_command`], or by hand), sent in
+    /// one round trip; their `replies` replies come as one array (`T = redis::Value` takes them as they are). For hot
     /// paths on a single Redis: a cluster refuses them (`RedisConnection::exchange_packed`).
     pub async fn exchange<T: redis::FromRedisValue>(
         &self,
@@ -382,12 +381,9 @@ mod tests {
             ..RedisConfig::default()
         })
         .unwrap();
-        let mut packed = b"*1\r\n".to_vec();
-        herd_shared::resp::pack_argument(&mut packed, b"TIME");
-        packed.extend_from_slice(b"*3\r\n");
-        for argument in [&b"HMGET"[..], b"k", b"f"] {
-            herd_shared::resp::pack_argument(&mut packed, argument);
-        }
+        let mut packed = Vec::new();
+        herd_shared::resp::pack_command(&mut packed, &[b"TIME"]);
+        herd_shared::resp::pack_command(&mut packed, &[b"HMGET", b"k", b"f"]);
         let answer: Result<redis::Value, String> =
             link.exchange(&packed, 2, Duration::from_secs(5)).await;
         assert_eq!(

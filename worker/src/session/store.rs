@@ -485,7 +485,9 @@ impl SessionStore {
         // the generic conversion of the replies were a fifth of a worker's instructions per
         // session request (docs/performance.md, section 51).
         let key = self.inner.keys.session(id);
-        let mut packed = Vec::with_capacity(PLAIN_LOAD.len() + PLAIN_LOAD_FIELDS.len() + 90);
+        // The key's own head (`$N\r\n`) and end take at most 16 bytes beside it.
+        let room = PLAIN_LOAD.len() + key.len() + 16 + PLAIN_LOAD_FIELDS.len();
+        let mut packed = Vec::with_capacity(room);
         packed.extend_from_slice(PLAIN_LOAD);
         resp::pack_argument(&mut packed, key.as_bytes());
         packed.extend_from_slice(PLAIN_LOAD_FIELDS);
