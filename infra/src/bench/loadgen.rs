@@ -63,9 +63,9 @@ pub struct LoadResult {
     pub non_2xx: u64,
     /// Connect, read, write errors and timeouts (h2load: failed + errored + timed out requests).
     pub socket_errors: u64,
-    /// Bytes the generator read (wrk: heads and bodies, its `… MB read` to two decimals; h2load:
-    /// its exact traffic total, HTTP/2 framing included): over `requests`, about how long an
-    /// answer was. 0 when the count is missing or in a unit not known here.
+    /// Bytes the generator read, exactly (wrk: heads and bodies, from its script's `done`, else
+    /// its `… MB read` to two decimals; h2load: its traffic total, HTTP/2 framing included):
+    /// over `requests`, about how long an answer was. 0 when the count is missing.
     pub bytes_read: u64,
 }
 
@@ -128,12 +128,12 @@ impl Tools {
                 for header in &load.headers {
                     spec = spec.arg("-H").arg(header.clone());
                 }
-                if let Some(body) = load.body {
-                    let script = dir.join(format!("{name}.lua"));
-                    super::write_file(&script, &wrk_post_script(body))?;
-                    spec = spec.arg("-s").arg(script.display().to_string());
-                }
-                let spec = spec.arg(&load.url);
+                let script = dir.join(format!("{name}.lua"));
+                super::write_file(&script, &wrk_script(load.body))?;
+                let spec = spec
+                    .arg("-s")
+                    .arg(script.display().to_string())
+                    .arg(&load.url);
                 let output = run_bounded(&spec, load.duration + OVERRUN, stop)?;
                 parse_wrk(&output).ok_or_else(|| BenchError::Output {
                     tool: "wrk",
@@ -204,9 +204,26 @@ impl Tools {
     }
 }
 
-/// A wrk script that makes every request a `POST` of `body` as JSON (wrk sends head and body
+/// The line wrk's script prints at the end: the exact count of bytes read (its report rounds
+/// them to two decimals of a unit: `0.86GB` is ±5 MiB, a few hundred bytes an answer).
+const EXACT_BYTES: &str = "bytes read exactly:";
+
+/// The wrk script of a run: it prints the exact bytes read when wrk is done ([`EXACT_BYTES`]),
+/// and with a `body` makes every request a `POST` of it as JSON. Only static settings and
+/// `done`: wrk builds the request once and runs no Lua per request.
+pub fn wrk_script(body: Option<&str>) -> String {
+    let mut script = format!(
+        "function done(summary, latency, requests)\n  io.write(string.format(\"{EXACT_BYTES} %.0f\\n\", summary.bytes))\nend\n"
+    );
+    if let Some(body) = body {
+        script.push_str(&wrk_post_script(body));
+    }
+    script
+}
+
+/// wrk settings that make every request a `POST` of `body` as JSON (wrk sends head and body
 /// in one write, as clients send a small body).
-pub fn wrk_post_script(body: &str) -> String {
+fn wrk_post_script(body: &str) -> String {
     format!(
         "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = {}\n",
         lua_string(body)
@@ -296,7 +313,12 @@ pub fn parse_wrk(output: &str) -> Option<LoadResult> {
     let mut result = LoadResult::default();
     let (mut have_rps, mut have_requests) = (false, false);
     let mut in_distribution = false;
+    let mut exact_bytes = None;
     for line in output.lines() {
+        if let Some(count) = line.strip_prefix(EXACT_BYTES) {
+            exact_bytes = Some(count.trim().parse().ok()?);
+            continue;
+        }
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["Latency", "Distribution", ..] => in_distribution = true,
@@ -330,6 +352,9 @@ pub fn parse_wrk(output: &str) -> Option<LoadResult> {
             }
             _ => {}
         }
+    }
+    if let Some(exact) = exact_bytes {
+        result.bytes_read = exact;
     }
     (have_rps && have_requests).then_some(result)
 }
@@ -424,6 +449,24 @@ mod tests {
 Requests/sec:  73035.06
 Transfer/sec:     11.63MB"#;
 
+    /// wrk with herd's script against nginx serving a 64 KiB file (captured): the report says
+    /// `3.28GB` (±5 MiB), the script's line the exact count.
+    const WRK_EXACT: &str = r#"Running 1s test @ http://127.0.0.1:18999/page
+  2 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   157.66us   79.42us   3.16ms   92.23%
+    Req/Sec    25.67k     6.10k   51.69k    95.24%
+  Latency Distribution
+     50%  160.00us
+     75%  168.00us
+     90%  178.00us
+     99%  226.00us
+  53537 requests in 1.10s, 3.28GB read
+Requests/sec:  48709.06
+Transfer/sec:      2.98GB
+bytes read exactly: 3521610063
+"#;
+
     /// wrk against a gateway whose only worker is gone: every answer a 503 (captured).
     const WRK_NON_2XX: &str = r#"Running 1s test @ http://127.0.0.1:37233/
   2 threads and 8 connections
@@ -498,9 +541,13 @@ time to 1st byte:      667us       681us       674us         9us   100.00%
 req/s           :    7220.11     7235.83     7227.97       11.12   100.00%"#;
 
     #[test]
-    fn the_post_script_sends_the_body_as_it_is() {
+    fn the_script_prints_the_exact_bytes_and_posts_the_body_as_it_is() {
+        let done = "function done(summary, latency, requests)\n  \
+                    io.write(string.format(\"bytes read exactly: %.0f\\n\", summary.bytes))\nend\n";
+        assert_eq!(wrk_script(None), done);
         let body = crate::bench::proxy::API_BODY;
-        let script = wrk_post_script(body);
+        let script = wrk_script(Some(body));
+        let script = script.strip_prefix(done).expect("done first");
         assert!(script.starts_with("wrk.method = \"POST\"\n"), "{script}");
         assert!(script.contains("wrk.headers[\"Content-Type\"] = \"application/json\"\n"));
         // The JSON as a quoted string, its quotes escaped.
@@ -535,6 +582,12 @@ req/s           :    7220.11     7235.83     7227.97       11.12   100.00%"#;
         assert_eq!(wrk_bytes("980.00B"), Some(980));
         assert_eq!(wrk_bytes("1.50GB"), Some(1_610_612_736));
         assert_eq!(wrk_bytes("12.79XB"), None);
+
+        // The script's exact count wins over the rounded one, a malformed one fails the parse.
+        let exact = parse_wrk(WRK_EXACT).unwrap();
+        assert_eq!((exact.requests, exact.bytes_read), (53537, 3_521_610_063));
+        let malformed = WRK_EXACT.replace("exactly: 3521610063", "exactly: 3.5e9");
+        assert_eq!(parse_wrk(&malformed), None);
 
         assert_eq!(
             parse_wrk("unable to connect to 127.0.0.1:1 Connection refused"),
