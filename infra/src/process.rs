@@ -420,9 +420,14 @@ impl Process {
         self.child.id()
     }
 
-    /// The last `lines` lines of the process's stderr.
+    /// The last `lines` lines of the process's stderr; of its stdout when stderr is empty
+    /// (redis-server logs to stdout: why it exited is there).
     pub fn log_tail(&self, lines: usize) -> String {
-        tail(&self.log_path, lines)
+        let log = tail(&self.log_path, lines);
+        if log.trim().is_empty() {
+            return tail(&self.out_path, lines);
+        }
+        log
     }
 }
 
@@ -579,5 +584,19 @@ mod tests {
             Process::spawn_and_wait(&spec, &["public"], Duration::from_secs(5)).unwrap_err();
         let text = error.to_string();
         assert!(text.contains("config error: listen: bad"), "{text}");
+    }
+
+    /// A program that logs to stdout (redis-server) and exits: its last lines there are the
+    /// report's, stderr being empty.
+    #[test]
+    fn early_exit_with_an_empty_stderr_is_reported_with_stdout() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = Spec::new("redis-like", "sh", dir.path())
+            .arg("-c")
+            .arg("echo 'Could not create server TCP listening socket: in use'; exit 1");
+        let error =
+            Process::spawn_and_wait(&spec, &["public"], Duration::from_secs(5)).unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("listening socket: in use"), "{text}");
     }
 }

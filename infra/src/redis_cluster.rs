@@ -72,31 +72,7 @@ impl RedisCluster {
         let cli = deps::ensure(REDIS_CLI)?;
         let mut nodes = Vec::new();
         for _ in 0..masters * (1 + replicas) {
-            let port = cluster_port()?;
-            let node_dir = dir.join(format!("node-{port}"));
-            std::fs::create_dir_all(&node_dir).map_err(|source| RedisClusterError::Dir {
-                path: node_dir.clone(),
-                source,
-            })?;
-            let extra = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                &node_timeout.as_millis().to_string(),
-                // A replica of a dead master is promoted however stale it is: the tests want the
-                // failover, and the loss window is stated (docs/sessions.md).
-                "--cluster-replica-validity-factor",
-                "0",
-                // Without this, every shard refuses commands (CLUSTERDOWN) from the moment a
-                // master is marked failed until its replica is promoted: other shards' sessions
-                // must not notice one shard's failure.
-                "--cluster-require-full-coverage",
-                "no",
-            ]
-            .map(String::from);
-            nodes.push(RedisServer::start_with(Some(port), &node_dir, dir, &extra)?);
+            nodes.push(start_node(dir, node_timeout)?);
         }
         let cluster = RedisCluster { nodes, cli };
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
@@ -221,6 +197,47 @@ impl RedisCluster {
             .into_iter()
             .filter_map(RedisServer::detach)
             .collect()
+    }
+}
+
+/// Starts one cluster node under `dir` on a free port pair. A port found free can be taken
+/// before redis-server binds it (by another test's server, or as an ephemeral port): then the
+/// node is started again on another pair, up to five tries in all.
+fn start_node(dir: &Path, node_timeout: Duration) -> Result<RedisServer, RedisClusterError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let port = cluster_port()?;
+        let node_dir = dir.join(format!("node-{port}"));
+        std::fs::create_dir_all(&node_dir).map_err(|source| RedisClusterError::Dir {
+            path: node_dir.clone(),
+            source,
+        })?;
+        let extra = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            &node_timeout.as_millis().to_string(),
+            // A replica of a dead master is promoted however stale it is: the tests want the
+            // failover, and the loss window is stated (docs/sessions.md).
+            "--cluster-replica-validity-factor",
+            "0",
+            // Without this, every shard refuses commands (CLUSTERDOWN) from the moment a
+            // master is marked failed until its replica is promoted: other shards' sessions
+            // must not notice one shard's failure.
+            "--cluster-require-full-coverage",
+            "no",
+        ]
+        .map(String::from);
+        match RedisServer::start_with(Some(port), &node_dir, dir, &extra) {
+            Ok(node) => return Ok(node),
+            Err(_) if attempt < 5 => {
+                let _ = std::fs::remove_dir_all(&node_dir);
+            }
+            Err(error) => return Err(error.into()),
+        }
     }
 }
 
