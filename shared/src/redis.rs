@@ -230,11 +230,44 @@ impl RedisPool {
         }
     }
 
-    /// A connection: pooled for one Redis, the shared multiplexed handle for a cluster.
+    /// A connection: pooled for one Redis, the shared multiplexed handle for a cluster. Waiting
+    /// for a pooled connection and checking it are bounded by the pool's timeouts.
     pub async fn get(&self) -> Result<RedisConnection, ConnectError> {
+        self.checkout(false).await
+    }
+
+    /// A connection, for a call its caller bounds with a timeout of its own (each of the
+    /// worker's `RedisLink` calls): waiting for a pooled connection and checking it run without
+    /// the pool's timers, two per checkout that the caller's bound makes redundant. Still
+    /// bounded without it: the check's `PING` by the connection's response timeout, connecting
+    /// by the pool's create timeout.
+    pub async fn get_in_bounded_call(&self) -> Result<RedisConnection, ConnectError> {
+        self.checkout(true).await
+    }
+
+    async fn checkout(&self, caller_bounds: bool) -> Result<RedisConnection, ConnectError> {
+        let timeouts = |pool: &Pool| {
+            let timeouts = pool.timeouts();
+            if caller_bounds {
+                deadpool::managed::Timeouts {
+                    wait: None,
+                    recycle: None,
+                    ..timeouts
+                }
+            } else {
+                timeouts
+            }
+        };
         match self {
-            RedisPool::Single(pool) => Ok(RedisConnection::Single(pool.get().await?)),
-            RedisPool::Sentinel(pool) => Ok(RedisConnection::Single(pool.pool().get().await?)),
+            RedisPool::Single(pool) => Ok(RedisConnection::Single(
+                pool.timeout_get(&timeouts(pool)).await?,
+            )),
+            RedisPool::Sentinel(sentinel) => {
+                let pool = sentinel.pool();
+                Ok(RedisConnection::Single(
+                    pool.timeout_get(&timeouts(&pool)).await?,
+                ))
+            }
             RedisPool::Cluster(cluster) => {
                 let mut slot = cluster.connection.lock().await;
                 if let Some(connection) = slot.as_ref() {

@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use herd_shared::redis::{RedisConfig, RedisPool};
+use deadpool::managed::{PoolError, TimeoutType};
+use herd_shared::redis::{ConnectError, RedisConfig, RedisPool};
 use herd_shared::redis_pool::IDLE_CHECK;
 use herd_tests::redis::TestRedis;
 use nix::sys::signal::{Signal, kill};
@@ -67,6 +68,66 @@ async fn a_checkout_costs_no_round_trip() {
     // one PING is the connection's, once when it was made.
     assert_eq!(calls(&redis, "ping").await, pings + 1);
     assert_eq!(calls(&redis, "unwatch").await, unwatches);
+}
+
+/// The worker's checkout (`get_in_bounded_call`: its calls bound themselves) waits for a busy
+/// pool past the pool's wait timeout, until a connection is given back or the caller's own bound
+/// ends the wait; the pool's `get` gives up at that timeout. Still bounded without the caller's
+/// timer: a connection idle past the check whose Redis went silent is asked within the response
+/// timeout, and the new one within the connect timeout.
+#[tokio::test]
+async fn a_checkout_in_a_bounded_call_waits_as_long_as_its_caller_does() {
+    let redis = TestRedis::start();
+    let pool = pool_for(&redis);
+    let first = pool.get().await.unwrap();
+    let second = pool.get().await.unwrap();
+    let waited = std::time::Instant::now();
+    let refused = pool.get().await.map(|_| ());
+    assert!(
+        matches!(
+            refused,
+            Err(ConnectError::Pool(PoolError::Timeout(TimeoutType::Wait)))
+        ),
+        "{refused:?}"
+    );
+    assert!(
+        waited.elapsed() < Duration::from_secs(2),
+        "the wait timeout"
+    );
+    let caller_bound =
+        tokio::time::timeout(Duration::from_millis(400), pool.get_in_bounded_call()).await;
+    assert!(caller_bound.is_err(), "ended by the caller's bound only");
+
+    let given_back = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(first);
+    });
+    let waited = std::time::Instant::now();
+    let mut connection = pool
+        .get_in_bounded_call()
+        .await
+        .expect("the connection given back, after the pool's wait timeout");
+    assert!(waited.elapsed() >= Duration::from_millis(400));
+    let () = redis::cmd("SET")
+        .arg("k")
+        .arg(1)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    given_back.await.unwrap();
+    drop((connection, second));
+
+    // Idle past the check, then Redis silent: the check's PING times out, the new connection
+    // times out, and the checkout fails without a timer of the caller's.
+    tokio::time::sleep(IDLE_CHECK + Duration::from_millis(100)).await;
+    let pid = Pid::from_raw(redis.pid().expect("redis runs") as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let waited = std::time::Instant::now();
+    let silent = pool.get_in_bounded_call().await.map(|_| ());
+    let took = waited.elapsed();
+    kill(pid, Signal::SIGCONT).unwrap();
+    assert!(silent.is_err(), "{silent:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
 }
 
 #[tokio::test]

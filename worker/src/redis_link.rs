@@ -115,7 +115,7 @@ impl RedisLink {
         let work = async {
             let mut pause = RECONNECT_PAUSE_MIN;
             loop {
-                match self.pool().get().await {
+                match self.pool().get_in_bounded_call().await {
                     Ok(mut connection) => {
                         let result = match call {
                             Call::Script(invocation) => {
