@@ -19,7 +19,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt as _;
 use futures_util::future::Either;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use tower::Service as _;
 use tracing::Instrument as _;
 
@@ -100,6 +100,11 @@ pub(crate) fn around(
     }
 }
 
+/// `x-herd-worker`: the worker's id on every response.
+const WORKER: HeaderName = HeaderName::from_static("x-herd-worker");
+/// `x-herd-machine`: the worker's machine on every response.
+const MACHINE: HeaderName = HeaderName::from_static("x-herd-machine");
+
 /// `x-herd-worker` and `x-herd-machine`, checked once.
 pub(crate) struct IdentityHeaders {
     worker: HeaderValue,
@@ -115,10 +120,12 @@ impl IdentityHeaders {
         })
     }
 
-    /// Puts both headers on `response`.
+    /// Puts both headers on `response`. Names made at compile time: a `&str` name is parsed
+    /// and copied into a new allocation at each insert (1 100 of a `GET /me`'s 42 000
+    /// instructions, two allocations; docs/performance.md, section 52).
     pub(crate) fn stamp(&self, response: &mut Response) {
         let map = response.headers_mut();
-        map.insert("x-herd-worker", self.worker.clone());
-        map.insert("x-herd-machine", self.machine.clone());
+        map.insert(WORKER, self.worker.clone());
+        map.insert(MACHINE, self.machine.clone());
     }
 }
