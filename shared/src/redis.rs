@@ -304,13 +304,16 @@ pub enum RedisConnection {
 
 impl RedisConnection {
     /// Sends commands packed by the caller ([`crate::resp::pack_command`], or by hand) and
-    /// reads their `replies` replies in one round trip, for hot paths that send fixed commands (no redis-rs `Cmd` is built). A single
-    /// Redis only: a cluster routes each command by its keys, which packed bytes do not show.
+    /// returns their `replies` replies as they came, in one round trip, for hot paths that send
+    /// fixed commands and read the replies in place ([`crate::resp::Cursor`]; see
+    /// [`WireConnection::exchange_packed`](crate::redis_wire::WireConnection::exchange_packed)).
+    /// A single Redis only: a cluster routes each command by its keys, which packed bytes do not
+    /// show.
     pub async fn exchange_packed(
         &mut self,
         packed: &[u8],
         replies: usize,
-    ) -> redis::RedisResult<Vec<redis::Value>> {
+    ) -> redis::RedisResult<Vec<u8>> {
         match self {
             RedisConnection::Single(connection) => {
                 connection.exchange_packed(packed, replies).await

@@ -148,6 +148,23 @@ impl WireConnection {
         count: usize,
         transaction: bool,
     ) -> RedisResult<Vec<Value>> {
+        let timeout = self.begin(packed)?;
+        let (skipped, wanted) =
+            match tokio::time::timeout(timeout, self.write_and_read(packed, skip, count)).await {
+                Ok(replies) => replies?,
+                Err(_) => return Err(timed_out(timeout)),
+            };
+        self.end();
+        match skipped {
+            Some(error) if transaction => Err(error),
+            _ => Ok(wanted),
+        }
+    }
+
+    /// Starts a call of `packed`: refuses it on a broken connection, and marks the connection
+    /// broken until [`Self::end`] (a call that does not get there leaves it out of step).
+    /// Returns the response timeout.
+    fn begin(&mut self, packed: &[u8]) -> RedisResult<Duration> {
         if packed.is_empty() {
             return Err(RedisError::from((ErrorKind::Client, "empty command")));
         }
@@ -159,35 +176,20 @@ impl WireConnection {
             .into());
         }
         self.broken = true;
-        let timeout = self.response_timeout;
-        let replies =
-            match tokio::time::timeout(timeout, self.write_and_read(packed, skip, count)).await {
-                Ok(replies) => replies?,
-                Err(_) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("Redis did not answer within {timeout:?}"),
-                    )
-                    .into());
-                }
-            };
-        // Every reply read whole and nothing after them: in step with Redis again.
-        self.broken = !self.replies.is_empty();
-        let (skipped, wanted) = replies;
-        match skipped {
-            Some(error) if transaction => Err(error),
-            _ => Ok(wanted),
-        }
+        Ok(self.response_timeout)
     }
 
-    /// Sends commands packed by the caller ([`resp::pack_command`], or by hand) and reads their
-    /// `replies` replies, in one round trip without redis-rs's `Cmd`s: a server error among the replies is the result, as with
-    /// a pipeline of those commands.
-    pub async fn exchange_packed(
-        &mut self,
-        packed: &[u8],
-        replies: usize,
-    ) -> RedisResult<Vec<Value>> {
+    /// Ends a call whose replies were read whole: in step with Redis again, unless it sent
+    /// more than was asked.
+    fn end(&mut self) {
+        self.broken = !self.replies.is_empty();
+    }
+
+    /// Sends commands packed by the caller ([`resp::pack_command`], or by hand) and returns
+    /// their `replies` replies as they came (RESP), in one round trip: no redis-rs `Cmd` is
+    /// built and no `redis::Value`, the caller reads them in place ([`resp::Cursor`]). A server
+    /// error among the replies is the call's error, as with a pipeline of those commands.
+    pub async fn exchange_packed(&mut self, packed: &[u8], replies: usize) -> RedisResult<Vec<u8>> {
         // A count short of the commands would leave replies owed on the connection, for its next
         // user to read as its own: packed by hand, so checked in debug builds.
         debug_assert_eq!(
@@ -195,12 +197,36 @@ impl WireConnection {
             Some(replies),
             "packed commands and replies"
         );
-        let values = self.exchange(packed, 0, replies, false).await?;
-        // Looked for rather than taken apart and put back together (`Value::extract_error`):
-        // the replies are kept as they came unless one is an error.
-        match values.iter().find_map(server_error) {
-            Some(error) => Err(error.clone().into()),
-            None => Ok(values),
+        let timeout = self.begin(packed)?;
+        let answered =
+            match tokio::time::timeout(timeout, self.write_and_read_raw(packed, replies)).await {
+                Ok(answered) => answered?,
+                Err(_) => return Err(timed_out(timeout)),
+            };
+        self.end();
+        answered
+    }
+
+    /// The I/O of [`Self::exchange_packed`]: the replies' bytes, or the first server error
+    /// among them (inner result: the replies were read whole either way).
+    async fn write_and_read_raw(
+        &mut self,
+        packed: &[u8],
+        count: usize,
+    ) -> RedisResult<RedisResult<Vec<u8>>> {
+        self.socket.write_all(packed).await?;
+        loop {
+            // Looked through again from the start after each read: these are short replies,
+            // read in one go but for a rare long field.
+            if let Some((end, error)) = resp::replies_end(&self.replies, count)? {
+                let answered = match error {
+                    Some(error) => Err(error),
+                    None => Ok(self.replies[..end].to_vec()),
+                };
+                self.replies.advance(end);
+                return Ok(answered);
+            }
+            self.fill().await?;
         }
     }
 
@@ -246,17 +272,32 @@ impl WireConnection {
             if framer.is_none() && !self.replies.is_empty() {
                 framer = Some(resp::Framer::default());
             }
-            // At least double the room: a long reply takes few reads and few copies.
-            self.replies.reserve(READ_SIZE.max(self.replies.len()));
-            if self.socket.read_buf(&mut self.replies).await? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "Redis closed the connection",
-                )
-                .into());
-            }
+            self.fill().await?;
         }
     }
+
+    /// Reads what Redis sent next into the reply buffer, making at least double the room: a
+    /// long reply takes few reads and few copies.
+    async fn fill(&mut self) -> RedisResult<()> {
+        self.replies.reserve(READ_SIZE.max(self.replies.len()));
+        if self.socket.read_buf(&mut self.replies).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "Redis closed the connection",
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// The error of a call Redis did not answer within `timeout`.
+fn timed_out(timeout: Duration) -> RedisError {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("Redis did not answer within {timeout:?}"),
+    )
+    .into()
 }
 
 /// How many commands `packed` holds, or `None` when it is not whole RESP (debug builds check
@@ -269,16 +310,6 @@ fn commands_in(mut packed: &[u8]) -> Option<usize> {
         commands += 1;
     }
     Some(commands)
-}
-
-/// The first server error in `value`, nested arrays (a transaction's replies) included. RESP2
-/// has no other kind that holds values.
-fn server_error(value: &Value) -> Option<&redis::ServerError> {
-    match value {
-        Value::ServerError(error) => Some(error),
-        Value::Array(values) => values.iter().find_map(server_error),
-        _ => None,
-    }
 }
 
 impl ConnectionLike for WireConnection {
@@ -315,27 +346,6 @@ impl ConnectionLike for WireConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn error(text: &[u8]) -> Value {
-        resp::parse(text).unwrap().unwrap().0
-    }
-
-    #[test]
-    fn a_server_error_is_found_wherever_it_sits() {
-        let loading = error(b"-LOADING Redis is loading\r\n");
-        let nested = Value::Array(vec![
-            Value::Int(1),
-            Value::Array(vec![Value::Nil, loading.clone()]),
-        ]);
-        let found = server_error(&nested).expect("the nested error");
-        assert_eq!(
-            RedisError::from(found.clone()).kind(),
-            ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
-        );
-        assert!(server_error(&loading).is_some());
-        let fine = Value::Array(vec![Value::Okay, Value::BulkString(b"-x".to_vec())]);
-        assert!(server_error(&fine).is_none());
-    }
 
     #[test]
     fn packed_commands_are_counted() {

@@ -24,6 +24,98 @@ pub fn parse(buffer: &[u8]) -> RedisResult<Option<(Value, usize)>> {
     Ok(reader.value(0)?.map(|value| (value, reader.at)))
 }
 
+/// Where the first `count` replies in `buffer` end, and the first server error among them
+/// (one nested in an array too), found without building them; `None` when they have not all
+/// come. A malformed reply is a protocol error, as with [`parse`].
+pub fn replies_end(
+    buffer: &[u8],
+    count: usize,
+) -> RedisResult<Option<(usize, Option<RedisError>)>> {
+    let mut reader = Reader { buffer, at: 0 };
+    let mut first_error = None;
+    for _ in 0..count {
+        if reader.skip(0, &mut first_error)?.is_none() {
+            return Ok(None);
+        }
+    }
+    Ok(Some((reader.at, first_error)))
+}
+
+/// Replies read in place, value by value, by a hot path that knows what it asked for: no
+/// `redis::Value` is built and nothing is allocated (a `Value` per bulk string was a dozen
+/// allocations per session load; docs/performance.md, section 52). Each method reads the next
+/// value if it is of its kind; `None` (and the cursor stuck) when it is not, or is cut short or
+/// malformed.
+#[derive(Debug)]
+pub struct Cursor<'b> {
+    reader: Reader<'b>,
+}
+
+impl<'b> Cursor<'b> {
+    /// A cursor at the first of `replies` (as [`replies_end`] found them).
+    pub fn new(replies: &'b [u8]) -> Self {
+        Cursor {
+            reader: Reader {
+                buffer: replies,
+                at: 0,
+            },
+        }
+    }
+
+    /// An array's length (`Some(None)`: a nil array); its elements are the values that follow.
+    pub fn array(&mut self) -> Option<Option<usize>> {
+        let start = self.reader.at;
+        let line = self.header(b'*')?;
+        let read = length(line).ok();
+        if read.is_none() {
+            self.reader.at = start;
+        }
+        read
+    }
+
+    /// A bulk string's bytes (`Some(None)`: nil, as `HMGET` answers for a field not there).
+    pub fn bulk(&mut self) -> Option<Option<&'b [u8]>> {
+        let start = self.reader.at;
+        let line = self.header(b'$')?;
+        let read = match length(line) {
+            Ok(None) => Some(None),
+            Ok(Some(length)) => match self.reader.bulk_end(length) {
+                Ok(Some(end)) => {
+                    let bytes = &self.reader.buffer[self.reader.at..end];
+                    self.reader.at = end + 2;
+                    Some(Some(bytes))
+                }
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        if read.is_none() {
+            self.reader.at = start;
+        }
+        read
+    }
+
+    /// Whether every reply has been read.
+    pub fn is_at_end(&self) -> bool {
+        self.reader.at == self.reader.buffer.len()
+    }
+
+    /// The line after a `kind` byte here, the cursor past it; `None` (cursor unmoved) when the
+    /// next value is another kind or its line has not ended.
+    fn header(&mut self, kind: u8) -> Option<&'b [u8]> {
+        if self.reader.buffer.get(self.reader.at) != Some(&kind) {
+            return None;
+        }
+        let start = self.reader.at;
+        self.reader.at += 1;
+        let line = self.reader.line();
+        if line.is_none() {
+            self.reader.at = start;
+        }
+        line
+    }
+}
+
 /// Appends the command `arguments` to `out` (a RESP array of bulk strings), as redis-rs packs a
 /// `Cmd` with those arguments.
 pub fn pack_command(out: &mut Vec<u8>, arguments: &[&[u8]]) {
@@ -112,6 +204,7 @@ impl Framer {
 }
 
 /// A position in a buffer of replies.
+#[derive(Debug)]
 struct Reader<'b> {
     buffer: &'b [u8],
     at: usize,
@@ -169,6 +262,61 @@ impl<'b> Reader<'b> {
         Ok(Some(value))
     }
 
+    /// Passes over the next value, keeping the first server error met (`first_error`); `None`
+    /// when it is incomplete. Checks what [`Self::value`] checks.
+    fn skip(
+        &mut self,
+        depth: usize,
+        first_error: &mut Option<RedisError>,
+    ) -> RedisResult<Option<()>> {
+        let start = self.at;
+        let Some(kind) = self.kind()? else {
+            return Ok(None);
+        };
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        self.at += 1;
+        let Some(line) = self.line() else {
+            return Ok(None);
+        };
+        match kind {
+            b'+' => {
+                text(line)?;
+            }
+            b':' => {
+                integer(line)?;
+            }
+            b'$' => {
+                if let Some(length) = length(line)? {
+                    let Some(end) = self.bulk_end(length)? else {
+                        return Ok(None);
+                    };
+                    self.at = end + 2;
+                }
+            }
+            b'*' => {
+                if let Some(length) = length(line)? {
+                    for _ in 0..length {
+                        if self.skip(depth + 1, first_error)?.is_none() {
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
+            // `-`: an error reply, whose kind is what redis-rs makes of it.
+            _ => {
+                if first_error.is_none()
+                    && let Value::ServerError(error) =
+                        redis::parse_redis_value(&self.buffer[start..self.at])?
+                {
+                    *first_error = Some(error.into());
+                }
+            }
+        }
+        Ok(Some(()))
+    }
+
     /// Where a bulk string of `length` bytes starting here ends (before its CRLF); `None` when
     /// it has not all come.
     fn bulk_end(&self, length: usize) -> RedisResult<Option<usize>> {
@@ -221,11 +369,19 @@ fn integer(line: &[u8]) -> RedisResult<i64> {
         [b'-', digits @ ..] => (true, digits),
         digits => (false, digits),
     };
-    if (1..=18).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) {
-        let n = digits
-            .iter()
-            .fold(0i64, |n, digit| n * 10 + i64::from(digit - b'0'));
-        return Ok(if negative { -n } else { n });
+    if (1..=18).contains(&digits.len()) {
+        // One pass: the digits checked as they are added up (a reply has a dozen such lines).
+        let mut n = 0i64;
+        let mut all_digits = true;
+        for &byte in digits {
+            let digit = byte.wrapping_sub(b'0');
+            all_digits &= digit <= 9;
+            // Wrapping: a line of other bytes may overflow here, and is refused below.
+            n = n.wrapping_mul(10).wrapping_add(i64::from(digit));
+        }
+        if all_digits {
+            return Ok(if negative { -n } else { n });
+        }
     }
     text(line)?
         .trim()
@@ -378,6 +534,79 @@ mod tests {
         assert_eq!(parse(&both[used + more..]).unwrap(), None);
     }
 
+    /// `replies_end` finds where replies end as `parse` does, and the first server error
+    /// among them wherever it sits (its kind kept), without building them.
+    #[test]
+    fn replies_end_where_parse_ends_them_and_finds_their_first_error() {
+        let replies: &[u8] = b"*2\r\n:1\r\n*2\r\n$-1\r\n-LOADING Redis is loading\r\n\
+                               -ERR second\r\n$2\r\n-x\r\n";
+        let (first, used) = parse(replies).unwrap().unwrap();
+        let (end, error) = replies_end(replies, 1).unwrap().unwrap();
+        assert_eq!(end, used);
+        assert_eq!(
+            error.expect("the nested error").kind(),
+            ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+        );
+        assert!(matches!(first, Value::Array(_)));
+        let (end, error) = replies_end(replies, 3).unwrap().unwrap();
+        assert_eq!(end, replies.len());
+        assert_eq!(
+            error.expect("the first error").kind(),
+            ErrorKind::Server(redis::ServerErrorKind::BusyLoading),
+            "the first one"
+        );
+        let (_, error) = replies_end(b"*2\r\n+OK\r\n$2\r\n-x\r\n", 1)
+            .unwrap()
+            .unwrap();
+        assert!(
+            error.is_none(),
+            "a bulk string that starts with `-` is no error"
+        );
+        for cut in 0..replies.len() {
+            assert!(
+                replies_end(&replies[..cut], 3).unwrap().is_none(),
+                "cut at {cut}"
+            );
+        }
+        assert!(replies_end(b"*1\r\n:x\r\n", 1).is_err(), "malformed");
+        assert!(replies_end(b"%1\r\n", 1).is_err(), "RESP3");
+    }
+
+    /// A cursor reads what the session load's commands answer, in place, and stops at anything
+    /// else without moving.
+    #[test]
+    fn a_cursor_reads_arrays_and_bulk_strings_in_place() {
+        let replies: &[u8] =
+            b"*2\r\n$10\r\n1700000000\r\n$6\r\n123456\r\n*3\r\n$1\r\n7\r\n$-1\r\n$0\r\n\r\n";
+        let mut cursor = Cursor::new(replies);
+        assert_eq!(cursor.array(), Some(Some(2)));
+        assert_eq!(cursor.array(), None, "a bulk string is next");
+        assert_eq!(cursor.bulk(), Some(Some(&b"1700000000"[..])));
+        assert_eq!(cursor.bulk(), Some(Some(&b"123456"[..])));
+        assert_eq!(cursor.bulk(), None, "an array is next");
+        assert_eq!(cursor.array(), Some(Some(3)));
+        assert_eq!(cursor.bulk(), Some(Some(&b"7"[..])));
+        assert_eq!(cursor.bulk(), Some(None), "nil");
+        assert!(!cursor.is_at_end());
+        assert_eq!(cursor.bulk(), Some(Some(&b""[..])));
+        assert!(cursor.is_at_end());
+        assert_eq!(cursor.bulk(), None);
+
+        let mut nil = Cursor::new(b"*-1\r\n");
+        assert_eq!(nil.array(), Some(None));
+        for broken in [
+            &b"$5\r\nabc\r\n"[..],
+            b"$x\r\n",
+            b"$3\r\nabcd\r\n",
+            b"$3",
+            b":1\r\n",
+        ] {
+            let mut cursor = Cursor::new(broken);
+            assert_eq!(cursor.bulk(), None, "{}", lossy(broken));
+            assert_eq!(cursor.reader.at, 0, "not moved");
+        }
+    }
+
     #[test]
     fn malformed_replies_are_protocol_errors() {
         for bad in [
@@ -390,9 +619,13 @@ mod tests {
             b"+\xff\xfe\r\n",
             b"%1\r\n+a\r\n+b\r\n",
             b"!",
+            // Eighteen bytes that are not digits: their sum overflows, and must not panic.
+            b"$\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\r\n",
+            b":99999999999999999x\r\n",
         ] {
             let error = parse(bad).expect_err(&lossy(bad));
             assert_eq!(error.kind(), ErrorKind::Parse, "{}", lossy(bad));
+            assert!(replies_end(bad, 1).is_err(), "{}", lossy(bad));
         }
     }
 

@@ -85,6 +85,28 @@ proptest! {
         }
     }
 
+    /// `replies_end` (the packed exchange's look through replies, nothing built) ends a reply
+    /// where `parse` does, refuses what it refuses, and finds a server error exactly when the
+    /// parsed value holds one.
+    #[test]
+    fn replies_end_agrees_with_parse(bytes in resp_like()) {
+        fn has_error(value: &redis::Value) -> bool {
+            match value {
+                redis::Value::ServerError(_) => true,
+                redis::Value::Array(values) => values.iter().any(has_error),
+                _ => false,
+            }
+        }
+        match (resp::parse(&bytes), resp::replies_end(&bytes, 1)) {
+            (Ok(Some((value, used))), Ok(Some((end, error)))) => {
+                prop_assert_eq!(end, used);
+                prop_assert_eq!(error.is_some(), has_error(&value));
+            }
+            (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+            (parsed, ended) => prop_assert!(false, "parse {:?}, replies_end {:?}", parsed, ended),
+        }
+    }
+
     #[test]
     fn resp_like_bytes_read_as_redis_rs_reads_them(bytes in resp_like()) {
         let ours = resp::parse(&bytes);

@@ -367,9 +367,11 @@ fn packed(commands: &[&[&str]]) -> Vec<u8> {
     out
 }
 
+/// Packed commands' replies come as Redis sent them (read here with `resp::Cursor`, as the
+/// session load reads its own), a long one over several reads too.
 #[tokio::test]
 async fn packed_commands_get_their_replies_and_a_server_error_is_the_calls() {
-    use redis::Value;
+    use herd_shared::resp::Cursor;
     let redis = TestRedis::start();
     let pool = pool_for(&redis);
     let mut connection = pool.get().await.expect("a pooled connection");
@@ -380,13 +382,12 @@ async fn packed_commands_get_their_replies_and_a_server_error_is_the_calls() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        replies,
-        vec![
-            Value::Int(1),
-            Value::Array(vec![Value::BulkString(b"v".to_vec()), Value::Nil])
-        ]
-    );
+    assert_eq!(replies, b":1\r\n*2\r\n$1\r\nv\r\n$-1\r\n");
+    let mut read = Cursor::new(&replies[4..]);
+    assert_eq!(read.array(), Some(Some(2)));
+    assert_eq!(read.bulk(), Some(Some(&b"v"[..])));
+    assert_eq!(read.bulk(), Some(None));
+    assert!(read.is_at_end());
     // A command Redis refuses fails the exchange, as it fails a pipeline; the others ran and
     // the connection is still in step.
     let refused = connection
@@ -402,8 +403,26 @@ async fn packed_commands_get_their_replies_and_a_server_error_is_the_calls() {
             .exchange_packed(&packed(&[&["GET", "n"]]), 1)
             .await
             .unwrap(),
-        vec![Value::BulkString(b"2".to_vec())]
+        b"$1\r\n2\r\n"
     );
+    // A reply far longer than one read (4 KiB), beside a short one, whole and in step.
+    let long = "x".repeat(200_000);
+    let replies = connection
+        .exchange_packed(
+            &packed(&[&["SET", "long", &long], &["GET", "long"], &["GET", "n"]]),
+            3,
+        )
+        .await
+        .unwrap();
+    let mut read = Cursor::new(&replies[5..]);
+    assert_eq!(read.bulk(), Some(Some(long.as_bytes())));
+    assert_eq!(read.bulk(), Some(Some(&b"2"[..])));
+    assert!(read.is_at_end());
+    let after = connection
+        .exchange_packed(&packed(&[&["GET", "n"]]), 1)
+        .await
+        .unwrap();
+    assert_eq!(after, b"$1\r\n2\r\n", "in step after the long reply");
 }
 
 #[tokio::test]

@@ -80,7 +80,8 @@ impl RedisLink {
         invocation: &redis::ScriptInvocation<'_>,
         timeout: std::time::Duration,
     ) -> Result<T, String> {
-        self.call(Call::Script(invocation), timeout).await
+        self.call(Call::Script(invocation), timeout, Reply::value)
+            .await
     }
 
     /// Sends `pipeline` (plain commands, in one round trip) as [`RedisLink::invoke`] sends a
@@ -91,25 +92,29 @@ impl RedisLink {
         pipeline: &redis::Pipeline,
         timeout: std::time::Duration,
     ) -> Result<T, String> {
-        self.call(Call::Pipeline(pipeline), timeout).await
+        self.call(Call::Pipeline(pipeline), timeout, Reply::value)
+            .await
     }
 
     /// Commands packed by the caller ([`herd_shared::resp::pack_command`], or by hand), sent in
-    /// one round trip; their `replies` replies come as one array (`T = redis::Value` takes them as they are). For hot
-    /// paths on a single Redis: a cluster refuses them (`RedisConnection::exchange_packed`).
-    pub async fn exchange<T: redis::FromRedisValue>(
+    /// one round trip as a script is sent; their `replies` replies come back as they came
+    /// (RESP), for the caller to read in place ([`herd_shared::resp::Cursor`]). For hot paths on
+    /// a single Redis: a cluster refuses them (`RedisConnection::exchange_packed`).
+    pub async fn exchange(
         &self,
         packed: &[u8],
         replies: usize,
         timeout: std::time::Duration,
-    ) -> Result<T, String> {
-        self.call(Call::Packed(packed, replies), timeout).await
+    ) -> Result<Vec<u8>, String> {
+        self.call(Call::Packed(packed, replies), timeout, Reply::raw)
+            .await
     }
 
-    async fn call<T: redis::FromRedisValue>(
+    async fn call<T>(
         &self,
         call: Call<'_, '_>,
         timeout: std::time::Duration,
+        convert: fn(Reply) -> redis::RedisResult<T>,
     ) -> Result<T, String> {
         let mut last = String::new();
         let work = async {
@@ -117,21 +122,21 @@ impl RedisLink {
             loop {
                 match self.pool().get_in_bounded_call().await {
                     Ok(mut connection) => {
-                        let result = match call {
-                            Call::Script(invocation) => {
-                                invocation.invoke_async::<T>(&mut connection).await
-                            }
-                            Call::Pipeline(pipeline) => {
-                                pipeline.query_async::<T>(&mut connection).await
-                            }
-                            Call::Packed(packed, replies) => {
-                                match connection.exchange_packed(packed, replies).await {
-                                    Ok(values) => T::from_redis_value(redis::Value::Array(values))
-                                        .map_err(redis::RedisError::from),
-                                    Err(error) => Err(error),
-                                }
-                            }
+                        let reply = match call {
+                            Call::Script(invocation) => invocation
+                                .invoke_async::<redis::Value>(&mut connection)
+                                .await
+                                .map(Reply::Value),
+                            Call::Pipeline(pipeline) => pipeline
+                                .query_async::<redis::Value>(&mut connection)
+                                .await
+                                .map(Reply::Value),
+                            Call::Packed(packed, replies) => connection
+                                .exchange_packed(packed, replies)
+                                .await
+                                .map(Reply::Raw),
                         };
+                        let result = reply.and_then(convert);
                         match result {
                             Err(error) if is_loading(&error) => last = error.to_string(),
                             Err(error) if is_read_only(&error) => {
@@ -298,6 +303,39 @@ enum Call<'c, 's> {
     Packed(&'c [u8], usize),
 }
 
+/// What a call got: a value (a script's, a pipeline's), or packed commands' replies as they came.
+enum Reply {
+    Value(redis::Value),
+    Raw(Vec<u8>),
+}
+
+impl Reply {
+    /// The value as `T`.
+    fn value<T: redis::FromRedisValue>(self) -> redis::RedisResult<T> {
+        match self {
+            Reply::Value(value) => Ok(T::from_redis_value(value)?),
+            Reply::Raw(_) => Err(mixed_up()),
+        }
+    }
+
+    /// The replies' bytes.
+    fn raw(self) -> redis::RedisResult<Vec<u8>> {
+        match self {
+            Reply::Raw(bytes) => Ok(bytes),
+            Reply::Value(_) => Err(mixed_up()),
+        }
+    }
+}
+
+/// A reply of the other kind than the call's (a value for packed commands, or bytes for a
+/// script): not what any call here gets.
+fn mixed_up() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "a Redis call got a reply of another kind than it sent for",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,7 +412,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_packed_exchange_waits_for_a_loading_redis_too() {
-        use redis::Value::{Array, BulkString, Nil};
         let (address, calls) = loading_redis(2).await;
         let link = RedisLink::new(&RedisConfig {
             url: format!("redis://{address}/0"),
@@ -384,17 +421,10 @@ mod tests {
         let mut packed = Vec::new();
         herd_shared::resp::pack_command(&mut packed, &[b"TIME"]);
         herd_shared::resp::pack_command(&mut packed, &[b"HMGET", b"k", b"f"]);
-        let answer: Result<redis::Value, String> =
-            link.exchange(&packed, 2, Duration::from_secs(5)).await;
+        let answer = link.exchange(&packed, 2, Duration::from_secs(5)).await;
         assert_eq!(
-            answer,
-            Ok(Array(vec![
-                Array(vec![
-                    BulkString(b"1765000000".to_vec()),
-                    BulkString(b"0".to_vec())
-                ]),
-                Array(vec![BulkString(b"v".to_vec()), Nil]),
-            ]))
+            answer.as_deref(),
+            Ok(&b"*2\r\n$10\r\n1765000000\r\n$1\r\n0\r\n*2\r\n$1\r\nv\r\n$-1\r\n"[..])
         );
         // The two LOADING answers were tried again, the third went through.
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);

@@ -491,26 +491,24 @@ impl SessionStore {
         packed.extend_from_slice(PLAIN_LOAD);
         resp::pack_argument(&mut packed, key.as_bytes());
         packed.extend_from_slice(PLAIN_LOAD_FIELDS);
-        let reply: redis::Value = (self.inner.link)
+        let replies = (self.inner.link)
             .exchange(&packed, 2, self.inner.call_timeout)
             .await
             .map_err(SessionError::Unavailable)?;
-        let Some((now, fields)) = clock_and_fields(reply) else {
+        let Some((now, fields)) = clock_and_fields(&replies) else {
             return Err(SessionError::Unavailable(
                 "unexpected reply to TIME and HMGET".into(),
             ));
         };
-        let Ok(
-            [
-                Some(version),
-                Some(data),
-                user,
-                _created,
-                Some(deadline),
-                Some(seen),
-                None,
-            ],
-        ) = <[Option<String>; 7]>::try_from(fields)
+        let [
+            Some(version),
+            Some(data),
+            user,
+            _created,
+            Some(deadline),
+            Some(seen),
+            None,
+        ] = fields
         else {
             return Ok(None);
         };
@@ -520,7 +518,7 @@ impl SessionStore {
         if now >= deadline || now.saturating_sub(seen) >= millis(self.inner.config.touch_interval) {
             return Ok(None);
         }
-        record(id, &version, &data, user.as_deref().unwrap_or("")).map(Some)
+        record(id, version, data, user.unwrap_or("")).map(Some)
     }
 
     /// One compare-and-set attempt, keeping the user's index in step: an id is added to its
@@ -761,35 +759,32 @@ const PLAIN_LOAD: &[u8] = b"*1\r\n$4\r\nTIME\r\n*9\r\n$5\r\nHMGET\r\n";
 const PLAIN_LOAD_FIELDS: &[u8] = b"$1\r\nv\r\n$4\r\ndata\r\n$4\r\nuser\r\n$7\r\ncreated\r\n\
     $8\r\ndeadline\r\n$4\r\nseen\r\n$8\r\nmoved_to\r\n";
 
-/// The replies to `TIME` and `HMGET` of [`SessionStore::load_plainly`]: Redis's clock in
-/// milliseconds and the fields asked for (`None`: not in the hash). `None` when they are not
-/// what those commands answer.
-fn clock_and_fields(reply: redis::Value) -> Option<(u64, Vec<Option<String>>)> {
-    use redis::Value;
-    let Value::Array(replies) = reply else {
-        return None;
-    };
-    let [Value::Array(clock), Value::Array(fields)] = <[Value; 2]>::try_from(replies).ok()? else {
-        return None;
-    };
-    let [Value::BulkString(seconds), Value::BulkString(micros)] =
-        <[Value; 2]>::try_from(clock).ok()?
-    else {
-        return None;
-    };
+/// How many fields the plain load asks for ([`PLAIN_LOAD_FIELDS`]).
+const PLAIN_LOAD_FIELD_COUNT: usize = 7;
+
+/// The replies to `TIME` and `HMGET` of [`SessionStore::load_plainly`], read in place: Redis's
+/// clock in milliseconds and the fields asked for (`None`: not in the hash). `None` when they
+/// are not what those commands answer.
+fn clock_and_fields(replies: &[u8]) -> Option<(u64, [Option<&str>; PLAIN_LOAD_FIELD_COUNT])> {
+    let mut replies = resp::Cursor::new(replies);
     let number = |digits: &[u8]| std::str::from_utf8(digits).ok()?.parse::<u64>().ok();
-    let now = number(&seconds)?
-        .checked_mul(1000)?
-        .checked_add(number(&micros)? / 1000)?;
-    let fields = fields
-        .into_iter()
-        .map(|field| match field {
-            Value::Nil => Some(None),
-            Value::BulkString(bytes) => String::from_utf8(bytes).ok().map(Some),
-            _ => None,
-        })
-        .collect::<Option<Vec<_>>>()?;
-    Some((now, fields))
+    if replies.array()? != Some(2) {
+        return None;
+    }
+    let seconds = number(replies.bulk()??)?;
+    let micros = number(replies.bulk()??)?;
+    let now = seconds.checked_mul(1000)?.checked_add(micros / 1000)?;
+    if replies.array()? != Some(PLAIN_LOAD_FIELD_COUNT) {
+        return None;
+    }
+    let mut fields = [None; PLAIN_LOAD_FIELD_COUNT];
+    for field in &mut fields {
+        *field = match replies.bulk()? {
+            Some(bytes) => Some(std::str::from_utf8(bytes).ok()?),
+            None => None,
+        };
+    }
+    replies.is_at_end().then_some((now, fields))
 }
 
 /// A record from the strings a script (or the plain load) returned.
@@ -866,29 +861,60 @@ mod tests {
 
     #[test]
     fn the_plain_loads_replies_are_read_or_refused() {
-        use redis::Value::{Array, BulkString, Int, Nil};
+        use redis::Value::{self, Array, BulkString, Int, Nil};
+        /// `replies` as Redis sends them (RESP2).
+        fn sent(replies: &[Value]) -> Vec<u8> {
+            fn put(out: &mut Vec<u8>, value: &Value) {
+                match value {
+                    Array(elements) => {
+                        out.extend_from_slice(format!("*{}\r\n", elements.len()).as_bytes());
+                        elements.iter().for_each(|element| put(out, element));
+                    }
+                    BulkString(bytes) => resp::pack_argument(out, bytes),
+                    Int(n) => out.extend_from_slice(format!(":{n}\r\n").as_bytes()),
+                    Nil => out.extend_from_slice(b"$-1\r\n"),
+                    other => unreachable!("{other:?}"),
+                }
+            }
+            let mut out = Vec::new();
+            replies.iter().for_each(|reply| put(&mut out, reply));
+            out
+        }
         let bulk = |text: &str| BulkString(text.as_bytes().to_vec());
         let clock = Array(vec![bulk("1765000000"), bulk("123456")]);
-        let fields = Array(vec![bulk("3"), Nil]);
-        let reply = Array(vec![clock.clone(), fields.clone()]);
+        let mut fields = vec![bulk("3"), Nil, bulk("u")];
+        fields.extend((0..4).map(|_| Nil));
+        let fields = Array(fields);
+        let good = sent(&[clock.clone(), fields.clone()]);
         assert_eq!(
-            clock_and_fields(reply),
-            Some((1_765_000_000_123, vec![Some("3".to_string()), None]))
+            clock_and_fields(&good),
+            Some((
+                1_765_000_000_123,
+                [Some("3"), None, Some("u"), None, None, None, None]
+            ))
         );
         let refused = [
-            Array(vec![clock.clone()]),
-            Array(vec![fields.clone(), clock.clone()]),
-            Array(vec![Array(vec![bulk("1"), bulk("x")]), fields.clone()]),
-            Array(vec![
+            vec![clock.clone()],
+            vec![fields.clone(), clock.clone()],
+            vec![Array(vec![bulk("1"), bulk("x")]), fields.clone()],
+            vec![
                 Array(vec![bulk(&u64::MAX.to_string()), bulk("0")]),
-                fields,
-            ]),
-            Array(vec![clock.clone(), Array(vec![Int(3)])]),
-            Array(vec![clock, Array(vec![BulkString(vec![0xff])])]),
-            Nil,
+                fields.clone(),
+            ],
+            vec![clock.clone(), Array(vec![Int(3)])],
+            vec![clock.clone(), Array(vec![bulk("3"), Nil])],
+            vec![
+                clock.clone(),
+                Array((0..7).map(|_| BulkString(vec![0xff])).collect()),
+            ],
+            vec![clock.clone(), fields.clone(), Nil],
+            vec![Nil],
         ];
-        for reply in refused {
-            assert_eq!(clock_and_fields(reply.clone()), None, "{reply:?}");
+        for replies in refused {
+            assert_eq!(clock_and_fields(&sent(&replies)), None, "{replies:?}");
+        }
+        for cut in 0..good.len() {
+            assert_eq!(clock_and_fields(&good[..cut]), None, "cut at {cut}");
         }
     }
 
