@@ -438,9 +438,10 @@ impl Drop for Process {
         }
         if std::thread::panicking() {
             eprintln!(
-                "--- last log lines of {} ({}) ---\n{}",
+                "--- last log lines of {} ({}, or {} when that is empty) ---\n{}",
                 self.name,
                 self.log_path.display(),
+                self.out_path.display(),
                 self.log_tail(30)
             );
         }

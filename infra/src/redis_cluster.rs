@@ -233,7 +233,10 @@ fn start_node(dir: &Path, node_timeout: Duration) -> Result<RedisServer, RedisCl
         .map(String::from);
         match RedisServer::start_with(Some(port), &node_dir, dir, &extra) {
             Ok(node) => return Ok(node),
-            Err(_) if attempt < 5 => {
+            Err(error) if attempt < 5 => {
+                eprintln!(
+                    "redis cluster node on port {port} did not start (try {attempt} of 5, trying another port): {error}"
+                );
                 let _ = std::fs::remove_dir_all(&node_dir);
             }
             Err(error) => return Err(error.into()),

@@ -1,9 +1,10 @@
 //! Redis connection settings and the client every herd process uses: one Redis (`redis.url`,
 //! possibly found through Sentinel by the worker) or a Redis Cluster (`redis.cluster`).
 //!
-//! Every call to Redis is bounded: connecting, waiting for a pooled connection and waiting for a
-//! reply each have a timeout, so a Redis outage turns into a quick error (and a 503 for users)
-//! instead of a hang.
+//! Every call to Redis is bounded: connecting and waiting for a reply each have a timeout, and
+//! waiting for a pooled connection has the pool's (or, for the worker's calls, which bound
+//! themselves, the call's own: [`RedisPool::get_in_bounded_call`]), so a Redis outage turns
+//! into a quick error (and a 503 for users) instead of a hang.
 //!
 //! On a cluster the client is the `redis` crate's `cluster_async` connection: it learns the slot
 //! map from the seeds, follows `MOVED` (and refreshes the map) and `ASK` redirects, and
@@ -39,7 +40,8 @@ pub struct RedisConfig {
     /// Longest wait for a TCP connection to Redis.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Longest wait for one reply (or for a free pooled connection).
+    /// Longest wait for one reply (and, but in the worker's calls, for a free pooled connection:
+    /// those wait up to their own bound, `connect_timeout + command_timeout`).
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
 }
@@ -238,9 +240,11 @@ impl RedisPool {
 
     /// A connection, for a call its caller bounds with a timeout of its own (each of the
     /// worker's `RedisLink` calls): waiting for a pooled connection and checking it run without
-    /// the pool's timers, two per checkout that the caller's bound makes redundant. Still
-    /// bounded without it: the check's `PING` by the connection's response timeout, connecting
-    /// by the pool's create timeout.
+    /// the pool's timers, two per checkout that the caller's bound makes redundant. The wait is
+    /// bounded by the caller alone (a caller whose pool may be replaced, as `RedisLink`'s when
+    /// the master moves, closes the old one to end its waits); the check's `PING` and a new
+    /// connection's first round trip keep the connection's response timeout, connecting the
+    /// pool's create timeout.
     pub async fn get_in_bounded_call(&self) -> Result<RedisConnection, ConnectError> {
         self.checkout(true).await
     }

@@ -1,5 +1,7 @@
 //! Redis's replies read off a buffer (RESP2): a complete reply parsed straight into
-//! `redis::Value`, an incomplete one left where it is until more bytes arrive.
+//! `redis::Value` ([`parse`]), or, for a hot path that knows what it asked for, found whole and
+//! checked for a server error without building anything ([`replies_end`]) and read in place
+//! ([`Cursor`]); an incomplete one is left where it is until more bytes arrive.
 //!
 //! redis-rs reads replies with `combine`'s resumable parser combinators: about a thousand
 //! instructions per value, a sixth of a worker's instructions per session request
@@ -44,8 +46,9 @@ pub fn replies_end(
 /// Replies read in place, value by value, by a hot path that knows what it asked for: no
 /// `redis::Value` is built and nothing is allocated (a `Value` per bulk string was a dozen
 /// allocations per session load; docs/performance.md, section 52). Each method reads the next
-/// value if it is of its kind; `None` (and the cursor stuck) when it is not, or is cut short or
-/// malformed.
+/// value if it is of its kind; `None` (and the cursor unmoved) when it is not, or is cut short
+/// or malformed. Read `Some(None)` as a nil value and `None` as "not what was expected":
+/// `cursor.bulk()??` is the bytes of a bulk string that must be there.
 #[derive(Debug)]
 pub struct Cursor<'b> {
     reader: Reader<'b>,
@@ -304,13 +307,13 @@ impl<'b> Reader<'b> {
                     }
                 }
             }
-            // `-`: an error reply, whose kind is what redis-rs makes of it.
+            // `-`: an error reply, whose kind is what redis-rs makes of it. Every one is read
+            // (refused where `value` refuses it), the first kept.
             _ => {
-                if first_error.is_none()
-                    && let Value::ServerError(error) =
-                        redis::parse_redis_value(&self.buffer[start..self.at])?
+                if let Value::ServerError(error) =
+                    redis::parse_redis_value(&self.buffer[start..self.at])?
                 {
-                    *first_error = Some(error.into());
+                    first_error.get_or_insert(error.into());
                 }
             }
         }
@@ -569,6 +572,10 @@ mod tests {
             );
         }
         assert!(replies_end(b"*1\r\n:x\r\n", 1).is_err(), "malformed");
+        assert!(
+            replies_end(b"*2\r\n-A\r\n-\xff\r\n", 1).is_err(),
+            "an error line after the first is read too"
+        );
         assert!(replies_end(b"%1\r\n", 1).is_err(), "RESP3");
     }
 
@@ -594,6 +601,9 @@ mod tests {
 
         let mut nil = Cursor::new(b"*-1\r\n");
         assert_eq!(nil.array(), Some(None));
+        let mut bad = Cursor::new(b"*x\r\n");
+        assert_eq!(bad.array(), None, "not a length");
+        assert_eq!(bad.reader.at, 0, "not moved");
         for broken in [
             &b"$5\r\nabc\r\n"[..],
             b"$x\r\n",
@@ -637,5 +647,13 @@ mod tests {
         let within = "*1\r\n".repeat(MAX_DEPTH - 1) + ":1\r\n";
         assert_eq!(ours(within.as_bytes()).0, theirs(within.as_bytes()));
         assert_eq!(parse(b"*4611686018427387903\r\n:1\r\n").unwrap(), None);
+        // The same limit when replies are only looked through.
+        assert!(replies_end(deep.as_bytes(), 1).is_err());
+        assert_eq!(
+            replies_end(within.as_bytes(), 1)
+                .unwrap()
+                .map(|(end, _)| end),
+            Some(within.len())
+        );
     }
 }

@@ -90,21 +90,13 @@ proptest! {
     /// parsed value holds one.
     #[test]
     fn replies_end_agrees_with_parse(bytes in resp_like()) {
-        fn has_error(value: &redis::Value) -> bool {
-            match value {
-                redis::Value::ServerError(_) => true,
-                redis::Value::Array(values) => values.iter().any(has_error),
-                _ => false,
-            }
-        }
-        match (resp::parse(&bytes), resp::replies_end(&bytes, 1)) {
-            (Ok(Some((value, used))), Ok(Some((end, error)))) => {
-                prop_assert_eq!(end, used);
-                prop_assert_eq!(error.is_some(), has_error(&value));
-            }
-            (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
-            (parsed, ended) => prop_assert!(false, "parse {:?}, replies_end {:?}", parsed, ended),
-        }
+        agree(&bytes)?;
+    }
+
+    /// The same over arbitrary bytes (non-UTF-8 lines, errors anywhere).
+    #[test]
+    fn replies_end_agrees_with_parse_on_any_bytes(bytes in vec(any::<u8>(), 0..200)) {
+        agree(&bytes)?;
     }
 
     #[test]
@@ -119,4 +111,25 @@ proptest! {
             prop_assert_eq!(Framer::default().advance(&bytes).unwrap(), Some(used));
         }
     }
+}
+
+/// `replies_end` and `parse` agree on `bytes`' first reply: the same end, the same refusal, and
+/// a server error found exactly when the parsed value holds one.
+fn agree(bytes: &[u8]) -> Result<(), TestCaseError> {
+    fn has_error(value: &redis::Value) -> bool {
+        match value {
+            redis::Value::ServerError(_) => true,
+            redis::Value::Array(values) => values.iter().any(has_error),
+            _ => false,
+        }
+    }
+    match (resp::parse(bytes), resp::replies_end(bytes, 1)) {
+        (Ok(Some((value, used))), Ok(Some((end, error)))) => {
+            prop_assert_eq!(end, used);
+            prop_assert_eq!(error.is_some(), has_error(&value));
+        }
+        (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+        (parsed, ended) => prop_assert!(false, "parse {:?}, replies_end {:?}", parsed, ended),
+    }
+    Ok(())
 }

@@ -74,7 +74,7 @@ async fn a_checkout_costs_no_round_trip() {
 /// pool past the pool's wait timeout, until a connection is given back or the caller's own bound
 /// ends the wait; the pool's `get` gives up at that timeout. Still bounded without the caller's
 /// timer: a connection idle past the check whose Redis went silent is asked within the response
-/// timeout, and the new one within the connect timeout.
+/// timeout, and so is the new one made after it (a stopped Redis still accepts connections).
 #[tokio::test]
 async fn a_checkout_in_a_bounded_call_waits_as_long_as_its_caller_does() {
     let redis = TestRedis::start();
@@ -383,6 +383,7 @@ async fn packed_commands_get_their_replies_and_a_server_error_is_the_calls() {
         .await
         .unwrap();
     assert_eq!(replies, b":1\r\n*2\r\n$1\r\nv\r\n$-1\r\n");
+    // Past HSET's `:1\r\n` (the cursor reads arrays and bulk strings only).
     let mut read = Cursor::new(&replies[4..]);
     assert_eq!(read.array(), Some(Some(2)));
     assert_eq!(read.bulk(), Some(Some(&b"v"[..])));
@@ -414,6 +415,7 @@ async fn packed_commands_get_their_replies_and_a_server_error_is_the_calls() {
         )
         .await
         .unwrap();
+    // Past SET's `+OK\r\n`.
     let mut read = Cursor::new(&replies[5..]);
     assert_eq!(read.bulk(), Some(Some(long.as_bytes())));
     assert_eq!(read.bulk(), Some(Some(&b"2"[..])));

@@ -194,8 +194,14 @@ impl RedisLink {
         };
         match config.single_pool() {
             Ok(pool) => {
-                self.pool.store(Arc::new(RedisPool::Single(pool)));
+                let old = self.pool.swap(Arc::new(RedisPool::Single(pool)));
                 self.address.store(Arc::new(address.to_string()));
+                // A call waiting for one of the old master's connections (a checkout in a
+                // bounded call waits as long as the call may) gets "closed" at once and tries
+                // again on the new pool; the old connections in use are dropped when given back.
+                if let RedisPool::Single(old) = &*old {
+                    old.close();
+                }
                 true
             }
             Err(error) => {
@@ -328,7 +334,8 @@ impl Reply {
 }
 
 /// A reply of the other kind than the call's (a value for packed commands, or bytes for a
-/// script): not what any call here gets.
+/// script): a programming error in this module (each public call pairs its `Call` with its
+/// conversion), returned as an error rather than a panic.
 fn mixed_up() -> redis::RedisError {
     redis::RedisError::from((
         redis::ErrorKind::Client,
@@ -408,6 +415,47 @@ mod tests {
             }
         });
         (address, calls)
+    }
+
+    /// When the master moves (Sentinel), a call waiting for one of the old master's pooled
+    /// connections goes on at once on the new master, not after its own bound in the old queue.
+    #[tokio::test]
+    async fn a_call_waiting_on_the_old_masters_pool_moves_with_the_master() {
+        let (old, _) = loading_redis(0).await;
+        let (new, calls) = loading_redis(0).await;
+        let link = RedisLink::new(&RedisConfig {
+            url: format!("redis://{old}/0"),
+            pool_size: 1,
+            ..RedisConfig::default()
+        })
+        .unwrap();
+        let held = link
+            .pool()
+            .get()
+            .await
+            .expect("the old pool's only connection");
+        let script = redis::Script::new("return 7");
+        let waiting = tokio::spawn({
+            let link = link.clone();
+            async move {
+                link.invoke::<i64>(&script.key("k"), Duration::from_secs(60))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "waits for the held connection");
+        assert!(link.point_at(&new));
+        let answered = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("moved with the master, long before its bound")
+            .unwrap();
+        assert_eq!(answered, Ok(7));
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "on the new master"
+        );
+        drop(held);
     }
 
     #[tokio::test]
