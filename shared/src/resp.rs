@@ -162,23 +162,13 @@ impl Framer {
                 buffer,
                 at: self.at,
             };
-            let Some(kind) = reader.kind()? else {
-                return Ok(None);
-            };
-            if self.open.len() >= MAX_DEPTH {
-                return Err(too_deep());
-            }
-            reader.at += 1;
-            let Some(line) = reader.line() else {
+            let Some((kind, line)) = reader.head(self.open.len())? else {
                 return Ok(None);
             };
             match kind {
                 b'$' => {
-                    if let Some(length) = length(line)? {
-                        let Some(end) = reader.bulk_end(length)? else {
-                            return Ok(None);
-                        };
-                        reader.at = end + 2;
+                    if reader.pass_bulk(line)?.is_none() {
+                        return Ok(None);
                     }
                 }
                 b'*' => {
@@ -217,14 +207,7 @@ impl<'b> Reader<'b> {
     /// The next value, `None` when incomplete.
     fn value(&mut self, depth: usize) -> RedisResult<Option<Value>> {
         let start = self.at;
-        let Some(kind) = self.kind()? else {
-            return Ok(None);
-        };
-        if depth >= MAX_DEPTH {
-            return Err(too_deep());
-        }
-        self.at += 1;
-        let Some(line) = self.line() else {
+        let Some((kind, line)) = self.head(depth)? else {
             return Ok(None);
         };
         let value = match kind {
@@ -273,14 +256,7 @@ impl<'b> Reader<'b> {
         first_error: &mut Option<RedisError>,
     ) -> RedisResult<Option<()>> {
         let start = self.at;
-        let Some(kind) = self.kind()? else {
-            return Ok(None);
-        };
-        if depth >= MAX_DEPTH {
-            return Err(too_deep());
-        }
-        self.at += 1;
-        let Some(line) = self.line() else {
+        let Some((kind, line)) = self.head(depth)? else {
             return Ok(None);
         };
         match kind {
@@ -291,11 +267,8 @@ impl<'b> Reader<'b> {
                 integer(line)?;
             }
             b'$' => {
-                if let Some(length) = length(line)? {
-                    let Some(end) = self.bulk_end(length)? else {
-                        return Ok(None);
-                    };
-                    self.at = end + 2;
+                if self.pass_bulk(line)?.is_none() {
+                    return Ok(None);
                 }
             }
             b'*' => {
@@ -316,6 +289,31 @@ impl<'b> Reader<'b> {
                     first_error.get_or_insert(error.into());
                 }
             }
+        }
+        Ok(Some(()))
+    }
+
+    /// The type byte and the first line of the value here (`depth` arrays deep), the reader
+    /// past them; `None` when the line has not ended yet.
+    fn head(&mut self, depth: usize) -> RedisResult<Option<(u8, &'b [u8])>> {
+        let Some(kind) = self.kind()? else {
+            return Ok(None);
+        };
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        self.at += 1;
+        Ok(self.line().map(|line| (kind, line)))
+    }
+
+    /// Passes over the bytes of a bulk string whose first line was `line` (none for nil);
+    /// `None` when they have not all come.
+    fn pass_bulk(&mut self, line: &[u8]) -> RedisResult<Option<()>> {
+        if let Some(length) = length(line)? {
+            let Some(end) = self.bulk_end(length)? else {
+                return Ok(None);
+            };
+            self.at = end + 2;
         }
         Ok(Some(()))
     }
