@@ -167,9 +167,9 @@ impl Framer {
             };
             match kind {
                 b'$' => {
-                    if reader.pass_bulk(line)?.is_none() {
+                    let Some(()) = reader.pass_bulk(line)? else {
                         return Ok(None);
-                    }
+                    };
                 }
                 b'*' => {
                     if let Some(length @ 1..) = length(line)? {
@@ -267,9 +267,9 @@ impl<'b> Reader<'b> {
                 integer(line)?;
             }
             b'$' => {
-                if self.pass_bulk(line)?.is_none() {
+                let Some(()) = self.pass_bulk(line)? else {
                     return Ok(None);
-                }
+                };
             }
             b'*' => {
                 if let Some(length) = length(line)? {
