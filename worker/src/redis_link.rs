@@ -80,8 +80,7 @@ impl RedisLink {
         invocation: &redis::ScriptInvocation<'_>,
         timeout: std::time::Duration,
     ) -> Result<T, String> {
-        self.call(Call::Script(invocation), timeout, Reply::value)
-            .await
+        self.call(Call::Script(invocation), timeout).await
     }
 
     /// Sends `pipeline` (plain commands, in one round trip) as [`RedisLink::invoke`] sends a
@@ -92,8 +91,7 @@ impl RedisLink {
         pipeline: &redis::Pipeline,
         timeout: std::time::Duration,
     ) -> Result<T, String> {
-        self.call(Call::Pipeline(pipeline), timeout, Reply::value)
-            .await
+        self.call(Call::Pipeline(pipeline), timeout).await
     }
 
     /// Commands packed by the caller ([`herd_shared::resp::pack_command`], or by hand), sent in
@@ -106,15 +104,13 @@ impl RedisLink {
         replies: usize,
         timeout: std::time::Duration,
     ) -> Result<Vec<u8>, String> {
-        self.call(Call::Packed(packed, replies), timeout, Reply::raw)
-            .await
+        self.call(Call::Packed(packed, replies), timeout).await
     }
 
-    async fn call<T>(
+    async fn call<T: redis::FromRedisValue>(
         &self,
         call: Call<'_, '_>,
         timeout: std::time::Duration,
-        convert: fn(Reply) -> redis::RedisResult<T>,
     ) -> Result<T, String> {
         let mut last = String::new();
         let work = async {
@@ -122,21 +118,25 @@ impl RedisLink {
             loop {
                 match self.pool().get_in_bounded_call().await {
                     Ok(mut connection) => {
-                        let reply = match call {
-                            Call::Script(invocation) => invocation
-                                .invoke_async::<redis::Value>(&mut connection)
-                                .await
-                                .map(Reply::Value),
-                            Call::Pipeline(pipeline) => pipeline
-                                .query_async::<redis::Value>(&mut connection)
-                                .await
-                                .map(Reply::Value),
-                            Call::Packed(packed, replies) => connection
-                                .exchange_packed(packed, replies)
-                                .await
-                                .map(Reply::Raw),
+                        let result = match call {
+                            Call::Script(invocation) => {
+                                invocation.invoke_async::<T>(&mut connection).await
+                            }
+                            Call::Pipeline(pipeline) => {
+                                pipeline.query_async::<T>(&mut connection).await
+                            }
+                            // The replies' bytes travel as one bulk string, which `Vec<u8>`
+                            // (what `exchange` asks for) takes as it is, without a copy.
+                            Call::Packed(packed, replies) => {
+                                match connection.exchange_packed(packed, replies).await {
+                                    Ok(bytes) => {
+                                        T::from_redis_value(redis::Value::BulkString(bytes))
+                                            .map_err(redis::RedisError::from)
+                                    }
+                                    Err(error) => Err(error),
+                                }
+                            }
                         };
-                        let result = reply.and_then(convert);
                         match result {
                             Err(error) if is_loading(&error) => last = error.to_string(),
                             Err(error) if is_read_only(&error) => {
@@ -307,40 +307,6 @@ enum Call<'c, 's> {
     Pipeline(&'c redis::Pipeline),
     /// Packed commands and how many replies they get.
     Packed(&'c [u8], usize),
-}
-
-/// What a call got: a value (a script's, a pipeline's), or packed commands' replies as they came.
-enum Reply {
-    Value(redis::Value),
-    Raw(Vec<u8>),
-}
-
-impl Reply {
-    /// The value as `T`.
-    fn value<T: redis::FromRedisValue>(self) -> redis::RedisResult<T> {
-        match self {
-            Reply::Value(value) => Ok(T::from_redis_value(value)?),
-            Reply::Raw(_) => Err(mixed_up()),
-        }
-    }
-
-    /// The replies' bytes.
-    fn raw(self) -> redis::RedisResult<Vec<u8>> {
-        match self {
-            Reply::Raw(bytes) => Ok(bytes),
-            Reply::Value(_) => Err(mixed_up()),
-        }
-    }
-}
-
-/// A reply of the other kind than the call's (a value for packed commands, or bytes for a
-/// script): a programming error in this module (each public call pairs its `Call` with its
-/// conversion), returned as an error rather than a panic.
-fn mixed_up() -> redis::RedisError {
-    redis::RedisError::from((
-        redis::ErrorKind::Client,
-        "a Redis call got a reply of another kind than it sent for",
-    ))
 }
 
 #[cfg(test)]
