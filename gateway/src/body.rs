@@ -26,7 +26,9 @@ use hyper::body::Incoming;
 use crate::balancer::InFlight;
 use crate::client_io::ConnectionState;
 use crate::error::GatewayError;
-pub use crate::upstream::{BodyError, StreamWatch, UpstreamBody, client_went_away};
+pub use crate::upstream::{
+    BodyError, ClientReadError, StreamWatch, UpstreamBody, client_went_away,
+};
 use crate::upstream::{RawHead, WorkerBody, WorkerBodyError};
 
 /// A client's request body, as the request path gets it.
@@ -55,23 +57,47 @@ impl ClientBody {
     }
 }
 
-/// A request body hyper's server reads from the client. Read to its end, it tells its HTTP/1
-/// connection so ([`ConnectionState::body_read`]): nothing of it is left for hyper to read, so
-/// once the response is done the connection is between requests again — it may move to another
-/// serving thread, and is closed at once when the gateway stops, as after a request without a
-/// body (it was kept until the drain timeout).
+/// A request body read from the client: by hyper's HTTP/1.1 server, or from its HTTP/2 stream
+/// (`crate::h2_server`). Read to its end, an HTTP/1.1 body tells its connection so
+/// ([`ConnectionState::body_read`]): nothing of it is left for hyper to read, so once the
+/// response is done the connection is between requests again — it may move to another serving
+/// thread, and is closed at once when the gateway stops, as after a request without a body (it
+/// was kept until the drain timeout).
 #[derive(Debug)]
 pub struct ClientIncoming {
-    inner: Incoming,
+    inner: Source,
     /// The connection and its request's number ([`ConnectionState::latest_request`]), while
     /// the end is still to be told.
     tell: Option<(Arc<ConnectionState>, u64)>,
 }
 
+/// Where a request body's bytes come from.
+#[derive(Debug)]
+enum Source {
+    Http1(Incoming),
+    Http2(Http2Body),
+}
+
 impl ClientIncoming {
-    /// A body that tells no one of its end (HTTP/2, or nothing to read).
+    /// A body hyper's server reads, that tells no one of its end (until
+    /// [`ClientIncoming::tell_at_end`]).
     pub fn new(inner: Incoming) -> Self {
-        ClientIncoming { inner, tell: None }
+        ClientIncoming {
+            inner: Source::Http1(inner),
+            tell: None,
+        }
+    }
+
+    /// The body of an HTTP/2 request, `content_length` as its head declared it.
+    pub fn http2(stream: h2::RecvStream, content_length: Option<u64>) -> Self {
+        ClientIncoming {
+            inner: Source::Http2(Http2Body {
+                stream,
+                data_done: false,
+                left: content_length,
+            }),
+            tell: None,
+        }
     }
 
     /// Tells `connection` when the body of its request number `request` has been read.
@@ -82,20 +108,25 @@ impl ClientIncoming {
 
 impl Body for ClientIncoming {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ClientReadError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientReadError>>> {
         let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let frame = match &mut this.inner {
+            Source::Http1(incoming) => {
+                ready!(Pin::new(&mut *incoming).poll_frame(cx)).map(|f| f.map_err(Into::into))
+            }
+            Source::Http2(body) => ready!(body.poll_frame(cx)).map(|f| f.map_err(Into::into)),
+        };
         // A reader may stop at the last frame when the body says it ended: told then too.
         // After an error (broken framing, the client gone) hyper ends the body early, bytes of
         // it possibly unread: never told.
         let ended = match &frame {
             None => true,
-            Some(Ok(_)) => this.inner.is_end_stream(),
+            Some(Ok(_)) => this.is_end_stream(),
             Some(Err(_)) => {
                 this.tell = None;
                 false
@@ -108,11 +139,63 @@ impl Body for ClientIncoming {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Source::Http1(incoming) => incoming.is_end_stream(),
+            Source::Http2(body) => body.stream.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Source::Http1(incoming) => incoming.size_hint(),
+            Source::Http2(body) if body.stream.is_end_stream() => SizeHint::with_exact(0),
+            Source::Http2(body) => body
+                .left
+                .map_or_else(SizeHint::default, SizeHint::with_exact),
+        }
+    }
+}
+
+/// An HTTP/2 request body, as hyper's server reads one: each DATA frame's bytes are given back
+/// to the flow-control window as they are taken (the client may send more), trailers after
+/// the data.
+#[derive(Debug)]
+struct Http2Body {
+    stream: h2::RecvStream,
+    /// The data has ended: trailers are next.
+    data_done: bool,
+    /// Bytes still to come, when the head declared a length (h2 checks that it holds).
+    left: Option<u64>,
+}
+
+impl Http2Body {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.stream.flow_control().release_capacity(data.len());
+                    if let Some(left) = &mut self.left {
+                        *left = left.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                // A reset with NO_ERROR is an early answer (RFC 9113 §8.1): the body ends,
+                // without failing.
+                Some(Err(error)) if error.reason() == Some(h2::Reason::NO_ERROR) => {
+                    return Poll::Ready(None);
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.stream.poll_trailers(cx)) {
+            Ok(trailers) => Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t)))),
+            Err(error) if error.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
+            Err(error) => Poll::Ready(Some(Err(error))),
+        }
     }
 }
 

@@ -426,18 +426,40 @@ impl<C> Watched<C> {
 
 impl<C> Future for Watched<C>
 where
-    C: GracefulConnection,
+    C: Graceful,
 {
-    type Output = Result<(), C::Error>;
+    type Output = C::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         this.entry.polled_by(cx.waker());
         if !this.told_to_close && this.entry.told_to_close() {
             this.told_to_close = true;
-            this.connection.as_mut().graceful_shutdown();
+            this.connection.as_mut().close_gracefully();
         }
         this.connection.as_mut().poll(cx)
+    }
+}
+
+/// A connection that can be closed gracefully (its requests in flight finish, no new ones are
+/// taken): hyper's, and the gateway's HTTP/2 server's.
+pub(crate) trait Graceful: Future {
+    /// Starts the graceful close.
+    fn close_gracefully(self: Pin<&mut Self>);
+}
+
+impl<C: GracefulConnection> Graceful for C {
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<T> Graceful for crate::h2_server::Http2Connection<T>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.get_mut().graceful_shutdown();
     }
 }
 

@@ -1,19 +1,19 @@
 //! The streams of a client's HTTP/2 connection run on the connection's own task, not on a task
 //! each.
 //!
-//! hyper hands every HTTP/2 request (a stream: the service's future and the response it sends)
-//! to its executor; with `TokioExecutor` each is a tokio task of its own: spawned, scheduled,
+//! The gateway's HTTP/2 server (`crate::h2_server`) makes a future per stream (the request
+//! path and the answer it sends). On a tokio task each, every stream was spawned, scheduled,
 //! woken, completed and freed, about 1 900 of the 45 400 instructions of an h2c request
-//! (`infra/bench/instructions.sh h2`). A client's connection and all its streams live on one
-//! serving thread anyway (`crate::serving`), so a task each buys no parallelism: here the
-//! connection's task polls them itself.
+//! (`infra/bench/instructions.sh h2`, when hyper's executor ran them). A client's connection
+//! and all its streams live on one serving thread anyway (`crate::serving`), so a task each
+//! buys no parallelism: here the connection's task polls them itself.
 //!
-//! [`StreamExecutor`] is the executor of the client-facing HTTP/2 builder. While
-//! [`WithStreams`] polls a connection, what hyper hands the executor is kept on the thread
-//! (a plain `Vec`, no lock, no atomics) and taken by that same poll into the connection's
-//! `FuturesUnordered`; outside such a poll (another caller of the builder) the executor spawns
-//! a task, as `TokioExecutor` does. After the connection has ended, its remaining streams are
-//! still polled to their end (hyper resets them when the connection goes: they end at once).
+//! The connection hands its new streams over with [`hand_over`]. While [`WithStreams`] polls
+//! a connection, what is handed over is kept on the thread (a plain `Vec`, no lock, no
+//! atomics) and taken by that same poll into the connection's `FuturesUnordered`; outside such
+//! a poll a stream gets a task of its own. After the connection has ended, its remaining
+//! streams are still polled to their end (`h2` resets them when the connection goes: they end
+//! at once).
 //!
 //! One difference from a task each: a stream that panics takes its connection's other streams
 //! with it (tokio catches the panic at the task). The service does not panic on any input; the
@@ -30,8 +30,8 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use futures_util::task::AtomicWaker;
 
-/// A stream's future, as hyper hands it over.
-type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A stream's future.
+pub type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 thread_local! {
     /// Set while [`WithStreams`] polls its connection or streams on this thread.
@@ -40,24 +40,13 @@ thread_local! {
     static HANDED: RefCell<Vec<StreamFuture>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The executor of client-facing HTTP/2 connections: runs a stream on the task of the
-/// connection being polled (see the module doc), elsewhere on a task of its own.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StreamExecutor;
-
-impl<F> hyper::rt::Executor<F> for StreamExecutor
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, future: F) {
-        if COLLECTING.get() {
-            // Boxed before the closure: moved into it, the stream (about 500 bytes) was
-            // copied three times more on its way to the heap.
-            let stream: StreamFuture = Box::pin(future);
-            HANDED.with_borrow_mut(|handed| handed.push(stream));
-        } else {
-            tokio::spawn(future);
-        }
+/// Runs `stream` on the task of the connection being polled (see the module doc), elsewhere on
+/// a task of its own.
+pub fn hand_over(stream: StreamFuture) {
+    if COLLECTING.get() {
+        HANDED.with_borrow_mut(|handed| handed.push(stream));
+    } else {
+        tokio::spawn(stream);
     }
 }
 
@@ -74,7 +63,7 @@ pub struct WithStreams<C: Future> {
 }
 
 impl<C: Future> WithStreams<C> {
-    /// Serves `connection` (built with [`StreamExecutor`]) and the streams it opens.
+    /// Serves `connection` (which gives its streams to [`hand_over`]) and the streams it opens.
     pub fn new(connection: C) -> Self {
         let wanted = Arc::new(Wanted {
             again: AtomicBool::new(true),
@@ -208,16 +197,15 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use futures_util::FutureExt;
-    use hyper::rt::Executor;
     use tokio::sync::oneshot;
 
     use super::*;
 
-    /// A connection stand-in that hands `streams` to the executor at its first poll, then ends
+    /// A connection stand-in that hands `streams` over at its first poll, then ends
     /// when `end` fires.
     async fn connection(streams: Vec<StreamFuture>, end: oneshot::Receiver<()>) -> &'static str {
         for stream in streams {
-            StreamExecutor.execute(stream);
+            hand_over(stream);
         }
         let _ = end.await;
         "ended"
@@ -267,11 +255,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn outside_a_connection_the_executor_spawns_a_task() {
+    async fn outside_a_connection_a_stream_gets_a_task() {
         let (sent, received) = oneshot::channel();
-        StreamExecutor.execute(async move {
+        hand_over(Box::pin(async move {
             let _ = sent.send(std::thread::current().id());
-        });
+        }));
         assert_eq!(HANDED.with_borrow(Vec::len), 0);
         let ran_on = tokio::time::timeout(std::time::Duration::from_secs(5), received)
             .await

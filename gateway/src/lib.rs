@@ -46,6 +46,7 @@ pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod failover;
+pub mod h2_server;
 pub mod h2_streams;
 pub mod hang_up;
 pub mod headers;

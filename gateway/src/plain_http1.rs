@@ -1043,6 +1043,11 @@ fn put_line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends the current time as a `Date` value ("Sun, 06 Nov 1994 08:49:37 GMT") to `out`.
+pub(crate) fn write_date(out: &mut Vec<u8>) {
+    date::write(out);
+}
+
 /// The `Date` value, formatted once a second per thread.
 mod date {
     use std::cell::RefCell;

@@ -25,7 +25,7 @@ use crate::balancer::health::{self, HttpProbe};
 use crate::balancer::{Balancer, MembershipError, registry};
 use crate::config::GatewayConfig;
 use crate::failover;
-use crate::h2_streams::StreamExecutor;
+use crate::h2_server::Http2Settings;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::serving::{Clients, Protocols, ServingThreads};
@@ -334,12 +334,11 @@ fn client_protocols(config: &GatewayConfig, auto: auto::Builder<TokioExecutor>) 
         .header_read_timeout(None)
         .max_buf_size(buffer)
         .keep_alive(true);
-    let mut http2 = hyper::server::conn::http2::Builder::new(StreamExecutor);
-    http2
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(buffer).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(config.timeouts.client_idle / 2))
-        .keep_alive_timeout(config.timeouts.client_idle / 2);
+    let http2 = Http2Settings {
+        max_header_list_size: u32::try_from(buffer).unwrap_or(u32::MAX),
+        keep_alive_interval: Some(config.timeouts.client_idle / 2),
+        keep_alive_timeout: config.timeouts.client_idle / 2,
+    };
     let mut http1_watched = http1.clone();
     http1_watched.half_close(true);
     Protocols {

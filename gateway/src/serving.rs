@@ -56,7 +56,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -72,7 +72,8 @@ use crate::config::GatewayConfig;
 use crate::connections::{self, Ended};
 use crate::consolidation::Consolidation;
 use crate::error::GatewayError;
-use crate::h2_streams::{StreamExecutor, WithStreams};
+use crate::h2_server::{Http2Connection, Http2Settings};
+use crate::h2_streams::WithStreams;
 use crate::hang_up::{ClientHungUp, HangUpWatch, SharedStream, UntilHungUp, Watcher};
 use crate::metrics::Metrics;
 use crate::plain_http1;
@@ -90,8 +91,8 @@ pub struct Protocols {
     /// The same with hyper's check for a client hang-up off (`half_close`): for connections
     /// whose requests the gateway watches itself (`crate::hang_up`).
     pub http1_watched: http1::Builder,
-    /// HTTP/2, cleartext (prior knowledge) or after TLS.
-    pub http2: http2::Builder<StreamExecutor>,
+    /// HTTP/2, cleartext (prior knowledge) or after TLS (`crate::h2_server`).
+    pub http2: Http2Settings,
     /// Both, told apart by hyper-util (for the refusals of connections over a limit).
     pub auto: auto::Builder<TokioExecutor>,
 }
@@ -413,10 +414,7 @@ impl Clients {
         let context = Arc::new(context);
         let movable = self.adaptive && tls.is_none();
         if http2 {
-            let connection = self
-                .protocols
-                .http2
-                .serve_connection(TokioIo::new(io), context.service::<Boxed>());
+            let connection = Http2Connection::new(io, context, &self.protocols.http2);
             let connection = WithStreams::new(connections::Watched::new(connection, entry));
             if let Err(error) = connection.await {
                 debug!(peer = %peer, error = %error, "client connection ended with an error");

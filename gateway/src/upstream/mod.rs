@@ -37,7 +37,7 @@ pub use codec::{RawHead, ResponseHead};
 pub use connection::{Connection, Outgoing};
 pub use error::{UpstreamError, UpstreamErrorKind};
 pub use pool::{Pool, PoolLimits, SWEEP_EVERY, use_shard};
-pub use request_body::{BodyError, StreamWatch, UpstreamBody, client_went_away};
+pub use request_body::{BodyError, ClientReadError, StreamWatch, UpstreamBody, client_went_away};
 
 use http::uri::Authority;
 

@@ -20,29 +20,54 @@ pub enum BodyError {
     TooLarge,
     /// Reading from the client failed.
     #[error("reading the request body failed: {0}")]
-    Client(#[from] hyper::Error),
+    Client(#[from] ClientReadError),
+}
+
+/// Reading a client's request body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientReadError {
+    /// HTTP/1.1, read by hyper's server.
+    #[error(transparent)]
+    Http1(#[from] hyper::Error),
+    /// HTTP/2, read from its stream (`crate::h2_server`).
+    #[error(transparent)]
+    Http2(#[from] h2::Error),
 }
 
 /// Whether a body read failed because the client closed or reset its connection midway (as
-/// opposed to sending something broken): nobody is left to answer.
-pub fn client_went_away(error: &hyper::Error) -> bool {
-    if error.is_incomplete_message() || error.is_canceled() {
-        return true;
-    }
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::UnexpectedEof
-                    | std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-            );
+/// opposed to sending something broken): nobody is left to answer. On HTTP/2 also a stream
+/// the client reset, or a connection it is closing: it wants no answer to this request.
+pub fn client_went_away(error: &ClientReadError) -> bool {
+    match error {
+        ClientReadError::Http1(error) => {
+            if error.is_incomplete_message() || error.is_canceled() {
+                return true;
+            }
+            let mut source = std::error::Error::source(error);
+            while let Some(cause) = source {
+                if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+                    return connection_lost(io);
+                }
+                source = cause.source();
+            }
+            false
         }
-        source = cause.source();
+        ClientReadError::Http2(error) => match error.get_io() {
+            Some(io) => connection_lost(io),
+            None => error.is_remote() && (error.is_reset() || error.is_go_away()),
+        },
     }
-    false
+}
+
+/// Whether `error` says the connection closed or broke under the read.
+fn connection_lost(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 /// What a streaming request body did, seen from the proxy after a failed attempt.
