@@ -40,7 +40,8 @@ pub enum ClientBody {
     /// Read whole with its head by the gateway's own HTTP/1.1 server: at most
     /// `retry.buffer_body_bytes` and `limits.max_body_bytes`, so replayable as a buffered one.
     Read(Bytes),
-    /// To be read from hyper's server (HTTP/2, and the HTTP/1.1 requests it serves).
+    /// To be read from the client: from an HTTP/2 stream (`crate::h2_server`), or by hyper's
+    /// HTTP/1.1 server (the requests it serves).
     Incoming(ClientIncoming),
 }
 
@@ -156,9 +157,9 @@ impl Body for ClientIncoming {
     }
 }
 
-/// An HTTP/2 request body, as hyper's server reads one: each DATA frame's bytes are given back
-/// to the flow-control window as they are taken (the client may send more), trailers after
-/// the data.
+/// An HTTP/2 request body, read as hyper's server read one: each DATA frame's bytes are given
+/// back to the flow-control window as they are taken (the client may send more), trailers
+/// after the data.
 #[derive(Debug)]
 struct Http2Body {
     stream: h2::RecvStream,

@@ -292,6 +292,13 @@ impl Proxy {
                     "an HTTP/1.1 request needs exactly one Host header",
                 ));
             }
+            // A tunnel (RFC 9110 §9.3.6) is a forward proxy's service: forwarded, a worker's
+            // 2xx would leave the client expecting one the gateway does not open.
+            if request.method() == http::Method::CONNECT {
+                return Err(GatewayError::BadRequest(
+                    "CONNECT is not served: the gateway is a reverse proxy and opens no tunnels",
+                ));
+            }
             let content_length = match (&body, request_headers.get(header::CONTENT_LENGTH)) {
                 // Read with its head, by its one `Content-Length` line (left out of a raw head).
                 (ClientBody::Read(data), _) => Some(data.len() as u64),

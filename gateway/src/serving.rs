@@ -811,12 +811,12 @@ pub(crate) struct ServiceContext {
     watcher: Option<Watcher>,
 }
 
-/// Where the request path's future sits while a request is served. The future is several KB:
-/// hyper's HTTP/2 server moves the service's future four times per request (into the stream,
-/// the spawn, the task), so there it goes on the heap (one allocation costs less than those
-/// copies); HTTP/1.1 moves it once, and keeping it inline saves the allocation and a copy
+/// Where the request path's future sits while a request is served. The future is several KB.
+/// HTTP/1.1 moves it once, and keeping it inline saves the allocation and a copy
 /// (`infra/bench/instructions.sh h1`: 29 361 → 28 693 per request, docs/performance.md section
-/// 13).
+/// 13); an HTTP/2 stream's future is made in its own allocation (`crate::h2_server`), with the
+/// request path inline in it. When hyper's HTTP/2 server moved the future four times per
+/// request (into the stream, the spawn, the task), it went on the heap here.
 pub(crate) trait Placement: 'static {
     /// The future `make` makes, placed. A maker rather than a future: the heap placement makes
     /// it straight into its allocation, where a future passed in was made on the stack first and
@@ -824,7 +824,7 @@ pub(crate) trait Placement: 'static {
     fn place<F: Future + Send>(make: impl FnOnce() -> F) -> impl Future<Output = F::Output> + Send;
 }
 
-/// In the service's own future (HTTP/1.1).
+/// In the service's own future (HTTP/1.1, and an HTTP/2 stream's).
 pub(crate) struct Inline;
 
 impl Placement for Inline {
@@ -833,8 +833,8 @@ impl Placement for Inline {
     }
 }
 
-/// On the heap, made there (HTTP/2's request futures; and a connection's task and serving
-/// futures, `Clients::serve_registered`).
+/// On the heap, made there (a connection's task and serving futures,
+/// `Clients::serve_registered`).
 struct Boxed;
 
 impl Placement for Boxed {

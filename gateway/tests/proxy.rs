@@ -311,3 +311,36 @@ async fn shutdown_lets_in_flight_requests_finish() {
     assert_eq!(answer.status, 504, "{:?}", answer.body);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// CONNECT asks for a tunnel, a forward proxy's service: refused with the JSON error, never
+/// forwarded (a worker's 2xx would leave the client waiting for a tunnel).
+#[tokio::test]
+async fn connect_is_refused_not_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start("a").await;
+    let gateway = Gateway::start(&[&upstream], |_| {}).await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.public)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("}") {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .expect("answered within 10 s")
+            .unwrap();
+        assert!(read > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("CONNECT is not served"), "{answer}");
+    assert_eq!(upstream.hits(), 0, "nothing reached the worker");
+    let client = support::client();
+    assert_eq!(support::get(&client, &gateway.url("/")).await.status, 200);
+    gateway.shutdown().await;
+}
