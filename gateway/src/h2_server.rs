@@ -1,11 +1,11 @@
 //! The gateway's HTTP/2 server for clients: the `h2` crate driven directly, without hyper's
 //! server around it.
 //!
-//! hyper's HTTP/2 server is a thin layer over `h2`, but it cost about a sixth of an h2c
-//! request's user-space instructions (`infra/bench/instructions.sh h2`, docs/performance.md
+//! hyper's HTTP/2 server is a thin layer over `h2`, but it cost about 1 400 of an h2c request's
+//! 31 000 user-space instructions (`infra/bench/instructions.sh h2`, docs/performance.md
 //! section 53): each request's body wrapped for hyper and its stream future moved through
 //! hyper's state machine, a lock taken per request for its keep-alive pings, six header-map
-//! removals and two lookups on every response, for headers a gateway response never has.
+//! removals and a lookup on every response.
 //! Here each stream is one future ([`serve_stream`]) on the connection's task
 //! (`crate::h2_streams`): the request goes through the same service as HTTP/1.1's
 //! (`ServiceContext::respond`), its body read by `body::ClientIncoming`, and the answer is sent
@@ -17,14 +17,16 @@
 //!   from `limits.max_header_bytes` ([`Http2Settings`]);
 //! - keep-alive: a ping every `timeouts.client_idle / 2` and the connection closed when its
 //!   pong is not back within as long ([`KeepAlive`]): a client that vanished is noticed also
-//!   while its requests are in flight (an idle connection is closed by `crate::client_io`);
+//!   while its requests are in flight (an idle connection is closed by `crate::client_io`).
+//!   hyper pinged only after an interval with nothing read, which took a lock per request to
+//!   note the reads; here a busy connection gets one ping more per interval;
 //! - a stream the client resets cancels its request (the request path is dropped, as on a
 //!   hang-up over HTTP/1.1), before and during the answer;
 //! - a response gets `Date` when it has none, `Content-Length` when its body's length is known
 //!   and not declared, and no hop-by-hop headers (HTTP/2 forbids them; the worker's answers
 //!   come without them already, `headers::strip_hop_by_hop`);
-//! - the body is sent as its frames come, each DATA frame once the stream has room for it, the
-//!   worker's trailers as HTTP/2 trailers;
+//! - the body is sent as its frames come, each DATA frame once the stream's window has room for
+//!   some of it, but a small last one (one frame's worth) at once; trailers as trailers;
 //! - a graceful close (the gateway stopping) sends GOAWAY and lets the open streams finish.
 
 use std::future::Future;
@@ -255,21 +257,41 @@ async fn serve_stream(
     }
 }
 
-/// The request's `Content-Length`, when it has exactly one that is a number.
+/// The request's `Content-Length`: its value, when every one it has is the same number (h2
+/// refuses a request whose lines disagree or are not numbers, as hyper read them).
 fn declared_length<B>(request: &Request<B>) -> Option<u64> {
-    let mut values = request.headers().get_all(CONTENT_LENGTH).iter();
-    let value = values.next()?;
-    if values.next().is_some() {
-        return None;
+    let mut length = None;
+    for value in request.headers().get_all(CONTENT_LENGTH) {
+        let value: u64 = value.to_str().ok()?.parse().ok()?;
+        if length.is_some_and(|length| length != value) {
+            return None;
+        }
+        length = Some(value);
     }
-    value.to_str().ok()?.parse().ok()
+    length
 }
 
-/// The current time as a `Date` value.
+/// The current time as a `Date` value, made once a second per thread (a clone is a reference
+/// count).
 fn date_now() -> HeaderValue {
-    let mut text = Vec::with_capacity(29);
-    crate::plain_http1::write_date(&mut text);
-    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    thread_local! {
+        static MADE: std::cell::RefCell<Option<(u64, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    MADE.with_borrow_mut(|made| match made {
+        Some((made_at, value)) if *made_at == second => value.clone(),
+        _ => {
+            let mut text = Vec::with_capacity(29);
+            crate::plain_http1::write_date(&mut text);
+            let value = HeaderValue::from_maybe_shared(Bytes::from(text))
+                .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
+            *made = Some((second, value.clone()));
+            value
+        }
+    })
 }
 
 /// Why an answer's body stopped before its end.
@@ -285,19 +307,20 @@ enum SendError {
     Closed,
 }
 
-/// Sends `body` on `stream` as its frames come: each DATA frame once the stream has room for
-/// it (so a slow client holds the worker's body back, not the gateway's memory), trailers as
-/// trailers. A reset by the client ends it; a broken worker body resets the stream.
+/// Sends `body` on `stream` as its frames come: each DATA frame once the stream's window has
+/// room for some of it (so a slow client holds the worker's body back, not the gateway's
+/// memory), trailers as trailers. A last frame of at most [`SMALL_LAST_FRAME`] goes at once.
+/// A reset by the client ends it; a broken worker body resets the stream.
 async fn send_body<B>(body: B, mut stream: SendStream<Bytes>) -> Result<(), SendError>
 where
     B: Body<Data = Bytes, Error = crate::serving::ServedError>,
 {
     let mut body = std::pin::pin!(body);
-    // A frame's data waiting for room in the stream's window.
-    let mut waiting: Option<Bytes> = None;
+    // A frame's data waiting for room in the stream's window, and whether it is the last.
+    let mut waiting: Option<(Bytes, bool)> = None;
     std::future::poll_fn(|cx| {
         loop {
-            if let Some(data) = waiting.take() {
+            if let Some((data, last)) = waiting.take() {
                 while stream.capacity() == 0 {
                     match stream.poll_capacity(cx) {
                         Poll::Ready(Some(Ok(_))) => {}
@@ -305,12 +328,15 @@ where
                         // Reset by the client, or closed.
                         Poll::Ready(None) => return Poll::Ready(Err(SendError::Closed)),
                         Poll::Pending => {
-                            waiting = Some(data);
+                            waiting = Some((data, last));
                             return Poll::Pending;
                         }
                     }
                 }
-                stream.send_data(data, false)?;
+                stream.send_data(data, last)?;
+                if last {
+                    return Poll::Ready(Ok(()));
+                }
             }
             // The next frame is read before room is asked for: room held for a body that
             // sends nothing could hold back the connection's other streams (hyper#4003).
@@ -327,10 +353,10 @@ where
             match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        // The last frame goes at once (h2 buffers it until the window has
-                        // room; nothing is read after it), as does an empty one.
+                        // A small last frame goes at once (h2 buffers it until the window
+                        // has room; nothing is read after it), as does an empty one.
                         let last = body.is_end_stream();
-                        if last || data.is_empty() {
+                        if data.is_empty() || (last && data.len() <= SMALL_LAST_FRAME) {
                             stream.send_data(data, last)?;
                             if last {
                                 return Poll::Ready(Ok(()));
@@ -339,7 +365,7 @@ where
                         }
                         // One byte asked for: h2 raises the claim to what is buffered.
                         stream.reserve_capacity(1);
-                        waiting = Some(data);
+                        waiting = Some((data, last));
                     }
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
@@ -362,6 +388,13 @@ where
     })
     .await
 }
+
+/// The largest last DATA frame sent without waiting for room in the stream's window: one frame
+/// at the default frame size. Most answers are one small frame, and asking h2 for room first
+/// costs a reservation and its bookkeeping per answer (docs/performance.md section 53). Bounded,
+/// so that a client that grants no window holds at most this much per stream (200 streams:
+/// 3.2 MiB per connection; the connection's idle timer then closes it).
+const SMALL_LAST_FRAME: usize = 16 * 1024;
 
 /// The connection's keep-alive: a ping each `interval`, and the connection over when a pong
 /// takes longer than `timeout`.
@@ -411,6 +444,45 @@ impl KeepAlive {
             }
             self.ping_out = true;
             self.due.as_mut().reset(Instant::now() + self.timeout);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_lengths(values: &[&str]) -> Request<()> {
+        let mut request = Request::post("/").body(()).unwrap();
+        for value in values {
+            request
+                .headers_mut()
+                .append(CONTENT_LENGTH, HeaderValue::from_str(value).unwrap());
+        }
+        request
+    }
+
+    #[test]
+    fn the_declared_length_is_the_one_number_every_line_gives() {
+        assert_eq!(declared_length(&with_lengths(&[])), None);
+        assert_eq!(declared_length(&with_lengths(&["12"])), Some(12));
+        assert_eq!(declared_length(&with_lengths(&["12", "12"])), Some(12));
+        assert_eq!(declared_length(&with_lengths(&["12", "13"])), None);
+        assert_eq!(declared_length(&with_lengths(&["twelve"])), None);
+    }
+
+    #[test]
+    fn the_date_is_now_and_made_once_a_second() {
+        let first = date_now();
+        let parsed = httpdate::parse_http_date(first.to_str().unwrap()).unwrap();
+        let off = std::time::SystemTime::now()
+            .duration_since(parsed)
+            .unwrap_or_default();
+        assert!(off < Duration::from_secs(2), "{first:?}");
+        let second = date_now();
+        // The same second (almost always): the same bytes, shared.
+        if second == first {
+            assert_eq!(first.as_bytes().as_ptr(), second.as_bytes().as_ptr());
         }
     }
 }

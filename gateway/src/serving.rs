@@ -32,8 +32,8 @@
 //! A new connection's protocol is told by its first bytes (the HTTP/2 preface or not, within
 //! `timeouts.request_head`). A cleartext HTTP/1.1 connection is served by the gateway's own
 //! server while its requests are plain (`crate::plain_http1`), by hyper from the first that is
-//! not (a body, an upgrade); TLS HTTP/1.1 and HTTP/2 by hyper: hyper-util's auto builder, which
-//! tells the protocols apart the same way, keeps an HTTP/1.1 connection out of reach.
+//! not (a body, an upgrade); TLS HTTP/1.1 the same way, through the session; HTTP/2 by the
+//! gateway's own server on the `h2` crate (`crate::h2_server`), cleartext or after TLS's ALPN.
 //!
 //! Limits on clients (docs/security.md): a new connection over `limits.max_connections` gets one
 //! 503, one over `limits.max_connections_per_client` from its address one 429, both JSON with

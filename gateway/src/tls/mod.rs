@@ -1,7 +1,7 @@
 //! TLS termination on a listener of its own (`[tls]`, docs/tls.md).
 //!
 //! ```text
-//! tls.listen ─▶ serving thread accepts ─▶ Terminator::handshake ─▶ ClientIo<TlsStream> ─▶ hyper (h2 / http1.1)
+//! tls.listen ─▶ serving thread accepts ─▶ Terminator::handshake ─▶ ClientIo<TlsStream> ─▶ h2_server / plain_http1 (+ hyper)
 //!                                          │ a slot of tls.max_handshakes, all within tls.handshake_timeout
 //!                                          └ certificate by SNI from the Resolver (swapped whole on reload)
 //! ```
