@@ -53,6 +53,22 @@ async fn bodies_larger_than_every_window_cross_whole_both_ways() {
     gateway.shutdown().await;
 }
 
+/// A client connection of the `h2` crate (frames under the test's control), ready to send, and
+/// the task that drives it.
+async fn h2_client(
+    gateway: &Gateway,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let stream = tokio::net::TcpStream::connect(gateway.public)
+        .await
+        .unwrap();
+    let (sender, connection) = h2::client::handshake(stream).await.unwrap();
+    let driver = tokio::spawn(connection);
+    (sender.ready().await.unwrap(), driver)
+}
+
 /// A worker that answers every request (health checks too) with `answer`, as raw bytes.
 async fn raw_upstream(answer: &'static [u8]) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -245,12 +261,7 @@ async fn a_stopping_gateway_finishes_the_http2_request_in_flight() {
 async fn connect_over_http2_is_refused_and_the_connection_serves_on() {
     let upstream = Upstream::start("a").await;
     let gateway = Gateway::start(&[&upstream], |_| {}).await;
-    let stream = tokio::net::TcpStream::connect(gateway.public)
-        .await
-        .unwrap();
-    let (sender, connection) = h2::client::handshake(stream).await.unwrap();
-    let driver = tokio::spawn(connection);
-    let mut sender = sender.ready().await.unwrap();
+    let (mut sender, driver) = h2_client(&gateway).await;
     let connect = http::Request::builder()
         .method("CONNECT")
         .uri("example.com:443")
@@ -300,12 +311,7 @@ async fn an_upload_the_client_resets_midway_is_the_clients_doing() {
         config.timeouts.response_header = Duration::from_secs(60);
     })
     .await;
-    let stream = tokio::net::TcpStream::connect(gateway.public)
-        .await
-        .unwrap();
-    let (sender, connection) = h2::client::handshake(stream).await.unwrap();
-    let driver = tokio::spawn(connection);
-    let mut sender = sender.ready().await.unwrap();
+    let (mut sender, driver) = h2_client(&gateway).await;
     let upload = http::Request::post(format!("http://{}/upload", gateway.public))
         .header("content-length", "400000")
         .body(())
