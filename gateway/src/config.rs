@@ -371,7 +371,8 @@ pub struct TimeoutsConfig {
     #[serde(with = "humantime_serde")]
     pub request: Duration,
     /// A client connection with no request in progress (HTTP/1.1 keep-alive between requests,
-    /// HTTP/2 with no open stream) is closed after this.
+    /// HTTP/2 with no open stream) is closed after this. HTTP/2 connections are also pinged
+    /// every half of it, and closed when a pong takes longer than the other half.
     #[serde(with = "humantime_serde")]
     pub client_idle: Duration,
     /// A request head (request line and headers) must arrive whole within this, counted from the
