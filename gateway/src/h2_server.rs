@@ -49,7 +49,7 @@ use crate::body::{ClientBody, ClientIncoming};
 use crate::serving::{Inline, ServiceContext};
 
 /// What an HTTP/2 client connection is served with.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Http2Settings {
     /// SETTINGS_MAX_HEADER_LIST_SIZE: the largest request head (decoded) a client may send.
     pub max_header_list_size: u32,
@@ -114,7 +114,7 @@ where
         Http2Connection {
             state: State::Handshaking(settings.builder().handshake(io)),
             context,
-            settings: settings.clone(),
+            settings: *settings,
             keep_alive: None,
             close_pending: false,
             timed_out: false,
@@ -234,7 +234,7 @@ async fn serve_stream(
     let (mut head, body) = response.into_parts();
     crate::headers::strip_hop_by_hop(&mut head.headers);
     if !head.headers.contains_key(DATE) {
-        head.headers.insert(DATE, date_now());
+        head.headers.insert(DATE, crate::date::now());
     }
     let end = body.is_end_stream();
     if !end
@@ -269,29 +269,6 @@ fn declared_length<B>(request: &Request<B>) -> Option<u64> {
         length = Some(value);
     }
     length
-}
-
-/// The current time as a `Date` value, made once a second per thread (a clone is a reference
-/// count).
-fn date_now() -> HeaderValue {
-    thread_local! {
-        static MADE: std::cell::RefCell<Option<(u64, HeaderValue)>> =
-            const { std::cell::RefCell::new(None) };
-    }
-    let second = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
-    MADE.with_borrow_mut(|made| match made {
-        Some((made_at, value)) if *made_at == second => value.clone(),
-        _ => {
-            let mut text = Vec::with_capacity(29);
-            crate::plain_http1::write_date(&mut text);
-            let value = HeaderValue::from_maybe_shared(Bytes::from(text))
-                .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
-            *made = Some((second, value.clone()));
-            value
-        }
-    })
 }
 
 /// Why an answer's body stopped before its end.
@@ -469,20 +446,5 @@ mod tests {
         assert_eq!(declared_length(&with_lengths(&["12", "12"])), Some(12));
         assert_eq!(declared_length(&with_lengths(&["12", "13"])), None);
         assert_eq!(declared_length(&with_lengths(&["twelve"])), None);
-    }
-
-    #[test]
-    fn the_date_is_now_and_made_once_a_second() {
-        let first = date_now();
-        let parsed = httpdate::parse_http_date(first.to_str().unwrap()).unwrap();
-        let off = std::time::SystemTime::now()
-            .duration_since(parsed)
-            .unwrap_or_default();
-        assert!(off < Duration::from_secs(2), "{first:?}");
-        let second = date_now();
-        // The same second (almost always): the same bytes, shared.
-        if second == first {
-            assert_eq!(first.as_bytes().as_ptr(), second.as_bytes().as_ptr());
-        }
     }
 }

@@ -43,6 +43,7 @@ pub mod config;
 pub mod connections;
 pub mod consolidation;
 pub mod dashboard;
+pub(crate) mod date;
 pub mod error;
 pub mod events;
 pub mod failover;

@@ -1023,7 +1023,7 @@ fn encode_head(
     };
     if !dated {
         out.extend_from_slice(b"date: ");
-        date::write(out);
+        out.extend_from_slice(crate::date::now().as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -1041,41 +1041,4 @@ fn put_line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-}
-
-/// Appends the current time as a `Date` value ("Sun, 06 Nov 1994 08:49:37 GMT") to `out`.
-pub(crate) fn write_date(out: &mut Vec<u8>) {
-    date::write(out);
-}
-
-/// The `Date` value, formatted once a second per thread.
-mod date {
-    use std::cell::RefCell;
-    use std::time::{SystemTime, UNIX_EPOCH};
-
-    /// "Sun, 06 Nov 1994 08:49:37 GMT".
-    const LENGTH: usize = 29;
-
-    thread_local! {
-        static CACHED: RefCell<(u64, [u8; LENGTH])> = const { RefCell::new((0, [0; LENGTH])) };
-    }
-
-    /// Appends the current date to `out`.
-    pub(super) fn write(out: &mut Vec<u8>) {
-        let now = SystemTime::now();
-        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        CACHED.with_borrow_mut(|(cached_second, text)| {
-            if *cached_second != second || second == 0 {
-                let formatted = httpdate::fmt_http_date(now);
-                if formatted.len() == LENGTH {
-                    text.copy_from_slice(formatted.as_bytes());
-                    *cached_second = second;
-                } else {
-                    out.extend_from_slice(formatted.as_bytes());
-                    return;
-                }
-            }
-            out.extend_from_slice(text);
-        });
-    }
 }
