@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""What herd-gateway's user-space work could still buy, from a `herd bench proxy --json` file.
+
+    herd bench proxy --scenarios hello,session,h2 --json raw.json
+    infra/bench/user-kernel.py raw.json
+
+For every (scenario, concurrency), the medians over the rounds of each proxy's CPU per request
+split into user and kernel time (the run's utime and stime, 10 ms ticks, so a split good to a
+few per cent over an 8 s run), and two bounds for herd: its kernel time alone against nginx's
+whole CPU per request (the lowest CPU ratio any user-space change could reach, with herd's
+kernel work as it is), and the req/s ratios herd would reach if its user time were free. Without
+a CPU budget req/s is the machine's: the load generator and the upstreams share it, so herd's
+req/s scale by (all CPU per request) / (all minus herd's user time). With one (`--proxy-cpus`)
+req/s is the budget over the proxy's CPU per request. A target beyond these bounds needs less
+kernel work (fewer system calls, segments or wake-ups) or a different machine, not faster code.
+docs/performance.md, section 54.
+"""
+
+import json
+import statistics
+import sys
+
+
+def per_request(run, seconds):
+    return seconds / run["requests"] * 1e6
+
+
+def figures(runs):
+    """Medians over the rounds of one (scenario, concurrency, target)."""
+
+    def median(values):
+        return statistics.median(values)
+
+    out = {"rps": median([r["rps"] for r in runs])}
+    if runs[0]["cpu_seconds"] is None:
+        return out
+    out["cpu"] = median([per_request(r, r["cpu_seconds"]) for r in runs])
+    out["kernel"] = median([per_request(r, r["cpu_system_seconds"]) for r in runs])
+    out["user"] = median(
+        [per_request(r, r["cpu_seconds"] - r["cpu_system_seconds"]) for r in runs]
+    )
+
+    def without_user(r):
+        rest = (r["upstream_cpu_seconds"] or 0) + (r["load_cpu_seconds"] or 0)
+        return r["rps"] * (r["cpu_seconds"] + rest) / (r["cpu_system_seconds"] + rest)
+
+    out["rps_without_user"] = median([without_user(r) for r in runs])
+    return out
+
+
+def main(path):
+    with open(path) as file:
+        results = json.load(file)["results"]
+    budget = results["options"].get("proxy_cpus")
+    runs = [r for r in results["runs"] if not r["error"] and r["requests"]]
+    cells = {}
+    for run in runs:
+        cells.setdefault((run["scenario"], run["concurrency"], run["target"]), []).append(run)
+    scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
+    concurrencies = sorted({r["concurrency"] for r in runs})
+    print(
+        "| scenario, c | herd user · kernel µs | HAProxy user · kernel µs | nginx user · kernel µs "
+        "| herd CPU / nginx | herd kernel alone / nginx CPU | herd req/s / HAProxy · / nginx "
+        "| with herd's user time free: / HAProxy · / nginx |"
+    )
+    print("|---|---|---|---|---:|---:|---|---|")
+    for scenario in scenarios:
+        for concurrency in concurrencies:
+            try:
+                herd, haproxy, nginx = (
+                    figures(cells[(scenario, concurrency, target)])
+                    for target in ("herd", "haproxy", "nginx")
+                )
+            except KeyError:
+                continue  # a target left out of this run
+            if budget:
+                free_haproxy = haproxy["cpu"] / herd["kernel"]
+                free_nginx = nginx["cpu"] / herd["kernel"]
+            else:
+                free_haproxy = herd["rps_without_user"] / haproxy["rps"]
+                free_nginx = herd["rps_without_user"] / nginx["rps"]
+            print(
+                f"| {scenario}, {concurrency} "
+                f"| {herd['user']:.1f} · {herd['kernel']:.1f} "
+                f"| {haproxy['user']:.1f} · {haproxy['kernel']:.1f} "
+                f"| {nginx['user']:.1f} · {nginx['kernel']:.1f} "
+                f"| {herd['cpu'] / nginx['cpu']:.2f}× | {herd['kernel'] / nginx['cpu']:.2f}× "
+                f"| {herd['rps'] / haproxy['rps']:.2f}× · {herd['rps'] / nginx['rps']:.2f}× "
+                f"| {free_haproxy:.2f}× · {free_nginx:.2f}× |"
+            )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: infra/bench/user-kernel.py RAW.json (from herd bench proxy --json)")
+    main(sys.argv[1])
