@@ -49,10 +49,13 @@ def figures(runs):
 
 
 def main(path):
-    with open(path) as file:
-        results = json.load(file)["results"]
-    budget = results["options"].get("proxy_cpus")
-    runs = [r for r in results["runs"] if not r["error"] and r["requests"]]
+    try:
+        with open(path) as file:
+            results = json.load(file)["results"]
+        budget = results["options"].get("proxy_cpus")
+        runs = [r for r in results["runs"] if not r["error"] and r["requests"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        sys.exit(f"{path}: not the --json file of a herd bench proxy run ({error!r})")
     cells = {}
     for run in runs:
         cells.setdefault((run["scenario"], run["concurrency"], run["target"]), []).append(run)
