@@ -1,5 +1,6 @@
 //! The load generators of `herd bench`: `wrk` (HTTP/1.1 keep-alive) and `h2load` (HTTP/2
-//! cleartext, prior knowledge), run as bounded child processes, and the parsers of their output.
+//! cleartext, prior knowledge; and HTTP/1.1 at a steady rate, which wrk cannot send), run as
+//! bounded child processes, and the parsers of their output.
 //!
 //! wrk prints its own latency percentiles (`--latency`). h2load prints none, so it writes one
 //! line per request to `--log-file` (start time, status, elapsed µs) and the percentiles are
@@ -46,6 +47,9 @@ pub struct Load {
     pub h2_streams: u32,
     /// A JSON body: every request a `POST` with it (`GET` without).
     pub body: Option<&'static str>,
+    /// Requests a second in all, spread evenly over the connections (h2load `--rps`, per
+    /// connection); `None`: each connection sends as soon as it can.
+    pub rate: Option<u32>,
 }
 
 /// What a load generator reported for one run.
@@ -83,6 +87,9 @@ pub enum Generator {
     Wrk,
     /// h2load over HTTP/2: h2c, or h2 negotiated with ALPN for an `https` URL.
     H2load,
+    /// h2load over HTTP/1.1 (`--h1`, also over TLS): how a steady rate of HTTP/1.1 requests is
+    /// sent.
+    H2loadHttp1,
 }
 
 /// The load generators' executables, found (or installed) once.
@@ -118,6 +125,11 @@ impl Tools {
         let seconds = load.duration.as_secs_f64().ceil().max(1.0) as u64;
         match generator {
             Generator::Wrk => {
+                if load.rate.is_some() {
+                    return Err(BenchError::Usage(
+                        "wrk sends as fast as answers come; a steady rate needs h2load".into(),
+                    ));
+                }
                 let mut spec = Spec::new(name, &self.wrk, dir)
                     .arg(format!("-t{}", load.threads.min(load.concurrency).max(1)))
                     .arg(format!("-c{}", load.concurrency))
@@ -140,12 +152,14 @@ impl Tools {
                     output: output.chars().take(2000).collect(),
                 })
             }
-            Generator::H2load => {
+            Generator::H2load | Generator::H2loadHttp1 => {
                 let program = self
                     .h2load
                     .as_ref()
                     .ok_or_else(|| BenchError::Usage("h2load was not prepared".into()))?;
-                let streams = load.h2_streams.max(1);
+                let http1 = generator == Generator::H2loadHttp1;
+                // HTTP/1.1 has one request in flight per connection.
+                let streams = if http1 { 1 } else { load.h2_streams.max(1) };
                 let connections = (load.concurrency / streams).max(1);
                 let threads = load.threads.min(connections).max(1);
                 let log = dir.join(format!("{name}.requests"));
@@ -162,8 +176,13 @@ impl Tools {
                     .arg("5")
                     .arg("--log-file")
                     .arg(log.display().to_string());
+                if let Some(rate) = load.rate {
+                    spec = spec.arg(format!("--rps={}", per_connection_rate(rate, connections)));
+                }
                 let over_tls = load.url.starts_with("https://");
-                if over_tls {
+                if http1 {
+                    spec = spec.arg("--h1");
+                } else if over_tls {
                     // h2 only: a proxy that does not negotiate it fails the run instead of
                     // being measured over HTTP/1.1.
                     spec = spec.arg("--npn-list=h2");
@@ -186,7 +205,7 @@ impl Tools {
                     tool: "h2load",
                     output: output.chars().take(2000).collect(),
                 })?;
-                if over_tls && !negotiated_h2(&output) {
+                if over_tls && !http1 && !negotiated_h2(&output) {
                     return Err(BenchError::Tool {
                         tool: name.to_string(),
                         status: "h2 was not negotiated over TLS (ALPN)".into(),
@@ -202,6 +221,14 @@ impl Tools {
             }
         }
     }
+}
+
+/// Each connection's share of `rate` requests a second, as h2load's `--rps` takes it (a
+/// decimal; h2load paces each connection on its own).
+fn per_connection_rate(rate: u32, connections: u32) -> String {
+    let share = f64::from(rate) / f64::from(connections.max(1));
+    let text = format!("{share:.6}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// The line wrk's script prints at the end: the exact count of bytes read (its report rounds
@@ -433,6 +460,15 @@ pub fn h2load_percentiles(log: &str) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_is_shared_over_the_connections() {
+        assert_eq!(per_connection_rate(400, 4), "100");
+        assert_eq!(per_connection_rate(400, 3), "133.333333");
+        assert_eq!(per_connection_rate(1, 8), "0.125");
+        assert_eq!(per_connection_rate(1, 10_000), "0.0001");
+        assert_eq!(per_connection_rate(7, 0), "7");
+    }
 
     /// wrk 4.1.0 against a hello worker (captured).
     const WRK_OK: &str = r#"Running 1s test @ http://127.0.0.1:43557/

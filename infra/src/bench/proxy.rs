@@ -6,7 +6,9 @@
 //! patch of the shared machine hits every target alike), one bounded load run. Each run records
 //! the load generator's figures and the proxy's CPU seconds and memory (see [`super::sample`]).
 //! Everything is stopped before the next scenario starts. With `proxy_cpus` every proxy starts
-//! inside a CPU budget of its own ([`super::cpu_budget`]), so that it alone bounds req/s.
+//! inside a CPU budget of its own ([`super::cpu_budget`]), so that it alone bounds req/s. With
+//! `rate` the load comes at a steady pace instead of as fast as answers come (h2load `--rps`;
+//! `--h1` for the HTTP/1.1 scenarios): light load, where the CPU per request is what counts.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -160,11 +162,19 @@ impl Scenario {
         }
     }
 
-    fn generator(self) -> Generator {
-        match self {
-            Scenario::H2 | Scenario::TlsH2 | Scenario::Browser => Generator::H2load,
-            _ => Generator::Wrk,
+    /// The load generator, as fast as answers come (`rate` `None`) or at a steady rate.
+    fn generator(self, rate: Option<u32>) -> Generator {
+        match (self, rate) {
+            (Scenario::H2 | Scenario::TlsH2 | Scenario::Browser, _) => Generator::H2load,
+            (_, None) => Generator::Wrk,
+            (_, Some(_)) => Generator::H2loadHttp1,
         }
+    }
+
+    /// Whether every request opens a connection of its own: h2load keeps its connections, so
+    /// such a scenario has no steady-rate run.
+    fn connection_per_request(self) -> bool {
+        matches!(self, Scenario::Close) || self.tls().is_some_and(|(_, handshake)| handshake)
     }
 
     fn path(self) -> &'static str {
@@ -202,6 +212,9 @@ pub struct ProxyOptions {
     /// The CPU budget every proxy is held to (`--proxy-cpus`, see [`super::cpu_budget`]);
     /// `None`: as much as it takes.
     pub proxy_cpus: Option<f64>,
+    /// Requests a second in all, at a steady pace (`--rate`); `None`: as many as the targets
+    /// answer.
+    pub rate: Option<u32>,
 }
 
 fn as_seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
@@ -321,7 +334,15 @@ pub fn run(
             options.upstream.name()
         )));
     }
-    let h2_scenario = (options.scenarios.iter()).find(|s| s.generator() == Generator::H2load);
+    if options.rate.is_some()
+        && let Some(scenario) = (options.scenarios.iter()).find(|s| s.connection_per_request())
+    {
+        return Err(BenchError::Usage(format!(
+            "--rate runs with h2load, which keeps its connections, so the {} scenario (a new connection per request) has no steady-rate run: leave it out, or drop --rate",
+            scenario.name()
+        )));
+    }
+    let h2_scenario = (options.scenarios.iter()).find(|s| s.generator(None) == Generator::H2load);
     if let Some(scenario) = h2_scenario
         && options.upstream == UpstreamServer::Node
         && options.targets.contains(&TargetKind::Direct)
@@ -332,7 +353,8 @@ pub fn run(
         )));
     }
     let tools = Tools::ensure(
-        (options.scenarios.iter()).any(|scenario| scenario.generator() == Generator::H2load),
+        (options.scenarios.iter())
+            .any(|scenario| scenario.generator(options.rate) != Generator::Wrk),
     )?;
     let mut results = ProxyResults {
         options: options.clone(),
@@ -428,8 +450,10 @@ fn run_scenario(
             headers: headers.clone(),
             h2_streams: options.h2_streams,
             body: (scenario == Scenario::Api).then_some(API_BODY),
+            rate: options.rate,
         }
     };
+    let generator = scenario.generator(options.rate);
     if !options.warmup.is_zero() {
         let busiest = options.concurrency.iter().copied().max().unwrap_or(64);
         for target in &targets {
@@ -441,7 +465,7 @@ fn run_scenario(
             ));
             let name = format!("warmup-{}", target.kind.name());
             match tools.run(
-                scenario.generator(),
+                generator,
                 &load_for(target, busiest, options.warmup),
                 &name,
                 dir,
@@ -469,7 +493,7 @@ fn run_scenario(
                 let throttling_before = target.budget().and_then(CpuBudget::throttling);
                 let started = Instant::now();
                 let outcome = tools.run(
-                    scenario.generator(),
+                    generator,
                     &load_for(target, concurrency, options.duration),
                     &name,
                     dir,
@@ -573,7 +597,48 @@ mod tests {
         }
         let bytes: usize = BROWSER_HEADERS.iter().map(|line| line.len() + 2).sum();
         assert_eq!(bytes, 651, "as the scenario's doc says");
-        assert_eq!(Scenario::Browser.generator(), Generator::H2load);
+        assert_eq!(Scenario::Browser.generator(None), Generator::H2load);
         assert_eq!(Scenario::Browser.tls(), Some((KeyKind::EcdsaP256, false)));
+    }
+
+    #[test]
+    fn a_steady_rate_runs_every_scenario_with_h2load() {
+        assert_eq!(Scenario::Hello.generator(None), Generator::Wrk);
+        assert_eq!(Scenario::Hello.generator(Some(400)), Generator::H2loadHttp1);
+        assert_eq!(
+            Scenario::TlsEcdsa.generator(Some(400)),
+            Generator::H2loadHttp1
+        );
+        assert_eq!(Scenario::H2.generator(Some(400)), Generator::H2load);
+        let steady: Vec<Scenario> = <Scenario as clap::ValueEnum>::value_variants()
+            .iter()
+            .copied()
+            .filter(|s| !s.connection_per_request())
+            .collect();
+        assert!(!steady.contains(&Scenario::Close));
+        assert!(!steady.contains(&Scenario::TlsRsaHandshake));
+        assert!(steady.contains(&Scenario::TlsRsa) && steady.contains(&Scenario::Session));
+    }
+
+    #[test]
+    fn a_steady_rate_refuses_a_connection_per_request() {
+        let options = ProxyOptions {
+            scenarios: vec![Scenario::Hello, Scenario::TlsEcdsaHandshake],
+            targets: vec![TargetKind::Herd],
+            concurrency: vec![4],
+            duration: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            rounds: 1,
+            threads: 1,
+            h2_streams: 1,
+            upstream: UpstreamServer::HerdWorker,
+            proxy_cpus: None,
+            rate: Some(400),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let error = run(&options, dir.path(), &Stop::default(), &mut |_| {}).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("tls-ecdsa-handshake"), "{message}");
+        assert!(message.contains("--rate"), "{message}");
     }
 }

@@ -1,8 +1,9 @@
 //! The Markdown tables of `herd bench`: per scenario, the median over rounds of every
 //! (target, concurrency), the latency herd adds over going direct, the proxies' CPU per request
 //! and memory, what the rest of the machine spent per request beside each (the upstreams, the
-//! load generator), with a CPU budget how much of it each proxy used, then herd's throughput as
-//! a ratio of HAProxy's and nginx's (and the range of those ratios round by round).
+//! load generator), with a CPU budget how much of it each proxy used, then herd's throughput
+//! (not at a steady rate, where every target serves the same) and CPU per request as ratios of
+//! HAProxy's and nginx's (and the range of those ratios round by round).
 
 use std::fmt::Write;
 
@@ -150,6 +151,12 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
         options.upstream.name(),
         std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
     );
+    if let Some(rate) = options.rate {
+        let _ = writeln!(
+            out,
+            "A steady {rate} requests a second in all, spread over the connections (c; h2load `--rps`, `--h1` for HTTP/1.1): every target serves the same, so CPU per request and latency are the figures.\n"
+        );
+    }
     if let Some(gateway) = &results.gateway {
         let _ = writeln!(out, "herd-gateway: `{}`\n", gateway.display());
     }
@@ -166,7 +173,11 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
             continue;
         }
         let idle = results.idle_rss_kib.get(&scenario);
-        let _ = writeln!(out, "### {} — {}\n", scenario.name(), scenario.describe());
+        let mut describe = scenario.describe().to_string();
+        if options.rate.is_some() {
+            describe = describe.replace("(wrk)", "(h2load --h1, steady rate)");
+        }
+        let _ = writeln!(out, "### {} — {describe}\n", scenario.name());
         let _ = writeln!(
             out,
             "| target | c | req/s | p50 ms | p99 ms | p99 added vs direct ms | CPU s / 10k req | CPU µs / req | kernel % of CPU | RSS MiB idle / end / peak | non-2xx / socket errors |"
@@ -235,30 +246,15 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
             budget_table(&mut out, &rows);
         }
         let mut ratios = Vec::new();
-        for peer in [TargetKind::Haproxy, TargetKind::Nginx] {
-            let parts: Vec<String> = options
-                .concurrency
-                .iter()
-                .filter_map(|&c| {
-                    let rps = |target| {
-                        rows.iter()
-                            .find(|r| r.target == target && r.concurrency == c && r.runs > 0)
-                            .map(|r| r.rps)
-                    };
-                    let (herd, other) = (rps(TargetKind::Herd)?, rps(peer)?);
-                    let spread = match round_ratios(results, scenario, c, peer).as_slice() {
-                        [first, .., last] => format!(" (rounds {first:.2}–{last:.2})"),
-                        _ => String::new(),
-                    };
-                    (other > 0.0).then(|| format!("c={c} {:.2}×{spread}", herd / other))
-                })
-                .collect();
-            if !parts.is_empty() {
-                ratios.push(format!(
-                    "herd / {} req/s: {}",
-                    peer.name(),
-                    parts.join(", ")
-                ));
+        let mut metrics = vec![Metric::CpuPerRequest];
+        if options.rate.is_none() {
+            metrics.insert(0, Metric::Rps);
+        }
+        for metric in metrics {
+            for peer in [TargetKind::Haproxy, TargetKind::Nginx] {
+                if let Some(line) = ratio_line(results, &rows, scenario, metric, peer) {
+                    ratios.push(line);
+                }
             }
         }
         if !ratios.is_empty() {
@@ -268,20 +264,87 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
     }
     let _ = writeln!(
         out,
-        "c: requests in flight. CPU: the proxy's user+system time over all its processes during the run; kernel %: the system time's share of it (10 ms ticks). RSS: summed over its processes, after start (idle), after the run (end), highest (peak, VmHWM). Non-2xx: wrk counts status ≥ 400, h2load anything but 2xx."
+        "c: requests in flight. CPU: the proxy's run time over all its processes and threads during the run, as the scheduler counts it (ns); kernel %: the system time's share of it (10 ms ticks). RSS: summed over its processes, after start (idle), after the run (end), highest (peak, VmHWM). Non-2xx: wrk counts status ≥ 400, h2load anything but 2xx."
     );
     out
 }
 
-/// herd's req/s over `peer`'s in each round where both ran (interleaved, so a slow patch of the
-/// machine hits both), sorted.
+/// A figure herd is compared on, as a ratio of a peer's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Metric {
+    /// Requests a second.
+    Rps,
+    /// The proxy's CPU µs per request.
+    CpuPerRequest,
+}
+
+impl Metric {
+    fn label(self) -> &'static str {
+        match self {
+            Metric::Rps => "req/s",
+            Metric::CpuPerRequest => "CPU per request",
+        }
+    }
+
+    fn of_row(self, row: &Row) -> Option<f64> {
+        match self {
+            Metric::Rps => Some(row.rps),
+            Metric::CpuPerRequest => row.cpu_us(),
+        }
+    }
+
+    fn of_run(self, run: &Run) -> Option<f64> {
+        match self {
+            Metric::Rps => Some(run.load.rps),
+            Metric::CpuPerRequest => run.cpu_per_10k(),
+        }
+    }
+}
+
+/// `herd / PEER METRIC: c=64 0.93× (rounds 0.90–0.97), …`: herd's median over `peer`'s at each
+/// concurrency, and the spread of the round-by-round ratios. `None` where they never both ran.
+fn ratio_line(
+    results: &ProxyResults,
+    rows: &[Row],
+    scenario: Scenario,
+    metric: Metric,
+    peer: TargetKind,
+) -> Option<String> {
+    let parts: Vec<String> = (results.options.concurrency.iter())
+        .filter_map(|&c| {
+            let median = |target| {
+                rows.iter()
+                    .find(|r| r.target == target && r.concurrency == c && r.runs > 0)
+                    .and_then(|r| metric.of_row(r))
+            };
+            let (herd, other) = (median(TargetKind::Herd)?, median(peer)?);
+            let spread = match round_ratios(results, scenario, c, peer, metric).as_slice() {
+                [first, .., last] => format!(" (rounds {first:.2}–{last:.2})"),
+                _ => String::new(),
+            };
+            (other > 0.0).then(|| format!("c={c} {:.2}×{spread}", herd / other))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| {
+        format!(
+            "herd / {} {}: {}",
+            peer.name(),
+            metric.label(),
+            parts.join(", ")
+        )
+    })
+}
+
+/// herd's `metric` over `peer`'s in each round where both ran (interleaved, so a slow patch of
+/// the machine hits both), sorted.
 fn round_ratios(
     results: &ProxyResults,
     scenario: Scenario,
     concurrency: u32,
     peer: TargetKind,
+    metric: Metric,
 ) -> Vec<f64> {
-    let rps = |target, round| {
+    let figure = |target, round| {
         results
             .runs
             .iter()
@@ -292,10 +355,10 @@ fn round_ratios(
                     && r.round == round
                     && r.succeeded()
             })
-            .map(|r| r.load.rps)
+            .and_then(|r| metric.of_run(r))
     };
     let mut ratios: Vec<f64> = (1..=results.options.rounds)
-        .filter_map(|round| Some((rps(TargetKind::Herd, round)?, rps(peer, round)?)))
+        .filter_map(|round| Some((figure(TargetKind::Herd, round)?, figure(peer, round)?)))
         .filter(|&(_, other)| other > 0.0)
         .map(|(herd, other)| herd / other)
         .collect();
@@ -502,6 +565,7 @@ mod tests {
             h2_streams: 1,
             upstream: crate::bench::targets::UpstreamServer::HerdWorker,
             proxy_cpus,
+            rate: None,
         }
     }
 
@@ -582,6 +646,12 @@ mod tests {
             table.contains("herd / haproxy req/s: c=64 0.80×"),
             "{table}"
         );
+        // 25 µs a request against HAProxy's 20 (the same CPU for 25k requests a second).
+        assert!(
+            table.contains("herd / haproxy CPU per request: c=64 1.25×"),
+            "{table}"
+        );
+        assert!(!table.contains("A steady"), "{table}");
         // Beside herd: 2 s of the upstreams' CPU and 1 s of the load generator's for 200k
         // requests, 10 and 5 µs each; 40 µs in all at 20k req/s keep 0.8 CPUs busy. Direct's
         // medians over its three rounds (400k-600k requests): 4 and 2 µs.
@@ -599,6 +669,39 @@ mod tests {
         assert!(
             !table.contains("budget"),
             "no budget, no budget table: {table}"
+        );
+    }
+
+    #[test]
+    fn a_steady_rate_compares_cpu_per_request_not_req_per_second() {
+        let mut options = hello_at_64(vec![TargetKind::Herd, TargetKind::Nginx], 2, None);
+        options.rate = Some(400);
+        // herd 5 CPU s for 4 000 requests in round 1, 4 s in round 2; nginx 4 s in both.
+        let at = |target, round, cpu| Run {
+            cpu_seconds: Some(cpu),
+            ..run(target, round, 400.0, 1.0)
+        };
+        let results = ProxyResults {
+            options,
+            idle_rss_kib: BTreeMap::new(),
+            runs: vec![
+                at(TargetKind::Herd, 1, 5.0),
+                at(TargetKind::Nginx, 1, 4.0),
+                at(TargetKind::Herd, 2, 4.0),
+                at(TargetKind::Nginx, 2, 4.0),
+            ],
+            gateway: None,
+        };
+        let table = proxy_markdown(&results);
+        assert!(table.contains("A steady 400 requests a second"), "{table}");
+        assert!(
+            table.contains("hello app (h2load --h1, steady rate)"),
+            "{table}"
+        );
+        assert!(!table.contains("req/s: c="), "{table}");
+        assert!(
+            table.contains("herd / nginx CPU per request: c=64 1.12× (rounds 1.00–1.25)"),
+            "{table}"
         );
     }
 

@@ -273,6 +273,14 @@ pub struct BenchProxyArgs {
     /// load generator and the upstreams share the machine's CPUs with it).
     #[arg(long, value_name = "CPUS")]
     pub proxy_cpus: Option<f64>,
+    /// Send this many requests a second in all, at a steady pace, instead of as many as the
+    /// targets answer: the light load most gateways carry most of the day, where CPU per request
+    /// counts wake-ups more than work. With it --concurrency is connections (h2: connections ×
+    /// streams), each sending its share, and the HTTP/1.1 scenarios run with `h2load --h1`
+    /// (wrk has no fixed rate); not with close or the handshake scenarios.
+    #[arg(long, value_name = "REQ/S",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate: Option<u32>,
     /// Output files.
     #[command(flatten)]
     pub output: BenchOutputArgs,

@@ -35,6 +35,7 @@ pub(super) fn proxy(args: &BenchProxyArgs) -> Result<u8, CliError> {
         h2_streams: args.h2_streams,
         upstream: args.upstream,
         proxy_cpus: args.proxy_cpus,
+        rate: args.rate,
     };
     let dir = WorkDir::new(args.output.log_dir.as_deref())?;
     let path = dir.path().to_path_buf();
