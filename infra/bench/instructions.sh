@@ -19,7 +19,8 @@
 # certificate made with openssl, TLS 1.3, herd-gateway only). GATEWAY_BINARY: default
 # target/release/herd-gateway, or `nginx` for the peer of `herd bench proxy` (its
 # infra/bench/nginx.conf.in, one worker, in one process), counted the same way. REQUESTS: default 20000, sent by h2load (-n: an exact count) over
-# CONNECTIONS (default 16; 1 makes every request a wake-up of its own) after 2000 warm-up
+# CONNECTIONS (default 16; 1 makes every request a wake-up of its own; STREAMS=1 with h2 and
+# tls-h2, whose default is 8 per connection) after 2000 warm-up
 # requests; HEADER adds one request header on h1 (`HEADER='Connection: keep-alive'`, as browsers
 # send), HEADERS several, any scenario, split at `|` (what a cloud load balancer in front adds:
 # `HEADERS='X-Forwarded-For: 203.0.113.7|X-Forwarded-Proto: https|X-Forwarded-Port: 443'`).
@@ -45,10 +46,10 @@ path=/
 case $scenario in
   h1) h2load_mode=(--h1 -m 1 ${HEADER:+-H "$HEADER"}) ;;
   close) h2load_mode=() ;;
-  h2) h2load_mode=(-m 8) ;;
+  h2) h2load_mode=(-m "${STREAMS:-8}") ;;
   session) h2load_mode=(--h1 -m 1); path=/me ;;
   tls) h2load_mode=(--h1 -m 1) ;;
-  tls-h2) h2load_mode=(-m 8 --npn-list=h2) ;;
+  tls-h2) h2load_mode=(-m "${STREAMS:-8}" --npn-list=h2) ;;
   *) echo "scenario: h1, close, h2, session, tls or tls-h2, not $scenario" >&2; exit 2 ;;
 esac
 if [ -n "${HEADERS:-}" ]; then

@@ -31,7 +31,7 @@ pub const API_BODY: &str = r#"{"user":"ann","items":[{"sku":"A-1","qty":2},{"sku
 
 /// What a scenario loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Scenario {
     /// HTTP/1.1 `GET /` of the hello app (no Redis).
     Hello,
@@ -599,6 +599,16 @@ mod tests {
         assert_eq!(bytes, 651, "as the scenario's doc says");
         assert_eq!(Scenario::Browser.generator(None), Generator::H2load);
         assert_eq!(Scenario::Browser.tls(), Some((KeyKind::EcdsaP256, false)));
+    }
+
+    #[test]
+    fn the_json_names_a_scenario_as_the_command_line_does() {
+        for scenario in <Scenario as clap::ValueEnum>::value_variants() {
+            let json = serde_json::to_value(scenario).unwrap();
+            assert_eq!(json, scenario.name(), "{scenario:?}");
+            let flag = clap::ValueEnum::to_possible_value(scenario).unwrap();
+            assert_eq!(flag.get_name(), scenario.name(), "{scenario:?}");
+        }
     }
 
     #[test]
