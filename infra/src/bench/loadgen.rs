@@ -92,6 +92,21 @@ pub enum Generator {
     H2loadHttp1,
 }
 
+impl Generator {
+    /// Requests in flight on one connection: HTTP/1.1 has one, HTTP/2 `h2_streams`.
+    pub fn streams(self, h2_streams: u32) -> u32 {
+        match self {
+            Generator::H2load => h2_streams.max(1),
+            Generator::Wrk | Generator::H2loadHttp1 => 1,
+        }
+    }
+
+    /// The connections that carry `concurrency` requests in flight.
+    pub fn connections(self, concurrency: u32, h2_streams: u32) -> u32 {
+        (concurrency / self.streams(h2_streams)).max(1)
+    }
+}
+
 /// The load generators' executables, found (or installed) once.
 #[derive(Debug, Clone)]
 pub struct Tools {
@@ -158,9 +173,8 @@ impl Tools {
                     .as_ref()
                     .ok_or_else(|| BenchError::Usage("h2load was not prepared".into()))?;
                 let http1 = generator == Generator::H2loadHttp1;
-                // HTTP/1.1 has one request in flight per connection.
-                let streams = if http1 { 1 } else { load.h2_streams.max(1) };
-                let connections = (load.concurrency / streams).max(1);
+                let streams = generator.streams(load.h2_streams);
+                let connections = generator.connections(load.concurrency, load.h2_streams);
                 let threads = load.threads.min(connections).max(1);
                 let log = dir.join(format!("{name}.requests"));
                 let mut spec = Spec::new(name, program, dir)

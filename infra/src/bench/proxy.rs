@@ -342,6 +342,9 @@ pub fn run(
             scenario.name()
         )));
     }
+    if let Some(rate) = options.rate {
+        check_rate(rate, options)?;
+    }
     let h2_scenario = (options.scenarios.iter()).find(|s| s.generator(None) == Generator::H2load);
     if let Some(scenario) = h2_scenario
         && options.upstream == UpstreamServer::Node
@@ -382,6 +385,25 @@ pub fn run(
         )?;
     }
     Ok(results)
+}
+
+/// Whether `rate` holds at every scenario and concurrency of `options`: h2load sends each
+/// connection's first request at once and paces the rest, so a connection's share must be at
+/// least one request a second (at `--rate 1 --concurrency 64` it sent 64 a second).
+fn check_rate(rate: u32, options: &ProxyOptions) -> Result<(), BenchError> {
+    for &scenario in &options.scenarios {
+        let generator = scenario.generator(Some(rate));
+        for &concurrency in &options.concurrency {
+            let connections = generator.connections(concurrency, options.h2_streams);
+            if rate < connections {
+                return Err(BenchError::Usage(format!(
+                    "--rate {rate} is less than one request a second on each of the {connections} connections of the {} scenario at concurrency {concurrency}: h2load sends every connection's first request at once, so the rate would not hold; lower --concurrency or raise --rate",
+                    scenario.name()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn run_scenario(
@@ -628,6 +650,39 @@ mod tests {
         assert!(!steady.contains(&Scenario::Close));
         assert!(!steady.contains(&Scenario::TlsRsaHandshake));
         assert!(steady.contains(&Scenario::TlsRsa) && steady.contains(&Scenario::Session));
+    }
+
+    #[test]
+    fn a_steady_rate_needs_a_request_a_second_on_every_connection() {
+        let options = ProxyOptions {
+            scenarios: vec![Scenario::H2, Scenario::Hello],
+            targets: vec![TargetKind::Herd],
+            concurrency: vec![8, 64],
+            duration: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            rounds: 1,
+            threads: 1,
+            h2_streams: 8,
+            upstream: UpstreamServer::HerdWorker,
+            proxy_cpus: None,
+            rate: Some(8),
+        };
+        let message = check_rate(8, &options).unwrap_err().to_string();
+        // HTTP/1.1 at c=64 is 64 connections.
+        assert!(
+            message.contains("64 connections of the hello scenario"),
+            "{message}"
+        );
+        let h2_only = ProxyOptions {
+            scenarios: vec![Scenario::H2],
+            ..options.clone()
+        };
+        // h2 at c=64 is 8 connections of 8 streams: 8 a second holds, 7 does not.
+        assert!(check_rate(8, &h2_only).is_ok());
+        assert!(check_rate(7, &h2_only).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let error = run(&options, dir.path(), &Stop::default(), &mut |_| {}).unwrap_err();
+        assert!(error.to_string().contains("--rate 8"), "{error}");
     }
 
     #[test]
