@@ -93,6 +93,15 @@ pub enum Generator {
 }
 
 impl Generator {
+    /// How it is named in a table's heading.
+    pub fn label(self) -> &'static str {
+        match self {
+            Generator::Wrk => "wrk",
+            Generator::H2load => "h2load",
+            Generator::H2loadHttp1 => "h2load --h1",
+        }
+    }
+
     /// Requests in flight on one connection: HTTP/1.1 has one, HTTP/2 `h2_streams`.
     pub fn streams(self, h2_streams: u32) -> u32 {
         match self {

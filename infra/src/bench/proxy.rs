@@ -121,34 +121,35 @@ impl Scenario {
         }
     }
 
-    /// One line saying what is loaded, for the table's heading.
+    /// One line saying what is loaded, for the table's heading (the report adds the load
+    /// generator).
     pub fn describe(self) -> &'static str {
         match self {
-            Scenario::Hello => "HTTP/1.1 `GET /` → hello app (wrk)",
+            Scenario::Hello => "HTTP/1.1 `GET /` → hello app",
             Scenario::Close => {
                 "HTTP/1.1 `GET /` with `Connection: close`, a new connection per request → hello \
-                 app (wrk)"
+                 app"
             }
             Scenario::Session => {
-                "HTTP/1.1 `GET /me` with a session cookie → demo app, session read from Redis (wrk)"
+                "HTTP/1.1 `GET /me` with a session cookie → demo app, session read from Redis"
             }
-            Scenario::Api => "HTTP/1.1 `POST /` with a 95-byte JSON body → hello app (wrk)",
-            Scenario::Page => "HTTP/1.1 `GET /page` → hello app, a 64 KiB answer (wrk)",
-            Scenario::H2 => "HTTP/2 cleartext, prior knowledge, `GET /` → hello app (h2load)",
-            Scenario::TlsEcdsa => "HTTPS keep-alive `GET /` → hello app, ECDSA P-256 (wrk)",
-            Scenario::TlsRsa => "HTTPS keep-alive `GET /` → hello app, RSA 2048 (wrk)",
+            Scenario::Api => "HTTP/1.1 `POST /` with a 95-byte JSON body → hello app",
+            Scenario::Page => "HTTP/1.1 `GET /page` → hello app, a 64 KiB answer",
+            Scenario::H2 => "HTTP/2 cleartext, prior knowledge, `GET /` → hello app",
+            Scenario::TlsEcdsa => "HTTPS keep-alive `GET /` → hello app, ECDSA P-256",
+            Scenario::TlsRsa => "HTTPS keep-alive `GET /` → hello app, RSA 2048",
             Scenario::TlsEcdsaHandshake => {
-                "HTTPS, new connection + full handshake per request, ECDSA P-256 (wrk)"
+                "HTTPS, new connection + full handshake per request, ECDSA P-256"
             }
             Scenario::TlsRsaHandshake => {
-                "HTTPS, new connection + full handshake per request, RSA 2048 (wrk)"
+                "HTTPS, new connection + full handshake per request, RSA 2048"
             }
             Scenario::TlsH2 => {
-                "HTTP/2 over TLS (ALPN h2), keep-alive `GET /` → hello app, ECDSA P-256 (h2load)"
+                "HTTP/2 over TLS (ALPN h2), keep-alive `GET /` → hello app, ECDSA P-256"
             }
             Scenario::Browser => {
                 "HTTP/2 over TLS (ALPN h2), `GET /` with a browser's 13 request headers and its \
-                 cookies → hello app, ECDSA P-256 (h2load)"
+                 cookies → hello app, ECDSA P-256"
             }
         }
     }
@@ -163,7 +164,7 @@ impl Scenario {
     }
 
     /// The load generator, as fast as answers come (`rate` `None`) or at a steady rate.
-    fn generator(self, rate: Option<u32>) -> Generator {
+    pub fn generator(self, rate: Option<u32>) -> Generator {
         match (self, rate) {
             (Scenario::H2 | Scenario::TlsH2 | Scenario::Browser, _) => Generator::H2load,
             (_, None) => Generator::Wrk,

@@ -173,11 +173,18 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
             continue;
         }
         let idle = results.idle_rss_kib.get(&scenario);
-        let mut describe = scenario.describe().to_string();
-        if options.rate.is_some() {
-            describe = describe.replace("(wrk)", "(h2load --h1, steady rate)");
-        }
-        let _ = writeln!(out, "### {} — {describe}\n", scenario.name());
+        let pace = if options.rate.is_some() {
+            ", steady rate"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "### {} — {} ({}{pace})\n",
+            scenario.name(),
+            scenario.describe(),
+            scenario.generator(options.rate).label()
+        );
         let _ = writeln!(
             out,
             "| target | c | req/s | p50 ms | p99 ms | p99 added vs direct ms | CPU s / 10k req | CPU µs / req | kernel % of CPU | RSS MiB idle / end / peak | non-2xx / socket errors |"
@@ -246,11 +253,12 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
             budget_table(&mut out, &rows);
         }
         let mut ratios = Vec::new();
-        let mut metrics = vec![Metric::CpuPerRequest];
-        if options.rate.is_none() {
-            metrics.insert(0, Metric::Rps);
-        }
-        for metric in metrics {
+        // At a steady rate every target serves the same req/s.
+        let metrics: &[Metric] = match options.rate {
+            None => &[Metric::Rps, Metric::CpuPerRequest],
+            Some(_) => &[Metric::CpuPerRequest],
+        };
+        for &metric in metrics {
             for peer in [TargetKind::Haproxy, TargetKind::Nginx] {
                 if let Some(line) = ratio_line(results, &rows, scenario, metric, peer) {
                     ratios.push(line);
@@ -274,7 +282,7 @@ pub fn proxy_markdown(results: &ProxyResults) -> String {
 enum Metric {
     /// Requests a second.
     Rps,
-    /// The proxy's CPU µs per request.
+    /// The proxy's CPU per request (seconds per 10 000 requests, as rows and runs keep it).
     CpuPerRequest,
 }
 
@@ -289,7 +297,7 @@ impl Metric {
     fn of_row(self, row: &Row) -> Option<f64> {
         match self {
             Metric::Rps => Some(row.rps),
-            Metric::CpuPerRequest => row.cpu_us(),
+            Metric::CpuPerRequest => row.cpu_per_10k,
         }
     }
 
