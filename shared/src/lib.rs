@@ -1,6 +1,7 @@
 //! Pieces that more than one herd crate needs, and nothing else.
 //!
 //! Layout:
+//! - [`allocator`]: the binaries' global allocator, mimalloc.
 //! - [`config`]: load a process's settings from a TOML file plus `HERD_…` environment overrides,
 //!   then validate them once; a bad value becomes one line naming the key ([`config::ConfigError`]).
 //! - [`redis`]: the Redis connection settings and pool every process uses.
@@ -16,6 +17,7 @@
 //! - [`net`]: listening sockets with a load-ready accept queue.
 //! - [`page`]: the long answer (`GET /page`, 64 KiB) of the benchmarks' upstreams.
 
+pub mod allocator;
 pub mod cli;
 pub mod config;
 pub mod keys;

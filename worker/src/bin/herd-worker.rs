@@ -15,7 +15,7 @@ use herd_worker::{demo, hello, server};
 /// axum and tower allocate a few dozen blocks per request (boxed futures and services), and
 /// glibc's bins made a third of the demo app's instructions per session request (section 45).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: herd_shared::allocator::Mimalloc = herd_shared::allocator::Mimalloc;
 
 /// herd worker running the demo app (or the hello app).
 #[derive(Debug, Parser)]
