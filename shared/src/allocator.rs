@@ -2,14 +2,15 @@
 //! `malloc`.
 //!
 //! The `mimalloc` crate's `MiMalloc` hands every allocation to `mi_malloc_aligned`, whatever its
-//! alignment. mimalloc 3 serves an aligned request of more than 1 KiB (or one whose size class has
-//! no free block at the right offset) by over-allocating `size + alignment - 1` bytes and marking
-//! the page as holding interior pointers, so that every later `mi_free` on that page takes its slow
-//! path, even when the alignment asked is 8, which every block has anyway. A proxy's futures and
-//! buffers are such blocks: on an HTTP/2 request through the gateway that was 474 instructions for
-//! its one stream future alone (docs/performance.md, section 56). [`Mimalloc`] asks for alignment
-//! only when a plain block would not have it, as `std::alloc::System` does with glibc
-//! (mimalloc_rust's pull request 170 proposes the same, unmerged as of this writing).
+//! alignment. mimalloc 3 serves an aligned request from its inlined fast path only when the block
+//! is at most 1 KiB and the next free block of its size class happens to be aligned; otherwise it
+//! goes through its out-of-line fallback, which over-allocates `size + alignment - 1` bytes (often
+//! a size class up: 48 bytes asked with alignment 8 can take a 64-byte block), even when the
+//! alignment asked is 8, which every block has anyway. A proxy's futures and buffers are such
+//! blocks: on an HTTP/2 request through the gateway that was 474 instructions for its one stream
+//! future alone (docs/performance.md, section 56). [`Mimalloc`] asks for alignment only when a
+//! plain block would not have it, as `std::alloc::System` does with glibc (mimalloc_rust's pull
+//! request 170 proposes the same, unmerged as of this writing).
 
 #![allow(unsafe_code)]
 
@@ -18,9 +19,9 @@ use core::ffi::c_void;
 
 use libmimalloc_sys as ffi;
 
-/// The alignment every mimalloc block of at least this size has: on 64-bit targets its size
-/// classes are whole pairs of words from 16 bytes up (`MI_MAX_ALIGN_SIZE`; blocks smaller than
-/// that are aligned to their size class, a multiple of the word).
+/// The alignment every mimalloc block of at least this size has (`MI_MAX_ALIGN_SIZE`): its size
+/// classes from 16 bytes up are multiples of 16 and a page's first block starts 16-aligned
+/// (mimalloc asserts both); the one smaller class, 8 bytes, is 8-aligned.
 const MIN_ALIGN: usize = 16;
 
 /// mimalloc as the global allocator: `#[global_allocator] static A: Mimalloc = Mimalloc;`.
@@ -116,58 +117,86 @@ mod tests {
         }
     }
 
+    /// Zeroed blocks are zero also where they reuse dirty ones: many blocks are dirtied and
+    /// freed first, then as many zeroed blocks asked for, and the test requires some of them
+    /// to be the dirty blocks again (a fresh page is zero anyway and would prove nothing).
     #[test]
     fn zeroed_blocks_are_zero_and_aligned() {
         for align in ALIGNS {
             for size in [24, 1025, 5000] {
                 let layout = Layout::from_size_align(size, align).unwrap();
-                // SAFETY: the layout's size is not zero; the block is freed once.
+                let count = 512;
+                // SAFETY: the layout's size is not zero; every block is used within its size and
+                // freed once.
                 unsafe {
-                    let dirty = Mimalloc.alloc(layout);
-                    dirty.write_bytes(0xAB, size);
-                    Mimalloc.dealloc(dirty, layout);
-                    let block = Mimalloc.alloc_zeroed(layout);
-                    assert_eq!(block as usize % align, 0, "{size} bytes aligned to {align}");
+                    let dirty: Vec<usize> = (0..count)
+                        .map(|_| {
+                            let block = Mimalloc.alloc(layout);
+                            assert!(!block.is_null());
+                            block.write_bytes(0xAB, size);
+                            block as usize
+                        })
+                        .collect();
+                    for &block in &dirty {
+                        Mimalloc.dealloc(block as *mut u8, layout);
+                    }
+                    let zeroed: Vec<*mut u8> = (0..2 * count)
+                        .map(|_| Mimalloc.alloc_zeroed(layout))
+                        .collect();
+                    let reused = zeroed
+                        .iter()
+                        .filter(|block| dirty.contains(&(**block as usize)))
+                        .count();
                     assert!(
-                        (0..size).all(|at| *block.add(at) == 0),
-                        "{size} bytes zeroed"
+                        reused > 0,
+                        "{size} bytes aligned to {align}: no dirty block reused"
                     );
-                    Mimalloc.dealloc(block, layout);
+                    for block in zeroed {
+                        assert!(!block.is_null());
+                        assert_eq!(block as usize % align, 0, "{size} bytes aligned to {align}");
+                        assert!(
+                            (0..size).all(|at| *block.add(at) == 0),
+                            "{size} bytes zeroed"
+                        );
+                        Mimalloc.dealloc(block, layout);
+                    }
                 }
             }
         }
     }
 
+    /// From blocks of both entry points to both: small starts (4, 8 bytes: below or at the
+    /// alignment, so aligned calls) grown past 1 KiB (plain calls when the alignment is at most
+    /// 16) and shrunk below the alignment again.
     #[test]
     fn realloc_keeps_the_contents_and_the_alignment() {
         for align in ALIGNS {
-            let layout = Layout::from_size_align(24, align).unwrap();
-            // SAFETY: the layout's size is not zero; each block is used within its size and
-            // freed once, with the layout it has after the last realloc.
-            unsafe {
-                let mut block = Mimalloc.alloc(layout);
-                block.write_bytes(7, 24);
-                let mut size = 24;
-                for new_size in [40, 1025, 70_000, 16, 5000] {
-                    block = Mimalloc.realloc(
-                        block,
-                        Layout::from_size_align(size, align).unwrap(),
-                        new_size,
-                    );
+            for first in [4, 8, 24] {
+                // SAFETY: sizes are not zero; each block is used within its size and freed once,
+                // with the layout it has after the last realloc.
+                unsafe {
+                    let mut block = Mimalloc.alloc(Layout::from_size_align(first, align).unwrap());
                     assert!(!block.is_null());
-                    assert_eq!(
-                        block as usize % align,
-                        0,
-                        "{new_size} bytes aligned to {align}"
-                    );
-                    let kept = size.min(new_size).min(16);
-                    assert!(
-                        (0..kept).all(|at| *block.add(at) == 7),
-                        "contents kept at {new_size}"
-                    );
-                    size = new_size;
+                    block.write_bytes(7, first);
+                    let mut size = first;
+                    for new_size in [40, 1025, 70_000, 16, 5000, 2] {
+                        let layout = Layout::from_size_align(size, align).unwrap();
+                        block = Mimalloc.realloc(block, layout, new_size);
+                        assert!(!block.is_null());
+                        assert_eq!(
+                            block as usize % align,
+                            0,
+                            "{new_size} bytes aligned to {align}"
+                        );
+                        let kept = size.min(new_size).min(first);
+                        assert!(
+                            (0..kept).all(|at| *block.add(at) == 7),
+                            "contents kept from {size} to {new_size} bytes aligned to {align}"
+                        );
+                        size = new_size;
+                    }
+                    Mimalloc.dealloc(block, Layout::from_size_align(size, align).unwrap());
                 }
-                Mimalloc.dealloc(block, Layout::from_size_align(size, align).unwrap());
             }
         }
     }
