@@ -14,6 +14,8 @@ use herd_worker::{demo, hello, server};
 /// mimalloc rather than glibc's allocator, as the gateway (section 42 of docs/performance.md):
 /// axum and tower allocate a few dozen blocks per request (boxed futures and services), and
 /// glibc's bins made a third of the demo app's instructions per session request (section 45).
+/// Entered through its plain calls where the alignment allows: 4 % fewer instructions per session
+/// request than through its aligned ones (section 56).
 #[global_allocator]
 static ALLOCATOR: herd_shared::allocator::Mimalloc = herd_shared::allocator::Mimalloc;
 
