@@ -10,8 +10,8 @@ use herd_shared::config::exit_on_error;
 /// 1 to 6 KB (its task, its serving future, its first read), which glibc serves from its bins
 /// rather than its per-thread cache: 4 900 of 27 000 instructions per request with a connection
 /// per request; with mimalloc 0.95x the CPU per request there, the same on keep-alive, +1.6 MiB
-/// RSS (docs/performance.md, section 42). Entered as glibc's malloc is, not through the
-/// aligned calls only (section 56).
+/// RSS (docs/performance.md, section 42). Entered through its plain calls where the alignment
+/// allows, not its aligned ones for every block (section 56).
 #[global_allocator]
 static ALLOCATOR: herd_shared::allocator::Mimalloc = herd_shared::allocator::Mimalloc;
 
