@@ -308,19 +308,20 @@ pub enum RedisConnection {
 
 impl RedisConnection {
     /// Sends commands packed by the caller ([`crate::resp::pack_command`], or by hand) and
-    /// returns their `replies` replies as they came, in one round trip, for hot paths that send
-    /// fixed commands and read the replies in place ([`crate::resp::Cursor`]; see
+    /// has `read` read their `replies` replies in place, in one round trip, for hot paths that
+    /// send fixed commands ([`crate::resp::Cursor`]; see
     /// [`WireConnection::exchange_packed`](crate::redis_wire::WireConnection::exchange_packed)).
     /// A single Redis only: a cluster routes each command by its keys, which packed bytes do not
     /// show.
-    pub async fn exchange_packed(
+    pub async fn exchange_packed<T>(
         &mut self,
         packed: &[u8],
         replies: usize,
-    ) -> redis::RedisResult<Vec<u8>> {
+        read: impl FnMut(&mut crate::resp::Cursor<'_>) -> Option<T>,
+    ) -> redis::RedisResult<Option<T>> {
         match self {
             RedisConnection::Single(connection) => {
-                connection.exchange_packed(packed, replies).await
+                connection.exchange_packed(packed, replies, read).await
             }
             RedisConnection::Cluster(_) => Err(redis::RedisError::from((
                 redis::ErrorKind::Client,

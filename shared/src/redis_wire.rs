@@ -185,11 +185,18 @@ impl WireConnection {
         self.broken = !self.replies.is_empty();
     }
 
-    /// Sends commands packed by the caller ([`resp::pack_command`], or by hand) and returns
-    /// their `replies` replies as they came (RESP), in one round trip: no redis-rs `Cmd` is
-    /// built and no `redis::Value`, the caller reads them in place ([`resp::Cursor`]). A server
-    /// error among the replies is the call's error, as with a pipeline of those commands.
-    pub async fn exchange_packed(&mut self, packed: &[u8], replies: usize) -> RedisResult<Vec<u8>> {
+    /// Sends commands packed by the caller ([`resp::pack_command`], or by hand), `replies` of
+    /// them, in one round trip, and has `read` read their replies in place as they came (RESP,
+    /// through a [`resp::Cursor`]): no redis-rs `Cmd` is built, no `redis::Value` and no copy of
+    /// the replies ([`resp::read_replies`]). `Ok(None)`: the replies came whole but were not
+    /// what `read` expected. A server error among them is the call's error, as with a pipeline
+    /// of those commands. `read` may be called again as more bytes come.
+    pub async fn exchange_packed<T>(
+        &mut self,
+        packed: &[u8],
+        replies: usize,
+        read: impl FnMut(&mut resp::Cursor<'_>) -> Option<T>,
+    ) -> RedisResult<Option<T>> {
         // A count short of the commands would leave replies owed on the connection, for its next
         // user to read as its own: packed by hand, so checked in debug builds.
         debug_assert_eq!(
@@ -198,35 +205,37 @@ impl WireConnection {
             "packed commands and replies"
         );
         let timeout = self.begin(packed)?;
-        let answered =
-            match tokio::time::timeout(timeout, self.write_and_read_raw(packed, replies)).await {
-                Ok(answered) => answered?,
-                Err(_) => return Err(timed_out(timeout)),
-            };
+        let answered = match tokio::time::timeout(
+            timeout,
+            self.write_and_read_in_place(packed, replies, read),
+        )
+        .await
+        {
+            Ok(answered) => answered?,
+            Err(_) => return Err(timed_out(timeout)),
+        };
         self.end();
         answered
     }
 
-    /// The I/O of [`Self::exchange_packed`]: the replies' bytes, or the first server error
-    /// among them (inner result: the replies were read whole either way).
-    async fn write_and_read_raw(
+    /// The I/O of [`Self::exchange_packed`]: what `read` made of the replies, or the first
+    /// server error among them (inner result: the replies were read whole either way).
+    async fn write_and_read_in_place<T>(
         &mut self,
         packed: &[u8],
         count: usize,
-    ) -> RedisResult<RedisResult<Vec<u8>>> {
+        mut read: impl FnMut(&mut resp::Cursor<'_>) -> Option<T>,
+    ) -> RedisResult<RedisResult<Option<T>>> {
         self.socket.write_all(packed).await?;
         loop {
-            // Looked through again from the start after each read: these are short replies,
-            // read in one go but for a rare long field.
-            if let Some((end, error)) = resp::replies_end(&self.replies, count)? {
-                let answered = match error {
-                    Some(error) => Err(error),
-                    None => Ok(self.replies[..end].to_vec()),
-                };
+            // Nothing is read before the first bytes come (there is at least one reply: an
+            // empty `packed` is refused); then from the start after each read: these are short
+            // replies, read in one go but for a rare long field.
+            self.fill().await?;
+            if let Some((end, answered)) = resp::read_replies(&self.replies, count, &mut read)? {
                 self.replies.advance(end);
                 return Ok(answered);
             }
-            self.fill().await?;
         }
     }
 

@@ -1,7 +1,8 @@
 //! Redis's replies read off a buffer (RESP2): a complete reply parsed straight into
-//! `redis::Value` ([`parse`]), or, for a hot path that knows what it asked for, found whole and
-//! checked for a server error without building anything ([`replies_end`]) and read in place
-//! ([`Cursor`]); an incomplete one is left where it is until more bytes arrive.
+//! `redis::Value` ([`parse`]), or, for a hot path that knows what it asked for, read in place
+//! ([`read_replies`] with a [`Cursor`]), and only when they are not what it expected looked
+//! through for their end and first server error without building anything ([`replies_end`]);
+//! an incomplete one is left where it is until more bytes arrive.
 //!
 //! redis-rs reads replies with `combine`'s resumable parser combinators: about a thousand
 //! instructions per value, a sixth of a worker's instructions per session request
@@ -43,37 +44,88 @@ pub fn replies_end(
     Ok(Some((reader.at, first_error)))
 }
 
+/// Replies of commands sent together, read in place by a hot path that knows what it asked
+/// for ([`Cursor`]), once: `count` of them at the start of `buffer`. When `read` makes something
+/// of exactly `count` whole replies, that is the answer, and the replies were looked at once.
+/// Otherwise (they have not all come, one is a server error, or they are not what `read`
+/// expects) they are looked through for their end ([`replies_end`]): not all here yet is
+/// `Ok(None)`; all here is where they end and what `read` made of them (`Ok(None)`: not what
+/// it expected) or the first server error among them. A malformed reply is a protocol error,
+/// as with [`parse`]. `read` may be called again as more bytes come.
+pub fn read_replies<'b, T>(
+    buffer: &'b [u8],
+    count: usize,
+    read: impl FnOnce(&mut Cursor<'b>) -> Option<T>,
+) -> RedisResult<Option<(usize, RedisResult<Option<T>>)>> {
+    let mut cursor = Cursor::new(buffer);
+    if let Some(value) = read(&mut cursor)
+        && cursor.replies_read() == count
+    {
+        return Ok(Some((cursor.reader.at, Ok(Some(value)))));
+    }
+    // A read that took fewer or more replies than were asked for is no answer either: the
+    // connection's place in the stream is where the replies end, whatever `read` took.
+    Ok(replies_end(buffer, count)?.map(|(end, error)| match error {
+        Some(error) => (end, Err(error)),
+        None => (end, Ok(None)),
+    }))
+}
+
+/// Arrays a [`Cursor`] follows into, one inside another (a deeper one is "not what was
+/// expected": [`read_replies`] looks through it the long way).
+const CURSOR_DEPTH: usize = 4;
+
 /// Replies read in place, value by value, by a hot path that knows what it asked for: no
 /// `redis::Value` is built and nothing is allocated (a `Value` per bulk string was a dozen
 /// allocations per session load; docs/performance.md, section 52). Each method reads the next
 /// value if it is of its kind; `None` (and the cursor unmoved) when it is not, or is cut short
 /// or malformed. Read `Some(None)` as a nil value and `None` as "not what was expected":
-/// `cursor.bulk()??` is the bytes of a bulk string that must be there.
+/// `cursor.bulk()??` is the bytes of a bulk string that must be there. The cursor counts the
+/// whole replies it has read ([`Cursor::replies_read`]), the elements of arrays included.
 #[derive(Debug)]
 pub struct Cursor<'b> {
     reader: Reader<'b>,
+    /// Elements still to read of each array open around the cursor, outermost first.
+    open: [usize; CURSOR_DEPTH],
+    /// How many arrays are open (the first entries of `open`).
+    depth: usize,
+    /// Whole replies read.
+    replies: usize,
 }
 
 impl<'b> Cursor<'b> {
-    /// A cursor at the first of `replies` (as [`replies_end`] found them).
+    /// A cursor at the first of `replies`.
     pub fn new(replies: &'b [u8]) -> Self {
         Cursor {
             reader: Reader {
                 buffer: replies,
                 at: 0,
             },
+            open: [0; CURSOR_DEPTH],
+            depth: 0,
+            replies: 0,
         }
     }
 
     /// An array's length (`Some(None)`: a nil array); its elements are the values that follow.
     pub fn array(&mut self) -> Option<Option<usize>> {
+        if self.depth == CURSOR_DEPTH {
+            return None;
+        }
         let start = self.reader.at;
         let line = self.header(b'*')?;
-        let read = length(line).ok();
-        if read.is_none() {
+        let Ok(read) = length(line) else {
             self.reader.at = start;
+            return None;
+        };
+        match read {
+            Some(elements @ 1..) => {
+                self.open[self.depth] = elements;
+                self.depth += 1;
+            }
+            _ => self.value_read(),
         }
-        read
+        Some(read)
     }
 
     /// A bulk string's bytes (`Some(None)`: nil, as `HMGET` answers for a field not there).
@@ -92,15 +144,47 @@ impl<'b> Cursor<'b> {
             },
             Err(_) => None,
         };
-        if read.is_none() {
-            self.reader.at = start;
+        match read {
+            Some(_) => self.value_read(),
+            None => self.reader.at = start,
         }
         read
     }
 
-    /// Whether every reply has been read.
+    /// An integer reply (`HSET`'s, `INCR`'s).
+    pub fn integer(&mut self) -> Option<i64> {
+        let start = self.reader.at;
+        let line = self.header(b':')?;
+        let read = integer(line).ok();
+        match read {
+            Some(_) => self.value_read(),
+            None => self.reader.at = start,
+        }
+        read
+    }
+
+    /// Whole replies read so far: an array counts once all its elements are read.
+    pub fn replies_read(&self) -> usize {
+        self.replies
+    }
+
+    /// Whether every byte has been read.
     pub fn is_at_end(&self) -> bool {
         self.reader.at == self.reader.buffer.len()
+    }
+
+    /// Counts a value just read: one more element of the innermost open array (which, once
+    /// whole, is a value of the one around it), or a whole reply.
+    fn value_read(&mut self) {
+        while self.depth > 0 {
+            let left = &mut self.open[self.depth - 1];
+            *left -= 1;
+            if *left > 0 {
+                return;
+            }
+            self.depth -= 1;
+        }
+        self.replies += 1;
     }
 
     /// The line after a `kind` byte here, the cursor past it; `None` (cursor unmoved) when the
@@ -295,6 +379,7 @@ impl<'b> Reader<'b> {
 
     /// The type byte and the first line of the value here (`depth` arrays deep), the reader
     /// past them; `None` when the line has not ended yet.
+    #[inline]
     fn head(&mut self, depth: usize) -> RedisResult<Option<(u8, &'b [u8])>> {
         let Some(kind) = self.kind()? else {
             return Ok(None);
@@ -308,6 +393,7 @@ impl<'b> Reader<'b> {
 
     /// Passes over the bytes of a bulk string whose first line was `line` (none for nil);
     /// `None` when they have not all come.
+    #[inline]
     fn pass_bulk(&mut self, line: &[u8]) -> RedisResult<Option<()>> {
         if let Some(length) = length(line)? {
             let Some(end) = self.bulk_end(length)? else {
@@ -320,6 +406,7 @@ impl<'b> Reader<'b> {
 
     /// Where a bulk string of `length` bytes starting here ends (before its CRLF); `None` when
     /// it has not all come.
+    #[inline]
     fn bulk_end(&self, length: usize) -> RedisResult<Option<usize>> {
         if length.saturating_add(2) > self.buffer.len() - self.at {
             return Ok(None);
@@ -332,6 +419,7 @@ impl<'b> Reader<'b> {
     }
 
     /// The type byte of the value here, when it is one herd reads.
+    #[inline]
     fn kind(&self) -> RedisResult<Option<u8>> {
         match self.buffer.get(self.at) {
             None => Ok(None),
@@ -344,6 +432,7 @@ impl<'b> Reader<'b> {
     }
 
     /// The rest of the current line, without its CRLF; `None` when it has not ended yet.
+    #[inline]
     fn line(&mut self) -> Option<&'b [u8]> {
         let rest = &self.buffer[self.at..];
         let mut from = 0;
@@ -364,14 +453,18 @@ fn text(line: &[u8]) -> RedisResult<&str> {
 }
 
 /// A line as an integer, surrounding spaces allowed (as redis-rs allows them).
+#[inline]
 fn integer(line: &[u8]) -> RedisResult<i64> {
-    // What Redis sends: an optional minus and at most 18 digits, which cannot overflow.
+    // What Redis sends: an optional minus and at most 18 digits, which cannot overflow. Read
+    // here, inlined where lengths are read (a dozen times a session load); anything else goes
+    // to the out-of-line fallback, whose error building would otherwise make every call pay
+    // for a large stack frame (docs/performance.md, section 57).
     let (negative, digits) = match line {
         [b'-', digits @ ..] => (true, digits),
         digits => (false, digits),
     };
     if (1..=18).contains(&digits.len()) {
-        // One pass: the digits checked as they are added up (a reply has a dozen such lines).
+        // One pass: the digits checked as they are added up.
         let mut n = 0i64;
         let mut all_digits = true;
         for &byte in digits {
@@ -384,6 +477,14 @@ fn integer(line: &[u8]) -> RedisResult<i64> {
             return Ok(if negative { -n } else { n });
         }
     }
+    integer_otherwise(line)
+}
+
+/// [`integer`] for a line that is not a plain run of digits: spaces around them, a plus sign,
+/// 19 digits, or not a number at all.
+#[cold]
+#[inline(never)]
+fn integer_otherwise(line: &[u8]) -> RedisResult<i64> {
     text(line)?
         .trim()
         .parse()
@@ -391,6 +492,7 @@ fn integer(line: &[u8]) -> RedisResult<i64> {
 }
 
 /// A bulk string's or an array's length; `None` for a negative one (nil).
+#[inline]
 fn length(line: &[u8]) -> RedisResult<Option<usize>> {
     match integer(line)? {
         ..0 => Ok(None),
@@ -400,6 +502,7 @@ fn length(line: &[u8]) -> RedisResult<Option<usize>> {
     }
 }
 
+#[cold]
 fn too_deep() -> RedisError {
     invalid("arrays nested too deep", String::new())
 }
@@ -408,6 +511,7 @@ fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+#[cold]
 fn invalid(what: &'static str, detail: String) -> RedisError {
     RedisError::from((ErrorKind::Parse, what, detail))
 }
@@ -613,6 +717,98 @@ mod tests {
             assert_eq!(cursor.bulk(), None, "{}", lossy(broken));
             assert_eq!(cursor.reader.at, 0, "not moved");
         }
+    }
+
+    /// The cursor counts whole replies: an array once all its elements (nested arrays, empty
+    /// and nil ones among them) are read, and refuses arrays deeper than it follows.
+    #[test]
+    fn a_cursor_counts_the_whole_replies_it_read() {
+        let replies: &[u8] = b"*2\r\n*2\r\n:1\r\n*0\r\n$1\r\na\r\n*-1\r\n:-7\r\n$-1\r\n";
+        let mut cursor = Cursor::new(replies);
+        assert_eq!(cursor.array(), Some(Some(2)));
+        assert_eq!(cursor.array(), Some(Some(2)));
+        assert_eq!(cursor.integer(), Some(1));
+        assert_eq!(cursor.replies_read(), 0);
+        assert_eq!(cursor.array(), Some(Some(0)));
+        assert_eq!(
+            cursor.replies_read(),
+            0,
+            "the outer array has an element to come"
+        );
+        assert_eq!(cursor.integer(), None, "a bulk string is next");
+        assert_eq!(cursor.bulk(), Some(Some(&b"a"[..])));
+        assert_eq!(cursor.replies_read(), 1);
+        assert_eq!(cursor.array(), Some(None));
+        assert_eq!(cursor.integer(), Some(-7));
+        assert_eq!(cursor.bulk(), Some(None));
+        assert_eq!(cursor.replies_read(), 4);
+        assert!(cursor.is_at_end());
+
+        let deep = "*1\r\n".repeat(CURSOR_DEPTH + 1) + ":1\r\n";
+        let mut cursor = Cursor::new(deep.as_bytes());
+        for _ in 0..CURSOR_DEPTH {
+            assert_eq!(cursor.array(), Some(Some(1)));
+        }
+        assert_eq!(cursor.array(), None, "deeper than the cursor follows");
+        let mut bad = Cursor::new(b":1x\r\n");
+        assert_eq!(bad.integer(), None);
+        assert_eq!((bad.reader.at, bad.replies_read()), (0, 0), "not moved");
+    }
+
+    /// Replies a reader makes something of are read once; otherwise they are looked through
+    /// for their end and first error, and only an incomplete one waits.
+    #[test]
+    fn read_replies_answers_with_what_the_reader_made_of_all_of_them() {
+        let replies: &[u8] = b"*2\r\n$1\r\n7\r\n$-1\r\n:5\r\n+tail";
+        type Both<'b> = (usize, &'b [u8], Option<&'b [u8]>, i64);
+        fn both<'b>(cursor: &mut Cursor<'b>) -> Option<Both<'b>> {
+            Some((
+                cursor.array()??,
+                cursor.bulk()??,
+                cursor.bulk()?,
+                cursor.integer()?,
+            ))
+        }
+        let (end, read) = read_replies(replies, 2, both).unwrap().unwrap();
+        assert_eq!(
+            end,
+            replies.len() - 5,
+            "the bytes after the two are not taken"
+        );
+        assert_eq!(read.unwrap(), Some((2, &b"7"[..], None, 5)));
+        // Not what the reader expects, or fewer replies than asked for (or more): no answer,
+        // and the replies' true end.
+        for count in [1, 2] {
+            let (end, read) = read_replies(replies, count, |cursor| cursor.integer())
+                .unwrap()
+                .unwrap();
+            assert_eq!(read.unwrap(), None);
+            assert_eq!(
+                Some(end),
+                replies_end(replies, count).unwrap().map(|(end, _)| end)
+            );
+        }
+        let (_, read) = read_replies(replies, 1, both).unwrap().unwrap();
+        assert_eq!(read.unwrap(), None, "the reader took two of one");
+        // A server error where the reader expects a value: the call's error, past all replies.
+        let refused: &[u8] = b":1\r\n-WRONGTYPE Operation against a key\r\n:3\r\n";
+        let (end, read) = read_replies(refused, 3, |cursor| {
+            Some((cursor.integer()?, cursor.integer()?, cursor.integer()?))
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(end, refused.len());
+        let error = read.expect_err("the server error");
+        assert_eq!(error.code(), Some("WRONGTYPE"), "{error}");
+        // Cut anywhere: wait for the rest, whatever the reader.
+        let whole = &replies[..replies.len() - 5];
+        for cut in 0..whole.len() {
+            assert!(
+                read_replies(&whole[..cut], 2, both).unwrap().is_none(),
+                "cut at {cut}"
+            );
+        }
+        assert!(read_replies(b"*1\r\n:x\r\n", 1, both).is_err(), "malformed");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use herd_shared::redis::{RedisConfig, RedisPool};
+use herd_shared::resp::Cursor;
 use herd_shared::sentinel::{address_of, with_address};
 use redis::AsyncConnectionConfig;
 use tokio_util::sync::CancellationToken;
@@ -95,21 +96,33 @@ impl RedisLink {
     }
 
     /// Commands packed by the caller ([`herd_shared::resp::pack_command`], or by hand), sent in
-    /// one round trip as a script is sent; their `replies` replies come back as they came
-    /// (RESP), for the caller to read in place ([`herd_shared::resp::Cursor`]). For hot paths on
-    /// a single Redis: a cluster refuses them (`RedisConnection::exchange_packed`).
-    pub async fn exchange(
+    /// one round trip as a script is sent; `read` reads their `replies` replies in place
+    /// ([`herd_shared::resp::Cursor`]) and makes the answer of them (`Ok(None)`: they were not
+    /// what it expected). For hot paths on a single Redis: a cluster refuses them
+    /// (`RedisConnection::exchange_packed`).
+    pub async fn exchange<T: Send>(
         &self,
         packed: &[u8],
         replies: usize,
+        read: impl Fn(&mut Cursor<'_>) -> Option<T> + Sync,
         timeout: std::time::Duration,
-    ) -> Result<Vec<u8>, String> {
-        self.call(Call::Packed(packed, replies), timeout).await
+    ) -> Result<Option<T>, String> {
+        let mut answer = None;
+        // The answer leaves through `answer`: `call` returns what redis-rs converts, the same
+        // for every kind of call, and here that is only whether `read` understood the replies.
+        let mut read_into = |cursor: &mut Cursor<'_>| {
+            answer = read(cursor);
+            answer.is_some()
+        };
+        let understood: bool = self
+            .call(Call::Packed(packed, replies, &mut read_into), timeout)
+            .await?;
+        Ok(answer.filter(|_| understood))
     }
 
     async fn call<T: redis::FromRedisValue>(
         &self,
-        call: Call<'_, '_>,
+        mut call: Call<'_, '_>,
         timeout: std::time::Duration,
     ) -> Result<T, String> {
         let mut last = String::new();
@@ -118,21 +131,22 @@ impl RedisLink {
             loop {
                 match self.pool().get_in_bounded_call().await {
                     Ok(mut connection) => {
-                        let result = match call {
+                        let result = match &mut call {
                             Call::Script(invocation) => {
                                 invocation.invoke_async::<T>(&mut connection).await
                             }
                             Call::Pipeline(pipeline) => {
                                 pipeline.query_async::<T>(&mut connection).await
                             }
-                            // The replies' bytes travel as one bulk string, which `Vec<u8>`
-                            // (what `exchange` asks for) takes as it is, without a copy.
-                            Call::Packed(packed, replies) => {
-                                match connection.exchange_packed(packed, replies).await {
-                                    Ok(bytes) => {
-                                        T::from_redis_value(redis::Value::BulkString(bytes))
-                                            .map_err(redis::RedisError::from)
-                                    }
+                            // Whether `read` understood the replies, as redis-rs's integer
+                            // (which `bool`, what `exchange` asks for, converts).
+                            Call::Packed(packed, replies, read) => {
+                                let read = |cursor: &mut Cursor<'_>| (**read)(cursor).then_some(());
+                                match connection.exchange_packed(packed, *replies, read).await {
+                                    Ok(understood) => T::from_redis_value(redis::Value::Int(
+                                        i64::from(understood.is_some()),
+                                    ))
+                                    .map_err(redis::RedisError::from),
                                     Err(error) => Err(error),
                                 }
                             }
@@ -301,12 +315,16 @@ fn is_loading(error: &redis::RedisError) -> bool {
 }
 
 /// What [`RedisLink`] sends in one call.
-#[derive(Clone, Copy)]
 enum Call<'c, 's> {
     Script(&'c redis::ScriptInvocation<'s>),
     Pipeline(&'c redis::Pipeline),
-    /// Packed commands and how many replies they get.
-    Packed(&'c [u8], usize),
+    /// Packed commands, how many replies they get, and what reads them: whether it
+    /// understood them ([`RedisLink::exchange`]).
+    Packed(
+        &'c [u8],
+        usize,
+        &'c mut (dyn FnMut(&mut Cursor<'_>) -> bool + Send),
+    ),
 }
 
 #[cfg(test)]
@@ -435,10 +453,26 @@ mod tests {
         let mut packed = Vec::new();
         herd_shared::resp::pack_command(&mut packed, &[b"TIME"]);
         herd_shared::resp::pack_command(&mut packed, &[b"HMGET", b"k", b"f"]);
-        let answer = link.exchange(&packed, 2, Duration::from_secs(5)).await;
+        // The replies, as the fake Redis sends them: `*2 $10 1765000000 $1 0`, `*2 $1 v $-1`.
+        let read = |replies: &mut Cursor<'_>| {
+            let owned = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+            Some([
+                replies.array()??.to_string(),
+                owned(replies.bulk()??),
+                owned(replies.bulk()??),
+                replies.array()??.to_string(),
+                owned(replies.bulk()??),
+                format!("{:?}", replies.bulk()?),
+            ])
+        };
+        let answer = link
+            .exchange(&packed, 2, read, Duration::from_secs(5))
+            .await;
         assert_eq!(
-            answer.as_deref(),
-            Ok(&b"*2\r\n$10\r\n1765000000\r\n$1\r\n0\r\n*2\r\n$1\r\nv\r\n$-1\r\n"[..])
+            answer,
+            Ok(Some(
+                ["2", "1765000000", "0", "2", "v", "None"].map(String::from)
+            ))
         );
         // The two LOADING answers were tried again, the third went through.
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);

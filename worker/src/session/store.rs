@@ -491,15 +491,32 @@ impl SessionStore {
         packed.extend_from_slice(PLAIN_LOAD);
         resp::pack_argument(&mut packed, key.as_bytes());
         packed.extend_from_slice(PLAIN_LOAD_FIELDS);
-        let replies = (self.inner.link)
-            .exchange(&packed, 2, self.inner.call_timeout)
-            .await
-            .map_err(SessionError::Unavailable)?;
-        let Some((now, fields)) = clock_and_fields(&replies) else {
-            return Err(SessionError::Unavailable(
-                "unexpected reply to TIME and HMGET".into(),
-            ));
+        // Read where the replies came, once (docs/performance.md, section 57).
+        let read = |replies: &mut resp::Cursor<'_>| {
+            let (now, fields) = clock_and_fields(replies)?;
+            Some(self.live_record(id, now, fields))
         };
+        match (self.inner.link)
+            .exchange(&packed, 2, read, self.inner.call_timeout)
+            .await
+            .map_err(SessionError::Unavailable)?
+        {
+            Some(live) => live,
+            None => Err(SessionError::Unavailable(
+                "unexpected reply to TIME and HMGET".into(),
+            )),
+        }
+    }
+
+    /// What the plain load makes of Redis's clock (`now`, in milliseconds) and the session's
+    /// `fields` (`None`: `HMGET` answered another number of them): the record when the session
+    /// is live, no alias and needs no touch yet; `Ok(None)` when the script must decide.
+    fn live_record(
+        &self,
+        id: &str,
+        now: u64,
+        fields: Option<PlainFields<'_>>,
+    ) -> Result<Option<Record>, SessionError> {
         let Some(
             [
                 Some(version),
@@ -771,8 +788,7 @@ type PlainFields<'r> = [Option<&'r str>; PLAIN_LOAD_FIELD_COUNT];
 /// clock in milliseconds and the fields asked for (`None` when `HMGET` answered another number
 /// of them: the script decides then, as it always did). `None` when they are not what those
 /// commands answer.
-fn clock_and_fields(replies: &[u8]) -> Option<(u64, Option<PlainFields<'_>>)> {
-    let mut replies = resp::Cursor::new(replies);
+fn clock_and_fields<'r>(replies: &mut resp::Cursor<'r>) -> Option<(u64, Option<PlainFields<'r>>)> {
     let number = |digits: &[u8]| std::str::from_utf8(digits).ok()?.parse::<u64>().ok();
     if replies.array()? != Some(2) {
         return None;
@@ -792,7 +808,7 @@ fn clock_and_fields(replies: &[u8]) -> Option<(u64, Option<PlainFields<'_>>)> {
         }
     }
     let fields = (count == PLAIN_LOAD_FIELD_COUNT).then_some(fields);
-    replies.is_at_end().then_some((now, fields))
+    Some((now, fields))
 }
 
 /// A record from the strings a script (or the plain load) returned.
@@ -872,6 +888,13 @@ mod tests {
     #[test]
     fn the_plain_loads_replies_are_read_or_refused() {
         use redis::Value::{self, Array, BulkString, Int, Nil};
+        /// What the plain load makes of `replies`, which must be all of them.
+        fn clock_and_fields(replies: &[u8]) -> Option<(u64, Option<PlainFields<'_>>)> {
+            match resp::read_replies(replies, 2, super::clock_and_fields) {
+                Ok(Some((end, Ok(read)))) if end == replies.len() => read,
+                _ => None,
+            }
+        }
         /// `replies` as Redis sends them (RESP2).
         fn sent(replies: &[Value]) -> Vec<u8> {
             fn put(out: &mut Vec<u8>, value: &Value) {
