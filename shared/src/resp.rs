@@ -109,23 +109,25 @@ impl<'b> Cursor<'b> {
 
     /// An array's length (`Some(None)`: a nil array); its elements are the values that follow.
     pub fn array(&mut self) -> Option<Option<usize>> {
-        if self.depth == CURSOR_DEPTH {
-            return None;
-        }
         let start = self.reader.at;
         let line = self.header(b'*')?;
-        let Ok(read) = length(line) else {
-            self.reader.at = start;
-            return None;
-        };
-        match read {
-            Some(elements @ 1..) => {
+        match length(line) {
+            Ok(Some(elements @ 1..)) if self.depth < CURSOR_DEPTH => {
                 self.open[self.depth] = elements;
                 self.depth += 1;
+                Some(Some(elements))
             }
-            _ => self.value_read(),
+            // Empty or nil: a whole value already.
+            Ok(read @ (None | Some(0))) => {
+                self.value_read();
+                Some(read)
+            }
+            // Deeper than the cursor follows, or not a length.
+            _ => {
+                self.reader.at = start;
+                None
+            }
         }
-        Some(read)
     }
 
     /// A bulk string's bytes (`Some(None)`: nil, as `HMGET` answers for a field not there).

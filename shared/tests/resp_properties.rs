@@ -1,9 +1,11 @@
 //! The RESP2 reply reader (`herd_shared::resp`) against redis-rs's own parser, the reference it
 //! replaced on herd's connections: generated replies read the same, whole or in any reads, and
-//! arbitrary bytes never panic and are read as redis-rs reads them. proptest's 256 cases per
-//! property unless `PROPTEST_CASES` says otherwise (docs/fuzzing.md).
+//! arbitrary bytes never panic and are read as redis-rs reads them; and replies read in place
+//! (`resp::read_replies`) are an answer only when read to exactly their end, whatever the reader
+//! takes. proptest's 256 cases per property unless `PROPTEST_CASES` says otherwise
+//! (docs/fuzzing.md).
 
-use herd_shared::resp::{self, Framer};
+use herd_shared::resp::{self, Cursor, Framer};
 use proptest::collection::vec;
 use proptest::prelude::*;
 
@@ -111,6 +113,85 @@ proptest! {
             prop_assert_eq!(Framer::default().advance(&bytes).unwrap(), Some(used));
         }
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Replies read in place end where they end, whatever the reader reads (`tokens` values, as
+    /// many or as few as it likes): an answer means exactly the replies asked for were read,
+    /// and a connection's next call starts at the next reply. A reader of every value answers
+    /// whenever the replies hold only kinds the cursor reads, and nothing answers before the
+    /// last byte has come.
+    #[test]
+    fn replies_read_in_place_end_where_they_end(
+        replies in vec(reply(), 1..4),
+        tokens in 0usize..40,
+        next in resp_like(),
+    ) {
+        let count = replies.len();
+        let end = replies.iter().map(Vec::len).sum::<usize>();
+        let mut bytes = replies.concat();
+        bytes.extend(next);
+        let some_tokens = |cursor: &mut Cursor<'_>| read_tokens(cursor, tokens);
+        let (ended, _) = resp::read_replies(&bytes, count, some_tokens).unwrap().expect("whole");
+        prop_assert_eq!(ended, end);
+        let (ended, answer) = resp::read_replies(&bytes, count, |cursor| {
+            (0..count).try_for_each(|_| read_value(cursor))
+        })
+        .unwrap()
+        .expect("whole");
+        prop_assert_eq!(ended, end);
+        let cursor_kinds = replies.iter().all(|reply| {
+            let (value, _) = resp::parse(reply).unwrap().unwrap();
+            cursor_reads(&value)
+        });
+        prop_assert_eq!(answer.is_ok_and(|read| read.is_some()), cursor_kinds);
+        for cut in [0, end / 2, end - 1] {
+            prop_assert!(resp::read_replies(&bytes[..cut], count, some_tokens).unwrap().is_none());
+        }
+    }
+}
+
+/// Reads `tokens` values the cursor knows, an array's header counting as one.
+fn read_tokens(cursor: &mut Cursor<'_>, tokens: usize) -> Option<()> {
+    for _ in 0..tokens {
+        let read =
+            cursor.array().is_some() || cursor.bulk().is_some() || cursor.integer().is_some();
+        if !read {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// Reads one whole value, an array with all its elements.
+fn read_value(cursor: &mut Cursor<'_>) -> Option<()> {
+    if let Some(elements) = cursor.array() {
+        return (0..elements.unwrap_or(0)).try_for_each(|_| read_value(cursor));
+    }
+    if cursor.bulk().is_some() || cursor.integer().is_some() {
+        return Some(());
+    }
+    None
+}
+
+/// Whether a cursor reads `value`: bulk strings, integers and nil, in arrays at most four deep
+/// (`redis::Value::Nil` is a nil bulk string or a nil array: both are read).
+fn cursor_reads(value: &redis::Value) -> bool {
+    fn within(value: &redis::Value, depth: usize) -> bool {
+        match value {
+            redis::Value::BulkString(_) | redis::Value::Int(_) | redis::Value::Nil => true,
+            redis::Value::Array(values) => {
+                depth < 4 && values.iter().all(|value| within(value, depth + 1))
+            }
+            _ => false,
+        }
+    }
+    within(value, 0)
 }
 
 /// `replies_end` and `parse` agree on `bytes`' first reply: the same end, the same refusal, and
