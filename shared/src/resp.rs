@@ -146,11 +146,7 @@ impl<'b> Cursor<'b> {
             },
             Err(_) => None,
         };
-        match read {
-            Some(_) => self.value_read(),
-            None => self.reader.at = start,
-        }
-        read
+        self.settle(start, read)
     }
 
     /// An integer reply (`HSET`'s, `INCR`'s).
@@ -158,11 +154,7 @@ impl<'b> Cursor<'b> {
         let start = self.reader.at;
         let line = self.header(b':')?;
         let read = integer(line).ok();
-        match read {
-            Some(_) => self.value_read(),
-            None => self.reader.at = start,
-        }
-        read
+        self.settle(start, read)
     }
 
     /// Whole replies read so far: an array counts once all its elements are read.
@@ -170,9 +162,14 @@ impl<'b> Cursor<'b> {
         self.replies
     }
 
-    /// Whether every byte has been read.
-    pub fn is_at_end(&self) -> bool {
-        self.reader.at == self.reader.buffer.len()
+    /// Ends the read of a value that started at `start`: counted when it was read, the cursor
+    /// put back there when not.
+    fn settle<T>(&mut self, start: usize, read: Option<T>) -> Option<T> {
+        match read {
+            Some(_) => self.value_read(),
+            None => self.reader.at = start,
+        }
+        read
     }
 
     /// Counts a value just read: one more element of the innermost open array (which, once
@@ -698,9 +695,9 @@ mod tests {
         assert_eq!(cursor.array(), Some(Some(3)));
         assert_eq!(cursor.bulk(), Some(Some(&b"7"[..])));
         assert_eq!(cursor.bulk(), Some(None), "nil");
-        assert!(!cursor.is_at_end());
+        assert_ne!(cursor.reader.at, replies.len());
         assert_eq!(cursor.bulk(), Some(Some(&b""[..])));
-        assert!(cursor.is_at_end());
+        assert_eq!(cursor.reader.at, replies.len());
         assert_eq!(cursor.bulk(), None);
 
         let mut nil = Cursor::new(b"*-1\r\n");
@@ -744,7 +741,7 @@ mod tests {
         assert_eq!(cursor.integer(), Some(-7));
         assert_eq!(cursor.bulk(), Some(None));
         assert_eq!(cursor.replies_read(), 4);
-        assert!(cursor.is_at_end());
+        assert_eq!(cursor.reader.at, replies.len());
 
         let deep = "*1\r\n".repeat(CURSOR_DEPTH + 1) + ":1\r\n";
         let mut cursor = Cursor::new(deep.as_bytes());
