@@ -24,6 +24,7 @@ pub mod keys;
 pub mod net;
 pub mod page;
 pub mod redis;
+pub mod redis_line;
 pub mod redis_pool;
 pub mod redis_wire;
 pub mod registry;

@@ -33,7 +33,7 @@ use crate::resp;
 const READ_SIZE: usize = 4096;
 
 /// The socket of a connection, TCP or a Unix socket.
-trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for S {}
 
 /// A connection to one Redis, used by one caller at a time.
@@ -115,6 +115,11 @@ impl WireConnection {
             }
         }
         Ok(connection)
+    }
+
+    /// The connected socket, for a connection shared by many callers ([`crate::redis_line`]).
+    pub(crate) fn into_socket(self) -> Box<dyn Socket> {
+        self.socket
     }
 
     /// Whether the connection can no longer be used: a call left it out of step, or Redis

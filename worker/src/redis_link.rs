@@ -17,8 +17,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use herd_shared::redis::{RedisConfig, RedisPool};
+use herd_shared::redis_line::{Line, LineError, Lines};
 use herd_shared::resp::Cursor;
 use herd_shared::sentinel::{address_of, with_address};
 use redis::AsyncConnectionConfig;
@@ -38,6 +39,9 @@ pub struct RedisLink {
     /// `host:port` the pool connects to.
     address: Arc<ArcSwap<String>>,
     config: RedisConfig,
+    /// The connection shared by packed calls ([`RedisLink::exchange`]), pipelined; `None` on a
+    /// cluster, or when turned off ([`RedisLink::without_shared_line`]).
+    lines: Arc<ArcSwapOption<Lines>>,
     /// Wakes [`RedisLink::follow`] before its next poll: a call met a replica (`READONLY`),
     /// so the master has most likely moved.
     ask_now: Arc<tokio::sync::Notify>,
@@ -59,9 +63,17 @@ impl RedisLink {
             address: Arc::new(ArcSwap::from_pointee(
                 address_of(&config.url).unwrap_or_default(),
             )),
+            lines: Arc::new(ArcSwapOption::from(lines_for(config)?.map(Arc::new))),
             config: config.clone(),
             ask_now: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    /// This link with packed calls each on a pooled connection of their own, not pipelined on
+    /// one shared connection.
+    pub fn without_shared_line(self) -> Self {
+        self.lines.store(None);
+        self
     }
 
     /// Runs one script invocation on a pooled connection of the current master, within
@@ -99,7 +111,9 @@ impl RedisLink {
     /// one round trip as a script is sent; `read` reads their `replies` replies in place
     /// ([`herd_shared::resp::Cursor`]) and makes the answer of them (`Ok(None)`: they were not
     /// what it expected). For hot paths on a single Redis: a cluster refuses them
-    /// (`RedisConnection::exchange_packed`).
+    /// (`RedisConnection::exchange_packed`). Idempotent commands only (reads): they go on the
+    /// shared line ([`herd_shared::redis_line`]), pipelined behind other calls, and are sent
+    /// again when it broke before their replies came.
     pub async fn exchange<T: Send>(
         &self,
         packed: &[u8],
@@ -129,45 +143,28 @@ impl RedisLink {
         let work = async {
             let mut pause = RECONNECT_PAUSE_MIN;
             loop {
-                match self.pool().get_in_bounded_call().await {
-                    Ok(mut connection) => {
-                        let result = match &mut call {
-                            Call::Script(invocation) => {
-                                invocation.invoke_async::<T>(&mut connection).await
-                            }
-                            Call::Pipeline(pipeline) => {
-                                pipeline.query_async::<T>(&mut connection).await
-                            }
-                            // Whether `read` understood the replies, as redis-rs's integer
-                            // (which `bool`, what `exchange` asks for, converts).
-                            Call::Packed(packed, replies, read) => {
-                                let read = |cursor: &mut Cursor<'_>| (**read)(cursor).then_some(());
-                                match connection.exchange_packed(packed, *replies, read).await {
-                                    Ok(understood) => T::from_redis_value(redis::Value::Int(
-                                        i64::from(understood.is_some()),
-                                    ))
-                                    .map_err(redis::RedisError::from),
-                                    Err(error) => Err(error),
-                                }
-                            }
-                        };
-                        match result {
-                            Err(error) if is_loading(&error) => last = error.to_string(),
-                            Err(error) if is_read_only(&error) => {
-                                last = error.to_string();
-                                self.ask_now.notify_one();
-                            }
-                            result => return result.map_err(|e| e.to_string()),
-                        }
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
+                let outcome = match (&mut call, self.lines.load_full()) {
+                    (Call::Packed(packed, replies, read), Some(lines)) => {
+                        on_line(lines.line(), packed, *replies, &mut **read).await
                     }
-                    Err(error) => {
+                    _ => match self.pool().get_in_bounded_call().await {
+                        Ok(mut connection) => Ok(on_connection(&mut call, &mut connection).await),
+                        Err(error) => Err(error.to_string()),
+                    },
+                };
+                match outcome {
+                    Ok(Err(error)) if is_loading(&error) => last = error.to_string(),
+                    Ok(Err(error)) if is_read_only(&error) => {
                         last = error.to_string();
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
+                        self.ask_now.notify_one();
                     }
+                    Ok(result) => return result.map_err(|e| e.to_string()),
+                    // No connection (nothing sent), or the shared line broke under a read:
+                    // again after a pause, within the call's bound.
+                    Err(error) => last = error,
                 }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
             }
         };
         // Boxed: the call's state (a pool checkout, the script's EVALSHA and its NOSCRIPT
@@ -210,6 +207,17 @@ impl RedisLink {
             Ok(pool) => {
                 let old = self.pool.swap(Arc::new(RedisPool::Single(pool)));
                 self.address.store(Arc::new(address.to_string()));
+                // A new line to the new master (unless lines are off); calls already on the old
+                // one finish there, as calls on the old pool's connections do.
+                if self.lines.load().is_some() {
+                    match lines_for(&config) {
+                        Ok(lines) => self.lines.store(lines.map(Arc::new)),
+                        Err(error) => {
+                            tracing::warn!(master = address, error = %error, "sentinel: cannot make a line; packed calls take pooled connections");
+                            self.lines.store(None);
+                        }
+                    }
+                }
                 // A call waiting for one of the old master's connections (a checkout in a
                 // bounded call waits as long as the call may) gets "closed" at once and tries
                 // again on the new pool; the old connections in use are dropped when given back.
@@ -298,6 +306,66 @@ impl RedisLink {
             }
         }
     }
+}
+
+/// Runs `call` on a pooled `connection`.
+async fn on_connection<T: redis::FromRedisValue>(
+    call: &mut Call<'_, '_>,
+    connection: &mut herd_shared::redis::RedisConnection,
+) -> redis::RedisResult<T> {
+    match call {
+        Call::Script(invocation) => invocation.invoke_async::<T>(connection).await,
+        Call::Pipeline(pipeline) => pipeline.query_async::<T>(connection).await,
+        Call::Packed(packed, replies, read) => {
+            let read = |cursor: &mut Cursor<'_>| (**read)(cursor).then_some(());
+            let understood = connection.exchange_packed(packed, *replies, read).await?;
+            understood_as(understood.is_some())
+        }
+    }
+}
+
+/// Runs packed commands on the shared `line`: Redis's answer, or why there was none to be had
+/// (no connection, nothing sent; or the line broke before the replies came, and these are
+/// reads: [`RedisLink::exchange`]).
+async fn on_line<T: redis::FromRedisValue>(
+    line: &Line,
+    packed: &[u8],
+    replies: usize,
+    read: &mut (dyn FnMut(&mut Cursor<'_>) -> bool + Send),
+) -> Result<redis::RedisResult<T>, String> {
+    let sent = line
+        .send(packed, replies)
+        .await
+        .map_err(|e| e.to_string())?;
+    let read = |cursor: &mut Cursor<'_>| read(cursor).then_some(());
+    match sent.read(read).await {
+        Ok(answer) => Ok(answer.and_then(|understood| understood_as(understood.is_some()))),
+        Err(error @ LineError::TimedOut(_)) => Ok(Err(error.into())),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// Whether a packed call's reader understood the replies, as redis-rs's integer (which
+/// `bool`, what [`RedisLink::exchange`] asks for, converts): one generic way out for every
+/// kind of call.
+fn understood_as<T: redis::FromRedisValue>(understood: bool) -> redis::RedisResult<T> {
+    T::from_redis_value(redis::Value::Int(i64::from(understood))).map_err(redis::RedisError::from)
+}
+
+/// The shared lines for `config`'s Redis, one per CPU (the most serving threads a worker
+/// runs); none for a cluster.
+fn lines_for(config: &RedisConfig) -> Result<Option<Lines>, redis::RedisError> {
+    if config.is_cluster() {
+        return Ok(None);
+    }
+    let client = redis::Client::open(config.url.as_str())?;
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    Ok(Some(Lines::new(
+        client.get_connection_info(),
+        config.connect_timeout,
+        config.command_timeout,
+        cpus,
+    )))
 }
 
 /// How long the first resolution may take before serving anyway.

@@ -1,0 +1,341 @@
+//! The connection shared by hot reads (`herd_shared::redis_line`) against a real redis-server:
+//! many calls in flight at once each get their own replies over one connection; a call dropped
+//! half-way, one Redis refuses and a long reply leave it in step; a call that waits past the
+//! response timeout breaks it for all and the next call connects again; a restart and an idle
+//! spell are noticed before a call is sent; and the call the socket would have woken can go
+//! away without the others being left waiting.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd_shared::redis_line::{Line, LineError};
+use herd_shared::redis_pool::IDLE_CHECK;
+use herd_shared::resp::{self, Cursor};
+use herd_tests::redis::TestRedis;
+
+fn line_for(redis: &TestRedis, response_timeout: Duration) -> Line {
+    let client = redis::Client::open(redis.url()).unwrap();
+    Line::new(
+        client.get_connection_info().clone(),
+        Duration::from_millis(500),
+        response_timeout,
+    )
+}
+
+fn packed(commands: &[&[&str]]) -> Vec<u8> {
+    let mut packed = Vec::new();
+    for command in commands {
+        let arguments: Vec<&[u8]> = command.iter().map(|a| a.as_bytes()).collect();
+        resp::pack_command(&mut packed, &arguments);
+    }
+    packed
+}
+
+/// A bulk string's text (`None` for nil), as a reader.
+fn text(replies: &mut Cursor<'_>) -> Option<Option<String>> {
+    Some(
+        replies
+            .bulk()?
+            .map(|b| String::from_utf8(b.to_vec()).unwrap()),
+    )
+}
+
+/// `GET key` on the line.
+async fn get(line: &Line, key: &str) -> Result<Option<String>, String> {
+    let sent = line
+        .send(&packed(&[&["GET", key]]), 1)
+        .await
+        .map_err(|e| e.to_string())?;
+    match sent.read(text).await {
+        Ok(Ok(Some(value))) => Ok(value),
+        Ok(Ok(None)) => Err("not a bulk string".into()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// `CLIENT ID` of the line's connection: which connection it is.
+async fn client_id(line: &Line) -> i64 {
+    let sent = line.send(&packed(&[&["CLIENT", "ID"]]), 1).await.unwrap();
+    sent.read(|replies| replies.integer())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+}
+
+/// Connections Redis has open (`INFO clients`), the harness's own included.
+async fn connected_clients(redis: &TestRedis) -> usize {
+    let mut connection = redis.connection().await;
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("connected_clients:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_calls_in_flight_each_get_their_own_replies_over_one_connection() {
+    let redis = TestRedis::start();
+    let mut connection = redis.connection().await;
+    for n in 0..64 {
+        let () = redis::cmd("SET")
+            .arg(format!("k{n}"))
+            .arg(format!("v{n}"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+    let before = connected_clients(&redis).await;
+    let line = Arc::new(line_for(&redis, Duration::from_secs(2)));
+    let mut tasks = Vec::new();
+    for task in 0..64 {
+        let line = line.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..50 {
+                let n = (task + round) % 64;
+                // Two commands a call, as the session load sends: both replies are this call's.
+                let sent = line
+                    .send(
+                        &packed(&[
+                            &["GET", &format!("k{n}")],
+                            &["ECHO", &format!("{task}/{round}")],
+                        ]),
+                        2,
+                    )
+                    .await
+                    .unwrap();
+                let answer = sent
+                    .read(|replies| Some((text(replies)??, text(replies)??)))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(answer, Some((format!("v{n}"), format!("{task}/{round}"))));
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        connected_clients(&redis).await,
+        before + 1,
+        "3 200 calls from 64 tasks on one connection"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_command_a_short_reader_and_a_long_reply_leave_the_line_in_step() {
+    let redis = TestRedis::start();
+    let line = line_for(&redis, Duration::from_secs(2));
+    let mut connection = redis.connection().await;
+    let long = "x".repeat(200_000);
+    let () = redis::cmd("SET")
+        .arg("long")
+        .arg(&long)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let () = redis::cmd("SET")
+        .arg("n")
+        .arg("7")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let refused = line
+        .send(&packed(&[&["GET", "n"], &["HGET", "n", "f"]]), 2)
+        .await
+        .unwrap()
+        .read(|replies| Some((text(replies)?, text(replies)?)))
+        .await
+        .expect("Redis answered");
+    let error = refused.expect_err("HGET of a string is refused");
+    assert!(error.to_string().contains("WRONGTYPE"), "{error}");
+    assert_eq!(get(&line, "n").await.unwrap().as_deref(), Some("7"));
+    // A reader that takes one of two replies gets no answer; the other is not left behind.
+    let short = line
+        .send(&packed(&[&["GET", "n"], &["GET", "n"]]), 2)
+        .await
+        .unwrap()
+        .read(text)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(short, None);
+    assert_eq!(get(&line, "n").await.unwrap().as_deref(), Some("7"));
+    // 200 KB over many reads, between two short replies of other calls in flight with it.
+    let (before, whole, after) = tokio::join!(get(&line, "n"), get(&line, "long"), get(&line, "n"));
+    assert_eq!(before.unwrap().as_deref(), Some("7"));
+    assert_eq!(whole.unwrap().map(|v| v.len()), Some(long.len()));
+    assert_eq!(after.unwrap().as_deref(), Some("7"));
+}
+
+#[tokio::test]
+async fn a_call_dropped_half_way_leaves_its_replies_to_be_thrown_away() {
+    let redis = TestRedis::start();
+    let line = line_for(&redis, Duration::from_secs(2));
+    let mut connection = redis.connection().await;
+    let () = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let id = client_id(&line).await;
+    // A call Redis answers in 300 ms, given up after 50 (its request cancelled).
+    let slow = async {
+        let sent = line
+            .send(&packed(&[&["BLPOP", "nothing", "0.3"]]), 1)
+            .await
+            .unwrap();
+        sent.read(|replies| replies.array()).await
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), slow)
+            .await
+            .is_err()
+    );
+    // The next call's reply comes after the dropped one's, which is read and thrown away.
+    assert_eq!(get(&line, "k").await.unwrap().as_deref(), Some("v"));
+    assert_eq!(client_id(&line).await, id, "the same connection, in step");
+}
+
+#[tokio::test]
+async fn the_call_the_socket_would_wake_can_go_away_and_the_next_still_gets_its_reply() {
+    let redis = TestRedis::start();
+    let line = line_for(&redis, Duration::from_secs(2));
+    let mut connection = redis.connection().await;
+    let () = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    // The slow call is first in line: the socket's readiness goes to it. Dropped at 50 ms,
+    // it must hand that on, or the call behind it would wait for its reply forever.
+    let slow = async {
+        let sent = line
+            .send(&packed(&[&["BLPOP", "nothing", "0.3"]]), 1)
+            .await
+            .unwrap();
+        tokio::time::timeout(
+            Duration::from_millis(50),
+            sent.read(|replies| replies.array()),
+        )
+        .await
+    };
+    let behind = async {
+        tokio::task::yield_now().await;
+        tokio::time::timeout(Duration::from_secs(1), get(&line, "k")).await
+    };
+    let (slow, behind) = tokio::join!(slow, behind);
+    assert!(slow.is_err(), "the slow call was given up");
+    assert_eq!(
+        behind
+            .expect("answered within a second")
+            .unwrap()
+            .as_deref(),
+        Some("v")
+    );
+}
+
+#[tokio::test]
+async fn a_call_past_the_response_timeout_breaks_the_line_for_all_and_the_next_connects_again() {
+    let redis = TestRedis::start();
+    let line = line_for(&redis, Duration::from_millis(150));
+    let first = client_id(&line).await;
+    let stalled = async {
+        line.send(&packed(&[&["BLPOP", "nothing", "0.5"]]), 1)
+            .await
+            .unwrap()
+            .read(|replies| replies.array())
+            .await
+    };
+    let behind = async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        get(&line, "k").await
+    };
+    let (stalled, behind) = tokio::join!(stalled, behind);
+    assert!(
+        matches!(stalled, Err(LineError::TimedOut(_))),
+        "{stalled:?}"
+    );
+    let behind = behind.expect_err("the call behind fails with the line");
+    assert!(
+        behind.contains("broke") || behind.contains("within"),
+        "{behind}"
+    );
+    assert_ne!(client_id(&line).await, first, "a new connection");
+    assert_eq!(get(&line, "k").await.unwrap(), None);
+}
+
+// On the runtime's worker threads, as in the worker: the look at the socket before a call is
+// appended finds the end Redis's death left on it (the I/O driver, run by the idle thread, has
+// seen it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_and_an_idle_spell_are_noticed_before_a_call_is_sent() {
+    let mut redis = TestRedis::start();
+    let line = line_for(&redis, Duration::from_secs(2));
+    let first = client_id(&line).await;
+    // Restarted: the old socket's end is seen before the call goes out, and the call is sent
+    // on a new connection, without an error.
+    redis.kill();
+    redis.start_again();
+    assert_eq!(get(&line, "k").await.unwrap(), None);
+    let second = client_id(&line).await;
+    assert_eq!(client_id(&line).await, second, "kept while in use");
+    // Idle past the check: connected again rather than trusted (a firewall may have forgotten
+    // it; the pool asks with a PING in that case).
+    tokio::time::sleep(IDLE_CHECK + Duration::from_millis(100)).await;
+    let third = client_id(&line).await;
+    assert_ne!(third, second);
+    let _ = first;
+    // Redis down: no connection, nothing sent, said so.
+    redis.stop();
+    let refused = line.send(&packed(&[&["GET", "k"]]), 1).await;
+    assert!(
+        matches!(refused, Err(LineError::Connect(_))),
+        "{:?}",
+        refused.err()
+    );
+}
+
+#[tokio::test]
+async fn a_batch_whose_opener_went_away_before_writing_it_is_written_by_the_next() {
+    use std::future::Future;
+    use std::task::Poll;
+    let redis = TestRedis::start();
+    let line = Arc::new(line_for(&redis, Duration::from_secs(2)));
+    let _ = get(&line, "warm").await;
+    // The opener of a batch lets the other ready tasks append before it writes; here it is
+    // polled once (it yields), a call in another task appends and waits, and the opener is
+    // dropped before it comes back to write. The other task must be woken to write both.
+    let opener = line.send(&packed(&[&["GET", "a"]]), 1).await.unwrap();
+    let mut opener = Box::pin(opener.read(text));
+    std::future::poll_fn(|cx| {
+        assert!(
+            opener.as_mut().poll(cx).is_pending(),
+            "the opener yields first"
+        );
+        Poll::Ready(())
+    })
+    .await;
+    let second = tokio::spawn({
+        let line = line.clone();
+        async move { get(&line, "b").await }
+    });
+    // The other task appends its call and waits for the opener's write.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!second.is_finished());
+    drop(opener);
+    let answer = tokio::time::timeout(Duration::from_secs(1), second)
+        .await
+        .expect("answered within a second");
+    assert_eq!(answer.unwrap(), Ok(None));
+}
