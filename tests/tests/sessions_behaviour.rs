@@ -676,3 +676,66 @@ async fn sessions_of_the_old_key_layout_survive_the_upgrade() {
     assert!(!index, "old index removed");
     assert_eq!(get_json(&client, worker, "/cart", &old(3)).await.0, 200);
 }
+
+/// Session reads pipelined on a shared connection (the default) and each on a pooled
+/// connection (`session.pipelined_loads = false`) serve the same sessions, many at once; only
+/// the pipelined way keeps to one connection per serving thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_reads_are_the_same_pipelined_or_each_on_its_own_connection() {
+    const READS: usize = 200;
+    for pipelined in ["true", "false"] {
+        let setup = setup(
+            1,
+            &[
+                ("HERD_WORKER_SESSION__PIPELINED_LOADS", pipelined),
+                ("HERD_WORKER_THREADS", "1"),
+            ],
+        );
+        let client = plain_client();
+        let worker = &setup.workers[0];
+        let mut sessions = Vec::new();
+        for n in 0..8 {
+            let user = format!("u{n}");
+            let id = login(&client, worker, &user, None).await;
+            sessions.push((user, id));
+        }
+        let mut tasks = Vec::new();
+        for n in 0..READS {
+            let (user, id) = sessions[n % sessions.len()].clone();
+            let (client, url) = (client.clone(), worker.url("/me"));
+            tasks.push(tokio::spawn(async move {
+                let response = client
+                    .get(url)
+                    .header("cookie", cookie(&id))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                (user, status, response.json::<Value>().await.unwrap())
+            }));
+        }
+        for task in tasks {
+            let (user, status, body) = task.await.unwrap();
+            assert_eq!(status, 200, "pipelined_loads={pipelined}: {body}");
+            assert_eq!(body, json!({ "user": user }), "pipelined_loads={pipelined}");
+        }
+        // The worker's connections whose last command was a session read's HMGET: its one
+        // line (one serving thread) when pipelined, the several pooled connections the reads
+        // in flight took when not.
+        let mut redis = setup.redis.connection().await;
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let reading = clients
+            .lines()
+            .filter(|l| l.contains(" cmd=hmget "))
+            .count();
+        if pipelined == "true" {
+            assert_eq!(reading, 1, "{clients}");
+        } else {
+            assert!(reading > 1, "{clients}");
+        }
+    }
+}

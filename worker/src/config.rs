@@ -137,6 +137,10 @@ pub struct SessionConfig {
     pub max_bytes: usize,
     /// How often a save is retried after a concurrent change before giving up (409).
     pub max_retries: u32,
+    /// The plain session load (a read) goes pipelined over one Redis connection per serving
+    /// thread, shared by all requests (fewer system calls for Redis and the worker); `false`:
+    /// each load takes a pooled connection of its own. No effect on a Redis Cluster.
+    pub pipelined_loads: bool,
 }
 
 impl Default for SessionConfig {
@@ -151,6 +155,7 @@ impl Default for SessionConfig {
             regenerate_grace: Duration::from_secs(10),
             max_bytes: 64 * 1024,
             max_retries: 32,
+            pipelined_loads: true,
         }
     }
 }
@@ -458,6 +463,11 @@ mod tests {
                 "HERD_WORKER_SESSION__ABSOLUTE_TIMEOUT",
                 "1s",
                 "session.absolute_timeout",
+            ),
+            (
+                "HERD_WORKER_SESSION__PIPELINED_LOADS",
+                "sometimes",
+                "session.pipelined_loads",
             ),
             ("HERD_WORKER_DRAIN__MAX", "1s", "drain.max"),
             ("HERD_WORKER_DRAIN__QUIET", "later", "drain.quiet"),

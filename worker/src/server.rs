@@ -62,6 +62,11 @@ pub fn session_store(config: &WorkerConfig) -> Result<SessionStore, WorkerError>
 }
 
 fn store_on(link: RedisLink, config: &WorkerConfig) -> SessionStore {
+    let link = if config.session.pipelined_loads {
+        link
+    } else {
+        link.without_shared_line()
+    };
     SessionStore::new(
         link,
         config.redis.keys(),
