@@ -154,6 +154,13 @@ impl Line {
         if packed.is_empty() || replies == 0 {
             return Err(LineError::Connect("an empty command is not sent".into()));
         }
+        // A count short of the commands would leave replies owed on the line, read by the next
+        // call as its own: packed by hand, so checked in debug builds.
+        debug_assert_eq!(
+            crate::redis_wire::commands_in(packed),
+            Some(replies),
+            "packed commands and replies"
+        );
         let id = self.append(packed, replies).await?;
         Ok(Sent {
             waiting: Waiting {

@@ -316,7 +316,7 @@ fn timed_out(timeout: Duration) -> RedisError {
 
 /// How many commands `packed` holds, or `None` when it is not whole RESP (debug builds check
 /// hand-packed commands against the replies their caller waits for).
-fn commands_in(mut packed: &[u8]) -> Option<usize> {
+pub(crate) fn commands_in(mut packed: &[u8]) -> Option<usize> {
     let mut commands = 0;
     while !packed.is_empty() {
         let (_, used) = resp::parse(packed).ok()??;
