@@ -52,12 +52,16 @@ pub enum LineError {
     /// Redis did not answer within the response timeout (the line is broken for all).
     #[error("Redis did not answer within {0:?}")]
     TimedOut(Duration),
+    /// The call was not sent: it had no command.
+    #[error("an empty command is not sent")]
+    Empty,
 }
 
 impl From<LineError> for RedisError {
     fn from(error: LineError) -> Self {
         let kind = match error {
             LineError::TimedOut(_) => io::ErrorKind::TimedOut,
+            LineError::Empty => io::ErrorKind::InvalidInput,
             LineError::Connect(_) => io::ErrorKind::NotConnected,
             LineError::Broke(_) => io::ErrorKind::ConnectionReset,
         };
@@ -152,7 +156,7 @@ impl Line {
     /// could be made, and nothing was sent. The replies are then [`Sent::read`]'s.
     pub async fn send(&self, packed: &[u8], replies: usize) -> Result<Sent<'_>, LineError> {
         if packed.is_empty() || replies == 0 {
-            return Err(LineError::Connect("an empty command is not sent".into()));
+            return Err(LineError::Empty);
         }
         // A count short of the commands would leave replies owed on the line, read by the next
         // call as its own: packed by hand, so checked in debug builds.

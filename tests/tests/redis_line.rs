@@ -296,6 +296,8 @@ async fn a_restart_and_an_idle_spell_are_noticed_before_a_call_is_sent() {
     let third = client_id(&line).await;
     assert_ne!(third, second);
     let _ = first;
+    // Nothing to send: said so, and not sent.
+    assert!(matches!(line.send(b"", 0).await, Err(LineError::Empty)));
     // Redis down: no connection, nothing sent, said so.
     redis.stop();
     let refused = line.send(&packed(&[&["GET", "k"]]), 1).await;
@@ -338,4 +340,101 @@ async fn a_batch_whose_opener_went_away_before_writing_it_is_written_by_the_next
         .await
         .expect("answered within a second");
     assert_eq!(answer.unwrap(), Ok(None));
+}
+
+/// What must never happen on a shared connection: a call handed another call's replies (a
+/// session read given someone else's session). 48 tasks on two threads make calls of two
+/// commands each, whose replies name the call, until the test has killed the line's connection
+/// from Redis's side five times (125 to 2 000 calls each); a third of the calls are given up
+/// after 0–300 µs (their requests cancelled, mid-batch or mid-read). Every call that gets
+/// replies gets its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_cancellations_and_killed_connections_every_call_gets_only_its_own_replies() {
+    let redis = TestRedis::start();
+    let line = Arc::new(line_for(&redis, Duration::from_secs(2)));
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let broken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for task in 0..48u64 {
+        let (line, answered, broken) = (line.clone(), answered.clone(), broken.clone());
+        let killed = killed.clone();
+        tasks.push(tokio::spawn(async move {
+            // xorshift, seeded per task: which calls are given up, and when.
+            let mut seed = task.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            for call in 0..2_000 {
+                if call >= 125 && killed.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let (a, b) = (format!("{task}/{call}/a"), format!("{task}/{call}/b"));
+                let exchange = async {
+                    let sent = line
+                        .send(&packed(&[&["ECHO", &a], &["ECHO", &b]]), 2)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    sent.read(|replies| Some((text(replies)??, text(replies)??)))
+                        .await
+                        .map_err(|e| e.to_string())
+                };
+                let outcome = if next() % 3 == 0 {
+                    let within = Duration::from_micros(next() % 300);
+                    match tokio::time::timeout(within, exchange).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => continue,
+                    }
+                } else {
+                    exchange.await
+                };
+                match outcome {
+                    Ok(Ok(Some(replies))) => {
+                        assert_eq!(replies, (a, b), "a call got another call's replies");
+                        answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(other) => panic!("Redis's answer to ECHO: {other:?}"),
+                    // The line broke under the call (killed below): nothing to check.
+                    Err(error) => {
+                        assert!(
+                            error.contains("broke") || error.contains("no Redis connection"),
+                            "{error}"
+                        );
+                        broken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    let killer = {
+        let client = redis.client();
+        tokio::spawn(async move {
+            let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                // Every connection but this one: the line's (the harness keeps none open).
+                let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("SKIPME")
+                    .arg("yes")
+                    .query_async(&mut connection)
+                    .await;
+            }
+            killed.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
+    };
+    for task in tasks {
+        task.await.unwrap();
+    }
+    killer.await.unwrap();
+    let answered = answered.load(std::sync::atomic::Ordering::Relaxed);
+    let broken = broken.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(answered > 2_000, "only {answered} calls answered");
+    assert!(
+        broken > 0,
+        "no call met a killed connection: the test tested less than it says"
+    );
 }

@@ -333,10 +333,11 @@ async fn on_line<T: redis::FromRedisValue>(
     replies: usize,
     read: &mut (dyn FnMut(&mut Cursor<'_>) -> bool + Send),
 ) -> Result<redis::RedisResult<T>, String> {
-    let sent = line
-        .send(packed, replies)
-        .await
-        .map_err(|e| e.to_string())?;
+    let sent = match line.send(packed, replies).await {
+        Ok(sent) => sent,
+        Err(error @ LineError::Empty) => return Ok(Err(error.into())),
+        Err(error) => return Err(error.to_string()),
+    };
     let read = |cursor: &mut Cursor<'_>| read(cursor).then_some(());
     match sent.read(read).await {
         Ok(answer) => Ok(answer.and_then(|understood| understood_as(understood.is_some()))),
