@@ -110,6 +110,36 @@ struct State {
     idle_since: Instant,
     /// The waker the socket wakes: it wakes the call whose replies come next.
     forward: Waker,
+    /// What the line did so far ([`Line::stats`]).
+    stats: LineStats,
+}
+
+/// What a line (or all of [`Lines`]) did since it was made, for the worker's `/metrics`:
+/// `calls / writes` is how many calls went to Redis in one write, on average.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LineStats {
+    /// Calls appended (each a few commands, one session read).
+    pub calls: u64,
+    /// Writes of appended commands to the socket.
+    pub writes: u64,
+    /// Connections made.
+    pub connects: u64,
+    /// Times a connection broke with calls on it or was found closed (Redis restarted, an I/O
+    /// or protocol error, a call past the response timeout).
+    pub breaks: u64,
+}
+
+impl std::ops::Add for LineStats {
+    type Output = LineStats;
+
+    fn add(self, other: LineStats) -> LineStats {
+        LineStats {
+            calls: self.calls + other.calls,
+            writes: self.writes + other.writes,
+            connects: self.connects + other.connects,
+            breaks: self.breaks + other.breaks,
+        }
+    }
 }
 
 /// A call waiting for its replies.
@@ -140,6 +170,7 @@ impl Line {
                 next_id: 0,
                 idle_since: Instant::now(),
                 forward: Waker::from(Arc::new(Forward(weak.clone()))),
+                stats: LineStats::default(),
             }),
         });
         Line {
@@ -186,6 +217,7 @@ impl Line {
                 if state.is_usable() {
                     let id = state.next_id;
                     state.next_id += 1;
+                    state.stats.calls += 1;
                     if state.outgoing.is_empty() {
                         state.gathering = Some(id);
                     }
@@ -201,6 +233,11 @@ impl Line {
             }
             self.connect().await?;
         }
+    }
+
+    /// What the line did so far.
+    pub fn stats(&self) -> LineStats {
+        self.shared.lock().stats
     }
 
     /// Connects the line, unless another caller did meanwhile.
@@ -225,6 +262,7 @@ impl Line {
         state.fail("replaced by a new connection");
         state.socket = Some(socket);
         state.idle_since = Instant::now();
+        state.stats.connects += 1;
         Ok(())
     }
 }
@@ -256,12 +294,14 @@ impl State {
         }
         let mut probe = [0u8; 1];
         let mut probe = tokio::io::ReadBuf::new(&mut probe);
-        let mut context = Context::from_waker(Waker::noop());
+        // The line's own waker: the probe takes the socket's one read registration.
+        let mut context = Context::from_waker(&self.forward);
         if Pin::new(socket)
             .poll_read(&mut context, &mut probe)
             .is_ready()
         {
             self.socket = None;
+            self.stats.breaks += 1;
             return false;
         }
         true
@@ -284,7 +324,10 @@ impl State {
         while self.gathering.is_none() && !self.outgoing.is_empty() {
             match Pin::new(&mut *socket).poll_write(&mut context, &self.outgoing) {
                 Poll::Ready(Ok(0)) => return Err(closed()),
-                Poll::Ready(Ok(written)) => drop(self.outgoing.drain(..written)),
+                Poll::Ready(Ok(written)) => {
+                    self.outgoing.drain(..written);
+                    self.stats.writes += 1;
+                }
                 Poll::Ready(Err(error)) => return Err(error.into()),
                 Poll::Pending => break,
             }
@@ -329,6 +372,9 @@ impl State {
 
     /// Breaks the line: every call owed replies gets `why`, and the next call connects again.
     fn fail(&mut self, why: &str) {
+        if self.socket.is_some() {
+            self.stats.breaks += 1;
+        }
         self.socket = None;
         self.outgoing.clear();
         self.gathering = None;
@@ -530,6 +576,13 @@ impl Lines {
                 .map(|_| Line::new(info.clone(), connect_timeout, response_timeout))
                 .collect(),
         }
+    }
+
+    /// What all the lines did so far.
+    pub fn stats(&self) -> LineStats {
+        self.lines
+            .iter()
+            .fold(LineStats::default(), |sum, line| sum + line.stats())
     }
 
     /// The calling thread's line.

@@ -128,6 +128,10 @@ async fn many_calls_in_flight_each_get_their_own_replies_over_one_connection() {
         before + 1,
         "3 200 calls from 64 tasks on one connection"
     );
+    // Calls that 64 tasks make at once went out several to a write.
+    let stats = line.stats();
+    assert_eq!((stats.calls, stats.connects, stats.breaks), (3_200, 1, 0));
+    assert!(stats.writes < stats.calls, "{stats:?}");
 }
 
 #[tokio::test]
@@ -295,6 +299,9 @@ async fn a_restart_and_an_idle_spell_are_noticed_before_a_call_is_sent() {
     tokio::time::sleep(IDLE_CHECK + Duration::from_millis(100)).await;
     let third = client_id(&line).await;
     assert_ne!(third, second);
+    // Three connections made; the one Redis's death closed counted as broken.
+    let stats = line.stats();
+    assert_eq!((stats.connects, stats.breaks), (3, 1), "{stats:?}");
     let _ = first;
     // Nothing to send: said so, and not sent.
     assert!(matches!(line.send(b"", 0).await, Err(LineError::Empty)));

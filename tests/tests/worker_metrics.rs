@@ -1,5 +1,5 @@
 //! A worker's `/metrics`: requests by route and status, latency, session store operations, the
-//! Redis pool and registry heartbeats move as the worker serves.
+//! Redis pool, the shared Redis lines and registry heartbeats move as the worker serves.
 
 use herd_tests::redis::TestRedis;
 use herd_tests::worker::{TestWorker, WorkerOptions};
@@ -100,6 +100,15 @@ async fn worker_metrics_move_with_requests_and_session_operations() {
     expect(r#"herd_worker_registry_heartbeats_total{result="ok"}"#, 1.0);
     expect(r#"herd_worker_redis_pool_connections{state="open"}"#, 1.0);
     expect(r#"herd_worker_redis_pool_connections{state="max"}"#, 1.0);
+    // The three reads went on the thread's shared line: three calls, a write each at least
+    // (one at a time here), one connection.
+    expect(r#"herd_worker_redis_line_events_total{event="call"}"#, 3.0);
+    expect(r#"herd_worker_redis_line_events_total{event="write"}"#, 3.0);
+    expect(
+        r#"herd_worker_redis_line_events_total{event="connect"}"#,
+        1.0,
+    );
+    expect(r#"herd_worker_redis_line_events_total{event="break"}"#, 0.0);
     // The scrape itself is the one request in flight.
     expect("herd_worker_in_flight", 1.0);
     expect("herd_worker_session_cas_conflicts_total", 0.0);

@@ -364,6 +364,28 @@ impl Collector for PoolCollector {
         let Some(link) = self.link.get() else {
             return Ok(());
         };
+        if let Some(stats) = link.line_stats() {
+            let mut metric = encoder.encode_descriptor(
+                "redis_line_events",
+                "Session reads pipelined on the shared Redis lines, by event (call: a read sent; \
+                 write: a write of sent reads, so calls / writes is the reads per write; connect; \
+                 break: a line broken or found closed)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (event, count) in [
+                ("call", stats.calls),
+                ("write", stats.writes),
+                ("connect", stats.connects),
+                ("break", stats.breaks),
+            ] {
+                metric
+                    .encode_family(&[("event", event)])?
+                    .encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(
+                        &count, None,
+                    )?;
+            }
+        }
         // A cluster has no pool (one shared multiplexed connection): nothing to show.
         let Some(status) = link.pool().status() else {
             return Ok(());

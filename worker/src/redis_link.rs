@@ -178,6 +178,12 @@ impl RedisLink {
         }
     }
 
+    /// What the shared lines did so far (since the last Sentinel switch, which makes new ones);
+    /// `None` when packed calls take pooled connections.
+    pub fn line_stats(&self) -> Option<herd_shared::redis_line::LineStats> {
+        self.lines.load().as_ref().map(|lines| lines.stats())
+    }
+
     /// The current pool (a cheap handle).
     pub fn pool(&self) -> RedisPool {
         RedisPool::clone(&self.pool.load())
