@@ -976,10 +976,11 @@ machines = ["m1", "m2"]
                     .is_ok_and(|stat| stat.contains(") Z")),
             "the old process drained and exited"
         );
+        // The new process's pid can show a moment before its supervisor does: wait for both.
         let deadline = Instant::now() + Duration::from_secs(5);
         let after = loop {
             let state = unit_state(&machine, &unit).unwrap();
-            if state.pid.is_some() || Instant::now() > deadline {
+            if (state.supervised && state.pid.is_some()) || Instant::now() > deadline {
                 break state;
             }
             std::thread::sleep(Duration::from_millis(20));
