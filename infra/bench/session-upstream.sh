@@ -2,9 +2,10 @@
 # The session route's upstream side alone, without a proxy: one herd-worker running the demo app
 # and its own redis-server, loaded by `wrk -t1 -c16` with a logged-in session's `GET /me`
 # straight at the worker. Prints per round the worker's req/s and the CPU µs per request of the
-# worker and of Redis (utime + stime from /proc), then the worker's RSS and Redis's commands per
-# call (INFO commandstats): what a session request costs the app and Redis, and how many Redis
-# commands it sends (docs/performance.md, section 45).
+# worker and of Redis (utime + stime from /proc), then the worker's RSS, the session reads per
+# write to Redis (the worker's /metrics) and Redis's commands per call (INFO commandstats): what
+# a session request costs the app and Redis, and how many Redis commands it sends
+# (docs/performance.md, sections 45 and 58).
 #
 #   infra/bench/session-upstream.sh [WORKER_BINARY]
 #   ROUNDS=4 DUR=5 infra/bench/session-upstream.sh /tmp/herd-worker-before
@@ -53,5 +54,10 @@ for round in $(seq "$rounds"); do
     'BEGIN { printf "round %d: %.0f req/s, worker %.1f µs, Redis %.1f µs per request\n", r, rps, w * 10000 / n, d * 10000 / n }'
 done
 echo "worker $(grep -E 'VmRSS|VmHWM' "/proc/$app/status" | tr -s ' \t' ' ' | tr '\n' ' ')"
+# The worker's shared Redis lines (session.pipelined_loads, docs/performance.md section 58): how
+# many session reads went to Redis in one write; nothing when the worker has none.
+batch=$(curl -s "http://$addr/metrics" | awk '/redis_line_events_total[{]event="call"[}]/ {c = $2}
+  /redis_line_events_total[{]event="write"[}]/ {w = $2} END { if (w > 0) printf "%.1f", c / w }')
+[ -n "$batch" ] && echo "session reads per write to Redis: $batch"
 echo "Redis commands: $(redis-cli -p "$port" info commandstats | tr -d '\r' | grep '^cmdstat' |
   sed 's/^cmdstat_\([^:]*\):calls=\([0-9]*\).*/\1 \2/' | tr '\n' ',' | sed 's/,$//')"
