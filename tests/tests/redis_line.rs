@@ -54,6 +54,17 @@ async fn get(line: &Line, key: &str) -> Result<Option<String>, String> {
     }
 }
 
+/// `SET key value`, from the harness's own connection.
+async fn set(redis: &TestRedis, key: &str, value: &str) {
+    let mut connection = redis.connection().await;
+    let () = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+}
+
 /// `CLIENT ID` of the line's connection: which connection it is.
 async fn client_id(line: &Line) -> i64 {
     let sent = line.send(&packed(&[&["CLIENT", "ID"]]), 1).await.unwrap();
@@ -83,6 +94,7 @@ async fn connected_clients(redis: &TestRedis) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_calls_in_flight_each_get_their_own_replies_over_one_connection() {
     let redis = TestRedis::start();
+    // One connection of the harness's (counted in `before`, and open until the end).
     let mut connection = redis.connection().await;
     for n in 0..64 {
         let () = redis::cmd("SET")
@@ -138,20 +150,9 @@ async fn many_calls_in_flight_each_get_their_own_replies_over_one_connection() {
 async fn a_refused_command_a_short_reader_and_a_long_reply_leave_the_line_in_step() {
     let redis = TestRedis::start();
     let line = line_for(&redis, Duration::from_secs(2));
-    let mut connection = redis.connection().await;
     let long = "x".repeat(200_000);
-    let () = redis::cmd("SET")
-        .arg("long")
-        .arg(&long)
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let () = redis::cmd("SET")
-        .arg("n")
-        .arg("7")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    set(&redis, "long", &long).await;
+    set(&redis, "n", "7").await;
     let refused = line
         .send(&packed(&[&["GET", "n"], &["HGET", "n", "f"]]), 2)
         .await
@@ -184,13 +185,7 @@ async fn a_refused_command_a_short_reader_and_a_long_reply_leave_the_line_in_ste
 async fn a_call_dropped_half_way_leaves_its_replies_to_be_thrown_away() {
     let redis = TestRedis::start();
     let line = line_for(&redis, Duration::from_secs(2));
-    let mut connection = redis.connection().await;
-    let () = redis::cmd("SET")
-        .arg("k")
-        .arg("v")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    set(&redis, "k", "v").await;
     let id = client_id(&line).await;
     // A call Redis answers in 300 ms, given up after 50 (its request cancelled).
     let slow = async {
@@ -214,13 +209,7 @@ async fn a_call_dropped_half_way_leaves_its_replies_to_be_thrown_away() {
 async fn the_call_the_socket_would_wake_can_go_away_and_the_next_still_gets_its_reply() {
     let redis = TestRedis::start();
     let line = line_for(&redis, Duration::from_secs(2));
-    let mut connection = redis.connection().await;
-    let () = redis::cmd("SET")
-        .arg("k")
-        .arg("v")
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    set(&redis, "k", "v").await;
     // The slow call is first in line: the socket's readiness goes to it. Dropped at 50 ms,
     // it must hand that on, or the call behind it would wait for its reply forever.
     let slow = async {
