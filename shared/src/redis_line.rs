@@ -24,6 +24,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -55,13 +56,21 @@ pub enum LineError {
     /// The call was not sent: it had no command.
     #[error("an empty command is not sent")]
     Empty,
+    /// The call was not sent: its bytes are not `replies` whole commands.
+    #[error("not sent: {replies} replies asked for packed commands that are {commands:?}")]
+    Miscounted {
+        /// Whole commands found (`None`: not whole commands).
+        commands: Option<usize>,
+        /// Replies the call would have waited for.
+        replies: usize,
+    },
 }
 
 impl From<LineError> for RedisError {
     fn from(error: LineError) -> Self {
         let kind = match error {
             LineError::TimedOut(_) => io::ErrorKind::TimedOut,
-            LineError::Empty => io::ErrorKind::InvalidInput,
+            LineError::Empty | LineError::Miscounted { .. } => io::ErrorKind::InvalidInput,
             LineError::Connect(_) => io::ErrorKind::NotConnected,
             LineError::Broke(_) => io::ErrorKind::ConnectionReset,
         };
@@ -89,6 +98,11 @@ impl std::fmt::Debug for Line {
 
 struct Shared {
     state: Mutex<State>,
+    /// The socket woke the line while the state was locked: whoever holds it wakes the next
+    /// call after letting go ([`Locked`]), so [`Forward`] never waits for the lock (it may be
+    /// called where the lock is held, on the same thread: tokio wakes at once when a task's
+    /// budget is spent outside a worker thread).
+    missed: std::sync::atomic::AtomicBool,
 }
 
 /// The line's socket and the calls on it. Locked only between awaits, never across one.
@@ -172,6 +186,7 @@ impl Line {
                 forward: Waker::from(Arc::new(Forward(weak.clone()))),
                 stats: LineStats::default(),
             }),
+            missed: std::sync::atomic::AtomicBool::new(false),
         });
         Line {
             info,
@@ -189,13 +204,13 @@ impl Line {
         if packed.is_empty() || replies == 0 {
             return Err(LineError::Empty);
         }
-        // A count short of the commands would leave replies owed on the line, read by the next
-        // call as its own: packed by hand, so checked in debug builds.
-        debug_assert_eq!(
-            crate::redis_wire::commands_in(packed),
-            Some(replies),
-            "packed commands and replies"
-        );
+        // A count short of the commands would leave replies owed on the line, handed to the
+        // next call as its own (another request's session): checked on every call, by the
+        // commands' lengths.
+        let commands = resp::commands_in(packed);
+        if commands != Some(replies) {
+            return Err(LineError::Miscounted { commands, replies });
+        }
         let id = self.append(packed, replies).await?;
         Ok(Sent {
             waiting: Waiting {
@@ -268,12 +283,59 @@ impl Line {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> Locked<'_> {
         // A panic while locked leaves nothing half-done that matters more than the line: the
         // state is still consistent enough to fail the calls on it.
-        self.state
+        let guard = self
+            .state
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Locked {
+            shared: self,
+            guard: Some(guard),
+        }
+    }
+
+    /// Wakes the next call for a wake-up the socket gave while the state was locked, unless
+    /// it is locked now (its holder does it when letting go).
+    fn wake_missed(&self) {
+        let guard = match self.state.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        if self.missed.swap(false, Ordering::SeqCst) {
+            guard.wake_next();
+        }
+    }
+}
+
+/// The locked state; on letting go, wakes the next call for a wake-up missed meanwhile.
+struct Locked<'s> {
+    shared: &'s Shared,
+    guard: Option<MutexGuard<'s, State>>,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+
+    fn deref(&self) -> &State {
+        self.guard.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.guard.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.guard = None;
+        if self.shared.missed.load(Ordering::SeqCst) {
+            self.shared.wake_missed();
+        }
     }
 }
 
@@ -285,11 +347,13 @@ impl State {
         let Some(socket) = &mut self.socket else {
             return false;
         };
-        if !self.owed.is_empty() {
+        if self.owed.iter().any(|owed| !owed.abandoned) {
             return true;
         }
-        if self.idle_since.elapsed() >= IDLE_CHECK {
-            self.socket = None;
+        // No call waits on it. Only given-up calls' replies owed (their requests cancelled
+        // while the line was otherwise quiet), or idle a while: not trusted, connected again.
+        if !self.owed.is_empty() || self.idle_since.elapsed() >= IDLE_CHECK {
+            self.close_idle();
             return false;
         }
         let mut probe = [0u8; 1];
@@ -370,6 +434,16 @@ impl State {
         Ok(())
     }
 
+    /// Closes a line no call waits on (only given-up calls' replies owed, if any): the next call
+    /// connects again.
+    fn close_idle(&mut self) {
+        self.socket = None;
+        self.outgoing.clear();
+        self.gathering = None;
+        self.incoming.clear();
+        self.owed.clear();
+    }
+
     /// Breaks the line: every call owed replies gets `why`, and the next call connects again.
     fn fail(&mut self, why: &str) {
         if self.socket.is_some() {
@@ -421,7 +495,8 @@ fn closed() -> RedisError {
     io::Error::new(io::ErrorKind::UnexpectedEof, "Redis closed the connection").into()
 }
 
-/// The waker the socket holds: wakes the first call still waiting, which reads for all.
+/// The waker the socket holds: wakes the first call still waiting, which reads for all. Never
+/// waits for the state's lock ([`Shared::missed`]).
 struct Forward(Weak<Shared>);
 
 impl Wake for Forward {
@@ -431,7 +506,10 @@ impl Wake for Forward {
 
     fn wake_by_ref(self: &Arc<Self>) {
         if let Some(shared) = self.0.upgrade() {
-            shared.lock().wake_next();
+            // Noted first, then looked at if the lock is free: a holder that lets go after
+            // this finds it noted.
+            shared.missed.store(true, Ordering::SeqCst);
+            shared.wake_missed();
         }
     }
 }

@@ -213,6 +213,37 @@ pub fn pack_command(out: &mut Vec<u8>, arguments: &[&[u8]]) {
     }
 }
 
+/// How many commands `packed` holds, as [`pack_command`] packs them (arrays of bulk strings),
+/// or `None` when it is not whole commands: read by their lengths, nothing built. A caller that
+/// shares a connection checks what it packed against the replies it will wait for.
+pub fn commands_in(packed: &[u8]) -> Option<usize> {
+    /// The number after `marker` at `at`, up to its `\r\n`; and where the line ends.
+    fn header(packed: &[u8], at: usize, marker: u8) -> Option<(usize, usize)> {
+        if *packed.get(at)? != marker {
+            return None;
+        }
+        let end = at + 1 + packed.get(at + 1..)?.iter().position(|&b| b == b'\r')?;
+        let digits = std::str::from_utf8(&packed[at + 1..end]).ok()?;
+        let number = digits.parse().ok()?;
+        (packed.get(end + 1) == Some(&b'\n')).then_some((number, end + 2))
+    }
+    let (mut at, mut commands) = (0, 0);
+    while at < packed.len() {
+        let (arguments, mut next) = header(packed, at, b'*')?;
+        for _ in 0..arguments {
+            let (length, start) = header(packed, next, b'$')?;
+            let end = start.checked_add(length)?;
+            if packed.get(end..end + 2)? != b"\r\n" {
+                return None;
+            }
+            next = end + 2;
+        }
+        at = next;
+        commands += 1;
+    }
+    Some(commands)
+}
+
 /// Appends `argument` to `out` as one argument of a command (a RESP bulk string), as redis-rs
 /// packs it: for a command whose other parts are packed already (a constant around a key).
 pub fn pack_argument(out: &mut Vec<u8>, argument: &[u8]) {
@@ -517,6 +548,35 @@ fn invalid(what: &'static str, detail: String) -> RedisError {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn packed_commands_are_counted_by_their_lengths() {
+        let mut packed = Vec::new();
+        assert_eq!(commands_in(&packed), Some(0));
+        pack_command(&mut packed, &[b"TIME"]);
+        pack_command(&mut packed, &[b"HMGET", b"k\r\n*1", b""]);
+        assert_eq!(
+            commands_in(&packed),
+            Some(2),
+            "a CRLF inside an argument is its bytes"
+        );
+        // Cut anywhere but after TIME's 14 bytes, it is not whole commands.
+        for cut in 1..packed.len() {
+            let whole = (cut == 14).then_some(1);
+            assert_eq!(commands_in(&packed[..cut]), whole, "cut at {cut}");
+        }
+        assert_eq!(
+            commands_in(b"*1\r\n$4\r\nTIMEx\r\n"),
+            None,
+            "length short of the bytes"
+        );
+        assert_eq!(
+            commands_in(b"PING\r\n"),
+            None,
+            "inline commands are not packed ones"
+        );
+        assert_eq!(commands_in(b"*1\r\n$99999999999999999999\r\n"), None);
+    }
     use super::*;
 
     /// What redis-rs's own parser makes of `bytes`, which must be one whole reply.

@@ -200,9 +200,15 @@ async fn a_call_dropped_half_way_leaves_its_replies_to_be_thrown_away() {
             .await
             .is_err()
     );
-    // The next call's reply comes after the dropped one's, which is read and thrown away.
+    // The next call gets its own reply, never the dropped one's: on this quiet line, on a new
+    // connection (see below); behind a call still waiting, on the same one, after the dropped
+    // reply is read and thrown away (the next test, and the stress test at the end).
     assert_eq!(get(&line, "k").await.unwrap().as_deref(), Some("v"));
-    assert_eq!(client_id(&line).await, id, "the same connection, in step");
+    assert_ne!(
+        client_id(&line).await,
+        id,
+        "a quiet line left owing a reply is not trusted"
+    );
 }
 
 #[tokio::test]
@@ -433,4 +439,56 @@ async fn under_cancellations_and_killed_connections_every_call_gets_only_its_own
         broken > 0,
         "no call met a killed connection: the test tested less than it says"
     );
+}
+
+#[tokio::test]
+async fn a_line_left_with_only_given_up_calls_is_connected_again_before_the_next() {
+    let redis = TestRedis::start();
+    let line = line_for(&redis, Duration::from_secs(2));
+    set(&redis, "k", "v").await;
+    let first = client_id(&line).await;
+    // The only call on a quiet line, given up at 50 ms; its reply comes at 300 ms and nobody
+    // reads it. The next call must not trust the line (nobody has seen it answer since).
+    let slow = async {
+        let sent = line
+            .send(&packed(&[&["BLPOP", "nothing", "0.3"]]), 1)
+            .await
+            .unwrap();
+        sent.read(|replies| replies.array()).await
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), slow)
+            .await
+            .is_err()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(get(&line, "k").await.unwrap().as_deref(), Some("v"));
+    assert_ne!(client_id(&line).await, first, "connected again");
+    assert_eq!(line.stats().breaks, 0, "closed as idle, not broken");
+}
+
+#[tokio::test]
+async fn commands_that_are_not_the_replies_asked_for_are_not_sent() {
+    let redis = TestRedis::start();
+    let line = line_for(&redis, Duration::from_secs(2));
+    // Two commands and one reply asked for would leave the second reply to the next call.
+    let miscounted = line.send(&packed(&[&["GET", "a"], &["GET", "b"]]), 1).await;
+    assert!(
+        matches!(
+            miscounted,
+            Err(LineError::Miscounted {
+                commands: Some(2),
+                replies: 1
+            })
+        ),
+        "{:?}",
+        miscounted.err()
+    );
+    let cut = line.send(b"*1\r\n$4\r\nTI", 1).await;
+    assert!(matches!(
+        cut,
+        Err(LineError::Miscounted { commands: None, .. })
+    ));
+    assert_eq!(line.stats().calls, 0, "nothing sent");
+    assert_eq!(get(&line, "a").await.unwrap(), None);
 }

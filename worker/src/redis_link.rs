@@ -341,7 +341,9 @@ async fn on_line<T: redis::FromRedisValue>(
 ) -> Result<redis::RedisResult<T>, String> {
     let sent = match line.send(packed, replies).await {
         Ok(sent) => sent,
-        Err(error @ LineError::Empty) => return Ok(Err(error.into())),
+        Err(error @ (LineError::Empty | LineError::Miscounted { .. })) => {
+            return Ok(Err(error.into()));
+        }
         Err(error) => return Err(error.to_string()),
     };
     let read = |cursor: &mut Cursor<'_>| read(cursor).then_some(());
