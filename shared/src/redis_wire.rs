@@ -205,7 +205,7 @@ impl WireConnection {
         // A count short of the commands would leave replies owed on the connection, for its next
         // user to read as its own: packed by hand, so checked in debug builds.
         debug_assert_eq!(
-            commands_in(packed),
+            resp::commands_in(packed),
             Some(replies),
             "packed commands and replies"
         );
@@ -314,18 +314,6 @@ fn timed_out(timeout: Duration) -> RedisError {
     .into()
 }
 
-/// How many commands `packed` holds, or `None` when it is not whole RESP (debug builds check
-/// hand-packed commands against the replies their caller waits for).
-pub(crate) fn commands_in(mut packed: &[u8]) -> Option<usize> {
-    let mut commands = 0;
-    while !packed.is_empty() {
-        let (_, used) = resp::parse(packed).ok()??;
-        packed = &packed[used..];
-        commands += 1;
-    }
-    Some(commands)
-}
-
 impl ConnectionLike for WireConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
@@ -354,19 +342,5 @@ impl ConnectionLike for WireConnection {
 
     fn get_db(&self) -> i64 {
         self.db
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packed_commands_are_counted() {
-        let mut packed = Vec::new();
-        resp::pack_command(&mut packed, &[b"TIME"]);
-        resp::pack_command(&mut packed, &[b"GET", b"k"]);
-        assert_eq!(commands_in(&packed), Some(2));
-        assert_eq!(commands_in(&packed[..packed.len() - 1]), None);
     }
 }
