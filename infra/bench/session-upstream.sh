@@ -9,7 +9,11 @@
 #
 #   infra/bench/session-upstream.sh [WORKER_BINARY]
 #   ROUNDS=4 DUR=5 infra/bench/session-upstream.sh /tmp/herd-worker-before
+#   ROUTE=cart infra/bench/session-upstream.sh
 #
+# ROUTE: `me` (default: `GET /me`, a session read) or `cart`: `POST /cart/items`, a read and a
+# write (the save script) per request, spread over 64 logged-in sessions
+# (infra/bench/cart-items.lua; docs/performance.md, section 59).
 # WORKER_BINARY: default target/release/herd-worker. ROUNDS (default 3) rounds of DUR seconds
 # (default 5) after a 2 s warm-up. Needs redis-server, redis-cli, wrk and curl. Run two builds
 # one after the other, several times, to compare them (the VM's speed moves between runs).
@@ -18,6 +22,8 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 worker=$(realpath "${1:-$root/target/release/herd-worker}")
 rounds=${ROUNDS:-3}
 duration=${DUR:-5}
+route=${ROUTE:-me}
+[[ $route =~ ^(me|cart)$ ]] || { echo "ROUTE: me or cart, not $route" >&2; exit 2; }
 for number in "$rounds" "$duration"; do
   [[ $number =~ ^[1-9][0-9]{0,3}$ ]] || { echo "ROUNDS and DUR: whole numbers from 1, not $number" >&2; exit 2; }
 done
@@ -39,12 +45,19 @@ app=$!
 pids+=("$app")
 addr=$(announced "$work/worker.out" public)
 cookie=$(login_cookie "http://$addr" '{"user":"bench"}')
-wrk -t1 -c16 -d2s -H "Cookie: $cookie" "http://$addr/me" >/dev/null
+# The load, `wrk -t1 -c16 -d SECONDS` and what it sends.
+if [ "$route" = cart ]; then
+  for n in $(seq 64); do login_cookie "http://$addr" "{\"user\":\"bench$n\"}"; done >"$work/cookies.txt"
+  load=(-s "$root/infra/bench/cart-items.lua" "http://$addr" -- "$work/cookies.txt")
+else
+  load=(-H "Cookie: $cookie" "http://$addr/me")
+fi
+wrk -t1 -c16 -d2s "${load[@]}" >/dev/null
 redis-cli -p "$port" config resetstat >/dev/null
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for round in $(seq "$rounds"); do
   w0=$(cpu "$app"); r0=$(cpu "$redis")
-  wrk -t1 -c16 -d"${duration}s" -H "Cookie: $cookie" "http://$addr/me" >"$work/wrk.txt"
+  wrk -t1 -c16 -d"${duration}s" "${load[@]}" >"$work/wrk.txt"
   w1=$(cpu "$app"); r1=$(cpu "$redis")
   if grep -q 'Non-2xx\|Socket errors' "$work/wrk.txt"; then cat "$work/wrk.txt" >&2; exit 1; fi
   n=$(awk '/requests in/ {print $1}' "$work/wrk.txt")
@@ -54,10 +67,10 @@ for round in $(seq "$rounds"); do
     'BEGIN { printf "round %d: %.0f req/s, worker %.1f µs, Redis %.1f µs per request\n", r, rps, w * 10000 / n, d * 10000 / n }'
 done
 echo "worker $(grep -E 'VmRSS|VmHWM' "/proc/$app/status" | tr -s ' \t' ' ' | tr '\n' ' ')"
-# The worker's shared Redis lines (session.pipelined_loads, docs/performance.md section 58): how
-# many session reads went to Redis in one write; nothing when the worker has none.
+# The worker's shared Redis lines (session.pipelined, docs/performance.md sections 58 and 59):
+# how many session calls went to Redis in one write; nothing when the worker has none.
 batch=$(curl -s "http://$addr/metrics" | awk '/redis_line_events_total[{]event="call"[}]/ {c = $2}
   /redis_line_events_total[{]event="write"[}]/ {w = $2} END { if (w > 0) printf "%.1f", c / w }')
-[ -n "$batch" ] && echo "session reads per write to Redis: $batch"
+[ -n "$batch" ] && echo "session calls per write to Redis: $batch"
 echo "Redis commands: $(redis-cli -p "$port" info commandstats | tr -d '\r' | grep '^cmdstat' |
   sed 's/^cmdstat_\([^:]*\):calls=\([0-9]*\).*/\1 \2/' | tr '\n' ',' | sed 's/,$//')"

@@ -29,5 +29,6 @@ pub mod redis_pool;
 pub mod redis_wire;
 pub mod registry;
 pub mod resp;
+pub mod script;
 pub mod sentinel;
 pub mod telemetry;

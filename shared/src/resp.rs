@@ -149,6 +149,18 @@ impl<'b> Cursor<'b> {
         self.settle(start, read)
     }
 
+    /// The next whole value as redis-rs's `Value`, whatever its shape (a script's reply);
+    /// `None` (the cursor unmoved) when it is a server error, which [`read_replies`] then
+    /// hands back as the error it is, or is cut short or malformed.
+    pub fn value(&mut self) -> Option<Value> {
+        let start = self.reader.at;
+        if self.reader.buffer.get(start) == Some(&b'-') {
+            return None;
+        }
+        let read = self.reader.value(self.depth).ok().flatten();
+        self.settle(start, read)
+    }
+
     /// An integer reply (`HSET`'s, `INCR`'s).
     pub fn integer(&mut self) -> Option<i64> {
         let start = self.reader.at;
@@ -775,6 +787,32 @@ mod tests {
             let mut cursor = Cursor::new(broken);
             assert_eq!(cursor.bulk(), None, "{}", lossy(broken));
             assert_eq!(cursor.reader.at, 0, "not moved");
+        }
+    }
+
+    /// A cursor reads a script's reply of any shape whole, as redis-rs's parser does, and
+    /// leaves a server error (and anything cut short) where it is, for [`read_replies`].
+    #[test]
+    fn a_cursor_reads_a_whole_value_of_any_shape() {
+        let replies: &[u8] = b"*3\r\n$1\r\n1\r\n:5\r\n*1\r\n+OK\r\n$-1\r\n";
+        let mut cursor = Cursor::new(replies);
+        let first = cursor.value().unwrap();
+        assert_eq!(Some(first), parse(replies).unwrap().map(|(value, _)| value));
+        assert_eq!(cursor.value(), Some(Value::Nil));
+        assert_eq!(cursor.replies_read(), 2);
+        let error = b"-NOSCRIPT No matching script.\r\n";
+        let (_, answer) = read_replies(error, 1, |cursor| cursor.value())
+            .unwrap()
+            .unwrap();
+        let error = answer.unwrap_err();
+        assert_eq!(
+            error.kind(),
+            redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+        );
+        for short in [&b"*2\r\n:1\r\n"[..], b"$3\r\nab", b"-ERR x\r\n"] {
+            let mut cursor = Cursor::new(short);
+            assert_eq!(cursor.value(), None, "{}", lossy(short));
+            assert_eq!((cursor.reader.at, cursor.replies_read()), (0, 0));
         }
     }
 

@@ -677,17 +677,20 @@ async fn sessions_of_the_old_key_layout_survive_the_upgrade() {
     assert_eq!(get_json(&client, worker, "/cart", &old(3)).await.0, 200);
 }
 
-/// Session reads pipelined on a shared connection (the default) and each on a pooled
-/// connection (`session.pipelined_loads = false`) serve the same sessions, many at once; only
+/// Session reads and writes pipelined on a shared connection (the default) and each on a
+/// pooled connection (`session.pipelined = false`) serve the same sessions, many at once; only
 /// the pipelined way keeps to one connection per serving thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_reads_are_the_same_pipelined_or_each_on_its_own_connection() {
+async fn session_reads_and_writes_are_the_same_pipelined_or_each_on_its_own_connection() {
     const READS: usize = 200;
+    /// Cart additions per session, all at once (a save that loses a race to another is
+    /// retried, up to `session.max_retries`).
+    const WRITES: usize = 4;
     for pipelined in ["true", "false"] {
         let setup = setup(
             1,
             &[
-                ("HERD_WORKER_SESSION__PIPELINED_LOADS", pipelined),
+                ("HERD_WORKER_SESSION__PIPELINED", pipelined),
                 ("HERD_WORKER_THREADS", "1"),
             ],
         );
@@ -716,26 +719,72 @@ async fn session_reads_are_the_same_pipelined_or_each_on_its_own_connection() {
         }
         for task in tasks {
             let (user, status, body) = task.await.unwrap();
-            assert_eq!(status, 200, "pipelined_loads={pipelined}: {body}");
-            assert_eq!(body, json!({ "user": user }), "pipelined_loads={pipelined}");
+            assert_eq!(status, 200, "pipelined={pipelined}: {body}");
+            assert_eq!(body, json!({ "user": user }), "pipelined={pipelined}");
         }
         // The worker's connections whose last command was a session read's HMGET: its one
         // line (one serving thread) when pipelined, the several pooled connections the reads
         // in flight took when not.
         let mut redis = setup.redis.connection().await;
+        let connections = |clients: &str, command: &str| {
+            clients
+                .lines()
+                .filter(|l| l.contains(&format!(" cmd={command} ")))
+                .count()
+        };
         let clients: String = redis::cmd("CLIENT")
             .arg("LIST")
             .query_async(&mut redis)
             .await
             .unwrap();
-        let reading = clients
-            .lines()
-            .filter(|l| l.contains(" cmd=hmget "))
-            .count();
+        let reading = connections(&clients, "hmget");
         if pipelined == "true" {
             assert_eq!(reading, 1, "{clients}");
         } else {
             assert!(reading > 1, "{clients}");
+        }
+
+        // Writes (the save script), all at once: every one acknowledged is in its own
+        // session's cart, and no other.
+        let mut tasks = Vec::new();
+        for n in 0..sessions.len() * WRITES {
+            let (user, id) = sessions[n % sessions.len()].clone();
+            let (client, url) = (client.clone(), worker.url("/cart/items"));
+            tasks.push(tokio::spawn(async move {
+                let response = client
+                    .post(url)
+                    .header("cookie", cookie(&id))
+                    .json(&json!({ "item": user, "qty": 1 }))
+                    .send()
+                    .await
+                    .unwrap();
+                response.status().as_u16()
+            }));
+        }
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), 200, "pipelined={pipelined}");
+        }
+        for (user, id) in &sessions {
+            let (status, cart) = get_json(&client, worker, "/cart", id).await;
+            assert_eq!(status, 200);
+            assert_eq!(
+                cart,
+                json!({ "items": [{ "item": user, "qty": WRITES }] }),
+                "pipelined={pipelined}"
+            );
+        }
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        // The last session command on each of the worker's connections: the cart reads' HMGET,
+        // or a save's EVALSHA; all on the one line when pipelined.
+        let used = connections(&clients, "hmget") + connections(&clients, "evalsha");
+        if pipelined == "true" {
+            assert_eq!(used, 1, "{clients}");
+        } else {
+            assert!(used > 1, "{clients}");
         }
     }
 }

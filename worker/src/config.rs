@@ -137,10 +137,11 @@ pub struct SessionConfig {
     pub max_bytes: usize,
     /// How often a save is retried after a concurrent change before giving up (409).
     pub max_retries: u32,
-    /// The plain session load (a read) goes pipelined over one Redis connection per serving
-    /// thread, shared by all requests (fewer system calls for Redis and the worker); `false`:
-    /// each load takes a pooled connection of its own. No effect on a Redis Cluster.
-    pub pipelined_loads: bool,
+    /// Session reads and writes (the plain load, the scripts) go pipelined over one Redis
+    /// connection per serving thread, shared by all requests (fewer system calls for Redis and
+    /// the worker); `false`: each takes a pooled connection of its own. No effect on a Redis
+    /// Cluster.
+    pub pipelined: bool,
 }
 
 impl Default for SessionConfig {
@@ -155,7 +156,7 @@ impl Default for SessionConfig {
             regenerate_grace: Duration::from_secs(10),
             max_bytes: 64 * 1024,
             max_retries: 32,
-            pipelined_loads: true,
+            pipelined: true,
         }
     }
 }
@@ -465,9 +466,9 @@ mod tests {
                 "session.absolute_timeout",
             ),
             (
-                "HERD_WORKER_SESSION__PIPELINED_LOADS",
+                "HERD_WORKER_SESSION__PIPELINED",
                 "sometimes",
-                "session.pipelined_loads",
+                "session.pipelined",
             ),
             ("HERD_WORKER_DRAIN__MAX", "1s", "drain.max"),
             ("HERD_WORKER_DRAIN__QUIET", "later", "drain.quiet"),

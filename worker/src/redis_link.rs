@@ -21,8 +21,9 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use herd_shared::redis::{RedisConfig, RedisPool};
 use herd_shared::redis_line::{Line, LineError, Lines};
 use herd_shared::resp::Cursor;
+use herd_shared::script::Invocation;
 use herd_shared::sentinel::{address_of, with_address};
-use redis::AsyncConnectionConfig;
+use redis::{AsyncConnectionConfig, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SentinelConfig;
@@ -76,9 +77,10 @@ impl RedisLink {
         self
     }
 
-    /// Runs one script invocation on a pooled connection of the current master, within
-    /// `timeout` (pool wait included). The error is a short text: callers wrap it in their own
-    /// "Redis unavailable" error.
+    /// Runs one script invocation within `timeout` (a wait for a connection included): on the
+    /// shared line ([`herd_shared::redis_line`]), pipelined behind other calls, or on a pooled
+    /// connection of the current master when there is no line (a cluster, or turned off). The
+    /// error is a short text: callers wrap it in their own "Redis unavailable" error.
     ///
     /// When no connection can be had (Redis refuses, e.g. while it restarts), it tries again
     /// after a short pause until `timeout`: nothing was sent, so trying again is safe, and a
@@ -87,10 +89,12 @@ impl RedisLink {
     /// it reads its append-only file back, and runs nothing meanwhile), and a `READONLY` one (the
     /// node was demoted to a replica: the script's first write was refused, so nothing was
     /// written; the sentinels are asked at once and the call goes again to the master they
-    /// name). Any other failure after the script was sent is returned at once: it may have run.
+    /// name). Any other failure after the script was sent is returned at once: it may have run
+    /// (on the line too: a line that breaks before the reply came is not tried again for a
+    /// script, as it is for the reads of [`RedisLink::exchange`]).
     pub async fn invoke<T: redis::FromRedisValue>(
         &self,
-        invocation: &redis::ScriptInvocation<'_>,
+        invocation: &Invocation<'_>,
         timeout: std::time::Duration,
     ) -> Result<T, String> {
         self.call(Call::Script(invocation), timeout).await
@@ -146,6 +150,9 @@ impl RedisLink {
                 let outcome = match (&mut call, self.lines.load_full()) {
                     (Call::Packed(packed, replies, read), Some(lines)) => {
                         on_line(lines.line(), packed, *replies, &mut **read).await
+                    }
+                    (Call::Script(invocation), Some(lines)) => {
+                        script_on_line(lines.line(), invocation).await
                     }
                     _ => match self.pool().get_in_bounded_call().await {
                         Ok(mut connection) => Ok(on_connection(&mut call, &mut connection).await),
@@ -320,7 +327,7 @@ async fn on_connection<T: redis::FromRedisValue>(
     connection: &mut herd_shared::redis::RedisConnection,
 ) -> redis::RedisResult<T> {
     match call {
-        Call::Script(invocation) => invocation.invoke_async::<T>(connection).await,
+        Call::Script(invocation) => invocation.to_redis().invoke_async::<T>(connection).await,
         Call::Pipeline(pipeline) => pipeline.query_async::<T>(connection).await,
         Call::Packed(packed, replies, read) => {
             let read = |cursor: &mut Cursor<'_>| (**read)(cursor).then_some(());
@@ -352,6 +359,44 @@ async fn on_line<T: redis::FromRedisValue>(
         Err(error @ LineError::TimedOut(_)) => Ok(Err(error.into())),
         Err(error) => Err(error.to_string()),
     }
+}
+
+/// Runs a script call on the shared `line`: by its SHA1, and with its code when Redis does not
+/// have it (`NOSCRIPT`: it restarted, or its scripts were flushed), as redis-rs does on a
+/// pooled connection. `Err` only when nothing was sent (no connection): the caller tries again.
+async fn script_on_line<T: redis::FromRedisValue>(
+    line: &Line,
+    invocation: &Invocation<'_>,
+) -> Result<redis::RedisResult<T>, String> {
+    let mut reply = one_on_line(line, &invocation.pack_by_hash()).await?;
+    if matches!(&reply, Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+    {
+        reply = one_on_line(line, &invocation.pack_with_code()).await?;
+    }
+    Ok(reply.and_then(|value| T::from_redis_value(value).map_err(redis::RedisError::from)))
+}
+
+/// One command (a script's) on the shared `line` and its reply. `Err` when no connection could
+/// be had (nothing sent); a line that broke after the command was appended is Redis's error,
+/// returned, never sent again: the script may have run.
+async fn one_on_line(line: &Line, packed: &[u8]) -> Result<redis::RedisResult<Value>, String> {
+    let sent = match line.send(packed, 1).await {
+        Ok(sent) => sent,
+        Err(error @ LineError::Connect(_)) => return Err(error.to_string()),
+        Err(error) => return Ok(Err(error.into())),
+    };
+    Ok(match sent.read(|cursor| cursor.value()).await {
+        Ok(reply) => reply.and_then(|value| {
+            value.ok_or_else(|| {
+                (
+                    redis::ErrorKind::Client,
+                    "a script reply herd does not read",
+                )
+                    .into()
+            })
+        }),
+        Err(error) => Err(error.into()),
+    })
 }
 
 /// Whether a packed call's reader understood the replies, as redis-rs's integer (which
@@ -393,7 +438,7 @@ fn is_loading(error: &redis::RedisError) -> bool {
 
 /// What [`RedisLink`] sends in one call.
 enum Call<'c, 's> {
-    Script(&'c redis::ScriptInvocation<'s>),
+    Script(&'c Invocation<'s>),
     Pipeline(&'c redis::Pipeline),
     /// Packed commands, how many replies they get, and what reads them: whether it
     /// understood them ([`RedisLink::exchange`]).
@@ -423,15 +468,35 @@ mod tests {
     /// then `:7`; `PING x` with `x`, anything else `+OK`. Returns its address and the count of
     /// script calls it saw.
     async fn loading_redis(loading: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        stand_in_redis(move |command, seen| {
+            Some(if seen < loading {
+                "-LOADING Redis is loading the dataset in memory\r\n".into()
+            } else if command == "HMGET" {
+                "*2\r\n$1\r\nv\r\n$-1\r\n".to_string()
+            } else {
+                ":7\r\n".to_string()
+            })
+        })
+        .await
+    }
+
+    /// A stand-in Redis on 127.0.0.1: `answer(command, calls seen before)` answers each call
+    /// (`EVALSHA`, `EVAL`, `HMGET`), or hangs up (`None`); `TIME` gets a fixed time, `PING x`
+    /// `x`, anything else `+OK`. Returns its address and the count of calls it saw.
+    async fn stand_in_redis(
+        answer: impl Fn(&str, usize) -> Option<String> + Send + Sync + 'static,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let calls = Arc::new(AtomicUsize::new(0));
         let seen = calls.clone();
+        let answer = Arc::new(answer);
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 let seen = seen.clone();
+                let answer = answer.clone();
                 tokio::spawn(async move {
                     let (read, mut write) = socket.into_split();
                     let mut read = BufReader::new(read);
@@ -454,12 +519,9 @@ mod tests {
                         }
                         let reply = match args.first().map(|a| a.to_uppercase()).as_deref() {
                             Some(command @ ("EVALSHA" | "EVAL" | "HMGET")) => {
-                                if seen.fetch_add(1, Ordering::SeqCst) < loading {
-                                    "-LOADING Redis is loading the dataset in memory\r\n".into()
-                                } else if command == "HMGET" {
-                                    "*2\r\n$1\r\nv\r\n$-1\r\n".to_string()
-                                } else {
-                                    ":7\r\n".to_string()
+                                match answer(command, seen.fetch_add(1, Ordering::SeqCst)) {
+                                    Some(reply) => reply,
+                                    None => return,
                                 }
                             }
                             Some("TIME") => "*2\r\n$10\r\n1765000000\r\n$1\r\n0\r\n".into(),
@@ -478,24 +540,83 @@ mod tests {
         (address, calls)
     }
 
+    /// Scripts go on the shared line: a script Redis does not have (`NOSCRIPT`) is sent again
+    /// with its code (`EVAL`) on the line; one whose line broke after it was sent is not sent
+    /// again (it may have run), where a read on the same line is.
+    #[tokio::test]
+    async fn a_script_on_the_line_is_loaded_when_missing_and_never_sent_twice() {
+        let (address, calls) = stand_in_redis(|command, _| {
+            Some(match command {
+                "EVALSHA" => "-NOSCRIPT No matching script. Please use EVAL.\r\n".into(),
+                _ => ":7\r\n".into(),
+            })
+        })
+        .await;
+        let link = RedisLink::new(&RedisConfig {
+            url: format!("redis://{address}/0"),
+            ..RedisConfig::default()
+        })
+        .unwrap();
+        let script = herd_shared::script::Script::new("return 7");
+        let answer = link
+            .invoke::<i64>(&script.key("k"), Duration::from_secs(5))
+            .await;
+        assert_eq!(answer, Ok(7));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let stats = link.line_stats().expect("a shared line");
+        assert_eq!((stats.calls, stats.connects), (2, 1), "both on the line");
+
+        // A Redis that hangs up on every call.
+        let (address, calls) = stand_in_redis(|_, _| None).await;
+        let link = RedisLink::new(&RedisConfig {
+            url: format!("redis://{address}/0"),
+            ..RedisConfig::default()
+        })
+        .unwrap();
+        let error = link
+            .invoke::<i64>(&script.key("k"), Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(error.contains("broke"), "{error}");
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "a script whose line broke is not sent again"
+        );
+        let mut packed = Vec::new();
+        herd_shared::resp::pack_command(&mut packed, &[b"HMGET", b"k", b"f"]);
+        let read = |replies: &mut Cursor<'_>| replies.array().map(drop);
+        let error = link
+            .exchange(&packed, 1, read, Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(error.contains("broke"), "{error}");
+        assert!(
+            calls.load(std::sync::atomic::Ordering::SeqCst) > 2,
+            "a read is sent again"
+        );
+    }
+
     /// When the master moves (Sentinel), a call waiting for one of the old master's pooled
     /// connections goes on at once on the new master, not after its own bound in the old queue.
     #[tokio::test]
     async fn a_call_waiting_on_the_old_masters_pool_moves_with_the_master() {
         let (old, _) = loading_redis(0).await;
         let (new, calls) = loading_redis(0).await;
+        // Scripts on pooled connections (the shared line does not wait for the pool).
         let link = RedisLink::new(&RedisConfig {
             url: format!("redis://{old}/0"),
             pool_size: 1,
             ..RedisConfig::default()
         })
-        .unwrap();
+        .unwrap()
+        .without_shared_line();
         let held = link
             .pool()
             .get()
             .await
             .expect("the old pool's only connection");
-        let script = redis::Script::new("return 7");
+        let script = herd_shared::script::Script::new("return 7");
         let waiting = tokio::spawn({
             let link = link.clone();
             async move {
@@ -563,7 +684,7 @@ mod tests {
             ..RedisConfig::default()
         };
         let link = RedisLink::new(&config).unwrap();
-        let script = redis::Script::new("return 7");
+        let script = herd_shared::script::Script::new("return 7");
         let answer: Result<i64, String> = link
             .invoke(&script.prepare_invoke(), Duration::from_secs(5))
             .await;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use herd_shared::keys::Keys;
 use herd_shared::registry::{Event, WorkerRecord, WorkerState};
-use redis::Script;
+use herd_shared::script::Script;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RegistryConfig;
@@ -113,7 +113,7 @@ impl Registry {
 
     async fn run_script(
         &self,
-        invocation: &redis::ScriptInvocation<'_>,
+        invocation: &herd_shared::script::Invocation<'_>,
     ) -> Result<i64, RegistryError> {
         self.link
             .invoke(invocation, self.call_timeout)

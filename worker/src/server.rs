@@ -62,7 +62,7 @@ pub fn session_store(config: &WorkerConfig) -> Result<SessionStore, WorkerError>
 }
 
 fn store_on(link: RedisLink, config: &WorkerConfig) -> SessionStore {
-    let link = if config.session.pipelined_loads {
+    let link = if config.session.pipelined {
         link
     } else {
         link.without_shared_line()

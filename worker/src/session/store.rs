@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use herd_shared::keys::Keys;
 use herd_shared::resp;
-use redis::Script;
+use herd_shared::script::Script;
 
 use super::SessionError;
 use crate::config::SessionConfig;
@@ -407,7 +407,7 @@ impl SessionStore {
     }
 
     /// The arguments every alias-following script starts with after the id (see `prelude!`).
-    fn prelude_args(&self, invocation: &mut redis::ScriptInvocation<'_>) {
+    fn prelude_args(&self, invocation: &mut herd_shared::script::Invocation<'_>) {
         // Sessions of the old layout exist only on one Redis (cluster support came with the
         // new one), and only there can a script reach a key outside its slot to adopt it.
         let legacy = if self.inner.link.is_cluster() {
@@ -424,7 +424,7 @@ impl SessionStore {
     /// Runs one script invocation within the time bound.
     async fn call<T: redis::FromRedisValue>(
         &self,
-        invocation: &redis::ScriptInvocation<'_>,
+        invocation: &herd_shared::script::Invocation<'_>,
     ) -> Result<T, SessionError> {
         self.inner
             .link
