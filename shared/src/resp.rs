@@ -229,15 +229,19 @@ pub fn pack_command(out: &mut Vec<u8>, arguments: &[&[u8]]) {
 /// or `None` when it is not whole commands: read by their lengths, nothing built. A caller that
 /// shares a connection checks what it packed against the replies it will wait for.
 pub fn commands_in(packed: &[u8]) -> Option<usize> {
-    /// The number after `marker` at `at`, up to its `\r\n`; and where the line ends.
+    /// The number after `marker` at `at`, up to its `\r\n`; and where the line ends. Read as
+    /// replies' lengths are ([`length`]: digits added up in one pass; a `str` parse of each
+    /// was two thirds of this count's instructions, which every call on the shared line pays).
     fn header(packed: &[u8], at: usize, marker: u8) -> Option<(usize, usize)> {
         if *packed.get(at)? != marker {
             return None;
         }
-        let end = at + 1 + packed.get(at + 1..)?.iter().position(|&b| b == b'\r')?;
-        let digits = std::str::from_utf8(&packed[at + 1..end]).ok()?;
-        let number = digits.parse().ok()?;
-        (packed.get(end + 1) == Some(&b'\n')).then_some((number, end + 2))
+        let mut reader = Reader {
+            buffer: packed,
+            at: at + 1,
+        };
+        let number = length(reader.line()?).ok()??;
+        Some((number, reader.at))
     }
     let (mut at, mut commands) = (0, 0);
     while at < packed.len() {

@@ -146,12 +146,13 @@ else
   end
 end
 local v = expected + 1
-redis.call('HSET', target, 'v', v, 'data', ARGV[2], 'created', created, 'deadline', deadline, 'seen', now)
 local user = ARGV[3]
+-- The user in the same HSET when there is one: a call fewer for a logged-in session's save.
 if user == '' then
+  redis.call('HSET', target, 'v', v, 'data', ARGV[2], 'created', created, 'deadline', deadline, 'seen', now)
   redis.call('HDEL', target, 'user')
 else
-  redis.call('HSET', target, 'user', user)
+  redis.call('HSET', target, 'v', v, 'data', ARGV[2], 'created', created, 'deadline', deadline, 'seen', now, 'user', user)
 end
 redis.call('PEXPIRE', target, math.min(idle, deadline - now))
 return {'1', tostring(v), old_user}
