@@ -1,4 +1,4 @@
-//! One connection to Redis shared by every caller of a hot read path, their commands pipelined:
+//! One connection to Redis shared by every caller of a hot path, their commands pipelined:
 //! what many requests in flight ask at once goes to Redis over one socket, and its replies come
 //! back in few reads.
 //!
@@ -13,9 +13,10 @@
 //! sent. No task of its own: the socket's readiness wakes the caller whose replies come next
 //! (a waker that forwards to it), and that caller hands out all the replies it read.
 //!
-//! For idempotent reads only (the session's plain load): when the connection breaks, a call
-//! whose replies had not come does not know whether Redis ran its commands, which is harmless
-//! for reads and is told to the caller as such ([`LineError::Broke`]). A call whose replies do
+//! When the connection breaks, a call whose replies had not come does not know whether Redis
+//! ran its commands, and is told so ([`LineError::Broke`]): a read can be sent again, a write
+//! (the worker's session scripts) cannot, and its caller returns the error, as it would on a
+//! pooled connection that broke. A call whose replies do
 //! not come within the response timeout breaks the line (Redis stalled, or its machine is gone):
 //! every call waiting on it fails at once and the next call connects again, as a pooled
 //! connection whose call timed out is dropped. A call dropped half-way (its request cancelled)
