@@ -34,9 +34,20 @@ pub fn replies_end(
     buffer: &[u8],
     count: usize,
 ) -> RedisResult<Option<(usize, Option<RedisError>)>> {
-    if let Some(end) = plain_replies_end(buffer, count) {
-        return Ok(Some((end, None)));
+    match plain_replies_end(buffer, count) {
+        Plain::End(end) => return Ok(Some((end, None))),
+        Plain::Incomplete => return Ok(None),
+        Plain::Other => {}
     }
+    careful_replies_end(buffer, count)
+}
+
+/// [`replies_end`] value by value, every kind of reply read and checked, the first server error
+/// kept.
+fn careful_replies_end(
+    buffer: &[u8],
+    count: usize,
+) -> RedisResult<Option<(usize, Option<RedisError>)>> {
     let mut reader = Reader { buffer, at: 0 };
     let mut first_error = None;
     for _ in 0..count {
@@ -47,40 +58,68 @@ pub fn replies_end(
     Ok(Some((reader.at, first_error)))
 }
 
+/// What [`plain_replies_end`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Plain {
+    /// The replies end here.
+    End(usize),
+    /// Not all here yet, and all before that plain: the careful walk would wait too.
+    Incomplete,
+    /// Something the tight pass does not read: the careful walk decides.
+    Other,
+}
+
 /// [`replies_end`]'s common case, in one tight pass with nothing but counters: `count` replies
 /// made of arrays, bulk strings and integers whose numbers are plain (`-`, then 1 to 18 digits),
-/// as herd's hot paths get them (the shared line cuts every batch of replies with this). `None`
-/// when it meets anything else (an error reply, a simple string, arrays nested deeper than it
-/// follows, a number written otherwise) or the replies have not all come: the careful walk then
-/// decides, with the same answer where both give one (`shared/tests/resp_properties.rs`).
-fn plain_replies_end(buffer: &[u8], count: usize) -> Option<usize> {
+/// as herd's hot paths get them (the shared line cuts every batch of replies with this).
+/// [`Plain::Other`] when it meets anything else (an error reply, a simple string, arrays nested
+/// deeper than it follows, a number written otherwise): the careful walk then decides, with the
+/// same answer where both give one (unit tests here, and `shared/tests/resp_properties.rs`).
+fn plain_replies_end(buffer: &[u8], count: usize) -> Plain {
     /// Arrays followed one inside another (deeper: the careful walk).
     const DEPTH: usize = 8;
     let mut open = [0usize; DEPTH];
     let (mut depth, mut at, mut left) = (0, 0, count);
     while left > 0 {
-        let kind = *buffer.get(at)?;
-        let (number, next) = plain_number(buffer, at + 1)?;
+        let kind = match buffer.get(at) {
+            None => return Plain::Incomplete,
+            Some(&kind @ (b'$' | b'*' | b':')) => kind,
+            // Error replies, simple strings, and what the careful walk refuses.
+            Some(_) => return Plain::Other,
+        };
+        let (number, next) = match plain_number(buffer, at + 1) {
+            Ok(read) => read,
+            Err(plain) => return plain,
+        };
         at = next;
         match kind {
             b'$' if number >= 0 => {
-                let end = at.checked_add(usize::try_from(number).ok()?)?;
-                if buffer.get(end..end.checked_add(2)?)? != b"\r\n" {
-                    return None;
+                let Some(end) = usize::try_from(number)
+                    .ok()
+                    .and_then(|length| at.checked_add(length))
+                    .filter(|end| *end <= usize::MAX - 2)
+                else {
+                    return Plain::Other;
+                };
+                match buffer.get(end..end + 2) {
+                    None => return Plain::Incomplete,
+                    Some(b"\r\n") => at = end + 2,
+                    Some(_) => return Plain::Other,
                 }
-                at = end + 2;
             }
             b'*' if number > 0 => {
                 if depth == DEPTH {
-                    return None;
+                    return Plain::Other;
                 }
-                open[depth] = usize::try_from(number).ok()?;
+                let Ok(elements) = usize::try_from(number) else {
+                    return Plain::Other;
+                };
+                open[depth] = elements;
                 depth += 1;
                 continue;
             }
             // A nil bulk string or array, an empty array, an integer: whole already.
-            b'$' | b'*' | b':' => {}
-            _ => return None,
+            _ => {}
         }
         // A whole value: it may be the last of the arrays around it.
         loop {
@@ -95,31 +134,38 @@ fn plain_replies_end(buffer: &[u8], count: usize) -> Option<usize> {
             depth -= 1;
         }
     }
-    Some(at)
+    Plain::End(at)
 }
 
 /// A plain number at `at` (an optional `-`, 1 to 18 digits, CRLF) and where its line ends, read
-/// as [`integer`] reads it.
+/// as [`integer`] reads it; [`Plain::Incomplete`] when the bytes end before its line does
+/// (the careful walk waits for a line's end too), [`Plain::Other`] for anything else.
 #[inline]
-fn plain_number(buffer: &[u8], at: usize) -> Option<(i64, usize)> {
+fn plain_number(buffer: &[u8], at: usize) -> Result<(i64, usize), Plain> {
     let negative = buffer.get(at) == Some(&b'-');
     let first = at + usize::from(negative);
     let (mut number, mut end) = (0i64, first);
     loop {
-        let digit = buffer.get(end)?.wrapping_sub(b'0');
+        let Some(byte) = buffer.get(end) else {
+            return Err(Plain::Incomplete);
+        };
+        let digit = byte.wrapping_sub(b'0');
         if digit > 9 {
             break;
         }
         if end - first == 18 {
-            return None;
+            return Err(Plain::Other);
         }
         number = number * 10 + i64::from(digit);
         end += 1;
     }
-    if end == first || buffer.get(end..end + 2)? != b"\r\n" {
-        return None;
+    match buffer.get(end..end + 2) {
+        _ if end == first => Err(Plain::Other),
+        Some(b"\r\n") => Ok((if negative { -number } else { number }, end + 2)),
+        // One byte after the digits: the careful walk finds no line end yet either.
+        None => Err(Plain::Incomplete),
+        Some(_) => Err(Plain::Other),
     }
-    Some((if negative { -number } else { number }, end + 2))
 }
 
 /// Replies of commands sent together, read in place by a hot path that knows what it asked
@@ -315,24 +361,30 @@ pub fn commands_in(packed: &[u8]) -> Option<usize> {
         if *packed.get(at)? != marker {
             return None;
         }
-        let (mut number, mut end) = (0usize, at + 1);
+        let (mut number, mut end) = (0u64, at + 1);
         loop {
             let digit = packed.get(end)?.wrapping_sub(b'0');
             if digit > 9 {
                 break;
             }
-            // 18 digits at most: no overflow.
+            // 18 digits at most: no overflow of a u64.
             if end - at > 18 {
                 return None;
             }
-            number = number * 10 + usize::from(digit);
+            number = number * 10 + u64::from(digit);
             end += 1;
         }
+        let number = usize::try_from(number).ok()?;
         (end > at + 1 && packed.get(end..end + 2)? == b"\r\n").then_some((number, end + 2))
     }
     let (mut at, mut commands) = (0, 0);
     while at < packed.len() {
         let (arguments, mut next) = header(packed, at, b'*')?;
+        // Redis answers an empty command with nothing at all: counted as one, it would take
+        // the next command's reply.
+        if arguments == 0 {
+            return None;
+        }
         for _ in 0..arguments {
             let (length, start) = header(packed, next, b'$')?;
             let end = start.checked_add(length)?;
@@ -679,8 +731,72 @@ mod tests {
             "inline commands are not packed ones"
         );
         assert_eq!(commands_in(b"*1\r\n$99999999999999999999\r\n"), None);
+        let mut empty = Vec::new();
+        pack_command(&mut empty, &[]);
+        pack_command(&mut empty, &[b"TIME"]);
+        assert_eq!(
+            commands_in(&empty),
+            None,
+            "an empty command gets no reply: refused, not counted"
+        );
     }
     use super::*;
+
+    /// The tight pass of `replies_end` answers as the careful walk does wherever it answers:
+    /// the same end, and "not all here" only where the careful walk waits too (each input
+    /// whole and cut at every byte).
+    #[test]
+    fn the_tight_pass_agrees_with_the_careful_walk() {
+        let cases: &[(&[u8], usize)] = &[
+            (
+                b"*2\r\n$10\r\n1700000000\r\n$1\r\n0\r\n*3\r\n$1\r\n7\r\n$-1\r\n$0\r\n\r\n",
+                2,
+            ),
+            (b"$-0\r\n\r\n:007\r\n*-0\r\n*0\r\n*-1\r\n:-12\r\n", 6),
+            (b":123456789012345678\r\n:1234567890123456789\r\n", 2),
+            (b"$1234567890123456789\r\n", 1),
+            (
+                b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n",
+                1,
+            ),
+            (b"*2\r\n:1\r\n-ERR no\r\n:2\r\n", 2),
+            (b"*1\r\n+OK\r\n", 1),
+            (b"$3\r\nabc\n\n", 1),
+            (b"$3x\r\nabc\r\n", 1),
+            (b"%1\r\n", 1),
+            (b":+5\r\n", 1),
+            (b":5\n", 1),
+            (b"", 0),
+        ];
+        for &(whole, count) in cases {
+            for cut in 0..=whole.len() {
+                let bytes = &whole[..cut];
+                let careful = careful_replies_end(bytes, count);
+                match plain_replies_end(bytes, count) {
+                    Plain::End(end) => assert!(
+                        matches!(careful, Ok(Some((e, None))) if e == end),
+                        "{}: tight {end}, careful {careful:?}",
+                        lossy(bytes)
+                    ),
+                    Plain::Incomplete => assert!(
+                        matches!(careful, Ok(None)),
+                        "{}: tight incomplete, careful {careful:?}",
+                        lossy(bytes)
+                    ),
+                    Plain::Other => {}
+                }
+            }
+        }
+        // What the hot path gets is read by the tight pass itself.
+        assert_eq!(
+            plain_replies_end(cases[0].0, 2),
+            Plain::End(cases[0].0.len())
+        );
+        assert_eq!(
+            plain_replies_end(cases[1].0, 6),
+            Plain::End(cases[1].0.len())
+        );
+    }
 
     /// What redis-rs's own parser makes of `bytes`, which must be one whole reply.
     fn theirs(bytes: &[u8]) -> Value {

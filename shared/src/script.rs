@@ -147,24 +147,25 @@ mod tests {
         let script = Script::new("return {KEYS[1], ARGV[1], ARGV[2]}");
         let mut invocation = script.key("k:1");
         invocation.arg(42).arg(b"bin\r\nary".as_slice()).arg("");
-        let expected = redis::cmd("EVALSHA")
-            .arg(script.hash())
-            .arg(1)
-            .arg("k:1")
-            .arg(42)
-            .arg(b"bin\r\nary".as_slice())
-            .arg("")
-            .get_packed_command();
-        assert_eq!(invocation.pack_by_hash(), expected);
-        let with_code = redis::cmd("EVAL")
-            .arg("return {KEYS[1], ARGV[1], ARGV[2]}")
-            .arg(1)
-            .arg("k:1")
-            .arg(42)
-            .arg(b"bin\r\nary".as_slice())
-            .arg("")
-            .get_packed_command();
-        assert_eq!(invocation.pack_with_code(), with_code);
+        // redis-rs's packing of the same call, by `command` with `script` (its hash or code).
+        let packed_by_redis = |command: &str, script: &str| {
+            redis::cmd(command)
+                .arg(script)
+                .arg(1)
+                .arg("k:1")
+                .arg(42)
+                .arg(b"bin\r\nary".as_slice())
+                .arg("")
+                .get_packed_command()
+        };
+        assert_eq!(
+            invocation.pack_by_hash(),
+            packed_by_redis("EVALSHA", script.hash())
+        );
+        assert_eq!(
+            invocation.pack_with_code(),
+            packed_by_redis("EVAL", "return {KEYS[1], ARGV[1], ARGV[2]}")
+        );
         assert_eq!(resp::commands_in(&invocation.pack_by_hash()), Some(1));
         assert_eq!(
             script.hash(),

@@ -677,6 +677,15 @@ async fn sessions_of_the_old_key_layout_survive_the_upgrade() {
     assert_eq!(get_json(&client, worker, "/cart", &old(3)).await.0, 200);
 }
 
+/// Redis's `CLIENT LIST`: a line per connection, with the last command each ran (`cmd=`).
+async fn client_list(redis: &mut redis::aio::MultiplexedConnection) -> String {
+    redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(redis)
+        .await
+        .unwrap()
+}
+
 /// Session reads and writes pipelined on a shared connection (the default) and each on a
 /// pooled connection (`session.pipelined = false`) serve the same sessions, many at once; only
 /// the pipelined way keeps to one connection per serving thread.
@@ -732,11 +741,7 @@ async fn session_reads_and_writes_are_the_same_pipelined_or_each_on_its_own_conn
                 .filter(|l| l.contains(&format!(" cmd={command} ")))
                 .count()
         };
-        let clients: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query_async(&mut redis)
-            .await
-            .unwrap();
+        let clients = client_list(&mut redis).await;
         let reading = connections(&clients, "hmget");
         if pipelined == "true" {
             assert_eq!(reading, 1, "{clients}");
@@ -773,11 +778,7 @@ async fn session_reads_and_writes_are_the_same_pipelined_or_each_on_its_own_conn
                 "pipelined={pipelined}"
             );
         }
-        let clients: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query_async(&mut redis)
-            .await
-            .unwrap();
+        let clients = client_list(&mut redis).await;
         // The last session command on each of the worker's connections: the cart reads' HMGET,
         // or a save's EVALSHA; all on the one line when pipelined.
         let used = connections(&clients, "hmget") + connections(&clients, "evalsha");

@@ -386,14 +386,18 @@ async fn one_on_line(line: &Line, packed: &[u8]) -> Result<redis::RedisResult<Va
         Err(error) => return Ok(Err(error.into())),
     };
     Ok(match sent.read(|cursor| cursor.value()).await {
+        // An error inside the reply (a script's array holding one) is the call's error, as
+        // redis-rs makes it on a pooled connection.
         Ok(reply) => reply.and_then(|value| {
-            value.ok_or_else(|| {
-                (
-                    redis::ErrorKind::Client,
-                    "a script reply herd does not read",
-                )
-                    .into()
-            })
+            value
+                .ok_or_else(|| {
+                    (
+                        redis::ErrorKind::Client,
+                        "a script reply herd does not read",
+                    )
+                        .into()
+                })
+                .and_then(Value::extract_error)
         }),
         Err(error) => Err(error.into()),
     })
