@@ -13,7 +13,10 @@ a CPU budget req/s is the machine's: the load generator and the upstreams share 
 req/s scale by (all CPU per request) / (all minus herd's user time). With one (`--proxy-cpus`)
 req/s is the budget over the proxy's CPU per request. A target beyond these bounds needs less
 kernel work (fewer system calls, segments or wake-ups) or a different machine, not faster code.
-docs/performance.md, section 54.
+The last column says what 1.2x each peer's req/s (issue 16's target) asks of herd by the same
+reckoning: the CPU per request herd would have to shed, in µs and as a share of its user time,
+"met" where it is met, and "out of reach" where even all of its user time would not do.
+docs/performance.md, sections 54 and 60.
 """
 
 import json
@@ -40,12 +43,35 @@ def figures(runs):
         [per_request(r, r["cpu_seconds"] - r["cpu_system_seconds"]) for r in runs]
     )
 
+    def rest(r):
+        return (r["upstream_cpu_seconds"] or 0) + (r["load_cpu_seconds"] or 0)
+
     def without_user(r):
-        rest = (r["upstream_cpu_seconds"] or 0) + (r["load_cpu_seconds"] or 0)
-        return r["rps"] * (r["cpu_seconds"] + rest) / (r["cpu_system_seconds"] + rest)
+        return r["rps"] * (r["cpu_seconds"] + rest(r)) / (r["cpu_system_seconds"] + rest(r))
 
     out["rps_without_user"] = median([without_user(r) for r in runs])
+    out["all"] = median([per_request(r, r["cpu_seconds"] + rest(r)) for r in runs])
     return out
+
+
+def asked(herd, peer, budget, ratio=1.2):
+    """What `ratio` x the peer's req/s asks of herd: the CPU per request (µs) it would shed.
+
+    With a budget req/s is the budget over the proxy's CPU per request, so the proxy's CPU must
+    shrink by the factor missing; without one req/s is the machine's, so the machine's CPU per
+    request through herd (herd, upstreams, load generator) must."""
+    missing = ratio * peer["rps"] / herd["rps"]
+    if missing <= 1:
+        return 0.0
+    return (herd["cpu"] if budget else herd["all"]) * (1 - 1 / missing)
+
+
+def describe(cut, user):
+    if cut == 0:
+        return "met"
+    if cut >= user:
+        return f"out of reach ({cut:.1f} µs)"
+    return f"{cut:.1f} µs ({cut / user:.0%} of user)"
 
 
 def main(path):
@@ -64,9 +90,10 @@ def main(path):
     print(
         "| scenario, c | herd user · kernel µs | HAProxy user · kernel µs | nginx user · kernel µs "
         "| herd CPU / nginx | herd kernel alone / nginx CPU | herd req/s / HAProxy · / nginx "
-        "| with herd's user time free: / HAProxy · / nginx |"
+        "| with herd's user time free: / HAProxy · / nginx "
+        "| 1.2× asks of herd: / HAProxy · / nginx |"
     )
-    print("|---|---|---|---|---:|---:|---|---|")
+    print("|---|---|---|---|---:|---:|---|---|---|")
     for scenario in scenarios:
         for concurrency in concurrencies:
             try:
@@ -89,7 +116,9 @@ def main(path):
                 f"| {nginx['user']:.1f} · {nginx['kernel']:.1f} "
                 f"| {herd['cpu'] / nginx['cpu']:.2f}× | {herd['kernel'] / nginx['cpu']:.2f}× "
                 f"| {herd['rps'] / haproxy['rps']:.2f}× · {herd['rps'] / nginx['rps']:.2f}× "
-                f"| {free_haproxy:.2f}× · {free_nginx:.2f}× |"
+                f"| {free_haproxy:.2f}× · {free_nginx:.2f}× "
+                f"| {describe(asked(herd, haproxy, budget), herd['user'])} "
+                f"· {describe(asked(herd, nginx, budget), herd['user'])} |"
             )
 
 
