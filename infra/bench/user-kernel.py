@@ -15,8 +15,11 @@ req/s is the budget over the proxy's CPU per request. A target beyond these boun
 kernel work (fewer system calls, segments or wake-ups) or a different machine, not faster code.
 The last column says what 1.2x each peer's req/s (issue 16's target) asks of herd by the same
 reckoning: the CPU per request herd would have to shed, in µs and as a share of its user time,
-"met" where it is met, and "out of reach" where even all of its user time would not do.
-docs/performance.md, sections 54 and 60.
+"met" where it is met, and "beyond its user time" where even all of it would not do (kernel
+work or the upstreams' could still be cut). Without a budget that reckoning holds the machine's
+idle share as it was in herd's runs (req/s times CPU per request is the CPUs kept busy, which
+differs a little between proxies), and it needs the upstreams' and the load generator's CPU
+in the file ("n/a" without them). docs/performance.md, sections 54 and 60.
 """
 
 import json
@@ -43,8 +46,11 @@ def figures(runs):
         [per_request(r, r["cpu_seconds"] - r["cpu_system_seconds"]) for r in runs]
     )
 
+    if any(r["upstream_cpu_seconds"] is None or r["load_cpu_seconds"] is None for r in runs):
+        return out  # the rest of the machine was not measured: no machine-wide bounds
+
     def rest(r):
-        return (r["upstream_cpu_seconds"] or 0) + (r["load_cpu_seconds"] or 0)
+        return r["upstream_cpu_seconds"] + r["load_cpu_seconds"]
 
     def without_user(r):
         return r["rps"] * (r["cpu_seconds"] + rest(r)) / (r["cpu_system_seconds"] + rest(r))
@@ -63,14 +69,17 @@ def asked(herd, peer, budget, ratio=1.2):
     missing = ratio * peer["rps"] / herd["rps"]
     if missing <= 1:
         return 0.0
-    return (herd["cpu"] if budget else herd["all"]) * (1 - 1 / missing)
+    cpu = herd["cpu"] if budget else herd.get("all")
+    return None if cpu is None else cpu * (1 - 1 / missing)
 
 
 def describe(cut, user):
+    if cut is None:
+        return "n/a"
     if cut == 0:
         return "met"
     if cut >= user:
-        return f"out of reach ({cut:.1f} µs)"
+        return f"beyond its user time ({cut:.1f} µs)"
     return f"{cut:.1f} µs ({cut / user:.0%} of user)"
 
 
@@ -103,12 +112,16 @@ def main(path):
                 )
             except KeyError:
                 continue  # a target left out of this run
+            if any("cpu" not in proxy for proxy in (herd, haproxy, nginx)):
+                print(f"| {scenario}, {concurrency} | no CPU figures in this run |")
+                continue
             if budget:
-                free_haproxy = haproxy["cpu"] / herd["kernel"]
-                free_nginx = nginx["cpu"] / herd["kernel"]
+                free = [haproxy["cpu"] / herd["kernel"], nginx["cpu"] / herd["kernel"]]
+            elif "rps_without_user" in herd:
+                free = [herd["rps_without_user"] / peer["rps"] for peer in (haproxy, nginx)]
             else:
-                free_haproxy = herd["rps_without_user"] / haproxy["rps"]
-                free_nginx = herd["rps_without_user"] / nginx["rps"]
+                free = None
+            free = " · ".join(f"{ratio:.2f}×" for ratio in free) if free else "n/a"
             print(
                 f"| {scenario}, {concurrency} "
                 f"| {herd['user']:.1f} · {herd['kernel']:.1f} "
@@ -116,7 +129,7 @@ def main(path):
                 f"| {nginx['user']:.1f} · {nginx['kernel']:.1f} "
                 f"| {herd['cpu'] / nginx['cpu']:.2f}× | {herd['kernel'] / nginx['cpu']:.2f}× "
                 f"| {herd['rps'] / haproxy['rps']:.2f}× · {herd['rps'] / nginx['rps']:.2f}× "
-                f"| {free_haproxy:.2f}× · {free_nginx:.2f}× "
+                f"| {free} "
                 f"| {describe(asked(herd, haproxy, budget), herd['user'])} "
                 f"· {describe(asked(herd, nginx, budget), herd['user'])} |"
             )
