@@ -116,12 +116,12 @@ def main(path):
                 print(f"| {scenario}, {concurrency} | no CPU figures in this run |")
                 continue
             if budget:
-                free = [haproxy["cpu"] / herd["kernel"], nginx["cpu"] / herd["kernel"]]
+                ratios = [peer["cpu"] / herd["kernel"] for peer in (haproxy, nginx)]
             elif "rps_without_user" in herd:
-                free = [herd["rps_without_user"] / peer["rps"] for peer in (haproxy, nginx)]
+                ratios = [herd["rps_without_user"] / peer["rps"] for peer in (haproxy, nginx)]
             else:
-                free = None
-            free = " · ".join(f"{ratio:.2f}×" for ratio in free) if free else "n/a"
+                ratios = []
+            free = " · ".join(f"{ratio:.2f}×" for ratio in ratios) or "n/a"
             print(
                 f"| {scenario}, {concurrency} "
                 f"| {herd['user']:.1f} · {herd['kernel']:.1f} "
